@@ -1,1 +1,13 @@
-//! placeholder
+//! vfio-user server side for pcisim: the wire format, the DMA map, interrupt eventfds and the
+//! [`Device`] trait a backend implements.
+
+pub mod device;
+pub mod dma;
+pub mod irq;
+
+pub use device::{
+    irq_index, region, ClientLink, Device, DeviceError, IrqInfo, RegionFlags, RegionInfo,
+    RegionMmap, SparseArea,
+};
+pub use dma::{DmaError, DmaSpace};
+pub use irq::{Interrupts, IrqError, Signal};
