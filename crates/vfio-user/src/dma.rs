@@ -162,7 +162,9 @@ impl DmaSpace {
         prot: u32,
         fd: Option<(OwnedFd, u64)>,
     ) -> Result<(), DmaError> {
-        let end = iova.checked_add(size).ok_or(DmaError::BadRange { iova, size })?;
+        let end = iova
+            .checked_add(size)
+            .ok_or(DmaError::BadRange { iova, size })?;
         if size == 0 || iova % PAGE != 0 || size % PAGE != 0 {
             return Err(DmaError::BadRange { iova, size });
         }
@@ -255,9 +257,7 @@ impl DmaSpace {
             len: buf.len(),
         };
         let region = m.region.as_ref().ok_or_else(unmapped)?;
-        let slice = region
-            .get_slice(off, buf.len())
-            .map_err(|_| unmapped())?;
+        let slice = region.get_slice(off, buf.len()).map_err(|_| unmapped())?;
         slice.copy_to(buf);
         Ok(())
     }
@@ -279,9 +279,7 @@ impl DmaSpace {
             len: data.len(),
         };
         let region = m.region.as_ref().ok_or_else(unmapped)?;
-        let slice = region
-            .get_slice(off, data.len())
-            .map_err(|_| unmapped())?;
+        let slice = region.get_slice(off, data.len()).map_err(|_| unmapped())?;
         slice.copy_from(data);
         Ok(())
     }
@@ -303,7 +301,9 @@ fn find<'a>(
     dir: &'static str,
 ) -> Result<(&'a Mapping, usize), DmaError> {
     let err = DmaError::Unmapped { dir, iova, len };
-    let end = iova.checked_add(len as u64).ok_or(DmaError::Unmapped { dir, iova, len })?;
+    let end = iova
+        .checked_add(len as u64)
+        .ok_or(DmaError::Unmapped { dir, iova, len })?;
     let pos = maps.partition_point(|m| m.iova <= iova);
     let m = pos.checked_sub(1).and_then(|i| maps.get(i)).ok_or(err)?;
     if end > m.end() {
@@ -313,7 +313,13 @@ fn find<'a>(
     Ok((m, off))
 }
 
-fn map_fd(fd: OwnedFd, offset: u64, iova: u64, size: u64, prot: u32) -> Result<MmapRegion, DmaError> {
+fn map_fd(
+    fd: OwnedFd,
+    offset: u64,
+    iova: u64,
+    size: u64,
+    prot: u32,
+) -> Result<MmapRegion, DmaError> {
     let fail = |reason: String| DmaError::Mmap { iova, size, reason };
     let file = File::from(fd);
     // Refuse a file shorter than the mapping: touching a page past its end would raise SIGBUS.
@@ -419,8 +425,13 @@ mod tests {
     #[test]
     fn test_dma_read_write_roundtrip_and_bounds() {
         let d = DmaSpace::new();
-        d.map(0x4000, 0x2000, PROT_READ | PROT_WRITE, Some((memfd(0x3000), 0x1000)))
-            .unwrap();
+        d.map(
+            0x4000,
+            0x2000,
+            PROT_READ | PROT_WRITE,
+            Some((memfd(0x3000), 0x1000)),
+        )
+        .unwrap();
         d.write(0x4ff0, b"hello").unwrap();
         let mut b = [0u8; 5];
         d.read(0x4ff0, &mut b).unwrap();
@@ -434,7 +445,8 @@ mod tests {
     #[test]
     fn test_dma_respects_protection() {
         let d = DmaSpace::new();
-        d.map(0x4000, 0x1000, PROT_READ, Some((memfd(0x1000), 0))).unwrap();
+        d.map(0x4000, 0x1000, PROT_READ, Some((memfd(0x1000), 0)))
+            .unwrap();
         let e = d.write(0x4000, &[1]).unwrap_err();
         assert!(matches!(e, DmaError::Protection { .. }));
     }

@@ -263,8 +263,8 @@ impl Interrupts {
     /// Number of vectors of `index` that have an eventfd bound (for diagnostics and tests).
     pub fn bound_count(&self, index: u32) -> usize {
         let t = self.table();
-        t.indices
-            .get(index as usize)
-            .map_or(0, |i| i.vectors.iter().filter(|v| v.trigger.is_some()).count())
+        t.indices.get(index as usize).map_or(0, |i| {
+            i.vectors.iter().filter(|v| v.trigger.is_some()).count()
+        })
     }
 }

@@ -4,6 +4,7 @@
 pub mod device;
 pub mod dma;
 pub mod irq;
+pub mod proto;
 
 pub use device::{
     irq_index, region, ClientLink, Device, DeviceError, IrqInfo, RegionFlags, RegionInfo,
