@@ -165,7 +165,7 @@ impl DmaSpace {
         let end = iova
             .checked_add(size)
             .ok_or(DmaError::BadRange { iova, size })?;
-        if size == 0 || iova % PAGE != 0 || size % PAGE != 0 {
+        if size == 0 || !iova.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) {
             return Err(DmaError::BadRange { iova, size });
         }
         {

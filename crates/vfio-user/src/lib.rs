@@ -12,3 +12,7 @@ pub use device::{
 };
 pub use dma::{DmaError, DmaSpace};
 pub use irq::{Interrupts, IrqError, Signal};
+pub mod server;
+mod sys;
+
+pub use server::{ConnectionEnd, Server, ServerError, ServerOptions};

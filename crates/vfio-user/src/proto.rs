@@ -639,7 +639,7 @@ pub fn decode(header: &Header, payload: &[u8], limits: &Limits) -> Result<Reques
             // QEMU sends the whole array of MULTI_MAX slots or just the used ones; accept both.
             let need = 24 * n as usize;
             if r.rest().len() < need
-                || (r.rest().len() - need) % 24 != 0
+                || !(r.rest().len() - need).is_multiple_of(24)
                 || r.rest().len() > 24 * MULTI_MAX as usize
             {
                 return Err(short(cmd, len, "8 + 24 * wr_cnt bytes"));

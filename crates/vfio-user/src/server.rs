@@ -1,0 +1,813 @@
+//! The server side of one device socket: accept a client, read frames, dispatch them to the
+//! [`Device`], reply, and clean up when the client goes away — then accept the next client.
+//!
+//! Framing is strictly "frame first": read the 16-byte header, bound `size` by our limits, read
+//! the whole payload and its fds, and only then decode. A malformed payload therefore never
+//! desynchronises the stream: it gets an error reply and the next frame starts where the header
+//! said this one ends. Only a `size` smaller than the header itself cannot be skipped; the
+//! connection is then closed.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::device::{irq_index, ClientLink, Device};
+use crate::dma::DmaSpace;
+use crate::irq::Interrupts;
+use crate::proto::{self, Header, Limits, ProtoError, Request, Writer, HEADER_SIZE};
+use crate::sys;
+
+/// Tunables of a device server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Device name used in log messages.
+    pub name: String,
+    /// Largest REGION_READ/WRITE data transfer we accept (advertised as `max_data_xfer_size`).
+    pub max_data_xfer_size: usize,
+    /// Most fds we accept in one message (advertised as `max_msg_fds`).
+    pub max_msg_fds: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            name: "dev".into(),
+            max_data_xfer_size: 1 << 20,
+            max_msg_fds: 16,
+        }
+    }
+}
+
+impl ServerOptions {
+    /// Largest frame we read: the largest REGION_WRITE (header + 16 + data) or SET_IRQS with one
+    /// bool per vector, whichever is larger; anything bigger is discarded with E2BIG.
+    pub fn max_msg_size(&self) -> usize {
+        HEADER_SIZE + 16 + self.max_data_xfer_size.max(64 * 1024)
+    }
+}
+
+/// Errors setting up a server socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The socket's directory does not exist.
+    #[error("Socket directory {0} does not exist")]
+    NoDirectory(PathBuf),
+    /// Another server is listening on the path.
+    #[error("Socket {0} is in use by a live server")]
+    InUse(PathBuf),
+    /// Something that is not a socket exists at the path.
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// Binding or removing the socket failed.
+    #[error("Cannot bind {path}")]
+    Bind {
+        /// Socket path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+pub enum ConnectionEnd {
+    /// The client closed the socket.
+    Eof,
+    /// A frame was too broken to skip (size < header), so the connection was closed.
+    ProtocolError(String),
+    /// A socket error.
+    Io(io::Error),
+}
+
+/// One device served on one socket.
+pub struct Server {
+    listener: UnixListener,
+    path: PathBuf,
+    device: Arc<Mutex<dyn Device>>,
+    opts: ServerOptions,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("path", &self.path)
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+fn lock<'a>(d: &'a Mutex<dyn Device + 'static>) -> MutexGuard<'a, dyn Device + 'static> {
+    // Device state stays usable after a panic elsewhere; there is no invariant a half-finished
+    // region access could break that a reset would not repair.
+    d.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Create the listening socket at `path`, refusing to steal a live server's socket and removing
+/// a stale one.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(ServerError::NoDirectory(dir.to_path_buf()));
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ServerError::NotASocket(path.to_path_buf()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ServerError::InUse(path.to_path_buf()));
+        }
+        log::info!("removing stale socket {}", path.display());
+        std::fs::remove_file(path).map_err(|source| ServerError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    UnixListener::bind(path).map_err(|source| ServerError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl Server {
+    /// Bind `path` for `device`.
+    pub fn bind(
+        path: &Path,
+        device: Arc<Mutex<dyn Device>>,
+        opts: ServerOptions,
+    ) -> Result<Server, ServerError> {
+        let listener = bind_socket(path)?;
+        Ok(Server {
+            listener,
+            path: path.to_path_buf(),
+            device,
+            opts,
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serve clients one after another, forever (until accept fails).
+    pub fn run(&self) -> io::Result<()> {
+        loop {
+            let (stream, _) = self.listener.accept()?;
+            let end = self.serve_connection(stream);
+            log::info!("{}: client disconnected ({end:?})", self.opts.name);
+        }
+    }
+
+    /// Serve one client until it goes away, then release everything it gave us.
+    pub fn serve_connection(&self, stream: UnixStream) -> ConnectionEnd {
+        log::info!(
+            "{}: client connected on {}",
+            self.opts.name,
+            self.path.display()
+        );
+        let counts: Vec<u32> = {
+            let dev = lock(&self.device);
+            (0..irq_index::COUNT)
+                .map(|i| dev.irq_info(i).map_or(0, |info| info.count))
+                .collect()
+        };
+        let mut conn = Connection {
+            stream,
+            device: &self.device,
+            opts: &self.opts,
+            dma: DmaSpace::new(),
+            irqs: Interrupts::new(&counts),
+            negotiated: false,
+            client_max_xfer: self.opts.max_data_xfer_size,
+        };
+        lock(&self.device).attach(ClientLink {
+            irqs: conn.irqs.clone(),
+            dma: conn.dma.clone(),
+        });
+        let end = conn.run();
+        // Order matters: the device stops using the client's memory and eventfds first.
+        lock(&self.device).detach();
+        let n = conn.dma.unmap_all().len();
+        conn.irqs.clear();
+        log::info!(
+            "{}: released {n} DMA mappings and all interrupt eventfds",
+            self.opts.name
+        );
+        end
+    }
+}
+
+/// A decoded frame's raw parts.
+struct Frame {
+    header: Header,
+    payload: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    fds_truncated: bool,
+}
+
+enum ReadOutcome {
+    Frame(Frame),
+    /// `size` larger than we accept: the payload was read and discarded.
+    Oversize(Header),
+    Eof,
+}
+
+/// A reply to send: payload plus fds.
+struct Reply {
+    payload: Vec<u8>,
+    fds: Vec<Arc<OwnedFd>>,
+}
+
+impl Reply {
+    fn empty() -> Self {
+        Reply {
+            payload: Vec::new(),
+            fds: Vec::new(),
+        }
+    }
+    fn data(payload: Vec<u8>) -> Self {
+        Reply {
+            payload,
+            fds: Vec::new(),
+        }
+    }
+}
+
+/// Why a request failed: the errno of the error reply plus a message for the log.
+struct Failure {
+    errno: i32,
+    msg: String,
+}
+
+impl Failure {
+    fn new(errno: i32, msg: impl Into<String>) -> Self {
+        Failure {
+            errno,
+            msg: msg.into(),
+        }
+    }
+}
+
+impl From<ProtoError> for Failure {
+    fn from(e: ProtoError) -> Self {
+        Failure::new(e.errno(), e.to_string())
+    }
+}
+impl From<crate::device::DeviceError> for Failure {
+    fn from(e: crate::device::DeviceError) -> Self {
+        Failure::new(e.errno(), e.to_string())
+    }
+}
+impl From<crate::dma::DmaError> for Failure {
+    fn from(e: crate::dma::DmaError) -> Self {
+        Failure::new(e.errno(), e.to_string())
+    }
+}
+impl From<crate::irq::IrqError> for Failure {
+    fn from(e: crate::irq::IrqError) -> Self {
+        Failure::new(e.errno(), e.to_string())
+    }
+}
+
+struct Connection<'a> {
+    stream: UnixStream,
+    device: &'a Mutex<dyn Device + 'static>,
+    opts: &'a ServerOptions,
+    dma: DmaSpace,
+    irqs: Interrupts,
+    negotiated: bool,
+    /// The client's `max_data_xfer_size`: bounds the data we return in one reply.
+    client_max_xfer: usize,
+}
+
+impl Connection<'_> {
+    fn run(&mut self) -> ConnectionEnd {
+        loop {
+            let frame = match self.read_frame() {
+                Ok(ReadOutcome::Frame(f)) => f,
+                Ok(ReadOutcome::Eof) => return ConnectionEnd::Eof,
+                Ok(ReadOutcome::Oversize(h)) => {
+                    log::warn!(
+                        "{}: message {} ({} bytes) exceeds {} bytes; discarded",
+                        self.opts.name,
+                        h.id,
+                        h.size,
+                        self.opts.max_msg_size()
+                    );
+                    if !h.no_reply() {
+                        if let Err(e) = self.send(&proto::error_frame(&h, libc::E2BIG), &[]) {
+                            return ConnectionEnd::Io(e);
+                        }
+                    }
+                    continue;
+                }
+                Err(ConnError::Io(e)) => return ConnectionEnd::Io(e),
+                Err(ConnError::Desync(h, why)) => {
+                    // Reply so the client learns why, then close: we cannot find the next frame.
+                    let _ = self.send(&proto::error_frame(&h, libc::EINVAL), &[]);
+                    return ConnectionEnd::ProtocolError(why);
+                }
+            };
+            if let Err(e) = self.handle(frame) {
+                return ConnectionEnd::Io(e);
+            }
+        }
+    }
+
+    fn read_exact_fds(
+        &mut self,
+        buf: &mut [u8],
+        fds: &mut Vec<OwnedFd>,
+        truncated: &mut bool,
+    ) -> Result<bool, ConnError> {
+        let mut got = 0;
+        while got < buf.len() {
+            let chunk = buf.get_mut(got..).unwrap_or(&mut []);
+            let r = sys::recv_with_fds(&self.stream, chunk, fds, self.opts.max_msg_fds)
+                .map_err(ConnError::Io)?;
+            *truncated |= r.truncated;
+            if r.bytes == 0 {
+                return Ok(false);
+            }
+            got += r.bytes;
+        }
+        Ok(true)
+    }
+
+    fn read_frame(&mut self) -> Result<ReadOutcome, ConnError> {
+        let mut hb = [0u8; HEADER_SIZE];
+        let mut fds = Vec::new();
+        let mut truncated = false;
+        if !self.read_exact_fds(&mut hb, &mut fds, &mut truncated)? {
+            return Ok(ReadOutcome::Eof);
+        }
+        let header = Header::parse(&hb);
+        let size = header.size as usize;
+        if size < HEADER_SIZE {
+            return Err(ConnError::Desync(
+                header,
+                format!("message size {size} is smaller than the header"),
+            ));
+        }
+        if size > self.opts.max_msg_size() {
+            // Discard the payload in bounded chunks so the stream stays in sync.
+            let mut left = size - HEADER_SIZE;
+            let mut sink = [0u8; 8192];
+            while left > 0 {
+                let n = left.min(sink.len());
+                let mut extra = Vec::new();
+                if !self.read_exact_fds(&mut sink[..n], &mut extra, &mut truncated)? {
+                    return Ok(ReadOutcome::Eof);
+                }
+                left -= n;
+            }
+            return Ok(ReadOutcome::Oversize(header));
+        }
+        let mut payload = vec![0u8; size - HEADER_SIZE];
+        if !self.read_exact_fds(&mut payload, &mut fds, &mut truncated)? {
+            return Ok(ReadOutcome::Eof);
+        }
+        log::debug!(
+            "{}: <- id={} cmd={} size={} flags={:#x} fds={}",
+            self.opts.name,
+            header.id,
+            header.command,
+            header.size,
+            header.flags,
+            fds.len()
+        );
+        Ok(ReadOutcome::Frame(Frame {
+            header,
+            payload,
+            fds,
+            fds_truncated: truncated,
+        }))
+    }
+
+    fn send(&self, frame: &[u8], fds: &[Arc<OwnedFd>]) -> io::Result<()> {
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        sys::send_with_fds(&self.stream, frame, &borrowed)
+    }
+
+    fn handle(&mut self, frame: Frame) -> io::Result<()> {
+        let header = frame.header;
+        let result = self.dispatch(frame);
+        if header.no_reply() {
+            // Never reply to NO_REPLY, not even with an error: the client is not waiting, and a
+            // stray reply would be matched against a later request.
+            if let Err(f) = result {
+                log::warn!(
+                    "{}: posted {}: {} (errno {})",
+                    self.opts.name,
+                    header.command,
+                    f.msg,
+                    f.errno
+                );
+            }
+            return Ok(());
+        }
+        match result {
+            Ok(reply) => self.send(&proto::reply_frame(&header, &reply.payload), &reply.fds),
+            Err(f) => {
+                log::warn!(
+                    "{}: command {} (id {}) failed: {} (errno {})",
+                    self.opts.name,
+                    header.command,
+                    header.id,
+                    f.msg,
+                    f.errno
+                );
+                self.send(&proto::error_frame(&header, f.errno), &[])
+            }
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_data_xfer_size: self.opts.max_data_xfer_size,
+        }
+    }
+
+    fn dispatch(&mut self, frame: Frame) -> Result<Reply, Failure> {
+        let Frame {
+            header,
+            payload,
+            mut fds,
+            fds_truncated,
+        } = frame;
+        if fds_truncated {
+            return Err(Failure::new(
+                libc::EINVAL,
+                format!("more than {} fds in one message", self.opts.max_msg_fds),
+            ));
+        }
+        let req = proto::decode(&header, &payload, &self.limits())?;
+        if !self.negotiated && !matches!(req, Request::Version { .. }) {
+            return Err(Failure::new(
+                libc::EINVAL,
+                "VERSION must be negotiated first",
+            ));
+        }
+        // Commands that carry no fds must not come with any (they would be closed silently).
+        let fd_ok = match &req {
+            Request::DmaMap { .. } => fds.len() <= 1,
+            Request::SetIrqs { flags, .. } => {
+                fds.is_empty() || flags & proto::IRQ_SET_DATA_EVENTFD != 0
+            }
+            _ => fds.is_empty(),
+        };
+        if !fd_ok {
+            return Err(Failure::new(
+                libc::EINVAL,
+                format!("unexpected {} fds", fds.len()),
+            ));
+        }
+        match req {
+            Request::Version { major, minor, caps } => self.version(major, minor, &caps),
+            Request::DmaMap {
+                flags,
+                offset,
+                iova,
+                size,
+            } => {
+                let fd = fds.pop().map(|f| (f, offset));
+                let backed = fd.is_some();
+                self.dma.map(iova, size, flags, fd)?;
+                log::debug!(
+                    "{}: DMA map {iova:#x}+{size:#x} prot={flags} fd={backed}",
+                    self.opts.name
+                );
+                Ok(Reply::empty())
+            }
+            Request::DmaUnmap {
+                argsz,
+                flags,
+                iova,
+                size,
+            } => {
+                let removed = if flags & proto::DMA_UNMAP_FLAG_ALL != 0 {
+                    self.dma.unmap_all()
+                } else {
+                    self.dma.unmap(iova, size)?
+                };
+                log::debug!(
+                    "{}: DMA unmap {iova:#x}+{size:#x}: {} mappings",
+                    self.opts.name,
+                    removed.len()
+                );
+                let mut w = Writer::new();
+                w.u32(argsz.min(24)).u32(flags).u64(iova).u64(size);
+                Ok(Reply::data(w.finish()))
+            }
+            Request::GetInfo { .. } => {
+                let dev = lock(self.device);
+                let nregions = (0..64)
+                    .take_while(|&i| dev.region_info(i).is_some())
+                    .count() as u32;
+                let nirqs = (0..64).take_while(|&i| dev.irq_info(i).is_some()).count() as u32;
+                let mut w = Writer::new();
+                w.u32(16).u32(dev.device_flags()).u32(nregions).u32(nirqs);
+                Ok(Reply::data(w.finish()))
+            }
+            Request::GetRegionInfo { argsz, index } => self.region_info(argsz, index),
+            Request::GetIrqInfo { index, .. } => {
+                let info = lock(self.device).irq_info(index).ok_or_else(|| {
+                    Failure::new(libc::EINVAL, format!("no interrupt index {index}"))
+                })?;
+                let mut w = Writer::new();
+                w.u32(16).u32(info.flags).u32(index).u32(info.count);
+                Ok(Reply::data(w.finish()))
+            }
+            Request::SetIrqs {
+                flags,
+                index,
+                start,
+                count,
+                bools,
+            } => {
+                self.set_irqs(flags, index, start, count, &bools, fds)?;
+                lock(self.device).irqs_changed(index);
+                Ok(Reply::empty())
+            }
+            Request::RegionRead {
+                offset,
+                region,
+                count,
+            } => {
+                if count as usize > self.client_max_xfer {
+                    return Err(Failure::new(
+                        libc::E2BIG,
+                        "read larger than the client accepts",
+                    ));
+                }
+                self.check_region(region, offset, count as usize)?;
+                let mut buf = vec![0u8; count as usize];
+                lock(self.device).region_read(region, offset, &mut buf)?;
+                let mut w = Writer::new();
+                w.u64(offset).u32(region).u32(count).bytes(&buf);
+                Ok(Reply::data(w.finish()))
+            }
+            Request::RegionWrite {
+                offset,
+                region,
+                data,
+            } => {
+                self.check_region(region, offset, data.len())?;
+                lock(self.device).region_write(region, offset, &data)?;
+                let mut w = Writer::new();
+                w.u64(offset).u32(region).u32(data.len() as u32);
+                Ok(Reply::data(w.finish()))
+            }
+            Request::RegionWriteMulti { writes } => {
+                let mut done = 0u64;
+                for wr in &writes {
+                    self.check_region(wr.region, wr.offset, wr.data.len())?;
+                    lock(self.device).region_write(wr.region, wr.offset, &wr.data)?;
+                    done += 1;
+                }
+                let mut w = Writer::new();
+                w.u64(done);
+                Ok(Reply::data(w.finish()))
+            }
+            Request::DeviceReset => {
+                log::info!("{}: DEVICE_RESET from client", self.opts.name);
+                lock(self.device).reset()?;
+                Ok(Reply::empty())
+            }
+        }
+    }
+
+    fn version(
+        &mut self,
+        major: u16,
+        minor: u16,
+        caps: &serde_json::Value,
+    ) -> Result<Reply, Failure> {
+        if major != proto::VERSION_MAJOR {
+            return Err(Failure::new(
+                libc::ENOTSUP,
+                format!("protocol major {major} unsupported"),
+            ));
+        }
+        let c = &caps["capabilities"];
+        if let Some(x) = c["max_data_xfer_size"].as_u64() {
+            self.client_max_xfer = usize::try_from(x)
+                .unwrap_or(usize::MAX)
+                .min(self.opts.max_data_xfer_size);
+        }
+        if let Some(p) = c["pgsizes"].as_u64() {
+            if p & 4096 == 0 {
+                return Err(Failure::new(
+                    libc::EINVAL,
+                    format!("client page sizes {p:#x} exclude 4 KiB"),
+                ));
+            }
+        }
+        log::info!(
+            "{}: client speaks {major}.{minor}, caps {caps}",
+            self.opts.name
+        );
+        let ours = serde_json::json!({
+            "capabilities": {
+                "max_msg_fds": self.opts.max_msg_fds,
+                "max_data_xfer_size": self.opts.max_data_xfer_size,
+                "pgsizes": 4096,
+                "max_dma_maps": crate::dma::MAX_MAPPINGS,
+                "write_multiple": true,
+            }
+        });
+        let mut w = Writer::new();
+        w.u16(proto::VERSION_MAJOR)
+            .u16(proto::VERSION_MINOR)
+            .bytes(ours.to_string().as_bytes())
+            .bytes(&[0]);
+        self.negotiated = true;
+        Ok(Reply::data(w.finish()))
+    }
+
+    fn check_region(&self, index: u32, offset: u64, len: usize) -> Result<(), Failure> {
+        let info = lock(self.device)
+            .region_info(index)
+            .ok_or_else(|| Failure::new(libc::EINVAL, format!("no region {index}")))?;
+        let end = offset.checked_add(len as u64);
+        if len == 0 || end.is_none_or(|e| e > info.size) {
+            return Err(Failure::new(
+                libc::EINVAL,
+                format!(
+                    "region {index} access {offset:#x}+{len} outside its {:#x} bytes",
+                    info.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn region_info(&self, argsz: u32, index: u32) -> Result<Reply, Failure> {
+        let info = lock(self.device)
+            .region_info(index)
+            .ok_or_else(|| Failure::new(libc::EINVAL, format!("no region {index}")))?;
+        let mut flags = 0;
+        if info.flags.read {
+            flags |= proto::REGION_INFO_FLAG_READ;
+        }
+        if info.flags.write {
+            flags |= proto::REGION_INFO_FLAG_WRITE;
+        }
+        // The sparse-mmap capability: header (id, version, next) + nr_areas, reserved + areas.
+        let mut cap = Writer::new();
+        let mut file_offset = 0;
+        let mut fds = Vec::new();
+        if let (true, Some(m)) = (info.flags.mmap, info.mmap.as_ref()) {
+            flags |= proto::REGION_INFO_FLAG_MMAP | proto::REGION_INFO_FLAG_CAPS;
+            cap.u16(proto::REGION_INFO_CAP_SPARSE_MMAP).u16(1).u32(0);
+            cap.u32(m.areas.len() as u32).u32(0);
+            for a in &m.areas {
+                cap.u64(a.offset).u64(a.size);
+            }
+            file_offset = m.file_offset;
+            fds.push(m.fd.clone());
+        }
+        let cap = cap.finish();
+        let full = 32 + cap.len() as u32;
+        let mut w = Writer::new();
+        // cap_offset must point inside the structure the client will read (QEMU checks it even
+        // on the short reply that only tells it how much room to allocate).
+        let cap_offset = if cap.is_empty() { 0 } else { 32 };
+        w.u32(full)
+            .u32(flags)
+            .u32(index)
+            .u32(cap_offset)
+            .u64(info.size)
+            .u64(file_offset);
+        if argsz >= full {
+            w.bytes(&cap);
+        } else {
+            // Short reply: the client retries with argsz = full; the fd comes with that reply.
+            fds.clear();
+        }
+        Ok(Reply {
+            payload: w.finish(),
+            fds,
+        })
+    }
+
+    fn set_irqs(
+        &self,
+        flags: u32,
+        index: u32,
+        start: u32,
+        count: u32,
+        bools: &[u8],
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Failure> {
+        let info = lock(self.device)
+            .irq_info(index)
+            .ok_or_else(|| Failure::new(libc::EINVAL, format!("no interrupt index {index}")))?;
+        let data = flags
+            & (proto::IRQ_SET_DATA_NONE | proto::IRQ_SET_DATA_BOOL | proto::IRQ_SET_DATA_EVENTFD);
+        let action = flags
+            & (proto::IRQ_SET_ACTION_MASK
+                | proto::IRQ_SET_ACTION_UNMASK
+                | proto::IRQ_SET_ACTION_TRIGGER);
+        log::debug!(
+            "{}: SET_IRQS index={index} start={start} count={count} flags={flags:#x} fds={}",
+            self.opts.name,
+            fds.len()
+        );
+        // Disable the whole index (VFIO: DATA_NONE | ACTION_TRIGGER with count 0).
+        if data == proto::IRQ_SET_DATA_NONE && action == proto::IRQ_SET_ACTION_TRIGGER && count == 0
+        {
+            self.irqs.disable(index)?;
+            return Ok(());
+        }
+        if start.checked_add(count).is_none_or(|end| end > info.count) || count == 0 {
+            return Err(Failure::new(
+                libc::EINVAL,
+                format!("vectors {start}+{count} outside 0..{}", info.count),
+            ));
+        }
+        let maskable = info.flags & proto::IRQ_INFO_MASKABLE != 0;
+        match (data, action) {
+            (proto::IRQ_SET_DATA_EVENTFD, proto::IRQ_SET_ACTION_TRIGGER) => {
+                let set: Vec<Option<OwnedFd>> = if fds.is_empty() {
+                    // QEMU de-assigns a run of vectors by sending it without fds.
+                    (0..count).map(|_| None).collect()
+                } else if fds.len() == count as usize {
+                    if let Some(bad) = fds.iter().position(|f| !sys::is_eventfd(f)) {
+                        return Err(Failure::new(
+                            libc::EINVAL,
+                            format!("fd {bad} is not an eventfd"),
+                        ));
+                    }
+                    fds.into_iter().map(Some).collect()
+                } else {
+                    return Err(Failure::new(
+                        libc::EINVAL,
+                        format!("{} fds for {count} vectors", fds.len()),
+                    ));
+                };
+                self.irqs.set_triggers(index, start, set)?;
+            }
+            (proto::IRQ_SET_DATA_EVENTFD, proto::IRQ_SET_ACTION_UNMASK) => {
+                if !maskable || count != 1 || fds.len() > 1 {
+                    return Err(Failure::new(
+                        libc::EINVAL,
+                        "unmask eventfd needs a maskable index, one vector, at most one fd",
+                    ));
+                }
+                let fd = fds.into_iter().next();
+                if fd.as_ref().is_some_and(|f| !sys::is_eventfd(f)) {
+                    return Err(Failure::new(libc::EINVAL, "unmask fd is not an eventfd"));
+                }
+                self.irqs.set_unmask_fd(index, fd)?;
+            }
+            (proto::IRQ_SET_DATA_EVENTFD, _) => {
+                return Err(Failure::new(
+                    libc::ENOTSUP,
+                    "mask eventfds are not supported",
+                ));
+            }
+            (_, proto::IRQ_SET_ACTION_TRIGGER) => {
+                // Loopback trigger from the client.
+                for v in 0..count {
+                    if data == proto::IRQ_SET_DATA_BOOL
+                        && bools.get(v as usize).copied().unwrap_or(0) == 0
+                    {
+                        continue;
+                    }
+                    self.irqs.signal(index, start + v)?;
+                }
+            }
+            (_, act) => {
+                if !maskable {
+                    return Err(Failure::new(
+                        libc::EINVAL,
+                        format!("interrupt index {index} is not maskable"),
+                    ));
+                }
+                let which: Option<Vec<bool>> = (data == proto::IRQ_SET_DATA_BOOL)
+                    .then(|| bools.iter().map(|&b| b != 0).collect());
+                self.irqs.set_masked(
+                    index,
+                    start,
+                    count,
+                    which.as_deref(),
+                    act == proto::IRQ_SET_ACTION_MASK,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+enum ConnError {
+    Io(io::Error),
+    Desync(Header, String),
+}
