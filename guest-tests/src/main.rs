@@ -1,0 +1,55 @@
+//! `pcisim-guest`: the programs pcisim's lab runs inside the Linux guest.
+//!
+//! A multi-call binary: `pcisim-guest <subcommand> [options]`. Scenario
+//! subcommands print KTAP v1 on stdout and exit with kselftest codes (0 pass,
+//! 1 fail, 4 skip). See README.md.
+
+mod agent;
+mod args;
+mod e1;
+mod e2;
+mod e3;
+mod gpu;
+mod ktap;
+mod mmio;
+mod pci;
+mod sys;
+#[allow(dead_code)] // the uapi subset is kept complete for the next scenarios
+mod vfio;
+
+const USAGE: &str = "\
+usage: pcisim-guest <subcommand> [options]
+
+  agent [--port /dev/ttyS1]
+      JSON-lines control channel on a serial port (see README.md)
+  e1 --vendor V --device D (--expect JSON | --expect-file PATH) [--bdf BDF]
+      E1: IDs, class, BARs and capability lists vs the device's description
+  e2 --vendor V --device D [--bdf BDF]
+      E2: BAR0 registers and BAR2 VRAM through sysfs resource mappings
+  e3 --vendor V --device D [--vectors 0,1,5] [--bdf BDF]
+      E3: MSI-X delivery through a guest vfio-pci userspace driver
+";
+
+fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    let Some(sub) = argv.get(1) else {
+        eprint!("{USAGE}");
+        std::process::exit(2);
+    };
+    let rest = &argv[2..];
+    let code = match sub.as_str() {
+        "agent" => agent::run(rest),
+        "e1" => e1::run(rest),
+        "e2" => e2::run(rest),
+        "e3" => e3::run(rest),
+        "-h" | "--help" | "help" => {
+            print!("{USAGE}");
+            0
+        }
+        other => {
+            eprintln!("pcisim-guest: unknown subcommand {other:?}\n{USAGE}");
+            2
+        }
+    };
+    std::process::exit(code);
+}

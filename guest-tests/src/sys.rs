@@ -1,0 +1,187 @@
+//! Thin safe wrappers around the few syscalls std does not offer.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::time::Duration;
+
+fn last_err(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// A non-blocking, close-on-exec eventfd.
+pub fn eventfd() -> Result<File, String> {
+    // SAFETY: eventfd takes no pointers; the return value is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(last_err("eventfd"));
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Reads and resets an eventfd counter; `Ok(0)` if it had not fired.
+pub fn eventfd_take(f: &mut File) -> Result<u64, String> {
+    let mut buf = [0u8; 8];
+    match f.read(&mut buf) {
+        Ok(8) => Ok(u64::from_ne_bytes(buf)),
+        Ok(n) => Err(format!("eventfd read returned {n} bytes")),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+        Err(e) => Err(format!("eventfd read: {e}")),
+    }
+}
+
+/// Polls `fds` for `events`; returns the `revents` of each (empty on timeout).
+pub fn poll(fds: &[(RawFd, i16)], timeout: Option<Duration>) -> Result<Vec<i16>, String> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&(fd, events)| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        })
+        .collect();
+    let ms: libc::c_int = match timeout {
+        None => -1,
+        Some(d) => d.as_millis().min(i32::MAX as u128) as libc::c_int,
+    };
+    loop {
+        // SAFETY: `pfds` is a valid, exclusively borrowed array of `pfds.len()`
+        // pollfd structs for the duration of the call.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("poll: {e}"));
+        }
+        if r == 0 {
+            return Ok(Vec::new());
+        }
+        return Ok(pfds.iter().map(|p| p.revents).collect());
+    }
+}
+
+/// Waits up to `timeout` for `fd` to become readable.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> Result<bool, String> {
+    let r = poll(&[(fd.as_raw_fd(), libc::POLLIN)], Some(timeout))?;
+    Ok(r.first().is_some_and(|ev| ev & libc::POLLIN != 0))
+}
+
+/// Creates a character device node (used when devtmpfs did not).
+pub fn mknod_char(path: &Path, major: u32, minor: u32) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| format!("path {} contains NUL", path.display()))?;
+    let dev = libc::makedev(major, minor);
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, dev) };
+    if r < 0 {
+        return Err(last_err(&format!("mknod {}", path.display())));
+    }
+    Ok(())
+}
+
+/// Flushes filesystem buffers.
+pub fn sync() {
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// Powers the machine off (needs CAP_SYS_BOOT); returns only on failure.
+pub fn power_off() -> String {
+    // SAFETY: reboot with RB_POWER_OFF takes no pointers; it returns only on error.
+    let r = unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    if r < 0 {
+        last_err("reboot(RB_POWER_OFF)")
+    } else {
+        "reboot(RB_POWER_OFF) returned".into()
+    }
+}
+
+/// Sends `sig` to process group `pgid`.
+pub fn kill_process_group(pgid: u32, sig: libc::c_int) -> Result<(), String> {
+    let pgid = libc::pid_t::try_from(pgid).map_err(|_| format!("bad pgid {pgid}"))?;
+    // SAFETY: kill takes no pointers; a negative pid addresses the group.
+    let r = unsafe { libc::kill(-pgid, sig) };
+    if r < 0 {
+        return Err(last_err("kill"));
+    }
+    Ok(())
+}
+
+/// Reaps `pid` if it is a zombie child; true if it was reaped.
+pub fn reap(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    let mut status: libc::c_int = 0;
+    // SAFETY: `status` is a valid, exclusively borrowed int for the call.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    r == pid
+}
+
+/// Puts a terminal into raw mode (cfmakeraw: no echo, no line discipline, no
+/// output processing, 8 bits) with blocking single-byte reads, and discards any
+/// input that arrived before.
+pub fn make_raw(fd: BorrowedFd<'_>) -> Result<(), String> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: termios is plain data; all-zero is a valid value to be overwritten.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is a valid, exclusively borrowed termios for the call.
+    if unsafe { libc::tcgetattr(raw, &mut t) } < 0 {
+        return Err(last_err("tcgetattr"));
+    }
+    // SAFETY: `t` is a valid termios initialised by tcgetattr.
+    unsafe { libc::cfmakeraw(&mut t) };
+    t.c_cflag |= libc::CLOCAL | libc::CREAD;
+    t.c_cc[libc::VMIN] = 1;
+    t.c_cc[libc::VTIME] = 0;
+    // SAFETY: `t` is a valid termios for the call.
+    if unsafe { libc::tcsetattr(raw, libc::TCSANOW, &t) } < 0 {
+        return Err(last_err("tcsetattr"));
+    }
+    // SAFETY: tcflush takes no pointers.
+    if unsafe { libc::tcflush(raw, libc::TCIFLUSH) } < 0 {
+        return Err(last_err("tcflush"));
+    }
+    Ok(())
+}
+
+/// Reads back the local flags of a terminal (to check that echo is off).
+pub fn local_flags(fd: BorrowedFd<'_>) -> Result<libc::tcflag_t, String> {
+    // SAFETY: termios is plain data; all-zero is a valid value to be overwritten.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is a valid, exclusively borrowed termios for the call.
+    if unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) } < 0 {
+        return Err(last_err("tcgetattr"));
+    }
+    Ok(t.c_lflag)
+}
+
+/// Waits until everything written to the terminal has been transmitted.
+pub fn tcdrain(fd: BorrowedFd<'_>) {
+    // SAFETY: tcdrain takes no pointers; failure (not a tty) is harmless here.
+    unsafe { libc::tcdrain(fd.as_raw_fd()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn eventfd_counts_and_polls() {
+        let mut e = eventfd().unwrap();
+        assert_eq!(eventfd_take(&mut e).unwrap(), 0);
+        assert!(!wait_readable(e.as_fd(), Duration::from_millis(1)).unwrap());
+        e.write_all(&1u64.to_ne_bytes()).unwrap();
+        e.write_all(&2u64.to_ne_bytes()).unwrap();
+        assert!(wait_readable(e.as_fd(), Duration::from_millis(100)).unwrap());
+        assert_eq!(eventfd_take(&mut e).unwrap(), 3);
+        assert_eq!(eventfd_take(&mut e).unwrap(), 0);
+    }
+}
