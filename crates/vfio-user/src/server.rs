@@ -187,13 +187,13 @@ impl Server {
             negotiated: false,
             client_max_xfer: self.opts.max_data_xfer_size,
         };
-        lock(&self.device).attach(ClientLink {
-            irqs: conn.irqs.clone(),
-            dma: conn.dma.clone(),
-        });
         let end = conn.run();
-        // Order matters: the device stops using the client's memory and eventfds first.
-        lock(&self.device).detach();
+        // Order matters: the device stops using the client's memory and eventfds first. A
+        // connection that never negotiated (e.g. another server probing whether this socket is
+        // live) never attached and leaves the device untouched.
+        if conn.negotiated {
+            lock(&self.device).detach();
+        }
         let n = conn.dma.unmap_all().len();
         conn.irqs.clear();
         log::info!(
@@ -628,7 +628,13 @@ impl Connection<'_> {
             .u16(proto::VERSION_MINOR)
             .bytes(ours.to_string().as_bytes())
             .bytes(&[0]);
-        self.negotiated = true;
+        if !self.negotiated {
+            self.negotiated = true;
+            lock(self.device).attach(ClientLink {
+                irqs: self.irqs.clone(),
+                dma: self.dma.clone(),
+            });
+        }
         Ok(Reply::data(w.finish()))
     }
 

@@ -393,6 +393,19 @@ fn test_disconnect_releases_client_state_and_next_client_is_served() {
 // ---- raw frames and malformed input ------------------------------------------------------
 
 #[test]
+fn test_connection_without_version_leaves_device_untouched() {
+    let h = start();
+    drop(UnixStream::connect(&h.path).unwrap());
+    let mut r = Raw::negotiated(&h);
+    r.assert_alive();
+    assert_eq!(
+        h.detaches.load(Ordering::SeqCst),
+        0,
+        "a probe connection is not a client"
+    );
+}
+
+#[test]
 fn test_request_before_version_is_einval() {
     let h = start();
     let mut r = Raw::connect(&h);

@@ -1,0 +1,394 @@
+//! The GPU function, v1 (docs/programming-model.md, "GPU function").
+//!
+//! ```text
+//! BAR0 (64 KiB, 64-bit)            BAR2 (vram, 64-bit prefetchable, memfd, mmap-able)
+//! 0x0000 registers (regs.rs)       0 .. vram_size: VRAM
+//! 0x8000 MSI-X table (16 vectors)
+//! 0xC000 MSI-X PBA
+//! ```
+//!
+//! Registers return to their defaults on every reset kind. VRAM contents survive FLR, PM soft
+//! reset and DEVICE_RESET (as on real GPUs, where a function reset does not scrub memory); on
+//! a lost connection VRAM is discarded (zeroed, pages returned), since the next client is a new
+//! machine.
+
+pub mod regs;
+mod vram;
+
+#[cfg(test)]
+mod tests;
+
+use log::warn;
+use pcisim_pci::caps::ats::AtsConfig;
+use pcisim_pci::caps::msix::MsixConfig;
+use pcisim_pci::caps::pasid::PasidConfig;
+use pcisim_pci::caps::pcie::PcieConfig;
+use pcisim_pci::caps::pm::PmConfig;
+use pcisim_pci::caps::pri::PriConfig;
+use pcisim_pci::{
+    Bar, BuildError, Endpoint, EndpointBuilder, FunctionCtx, Identity, MsixOutcome, PciFunction,
+    ResetKind,
+};
+use pcisim_vfio_user::RegionMmap;
+
+pub use vram::{Vram, VramError};
+
+/// FNV-1a-64 offset basis.
+pub const FNV1A64_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+/// FNV-1a-64 prime.
+pub const FNV1A64_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// Continue an FNV-1a-64 hash `h` over `data`.
+pub fn fnv1a64_update(mut h: u64, data: &[u8]) -> u64 {
+    for &b in data {
+        h = (h ^ u64::from(b)).wrapping_mul(FNV1A64_PRIME);
+    }
+    h
+}
+
+/// Byte `i` (from the window start) of the FILL pattern for `seed`.
+pub fn fill_byte(seed: u32, i: u64) -> u8 {
+    ((u64::from(seed).wrapping_add(i)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
+}
+
+/// BAR holding registers, MSI-X table and PBA.
+pub const REGS_BAR: u8 = 0;
+/// Size of BAR0.
+pub const REGS_BAR_SIZE: u64 = 64 << 10;
+/// BAR holding VRAM.
+pub const VRAM_BAR: u8 = 2;
+/// Offset of the MSI-X table in BAR0.
+pub const MSIX_TABLE_OFFSET: u32 = 0x8000;
+/// Offset of the MSI-X PBA in BAR0.
+pub const MSIX_PBA_OFFSET: u32 = 0xc000;
+/// Number of MSI-X vectors.
+pub const MSIX_VECTORS: u16 = 16;
+/// Default VRAM size.
+pub const DEFAULT_VRAM_SIZE: u64 = 256 << 20;
+
+/// How to build a GPU function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuConfig {
+    /// Name used in log messages.
+    pub name: String,
+    /// VRAM (BAR2) size: a power of two ≥ 4 KiB.
+    pub vram_size: u64,
+    /// Vendor ID.
+    pub vendor_id: u16,
+    /// Device ID.
+    pub device_id: u16,
+    /// 24-bit class code.
+    pub class_code: u32,
+    /// Revision ID.
+    pub revision: u8,
+    /// Subsystem vendor ID.
+    pub subsystem_vendor_id: u16,
+    /// Subsystem ID.
+    pub subsystem_id: u16,
+    /// PMCSR No_Soft_Reset: D3hot→D0 keeps state.
+    pub no_soft_reset: bool,
+    /// Status "Immediate Readiness".
+    pub immediate_readiness: bool,
+}
+
+impl Default for GpuConfig {
+    fn default() -> GpuConfig {
+        GpuConfig {
+            name: "gpu".to_string(),
+            vram_size: DEFAULT_VRAM_SIZE,
+            vendor_id: 0x1234,
+            device_id: 0x0b10,
+            class_code: 0x03_0200,
+            revision: 1,
+            subsystem_vendor_id: 0x1234,
+            subsystem_id: 0x0001,
+            no_soft_reset: false,
+            immediate_readiness: false,
+        }
+    }
+}
+
+/// Errors of building a GPU.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// The endpoint could not be built.
+    #[error("Building the GPU endpoint failed")]
+    Build(#[from] BuildError),
+    /// VRAM could not be created.
+    #[error("Creating VRAM failed")]
+    Vram(#[from] VramError),
+}
+
+/// BAR0 register state (everything that resets).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Regs {
+    scratch: [u32; SCRATCH_LEN],
+    irq_count: u32,
+    irq_last_error: u32,
+    window_offset: u64,
+    window_length: u64,
+    seed: u32,
+    status: u32,
+    result: u64,
+}
+
+const SCRATCH_LEN: usize = regs::SCRATCH_COUNT as usize;
+
+fn set_lo(v: &mut u64, lo: u32) {
+    *v = (*v & !0xffff_ffff) | u64::from(lo);
+}
+
+fn set_hi(v: &mut u64, hi: u32) {
+    *v = (*v & 0xffff_ffff) | (u64::from(hi) << 32);
+}
+
+/// The GPU function.
+#[derive(Debug)]
+pub struct Gpu {
+    name: String,
+    regs: Regs,
+    vram: Vram,
+}
+
+/// Build the GPU endpoint described by `cfg`.
+pub fn endpoint(cfg: &GpuConfig) -> Result<Endpoint<Gpu>, GpuError> {
+    let gpu = Gpu::new(cfg)?;
+    let identity = Identity {
+        vendor_id: cfg.vendor_id,
+        device_id: cfg.device_id,
+        class_code: cfg.class_code,
+        revision: cfg.revision,
+        subsystem_vendor_id: cfg.subsystem_vendor_id,
+        subsystem_id: cfg.subsystem_id,
+    };
+    let ep = EndpointBuilder::new(cfg.name.clone(), identity)
+        .bar(REGS_BAR, Bar::mem64(REGS_BAR_SIZE))
+        .bar(VRAM_BAR, Bar::mem64(cfg.vram_size).prefetchable())
+        .pm(PmConfig {
+            no_soft_reset: cfg.no_soft_reset,
+        })
+        .msix(MsixConfig {
+            vectors: MSIX_VECTORS,
+            table_bar: REGS_BAR,
+            table_offset: MSIX_TABLE_OFFSET,
+            pba_bar: REGS_BAR,
+            pba_offset: MSIX_PBA_OFFSET,
+        })
+        .pcie(PcieConfig { flr: true })
+        .aer()
+        .ats(AtsConfig::default())
+        .pasid(PasidConfig::default())
+        .pri(PriConfig::default())
+        .immediate_readiness(cfg.immediate_readiness)
+        .build(gpu)?;
+    Ok(ep)
+}
+
+impl Gpu {
+    /// A GPU with fresh (zeroed) VRAM of `cfg.vram_size` bytes.
+    pub fn new(cfg: &GpuConfig) -> Result<Gpu, GpuError> {
+        Ok(Gpu {
+            name: cfg.name.clone(),
+            regs: Regs::default(),
+            vram: Vram::new(cfg.vram_size)?,
+        })
+    }
+
+    /// The VRAM.
+    pub fn vram(&self) -> &Vram {
+        &self.vram
+    }
+
+    fn read_reg(&self, off: u64) -> u32 {
+        let r = &self.regs;
+        match off {
+            regs::ID => regs::ID_MAGIC,
+            regs::VERSION => regs::VERSION_1_0,
+            regs::VRAM_SIZE_LO => self.vram.size() as u32,
+            regs::VRAM_SIZE_HI => (self.vram.size() >> 32) as u32,
+            regs::MSIX_VECTORS => u32::from(MSIX_VECTORS),
+            o if (regs::SCRATCH..regs::SCRATCH + 4 * regs::SCRATCH_COUNT).contains(&o) => r
+                .scratch
+                .get(((o - regs::SCRATCH) / 4) as usize)
+                .copied()
+                .unwrap_or(0),
+            regs::IRQ_DOORBELL | regs::VRAM_CMD => 0,
+            regs::IRQ_COUNT => r.irq_count,
+            regs::IRQ_LAST_ERROR => r.irq_last_error,
+            regs::VRAM_OFFSET_LO => r.window_offset as u32,
+            regs::VRAM_OFFSET_HI => (r.window_offset >> 32) as u32,
+            regs::VRAM_LENGTH_LO => r.window_length as u32,
+            regs::VRAM_LENGTH_HI => (r.window_length >> 32) as u32,
+            regs::VRAM_SEED => r.seed,
+            regs::VRAM_STATUS => r.status,
+            regs::VRAM_RESULT_LO => r.result as u32,
+            regs::VRAM_RESULT_HI => (r.result >> 32) as u32,
+            _ => {
+                warn!("{}: read of undefined BAR0 offset {off:#x}", self.name);
+                0
+            }
+        }
+    }
+
+    fn write_reg(&mut self, ctx: &mut FunctionCtx<'_>, off: u64, v: u32) {
+        let r = &mut self.regs;
+        match off {
+            o if (regs::SCRATCH..regs::SCRATCH + 4 * regs::SCRATCH_COUNT).contains(&o) => {
+                if let Some(s) = r.scratch.get_mut(((o - regs::SCRATCH) / 4) as usize) {
+                    *s = v;
+                }
+            }
+            regs::IRQ_DOORBELL => self.doorbell(ctx, v),
+            regs::VRAM_OFFSET_LO => set_lo(&mut r.window_offset, v),
+            regs::VRAM_OFFSET_HI => set_hi(&mut r.window_offset, v),
+            regs::VRAM_LENGTH_LO => set_lo(&mut r.window_length, v),
+            regs::VRAM_LENGTH_HI => set_hi(&mut r.window_length, v),
+            regs::VRAM_SEED => r.seed = v,
+            regs::VRAM_CMD => self.command(v),
+            regs::ID
+            | regs::VERSION
+            | regs::VRAM_SIZE_LO
+            | regs::VRAM_SIZE_HI
+            | regs::MSIX_VECTORS
+            | regs::IRQ_COUNT
+            | regs::IRQ_LAST_ERROR
+            | regs::VRAM_STATUS
+            | regs::VRAM_RESULT_LO
+            | regs::VRAM_RESULT_HI => {
+                warn!(
+                    "{}: write to read-only register {off:#x} ignored",
+                    self.name
+                );
+            }
+            _ => warn!(
+                "{}: write of {v:#x} to undefined BAR0 offset {off:#x} ignored",
+                self.name
+            ),
+        }
+    }
+
+    fn doorbell(&mut self, ctx: &mut FunctionCtx<'_>, v: u32) {
+        let r = &mut self.regs;
+        let outcome = match u16::try_from(v) {
+            Ok(vector) if vector < MSIX_VECTORS => ctx.raise_msix(vector),
+            _ => MsixOutcome::InvalidVector,
+        };
+        r.irq_last_error = match outcome {
+            MsixOutcome::Delivered => {
+                r.irq_count = r.irq_count.wrapping_add(1);
+                regs::IRQ_OK
+            }
+            MsixOutcome::Pending => regs::IRQ_ERR_NOT_BOUND,
+            MsixOutcome::InvalidVector => regs::IRQ_ERR_VECTOR_RANGE,
+        };
+    }
+
+    fn command(&mut self, cmd: u32) {
+        let (offset, len) = (self.regs.window_offset, self.regs.window_length);
+        let result = match cmd {
+            regs::CMD_CHECKSUM => self.vram.checksum(offset, len).map(Some),
+            regs::CMD_FILL => self.vram.fill(offset, len, self.regs.seed).map(|()| None),
+            _ => {
+                warn!("{}: unknown VRAM command {cmd}", self.name);
+                self.regs.status = regs::STATUS_UNKNOWN_COMMAND;
+                return;
+            }
+        };
+        match result {
+            Ok(sum) => {
+                if let Some(sum) = sum {
+                    self.regs.result = sum;
+                }
+                self.regs.status = regs::STATUS_OK;
+            }
+            Err(e) => {
+                warn!("{}: VRAM command {cmd}: {e}", self.name);
+                self.regs.status = regs::STATUS_OUT_OF_RANGE;
+            }
+        }
+    }
+
+    fn regs_read(&mut self, offset: u64, data: &mut [u8]) {
+        match (data.len(), offset % 8, offset % 4) {
+            (4, _, 0) => data.copy_from_slice(&self.read_reg(offset).to_le_bytes()),
+            (8, 0, _) => {
+                let v =
+                    u64::from(self.read_reg(offset)) | (u64::from(self.read_reg(offset + 4)) << 32);
+                data.copy_from_slice(&v.to_le_bytes());
+            }
+            _ => {
+                warn!(
+                    "{}: {}-byte BAR0 read at {offset:#x} not supported, reads 0",
+                    self.name,
+                    data.len()
+                );
+                data.fill(0);
+            }
+        }
+    }
+
+    fn regs_write(&mut self, ctx: &mut FunctionCtx<'_>, offset: u64, data: &[u8]) {
+        let dword = |b: &[u8]| -> Option<u32> { Some(u32::from_le_bytes(b.try_into().ok()?)) };
+        match (data.len(), offset % 8, offset % 4) {
+            (4, _, 0) => {
+                if let Some(v) = dword(data) {
+                    self.write_reg(ctx, offset, v);
+                }
+            }
+            (8, 0, _) => {
+                // Low half first, as two 4-byte accesses would be.
+                if let (Some(lo), Some(hi)) =
+                    (data.get(..4).and_then(dword), data.get(4..).and_then(dword))
+                {
+                    self.write_reg(ctx, offset, lo);
+                    self.write_reg(ctx, offset + 4, hi);
+                }
+            }
+            _ => warn!(
+                "{}: {}-byte BAR0 write at {offset:#x} not supported, ignored",
+                self.name,
+                data.len()
+            ),
+        }
+    }
+}
+
+impl PciFunction for Gpu {
+    fn bar_read(&mut self, _ctx: &mut FunctionCtx<'_>, bar: u32, offset: u64, data: &mut [u8]) {
+        match bar {
+            b if b == u32::from(REGS_BAR) => self.regs_read(offset, data),
+            b if b == u32::from(VRAM_BAR) => {
+                if let Err(e) = self.vram.read(offset, data) {
+                    warn!("{}: {e}", self.name);
+                    data.fill(0xff);
+                }
+            }
+            _ => data.fill(0),
+        }
+    }
+
+    fn bar_write(&mut self, ctx: &mut FunctionCtx<'_>, bar: u32, offset: u64, data: &[u8]) {
+        match bar {
+            b if b == u32::from(REGS_BAR) => self.regs_write(ctx, offset, data),
+            b if b == u32::from(VRAM_BAR) => {
+                if let Err(e) = self.vram.write(offset, data) {
+                    warn!("{}: {e}", self.name);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn reset(&mut self, kind: ResetKind) {
+        self.regs = Regs::default();
+        if kind == ResetKind::LostConnection {
+            if let Err(e) = self.vram.discard() {
+                warn!("{}: discarding VRAM failed: {e}", self.name);
+            }
+        }
+    }
+
+    fn bar_mmap(&self, bar: u32) -> Option<RegionMmap> {
+        (bar == u32::from(VRAM_BAR)).then(|| self.vram.region_mmap())
+    }
+}

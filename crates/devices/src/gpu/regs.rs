@@ -1,0 +1,64 @@
+//! BAR0 register offsets and values of the GPU function (docs/programming-model.md).
+
+/// ID: magic "PCSG" in memory order.
+pub const ID: u64 = 0x000;
+/// VERSION: register interface version, major.minor 16.16.
+pub const VERSION: u64 = 0x004;
+/// VRAM size in bytes, low half.
+pub const VRAM_SIZE_LO: u64 = 0x008;
+/// VRAM size in bytes, high half.
+pub const VRAM_SIZE_HI: u64 = 0x00c;
+/// Number of MSI-X vectors.
+pub const MSIX_VECTORS: u64 = 0x010;
+/// First of 16 scratch registers.
+pub const SCRATCH: u64 = 0x040;
+/// Number of scratch registers.
+pub const SCRATCH_COUNT: u64 = 16;
+/// Write a vector number to raise it.
+pub const IRQ_DOORBELL: u64 = 0x080;
+/// Interrupts delivered since reset.
+pub const IRQ_COUNT: u64 = 0x084;
+/// Outcome of the last doorbell write.
+pub const IRQ_LAST_ERROR: u64 = 0x088;
+/// VRAM window start, low half.
+pub const VRAM_OFFSET_LO: u64 = 0x100;
+/// VRAM window start, high half.
+pub const VRAM_OFFSET_HI: u64 = 0x104;
+/// VRAM window length, low half.
+pub const VRAM_LENGTH_LO: u64 = 0x108;
+/// VRAM window length, high half.
+pub const VRAM_LENGTH_HI: u64 = 0x10c;
+/// Seed for FILL.
+pub const VRAM_SEED: u64 = 0x110;
+/// Command register.
+pub const VRAM_CMD: u64 = 0x114;
+/// Status of the last command.
+pub const VRAM_STATUS: u64 = 0x118;
+/// Checksum result, low half.
+pub const VRAM_RESULT_LO: u64 = 0x120;
+/// Checksum result, high half.
+pub const VRAM_RESULT_HI: u64 = 0x124;
+
+/// Value of [`ID`].
+pub const ID_MAGIC: u32 = 0x4753_4350;
+/// Value of [`VERSION`].
+pub const VERSION_1_0: u32 = 0x0001_0000;
+
+/// IRQ_LAST_ERROR: the interrupt was delivered.
+pub const IRQ_OK: u32 = 0;
+/// IRQ_LAST_ERROR: the vector is not below MSIX_VECTORS.
+pub const IRQ_ERR_VECTOR_RANGE: u32 = 1;
+/// IRQ_LAST_ERROR: no eventfd is bound for the vector; it is pending in the PBA.
+pub const IRQ_ERR_NOT_BOUND: u32 = 2;
+
+/// VRAM_CMD: FNV-1a-64 checksum of the window.
+pub const CMD_CHECKSUM: u32 = 1;
+/// VRAM_CMD: fill the window with the FILL pattern.
+pub const CMD_FILL: u32 = 2;
+
+/// VRAM_STATUS: idle or the last command succeeded.
+pub const STATUS_OK: u32 = 0;
+/// VRAM_STATUS: the window is not inside VRAM.
+pub const STATUS_OUT_OF_RANGE: u32 = 1;
+/// VRAM_STATUS: unknown command.
+pub const STATUS_UNKNOWN_COMMAND: u32 = 2;

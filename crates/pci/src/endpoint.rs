@@ -1,0 +1,736 @@
+//! [`Endpoint`]: a PCIe endpoint function served over vfio-user. It owns configuration space,
+//! the MSI-X table and PBA and the reset sequence, and hands BAR accesses to a
+//! [`PciFunction`].
+//!
+//! Reset sequence (every kind): configuration space back to its power-on snapshot (sticky bits
+//! kept, except on [`ResetKind::LostConnection`], which is a power cycle), MSI-X table masked and
+//! PBA cleared, then [`PciFunction::reset`]. Interrupt eventfd bindings are kept: QEMU does not
+//! resend SET_IRQS after an FLR or PM reset it did not see.
+
+use log::{info, trace, warn};
+use pcisim_vfio_user::{
+    irq_index, region, ClientLink, Device, DeviceError, IrqInfo, RegionFlags, RegionInfo,
+};
+use serde::Serialize;
+use vfio_bindings::bindings::vfio::{
+    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_AUTOMASKED,
+    VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
+};
+
+use crate::caps::ats::AtsConfig;
+use crate::caps::msix::MsixConfig;
+use crate::caps::pasid::PasidConfig;
+use crate::caps::pcie::PcieConfig;
+use crate::caps::pm::{PmConfig, PowerState};
+use crate::caps::pri::PriConfig;
+use crate::caps::{
+    aer, ats, msix as msix_cap, pasid, pcie, pm, pri, vendor, CapChainBuilder, CapError, CapOffset,
+    CapRecord, ExtCapRecord,
+};
+use crate::config::{ConfigError, ConfigSpace, CONFIG_SPACE_SIZE};
+use crate::function::{ConfigEvent, FunctionCtx, PciFunction, ResetKind};
+use crate::header::{header_fields, reg, Bar, BarError, BarKind, Bars, Identity};
+use crate::msix::MsixState;
+
+/// Errors of building an endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A BAR definition is invalid.
+    #[error("Invalid BAR")]
+    Bar(#[from] BarError),
+    /// A capability could not be placed.
+    #[error("Invalid capability layout")]
+    Cap(#[from] CapError),
+    /// The field tables conflict.
+    #[error("Invalid configuration space")]
+    Config(#[from] ConfigError),
+    /// The MSI-X table or PBA does not fit its BAR, overlaps the other, or the vector count is
+    /// out of range.
+    #[error("Invalid MSI-X layout: {0}")]
+    Msix(&'static str),
+}
+
+/// Offsets of the capabilities the endpoint itself interprets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapOffsets {
+    /// Power Management.
+    pub pm: Option<CapOffset>,
+    /// MSI-X.
+    pub msix: Option<CapOffset>,
+    /// PCI Express.
+    pub pcie: Option<CapOffset>,
+    /// AER.
+    pub aer: Option<CapOffset>,
+    /// ATS.
+    pub ats: Option<CapOffset>,
+    /// PASID.
+    pub pasid: Option<CapOffset>,
+    /// PRI.
+    pub pri: Option<CapOffset>,
+}
+
+/// One BAR in a [`Description`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BarDescription {
+    /// BAR index.
+    pub index: u8,
+    /// Size in bytes.
+    pub size: u64,
+    /// 64-bit BAR.
+    pub mem64: bool,
+    /// Prefetchable.
+    pub prefetchable: bool,
+}
+
+/// What the endpoint advertises, for comparison with a guest's decoded view. Field names are a
+/// contract with the guest programs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Description {
+    /// Vendor ID.
+    pub vendor_id: u16,
+    /// Device ID.
+    pub device_id: u16,
+    /// 24-bit class code.
+    pub class_code: u32,
+    /// Revision ID.
+    pub revision: u8,
+    /// Subsystem Vendor ID.
+    pub subsystem_vendor_id: u16,
+    /// Subsystem ID.
+    pub subsystem_id: u16,
+    /// Implemented BARs in index order.
+    pub bars: Vec<BarDescription>,
+    /// Standard capabilities in chain order.
+    pub capabilities: Vec<CapRecord>,
+    /// Extended capabilities in chain order.
+    pub ext_capabilities: Vec<ExtCapRecord>,
+}
+
+/// Builds an [`Endpoint`]. Standard capabilities are placed in the order PM, MSI-X, PCIe,
+/// vendor-specific; extended ones in the order AER, ATS, PASID, PRI.
+#[derive(Debug, Clone)]
+pub struct EndpointBuilder {
+    name: String,
+    identity: Identity,
+    bars: Vec<(u8, Bar)>,
+    pm: Option<PmConfig>,
+    msix: Option<MsixConfig>,
+    pcie: Option<PcieConfig>,
+    vendor: Vec<Vec<u8>>,
+    aer: bool,
+    ats: Option<AtsConfig>,
+    pasid: Option<PasidConfig>,
+    pri: Option<PriConfig>,
+    immediate_readiness: bool,
+}
+
+impl EndpointBuilder {
+    /// A function with these IDs and nothing else; `name` prefixes its log messages.
+    pub fn new(name: impl Into<String>, identity: Identity) -> EndpointBuilder {
+        EndpointBuilder {
+            name: name.into(),
+            identity,
+            bars: Vec::new(),
+            pm: None,
+            msix: None,
+            pcie: None,
+            vendor: Vec::new(),
+            aer: false,
+            ats: None,
+            pasid: None,
+            pri: None,
+            immediate_readiness: false,
+        }
+    }
+
+    /// Define BAR `index`.
+    pub fn bar(mut self, index: u8, bar: Bar) -> Self {
+        self.bars.push((index, bar));
+        self
+    }
+
+    /// Add the PM capability.
+    pub fn pm(mut self, cfg: PmConfig) -> Self {
+        self.pm = Some(cfg);
+        self
+    }
+
+    /// Add the MSI-X capability (the table and PBA are served by the endpoint).
+    pub fn msix(mut self, cfg: MsixConfig) -> Self {
+        self.msix = Some(cfg);
+        self
+    }
+
+    /// Add the PCI Express capability.
+    pub fn pcie(mut self, cfg: PcieConfig) -> Self {
+        self.pcie = Some(cfg);
+        self
+    }
+
+    /// Add a vendor-specific capability with these bytes.
+    pub fn vendor_specific(mut self, data: &[u8]) -> Self {
+        self.vendor.push(data.to_vec());
+        self
+    }
+
+    /// Add the AER extended capability.
+    pub fn aer(mut self) -> Self {
+        self.aer = true;
+        self
+    }
+
+    /// Add the ATS extended capability.
+    pub fn ats(mut self, cfg: AtsConfig) -> Self {
+        self.ats = Some(cfg);
+        self
+    }
+
+    /// Add the PASID extended capability.
+    pub fn pasid(mut self, cfg: PasidConfig) -> Self {
+        self.pasid = Some(cfg);
+        self
+    }
+
+    /// Add the PRI extended capability.
+    pub fn pri(mut self, cfg: PriConfig) -> Self {
+        self.pri = Some(cfg);
+        self
+    }
+
+    /// Set Status "Immediate Readiness" (PCIe 4.0): software need not wait after reset.
+    pub fn immediate_readiness(mut self, on: bool) -> Self {
+        self.immediate_readiness = on;
+        self
+    }
+
+    fn check_msix(cfg: &MsixConfig, bars: &Bars) -> Result<(), BuildError> {
+        if cfg.vectors == 0 || cfg.vectors > msix_cap::MAX_VECTORS {
+            return Err(BuildError::Msix("vector count must be 1..=2048"));
+        }
+        if !cfg.table_offset.is_multiple_of(8) || !cfg.pba_offset.is_multiple_of(8) {
+            return Err(BuildError::Msix(
+                "table and PBA offsets must be 8-byte aligned",
+            ));
+        }
+        let fits = |bar: u8, off: u32, len: u64| {
+            bars.get(u32::from(bar))
+                .is_some_and(|b| u64::from(off) + len <= b.size)
+        };
+        if !fits(cfg.table_bar, cfg.table_offset, cfg.table_len()) {
+            return Err(BuildError::Msix("table does not fit its BAR"));
+        }
+        if !fits(cfg.pba_bar, cfg.pba_offset, cfg.pba_len()) {
+            return Err(BuildError::Msix("PBA does not fit its BAR"));
+        }
+        let (t0, t1) = (
+            u64::from(cfg.table_offset),
+            u64::from(cfg.table_offset) + cfg.table_len(),
+        );
+        let (p0, p1) = (
+            u64::from(cfg.pba_offset),
+            u64::from(cfg.pba_offset) + cfg.pba_len(),
+        );
+        if cfg.table_bar == cfg.pba_bar && t0 < p1 && p0 < t1 {
+            return Err(BuildError::Msix("table and PBA overlap"));
+        }
+        Ok(())
+    }
+
+    /// Build the endpoint around `function`.
+    pub fn build<F: PciFunction>(self, function: F) -> Result<Endpoint<F>, BuildError> {
+        let mut bars = Bars::new();
+        for (i, b) in &self.bars {
+            bars.set(*i, *b)?;
+        }
+        let mut chain = CapChainBuilder::new();
+        let mut offsets = CapOffsets::default();
+        if let Some(c) = &self.pm {
+            offsets.pm = Some(chain.add(pm::capability(c))?);
+        }
+        if let Some(c) = &self.msix {
+            Self::check_msix(c, &bars)?;
+            offsets.msix = Some(chain.add(msix_cap::capability(c))?);
+        }
+        if let Some(c) = &self.pcie {
+            offsets.pcie = Some(chain.add(pcie::capability(c))?);
+        }
+        for v in &self.vendor {
+            chain.add(vendor::capability(v)?)?;
+        }
+        if self.aer {
+            offsets.aer = Some(chain.add_ext(aer::capability())?);
+        }
+        if let Some(c) = &self.ats {
+            offsets.ats = Some(chain.add_ext(ats::capability(c))?);
+        }
+        if let Some(c) = &self.pasid {
+            offsets.pasid = Some(chain.add_ext(pasid::capability(c))?);
+        }
+        if let Some(c) = &self.pri {
+            offsets.pri = Some(chain.add_ext(pri::capability(c))?);
+        }
+        let mut fields = header_fields(&self.identity, self.immediate_readiness);
+        fields.extend(bars.fields());
+        fields.extend(chain.fields());
+        let config = ConfigSpace::from_fields(&fields)?;
+        Ok(Endpoint {
+            name: self.name,
+            identity: self.identity,
+            config,
+            bars,
+            msix: self.msix.map(MsixState::new),
+            offsets,
+            no_soft_reset: self.pm.is_some_and(|p| p.no_soft_reset),
+            caps: chain.capabilities(),
+            ext_caps: chain.ext_capabilities(),
+            link: None,
+            function,
+        })
+    }
+}
+
+/// Registers the endpoint watches to turn config writes into [`ConfigEvent`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Watched {
+    command: u16,
+    pmcsr: u16,
+    msix_control: u16,
+    pasid_control: u16,
+    ats_control: u16,
+    pri_control: u16,
+}
+
+/// A PCIe endpoint: configuration space, MSI-X and reset handling around a [`PciFunction`].
+#[derive(Debug)]
+pub struct Endpoint<F: PciFunction> {
+    name: String,
+    identity: Identity,
+    config: ConfigSpace,
+    bars: Bars,
+    msix: Option<MsixState>,
+    offsets: CapOffsets,
+    no_soft_reset: bool,
+    caps: Vec<CapRecord>,
+    ext_caps: Vec<ExtCapRecord>,
+    link: Option<ClientLink>,
+    function: F,
+}
+
+fn bit(v: u16, b: u8) -> bool {
+    v & (1 << b) != 0
+}
+
+impl<F: PciFunction> Endpoint<F> {
+    /// The function.
+    pub fn function(&self) -> &F {
+        &self.function
+    }
+
+    /// The function, mutably.
+    pub fn function_mut(&mut self) -> &mut F {
+        &mut self.function
+    }
+
+    /// Configuration space.
+    pub fn config(&self) -> &ConfigSpace {
+        &self.config
+    }
+
+    /// Configuration space, mutably (device-side updates such as error status bits).
+    pub fn config_mut(&mut self) -> &mut ConfigSpace {
+        &mut self.config
+    }
+
+    /// MSI-X state, if the function has MSI-X.
+    pub fn msix(&self) -> Option<&MsixState> {
+        self.msix.as_ref()
+    }
+
+    /// Where the interpreted capabilities are.
+    pub fn cap_offsets(&self) -> CapOffsets {
+        self.offsets
+    }
+
+    /// The name used in log messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The BAR table.
+    pub fn bars(&self) -> &Bars {
+        &self.bars
+    }
+
+    /// What the endpoint advertises, from the builder's record of what it placed.
+    pub fn describe(&self) -> Description {
+        Description {
+            vendor_id: self.identity.vendor_id,
+            device_id: self.identity.device_id,
+            class_code: self.identity.class_code & 0x00ff_ffff,
+            revision: self.identity.revision,
+            subsystem_vendor_id: self.identity.subsystem_vendor_id,
+            subsystem_id: self.identity.subsystem_id,
+            bars: self
+                .bars
+                .iter()
+                .map(|(index, b)| BarDescription {
+                    index,
+                    size: b.size,
+                    mem64: b.kind == BarKind::Mem64,
+                    prefetchable: b.prefetchable,
+                })
+                .collect(),
+            capabilities: self.caps.clone(),
+            ext_capabilities: self.ext_caps.clone(),
+        }
+    }
+
+    /// Raise an MSI-X vector outside a BAR access (e.g. from a timer in the server loop).
+    pub fn raise_msix(&mut self, vector: u16) -> crate::MsixOutcome {
+        self.ctx_parts().0.raise_msix(vector)
+    }
+
+    fn ctx_parts(&mut self) -> (FunctionCtx<'_>, &mut F) {
+        (
+            FunctionCtx {
+                msix: self.msix.as_mut(),
+                link: self.link.as_ref(),
+                config: &mut self.config,
+                pm: self.offsets.pm,
+                pcie: self.offsets.pcie,
+            },
+            &mut self.function,
+        )
+    }
+
+    /// Run a reset of `kind`: config space, MSI-X, then the function.
+    pub fn reset_function(&mut self, kind: ResetKind) {
+        info!("{}: {kind:?} reset", self.name);
+        if kind == ResetKind::LostConnection {
+            self.config.power_on_reset();
+        } else {
+            self.config.reset();
+        }
+        if let Some(m) = self.msix.as_mut() {
+            m.reset();
+        }
+        self.function.reset(kind);
+    }
+
+    fn watched(&self) -> Watched {
+        let r = |c: Option<CapOffset>, rel: u16| c.map_or(0, |c| self.config.read_u16(c.reg(rel)));
+        Watched {
+            command: self.config.read_u16(reg::COMMAND),
+            pmcsr: r(self.offsets.pm, pm::PMCSR),
+            msix_control: r(self.offsets.msix, msix_cap::MESSAGE_CONTROL),
+            pasid_control: r(self.offsets.pasid, pasid::CONTROL),
+            ats_control: r(self.offsets.ats, ats::CONTROL),
+            pri_control: r(self.offsets.pri, pri::CONTROL),
+        }
+    }
+
+    fn config_write(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let before = self.watched();
+        let triggers = self
+            .config
+            .write(offset, data)
+            .map_err(|e| cfg_err(e, offset, data.len()))?;
+        if let Some(pcie) = self.offsets.pcie {
+            if triggers.contains(pcie.reg(pcie::DEVCTL), pcie::DEVCTL_INITIATE_FLR) {
+                self.function.on_config_event(ConfigEvent::Flr);
+                self.reset_function(ResetKind::Flr);
+                return Ok(());
+            }
+        }
+        // PM 1.2 §5.4.1: writes of an unsupported state complete but change nothing.
+        if let Some(pmo) = self.offsets.pm {
+            let at = pmo.reg(pm::PMCSR);
+            let now = self.config.read_u16(at);
+            if matches!(PowerState::from_bits(now), PowerState::D1 | PowerState::D2) {
+                warn!(
+                    "{}: write of unsupported power state {:?} ignored",
+                    self.name,
+                    PowerState::from_bits(now)
+                );
+                self.config.set_bits(
+                    at,
+                    u32::from(pm::PMCSR_POWER_STATE_MASK),
+                    u32::from(before.pmcsr),
+                );
+            }
+        }
+        let after = self.watched();
+        let mut events = Vec::new();
+        if before.command != after.command {
+            events.push(ConfigEvent::CommandChanged {
+                old: before.command,
+                new: after.command,
+            });
+        }
+        let (from, to) = (
+            PowerState::from_bits(before.pmcsr),
+            PowerState::from_bits(after.pmcsr),
+        );
+        if from != to {
+            events.push(ConfigEvent::PowerState { from, to });
+        }
+        if before.msix_control != after.msix_control {
+            events.push(ConfigEvent::MsixControl {
+                enable: bit(after.msix_control, msix_cap::CONTROL_ENABLE),
+                function_mask: bit(after.msix_control, msix_cap::CONTROL_FUNCTION_MASK),
+            });
+        }
+        if before.pasid_control != after.pasid_control {
+            events.push(ConfigEvent::PasidControl {
+                enable: bit(after.pasid_control, pasid::CONTROL_ENABLE),
+                exec: bit(after.pasid_control, pasid::CONTROL_EXEC),
+                privileged: bit(after.pasid_control, pasid::CONTROL_PRIV),
+            });
+        }
+        if before.ats_control != after.ats_control {
+            events.push(ConfigEvent::AtsControl {
+                enable: bit(after.ats_control, ats::CONTROL_ENABLE),
+                stu: (after.ats_control & ats::CONTROL_STU_MASK) as u8,
+            });
+        }
+        if let Some(prio) = self.offsets.pri {
+            if before.pri_control != after.pri_control {
+                let enable = bit(after.pri_control, pri::CONTROL_ENABLE);
+                // No page requests are in flight yet: the interface is stopped iff disabled.
+                let stopped = 1u32 << pri::STATUS_STOPPED;
+                self.config.set_bits(
+                    prio.reg(pri::STATUS),
+                    stopped,
+                    if enable { 0 } else { stopped },
+                );
+                events.push(ConfigEvent::PriControl { enable });
+            }
+            if triggers.contains(prio.reg(pri::CONTROL), pri::CONTROL_RESET) {
+                events.push(ConfigEvent::PriReset);
+            }
+        }
+        for ev in events {
+            trace!("{}: {ev:?}", self.name);
+            self.function.on_config_event(ev);
+        }
+        if from == PowerState::D3Hot && to == PowerState::D0 && !self.no_soft_reset {
+            self.reset_function(ResetKind::PmSoftReset);
+        }
+        Ok(())
+    }
+
+    fn bar_access_check(&self, index: u32, offset: u64, len: usize) -> Result<(), DeviceError> {
+        let oor = DeviceError::OutOfRange {
+            region: index,
+            offset,
+            len,
+        };
+        let bar = self.bars.get(index).ok_or(oor)?;
+        if len == 0 {
+            return Err(DeviceError::BadAccess {
+                region: index,
+                offset,
+                len,
+            });
+        }
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= bar.size => Ok(()),
+            _ => Err(DeviceError::OutOfRange {
+                region: index,
+                offset,
+                len,
+            }),
+        }
+    }
+}
+
+fn cfg_err(e: ConfigError, offset: u64, len: usize) -> DeviceError {
+    match e {
+        ConfigError::EmptyAccess { .. } => DeviceError::BadAccess {
+            region: region::CONFIG,
+            offset,
+            len,
+        },
+        _ => DeviceError::OutOfRange {
+            region: region::CONFIG,
+            offset,
+            len,
+        },
+    }
+}
+
+/// Which MSI-X structure an access hits.
+enum MsixHit {
+    Table(u64),
+    Pba(u64),
+}
+
+impl<F: PciFunction> Endpoint<F> {
+    fn msix_hit(
+        &self,
+        index: u32,
+        offset: u64,
+        len: usize,
+    ) -> Result<Option<MsixHit>, DeviceError> {
+        let Some(m) = self.msix.as_ref() else {
+            return Ok(None);
+        };
+        let bad = DeviceError::BadAccess {
+            region: index,
+            offset,
+            len,
+        };
+        let cfg = m.config();
+        match m.table_hit(index, offset, len) {
+            Some(true) => return Ok(Some(MsixHit::Table(offset - u64::from(cfg.table_offset)))),
+            Some(false) => return Err(bad),
+            None => {}
+        }
+        match m.pba_hit(index, offset, len) {
+            Some(true) => Ok(Some(MsixHit::Pba(offset - u64::from(cfg.pba_offset)))),
+            Some(false) => Err(bad),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<F: PciFunction> Device for Endpoint<F> {
+    fn device_flags(&self) -> u32 {
+        VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET
+    }
+
+    fn region_info(&self, index: u32) -> Option<RegionInfo> {
+        let rw = RegionFlags {
+            read: true,
+            write: true,
+            mmap: false,
+        };
+        match index {
+            0..=5 => Some(match self.bars.get(index) {
+                Some(bar) => {
+                    let mmap = self.function.bar_mmap(index);
+                    RegionInfo {
+                        size: bar.size,
+                        flags: RegionFlags {
+                            mmap: mmap.is_some(),
+                            ..rw
+                        },
+                        mmap,
+                    }
+                }
+                None => RegionInfo::default(),
+            }),
+            region::CONFIG => Some(RegionInfo {
+                size: CONFIG_SPACE_SIZE as u64,
+                flags: rw,
+                mmap: None,
+            }),
+            region::ROM | region::VGA => Some(RegionInfo::default()),
+            _ => None,
+        }
+    }
+
+    fn irq_info(&self, index: u32) -> Option<IrqInfo> {
+        let msix_count = self.msix.as_ref().map_or(0, |m| u32::from(m.vectors()));
+        match index {
+            irq_index::INTX => Some(IrqInfo {
+                count: 1,
+                flags: VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED,
+            }),
+            irq_index::MSI => Some(IrqInfo {
+                count: 0,
+                flags: VFIO_IRQ_INFO_EVENTFD,
+            }),
+            irq_index::MSIX => Some(IrqInfo {
+                count: msix_count,
+                flags: VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE,
+            }),
+            irq_index::ERR | irq_index::REQ => Some(IrqInfo {
+                count: 1,
+                flags: VFIO_IRQ_INFO_EVENTFD,
+            }),
+            _ => None,
+        }
+    }
+
+    fn region_read(&mut self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        if index == region::CONFIG {
+            self.config
+                .read(offset, buf)
+                .map_err(|e| cfg_err(e, offset, buf.len()))?;
+            trace!("{}: config read {offset:#x} {buf:02x?}", self.name);
+            return Ok(());
+        }
+        self.bar_access_check(index, offset, buf.len())?;
+        match self.msix_hit(index, offset, buf.len())? {
+            Some(MsixHit::Table(rel)) => {
+                if let Some(m) = self.msix.as_ref() {
+                    m.table_read(rel, buf);
+                }
+            }
+            Some(MsixHit::Pba(rel)) => {
+                if let Some(m) = self.msix.as_ref() {
+                    m.pba_read(rel, buf);
+                }
+            }
+            None => {
+                let (mut ctx, f) = self.ctx_parts();
+                f.bar_read(&mut ctx, index, offset, buf);
+            }
+        }
+        trace!("{}: BAR{index} read {offset:#x} {buf:02x?}", self.name);
+        Ok(())
+    }
+
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        if index == region::CONFIG {
+            trace!("{}: config write {offset:#x} {data:02x?}", self.name);
+            return self.config_write(offset, data);
+        }
+        self.bar_access_check(index, offset, data.len())?;
+        trace!("{}: BAR{index} write {offset:#x} {data:02x?}", self.name);
+        match self.msix_hit(index, offset, data.len())? {
+            Some(MsixHit::Table(rel)) => {
+                if let Some(m) = self.msix.as_mut() {
+                    m.table_write(rel, data);
+                }
+            }
+            Some(MsixHit::Pba(_)) => {
+                warn!("{}: write to the MSI-X PBA ignored", self.name);
+            }
+            None => {
+                let (mut ctx, f) = self.ctx_parts();
+                f.bar_write(&mut ctx, index, offset, data);
+            }
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, link: ClientLink) {
+        info!("{}: client attached", self.name);
+        self.link = Some(link);
+    }
+
+    fn detach(&mut self) {
+        info!("{}: client detached", self.name);
+        self.link = None;
+        self.reset_function(ResetKind::LostConnection);
+    }
+
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        self.reset_function(ResetKind::DeviceReset);
+        Ok(())
+    }
+
+    fn irqs_changed(&mut self, index: u32) {
+        if index != irq_index::MSIX {
+            return;
+        }
+        if let (Some(m), Some(link)) = (self.msix.as_mut(), self.link.as_ref()) {
+            let n = m.deliver_pending(&link.irqs);
+            if n > 0 {
+                trace!("{}: delivered {n} pending MSI-X vectors", self.name);
+            }
+        }
+    }
+}

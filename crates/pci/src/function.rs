@@ -1,0 +1,154 @@
+//! What a device model implements: [`PciFunction`], and what it gets to use while handling an
+//! access: [`FunctionCtx`].
+
+use pcisim_vfio_user::{DmaSpace, RegionMmap};
+
+use crate::caps::pcie::{DEVSTA, DEVSTA_TRANSACTIONS_PENDING};
+use crate::caps::pm::{PowerState, PMCSR};
+use crate::caps::CapOffset;
+use crate::config::ConfigSpace;
+use crate::header::{command, reg};
+use crate::msix::{MsixOutcome, MsixState};
+
+/// Why a function is being reset (libvfio-user's taxonomy plus PM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetKind {
+    /// Function Level Reset: the guest set Device Control "Initiate FLR".
+    Flr,
+    /// PM soft reset: PMCSR D3hot→D0 with No_Soft_Reset = 0.
+    PmSoftReset,
+    /// DEVICE_RESET from the client (machine reset, secondary bus or slot reset).
+    DeviceReset,
+    /// The client went away; the device returns to its power-on state for the next one.
+    LostConnection,
+}
+
+/// A configuration change a function may react to. Delivered after the write took effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigEvent {
+    /// The Command register changed (Memory Space, Bus Master, INTx Disable, ...).
+    CommandChanged {
+        /// Previous value.
+        old: u16,
+        /// New value.
+        new: u16,
+    },
+    /// PMCSR.PowerState changed.
+    PowerState {
+        /// Previous state.
+        from: PowerState,
+        /// New state.
+        to: PowerState,
+    },
+    /// MSI-X Message Control changed.
+    MsixControl {
+        /// MSI-X Enable.
+        enable: bool,
+        /// Function Mask.
+        function_mask: bool,
+    },
+    /// The guest initiated an FLR; [`PciFunction::reset`] with [`ResetKind::Flr`] follows.
+    Flr,
+    /// PASID Control changed.
+    PasidControl {
+        /// PASID Enable.
+        enable: bool,
+        /// Execute Permission Enable.
+        exec: bool,
+        /// Privileged Mode Enable.
+        privileged: bool,
+    },
+    /// ATS Control changed.
+    AtsControl {
+        /// ATS Enable.
+        enable: bool,
+        /// Smallest Translation Unit (pages of 2^(12+stu) bytes).
+        stu: u8,
+    },
+    /// PRI Control Enable changed.
+    PriControl {
+        /// PRI Enable.
+        enable: bool,
+    },
+    /// PRI Control Reset was written with 1 (clear outstanding page request state).
+    PriReset,
+}
+
+/// A device model behind an [`crate::Endpoint`]: BAR registers and reset behaviour. The
+/// endpoint owns configuration space, MSI-X, bounds checks and reset sequencing; accesses
+/// reaching the function are inside a BAR it defined, outside the MSI-X table and PBA.
+pub trait PciFunction: Send {
+    /// Read `data.len()` bytes at `offset` of BAR `bar`.
+    fn bar_read(&mut self, ctx: &mut FunctionCtx<'_>, bar: u32, offset: u64, data: &mut [u8]);
+    /// Write `data` at `offset` of BAR `bar`.
+    fn bar_write(&mut self, ctx: &mut FunctionCtx<'_>, bar: u32, offset: u64, data: &[u8]);
+    /// Reset device state. Configuration space and MSI-X are already reset.
+    fn reset(&mut self, kind: ResetKind);
+    /// React to a configuration change.
+    fn on_config_event(&mut self, ev: ConfigEvent) {
+        let _ = ev;
+    }
+    /// How BAR `bar` can be mmapped by the client, if at all.
+    fn bar_mmap(&self, bar: u32) -> Option<RegionMmap> {
+        let _ = bar;
+        None
+    }
+}
+
+/// What a function can do while handling an access: raise MSI-X vectors, look at its command
+/// and power state, report Transactions Pending, and (later) DMA.
+#[derive(Debug)]
+pub struct FunctionCtx<'a> {
+    pub(crate) msix: Option<&'a mut MsixState>,
+    pub(crate) link: Option<&'a pcisim_vfio_user::ClientLink>,
+    pub(crate) config: &'a mut ConfigSpace,
+    pub(crate) pm: Option<CapOffset>,
+    pub(crate) pcie: Option<CapOffset>,
+}
+
+impl FunctionCtx<'_> {
+    /// Raise MSI-X vector `vector` (delivery rule in [`crate::msix`]).
+    pub fn raise_msix(&mut self, vector: u16) -> MsixOutcome {
+        let irqs = self.link.map(|l| &l.irqs);
+        match self.msix.as_deref_mut() {
+            Some(m) => m.raise(irqs, vector),
+            None => MsixOutcome::InvalidVector,
+        }
+    }
+
+    /// The client's DMA space, if a client is attached.
+    pub fn dma(&self) -> Option<&DmaSpace> {
+        self.link.map(|l| &l.dma)
+    }
+
+    /// The Command register.
+    pub fn command(&self) -> u16 {
+        self.config.read_u16(reg::COMMAND)
+    }
+
+    /// Command.MemorySpace.
+    pub fn memory_enabled(&self) -> bool {
+        self.command() & (1 << command::MEMORY_SPACE) != 0
+    }
+
+    /// Command.BusMaster.
+    pub fn bus_master_enabled(&self) -> bool {
+        self.command() & (1 << command::BUS_MASTER) != 0
+    }
+
+    /// The current power state (D0 without a PM capability).
+    pub fn power_state(&self) -> PowerState {
+        self.pm.map_or(PowerState::D0, |pm| {
+            PowerState::from_bits(self.config.read_u16(pm.reg(PMCSR)))
+        })
+    }
+
+    /// Set or clear Device Status "Transactions Pending".
+    pub fn set_transactions_pending(&mut self, pending: bool) {
+        if let Some(pcie) = self.pcie {
+            let bit = 1u32 << DEVSTA_TRANSACTIONS_PENDING;
+            self.config
+                .set_bits(pcie.reg(DEVSTA), bit, if pending { bit } else { 0 });
+        }
+    }
+}
