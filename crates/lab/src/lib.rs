@@ -1,1 +1,54 @@
-//! placeholder
+//! The pcisim lab: boots a real Linux guest under QEMU with pcisim's devices attached, runs the
+//! guest-side scenario programs through an agent on the guest's second serial port, and reports
+//! KTAP.
+//!
+//! The entry point is [`run_suite`] (behind `pcisim lab suite`):
+//!
+//! ```no_run
+//! use pcisim_lab::{run_suite, SuiteOptions};
+//!
+//! let mut opts = SuiteOptions::new("target/debug/pcisim");
+//! opts.filter = Some("E1".into());
+//! let passed = run_suite(&opts, &mut std::io::stdout(), &mut std::io::stderr())?;
+//! std::process::exit(if passed { 0 } else { 1 });
+//! # Ok::<(), pcisim_lab::LabError>(())
+//! ```
+//!
+//! The building blocks are public for other lab commands and tests:
+//! [`provision`] (run `qemu-scripts/provision.sh`, parse its `PCISIM_*` lines), [`guest`] (build the
+//! static guest binary), [`initramfs`] (newc cpio writer, `modules.dep` resolution, `/init`),
+//! [`server`] (`pcisim serve`/`describe`), [`qemu`] (command line and child), [`agent`] (the
+//! JSON-lines client), [`ktap`] (writer and parser), [`scenario`] (catalogue, verdicts) and
+//! [`process`] (children that die with the lab, SIGINT/SIGTERM handling).
+//!
+//! # Environment
+//!
+//! | variable | effect |
+//! |---|---|
+//! | `PCISIM_SCRIPTS` | the `qemu-scripts` directory (default: the repository's) |
+//! | `PCISIM_CACHE` | where `provision.sh` keeps QEMU, the guest kernel and busybox (default `~/.cache/pcisim`) |
+//! | `PCISIM_GUEST_BIN` | a prebuilt static `pcisim-guest` instead of building `guest-tests/` |
+//! | `XDG_RUNTIME_DIR` | where run directories go (else `/tmp`) |
+//! | `RUST_LOG` | passed to the device server (default `info`; its log is `server.log`) |
+//!
+//! # The run directory
+//!
+//! Every run gets `pcisim-lab-<pid>-<nonce>/`, kept when anything failed (its path is printed):
+//! `console.log` (the guest's ttyS0), `qemu.log` (QEMU's stderr), `qemu-cmdline.sh`, `server.log`,
+//! `agent.log` (the agent link, `>` sent, `<` received), `<ID>.stdout`/`<ID>.stderr` per scenario,
+//! `provision.log`, `guest-build.log`, `describe.log`, `initramfs.cpio` and the sockets.
+
+pub mod agent;
+pub mod error;
+pub mod guest;
+pub mod initramfs;
+pub mod ktap;
+pub mod process;
+pub mod provision;
+pub mod qemu;
+pub mod scenario;
+pub mod server;
+pub mod suite;
+
+pub use error::LabError;
+pub use suite::{run_suite, SuiteOptions};

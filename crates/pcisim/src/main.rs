@@ -1,1 +1,186 @@
-fn main() {}
+//! `pcisim`: serve emulated PCI functions over vfio-user, describe them, run the guest lab, and
+//! measure the server.
+
+#![deny(missing_docs)]
+
+mod bench;
+mod devices;
+mod spec;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "pcisim",
+    version,
+    about = "vfio-user server emulating accelerator PCI functions, and its lab"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve devices, each on its own vfio-user socket, until SIGINT/SIGTERM.
+    Serve {
+        /// `gpu:socket=PATH[,vram=SIZE][,id=NAME][,no_soft_reset=on|off][,vendor=..][,device=..][,class=..]`
+        #[arg(long = "device", required = true)]
+        devices: Vec<String>,
+    },
+    /// Print each device's own description (IDs, BARs, capabilities) as JSON and exit.
+    Describe {
+        /// Same syntax as `serve --device`.
+        #[arg(long = "device", required = true)]
+        devices: Vec<String>,
+    },
+    /// The lab: provision QEMU and a guest, boot it with pcisim devices, run guest scenarios.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+    /// Measure the server (one line per figure, with the floor measured in the same run).
+    Bench {
+        /// Fewer iterations (a few seconds in total).
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LabCmd {
+    /// Run the scenario catalogue in a fresh VM; KTAP on stdout, progress on stderr.
+    Suite {
+        /// Run only scenarios whose name contains this (e.g. `E1`, `E`, `msix`).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Guest kernel series.
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+        /// Extra `key=value` options appended to the GPU's device spec (fault knobs).
+        #[arg(long = "device-opt")]
+        device_opts: Vec<String>,
+        /// Keep the run directory (sockets, logs, initramfs) even on success.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_micros()
+        .init();
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pcisim: error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn parse_specs(devices: &[String]) -> Result<Vec<spec::DeviceSpec>> {
+    devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| spec::parse(d, i))
+        .collect()
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Serve { devices } => serve(&parse_specs(&devices)?),
+        Cmd::Describe { devices } => {
+            let mut out = Vec::new();
+            for s in parse_specs(&devices)? {
+                let built = devices::build(&s)?;
+                out.push(serde_json::json!({
+                    "id": s.id,
+                    "kind": s.kind.name(),
+                    "socket": s.socket,
+                    "description": built.description,
+                }));
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(0)
+        }
+        Cmd::Lab { cmd } => match cmd {
+            LabCmd::Suite {
+                filter,
+                kernel,
+                device_opts,
+                keep,
+            } => {
+                let opts = pcisim_lab::SuiteOptions {
+                    pcisim_exe: std::env::current_exe().context("locating the pcisim binary")?,
+                    filter,
+                    kernel,
+                    device_opts,
+                    keep,
+                };
+                let mut out = std::io::stdout();
+                let mut progress = std::io::stderr();
+                let ok = pcisim_lab::run_suite(&opts, &mut out, &mut progress)?;
+                Ok(if ok { 0 } else { 1 })
+            }
+        },
+        Cmd::Bench { quick } => {
+            bench::run(quick)?;
+            Ok(0)
+        }
+    }
+}
+
+fn serve(specs: &[spec::DeviceSpec]) -> Result<i32> {
+    // Build and bind everything first, so a bad option or a busy socket fails before any
+    // device starts serving.
+    let mut servers = Vec::new();
+    let mut sockets: Vec<PathBuf> = Vec::new();
+    for s in specs {
+        let built = devices::build(s)?;
+        let opts = pcisim_vfio_user::ServerOptions {
+            name: s.id.clone(),
+            ..Default::default()
+        };
+        let server = pcisim_vfio_user::Server::bind(&s.socket, built.device, opts)
+            .with_context(|| format!("device {}", s.id))?;
+        log::info!(
+            "{}: {} serving on {}",
+            s.id,
+            s.kind.name(),
+            s.socket.display()
+        );
+        sockets.push(s.socket.clone());
+        servers.push(server);
+    }
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("installing signal handlers")?;
+    for server in servers {
+        let server = Arc::new(server);
+        std::thread::Builder::new()
+            .name(format!("serve-{}", server.path().display()))
+            .spawn(move || {
+                if let Err(e) = server.run() {
+                    log::error!("{}: accept failed: {e}", server.path().display());
+                }
+            })
+            .context("spawning a server thread")?;
+    }
+    if let Some(sig) = signals.forever().next() {
+        log::info!("signal {sig}: shutting down");
+    }
+    for s in &sockets {
+        let _ = std::fs::remove_file(s);
+    }
+    Ok(0)
+}

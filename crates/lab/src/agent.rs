@@ -1,0 +1,494 @@
+//! The host side of the guest agent link: newline-delimited JSON over the guest's second serial
+//! port, which QEMU connects to a unix socket the lab listens on.
+//!
+//! ```text
+//! guest → {"ready":true,"kernel":"6.12.48+deb13-amd64","uptime_ms":2310}
+//! host  → {"id":1,"op":"run","argv":["/bin/pcisim-guest","e1",...],"timeout_ms":60000}
+//! guest → {"id":1,"exit":0,"signal":null,"timed_out":false,"stdout":"KTAP...","stderr":"","elapsed_ms":812}
+//! host  → {"id":2,"op":"write_file","path":"/tmp/x","data":"..."}      guest → {"id":2,"ok":true}
+//! host  → {"id":3,"op":"poweroff"}                                      guest → {"id":3,"ok":true}
+//! errors: {"id":N,"error":"..."} (or {"ok":false,"error":"..."})
+//! ```
+//!
+//! Only one request is outstanding at a time. Every wait has a deadline and returns early when the
+//! lab is interrupted ([`crate::process::interrupted`]).
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::process::{self, POLL};
+
+/// Slack added to a `run` request's guest-side timeout before the host gives up waiting.
+pub const RUN_SLACK: Duration = Duration::from_secs(30);
+
+/// Errors on the agent link.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Socket-level failure.
+    #[error("Agent socket {what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Nothing arrived in time.
+    #[error("Timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+    /// The guest side closed the link (QEMU exited or the agent died).
+    #[error("The agent link closed while waiting for {0}")]
+    Closed(String),
+    /// The watcher reported a reason to stop waiting (e.g. QEMU exited).
+    #[error("Stopped waiting for {what}: {reason}")]
+    Aborted {
+        /// What was awaited.
+        what: String,
+        /// Why the wait stopped.
+        reason: String,
+    },
+    /// The lab was interrupted.
+    #[error("Interrupted by signal {0}")]
+    Interrupted(i32),
+    /// The agent answered with an error.
+    #[error("The agent refused {op}: {message}")]
+    Remote {
+        /// The request's op.
+        op: String,
+        /// The agent's message.
+        message: String,
+    },
+    /// The agent's answer does not have the documented shape.
+    #[error("Malformed agent reply to {op}: {reply}")]
+    Malformed {
+        /// The request's op.
+        op: String,
+        /// The reply.
+        reply: String,
+    },
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> AgentError {
+    let what = what.into();
+    move |source| AgentError::Io { what, source }
+}
+
+/// The agent's greeting.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct Ready {
+    /// The guest kernel release.
+    #[serde(default)]
+    pub kernel: String,
+    /// Guest uptime when the agent started.
+    #[serde(default)]
+    pub uptime_ms: u64,
+}
+
+/// The result of a `run` request.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+pub struct RunOutput {
+    /// The exit code, if the program exited.
+    pub exit: Option<i32>,
+    /// The signal, if the program was killed by one.
+    pub signal: Option<i32>,
+    /// Whether the agent killed it for exceeding `timeout_ms`.
+    #[serde(default)]
+    pub timed_out: bool,
+    /// Its stdout.
+    #[serde(default)]
+    pub stdout: String,
+    /// Its stderr.
+    #[serde(default)]
+    pub stderr: String,
+    /// How long it ran, in the guest.
+    #[serde(default)]
+    pub elapsed_ms: u64,
+}
+
+/// A listening socket the guest's serial port connects to (QEMU is the client).
+pub struct AgentListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl AgentListener {
+    /// Listens on `path` (which must not exist).
+    pub fn bind(path: &Path) -> Result<Self, AgentError> {
+        let listener =
+            UnixListener::bind(path).map_err(io_error(format!("bind {}", path.display())))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io_error("set_nonblocking"))?;
+        Ok(AgentListener {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits up to `timeout` for QEMU to connect. `watch` is polled while waiting; when it returns
+    /// a reason (e.g. "QEMU exited"), the wait ends with [`AgentError::Aborted`].
+    pub fn accept(
+        &self,
+        timeout: Duration,
+        watch: &mut dyn FnMut() -> Option<String>,
+    ) -> Result<Agent, AgentError> {
+        let what = "QEMU to connect the agent serial port";
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    stream
+                        .set_nonblocking(false)
+                        .map_err(io_error("set_nonblocking"))?;
+                    return Ok(Agent::new(stream));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error("accept")(e)),
+            }
+            if let Some(s) = process::interrupted() {
+                return Err(AgentError::Interrupted(s));
+            }
+            if let Some(reason) = watch() {
+                return Err(AgentError::Aborted {
+                    what: what.into(),
+                    reason,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(AgentError::Timeout(timeout, what.into()));
+            }
+            thread::sleep(POLL);
+        }
+    }
+}
+
+/// A connected agent.
+pub struct Agent {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    next_id: u64,
+    transcript: Option<File>,
+}
+
+impl Agent {
+    /// Wraps a connected stream.
+    pub fn new(stream: UnixStream) -> Self {
+        Agent {
+            stream,
+            buf: Vec::new(),
+            next_id: 1,
+            transcript: None,
+        }
+    }
+
+    /// Records every line sent (`> `) and received (`< `) in `file`.
+    pub fn set_transcript(&mut self, file: File) {
+        self.transcript = Some(file);
+    }
+
+    fn record(&mut self, prefix: &str, line: &[u8]) {
+        if let Some(f) = self.transcript.as_mut() {
+            let ok = f
+                .write_all(prefix.as_bytes())
+                .and_then(|_| f.write_all(line))
+                .and_then(|_| f.write_all(b"\n"));
+            if ok.is_err() {
+                self.transcript = None;
+            }
+        }
+    }
+
+    /// Reads the next JSON message (skipping lines that are not JSON objects).
+    fn next_message(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+        what: &str,
+        watch: &mut dyn FnMut() -> Option<String>,
+    ) -> Result<Value, AgentError> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=nl).collect();
+                let line = &line[..line.len() - 1];
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                self.record("< ", line);
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                match serde_json::from_slice::<Value>(line) {
+                    Ok(v) if v.is_object() => return Ok(v),
+                    _ => warn!(
+                        "agent: ignoring non-JSON line {:?}",
+                        String::from_utf8_lossy(line)
+                    ),
+                }
+            }
+            if let Some(s) = process::interrupted() {
+                return Err(AgentError::Interrupted(s));
+            }
+            if let Some(reason) = watch() {
+                return Err(AgentError::Aborted {
+                    what: what.into(),
+                    reason,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(AgentError::Timeout(timeout, what.into()));
+            }
+            let slice = (deadline - now).min(Duration::from_millis(100));
+            self.stream
+                .set_read_timeout(Some(slice.max(Duration::from_millis(1))))
+                .map_err(io_error("set_read_timeout"))?;
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(AgentError::Closed(what.into())),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(io_error(format!("read ({what})"))(e)),
+            }
+        }
+    }
+
+    /// Waits for the agent's `{"ready":true,...}` line. `watch` as in [`AgentListener::accept`].
+    pub fn wait_ready(
+        &mut self,
+        timeout: Duration,
+        watch: &mut dyn FnMut() -> Option<String>,
+    ) -> Result<Ready, AgentError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let msg = self.next_message(deadline, timeout, "the agent's ready line", watch)?;
+            if msg.get("ready").and_then(Value::as_bool) == Some(true) {
+                return serde_json::from_value(msg.clone()).map_err(|_| AgentError::Malformed {
+                    op: "ready".into(),
+                    reply: msg.to_string(),
+                });
+            }
+            warn!("agent: unexpected message before ready: {msg}");
+        }
+    }
+
+    /// Sends `request` (an object without id) and returns the reply with the same id.
+    fn request(&mut self, mut request: Value, timeout: Duration) -> Result<Value, AgentError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let op = request
+            .get("op")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string();
+        if let Some(obj) = request.as_object_mut() {
+            obj.insert("id".into(), json!(id));
+        }
+        let mut line = request.to_string().into_bytes();
+        self.record("> ", &line);
+        line.push(b'\n');
+        debug!("agent: request {id} {op}");
+        self.stream
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .map_err(io_error("set_write_timeout"))?;
+        self.stream
+            .write_all(&line)
+            .map_err(io_error(format!("write ({op})")))?;
+        let deadline = Instant::now() + timeout;
+        let what = format!("the reply to {op} (id {id})");
+        loop {
+            let msg = self.next_message(deadline, timeout, &what, &mut || None)?;
+            match msg.get("id").and_then(Value::as_u64) {
+                Some(got) if got == id => {}
+                None if msg.get("error").is_some() => {}
+                _ => {
+                    warn!("agent: ignoring unexpected message {msg}");
+                    continue;
+                }
+            }
+            if let Some(err) = msg.get("error") {
+                return Err(AgentError::Remote {
+                    op,
+                    message: err.as_str().map_or_else(|| err.to_string(), str::to_string),
+                });
+            }
+            return Ok(msg);
+        }
+    }
+
+    fn expect_ok(op: &str, reply: Value) -> Result<(), AgentError> {
+        if reply.get("ok").and_then(Value::as_bool) == Some(true) {
+            Ok(())
+        } else {
+            Err(AgentError::Malformed {
+                op: op.into(),
+                reply: reply.to_string(),
+            })
+        }
+    }
+
+    /// Runs `argv` in the guest; the agent kills it after `timeout`. The host waits
+    /// `timeout + RUN_SLACK` for the reply.
+    pub fn run(&mut self, argv: &[String], timeout: Duration) -> Result<RunOutput, AgentError> {
+        let req = json!({"op": "run", "argv": argv, "timeout_ms": timeout.as_millis() as u64});
+        let reply = self.request(req, timeout + RUN_SLACK)?;
+        serde_json::from_value(reply.clone()).map_err(|_| AgentError::Malformed {
+            op: "run".into(),
+            reply: reply.to_string(),
+        })
+    }
+
+    /// Writes `data` to `path` in the guest.
+    pub fn write_file(&mut self, path: &str, data: &str) -> Result<(), AgentError> {
+        let req = json!({"op": "write_file", "path": path, "data": data});
+        let reply = self.request(req, Duration::from_secs(30))?;
+        Self::expect_ok("write_file", reply)
+    }
+
+    /// Asks the guest to power off; returns once the agent acknowledged.
+    pub fn poweroff(&mut self, timeout: Duration) -> Result<(), AgentError> {
+        let reply = self.request(json!({"op": "poweroff"}), timeout)?;
+        Self::expect_ok("poweroff", reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+
+    fn temp_socket(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("pcisim-lab-agent-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("agent.sock")
+    }
+
+    /// A fake guest agent: greets, then answers requests like the real one.
+    fn fake_agent(path: PathBuf, greeting: &'static str) -> thread::JoinHandle<Vec<Value>> {
+        thread::spawn(move || {
+            let stream = UnixStream::connect(&path).unwrap();
+            let mut w = stream.try_clone().unwrap();
+            w.write_all(greeting.as_bytes()).unwrap();
+            let mut seen = Vec::new();
+            for line in BufReader::new(stream).lines() {
+                let req: Value = serde_json::from_str(&line.unwrap()).unwrap();
+                let id = req["id"].as_u64().unwrap();
+                let reply = match req["op"].as_str().unwrap() {
+                    "run" => {
+                        // A stale reply with another id first: the client must skip it.
+                        w.write_all(b"{\"id\":999,\"ok\":true}\n").unwrap();
+                        json!({"id": id, "exit": 0, "signal": null, "timed_out": false,
+                               "stdout": "KTAP version 1\n1..0\n", "stderr": "", "elapsed_ms": 5})
+                    }
+                    "write_file" => json!({"ok": false, "error": "read-only"}),
+                    "poweroff" => json!({"id": id, "ok": true}),
+                    _ => json!({"id": id, "error": "unknown op"}),
+                };
+                seen.push(req);
+                // Split the reply in two writes to exercise line reassembly.
+                let text = format!("{reply}\n");
+                let (a, b) = text.split_at(text.len() / 2);
+                w.write_all(a.as_bytes()).unwrap();
+                thread::sleep(Duration::from_millis(20));
+                w.write_all(b.as_bytes()).unwrap();
+            }
+            seen
+        })
+    }
+
+    #[test]
+    fn test_agent_round_trips_ready_run_write_poweroff() {
+        let path = temp_socket("rt");
+        let listener = AgentListener::bind(&path).unwrap();
+        let fake = fake_agent(
+            path.clone(),
+            "garbage from the tty\n{\"ready\":true,\"kernel\":\"6.12.1\",\"uptime_ms\":42}\n",
+        );
+        let mut agent = listener
+            .accept(Duration::from_secs(10), &mut || None)
+            .unwrap();
+        let ready = agent
+            .wait_ready(Duration::from_secs(10), &mut || None)
+            .unwrap();
+        assert_eq!(
+            ready,
+            Ready {
+                kernel: "6.12.1".into(),
+                uptime_ms: 42
+            }
+        );
+        let out = agent
+            .run(&["/bin/true".to_string()], Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(out.exit, Some(0));
+        assert_eq!(out.stdout, "KTAP version 1\n1..0\n");
+        let err = agent.write_file("/x", "y").unwrap_err();
+        assert!(matches!(err, AgentError::Remote { ref message, .. } if message == "read-only"));
+        agent.poweroff(Duration::from_secs(5)).unwrap();
+        drop(agent);
+        let seen = fake.join().unwrap();
+        assert_eq!(seen[0]["op"], "run");
+        assert_eq!(seen[0]["timeout_ms"], 5000);
+        assert_eq!(seen[0]["argv"], json!(["/bin/true"]));
+        assert_eq!(seen[1]["data"], "y");
+        let ids: Vec<u64> = seen.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn test_accept_aborted_by_watch_and_timeout() {
+        let path = temp_socket("abort");
+        let listener = AgentListener::bind(&path).unwrap();
+        let err = listener
+            .accept(Duration::from_secs(10), &mut || Some("QEMU exited".into()))
+            .err()
+            .unwrap();
+        assert!(matches!(err, AgentError::Aborted { ref reason, .. } if reason == "QEMU exited"));
+        let err = listener
+            .accept(Duration::from_millis(50), &mut || None)
+            .err()
+            .unwrap();
+        assert!(matches!(err, AgentError::Timeout(..)));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn test_closed_link_reported() {
+        let path = temp_socket("closed");
+        let listener = AgentListener::bind(&path).unwrap();
+        let p = path.clone();
+        let t = thread::spawn(move || {
+            let mut s = UnixStream::connect(&p).unwrap();
+            s.write_all(b"{\"ready\":tr").unwrap();
+        });
+        let mut agent = listener
+            .accept(Duration::from_secs(10), &mut || None)
+            .unwrap();
+        t.join().unwrap();
+        let err = agent
+            .wait_ready(Duration::from_secs(10), &mut || None)
+            .unwrap_err();
+        assert!(matches!(err, AgentError::Closed(_)));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+}

@@ -1,0 +1,326 @@
+//! The QEMU command line for a lab VM and the QEMU child process.
+//!
+//! One q35 machine with fd-backed shared RAM (so DMA_MAP carries an fd), an intel-iommu (placed
+//! before the devices, caching mode on, so every guest IOMMU mapping reaches the server), one
+//! `pcie-root-port` per vfio-user device, the console on ttyS0 (into a file) and the agent link
+//! on ttyS1 (a unix socket the lab listens on).
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::process::{ChildGuard, Group, ProcessError};
+
+/// The kernel command line of lab guests.
+pub const DEFAULT_APPEND: &str = "console=ttyS0 intel_iommu=on panic=-1 loglevel=4";
+
+/// Errors building or starting QEMU.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// A path cannot be put on QEMU's command line (QEMU's JSON options need UTF-8).
+    #[error("Path {0} is not valid UTF-8")]
+    NonUtf8Path(PathBuf),
+    /// QEMU's log file could not be created.
+    #[error("Cannot create {path}")]
+    Log {
+        /// The log file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU did not start.
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+}
+
+/// A vfio-user device to attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VfioUserDevice {
+    /// QEMU device id (also the `qom` name), e.g. `gpu0`.
+    pub id: String,
+    /// The server's socket.
+    pub socket: PathBuf,
+}
+
+/// Everything that goes on a lab VM's command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuConfig {
+    /// The QEMU binary (or wrapper script).
+    pub qemu: PathBuf,
+    /// `-accel`: `tcg` or `kvm`.
+    pub accel: String,
+    /// `-cpu`: `max` or `host`.
+    pub cpu: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub smp: u32,
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initrd: PathBuf,
+    /// The kernel command line.
+    pub append: String,
+    /// Where ttyS0 (the console) is written.
+    pub console_log: PathBuf,
+    /// The unix socket ttyS1 (the agent) connects to.
+    pub agent_socket: PathBuf,
+    /// The QMP socket QEMU listens on.
+    pub qmp_socket: PathBuf,
+    /// vfio-user devices, each behind its own root port.
+    pub devices: Vec<VfioUserDevice>,
+}
+
+/// Escapes a value for QEMU's `key=value,...` option syntax (a comma is written twice).
+pub fn qemu_opt_escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// Quotes `word` for a POSIX shell (unchanged if it only has safe characters).
+pub fn shell_quote(word: &str) -> String {
+    let safe = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if safe {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
+fn utf8(path: &Path) -> Result<&str, QemuError> {
+    path.to_str()
+        .ok_or_else(|| QemuError::NonUtf8Path(path.to_path_buf()))
+}
+
+impl QemuConfig {
+    /// The arguments (after the program name).
+    pub fn args(&self) -> Result<Vec<OsString>, QemuError> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+        let mem = format!("{}M", self.memory_mib);
+        push(&[
+            "-machine",
+            "q35,memory-backend=mem",
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            "-m",
+            &mem,
+            "-smp",
+            &self.smp.to_string(),
+            "-accel",
+            &self.accel,
+            "-cpu",
+            &self.cpu,
+            "-nodefaults",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-kernel",
+            utf8(&self.kernel)?,
+            "-initrd",
+            utf8(&self.initrd)?,
+            "-append",
+            &self.append,
+            "-chardev",
+            &format!(
+                "socket,id=agent,path={}",
+                qemu_opt_escape(utf8(&self.agent_socket)?)
+            ),
+            "-serial",
+            &format!("file:{}", utf8(&self.console_log)?),
+            "-serial",
+            "chardev:agent",
+            "-qmp",
+            &format!(
+                "unix:{},server=on,wait=off",
+                qemu_opt_escape(utf8(&self.qmp_socket)?)
+            ),
+            "-device",
+            "intel-iommu,caching-mode=on",
+        ]);
+        for (i, dev) in self.devices.iter().enumerate() {
+            let port = format!("rp{}", i + 1);
+            let json = serde_json::json!({
+                "driver": "vfio-user-pci",
+                "socket": {"type": "unix", "path": utf8(&dev.socket)?},
+                "id": dev.id,
+                "bus": port,
+            });
+            push(&[
+                "-device",
+                &format!("pcie-root-port,id={port},chassis={n},slot={n}", n = i + 1),
+                "-device",
+                &json.to_string(),
+            ]);
+        }
+        Ok(a.into_iter().map(OsString::from).collect())
+    }
+
+    /// The command line as one shell-quoted line, to rerun the VM by hand.
+    pub fn shell_line(&self) -> Result<String, QemuError> {
+        let mut words = vec![utf8(&self.qemu)?.to_string()];
+        for a in self.args()? {
+            words.push(a.to_string_lossy().into_owned());
+        }
+        Ok(words
+            .iter()
+            .map(|w| shell_quote(w))
+            .collect::<Vec<_>>()
+            .join(" "))
+    }
+
+    /// The command, ready to spawn.
+    pub fn command(&self) -> Result<Command, QemuError> {
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(self.args()?);
+        Ok(cmd)
+    }
+
+    /// Starts QEMU with stdout and stderr into `log`, in its own process group, killed with the
+    /// lab.
+    pub fn spawn(&self, log: &Path) -> Result<ChildGuard, QemuError> {
+        let mut cmd = self.command()?;
+        let err = |source| QemuError::Log {
+            path: log.to_path_buf(),
+            source,
+        };
+        let file = File::create(log).map_err(err)?;
+        let file2 = file.try_clone().map_err(err)?;
+        cmd.stdin(Stdio::null()).stdout(file).stderr(file2);
+        log::debug!("starting QEMU: {cmd:?}");
+        Ok(ChildGuard::spawn("QEMU", &mut cmd, Group::Own)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> QemuConfig {
+        QemuConfig {
+            qemu: "/c/bin/qemu-system-x86_64".into(),
+            accel: "tcg".into(),
+            cpu: "max".into(),
+            memory_mib: 1024,
+            smp: 2,
+            kernel: "/c/vmlinuz".into(),
+            initrd: "/run/lab/initramfs.cpio".into(),
+            append: DEFAULT_APPEND.into(),
+            console_log: "/run/lab/console.log".into(),
+            agent_socket: "/run/lab/agent.sock".into(),
+            qmp_socket: "/run/lab/qmp.sock".into(),
+            devices: vec![VfioUserDevice {
+                id: "gpu0".into(),
+                socket: "/run/lab/gpu0.sock".into(),
+            }],
+        }
+    }
+
+    fn args(c: &QemuConfig) -> Vec<String> {
+        c.args()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect()
+    }
+
+    /// The value following `flag` (the first occurrence).
+    fn value<'a>(a: &'a [String], flag: &str) -> &'a str {
+        let i = a.iter().position(|x| x == flag).unwrap();
+        &a[i + 1]
+    }
+
+    #[test]
+    fn test_command_line_machine_memory_accel() {
+        let a = args(&config());
+        assert_eq!(value(&a, "-machine"), "q35,memory-backend=mem");
+        assert_eq!(
+            value(&a, "-object"),
+            "memory-backend-memfd,id=mem,size=1024M,share=on"
+        );
+        assert_eq!(value(&a, "-m"), "1024M");
+        assert_eq!(value(&a, "-smp"), "2");
+        assert_eq!(value(&a, "-accel"), "tcg");
+        assert_eq!(value(&a, "-cpu"), "max");
+        assert_eq!(value(&a, "-append"), DEFAULT_APPEND);
+        assert_eq!(value(&a, "-kernel"), "/c/vmlinuz");
+        assert!(a.contains(&"-no-reboot".to_string()));
+        assert_eq!(
+            value(&a, "-qmp"),
+            "unix:/run/lab/qmp.sock,server=on,wait=off"
+        );
+    }
+
+    #[test]
+    fn test_command_line_serial_console_then_agent() {
+        let a = args(&config());
+        let serials: Vec<&str> = a
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| *x == "-serial")
+            .map(|(i, _)| a[i + 1].as_str())
+            .collect();
+        assert_eq!(serials, ["file:/run/lab/console.log", "chardev:agent"]);
+        assert_eq!(
+            value(&a, "-chardev"),
+            "socket,id=agent,path=/run/lab/agent.sock"
+        );
+    }
+
+    #[test]
+    fn test_command_line_iommu_before_root_port_before_device() {
+        let mut c = config();
+        c.devices.push(VfioUserDevice {
+            id: "npu0".into(),
+            socket: "/run/lab/npu,0.sock".into(),
+        });
+        let a = args(&c);
+        let devices: Vec<&str> = a
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| *x == "-device")
+            .map(|(i, _)| a[i + 1].as_str())
+            .collect();
+        assert_eq!(devices[0], "intel-iommu,caching-mode=on");
+        assert_eq!(devices[1], "pcie-root-port,id=rp1,chassis=1,slot=1");
+        let gpu: serde_json::Value = serde_json::from_str(devices[2]).unwrap();
+        assert_eq!(
+            gpu,
+            serde_json::json!({"driver": "vfio-user-pci",
+                "socket": {"type": "unix", "path": "/run/lab/gpu0.sock"},
+                "id": "gpu0", "bus": "rp1"})
+        );
+        assert_eq!(devices[3], "pcie-root-port,id=rp2,chassis=2,slot=2");
+        let npu: serde_json::Value = serde_json::from_str(devices[4]).unwrap();
+        // JSON needs no comma escaping.
+        assert_eq!(npu["socket"]["path"], "/run/lab/npu,0.sock");
+        assert_eq!(npu["bus"], "rp2");
+    }
+
+    #[test]
+    fn test_shell_line_quotes_json_and_spaces() {
+        let line = config().shell_line().unwrap();
+        assert!(line.starts_with("/c/bin/qemu-system-x86_64 -machine q35,memory-backend=mem "));
+        assert!(line.contains(" -append 'console=ttyS0 intel_iommu=on panic=-1 loglevel=4' "));
+        assert!(line.contains(r#"'{"bus":"rp1","driver":"vfio-user-pci","#));
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn test_commas_in_paths_escaped() {
+        let mut c = config();
+        c.agent_socket = "/run/a,b/agent.sock".into();
+        let a = args(&c);
+        assert_eq!(
+            value(&a, "-chardev"),
+            "socket,id=agent,path=/run/a,,b/agent.sock"
+        );
+    }
+}

@@ -1,0 +1,746 @@
+//! `pcisim lab suite`: provision, build, boot, run the selected scenarios, report KTAP.
+//!
+//! ```text
+//! run dir ($XDG_RUNTIME_DIR or /tmp)/pcisim-lab-<pid>-<nonce>/
+//!   provision.log guest-build.log initramfs.cpio server.log describe.log
+//!   gpu0.sock agent.sock qmp.sock console.log qemu.log agent.log  E1.stdout E1.stderr ...
+//!
+//! provision.sh ─► cargo build guest-tests ─► initramfs ─► pcisim serve (gpu0.sock) ─► describe
+//!   ─► listen agent.sock ─► QEMU (connects agent.sock, attaches gpu0.sock) ─► agent ready
+//!   ─► for each scenario: agent run pcisim-guest <sub> ... ─► KTAP (nested) + verdict
+//!   ─► agent poweroff ─► QEMU exits ─► SIGTERM server ─► clean exit, no panic in its log
+//! ```
+//!
+//! The run directory is removed after a fully successful run (unless `keep`), and kept, with its
+//! path printed, otherwise.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use log::{debug, warn};
+
+use crate::agent::{Agent, AgentError, AgentListener, RunOutput};
+use crate::error::{error_chain, LabError};
+use crate::ktap::{KtapWriter, Status, TestResult};
+use crate::process::{self, describe_status, ChildGuard, InterruptGuard};
+use crate::qemu::{QemuConfig, VfioUserDevice, DEFAULT_APPEND};
+use crate::scenario::{self, Scenario, Verdict};
+use crate::server::{self, DescribedDevice, Server, ServerError};
+use crate::{guest, initramfs, provision};
+
+/// How long the guest has from QEMU's start to the agent's greeting.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long QEMU has to connect the agent's serial port after starting.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the guest has to power off after the agent acknowledged.
+pub const POWEROFF_TIMEOUT: Duration = Duration::from_secs(60);
+/// The guest serial port of the agent.
+pub const AGENT_PORT: &str = "/dev/ttyS1";
+/// Lines of the console log shown when the guest does not come up: the last ones, and before them
+/// at most this many "key" lines (init, panic, vfio, IOMMU).
+const CONSOLE_TAIL: usize = 15;
+const CONSOLE_KEY_LINES: usize = 20;
+
+/// What `pcisim lab suite` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuiteOptions {
+    /// The `pcisim` binary (serves and describes the devices).
+    pub pcisim_exe: PathBuf,
+    /// Run only scenarios whose name contains this.
+    pub filter: Option<String>,
+    /// The guest kernel series (`6.12`).
+    pub kernel: String,
+    /// Extra `k=v` options appended to the GPU device spec (e.g. a fault knob).
+    pub device_opts: Vec<String>,
+    /// Keep the run directory even after a successful run.
+    pub keep: bool,
+}
+
+impl SuiteOptions {
+    /// Defaults: every scenario, kernel 6.12, no extra device options, run dir removed on success.
+    pub fn new(pcisim_exe: impl Into<PathBuf>) -> Self {
+        SuiteOptions {
+            pcisim_exe: pcisim_exe.into(),
+            filter: None,
+            kernel: "6.12".into(),
+            device_opts: Vec::new(),
+            keep: false,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Run directory
+// ---------------------------------------------------------------------------------------------
+
+/// A unique per-run directory, removed on drop only if [`RunDir::set_remove`] was called.
+pub struct RunDir {
+    path: PathBuf,
+    remove: bool,
+}
+
+/// Unix socket paths are limited to 107 bytes; `.../agent.sock` must fit.
+const MAX_DIR_LEN: usize = 90;
+
+impl RunDir {
+    /// Creates `pcisim-lab-<pid>-<nonce>` under `$XDG_RUNTIME_DIR` (if set, a directory, and short
+    /// enough for socket paths) or else under `/tmp`.
+    pub fn create() -> Result<RunDir, LabError> {
+        let nonce = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let name = format!(
+            "pcisim-lab-{}-{:x}",
+            std::process::id(),
+            nonce & 0xffff_ffff
+        );
+        let xdg = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir() && p.join(&name).as_os_str().len() <= MAX_DIR_LEN);
+        let base = xdg.unwrap_or_else(|| PathBuf::from("/tmp"));
+        let path = base.join(name);
+        let mut builder = fs::DirBuilder::new();
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(&path).map_err(|source| LabError::RunDir {
+            path: base.clone(),
+            source,
+        })?;
+        Ok(RunDir {
+            path,
+            remove: false,
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A file in the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Remove the directory when dropped.
+    pub fn set_remove(&mut self, remove: bool) {
+        self.remove = remove;
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if self.remove {
+            if let Err(e) = fs::remove_dir_all(&self.path) {
+                warn!("cannot remove {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+/// The last `n` lines of a text file (lossy UTF-8), or an explanation if it cannot be read.
+pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..]
+                .iter()
+                .map(|l| l.trim_end_matches('\r').to_string())
+                .collect()
+        }
+        Err(e) => vec![format!("(cannot read {}: {e})", path.display())],
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reporting
+// ---------------------------------------------------------------------------------------------
+
+/// What a scenario contributes inside its KTAP block.
+enum Nested {
+    /// Nothing (it did not run).
+    None,
+    /// Valid guest KTAP, nested verbatim.
+    Ktap(String),
+    /// Output that is not KTAP: shown as diagnostics so the stream stays valid.
+    Text(String),
+}
+
+struct Report<'a> {
+    ktap: KtapWriter<'a>,
+    progress: &'a mut dyn Write,
+    next: usize,
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+}
+
+impl Report<'_> {
+    fn line(&mut self, text: &str) -> Result<(), LabError> {
+        writeln!(self.progress, "lab: {text}")
+            .and_then(|_| self.progress.flush())
+            .map_err(LabError::Output)
+    }
+
+    fn scenario(
+        &mut self,
+        s: &Scenario,
+        verdict: &Verdict,
+        nested: &Nested,
+        diagnostics: &[String],
+        elapsed: Duration,
+    ) -> Result<(), LabError> {
+        let number = self.next;
+        self.next += 1;
+        {
+            let mut inner = self.ktap.nested();
+            match nested {
+                Nested::None => {}
+                Nested::Ktap(text) => inner.document(text).map_err(LabError::Output)?,
+                Nested::Text(text) => inner.diagnostic(text).map_err(LabError::Output)?,
+            }
+            for d in diagnostics {
+                inner.diagnostic(d).map_err(LabError::Output)?;
+            }
+        }
+        let (status, reason, word) = match verdict {
+            Verdict::Pass => (Status::Pass, None, "ok"),
+            Verdict::Fail(r) => (Status::Fail, Some(r.clone()), "FAIL"),
+            Verdict::Skip(r) => (Status::Skip, Some(r.clone()), "SKIP"),
+        };
+        match status {
+            Status::Pass => self.passed += 1,
+            Status::Fail => self.failed += 1,
+            Status::Skip => self.skipped += 1,
+        }
+        self.ktap
+            .result(&TestResult {
+                number,
+                name: s.name.to_string(),
+                status,
+                reason: reason.clone(),
+            })
+            .map_err(LabError::Output)?;
+        let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
+        self.line(&format!(
+            "{}: {word} ({:.1} s){why}",
+            s.name,
+            elapsed.as_secs_f64()
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+// ---------------------------------------------------------------------------------------------
+
+/// Runs the selected scenarios in a fresh VM and writes KTAP to `ktap_out` and one-line progress
+/// messages to `progress`. Returns `Ok(true)` if every selected scenario passed (or was skipped)
+/// and the device server exited cleanly; `Ok(false)` if any failed. An `Err` means the run could
+/// not be carried out (provisioning, build, boot, interrupt); the KTAP stream is still complete
+/// then (the scenarios that did not run are `not ok`).
+///
+/// SIGINT/SIGTERM are caught for the duration of the call: the run stops, children are stopped and
+/// reaped, and [`LabError::Interrupted`] is returned. Children also die with the lab if it is
+/// killed (see [`crate::process`]).
+pub fn run_suite(
+    opts: &SuiteOptions,
+    ktap_out: &mut dyn Write,
+    progress: &mut dyn Write,
+) -> Result<bool, LabError> {
+    let started = Instant::now();
+    let signals = InterruptGuard::install().map_err(LabError::Signals)?;
+    let scenarios = scenario::select(opts.filter.as_deref());
+    if scenarios.is_empty() {
+        return Err(LabError::NoScenario(
+            opts.filter.clone().unwrap_or_default(),
+        ));
+    }
+    let mut run = RunDir::create()?;
+    let mut report = Report {
+        ktap: KtapWriter::new(ktap_out),
+        progress,
+        next: 1,
+        passed: 0,
+        failed: 0,
+        skipped: 0,
+    };
+    report
+        .ktap
+        .header(scenarios.len())
+        .map_err(LabError::Output)?;
+    report.line(&format!("run directory {}", run.path().display()))?;
+
+    let result = run_in(opts, &run, &scenarios, &mut report);
+    let result = match result {
+        Err(e) => Err(match e.interrupt_signal() {
+            Some(s) => LabError::Interrupted(s),
+            None => e,
+        }),
+        ok => ok,
+    };
+    if let Err(e) = &result {
+        // Keep the KTAP stream complete: what did not run is `not ok`.
+        let reason = match e {
+            LabError::Interrupted(s) => format!("not run: interrupted by signal {s}"),
+            e => format!("not run: {}", error_chain(e)),
+        };
+        for s in scenarios.iter().skip(report.next - 1) {
+            report.scenario(
+                s,
+                &Verdict::Fail(reason.clone()),
+                &Nested::None,
+                &[],
+                Duration::ZERO,
+            )?;
+        }
+    }
+    let success = matches!(result, Ok(true));
+    report.line(&format!(
+        "total {:.1} s: {} passed, {} failed, {} skipped",
+        started.elapsed().as_secs_f64(),
+        report.passed,
+        report.failed,
+        report.skipped
+    ))?;
+    if success && !opts.keep {
+        run.set_remove(true);
+    } else {
+        report.line(&format!("kept run directory {}", run.path().display()))?;
+    }
+    drop(signals);
+    result
+}
+
+fn secs(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64()
+}
+
+/// Shows the last `n` lines of a log on the progress stream (not after an interrupt: the user
+/// asked to stop, not for logs).
+fn show_tail(report: &mut Report<'_>, title: &str, path: &Path, n: usize) -> Result<(), LabError> {
+    if process::interrupted().is_some() {
+        return Ok(());
+    }
+    report.line(&format!("{title} ({}), last lines:", path.display()))?;
+    for l in tail_lines(path, n) {
+        report.line(&format!("  | {l}"))?;
+    }
+    Ok(())
+}
+
+/// Console lines worth showing first when the guest did not come up.
+fn is_key_console_line(line: &str) -> bool {
+    const KEYS: &[&str] = &[
+        "pcisim-init",
+        "pcisim-guest",
+        "Kernel panic",
+        "not syncing",
+        "Attempted to kill init",
+        "insmod",
+        "BUG:",
+        "Oops",
+        "vfio",
+        "DMAR",
+    ];
+    KEYS.iter().any(|k| line.contains(k))
+}
+
+/// The interesting console lines (init's own, panics, vfio/IOMMU) and then the last lines.
+fn show_console(report: &mut Report<'_>, console: &Path) -> Result<(), LabError> {
+    let all = tail_lines(console, usize::MAX);
+    let key: Vec<&String> = all.iter().filter(|l| is_key_console_line(l)).collect();
+    if !key.is_empty() {
+        report.line(&format!(
+            "guest console ({}), key lines:",
+            console.display()
+        ))?;
+        for l in &key[key.len().saturating_sub(CONSOLE_KEY_LINES)..] {
+            report.line(&format!("  | {l}"))?;
+        }
+    }
+    show_tail(report, "guest console", console, CONSOLE_TAIL)
+}
+
+fn run_in(
+    opts: &SuiteOptions,
+    run: &RunDir,
+    scenarios: &[Scenario],
+    report: &mut Report<'_>,
+) -> Result<bool, LabError> {
+    // 1. Provision.
+    let scripts = provision::scripts_dir();
+    report.line(&format!(
+        "provisioning with {}/provision.sh (the first run downloads QEMU and a guest kernel)",
+        scripts.display()
+    ))?;
+    let t = Instant::now();
+    let env = match provision::provision(&scripts, &opts.kernel, &run.join("provision.log")) {
+        Ok(env) => env,
+        Err(e) => {
+            show_tail(report, "provision log", &run.join("provision.log"), 20)?;
+            return Err(e.into());
+        }
+    };
+    report.line(&format!(
+        "provisioned in {:.1} s: QEMU {}, guest kernel {}, accel {} (cpu {})",
+        secs(t),
+        env.qemu_version,
+        env.kver,
+        env.accel.as_str(),
+        env.cpu
+    ))?;
+
+    // 2. Guest programs.
+    report.line(&format!(
+        "building the guest programs ({})",
+        guest::guest_manifest().display()
+    ))?;
+    let t = Instant::now();
+    let guest_bin = match guest::build(&run.join("guest-build.log")) {
+        Ok(p) => p,
+        Err(e) => {
+            show_tail(report, "guest build log", &run.join("guest-build.log"), 30)?;
+            return Err(e.into());
+        }
+    };
+    report.line(&format!(
+        "guest programs built in {:.1} s: {}",
+        secs(t),
+        guest_bin.display()
+    ))?;
+
+    // 3. Initramfs.
+    let t = Instant::now();
+    let initrd = initramfs::build(
+        &initramfs::InitramfsSpec {
+            busybox: env.busybox.clone(),
+            guest_bin,
+            modules_dir: env.modules.clone(),
+            kver: env.kver.clone(),
+            modules: initramfs::VFIO_MODULES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            agent_port: AGENT_PORT.into(),
+        },
+        &run.join("initramfs.cpio"),
+    )?;
+    let names: Vec<String> = initrd
+        .modules
+        .iter()
+        .map(|m| initramfs::module_name(m))
+        .collect();
+    report.line(&format!(
+        "initramfs built in {:.1} s: {:.1} MiB, modules {}",
+        secs(t),
+        initrd.size as f64 / (1024.0 * 1024.0),
+        names.join(" ")
+    ))?;
+
+    // 4. Device server.
+    let socket = run.join("gpu0.sock");
+    let spec = server::device_spec("gpu", &socket, "gpu0", &opts.device_opts);
+    let server_log = run.join("server.log");
+    let t = Instant::now();
+    let mut server = match Server::start(
+        &opts.pcisim_exe,
+        std::slice::from_ref(&spec),
+        std::slice::from_ref(&socket),
+        &server_log,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            show_tail(report, "server log", &server_log, 20)?;
+            return Err(e.into());
+        }
+    };
+    let devices = server::describe(&opts.pcisim_exe, &spec, &run.join("describe.log"))?;
+    let gpu = devices
+        .into_iter()
+        .find(|d| d.id == "gpu0")
+        .ok_or_else(|| ServerError::BadDescription("no device with id gpu0".into()))?;
+    report.line(&format!(
+        "device server up in {:.1} s (pid {}): {} {:04x}:{:04x} class {:06x} [{spec}]",
+        secs(t),
+        server.pid(),
+        gpu.id,
+        gpu.description.vendor_id,
+        gpu.description.device_id,
+        gpu.description.class_code
+    ))?;
+
+    // 5. The VM.
+    let listener = AgentListener::bind(&run.join("agent.sock"))?;
+    let config = QemuConfig {
+        qemu: env.qemu.clone(),
+        accel: env.accel.as_str().into(),
+        cpu: env.cpu.clone(),
+        memory_mib: 1024,
+        smp: 2,
+        kernel: env.kernel.clone(),
+        initrd: initrd.path.clone(),
+        append: DEFAULT_APPEND.into(),
+        console_log: run.join("console.log"),
+        agent_socket: listener.path().to_path_buf(),
+        qmp_socket: run.join("qmp.sock"),
+        devices: vec![VfioUserDevice {
+            id: "gpu0".into(),
+            socket: socket.clone(),
+        }],
+    };
+    match config.shell_line() {
+        Ok(line) => save(run.join("qemu-cmdline.sh"), &format!("{line}\n")),
+        Err(e) => warn!("{e}"),
+    }
+    let boot = Instant::now();
+    let mut qemu = config.spawn(&run.join("qemu.log"))?;
+    let booted = boot_guest(&listener, &mut qemu, run);
+    let mut agent = match booted {
+        Ok(agent) => agent,
+        Err(e) => {
+            if e.interrupt_signal().is_none() {
+                show_console(report, &config.console_log)?;
+                show_tail(report, "QEMU output", &run.join("qemu.log"), 10)?;
+            }
+            return Err(e);
+        }
+    };
+    report.line(&format!(
+        "guest booted in {:.1} s (QEMU start to agent ready)",
+        secs(boot)
+    ))?;
+
+    // 6. Scenarios.
+    let mut broken: Option<String> = None;
+    for s in scenarios {
+        run_scenario(s, &gpu, &mut agent, &mut server, &mut broken, run, report)?;
+    }
+
+    // 7. Teardown: power off, QEMU exits, stop the server and check how it ended.
+    let mut ok = report.failed == 0;
+    let t = Instant::now();
+    if broken.is_none() {
+        if let Err(e) = agent.poweroff(Duration::from_secs(30)) {
+            warn!("poweroff: {e}");
+            report.line(&format!("poweroff request failed: {e}"))?;
+        }
+    }
+    match qemu.wait_timeout(POWEROFF_TIMEOUT)? {
+        Some(status) if status.success() => {
+            report.line(&format!("guest powered off in {:.1} s", secs(t)))?
+        }
+        Some(status) => report.line(&format!(
+            "QEMU exited with {} (see {})",
+            describe_status(status),
+            run.join("qemu.log").display()
+        ))?,
+        None => {
+            report.line(&format!(
+                "QEMU still running {POWEROFF_TIMEOUT:?} after poweroff: killing it"
+            ))?;
+            qemu.terminate(Duration::from_secs(5))?;
+        }
+    }
+    drop(qemu);
+    let exit = server.stop()?;
+    if exit.ok() {
+        report.line(&format!("device server exited cleanly ({})", exit.status))?;
+    } else {
+        ok = false;
+        let mut what = format!("device server check failed: {}", exit.status);
+        if !exit.panics.is_empty() {
+            what.push_str(&format!("; panic: {}", exit.panics.join(" | ")));
+        }
+        report.ktap.diagnostic(&what).map_err(LabError::Output)?;
+        report.line(&what)?;
+        show_tail(report, "server log", &server_log, 20)?;
+    }
+    Ok(ok)
+}
+
+/// Waits for QEMU to connect the agent port and for the agent's greeting.
+fn boot_guest(
+    listener: &AgentListener,
+    qemu: &mut ChildGuard,
+    run: &RunDir,
+) -> Result<Agent, LabError> {
+    let console = run.join("console.log");
+    let mut watch = || {
+        qemu.try_wait()
+            .ok()
+            .flatten()
+            .map(|s| format!("QEMU exited ({})", describe_status(s)))
+    };
+    let boot_err = |source: AgentError| LabError::Boot {
+        source,
+        console: console.clone(),
+    };
+    let mut agent = listener
+        .accept(CONNECT_TIMEOUT, &mut watch)
+        .map_err(boot_err)?;
+    match File::create(run.join("agent.log")) {
+        Ok(f) => agent.set_transcript(f),
+        Err(e) => warn!("no agent transcript: {e}"),
+    }
+    let ready = agent
+        .wait_ready(BOOT_TIMEOUT, &mut watch)
+        .map_err(boot_err)?;
+    debug!(
+        "agent ready: kernel {}, guest uptime {} ms",
+        ready.kernel, ready.uptime_ms
+    );
+    Ok(agent)
+}
+
+fn save(path: PathBuf, text: &str) {
+    if let Err(e) = fs::write(&path, text) {
+        warn!("cannot write {}: {e}", path.display());
+    }
+}
+
+/// The last `n` non-empty lines of `text`.
+fn last_lines(text: &str, n: usize) -> Vec<&str> {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+fn run_scenario(
+    s: &Scenario,
+    gpu: &DescribedDevice,
+    agent: &mut Agent,
+    server: &mut Server,
+    broken: &mut Option<String>,
+    run: &RunDir,
+    report: &mut Report<'_>,
+) -> Result<(), LabError> {
+    if let Some(why) = broken.clone() {
+        return report.scenario(s, &Verdict::Fail(why), &Nested::None, &[], Duration::ZERO);
+    }
+    let t = Instant::now();
+    let argv = s.argv(gpu);
+    debug!("{}: {argv:?}", s.name);
+    let result = agent.run(&argv, s.timeout);
+    let elapsed = t.elapsed();
+    let mut diagnostics = Vec::new();
+    let (mut verdict, nested) = match result {
+        Ok(out) => judge(s, &out, run, &mut diagnostics),
+        Err(AgentError::Interrupted(sig)) => return Err(LabError::Interrupted(sig)),
+        Err(e) => {
+            *broken = Some(format!("not run: the VM is unusable ({e})"));
+            (Verdict::Fail(format!("agent: {e}")), Nested::None)
+        }
+    };
+    if let Some(status) = server.exited() {
+        let why = format!("device server died ({status})");
+        verdict = Verdict::Fail(why.clone());
+        for l in tail_lines(&run.join("server.log"), 10) {
+            diagnostics.push(format!("server.log: {l}"));
+        }
+        *broken = Some(format!("not run: {why}"));
+    }
+    report.scenario(s, &verdict, &nested, &diagnostics, elapsed)
+}
+
+fn judge(
+    s: &Scenario,
+    out: &RunOutput,
+    run: &RunDir,
+    diagnostics: &mut Vec<String>,
+) -> (Verdict, Nested) {
+    save(run.join(&format!("{}.stdout", s.id)), &out.stdout);
+    save(run.join(&format!("{}.stderr", s.id)), &out.stderr);
+    let (verdict, parsed) = scenario::evaluate(out);
+    let nested = match parsed {
+        Ok(_) => Nested::Ktap(out.stdout.clone()),
+        Err(_) if out.stdout.trim().is_empty() => Nested::None,
+        Err(_) => Nested::Text(out.stdout.clone()),
+    };
+    if verdict != Verdict::Pass && !out.stderr.trim().is_empty() {
+        diagnostics.push(format!("{} stderr (last lines):", s.id));
+        diagnostics.extend(last_lines(&out.stderr, 15).into_iter().map(str::to_string));
+    }
+    (verdict, nested)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_run_dir_unique_removed_only_on_request() {
+        let a = RunDir::create().unwrap();
+        let mut b = RunDir::create().unwrap();
+        assert_ne!(a.path(), b.path());
+        assert!(a.join("agent.sock").as_os_str().len() < 108);
+        let (pa, pb) = (a.path().to_path_buf(), b.path().to_path_buf());
+        b.set_remove(true);
+        drop(a);
+        drop(b);
+        assert!(pa.is_dir());
+        assert!(!pb.exists());
+        fs::remove_dir_all(pa).unwrap();
+    }
+
+    #[test]
+    fn test_tail_lines_and_last_lines() {
+        let dir = RunDir::create().unwrap();
+        let p = dir.join("log");
+        fs::write(&p, "a\nb\r\nc\n").unwrap();
+        assert_eq!(tail_lines(&p, 2), ["b", "c"]);
+        assert_eq!(tail_lines(&p, 10), ["a", "b", "c"]);
+        assert!(tail_lines(&dir.join("missing"), 2)[0].contains("cannot read"));
+        assert_eq!(last_lines("x\n\ny\nz\n", 2), ["y", "z"]);
+        let mut dir = dir;
+        dir.set_remove(true);
+    }
+
+    #[test]
+    fn test_report_writes_nested_ktap_and_progress() {
+        let mut ktap = Vec::new();
+        let mut progress = Vec::new();
+        {
+            let mut r = Report {
+                ktap: KtapWriter::new(&mut ktap),
+                progress: &mut progress,
+                next: 1,
+                passed: 0,
+                failed: 0,
+                skipped: 0,
+            };
+            r.ktap.header(2).unwrap();
+            let all = scenario::catalogue();
+            r.scenario(
+                &all[0],
+                &Verdict::Pass,
+                &Nested::Ktap("KTAP version 1\n1..1\nok 1 ids\n".into()),
+                &[],
+                Duration::from_millis(1500),
+            )
+            .unwrap();
+            r.scenario(
+                &all[1],
+                &Verdict::Fail("exit 3".into()),
+                &Nested::Text("garbage".into()),
+                &["E2 stderr (last lines):".into(), "boom".into()],
+                Duration::ZERO,
+            )
+            .unwrap();
+            assert_eq!((r.passed, r.failed, r.skipped), (1, 1, 0));
+        }
+        let ktap = String::from_utf8(ktap).unwrap();
+        assert_eq!(
+            ktap,
+            "KTAP version 1\n1..2\n  KTAP version 1\n  1..1\n  ok 1 ids\nok 1 E1 enumeration\n  # garbage\n  # E2 stderr (last lines):\n  # boom\nnot ok 2 E2 bar-mmio # exit 3\n"
+        );
+        let parsed = crate::ktap::parse(&ktap).unwrap();
+        assert_eq!((parsed.passed(), parsed.failed()), (1, 1));
+        assert_eq!(
+            String::from_utf8(progress).unwrap(),
+            "lab: E1 enumeration: ok (1.5 s)\nlab: E2 bar-mmio: FAIL (0.0 s): exit 3\n"
+        );
+    }
+}

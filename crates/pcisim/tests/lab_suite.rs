@@ -1,0 +1,95 @@
+//! End to end: `pcisim lab suite` provisions QEMU 11.1 and a Debian guest kernel (cached after the
+//! first run), boots a VM with a pcisim GPU attached over vfio-user, and runs the guest scenarios.
+//!
+//! These tests are real and not ignored: they are what shows that the server, QEMU, the guest
+//! kernel and the guest programs work together. They run one at a time (each boots a VM).
+
+// Test code: a failed expectation in a helper is a test failure.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+/// One VM at a time: two TCG guests on a two-core machine slow each other down past timeouts.
+static VM: Mutex<()> = Mutex::new(());
+
+fn lab_suite(args: &[&str]) -> Output {
+    let _one_vm = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(env!("CARGO_BIN_EXE_pcisim"))
+        .args(["lab", "suite"])
+        .args(args)
+        .output()
+        .expect("run pcisim lab suite");
+    // Shown when the test fails (cargo test captures it otherwise).
+    println!(
+        "--- pcisim lab suite {args:?}: {}\n--- stdout (KTAP):\n{}\n--- stderr (progress):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The top-level result line of `name` (e.g. `E1 enumeration`) in a KTAP stream.
+fn result_line<'a>(ktap: &'a str, name: &str) -> Option<&'a str> {
+    ktap.lines().find(|l| {
+        (l.starts_with("ok ") || l.starts_with("not ok "))
+            && l.split(" # ")
+                .next()
+                .is_some_and(|head| head.ends_with(name))
+    })
+}
+
+#[test]
+fn lab_suite_all_scenarios_pass() {
+    let out = lab_suite(&[]);
+    let ktap = String::from_utf8_lossy(&out.stdout);
+    assert!(ktap.starts_with("KTAP version 1\n1..3\n"), "KTAP header");
+    for (n, name) in [
+        (1, "E1 enumeration"),
+        (2, "E2 bar-mmio"),
+        (3, "E3 msix-delivery"),
+    ] {
+        let line = result_line(&ktap, name).unwrap_or_else(|| panic!("no result line for {name}"));
+        assert_eq!(
+            line,
+            format!("ok {n} {name}"),
+            "{name} must pass (not fail, not skip)"
+        );
+    }
+    assert!(
+        out.status.success(),
+        "pcisim lab suite exited with {}",
+        out.status
+    );
+}
+
+#[test]
+fn lab_suite_detects_corrupt_class_code() {
+    let out = lab_suite(&["--filter", "E1", "--device-opt", "x-corrupt-class=1"]);
+    let ktap = String::from_utf8_lossy(&out.stdout);
+    assert!(ktap.starts_with("KTAP version 1\n1..1\n"), "KTAP header");
+    let line = result_line(&ktap, "E1 enumeration").expect("a result line for E1");
+    assert!(
+        line.starts_with("not ok 1 E1 enumeration"),
+        "E1 must fail when the config space class code disagrees with the description: {line}"
+    );
+    // The failure is the class check, not a broken run.
+    assert!(
+        ktap.lines()
+            .any(|l| l.starts_with("  not ok ") && l.contains("class")),
+        "the guest's class subtest must fail"
+    );
+    assert!(
+        !out.status.success(),
+        "a failing scenario must make the suite fail"
+    );
+    // A failed run keeps its run directory for inspection; this failure was the expected one.
+    let progress = String::from_utf8_lossy(&out.stderr);
+    if let Some(dir) = progress
+        .lines()
+        .find_map(|l| l.strip_prefix("lab: kept run directory "))
+    {
+        let _ = std::fs::remove_dir_all(dir.trim());
+    }
+}
