@@ -127,8 +127,15 @@ fn run(cli: Cli) -> Result<i32> {
                 };
                 let mut out = std::io::stdout();
                 let mut progress = std::io::stderr();
-                let ok = pcisim_lab::run_suite(&opts, &mut out, &mut progress)?;
-                Ok(if ok { 0 } else { 1 })
+                match pcisim_lab::run_suite(&opts, &mut out, &mut progress) {
+                    Ok(ok) => Ok(if ok { 0 } else { 1 }),
+                    // Interrupted: the conventional 128 + signal, after the lab cleaned up.
+                    Err(e) if e.interrupt_signal().is_some() => {
+                        eprintln!("pcisim: {e}");
+                        Ok(128 + e.interrupt_signal().unwrap_or(2))
+                    }
+                    Err(e) => Err(e.into()),
+                }
             }
         },
         Cmd::Bench { quick } => {

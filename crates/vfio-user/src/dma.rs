@@ -109,9 +109,16 @@ struct Mapping {
 }
 
 impl Mapping {
-    fn end(&self) -> u64 {
-        self.iova + self.size
+    /// One past the last byte. u128: a range may end exactly at 2^64 (QEMU unmaps up to there).
+    fn end(&self) -> u128 {
+        u128::from(self.iova) + u128::from(self.size)
     }
+}
+
+/// One past the last byte of `iova..iova+size`, or `None` if it lies beyond 2^64.
+fn range_end(iova: u64, size: u64) -> Option<u128> {
+    let end = u128::from(iova) + u128::from(size);
+    (end <= 1u128 << 64).then_some(end)
 }
 
 /// A snapshot-free view of the client's DMA map, shared by the server (which changes it) and
@@ -162,9 +169,7 @@ impl DmaSpace {
         prot: u32,
         fd: Option<(OwnedFd, u64)>,
     ) -> Result<(), DmaError> {
-        let end = iova
-            .checked_add(size)
-            .ok_or(DmaError::BadRange { iova, size })?;
+        let end = range_end(iova, size).ok_or(DmaError::BadRange { iova, size })?;
         if size == 0 || !iova.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) {
             return Err(DmaError::BadRange { iova, size });
         }
@@ -173,7 +178,10 @@ impl DmaSpace {
             if maps.len() >= MAX_MAPPINGS {
                 return Err(DmaError::TooMany(MAX_MAPPINGS));
             }
-            if maps.iter().any(|m| m.iova < end && iova < m.end()) {
+            if maps
+                .iter()
+                .any(|m| u128::from(m.iova) < end && u128::from(iova) < m.end())
+            {
                 return Err(DmaError::Overlap { iova, size });
             }
         }
@@ -183,7 +191,10 @@ impl DmaSpace {
         };
         let mut maps = self.write_lock();
         // Re-check under the write lock: only the server thread maps, but stay correct anyway.
-        if maps.iter().any(|m| m.iova < end && iova < m.end()) {
+        if maps
+            .iter()
+            .any(|m| u128::from(m.iova) < end && u128::from(iova) < m.end())
+        {
             return Err(DmaError::Overlap { iova, size });
         }
         let pos = maps.partition_point(|m| m.iova < iova);
@@ -201,14 +212,13 @@ impl DmaSpace {
 
     /// Remove every mapping inside `iova..iova+size`; returns the removed ranges.
     pub fn unmap(&self, iova: u64, size: u64) -> Result<Vec<MappingInfo>, DmaError> {
-        let end = iova
-            .checked_add(size)
-            .ok_or(DmaError::BadRange { iova, size })?;
+        let end = range_end(iova, size).ok_or(DmaError::BadRange { iova, size })?;
+        let start = u128::from(iova);
         let mut maps = self.write_lock();
-        if let Some(m) = maps
-            .iter()
-            .find(|m| m.iova < end && iova < m.end() && (m.iova < iova || m.end() > end))
-        {
+        if let Some(m) = maps.iter().find(|m| {
+            let ms = u128::from(m.iova);
+            ms < end && start < m.end() && (ms < start || m.end() > end)
+        }) {
             return Err(DmaError::SplitsMapping {
                 iova,
                 size,
@@ -217,7 +227,7 @@ impl DmaSpace {
         }
         let mut removed = Vec::new();
         maps.retain(|m| {
-            let inside = m.iova >= iova && m.end() <= end;
+            let inside = u128::from(m.iova) >= start && m.end() <= end;
             if inside {
                 removed.push(info(m));
             }
@@ -301,9 +311,7 @@ fn find<'a>(
     dir: &'static str,
 ) -> Result<(&'a Mapping, usize), DmaError> {
     let err = DmaError::Unmapped { dir, iova, len };
-    let end = iova
-        .checked_add(len as u64)
-        .ok_or(DmaError::Unmapped { dir, iova, len })?;
+    let end = u128::from(iova) + len as u128;
     let pos = maps.partition_point(|m| m.iova <= iova);
     let m = pos.checked_sub(1).and_then(|i| maps.get(i)).ok_or(err)?;
     if end > m.end() {
@@ -410,6 +418,21 @@ mod tests {
         let removed = d.unmap(0, 1 << 47).unwrap();
         assert_eq!(removed.len(), 2);
         assert!(d.mappings().is_empty());
+    }
+
+    #[test]
+    fn test_unmap_range_ending_at_2_pow_64_is_accepted() {
+        // QEMU unmaps 0xfef00000..2^64 at guest power-off.
+        let d = DmaSpace::new();
+        d.map(0xfef0_0000, 0x1000, PROT_READ, None).unwrap();
+        let removed = d
+            .unmap(0xfef0_0000, 0u64.wrapping_sub(0xfef0_0000))
+            .unwrap();
+        assert_eq!(removed.len(), 1);
+        assert!(matches!(
+            d.unmap(0xffff_ffff_ffff_f000, 0x2000),
+            Err(DmaError::BadRange { .. })
+        ));
     }
 
     #[test]
