@@ -40,23 +40,28 @@
 #![deny(missing_docs)]
 
 pub mod caps;
+pub mod checker;
 pub mod config;
+pub mod control;
 pub mod endpoint;
 pub mod field;
 pub mod function;
 pub mod header;
+pub mod journal;
 pub mod msix;
 
 pub use caps::{
     CapChainBuilder, CapError, CapOffset, CapRecord, Capability, ExtCapRecord, ExtCapability,
 };
 pub use config::{ConfigError, ConfigSpace, Triggers, CONFIG_SPACE_SIZE};
+pub use control::{Controllable, Fault};
 pub use endpoint::{
     BarDescription, BuildError, CapOffsets, Description, Endpoint, EndpointBuilder,
 };
 pub use field::{Access, Field};
 pub use function::{ConfigEvent, FunctionCtx, PciFunction, ResetKind};
 pub use header::{Bar, BarError, BarKind, Bars, Identity};
+pub use journal::{Event, Journal, Record, ViolationKind};
 pub use msix::{MsixOutcome, MsixState};
 
 #[cfg(test)]

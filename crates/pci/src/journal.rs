@@ -1,0 +1,482 @@
+//! The device's testimony: a bounded journal of what happened to a function, and the invariant
+//! checker that turns forbidden sequences into violations.
+//!
+//! Every function has one [`Journal`], shared by the endpoint (config writes, resets, client
+//! events), its [`crate::Bus`] (DMA and interrupts, from any thread) and the device model (PASID
+//! bind/unbind, ATC, faults). Each [`Journal::record`] runs the checker over the event first,
+//! so a violation is recorded right after the event that caused it.
+//!
+//! Memory is bounded: the record ring keeps the last `capacity` records (older ones are dropped
+//! and counted), violations are also kept in a separate bounded list so a flood of DMA records
+//! cannot evict them, and DMA accesses are aggregated (consecutive accesses of the same direction
+//! and PASID to adjacent or identical ranges become one record with a count).
+
+use serde::Serialize;
+
+/// Which reset (the kinds of [`crate::ResetKind`], as journal text).
+pub type ResetName = &'static str;
+
+/// DMA direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dir {
+    /// Device reads client memory.
+    Read,
+    /// Device writes client memory.
+    Write,
+}
+
+/// Why the device refused to perform a DMA or raise an interrupt (hardware obeying the rules:
+/// not a violation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// Command.Bus Master Enable is clear.
+    BusMasterDisabled,
+    /// The function is in D3hot.
+    D3hot,
+    /// The link is down (surprise removal modelled).
+    LinkDown,
+    /// A reset is in progress.
+    Resetting,
+    /// No client is attached.
+    NoClient,
+    /// An injected DMA error.
+    InjectedError,
+}
+
+/// Kinds of invariant violation (design.md §5). Each is something real hardware with a correct
+/// driver never does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ViolationKind {
+    /// A DMA to an IOVA no DMA_MAP ever covered.
+    DmaOutsideMap,
+    /// A DMA to an IOVA whose mapping was removed (DMA_UNMAP acknowledged) and not mapped again.
+    DmaAfterUnmap,
+    /// A DMA performed while Bus Master Enable was clear.
+    DmaWithoutBusMaster,
+    /// A DMA performed in D3hot.
+    DmaInD3hot,
+    /// A DMA performed while the link was down.
+    DmaLinkDown,
+    /// A DMA performed between the start of a reset and re-enable (Bus Master set again).
+    DmaDuringReset,
+    /// An interrupt signalled while Bus Master Enable was clear, in D3hot or with the link down.
+    InterruptWhileDisabled,
+    /// An access through a PASID after its unbind was acknowledged.
+    PasidAfterUnbind,
+    /// A cached translation was used although the page tables no longer back it and no
+    /// invalidation covered it (a missed mmu-notifier invalidation).
+    StaleTranslation,
+    /// A page-table walk for a PASID whose binding was released.
+    WalkAfterRelease,
+}
+
+/// Something that happened to the function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A client attached (after VERSION).
+    ClientConnected,
+    /// The client went away.
+    ClientDisconnected,
+    /// A DMA_MAP was acknowledged.
+    DmaMapped {
+        /// First IOVA.
+        iova: u64,
+        /// Size.
+        size: u64,
+        /// Whether the server can reach it (the client passed an fd).
+        backed: bool,
+    },
+    /// A DMA_UNMAP of this mapping was acknowledged (in-flight accesses had drained).
+    DmaUnmapped {
+        /// First IOVA.
+        iova: u64,
+        /// Size.
+        size: u64,
+    },
+    /// A reset began.
+    ResetBegin {
+        /// "flr", "pm", "device" or "lost-connection".
+        kind: ResetName,
+    },
+    /// A reset completed (the function may be re-enabled).
+    ResetEnd {
+        /// As in `ResetBegin`.
+        kind: ResetName,
+    },
+    /// The Command register changed.
+    Command {
+        /// Old value.
+        old: u16,
+        /// New value.
+        new: u16,
+    },
+    /// PMCSR.PowerState changed (0 = D0, 3 = D3hot).
+    Power {
+        /// Old state.
+        from: u8,
+        /// New state.
+        to: u8,
+    },
+    /// The link went down or came up (fault injection).
+    Link {
+        /// Link up.
+        up: bool,
+    },
+    /// DMA performed (aggregated: `count` accesses, `bytes` in total, over `iova..iova+len`).
+    Dma {
+        /// Direction.
+        dir: Dir,
+        /// PASID, for PASID-tagged work.
+        pasid: Option<u32>,
+        /// First IOVA of the aggregated range.
+        iova: u64,
+        /// Length of the aggregated range.
+        len: u64,
+        /// Number of accesses aggregated here.
+        count: u64,
+        /// Bytes moved.
+        bytes: u64,
+    },
+    /// The device did not perform a DMA because the rules forbade it.
+    DmaRefused {
+        /// Direction.
+        dir: Dir,
+        /// IOVA.
+        iova: u64,
+        /// Length.
+        len: u64,
+        /// Why.
+        reason: Refusal,
+    },
+    /// A DMA attempt hit no mapped, fd-backed memory; nothing was touched.
+    DmaFault {
+        /// Direction.
+        dir: Dir,
+        /// PASID, for PASID-tagged work.
+        pasid: Option<u32>,
+        /// IOVA.
+        iova: u64,
+        /// Length.
+        len: u64,
+    },
+    /// An interrupt was raised.
+    Interrupt {
+        /// MSI-X vector.
+        vector: u16,
+        /// "delivered", "pending" or "refused:<reason>".
+        outcome: String,
+    },
+    /// A PASID was bound to a page-table root.
+    PasidBind {
+        /// PASID.
+        pasid: u32,
+        /// Guest-physical address of the top-level page table.
+        root: u64,
+    },
+    /// The driver asked to unbind a PASID; the device stops taking its work.
+    PasidUnbindBegin {
+        /// PASID.
+        pasid: u32,
+    },
+    /// The PASID's work was finished or aborted.
+    PasidDrained {
+        /// PASID.
+        pasid: u32,
+        /// Work items aborted.
+        aborted: u64,
+    },
+    /// The unbind was acknowledged to the driver: the PASID must not be used any more.
+    PasidUnbindAck {
+        /// PASID.
+        pasid: u32,
+    },
+    /// The binding's address space was released (the mm is gone): no walk may follow.
+    PasidReleased {
+        /// PASID.
+        pasid: u32,
+    },
+    /// The driver invalidated cached translations.
+    Invalidate {
+        /// PASID.
+        pasid: u32,
+        /// First virtual address.
+        va: u64,
+        /// Length (u64::MAX: everything).
+        len: u64,
+    },
+    /// The device walked a PASID's page tables.
+    PageWalk {
+        /// PASID.
+        pasid: u32,
+        /// Virtual address translated.
+        va: u64,
+        /// Result: physical address, or None for a fault.
+        pa: Option<u64>,
+    },
+    /// The device used a cached translation and, in checking mode, found the page tables no
+    /// longer agree (the source decides; the checker turns it into a violation).
+    StaleTranslationUsed {
+        /// PASID.
+        pasid: u32,
+        /// Virtual address.
+        va: u64,
+        /// What the cache said.
+        cached_pa: u64,
+        /// What the page tables say now (None: not present).
+        walked_pa: Option<u64>,
+    },
+    /// A translation fault was reported to the driver (PRI-like queue).
+    TranslationFault {
+        /// PASID.
+        pasid: u32,
+        /// Virtual address.
+        va: u64,
+        /// Write access.
+        write: bool,
+    },
+    /// A fault was injected through the control socket.
+    FaultInjected {
+        /// The fault, as given.
+        fault: String,
+    },
+    /// A device-specific note (e.g. "ring error: bad opcode 0x7f at slot 3").
+    Note {
+        /// Text.
+        text: String,
+    },
+    /// An invariant was violated.
+    Violation {
+        /// Which invariant.
+        kind: ViolationKind,
+        /// Context: what was accessed, in which state.
+        detail: String,
+    },
+}
+
+/// One journal entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Record {
+    /// Sequence number, per device, from 1; gaps never occur (dropped records are counted).
+    pub seq: u64,
+    /// Monotonic nanoseconds since the journal was created.
+    pub t_ns: u64,
+    /// The event.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// Counters that survive ring eviction.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Records ever appended (including aggregated DMA updates as one each time a new record was
+    /// started).
+    pub records: u64,
+    /// Records evicted from the ring.
+    pub dropped: u64,
+    /// DMA accesses performed.
+    pub dma_accesses: u64,
+    /// Bytes moved by DMA.
+    pub dma_bytes: u64,
+    /// DMA attempts refused by the device.
+    pub dma_refused: u64,
+    /// DMA attempts that found no memory.
+    pub dma_faults: u64,
+    /// Interrupts raised (any outcome).
+    pub interrupts: u64,
+    /// Resets begun.
+    pub resets: u64,
+    /// Violations found.
+    pub violations: u64,
+}
+
+/// The checker's verdict on one event: violations to record right after it.
+pub type Findings = Vec<(ViolationKind, String)>;
+
+/// Default number of records kept.
+pub const DEFAULT_CAPACITY: usize = 4096;
+/// Violations kept apart from the ring (the first ones; later ones are only counted).
+pub const MAX_VIOLATIONS: usize = 256;
+
+struct Inner {
+    start: std::time::Instant,
+    capacity: usize,
+    ring: std::collections::VecDeque<Record>,
+    next_seq: u64,
+    violations: Vec<Record>,
+    stats: Stats,
+    checker: crate::checker::Checker,
+}
+
+/// A function's journal. Cheap to clone; safe to use from any thread.
+#[derive(Clone)]
+pub struct Journal {
+    name: std::sync::Arc<str>,
+    inner: std::sync::Arc<std::sync::Mutex<Inner>>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").field("name", &self.name).finish()
+    }
+}
+
+impl Journal {
+    /// A journal for the function `name` keeping the last `capacity` records.
+    pub fn new(name: &str, capacity: usize) -> Journal {
+        Journal {
+            name: name.into(),
+            inner: std::sync::Arc::new(std::sync::Mutex::new(Inner {
+                start: std::time::Instant::now(),
+                capacity: capacity.max(16),
+                ring: std::collections::VecDeque::new(),
+                next_seq: 1,
+                violations: Vec::new(),
+                stats: Stats::default(),
+                checker: crate::checker::Checker::default(),
+            })),
+        }
+    }
+
+    /// The function's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Recording never leaves the journal half-updated in a way later records depend on.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Record an event (after checking it against the invariants; violations follow it).
+    pub fn record(&self, event: Event) {
+        let mut g = self.lock();
+        let findings = g.checker.check(&event);
+        g.append(event);
+        for (kind, detail) in findings {
+            log::warn!("{}: VIOLATION {kind:?}: {detail}", self.name);
+            g.append(Event::Violation { kind, detail });
+        }
+    }
+
+    /// Records with `seq > after`, oldest first, and how many records with `seq > after` were
+    /// dropped from the ring before they could be read.
+    pub fn since(&self, after: u64) -> (Vec<Record>, u64) {
+        let g = self.lock();
+        let first_kept = g.ring.front().map_or(g.next_seq, |r| r.seq);
+        let lost = first_kept.saturating_sub(after.saturating_add(1));
+        let recs = g.ring.iter().filter(|r| r.seq > after).cloned().collect();
+        (recs, lost)
+    }
+
+    /// The violations found so far (the first [`MAX_VIOLATIONS`]).
+    pub fn violations(&self) -> Vec<Record> {
+        self.lock().violations.clone()
+    }
+
+    /// Violations with `seq > after`.
+    pub fn violations_since(&self, after: u64) -> Vec<Record> {
+        self.lock()
+            .violations
+            .iter()
+            .filter(|r| r.seq > after)
+            .cloned()
+            .collect()
+    }
+
+    /// The sequence number of the newest record (0 if none).
+    pub fn last_seq(&self) -> u64 {
+        self.lock().next_seq - 1
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Stats {
+        self.lock().stats.clone()
+    }
+}
+
+impl Inner {
+    fn append(&mut self, event: Event) {
+        match &event {
+            Event::Dma { count, bytes, .. } => {
+                self.stats.dma_accesses += count;
+                self.stats.dma_bytes += bytes;
+                if self.aggregate(&event) {
+                    return;
+                }
+            }
+            Event::DmaRefused { .. } => self.stats.dma_refused += 1,
+            Event::DmaFault { .. } => self.stats.dma_faults += 1,
+            Event::Interrupt { .. } => self.stats.interrupts += 1,
+            Event::ResetBegin { .. } => self.stats.resets += 1,
+            Event::Violation { .. } => self.stats.violations += 1,
+            _ => {}
+        }
+        let rec = Record {
+            seq: self.next_seq,
+            t_ns: self.start.elapsed().as_nanos() as u64,
+            event,
+        };
+        self.next_seq += 1;
+        self.stats.records += 1;
+        if matches!(rec.event, Event::Violation { .. }) && self.violations.len() < MAX_VIOLATIONS {
+            self.violations.push(rec.clone());
+        }
+        if self.ring.len() >= self.capacity {
+            self.ring.pop_front();
+            self.stats.dropped += 1;
+        }
+        self.ring.push_back(rec);
+    }
+
+    /// Fold a DMA event into the newest record when it continues it (same direction and PASID,
+    /// range adjacent or overlapping). Returns whether it was folded.
+    fn aggregate(&mut self, event: &Event) -> bool {
+        let Event::Dma {
+            dir,
+            pasid,
+            iova,
+            len,
+            count,
+            bytes,
+        } = *event
+        else {
+            return false;
+        };
+        let Some(last) = self.ring.back_mut() else {
+            return false;
+        };
+        let Event::Dma {
+            dir: ld,
+            pasid: lp,
+            iova: li,
+            len: ll,
+            count: lc,
+            bytes: lb,
+        } = &mut last.event
+        else {
+            return false;
+        };
+        if *ld != dir || *lp != pasid {
+            return false;
+        }
+        let (a0, a1) = (u128::from(*li), u128::from(*li) + u128::from(*ll));
+        let (b0, b1) = (u128::from(iova), u128::from(iova) + u128::from(len));
+        if b0 > a1 || a0 > b1 {
+            return false;
+        }
+        let lo = a0.min(b0);
+        let hi = a1.max(b1);
+        *li = lo as u64;
+        *ll = u64::try_from(hi - lo).unwrap_or(u64::MAX);
+        *lc += count;
+        *lb += bytes;
+        last.t_ns = self.start.elapsed().as_nanos() as u64;
+        true
+    }
+}
