@@ -46,17 +46,32 @@ fn bind(c: &mut vfio_user::Client, vector: u32, efd: Option<&EventFd>) {
         .unwrap();
 }
 
+/// Memory Space and Bus Master on, as a driver sets them (again after every reset): BAR
+/// accesses need decoding, and an MSI-X message is a memory write that needs bus mastering.
+fn enable(c: &mut vfio_user::Client) {
+    let mut b = [0u8; 2];
+    c.region_read(region::CONFIG, 4, &mut b).unwrap();
+    let cmd = u16::from_le_bytes(b);
+    if cmd & 0x6 != 0x6 {
+        c.region_write(region::CONFIG, 4, &(cmd | 0x6).to_le_bytes())
+            .unwrap();
+    }
+}
+
 fn rd(c: &mut vfio_user::Client, off: u64) -> u32 {
+    enable(c);
     let mut b = [0u8; 4];
     c.region_read(0, off, &mut b).unwrap();
     u32::from_le_bytes(b)
 }
 
 fn wr(c: &mut vfio_user::Client, off: u64, v: u32) {
+    enable(c);
     c.region_write(0, off, &v.to_le_bytes()).unwrap();
 }
 
 fn pba(c: &mut vfio_user::Client) -> u64 {
+    enable(c);
     let mut b = [0u8; 8];
     c.region_read(0, u64::from(MSIX_PBA_OFFSET), &mut b)
         .unwrap();

@@ -1,16 +1,1319 @@
 //! The invariant checker behind [`crate::journal::Journal`]: a small state machine fed with every
 //! event, answering which invariants (design.md §5) the event violates.
+//!
+//! The checker only interprets events; the endpoint, bus and device models emit them. State it
+//! derives:
+//!
+//! - **Mapped set**: `DmaMapped` adds a range (replacing whatever overlapped), `DmaUnmapped`
+//!   removes one; `ClientDisconnected` (and a `ClientConnected` that was not preceded by one)
+//!   removes everything. Adjacent ranges with the same backing merge.
+//! - **Unmapped history**: the parts of the mapped set that were removed and not mapped again,
+//!   so a DMA there is [`ViolationKind::DmaAfterUnmap`] rather than
+//!   [`ViolationKind::DmaOutsideMap`]. Only what was really mapped enters it (QEMU unmaps
+//!   `0xfef00000..2^64` at power-off; the never-mapped parts of that stay "outside").
+//! - **Bus master** (Command bit 2), **power state** (`Power.to == 3` is D3hot), **link**.
+//! - **Reset**: `ResetBegin` puts the function in reset (Command back to 0, D0); `ResetEnd`
+//!   (of any kind: "the function may be re-enabled") leaves it awaiting re-enable until a
+//!   `Command` event sets Bus Master again. DMA in either phase is
+//!   [`ViolationKind::DmaDuringReset`].
+//! - **PASIDs**: `PasidUnbindAck` and `PasidReleased` mark a PASID, `PasidBind` clears the mark.
+//!
+//! Each event yields at most one violation from the device-state/map chain (the most specific:
+//! link down, then reset, then D3hot, then Bus Master, then the map) plus, for a PASID-tagged
+//! access, [`ViolationKind::PasidAfterUnbind`], which is a distinct invariant.
+//!
+//! # Memory bounds
+//!
+//! - Mapped set: at most [`MAX_MAPPED_RANGES`] ranges (the server's own mapping limit). A map
+//!   that would exceed it is not tracked and the checker stops judging map membership
+//!   (`DmaOutsideMap`/`DmaAfterUnmap`) until the mapped set is known again (the next client
+//!   disconnect or connect): no false violations from a truncated map.
+//! - Unmapped history: at most [`MAX_UNMAPPED_RANGES`] ranges, adjacent or overlapping ones
+//!   merged; beyond that the oldest (least recently unmapped) range is forgotten, so a later
+//!   DMA there is reported as `DmaOutsideMap` instead (still a violation; the detail says how
+//!   many ranges were forgotten).
+//! - PASIDs: only unbound or released PASIDs are remembered, at most [`MAX_TRACKED_PASIDS`];
+//!   beyond that the oldest mark is forgotten (a later access through it goes unreported).
+//! - Everything else is a fixed handful of scalars.
 
-use crate::journal::{Event, Findings};
+use std::collections::BTreeMap;
 
-/// Checker state. (Work in progress: see the invariant list in `journal::ViolationKind`.)
-#[derive(Debug, Default)]
-pub struct Checker {}
+use crate::journal::{Dir, Event, Findings, ResetName, ViolationKind};
+
+/// Most mapped ranges tracked (the vfio-user server's own limit on simultaneous mappings).
+pub const MAX_MAPPED_RANGES: usize = pcisim_vfio_user::dma::MAX_MAPPINGS;
+/// Most ranges kept in the history of unmapped (and not re-mapped) ranges.
+pub const MAX_UNMAPPED_RANGES: usize = 4096;
+/// Most PASIDs remembered as unbound or released.
+pub const MAX_TRACKED_PASIDS: usize = 4096;
+
+/// Command.Bus Master Enable.
+const COMMAND_BUS_MASTER: u16 = 1 << 2;
+/// PMCSR.PowerState for D3hot.
+const D3HOT: u8 = 3;
+/// One past the last IOVA.
+const SPACE_END: u128 = 1 << 64;
+
+/// `iova..iova+len` as a half-open u128 range clipped to the address space (a range may end at
+/// exactly 2^64).
+fn span(iova: u64, len: u64) -> (u128, u128) {
+    let s = u128::from(iova);
+    (s, (s + u128::from(len)).min(SPACE_END))
+}
+
+/// The bytes an access touches; an empty access is checked as its first byte.
+fn access_span(iova: u64, len: u64) -> (u128, u128) {
+    span(iova, len.max(1))
+}
+
+/// Disjoint half-open ranges of the IOVA space, each with a value.
+#[derive(Debug, Clone)]
+struct Ranges<V> {
+    /// start → (end, value); ranges never overlap.
+    map: BTreeMap<u128, (u128, V)>,
+}
+
+impl<V> Default for Ranges<V> {
+    fn default() -> Self {
+        Ranges {
+            map: BTreeMap::new(),
+        }
+    }
+}
+
+impl<V: Copy> Ranges<V> {
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether one range contains all of `s..e` (the common case, without allocating).
+    fn contains(&self, s: u128, e: u128) -> bool {
+        self.map
+            .range(..=s)
+            .next_back()
+            .is_some_and(|(_, &(end, _))| end >= e)
+    }
+
+    /// Ranges overlapping `s..e`, in order.
+    fn overlapping(&self, s: u128, e: u128) -> Vec<(u128, u128, V)> {
+        let mut out = Vec::new();
+        if s >= e {
+            return out;
+        }
+        if let Some((&k, &(end, v))) = self.map.range(..s).next_back() {
+            if end > s {
+                out.push((k, end, v));
+            }
+        }
+        out.extend(self.map.range(s..e).map(|(&k, &(end, v))| (k, end, v)));
+        out
+    }
+
+    /// The parts of `s..e` no range covers, in order.
+    fn gaps(&self, s: u128, e: u128) -> Vec<(u128, u128)> {
+        let mut out = Vec::new();
+        let mut at = s;
+        for (k, end, _) in self.overlapping(s, e) {
+            if k > at {
+                out.push((at, k));
+            }
+            at = at.max(end);
+        }
+        if at < e {
+            out.push((at, e));
+        }
+        out
+    }
+
+    /// Remove `s..e` (splitting ranges that stick out); returns the removed pieces.
+    fn carve(&mut self, s: u128, e: u128) -> Vec<(u128, u128, V)> {
+        let hit = self.overlapping(s, e);
+        let mut removed = Vec::with_capacity(hit.len());
+        for (k, end, v) in hit {
+            self.map.remove(&k);
+            if k < s {
+                self.map.insert(k, (s, v));
+            }
+            if end > e {
+                self.map.insert(e, (end, v));
+            }
+            removed.push((k.max(s), end.min(e), v));
+        }
+        removed
+    }
+
+    /// Set `s..e` to `v`, merging with an adjacent range when `merge` allows.
+    fn insert(&mut self, s: u128, e: u128, v: V, merge: impl Fn(V, V) -> Option<V>) {
+        if s >= e {
+            return;
+        }
+        self.carve(s, e);
+        let (mut s, mut e, mut v) = (s, e, v);
+        if let Some((&k, &(end, lv))) = self.map.range(..s).next_back() {
+            if end == s {
+                if let Some(m) = merge(lv, v) {
+                    self.map.remove(&k);
+                    (s, v) = (k, m);
+                }
+            }
+        }
+        if let Some(&(end, rv)) = self.map.get(&e) {
+            if let Some(m) = merge(v, rv) {
+                self.map.remove(&e);
+                (e, v) = (end, m);
+            }
+        }
+        self.map.insert(s, (e, v));
+    }
+
+    /// Remove everything; returns what was there.
+    fn take_all(&mut self) -> Vec<(u128, u128, V)> {
+        std::mem::take(&mut self.map)
+            .into_iter()
+            .map(|(k, (end, v))| (k, end, v))
+            .collect()
+    }
+}
+
+/// What is known about a PASID that may no longer be used.
+#[derive(Debug, Clone, Copy)]
+struct PasidGone {
+    /// The unbind was acknowledged to the driver.
+    unbind_acked: bool,
+    /// The address space was released.
+    released: bool,
+    /// When the mark was last set (checker event count), for eviction.
+    stamp: u64,
+}
+
+/// Checker state (see the module documentation for what is tracked and its bounds).
+#[derive(Debug)]
+pub struct Checker {
+    /// Events seen (a clock for eviction order).
+    events: u64,
+    /// Last Command register value.
+    command: u16,
+    /// Last PMCSR.PowerState.
+    power: u8,
+    /// Link up.
+    link_up: bool,
+    /// A reset of this kind is in progress.
+    in_reset: Option<ResetName>,
+    /// A reset of this kind ended and Bus Master has not been set again since.
+    awaiting_reenable: Option<ResetName>,
+    /// Mapped ranges → backed by an fd.
+    mapped: Ranges<bool>,
+    /// A map was not tracked (limit reached): map membership cannot be judged.
+    mapped_untracked: bool,
+    /// Ranges unmapped and not mapped again → when (event count).
+    unmapped: Ranges<u64>,
+    /// Unmapped-history ranges forgotten to stay within the bound.
+    unmapped_forgotten: u64,
+    /// PASIDs that may not be used.
+    pasids: BTreeMap<u32, PasidGone>,
+}
+
+impl Default for Checker {
+    fn default() -> Self {
+        Checker {
+            events: 0,
+            command: 0,
+            power: 0,
+            link_up: true,
+            in_reset: None,
+            awaiting_reenable: None,
+            mapped: Ranges::default(),
+            mapped_untracked: false,
+            unmapped: Ranges::default(),
+            unmapped_forgotten: 0,
+            pasids: BTreeMap::new(),
+        }
+    }
+}
+
+fn dir_name(dir: Dir) -> &'static str {
+    match dir {
+        Dir::Read => "read",
+        Dir::Write => "write",
+    }
+}
+
+/// "dma write 0x1000+0x40" (with " pasid N" when tagged).
+fn describe_access(what: &str, dir: Dir, pasid: Option<u32>, iova: u64, len: u64) -> String {
+    let mut s = format!("{what} {} {iova:#x}+{len:#x}", dir_name(dir));
+    if let Some(p) = pasid {
+        s.push_str(&format!(" pasid {p}"));
+    }
+    s
+}
 
 impl Checker {
     /// The violations `event` commits, given everything seen before it.
     pub fn check(&mut self, event: &Event) -> Findings {
-        let _ = event;
-        Vec::new()
+        self.events += 1;
+        let mut out = Findings::new();
+        match event {
+            Event::ClientConnected => {
+                // A fresh client: anything still mapped belonged to the previous one.
+                self.unmap_everything();
+                self.command &= !COMMAND_BUS_MASTER;
+            }
+            Event::ClientDisconnected => {
+                self.unmap_everything();
+                self.command &= !COMMAND_BUS_MASTER;
+            }
+            Event::DmaMapped { iova, size, backed } => self.map(*iova, *size, *backed),
+            Event::DmaUnmapped { iova, size } => self.unmap(*iova, *size),
+            Event::ResetBegin { kind } => {
+                self.in_reset = Some(kind);
+                self.awaiting_reenable = None;
+                // Every reset puts configuration space back to power-on: Command 0, D0.
+                self.command = 0;
+                self.power = 0;
+            }
+            Event::ResetEnd { kind } => {
+                self.in_reset = None;
+                self.awaiting_reenable = Some(kind);
+            }
+            Event::Command { new, .. } => {
+                self.command = *new;
+                if self.in_reset.is_none() && self.bus_master() {
+                    self.awaiting_reenable = None;
+                }
+            }
+            Event::Power { to, .. } => self.power = *to,
+            Event::Link { up } => self.link_up = *up,
+            Event::Dma {
+                dir,
+                pasid,
+                iova,
+                len,
+                count,
+                bytes,
+            } => {
+                let what = describe_access("dma", *dir, *pasid, *iova, *len);
+                let ctx = if *count == 1 {
+                    what.clone()
+                } else {
+                    format!("{what} ({count} accesses, {bytes} bytes)")
+                };
+                if let Some(v) = self.state_forbids_dma(&ctx) {
+                    out.push(v);
+                } else if let Some(v) = self.map_violation(&ctx, *iova, *len) {
+                    out.push(v);
+                }
+                out.extend(self.pasid_violation(&what, *pasid));
+            }
+            Event::DmaFault {
+                dir,
+                pasid,
+                iova,
+                len,
+            } => {
+                let what = describe_access("faulted dma", *dir, *pasid, *iova, *len);
+                // Inside a mapped range without an fd behind it (ROM, PAM windows): no
+                // violation. Otherwise the device aimed at memory it was not given.
+                out.extend(self.map_violation(&what, *iova, *len));
+                out.extend(self.pasid_violation(&what, *pasid));
+            }
+            Event::DmaRefused { .. } => {}
+            Event::Interrupt { vector, outcome } => {
+                if outcome.starts_with("delivered") || outcome.starts_with("pending") {
+                    out.extend(self.interrupt_violation(*vector, outcome));
+                }
+            }
+            Event::PasidBind { pasid, .. } => {
+                self.pasids.remove(pasid);
+            }
+            Event::PasidUnbindAck { pasid } => self.mark_pasid(*pasid, |g| g.unbind_acked = true),
+            Event::PasidReleased { pasid } => self.mark_pasid(*pasid, |g| g.released = true),
+            Event::PageWalk { pasid, va, pa } => {
+                if let Some(g) = self.pasids.get(pasid) {
+                    let why = match (g.released, g.unbind_acked) {
+                        (true, true) => "its mm was released and its unbind acknowledged",
+                        (true, false) => "its mm was released",
+                        _ => "its unbind was acknowledged",
+                    };
+                    let result = pa.map_or_else(|| "fault".to_string(), |p| format!("{p:#x}"));
+                    out.push((
+                        ViolationKind::WalkAfterRelease,
+                        format!("page walk pasid {pasid} va {va:#x} (-> {result}) after {why}"),
+                    ));
+                }
+            }
+            Event::StaleTranslationUsed {
+                pasid,
+                va,
+                cached_pa,
+                walked_pa,
+            } => {
+                let now =
+                    walked_pa.map_or_else(|| "not present".to_string(), |p| format!("{p:#x}"));
+                let mut detail = format!(
+                    "pasid {pasid} va {va:#x}: cached translation {cached_pa:#x} used, page \
+                     tables now say {now}, no invalidation covered it"
+                );
+                if self.pasids.get(pasid).is_some_and(|g| g.unbind_acked) {
+                    detail.push_str(" (the PASID's unbind was acknowledged)");
+                }
+                out.push((ViolationKind::StaleTranslation, detail));
+            }
+            Event::PasidUnbindBegin { .. }
+            | Event::PasidDrained { .. }
+            | Event::Invalidate { .. }
+            | Event::TranslationFault { .. }
+            | Event::FaultInjected { .. }
+            | Event::Note { .. }
+            | Event::Violation { .. } => {}
+        }
+        out
+    }
+
+    fn bus_master(&self) -> bool {
+        self.command & COMMAND_BUS_MASTER != 0
+    }
+
+    /// "Command=0x0002 (bus master off)".
+    fn command_text(&self) -> String {
+        format!(
+            "Command={:#06x} (bus master {})",
+            self.command,
+            if self.bus_master() { "on" } else { "off" }
+        )
+    }
+
+    /// Why the function may not master the bus right now: link, reset, power, Bus Master.
+    fn state_forbids_dma(&self, what: &str) -> Option<(ViolationKind, String)> {
+        if !self.link_up {
+            return Some((
+                ViolationKind::DmaLinkDown,
+                format!("{what} while the link is down"),
+            ));
+        }
+        if let Some(kind) = self.in_reset {
+            return Some((
+                ViolationKind::DmaDuringReset,
+                format!("{what} during a {kind} reset (not yet ended)"),
+            ));
+        }
+        if let Some(kind) = self.awaiting_reenable {
+            return Some((
+                ViolationKind::DmaDuringReset,
+                format!(
+                    "{what} after a {kind} reset, before re-enable ({}; Bus Master not set \
+                     since the reset)",
+                    self.command_text()
+                ),
+            ));
+        }
+        if self.power == D3HOT {
+            return Some((
+                ViolationKind::DmaInD3hot,
+                format!(
+                    "{what} while in D3hot (PowerState=3, {})",
+                    self.command_text()
+                ),
+            ));
+        }
+        if !self.bus_master() {
+            return Some((
+                ViolationKind::DmaWithoutBusMaster,
+                format!("{what} while {}", self.command_text()),
+            ));
+        }
+        None
+    }
+
+    /// Whether `iova..iova+len` lies outside the mapped set, and how.
+    fn map_violation(&self, what: &str, iova: u64, len: u64) -> Option<(ViolationKind, String)> {
+        if self.mapped_untracked {
+            return None;
+        }
+        let (s, e) = access_span(iova, len);
+        if self.mapped.contains(s, e) {
+            return None;
+        }
+        let gaps = self.mapped.gaps(s, e);
+        let (gs, ge) = *gaps.first()?;
+        for &(a, b) in &gaps {
+            if let Some(&(hs, he, _)) = self.unmapped.overlapping(a, b).first() {
+                let (xs, xe) = (a.max(hs), b.min(he));
+                return Some((
+                    ViolationKind::DmaAfterUnmap,
+                    format!(
+                        "{what}: {xs:#x}..{xe:#x} was unmapped (DMA_UNMAP acknowledged for \
+                         {hs:#x}..{he:#x}) and not mapped again"
+                    ),
+                ));
+            }
+        }
+        let mut detail = format!(
+            "{what}: {gs:#x}..{ge:#x} is outside every mapped range ({} mapped",
+            self.mapped.len()
+        );
+        if let Some((&ns, &(ne, _))) = self.mapped.map.range(..gs).next_back() {
+            detail.push_str(&format!("; nearest below {ns:#x}..{ne:#x}"));
+        }
+        detail.push(')');
+        if self.unmapped_forgotten > 0 {
+            detail.push_str(&format!(
+                " [{} older unmapped ranges forgotten: it may have been mapped before]",
+                self.unmapped_forgotten
+            ));
+        }
+        Some((ViolationKind::DmaOutsideMap, detail))
+    }
+
+    fn pasid_violation(&self, what: &str, pasid: Option<u32>) -> Option<(ViolationKind, String)> {
+        let p = pasid?;
+        let g = self.pasids.get(&p)?;
+        g.unbind_acked.then(|| {
+            (
+                ViolationKind::PasidAfterUnbind,
+                format!("{what} through pasid {p} after its unbind was acknowledged"),
+            )
+        })
+    }
+
+    fn interrupt_violation(&self, vector: u16, outcome: &str) -> Option<(ViolationKind, String)> {
+        let what = format!("interrupt vector {vector} {outcome}");
+        let why = if !self.link_up {
+            "while the link is down".to_string()
+        } else if let Some(kind) = self.in_reset {
+            format!("during a {kind} reset (not yet ended)")
+        } else if self.power == D3HOT {
+            format!("while in D3hot (PowerState=3, {})", self.command_text())
+        } else if !self.bus_master() {
+            match self.awaiting_reenable {
+                Some(kind) => format!(
+                    "while {}, not re-enabled since a {kind} reset",
+                    self.command_text()
+                ),
+                None => format!("while {}", self.command_text()),
+            }
+        } else {
+            return None;
+        };
+        Some((
+            ViolationKind::InterruptWhileDisabled,
+            format!("{what} {why}"),
+        ))
+    }
+
+    fn map(&mut self, iova: u64, size: u64, backed: bool) {
+        let (s, e) = span(iova, size);
+        if s >= e {
+            return;
+        }
+        // Mapped again: no longer "after unmap".
+        self.unmapped.carve(s, e);
+        self.mapped
+            .insert(s, e, backed, |a, b| (a == b).then_some(a));
+        if self.mapped.len() > MAX_MAPPED_RANGES {
+            // Keep the bound; membership can no longer be judged.
+            self.mapped.carve(s, e);
+            self.mapped_untracked = true;
+        }
+    }
+
+    fn unmap(&mut self, iova: u64, size: u64) {
+        let (s, e) = span(iova, size);
+        for (a, b, _) in self.mapped.carve(s, e) {
+            self.remember_unmapped(a, b);
+        }
+    }
+
+    fn unmap_everything(&mut self) {
+        for (a, b, _) in self.mapped.take_all() {
+            self.remember_unmapped(a, b);
+        }
+        self.mapped_untracked = false;
+    }
+
+    fn remember_unmapped(&mut self, s: u128, e: u128) {
+        let now = self.events;
+        self.unmapped.insert(s, e, now, |a, b| Some(a.max(b)));
+        while self.unmapped.len() > MAX_UNMAPPED_RANGES {
+            let oldest = self
+                .unmapped
+                .map
+                .iter()
+                .min_by_key(|(_, &(_, stamp))| stamp)
+                .map(|(&k, _)| k);
+            let Some(k) = oldest else { break };
+            self.unmapped.map.remove(&k);
+            self.unmapped_forgotten += 1;
+        }
+    }
+
+    fn mark_pasid(&mut self, pasid: u32, set: impl FnOnce(&mut PasidGone)) {
+        let now = self.events;
+        let g = self.pasids.entry(pasid).or_insert(PasidGone {
+            unbind_acked: false,
+            released: false,
+            stamp: now,
+        });
+        set(g);
+        g.stamp = now;
+        while self.pasids.len() > MAX_TRACKED_PASIDS {
+            let oldest = self
+                .pasids
+                .iter()
+                .min_by_key(|(_, g)| g.stamp)
+                .map(|(&p, _)| p);
+            let Some(p) = oldest else { break };
+            self.pasids.remove(&p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::Journal;
+
+    const BME: u16 = 0x0006;
+
+    fn dma(dir: Dir, pasid: Option<u32>, iova: u64, len: u64) -> Event {
+        Event::Dma {
+            dir,
+            pasid,
+            iova,
+            len,
+            count: 1,
+            bytes: len,
+        }
+    }
+
+    fn write(iova: u64, len: u64) -> Event {
+        dma(Dir::Write, None, iova, len)
+    }
+
+    fn fault(pasid: Option<u32>, iova: u64, len: u64) -> Event {
+        Event::DmaFault {
+            dir: Dir::Read,
+            pasid,
+            iova,
+            len,
+        }
+    }
+
+    fn map(iova: u64, size: u64) -> Event {
+        Event::DmaMapped {
+            iova,
+            size,
+            backed: true,
+        }
+    }
+
+    fn unmap(iova: u64, size: u64) -> Event {
+        Event::DmaUnmapped { iova, size }
+    }
+
+    fn command(new: u16) -> Event {
+        Event::Command { old: 0, new }
+    }
+
+    fn irq(outcome: &str) -> Event {
+        Event::Interrupt {
+            vector: 1,
+            outcome: outcome.to_string(),
+        }
+    }
+
+    /// A connected client, 0x1000..0x2000 mapped, memory and bus master enabled.
+    fn enabled() -> Vec<Event> {
+        vec![Event::ClientConnected, map(0x1000, 0x1000), command(BME)]
+    }
+
+    fn with(mut base: Vec<Event>, more: impl IntoIterator<Item = Event>) -> Vec<Event> {
+        base.extend(more);
+        base
+    }
+
+    /// Violations found (kind and detail) when recording `events` in a fresh journal.
+    fn run(events: Vec<Event>) -> Vec<(ViolationKind, String)> {
+        let j = Journal::new("t", 4096);
+        for e in events {
+            j.record(e);
+        }
+        j.violations()
+            .into_iter()
+            .filter_map(|r| match r.event {
+                Event::Violation { kind, detail } => Some((kind, detail)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Exactly one violation, of `kind`; returns its detail.
+    fn only(kind: ViolationKind, events: Vec<Event>) -> String {
+        let v = run(events);
+        assert_eq!(v.len(), 1, "expected exactly one {kind:?}, got {v:?}");
+        assert_eq!(v[0].0, kind, "{v:?}");
+        v[0].1.clone()
+    }
+
+    fn none(events: Vec<Event>) {
+        let v = run(events);
+        assert!(v.is_empty(), "expected no violation, got {v:?}");
+    }
+
+    // --- DmaOutsideMap ---
+
+    #[test]
+    fn test_dma_outside_any_map_is_outside_map() {
+        let d = only(
+            ViolationKind::DmaOutsideMap,
+            with(enabled(), [write(0x5000, 0x40)]),
+        );
+        assert!(d.contains("dma write 0x5000+0x40"), "{d}");
+        assert!(d.contains("nearest below 0x1000..0x2000"), "{d}");
+    }
+
+    #[test]
+    fn test_dma_inside_map_no_violation() {
+        none(with(
+            enabled(),
+            [write(0x1000, 0x40), write(0x1fc0, 0x40), dma(Dir::Read, None, 0x1800, 8)],
+        ));
+    }
+
+    #[test]
+    fn test_dma_crossing_map_end_is_outside_map() {
+        let d = only(
+            ViolationKind::DmaOutsideMap,
+            with(enabled(), [write(0x1fc0, 0x80)]),
+        );
+        assert!(d.contains("0x2000..0x2040"), "{d}");
+    }
+
+    #[test]
+    fn test_dma_spanning_adjacent_maps_no_violation() {
+        none(with(
+            enabled(),
+            [
+                Event::DmaMapped {
+                    iova: 0x2000,
+                    size: 0x1000,
+                    backed: false,
+                },
+                write(0x1fc0, 0x80),
+            ],
+        ));
+    }
+
+    #[test]
+    fn test_dma_fault_never_mapped_is_outside_map() {
+        only(
+            ViolationKind::DmaOutsideMap,
+            with(enabled(), [fault(None, 0x8000, 4)]),
+        );
+    }
+
+    #[test]
+    fn test_dma_fault_in_unbacked_map_no_violation() {
+        none(with(
+            enabled(),
+            [
+                Event::DmaMapped {
+                    iova: 0xc0000,
+                    size: 0x20000,
+                    backed: false,
+                },
+                fault(None, 0xc1000, 4),
+            ],
+        ));
+    }
+
+    // --- DmaAfterUnmap ---
+
+    #[test]
+    fn test_dma_after_unmap_is_after_unmap() {
+        let d = only(
+            ViolationKind::DmaAfterUnmap,
+            with(enabled(), [unmap(0x1000, 0x1000), write(0x1800, 0x40)]),
+        );
+        assert!(d.contains("0x1800..0x1840"), "{d}");
+        assert!(d.contains("0x1000..0x2000"), "{d}");
+    }
+
+    #[test]
+    fn test_dma_map_use_unmap_no_violation() {
+        none(with(
+            enabled(),
+            [write(0x1000, 0x40), unmap(0x1000, 0x1000)],
+        ));
+    }
+
+    #[test]
+    fn test_dma_after_remap_no_violation() {
+        none(with(
+            enabled(),
+            [unmap(0x1000, 0x1000), map(0x1000, 0x1000), write(0x1000, 0x40)],
+        ));
+    }
+
+    #[test]
+    fn test_dma_fault_after_unmap_is_after_unmap() {
+        only(
+            ViolationKind::DmaAfterUnmap,
+            with(enabled(), [unmap(0x1000, 0x1000), fault(None, 0x1000, 4)]),
+        );
+    }
+
+    #[test]
+    fn test_dma_partial_unmap_only_hole_is_after_unmap() {
+        let base = vec![Event::ClientConnected, map(0, 0x4000), command(BME)];
+        let base = with(base, [unmap(0x1000, 0x1000)]);
+        none(with(base.clone(), [write(0, 0x40), write(0x3000, 0x40)]));
+        only(
+            ViolationKind::DmaAfterUnmap,
+            with(base, [write(0x1800, 0x40)]),
+        );
+    }
+
+    #[test]
+    fn test_dma_unmap_to_2_pow_64_only_mapped_part_is_after_unmap() {
+        // QEMU unmaps 0xfef00000..2^64 at power-off.
+        let base = with(
+            enabled(),
+            [
+                map(0xfef0_0000, 0x1000),
+                unmap(0xfef0_0000, 0u64.wrapping_sub(0xfef0_0000)),
+            ],
+        );
+        only(
+            ViolationKind::DmaAfterUnmap,
+            with(base.clone(), [write(0xfef0_0000, 4)]),
+        );
+        only(
+            ViolationKind::DmaOutsideMap,
+            with(base.clone(), [write(0xff00_0000, 4)]),
+        );
+        only(
+            ViolationKind::DmaOutsideMap,
+            with(base, [write(u64::MAX, 1)]),
+        );
+    }
+
+    #[test]
+    fn test_dma_after_client_reconnect_is_after_unmap() {
+        only(
+            ViolationKind::DmaAfterUnmap,
+            with(
+                enabled(),
+                [
+                    write(0x1000, 0x40),
+                    Event::ClientDisconnected,
+                    Event::ClientConnected,
+                    command(BME),
+                    write(0x1000, 0x40),
+                ],
+            ),
+        );
+    }
+
+    // --- DmaWithoutBusMaster ---
+
+    #[test]
+    fn test_dma_bus_master_off_is_without_bus_master() {
+        let d = only(
+            ViolationKind::DmaWithoutBusMaster,
+            with(enabled(), [command(0x0002), write(0x1000, 0x40)]),
+        );
+        assert_eq!(
+            d,
+            "dma write 0x1000+0x40 while Command=0x0002 (bus master off)"
+        );
+    }
+
+    #[test]
+    fn test_dma_bus_master_never_set_is_without_bus_master() {
+        only(
+            ViolationKind::DmaWithoutBusMaster,
+            vec![Event::ClientConnected, map(0x1000, 0x1000), write(0x1000, 4)],
+        );
+    }
+
+    #[test]
+    fn test_dma_bus_master_cleared_then_set_no_violation() {
+        none(with(
+            enabled(),
+            [command(0x0002), command(BME), write(0x1000, 0x40)],
+        ));
+    }
+
+    #[test]
+    fn test_dma_refused_never_a_violation() {
+        none(vec![
+            Event::Link { up: false },
+            Event::DmaRefused {
+                dir: Dir::Write,
+                iova: 0x9000,
+                len: 4,
+                reason: crate::journal::Refusal::LinkDown,
+            },
+            Event::ResetBegin { kind: "flr" },
+            Event::DmaRefused {
+                dir: Dir::Read,
+                iova: 0,
+                len: 4,
+                reason: crate::journal::Refusal::Resetting,
+            },
+        ]);
+    }
+
+    // --- DmaInD3hot ---
+
+    #[test]
+    fn test_dma_in_d3hot_is_in_d3hot() {
+        let d = only(
+            ViolationKind::DmaInD3hot,
+            with(enabled(), [Event::Power { from: 0, to: 3 }, write(0x1000, 0x40)]),
+        );
+        assert!(d.contains("D3hot"), "{d}");
+    }
+
+    #[test]
+    fn test_dma_back_in_d0_no_violation() {
+        // No_Soft_Reset=1: D3hot -> D0 keeps the configuration.
+        none(with(
+            enabled(),
+            [
+                Event::Power { from: 0, to: 3 },
+                Event::Power { from: 3, to: 0 },
+                write(0x1000, 0x40),
+            ],
+        ));
+    }
+
+    // --- DmaLinkDown ---
+
+    #[test]
+    fn test_dma_link_down_is_link_down() {
+        only(
+            ViolationKind::DmaLinkDown,
+            with(enabled(), [Event::Link { up: false }, write(0x1000, 0x40)]),
+        );
+    }
+
+    #[test]
+    fn test_dma_link_back_up_no_violation() {
+        none(with(
+            enabled(),
+            [
+                Event::Link { up: false },
+                Event::Link { up: true },
+                write(0x1000, 0x40),
+            ],
+        ));
+    }
+
+    // --- DmaDuringReset ---
+
+    #[test]
+    fn test_dma_during_reset_is_during_reset() {
+        let d = only(
+            ViolationKind::DmaDuringReset,
+            with(enabled(), [Event::ResetBegin { kind: "flr" }, write(0x1000, 0x40)]),
+        );
+        assert!(d.contains("flr"), "{d}");
+    }
+
+    #[test]
+    fn test_dma_after_reset_before_reenable_is_during_reset() {
+        let d = only(
+            ViolationKind::DmaDuringReset,
+            with(
+                enabled(),
+                [
+                    Event::ResetBegin { kind: "flr" },
+                    Event::ResetEnd { kind: "flr" },
+                    write(0x1000, 0x40),
+                ],
+            ),
+        );
+        assert!(d.contains("before re-enable"), "{d}");
+    }
+
+    #[test]
+    fn test_dma_command_without_bus_master_after_reset_is_during_reset() {
+        only(
+            ViolationKind::DmaDuringReset,
+            with(
+                enabled(),
+                [
+                    Event::ResetBegin { kind: "device" },
+                    Event::ResetEnd { kind: "device" },
+                    command(0x0002),
+                    write(0x1000, 0x40),
+                ],
+            ),
+        );
+    }
+
+    #[test]
+    fn test_dma_after_reset_and_reenable_no_violation() {
+        none(with(
+            enabled(),
+            [
+                Event::ResetBegin { kind: "flr" },
+                Event::ResetEnd { kind: "flr" },
+                command(BME),
+                write(0x1000, 0x40),
+            ],
+        ));
+    }
+
+    #[test]
+    fn test_dma_bus_master_set_during_reset_still_during_reset() {
+        only(
+            ViolationKind::DmaDuringReset,
+            with(
+                enabled(),
+                [
+                    Event::ResetBegin { kind: "flr" },
+                    command(BME),
+                    Event::ResetEnd { kind: "flr" },
+                    write(0x1000, 0x40),
+                ],
+            ),
+        );
+    }
+
+    // --- InterruptWhileDisabled ---
+
+    #[test]
+    fn test_interrupt_bus_master_off_is_while_disabled() {
+        let d = only(
+            ViolationKind::InterruptWhileDisabled,
+            with(enabled(), [command(0x0002), irq("delivered")]),
+        );
+        assert!(d.contains("vector 1 delivered"), "{d}");
+        assert!(d.contains("Command=0x0002 (bus master off)"), "{d}");
+    }
+
+    #[test]
+    fn test_interrupt_pending_in_d3hot_is_while_disabled() {
+        only(
+            ViolationKind::InterruptWhileDisabled,
+            with(enabled(), [Event::Power { from: 0, to: 3 }, irq("pending")]),
+        );
+    }
+
+    #[test]
+    fn test_interrupt_link_down_is_while_disabled() {
+        only(
+            ViolationKind::InterruptWhileDisabled,
+            with(enabled(), [Event::Link { up: false }, irq("delivered")]),
+        );
+    }
+
+    #[test]
+    fn test_interrupt_during_reset_is_while_disabled() {
+        only(
+            ViolationKind::InterruptWhileDisabled,
+            with(enabled(), [Event::ResetBegin { kind: "pm" }, irq("delivered")]),
+        );
+    }
+
+    #[test]
+    fn test_interrupt_enabled_or_refused_no_violation() {
+        none(with(
+            enabled(),
+            [
+                irq("delivered"),
+                irq("pending"),
+                command(0x0002),
+                irq("refused:bus-master-disabled"),
+                Event::Power { from: 0, to: 3 },
+                irq("refused:d3hot"),
+            ],
+        ));
+    }
+
+    // --- PasidAfterUnbind ---
+
+    fn unbound(pasid: u32) -> Vec<Event> {
+        with(
+            enabled(),
+            [
+                Event::PasidBind {
+                    pasid,
+                    root: 0x10_0000,
+                },
+                dma(Dir::Read, Some(pasid), 0x1000, 8),
+                Event::PasidUnbindBegin { pasid },
+                Event::PasidDrained { pasid, aborted: 0 },
+                Event::PasidUnbindAck { pasid },
+            ],
+        )
+    }
+
+    #[test]
+    fn test_pasid_dma_after_unbind_ack_is_after_unbind() {
+        let d = only(
+            ViolationKind::PasidAfterUnbind,
+            with(unbound(5), [dma(Dir::Read, Some(5), 0x1000, 8)]),
+        );
+        assert!(d.contains("pasid 5"), "{d}");
+    }
+
+    #[test]
+    fn test_pasid_fault_after_unbind_ack_is_after_unbind() {
+        let base = with(
+            unbound(5),
+            [Event::DmaMapped {
+                iova: 0xc0000,
+                size: 0x1000,
+                backed: false,
+            }],
+        );
+        only(
+            ViolationKind::PasidAfterUnbind,
+            with(base, [fault(Some(5), 0xc0000, 8)]),
+        );
+    }
+
+    #[test]
+    fn test_pasid_dma_during_unbind_or_after_rebind_no_violation() {
+        none(with(
+            enabled(),
+            [
+                Event::PasidBind { pasid: 5, root: 0 },
+                Event::PasidUnbindBegin { pasid: 5 },
+                dma(Dir::Write, Some(5), 0x1000, 8),
+                Event::PasidDrained {
+                    pasid: 5,
+                    aborted: 1,
+                },
+                Event::PasidUnbindAck { pasid: 5 },
+                dma(Dir::Write, Some(6), 0x1000, 8),
+                write(0x1000, 8),
+                Event::PasidBind { pasid: 5, root: 0 },
+                dma(Dir::Write, Some(5), 0x1000, 8),
+            ],
+        ));
+    }
+
+    #[test]
+    fn test_pasid_after_unbind_with_bus_master_off_two_violations() {
+        let v = run(with(
+            unbound(7),
+            [command(0), dma(Dir::Read, Some(7), 0x1000, 8)],
+        ));
+        let kinds: Vec<ViolationKind> = v.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            kinds,
+            [
+                ViolationKind::DmaWithoutBusMaster,
+                ViolationKind::PasidAfterUnbind
+            ]
+        );
+    }
+
+    // --- StaleTranslation ---
+
+    #[test]
+    fn test_stale_translation_used_is_stale_translation() {
+        let d = only(
+            ViolationKind::StaleTranslation,
+            with(
+                enabled(),
+                [
+                    Event::PasidBind { pasid: 3, root: 0 },
+                    Event::StaleTranslationUsed {
+                        pasid: 3,
+                        va: 0x7f00_0000,
+                        cached_pa: 0x1000,
+                        walked_pa: Some(0x3000),
+                    },
+                ],
+            ),
+        );
+        assert!(d.contains("0x7f000000"), "{d}");
+        assert!(d.contains("0x1000"), "{d}");
+        assert!(d.contains("0x3000"), "{d}");
+    }
+
+    #[test]
+    fn test_stale_translation_walk_invalidate_walk_no_violation() {
+        none(with(
+            enabled(),
+            [
+                Event::PasidBind { pasid: 3, root: 0 },
+                Event::PageWalk {
+                    pasid: 3,
+                    va: 0x7f00_0000,
+                    pa: Some(0x1000),
+                },
+                Event::Invalidate {
+                    pasid: 3,
+                    va: 0x7f00_0000,
+                    len: 0x1000,
+                },
+                Event::PageWalk {
+                    pasid: 3,
+                    va: 0x7f00_0000,
+                    pa: None,
+                },
+                Event::TranslationFault {
+                    pasid: 3,
+                    va: 0x7f00_0000,
+                    write: true,
+                },
+            ],
+        ));
+    }
+
+    // --- WalkAfterRelease ---
+
+    fn walk(pasid: u32) -> Event {
+        Event::PageWalk {
+            pasid,
+            va: 0x4000,
+            pa: None,
+        }
+    }
+
+    #[test]
+    fn test_walk_after_release_is_walk_after_release() {
+        let d = only(
+            ViolationKind::WalkAfterRelease,
+            vec![
+                Event::PasidBind { pasid: 9, root: 0 },
+                walk(9),
+                Event::PasidReleased { pasid: 9 },
+                walk(9),
+            ],
+        );
+        assert!(d.contains("pasid 9 va 0x4000"), "{d}");
+        assert!(d.contains("released"), "{d}");
+    }
+
+    #[test]
+    fn test_walk_after_unbind_ack_is_walk_after_release() {
+        only(
+            ViolationKind::WalkAfterRelease,
+            vec![
+                Event::PasidBind { pasid: 9, root: 0 },
+                Event::PasidUnbindAck { pasid: 9 },
+                walk(9),
+            ],
+        );
+    }
+
+    #[test]
+    fn test_walk_bound_or_rebound_no_violation() {
+        none(vec![
+            Event::PasidBind { pasid: 9, root: 0 },
+            walk(9),
+            Event::PasidReleased { pasid: 9 },
+            walk(10),
+            Event::PasidBind { pasid: 9, root: 0 },
+            walk(9),
+        ]);
+    }
+
+    // --- ordering, bounds, internals ---
+
+    #[test]
+    fn test_violation_record_follows_its_event() {
+        let j = Journal::new("t", 64);
+        for e in with(enabled(), [write(0x9000, 4)]) {
+            j.record(e);
+        }
+        let (recs, _) = j.since(0);
+        let n = recs.len();
+        assert!(n >= 2);
+        assert!(matches!(recs[n - 2].event, Event::Dma { iova: 0x9000, .. }));
+        assert!(matches!(
+            recs[n - 1].event,
+            Event::Violation {
+                kind: ViolationKind::DmaOutsideMap,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn test_unmapped_history_over_bound_forgets_oldest() {
+        let mut c = Checker::default();
+        c.check(&command(BME));
+        let n = MAX_UNMAPPED_RANGES as u64 + 10;
+        for i in 0..n {
+            // Disjoint, non-adjacent pages.
+            c.check(&map(i * 0x2000, 0x1000));
+            c.check(&unmap(i * 0x2000, 0x1000));
+        }
+        assert_eq!(c.unmapped.len(), MAX_UNMAPPED_RANGES);
+        assert_eq!(c.unmapped_forgotten, 10);
+        let old = c.check(&write(0, 4));
+        assert_eq!(old.len(), 1);
+        assert_eq!(old[0].0, ViolationKind::DmaOutsideMap);
+        assert!(old[0].1.contains("10 older unmapped ranges forgotten"));
+        let recent = c.check(&write((n - 1) * 0x2000, 4));
+        assert_eq!(recent.len(), 1);
+        assert_eq!(recent[0].0, ViolationKind::DmaAfterUnmap);
+    }
+
+    #[test]
+    fn test_unmapped_history_adjacent_ranges_merge() {
+        let mut c = Checker::default();
+        for i in 0..100u64 {
+            c.check(&map(i * 0x1000, 0x1000));
+        }
+        // Adjacent maps with the same backing are one range.
+        assert_eq!(c.mapped.len(), 1);
+        for i in 0..100u64 {
+            c.check(&unmap(i * 0x1000, 0x1000));
+        }
+        assert_eq!(c.mapped.len(), 0);
+        assert_eq!(c.unmapped.len(), 1);
+    }
+
+    #[test]
+    fn test_mapped_set_over_bound_stops_judging_membership() {
+        let mut c = Checker::default();
+        c.check(&command(BME));
+        for i in 0..=MAX_MAPPED_RANGES as u64 {
+            c.check(&map(i * 0x2000, 0x1000));
+        }
+        assert!(c.mapped.len() <= MAX_MAPPED_RANGES);
+        assert!(c.mapped_untracked);
+        // Unknown: no false violation.
+        assert!(c.check(&write(u64::MAX - 0x1000, 4)).is_empty());
+        c.check(&Event::ClientDisconnected);
+        c.check(&Event::ClientConnected);
+        c.check(&command(BME));
+        assert!(!c.mapped_untracked);
+        let v = c.check(&write(u64::MAX - 0x1000, 4));
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].0, ViolationKind::DmaOutsideMap);
+    }
+
+    #[test]
+    fn test_pasid_marks_over_bound_stay_bounded() {
+        let mut c = Checker::default();
+        for p in 0..(MAX_TRACKED_PASIDS as u32 + 100) {
+            c.check(&Event::PasidUnbindAck { pasid: p });
+        }
+        assert_eq!(c.pasids.len(), MAX_TRACKED_PASIDS);
+        // The oldest were forgotten, the newest are kept.
+        assert!(!c.pasids.contains_key(&0));
+        assert!(c.pasids.contains_key(&(MAX_TRACKED_PASIDS as u32 + 99)));
+    }
+
+    #[test]
+    fn test_ranges_carve_middle_splits_range() {
+        let mut r: Ranges<bool> = Ranges::default();
+        r.insert(0, 0x4000, true, |a, b| (a == b).then_some(a));
+        let removed = r.carve(0x1000, 0x2000);
+        assert_eq!(removed, [(0x1000, 0x2000, true)]);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r.gaps(0, 0x4000), [(0x1000, 0x2000)]);
+        assert!(r.contains(0, 0x1000));
+        assert!(!r.contains(0x800, 0x1800));
     }
 }

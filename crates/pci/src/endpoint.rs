@@ -8,6 +8,9 @@
 //! resend SET_IRQS after an FLR or PM reset it did not see.
 
 use log::{info, trace, warn};
+use std::time::{Duration, Instant};
+
+use pcisim_vfio_user::dma::MappingInfo;
 use pcisim_vfio_user::{
     irq_index, region, ClientLink, Device, DeviceError, IrqInfo, RegionFlags, RegionInfo,
 };
@@ -17,6 +20,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
 };
 
+use crate::bus::Bus;
 use crate::caps::ats::AtsConfig;
 use crate::caps::msix::MsixConfig;
 use crate::caps::pasid::PasidConfig;
@@ -28,8 +32,10 @@ use crate::caps::{
     CapRecord, ExtCapRecord,
 };
 use crate::config::{ConfigError, ConfigSpace, CONFIG_SPACE_SIZE};
+use crate::control::{Controllable, Fault};
 use crate::function::{ConfigEvent, FunctionCtx, PciFunction, ResetKind};
 use crate::header::{header_fields, reg, Bar, BarError, BarKind, Bars, Identity};
+use crate::journal::{Event, Journal, DEFAULT_CAPACITY};
 use crate::msix::MsixState;
 
 /// Errors of building an endpoint.
@@ -273,17 +279,22 @@ impl EndpointBuilder {
         fields.extend(bars.fields());
         fields.extend(chain.fields());
         let config = ConfigSpace::from_fields(&fields)?;
+        let journal = Journal::new(&self.name, DEFAULT_CAPACITY);
+        let bus = Bus::new(&self.name, journal.clone(), self.msix.map(MsixState::new));
+        let mut function = function;
+        function.attach_bus(bus.clone());
         Ok(Endpoint {
             name: self.name,
             identity: self.identity,
             config,
             bars,
-            msix: self.msix.map(MsixState::new),
             offsets,
             no_soft_reset: self.pm.is_some_and(|p| p.no_soft_reset),
             caps: chain.capabilities(),
             ext_caps: chain.ext_capabilities(),
-            link: None,
+            bus,
+            journal,
+            faults: Faults::default(),
             function,
         })
     }
@@ -307,13 +318,39 @@ pub struct Endpoint<F: PciFunction> {
     identity: Identity,
     config: ConfigSpace,
     bars: Bars,
-    msix: Option<MsixState>,
     offsets: CapOffsets,
     no_soft_reset: bool,
     caps: Vec<CapRecord>,
     ext_caps: Vec<ExtCapRecord>,
-    link: Option<ClientLink>,
+    bus: Bus,
+    journal: Journal,
+    faults: Faults,
     function: F,
+}
+
+/// Injected faults and their state (see [`Fault`]).
+#[derive(Debug, Default)]
+struct Faults {
+    /// Surprise removal: all-ones reads, dropped writes.
+    link_down: bool,
+    /// Not-ready time after each reset (ms); `u32::MAX`: never ready again.
+    slow_reset_ms: u32,
+    /// Config space reads all-ones until then (None: ready).
+    not_ready_until: Option<Instant>,
+    /// The last reset never completes (until the next reset with the fault off).
+    never_ready: bool,
+    /// Device Status.Transactions Pending stuck at 1.
+    stuck_tp: bool,
+}
+
+/// The journal's name of a reset kind.
+pub fn reset_name(kind: ResetKind) -> &'static str {
+    match kind {
+        ResetKind::Flr => "flr",
+        ResetKind::PmSoftReset => "pm",
+        ResetKind::DeviceReset => "device",
+        ResetKind::LostConnection => "lost-connection",
+    }
 }
 
 fn bit(v: u16, b: u8) -> bool {
@@ -341,9 +378,19 @@ impl<F: PciFunction> Endpoint<F> {
         &mut self.config
     }
 
-    /// MSI-X state, if the function has MSI-X.
-    pub fn msix(&self) -> Option<&MsixState> {
-        self.msix.as_ref()
+    /// A snapshot of the MSI-X state, if the function has MSI-X.
+    pub fn msix(&self) -> Option<MsixState> {
+        self.bus.msix().clone()
+    }
+
+    /// The function's bus interface (shared with its threads).
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// The function's journal.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
     }
 
     /// Where the interpreted capabilities are.
@@ -387,14 +434,13 @@ impl<F: PciFunction> Endpoint<F> {
 
     /// Raise an MSI-X vector outside a BAR access (e.g. from a timer in the server loop).
     pub fn raise_msix(&mut self, vector: u16) -> crate::MsixOutcome {
-        self.ctx_parts().0.raise_msix(vector)
+        self.bus.raise_msix(vector)
     }
 
     fn ctx_parts(&mut self) -> (FunctionCtx<'_>, &mut F) {
         (
             FunctionCtx {
-                msix: self.msix.as_mut(),
-                link: self.link.as_ref(),
+                bus: &self.bus,
                 config: &mut self.config,
                 pm: self.offsets.pm,
                 pcie: self.offsets.pcie,
@@ -406,15 +452,93 @@ impl<F: PciFunction> Endpoint<F> {
     /// Run a reset of `kind`: config space, MSI-X, then the function.
     pub fn reset_function(&mut self, kind: ResetKind) {
         info!("{}: {kind:?} reset", self.name);
+        let name = reset_name(kind);
+        let old_command = self.config.read_u16(reg::COMMAND);
+        self.journal.record(Event::ResetBegin { kind: name });
+        // From here the bus refuses DMA and interrupts; the function stops its engines in
+        // `reset` before returning.
+        self.bus.set_resetting(true);
         if kind == ResetKind::LostConnection {
             self.config.power_on_reset();
+            // A new client is a new card in the slot: injected faults go with the old one,
+            // except the configured reset latency.
+            self.faults.link_down = false;
+            self.faults.stuck_tp = false;
+            self.bus.set_link(true);
+            self.bus.inject_dma_errors(0);
         } else {
             self.config.reset();
         }
-        if let Some(m) = self.msix.as_mut() {
+        if let Some(m) = self.bus.msix().as_mut() {
             m.reset();
         }
         self.function.reset(kind);
+        let command = self.config.read_u16(reg::COMMAND);
+        self.bus.set_command(command);
+        self.bus.set_power(self.power_bits());
+        if command != old_command {
+            self.journal.record(Event::Command {
+                old: old_command,
+                new: command,
+            });
+        }
+        self.bus.set_resetting(false);
+        self.journal.record(Event::ResetEnd { kind: name });
+        // Slow or failed reset (fault injection): config space reads all-ones for a while, or
+        // for good. The reset itself is complete on our side; the function looks not ready.
+        self.faults.never_ready = self.faults.slow_reset_ms == u32::MAX;
+        self.faults.not_ready_until = match self.faults.slow_reset_ms {
+            0 | u32::MAX => None,
+            ms => Some(Instant::now() + Duration::from_millis(u64::from(ms))),
+        };
+    }
+
+    fn power_bits(&self) -> u8 {
+        self.offsets
+            .pm
+            .map_or(0, |pm| (self.config.read_u16(pm.reg(pm::PMCSR)) & 3) as u8)
+    }
+
+    /// Config space answers all-ones: the link is down or the function is not ready after a
+    /// reset (the guest's `pci_dev_wait` polls Command until it is not all-ones).
+    fn config_dead(&mut self) -> bool {
+        if self.faults.link_down || self.faults.never_ready {
+            return true;
+        }
+        match self.faults.not_ready_until {
+            Some(t) if Instant::now() < t => true,
+            Some(_) => {
+                self.faults.not_ready_until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Device Status.Transactions Pending follows DMA in flight (or the stuck fault).
+    fn update_transactions_pending(&mut self) {
+        if let Some(pcie) = self.offsets.pcie {
+            let bit = 1u32 << pcie::DEVSTA_TRANSACTIONS_PENDING;
+            let on = self.faults.stuck_tp || self.bus.inflight() > 0;
+            self.config
+                .set_bits(pcie.reg(pcie::DEVSTA), bit, if on { bit } else { 0 });
+        }
+    }
+
+    /// BAR accesses reach the function only in D0 with Memory Space enabled and the link up;
+    /// otherwise reads return all-ones and writes are dropped (a master abort on real hardware).
+    fn bar_dead(&self) -> Option<&'static str> {
+        if self.faults.link_down {
+            Some("link down")
+        } else if self.power_bits() == 3 {
+            Some("D3hot")
+        } else if self.config.read_u16(reg::COMMAND) & (1 << crate::header::command::MEMORY_SPACE)
+            == 0
+        {
+            Some("memory space disabled")
+        } else {
+            None
+        }
     }
 
     fn watched(&self) -> Watched {
@@ -430,6 +554,18 @@ impl<F: PciFunction> Endpoint<F> {
     }
 
     fn config_write(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        if self.config_dead() {
+            // Bounds are still checked so a bad client gets its error.
+            let mut scratch = vec![0u8; data.len()];
+            self.config
+                .read(offset, &mut scratch)
+                .map_err(|e| cfg_err(e, offset, data.len()))?;
+            warn!(
+                "{}: config write at {offset:#x} dropped (link down or not ready)",
+                self.name
+            );
+            return Ok(());
+        }
         let before = self.watched();
         let triggers = self
             .config
@@ -511,8 +647,24 @@ impl<F: PciFunction> Endpoint<F> {
         }
         for ev in events {
             trace!("{}: {ev:?}", self.name);
+            match ev {
+                ConfigEvent::CommandChanged { old, new } => {
+                    self.bus.set_command(new);
+                    self.journal.record(Event::Command { old, new });
+                }
+                ConfigEvent::PowerState { from, to } => {
+                    self.bus.set_power(self.power_bits());
+                    self.journal.record(Event::Power {
+                        from: from as u8,
+                        to: to as u8,
+                    });
+                }
+                _ => {}
+            }
             self.function.on_config_event(ev);
         }
+        // Interrupts held back while the function could not send them go out now.
+        self.bus.deliver_pending_msix();
         if from == PowerState::D3Hot && to == PowerState::D0 && !self.no_soft_reset {
             self.reset_function(ResetKind::PmSoftReset);
         }
@@ -572,7 +724,8 @@ impl<F: PciFunction> Endpoint<F> {
         offset: u64,
         len: usize,
     ) -> Result<Option<MsixHit>, DeviceError> {
-        let Some(m) = self.msix.as_ref() else {
+        let guard = self.bus.msix();
+        let Some(m) = guard.as_ref() else {
             return Ok(None);
         };
         let bad = DeviceError::BadAccess {
@@ -631,7 +784,11 @@ impl<F: PciFunction> Device for Endpoint<F> {
     }
 
     fn irq_info(&self, index: u32) -> Option<IrqInfo> {
-        let msix_count = self.msix.as_ref().map_or(0, |m| u32::from(m.vectors()));
+        let msix_count = self
+            .bus
+            .msix()
+            .as_ref()
+            .map_or(0, |m| u32::from(m.vectors()));
         match index {
             irq_index::INTX => Some(IrqInfo {
                 count: 1,
@@ -655,21 +812,33 @@ impl<F: PciFunction> Device for Endpoint<F> {
 
     fn region_read(&mut self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         if index == region::CONFIG {
+            self.update_transactions_pending();
             self.config
                 .read(offset, buf)
                 .map_err(|e| cfg_err(e, offset, buf.len()))?;
+            if self.config_dead() {
+                buf.fill(0xff);
+            }
             trace!("{}: config read {offset:#x} {buf:02x?}", self.name);
             return Ok(());
         }
         self.bar_access_check(index, offset, buf.len())?;
+        if let Some(why) = self.bar_dead() {
+            trace!(
+                "{}: BAR{index} read at {offset:#x} while {why}: all-ones",
+                self.name
+            );
+            buf.fill(0xff);
+            return Ok(());
+        }
         match self.msix_hit(index, offset, buf.len())? {
             Some(MsixHit::Table(rel)) => {
-                if let Some(m) = self.msix.as_ref() {
+                if let Some(m) = self.bus.msix().as_ref() {
                     m.table_read(rel, buf);
                 }
             }
             Some(MsixHit::Pba(rel)) => {
-                if let Some(m) = self.msix.as_ref() {
+                if let Some(m) = self.bus.msix().as_ref() {
                     m.pba_read(rel, buf);
                 }
             }
@@ -689,9 +858,16 @@ impl<F: PciFunction> Device for Endpoint<F> {
         }
         self.bar_access_check(index, offset, data.len())?;
         trace!("{}: BAR{index} write {offset:#x} {data:02x?}", self.name);
+        if let Some(why) = self.bar_dead() {
+            warn!(
+                "{}: BAR{index} write at {offset:#x} while {why}: dropped",
+                self.name
+            );
+            return Ok(());
+        }
         match self.msix_hit(index, offset, data.len())? {
             Some(MsixHit::Table(rel)) => {
-                if let Some(m) = self.msix.as_mut() {
+                if let Some(m) = self.bus.msix().as_mut() {
                     m.table_write(rel, data);
                 }
             }
@@ -708,13 +884,32 @@ impl<F: PciFunction> Device for Endpoint<F> {
 
     fn attach(&mut self, link: ClientLink) {
         info!("{}: client attached", self.name);
-        self.link = Some(link);
+        self.bus.set_client(Some(link));
+        self.journal.record(Event::ClientConnected);
     }
 
     fn detach(&mut self) {
         info!("{}: client detached", self.name);
-        self.link = None;
+        self.bus.set_client(None);
+        self.journal.record(Event::ClientDisconnected);
         self.reset_function(ResetKind::LostConnection);
+    }
+
+    fn dma_mapped(&mut self, m: &MappingInfo) {
+        self.journal.record(Event::DmaMapped {
+            iova: m.iova,
+            size: m.size,
+            backed: m.backed,
+        });
+    }
+
+    fn dma_unmapped(&mut self, removed: &[MappingInfo]) {
+        for m in removed {
+            self.journal.record(Event::DmaUnmapped {
+                iova: m.iova,
+                size: m.size,
+            });
+        }
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {
@@ -726,11 +921,94 @@ impl<F: PciFunction> Device for Endpoint<F> {
         if index != irq_index::MSIX {
             return;
         }
-        if let (Some(m), Some(link)) = (self.msix.as_mut(), self.link.as_ref()) {
-            let n = m.deliver_pending(&link.irqs);
-            if n > 0 {
-                trace!("{}: delivered {n} pending MSI-X vectors", self.name);
-            }
+        let n = self.bus.deliver_pending_msix();
+        if n > 0 {
+            trace!("{}: delivered {n} pending MSI-X vectors", self.name);
         }
+    }
+}
+
+impl<F: PciFunction> Controllable for Endpoint<F> {
+    fn journal(&self) -> Journal {
+        self.journal.clone()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let pending: Vec<u16> = self.bus.msix().as_ref().map_or_else(Vec::new, |m| {
+            (0..m.vectors()).filter(|&v| m.is_pending(v)).collect()
+        });
+        serde_json::json!({
+            "name": self.name,
+            "command": format!("{:#06x}", self.config.read_u16(reg::COMMAND)),
+            "status": format!("{:#06x}", self.config.read_u16(reg::STATUS)),
+            "power_state": format!("D{}", self.power_bits()),
+            "bus_master": self.bus.bus_master(),
+            "link_up": !self.faults.link_down,
+            "client_attached": self.bus.client_attached(),
+            "dma_inflight": self.bus.inflight(),
+            "msix_pending": pending,
+            "faults": {
+                "slow_reset_ms": self.faults.slow_reset_ms,
+                "not_ready": self.faults.never_ready || self.faults.not_ready_until.is_some(),
+                "stuck_transactions_pending": self.faults.stuck_tp,
+            },
+            "journal": self.journal.stats(),
+        })
+    }
+
+    fn inject(&mut self, fault: &Fault) -> Result<(), String> {
+        info!("{}: injecting {fault:?}", self.name);
+        match *fault {
+            Fault::LinkDown => {
+                self.faults.link_down = true;
+                self.bus.set_link(false);
+                self.journal.record(Event::Link { up: false });
+            }
+            Fault::LinkUp => {
+                self.faults.link_down = false;
+                self.bus.set_link(true);
+                self.journal.record(Event::Link { up: true });
+            }
+            Fault::DmaError { count } => self.bus.inject_dma_errors(count),
+            Fault::SlowReset { ms } => self.faults.slow_reset_ms = ms,
+            Fault::StuckTransactionsPending { on } => self.faults.stuck_tp = on,
+            Fault::AerCorrectable => self.signal_aer(false, false)?,
+            Fault::AerUncorrectable { fatal } => self.signal_aer(true, fatal)?,
+        }
+        self.journal.record(Event::FaultInjected {
+            fault: format!("{fault:?}"),
+        });
+        Ok(())
+    }
+}
+
+impl<F: PciFunction> Endpoint<F> {
+    /// Record an AER error the way the function would on detecting it: the AER status bit
+    /// (Receiver Error, correctable; Completion Timeout, uncorrectable) and the Device Status
+    /// error bit (PCIe Base §7.5.3.5; §7.8.4). No message is sent upstream: there is no
+    /// upstream to send it to through vfio-user, and signalling QEMU's ERR eventfd stops the VM.
+    fn signal_aer(&mut self, uncorrectable: bool, fatal: bool) -> Result<(), String> {
+        let aer_off = self
+            .offsets
+            .aer
+            .ok_or("the function has no AER capability")?;
+        let pcie_off = self
+            .offsets
+            .pcie
+            .ok_or("the function has no PCIe capability")?;
+        let (reg_at, bit) = if uncorrectable {
+            (aer_off.reg(aer::UNCOR_STATUS), 1u32 << 14)
+        } else {
+            (aer_off.reg(aer::COR_STATUS), 1u32)
+        };
+        self.config.set_bits(reg_at, bit, bit);
+        // Device Status: bit 0 correctable, 1 non-fatal, 2 fatal error detected.
+        let ds = match (uncorrectable, fatal) {
+            (false, _) => 1u32,
+            (true, false) => 2,
+            (true, true) => 4,
+        };
+        self.config.set_bits(pcie_off.reg(pcie::DEVSTA), ds, ds);
+        Ok(())
     }
 }

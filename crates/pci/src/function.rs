@@ -1,14 +1,16 @@
 //! What a device model implements: [`PciFunction`], and what it gets to use while handling an
 //! access: [`FunctionCtx`].
 
-use pcisim_vfio_user::{DmaSpace, RegionMmap};
+use pcisim_vfio_user::RegionMmap;
+
+use crate::bus::Bus;
 
 use crate::caps::pcie::{DEVSTA, DEVSTA_TRANSACTIONS_PENDING};
 use crate::caps::pm::{PowerState, PMCSR};
 use crate::caps::CapOffset;
 use crate::config::ConfigSpace;
 use crate::header::{command, reg};
-use crate::msix::{MsixOutcome, MsixState};
+use crate::msix::MsixOutcome;
 
 /// Why a function is being reset (libvfio-user's taxonomy plus PM).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,32 +95,33 @@ pub trait PciFunction: Send {
         let _ = bar;
         None
     }
+    /// The function's bus interface, given once when the endpoint is built. Functions with
+    /// engine threads keep a clone for DMA, interrupts and the journal.
+    fn attach_bus(&mut self, bus: Bus) {
+        let _ = bus;
+    }
 }
 
 /// What a function can do while handling an access: raise MSI-X vectors, look at its command
 /// and power state, report Transactions Pending, and (later) DMA.
 #[derive(Debug)]
 pub struct FunctionCtx<'a> {
-    pub(crate) msix: Option<&'a mut MsixState>,
-    pub(crate) link: Option<&'a pcisim_vfio_user::ClientLink>,
+    pub(crate) bus: &'a Bus,
     pub(crate) config: &'a mut ConfigSpace,
     pub(crate) pm: Option<CapOffset>,
     pub(crate) pcie: Option<CapOffset>,
 }
 
 impl FunctionCtx<'_> {
-    /// Raise MSI-X vector `vector` (delivery rule in [`crate::msix`]).
+    /// Raise MSI-X vector `vector` through the bus (gated and journaled; delivery rule in
+    /// [`crate::msix`]).
     pub fn raise_msix(&mut self, vector: u16) -> MsixOutcome {
-        let irqs = self.link.map(|l| &l.irqs);
-        match self.msix.as_deref_mut() {
-            Some(m) => m.raise(irqs, vector),
-            None => MsixOutcome::InvalidVector,
-        }
+        self.bus.raise_msix(vector)
     }
 
-    /// The client's DMA space, if a client is attached.
-    pub fn dma(&self) -> Option<&DmaSpace> {
-        self.link.map(|l| &l.dma)
+    /// The function's bus interface (DMA, interrupts, journal).
+    pub fn bus(&self) -> &Bus {
+        self.bus
     }
 
     /// The Command register.

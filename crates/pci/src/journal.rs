@@ -9,7 +9,12 @@
 //! Memory is bounded: the record ring keeps the last `capacity` records (older ones are dropped
 //! and counted), violations are also kept in a separate bounded list so a flood of DMA records
 //! cannot evict them, and DMA accesses are aggregated (consecutive accesses of the same direction
-//! and PASID to adjacent or identical ranges become one record with a count).
+//! and PASID to adjacent or overlapping ranges become one record with a count).
+//!
+//! Aggregation never changes a record a reader has already been given by [`Journal::since`]
+//! (a follower would miss the update), and a DMA access that commits a violation always starts
+//! a record of its own, so the violation follows exactly the access that caused it. Violations
+//! are logged (`log::warn!`) only while they fit in the retained list; later ones are counted.
 
 use serde::Serialize;
 
@@ -307,6 +312,8 @@ struct Inner {
     ring: std::collections::VecDeque<Record>,
     next_seq: u64,
     violations: Vec<Record>,
+    /// Highest sequence number handed out by `since`: records up to it are no longer modified.
+    read_upto: u64,
     stats: Stats,
     checker: crate::checker::Checker,
 }
@@ -335,6 +342,7 @@ impl Journal {
                 ring: std::collections::VecDeque::new(),
                 next_seq: 1,
                 violations: Vec::new(),
+                read_upto: 0,
                 stats: Stats::default(),
                 checker: crate::checker::Checker::default(),
             })),
@@ -357,20 +365,36 @@ impl Journal {
     pub fn record(&self, event: Event) {
         let mut g = self.lock();
         let findings = g.checker.check(&event);
-        g.append(event);
+        g.append(event, findings.is_empty());
         for (kind, detail) in findings {
-            log::warn!("{}: VIOLATION {kind:?}: {detail}", self.name);
-            g.append(Event::Violation { kind, detail });
+            if g.violations.len() < MAX_VIOLATIONS {
+                log::warn!("{}: VIOLATION {kind:?}: {detail}", self.name);
+            } else if g.violations.len() == MAX_VIOLATIONS
+                && g.stats.violations == MAX_VIOLATIONS as u64
+            {
+                log::warn!(
+                    "{}: more than {MAX_VIOLATIONS} violations: further ones are only counted",
+                    self.name
+                );
+            }
+            g.append(Event::Violation { kind, detail }, false);
         }
     }
 
     /// Records with `seq > after`, oldest first, and how many records with `seq > after` were
     /// dropped from the ring before they could be read.
+    ///
+    /// Records returned here are final: a later DMA access is never folded into them.
     pub fn since(&self, after: u64) -> (Vec<Record>, u64) {
-        let g = self.lock();
+        let mut g = self.lock();
         let first_kept = g.ring.front().map_or(g.next_seq, |r| r.seq);
         let lost = first_kept.saturating_sub(after.saturating_add(1));
-        let recs = g.ring.iter().filter(|r| r.seq > after).cloned().collect();
+        // The ring is in sequence order: skip the older part without scanning it.
+        let skip = g.ring.partition_point(|r| r.seq <= after);
+        let recs: Vec<Record> = g.ring.iter().skip(skip).cloned().collect();
+        if let Some(last) = recs.last() {
+            g.read_upto = g.read_upto.max(last.seq);
+        }
         (recs, lost)
     }
 
@@ -401,12 +425,13 @@ impl Journal {
 }
 
 impl Inner {
-    fn append(&mut self, event: Event) {
+    /// Append `event`; a DMA access may be folded into the newest record if `may_fold`.
+    fn append(&mut self, event: Event, may_fold: bool) {
         match &event {
             Event::Dma { count, bytes, .. } => {
-                self.stats.dma_accesses += count;
-                self.stats.dma_bytes += bytes;
-                if self.aggregate(&event) {
+                self.stats.dma_accesses = self.stats.dma_accesses.saturating_add(*count);
+                self.stats.dma_bytes = self.stats.dma_bytes.saturating_add(*bytes);
+                if may_fold && self.aggregate(&event) {
                     return;
                 }
             }
@@ -435,7 +460,8 @@ impl Inner {
     }
 
     /// Fold a DMA event into the newest record when it continues it (same direction and PASID,
-    /// range adjacent or overlapping). Returns whether it was folded.
+    /// range adjacent or overlapping) and no reader has been given that record yet. Returns
+    /// whether it was folded.
     fn aggregate(&mut self, event: &Event) -> bool {
         let Event::Dma {
             dir,
@@ -448,7 +474,8 @@ impl Inner {
         else {
             return false;
         };
-        let Some(last) = self.ring.back_mut() else {
+        let read_upto = self.read_upto;
+        let Some(last) = self.ring.back_mut().filter(|r| r.seq > read_upto) else {
             return false;
         };
         let Event::Dma {
@@ -474,8 +501,8 @@ impl Inner {
         let hi = a1.max(b1);
         *li = lo as u64;
         *ll = u64::try_from(hi - lo).unwrap_or(u64::MAX);
-        *lc += count;
-        *lb += bytes;
+        *lc = lc.saturating_add(count);
+        *lb = lb.saturating_add(bytes);
         last.t_ns = self.start.elapsed().as_nanos() as u64;
         true
     }

@@ -39,6 +39,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod bus;
 pub mod caps;
 pub mod checker;
 pub mod config;
@@ -50,6 +51,7 @@ pub mod header;
 pub mod journal;
 pub mod msix;
 
+pub use bus::{Bus, DmaFault, Transaction};
 pub use caps::{
     CapChainBuilder, CapError, CapOffset, CapRecord, Capability, ExtCapRecord, ExtCapability,
 };

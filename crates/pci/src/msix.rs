@@ -31,6 +31,9 @@ pub enum MsixOutcome {
     Delivered,
     /// No eventfd was bound (or the vector was masked): the pending bit is set.
     Pending,
+    /// The function may not send messages now (Bus Master Enable clear, D3hot, reset, link
+    /// down): the pending bit is set.
+    Refused,
     /// The vector number is not below the table size.
     InvalidVector,
 }
@@ -177,7 +180,8 @@ impl MsixState {
             .is_some_and(|w| w & (1 << (vector % 64)) != 0)
     }
 
-    fn set_pending(&mut self, vector: u16, on: bool) {
+    /// Set or clear the pending bit of `vector`.
+    pub fn set_pending(&mut self, vector: u16, on: bool) {
         if let Some(w) = self.pba.get_mut(usize::from(vector) / 64) {
             let bit = 1u64 << (vector % 64);
             if on {

@@ -128,11 +128,24 @@ fn wr32(ep: &mut Endpoint<Probe>, off: u16, v: u32) {
         .unwrap();
 }
 
+/// Memory Space and Bus Master on, as a driver sets them (again after every reset).
+fn enable(ep: &mut Endpoint<Probe>) {
+    let mut c = [0u8; 2];
+    ep.region_read(region::CONFIG, 4, &mut c).unwrap();
+    let cmd = u16::from_le_bytes(c);
+    if cmd & 0x6 != 0x6 {
+        ep.region_write(region::CONFIG, 4, &(cmd | 0x6).to_le_bytes())
+            .unwrap();
+    }
+}
+
 fn bar0_write(ep: &mut Endpoint<Probe>, off: u64, v: u32) {
+    enable(ep);
     ep.region_write(0, off, &v.to_le_bytes()).unwrap();
 }
 
 fn bar0_read(ep: &mut Endpoint<Probe>, off: u64) -> u32 {
+    enable(ep);
     let mut b = [0u8; 4];
     ep.region_read(0, off, &mut b).unwrap();
     u32::from_le_bytes(b)
@@ -371,6 +384,7 @@ fn test_msix_cap_layout_and_control_bits() {
 #[test]
 fn test_msix_table_region_stores_entries() {
     let (mut ep, _) = endpoint();
+    enable(&mut ep);
     let mut e = [0u8; 16];
     ep.region_read(0, 0x8010, &mut e).unwrap();
     assert_eq!(e[12], 1, "vector control mask set at reset");
@@ -462,7 +476,13 @@ fn test_pcie_devctl_rw_fields_and_flr_reads_zero() {
 fn test_pcie_devsta_errors_w1c_transactions_pending_ro() {
     let (mut ep, _) = endpoint();
     let at = pcie_at(&ep) + pcie::DEVSTA;
-    ep.config_mut().set_bits(at, 0x2f, 0x2f);
+    // Transactions Pending follows DMA in flight; the stuck fault holds it set.
+    crate::Controllable::inject(
+        &mut ep,
+        &crate::Fault::StuckTransactionsPending { on: true },
+    )
+    .unwrap();
+    ep.config_mut().set_bits(at, 0x0f, 0x0f);
     wr16(&mut ep, at, 0x0025);
     assert_eq!(rd16(&mut ep, at), 0x002a, "CED and FED cleared; TP is RO");
 }
@@ -520,7 +540,13 @@ fn test_flr_devctl_write_resets_config_msix_function_keeps_sticky() {
     assert!(ep.msix().unwrap().entry_masked(0), "table masked");
     let log = log.lock().unwrap();
     assert_eq!(log.resets, [ResetKind::Flr]);
-    assert_eq!(log.events.last(), Some(&ConfigEvent::Flr));
+    // The driver re-enabled decoding after the FLR (Command 0 → 6) to check the BAR.
+    let flr = log.events.iter().rposition(|e| *e == ConfigEvent::Flr);
+    assert!(flr.is_some(), "the function saw the FLR");
+    assert_eq!(
+        log.events.get(flr.unwrap_or(0) + 1),
+        Some(&ConfigEvent::CommandChanged { old: 0, new: 6 })
+    );
 }
 
 #[test]

@@ -38,6 +38,7 @@ impl PciFunction for Doorbell {
                 MsixOutcome::Delivered => 0,
                 MsixOutcome::Pending => 1,
                 MsixOutcome::InvalidVector => 2,
+                MsixOutcome::Refused => 3,
             };
         }
     }
@@ -87,7 +88,16 @@ fn bind(c: &mut vfio_user::Client, vector: u32, efd: Option<&EventFd>) {
     .unwrap();
 }
 
+/// Memory Space and Bus Master on, as a driver sets them.
+fn enable(c: &mut vfio_user::Client) {
+    let mut b = [0u8; 2];
+    c.region_read(7, 4, &mut b).unwrap();
+    let cmd = u16::from_le_bytes(b) | 0x6;
+    c.region_write(7, 4, &cmd.to_le_bytes()).unwrap();
+}
+
 fn raise(c: &mut vfio_user::Client, v: u8) -> u32 {
+    enable(c);
     c.region_write(0, 0, &[v, 0, 0, 0]).unwrap();
     let mut b = [0u8; 4];
     c.region_read(0, 4, &mut b).unwrap();
@@ -95,6 +105,7 @@ fn raise(c: &mut vfio_user::Client, v: u8) -> u32 {
 }
 
 fn pba(c: &mut vfio_user::Client) -> u64 {
+    enable(c);
     let mut b = [0u8; 8];
     c.region_read(0, 0x1800, &mut b).unwrap();
     u64::from_le_bytes(b)

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use pcisim_devices::gpu::{self, GpuConfig};
-use pcisim_pci::Description;
+use pcisim_pci::{Controllable, Description};
 use pcisim_vfio_user::Device;
 
 use crate::spec::{parse_bool, parse_size, parse_u64, DeviceSpec, Kind};
@@ -13,6 +13,9 @@ use crate::spec::{parse_bool, parse_size, parse_u64, DeviceSpec, Kind};
 pub struct Built {
     /// The backend.
     pub device: Arc<Mutex<dyn Device>>,
+    /// The same endpoint, seen by the control socket (journal, status, fault injection).
+    #[allow(dead_code)] // wired to the control socket next
+    pub control: Arc<Mutex<dyn Controllable>>,
     /// Its own description (IDs, BARs, capabilities).
     pub description: Description,
 }
@@ -73,8 +76,10 @@ fn build_gpu(spec: &DeviceSpec) -> Result<Built> {
         ep.config_mut()
             .set_power_on_bits(CLASS_REVISION, 0xffff_ff00, wrong << 8);
     }
+    let ep = Arc::new(Mutex::new(ep));
     Ok(Built {
-        device: Arc::new(Mutex::new(ep)),
+        device: ep.clone(),
+        control: ep,
         description,
     })
 }

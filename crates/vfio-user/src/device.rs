@@ -176,6 +176,15 @@ pub trait Device: Send {
     fn detach(&mut self);
     /// DEVICE_RESET from the client (machine reset, secondary bus or slot reset).
     fn reset(&mut self) -> Result<(), DeviceError>;
+    /// A DMA_MAP was applied (before the client is told). For the device's journal.
+    fn dma_mapped(&mut self, mapping: &crate::dma::MappingInfo) {
+        let _ = mapping;
+    }
+    /// DMA_UNMAP removed these mappings; in-flight accesses to them have drained. Called before
+    /// the client is told.
+    fn dma_unmapped(&mut self, removed: &[crate::dma::MappingInfo]) {
+        let _ = removed;
+    }
     /// The client changed the eventfds or masks of interrupt index `index` (e.g. so the device
     /// can deliver interrupts that were pending while no eventfd was bound).
     fn irqs_changed(&mut self, index: u32) {

@@ -480,6 +480,12 @@ impl Connection<'_> {
                 let fd = fds.pop().map(|f| (f, offset));
                 let backed = fd.is_some();
                 self.dma.map(iova, size, flags, fd)?;
+                lock(self.device).dma_mapped(&crate::dma::MappingInfo {
+                    iova,
+                    size,
+                    prot: flags,
+                    backed,
+                });
                 log::debug!(
                     "{}: DMA map {iova:#x}+{size:#x} prot={flags} fd={backed}",
                     self.opts.name
@@ -497,6 +503,7 @@ impl Connection<'_> {
                 } else {
                     self.dma.unmap(iova, size)?
                 };
+                lock(self.device).dma_unmapped(&removed);
                 log::debug!(
                     "{}: DMA unmap {iova:#x}+{size:#x}: {} mappings",
                     self.opts.name,

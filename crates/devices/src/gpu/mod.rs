@@ -279,6 +279,7 @@ impl Gpu {
                 regs::IRQ_OK
             }
             MsixOutcome::Pending => regs::IRQ_ERR_NOT_BOUND,
+            MsixOutcome::Refused => regs::IRQ_ERR_BUS_MASTER_OFF,
             MsixOutcome::InvalidVector => regs::IRQ_ERR_VECTOR_RANGE,
         };
     }

@@ -50,6 +50,9 @@ pub const IRQ_OK: u32 = 0;
 pub const IRQ_ERR_VECTOR_RANGE: u32 = 1;
 /// IRQ_LAST_ERROR: no eventfd is bound for the vector; it is pending in the PBA.
 pub const IRQ_ERR_NOT_BOUND: u32 = 2;
+/// IRQ_LAST_ERROR: the function may not send messages (Bus Master Enable clear, D3hot, reset,
+/// link down); the vector is pending in the PBA.
+pub const IRQ_ERR_BUS_MASTER_OFF: u32 = 3;
 
 /// VRAM_CMD: FNV-1a-64 checksum of the window.
 pub const CMD_CHECKSUM: u32 = 1;

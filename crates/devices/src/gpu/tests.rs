@@ -13,24 +13,40 @@ use super::*;
 const VRAM: u64 = 1 << 20;
 
 fn gpu() -> Endpoint<Gpu> {
-    endpoint(&GpuConfig {
+    let mut ep = endpoint(&GpuConfig {
         vram_size: VRAM,
         ..GpuConfig::default()
     })
-    .unwrap()
+    .unwrap();
+    enable(&mut ep);
+    ep
+}
+
+/// Memory Space and Bus Master on, as a driver sets them (again after every reset): BAR
+/// accesses reach the function only with decoding enabled.
+fn enable(ep: &mut Endpoint<Gpu>) {
+    let mut c = [0u8; 2];
+    ep.region_read(7, 4, &mut c).unwrap();
+    if u16::from_le_bytes(c) & 0x6 != 0x6 {
+        let v = u16::from_le_bytes(c) | 0x6;
+        ep.region_write(7, 4, &v.to_le_bytes()).unwrap();
+    }
 }
 
 fn rd(ep: &mut Endpoint<Gpu>, off: u64) -> u32 {
+    enable(ep);
     let mut b = [0u8; 4];
     ep.region_read(0, off, &mut b).unwrap();
     u32::from_le_bytes(b)
 }
 
 fn wr(ep: &mut Endpoint<Gpu>, off: u64, v: u32) {
+    enable(ep);
     ep.region_write(0, off, &v.to_le_bytes()).unwrap();
 }
 
 fn window(ep: &mut Endpoint<Gpu>, offset: u64, len: u64) {
+    enable(ep);
     ep.region_write(0, VRAM_OFFSET_LO, &offset.to_le_bytes())
         .unwrap();
     ep.region_write(0, VRAM_LENGTH_LO, &len.to_le_bytes())
@@ -67,6 +83,7 @@ fn test_regs_identity_ro_values() {
     })
     .unwrap();
     let mut id = [0u8; 4];
+    enable(&mut ep);
     ep.region_read(0, ID, &mut id).unwrap();
     assert_eq!(&id, b"PCSG");
     assert_eq!(rd(&mut ep, VERSION), 0x0001_0000);
@@ -286,10 +303,12 @@ fn test_vram_survives_flr_discarded_on_lost_connection() {
     ep.region_write(region::CONFIG, u64::from(devctl), &0x8000u16.to_le_bytes())
         .unwrap();
     ep.reset().unwrap();
+    enable(&mut ep);
     let mut b = [0u8; 4];
     ep.region_read(2, 0, &mut b).unwrap();
     assert_eq!(&b, b"keep");
     ep.detach();
+    enable(&mut ep);
     ep.region_read(2, 0, &mut b).unwrap();
     assert_eq!(b, [0; 4]);
 }

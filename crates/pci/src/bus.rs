@@ -1,0 +1,398 @@
+//! The function's side of the link: DMA into client memory and MSI-X towards the client, usable
+//! from any thread (engine threads keep a clone), obeying the rules hardware obeys and
+//! testifying in the journal.
+//!
+//! ```text
+//!   device model / engine thread
+//!        │ dma_read / dma_write / raise_msix
+//!        ▼
+//!   ┌─────────── Bus ───────────┐
+//!   │ gate: link up? not in      │──refused──▶ journal: dma_refused / interrupt refused:<why>
+//!   │ reset? D0? Bus Master?     │
+//!   │ injected DMA errors?       │
+//!   └────────────┬───────────────┘
+//!                ▼ performed
+//!   client DmaSpace (bounds-checked) ──▶ journal: dma (aggregated) or dma_fault
+//! ```
+//!
+//! The gate reflects the Command register, PMCSR, link and reset state that the endpoint pushes
+//! into the bus as they change (PCIe Base 6.0 §7.5.1.1.3: a function with Bus Master Enable clear
+//! issues no memory requests, MSI/MSI-X included; §5.3.1.4.1: in D3hot only configuration
+//! requests are accepted). The journal's checker independently flags a DMA that *was performed*
+//! in a forbidden state, so a device model that bypassed the gate would be caught.
+//!
+//! Unmap drains in-flight DMA: an access holds the client DMA map's read lock while it copies;
+//! DMA_UNMAP takes the write lock, so it is acknowledged only after the accesses that were
+//! already inside the range have finished.
+
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use pcisim_vfio_user::{ClientLink, DmaError};
+
+use crate::journal::{Dir, Event, Journal, Refusal};
+use crate::msix::{MsixOutcome, MsixState};
+
+/// Why a DMA did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DmaFault {
+    /// The device refused: the rules forbid DMA now.
+    #[error("DMA refused: {0:?}")]
+    Refused(Refusal),
+    /// No mapped, fd-backed memory at the address; nothing was touched.
+    #[error("DMA to unmapped memory at {iova:#x}+{len:#x}")]
+    Unmapped {
+        /// Address.
+        iova: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The mapping does not permit this direction.
+    #[error("DMA at {iova:#x}+{len:#x} not permitted by the mapping")]
+    Protection {
+        /// Address.
+        iova: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+struct Inner {
+    name: String,
+    journal: Journal,
+    command: AtomicU16,
+    power: AtomicU8,
+    link_up: AtomicBool,
+    resetting: AtomicBool,
+    dma_errors: AtomicU32,
+    inflight: AtomicU32,
+    client: RwLock<Option<ClientLink>>,
+    msix: Mutex<Option<MsixState>>,
+}
+
+/// A function's bus interface. Cheap to clone; all methods take `&self`.
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("name", &self.inner.name)
+            .field("command", &self.command())
+            .field("link_up", &self.link_up())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bit 2 of the Command register.
+const BUS_MASTER: u16 = 1 << 2;
+/// PMCSR.PowerState value of D3hot.
+const D3HOT: u8 = 3;
+
+/// Counts an access in flight (Transactions Pending) while alive.
+#[derive(Debug)]
+pub struct Transaction<'a> {
+    bus: &'a Bus,
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        self.bus.inner.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Bus {
+    /// A bus for function `name` recording into `journal`, with the function's MSI-X state.
+    pub fn new(name: &str, journal: Journal, msix: Option<MsixState>) -> Bus {
+        Bus {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                journal,
+                command: AtomicU16::new(0),
+                power: AtomicU8::new(0),
+                link_up: AtomicBool::new(true),
+                resetting: AtomicBool::new(false),
+                dma_errors: AtomicU32::new(0),
+                inflight: AtomicU32::new(0),
+                client: RwLock::new(None),
+                msix: Mutex::new(msix),
+            }),
+        }
+    }
+
+    /// The function's journal.
+    pub fn journal(&self) -> &Journal {
+        &self.inner.journal
+    }
+
+    /// The Command register as last written.
+    pub fn command(&self) -> u16 {
+        self.inner.command.load(Ordering::Acquire)
+    }
+
+    /// Command.Bus Master Enable.
+    pub fn bus_master(&self) -> bool {
+        self.command() & BUS_MASTER != 0
+    }
+
+    /// The link is up (not surprise-removed).
+    pub fn link_up(&self) -> bool {
+        self.inner.link_up.load(Ordering::Acquire)
+    }
+
+    /// A reset is in progress.
+    pub fn resetting(&self) -> bool {
+        self.inner.resetting.load(Ordering::Acquire)
+    }
+
+    /// PMCSR.PowerState (0 = D0, 3 = D3hot).
+    pub fn power_state(&self) -> u8 {
+        self.inner.power.load(Ordering::Acquire)
+    }
+
+    /// Accesses in flight right now.
+    pub fn inflight(&self) -> u32 {
+        self.inner.inflight.load(Ordering::Acquire)
+    }
+
+    /// A client is attached.
+    pub fn client_attached(&self) -> bool {
+        self.client().is_some()
+    }
+
+    fn client(&self) -> std::sync::RwLockReadGuard<'_, Option<ClientLink>> {
+        self.inner
+            .client
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Mark work in flight for as long as the guard lives (Device Status.Transactions Pending).
+    pub fn transaction(&self) -> Transaction<'_> {
+        self.inner.inflight.fetch_add(1, Ordering::AcqRel);
+        Transaction { bus: self }
+    }
+
+    /// Whether the rules allow the function to master the bus now, and why not.
+    pub fn may_master(&self) -> Result<(), Refusal> {
+        if !self.link_up() {
+            Err(Refusal::LinkDown)
+        } else if self.resetting() {
+            Err(Refusal::Resetting)
+        } else if self.power_state() == D3HOT {
+            Err(Refusal::D3hot)
+        } else if !self.bus_master() {
+            Err(Refusal::BusMasterDisabled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Device read of client memory at `iova`.
+    pub fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
+        self.dma(None, iova, Access::Read(buf))
+    }
+
+    /// Device write of client memory at `iova`.
+    pub fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaFault> {
+        self.dma(None, iova, Access::Write(data))
+    }
+
+    /// A read on behalf of PASID `pasid` (journaled with it) at the translated address.
+    pub fn dma_read_pasid(&self, pasid: u32, addr: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
+        self.dma(Some(pasid), addr, Access::Read(buf))
+    }
+
+    /// A write on behalf of PASID `pasid` (journaled with it) at the translated address.
+    pub fn dma_write_pasid(&self, pasid: u32, addr: u64, data: &[u8]) -> Result<(), DmaFault> {
+        self.dma(Some(pasid), addr, Access::Write(data))
+    }
+
+    fn dma(&self, pasid: Option<u32>, iova: u64, access: Access<'_>) -> Result<(), DmaFault> {
+        let (dir, len) = match &access {
+            Access::Read(b) => (Dir::Read, b.len() as u64),
+            Access::Write(d) => (Dir::Write, d.len() as u64),
+        };
+        let refuse = |reason: Refusal| {
+            self.journal().record(Event::DmaRefused {
+                dir,
+                iova,
+                len,
+                reason,
+            });
+            Err(DmaFault::Refused(reason))
+        };
+        if let Err(reason) = self.may_master() {
+            return refuse(reason);
+        }
+        if self
+            .inner
+            .dma_errors
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return refuse(Refusal::InjectedError);
+        }
+        let _tx = self.transaction();
+        let client = self.client();
+        let Some(link) = client.as_ref() else {
+            drop(client);
+            return refuse(Refusal::NoClient);
+        };
+        let r = match access {
+            Access::Read(b) => link.dma.read(iova, b),
+            Access::Write(d) => link.dma.write(iova, d),
+        };
+        drop(client);
+        match r {
+            Ok(()) => {
+                self.journal().record(Event::Dma {
+                    dir,
+                    pasid,
+                    iova,
+                    len,
+                    count: 1,
+                    bytes: len,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                self.journal().record(Event::DmaFault {
+                    dir,
+                    pasid,
+                    iova,
+                    len,
+                });
+                Err(match e {
+                    DmaError::Protection { .. } => DmaFault::Protection { iova, len },
+                    _ => DmaFault::Unmapped { iova, len },
+                })
+            }
+        }
+    }
+
+    /// Raise MSI-X vector `vector`. An MSI-X message is a memory write: with Bus Master Enable
+    /// clear, in D3hot, during a reset or with the link down the function sends nothing and
+    /// keeps the vector pending (PBA).
+    pub fn raise_msix(&self, vector: u16) -> MsixOutcome {
+        let mut msix = self.msix();
+        let Some(m) = msix.as_mut() else {
+            return MsixOutcome::InvalidVector;
+        };
+        if vector >= m.vectors() {
+            return MsixOutcome::InvalidVector;
+        }
+        let outcome = match self.may_master() {
+            Err(reason) => {
+                m.set_pending(vector, true);
+                self.journal().record(Event::Interrupt {
+                    vector,
+                    outcome: format!("refused:{}", refusal_name(reason)),
+                });
+                return MsixOutcome::Refused;
+            }
+            Ok(()) => {
+                let client = self.client();
+                m.raise(client.as_ref().map(|l| &l.irqs), vector)
+            }
+        };
+        self.journal().record(Event::Interrupt {
+            vector,
+            outcome: match outcome {
+                MsixOutcome::Delivered => "delivered",
+                MsixOutcome::Pending => "pending",
+                MsixOutcome::Refused => "refused",
+                MsixOutcome::InvalidVector => "invalid",
+            }
+            .to_string(),
+        });
+        outcome
+    }
+
+    /// Deliver pending MSI-X vectors whose eventfd is bound (after SET_IRQS, or after the
+    /// function may master the bus again). Returns how many were delivered.
+    pub fn deliver_pending_msix(&self) -> usize {
+        if self.may_master().is_err() {
+            return 0;
+        }
+        let client = self.client();
+        let Some(link) = client.as_ref() else {
+            return 0;
+        };
+        let mut msix = self.msix();
+        let Some(m) = msix.as_mut() else {
+            return 0;
+        };
+        let n = m.deliver_pending(&link.irqs);
+        drop(msix);
+        drop(client);
+        if n > 0 {
+            self.journal().record(Event::Note {
+                text: format!("delivered {n} pending MSI-X vectors"),
+            });
+        }
+        n
+    }
+
+    /// The MSI-X state (locked).
+    pub fn msix(&self) -> MutexGuard<'_, Option<MsixState>> {
+        // MSI-X state stays consistent under a panic elsewhere (every update is a bit flip).
+        self.inner
+            .msix
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Endpoint side: the Command register changed.
+    pub(crate) fn set_command(&self, v: u16) {
+        self.inner.command.store(v, Ordering::Release);
+    }
+
+    /// Endpoint side: the power state changed.
+    pub(crate) fn set_power(&self, state: u8) {
+        self.inner.power.store(state, Ordering::Release);
+    }
+
+    /// Endpoint side: link up or down.
+    pub(crate) fn set_link(&self, up: bool) {
+        self.inner.link_up.store(up, Ordering::Release);
+    }
+
+    /// Endpoint side: a reset started or ended.
+    pub(crate) fn set_resetting(&self, on: bool) {
+        self.inner.resetting.store(on, Ordering::Release);
+    }
+
+    /// Endpoint side: the next `n` DMA accesses fail.
+    pub(crate) fn inject_dma_errors(&self, n: u32) {
+        self.inner.dma_errors.store(n, Ordering::Release);
+    }
+
+    /// Endpoint side: the client attached (Some) or went away (None).
+    pub(crate) fn set_client(&self, link: Option<ClientLink>) {
+        *self
+            .inner
+            .client
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = link;
+    }
+}
+
+enum Access<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+/// The journal's name for a refusal reason.
+pub fn refusal_name(r: Refusal) -> &'static str {
+    match r {
+        Refusal::BusMasterDisabled => "bus_master_disabled",
+        Refusal::D3hot => "d3hot",
+        Refusal::LinkDown => "link_down",
+        Refusal::Resetting => "resetting",
+        Refusal::NoClient => "no_client",
+        Refusal::InjectedError => "injected_error",
+    }
+}
