@@ -66,6 +66,7 @@ struct Inner {
     resetting: AtomicBool,
     dma_errors: AtomicU32,
     inflight: AtomicU32,
+    intx_level: AtomicBool,
     client: RwLock<Option<ClientLink>>,
     msix: Mutex<Option<MsixState>>,
 }
@@ -88,6 +89,8 @@ impl std::fmt::Debug for Bus {
 
 /// Bit 2 of the Command register.
 const BUS_MASTER: u16 = 1 << 2;
+/// Bit 10 of the Command register: INTx Emulation Disable.
+const INTX_DISABLE: u16 = 1 << 10;
 /// PMCSR.PowerState value of D3hot.
 const D3HOT: u8 = 3;
 
@@ -116,6 +119,7 @@ impl Bus {
                 resetting: AtomicBool::new(false),
                 dma_errors: AtomicU32::new(0),
                 inflight: AtomicU32::new(0),
+                intx_level: AtomicBool::new(false),
                 client: RwLock::new(None),
                 msix: Mutex::new(msix),
             }),
@@ -311,6 +315,67 @@ impl Bus {
         outcome
     }
 
+    /// Assert (`true`) or deassert the function's INTx line. INTx is level-triggered: Status
+    /// .Interrupt follows the line; the message is sent when the line rises, and again each time
+    /// the client unmasks the automasked interrupt while the line is still asserted (PCI Local
+    /// Bus 3.0 §6.2.2; `VFIO_IRQ_INFO_AUTOMASKED`). INTx Emulation Disable, D3hot, a reset or a
+    /// link down hold the message back; the line stays asserted. Bus Master Enable does not
+    /// gate INTx (it is not a memory request).
+    pub fn set_intx(&self, level: bool) {
+        let was = self.inner.intx_level.swap(level, Ordering::AcqRel);
+        if level && !was {
+            self.service_intx();
+        } else if !level && was {
+            self.journal().record(Event::Note {
+                text: "INTx deasserted".into(),
+            });
+        }
+    }
+
+    /// The INTx line is asserted (Status.Interrupt).
+    pub fn intx_level(&self) -> bool {
+        self.inner.intx_level.load(Ordering::Acquire)
+    }
+
+    /// Send the INTx message if the line is asserted and nothing holds it back (called on
+    /// assertion, on unmask and when INTx Emulation Disable is cleared).
+    pub fn service_intx(&self) {
+        if !self.intx_level() {
+            return;
+        }
+        let held = if !self.link_up() {
+            Some("link_down")
+        } else if self.resetting() {
+            Some("resetting")
+        } else if self.power_state() == D3HOT {
+            Some("d3hot")
+        } else if self.command() & INTX_DISABLE != 0 {
+            Some("intx_disabled")
+        } else {
+            None
+        };
+        let outcome = match held {
+            Some(why) => format!("intx-held:{why}"),
+            None => {
+                let client = self.client();
+                let r = client.as_ref().map(|l| {
+                    l.irqs
+                        .signal_automasked(pcisim_vfio_user::irq_index::INTX, 0)
+                });
+                match r {
+                    Some(Ok(pcisim_vfio_user::Signal::Delivered)) => "intx-delivered".into(),
+                    Some(Ok(pcisim_vfio_user::Signal::Masked)) => "intx-masked".into(),
+                    Some(Ok(pcisim_vfio_user::Signal::NotBound)) | None => "intx-unbound".into(),
+                    Some(Err(e)) => format!("intx-error:{e}"),
+                }
+            }
+        };
+        // "held" outcomes are the device obeying the rules; the checker only objects to
+        // "delivered"/"pending" MSI-X while disabled.
+        self.journal()
+            .record(Event::Interrupt { vector: 0, outcome });
+    }
+
     /// Deliver pending MSI-X vectors whose eventfd is bound (after SET_IRQS, or after the
     /// function may master the bus again). Returns how many were delivered.
     pub fn deliver_pending_msix(&self) -> usize {
@@ -360,9 +425,12 @@ impl Bus {
         self.inner.link_up.store(up, Ordering::Release);
     }
 
-    /// Endpoint side: a reset started or ended.
+    /// Endpoint side: a reset started or ended. A reset deasserts INTx.
     pub(crate) fn set_resetting(&self, on: bool) {
         self.inner.resetting.store(on, Ordering::Release);
+        if on {
+            self.inner.intx_level.store(false, Ordering::Release);
+        }
     }
 
     /// Endpoint side: the next `n` DMA accesses fail.

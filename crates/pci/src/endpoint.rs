@@ -665,6 +665,9 @@ impl<F: PciFunction> Endpoint<F> {
         }
         // Interrupts held back while the function could not send them go out now.
         self.bus.deliver_pending_msix();
+        if before.command & (1 << 10) != 0 && after.command & (1 << 10) == 0 {
+            self.bus.service_intx();
+        }
         if from == PowerState::D3Hot && to == PowerState::D0 && !self.no_soft_reset {
             self.reset_function(ResetKind::PmSoftReset);
         }
@@ -813,6 +816,9 @@ impl<F: PciFunction> Device for Endpoint<F> {
     fn region_read(&mut self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         if index == region::CONFIG {
             self.update_transactions_pending();
+            // Status.Interrupt Status (bit 3) follows the INTx line (PCI 3.0 §6.2.3).
+            let st = if self.bus.intx_level() { 1u32 << 3 } else { 0 };
+            self.config.set_bits(reg::STATUS, 1 << 3, st);
             self.config
                 .read(offset, buf)
                 .map_err(|e| cfg_err(e, offset, buf.len()))?;
@@ -918,6 +924,11 @@ impl<F: PciFunction> Device for Endpoint<F> {
     }
 
     fn irqs_changed(&mut self, index: u32) {
+        if index == irq_index::INTX {
+            // An unmask with the line still asserted signals again (level semantics).
+            self.bus.service_intx();
+            return;
+        }
         if index != irq_index::MSIX {
             return;
         }

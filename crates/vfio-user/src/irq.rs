@@ -147,6 +147,24 @@ impl Interrupts {
         }
     }
 
+    /// Raise an automasked interrupt (INTx, `VFIO_IRQ_INFO_AUTOMASKED`): if the vector is not
+    /// masked, signal it and mask it; the client unmasks it (SET_IRQS ACTION_UNMASK) once it
+    /// has serviced the interrupt, and a line still asserted then is signalled again.
+    pub fn signal_automasked(&self, index: u32, vector: u32) -> Result<Signal, IrqError> {
+        let r = self.signal(index, vector)?;
+        if r == Signal::Delivered {
+            let mut t = self.table();
+            if let Some(v) = t
+                .indices
+                .get_mut(index as usize)
+                .and_then(|i| i.vectors.get_mut(vector as usize))
+            {
+                v.masked = true;
+            }
+        }
+        Ok(r)
+    }
+
     /// Whether `vector` of `index` has an eventfd bound.
     pub fn is_bound(&self, index: u32, vector: u32) -> bool {
         let t = self.table();
