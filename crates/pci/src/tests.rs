@@ -195,7 +195,9 @@ fn test_status_error_bits_w1c_caplist_ro() {
     );
     let errors: u16 = 0b1111_1001_0000_0000;
     ep.config_mut()
-        .set_bits(0x06, u32::from(errors | 1 << 3), u32::from(errors | 1 << 3));
+        .set_bits(0x06, u32::from(errors), u32::from(errors));
+    // Interrupt Status follows the INTx line.
+    ep.bus().set_intx(true);
     wr16(&mut ep, 0x06, 1 << 15 | 1 << 8 | 1 << 4 | 1 << 3);
     assert_eq!(
         rd16(&mut ep, 0x06),
