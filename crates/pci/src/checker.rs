@@ -11,12 +11,20 @@
 //!   so a DMA there is [`ViolationKind::DmaAfterUnmap`] rather than
 //!   [`ViolationKind::DmaOutsideMap`]. Only what was really mapped enters it (QEMU unmaps
 //!   `0xfef00000..2^64` at power-off; the never-mapped parts of that stay "outside").
-//! - **Bus master** (Command bit 2), **power state** (`Power.to == 3` is D3hot), **link**.
+//! - **Bus master** (Command bit 2), **Interrupt Disable** (Command bit 10), **power state**
+//!   (`Power.to == 3` is D3hot), **link** (`Link`; a "lost-connection" reset also brings it up:
+//!   the next client gets a fresh card).
 //! - **Reset**: `ResetBegin` puts the function in reset (Command back to 0, D0); `ResetEnd`
 //!   (of any kind: "the function may be re-enabled") leaves it awaiting re-enable until a
 //!   `Command` event sets Bus Master again. DMA in either phase is
 //!   [`ViolationKind::DmaDuringReset`].
 //! - **PASIDs**: `PasidUnbindAck` and `PasidReleased` mark a PASID, `PasidBind` clears the mark.
+//!
+//! Interrupts: an MSI-X outcome "delivered" or "pending" while Bus Master is off (including
+//! after a reset until re-enabled), in D3hot, in reset or with the link down is
+//! [`ViolationKind::InterruptWhileDisabled`]; so is "intx-delivered" in D3hot, in reset, with
+//! the link down or with Interrupt Disable set (INTx is not a memory request: Bus Master does
+//! not gate it). Other outcomes ("refused:…", "intx-held:…", …) are the device obeying.
 //!
 //! Each event yields at most one violation from the device-state/map chain (the most specific:
 //! link down, then reset, then D3hot, then Bus Master, then the map) plus, for a PASID-tagged
@@ -29,11 +37,13 @@
 //!   (`DmaOutsideMap`/`DmaAfterUnmap`) until the mapped set is known again (the next client
 //!   disconnect or connect): no false violations from a truncated map.
 //! - Unmapped history: at most [`MAX_UNMAPPED_RANGES`] ranges, adjacent or overlapping ones
-//!   merged; beyond that the oldest (least recently unmapped) range is forgotten, so a later
-//!   DMA there is reported as `DmaOutsideMap` instead (still a violation; the detail says how
-//!   many ranges were forgotten).
+//!   merged; beyond that the least recently unmapped ranges are forgotten, an eighth of the
+//!   bound at once (so trimming is amortized constant time: a disconnect may move 65535 ranges
+//!   here). A later DMA to a forgotten range is reported as `DmaOutsideMap` instead (still a
+//!   violation; the detail says how many ranges were forgotten).
 //! - PASIDs: only unbound or released PASIDs are remembered, at most [`MAX_TRACKED_PASIDS`];
-//!   beyond that the oldest mark is forgotten (a later access through it goes unreported).
+//!   beyond that the oldest marks are forgotten, an eighth at once (a later access through a
+//!   forgotten PASID goes unreported).
 //! - Everything else is a fixed handful of scalars.
 
 use std::collections::BTreeMap;
@@ -49,6 +59,10 @@ pub const MAX_TRACKED_PASIDS: usize = 4096;
 
 /// Command.Bus Master Enable.
 const COMMAND_BUS_MASTER: u16 = 1 << 2;
+/// Command.Interrupt Disable (INTx emulation).
+const COMMAND_INTX_DISABLE: u16 = 1 << 10;
+/// The reset kind of a lost connection (a power cycle: the slot gets a new card).
+const LOST_CONNECTION: &str = "lost-connection";
 /// PMCSR.PowerState for D3hot.
 const D3HOT: u8 = 3;
 /// One past the last IOVA.
@@ -238,13 +252,37 @@ fn dir_name(dir: Dir) -> &'static str {
     }
 }
 
-/// "dma write 0x1000+0x40" (with " pasid N" when tagged).
-fn describe_access(what: &str, dir: Dir, pasid: Option<u32>, iova: u64, len: u64) -> String {
-    let mut s = format!("{what} {} {iova:#x}+{len:#x}", dir_name(dir));
-    if let Some(p) = pasid {
-        s.push_str(&format!(" pasid {p}"));
+/// A DMA access, formatted only when a violation needs it ("dma write 0x1000+0x40", with
+/// " pasid N" when tagged and the count when aggregated): the common, clean case allocates
+/// nothing.
+struct AccessText {
+    what: &'static str,
+    dir: Dir,
+    pasid: Option<u32>,
+    iova: u64,
+    len: u64,
+    count: u64,
+    bytes: u64,
+}
+
+impl std::fmt::Display for AccessText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} {:#x}+{:#x}",
+            self.what,
+            dir_name(self.dir),
+            self.iova,
+            self.len
+        )?;
+        if let Some(p) = self.pasid {
+            write!(f, " pasid {p}")?;
+        }
+        if self.count != 1 {
+            write!(f, " ({} accesses, {} bytes)", self.count, self.bytes)?;
+        }
+        Ok(())
     }
-    s
 }
 
 impl Checker {
@@ -270,6 +308,11 @@ impl Checker {
                 // Every reset puts configuration space back to power-on: Command 0, D0.
                 self.command = 0;
                 self.power = 0;
+                if *kind == LOST_CONNECTION {
+                    // A new client is a new card in the slot: the injected link-down goes
+                    // with the old one (the endpoint brings the link up without a `Link`).
+                    self.link_up = true;
+                }
             }
             Event::ResetEnd { kind } => {
                 self.in_reset = None;
@@ -291,18 +334,21 @@ impl Checker {
                 count,
                 bytes,
             } => {
-                let what = describe_access("dma", *dir, *pasid, *iova, *len);
-                let ctx = if *count == 1 {
-                    what.clone()
-                } else {
-                    format!("{what} ({count} accesses, {bytes} bytes)")
+                let what = AccessText {
+                    what: "dma",
+                    dir: *dir,
+                    pasid: *pasid,
+                    iova: *iova,
+                    len: *len,
+                    count: *count,
+                    bytes: *bytes,
                 };
-                if let Some(v) = self.state_forbids_dma(&ctx) {
+                if let Some(v) = self.state_forbids_dma(&what) {
                     out.push(v);
-                } else if let Some(v) = self.map_violation(&ctx, *iova, *len) {
+                } else if let Some(v) = self.map_violation(&what) {
                     out.push(v);
                 }
-                out.extend(self.pasid_violation(&what, *pasid));
+                out.extend(self.pasid_violation(&what));
             }
             Event::DmaFault {
                 dir,
@@ -310,16 +356,26 @@ impl Checker {
                 iova,
                 len,
             } => {
-                let what = describe_access("faulted dma", *dir, *pasid, *iova, *len);
+                let what = AccessText {
+                    what: "faulted dma",
+                    dir: *dir,
+                    pasid: *pasid,
+                    iova: *iova,
+                    len: *len,
+                    count: 1,
+                    bytes: 0,
+                };
                 // Inside a mapped range without an fd behind it (ROM, PAM windows): no
                 // violation. Otherwise the device aimed at memory it was not given.
-                out.extend(self.map_violation(&what, *iova, *len));
-                out.extend(self.pasid_violation(&what, *pasid));
+                out.extend(self.map_violation(&what));
+                out.extend(self.pasid_violation(&what));
             }
             Event::DmaRefused { .. } => {}
             Event::Interrupt { vector, outcome } => {
                 if outcome.starts_with("delivered") || outcome.starts_with("pending") {
                     out.extend(self.interrupt_violation(*vector, outcome));
+                } else if outcome.starts_with("intx-delivered") {
+                    out.extend(self.intx_violation(outcome));
                 }
             }
             Event::PasidBind { pasid, .. } => {
@@ -383,7 +439,7 @@ impl Checker {
     }
 
     /// Why the function may not master the bus right now: link, reset, power, Bus Master.
-    fn state_forbids_dma(&self, what: &str) -> Option<(ViolationKind, String)> {
+    fn state_forbids_dma(&self, what: &AccessText) -> Option<(ViolationKind, String)> {
         if !self.link_up {
             return Some((
                 ViolationKind::DmaLinkDown,
@@ -425,11 +481,11 @@ impl Checker {
     }
 
     /// Whether `iova..iova+len` lies outside the mapped set, and how.
-    fn map_violation(&self, what: &str, iova: u64, len: u64) -> Option<(ViolationKind, String)> {
+    fn map_violation(&self, what: &AccessText) -> Option<(ViolationKind, String)> {
         if self.mapped_untracked {
             return None;
         }
-        let (s, e) = access_span(iova, len);
+        let (s, e) = access_span(what.iova, what.len);
         if self.mapped.contains(s, e) {
             return None;
         }
@@ -464,13 +520,13 @@ impl Checker {
         Some((ViolationKind::DmaOutsideMap, detail))
     }
 
-    fn pasid_violation(&self, what: &str, pasid: Option<u32>) -> Option<(ViolationKind, String)> {
-        let p = pasid?;
+    fn pasid_violation(&self, what: &AccessText) -> Option<(ViolationKind, String)> {
+        let p = what.pasid?;
         let g = self.pasids.get(&p)?;
         g.unbind_acked.then(|| {
             (
                 ViolationKind::PasidAfterUnbind,
-                format!("{what} through pasid {p} after its unbind was acknowledged"),
+                format!("{what}: pasid {p} used after its unbind was acknowledged"),
             )
         })
     }
@@ -497,6 +553,28 @@ impl Checker {
         Some((
             ViolationKind::InterruptWhileDisabled,
             format!("{what} {why}"),
+        ))
+    }
+
+    /// INTx is not a memory request: Bus Master does not gate it, Interrupt Disable does.
+    fn intx_violation(&self, outcome: &str) -> Option<(ViolationKind, String)> {
+        let why = if !self.link_up {
+            "while the link is down".to_string()
+        } else if let Some(kind) = self.in_reset {
+            format!("during a {kind} reset (not yet ended)")
+        } else if self.power == D3HOT {
+            "while in D3hot (PowerState=3)".to_string()
+        } else if self.command & COMMAND_INTX_DISABLE != 0 {
+            format!(
+                "while Command={:#06x} (Interrupt Disable set)",
+                self.command
+            )
+        } else {
+            return None;
+        };
+        Some((
+            ViolationKind::InterruptWhileDisabled,
+            format!("interrupt {outcome} {why}"),
         ))
     }
 
@@ -533,17 +611,20 @@ impl Checker {
     fn remember_unmapped(&mut self, s: u128, e: u128) {
         let now = self.events;
         self.unmapped.insert(s, e, now, |a, b| Some(a.max(b)));
-        while self.unmapped.len() > MAX_UNMAPPED_RANGES {
-            let oldest = self
-                .unmapped
-                .map
-                .iter()
-                .min_by_key(|(_, &(_, stamp))| stamp)
-                .map(|(&k, _)| k);
-            let Some(k) = oldest else { break };
-            self.unmapped.map.remove(&k);
-            self.unmapped_forgotten += 1;
+        let len = self.unmapped.len();
+        if len <= MAX_UNMAPPED_RANGES {
+            return;
         }
+        let excess = len - trim_target(MAX_UNMAPPED_RANGES);
+        let cut = oldest_cut(self.unmapped.map.values().map(|&(_, t)| t), excess);
+        self.unmapped.map.retain(|_, &mut (_, t)| t >= cut);
+        let mut gone = len - self.unmapped.len();
+        self.unmapped.map.retain(|_, &mut (_, t)| {
+            let keep = t != cut || gone >= excess;
+            gone += usize::from(!keep);
+            keep
+        });
+        self.unmapped_forgotten += gone as u64;
     }
 
     fn mark_pasid(&mut self, pasid: u32, set: impl FnOnce(&mut PasidGone)) {
@@ -555,16 +636,39 @@ impl Checker {
         });
         set(g);
         g.stamp = now;
-        while self.pasids.len() > MAX_TRACKED_PASIDS {
-            let oldest = self
-                .pasids
-                .iter()
-                .min_by_key(|(_, g)| g.stamp)
-                .map(|(&p, _)| p);
-            let Some(p) = oldest else { break };
-            self.pasids.remove(&p);
+        let len = self.pasids.len();
+        if len <= MAX_TRACKED_PASIDS {
+            return;
         }
+        let excess = len - trim_target(MAX_TRACKED_PASIDS);
+        let cut = oldest_cut(self.pasids.values().map(|g| g.stamp), excess);
+        self.pasids.retain(|_, g| g.stamp >= cut);
+        let mut gone = len - self.pasids.len();
+        self.pasids.retain(|_, g| {
+            let keep = g.stamp != cut || gone >= excess;
+            gone += usize::from(!keep);
+            keep
+        });
     }
+}
+
+/// What a list over its bound `max` is trimmed to: the oldest eighth goes at once, so trimming
+/// (linear in the list) is amortized constant per insertion.
+fn trim_target(max: usize) -> usize {
+    max - max / 8
+}
+
+/// The stamp of the `excess`-th oldest entry. Removing every entry with a smaller stamp (fewer
+/// than `excess`), then entries with this stamp until `excess` are gone, removes exactly the
+/// `excess` oldest.
+fn oldest_cut(stamps: impl Iterator<Item = u64>, excess: usize) -> u64 {
+    let mut v: Vec<u64> = stamps.collect();
+    if excess == 0 || v.is_empty() {
+        return 0;
+    }
+    let n = excess.min(v.len()) - 1;
+    let (_, cut, _) = v.select_nth_unstable(n);
+    *cut
 }
 
 #[cfg(test)]
@@ -675,7 +779,11 @@ mod tests {
     fn test_dma_inside_map_no_violation() {
         none(with(
             enabled(),
-            [write(0x1000, 0x40), write(0x1fc0, 0x40), dma(Dir::Read, None, 0x1800, 8)],
+            [
+                write(0x1000, 0x40),
+                write(0x1fc0, 0x40),
+                dma(Dir::Read, None, 0x1800, 8),
+            ],
         ));
     }
 
@@ -750,7 +858,11 @@ mod tests {
     fn test_dma_after_remap_no_violation() {
         none(with(
             enabled(),
-            [unmap(0x1000, 0x1000), map(0x1000, 0x1000), write(0x1000, 0x40)],
+            [
+                unmap(0x1000, 0x1000),
+                map(0x1000, 0x1000),
+                write(0x1000, 0x40),
+            ],
         ));
     }
 
@@ -832,7 +944,11 @@ mod tests {
     fn test_dma_bus_master_never_set_is_without_bus_master() {
         only(
             ViolationKind::DmaWithoutBusMaster,
-            vec![Event::ClientConnected, map(0x1000, 0x1000), write(0x1000, 4)],
+            vec![
+                Event::ClientConnected,
+                map(0x1000, 0x1000),
+                write(0x1000, 4),
+            ],
         );
     }
 
@@ -870,7 +986,10 @@ mod tests {
     fn test_dma_in_d3hot_is_in_d3hot() {
         let d = only(
             ViolationKind::DmaInD3hot,
-            with(enabled(), [Event::Power { from: 0, to: 3 }, write(0x1000, 0x40)]),
+            with(
+                enabled(),
+                [Event::Power { from: 0, to: 3 }, write(0x1000, 0x40)],
+            ),
         );
         assert!(d.contains("D3hot"), "{d}");
     }
@@ -916,7 +1035,10 @@ mod tests {
     fn test_dma_during_reset_is_during_reset() {
         let d = only(
             ViolationKind::DmaDuringReset,
-            with(enabled(), [Event::ResetBegin { kind: "flr" }, write(0x1000, 0x40)]),
+            with(
+                enabled(),
+                [Event::ResetBegin { kind: "flr" }, write(0x1000, 0x40)],
+            ),
         );
         assert!(d.contains("flr"), "{d}");
     }
@@ -1014,7 +1136,10 @@ mod tests {
     fn test_interrupt_during_reset_is_while_disabled() {
         only(
             ViolationKind::InterruptWhileDisabled,
-            with(enabled(), [Event::ResetBegin { kind: "pm" }, irq("delivered")]),
+            with(
+                enabled(),
+                [Event::ResetBegin { kind: "pm" }, irq("delivered")],
+            ),
         );
     }
 
@@ -1029,6 +1154,52 @@ mod tests {
                 irq("refused:bus-master-disabled"),
                 Event::Power { from: 0, to: 3 },
                 irq("refused:d3hot"),
+            ],
+        ));
+    }
+
+    #[test]
+    fn test_interrupt_intx_while_interrupt_disable_is_while_disabled() {
+        let d = only(
+            ViolationKind::InterruptWhileDisabled,
+            with(enabled(), [command(0x0406), irq("intx-delivered")]),
+        );
+        assert!(d.contains("Interrupt Disable"), "{d}");
+    }
+
+    #[test]
+    fn test_interrupt_intx_bus_master_off_or_held_no_violation() {
+        none(with(
+            enabled(),
+            [
+                command(0x0002),
+                irq("intx-delivered"),
+                command(0x0402),
+                irq("intx-held:intx_disabled"),
+                Event::Power { from: 0, to: 3 },
+                irq("intx-held:d3hot"),
+            ],
+        ));
+    }
+
+    #[test]
+    fn test_link_down_then_lost_connection_reset_new_client_no_violation() {
+        none(with(
+            enabled(),
+            [
+                Event::Link { up: false },
+                Event::ClientDisconnected,
+                Event::ResetBegin {
+                    kind: "lost-connection",
+                },
+                Event::ResetEnd {
+                    kind: "lost-connection",
+                },
+                Event::ClientConnected,
+                map(0x1000, 0x1000),
+                command(BME),
+                write(0x1000, 0x40),
+                irq("delivered"),
             ],
         ));
     }
@@ -1247,12 +1418,17 @@ mod tests {
             c.check(&map(i * 0x2000, 0x1000));
             c.check(&unmap(i * 0x2000, 0x1000));
         }
-        assert_eq!(c.unmapped.len(), MAX_UNMAPPED_RANGES);
-        assert_eq!(c.unmapped_forgotten, 10);
+        // Trimmed once, to 7/8 of the bound, when the 4097th range came; 9 more since.
+        let kept = MAX_UNMAPPED_RANGES - MAX_UNMAPPED_RANGES / 8 + 9;
+        assert_eq!(c.unmapped.len(), kept);
+        assert_eq!(c.unmapped_forgotten, n - kept as u64);
+        // Exactly the oldest went.
+        let first_kept = c.unmapped.map.keys().next().copied();
+        assert_eq!(first_kept, Some(u128::from(n - kept as u64) * 0x2000));
         let old = c.check(&write(0, 4));
         assert_eq!(old.len(), 1);
         assert_eq!(old[0].0, ViolationKind::DmaOutsideMap);
-        assert!(old[0].1.contains("10 older unmapped ranges forgotten"));
+        assert!(old[0].1.contains("513 older unmapped ranges forgotten"));
         let recent = c.check(&write((n - 1) * 0x2000, 4));
         assert_eq!(recent.len(), 1);
         assert_eq!(recent[0].0, ViolationKind::DmaAfterUnmap);
@@ -1285,6 +1461,9 @@ mod tests {
         // Unknown: no false violation.
         assert!(c.check(&write(u64::MAX - 0x1000, 4)).is_empty());
         c.check(&Event::ClientDisconnected);
+        // Everything mapped moved to the history, which stays bounded.
+        assert_eq!(c.mapped.len(), 0);
+        assert!(c.unmapped.len() <= MAX_UNMAPPED_RANGES);
         c.check(&Event::ClientConnected);
         c.check(&command(BME));
         assert!(!c.mapped_untracked);
@@ -1299,9 +1478,13 @@ mod tests {
         for p in 0..(MAX_TRACKED_PASIDS as u32 + 100) {
             c.check(&Event::PasidUnbindAck { pasid: p });
         }
-        assert_eq!(c.pasids.len(), MAX_TRACKED_PASIDS);
+        assert!(c.pasids.len() <= MAX_TRACKED_PASIDS);
         // The oldest were forgotten, the newest are kept.
-        assert!(!c.pasids.contains_key(&0));
+        let first_kept = c.pasids.keys().next().copied();
+        assert_eq!(
+            first_kept,
+            Some(MAX_TRACKED_PASIDS as u32 + 100 - c.pasids.len() as u32)
+        );
         assert!(c.pasids.contains_key(&(MAX_TRACKED_PASIDS as u32 + 99)));
     }
 

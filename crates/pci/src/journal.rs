@@ -172,7 +172,8 @@ pub enum Event {
     Interrupt {
         /// MSI-X vector.
         vector: u16,
-        /// "delivered", "pending" or "refused:<reason>".
+        /// MSI-X: `delivered`, `pending` or `refused:<reason>`; INTx: `intx-delivered`,
+        /// `intx-held:<why>`, … (the checker objects only to signals while disabled).
         outcome: String,
     },
     /// A PASID was bound to a page-table root.
@@ -505,5 +506,327 @@ impl Inner {
         *lb = lb.saturating_add(bytes);
         last.t_ns = self.start.elapsed().as_nanos() as u64;
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dma(dir: Dir, pasid: Option<u32>, iova: u64, len: u64) -> Event {
+        Event::Dma {
+            dir,
+            pasid,
+            iova,
+            len,
+            count: 1,
+            bytes: len,
+        }
+    }
+
+    fn note(i: u64) -> Event {
+        Event::Note {
+            text: format!("note {i}"),
+        }
+    }
+
+    /// A journal whose checker sees 0..0x10_0000 mapped and Bus Master on.
+    fn enabled(capacity: usize) -> Journal {
+        let j = Journal::new("t", capacity);
+        j.record(Event::ClientConnected);
+        j.record(Event::DmaMapped {
+            iova: 0,
+            size: 0x10_0000,
+            backed: true,
+        });
+        j.record(Event::Command {
+            old: 0,
+            new: 0x0006,
+        });
+        j
+    }
+
+    fn all(j: &Journal) -> Vec<Record> {
+        j.since(0).0
+    }
+
+    #[test]
+    fn test_aggregation_adjacent_writes_one_record() {
+        let j = enabled(64);
+        let before = j.last_seq();
+        for i in 0..100u64 {
+            j.record(dma(Dir::Write, None, 0x1000 + i * 64, 64));
+        }
+        let recs = all(&j);
+        assert_eq!(j.last_seq(), before + 1);
+        let last = recs.last().map(|r| r.event.clone());
+        assert_eq!(
+            last,
+            Some(Event::Dma {
+                dir: Dir::Write,
+                pasid: None,
+                iova: 0x1000,
+                len: 100 * 64,
+                count: 100,
+                bytes: 6400,
+            })
+        );
+        let st = j.stats();
+        assert_eq!(st.dma_accesses, 100);
+        assert_eq!(st.dma_bytes, 6400);
+        assert!(j.violations().is_empty());
+    }
+
+    #[test]
+    fn test_aggregation_same_range_repeated_counts_accesses() {
+        let j = enabled(64);
+        for _ in 0..10 {
+            j.record(dma(Dir::Read, Some(3), 0x2000, 8));
+        }
+        let last = all(&j).pop().map(|r| r.event);
+        assert_eq!(
+            last,
+            Some(Event::Dma {
+                dir: Dir::Read,
+                pasid: Some(3),
+                iova: 0x2000,
+                len: 8,
+                count: 10,
+                bytes: 80,
+            })
+        );
+    }
+
+    #[test]
+    fn test_aggregation_other_pasid_dir_or_gap_new_record() {
+        let j = enabled(64);
+        let before = j.last_seq();
+        j.record(dma(Dir::Write, Some(1), 0x1000, 64));
+        j.record(dma(Dir::Write, Some(1), 0x1040, 64)); // folded
+        j.record(dma(Dir::Write, Some(2), 0x1080, 64)); // other PASID
+        j.record(dma(Dir::Write, None, 0x10c0, 64)); // no PASID
+        j.record(dma(Dir::Read, None, 0x1100, 64)); // other direction
+        j.record(dma(Dir::Read, None, 0x9000, 64)); // not adjacent
+        assert_eq!(j.last_seq(), before + 5);
+        let recs = all(&j);
+        let n = recs.len();
+        assert!(matches!(
+            recs[n - 5].event,
+            Event::Dma {
+                pasid: Some(1),
+                iova: 0x1000,
+                len: 128,
+                count: 2,
+                ..
+            }
+        ));
+        assert!(matches!(
+            recs[n - 4].event,
+            Event::Dma {
+                pasid: Some(2),
+                count: 1,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn test_aggregation_violating_access_own_record_then_violation() {
+        let j = enabled(64);
+        j.record(dma(Dir::Write, None, 0xf_ffc0, 64));
+        // Crosses the end of the map: adjacent, but must not be folded.
+        j.record(dma(Dir::Write, None, 0x10_0000, 64));
+        j.record(dma(Dir::Write, None, 0x10_0040, 64));
+        let recs = all(&j);
+        let tail: Vec<&Event> = recs.iter().rev().take(5).rev().map(|r| &r.event).collect();
+        let is_dma =
+            |e: &Event, at: u64| matches!(*e, Event::Dma { iova, count: 1, .. } if iova == at);
+        let is_outside = |e: &Event| {
+            matches!(
+                e,
+                Event::Violation {
+                    kind: ViolationKind::DmaOutsideMap,
+                    ..
+                }
+            )
+        };
+        assert!(is_dma(tail[0], 0xf_ffc0), "{tail:?}");
+        assert!(is_dma(tail[1], 0x10_0000), "{tail:?}");
+        assert!(is_outside(tail[2]), "{tail:?}");
+        assert!(is_dma(tail[3], 0x10_0040), "{tail:?}");
+        assert!(is_outside(tail[4]), "{tail:?}");
+        assert_eq!(j.violations().len(), 2);
+    }
+
+    #[test]
+    fn test_aggregation_after_since_read_starts_new_record() {
+        let j = enabled(64);
+        j.record(dma(Dir::Write, None, 0x1000, 64));
+        let (recs, _) = j.since(0);
+        let seen = recs.last().map(|r| r.seq).unwrap_or_default();
+        // The record the reader has is final: a new one starts.
+        j.record(dma(Dir::Write, None, 0x1040, 64));
+        // Not read yet: this one folds.
+        j.record(dma(Dir::Write, None, 0x1080, 64));
+        let (recs, lost) = j.since(seen);
+        assert_eq!(lost, 0);
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].seq, seen + 1);
+        assert!(matches!(
+            recs[0].event,
+            Event::Dma {
+                iova: 0x1040,
+                len: 128,
+                count: 2,
+                ..
+            }
+        ));
+        // And that record is now final too.
+        j.record(dma(Dir::Write, None, 0x10c0, 64));
+        assert_eq!(j.last_seq(), seen + 2);
+        // The cumulative record was not changed behind the reader's back.
+        assert_eq!(j.since(seen).0[0], recs[0]);
+    }
+
+    #[test]
+    fn test_ring_over_capacity_evicts_oldest_and_counts() {
+        let j = Journal::new("t", 16);
+        for i in 0..40 {
+            j.record(note(i));
+        }
+        let st = j.stats();
+        assert_eq!(st.records, 40);
+        assert_eq!(st.dropped, 24);
+        assert_eq!(j.last_seq(), 40);
+        let (recs, lost) = j.since(0);
+        assert_eq!(lost, 24);
+        assert_eq!(recs.len(), 16);
+        assert_eq!(recs.first().map(|r| r.seq), Some(25));
+        assert_eq!(recs.last().map(|r| r.seq), Some(40));
+        assert_eq!(recs[0].event, note(24));
+    }
+
+    #[test]
+    fn test_ring_small_capacity_raised_to_minimum() {
+        let j = Journal::new("t", 1);
+        for i in 0..20 {
+            j.record(note(i));
+        }
+        assert_eq!(j.since(0).0.len(), 16);
+    }
+
+    #[test]
+    fn test_since_counts_only_lost_records_after_cursor() {
+        let j = Journal::new("t", 16);
+        assert_eq!(j.since(0), (Vec::new(), 0));
+        assert_eq!(j.last_seq(), 0);
+        for i in 0..40 {
+            j.record(note(i));
+        }
+        // Cursor inside the dropped part: 11..=24 were lost.
+        let (recs, lost) = j.since(10);
+        assert_eq!((recs.len(), lost), (16, 14));
+        // Cursor exactly before the oldest kept record: nothing lost.
+        let (recs, lost) = j.since(24);
+        assert_eq!((recs.len(), lost), (16, 0));
+        // Cursor inside the ring.
+        let (recs, lost) = j.since(30);
+        assert_eq!(recs.len(), 10);
+        assert_eq!(recs.first().map(|r| r.seq), Some(31));
+        assert_eq!(lost, 0);
+        // Up to date, or beyond.
+        assert_eq!(j.since(40), (Vec::new(), 0));
+        assert_eq!(j.since(1000), (Vec::new(), 0));
+    }
+
+    #[test]
+    fn test_violations_survive_ring_eviction() {
+        let j = Journal::new("t", 16);
+        j.record(Event::PasidUnbindAck { pasid: 4 });
+        j.record(Event::PageWalk {
+            pasid: 4,
+            va: 0x1000,
+            pa: None,
+        });
+        for i in 0..100 {
+            j.record(note(i));
+        }
+        let (recs, lost) = j.since(0);
+        assert!(lost > 0);
+        assert!(!recs
+            .iter()
+            .any(|r| matches!(r.event, Event::Violation { .. })));
+        let v = j.violations();
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].seq, 3);
+        assert!(matches!(
+            v[0].event,
+            Event::Violation {
+                kind: ViolationKind::WalkAfterRelease,
+                ..
+            }
+        ));
+        assert_eq!(j.violations_since(2).len(), 1);
+        assert!(j.violations_since(3).is_empty());
+    }
+
+    #[test]
+    fn test_violations_over_limit_first_kept_all_counted() {
+        let j = Journal::new("t", 16);
+        j.record(Event::PasidReleased { pasid: 1 });
+        let n = MAX_VIOLATIONS as u64 + 44;
+        for i in 0..n {
+            j.record(Event::PageWalk {
+                pasid: 1,
+                va: i * 0x1000,
+                pa: None,
+            });
+        }
+        let v = j.violations();
+        assert_eq!(v.len(), MAX_VIOLATIONS);
+        assert_eq!(v.first().map(|r| r.seq), Some(3));
+        assert_eq!(j.stats().violations, n);
+        // The newest are still in the ring.
+        let (recs, _) = j.since(0);
+        assert!(matches!(
+            recs.last().map(|r| &r.event),
+            Some(Event::Violation { .. })
+        ));
+    }
+
+    #[test]
+    fn test_stats_count_events_by_kind() {
+        let j = Journal::new("t", 16);
+        j.record(Event::ResetBegin { kind: "flr" });
+        j.record(Event::DmaRefused {
+            dir: Dir::Read,
+            iova: 0,
+            len: 4,
+            reason: Refusal::Resetting,
+        });
+        j.record(Event::ResetEnd { kind: "flr" });
+        j.record(Event::Interrupt {
+            vector: 0,
+            outcome: "refused:bus-master-disabled".into(),
+        });
+        let st = j.stats();
+        assert_eq!(
+            (st.resets, st.dma_refused, st.interrupts, st.violations),
+            (1, 1, 1, 0)
+        );
+    }
+
+    #[test]
+    fn test_record_serializes_flat_with_type_tag() {
+        let j = Journal::new("t", 16);
+        j.record(Event::Command {
+            old: 0,
+            new: 0x0006,
+        });
+        let rec = j.since(0).0.pop().map(|r| serde_json::to_value(&r).ok());
+        let v = rec.flatten().unwrap_or_default();
+        assert_eq!(v["seq"], 1);
+        assert_eq!(v["type"], "command");
+        assert_eq!(v["new"], 6);
     }
 }
