@@ -228,6 +228,9 @@ impl Bus {
             });
             Err(DmaFault::Refused(reason))
         };
+        // Counted in flight before the gate is checked, so a state change that drains
+        // in-flight accesses cannot slip between our check and our access.
+        let _tx = self.transaction();
         if let Err(reason) = self.may_master() {
             return refuse(reason);
         }
@@ -239,7 +242,6 @@ impl Bus {
         {
             return refuse(Refusal::InjectedError);
         }
-        let _tx = self.transaction();
         let client = self.client();
         let Some(link) = client.as_ref() else {
             drop(client);
@@ -281,6 +283,8 @@ impl Bus {
     /// clear, in D3hot, during a reset or with the link down the function sends nothing and
     /// keeps the vector pending (PBA).
     pub fn raise_msix(&self, vector: u16) -> MsixOutcome {
+        // A message is a memory write: in flight from the gate check to its journal record.
+        let _tx = self.transaction();
         let mut msix = self.msix();
         let Some(m) = msix.as_mut() else {
             return MsixOutcome::InvalidVector;

@@ -343,6 +343,9 @@ struct Faults {
     stuck_tp: bool,
 }
 
+/// Command.Bus Master Enable.
+const BUS_MASTER_BIT: u16 = 1 << 2;
+
 /// The journal's name of a reset kind.
 pub fn reset_name(kind: ResetKind) -> &'static str {
     match kind {
@@ -454,14 +457,18 @@ impl<F: PciFunction> Endpoint<F> {
         info!("{}: {kind:?} reset", self.name);
         let name = reset_name(kind);
         let old_command = self.config.read_u16(reg::COMMAND);
-        self.journal.record(Event::ResetBegin { kind: name });
-        // From here the bus refuses DMA and interrupts; the function stops its engines in
-        // `reset` before returning.
+        // From here the bus refuses DMA and interrupts; accesses already past the gate finish
+        // (and are journaled) before the reset is; the function stops its engines in `reset`.
         self.bus.set_resetting(true);
+        self.drain_inflight();
+        self.journal.record(Event::ResetBegin { kind: name });
         if kind == ResetKind::LostConnection {
             self.config.power_on_reset();
             // A new client is a new card in the slot: injected faults go with the old one,
             // except the configured reset latency.
+            if self.faults.link_down {
+                self.journal.record(Event::Link { up: true });
+            }
             self.faults.link_down = false;
             self.faults.stuck_tp = false;
             self.bus.set_link(true);
@@ -491,6 +498,31 @@ impl<F: PciFunction> Endpoint<F> {
             0 | u32::MAX => None,
             ms => Some(Instant::now() + Duration::from_millis(u64::from(ms))),
         };
+    }
+
+    /// Apply a change of the state that gates the bus and journal it, in the order that keeps
+    /// the journal truthful with engine threads running: an enabling change is recorded before
+    /// it takes effect (no DMA can be journaled ahead of the permission it relied on); a
+    /// disabling change takes effect first, then accesses already past the gate drain, then it
+    /// is recorded (they land before it, as they happened before it).
+    fn change_state(&mut self, disabling: bool, event: Event, apply: impl FnOnce(&Bus)) {
+        if disabling {
+            apply(&self.bus);
+            self.drain_inflight();
+            self.journal.record(event);
+        } else {
+            self.journal.record(event);
+            apply(&self.bus);
+        }
+    }
+
+    /// Wait (briefly, bounded) until DMA already past the bus gate has finished. Accesses are
+    /// copies of at most a chunk; 100 ms is far beyond one.
+    fn drain_inflight(&self) {
+        let deadline = Instant::now() + Duration::from_millis(100);
+        while self.bus.inflight() > 0 && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
     }
 
     fn power_bits(&self) -> u8 {
@@ -649,15 +681,21 @@ impl<F: PciFunction> Endpoint<F> {
             trace!("{}: {ev:?}", self.name);
             match ev {
                 ConfigEvent::CommandChanged { old, new } => {
-                    self.bus.set_command(new);
-                    self.journal.record(Event::Command { old, new });
+                    let disabling = old & BUS_MASTER_BIT != 0 && new & BUS_MASTER_BIT == 0;
+                    self.change_state(disabling, Event::Command { old, new }, |b| {
+                        b.set_command(new)
+                    });
                 }
                 ConfigEvent::PowerState { from, to } => {
-                    self.bus.set_power(self.power_bits());
-                    self.journal.record(Event::Power {
-                        from: from as u8,
-                        to: to as u8,
-                    });
+                    let bits = self.power_bits();
+                    self.change_state(
+                        to == PowerState::D3Hot,
+                        Event::Power {
+                            from: from as u8,
+                            to: to as u8,
+                        },
+                        |b| b.set_power(bits),
+                    );
                 }
                 _ => {}
             }
@@ -972,13 +1010,11 @@ impl<F: PciFunction> Controllable for Endpoint<F> {
         match *fault {
             Fault::LinkDown => {
                 self.faults.link_down = true;
-                self.bus.set_link(false);
-                self.journal.record(Event::Link { up: false });
+                self.change_state(true, Event::Link { up: false }, |b| b.set_link(false));
             }
             Fault::LinkUp => {
                 self.faults.link_down = false;
-                self.bus.set_link(true);
-                self.journal.record(Event::Link { up: true });
+                self.change_state(false, Event::Link { up: true }, |b| b.set_link(true));
             }
             Fault::DmaError { count } => self.bus.inject_dma_errors(count),
             Fault::SlowReset { ms } => self.faults.slow_reset_ms = ms,
