@@ -17,7 +17,8 @@
 //! The building blocks are public for other lab commands and tests:
 //! [`provision`] (run `qemu-scripts/provision.sh`, parse its `PCISIM_*` lines), [`guest`] (build the
 //! static guest binary), [`initramfs`] (newc cpio writer, `modules.dep` resolution, `/init`),
-//! [`server`] (`pcisim serve`/`describe`), [`qemu`] (command line and child), [`agent`] (the
+//! [`server`] (`pcisim serve`/`describe`), [`control`] (the server's control socket: journal,
+//! violations, fault injection), [`qemu`] (command line and child), [`agent`] (the
 //! JSON-lines client), [`ktap`] (writer and parser), [`scenario`] (catalogue, verdicts) and
 //! [`process`] (children that die with the lab, SIGINT/SIGTERM handling).
 //!
@@ -36,9 +37,12 @@
 //! Every run gets `pcisim-lab-<pid>-<nonce>/`, kept when anything failed (its path is printed):
 //! `console.log` (the guest's ttyS0), `qemu.log` (QEMU's stderr), `qemu-cmdline.sh`, `server.log`,
 //! `agent.log` (the agent link, `>` sent, `<` received), `<ID>.stdout`/`<ID>.stderr` per scenario,
-//! `provision.log`, `guest-build.log`, `describe.log`, `initramfs.cpio` and the sockets.
+//! `<ID>.journal.jsonl` (what the devices journaled during the scenario, one JSON record a line;
+//! also `boot.journal.jsonl` and `teardown.journal.jsonl`), `provision.log`, `guest-build.log`,
+//! `describe.log`, `initramfs.cpio` and the sockets (`control.sock` is the server's control socket).
 
 pub mod agent;
+pub mod control;
 pub mod error;
 pub mod guest;
 pub mod initramfs;

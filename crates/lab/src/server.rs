@@ -1,4 +1,5 @@
-//! The device server (`pcisim serve`) as a lab child, and `pcisim describe`.
+//! The device server (`pcisim serve`) as a lab child (with its control socket), and
+//! `pcisim describe`.
 
 use std::fs::{self, File};
 use std::os::unix::fs::FileTypeExt;
@@ -61,6 +62,9 @@ pub enum ServerError {
     /// `pcisim describe` printed something else than the documented JSON.
     #[error("`pcisim describe` printed unexpected output: {0}")]
     BadDescription(String),
+    /// The control socket failed.
+    #[error("The device server's control socket failed")]
+    Control(#[from] crate::control::ControlError),
 }
 
 /// A `gpu:socket=PATH,id=ID,extra...` device spec for `pcisim serve`/`describe`. Each `extra`
@@ -181,21 +185,27 @@ impl ServerExit {
 pub struct Server {
     guard: ChildGuard,
     log: PathBuf,
+    control: Option<PathBuf>,
 }
 
 impl Server {
-    /// Starts `pcisim serve --device SPEC...` with stdout+stderr into `log` (RUST_LOG=info unless
-    /// set) and waits until every socket in `sockets` exists.
+    /// Starts `pcisim serve --device SPEC... [--control PATH]` with stdout+stderr into `log`
+    /// (RUST_LOG=info unless set) and waits until every socket in `sockets` (and the control
+    /// socket) exists.
     pub fn start(
         pcisim: &Path,
         specs: &[String],
         sockets: &[PathBuf],
+        control: Option<&Path>,
         log: &Path,
     ) -> Result<Server, ServerError> {
         let mut cmd = Command::new(pcisim);
         cmd.arg("serve");
         for spec in specs {
             cmd.args(["--device", spec]);
+        }
+        if let Some(c) = control {
+            cmd.arg("--control").arg(c);
         }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
@@ -212,9 +222,10 @@ impl Server {
         let mut server = Server {
             guard,
             log: log.to_path_buf(),
+            control: control.map(Path::to_path_buf),
         };
         let deadline = Instant::now() + START_TIMEOUT;
-        for socket in sockets {
+        for socket in sockets.iter().map(PathBuf::as_path).chain(control) {
             loop {
                 if let Some(status) = server.guard.try_wait()? {
                     return Err(ServerError::Exited {
@@ -228,7 +239,7 @@ impl Server {
                 }
                 if Instant::now() >= deadline {
                     return Err(ServerError::NoSocket {
-                        socket: socket.clone(),
+                        socket: socket.to_path_buf(),
                         timeout: START_TIMEOUT,
                         log: server.log.clone(),
                     });
@@ -237,6 +248,21 @@ impl Server {
             }
         }
         Ok(server)
+    }
+
+    /// The control socket, if the server was started with one.
+    pub fn control_path(&self) -> Option<&Path> {
+        self.control.as_deref()
+    }
+
+    /// A new connection to the control socket.
+    pub fn control(&self) -> Result<crate::control::ControlClient, ServerError> {
+        let path = self.control.as_deref().ok_or_else(|| {
+            crate::control::ControlError::Refused(
+                "the device server was started without --control".into(),
+            )
+        })?;
+        Ok(crate::control::ControlClient::connect(path)?)
     }
 
     /// The server's pid.

@@ -3,13 +3,22 @@
 //! ```text
 //! run dir ($XDG_RUNTIME_DIR or /tmp)/pcisim-lab-<pid>-<nonce>/
 //!   provision.log guest-build.log initramfs.cpio server.log describe.log
-//!   gpu0.sock agent.sock qmp.sock console.log qemu.log agent.log  E1.stdout E1.stderr ...
+//!   gpu0.sock control.sock agent.sock qmp.sock console.log qemu.log agent.log
+//!   boot.journal.jsonl  E1.stdout E1.stderr E1.journal.jsonl ...  teardown.journal.jsonl
 //!
-//! provision.sh ─► cargo build guest-tests ─► initramfs ─► pcisim serve (gpu0.sock) ─► describe
-//!   ─► listen agent.sock ─► QEMU (connects agent.sock, attaches gpu0.sock) ─► agent ready
+//! provision.sh ─► cargo build guest-tests ─► initramfs ─► pcisim serve (gpu0.sock, control.sock)
+//!   ─► describe ─► listen agent.sock ─► QEMU (connects agent.sock, attaches gpu0.sock)
+//!   ─► agent ready ─► journal check "boot"
 //!   ─► for each scenario: agent run pcisim-guest <sub> ... ─► KTAP (nested) + verdict
-//!   ─► agent poweroff ─► QEMU exits ─► SIGTERM server ─► clean exit, no panic in its log
+//!        ─► journal check: the devices' records since the previous check ─► <ID>.journal.jsonl;
+//!           any violation among them makes the scenario `not ok` (`# VIOLATION kind: ...`)
+//!   ─► agent poweroff ─► QEMU exits ─► journal check "teardown" ─► journal summary per device
+//!   ─► SIGTERM server ─► clean exit, no panic in its log
 //! ```
+//!
+//! Journal windows are contiguous: each check reads from where the previous one ended, so a
+//! violation is always attributed to the boot, a scenario or the teardown. A violation during
+//! the boot or the teardown is reported as a top-level KTAP diagnostic and fails the run.
 //!
 //! The run directory is removed after a fully successful run (unless `keep`), and kept, with its
 //! path printed, otherwise.
@@ -22,6 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use log::{debug, warn};
 
 use crate::agent::{Agent, AgentError, AgentListener, RunOutput};
+use crate::control::{JournalWatch, WindowReport};
 use crate::error::{error_chain, LabError};
 use crate::ktap::{KtapWriter, Status, TestResult};
 use crate::process::{self, describe_status, ChildGuard, InterruptGuard};
@@ -441,7 +451,7 @@ fn run_in(
         names.join(" ")
     ))?;
 
-    // 4. Device server.
+    // 4. Device server, with its control socket (journals, violations).
     let socket = run.join("gpu0.sock");
     let spec = server::device_spec("gpu", &socket, "gpu0", &opts.device_opts);
     let server_log = run.join("server.log");
@@ -450,6 +460,7 @@ fn run_in(
         &opts.pcisim_exe,
         std::slice::from_ref(&spec),
         std::slice::from_ref(&socket),
+        Some(&run.join("control.sock")),
         &server_log,
     ) {
         Ok(s) => s,
@@ -472,6 +483,7 @@ fn run_in(
         gpu.description.device_id,
         gpu.description.class_code
     ))?;
+    let mut watch = JournalWatch::new(server.control()?).map_err(ServerError::from)?;
 
     // 5. The VM.
     let listener = AgentListener::bind(&run.join("agent.sock"))?;
@@ -513,11 +525,20 @@ fn run_in(
         "guest booted in {:.1} s (QEMU start to agent ready)",
         secs(boot)
     ))?;
+    let mut outside_clean = check_outside(&mut watch, "boot", run, report)?;
 
     // 6. Scenarios.
     let mut broken: Option<String> = None;
     for s in scenarios {
-        run_scenario(s, &gpu, &mut agent, &mut server, &mut broken, run, report)?;
+        let mut ctx = ScenarioCtx {
+            gpu: &gpu,
+            agent: &mut agent,
+            server: &mut server,
+            watch: &mut watch,
+            broken: &mut broken,
+            run,
+        };
+        run_scenario(s, &mut ctx, report)?;
     }
 
     // 7. Teardown: power off, QEMU exits, stop the server and check how it ended.
@@ -546,6 +567,18 @@ fn run_in(
         }
     }
     drop(qemu);
+    if server.exited().is_none() {
+        outside_clean &= check_outside(&mut watch, "teardown", run, report)?;
+        match watch.summary() {
+            Ok(lines) => {
+                for l in lines {
+                    report.line(&format!("journal {l}"))?;
+                }
+            }
+            Err(e) => report.line(&format!("journal summary unavailable: {}", error_chain(&e)))?,
+        }
+    }
+    ok &= outside_clean;
     let exit = server.stop()?;
     if exit.ok() {
         report.line(&format!("device server exited cleanly ({})", exit.status))?;
@@ -608,15 +641,76 @@ fn last_lines(text: &str, n: usize) -> Vec<&str> {
     lines[lines.len().saturating_sub(n)..].to_vec()
 }
 
-fn run_scenario(
-    s: &Scenario,
-    gpu: &DescribedDevice,
-    agent: &mut Agent,
-    server: &mut Server,
-    broken: &mut Option<String>,
+/// Checks the devices' journals for a window outside any scenario (`boot`, `teardown`): saves
+/// `RUN/<what>.journal.jsonl` and reports violations as top-level KTAP diagnostics. Returns
+/// whether the window was clean (an unreadable journal counts as clean, with a warning: the
+/// scenarios' own checks fail if the journal stays unreadable).
+fn check_outside(
+    watch: &mut JournalWatch,
+    what: &str,
     run: &RunDir,
     report: &mut Report<'_>,
+) -> Result<bool, LabError> {
+    match watch.check(Some(&run.join(&format!("{what}.journal.jsonl")))) {
+        Ok(w) if w.clean() => {
+            note_lost(&w, what, report)?;
+            Ok(true)
+        }
+        Ok(w) => {
+            note_lost(&w, what, report)?;
+            let head = format!("{what}: {}", w.reason());
+            report.ktap.diagnostic(&head).map_err(LabError::Output)?;
+            report.line(&head)?;
+            for d in w.diagnostics() {
+                report.ktap.diagnostic(&d).map_err(LabError::Output)?;
+                report.line(&format!("  {d}"))?;
+            }
+            Ok(false)
+        }
+        Err(e) => {
+            warn!("{what}: journal check failed: {}", error_chain(&e));
+            report.line(&format!(
+                "{what}: journal check failed: {}",
+                error_chain(&e)
+            ))?;
+            Ok(true)
+        }
+    }
+}
+
+fn note_lost(w: &WindowReport, what: &str, report: &mut Report<'_>) -> Result<(), LabError> {
+    if w.lost > 0 {
+        report.line(&format!(
+            "{what}: {} journal records were dropped before they could be read (violations are kept apart)",
+            w.lost
+        ))?;
+    }
+    Ok(())
+}
+
+/// What a scenario runs against.
+struct ScenarioCtx<'a> {
+    gpu: &'a DescribedDevice,
+    agent: &'a mut Agent,
+    server: &'a mut Server,
+    watch: &'a mut JournalWatch,
+    broken: &'a mut Option<String>,
+    run: &'a RunDir,
+}
+
+fn run_scenario(
+    s: &Scenario,
+    ctx: &mut ScenarioCtx<'_>,
+    report: &mut Report<'_>,
 ) -> Result<(), LabError> {
+    let ScenarioCtx {
+        gpu,
+        agent,
+        server,
+        watch,
+        broken,
+        run,
+    } = ctx;
     if let Some(why) = broken.clone() {
         return report.scenario(s, &Verdict::Fail(why), &Nested::None, &[], Duration::ZERO);
     }
@@ -630,7 +724,7 @@ fn run_scenario(
         Ok(out) => judge(s, &out, run, &mut diagnostics),
         Err(AgentError::Interrupted(sig)) => return Err(LabError::Interrupted(sig)),
         Err(e) => {
-            *broken = Some(format!("not run: the VM is unusable ({e})"));
+            **broken = Some(format!("not run: the VM is unusable ({e})"));
             (Verdict::Fail(format!("agent: {e}")), Nested::None)
         }
     };
@@ -640,9 +734,45 @@ fn run_scenario(
         for l in tail_lines(&run.join("server.log"), 10) {
             diagnostics.push(format!("server.log: {l}"));
         }
-        *broken = Some(format!("not run: {why}"));
+        **broken = Some(format!("not run: {why}"));
+    } else {
+        let journal = run.join(&format!("{}.journal.jsonl", s.id));
+        verdict = judge_journal(verdict, watch.check(Some(&journal)), &mut diagnostics);
     }
     report.scenario(s, &verdict, &nested, &diagnostics, elapsed)
+}
+
+/// The guest's verdict, amended by what the devices journaled during the scenario: any
+/// violation fails it (even if the guest said ok), and so does a journal that cannot be read
+/// (no evidence is not evidence of no violation).
+fn judge_journal(
+    verdict: Verdict,
+    window: Result<WindowReport, crate::control::ControlError>,
+    diagnostics: &mut Vec<String>,
+) -> Verdict {
+    let (why, lines) = match window {
+        Ok(w) => {
+            if w.lost > 0 {
+                diagnostics.push(format!(
+                    "journal: {} records were dropped before they could be read",
+                    w.lost
+                ));
+            }
+            if w.clean() {
+                return verdict;
+            }
+            (w.reason(), w.diagnostics())
+        }
+        Err(e) => {
+            let why = format!("device journal unreadable: {}", error_chain(&e));
+            (why.clone(), vec![why])
+        }
+    };
+    diagnostics.extend(lines);
+    match verdict {
+        Verdict::Fail(r) => Verdict::Fail(format!("{r}; {why}")),
+        Verdict::Pass | Verdict::Skip(_) => Verdict::Fail(why),
+    }
 }
 
 fn judge(
@@ -696,6 +826,73 @@ mod tests {
         assert_eq!(last_lines("x\n\ny\nz\n", 2), ["y", "z"]);
         let mut dir = dir;
         dir.set_remove(true);
+    }
+
+    fn violation_window() -> WindowReport {
+        WindowReport {
+            records: 10,
+            lost: 0,
+            violations: vec![crate::control::Violation {
+                device: "gpu0".into(),
+                record: serde_json::json!({"seq": 7, "t_ns": 1, "type": "violation",
+                    "kind": "dma_after_unmap", "detail": "write 0x1000+4 after unmap"}),
+            }],
+            unretained: 0,
+        }
+    }
+
+    #[test]
+    fn test_judge_journal_violation_fails_a_passing_scenario() {
+        let mut diags = Vec::new();
+        let v = judge_journal(Verdict::Pass, Ok(violation_window()), &mut diags);
+        assert_eq!(
+            v,
+            Verdict::Fail("1 device-side violation (dma_after_unmap)".into())
+        );
+        assert_eq!(
+            diags,
+            ["VIOLATION dma_after_unmap: write 0x1000+4 after unmap [gpu0 #7]"]
+        );
+        // A guest failure keeps its reason; a skip with a violation is a failure.
+        let v = judge_journal(
+            Verdict::Fail("exit 1".into()),
+            Ok(violation_window()),
+            &mut Vec::new(),
+        );
+        assert_eq!(
+            v,
+            Verdict::Fail("exit 1; 1 device-side violation (dma_after_unmap)".into())
+        );
+        let v = judge_journal(
+            Verdict::Skip("no vfio".into()),
+            Ok(violation_window()),
+            &mut Vec::new(),
+        );
+        assert!(matches!(v, Verdict::Fail(_)));
+    }
+
+    #[test]
+    fn test_judge_journal_clean_or_unreadable() {
+        let mut diags = Vec::new();
+        let clean = WindowReport {
+            records: 3,
+            lost: 2,
+            ..WindowReport::default()
+        };
+        assert_eq!(
+            judge_journal(Verdict::Pass, Ok(clean), &mut diags),
+            Verdict::Pass
+        );
+        assert_eq!(diags.len(), 1, "lost records are mentioned: {diags:?}");
+        let err = crate::control::ControlError::Closed(PathBuf::from("/run/control.sock"));
+        let v = judge_journal(Verdict::Pass, Err(err), &mut Vec::new());
+        assert!(matches!(v, Verdict::Fail(r) if r.starts_with("device journal unreadable")));
+        let many = WindowReport {
+            unretained: 3,
+            ..violation_window()
+        };
+        assert_eq!(many.reason(), "4 device-side violations (dma_after_unmap)");
+        assert_eq!(many.diagnostics().len(), 2);
     }
 
     #[test]

@@ -14,7 +14,6 @@ pub struct Built {
     /// The backend.
     pub device: Arc<Mutex<dyn Device>>,
     /// The same endpoint, seen by the control socket (journal, status, fault injection).
-    #[allow(dead_code)] // wired to the control socket next
     pub control: Arc<Mutex<dyn Controllable>>,
     /// Its own description (IDs, BARs, capabilities).
     pub description: Description,

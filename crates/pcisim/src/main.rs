@@ -4,10 +4,12 @@
 #![deny(missing_docs)]
 
 mod bench;
+mod control;
+mod ctl;
 mod devices;
 mod spec;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -32,6 +34,20 @@ enum Cmd {
         /// `gpu:socket=PATH[,vram=SIZE][,id=NAME][,no_soft_reset=on|off][,vendor=..][,device=..][,class=..]`
         #[arg(long = "device", required = true)]
         devices: Vec<String>,
+        /// Serve the control socket (journal, stats, status, fault injection) at this path.
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
+    /// Talk to a running server's control socket: journal, violations, stats, faults.
+    Ctl {
+        /// The server's control socket (`pcisim serve --control PATH`).
+        #[arg(long, global = true, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// Print JSON (records as JSON lines) instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: ctl::CtlCmd,
     },
     /// Print each device's own description (IDs, BARs, capabilities) as JSON and exit.
     Describe {
@@ -96,7 +112,13 @@ fn parse_specs(devices: &[String]) -> Result<Vec<spec::DeviceSpec>> {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Cmd::Serve { devices } => serve(&parse_specs(&devices)?),
+        Cmd::Serve { devices, control } => serve(&parse_specs(&devices)?, control.as_deref()),
+        Cmd::Ctl { control, json, cmd } => {
+            let control = control.context(
+                "ctl needs --control PATH (the socket given to `pcisim serve --control`)",
+            )?;
+            ctl::run(&control, json, cmd)
+        }
         Cmd::Describe { devices } => {
             let mut out = Vec::new();
             for s in parse_specs(&devices)? {
@@ -145,13 +167,29 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-fn serve(specs: &[spec::DeviceSpec]) -> Result<i32> {
+fn serve(specs: &[spec::DeviceSpec], control_path: Option<&Path>) -> Result<i32> {
     // Build and bind everything first, so a bad option or a busy socket fails before any
     // device starts serving.
     let mut servers = Vec::new();
     let mut sockets: Vec<PathBuf> = Vec::new();
+    let mut controls = Vec::new();
     for s in specs {
+        if let Some(other) = specs.iter().find(|o| o.id == s.id && !std::ptr::eq(*o, s)) {
+            anyhow::bail!(
+                "two devices are named {:?} ({} and {}): give each its own id=",
+                s.id,
+                s.socket.display(),
+                other.socket.display()
+            );
+        }
         let built = devices::build(s)?;
+        controls.push(control::ControlDevice::new(
+            &s.id,
+            s.kind.name(),
+            &s.socket,
+            built.description.clone(),
+            built.control,
+        ));
         let opts = pcisim_vfio_user::ServerOptions {
             name: s.id.clone(),
             ..Default::default()
@@ -167,6 +205,22 @@ fn serve(specs: &[spec::DeviceSpec]) -> Result<i32> {
         sockets.push(s.socket.clone());
         servers.push(server);
     }
+    let control = match control_path {
+        Some(path) => match control::ControlServer::bind(path, controls) {
+            Ok(c) => {
+                log::info!("control socket on {}", c.path().display());
+                Some(c)
+            }
+            Err(e) => {
+                // Leave no device socket behind that nobody serves.
+                for s in &sockets {
+                    let _ = std::fs::remove_file(s);
+                }
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -183,10 +237,16 @@ fn serve(specs: &[spec::DeviceSpec]) -> Result<i32> {
             })
             .context("spawning a server thread")?;
     }
+    if let Some(c) = control {
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || c.run())
+            .context("spawning the control thread")?;
+    }
     if let Some(sig) = signals.forever().next() {
         log::info!("signal {sig}: shutting down");
     }
-    for s in &sockets {
+    for s in sockets.iter().map(PathBuf::as_path).chain(control_path) {
         let _ = std::fs::remove_file(s);
     }
     Ok(0)

@@ -62,6 +62,15 @@ fn lab_suite_all_scenarios_pass() {
         "pcisim lab suite exited with {}",
         out.status
     );
+    // The device's journal was read through the control socket: one summary line per device,
+    // and no violation anywhere (a violation would have failed a scenario or the run).
+    let progress = String::from_utf8_lossy(&out.stderr);
+    let summary = progress
+        .lines()
+        .find(|l| l.starts_with("lab: journal gpu0: "))
+        .expect("a journal summary line for gpu0");
+    assert!(summary.ends_with(", 0 violations"), "{summary}");
+    assert!(!ktap.contains("VIOLATION"), "no violation diagnostics");
 }
 
 #[test]

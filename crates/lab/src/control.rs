@@ -1,0 +1,799 @@
+//! A client of the device server's control socket (`pcisim serve --control PATH`), and the
+//! readable form of journal records.
+//!
+//! The protocol is newline-delimited JSON: one request object per line, one response object per
+//! line, in order, on a connection that stays open. Every response has `"ok"`; a refused request
+//! is `{"ok":false,"error":"..."}` and the connection keeps serving.
+//!
+//! ```text
+//! {"op":"list"}                                        -> {"ok":true,"devices":[{"id","kind","socket","client","summary","vendor_id","device_id","class_code"}]}
+//! {"op":"journal","device":D,"after":SEQ,"limit":N}    -> {"ok":true,"device":D,"records":[..],"lost":L,"last_seq":S,"next_after":A,"more":bool}
+//! {"op":"violations","device":D,"after":SEQ}           -> {"ok":true,"device":D,"violations":[..],"total":T,"last_seq":S}
+//! {"op":"stats"} / {"op":"stats","device":D}           -> {"ok":true,"stats":{D:{records,dropped,dma_accesses,dma_bytes,..,last_seq}}}
+//! {"op":"status","device":D}                           -> {"ok":true,"device":D,"status":{..}}
+//! {"op":"inject","device":D,"fault":"link-down"}       -> {"ok":true,"device":D,"fault":"link-down"}
+//! ```
+//!
+//! `device` may be left out when the server has exactly one device. Records are the journal's
+//! own JSON (`{"seq":..,"t_ns":..,"type":"dma",...}`); [`format_record`] renders one as a line.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+
+/// How long a request may take before the client gives up (the server answers from memory).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
+/// The largest response line the client accepts (a full journal is a few MiB at most).
+pub const MAX_RESPONSE: u64 = 256 << 20;
+
+/// Errors talking to the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket could not be reached.
+    #[error(
+        "Cannot connect to the control socket {path} (is `pcisim serve --control {path}` running?)"
+    )]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading or writing failed (including a timeout).
+    #[error("Control socket {path}: I/O error")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server closed the connection before answering.
+    #[error("Control socket {0}: the server closed the connection")]
+    Closed(PathBuf),
+    /// The answer was not a JSON object with `ok`.
+    #[error("Control socket {path}: malformed response: {what}")]
+    BadResponse {
+        /// The socket.
+        path: PathBuf,
+        /// What was wrong.
+        what: String,
+    },
+    /// The server refused the request (`{"ok":false,"error":...}`).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// One device as `list` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceEntry {
+    /// Device id (`gpu0`).
+    pub id: String,
+    /// Kind (`gpu`).
+    pub kind: String,
+    /// Its vfio-user socket.
+    pub socket: String,
+    /// Whether a client is attached, when the device says.
+    pub client: Option<bool>,
+    /// One-line description (`1234:0b10 class 030200, 2 BARs, ...`).
+    pub summary: String,
+}
+
+/// A slice of a device's journal.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct JournalSlice {
+    /// Records with `seq > after`, oldest first.
+    pub records: Vec<Value>,
+    /// Records after `after` that the ring dropped before they could be read.
+    pub lost: u64,
+    /// The newest sequence number in the journal.
+    pub last_seq: u64,
+    /// The `after` to ask with next time to continue where this slice ended.
+    pub next_after: u64,
+    /// Whether `limit` cut the slice short.
+    pub more: bool,
+}
+
+/// A connection to a control socket.
+pub struct ControlClient {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl std::fmt::Debug for ControlClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlClient")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl ControlClient {
+    /// Connects to `path` with [`DEFAULT_TIMEOUT`] per request.
+    pub fn connect(path: &Path) -> Result<ControlClient, ControlError> {
+        Self::connect_timeout(path, DEFAULT_TIMEOUT)
+    }
+
+    /// Connects to `path`; each read and write may take up to `timeout`.
+    pub fn connect_timeout(path: &Path, timeout: Duration) -> Result<ControlClient, ControlError> {
+        let connect_err = |source| ControlError::Connect {
+            path: path.to_path_buf(),
+            source,
+        };
+        let stream = UnixStream::connect(path).map_err(connect_err)?;
+        let io_err = |source| ControlError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
+        stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+        let writer = stream.try_clone().map_err(io_err)?;
+        Ok(ControlClient {
+            path: path.to_path_buf(),
+            reader: BufReader::new(stream),
+            writer,
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sends one raw line (without the newline; it is added) and reads the response object,
+    /// whatever it says (`ok` true or false).
+    pub fn send_line(&mut self, line: &str) -> Result<Value, ControlError> {
+        let io_err = |source| ControlError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut out = Vec::with_capacity(line.len() + 1);
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+        self.writer.write_all(&out).map_err(io_err)?;
+        let mut buf = Vec::new();
+        let n = (&mut self.reader)
+            .take(MAX_RESPONSE)
+            .read_until(b'\n', &mut buf)
+            .map_err(|source| ControlError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(ControlError::Closed(self.path.clone()));
+        }
+        let bad = |what: String| ControlError::BadResponse {
+            path: self.path.clone(),
+            what,
+        };
+        if buf.last() != Some(&b'\n') {
+            return Err(bad(format!("a line without newline ({n} bytes)")));
+        }
+        let v: Value = serde_json::from_slice(&buf).map_err(|e| bad(e.to_string()))?;
+        if !v.get("ok").is_some_and(Value::is_boolean) {
+            return Err(bad(format!(
+                "no \"ok\" in {}",
+                truncate(&v.to_string(), 200)
+            )));
+        }
+        Ok(v)
+    }
+
+    /// Sends `request` and returns the response, whatever it says.
+    pub fn request_raw(&mut self, request: &Value) -> Result<Value, ControlError> {
+        self.send_line(&request.to_string())
+    }
+
+    /// Sends `request`; a `{"ok":false}` answer becomes [`ControlError::Refused`].
+    pub fn request(&mut self, request: &Value) -> Result<Value, ControlError> {
+        let v = self.request_raw(request)?;
+        if v.get("ok") == Some(&Value::Bool(true)) {
+            Ok(v)
+        } else {
+            Err(ControlError::Refused(
+                v.get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("the server refused the request")
+                    .to_string(),
+            ))
+        }
+    }
+
+    fn bad(&self, what: &str) -> ControlError {
+        ControlError::BadResponse {
+            path: self.path.clone(),
+            what: what.to_string(),
+        }
+    }
+
+    /// The devices the server serves.
+    pub fn list(&mut self) -> Result<Vec<DeviceEntry>, ControlError> {
+        let v = self.request(&json!({"op": "list"}))?;
+        let devices = v
+            .get("devices")
+            .and_then(Value::as_array)
+            .ok_or_else(|| self.bad("list without \"devices\""))?;
+        let s = |d: &Value, k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        Ok(devices
+            .iter()
+            .map(|d| DeviceEntry {
+                id: s(d, "id"),
+                kind: s(d, "kind"),
+                socket: s(d, "socket"),
+                client: d.get("client").and_then(Value::as_bool),
+                summary: s(d, "summary"),
+            })
+            .collect())
+    }
+
+    /// Records of `device` with `seq > after` (at most `limit`, if given).
+    pub fn journal(
+        &mut self,
+        device: &str,
+        after: u64,
+        limit: Option<u64>,
+    ) -> Result<JournalSlice, ControlError> {
+        let mut req = json!({"op": "journal", "device": device, "after": after});
+        if let Some(l) = limit {
+            req["limit"] = json!(l);
+        }
+        let v = self.request(&req)?;
+        let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+        Ok(JournalSlice {
+            records: v
+                .get("records")
+                .and_then(Value::as_array)
+                .cloned()
+                .ok_or_else(|| self.bad("journal without \"records\""))?,
+            lost: n("lost"),
+            last_seq: n("last_seq"),
+            next_after: n("next_after"),
+            more: v.get("more").and_then(Value::as_bool).unwrap_or(false),
+        })
+    }
+
+    /// Every record of `device` with `seq > after`, fetched in pages (the whole slice, even past
+    /// the server's page size).
+    pub fn journal_all(&mut self, device: &str, after: u64) -> Result<JournalSlice, ControlError> {
+        let mut all = self.journal(device, after, None)?;
+        while all.more {
+            let next = self.journal(device, all.next_after, None)?;
+            all.records.extend(next.records);
+            all.lost += next.lost;
+            all.last_seq = next.last_seq;
+            all.next_after = next.next_after;
+            all.more = next.more;
+        }
+        Ok(all)
+    }
+
+    /// Violation records of `device` with `seq > after`, and how many violations the device has
+    /// found in total (it keeps the first few hundred).
+    pub fn violations(
+        &mut self,
+        device: &str,
+        after: u64,
+    ) -> Result<(Vec<Value>, u64), ControlError> {
+        let v = self.request(&json!({"op": "violations", "device": device, "after": after}))?;
+        let list = v
+            .get("violations")
+            .and_then(Value::as_array)
+            .cloned()
+            .ok_or_else(|| self.bad("violations without \"violations\""))?;
+        let total = v.get("total").and_then(Value::as_u64).unwrap_or(0);
+        Ok((list, total))
+    }
+
+    /// Journal counters per device (of one device if `device` is given); each includes
+    /// `last_seq`.
+    pub fn stats(&mut self, device: Option<&str>) -> Result<Map<String, Value>, ControlError> {
+        let mut req = json!({"op": "stats"});
+        if let Some(d) = device {
+            req["device"] = json!(d);
+        }
+        let v = self.request(&req)?;
+        v.get("stats")
+            .and_then(Value::as_object)
+            .cloned()
+            .ok_or_else(|| self.bad("stats without \"stats\""))
+    }
+
+    /// The newest journal sequence number of `device`.
+    pub fn last_seq(&mut self, device: &str) -> Result<u64, ControlError> {
+        let stats = self.stats(Some(device))?;
+        stats
+            .get(device)
+            .and_then(|s| s.get("last_seq"))
+            .and_then(Value::as_u64)
+            .ok_or_else(|| self.bad("stats without \"last_seq\""))
+    }
+
+    /// The device's state snapshot.
+    pub fn status(&mut self, device: &str) -> Result<Value, ControlError> {
+        let v = self.request(&json!({"op": "status", "device": device}))?;
+        Ok(v.get("status").cloned().unwrap_or(Value::Null))
+    }
+
+    /// Injects `fault` (`link-down`, `dma-error=3`, ...).
+    pub fn inject(&mut self, device: &str, fault: &str) -> Result<(), ControlError> {
+        self.request(&json!({"op": "inject", "device": device, "fault": fault}))
+            .map(|_| ())
+    }
+}
+
+/// One device-side violation found by a [`JournalWatch`] check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Violation {
+    /// The device.
+    pub device: String,
+    /// Its record (`{"seq":..,"type":"violation","kind":..,"detail":..}`).
+    pub record: Value,
+}
+
+impl Violation {
+    /// `VIOLATION dma_after_unmap: write 0x1000+4 [gpu0 #123]`, as a KTAP diagnostic.
+    pub fn line(&self) -> String {
+        let seq = self.record.get("seq").and_then(Value::as_u64).unwrap_or(0);
+        format!("{} [{} #{seq}]", summarize(&self.record), self.device)
+    }
+
+    /// The violation's kind (`dma_after_unmap`).
+    pub fn kind(&self) -> &str {
+        self.record
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+    }
+}
+
+/// What the devices journaled during one window (a scenario, the boot, the teardown).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WindowReport {
+    /// Records read, over all devices.
+    pub records: u64,
+    /// Records the journals dropped before they could be read.
+    pub lost: u64,
+    /// The violations, device by device, oldest first.
+    pub violations: Vec<Violation>,
+    /// Violations counted by the devices in this window but not kept in their violation lists
+    /// (a device keeps only its first few hundred).
+    pub unretained: u64,
+}
+
+impl WindowReport {
+    /// Whether the devices found nothing wrong.
+    pub fn clean(&self) -> bool {
+        self.violations.is_empty() && self.unretained == 0
+    }
+
+    /// How many violations in all.
+    pub fn violation_count(&self) -> u64 {
+        self.violations.len() as u64 + self.unretained
+    }
+
+    /// `2 device-side violations (dma_after_unmap, dma_during_reset)`.
+    pub fn reason(&self) -> String {
+        let mut kinds: Vec<&str> = Vec::new();
+        for v in &self.violations {
+            if !kinds.contains(&v.kind()) {
+                kinds.push(v.kind());
+            }
+        }
+        let n = self.violation_count();
+        format!(
+            "{n} device-side violation{} ({})",
+            if n == 1 { "" } else { "s" },
+            if kinds.is_empty() {
+                "not retained".to_string()
+            } else {
+                kinds.join(", ")
+            }
+        )
+    }
+
+    /// The KTAP diagnostic lines: one `VIOLATION kind: detail [dev #seq]` per violation.
+    pub fn diagnostics(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self.violations.iter().map(Violation::line).collect();
+        if self.unretained > 0 {
+            lines.push(format!(
+                "VIOLATION and {} more not retained by the device journal",
+                self.unretained
+            ));
+        }
+        lines
+    }
+}
+
+/// Follows the journals of a server's devices window by window: each [`JournalWatch::check`]
+/// reads what every device recorded since the previous one, saves it, and returns the
+/// violations among it. Windows are contiguous, so nothing falls between two of them.
+#[derive(Debug)]
+pub struct JournalWatch {
+    client: ControlClient,
+    /// Per device: journal position and violations counted so far.
+    marks: Vec<(String, u64, u64)>,
+}
+
+impl JournalWatch {
+    /// Starts watching every device the server lists, from the beginning of their journals.
+    pub fn new(mut client: ControlClient) -> Result<JournalWatch, ControlError> {
+        let marks = client.list()?.into_iter().map(|d| (d.id, 0, 0)).collect();
+        Ok(JournalWatch { client, marks })
+    }
+
+    /// The devices watched.
+    pub fn devices(&self) -> Vec<String> {
+        self.marks.iter().map(|(d, _, _)| d.clone()).collect()
+    }
+
+    /// The client, for other requests.
+    pub fn client(&mut self) -> &mut ControlClient {
+        &mut self.client
+    }
+
+    /// Reads every device's records since the previous check, writes them to `save` as JSON
+    /// lines (each with a `"device"` field) if given, and collects the violations among them.
+    pub fn check(&mut self, save: Option<&Path>) -> Result<WindowReport, ControlError> {
+        let mut report = WindowReport::default();
+        let mut lines = String::new();
+        for (device, mark, counted) in self.marks.iter_mut() {
+            // The slice first: violations are then taken up to its end, and the next window
+            // starts right after it.
+            let slice = self.client.journal_all(device, *mark)?;
+            let end = slice.next_after.max(*mark);
+            let (list, total) = self.client.violations(device, *mark)?;
+            let (in_window, beyond): (Vec<Value>, Vec<Value>) = list
+                .into_iter()
+                .partition(|r| r.get("seq").and_then(Value::as_u64).unwrap_or(0) <= end);
+            // Counted by the device but in neither list: it keeps only its first few hundred.
+            // (Attributed to this window; once the list is full that is the best guess.)
+            let listed = (in_window.len() + beyond.len()) as u64;
+            let unretained = total.saturating_sub(*counted).saturating_sub(listed);
+            report.unretained += unretained;
+            *counted += in_window.len() as u64 + unretained;
+            report.records += slice.records.len() as u64;
+            report.lost += slice.lost;
+            for r in slice.records {
+                let mut r = r;
+                if let Some(m) = r.as_object_mut() {
+                    m.insert("device".into(), json!(device));
+                }
+                lines.push_str(&r.to_string());
+                lines.push('\n');
+            }
+            report
+                .violations
+                .extend(in_window.into_iter().map(|record| Violation {
+                    device: device.clone(),
+                    record,
+                }));
+            *mark = end;
+        }
+        if let Some(path) = save {
+            if let Err(e) = std::fs::write(path, lines) {
+                log::warn!("cannot write {}: {e}", path.display());
+            }
+        }
+        Ok(report)
+    }
+
+    /// One summary line per device: `gpu0: 1234 records (0 dropped), DMA 1.5 MiB ...`.
+    pub fn summary(&mut self) -> Result<Vec<String>, ControlError> {
+        let stats = self.client.stats(None)?;
+        Ok(stats
+            .iter()
+            .map(|(id, s)| format!("{id}: {}", stats_line(s)))
+            .collect())
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// Fields whose numbers read best in hexadecimal.
+const HEX_FIELDS: &[&str] = &[
+    "iova",
+    "size",
+    "len",
+    "va",
+    "root",
+    "pa",
+    "cached_pa",
+    "walked_pa",
+    "old",
+    "new",
+];
+
+fn field_text(key: &str, v: &Value) -> String {
+    match v {
+        Value::Number(n) if HEX_FIELDS.contains(&key) => match n.as_u64() {
+            Some(u) => format!("{u:#x}"),
+            None => n.to_string(),
+        },
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The event of a journal record in a few words: `dma write iova=0x1000 len=0x200 x3 (1536 B)`,
+/// `VIOLATION dma_after_unmap: ...`. Unknown event types are shown as their fields.
+pub fn summarize(record: &Value) -> String {
+    let ty = record.get("type").and_then(Value::as_str).unwrap_or("?");
+    let f = |k: &str| record.get(k).map(|v| field_text(k, v)).unwrap_or_default();
+    let pasid = match record.get("pasid").and_then(Value::as_u64) {
+        Some(p) => format!(" pasid={p}"),
+        None => String::new(),
+    };
+    match ty {
+        "violation" => format!("VIOLATION {}: {}", f("kind"), f("detail")),
+        "dma" => {
+            let count = record.get("count").and_then(Value::as_u64).unwrap_or(1);
+            let times = if count == 1 {
+                String::new()
+            } else {
+                format!(" x{count}")
+            };
+            format!(
+                "dma {}{pasid} iova={} len={}{times} ({} B)",
+                f("dir"),
+                f("iova"),
+                f("len"),
+                f("bytes")
+            )
+        }
+        "dma_mapped" => format!(
+            "dma_mapped iova={} size={}{}",
+            f("iova"),
+            f("size"),
+            if record.get("backed") == Some(&Value::Bool(false)) {
+                " (no fd)"
+            } else {
+                ""
+            }
+        ),
+        "command" => format!("command {} -> {}", f("old"), f("new")),
+        "power" => format!("power D{} -> D{}", f("from"), f("to")),
+        "link" => format!(
+            "link {}",
+            if record.get("up") == Some(&Value::Bool(true)) {
+                "up"
+            } else {
+                "down"
+            }
+        ),
+        "interrupt" => format!("interrupt vector {} {}", f("vector"), f("outcome")),
+        "fault_injected" => format!("fault injected: {}", f("fault")),
+        "note" => format!("note: {}", f("text")),
+        _ => {
+            let mut s = ty.to_string();
+            if let Some(obj) = record.as_object() {
+                for (k, v) in obj {
+                    if matches!(k.as_str(), "seq" | "t_ns" | "type") || v.is_null() {
+                        continue;
+                    }
+                    s.push_str(&format!(" {k}={}", field_text(k, v)));
+                }
+            }
+            s
+        }
+    }
+}
+
+/// One readable line for a record: sequence number, time in milliseconds since the journal
+/// began, device, event.
+pub fn format_record(device: &str, record: &Value) -> String {
+    let seq = record.get("seq").and_then(Value::as_u64).unwrap_or(0);
+    let t_ms = record.get("t_ns").and_then(Value::as_u64).unwrap_or(0) as f64 / 1e6;
+    format!("{seq:>7} {t_ms:>12.3} ms {device:<8} {}", summarize(record))
+}
+
+/// `1.5 MiB`, `12 KiB`, `300 B`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: &[(&str, u64)] = &[("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (unit, size) in UNITS {
+        if n >= *size {
+            return format!("{:.1} {unit}", n as f64 / *size as f64);
+        }
+    }
+    format!("{n} B")
+}
+
+/// The one-line journal summary of a device's stats object: `2345 records (0 dropped), DMA
+/// 1.5 MiB in 300 accesses, 12 interrupts, 3 resets, 0 violations`.
+pub fn stats_line(stats: &Value) -> String {
+    let n = |k: &str| stats.get(k).and_then(Value::as_u64).unwrap_or(0);
+    format!(
+        "{} records ({} dropped), DMA {} in {} accesses ({} refused, {} faults), {} interrupts, \
+         {} resets, {} violations",
+        n("records"),
+        n("dropped"),
+        human_bytes(n("dma_bytes")),
+        n("dma_accesses"),
+        n("dma_refused"),
+        n("dma_faults"),
+        n("interrupts"),
+        n("resets"),
+        n("violations")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_summarize_known_and_unknown_events() {
+        let v = json!({"seq":3,"t_ns":1,"type":"violation","kind":"dma_after_unmap","detail":"write 0x1000+4"});
+        assert_eq!(summarize(&v), "VIOLATION dma_after_unmap: write 0x1000+4");
+        let d = json!({"seq":4,"t_ns":1,"type":"dma","dir":"write","pasid":null,"iova":4096,"len":512,"count":3,"bytes":1536});
+        assert_eq!(summarize(&d), "dma write iova=0x1000 len=0x200 x3 (1536 B)");
+        let m =
+            json!({"seq":5,"t_ns":1,"type":"dma_mapped","iova":65536,"size":4096,"backed":false});
+        assert_eq!(summarize(&m), "dma_mapped iova=0x10000 size=0x1000 (no fd)");
+        let r = json!({"seq":6,"t_ns":1,"type":"reset_begin","kind":"flr"});
+        assert_eq!(summarize(&r), "reset_begin kind=flr");
+        let c = json!({"seq":1,"t_ns":1,"type":"client_connected"});
+        assert_eq!(summarize(&c), "client_connected");
+        let w = json!({"seq":1,"t_ns":1,"type":"page_walk","pasid":1,"va":4096,"pa":null});
+        assert_eq!(summarize(&w), "page_walk pasid=1 va=0x1000");
+    }
+
+    #[test]
+    fn test_format_record_has_seq_ms_device() {
+        let v = json!({"seq":42,"t_ns":12_345_678,"type":"link","up":false});
+        assert_eq!(
+            format_record("gpu0", &v),
+            "     42       12.346 ms gpu0     link down"
+        );
+    }
+
+    #[test]
+    fn test_stats_line_and_human_bytes() {
+        assert_eq!(human_bytes(300), "300 B");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+        let s = json!({"records":10,"dma_bytes":2048,"dma_accesses":2,"interrupts":1,"resets":2,"violations":0});
+        assert_eq!(
+            stats_line(&s),
+            "10 records (0 dropped), DMA 2.0 KiB in 2 accesses (0 refused, 0 faults), \
+             1 interrupts, 2 resets, 0 violations"
+        );
+    }
+
+    #[test]
+    fn test_connect_to_missing_socket_is_clear() {
+        let e = ControlClient::connect(Path::new("/nonexistent/pcisim-control.sock")).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("Cannot connect to the control socket"),
+            "{text}"
+        );
+        assert!(text.contains("--control /nonexistent/pcisim-control.sock"));
+    }
+
+    /// A control server over a socket pair answering from a shared list of records.
+    fn fake_server(records: std::sync::Arc<std::sync::Mutex<Vec<Value>>>) -> ControlClient {
+        let (a, b) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(b.try_clone().unwrap());
+            let mut w = b;
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap() > 0 {
+                let req: Value = serde_json::from_str(&line).unwrap();
+                line.clear();
+                let after = req["after"].as_u64().unwrap_or(0);
+                let all = records.lock().unwrap().clone();
+                let seq = |r: &Value| r["seq"].as_u64().unwrap();
+                let since: Vec<Value> = all.iter().filter(|r| seq(r) > after).cloned().collect();
+                let viol = |r: &&Value| r["type"] == "violation";
+                let resp = match req["op"].as_str().unwrap() {
+                    "list" => json!({"ok": true, "devices": [{"id": "gpu0"}]}),
+                    "journal" => json!({"ok": true, "records": since,
+                        "next_after": since.last().map_or(after, seq), "more": false}),
+                    "violations" => json!({"ok": true,
+                        "violations": since.iter().filter(viol).collect::<Vec<_>>(),
+                        "total": all.iter().filter(viol).count()}),
+                    "stats" => json!({"ok": true, "stats": {"gpu0": {"records": all.len()}}}),
+                    op => panic!("unexpected op {op}"),
+                };
+                w.write_all(format!("{resp}\n").as_bytes()).unwrap();
+            }
+        });
+        let writer = a.try_clone().unwrap();
+        ControlClient {
+            path: PathBuf::from("/pair"),
+            reader: BufReader::new(a),
+            writer,
+        }
+    }
+
+    fn rec(seq: u64, ty: &str) -> Value {
+        if ty == "violation" {
+            json!({"seq": seq, "t_ns": seq, "type": ty, "kind": "dma_during_reset", "detail": "d"})
+        } else {
+            json!({"seq": seq, "t_ns": seq, "type": ty})
+        }
+    }
+
+    #[test]
+    fn test_journal_watch_windows_are_contiguous_and_find_violations() {
+        let records = std::sync::Arc::new(std::sync::Mutex::new(vec![
+            rec(1, "client_connected"),
+            rec(2, "command"),
+            rec(3, "violation"),
+        ]));
+        let mut watch = JournalWatch::new(fake_server(records.clone())).unwrap();
+        assert_eq!(watch.devices(), ["gpu0"]);
+        let dir = std::env::temp_dir().join(format!("pcisim-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let save = dir.join("E1.journal.jsonl");
+        let w = watch.check(Some(&save)).unwrap();
+        assert_eq!(w.records, 3);
+        assert_eq!(w.violations.len(), 1);
+        assert_eq!(w.diagnostics(), ["VIOLATION dma_during_reset: d [gpu0 #3]"]);
+        let saved = std::fs::read_to_string(&save).unwrap();
+        assert_eq!(saved.lines().count(), 3);
+        assert!(saved.lines().all(|l| l.contains("\"device\":\"gpu0\"")));
+
+        // The next window starts where this one ended.
+        let w = watch.check(None).unwrap();
+        assert!(w.clean() && w.records == 0, "{w:?}");
+        records
+            .lock()
+            .unwrap()
+            .extend([rec(4, "dma"), rec(5, "violation")]);
+        let w = watch.check(None).unwrap();
+        assert_eq!(w.records, 2);
+        assert_eq!(w.violations.len(), 1);
+        assert_eq!(w.violations[0].record["seq"], 5);
+        assert_eq!(w.unretained, 0);
+        assert_eq!(watch.summary().unwrap().len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_client_reads_responses_and_refusals() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut r = BufReader::new(b.try_clone().unwrap());
+            let mut w = b;
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert_eq!(line, "{\"op\":\"list\"}\n");
+            w.write_all(b"{\"ok\":true,\"devices\":[{\"id\":\"gpu0\",\"kind\":\"gpu\",\"socket\":\"/s\",\"client\":false,\"summary\":\"x\"}]}\n").unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            w.write_all(
+                b"{\"ok\":false,\"error\":\"unknown device \\\"gpu9\\\" (devices: gpu0)\"}\n",
+            )
+            .unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            w.write_all(b"[1]\n").unwrap();
+        });
+        let writer = a.try_clone().unwrap();
+        let mut c = ControlClient {
+            path: PathBuf::from("/pair"),
+            reader: BufReader::new(a),
+            writer,
+        };
+        let list = c.list().unwrap();
+        assert_eq!(list[0].id, "gpu0");
+        assert_eq!(list[0].client, Some(false));
+        let e = c.status("gpu9").unwrap_err();
+        assert_eq!(e.to_string(), "unknown device \"gpu9\" (devices: gpu0)");
+        assert!(matches!(
+            c.send_line("x").unwrap_err(),
+            ControlError::BadResponse { .. }
+        ));
+        server.join().unwrap();
+    }
+}

@@ -1,0 +1,738 @@
+//! The control socket of `pcisim serve --control PATH`: read each device's journal, counters and
+//! state, and inject faults, while the devices serve their clients.
+//!
+//! Newline-delimited JSON on a Unix socket (mode 0600): one request object per line, one
+//! response object per line, in order. Every response carries `"ok"`; a refused request gets
+//! `{"ok":false,"error":"..."}` and the connection keeps serving (malformed JSON, unknown op,
+//! unknown device, unknown fault, a line longer than [`MAX_LINE`]).
+//!
+//! | request | response (besides `"ok":true`) |
+//! |---|---|
+//! | `{"op":"list"}` | `devices`: `[{id, kind, socket, client, summary, vendor_id, device_id, class_code}]` |
+//! | `{"op":"journal","device":D,"after":SEQ,"limit":N}` | `device`, `records` (seq > after, at most N, default [`DEFAULT_LIMIT`]), `lost`, `last_seq`, `next_after`, `more` |
+//! | `{"op":"violations","device":D,"after":SEQ}` | `device`, `violations` (records), `total` (ever found), `last_seq` |
+//! | `{"op":"stats"}`, `{"op":"stats","device":D}` | `stats`: `{D: {records, dropped, dma_accesses, dma_bytes, dma_refused, dma_faults, interrupts, resets, violations, last_seq}}` |
+//! | `{"op":"status","device":D}` | `device`, `status` (the device's own snapshot) |
+//! | `{"op":"inject","device":D,"fault":F}` | `device`, `fault` (F as given) |
+//!
+//! `device` may be omitted when the server has exactly one device. The client of this protocol
+//! is `pcisim ctl` (and the lab), both through [`pcisim_lab::control::ControlClient`].
+//!
+//! Each client gets its own thread (at most [`MAX_CLIENTS`] at once). Journal requests never
+//! touch the device lock (the journal has its own, held only to copy records); `status`, `list`
+//! and `inject` take the device lock once, briefly, and give up after [`LOCK_WAIT`] rather than
+//! wait behind a stuck device.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use pcisim_pci::{Controllable, Description, Fault, Journal};
+use serde_json::{json, Map, Value};
+
+/// Longest request line accepted; a longer one is answered with an error and skipped.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Most control clients served at once; more are told so and closed.
+pub const MAX_CLIENTS: usize = 64;
+/// Records per `journal` response unless `limit` says otherwise.
+pub const DEFAULT_LIMIT: u64 = 1000;
+/// The most records one `journal` response carries (`more` says when there are more).
+pub const MAX_LIMIT: u64 = 10_000;
+/// How long a request waits for a device's lock before giving up.
+pub const LOCK_WAIT: Duration = Duration::from_secs(2);
+/// How long writing a response may block (a client that stops reading is dropped).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+const OPS: &str = "list, journal, violations, stats, status, inject";
+
+/// One device as the control socket sees it.
+pub struct ControlDevice {
+    /// Device id (`gpu0`).
+    pub id: String,
+    /// Kind (`gpu`).
+    pub kind: String,
+    /// Its vfio-user socket.
+    pub socket: PathBuf,
+    /// What it advertises.
+    pub description: Description,
+    /// The device (the same endpoint the vfio-user server drives).
+    pub control: Arc<Mutex<dyn Controllable>>,
+    /// Its journal, taken once so that journal requests never need the device lock.
+    pub journal: Journal,
+}
+
+impl ControlDevice {
+    /// A device entry; takes the device lock once to fetch its journal handle.
+    pub fn new(
+        id: &str,
+        kind: &str,
+        socket: &Path,
+        description: Description,
+        control: Arc<Mutex<dyn Controllable>>,
+    ) -> ControlDevice {
+        let journal = control
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .journal();
+        ControlDevice {
+            id: id.to_string(),
+            kind: kind.to_string(),
+            socket: socket.to_path_buf(),
+            description,
+            control,
+            journal,
+        }
+    }
+
+    /// The device lock, waiting at most [`LOCK_WAIT`].
+    fn lock(&self) -> Result<MutexGuard<'_, dyn Controllable + 'static>, String> {
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            match self.control.try_lock() {
+                Ok(g) => return Ok(g),
+                // A panic elsewhere does not make the state unreadable.
+                Err(TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(format!(
+                        "device {} is busy (its lock was held for more than {} ms)",
+                        self.id,
+                        LOCK_WAIT.as_millis()
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// `1234:0b10 class 030200 rev 01, BARs 0:64K 2:256M(64,pf), caps 01@40 11@48 10@54, ext 0001@100 ...`
+fn summary(d: &Description) -> String {
+    let size = |n: u64| {
+        pcisim_lab::control::human_bytes(n)
+            .replace(".0 ", "")
+            .replace(' ', "")
+    };
+    let bars: Vec<String> = d
+        .bars
+        .iter()
+        .map(|b| {
+            let mut flags = Vec::new();
+            if b.mem64 {
+                flags.push("64");
+            }
+            if b.prefetchable {
+                flags.push("pf");
+            }
+            let flags = if flags.is_empty() {
+                String::new()
+            } else {
+                format!("({})", flags.join(","))
+            };
+            format!("{}:{}{flags}", b.index, size(b.size))
+        })
+        .collect();
+    let caps: Vec<String> = d
+        .capabilities
+        .iter()
+        .map(|c| format!("{:02x}@{:02x}", c.id, c.offset))
+        .collect();
+    let ext: Vec<String> = d
+        .ext_capabilities
+        .iter()
+        .map(|c| format!("{:04x}@{:03x}", c.id, c.offset))
+        .collect();
+    format!(
+        "{:04x}:{:04x} class {:06x} rev {:02x}, BARs {}, caps {}, ext {}",
+        d.vendor_id,
+        d.device_id,
+        d.class_code,
+        d.revision,
+        bars.join(" "),
+        caps.join(" "),
+        ext.join(" ")
+    )
+}
+
+/// Whether a client is attached, as the device's status says (`client_attached` or `client`).
+fn client_attached(status: &Value) -> Option<bool> {
+    ["client_attached", "client", "attached"]
+        .iter()
+        .find_map(|k| status.get(*k).and_then(Value::as_bool))
+}
+
+/// Request handling, independent of sockets.
+pub struct Handler {
+    devices: Vec<ControlDevice>,
+}
+
+type Reply = std::result::Result<Map<String, Value>, String>;
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+impl Handler {
+    /// A handler for `devices`.
+    pub fn new(devices: Vec<ControlDevice>) -> Handler {
+        Handler { devices }
+    }
+
+    /// Answers one request line (without its newline).
+    pub fn handle_line(&self, line: &[u8]) -> Value {
+        let mut reply = match self.dispatch(line) {
+            Ok(m) => m,
+            Err(error) => {
+                log::debug!("control: refused: {error}");
+                return json!({"ok": false, "error": error});
+            }
+        };
+        reply.insert("ok".into(), Value::Bool(true));
+        Value::Object(reply)
+    }
+
+    fn dispatch(&self, line: &[u8]) -> Reply {
+        let req: Value = serde_json::from_slice(line)
+            .map_err(|e| format!("malformed JSON request: {e} (send one JSON object per line)"))?;
+        let req = req.as_object().ok_or_else(|| {
+            format!(
+                "a request must be a JSON object such as {{\"op\":\"list\"}}; got {}",
+                short(&req)
+            )
+        })?;
+        let op = match req.get("op") {
+            Some(Value::String(op)) => op.as_str(),
+            Some(other) => {
+                return Err(format!("\"op\" must be a string (ops: {OPS}); got {other}"))
+            }
+            None => return Err(format!("the request has no \"op\" (ops: {OPS})")),
+        };
+        match op {
+            "list" => Ok(self.list()),
+            "journal" => self.journal(req),
+            "violations" => self.violations(req),
+            "stats" => self.stats(req),
+            "status" => self.status(req),
+            "inject" => self.inject(req),
+            other => Err(format!("unknown op {other:?} (ops: {OPS})")),
+        }
+    }
+
+    fn names(&self) -> String {
+        self.devices
+            .iter()
+            .map(|d| d.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn device(&self, req: &Map<String, Value>) -> std::result::Result<&ControlDevice, String> {
+        match req.get("device") {
+            None | Some(Value::Null) => match self.devices.as_slice() {
+                [only] => Ok(only),
+                _ => Err(format!(
+                    "which device? give \"device\" (devices: {})",
+                    self.names()
+                )),
+            },
+            Some(Value::String(id)) => self
+                .devices
+                .iter()
+                .find(|d| d.id == *id)
+                .ok_or_else(|| format!("unknown device {id:?} (devices: {})", self.names())),
+            Some(other) => Err(format!("\"device\" must be a string; got {other}")),
+        }
+    }
+
+    fn list(&self) -> Map<String, Value> {
+        let devices: Vec<Value> = self
+            .devices
+            .iter()
+            .map(|d| {
+                let client = d.lock().ok().and_then(|g| client_attached(&g.status()));
+                json!({
+                    "id": d.id,
+                    "kind": d.kind,
+                    "socket": d.socket,
+                    "client": client,
+                    "summary": summary(&d.description),
+                    "vendor_id": d.description.vendor_id,
+                    "device_id": d.description.device_id,
+                    "class_code": d.description.class_code,
+                })
+            })
+            .collect();
+        obj(json!({ "devices": devices }))
+    }
+
+    fn journal(&self, req: &Map<String, Value>) -> Reply {
+        let d = self.device(req)?;
+        let after = u64_param(req, "after", 0)?;
+        let limit = u64_param(req, "limit", DEFAULT_LIMIT)?.min(MAX_LIMIT);
+        let (mut records, lost) = d.journal.since(after);
+        let last_seq = d.journal.last_seq();
+        let more = records.len() as u64 > limit;
+        records.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let next_after = records.last().map_or(after.saturating_add(lost), |r| r.seq);
+        let records = serde_json::to_value(&records).map_err(|e| e.to_string())?;
+        Ok(obj(json!({
+            "device": d.id,
+            "records": records,
+            "lost": lost,
+            "last_seq": last_seq,
+            "next_after": next_after,
+            "more": more,
+        })))
+    }
+
+    fn violations(&self, req: &Map<String, Value>) -> Reply {
+        let d = self.device(req)?;
+        let after = u64_param(req, "after", 0)?;
+        let list = d.journal.violations_since(after);
+        let total = d.journal.stats().violations;
+        let last_seq = d.journal.last_seq();
+        let list = serde_json::to_value(&list).map_err(|e| e.to_string())?;
+        Ok(obj(json!({
+            "device": d.id,
+            "violations": list,
+            "total": total,
+            "last_seq": last_seq,
+        })))
+    }
+
+    fn stats(&self, req: &Map<String, Value>) -> Reply {
+        let selected: Vec<&ControlDevice> = match req.get("device") {
+            None | Some(Value::Null) => self.devices.iter().collect(),
+            Some(_) => vec![self.device(req)?],
+        };
+        let mut stats = Map::new();
+        for d in selected {
+            let mut s = obj(serde_json::to_value(d.journal.stats()).map_err(|e| e.to_string())?);
+            s.insert("last_seq".into(), json!(d.journal.last_seq()));
+            stats.insert(d.id.clone(), Value::Object(s));
+        }
+        Ok(obj(json!({ "stats": stats })))
+    }
+
+    fn status(&self, req: &Map<String, Value>) -> Reply {
+        let d = self.device(req)?;
+        let status = d.lock()?.status();
+        Ok(obj(json!({"device": d.id, "status": status})))
+    }
+
+    fn inject(&self, req: &Map<String, Value>) -> Reply {
+        let d = self.device(req)?;
+        let text = match req.get("fault") {
+            Some(Value::String(f)) => f.as_str(),
+            Some(other) => return Err(format!("\"fault\" must be a string; got {other}")),
+            None => return Err("inject needs \"fault\" (e.g. \"link-down\")".into()),
+        };
+        let fault = Fault::parse(text)?;
+        d.lock()?
+            .inject(&fault)
+            .map_err(|e| format!("device {}: cannot inject {text}: {e}", d.id))?;
+        log::info!(
+            "{}: fault injected through the control socket: {text}",
+            d.id
+        );
+        Ok(obj(json!({"device": d.id, "fault": text})))
+    }
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    match s.char_indices().nth(80) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s,
+    }
+}
+
+fn u64_param(
+    req: &Map<String, Value>,
+    key: &str,
+    default: u64,
+) -> std::result::Result<u64, String> {
+    match req.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| format!("{key:?} must be a non-negative integer; got {v}")),
+    }
+}
+
+/// One line read with a bound.
+#[derive(Debug, PartialEq, Eq)]
+enum LineRead {
+    /// A complete line (without the newline; a last line without newline counts too).
+    Line(Vec<u8>),
+    /// A line longer than the bound, consumed up to its newline; its length.
+    TooLong(usize),
+    /// End of stream.
+    Eof,
+}
+
+/// Reads one line of at most `max` bytes; longer lines are consumed and reported, never stored.
+fn read_line_bounded(r: &mut impl BufRead, max: usize) -> io::Result<LineRead> {
+    let mut line = Vec::new();
+    let mut total = 0usize;
+    let mut too_long = false;
+    loop {
+        let buf = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf.is_empty() {
+            return Ok(match (total, too_long) {
+                (0, _) => LineRead::Eof,
+                (n, true) => LineRead::TooLong(n),
+                _ => LineRead::Line(line),
+            });
+        }
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], true),
+            None => (buf, false),
+        };
+        let n = chunk.len();
+        total = total.saturating_add(n);
+        if !too_long {
+            if line.len() + n > max {
+                too_long = true;
+                line = Vec::new();
+            } else {
+                line.extend_from_slice(chunk);
+            }
+        }
+        r.consume(if done { n + 1 } else { n });
+        if done {
+            return Ok(if too_long {
+                LineRead::TooLong(total)
+            } else {
+                LineRead::Line(line)
+            });
+        }
+    }
+}
+
+fn write_reply(w: &mut impl Write, reply: &Value) -> io::Result<()> {
+    let mut bytes = reply.to_string().into_bytes();
+    bytes.push(b'\n');
+    w.write_all(&bytes)?;
+    w.flush()
+}
+
+/// Serves one control client until it closes the connection.
+fn serve_client(handler: &Handler, stream: UnixStream) -> io::Result<()> {
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let reply = match read_line_bounded(&mut reader, MAX_LINE)? {
+            LineRead::Eof => return Ok(()),
+            LineRead::TooLong(n) => json!({
+                "ok": false,
+                "error": format!("request line of {n} bytes is longer than {MAX_LINE} bytes")
+            }),
+            LineRead::Line(line) if line.iter().all(u8::is_ascii_whitespace) => continue,
+            LineRead::Line(line) => handler.handle_line(&line),
+        };
+        write_reply(&mut writer, &reply)?;
+    }
+}
+
+/// The control socket server.
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+    handler: Arc<Handler>,
+    clients: Arc<AtomicUsize>,
+}
+
+impl ControlServer {
+    /// Binds `path` (mode 0600; refusing a live server's socket, replacing a stale one).
+    pub fn bind(path: &Path, devices: Vec<ControlDevice>) -> Result<ControlServer> {
+        let listener = pcisim_vfio_user::server::bind_socket(path)
+            .with_context(|| format!("control socket {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} private", path.display()))?;
+        Ok(ControlServer {
+            listener,
+            path: path.to_path_buf(),
+            handler: Arc::new(Handler::new(devices)),
+            clients: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts clients forever, each on its own thread.
+    pub fn run(&self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // EMFILE and friends pass; do not spin on them.
+                    log::warn!("control {}: accept: {e}", self.path.display());
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            if self.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+                self.clients.fetch_sub(1, Ordering::SeqCst);
+                let mut s = stream;
+                let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+                let _ = write_reply(
+                    &mut s,
+                    &json!({"ok": false, "error": format!("too many control clients (at most {MAX_CLIENTS})")}),
+                );
+                continue;
+            }
+            let handler = Arc::clone(&self.handler);
+            let clients = Arc::clone(&self.clients);
+            let spawned = std::thread::Builder::new()
+                .name("control-client".into())
+                .spawn(move || {
+                    log::debug!("control: client connected");
+                    if let Err(e) = serve_client(&handler, stream) {
+                        log::debug!("control: client dropped: {e}");
+                    }
+                    clients.fetch_sub(1, Ordering::SeqCst);
+                });
+            if let Err(e) = spawned {
+                self.clients.fetch_sub(1, Ordering::SeqCst);
+                log::warn!("control: cannot spawn a client thread: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcisim_pci::journal::Event;
+
+    struct Fake {
+        journal: Journal,
+        injected: Vec<Fault>,
+    }
+
+    impl Controllable for Fake {
+        fn journal(&self) -> Journal {
+            self.journal.clone()
+        }
+        fn status(&self) -> Value {
+            json!({"client_attached": true, "injected": self.injected.len()})
+        }
+        fn inject(&mut self, fault: &Fault) -> std::result::Result<(), String> {
+            if *fault == Fault::LinkUp {
+                return Err("link-up is not supported".into());
+            }
+            self.injected.push(fault.clone());
+            Ok(())
+        }
+    }
+
+    fn description() -> Description {
+        Description {
+            vendor_id: 0x1234,
+            device_id: 0x0b10,
+            class_code: 0x030200,
+            revision: 1,
+            subsystem_vendor_id: 0x1234,
+            subsystem_id: 1,
+            bars: vec![],
+            capabilities: vec![],
+            ext_capabilities: vec![],
+        }
+    }
+
+    fn handler(ids: &[&str]) -> (Handler, Vec<Journal>) {
+        let mut journals = Vec::new();
+        let devices = ids
+            .iter()
+            .map(|id| {
+                let journal = Journal::new(id, 16);
+                journals.push(journal.clone());
+                let fake: Arc<Mutex<dyn Controllable>> = Arc::new(Mutex::new(Fake {
+                    journal,
+                    injected: Vec::new(),
+                }));
+                ControlDevice::new(id, "gpu", Path::new("/s"), description(), fake)
+            })
+            .collect();
+        (Handler::new(devices), journals)
+    }
+
+    fn ask(h: &Handler, line: &str) -> Value {
+        h.handle_line(line.as_bytes())
+    }
+
+    fn error(v: &Value) -> &str {
+        assert_eq!(v["ok"], false, "{v}");
+        v["error"].as_str().unwrap()
+    }
+
+    #[test]
+    fn test_list_reports_devices_and_client() {
+        let (h, _) = handler(&["gpu0"]);
+        let v = ask(&h, r#"{"op":"list"}"#);
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["devices"][0]["id"], "gpu0");
+        assert_eq!(v["devices"][0]["client"], true);
+        assert!(v["devices"][0]["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("1234:0b10 class 030200"));
+    }
+
+    #[test]
+    fn test_journal_pages_with_limit_and_next_after() {
+        let (h, j) = handler(&["gpu0"]);
+        for _ in 0..5 {
+            j[0].record(Event::ClientConnected);
+        }
+        let v = ask(
+            &h,
+            r#"{"op":"journal","device":"gpu0","after":1,"limit":2}"#,
+        );
+        let seqs: Vec<u64> = v["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, [2, 3]);
+        assert_eq!(v["more"], true);
+        assert_eq!(v["next_after"], 3);
+        assert_eq!(v["last_seq"], 5);
+        assert_eq!(v["records"][0]["type"], "client_connected");
+        // One device: "device" may be left out.
+        let v = ask(&h, r#"{"op":"journal","after":3}"#);
+        assert_eq!(v["records"].as_array().unwrap().len(), 2);
+        assert_eq!(v["more"], false);
+    }
+
+    #[test]
+    fn test_journal_reports_lost_records() {
+        let (h, j) = handler(&["gpu0"]);
+        for _ in 0..20 {
+            j[0].record(Event::ClientConnected);
+        }
+        let v = ask(&h, r#"{"op":"journal","device":"gpu0"}"#);
+        assert_eq!(v["lost"], 4);
+        assert_eq!(v["records"][0]["seq"], 5);
+        let v = ask(&h, r#"{"op":"journal","device":"gpu0","after":30}"#);
+        assert_eq!(v["records"].as_array().unwrap().len(), 0);
+        assert_eq!(v["next_after"], 30);
+    }
+
+    #[test]
+    fn test_stats_and_violations() {
+        let (h, j) = handler(&["gpu0", "gpu1"]);
+        j[1].record(Event::Violation {
+            kind: pcisim_pci::ViolationKind::DmaAfterUnmap,
+            detail: "write 0x1000+4".into(),
+        });
+        let v = ask(&h, r#"{"op":"stats"}"#);
+        assert_eq!(v["stats"]["gpu0"]["records"], 0);
+        assert_eq!(v["stats"]["gpu1"]["violations"], 1);
+        assert_eq!(v["stats"]["gpu1"]["last_seq"], 1);
+        let v = ask(&h, r#"{"op":"stats","device":"gpu1"}"#);
+        assert!(v["stats"].get("gpu0").is_none());
+        let v = ask(&h, r#"{"op":"violations","device":"gpu1","after":0}"#);
+        assert_eq!(v["violations"][0]["kind"], "dma_after_unmap");
+        assert_eq!(v["total"], 1);
+        let v = ask(&h, r#"{"op":"violations","device":"gpu1","after":1}"#);
+        assert_eq!(v["violations"].as_array().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn test_inject_and_status() {
+        let (h, _) = handler(&["gpu0"]);
+        let v = ask(&h, r#"{"op":"inject","device":"gpu0","fault":"link-down"}"#);
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["fault"], "link-down");
+        let v = ask(&h, r#"{"op":"status","device":"gpu0"}"#);
+        assert_eq!(v["status"]["injected"], 1);
+        let v = ask(&h, r#"{"op":"inject","device":"gpu0","fault":"link-up"}"#);
+        assert_eq!(
+            error(&v),
+            "device gpu0: cannot inject link-up: link-up is not supported"
+        );
+    }
+
+    #[test]
+    fn test_errors_are_clear() {
+        let (h, _) = handler(&["gpu0", "npu0"]);
+        assert_eq!(
+            error(&ask(&h, r#"{"op":"status","device":"gpu9"}"#)),
+            "unknown device \"gpu9\" (devices: gpu0, npu0)"
+        );
+        assert!(error(&ask(&h, r#"{"op":"status"}"#)).starts_with("which device?"));
+        assert!(error(&ask(
+            &h,
+            r#"{"op":"inject","device":"gpu0","fault":"melt"}"#
+        ))
+        .starts_with("unknown fault \"melt\""));
+        assert!(error(&ask(&h, r#"{"op":"inject","device":"gpu0"}"#)).contains("\"fault\""));
+        assert_eq!(
+            error(&ask(&h, r#"{"op":"frobnicate"}"#)),
+            format!("unknown op \"frobnicate\" (ops: {OPS})")
+        );
+        assert!(error(&ask(&h, "{not json")).starts_with("malformed JSON request"));
+        assert!(error(&ask(&h, "[1,2]")).contains("JSON object"));
+        assert!(error(&ask(&h, "{}")).contains("no \"op\""));
+        assert!(
+            error(&ask(&h, r#"{"op":"journal","device":"gpu0","after":-1}"#))
+                .contains("non-negative integer")
+        );
+    }
+
+    #[test]
+    fn test_read_line_bounded_skips_long_lines() {
+        let data = b"short\nxxxxxxxxxxxxxxxxxxxx\nlast";
+        let mut r = BufReader::with_capacity(4, &data[..]);
+        assert_eq!(
+            read_line_bounded(&mut r, 8).unwrap(),
+            LineRead::Line(b"short".to_vec())
+        );
+        assert_eq!(read_line_bounded(&mut r, 8).unwrap(), LineRead::TooLong(20));
+        assert_eq!(
+            read_line_bounded(&mut r, 8).unwrap(),
+            LineRead::Line(b"last".to_vec())
+        );
+        assert_eq!(read_line_bounded(&mut r, 8).unwrap(), LineRead::Eof);
+    }
+
+    #[test]
+    fn test_server_over_socket_keeps_serving_after_errors() {
+        let dir = std::env::temp_dir().join(format!("pcisim-ctl-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.sock");
+        let (h, _) = handler(&["gpu0"]);
+        let server = ControlServer::bind(&path, h.devices).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        std::thread::spawn(move || server.run());
+        let mut c = pcisim_lab::control::ControlClient::connect(&path).unwrap();
+        let long = "x".repeat(MAX_LINE + 10);
+        let v = c.send_line(&long).unwrap();
+        assert!(error(&v).contains("longer than"));
+        let v = c.send_line("garbage").unwrap();
+        assert!(error(&v).starts_with("malformed JSON"));
+        assert_eq!(c.list().unwrap()[0].id, "gpu0");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,266 @@
+//! `pcisim ctl`: talk to a running `pcisim serve --control PATH`.
+//!
+//! Text output by default (one line per record: sequence number, milliseconds since the journal
+//! began, device, event; violations read `VIOLATION kind: detail`). With `--json`: `journal`
+//! and `violations` print JSON lines, one record each with a `"device"` field added; `list`,
+//! `stats`, `status` and `inject` print the server's response object.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use pcisim_lab::control::{format_record, stats_line, ControlClient};
+use serde_json::{json, Value};
+
+/// How often `journal --follow` asks for new records.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(100);
+
+/// `pcisim ctl` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CtlCmd {
+    /// The devices: id, kind, socket, whether a client is attached, what they advertise.
+    List,
+    /// Journal records (all devices unless --device).
+    Journal {
+        /// Only this device.
+        #[arg(long, value_name = "ID")]
+        device: Option<String>,
+        /// Keep printing new records (polls every 100 ms) until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Only records with a sequence number above this.
+        #[arg(long, default_value_t = 0, value_name = "SEQ")]
+        after: u64,
+    },
+    /// Invariant violations the devices found (all devices unless --device).
+    Violations {
+        /// Only this device.
+        #[arg(long, value_name = "ID")]
+        device: Option<String>,
+        /// Only violations with a sequence number above this.
+        #[arg(long, default_value_t = 0, value_name = "SEQ")]
+        after: u64,
+    },
+    /// Journal counters: records, DMA, interrupts, resets, violations.
+    Stats {
+        /// Only this device.
+        #[arg(long, value_name = "ID")]
+        device: Option<String>,
+    },
+    /// A device's state (command, power, link, client, DMA mappings, faults, registers).
+    Status {
+        /// The device (may be left out when the server has one device).
+        #[arg(long, value_name = "ID")]
+        device: Option<String>,
+    },
+    /// Inject a fault: link-down, link-up, dma-error[=N], slow-reset=MS|never, stuck-tp=on|off,
+    /// aer-correctable, aer-uncorrectable[=fatal|nonfatal].
+    Inject {
+        /// The device (may be left out when the server has one device).
+        #[arg(long, value_name = "ID")]
+        device: Option<String>,
+        /// The fault.
+        fault: String,
+    },
+}
+
+/// Output that may go to a closed pipe (`pcisim ctl journal | head`): a broken pipe ends the
+/// command quietly.
+struct Out {
+    out: io::Stdout,
+}
+
+/// A broken pipe on stdout: stop, successfully.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+impl Out {
+    fn line(&mut self, text: &str) -> Result<()> {
+        let mut o = self.out.lock();
+        match writeln!(o, "{text}").and_then(|_| o.flush()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+            Err(e) => Err(e).context("writing to stdout"),
+        }
+    }
+}
+
+/// Runs `pcisim ctl`; returns the exit code.
+pub fn run(control: &Path, json_out: bool, cmd: CtlCmd) -> Result<i32> {
+    let mut out = Out { out: io::stdout() };
+    match run_inner(control, json_out, cmd, &mut out) {
+        Ok(()) => Ok(0),
+        Err(e) if e.is::<StdoutClosed>() => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+fn run_inner(control: &Path, json_out: bool, cmd: CtlCmd, out: &mut Out) -> Result<()> {
+    let mut c = ControlClient::connect(control)?;
+    match cmd {
+        CtlCmd::List => {
+            if json_out {
+                let v = c.request(&json!({"op": "list"}))?;
+                return out.line(&v.to_string());
+            }
+            let devices = c.list()?;
+            if devices.is_empty() {
+                return out.line("no devices");
+            }
+            for d in devices {
+                let client = match d.client {
+                    Some(true) => "client attached",
+                    Some(false) => "no client",
+                    None => "client ?",
+                };
+                out.line(&format!(
+                    "{:<8} {:<4} {:<15} {}  {}",
+                    d.id, d.kind, client, d.socket, d.summary
+                ))?;
+            }
+            Ok(())
+        }
+        CtlCmd::Journal {
+            device,
+            follow,
+            after,
+        } => journal(&mut c, device, follow, after, json_out, out),
+        CtlCmd::Violations { device, after } => {
+            for d in devices(&mut c, device)? {
+                let (list, total) = c.violations(&d, after)?;
+                for r in &list {
+                    print_record(out, &d, r, json_out)?;
+                }
+                if !json_out {
+                    let shown = list.len() as u64;
+                    let kept_note = if total > shown && after == 0 {
+                        format!(" ({} found; the journal keeps the first {shown})", total)
+                    } else {
+                        String::new()
+                    };
+                    out.line(&match shown {
+                        0 => format!("{d}: no violations"),
+                        1 => format!("{d}: 1 violation{kept_note}"),
+                        n => format!("{d}: {n} violations{kept_note}"),
+                    })?;
+                }
+            }
+            Ok(())
+        }
+        CtlCmd::Stats { device } => {
+            let mut req = json!({"op": "stats"});
+            if let Some(d) = &device {
+                req["device"] = json!(d);
+            }
+            let v = c.request(&req)?;
+            if json_out {
+                return out.line(&v.to_string());
+            }
+            if let Some(stats) = v.get("stats").and_then(Value::as_object) {
+                for (id, s) in stats {
+                    out.line(&format!("{id}: {}", stats_line(s)))?;
+                }
+            }
+            Ok(())
+        }
+        CtlCmd::Status { device } => {
+            let mut req = json!({"op": "status"});
+            if let Some(d) = &device {
+                req["device"] = json!(d);
+            }
+            let v = c.request(&req)?;
+            if json_out {
+                return out.line(&v.to_string());
+            }
+            let id = v.get("device").and_then(Value::as_str).unwrap_or("?");
+            let status = v.get("status").cloned().unwrap_or(Value::Null);
+            out.line(&format!("{id}: {}", serde_json::to_string_pretty(&status)?))
+        }
+        CtlCmd::Inject { device, fault } => {
+            let mut req = json!({"op": "inject", "fault": fault});
+            if let Some(d) = &device {
+                req["device"] = json!(d);
+            }
+            let v = c.request(&req)?;
+            if json_out {
+                return out.line(&v.to_string());
+            }
+            let id = v.get("device").and_then(Value::as_str).unwrap_or("?");
+            out.line(&format!("{id}: injected {fault}"))
+        }
+    }
+}
+
+/// The device named, checked against the server's list, or every device.
+fn devices(c: &mut ControlClient, device: Option<String>) -> Result<Vec<String>> {
+    let all: Vec<String> = c.list()?.into_iter().map(|d| d.id).collect();
+    match device {
+        Some(d) if all.contains(&d) => Ok(vec![d]),
+        Some(d) => bail!("unknown device {d:?} (devices: {})", all.join(", ")),
+        None => Ok(all),
+    }
+}
+
+fn print_record(out: &mut Out, device: &str, record: &Value, json_out: bool) -> Result<()> {
+    if json_out {
+        let mut r = record.clone();
+        if let Some(m) = r.as_object_mut() {
+            m.insert("device".into(), json!(device));
+        }
+        out.line(&r.to_string())
+    } else {
+        out.line(&format_record(device, record))
+    }
+}
+
+fn journal(
+    c: &mut ControlClient,
+    device: Option<String>,
+    follow: bool,
+    after: u64,
+    json_out: bool,
+    out: &mut Out,
+) -> Result<()> {
+    let ids = devices(c, device)?;
+    let mut cursors: BTreeMap<String, u64> = ids.iter().map(|d| (d.clone(), after)).collect();
+    loop {
+        for (d, cursor) in cursors.iter_mut() {
+            loop {
+                let slice = c.journal(d, *cursor, None)?;
+                if slice.lost > 0 {
+                    let note = format!(
+                        "{d}: {} records lost (dropped from the journal ring before they were read)",
+                        slice.lost
+                    );
+                    if json_out {
+                        eprintln!("pcisim ctl: {note}");
+                    } else {
+                        out.line(&note)?;
+                    }
+                }
+                for r in &slice.records {
+                    print_record(out, d, r, json_out)?;
+                }
+                *cursor = slice.next_after;
+                if !slice.more {
+                    break;
+                }
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        std::thread::sleep(FOLLOW_INTERVAL);
+    }
+}
