@@ -207,8 +207,13 @@ fn dma_copy(total: usize) -> Result<(f64, f64)> {
     dma.map(dst, total as u64, 3, Some((memfd(total as u64)?, 0)))?;
     ep.attach(ClientLink {
         irqs: Interrupts::new(&[1, 0, 16, 1, 1]),
-        dma,
+        dma: dma.clone(),
     });
+    // Tell the device about the mappings as the server does (its journal checks every DMA
+    // against them).
+    for m in dma.mappings() {
+        ep.dma_mapped(&m);
+    }
     ep.region_write(7, 4, &0x0006u16.to_le_bytes())?;
     let bus = ep.bus().clone();
     let mut buf = vec![0u8; CHUNK];
@@ -223,6 +228,10 @@ fn dma_copy(total: usize) -> Result<(f64, f64)> {
         bus.dma_write(dst + off as u64, &buf)?;
     }
     let dma_s = t.elapsed().as_secs_f64();
+    let violations = ep.journal().stats().violations;
+    if violations != 0 {
+        return Err(anyhow!("the bench's DMA produced {violations} journal violations"));
+    }
     let a = vec![1u8; total];
     let mut b = vec![0u8; total];
     b.copy_from_slice(&a); // fault in
