@@ -279,6 +279,21 @@ impl Bus {
         }
     }
 
+    /// Read client memory for the device's own *checking*, not as device DMA: not gated, not
+    /// journaled, not counted in flight. The NPU's checking mode uses it to re-walk page tables
+    /// on a translation-cache hit and compare; real hardware would not do this read, so it must
+    /// not appear in the device's testimony.
+    pub fn inspect(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
+        let client = self.client();
+        let link = client
+            .as_ref()
+            .ok_or(DmaFault::Refused(Refusal::NoClient))?;
+        link.dma.read(iova, buf).map_err(|_| DmaFault::Unmapped {
+            iova,
+            len: buf.len() as u64,
+        })
+    }
+
     /// Raise MSI-X vector `vector`. An MSI-X message is a memory write: with Bus Master Enable
     /// clear, in D3hot, during a reset or with the link down the function sends nothing and
     /// keeps the vector pending (PBA).

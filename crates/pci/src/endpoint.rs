@@ -295,6 +295,7 @@ impl EndpointBuilder {
             bus,
             journal,
             faults: Faults::default(),
+            presence: Vec::new(),
             function,
         })
     }
@@ -312,7 +313,6 @@ struct Watched {
 }
 
 /// A PCIe endpoint: configuration space, MSI-X and reset handling around a [`PciFunction`].
-#[derive(Debug)]
 pub struct Endpoint<F: PciFunction> {
     name: String,
     identity: Identity,
@@ -325,8 +325,23 @@ pub struct Endpoint<F: PciFunction> {
     bus: Bus,
     journal: Journal,
     faults: Faults,
+    presence: Vec<PresenceListener>,
     function: F,
 }
+
+impl<F: PciFunction> std::fmt::Debug for Endpoint<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .field("bus", &self.bus)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Told `true` when a client attaches to this function and `false` when it goes away (e.g. an
+/// NPU that reports whether its GPU peer is present).
+pub type PresenceListener = Box<dyn Fn(bool) + Send>;
 
 /// Injected faults and their state (see [`Fault`]).
 #[derive(Debug, Default)]
@@ -394,6 +409,12 @@ impl<F: PciFunction> Endpoint<F> {
     /// The function's journal.
     pub fn journal(&self) -> &Journal {
         &self.journal
+    }
+
+    /// Call `listener` with `true` whenever a client attaches and `false` when it goes away.
+    pub fn on_presence(&mut self, listener: PresenceListener) {
+        listener(self.bus.client_attached());
+        self.presence.push(listener);
     }
 
     /// Where the interpreted capabilities are.
@@ -930,12 +951,18 @@ impl<F: PciFunction> Device for Endpoint<F> {
         info!("{}: client attached", self.name);
         self.bus.set_client(Some(link));
         self.journal.record(Event::ClientConnected);
+        for l in &self.presence {
+            l(true);
+        }
     }
 
     fn detach(&mut self) {
         info!("{}: client detached", self.name);
         self.bus.set_client(None);
         self.journal.record(Event::ClientDisconnected);
+        for l in &self.presence {
+            l(false);
+        }
         self.reset_function(ResetKind::LostConnection);
     }
 

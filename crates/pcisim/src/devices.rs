@@ -3,7 +3,9 @@
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use pcisim_devices::gpu::{self, GpuConfig};
+use pcisim_devices::gpu::{self, Gpu, GpuConfig};
+use pcisim_devices::npu::{self, NpuConfig, PeerConfig};
+use pcisim_pci::Endpoint;
 use pcisim_pci::{Controllable, Description};
 use pcisim_vfio_user::Device;
 
@@ -22,14 +24,139 @@ pub struct Built {
 /// Offset of the class code (revision is the byte below it) in the type 0 header.
 const CLASS_REVISION: u16 = 0x08;
 
-/// Build the device a spec names, validating every option.
+/// Build the device a spec names, validating every option. (An NPU naming a peer needs
+/// [`build_all`].)
 pub fn build(spec: &DeviceSpec) -> Result<Built> {
-    match spec.kind {
-        Kind::Gpu => build_gpu(spec),
-    }
+    build_all(std::slice::from_ref(spec)).and_then(|mut v| {
+        v.pop()
+            .ok_or_else(|| anyhow::anyhow!("device {} was not built", spec.id))
+    })
 }
 
-fn build_gpu(spec: &DeviceSpec) -> Result<Built> {
+/// A GPU already built, for NPUs that name it as peer: id, socket path, endpoint.
+struct GpuPeer {
+    id: String,
+    socket: String,
+    endpoint: Arc<Mutex<Endpoint<Gpu>>>,
+}
+
+/// Build every device, in order, and link NPUs to the GPUs they name with `peer=ID`: the NPU
+/// reports the GPU present while a client (QEMU) is attached to it.
+pub fn build_all(specs: &[DeviceSpec]) -> Result<Vec<Built>> {
+    let mut gpus: Vec<GpuPeer> = Vec::new();
+    let mut out = Vec::new();
+    for spec in specs {
+        match spec.kind {
+            Kind::Gpu => {
+                let (ep, description) = build_gpu(spec)?;
+                let ep = Arc::new(Mutex::new(ep));
+                gpus.push(GpuPeer {
+                    id: spec.id.clone(),
+                    socket: spec.socket.display().to_string(),
+                    endpoint: ep.clone(),
+                });
+                out.push(Built {
+                    device: ep.clone(),
+                    control: ep,
+                    description,
+                });
+            }
+            Kind::Npu => out.push(build_npu(spec, &gpus)?),
+        }
+    }
+    Ok(out)
+}
+
+fn build_npu(spec: &DeviceSpec, gpus: &[GpuPeer]) -> Result<Built> {
+    let mut cfg = NpuConfig {
+        name: spec.id.clone(),
+        ..NpuConfig::default()
+    };
+    let mut peer = None;
+    for (k, v) in &spec.opts {
+        let ctx = || format!("device {}: option {k}={v}", spec.id);
+        match k.as_str() {
+            "vendor" => {
+                cfg.vendor_id = u16::try_from(parse_u64(v).with_context(ctx)?).with_context(ctx)?
+            }
+            "device" => {
+                cfg.device_id = u16::try_from(parse_u64(v).with_context(ctx)?).with_context(ctx)?
+            }
+            "class" => {
+                let c = parse_u64(v).with_context(ctx)?;
+                if c > 0xff_ffff {
+                    bail!("device {}: class {v} does not fit 24 bits", spec.id);
+                }
+                cfg.class_code = c as u32;
+            }
+            "no_soft_reset" => cfg.no_soft_reset = parse_bool(v).with_context(ctx)?,
+            "immediate_readiness" => cfg.immediate_readiness = parse_bool(v).with_context(ctx)?,
+            "checking" => cfg.checking = parse_bool(v).with_context(ctx)?,
+            "peer" => {
+                let g = gpus.iter().find(|g| g.id == *v).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "device {}: peer={v} names no GPU declared before it (GPUs: {})",
+                        spec.id,
+                        gpus.iter()
+                            .map(|g| g.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?;
+                peer = Some(g);
+            }
+            other => bail!(
+                "device {}: unknown npu option {other:?} (known: peer, checking, vendor, device, \
+                 class, no_soft_reset, immediate_readiness)",
+                spec.id
+            ),
+        }
+    }
+    if let Some(GpuPeer {
+        socket, endpoint, ..
+    }) = peer
+    {
+        let g = endpoint
+            .lock()
+            .map_err(|_| anyhow::anyhow!("GPU lock poisoned"))?;
+        let d = g.describe();
+        cfg.peer = Some(PeerConfig {
+            id: npu::peer_id_from_name(socket),
+            vendor_id: d.vendor_id,
+            device_id: d.device_id,
+        });
+    }
+    let ep = npu::endpoint(&cfg).with_context(|| format!("device {}", spec.id))?;
+    let description = ep.describe();
+    if let Some(GpuPeer {
+        id: gpu_id,
+        endpoint,
+        ..
+    }) = peer
+    {
+        let presence = ep.function().peer_presence();
+        let npu_id = spec.id.clone();
+        let gpu_id = gpu_id.clone();
+        endpoint
+            .lock()
+            .map_err(|_| anyhow::anyhow!("GPU lock poisoned"))?
+            .on_presence(Box::new(move |present| {
+                log::info!(
+                    "{npu_id}: GPU peer {gpu_id} {}",
+                    if present { "present" } else { "gone" }
+                );
+                presence.set(present);
+            }));
+    }
+    let ep = Arc::new(Mutex::new(ep));
+    Ok(Built {
+        device: ep.clone(),
+        control: ep,
+        description,
+    })
+}
+
+fn build_gpu(spec: &DeviceSpec) -> Result<(Endpoint<Gpu>, Description)> {
     let mut cfg = GpuConfig {
         name: spec.id.clone(),
         ..GpuConfig::default()
@@ -75,10 +202,5 @@ fn build_gpu(spec: &DeviceSpec) -> Result<Built> {
         ep.config_mut()
             .set_power_on_bits(CLASS_REVISION, 0xffff_ff00, wrong << 8);
     }
-    let ep = Arc::new(Mutex::new(ep));
-    Ok(Built {
-        device: ep.clone(),
-        control: ep,
-        description,
-    })
+    Ok((ep, description))
 }

@@ -32,6 +32,7 @@ enum Cmd {
     /// Serve devices, each on its own vfio-user socket, until SIGINT/SIGTERM.
     Serve {
         /// `gpu:socket=PATH[,vram=SIZE][,id=NAME][,no_soft_reset=on|off][,vendor=..][,device=..][,class=..]`
+        /// or `npu:socket=PATH[,id=NAME][,peer=GPU_ID][,checking=on|off]`
         #[arg(long = "device", required = true)]
         devices: Vec<String>,
         /// Serve the control socket (journal, stats, status, fault injection) at this path.
@@ -121,8 +122,8 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Describe { devices } => {
             let mut out = Vec::new();
-            for s in parse_specs(&devices)? {
-                let built = devices::build(&s)?;
+            let specs = parse_specs(&devices)?;
+            for (s, built) in specs.iter().zip(devices::build_all(&specs)?) {
                 out.push(serde_json::json!({
                     "id": s.id,
                     "kind": s.kind.name(),
@@ -173,6 +174,7 @@ fn serve(specs: &[spec::DeviceSpec], control_path: Option<&Path>) -> Result<i32>
     let mut servers = Vec::new();
     let mut sockets: Vec<PathBuf> = Vec::new();
     let mut controls = Vec::new();
+    let mut built_all = devices::build_all(specs)?.into_iter();
     for s in specs {
         if let Some(other) = specs.iter().find(|o| o.id == s.id && !std::ptr::eq(*o, s)) {
             anyhow::bail!(
@@ -182,7 +184,9 @@ fn serve(specs: &[spec::DeviceSpec], control_path: Option<&Path>) -> Result<i32>
                 other.socket.display()
             );
         }
-        let built = devices::build(s)?;
+        let built = built_all
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("device {} was not built", s.id))?;
         controls.push(control::ControlDevice::new(
             &s.id,
             s.kind.name(),

@@ -9,6 +9,8 @@ use anyhow::{anyhow, bail, Context, Result};
 pub enum Kind {
     /// The GPU function.
     Gpu,
+    /// The NPU function.
+    Npu,
 }
 
 impl Kind {
@@ -16,6 +18,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Gpu => "gpu",
+            Kind::Npu => "npu",
         }
     }
 }
@@ -38,7 +41,8 @@ pub fn parse(spec: &str, index: usize) -> Result<DeviceSpec> {
     let (kind, rest) = spec.split_once(':').unwrap_or((spec, ""));
     let kind = match kind {
         "gpu" => Kind::Gpu,
-        other => bail!("unknown device kind {other:?} in {spec:?} (known: gpu)"),
+        "npu" => Kind::Npu,
+        other => bail!("unknown device kind {other:?} in {spec:?} (known: gpu, npu)"),
     };
     let mut socket = None;
     let mut id = None;

@@ -259,9 +259,9 @@ impl NpuHost for BusHost {
     }
 
     fn inspect(&self, pasid: u32, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        // The bus has no unjournaled read yet: the checker's re-walk is a PASID-tagged device
-        // read (journaled and gated like the walk it double-checks).
-        self.0.dma_read_pasid(pasid, addr, buf).map_err(mem_err)
+        // The checking re-walk is the oracle's read, not device DMA: unjournaled, ungated.
+        let _ = pasid;
+        self.0.inspect(addr, buf).map_err(mem_err)
     }
 
     fn raise_msix(&self, vector: u16) -> MsixOutcome {
