@@ -21,9 +21,74 @@ pub const REG_VRAM_STATUS: u64 = 0x118;
 pub const REG_VRAM_RESULT_LO: u64 = 0x120;
 pub const REG_VRAM_RESULT_HI: u64 = 0x124;
 
+pub const REG_RING_BASE_LO: u64 = 0x200;
+pub const REG_RING_BASE_HI: u64 = 0x204;
+pub const REG_RING_SIZE: u64 = 0x208;
+pub const REG_RING_CTRL: u64 = 0x20C;
+pub const REG_RING_HEAD: u64 = 0x210;
+pub const REG_RING_TAIL: u64 = 0x214;
+pub const REG_RING_STATUS: u64 = 0x218;
+pub const REG_RING_ERROR: u64 = 0x21C;
+pub const REG_RING_FAULT_ADDR_LO: u64 = 0x220;
+pub const REG_RING_FAULT_ADDR_HI: u64 = 0x224;
+pub const REG_LAST_FENCE_LO: u64 = 0x228;
+pub const REG_LAST_FENCE_HI: u64 = 0x22C;
+pub const REG_FENCE_VECTOR: u64 = 0x230;
+pub const REG_ERROR_VECTOR: u64 = 0x234;
+pub const REG_CMDS_COMPLETED: u64 = 0x238;
+pub const REG_RING_ERRORS: u64 = 0x23C;
+
 /// "PCSG" in memory order.
 pub const ID_MAGIC: u32 = 0x4753_4350;
-pub const INTERFACE_VERSION: u32 = 0x0001_0000;
+/// 1.1: the 1.0 registers plus the command ring.
+pub const INTERFACE_VERSION: u32 = 0x0001_0001;
+
+pub const RING_CTRL_ENABLE: u32 = 1 << 0;
+pub const RING_CTRL_RESET: u32 = 1 << 1;
+
+pub const RING_STATUS_IDLE: u32 = 0;
+pub const RING_STATUS_BUSY: u32 = 1;
+pub const RING_STATUS_ERROR: u32 = 2;
+
+/// Bytes per ring entry.
+pub const CMD_SIZE: u64 = 32;
+
+pub const OP_NOP: u8 = 0x00;
+pub const OP_COPY: u8 = 0x01;
+pub const OP_FILL: u8 = 0x02;
+pub const OP_WRITE_FENCE: u8 = 0x03;
+pub const OP_INTERRUPT: u8 = 0x04;
+
+pub const FLAG_SRC_VRAM: u8 = 1 << 0;
+pub const FLAG_DST_VRAM: u8 = 1 << 1;
+pub const FLAG_FENCE_IRQ: u8 = 1 << 2;
+
+pub const ERR_BAD_OPCODE: u32 = 1;
+pub const ERR_ALIGNMENT: u32 = 4;
+pub const ERR_DMA_FAULT: u32 = 8;
+pub const ERR_DMA_REFUSED: u32 = 9;
+
+/// RING_ERROR's value for `code` at `slot`.
+pub fn ring_error(code: u32, slot: u32) -> u32 {
+    (code & 0xff) | ((slot & 0xfff) << 16)
+}
+
+/// One 32-byte ring command: opcode, flags, six reserved zero bytes, operands a, b, c (LE).
+pub fn encode_cmd(opcode: u8, flags: u8, a: u64, b: u64, c: u64) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out[0] = opcode;
+    out[1] = flags;
+    out[8..16].copy_from_slice(&a.to_le_bytes());
+    out[16..24].copy_from_slice(&b.to_le_bytes());
+    out[24..32].copy_from_slice(&c.to_le_bytes());
+    out
+}
+
+/// `len` bytes of a FILL with the 32-bit `pattern` (little-endian, repeated).
+pub fn fill32(pattern: u32, len: usize) -> Vec<u8> {
+    let p = pattern.to_le_bytes();
+    (0..len).map(|i| p[i % 4]).collect()
+}
 
 pub const VRAM_CMD_CHECKSUM: u32 = 1;
 pub const VRAM_CMD_FILL: u32 = 2;
@@ -118,6 +183,19 @@ mod tests {
         for (i, b) in p.iter().enumerate() {
             assert_eq!(*b, fill_byte(7, i as u64));
         }
+    }
+
+    #[test]
+    fn test_ring_command_encode_fields_little_endian() {
+        let c = encode_cmd(OP_COPY, FLAG_DST_VRAM, 0x1122, 0x3344, 0x10);
+        assert_eq!(c[0], 1);
+        assert_eq!(c[1], 2);
+        assert_eq!(&c[2..8], &[0; 6]);
+        assert_eq!(&c[8..10], &[0x22, 0x11]);
+        assert_eq!(&c[16..18], &[0x44, 0x33]);
+        assert_eq!(c[24], 0x10);
+        assert_eq!(ring_error(ERR_BAD_OPCODE, 3), 0x0003_0001);
+        assert_eq!(fill32(0x0403_0201, 6), [1, 2, 3, 4, 1, 2]);
     }
 
     #[test]

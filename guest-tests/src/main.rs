@@ -9,11 +9,16 @@ mod args;
 mod e1;
 mod e2;
 mod e3;
+mod e4;
+mod e5;
+#[allow(dead_code)] // the register interface is kept complete
 mod gpu;
 mod ktap;
 mod mmio;
 mod pci;
+mod ringdrv;
 mod sys;
+mod vdev;
 #[allow(dead_code)] // the uapi subset is kept complete for the next scenarios
 mod vfio;
 
@@ -28,6 +33,10 @@ usage: pcisim-guest <subcommand> [options]
       E2: BAR0 registers and BAR2 VRAM through sysfs resource mappings
   e3 --vendor V --device D [--vectors 0,1,5] [--bdf BDF]
       E3: MSI-X delivery through a guest vfio-pci userspace driver
+  e4 --vendor V --device D [--bdf BDF]
+      E4: GPU command ring (fill, copies, fence + MSI-X, malformed command)
+  e5 --vendor V --device D [--bdf BDF]
+      E5: Bus Master Enable off => the ring's DMA is refused, no MSI-X
 ";
 
 fn main() {
@@ -42,6 +51,8 @@ fn main() {
         "e1" => e1::run(rest),
         "e2" => e2::run(rest),
         "e3" => e3::run(rest),
+        "e4" => e4::run(rest),
+        "e5" => e5::run(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             0

@@ -33,6 +33,11 @@ pub const VFIO_DEVICE_GET_REGION_INFO: u32 = vfio_io(8);
 pub const VFIO_DEVICE_GET_IRQ_INFO: u32 = vfio_io(9);
 pub const VFIO_DEVICE_SET_IRQS: u32 = vfio_io(10);
 pub const VFIO_DEVICE_RESET: u32 = vfio_io(11);
+pub const VFIO_IOMMU_MAP_DMA: u32 = vfio_io(13);
+pub const VFIO_IOMMU_UNMAP_DMA: u32 = vfio_io(14);
+
+pub const VFIO_DMA_MAP_FLAG_READ: u32 = 1 << 0;
+pub const VFIO_DMA_MAP_FLAG_WRITE: u32 = 1 << 1;
 
 pub const VFIO_GROUP_FLAGS_VIABLE: u32 = 1 << 0;
 pub const VFIO_GROUP_FLAGS_CONTAINER_SET: u32 = 1 << 1;
@@ -102,6 +107,27 @@ pub struct IrqInfo {
     pub flags: u32,
     pub index: u32,
     pub count: u32,
+}
+
+/// `struct vfio_iommu_type1_dma_map`
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DmaMap {
+    pub argsz: u32,
+    pub flags: u32,
+    pub vaddr: u64,
+    pub iova: u64,
+    pub size: u64,
+}
+
+/// `struct vfio_iommu_type1_dma_unmap` (without the trailing `data[]`).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DmaUnmap {
+    pub argsz: u32,
+    pub flags: u32,
+    pub iova: u64,
+    pub size: u64,
 }
 
 /// Size of the fixed part of `struct vfio_irq_set` (argsz, flags, index, start,
@@ -184,6 +210,47 @@ impl Container {
             "VFIO_CHECK_EXTENSION",
         )
         .map(|r| r > 0)
+    }
+
+    /// `VFIO_IOMMU_MAP_DMA`: the device may read and write `size` bytes of our memory at
+    /// `vaddr` through IOVA `iova`.
+    ///
+    /// # Safety
+    /// `vaddr..vaddr+size` must be memory this process owns and keeps mapped until the
+    /// mapping is removed: the device writes into it behind the compiler's back.
+    pub unsafe fn map_dma(&self, vaddr: u64, iova: u64, size: u64) -> Result<(), String> {
+        let mut m = DmaMap {
+            argsz: std::mem::size_of::<DmaMap>() as u32,
+            flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+            vaddr,
+            iova,
+            size,
+        };
+        // SAFETY: VFIO_IOMMU_MAP_DMA reads a vfio_iommu_type1_dma_map of argsz bytes;
+        // the memory it names is the caller's (this function's contract).
+        unsafe { ioctl_ptr(&self.0, VFIO_IOMMU_MAP_DMA, &mut m, "VFIO_IOMMU_MAP_DMA") }?;
+        Ok(())
+    }
+
+    /// `VFIO_IOMMU_UNMAP_DMA`; returns the number of bytes unmapped.
+    pub fn unmap_dma(&self, iova: u64, size: u64) -> Result<u64, String> {
+        let mut u = DmaUnmap {
+            argsz: std::mem::size_of::<DmaUnmap>() as u32,
+            flags: 0,
+            iova,
+            size,
+        };
+        // SAFETY: VFIO_IOMMU_UNMAP_DMA reads and writes a vfio_iommu_type1_dma_unmap of
+        // argsz bytes (no bitmap: flags 0).
+        unsafe {
+            ioctl_ptr(
+                &self.0,
+                VFIO_IOMMU_UNMAP_DMA,
+                &mut u,
+                "VFIO_IOMMU_UNMAP_DMA",
+            )
+        }?;
+        Ok(u.size)
     }
 
     pub fn set_iommu(&self, kind: u32) -> Result<(), String> {
@@ -422,6 +489,8 @@ mod tests {
         assert_eq!(VFIO_DEVICE_GET_IRQ_INFO, 0x3b6d);
         assert_eq!(VFIO_DEVICE_SET_IRQS, 0x3b6e);
         assert_eq!(VFIO_DEVICE_RESET, 0x3b6f);
+        assert_eq!(VFIO_IOMMU_MAP_DMA, 0x3b71);
+        assert_eq!(VFIO_IOMMU_UNMAP_DMA, 0x3b72);
     }
 
     #[test]
@@ -434,6 +503,11 @@ mod tests {
         assert_eq!(offset_of!(RegionInfo, size), 16);
         assert_eq!(offset_of!(RegionInfo, offset), 24);
         assert_eq!(size_of::<IrqInfo>(), 16);
+        assert_eq!(size_of::<DmaMap>(), 32);
+        assert_eq!(offset_of!(DmaMap, vaddr), 8);
+        assert_eq!(offset_of!(DmaMap, iova), 16);
+        assert_eq!(size_of::<DmaUnmap>(), 24);
+        assert_eq!(offset_of!(DmaUnmap, size), 16);
     }
 
     #[test]
@@ -475,6 +549,8 @@ mod tests {
             ("VFIO_DEVICE_GET_IRQ_INFO", 9),
             ("VFIO_DEVICE_SET_IRQS", 10),
             ("VFIO_DEVICE_RESET", 11),
+            ("VFIO_IOMMU_MAP_DMA", 13),
+            ("VFIO_IOMMU_UNMAP_DMA", 14),
         ];
         for (name, n) in expect {
             let want = format!("_IO(VFIO_TYPE, VFIO_BASE + {n})");

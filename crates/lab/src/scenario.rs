@@ -23,6 +23,10 @@ pub enum Program {
     E2,
     /// `pcisim-guest e3 --vendor V --device D`
     E3,
+    /// `pcisim-guest e4 --vendor V --device D`
+    E4,
+    /// `pcisim-guest e5 --vendor V --device D`
+    E5,
 }
 
 /// One entry of the catalogue.
@@ -59,6 +63,18 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout: Duration::from_secs(120),
             program: Program::E3,
         },
+        Scenario {
+            id: "E4",
+            name: "E4 gpu-ring",
+            timeout: Duration::from_secs(180),
+            program: Program::E4,
+        },
+        Scenario {
+            id: "E5",
+            name: "E5 bus-master-off",
+            timeout: Duration::from_secs(120),
+            program: Program::E5,
+        },
     ]
 }
 
@@ -80,6 +96,8 @@ impl Scenario {
                 Program::E1 => "e1",
                 Program::E2 => "e2",
                 Program::E3 => "e3",
+                Program::E4 => "e4",
+                Program::E5 => "e5",
             }
             .to_string(),
             "--vendor".into(),
@@ -178,11 +196,19 @@ mod tests {
     fn test_select_by_id_family_topic() {
         assert_eq!(
             names(&select(None)),
-            ["E1 enumeration", "E2 bar-mmio", "E3 msix-delivery"]
+            [
+                "E1 enumeration",
+                "E2 bar-mmio",
+                "E3 msix-delivery",
+                "E4 gpu-ring",
+                "E5 bus-master-off"
+            ]
         );
         assert_eq!(names(&select(Some("E1"))), ["E1 enumeration"]);
-        assert_eq!(select(Some("E")).len(), 3);
+        assert_eq!(select(Some("E")).len(), 5);
         assert_eq!(names(&select(Some("msix"))), ["E3 msix-delivery"]);
+        assert_eq!(names(&select(Some("E5"))), ["E5 bus-master-off"]);
+        assert_eq!(names(&select(Some("ring"))), ["E4 gpu-ring"]);
         assert!(select(Some("R4")).is_empty());
         for s in catalogue() {
             assert!(s.name.starts_with(&format!("{} ", s.id)));
@@ -226,6 +252,8 @@ mod tests {
                 "0x0b10"
             ]
         );
+        assert_eq!(all[3].argv(&dev)[1], "e4");
+        assert_eq!(all[4].argv(&dev)[1], "e5");
     }
 
     fn run(exit: Option<i32>, stdout: &str) -> RunOutput {

@@ -497,10 +497,12 @@ impl<F: PciFunction> Endpoint<F> {
         } else {
             self.config.reset();
         }
+        // The function stops its engines first, so nothing it raised on the way out survives
+        // in the PBA.
+        self.function.reset(kind);
         if let Some(m) = self.bus.msix().as_mut() {
             m.reset();
         }
-        self.function.reset(kind);
         let command = self.config.read_u16(reg::COMMAND);
         self.bus.set_command(command);
         self.bus.set_power(self.power_bits());

@@ -230,7 +230,9 @@ fn dma_copy(total: usize) -> Result<(f64, f64)> {
     let dma_s = t.elapsed().as_secs_f64();
     let violations = ep.journal().stats().violations;
     if violations != 0 {
-        return Err(anyhow!("the bench's DMA produced {violations} journal violations"));
+        return Err(anyhow!(
+            "the bench's DMA produced {violations} journal violations"
+        ));
     }
     let a = vec![1u8; total];
     let mut b = vec![0u8; total];

@@ -44,11 +44,13 @@ fn result_line<'a>(ktap: &'a str, name: &str) -> Option<&'a str> {
 fn lab_suite_all_scenarios_pass() {
     let out = lab_suite(&[]);
     let ktap = String::from_utf8_lossy(&out.stdout);
-    assert!(ktap.starts_with("KTAP version 1\n1..3\n"), "KTAP header");
+    assert!(ktap.starts_with("KTAP version 1\n1..5\n"), "KTAP header");
     for (n, name) in [
         (1, "E1 enumeration"),
         (2, "E2 bar-mmio"),
         (3, "E3 msix-delivery"),
+        (4, "E4 gpu-ring"),
+        (5, "E5 bus-master-off"),
     ] {
         let line = result_line(&ktap, name).unwrap_or_else(|| panic!("no result line for {name}"));
         assert_eq!(

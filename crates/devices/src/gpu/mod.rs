@@ -7,14 +7,21 @@
 //! 0xC000 MSI-X PBA
 //! ```
 //!
-//! Registers return to their defaults on every reset kind. VRAM contents survive FLR, PM soft
+//! The command ring (ring.rs) is processed by an engine thread that does all client-memory
+//! access through the function's [`Bus`], started when the endpoint attaches the bus.
+//!
+//! Registers return to their defaults on every reset kind; the ring engine is stopped (the
+//! command in flight aborted) before a reset returns. VRAM contents survive FLR, PM soft
 //! reset and DEVICE_RESET (as on real GPUs, where a function reset does not scrub memory); on
 //! a lost connection VRAM is discarded (zeroed, pages returned), since the next client is a new
 //! machine.
 
 pub mod regs;
+pub mod ring;
 mod vram;
 
+#[cfg(test)]
+mod ring_tests;
 #[cfg(test)]
 mod tests;
 
@@ -26,10 +33,11 @@ use pcisim_pci::caps::pcie::PcieConfig;
 use pcisim_pci::caps::pm::PmConfig;
 use pcisim_pci::caps::pri::PriConfig;
 use pcisim_pci::{
-    Bar, BuildError, Endpoint, EndpointBuilder, FunctionCtx, Identity, MsixOutcome, PciFunction,
-    ResetKind,
+    Bar, BuildError, Bus, ConfigEvent, Endpoint, EndpointBuilder, FunctionCtx, Identity,
+    MsixOutcome, PciFunction, ResetKind,
 };
 use pcisim_vfio_user::RegionMmap;
+use std::sync::Arc;
 
 pub use vram::{Vram, VramError};
 
@@ -147,7 +155,9 @@ fn set_hi(v: &mut u64, hi: u32) {
 pub struct Gpu {
     name: String,
     regs: Regs,
-    vram: Vram,
+    vram: Arc<Vram>,
+    ring: ring::Engine<Bus>,
+    bus: Option<Bus>,
 }
 
 /// Build the GPU endpoint described by `cfg`.
@@ -187,11 +197,19 @@ pub fn endpoint(cfg: &GpuConfig) -> Result<Endpoint<Gpu>, GpuError> {
 impl Gpu {
     /// A GPU with fresh (zeroed) VRAM of `cfg.vram_size` bytes.
     pub fn new(cfg: &GpuConfig) -> Result<Gpu, GpuError> {
+        let vram = Arc::new(Vram::new(cfg.vram_size)?);
         Ok(Gpu {
             name: cfg.name.clone(),
             regs: Regs::default(),
-            vram: Vram::new(cfg.vram_size)?,
+            ring: ring::Engine::new(&cfg.name, vram.clone(), MSIX_VECTORS),
+            vram,
+            bus: None,
         })
+    }
+
+    /// The command ring's registers (a snapshot).
+    pub fn ring_regs(&self) -> ring::RingRegs {
+        self.ring.regs()
     }
 
     /// The VRAM.
@@ -203,7 +221,7 @@ impl Gpu {
         let r = &self.regs;
         match off {
             regs::ID => regs::ID_MAGIC,
-            regs::VERSION => regs::VERSION_1_0,
+            regs::VERSION => regs::VERSION_1_1,
             regs::VRAM_SIZE_LO => self.vram.size() as u32,
             regs::VRAM_SIZE_HI => (self.vram.size() >> 32) as u32,
             regs::MSIX_VECTORS => u32::from(MSIX_VECTORS),
@@ -223,6 +241,7 @@ impl Gpu {
             regs::VRAM_STATUS => r.status,
             regs::VRAM_RESULT_LO => r.result as u32,
             regs::VRAM_RESULT_HI => (r.result >> 32) as u32,
+            o if (regs::RING_BASE_LO..=regs::RING_ERRORS).contains(&o) => self.read_ring(o),
             _ => {
                 warn!("{}: read of undefined BAR0 offset {off:#x}", self.name);
                 0
@@ -245,6 +264,13 @@ impl Gpu {
             regs::VRAM_LENGTH_HI => set_hi(&mut r.window_length, v),
             regs::VRAM_SEED => r.seed = v,
             regs::VRAM_CMD => self.command(v),
+            regs::RING_BASE_LO => self.ring.write_base(false, v),
+            regs::RING_BASE_HI => self.ring.write_base(true, v),
+            regs::RING_SIZE => self.ring.write_size(v),
+            regs::RING_CTRL => self.ring.write_ctrl(v),
+            regs::RING_TAIL => self.ring.write_tail(v),
+            regs::FENCE_VECTOR => self.ring.write_vector(true, v),
+            regs::ERROR_VECTOR => self.ring.write_vector(false, v),
             regs::ID
             | regs::VERSION
             | regs::VRAM_SIZE_LO
@@ -254,7 +280,16 @@ impl Gpu {
             | regs::IRQ_LAST_ERROR
             | regs::VRAM_STATUS
             | regs::VRAM_RESULT_LO
-            | regs::VRAM_RESULT_HI => {
+            | regs::VRAM_RESULT_HI
+            | regs::RING_HEAD
+            | regs::RING_STATUS
+            | regs::RING_ERROR
+            | regs::RING_FAULT_ADDR_LO
+            | regs::RING_FAULT_ADDR_HI
+            | regs::LAST_FENCE_LO
+            | regs::LAST_FENCE_HI
+            | regs::CMDS_COMPLETED
+            | regs::RING_ERRORS => {
                 warn!(
                     "{}: write to read-only register {off:#x} ignored",
                     self.name
@@ -264,6 +299,29 @@ impl Gpu {
                 "{}: write of {v:#x} to undefined BAR0 offset {off:#x} ignored",
                 self.name
             ),
+        }
+    }
+
+    fn read_ring(&self, off: u64) -> u32 {
+        let r = self.ring.regs();
+        match off {
+            regs::RING_BASE_LO => r.base as u32,
+            regs::RING_BASE_HI => (r.base >> 32) as u32,
+            regs::RING_SIZE => r.size,
+            regs::RING_CTRL => u32::from(r.enabled) * ring::ctrl::ENABLE,
+            regs::RING_HEAD => r.head,
+            regs::RING_TAIL => r.tail,
+            regs::RING_STATUS => r.status(),
+            regs::RING_ERROR => r.error_reg(),
+            regs::RING_FAULT_ADDR_LO => r.fault_addr as u32,
+            regs::RING_FAULT_ADDR_HI => (r.fault_addr >> 32) as u32,
+            regs::LAST_FENCE_LO => r.last_fence as u32,
+            regs::LAST_FENCE_HI => (r.last_fence >> 32) as u32,
+            regs::FENCE_VECTOR => u32::from(r.fence_vector),
+            regs::ERROR_VECTOR => u32::from(r.error_vector),
+            regs::CMDS_COMPLETED => r.completed,
+            regs::RING_ERRORS => r.errors,
+            _ => 0,
         }
     }
 
@@ -381,6 +439,16 @@ impl PciFunction for Gpu {
     }
 
     fn reset(&mut self, kind: ResetKind) {
+        // Stop the engine first: once this returns it performs no DMA and raises nothing.
+        self.ring.reset();
+        if let Some(bus) = self.bus.as_ref() {
+            // An interrupt the engine raised while the endpoint was already resetting was
+            // refused and left pending after the endpoint cleared the PBA; the reset state has
+            // nothing pending.
+            if let Some(m) = bus.msix().as_mut() {
+                m.reset();
+            }
+        }
         self.regs = Regs::default();
         if kind == ResetKind::LostConnection {
             if let Err(e) = self.vram.discard() {
@@ -391,5 +459,18 @@ impl PciFunction for Gpu {
 
     fn bar_mmap(&self, bar: u32) -> Option<RegionMmap> {
         (bar == u32::from(VRAM_BAR)).then(|| self.vram.region_mmap())
+    }
+
+    fn on_config_event(&mut self, ev: ConfigEvent) {
+        if ev == ConfigEvent::Flr {
+            // Stop the engine before the endpoint's reset begins, so no access of the command
+            // in flight lands inside the reset.
+            self.ring.reset();
+        }
+    }
+
+    fn attach_bus(&mut self, bus: Bus) {
+        self.ring.attach(bus.clone());
+        self.bus = Some(bus);
     }
 }

@@ -39,10 +39,45 @@ pub const VRAM_RESULT_LO: u64 = 0x120;
 /// Checksum result, high half.
 pub const VRAM_RESULT_HI: u64 = 0x124;
 
+/// Command ring base IOVA, low half (4 KiB aligned; latched at enable).
+pub const RING_BASE_LO: u64 = 0x200;
+/// Command ring base IOVA, high half.
+pub const RING_BASE_HI: u64 = 0x204;
+/// Ring size in entries: a power of two in 2..=4096 (latched at enable).
+pub const RING_SIZE: u64 = 0x208;
+/// Ring control: bit 0 ENABLE, bit 1 RESET (write 1; reads 0).
+pub const RING_CTRL: u64 = 0x20c;
+/// The slot the engine processes next (read-only).
+pub const RING_HEAD: u64 = 0x210;
+/// One past the last submitted slot; writing it is the doorbell.
+pub const RING_TAIL: u64 = 0x214;
+/// 0 idle, 1 busy, 2 error (read-only).
+pub const RING_STATUS: u64 = 0x218;
+/// Error code (bits 0..7) and slot (bits 16..27) of the command that stopped the ring.
+pub const RING_ERROR: u64 = 0x21c;
+/// The offending address or operand of the error, low half.
+pub const RING_FAULT_ADDR_LO: u64 = 0x220;
+/// The offending address or operand of the error, high half.
+pub const RING_FAULT_ADDR_HI: u64 = 0x224;
+/// Value of the last WRITE_FENCE executed, low half.
+pub const LAST_FENCE_LO: u64 = 0x228;
+/// Value of the last WRITE_FENCE executed, high half.
+pub const LAST_FENCE_HI: u64 = 0x22c;
+/// MSI-X vector raised by WRITE_FENCE with FENCE_IRQ (default 0).
+pub const FENCE_VECTOR: u64 = 0x230;
+/// MSI-X vector raised when the ring stops on an error (default 1).
+pub const ERROR_VECTOR: u64 = 0x234;
+/// Commands completed since reset (wraps).
+pub const CMDS_COMPLETED: u64 = 0x238;
+/// Times the ring stopped on an error since reset (wraps).
+pub const RING_ERRORS: u64 = 0x23c;
+
 /// Value of [`ID`].
 pub const ID_MAGIC: u32 = 0x4753_4350;
-/// Value of [`VERSION`].
+/// Value of [`VERSION`] before the command ring (1.0).
 pub const VERSION_1_0: u32 = 0x0001_0000;
+/// Value of [`VERSION`]: 1.1, registers of 1.0 plus the command ring.
+pub const VERSION_1_1: u32 = 0x0001_0001;
 
 /// IRQ_LAST_ERROR: the interrupt was delivered.
 pub const IRQ_OK: u32 = 0;

@@ -86,7 +86,7 @@ fn test_regs_identity_ro_values() {
     enable(&mut ep);
     ep.region_read(0, ID, &mut id).unwrap();
     assert_eq!(&id, b"PCSG");
-    assert_eq!(rd(&mut ep, VERSION), 0x0001_0000);
+    assert_eq!(rd(&mut ep, VERSION), 0x0001_0001);
     assert_eq!(rd(&mut ep, VRAM_SIZE_LO), 0);
     assert_eq!(rd(&mut ep, VRAM_SIZE_HI), 2);
     assert_eq!(rd(&mut ep, regs::MSIX_VECTORS), 16);

@@ -1,0 +1,1183 @@
+//! The GPU command ring and its engine thread (docs/programming-model.md, "Command ring").
+//!
+//! ```text
+//!  driver                         register side (server thread)        engine thread
+//!  ──────                         ─────────────────────────────        ─────────────
+//!  commands → ring in its memory
+//!  RING_TAIL = t  ───────────────▶ tail = t; notify ─────────────────▶ wake: head != tail
+//!                                  (returns at once)                   fetch slot `head` (DMA)
+//!                                                                      decode, check operands
+//!                                                                      execute in 64 KiB chunks
+//!                                                                        (abort checked between
+//!                                                                         chunks; DMA through
+//!                                                                         the bus, page by page)
+//!                                                                      head += 1; LAST_FENCE;
+//!  eventfd of FENCE_VECTOR ◀──────────────────────────────────────────  MSI-X (through the bus)
+//! ```
+//!
+//! A malformed command (bad opcode, flags, reserved bits, alignment, length, range, vector) or
+//! a DMA the bus refuses or cannot perform stops the ring: RING_STATUS = ERROR, RING_ERROR =
+//! code | slot << 16, RING_FAULT_ADDR = the offending address, ERROR_VECTOR raised and a `Note`
+//! journaled. Nothing outside mapped client memory or VRAM is ever touched: every VRAM access
+//! is bounds-checked and every client access goes through the bus, which checks the DMA map.
+//!
+//! Reset ([`Engine::reset`], [`Engine::reset_ring`]) bumps a generation counter, waits until
+//! the engine has left the command it was executing (the engine compares the command's
+//! generation with the current one before every chunk, so the wait is at most one chunk), and
+//! only then puts the registers back: once it returns, the engine performs no DMA and raises no
+//! interrupt for anything submitted before.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use pcisim_pci::MsixOutcome;
+
+use super::Vram;
+
+/// Size of one command in bytes.
+pub const CMD_SIZE: u64 = 32;
+/// Smallest ring (entries).
+pub const MIN_ENTRIES: u32 = 2;
+/// Largest ring (entries).
+pub const MAX_ENTRIES: u32 = 4096;
+/// Required alignment of RING_BASE.
+pub const RING_ALIGN: u64 = 4096;
+/// Largest length a COPY or FILL may move.
+pub const MAX_LEN: u64 = 64 << 20;
+/// The engine moves data in chunks of this size and checks for an abort between chunks.
+pub const CHUNK: usize = 64 << 10;
+/// Client DMA is issued in pieces that never cross a page boundary (with a vIOMMU, every
+/// guest IOMMU page arrives as its own DMA mapping).
+pub const DMA_PAGE: u64 = 4096;
+/// Default FENCE_VECTOR.
+pub const DEFAULT_FENCE_VECTOR: u16 = 0;
+/// Default ERROR_VECTOR.
+pub const DEFAULT_ERROR_VECTOR: u16 = 1;
+
+/// Opcodes (byte 0 of a command).
+pub mod op {
+    /// Do nothing.
+    pub const NOP: u8 = 0x00;
+    /// Copy `c` bytes from `a` to `b`.
+    pub const COPY: u8 = 0x01;
+    /// Fill `c` bytes at `a` with the 32-bit pattern `b`.
+    pub const FILL: u8 = 0x02;
+    /// Write the 64-bit value `b` at IOVA `a`; LAST_FENCE = `b`.
+    pub const WRITE_FENCE: u8 = 0x03;
+    /// Raise MSI-X vector `a`.
+    pub const INTERRUPT: u8 = 0x04;
+}
+
+/// Flags (byte 1 of a command).
+pub mod flag {
+    /// COPY: the source is a VRAM offset (else a client IOVA).
+    pub const SRC_VRAM: u8 = 1 << 0;
+    /// COPY, FILL: the destination is a VRAM offset (else a client IOVA).
+    pub const DST_VRAM: u8 = 1 << 1;
+    /// WRITE_FENCE: raise FENCE_VECTOR once the fence is written.
+    pub const FENCE_IRQ: u8 = 1 << 2;
+}
+
+/// RING_CTRL bits.
+pub mod ctrl {
+    /// The engine processes commands while set. Setting it latches and checks RING_BASE and
+    /// RING_SIZE.
+    pub const ENABLE: u32 = 1 << 0;
+    /// Write 1: stop the engine (abort the command in flight), clear ENABLE, HEAD, TAIL and the
+    /// error state. Reads 0.
+    pub const RESET: u32 = 1 << 1;
+}
+
+/// RING_STATUS values.
+pub mod status {
+    /// Nothing to do (or disabled).
+    pub const IDLE: u32 = 0;
+    /// Enabled and HEAD != TAIL: commands are being processed.
+    pub const BUSY: u32 = 1;
+    /// Stopped on an error (RING_ERROR says which and where) until RING_CTRL.RESET.
+    pub const ERROR: u32 = 2;
+}
+
+/// RING_ERROR codes (bits 0..7; the slot is in bits 16..27).
+pub mod err {
+    /// No error.
+    pub const NONE: u32 = 0;
+    /// Unknown opcode.
+    pub const BAD_OPCODE: u32 = 1;
+    /// A flag the opcode does not define is set.
+    pub const BAD_FLAGS: u32 = 2;
+    /// A reserved field or an operand the opcode does not use is not zero.
+    pub const RESERVED: u32 = 3;
+    /// An operand is not aligned as the opcode requires.
+    pub const ALIGNMENT: u32 = 4;
+    /// A length above [`super::MAX_LEN`].
+    pub const LENGTH: u32 = 5;
+    /// A VRAM range outside VRAM.
+    pub const VRAM_RANGE: u32 = 6;
+    /// An IOVA range that wraps past 2^64.
+    pub const IOVA_RANGE: u32 = 7;
+    /// A client access hit no mapped memory (or the mapping's protection forbids it).
+    pub const DMA_FAULT: u32 = 8;
+    /// The bus refused the access: Bus Master Enable clear, D3hot, link down, reset, no client.
+    pub const DMA_REFUSED: u32 = 9;
+    /// An MSI-X vector that does not exist.
+    pub const BAD_VECTOR: u32 = 10;
+    /// RING_BASE not 4 KiB aligned or RING_SIZE not a power of two in 2..=4096 at enable.
+    pub const BAD_RING: u32 = 11;
+    /// RING_TAIL written with a value not below RING_SIZE.
+    pub const BAD_TAIL: u32 = 12;
+}
+
+/// Why a DMA did not happen (the engine's view of the bus's answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmaFailure {
+    /// The rules forbid DMA now (the bus journaled the refusal).
+    Refused,
+    /// No mapped memory there, or the mapping forbids the direction (journaled as a fault).
+    Fault,
+}
+
+/// What the engine needs from the bus: gated, journaled DMA and MSI-X, a journal for notes,
+/// and Transactions Pending while a command runs. [`pcisim_pci::Bus`] implements it; tests use
+/// an in-memory image.
+pub trait EngineBus: Clone + Send + Sync + 'static {
+    /// A guard that keeps Transactions Pending set while alive.
+    type Tx<'a>
+    where
+        Self: 'a;
+    /// Mark work in flight for as long as the guard lives.
+    fn transaction(&self) -> Self::Tx<'_>;
+    /// Read client memory at `iova` (never crosses a [`DMA_PAGE`] boundary).
+    fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaFailure>;
+    /// Write client memory at `iova` (never crosses a [`DMA_PAGE`] boundary).
+    fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaFailure>;
+    /// Raise MSI-X vector `vector`.
+    fn raise_msix(&self, vector: u16) -> MsixOutcome;
+    /// Journal a device note.
+    fn note(&self, text: String);
+}
+
+impl EngineBus for pcisim_pci::Bus {
+    type Tx<'a> = pcisim_pci::bus::Transaction<'a>;
+
+    fn transaction(&self) -> Self::Tx<'_> {
+        pcisim_pci::Bus::transaction(self)
+    }
+
+    fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaFailure> {
+        pcisim_pci::Bus::dma_read(self, iova, buf).map_err(failure)
+    }
+
+    fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaFailure> {
+        pcisim_pci::Bus::dma_write(self, iova, data).map_err(failure)
+    }
+
+    fn raise_msix(&self, vector: u16) -> MsixOutcome {
+        pcisim_pci::Bus::raise_msix(self, vector)
+    }
+
+    fn note(&self, text: String) {
+        self.journal()
+            .record(pcisim_pci::journal::Event::Note { text });
+    }
+}
+
+fn failure(f: pcisim_pci::bus::DmaFault) -> DmaFailure {
+    match f {
+        pcisim_pci::bus::DmaFault::Refused(_) => DmaFailure::Refused,
+        _ => DmaFailure::Fault,
+    }
+}
+
+/// Where a COPY or FILL operand points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loc {
+    /// An offset in VRAM.
+    Vram(u64),
+    /// A client IOVA.
+    Iova(u64),
+}
+
+impl Loc {
+    fn addr(self) -> u64 {
+        match self {
+            Loc::Vram(a) | Loc::Iova(a) => a,
+        }
+    }
+
+    fn offset(self, by: u64) -> Loc {
+        match self {
+            Loc::Vram(a) => Loc::Vram(a.wrapping_add(by)),
+            Loc::Iova(a) => Loc::Iova(a.wrapping_add(by)),
+        }
+    }
+
+    fn same_space(self, other: Loc) -> bool {
+        matches!(
+            (self, other),
+            (Loc::Vram(_), Loc::Vram(_)) | (Loc::Iova(_), Loc::Iova(_))
+        )
+    }
+}
+
+/// A decoded, fully checked command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// NOP.
+    Nop,
+    /// COPY `len` bytes from `src` to `dst` (memmove semantics inside one space).
+    Copy {
+        /// Source.
+        src: Loc,
+        /// Destination.
+        dst: Loc,
+        /// Bytes.
+        len: u64,
+    },
+    /// FILL `len` bytes at `dst` with `pattern` (little-endian, repeated).
+    Fill {
+        /// Destination.
+        dst: Loc,
+        /// The 32-bit pattern.
+        pattern: u32,
+        /// Bytes (a multiple of 4).
+        len: u64,
+    },
+    /// WRITE_FENCE `value` at `iova`.
+    WriteFence {
+        /// IOVA of the 64-bit fence (8-byte aligned).
+        iova: u64,
+        /// Value.
+        value: u64,
+        /// Raise FENCE_VECTOR afterwards.
+        irq: bool,
+    },
+    /// INTERRUPT: raise `vector`.
+    Interrupt {
+        /// The vector.
+        vector: u16,
+    },
+}
+
+/// Why a command (or the ring) failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingError {
+    /// An [`err`] code.
+    pub code: u32,
+    /// The offending address or operand (RING_FAULT_ADDR).
+    pub addr: u64,
+    /// Text for the journal.
+    pub detail: String,
+}
+
+impl RingError {
+    fn new(code: u32, addr: u64, detail: impl Into<String>) -> RingError {
+        RingError {
+            code,
+            addr,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The name of an opcode, for messages.
+pub fn op_name(opcode: u8) -> &'static str {
+    match opcode {
+        op::NOP => "NOP",
+        op::COPY => "COPY",
+        op::FILL => "FILL",
+        op::WRITE_FENCE => "WRITE_FENCE",
+        op::INTERRUPT => "INTERRUPT",
+        _ => "?",
+    }
+}
+
+/// Encode a command (the inverse of [`decode`] for raw fields; used by tests and tools).
+pub fn encode(opcode: u8, flags: u8, a: u64, b: u64, c: u64) -> [u8; CMD_SIZE as usize] {
+    let mut out = [0u8; CMD_SIZE as usize];
+    out[0] = opcode;
+    out[1] = flags;
+    out[8..16].copy_from_slice(&a.to_le_bytes());
+    out[16..24].copy_from_slice(&b.to_le_bytes());
+    out[24..32].copy_from_slice(&c.to_le_bytes());
+    out
+}
+
+fn u64_at(raw: &[u8; CMD_SIZE as usize], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&raw[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+/// Check that `len` bytes at `loc` exist: inside VRAM, or not wrapping past 2^64.
+fn check_range(loc: Loc, len: u64, vram_size: u64, what: &str) -> Result<(), RingError> {
+    let end = u128::from(loc.addr()) + u128::from(len);
+    match loc {
+        Loc::Vram(off) if end > u128::from(vram_size) => Err(RingError::new(
+            err::VRAM_RANGE,
+            off,
+            format!("{what} VRAM {off:#x}+{len:#x} beyond VRAM size {vram_size:#x}"),
+        )),
+        Loc::Iova(iova) if end > 1u128 << 64 => Err(RingError::new(
+            err::IOVA_RANGE,
+            iova,
+            format!("{what} IOVA {iova:#x}+{len:#x} wraps"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Decode and check one command against a VRAM of `vram_size` bytes and `vectors` MSI-X
+/// vectors. Every rule of the programming model that can be checked without touching memory is
+/// checked here.
+pub fn decode(
+    raw: &[u8; CMD_SIZE as usize],
+    vram_size: u64,
+    vectors: u16,
+) -> Result<Command, RingError> {
+    let (opcode, flags) = (raw[0], raw[1]);
+    let (a, b, c) = (u64_at(raw, 8), u64_at(raw, 16), u64_at(raw, 24));
+    let name = op_name(opcode);
+    let allowed = match opcode {
+        op::NOP | op::INTERRUPT => 0,
+        op::COPY => flag::SRC_VRAM | flag::DST_VRAM,
+        op::FILL => flag::DST_VRAM,
+        op::WRITE_FENCE => flag::FENCE_IRQ,
+        _ => {
+            return Err(RingError::new(
+                err::BAD_OPCODE,
+                u64::from(opcode),
+                format!("bad opcode {opcode:#04x}"),
+            ))
+        }
+    };
+    if flags & !allowed != 0 {
+        return Err(RingError::new(
+            err::BAD_FLAGS,
+            u64::from(flags),
+            format!("{name}: undefined flags {:#04x}", flags & !allowed),
+        ));
+    }
+    if raw[2..8].iter().any(|&x| x != 0) {
+        return Err(RingError::new(
+            err::RESERVED,
+            u64_at(raw, 0),
+            format!("{name}: reserved header bytes 2..8 not zero"),
+        ));
+    }
+    let unused_zero = |ops: &[(u64, &str)]| -> Result<(), RingError> {
+        match ops.iter().find(|(v, _)| *v != 0) {
+            Some((v, which)) => Err(RingError::new(
+                err::RESERVED,
+                *v,
+                format!("{name}: unused operand {which} = {v:#x} not zero"),
+            )),
+            None => Ok(()),
+        }
+    };
+    let loc = |vram: bool, addr: u64| {
+        if vram {
+            Loc::Vram(addr)
+        } else {
+            Loc::Iova(addr)
+        }
+    };
+    let length = |len: u64| {
+        if len > MAX_LEN {
+            Err(RingError::new(
+                err::LENGTH,
+                len,
+                format!("{name}: length {len:#x} above {MAX_LEN:#x}"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    match opcode {
+        op::NOP => {
+            unused_zero(&[(a, "a"), (b, "b"), (c, "c")])?;
+            Ok(Command::Nop)
+        }
+        op::COPY => {
+            let src = loc(flags & flag::SRC_VRAM != 0, a);
+            let dst = loc(flags & flag::DST_VRAM != 0, b);
+            length(c)?;
+            check_range(src, c, vram_size, "COPY source")?;
+            check_range(dst, c, vram_size, "COPY destination")?;
+            Ok(Command::Copy { src, dst, len: c })
+        }
+        op::FILL => {
+            let dst = loc(flags & flag::DST_VRAM != 0, a);
+            if b >> 32 != 0 {
+                return Err(RingError::new(
+                    err::RESERVED,
+                    b,
+                    format!("FILL: pattern {b:#x} wider than 32 bits"),
+                ));
+            }
+            if !a.is_multiple_of(4) || !c.is_multiple_of(4) {
+                let at = if a.is_multiple_of(4) { c } else { a };
+                return Err(RingError::new(
+                    err::ALIGNMENT,
+                    at,
+                    format!("FILL: destination {a:#x} or length {c:#x} not a multiple of 4"),
+                ));
+            }
+            length(c)?;
+            check_range(dst, c, vram_size, "FILL destination")?;
+            Ok(Command::Fill {
+                dst,
+                pattern: b as u32,
+                len: c,
+            })
+        }
+        op::WRITE_FENCE => {
+            unused_zero(&[(c, "c")])?;
+            if !a.is_multiple_of(8) {
+                return Err(RingError::new(
+                    err::ALIGNMENT,
+                    a,
+                    format!("WRITE_FENCE: fence address {a:#x} not 8-byte aligned"),
+                ));
+            }
+            Ok(Command::WriteFence {
+                iova: a,
+                value: b,
+                irq: flags & flag::FENCE_IRQ != 0,
+            })
+        }
+        _ => {
+            // op::INTERRUPT (every other opcode returned above).
+            unused_zero(&[(b, "b"), (c, "c")])?;
+            match u16::try_from(a) {
+                Ok(vector) if vector < vectors => Ok(Command::Interrupt { vector }),
+                _ => Err(RingError::new(
+                    err::BAD_VECTOR,
+                    a,
+                    format!("INTERRUPT: vector {a} out of range (0..{vectors})"),
+                )),
+            }
+        }
+    }
+}
+
+/// The ring registers (everything [`Engine::reset`] restores).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingRegs {
+    /// RING_BASE as written.
+    pub base: u64,
+    /// RING_SIZE as written.
+    pub size: u32,
+    /// RING_HEAD: the next slot the engine processes.
+    pub head: u32,
+    /// RING_TAIL: one past the last slot the driver submitted.
+    pub tail: u32,
+    /// RING_CTRL.ENABLE.
+    pub enabled: bool,
+    /// Base latched at enable.
+    pub active_base: u64,
+    /// Size latched at enable.
+    pub active_size: u32,
+    /// Stopped on an error.
+    pub error: Option<(u32, u32)>,
+    /// RING_FAULT_ADDR.
+    pub fault_addr: u64,
+    /// LAST_FENCE.
+    pub last_fence: u64,
+    /// FENCE_VECTOR.
+    pub fence_vector: u16,
+    /// ERROR_VECTOR.
+    pub error_vector: u16,
+    /// CMDS_COMPLETED.
+    pub completed: u32,
+    /// RING_ERRORS: how many times the ring stopped on an error.
+    pub errors: u32,
+}
+
+impl Default for RingRegs {
+    fn default() -> RingRegs {
+        RingRegs {
+            base: 0,
+            size: 0,
+            head: 0,
+            tail: 0,
+            enabled: false,
+            active_base: 0,
+            active_size: 0,
+            error: None,
+            fault_addr: 0,
+            last_fence: 0,
+            fence_vector: DEFAULT_FENCE_VECTOR,
+            error_vector: DEFAULT_ERROR_VECTOR,
+            completed: 0,
+            errors: 0,
+        }
+    }
+}
+
+impl RingRegs {
+    /// RING_STATUS.
+    pub fn status(&self) -> u32 {
+        if self.error.is_some() {
+            status::ERROR
+        } else if self.enabled && self.head != self.tail {
+            status::BUSY
+        } else {
+            status::IDLE
+        }
+    }
+
+    /// RING_ERROR: code | slot << 16.
+    pub fn error_reg(&self) -> u32 {
+        self.error.map_or(err::NONE, |(code, slot)| {
+            (code & 0xff) | ((slot & 0xfff) << 16)
+        })
+    }
+
+    fn runnable(&self) -> bool {
+        self.enabled && self.error.is_none() && self.head != self.tail
+    }
+
+    fn stop(&mut self, code: u32, slot: u32, addr: u64) {
+        self.error = Some((code, slot));
+        self.fault_addr = addr;
+        self.errors = self.errors.wrapping_add(1);
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    regs: RingRegs,
+    /// The engine is inside a command (between taking it and publishing its result).
+    busy: bool,
+    shutdown: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    name: String,
+    vram: Arc<Vram>,
+    vectors: u16,
+    state: Mutex<State>,
+    cv: Condvar,
+    /// Bumped (under the state lock) by every reset and at shutdown: a command taken under an
+    /// older generation stops before its next chunk and its result is discarded.
+    generation: AtomicU64,
+}
+
+/// A command taken from the ring.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    slot: u32,
+    addr: u64,
+    generation: u64,
+}
+
+/// How long a reset waits for the engine to leave a command before giving up (it never should
+/// take more than one chunk; the bound keeps a client request from ever hanging).
+const RESET_WAIT: Duration = Duration::from_secs(2);
+
+/// Why execution stopped early.
+enum Stop {
+    Error(RingError),
+    Aborted { done: u64 },
+}
+
+impl From<RingError> for Stop {
+    fn from(e: RingError) -> Stop {
+        Stop::Error(e)
+    }
+}
+
+/// The command ring: registers plus an engine thread once a bus is attached.
+#[derive(Debug)]
+pub struct Engine<B: EngineBus> {
+    shared: Arc<Shared>,
+    bus: Option<B>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl<B: EngineBus> Engine<B> {
+    /// A ring over `vram` with `vectors` MSI-X vectors; no engine thread until
+    /// [`Engine::attach`].
+    pub fn new(name: &str, vram: Arc<Vram>, vectors: u16) -> Engine<B> {
+        Engine {
+            shared: Arc::new(Shared {
+                name: name.to_string(),
+                vram,
+                vectors,
+                state: Mutex::new(State {
+                    regs: RingRegs::default(),
+                    busy: false,
+                    shutdown: false,
+                }),
+                cv: Condvar::new(),
+                generation: AtomicU64::new(0),
+            }),
+            bus: None,
+            worker: None,
+        }
+    }
+
+    /// Give the engine its bus and start the engine thread. A second call replaces the bus
+    /// only if no thread runs yet.
+    pub fn attach(&mut self, bus: B) {
+        if self.worker.is_some() {
+            warn!("{}: ring engine already attached", self.shared.name);
+            return;
+        }
+        self.bus = Some(bus.clone());
+        let shared = self.shared.clone();
+        match std::thread::Builder::new()
+            .name(format!("{}-ring", self.shared.name))
+            .spawn(move || worker(&shared, &bus))
+        {
+            Ok(h) => self.worker = Some(h),
+            Err(e) => warn!(
+                "{}: starting the ring engine thread failed: {e}",
+                self.shared.name
+            ),
+        }
+    }
+
+    /// Give the engine its bus without a thread: commands run only through [`Engine::step`]
+    /// (deterministic tests).
+    pub fn attach_manual(&mut self, bus: B) {
+        self.bus = Some(bus);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.lock()
+    }
+
+    /// A copy of the registers.
+    pub fn regs(&self) -> RingRegs {
+        self.lock().regs.clone()
+    }
+
+    /// Process one command on the calling thread if there is one (manual mode and tests).
+    /// Returns whether a command was taken.
+    pub fn step(&self) -> bool {
+        let Some(bus) = self.bus.as_ref() else {
+            return false;
+        };
+        let job = {
+            let mut st = self.lock();
+            match self.shared.take(&mut st) {
+                Some(j) => j,
+                None => return false,
+            }
+        };
+        self.shared.run(bus, job);
+        true
+    }
+
+    /// Set RING_BASE's low (`hi == false`) or high half. Ignored while enabled.
+    pub fn write_base(&self, hi: bool, v: u32) {
+        let mut st = self.lock();
+        if st.regs.enabled {
+            warn!(
+                "{}: RING_BASE written while the ring is enabled, ignored",
+                self.shared.name
+            );
+            return;
+        }
+        let b = &mut st.regs.base;
+        *b = if hi {
+            (*b & 0xffff_ffff) | (u64::from(v) << 32)
+        } else {
+            (*b & !0xffff_ffff) | u64::from(v)
+        };
+    }
+
+    /// Set RING_SIZE. Ignored while enabled.
+    pub fn write_size(&self, v: u32) {
+        let mut st = self.lock();
+        if st.regs.enabled {
+            warn!(
+                "{}: RING_SIZE written while the ring is enabled, ignored",
+                self.shared.name
+            );
+            return;
+        }
+        st.regs.size = v;
+    }
+
+    /// Set FENCE_VECTOR (`fence`) or ERROR_VECTOR; values without a vector are ignored.
+    pub fn write_vector(&self, fence: bool, v: u32) {
+        let Some(v) = u16::try_from(v).ok().filter(|v| *v < self.shared.vectors) else {
+            warn!(
+                "{}: {} {v} out of range, ignored",
+                self.shared.name,
+                if fence {
+                    "FENCE_VECTOR"
+                } else {
+                    "ERROR_VECTOR"
+                }
+            );
+            return;
+        };
+        let mut st = self.lock();
+        if fence {
+            st.regs.fence_vector = v;
+        } else {
+            st.regs.error_vector = v;
+        }
+    }
+
+    /// RING_TAIL doorbell. Returns at once; the engine thread does the work.
+    pub fn write_tail(&self, v: u32) {
+        let mut st = self.lock();
+        let r = &mut st.regs;
+        if r.enabled && r.error.is_none() && v >= r.active_size {
+            let (head, vector) = (r.head, r.error_vector);
+            let detail = format!("RING_TAIL {v} not below RING_SIZE {}", r.active_size);
+            r.stop(err::BAD_TAIL, head, u64::from(v));
+            drop(st);
+            self.report(
+                &RingError::new(err::BAD_TAIL, u64::from(v), detail),
+                head,
+                vector,
+            );
+            return;
+        }
+        r.tail = v;
+        drop(st);
+        self.shared.cv.notify_all();
+    }
+
+    /// RING_CTRL write.
+    pub fn write_ctrl(&self, v: u32) {
+        if v & ctrl::RESET != 0 {
+            self.reset_ring();
+        }
+        let enable = v & ctrl::ENABLE != 0;
+        let mut st = self.lock();
+        let r = &mut st.regs;
+        if enable == r.enabled {
+            return;
+        }
+        if !enable || r.error.is_some() {
+            // Disable: the command in flight completes, no new one starts. Stopped on an
+            // error: nothing is latched or checked until RING_CTRL.RESET.
+            r.enabled = enable;
+            return;
+        }
+        let (head, vector) = (r.head, r.error_vector);
+        let ok_size = r.size.is_power_of_two() && (MIN_ENTRIES..=MAX_ENTRIES).contains(&r.size);
+        let ok_base = r.base.is_multiple_of(RING_ALIGN)
+            && r.base.checked_add(u64::from(r.size) * CMD_SIZE).is_some();
+        let failure = if !(ok_size && ok_base) {
+            let addr = if ok_base { u64::from(r.size) } else { r.base };
+            Some(RingError::new(
+                err::BAD_RING,
+                addr,
+                format!(
+                    "ring base {:#x} / size {} invalid (base 4 KiB aligned, size a power of two in {MIN_ENTRIES}..={MAX_ENTRIES})",
+                    r.base, r.size
+                ),
+            ))
+        } else if r.head >= r.size {
+            Some(RingError::new(
+                err::BAD_RING,
+                u64::from(r.size),
+                format!(
+                    "RING_HEAD {} not below the new RING_SIZE {} (RESET the ring first)",
+                    r.head, r.size
+                ),
+            ))
+        } else if r.tail >= r.size {
+            Some(RingError::new(
+                err::BAD_TAIL,
+                u64::from(r.tail),
+                format!("RING_TAIL {} not below RING_SIZE {}", r.tail, r.size),
+            ))
+        } else {
+            None
+        };
+        if let Some(e) = failure {
+            r.stop(e.code, head, e.addr);
+            drop(st);
+            self.report(&e, head, vector);
+            return;
+        }
+        r.enabled = true;
+        r.active_base = r.base;
+        r.active_size = r.size;
+        drop(st);
+        self.shared.cv.notify_all();
+    }
+
+    fn report(&self, e: &RingError, slot: u32, vector: u16) {
+        warn!(
+            "{}: ring error at slot {slot}: {}",
+            self.shared.name, e.detail
+        );
+        if let Some(bus) = self.bus.as_ref() {
+            bus.note(format!(
+                "ring error {} at slot {slot}: {}",
+                err_name(e.code),
+                e.detail
+            ));
+            bus.raise_msix(vector);
+        }
+    }
+
+    /// RING_CTRL.RESET: stop the engine (abort the command in flight and wait for it to stop),
+    /// then clear ENABLE, HEAD, TAIL and the error state. RING_BASE, RING_SIZE, the vectors,
+    /// LAST_FENCE and the counters are kept.
+    pub fn reset_ring(&self) {
+        let mut st = self.shared.quiesce(self.lock());
+        let r = &mut st.regs;
+        r.enabled = false;
+        r.head = 0;
+        r.tail = 0;
+        r.error = None;
+        r.fault_addr = 0;
+    }
+
+    /// Function reset: stop the engine as [`Engine::reset_ring`] does, then every ring register
+    /// back to its power-on value.
+    pub fn reset(&self) {
+        let mut st = self.shared.quiesce(self.lock());
+        st.regs = RingRegs::default();
+    }
+}
+
+impl<B: EngineBus> Drop for Engine<B> {
+    fn drop(&mut self) {
+        {
+            let mut st = self.lock();
+            st.shutdown = true;
+            self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        self.shared.cv.notify_all();
+        if let Some(h) = self.worker.take() {
+            if h.join().is_err() {
+                warn!("{}: ring engine thread panicked", self.shared.name);
+            }
+        }
+    }
+}
+
+/// The name of an error code, for the journal.
+pub fn err_name(code: u32) -> &'static str {
+    match code {
+        err::NONE => "none",
+        err::BAD_OPCODE => "bad_opcode",
+        err::BAD_FLAGS => "bad_flags",
+        err::RESERVED => "reserved",
+        err::ALIGNMENT => "alignment",
+        err::LENGTH => "length",
+        err::VRAM_RANGE => "vram_range",
+        err::IOVA_RANGE => "iova_range",
+        err::DMA_FAULT => "dma_fault",
+        err::DMA_REFUSED => "dma_refused",
+        err::BAD_VECTOR => "bad_vector",
+        err::BAD_RING => "bad_ring",
+        err::BAD_TAIL => "bad_tail",
+        _ => "unknown",
+    }
+}
+
+fn worker<B: EngineBus>(shared: &Shared, bus: &B) {
+    loop {
+        let job = {
+            let mut st = shared.lock();
+            loop {
+                if st.shutdown {
+                    return;
+                }
+                if let Some(j) = shared.take(&mut st) {
+                    break j;
+                }
+                st = shared.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        shared.run(bus, job);
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every update of the state is a plain assignment: a panic elsewhere cannot leave it
+        // half-written.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn aborted(&self, job: &Job) -> bool {
+        self.generation.load(Ordering::Acquire) != job.generation
+    }
+
+    /// Take the next command if the ring is runnable; marks the engine busy.
+    fn take(&self, st: &mut State) -> Option<Job> {
+        if st.busy || st.shutdown || !st.regs.runnable() {
+            return None;
+        }
+        st.busy = true;
+        let r = &st.regs;
+        Some(Job {
+            slot: r.head,
+            addr: r
+                .active_base
+                .wrapping_add(u64::from(r.head).wrapping_mul(CMD_SIZE)),
+            generation: self.generation.load(Ordering::Acquire),
+        })
+    }
+
+    /// Stop the engine: disable, start a new generation, and wait until the engine has left
+    /// the command it was in. Returns with the lock held.
+    fn quiesce<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        st.regs.enabled = false;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let deadline = Instant::now() + RESET_WAIT;
+        while st.busy {
+            let now = Instant::now();
+            if now >= deadline {
+                warn!(
+                    "{}: ring engine did not stop within {:?}; its result will be discarded",
+                    self.name, RESET_WAIT
+                );
+                break;
+            }
+            st = match self.cv.wait_timeout(st, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        st
+    }
+
+    /// Execute `job` and publish its result (unless a reset intervened).
+    fn run<B: EngineBus>(&self, bus: &B, job: Job) {
+        let result = {
+            let _tx = bus.transaction();
+            self.execute(bus, job)
+        };
+        let mut st = self.lock();
+        if self.aborted(&job) {
+            // A reset happened meanwhile: it owns the registers now.
+            st.busy = false;
+            drop(st);
+            let how = match result {
+                Err(Stop::Aborted { done }) => format!("after {done} bytes"),
+                Err(Stop::Error(e)) => format!("({})", e.detail),
+                Ok((_, moved)) => format!("at its end ({moved} bytes)"),
+            };
+            bus.note(format!(
+                "ring: command at slot {} aborted by reset {how}",
+                job.slot
+            ));
+            self.cv.notify_all();
+            return;
+        }
+        let r = &mut st.regs;
+        let mut irq = None;
+        let mut note = None;
+        match result {
+            Ok((cmd, _)) => {
+                r.head = (r.head + 1) % r.active_size.max(1);
+                r.completed = r.completed.wrapping_add(1);
+                if let Command::WriteFence {
+                    value, irq: want, ..
+                } = cmd
+                {
+                    r.last_fence = value;
+                    if want {
+                        irq = Some(r.fence_vector);
+                    }
+                }
+            }
+            Err(Stop::Error(e)) => {
+                r.stop(e.code, job.slot, e.addr);
+                irq = Some(r.error_vector);
+                warn!(
+                    "{}: ring error at slot {}: {}",
+                    self.name, job.slot, e.detail
+                );
+                note = Some(format!(
+                    "ring error {} at slot {}: {}",
+                    err_name(e.code),
+                    job.slot,
+                    e.detail
+                ));
+            }
+            Err(Stop::Aborted { .. }) => {
+                // Unreachable: an aborted command's generation is stale (handled above).
+            }
+        }
+        drop(st);
+        if let Some(text) = note {
+            bus.note(text);
+        }
+        // Interrupts are raised while still busy, so a reset waits for them too.
+        if let Some(v) = irq {
+            if !self.aborted(&job) {
+                bus.raise_msix(v);
+            }
+        }
+        self.lock().busy = false;
+        self.cv.notify_all();
+    }
+
+    /// Fetch, decode and execute the command of `job`. On success returns the command and the
+    /// bytes it moved.
+    fn execute<B: EngineBus>(&self, bus: &B, job: Job) -> Result<(Command, u64), Stop> {
+        let mut raw = [0u8; CMD_SIZE as usize];
+        self.dma_read(bus, job.addr, &mut raw)
+            .map_err(|e| with_detail(e, &format!("fetching slot {}", job.slot)))?;
+        let cmd = decode(&raw, self.vram.size(), self.vectors)?;
+        debug!("{}: slot {}: {cmd:?}", self.name, job.slot);
+        let moved = match cmd {
+            Command::Nop => 0,
+            Command::Copy { src, dst, len } => self.copy(bus, &job, src, dst, len)?,
+            Command::Fill { dst, pattern, len } => self.fill(bus, &job, dst, pattern, len)?,
+            Command::WriteFence { iova, value, .. } => {
+                self.check_abort(&job, 0)?;
+                self.dma_write(bus, iova, &value.to_le_bytes())
+                    .map_err(|e| with_detail(e, "WRITE_FENCE"))?;
+                8
+            }
+            Command::Interrupt { vector } => {
+                self.check_abort(&job, 0)?;
+                bus.raise_msix(vector);
+                0
+            }
+        };
+        Ok((cmd, moved))
+    }
+
+    fn check_abort(&self, job: &Job, done: u64) -> Result<(), Stop> {
+        if self.aborted(job) {
+            Err(Stop::Aborted { done })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn copy<B: EngineBus>(
+        &self,
+        bus: &B,
+        job: &Job,
+        src: Loc,
+        dst: Loc,
+        len: u64,
+    ) -> Result<u64, Stop> {
+        let chunks = len.div_ceil(CHUNK as u64);
+        // memmove: copy backwards when the destination starts inside the source.
+        let backwards = src.same_space(dst)
+            && dst.addr() > src.addr()
+            && u128::from(dst.addr()) < u128::from(src.addr()) + u128::from(len);
+        let mut buf = vec![0u8; CHUNK.min(len as usize)];
+        let mut done = 0u64;
+        for k in 0..chunks {
+            let idx = if backwards { chunks - 1 - k } else { k };
+            let off = idx * CHUNK as u64;
+            let n = (len - off).min(CHUNK as u64) as usize;
+            self.check_abort(job, done)?;
+            let piece = &mut buf[..n];
+            self.read_loc(bus, src.offset(off), piece)
+                .map_err(|e| with_detail(e, "COPY source"))?;
+            self.write_loc(bus, dst.offset(off), piece)
+                .map_err(|e| with_detail(e, "COPY destination"))?;
+            done += n as u64;
+        }
+        Ok(done)
+    }
+
+    fn fill<B: EngineBus>(
+        &self,
+        bus: &B,
+        job: &Job,
+        dst: Loc,
+        pattern: u32,
+        len: u64,
+    ) -> Result<u64, Stop> {
+        let p = pattern.to_le_bytes();
+        let buf: Vec<u8> = (0..CHUNK.min(len as usize)).map(|i| p[i % 4]).collect();
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            self.check_abort(job, done)?;
+            self.write_loc(bus, dst.offset(done), &buf[..n])
+                .map_err(|e| with_detail(e, "FILL destination"))?;
+            done += n as u64;
+        }
+        Ok(done)
+    }
+
+    fn read_loc<B: EngineBus>(&self, bus: &B, at: Loc, buf: &mut [u8]) -> Result<(), RingError> {
+        match at {
+            Loc::Vram(off) => self
+                .vram
+                .read(off, buf)
+                .map_err(|e| RingError::new(err::VRAM_RANGE, off, e.to_string())),
+            Loc::Iova(iova) => self.dma_read(bus, iova, buf),
+        }
+    }
+
+    fn write_loc<B: EngineBus>(&self, bus: &B, at: Loc, data: &[u8]) -> Result<(), RingError> {
+        match at {
+            Loc::Vram(off) => self
+                .vram
+                .write(off, data)
+                .map_err(|e| RingError::new(err::VRAM_RANGE, off, e.to_string())),
+            Loc::Iova(iova) => self.dma_write(bus, iova, data),
+        }
+    }
+
+    /// Client read in pieces that never cross a page.
+    fn dma_read<B: EngineBus>(&self, bus: &B, iova: u64, buf: &mut [u8]) -> Result<(), RingError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = iova.wrapping_add(done as u64);
+            let n = page_piece(at, buf.len() - done);
+            bus.dma_read(at, &mut buf[done..done + n])
+                .map_err(|f| dma_error(f, "read", at, n))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Client write in pieces that never cross a page.
+    fn dma_write<B: EngineBus>(&self, bus: &B, iova: u64, data: &[u8]) -> Result<(), RingError> {
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = iova.wrapping_add(done as u64);
+            let n = page_piece(at, data.len() - done);
+            bus.dma_write(at, &data[done..done + n])
+                .map_err(|f| dma_error(f, "write", at, n))?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Bytes from `at` to the end of its page, at most `left`.
+fn page_piece(at: u64, left: usize) -> usize {
+    let to_page_end = DMA_PAGE - (at % DMA_PAGE);
+    left.min(usize::try_from(to_page_end).unwrap_or(usize::MAX))
+}
+
+fn dma_error(f: DmaFailure, dir: &str, at: u64, n: usize) -> RingError {
+    match f {
+        DmaFailure::Refused => RingError::new(
+            err::DMA_REFUSED,
+            at,
+            format!("DMA {dir} of {n} bytes at IOVA {at:#x} refused by the bus"),
+        ),
+        DmaFailure::Fault => RingError::new(
+            err::DMA_FAULT,
+            at,
+            format!("DMA {dir} of {n} bytes at IOVA {at:#x} hit no mapped memory"),
+        ),
+    }
+}
+
+fn with_detail(mut e: RingError, what: &str) -> RingError {
+    e.detail = format!("{what}: {}", e.detail);
+    e
+}

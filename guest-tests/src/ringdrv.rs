@@ -1,0 +1,147 @@
+//! The driver side of the GPU command ring (docs/programming-model.md, "Command ring"):
+//! the ring lives in a DMA buffer, commands are written at the driver's tail, and writing
+//! RING_TAIL rings the doorbell. Used by E4 and E5.
+
+use crate::gpu;
+use crate::ktap::Ktap;
+use crate::vdev::{read_reg, read_u64_reg, write_reg, DmaBuffer, Vfio};
+
+/// A ring of `entries` commands in `buf` (at its IOVA).
+#[derive(Debug)]
+pub struct RingDrv {
+    pub buf: DmaBuffer,
+    pub entries: u32,
+    /// The next slot the driver writes (not yet submitted past the last doorbell).
+    pub tail: u32,
+}
+
+/// The ring registers, for diagnostics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingState {
+    pub ctrl: u32,
+    pub head: u32,
+    pub tail: u32,
+    pub status: u32,
+    pub error: u32,
+    pub fault_addr: u64,
+    pub last_fence: u64,
+    pub completed: u32,
+}
+
+impl std::fmt::Display for RingState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CTRL {} HEAD {} TAIL {} STATUS {} ERROR 0x{:08x} FAULT_ADDR 0x{:x} LAST_FENCE 0x{:x} COMPLETED {}",
+            self.ctrl,
+            self.head,
+            self.tail,
+            self.status,
+            self.error,
+            self.fault_addr,
+            self.last_fence,
+            self.completed
+        )
+    }
+}
+
+/// Reads the ring registers.
+pub fn state(v: &Vfio) -> Result<RingState, String> {
+    Ok(RingState {
+        ctrl: read_reg(v, gpu::REG_RING_CTRL)?,
+        head: read_reg(v, gpu::REG_RING_HEAD)?,
+        tail: read_reg(v, gpu::REG_RING_TAIL)?,
+        status: read_reg(v, gpu::REG_RING_STATUS)?,
+        error: read_reg(v, gpu::REG_RING_ERROR)?,
+        fault_addr: read_u64_reg(v, gpu::REG_RING_FAULT_ADDR_LO)?,
+        last_fence: read_u64_reg(v, gpu::REG_LAST_FENCE_LO)?,
+        completed: read_reg(v, gpu::REG_CMDS_COMPLETED)?,
+    })
+}
+
+impl RingDrv {
+    /// Programs the device: VERSION must be 1.1 or later; RING_CTRL.RESET, RING_BASE =
+    /// `buf.iova`, RING_SIZE = `entries`, FENCE_VECTOR / ERROR_VECTOR, then ENABLE; checks
+    /// every register reads back and the ring is idle at slot 0.
+    pub fn setup(
+        v: &Vfio,
+        buf: DmaBuffer,
+        entries: u32,
+        fence_vector: u32,
+        error_vector: u32,
+        k: &mut Ktap,
+    ) -> Result<RingDrv, String> {
+        let version = read_reg(v, gpu::REG_VERSION)?;
+        if version < gpu::INTERFACE_VERSION {
+            return Err(format!(
+                "VERSION 0x{version:08x}: the device has no command ring (needs 0x{:08x})",
+                gpu::INTERFACE_VERSION
+            ));
+        }
+        if u64::from(entries) * gpu::CMD_SIZE > buf.len() as u64 {
+            return Err(format!(
+                "{entries} entries do not fit a {}-byte buffer",
+                buf.len()
+            ));
+        }
+        write_reg(v, gpu::REG_RING_CTRL, gpu::RING_CTRL_RESET)?;
+        write_reg(v, gpu::REG_RING_BASE_LO, buf.iova as u32)?;
+        write_reg(v, gpu::REG_RING_BASE_HI, (buf.iova >> 32) as u32)?;
+        write_reg(v, gpu::REG_RING_SIZE, entries)?;
+        write_reg(v, gpu::REG_FENCE_VECTOR, fence_vector)?;
+        write_reg(v, gpu::REG_ERROR_VECTOR, error_vector)?;
+        let base = read_u64_reg(v, gpu::REG_RING_BASE_LO)?;
+        let size = read_reg(v, gpu::REG_RING_SIZE)?;
+        let fv = read_reg(v, gpu::REG_FENCE_VECTOR)?;
+        let ev = read_reg(v, gpu::REG_ERROR_VECTOR)?;
+        if (base, size, fv, ev) != (buf.iova, entries, fence_vector, error_vector) {
+            return Err(format!(
+                "ring registers read back base 0x{base:x} size {size} vectors {fv}/{ev}, wrote 0x{:x} {entries} {fence_vector}/{error_vector}",
+                buf.iova
+            ));
+        }
+        write_reg(v, gpu::REG_RING_CTRL, gpu::RING_CTRL_ENABLE)?;
+        let st = state(v)?;
+        k.diag(&format!(
+            "ring at IOVA 0x{:x}, {entries} entries: {st}",
+            buf.iova
+        ));
+        if st.ctrl != gpu::RING_CTRL_ENABLE
+            || st.status != gpu::RING_STATUS_IDLE
+            || st.head != 0
+            || st.error != 0
+        {
+            return Err(format!("ring not idle and enabled after setup: {st}"));
+        }
+        Ok(RingDrv {
+            buf,
+            entries,
+            tail: 0,
+        })
+    }
+
+    /// Writes `cmd` at the driver's tail and advances it (no doorbell). Returns the slot.
+    pub fn push(&mut self, cmd: [u8; 32]) -> Result<u32, String> {
+        let slot = self.tail;
+        self.buf
+            .write((u64::from(slot) * gpu::CMD_SIZE) as usize, &cmd)?;
+        self.tail = (self.tail + 1) % self.entries;
+        Ok(slot)
+    }
+
+    /// Rings the doorbell: RING_TAIL = the driver's tail.
+    pub fn doorbell(&self, v: &Vfio) -> Result<(), String> {
+        write_reg(v, gpu::REG_RING_TAIL, self.tail)
+    }
+
+    /// RING_CTRL = RESET | ENABLE: the ring restarts at slot 0 (base and size kept).
+    pub fn reset(&mut self, v: &Vfio) -> Result<RingState, String> {
+        write_reg(
+            v,
+            gpu::REG_RING_CTRL,
+            gpu::RING_CTRL_RESET | gpu::RING_CTRL_ENABLE,
+        )?;
+        self.tail = 0;
+        state(v)
+    }
+}
