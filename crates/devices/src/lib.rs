@@ -13,3 +13,4 @@
 
 pub mod gpu;
 pub mod npu;
+mod regfile;

@@ -30,6 +30,18 @@ pub mod queue;
 pub mod regs;
 pub mod walk;
 
+impl crate::regfile::RegisterFile for Npu {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn read_reg(&self, offset: u64) -> u32 {
+        Npu::read_reg(self, offset)
+    }
+    fn write_reg(&mut self, ctx: &mut FunctionCtx<'_>, offset: u64, value: u32) {
+        Npu::write_reg(self, ctx, offset, value)
+    }
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -37,6 +49,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use crate::regfile::RegisterFile as _;
 use log::warn;
 use pcisim_pci::caps::ats::AtsConfig;
 use pcisim_pci::caps::msix::MsixConfig;
@@ -402,49 +415,6 @@ impl Npu {
                 Some(h) => h.raise_msix(vector),
                 None => ctx.raise_msix(vector),
             };
-        }
-    }
-
-    fn regs_read(&mut self, offset: u64, data: &mut [u8]) {
-        match (data.len(), offset % 8, offset % 4) {
-            (4, _, 0) => data.copy_from_slice(&self.read_reg(offset).to_le_bytes()),
-            (8, 0, _) => {
-                let v =
-                    u64::from(self.read_reg(offset)) | (u64::from(self.read_reg(offset + 4)) << 32);
-                data.copy_from_slice(&v.to_le_bytes());
-            }
-            _ => {
-                warn!(
-                    "{}: {}-byte BAR0 read at {offset:#x} not supported, reads 0",
-                    self.name,
-                    data.len()
-                );
-                data.fill(0);
-            }
-        }
-    }
-
-    fn regs_write(&mut self, ctx: &mut FunctionCtx<'_>, offset: u64, data: &[u8]) {
-        let dword = |b: &[u8]| -> Option<u32> { Some(u32::from_le_bytes(b.try_into().ok()?)) };
-        match (data.len(), offset % 8, offset % 4) {
-            (4, _, 0) => {
-                if let Some(v) = dword(data) {
-                    self.write_reg(ctx, offset, v);
-                }
-            }
-            (8, 0, _) => {
-                if let (Some(lo), Some(hi)) =
-                    (data.get(..4).and_then(dword), data.get(4..).and_then(dword))
-                {
-                    self.write_reg(ctx, offset, lo);
-                    self.write_reg(ctx, offset + 4, hi);
-                }
-            }
-            _ => warn!(
-                "{}: {}-byte BAR0 write at {offset:#x} not supported, ignored",
-                self.name,
-                data.len()
-            ),
         }
     }
 }
