@@ -58,6 +58,10 @@ pub enum AgentError {
     /// The lab was interrupted.
     #[error("Interrupted by signal {0}")]
     Interrupted(i32),
+    /// The agent greeted again while a reply was awaited: the guest rebooted (a reset, or a
+    /// panic with QEMU set to reboot).
+    #[error("The guest rebooted (the agent greeted again) while waiting for {0}")]
+    Rebooted(String),
     /// The agent answered with an error.
     #[error("The agent refused {op}: {message}")]
     Remote {
@@ -318,6 +322,9 @@ impl Agent {
             match msg.get("id").and_then(Value::as_u64) {
                 Some(got) if got == id => {}
                 None if msg.get("error").is_some() => {}
+                None if msg.get("ready").and_then(Value::as_bool) == Some(true) => {
+                    return Err(AgentError::Rebooted(what));
+                }
                 _ => {
                     warn!("agent: ignoring unexpected message {msg}");
                     continue;
@@ -401,6 +408,8 @@ mod tests {
                     }
                     "write_file" => json!({"ok": false, "error": "read-only"}),
                     "poweroff" => json!({"id": id, "ok": true}),
+                    // The guest reboots instead of answering.
+                    "reboot" => json!({"ready": true, "kernel": "6.12.1", "uptime_ms": 7}),
                     _ => json!({"id": id, "error": "unknown op"}),
                 };
                 seen.push(req);
@@ -443,6 +452,10 @@ mod tests {
         assert_eq!(out.stdout, "KTAP version 1\n1..0\n");
         let err = agent.write_file("/x", "y").unwrap_err();
         assert!(matches!(err, AgentError::Remote { ref message, .. } if message == "read-only"));
+        let err = agent
+            .request(json!({"op": "reboot"}), Duration::from_secs(5))
+            .unwrap_err();
+        assert!(matches!(err, AgentError::Rebooted(_)), "{err}");
         agent.poweroff(Duration::from_secs(5)).unwrap();
         drop(agent);
         let seen = fake.join().unwrap();
@@ -451,7 +464,7 @@ mod tests {
         assert_eq!(seen[0]["argv"], json!(["/bin/true"]));
         assert_eq!(seen[1]["data"], "y");
         let ids: Vec<u64> = seen.iter().map(|r| r["id"].as_u64().unwrap()).collect();
-        assert_eq!(ids, [1, 2, 3]);
+        assert_eq!(ids, [1, 2, 3, 4]);
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 

@@ -431,6 +431,15 @@ impl JournalWatch {
         self.marks.iter().map(|(d, _, _)| d.clone()).collect()
     }
 
+    /// Where `device`'s next window starts: the last sequence number the previous check read
+    /// (`None` for a device the server did not list).
+    pub fn mark(&self, device: &str) -> Option<u64> {
+        self.marks
+            .iter()
+            .find(|(d, _, _)| d == device)
+            .map(|(_, mark, _)| *mark)
+    }
+
     /// The client, for other requests.
     pub fn client(&mut self) -> &mut ControlClient {
         &mut self.client
@@ -732,6 +741,8 @@ mod tests {
         ]));
         let mut watch = JournalWatch::new(fake_server(records.clone())).unwrap();
         assert_eq!(watch.devices(), ["gpu0"]);
+        assert_eq!(watch.mark("gpu0"), Some(0));
+        assert_eq!(watch.mark("gpu9"), None);
         let dir = std::env::temp_dir().join(format!("pcisim-watch-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let save = dir.join("E1.journal.jsonl");
@@ -744,6 +755,7 @@ mod tests {
         assert!(saved.lines().all(|l| l.contains("\"device\":\"gpu0\"")));
 
         // The next window starts where this one ended.
+        assert_eq!(watch.mark("gpu0"), Some(3));
         let w = watch.check(None).unwrap();
         assert!(w.clean() && w.records == 0, "{w:?}");
         records

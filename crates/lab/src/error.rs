@@ -7,8 +7,10 @@ use crate::agent::AgentError;
 use crate::guest::GuestError;
 use crate::initramfs::InitramfsError;
 use crate::process::ProcessError;
+use crate::profile::ProfileError;
 use crate::provision::ProvisionError;
 use crate::qemu::QemuError;
+use crate::qmp::QmpError;
 use crate::server::ServerError;
 
 /// Why a lab run could not be carried out (a scenario that fails is not an error: it is a
@@ -48,9 +50,15 @@ pub enum LabError {
     /// Provisioning failed.
     #[error(transparent)]
     Provision(#[from] ProvisionError),
+    /// A VM profile is invalid.
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
     /// QEMU could not be started.
     #[error(transparent)]
     Qemu(#[from] QemuError),
+    /// QMP could not be reached or failed.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
     /// The run directory could not be created.
     #[error("Cannot create a run directory under {path}")]
     RunDir {
@@ -94,6 +102,7 @@ impl LabError {
             | LabError::Provision(ProvisionError::Process(ProcessError::Interrupted(s)))
             | LabError::Guest(GuestError::Process(ProcessError::Interrupted(s)))
             | LabError::Qemu(QemuError::Process(ProcessError::Interrupted(s)))
+            | LabError::Qmp(QmpError::Interrupted(s))
             | LabError::Server(ServerError::Process(ProcessError::Interrupted(s))) => Some(*s),
             _ => None,
         }

@@ -18,9 +18,12 @@
 //! [`provision`] (run `qemu-scripts/provision.sh`, parse its `PCISIM_*` lines), [`guest`] (build the
 //! static guest binary), [`initramfs`] (newc cpio writer, `modules.dep` resolution, `/init`),
 //! [`server`] (`pcisim serve`/`describe`), [`control`] (the server's control socket: journal,
-//! violations, fault injection), [`qemu`] (command line and child), [`agent`] (the
-//! JSON-lines client), [`ktap`] (writer and parser), [`scenario`] (catalogue, verdicts) and
-//! [`process`] (children that die with the lab, SIGINT/SIGTERM handling).
+//! violations, fault injection), [`profile`] (VM profiles: devices, placement, hotplug mode),
+//! [`qemu`] (command line and child), [`qmp`] (the QMP client: commands, events, hotplug),
+//! [`agent`] (the JSON-lines client), [`ktap`] (writer and parser), [`scenario`] (catalogue,
+//! verdicts), [`host`] (host-side scenarios: QMP, fault injection and journal assertions around
+//! guest commands), [`reset`] (the reset scenarios written on it) and [`process`] (children
+//! that die with the lab, SIGINT/SIGTERM handling).
 //!
 //! # Environment
 //!
@@ -35,21 +38,28 @@
 //! # The run directory
 //!
 //! Every run gets `pcisim-lab-<pid>-<nonce>/`, kept when anything failed (its path is printed):
-//! `console.log` (the guest's ttyS0), `qemu.log` (QEMU's stderr), `qemu-cmdline.sh`, `server.log`,
-//! `agent.log` (the agent link, `>` sent, `<` received), `<ID>.stdout`/`<ID>.stderr` per scenario,
-//! `<ID>.journal.jsonl` (what the devices journaled during the scenario, one JSON record a line;
-//! also `boot.journal.jsonl` and `teardown.journal.jsonl`), `provision.log`, `guest-build.log`,
-//! `describe.log`, `initramfs.cpio` and the sockets (`control.sock` is the server's control socket).
+//! `provision.log`, `guest-build.log`, `initramfs.cpio`, per scenario `<ID>.stdout`/`<ID>.stderr`
+//! and `<ID>.journal.jsonl` (what the devices journaled during the scenario, one JSON record a
+//! line; a host scenario's guest steps add `<ID>.<n>.stdout`/`.stderr`), and one directory per
+//! VM, named after its profile (`gpu/`, `gpu-pair/`): `console.log` (the guest's ttyS0),
+//! `qemu.log` (QEMU's stderr), `qemu-cmdline.sh`, `qmp.log` (the QMP transcript), `server.log`,
+//! `describe.log`, `agent.log` (the agent link, `>` sent, `<` received), `boot.journal.jsonl`,
+//! `teardown.journal.jsonl` and the sockets (`control.sock` is the server's control socket,
+//! `<device>.sock` the devices', `qmp.sock` QEMU's QMP).
 
 pub mod agent;
 pub mod control;
 pub mod error;
 pub mod guest;
+pub mod host;
 pub mod initramfs;
 pub mod ktap;
 pub mod process;
+pub mod profile;
 pub mod provision;
 pub mod qemu;
+pub mod qmp;
+pub mod reset;
 pub mod scenario;
 pub mod server;
 pub mod suite;

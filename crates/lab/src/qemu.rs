@@ -1,9 +1,15 @@
 //! The QEMU command line for a lab VM and the QEMU child process.
 //!
-//! One q35 machine with fd-backed shared RAM (so DMA_MAP carries an fd), an intel-iommu (placed
-//! before the devices, caching mode on, so every guest IOMMU mapping reaches the server), one
-//! `pcie-root-port` per vfio-user device, the console on ttyS0 (into a file) and the agent link
-//! on ttyS1 (a unix socket the lab listens on).
+//! One q35 machine with fd-backed shared RAM (so DMA_MAP carries an fd), optionally an
+//! intel-iommu (placed before the devices, caching mode on, so every guest IOMMU mapping reaches
+//! the server), `pcie-root-port`s with the vfio-user devices behind them (one per port, or several
+//! functions of one multifunction slot), optionally native PCIe hotplug instead of ACPI's, the
+//! console on ttyS0 (into a file), the agent link on ttyS1 (a unix socket the lab listens on) and
+//! QMP on a unix socket. The layout comes from a [`crate::profile::VmProfile`].
+//!
+//! `-no-reboot` is always set, so a guest that panics or reboots stops QEMU at once (the lab
+//! sees it); a scenario that resets the machine (`system_reset`) switches QEMU to rebooting
+//! with QMP `set-action` for the duration (see [`crate::qmp::Qmp::set_reboot_action`]).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -13,7 +19,13 @@ use std::process::{Command, Stdio};
 use crate::process::{ChildGuard, Group, ProcessError};
 
 /// The kernel command line of lab guests.
-pub const DEFAULT_APPEND: &str = "console=ttyS0 intel_iommu=on panic=-1 loglevel=4";
+///
+/// `pci=no_e820`: with `-cpu max` under TCG (an AMD vendor) QEMU reserves the HyperTransport
+/// hole 0xfd00000000-0xffffffffff in the e820 map, SeaBIOS places the 64-bit PCI window at the
+/// top of the 40-bit physical space (0xff00000000), inside that hole, and Linux then refuses to
+/// allocate a hot-added device's 64-bit BAR there ("resource: avoiding allocation from e820
+/// entry", "BAR 2: can't assign; no space"). Boot-time BARs are unaffected (firmware-assigned).
+pub const DEFAULT_APPEND: &str = "console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pci=no_e820";
 
 /// Errors building or starting QEMU.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +54,80 @@ pub struct VfioUserDevice {
     pub id: String,
     /// The server's socket.
     pub socket: PathBuf,
+    /// The root port it sits behind (`rp1`).
+    pub bus: String,
+    /// `addr` on that bus (`00.1`), if not QEMU's choice (function 0 of the first free slot).
+    pub addr: Option<String>,
+    /// Whether it is function 0 of a multifunction slot (sets the header's multifunction bit).
+    pub multifunction: bool,
+    /// Whether it is on the command line (else it is for `device_add`).
+    pub at_boot: bool,
+}
+
+impl VfioUserDevice {
+    /// Its JSON device description, for `-device` and for QMP `device_add`.
+    pub fn json(&self) -> Result<serde_json::Value, QemuError> {
+        let mut v = serde_json::json!({
+            "driver": "vfio-user-pci",
+            "socket": {"type": "unix", "path": utf8(&self.socket)?},
+            "id": self.id,
+            "bus": self.bus,
+        });
+        if let Some(addr) = &self.addr {
+            v["addr"] = serde_json::json!(addr);
+        }
+        if self.multifunction {
+            v["multifunction"] = serde_json::json!(true);
+        }
+        Ok(v)
+    }
+}
+
+/// A `pcie-root-port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootPort {
+    /// Its id (`rp1`), the `bus` of what sits behind it.
+    pub id: String,
+    /// `chassis` and `slot` (the guest's slot number): unique per port.
+    pub chassis: u8,
+    /// Whether the port is meant for hot-add: `hotplug=on` is spelled out (QEMU's default is on)
+    /// and [`HOTPLUG_PREF64_RESERVE`] of 64-bit prefetchable window is reserved (`pref64-reserve`,
+    /// honoured by the firmware), or a hot-added GPU's VRAM BAR finds no space behind the port
+    /// (the firmware sizes an empty port's windows for nothing; the guest then leaves BAR2
+    /// unassigned).
+    pub hotplug: bool,
+}
+
+/// The 64-bit prefetchable window reserved behind a hot-add port (room for a GPU's VRAM BAR;
+/// address space only, nothing is allocated).
+pub const HOTPLUG_PREF64_RESERVE: &str = "1G";
+
+impl RootPort {
+    /// The `-device` argument.
+    pub fn arg(&self) -> String {
+        let mut a = format!(
+            "pcie-root-port,id={},chassis={n},slot={n}",
+            self.id,
+            n = self.chassis
+        );
+        if self.hotplug {
+            a.push_str(",hotplug=on,pref64-reserve=");
+            a.push_str(HOTPLUG_PREF64_RESERVE);
+        }
+        a
+    }
+}
+
+/// How the guest is told about hot-add and hot-remove on root ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HotplugMode {
+    /// q35's default: ACPI hotplug on root ports (device_add visible in ~0.1 s, device_del ~20 ms).
+    #[default]
+    Acpi,
+    /// Native PCIe hotplug (pciehp) in the guest:
+    /// `-global ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off`. device_del takes ~6 s (the 5 s
+    /// attention-button delay); the guest's `bus` reset method of an endpoint is the slot's.
+    NativePciehp,
 }
 
 /// Everything that goes on a lab VM's command line.
@@ -69,7 +155,13 @@ pub struct QemuConfig {
     pub agent_socket: PathBuf,
     /// The QMP socket QEMU listens on.
     pub qmp_socket: PathBuf,
-    /// vfio-user devices, each behind its own root port.
+    /// Whether the machine has an `intel-iommu` (caching mode, before the devices).
+    pub viommu: bool,
+    /// ACPI or native hotplug.
+    pub hotplug: HotplugMode,
+    /// Root ports, in order.
+    pub root_ports: Vec<RootPort>,
+    /// vfio-user devices (those with `at_boot`), each on one of `root_ports`.
     pub devices: Vec<VfioUserDevice>,
 }
 
@@ -141,23 +233,21 @@ impl QemuConfig {
                 "unix:{},server=on,wait=off",
                 qemu_opt_escape(utf8(&self.qmp_socket)?)
             ),
-            "-device",
-            "intel-iommu,caching-mode=on",
         ]);
-        for (i, dev) in self.devices.iter().enumerate() {
-            let port = format!("rp{}", i + 1);
-            let json = serde_json::json!({
-                "driver": "vfio-user-pci",
-                "socket": {"type": "unix", "path": utf8(&dev.socket)?},
-                "id": dev.id,
-                "bus": port,
-            });
+        if self.hotplug == HotplugMode::NativePciehp {
             push(&[
-                "-device",
-                &format!("pcie-root-port,id={port},chassis={n},slot={n}", n = i + 1),
-                "-device",
-                &json.to_string(),
+                "-global",
+                "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
             ]);
+        }
+        if self.viommu {
+            push(&["-device", "intel-iommu,caching-mode=on"]);
+        }
+        for port in &self.root_ports {
+            push(&["-device", &port.arg()]);
+        }
+        for dev in self.devices.iter().filter(|d| d.at_boot) {
+            push(&["-device", &dev.json()?.to_string()]);
         }
         Ok(a.into_iter().map(OsString::from).collect())
     }
@@ -215,11 +305,39 @@ mod tests {
             console_log: "/run/lab/console.log".into(),
             agent_socket: "/run/lab/agent.sock".into(),
             qmp_socket: "/run/lab/qmp.sock".into(),
-            devices: vec![VfioUserDevice {
-                id: "gpu0".into(),
-                socket: "/run/lab/gpu0.sock".into(),
-            }],
+            viommu: true,
+            hotplug: HotplugMode::Acpi,
+            root_ports: vec![port(1)],
+            devices: vec![device("gpu0", "rp1")],
         }
+    }
+
+    fn port(n: u8) -> RootPort {
+        RootPort {
+            id: format!("rp{n}"),
+            chassis: n,
+            hotplug: false,
+        }
+    }
+
+    fn device(id: &str, bus: &str) -> VfioUserDevice {
+        VfioUserDevice {
+            id: id.into(),
+            socket: format!("/run/lab/{id}.sock").into(),
+            bus: bus.into(),
+            addr: None,
+            multifunction: false,
+            at_boot: true,
+        }
+    }
+
+    /// The values of every `-device`.
+    fn devices(a: &[String]) -> Vec<&str> {
+        a.iter()
+            .enumerate()
+            .filter(|(_, x)| *x == "-device")
+            .map(|(i, _)| a[i + 1].as_str())
+            .collect()
     }
 
     fn args(c: &QemuConfig) -> Vec<String> {
@@ -276,38 +394,86 @@ mod tests {
     #[test]
     fn test_command_line_iommu_before_root_port_before_device() {
         let mut c = config();
-        c.devices.push(VfioUserDevice {
-            id: "npu0".into(),
-            socket: "/run/lab/npu,0.sock".into(),
-        });
+        c.root_ports.push(port(2));
+        let mut npu = device("npu0", "rp2");
+        npu.socket = "/run/lab/npu,0.sock".into();
+        c.devices.push(npu);
         let a = args(&c);
-        let devices: Vec<&str> = a
-            .iter()
-            .enumerate()
-            .filter(|(_, x)| *x == "-device")
-            .map(|(i, _)| a[i + 1].as_str())
-            .collect();
+        let devices = devices(&a);
         assert_eq!(devices[0], "intel-iommu,caching-mode=on");
         assert_eq!(devices[1], "pcie-root-port,id=rp1,chassis=1,slot=1");
-        let gpu: serde_json::Value = serde_json::from_str(devices[2]).unwrap();
+        assert_eq!(devices[2], "pcie-root-port,id=rp2,chassis=2,slot=2");
+        let gpu: serde_json::Value = serde_json::from_str(devices[3]).unwrap();
         assert_eq!(
             gpu,
             serde_json::json!({"driver": "vfio-user-pci",
                 "socket": {"type": "unix", "path": "/run/lab/gpu0.sock"},
                 "id": "gpu0", "bus": "rp1"})
         );
-        assert_eq!(devices[3], "pcie-root-port,id=rp2,chassis=2,slot=2");
         let npu: serde_json::Value = serde_json::from_str(devices[4]).unwrap();
         // JSON needs no comma escaping.
         assert_eq!(npu["socket"]["path"], "/run/lab/npu,0.sock");
         assert_eq!(npu["bus"], "rp2");
+        assert!(
+            !a.contains(&"-global".to_string()),
+            "ACPI hotplug by default"
+        );
+    }
+
+    #[test]
+    fn test_command_line_multifunction_pciehp_no_iommu_hotplug_port() {
+        let mut c = config();
+        c.viommu = false;
+        c.hotplug = HotplugMode::NativePciehp;
+        c.root_ports.push(RootPort {
+            hotplug: true,
+            ..port(2)
+        });
+        c.devices[0].addr = Some("00.0".into());
+        c.devices[0].multifunction = true;
+        let mut f1 = device("gpu1", "rp1");
+        f1.addr = Some("00.1".into());
+        c.devices.push(f1);
+        let mut later = device("gpu2", "rp2");
+        later.at_boot = false;
+        c.devices.push(later.clone());
+        let a = args(&c);
+        assert_eq!(
+            value(&a, "-global"),
+            "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"
+        );
+        let devices = devices(&a);
+        assert_eq!(
+            devices[..2],
+            [
+                "pcie-root-port,id=rp1,chassis=1,slot=1",
+                "pcie-root-port,id=rp2,chassis=2,slot=2,hotplug=on,pref64-reserve=1G"
+            ]
+        );
+        let f0: serde_json::Value = serde_json::from_str(devices[2]).unwrap();
+        assert_eq!(f0["addr"], "00.0");
+        assert_eq!(f0["multifunction"], true);
+        assert_eq!(f0["bus"], "rp1");
+        let f1: serde_json::Value = serde_json::from_str(devices[3]).unwrap();
+        assert_eq!(f1["addr"], "00.1");
+        assert!(f1.get("multifunction").is_none());
+        assert_eq!(f1["bus"], "rp1");
+        // The device left for device_add is not on the command line.
+        assert_eq!(devices.len(), 4);
+        assert_eq!(
+            later.json().unwrap(),
+            serde_json::json!({"driver": "vfio-user-pci",
+                "socket": {"type": "unix", "path": "/run/lab/gpu2.sock"},
+                "id": "gpu2", "bus": "rp2"})
+        );
     }
 
     #[test]
     fn test_shell_line_quotes_json_and_spaces() {
         let line = config().shell_line().unwrap();
         assert!(line.starts_with("/c/bin/qemu-system-x86_64 -machine q35,memory-backend=mem "));
-        assert!(line.contains(" -append 'console=ttyS0 intel_iommu=on panic=-1 loglevel=4' "));
+        assert!(line
+            .contains(" -append 'console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pci=no_e820' "));
         assert!(line.contains(r#"'{"bus":"rp1","driver":"vfio-user-pci","#));
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");

@@ -3,7 +3,9 @@
 //! A scenario is one guest program invocation (`pcisim-guest <sub> ...`) whose stdout is KTAP and
 //! whose exit code is kselftest-style (0 pass, 1 fail, 4 skip). Names begin with the scenario id
 //! and a space, so `--filter` (a substring of the name) selects by id (`E1`), by family (`E`) or by
-//! topic (`msix`).
+//! topic (`msix`). A host-side scenario ([`Program::Host`]) is a Rust function that drives the VM
+//! from the host between guest commands and names the VM profile it needs
+//! ([`Scenario::profile`]).
 
 use std::time::Duration;
 
@@ -27,6 +29,9 @@ pub enum Program {
     E4,
     /// `pcisim-guest e5 --vendor V --device D`
     E5,
+    /// A host-side scenario ([`crate::host`]): a Rust function drives QMP, the control socket
+    /// and guest commands, in a VM of its own profile.
+    Host(crate::host::HostProgram),
 }
 
 /// One entry of the catalogue.
@@ -75,6 +80,18 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout: Duration::from_secs(120),
             program: Program::E5,
         },
+        Scenario {
+            id: "R0",
+            name: "R0 two-function-enumeration",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::reset::R0),
+        },
+        Scenario {
+            id: "R9",
+            name: "R9 system-reset",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::reset::R9),
+        },
     ]
 }
 
@@ -87,6 +104,14 @@ pub fn select(filter: Option<&str>) -> Vec<Scenario> {
 }
 
 impl Scenario {
+    /// The VM profile the scenario needs (the default one for guest programs).
+    pub fn profile(&self) -> crate::profile::ProfileId {
+        match self.program {
+            Program::Host(h) => h.profile,
+            _ => crate::profile::ProfileId::default(),
+        }
+    }
+
     /// The guest command line for this scenario against `device`.
     pub fn argv(&self, device: &DescribedDevice) -> Vec<String> {
         let d = &device.description;
@@ -98,6 +123,8 @@ impl Scenario {
                 Program::E3 => "e3",
                 Program::E4 => "e4",
                 Program::E5 => "e5",
+                // Not run: a host scenario's function decides what runs in the guest.
+                Program::Host(h) => h.name,
             }
             .to_string(),
             "--vendor".into(),
@@ -201,8 +228,19 @@ mod tests {
                 "E2 bar-mmio",
                 "E3 msix-delivery",
                 "E4 gpu-ring",
-                "E5 bus-master-off"
+                "E5 bus-master-off",
+                "R0 two-function-enumeration",
+                "R9 system-reset"
             ]
+        );
+        assert_eq!(names(&select(Some("R9"))), ["R9 system-reset"]);
+        assert_eq!(
+            select(Some("R0"))[0].profile(),
+            crate::profile::ProfileId::GpuPair
+        );
+        assert_eq!(
+            select(Some("R9"))[0].profile(),
+            crate::profile::ProfileId::Gpu
         );
         assert_eq!(names(&select(Some("E1"))), ["E1 enumeration"]);
         assert_eq!(select(Some("E")).len(), 5);

@@ -145,14 +145,18 @@ pub fn parse_description(text: &str) -> Result<Vec<DescribedDevice>, ServerError
     Ok(out)
 }
 
-/// Runs `pcisim describe --device SPEC` and parses its output.
+/// Runs `pcisim describe --device SPEC...` and parses its output (one element per spec, in
+/// order).
 pub fn describe(
     pcisim: &Path,
-    spec: &str,
+    specs: &[String],
     log: &Path,
 ) -> Result<Vec<DescribedDevice>, ServerError> {
     let mut cmd = Command::new(pcisim);
-    cmd.args(["describe", "--device", spec]);
+    cmd.arg("describe");
+    for spec in specs {
+        cmd.args(["--device", spec]);
+    }
     let out = process::run_captured("pcisim describe", &mut cmd, Duration::from_secs(60), log)?;
     if !out.status.success() {
         return Err(ServerError::Describe {

@@ -2,23 +2,32 @@
 //!
 //! ```text
 //! run dir ($XDG_RUNTIME_DIR or /tmp)/pcisim-lab-<pid>-<nonce>/
-//!   provision.log guest-build.log initramfs.cpio server.log describe.log
-//!   gpu0.sock control.sock agent.sock qmp.sock console.log qemu.log agent.log
-//!   boot.journal.jsonl  E1.stdout E1.stderr E1.journal.jsonl ...  teardown.journal.jsonl
+//!   provision.log guest-build.log initramfs.cpio
+//!   E1.stdout E1.stderr E1.journal.jsonl ... R9.1.stdout (a host scenario's guest steps) ...
+//!   <profile>/   one directory per VM (`gpu/`, `gpu-pair/`):
+//!     server.log describe.log <device>.sock control.sock agent.sock qmp.sock qmp.log
+//!     console.log qemu.log qemu-cmdline.sh agent.log boot.journal.jsonl teardown.journal.jsonl
 //!
-//! provision.sh ─► cargo build guest-tests ─► initramfs ─► pcisim serve (gpu0.sock, control.sock)
-//!   ─► describe ─► listen agent.sock ─► QEMU (connects agent.sock, attaches gpu0.sock)
-//!   ─► agent ready ─► journal check "boot"
-//!   ─► for each scenario: agent run pcisim-guest <sub> ... ─► KTAP (nested) + verdict
-//!        ─► journal check: the devices' records since the previous check ─► <ID>.journal.jsonl;
-//!           any violation among them makes the scenario `not ok` (`# VIOLATION kind: ...`)
-//!   ─► agent poweroff ─► QEMU exits ─► journal check "teardown" ─► journal summary per device
-//!   ─► SIGTERM server ─► clean exit, no panic in its log
+//! provision.sh ─► cargo build guest-tests ─► initramfs
+//!   ─► for each VM profile the selected scenarios need (in order of first need):
+//!        pcisim serve (--device per device, control.sock) ─► describe
+//!        ─► listen agent.sock ─► QEMU (connects agent.sock, attaches the devices) ─► agent ready
+//!        ─► QMP connected ─► journal check "boot"
+//!        ─► for each of its scenarios (catalogue order):
+//!             a guest program: agent run pcisim-guest <sub> ... ─► KTAP (nested) + verdict
+//!             a host program: its function drives QMP/control/agent (crate::host) ─► its subtests
+//!             ─► journal check: the devices' records since the previous check
+//!                ─► <ID>.journal.jsonl; any violation makes the scenario `not ok`
+//!        ─► agent poweroff ─► QEMU exits ─► journal check "teardown" ─► journal summary per device
+//!        ─► SIGTERM server ─► clean exit, no panic in its log
 //! ```
 //!
+//! The KTAP numbers follow the order the scenarios run in (VM by VM), continuously across VMs.
 //! Journal windows are contiguous: each check reads from where the previous one ended, so a
 //! violation is always attributed to the boot, a scenario or the teardown. A violation during
-//! the boot or the teardown is reported as a top-level KTAP diagnostic and fails the run.
+//! the boot or the teardown is reported as a top-level KTAP diagnostic and fails the run. A
+//! scenario that leaves its VM unusable fails the VM's remaining scenarios; a VM that cannot be
+//! started stops the run (what did not run is `not ok`).
 //!
 //! The run directory is removed after a fully successful run (unless `keep`), and kept, with its
 //! path printed, otherwise.
@@ -33,11 +42,14 @@ use log::{debug, warn};
 use crate::agent::{Agent, AgentError, AgentListener, RunOutput};
 use crate::control::{JournalWatch, WindowReport};
 use crate::error::{error_chain, LabError};
+use crate::host::{HostCtx, HostError, Vm};
 use crate::ktap::{KtapWriter, Status, TestResult};
 use crate::process::{self, describe_status, ChildGuard, InterruptGuard};
-use crate::qemu::{QemuConfig, VfioUserDevice, DEFAULT_APPEND};
-use crate::scenario::{self, Scenario, Verdict};
-use crate::server::{self, DescribedDevice, Server, ServerError};
+use crate::profile::{ProfileId, VmProfile};
+use crate::qemu::{QemuConfig, DEFAULT_APPEND};
+use crate::qmp::Qmp;
+use crate::scenario::{self, Program, Scenario, Verdict};
+use crate::server::{self, Server, ServerError};
 use crate::{guest, initramfs, provision};
 
 /// How long the guest has from QEMU's start to the agent's greeting.
@@ -91,8 +103,9 @@ pub struct RunDir {
     remove: bool,
 }
 
-/// Unix socket paths are limited to 107 bytes; `.../agent.sock` must fit.
-const MAX_DIR_LEN: usize = 90;
+/// Unix socket paths are limited to 107 bytes; `RUN/<profile>/<device>.sock` must fit (profile
+/// names and device ids have at most 16 characters).
+const MAX_DIR_LEN: usize = 64;
 
 impl RunDir {
     /// Creates `pcisim-lab-<pid>-<nonce>` under `$XDG_RUNTIME_DIR` (if set, a directory, and short
@@ -247,7 +260,7 @@ impl Report<'_> {
 // The run
 // ---------------------------------------------------------------------------------------------
 
-/// Runs the selected scenarios in a fresh VM and writes KTAP to `ktap_out` and one-line progress
+/// Runs the selected scenarios, each in a fresh VM of its profile, and writes KTAP to `ktap_out` and one-line progress
 /// messages to `progress`. Returns `Ok(true)` if every selected scenario passed (or was skipped)
 /// and the device server exited cleanly; `Ok(false)` if any failed. An `Err` means the run could
 /// not be carried out (provisioning, build, boot, interrupt); the KTAP stream is still complete
@@ -263,12 +276,16 @@ pub fn run_suite(
 ) -> Result<bool, LabError> {
     let started = Instant::now();
     let signals = InterruptGuard::install().map_err(LabError::Signals)?;
-    let scenarios = scenario::select(opts.filter.as_deref());
-    if scenarios.is_empty() {
+    let selected = scenario::select(opts.filter.as_deref());
+    if selected.is_empty() {
         return Err(LabError::NoScenario(
             opts.filter.clone().unwrap_or_default(),
         ));
     }
+    // One VM per distinct profile, in order of first need; the KTAP numbers follow the order
+    // the scenarios run in.
+    let plan = plan_vms(&selected);
+    let scenarios: Vec<Scenario> = plan.iter().flat_map(|(_, g)| g.iter().cloned()).collect();
     let mut run = RunDir::create()?;
     let mut report = Report {
         ktap: KtapWriter::new(ktap_out),
@@ -284,7 +301,7 @@ pub fn run_suite(
         .map_err(LabError::Output)?;
     report.line(&format!("run directory {}", run.path().display()))?;
 
-    let result = run_in(opts, &run, &scenarios, &mut report);
+    let result = run_in(opts, &run, &plan, &mut report);
     let result = match result {
         Err(e) => Err(match e.interrupt_signal() {
             Some(s) => LabError::Interrupted(s),
@@ -375,10 +392,24 @@ fn show_console(report: &mut Report<'_>, console: &Path) -> Result<(), LabError>
     show_tail(report, "guest console", console, CONSOLE_TAIL)
 }
 
+/// Groups `scenarios` by the profile they need: one group per distinct profile, in the order
+/// each profile is first needed, each group in catalogue order.
+pub fn plan_vms(scenarios: &[Scenario]) -> Vec<(ProfileId, Vec<Scenario>)> {
+    let mut plan: Vec<(ProfileId, Vec<Scenario>)> = Vec::new();
+    for s in scenarios {
+        let id = s.profile();
+        match plan.iter_mut().find(|(p, _)| *p == id) {
+            Some((_, group)) => group.push(s.clone()),
+            None => plan.push((id, vec![s.clone()])),
+        }
+    }
+    plan
+}
+
 fn run_in(
     opts: &SuiteOptions,
     run: &RunDir,
-    scenarios: &[Scenario],
+    plan: &[(ProfileId, Vec<Scenario>)],
     report: &mut Report<'_>,
 ) -> Result<bool, LabError> {
     // 1. Provision.
@@ -451,16 +482,54 @@ fn run_in(
         names.join(" ")
     ))?;
 
-    // 4. Device server, with its control socket (journals, violations).
-    let socket = run.join("gpu0.sock");
-    let spec = server::device_spec("gpu", &socket, "gpu0", &opts.device_opts);
-    let server_log = run.join("server.log");
+    // 4. One VM per profile, in the order the scenarios need them.
+    let mut ok = true;
+    for (i, (id, group)) in plan.iter().enumerate() {
+        let profile = id.profile();
+        if plan.len() > 1 {
+            let names: Vec<&str> = group.iter().map(|s| s.id).collect();
+            report.line(&format!(
+                "VM {}/{}: profile {} for {}",
+                i + 1,
+                plan.len(),
+                profile.name,
+                names.join(" ")
+            ))?;
+        }
+        ok &= run_vm(opts, &env, &initrd.path, &profile, group, run, report)?;
+    }
+    Ok(ok && report.failed == 0)
+}
+
+/// Starts a VM of `profile` (its device server, QEMU, the guest), runs `scenarios` in it and
+/// tears it down. Returns whether the boot and teardown windows were clean and the server exited
+/// cleanly (the scenarios' verdicts are counted in `report`).
+fn run_vm(
+    opts: &SuiteOptions,
+    env: &provision::ProvisionEnv,
+    initrd: &Path,
+    profile: &VmProfile,
+    scenarios: &[Scenario],
+    run: &RunDir,
+    report: &mut Report<'_>,
+) -> Result<bool, LabError> {
+    let dir = run.join(&profile.name);
+    fs::create_dir_all(&dir).map_err(|source| LabError::RunDir {
+        path: dir.clone(),
+        source,
+    })?;
+    let layout = profile.layout(&dir)?;
+    let specs = profile.specs(&layout, &opts.device_opts);
+
+    // The device server, with its control socket (journals, violations).
+    let sockets: Vec<PathBuf> = layout.devices.iter().map(|d| d.socket.clone()).collect();
+    let server_log = dir.join("server.log");
     let t = Instant::now();
-    let mut server = match Server::start(
+    let server = match Server::start(
         &opts.pcisim_exe,
-        std::slice::from_ref(&spec),
-        std::slice::from_ref(&socket),
-        Some(&run.join("control.sock")),
+        &specs,
+        &sockets,
+        Some(&dir.join("control.sock")),
         &server_log,
     ) {
         Ok(s) => s,
@@ -469,24 +538,36 @@ fn run_in(
             return Err(e.into());
         }
     };
-    let devices = server::describe(&opts.pcisim_exe, &spec, &run.join("describe.log"))?;
-    let gpu = devices
-        .into_iter()
-        .find(|d| d.id == "gpu0")
-        .ok_or_else(|| ServerError::BadDescription("no device with id gpu0".into()))?;
+    let described = server::describe(&opts.pcisim_exe, &specs, &dir.join("describe.log"))?;
+    let mut devices = Vec::new();
+    for d in &profile.devices {
+        let found = described
+            .iter()
+            .find(|x| x.id == d.id)
+            .cloned()
+            .ok_or_else(|| ServerError::BadDescription(format!("no device with id {}", d.id)))?;
+        devices.push(found);
+    }
+    let what: Vec<String> = devices
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {:04x}:{:04x} class {:06x}",
+                d.id, d.description.vendor_id, d.description.device_id, d.description.class_code
+            )
+        })
+        .collect();
     report.line(&format!(
-        "device server up in {:.1} s (pid {}): {} {:04x}:{:04x} class {:06x} [{spec}]",
+        "device server up in {:.1} s (pid {}): {} [{}]",
         secs(t),
         server.pid(),
-        gpu.id,
-        gpu.description.vendor_id,
-        gpu.description.device_id,
-        gpu.description.class_code
+        what.join(", "),
+        specs.join(" ")
     ))?;
-    let mut watch = JournalWatch::new(server.control()?).map_err(ServerError::from)?;
+    let watch = JournalWatch::new(server.control()?).map_err(ServerError::from)?;
 
-    // 5. The VM.
-    let listener = AgentListener::bind(&run.join("agent.sock"))?;
+    // The VM.
+    let listener = AgentListener::bind(&dir.join("agent.sock"))?;
     let config = QemuConfig {
         qemu: env.qemu.clone(),
         accel: env.accel.as_str().into(),
@@ -494,29 +575,39 @@ fn run_in(
         memory_mib: 1024,
         smp: 2,
         kernel: env.kernel.clone(),
-        initrd: initrd.path.clone(),
-        append: DEFAULT_APPEND.into(),
-        console_log: run.join("console.log"),
+        initrd: initrd.to_path_buf(),
+        append: if profile.viommu {
+            DEFAULT_APPEND.to_string()
+        } else {
+            DEFAULT_APPEND.replace(" intel_iommu=on", "")
+        },
+        console_log: dir.join("console.log"),
         agent_socket: listener.path().to_path_buf(),
-        qmp_socket: run.join("qmp.sock"),
-        devices: vec![VfioUserDevice {
-            id: "gpu0".into(),
-            socket: socket.clone(),
-        }],
+        qmp_socket: dir.join("qmp.sock"),
+        viommu: profile.viommu,
+        hotplug: profile.hotplug,
+        root_ports: layout.root_ports.clone(),
+        devices: layout.devices.clone(),
     };
     match config.shell_line() {
-        Ok(line) => save(run.join("qemu-cmdline.sh"), &format!("{line}\n")),
+        Ok(line) => save(dir.join("qemu-cmdline.sh"), &format!("{line}\n")),
         Err(e) => warn!("{e}"),
     }
     let boot = Instant::now();
-    let mut qemu = config.spawn(&run.join("qemu.log"))?;
-    let booted = boot_guest(&listener, &mut qemu, run);
-    let mut agent = match booted {
-        Ok(agent) => agent,
+    let mut qemu = config.spawn(&dir.join("qemu.log"))?;
+    let booted = boot_guest(&listener, &mut qemu, &dir).and_then(|agent| {
+        let transcript = File::create(dir.join("qmp.log"))
+            .map_err(|e| warn!("no QMP transcript: {e}"))
+            .ok();
+        let qmp = Qmp::connect(&config.qmp_socket, CONNECT_TIMEOUT, transcript)?;
+        Ok((agent, qmp))
+    });
+    let (agent, qmp) = match booted {
+        Ok(x) => x,
         Err(e) => {
             if e.interrupt_signal().is_none() {
                 show_console(report, &config.console_log)?;
-                show_tail(report, "QEMU output", &run.join("qemu.log"), 10)?;
+                show_tail(report, "QEMU output", &dir.join("qemu.log"), 10)?;
             }
             return Err(e);
         }
@@ -525,24 +616,36 @@ fn run_in(
         "guest booted in {:.1} s (QEMU start to agent ready)",
         secs(boot)
     ))?;
-    let mut outside_clean = check_outside(&mut watch, "boot", run, report)?;
+    let mut vm = Vm {
+        profile: profile.clone(),
+        layout,
+        dir,
+        devices,
+        server,
+        watch,
+        qemu,
+        agent,
+        qmp,
+    };
+    let mut outside_clean = check_outside(&mut vm.watch, "boot", &vm.dir, report)?;
 
-    // 6. Scenarios.
+    // The scenarios.
     let mut broken: Option<String> = None;
     for s in scenarios {
-        let mut ctx = ScenarioCtx {
-            gpu: &gpu,
-            agent: &mut agent,
-            server: &mut server,
-            watch: &mut watch,
-            broken: &mut broken,
-            run,
-        };
-        run_scenario(s, &mut ctx, report)?;
+        run_scenario(s, &mut vm, &mut broken, run, report)?;
     }
 
-    // 7. Teardown: power off, QEMU exits, stop the server and check how it ended.
-    let mut ok = report.failed == 0;
+    // Teardown: power off, QEMU exits, stop the server and check how it ended.
+    let Vm {
+        dir,
+        mut server,
+        mut watch,
+        mut qemu,
+        mut agent,
+        qmp,
+        ..
+    } = vm;
+    let mut ok = true;
     let t = Instant::now();
     if broken.is_none() {
         if let Err(e) = agent.poweroff(Duration::from_secs(30)) {
@@ -557,7 +660,7 @@ fn run_in(
         Some(status) => report.line(&format!(
             "QEMU exited with {} (see {})",
             describe_status(status),
-            run.join("qemu.log").display()
+            dir.join("qemu.log").display()
         ))?,
         None => {
             report.line(&format!(
@@ -566,9 +669,10 @@ fn run_in(
             qemu.terminate(Duration::from_secs(5))?;
         }
     }
+    drop(qmp);
     drop(qemu);
     if server.exited().is_none() {
-        outside_clean &= check_outside(&mut watch, "teardown", run, report)?;
+        outside_clean &= check_outside(&mut watch, "teardown", &dir, report)?;
         match watch.summary() {
             Ok(lines) => {
                 for l in lines {
@@ -599,9 +703,9 @@ fn run_in(
 fn boot_guest(
     listener: &AgentListener,
     qemu: &mut ChildGuard,
-    run: &RunDir,
+    dir: &Path,
 ) -> Result<Agent, LabError> {
-    let console = run.join("console.log");
+    let console = dir.join("console.log");
     let mut watch = || {
         qemu.try_wait()
             .ok()
@@ -615,7 +719,7 @@ fn boot_guest(
     let mut agent = listener
         .accept(CONNECT_TIMEOUT, &mut watch)
         .map_err(boot_err)?;
-    match File::create(run.join("agent.log")) {
+    match File::create(dir.join("agent.log")) {
         Ok(f) => agent.set_transcript(f),
         Err(e) => warn!("no agent transcript: {e}"),
     }
@@ -648,10 +752,10 @@ fn last_lines(text: &str, n: usize) -> Vec<&str> {
 fn check_outside(
     watch: &mut JournalWatch,
     what: &str,
-    run: &RunDir,
+    dir: &Path,
     report: &mut Report<'_>,
 ) -> Result<bool, LabError> {
-    match watch.check(Some(&run.join(&format!("{what}.journal.jsonl")))) {
+    match watch.check(Some(&dir.join(format!("{what}.journal.jsonl")))) {
         Ok(w) if w.clean() => {
             note_lost(&w, what, report)?;
             Ok(true)
@@ -688,56 +792,62 @@ fn note_lost(w: &WindowReport, what: &str, report: &mut Report<'_>) -> Result<()
     Ok(())
 }
 
-/// What a scenario runs against.
-struct ScenarioCtx<'a> {
-    gpu: &'a DescribedDevice,
-    agent: &'a mut Agent,
-    server: &'a mut Server,
-    watch: &'a mut JournalWatch,
-    broken: &'a mut Option<String>,
-    run: &'a RunDir,
-}
-
 fn run_scenario(
     s: &Scenario,
-    ctx: &mut ScenarioCtx<'_>,
+    vm: &mut Vm,
+    broken: &mut Option<String>,
+    run: &RunDir,
     report: &mut Report<'_>,
 ) -> Result<(), LabError> {
-    let ScenarioCtx {
-        gpu,
-        agent,
-        server,
-        watch,
-        broken,
-        run,
-    } = ctx;
     if let Some(why) = broken.clone() {
         return report.scenario(s, &Verdict::Fail(why), &Nested::None, &[], Duration::ZERO);
     }
     let t = Instant::now();
-    let argv = s.argv(gpu);
-    debug!("{}: {argv:?}", s.name);
-    let result = agent.run(&argv, s.timeout);
-    let elapsed = t.elapsed();
     let mut diagnostics = Vec::new();
-    let (mut verdict, nested) = match result {
-        Ok(out) => judge(s, &out, run, &mut diagnostics),
-        Err(AgentError::Interrupted(sig)) => return Err(LabError::Interrupted(sig)),
-        Err(e) => {
-            **broken = Some(format!("not run: the VM is unusable ({e})"));
-            (Verdict::Fail(format!("agent: {e}")), Nested::None)
+    let (mut verdict, nested) = match s.program {
+        Program::Host(host) => {
+            debug!("{}: host program {}", s.name, host.name);
+            let (out, fatal) = {
+                let mut ctx = HostCtx::new(vm, s, run.path(), &mut *report.progress);
+                let result = (host.run)(&mut ctx);
+                if let Some(sig) = result.as_ref().err().and_then(HostError::interrupt_signal) {
+                    return Err(LabError::Interrupted(sig));
+                }
+                ctx.finish(result)
+            };
+            if let Some(why) = fatal {
+                *broken = Some(why);
+            }
+            judge(s, &out, run, &mut diagnostics)
+        }
+        _ => {
+            let device = vm
+                .devices
+                .first()
+                .ok_or_else(|| ServerError::BadDescription("the VM has no device".into()))?;
+            let argv = s.argv(device);
+            debug!("{}: {argv:?}", s.name);
+            match vm.agent.run(&argv, s.timeout) {
+                Ok(out) => judge(s, &out, run, &mut diagnostics),
+                Err(AgentError::Interrupted(sig)) => return Err(LabError::Interrupted(sig)),
+                Err(e) => {
+                    *broken = Some(format!("not run: the VM is unusable ({e})"));
+                    (Verdict::Fail(format!("agent: {e}")), Nested::None)
+                }
+            }
         }
     };
-    if let Some(status) = server.exited() {
+    let elapsed = t.elapsed();
+    if let Some(status) = vm.server.exited() {
         let why = format!("device server died ({status})");
         verdict = Verdict::Fail(why.clone());
-        for l in tail_lines(&run.join("server.log"), 10) {
+        for l in tail_lines(&vm.dir.join("server.log"), 10) {
             diagnostics.push(format!("server.log: {l}"));
         }
-        **broken = Some(format!("not run: {why}"));
+        *broken = Some(format!("not run: {why}"));
     } else {
         let journal = run.join(&format!("{}.journal.jsonl", s.id));
-        verdict = judge_journal(verdict, watch.check(Some(&journal)), &mut diagnostics);
+        verdict = judge_journal(verdict, vm.watch.check(Some(&journal)), &mut diagnostics);
     }
     report.scenario(s, &verdict, &nested, &diagnostics, elapsed)
 }
@@ -813,6 +923,35 @@ mod tests {
         assert!(pa.is_dir());
         assert!(!pb.exists());
         fs::remove_dir_all(pa).unwrap();
+    }
+
+    #[test]
+    fn test_plan_one_vm_per_profile_in_order_of_first_need() {
+        let all = scenario::catalogue();
+        let plan = plan_vms(&all);
+        let ids: Vec<(ProfileId, Vec<&str>)> = plan
+            .iter()
+            .map(|(p, g)| (*p, g.iter().map(|s| s.id).collect()))
+            .collect();
+        assert_eq!(ids[0].0, ProfileId::Gpu);
+        assert!(ids[0].1.starts_with(&["E1", "E2", "E3"]));
+        assert!(ids[0].1.contains(&"R9"));
+        assert!(ids
+            .iter()
+            .any(|(p, g)| *p == ProfileId::GpuPair && g.contains(&"R0")));
+        // Every scenario exactly once, and each group in catalogue order.
+        let n: usize = plan.iter().map(|(_, g)| g.len()).sum();
+        assert_eq!(n, all.len());
+        for (_, group) in &plan {
+            let pos: Vec<usize> = group
+                .iter()
+                .map(|s| all.iter().position(|a| a.id == s.id).unwrap())
+                .collect();
+            assert!(pos.windows(2).all(|w| w[0] < w[1]), "{pos:?}");
+        }
+        // A filter that needs one profile boots one VM.
+        assert_eq!(plan_vms(&scenario::select(Some("R0"))).len(), 1);
+        assert!(plan_vms(&[]).is_empty());
     }
 
     #[test]

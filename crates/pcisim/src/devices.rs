@@ -33,6 +33,44 @@ pub fn build(spec: &DeviceSpec) -> Result<Built> {
     })
 }
 
+/// Options every PCI function takes (identity and reset behaviour).
+#[derive(Debug)]
+struct Common<'a> {
+    vendor_id: &'a mut u16,
+    device_id: &'a mut u16,
+    class_code: &'a mut u32,
+    no_soft_reset: &'a mut bool,
+    immediate_readiness: &'a mut bool,
+}
+
+/// The common option names, for error messages.
+const COMMON_OPTIONS: &str = "vendor, device, class, no_soft_reset, immediate_readiness";
+
+impl Common<'_> {
+    /// Apply `k=v` if it is a common option; `Ok(false)` if it is not one.
+    fn apply(&mut self, id: &str, k: &str, v: &str) -> Result<bool> {
+        let ctx = || format!("device {id}: option {k}={v}");
+        let id16 = |v: &str| -> Result<u16> {
+            u16::try_from(parse_u64(v)?).map_err(|_| anyhow::anyhow!("{v} does not fit 16 bits"))
+        };
+        match k {
+            "vendor" => *self.vendor_id = id16(v).with_context(ctx)?,
+            "device" => *self.device_id = id16(v).with_context(ctx)?,
+            "class" => {
+                let c = parse_u64(v).with_context(ctx)?;
+                if c > 0xff_ffff {
+                    bail!("device {id}: class {v} does not fit 24 bits");
+                }
+                *self.class_code = c as u32;
+            }
+            "no_soft_reset" => *self.no_soft_reset = parse_bool(v).with_context(ctx)?,
+            "immediate_readiness" => *self.immediate_readiness = parse_bool(v).with_context(ctx)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
 /// A GPU already built, for NPUs that name it as peer: id, socket path, endpoint.
 struct GpuPeer {
     id: String,
@@ -74,23 +112,18 @@ fn build_npu(spec: &DeviceSpec, gpus: &[GpuPeer]) -> Result<Built> {
     };
     let mut peer = None;
     for (k, v) in &spec.opts {
+        let mut common = Common {
+            vendor_id: &mut cfg.vendor_id,
+            device_id: &mut cfg.device_id,
+            class_code: &mut cfg.class_code,
+            no_soft_reset: &mut cfg.no_soft_reset,
+            immediate_readiness: &mut cfg.immediate_readiness,
+        };
+        if common.apply(&spec.id, k, v)? {
+            continue;
+        }
         let ctx = || format!("device {}: option {k}={v}", spec.id);
         match k.as_str() {
-            "vendor" => {
-                cfg.vendor_id = u16::try_from(parse_u64(v).with_context(ctx)?).with_context(ctx)?
-            }
-            "device" => {
-                cfg.device_id = u16::try_from(parse_u64(v).with_context(ctx)?).with_context(ctx)?
-            }
-            "class" => {
-                let c = parse_u64(v).with_context(ctx)?;
-                if c > 0xff_ffff {
-                    bail!("device {}: class {v} does not fit 24 bits", spec.id);
-                }
-                cfg.class_code = c as u32;
-            }
-            "no_soft_reset" => cfg.no_soft_reset = parse_bool(v).with_context(ctx)?,
-            "immediate_readiness" => cfg.immediate_readiness = parse_bool(v).with_context(ctx)?,
             "checking" => cfg.checking = parse_bool(v).with_context(ctx)?,
             "peer" => {
                 let g = gpus.iter().find(|g| g.id == *v).ok_or_else(|| {
@@ -106,8 +139,7 @@ fn build_npu(spec: &DeviceSpec, gpus: &[GpuPeer]) -> Result<Built> {
                 peer = Some(g);
             }
             other => bail!(
-                "device {}: unknown npu option {other:?} (known: peer, checking, vendor, device, \
-                 class, no_soft_reset, immediate_readiness)",
+                "device {}: unknown npu option {other:?} (known: peer, checking, {COMMON_OPTIONS})",
                 spec.id
             ),
         }
@@ -163,30 +195,25 @@ fn build_gpu(spec: &DeviceSpec) -> Result<(Endpoint<Gpu>, Description)> {
     };
     let mut corrupt_class = false;
     for (k, v) in &spec.opts {
+        let mut common = Common {
+            vendor_id: &mut cfg.vendor_id,
+            device_id: &mut cfg.device_id,
+            class_code: &mut cfg.class_code,
+            no_soft_reset: &mut cfg.no_soft_reset,
+            immediate_readiness: &mut cfg.immediate_readiness,
+        };
+        if common.apply(&spec.id, k, v)? {
+            continue;
+        }
         let ctx = || format!("device {}: option {k}={v}", spec.id);
         match k.as_str() {
             "vram" => cfg.vram_size = parse_size(v).with_context(ctx)?,
-            "vendor" => {
-                cfg.vendor_id = u16::try_from(parse_u64(v).with_context(ctx)?).with_context(ctx)?
-            }
-            "device" => {
-                cfg.device_id = u16::try_from(parse_u64(v).with_context(ctx)?).with_context(ctx)?
-            }
-            "class" => {
-                let c = parse_u64(v).with_context(ctx)?;
-                if c > 0xff_ffff {
-                    bail!("device {}: class {v} does not fit 24 bits", spec.id);
-                }
-                cfg.class_code = c as u32;
-            }
-            "no_soft_reset" => cfg.no_soft_reset = parse_bool(v).with_context(ctx)?,
-            "immediate_readiness" => cfg.immediate_readiness = parse_bool(v).with_context(ctx)?,
             // Fault knob: the function presents a class code other than the one it describes
             // (a mis-programmed strap). The guest suite's E1 must catch it.
             "x-corrupt-class" => corrupt_class = parse_bool(v).with_context(ctx)?,
             other => bail!(
-                "device {}: unknown gpu option {other:?} (known: vram, vendor, device, class, \
-                 no_soft_reset, immediate_readiness, x-corrupt-class)",
+                "device {}: unknown gpu option {other:?} (known: vram, x-corrupt-class, \
+                 {COMMON_OPTIONS})",
                 spec.id
             ),
         }

@@ -79,7 +79,7 @@ enum LabCmd {
         /// Guest kernel series.
         #[arg(long, default_value = "6.12")]
         kernel: String,
-        /// Extra `key=value` options appended to the GPU's device spec (fault knobs).
+        /// Extra `key=value` options appended to every GPU's device spec in every VM (fault knobs).
         #[arg(long = "device-opt")]
         device_opts: Vec<String>,
         /// Keep the run directory (sockets, logs, initramfs) even on success.

@@ -1,5 +1,6 @@
 //! End to end: `pcisim lab suite` provisions QEMU 11.1 and a Debian guest kernel (cached after the
-//! first run), boots a VM with a pcisim GPU attached over vfio-user, and runs the guest scenarios.
+//! first run), boots one VM per profile the scenarios need with pcisim GPUs attached over
+//! vfio-user, and runs the guest and host-side scenarios.
 //!
 //! These tests are real and not ignored: they are what shows that the server, QEMU, the guest
 //! kernel and the guest programs work together. They run one at a time (each boots a VM).
@@ -44,13 +45,17 @@ fn result_line<'a>(ktap: &'a str, name: &str) -> Option<&'a str> {
 fn lab_suite_all_scenarios_pass() {
     let out = lab_suite(&[]);
     let ktap = String::from_utf8_lossy(&out.stdout);
-    assert!(ktap.starts_with("KTAP version 1\n1..5\n"), "KTAP header");
+    assert!(ktap.starts_with("KTAP version 1\n1..7\n"), "KTAP header");
+    // One VM per profile, in the order the catalogue first needs them: the `gpu` VM runs E1-E5
+    // and R9, then the `gpu-pair` VM runs R0; the KTAP numbers follow that order.
     for (n, name) in [
         (1, "E1 enumeration"),
         (2, "E2 bar-mmio"),
         (3, "E3 msix-delivery"),
         (4, "E4 gpu-ring"),
         (5, "E5 bus-master-off"),
+        (6, "R9 system-reset"),
+        (7, "R0 two-function-enumeration"),
     ] {
         let line = result_line(&ktap, name).unwrap_or_else(|| panic!("no result line for {name}"));
         assert_eq!(
@@ -73,6 +78,45 @@ fn lab_suite_all_scenarios_pass() {
         .expect("a journal summary line for gpu0");
     assert!(summary.ends_with(", 0 violations"), "{summary}");
     assert!(!ktap.contains("VIOLATION"), "no violation diagnostics");
+
+    // R9: QMP system_reset rebooted the guest, the device journaled a device reset, and the
+    // guest enumerated it again.
+    for subtest in [
+        "gpu0 journaled reset_begin kind=device",
+        "gpu0 journaled reset_end kind=device after it",
+        "gpu0 enumerates again after the reboot (E1)",
+    ] {
+        assert!(
+            ktap.lines()
+                .any(|l| l.starts_with("  ok ") && l.ends_with(subtest)),
+            "R9 subtest {subtest:?} must pass"
+        );
+    }
+    assert!(
+        progress
+            .lines()
+            .any(|l| l.starts_with("lab: R9: system_reset: agent ready again in ")),
+        "R9 reports how long the reboot took"
+    );
+    // R0 ran in a second VM with two functions in one slot, both enumerated by the guest.
+    assert!(progress
+        .lines()
+        .any(|l| l == "lab: VM 2/2: profile gpu-pair for R0"));
+    for subtest in [
+        "QEMU places the two devices as functions 0 and 1 of one slot",
+        "the guest enumerates both functions",
+        "gpu1 at 0000:01:00.1 passes E1",
+        "pciehp drives the root port 0000:00:01.0",
+    ] {
+        assert!(
+            ktap.lines()
+                .any(|l| l.starts_with("  ok ") && l.ends_with(subtest)),
+            "R0 subtest {subtest:?} must pass"
+        );
+    }
+    assert!(progress
+        .lines()
+        .any(|l| l.starts_with("lab: journal gpu1: ") && l.ends_with(", 0 violations")));
 }
 
 #[test]

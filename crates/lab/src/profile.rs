@@ -1,0 +1,501 @@
+//! VM profiles: which devices a lab VM has, where they sit, and how the machine is set up.
+//!
+//! A scenario names the profile it needs ([`ProfileId`]); the suite boots one VM per distinct
+//! profile among the selected scenarios. One `pcisim serve` serves all of a VM's devices
+//! (`--device` repeated), each on its own socket in the VM's directory.
+//!
+//! | profile | devices | hotplug | free ports | vIOMMU |
+//! |---|---|---|---|---|
+//! | `gpu` (default) | `gpu0` alone behind `rp1` | ACPI | 0 | yes |
+//! | `gpu-pair` | `gpu0` and `gpu1` as functions 0 and 1 of one slot behind `rp1` | native pciehp | 1 (`rp2`) | yes |
+//! | `gpu-hotplug` | `gpu0` behind `rp1`; `gpu1` served, unplugged, for `device_add` onto `rp2` | ACPI | 0 | yes |
+//!
+//! Root ports are `rp1`, `rp2`, ... with `chassis` = `slot` = their number, created in the order
+//! their first device appears in the profile, then the free ones (hotplug-capable, empty at
+//! boot). Devices with `plugged: false` are served but left off the command line: their root
+//! port exists, and [`crate::host::HostCtx::device_add`] plugs them.
+
+use std::path::Path;
+
+use crate::qemu::{HotplugMode, RootPort, VfioUserDevice};
+use crate::server;
+
+/// The longest profile name or device id (they name the VM's directory and the devices' unix
+/// sockets in it, and a socket path has at most 107 bytes).
+pub const MAX_NAME_LEN: usize = 16;
+
+/// Errors in a profile.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProfileError {
+    /// A name or id is empty, too long or has characters QEMU or a path would not take.
+    #[error("Profile {profile}: bad {what} {value:?} (letters, digits, '-' and '_', starting with a letter{limit})")]
+    BadName {
+        /// The profile.
+        profile: String,
+        /// `name` or `device id`.
+        what: String,
+        /// The value.
+        value: String,
+        /// A length limit, if any, as text.
+        limit: String,
+    },
+    /// Two devices have the same id.
+    #[error("Profile {profile}: device id {id:?} is used twice")]
+    DuplicateId {
+        /// The profile.
+        profile: String,
+        /// The id.
+        id: String,
+    },
+    /// A slot's functions are inconsistent.
+    #[error("Profile {profile}: slot {slot:?}: {what}")]
+    BadSlot {
+        /// The profile.
+        profile: String,
+        /// The slot's name.
+        slot: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// No device at all.
+    #[error("Profile {0} has no device")]
+    Empty(String),
+    /// More root ports than chassis numbers.
+    #[error("Profile {0} needs more than 255 root ports")]
+    TooManyPorts(String),
+}
+
+/// What a device is (the `pcisim serve --device KIND:...` kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// The GPU function.
+    Gpu,
+    /// The NPU function (needs `pcisim serve --device npu:...`).
+    Npu,
+}
+
+impl DeviceKind {
+    /// `gpu`, `npu`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceKind::Gpu => "gpu",
+            DeviceKind::Npu => "npu",
+        }
+    }
+}
+
+/// Where a device sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Function 0, alone behind its own root port.
+    OwnPort,
+    /// Function `function` of a multifunction slot: every device naming the same `slot` sits
+    /// behind one root port; function 0 carries `multifunction=on` (QEMU's vfio code emulates
+    /// the header type's multifunction bit).
+    Function {
+        /// The slot's name, local to the profile.
+        slot: String,
+        /// 0..=7.
+        function: u8,
+    },
+}
+
+/// One device of a profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSlot {
+    /// Its id: the server's device id, QEMU's device id, the socket's name (`gpu0.sock`).
+    pub id: String,
+    /// What it is.
+    pub kind: DeviceKind,
+    /// Extra `k=v` options for its `--device` spec (the suite's `--device-opt`s are added to
+    /// every GPU's).
+    pub opts: Vec<String>,
+    /// Where it sits.
+    pub placement: Placement,
+    /// On the command line at boot (else served and left for `device_add`).
+    pub plugged: bool,
+}
+
+impl DeviceSlot {
+    /// A device alone behind its own root port, plugged at boot.
+    pub fn own_port(id: &str, kind: DeviceKind) -> DeviceSlot {
+        DeviceSlot {
+            id: id.into(),
+            kind,
+            opts: Vec::new(),
+            placement: Placement::OwnPort,
+            plugged: true,
+        }
+    }
+
+    /// Function `function` of multifunction slot `slot`, plugged at boot.
+    pub fn function(id: &str, kind: DeviceKind, slot: &str, function: u8) -> DeviceSlot {
+        DeviceSlot {
+            placement: Placement::Function {
+                slot: slot.into(),
+                function,
+            },
+            ..DeviceSlot::own_port(id, kind)
+        }
+    }
+}
+
+/// A VM's shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmProfile {
+    /// Its name (also the VM's directory in the run directory).
+    pub name: String,
+    /// Its devices; the first is the one single-device scenarios (E1...) run against.
+    pub devices: Vec<DeviceSlot>,
+    /// ACPI or native PCIe hotplug.
+    pub hotplug: HotplugMode,
+    /// Empty hotplug-capable root ports for hot-add, after the devices' ports.
+    pub free_ports: u8,
+    /// An intel-iommu (a guest vfio user needs one: the Debian kernel has no VFIO_NOIOMMU).
+    pub viommu: bool,
+}
+
+/// The profiles scenarios can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProfileId {
+    /// `gpu`: one GPU alone behind a root port, ACPI hotplug, vIOMMU.
+    #[default]
+    Gpu,
+    /// `gpu-pair`: two GPUs as functions 0 and 1 of one slot, native pciehp, one free port,
+    /// vIOMMU.
+    GpuPair,
+    /// `gpu-hotplug`: `gpu0` plugged behind `rp1` and `gpu1` served but unplugged, for
+    /// `device_add` onto `rp2`; ACPI hotplug, vIOMMU.
+    GpuHotplug,
+}
+
+impl ProfileId {
+    /// The profile.
+    pub fn profile(self) -> VmProfile {
+        match self {
+            ProfileId::Gpu => VmProfile {
+                name: "gpu".into(),
+                devices: vec![DeviceSlot::own_port("gpu0", DeviceKind::Gpu)],
+                hotplug: HotplugMode::Acpi,
+                free_ports: 0,
+                viommu: true,
+            },
+            ProfileId::GpuPair => VmProfile {
+                name: "gpu-pair".into(),
+                devices: vec![
+                    DeviceSlot::function("gpu0", DeviceKind::Gpu, "s1", 0),
+                    DeviceSlot::function("gpu1", DeviceKind::Gpu, "s1", 1),
+                ],
+                hotplug: HotplugMode::NativePciehp,
+                free_ports: 1,
+                viommu: true,
+            },
+            ProfileId::GpuHotplug => VmProfile {
+                name: "gpu-hotplug".into(),
+                devices: vec![
+                    DeviceSlot::own_port("gpu0", DeviceKind::Gpu),
+                    DeviceSlot {
+                        plugged: false,
+                        ..DeviceSlot::own_port("gpu1", DeviceKind::Gpu)
+                    },
+                ],
+                hotplug: HotplugMode::Acpi,
+                free_ports: 0,
+                viommu: true,
+            },
+        }
+    }
+}
+
+/// A profile laid out for QEMU: its root ports and devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmLayout {
+    /// Every root port, in order.
+    pub root_ports: Vec<RootPort>,
+    /// Every device (plugged at boot or not), in the profile's order.
+    pub devices: Vec<VfioUserDevice>,
+    /// The ids of the empty ports for hot-add.
+    pub free_ports: Vec<String>,
+}
+
+impl VmLayout {
+    /// The device with QEMU id `id`.
+    pub fn device(&self, id: &str) -> Option<&VfioUserDevice> {
+        self.devices.iter().find(|d| d.id == id)
+    }
+}
+
+fn good_name(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl VmProfile {
+    /// Checks names, ids and slots.
+    pub fn validate(&self) -> Result<(), ProfileError> {
+        let bad = |what: &str, value: &str, limit: &str| ProfileError::BadName {
+            profile: self.name.clone(),
+            what: what.into(),
+            value: value.into(),
+            limit: limit.into(),
+        };
+        if !good_name(&self.name, MAX_NAME_LEN) {
+            return Err(bad(
+                "name",
+                &self.name,
+                &format!(", at most {MAX_NAME_LEN}"),
+            ));
+        }
+        if self.devices.is_empty() {
+            return Err(ProfileError::Empty(self.name.clone()));
+        }
+        let mut slots: Vec<(&str, Vec<(u8, bool)>)> = Vec::new();
+        for (i, d) in self.devices.iter().enumerate() {
+            if !good_name(&d.id, MAX_NAME_LEN) {
+                return Err(bad(
+                    "device id",
+                    &d.id,
+                    &format!(", at most {MAX_NAME_LEN}"),
+                ));
+            }
+            if self.devices[..i].iter().any(|o| o.id == d.id) {
+                return Err(ProfileError::DuplicateId {
+                    profile: self.name.clone(),
+                    id: d.id.clone(),
+                });
+            }
+            if let Placement::Function { slot, function } = &d.placement {
+                match slots.iter_mut().find(|(s, _)| s == slot) {
+                    Some((_, fns)) => fns.push((*function, d.plugged)),
+                    None => slots.push((slot, vec![(*function, d.plugged)])),
+                }
+            }
+        }
+        for (slot, fns) in &slots {
+            let err = |what: String| ProfileError::BadSlot {
+                profile: self.name.clone(),
+                slot: slot.to_string(),
+                what,
+            };
+            for (i, (f, _)) in fns.iter().enumerate() {
+                if *f > 7 {
+                    return Err(err(format!("function {f} (0..=7)")));
+                }
+                if fns[..i].iter().any(|(g, _)| g == f) {
+                    return Err(err(format!("function {f} twice")));
+                }
+            }
+            match fns.iter().find(|(f, _)| *f == 0) {
+                None => return Err(err("no function 0".into())),
+                Some((_, false)) if fns.iter().any(|(_, plugged)| *plugged) => {
+                    return Err(err(
+                        "function 0 must be plugged at boot if another function is".into(),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Root ports and devices (sockets `<socket_dir>/<id>.sock`).
+    pub fn layout(&self, socket_dir: &Path) -> Result<VmLayout, ProfileError> {
+        self.validate()?;
+        let mut root_ports: Vec<RootPort> = Vec::new();
+        let mut slot_ports: Vec<(&str, String)> = Vec::new();
+        let new_port = |ports: &mut Vec<RootPort>, hotplug: bool| {
+            let n = u8::try_from(ports.len() + 1)
+                .map_err(|_| ProfileError::TooManyPorts(self.name.clone()))?;
+            let id = format!("rp{n}");
+            ports.push(RootPort {
+                id: id.clone(),
+                chassis: n,
+                hotplug,
+            });
+            Ok::<String, ProfileError>(id)
+        };
+        let mut devices = Vec::new();
+        for d in &self.devices {
+            let (bus, addr, multifunction) = match &d.placement {
+                Placement::OwnPort => (new_port(&mut root_ports, !d.plugged)?, None, false),
+                Placement::Function { slot, function } => {
+                    let bus = match slot_ports.iter().find(|(s, _)| s == slot) {
+                        Some((_, bus)) => bus.clone(),
+                        None => {
+                            let bus = new_port(&mut root_ports, !d.plugged)?;
+                            slot_ports.push((slot, bus.clone()));
+                            bus
+                        }
+                    };
+                    let more = self.devices.iter().any(|o| {
+                        matches!(&o.placement, Placement::Function { slot: s, function: f }
+                            if s == slot && *f != 0)
+                    });
+                    (bus, Some(format!("00.{function}")), *function == 0 && more)
+                }
+            };
+            devices.push(VfioUserDevice {
+                id: d.id.clone(),
+                socket: socket_dir.join(format!("{}.sock", d.id)),
+                bus,
+                addr,
+                multifunction,
+                at_boot: d.plugged,
+            });
+        }
+        let mut free_ports = Vec::new();
+        for _ in 0..self.free_ports {
+            free_ports.push(new_port(&mut root_ports, true)?);
+        }
+        Ok(VmLayout {
+            root_ports,
+            devices,
+            free_ports,
+        })
+    }
+
+    /// The `--device` specs for `pcisim serve`/`describe`, with `gpu_opts` added to every GPU's.
+    pub fn specs(&self, layout: &VmLayout, gpu_opts: &[String]) -> Vec<String> {
+        self.devices
+            .iter()
+            .zip(&layout.devices)
+            .map(|(d, v)| {
+                let mut opts = d.opts.clone();
+                if d.kind == DeviceKind::Gpu {
+                    opts.extend(gpu_opts.iter().cloned());
+                }
+                server::device_spec(d.kind.as_str(), &v.socket, &d.id, &opts)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_default_profile_is_todays_vm() {
+        let p = ProfileId::default().profile();
+        assert_eq!(p.name, "gpu");
+        let l = p.layout(Path::new("/run/lab/gpu")).unwrap();
+        assert_eq!(
+            l.root_ports,
+            [RootPort {
+                id: "rp1".into(),
+                chassis: 1,
+                hotplug: false
+            }]
+        );
+        assert_eq!(
+            l.devices,
+            [VfioUserDevice {
+                id: "gpu0".into(),
+                socket: "/run/lab/gpu/gpu0.sock".into(),
+                bus: "rp1".into(),
+                addr: None,
+                multifunction: false,
+                at_boot: true,
+            }]
+        );
+        assert!(l.free_ports.is_empty());
+        assert_eq!(
+            p.specs(&l, &["x-corrupt-class=1".into()]),
+            ["gpu:socket=/run/lab/gpu/gpu0.sock,id=gpu0,x-corrupt-class=1"]
+        );
+        assert_eq!(p.hotplug, HotplugMode::Acpi);
+        assert!(p.viommu);
+    }
+
+    #[test]
+    fn test_pair_profile_two_functions_one_port_and_a_free_one() {
+        let p = ProfileId::GpuPair.profile();
+        let l = p.layout(Path::new("/r")).unwrap();
+        assert_eq!(l.root_ports.len(), 2);
+        assert_eq!(
+            l.root_ports[1].arg(),
+            "pcie-root-port,id=rp2,chassis=2,slot=2,hotplug=on,pref64-reserve=1G"
+        );
+        assert_eq!(l.free_ports, ["rp2"]);
+        let f0 = l.device("gpu0").unwrap();
+        let f1 = l.device("gpu1").unwrap();
+        assert_eq!(
+            (f0.bus.as_str(), f0.addr.as_deref(), f0.multifunction),
+            ("rp1", Some("00.0"), true)
+        );
+        assert_eq!(
+            (f1.bus.as_str(), f1.addr.as_deref(), f1.multifunction),
+            ("rp1", Some("00.1"), false)
+        );
+        assert_eq!(p.hotplug, HotplugMode::NativePciehp);
+        assert_eq!(p.specs(&l, &[]).len(), 2);
+    }
+
+    #[test]
+    fn test_unplugged_device_gets_a_hotplug_port_and_stays_off_the_command_line() {
+        let mut p = ProfileId::Gpu.profile();
+        let mut npu = DeviceSlot::own_port("npu0", DeviceKind::Npu);
+        npu.plugged = false;
+        npu.opts.push("peer=gpu0".into());
+        p.devices.push(npu);
+        let l = p.layout(Path::new("/r")).unwrap();
+        assert_eq!(
+            l.root_ports[1].arg(),
+            "pcie-root-port,id=rp2,chassis=2,slot=2,hotplug=on,pref64-reserve=1G"
+        );
+        assert!(!l.device("npu0").unwrap().at_boot);
+        assert_eq!(
+            p.specs(&l, &["vram=1M".into()])[1],
+            "npu:socket=/r/npu0.sock,id=npu0,peer=gpu0",
+            "GPU options go to GPUs only"
+        );
+    }
+
+    #[test]
+    fn test_validation() {
+        let base = ProfileId::GpuPair.profile();
+        let check = |f: &dyn Fn(&mut VmProfile)| {
+            let mut p = base.clone();
+            f(&mut p);
+            p.validate()
+        };
+        assert_eq!(check(&|_| {}), Ok(()));
+        assert!(matches!(
+            check(&|p| p.name = "a-very-long-profile-name".into()),
+            Err(ProfileError::BadName { .. })
+        ));
+        assert!(matches!(
+            check(&|p| p.devices[1].id = "gpu0".into()),
+            Err(ProfileError::DuplicateId { .. })
+        ));
+        assert!(matches!(
+            check(&|p| p.devices[1].id = "gpu 1".into()),
+            Err(ProfileError::BadName { .. })
+        ));
+        assert!(matches!(
+            check(&|p| p.devices[1] = DeviceSlot::function("gpu1", DeviceKind::Gpu, "s1", 0)),
+            Err(ProfileError::BadSlot { .. })
+        ));
+        assert!(matches!(
+            check(&|p| p.devices[1] = DeviceSlot::function("gpu1", DeviceKind::Gpu, "s1", 8)),
+            Err(ProfileError::BadSlot { .. })
+        ));
+        assert!(matches!(
+            check(&|p| {
+                p.devices.remove(0);
+            }),
+            Err(ProfileError::BadSlot { .. })
+        ));
+        assert!(matches!(
+            check(&|p| p.devices[0].plugged = false),
+            Err(ProfileError::BadSlot { .. })
+        ));
+        assert!(matches!(
+            check(&|p| p.devices.clear()),
+            Err(ProfileError::Empty(_))
+        ));
+    }
+}
