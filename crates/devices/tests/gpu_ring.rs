@@ -219,21 +219,19 @@ fn test_ring_bus_master_off_fill_refused_then_works_after_reenable() {
     );
 }
 
-#[test]
-fn test_ring_flr_during_long_fill_stops_engine_defaults_back() {
-    let h = start();
-    let (mut c, _fence, _error) = setup(&h);
+/// Eight 64 MiB FILLs into a mapped region, the first started.
+fn long_fill(h: &Harness, c: &mut vfio_user::Client) {
     let big = memfd(64 << 20);
     c.dma_map(0, 0x1_0000_0000, 64 << 20, big.as_raw_fd())
         .unwrap();
     for k in 0..8u64 {
         put(
-            &h,
+            h,
             k,
             encode(op::FILL, 0, 0x1_0000_0000, 0x5555_5555 + k, 64 << 20),
         );
     }
-    wr(&mut c, regs::RING_TAIL, 8);
+    wr(c, regs::RING_TAIL, 8);
     let t0 = Instant::now();
     while h.journal.stats().dma_bytes < 1 << 20 {
         assert!(
@@ -242,31 +240,112 @@ fn test_ring_flr_during_long_fill_stops_engine_defaults_back() {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-    // FLR through Device Control (PCIe cap).
+}
+
+/// Device Control "Initiate FLR" (PCIe cap).
+fn flr(h: &Harness, c: &mut vfio_user::Client) {
     let mut devctl = [0u8; 2];
-    let pcie = h.pcie;
-    c.region_read(region::CONFIG, pcie + 8, &mut devctl)
+    c.region_read(region::CONFIG, h.pcie + 8, &mut devctl)
         .unwrap();
     let v = u16::from_le_bytes(devctl) | 0x8000;
-    c.region_write(region::CONFIG, pcie + 8, &v.to_le_bytes())
+    c.region_write(region::CONFIG, h.pcie + 8, &v.to_le_bytes())
         .unwrap();
-    command(&mut c, 0x2);
-    assert_eq!(rd(&mut c, regs::RING_CTRL), 0);
-    assert_eq!(rd(&mut c, regs::RING_HEAD), 0);
-    assert_eq!(rd(&mut c, regs::RING_SIZE), 0);
-    assert_eq!(rd(&mut c, regs::CMDS_COMPLETED), 0);
+}
+
+fn transactions_pending(h: &Harness, c: &mut vfio_user::Client) -> bool {
+    let mut devsta = [0u8; 2];
+    c.region_read(region::CONFIG, h.pcie + 0xa, &mut devsta)
+        .unwrap();
+    u16::from_le_bytes(devsta) & (1 << 5) != 0
+}
+
+fn registers_back_to_defaults_and_quiet(h: &Harness, c: &mut vfio_user::Client) {
+    command(c, 0x2);
+    assert_eq!(rd(c, regs::RING_CTRL), 0);
+    assert_eq!(rd(c, regs::RING_HEAD), 0);
+    assert_eq!(rd(c, regs::RING_SIZE), 0);
+    assert_eq!(rd(c, regs::CMDS_COMPLETED), 0);
     let n = h.journal.stats().dma_bytes;
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(h.journal.stats().dma_bytes, n, "no DMA after the FLR");
+}
+
+fn noted(h: &Harness, what: &str) -> bool {
     let (recs, _) = h.journal.since(0);
-    assert!(
-        recs.iter().any(|r| matches!(&r.event,
-            Event::Note { text } if text.contains("aborted by reset"))),
-        "{recs:?}"
-    );
+    recs.iter()
+        .any(|r| matches!(&r.event, Event::Note { text } if text.contains(what)))
+}
+
+/// The driver's side done right (the kernel's `pcie_flr`): Bus Master Enable cleared, wait for
+/// Transactions Pending to clear, then FLR. The fill's DMA is refused, nothing lands inside
+/// the reset.
+#[test]
+fn test_ring_flr_after_bus_master_off_and_tp_clear_no_dma_inside_reset() {
+    let h = start();
+    let (mut c, _fence, _error) = setup(&h);
+    long_fill(&h, &mut c);
+    assert!(transactions_pending(&h, &mut c), "TP while the fill runs");
+    command(&mut c, 0x2);
+    let t0 = Instant::now();
+    while transactions_pending(&h, &mut c) {
+        assert!(t0.elapsed() < Duration::from_secs(1), "TP never cleared");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    flr(&h, &mut c);
+    registers_back_to_defaults_and_quiet(&h, &mut c);
+    // The fill stopped on its first refused access, before the FLR.
+    assert!(noted(&h, "ring error dma_refused"));
+    assert!(!noted(&h, "Transactions Pending"));
     assert!(
         h.journal.violations().is_empty(),
         "{:?}",
         h.journal.violations()
     );
+}
+
+/// A driver bug: FLR while the fill runs (Transactions Pending set, Bus Master on). The chunk
+/// the engine has in flight lands after `reset_begin` (posted writes already issued); the
+/// checker reports exactly those writes as `dma_during_reset`. The engine then stops.
+#[test]
+fn test_ring_flr_with_transactions_pending_chunk_in_flight_lands_inside_reset() {
+    let h = start();
+    let (mut c, _fence, _error) = setup(&h);
+    long_fill(&h, &mut c);
+    assert!(transactions_pending(&h, &mut c), "TP while the fill runs");
+    flr(&h, &mut c);
+    registers_back_to_defaults_and_quiet(&h, &mut c);
+    assert!(noted(&h, "aborted by reset"));
+    assert!(noted(&h, "posted writes"));
+    let (recs, _) = h.journal.since(0);
+    let begin = recs
+        .iter()
+        .position(|r| matches!(r.event, Event::ResetBegin { .. }))
+        .expect("reset_begin");
+    assert!(
+        matches!(&recs[begin - 1].event,
+            Event::Note { text } if text.contains("FLR initiated with Transactions Pending")),
+        "{:?}",
+        recs[begin - 1]
+    );
+    let end = recs
+        .iter()
+        .position(|r| matches!(r.event, Event::ResetEnd { .. }))
+        .expect("reset_end");
+    let inside: u64 = recs[begin..end]
+        .iter()
+        .map(|r| match r.event {
+            Event::Dma { bytes, .. } => bytes,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(inside, 64 << 10, "one 64 KiB chunk lands inside the reset");
+    let v = h.journal.violations();
+    assert!(!v.is_empty());
+    assert!(v.iter().all(|r| matches!(
+        r.event,
+        Event::Violation {
+            kind: pcisim_pci::journal::ViolationKind::DmaDuringReset,
+            ..
+        }
+    )));
 }

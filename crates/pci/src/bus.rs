@@ -1,6 +1,6 @@
-//! The function's side of the link: DMA into client memory and MSI-X towards the client, usable
-//! from any thread (engine threads keep a clone), obeying the rules hardware obeys and
-//! testifying in the journal.
+//! The function's side of the link: DMA into client memory and MSI-X (or MSI) towards the
+//! client, usable from any thread (engine threads keep a clone), obeying the rules hardware
+//! obeys and testifying in the journal.
 //!
 //! ```text
 //!   device model / engine thread
@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use pcisim_vfio_user::{ClientLink, DmaError};
 
+use crate::caps::msi::{MsiControl, MsiState};
 use crate::journal::{Dir, Event, Journal, Refusal};
 use crate::msix::{MsixOutcome, MsixState};
 
@@ -69,6 +70,7 @@ struct Inner {
     intx_level: AtomicBool,
     client: RwLock<Option<ClientLink>>,
     msix: Mutex<Option<MsixState>>,
+    msi: Mutex<Option<MsiState>>,
 }
 
 /// A function's bus interface. Cheap to clone; all methods take `&self`.
@@ -109,6 +111,17 @@ impl Drop for Transaction<'_> {
 impl Bus {
     /// A bus for function `name` recording into `journal`, with the function's MSI-X state.
     pub fn new(name: &str, journal: Journal, msix: Option<MsixState>) -> Bus {
+        Bus::with_msi(name, journal, msix, None)
+    }
+
+    /// A bus for a function with MSI-X and/or MSI. [`Bus::raise_msix`] raises MSI when the
+    /// function has MSI but no MSI-X.
+    pub fn with_msi(
+        name: &str,
+        journal: Journal,
+        msix: Option<MsixState>,
+        msi: Option<MsiState>,
+    ) -> Bus {
         Bus {
             inner: Arc::new(Inner {
                 name: name.to_string(),
@@ -122,6 +135,7 @@ impl Bus {
                 intx_level: AtomicBool::new(false),
                 client: RwLock::new(None),
                 msix: Mutex::new(msix),
+                msi: Mutex::new(msi),
             }),
         }
     }
@@ -181,9 +195,14 @@ impl Bus {
 
     /// Whether the rules allow the function to master the bus now, and why not.
     pub fn may_master(&self) -> Result<(), Refusal> {
+        self.gate(false)
+    }
+
+    /// [`Bus::may_master`], ignoring a reset in progress if `issued_before_reset`.
+    fn gate(&self, issued_before_reset: bool) -> Result<(), Refusal> {
         if !self.link_up() {
             Err(Refusal::LinkDown)
-        } else if self.resetting() {
+        } else if self.resetting() && !issued_before_reset {
             Err(Refusal::Resetting)
         } else if self.power_state() == D3HOT {
             Err(Refusal::D3hot)
@@ -204,6 +223,15 @@ impl Bus {
         self.dma(None, iova, Access::Write(data))
     }
 
+    /// A posted write the function issued before a reset began, landing now: performed (and
+    /// journaled) even though the function is resetting — the journal's checker then sees DMA
+    /// inside the reset. Every other rule (link, D3hot, Bus Master Enable, the DMA map) holds.
+    /// Only an FLR initiated with Transactions Pending produces these
+    /// ([`crate::PciFunction::flr_with_transactions_pending`]).
+    pub fn dma_write_posted(&self, iova: u64, data: &[u8]) -> Result<(), DmaFault> {
+        self.dma_gated(None, iova, Access::Write(data), true)
+    }
+
     /// A read on behalf of PASID `pasid` (journaled with it) at the translated address.
     pub fn dma_read_pasid(&self, pasid: u32, addr: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
         self.dma(Some(pasid), addr, Access::Read(buf))
@@ -215,6 +243,18 @@ impl Bus {
     }
 
     fn dma(&self, pasid: Option<u32>, iova: u64, access: Access<'_>) -> Result<(), DmaFault> {
+        self.dma_gated(pasid, iova, access, false)
+    }
+
+    /// A DMA through the gate; `issued_before_reset`: a posted write that passed the gate before
+    /// a reset began (the reset does not stop it).
+    fn dma_gated(
+        &self,
+        pasid: Option<u32>,
+        iova: u64,
+        access: Access<'_>,
+        issued_before_reset: bool,
+    ) -> Result<(), DmaFault> {
         let (dir, len) = match &access {
             Access::Read(b) => (Dir::Read, b.len() as u64),
             Access::Write(d) => (Dir::Write, d.len() as u64),
@@ -231,7 +271,7 @@ impl Bus {
         // Counted in flight before the gate is checked, so a state change that drains
         // in-flight accesses cannot slip between our check and our access.
         let _tx = self.transaction();
-        if let Err(reason) = self.may_master() {
+        if let Err(reason) = self.gate(issued_before_reset) {
             return refuse(reason);
         }
         if self
@@ -294,12 +334,18 @@ impl Bus {
         })
     }
 
-    /// Raise MSI-X vector `vector`. An MSI-X message is a memory write: with Bus Master Enable
+    /// Raise MSI-X vector `vector` — or MSI vector `vector` for a function that has MSI and no
+    /// MSI-X ([`Bus::raise_msi`]). An MSI-X message is a memory write: with Bus Master Enable
     /// clear, in D3hot, during a reset or with the link down the function sends nothing and
     /// keeps the vector pending (PBA).
     pub fn raise_msix(&self, vector: u16) -> MsixOutcome {
+        if self.msix().is_none() && self.msi().is_some() {
+            return self.raise_msi(vector);
+        }
         // A message is a memory write: in flight from the gate check to its journal record.
         let _tx = self.transaction();
+        // Lock order everywhere: client, then MSI/MSI-X state (see `deliver_pending_msix`).
+        let client = self.client();
         let mut msix = self.msix();
         let Some(m) = msix.as_mut() else {
             return MsixOutcome::InvalidVector;
@@ -316,20 +362,46 @@ impl Bus {
                 });
                 return MsixOutcome::Refused;
             }
-            Ok(()) => {
-                let client = self.client();
-                m.raise(client.as_ref().map(|l| &l.irqs), vector)
-            }
+            Ok(()) => m.raise(client.as_ref().map(|l| &l.irqs), vector),
         };
         self.journal().record(Event::Interrupt {
             vector,
-            outcome: match outcome {
-                MsixOutcome::Delivered => "delivered",
-                MsixOutcome::Pending => "pending",
-                MsixOutcome::Refused => "refused",
-                MsixOutcome::InvalidVector => "invalid",
+            outcome: outcome_name(outcome).to_string(),
+        });
+        outcome
+    }
+
+    /// Raise MSI vector `vector` (PCI 3.0 §6.8.3). Gated and journaled as MSI-X: an MSI message
+    /// is a memory write, so with Bus Master Enable clear, in D3hot, during a reset or with the
+    /// link down the function sends nothing and latches the vector pending; it is also latched
+    /// while MSI is disabled, the vector masked or its eventfd not bound, and sent when that
+    /// changes ([`Bus::deliver_pending_msix`]). Vectors beyond those allocated go out folded
+    /// into the allocated ones (see [`crate::caps::msi`]); the journal has the vector raised.
+    pub fn raise_msi(&self, vector: u16) -> MsixOutcome {
+        let _tx = self.transaction();
+        // Lock order everywhere: client, then MSI/MSI-X state (see `deliver_pending_msix`).
+        let client = self.client();
+        let mut msi = self.msi();
+        let Some(m) = msi.as_mut() else {
+            return MsixOutcome::InvalidVector;
+        };
+        if vector >= m.vectors() {
+            return MsixOutcome::InvalidVector;
+        }
+        let outcome = match self.may_master() {
+            Err(reason) => {
+                m.set_pending(vector, true);
+                self.journal().record(Event::Interrupt {
+                    vector,
+                    outcome: format!("refused:{}", refusal_name(reason)),
+                });
+                return MsixOutcome::Refused;
             }
-            .to_string(),
+            Ok(()) => m.raise(client.as_ref().map(|l| &l.irqs), vector),
+        };
+        self.journal().record(Event::Interrupt {
+            vector,
+            outcome: outcome_name(outcome).to_string(),
         });
         outcome
     }
@@ -395,8 +467,9 @@ impl Bus {
             .record(Event::Interrupt { vector: 0, outcome });
     }
 
-    /// Deliver pending MSI-X vectors whose eventfd is bound (after SET_IRQS, or after the
-    /// function may master the bus again). Returns how many were delivered.
+    /// Deliver pending MSI-X (and MSI) vectors whose eventfd is bound (after SET_IRQS, or after
+    /// the function may master the bus again, or MSI was enabled or a vector unmasked). Returns
+    /// how many were delivered.
     pub fn deliver_pending_msix(&self) -> usize {
         if self.may_master().is_err() {
             return 0;
@@ -405,19 +478,27 @@ impl Bus {
         let Some(link) = client.as_ref() else {
             return 0;
         };
-        let mut msix = self.msix();
-        let Some(m) = msix.as_mut() else {
-            return 0;
-        };
-        let n = m.deliver_pending(&link.irqs);
-        drop(msix);
-        drop(client);
-        if n > 0 {
-            self.journal().record(Event::Note {
-                text: format!("delivered {n} pending MSI-X vectors"),
-            });
+        let mut total = 0;
+        for (kind, n) in [
+            (
+                "MSI-X",
+                self.msix().as_mut().map(|m| m.deliver_pending(&link.irqs)),
+            ),
+            (
+                "MSI",
+                self.msi().as_mut().map(|m| m.deliver_pending(&link.irqs)),
+            ),
+        ] {
+            let n = n.unwrap_or(0);
+            if n > 0 {
+                self.journal().record(Event::Note {
+                    text: format!("delivered {n} pending {kind} vectors"),
+                });
+            }
+            total += n;
         }
-        n
+        drop(client);
+        total
     }
 
     /// The MSI-X state (locked).
@@ -427,6 +508,21 @@ impl Bus {
             .msix
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The MSI state (locked).
+    pub fn msi(&self) -> MutexGuard<'_, Option<MsiState>> {
+        self.inner
+            .msi
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Endpoint side: MSI Message Control or Mask Bits changed.
+    pub(crate) fn set_msi_control(&self, control: MsiControl) {
+        if let Some(m) = self.msi().as_mut() {
+            m.set_control(control);
+        }
     }
 
     /// Endpoint side: the Command register changed.
@@ -470,6 +566,16 @@ impl Bus {
 enum Access<'a> {
     Read(&'a mut [u8]),
     Write(&'a [u8]),
+}
+
+/// The journal's name for the outcome of a raised MSI or MSI-X vector.
+fn outcome_name(o: MsixOutcome) -> &'static str {
+    match o {
+        MsixOutcome::Delivered => "delivered",
+        MsixOutcome::Pending => "pending",
+        MsixOutcome::Refused => "refused",
+        MsixOutcome::InvalidVector => "invalid",
+    }
 }
 
 /// The journal's name for a refusal reason.

@@ -22,14 +22,15 @@ use vfio_bindings::bindings::vfio::{
 
 use crate::bus::Bus;
 use crate::caps::ats::AtsConfig;
+use crate::caps::msi::{MsiConfig, MsiControl, MsiState};
 use crate::caps::msix::MsixConfig;
 use crate::caps::pasid::PasidConfig;
 use crate::caps::pcie::PcieConfig;
 use crate::caps::pm::{PmConfig, PowerState};
 use crate::caps::pri::PriConfig;
 use crate::caps::{
-    aer, ats, msix as msix_cap, pasid, pcie, pm, pri, vendor, CapChainBuilder, CapError, CapOffset,
-    CapRecord, ExtCapRecord,
+    aer, ats, msi as msi_cap, msix as msix_cap, pasid, pcie, pm, pri, vendor, CapChainBuilder,
+    CapError, CapOffset, CapRecord, ExtCapRecord,
 };
 use crate::config::{ConfigError, ConfigSpace, CONFIG_SPACE_SIZE};
 use crate::control::{Controllable, Fault};
@@ -54,6 +55,9 @@ pub enum BuildError {
     /// out of range.
     #[error("Invalid MSI-X layout: {0}")]
     Msix(&'static str),
+    /// The MSI vector count is not a power of two in 1..=32, or the function also has MSI-X.
+    #[error("Invalid MSI configuration: {0}")]
+    Msi(&'static str),
 }
 
 /// Offsets of the capabilities the endpoint itself interprets.
@@ -61,6 +65,8 @@ pub enum BuildError {
 pub struct CapOffsets {
     /// Power Management.
     pub pm: Option<CapOffset>,
+    /// MSI.
+    pub msi: Option<CapOffset>,
     /// MSI-X.
     pub msix: Option<CapOffset>,
     /// PCI Express.
@@ -112,14 +118,16 @@ pub struct Description {
     pub ext_capabilities: Vec<ExtCapRecord>,
 }
 
-/// Builds an [`Endpoint`]. Standard capabilities are placed in the order PM, MSI-X, PCIe,
-/// vendor-specific; extended ones in the order AER, ATS, PASID, PRI.
+/// Builds an [`Endpoint`]. Standard capabilities are placed in the order PM, MSI, MSI-X, PCIe,
+/// vendor-specific; extended ones in the order AER, ATS, PASID, PRI. A function has MSI or
+/// MSI-X, not both.
 #[derive(Debug, Clone)]
 pub struct EndpointBuilder {
     name: String,
     identity: Identity,
     bars: Vec<(u8, Bar)>,
     pm: Option<PmConfig>,
+    msi: Option<MsiConfig>,
     msix: Option<MsixConfig>,
     pcie: Option<PcieConfig>,
     vendor: Vec<Vec<u8>>,
@@ -138,6 +146,7 @@ impl EndpointBuilder {
             identity,
             bars: Vec::new(),
             pm: None,
+            msi: None,
             msix: None,
             pcie: None,
             vendor: Vec::new(),
@@ -158,6 +167,13 @@ impl EndpointBuilder {
     /// Add the PM capability.
     pub fn pm(mut self, cfg: PmConfig) -> Self {
         self.pm = Some(cfg);
+        self
+    }
+
+    /// Add the MSI capability (64-bit address; QEMU emulates it for the guest and binds one
+    /// eventfd per allocated vector when the guest enables it). Excludes MSI-X.
+    pub fn msi(mut self, cfg: MsiConfig) -> Self {
+        self.msi = Some(cfg);
         self
     }
 
@@ -253,6 +269,17 @@ impl EndpointBuilder {
         if let Some(c) = &self.pm {
             offsets.pm = Some(chain.add(pm::capability(c))?);
         }
+        if let Some(c) = &self.msi {
+            if !c.is_valid() {
+                return Err(BuildError::Msi(
+                    "vector count must be a power of two, 1..=32",
+                ));
+            }
+            if self.msix.is_some() {
+                return Err(BuildError::Msi("a function has MSI or MSI-X, not both"));
+            }
+            offsets.msi = Some(chain.add(msi_cap::capability(c))?);
+        }
         if let Some(c) = &self.msix {
             Self::check_msix(c, &bars)?;
             offsets.msix = Some(chain.add(msix_cap::capability(c))?);
@@ -280,7 +307,12 @@ impl EndpointBuilder {
         fields.extend(chain.fields());
         let config = ConfigSpace::from_fields(&fields)?;
         let journal = Journal::new(&self.name, DEFAULT_CAPACITY);
-        let bus = Bus::new(&self.name, journal.clone(), self.msix.map(MsixState::new));
+        let bus = Bus::with_msi(
+            &self.name,
+            journal.clone(),
+            self.msix.map(MsixState::new),
+            self.msi.map(MsiState::new),
+        );
         let mut function = function;
         function.attach_bus(bus.clone());
         Ok(Endpoint {
@@ -306,6 +338,8 @@ impl EndpointBuilder {
 struct Watched {
     command: u16,
     pmcsr: u16,
+    msi_control: u16,
+    msi_mask: u32,
     msix_control: u16,
     pasid_control: u16,
     ats_control: u16,
@@ -401,6 +435,11 @@ impl<F: PciFunction> Endpoint<F> {
         self.bus.msix().clone()
     }
 
+    /// A snapshot of the MSI state, if the function has MSI.
+    pub fn msi(&self) -> Option<MsiState> {
+        self.bus.msi().clone()
+    }
+
     /// The function's bus interface (shared with its threads).
     pub fn bus(&self) -> &Bus {
         &self.bus
@@ -473,15 +512,47 @@ impl<F: PciFunction> Endpoint<F> {
         )
     }
 
+    /// Device Control "Initiate FLR" was written (PCIe Base 6.0 §6.6.2). Software must wait
+    /// for Transactions Pending to clear before it initiates an FLR (the kernel's
+    /// `pcie_flr` does, after clearing Bus Master Enable). If it did not, the writes the
+    /// function has already issued are still on their way: the function holds them and they
+    /// land after `reset_begin` — the journal's checker reports them as `dma_during_reset`.
+    /// With Transactions Pending clear nothing is in flight and the function stops at once.
+    fn initiate_flr(&mut self) {
+        let pending = self.bus.inflight() > 0;
+        let posted = pending && self.function.flr_with_transactions_pending();
+        if posted {
+            warn!(
+                "{}: FLR initiated with Transactions Pending: the writes in flight land after the reset began",
+                self.name
+            );
+            self.journal.record(Event::Note {
+                text: "FLR initiated with Transactions Pending: writes already issued land after reset_begin".into(),
+            });
+        } else {
+            self.function.on_config_event(ConfigEvent::Flr);
+        }
+        self.reset_function_inner(ResetKind::Flr, posted);
+    }
+
     /// Run a reset of `kind`: config space, MSI-X, then the function.
     pub fn reset_function(&mut self, kind: ResetKind) {
+        self.reset_function_inner(kind, false);
+    }
+
+    /// [`Endpoint::reset_function`]; `posted_in_flight`: the function holds posted writes that
+    /// land during [`PciFunction::reset`] (an FLR with Transactions Pending), so the reset
+    /// begins without waiting for in-flight accesses.
+    fn reset_function_inner(&mut self, kind: ResetKind, posted_in_flight: bool) {
         info!("{}: {kind:?} reset", self.name);
         let name = reset_name(kind);
         let old_command = self.config.read_u16(reg::COMMAND);
         // From here the bus refuses DMA and interrupts; accesses already past the gate finish
         // (and are journaled) before the reset is; the function stops its engines in `reset`.
         self.bus.set_resetting(true);
-        self.drain_inflight();
+        if !posted_in_flight {
+            self.drain_inflight();
+        }
         self.journal.record(Event::ResetBegin { kind: name });
         if kind == ResetKind::LostConnection {
             self.config.power_on_reset();
@@ -501,6 +572,9 @@ impl<F: PciFunction> Endpoint<F> {
         // in the PBA.
         self.function.reset(kind);
         if let Some(m) = self.bus.msix().as_mut() {
+            m.reset();
+        }
+        if let Some(m) = self.bus.msi().as_mut() {
             m.reset();
         }
         let command = self.config.read_u16(reg::COMMAND);
@@ -546,6 +620,13 @@ impl<F: PciFunction> Endpoint<F> {
         while self.bus.inflight() > 0 && Instant::now() < deadline {
             std::thread::yield_now();
         }
+    }
+
+    fn msi_per_vector_mask(&self) -> bool {
+        self.bus
+            .msi()
+            .as_ref()
+            .is_some_and(|m| m.config().per_vector_mask)
     }
 
     fn power_bits(&self) -> u8 {
@@ -601,6 +682,12 @@ impl<F: PciFunction> Endpoint<F> {
         Watched {
             command: self.config.read_u16(reg::COMMAND),
             pmcsr: r(self.offsets.pm, pm::PMCSR),
+            msi_control: r(self.offsets.msi, msi_cap::MESSAGE_CONTROL),
+            msi_mask: self
+                .offsets
+                .msi
+                .filter(|_| self.msi_per_vector_mask())
+                .map_or(0, |o| self.config.read_u32(o.reg(msi_cap::MASK_BITS))),
             msix_control: r(self.offsets.msix, msix_cap::MESSAGE_CONTROL),
             pasid_control: r(self.offsets.pasid, pasid::CONTROL),
             ats_control: r(self.offsets.ats, ats::CONTROL),
@@ -628,8 +715,7 @@ impl<F: PciFunction> Endpoint<F> {
             .map_err(|e| cfg_err(e, offset, data.len()))?;
         if let Some(pcie) = self.offsets.pcie {
             if triggers.contains(pcie.reg(pcie::DEVCTL), pcie::DEVCTL_INITIATE_FLR) {
-                self.function.on_config_event(ConfigEvent::Flr);
-                self.reset_function(ResetKind::Flr);
+                self.initiate_flr();
                 return Ok(());
             }
         }
@@ -664,6 +750,14 @@ impl<F: PciFunction> Endpoint<F> {
         );
         if from != to {
             events.push(ConfigEvent::PowerState { from, to });
+        }
+        if (before.msi_control, before.msi_mask) != (after.msi_control, after.msi_mask) {
+            // QEMU binds the MSI eventfds (SET_IRQS) after forwarding this write; pending
+            // vectors go out then (`irqs_changed`), or below if only a mask bit was cleared.
+            self.bus.set_msi_control(MsiControl::from_registers(
+                after.msi_control,
+                after.msi_mask,
+            ));
         }
         if before.msix_control != after.msix_control {
             events.push(ConfigEvent::MsixControl {
@@ -853,14 +947,20 @@ impl<F: PciFunction> Device for Endpoint<F> {
             .msix()
             .as_ref()
             .map_or(0, |m| u32::from(m.vectors()));
+        let msi_count = self
+            .bus
+            .msi()
+            .as_ref()
+            .map_or(0, |m| u32::from(m.vectors()));
         match index {
             irq_index::INTX => Some(IrqInfo {
                 count: 1,
                 flags: VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED,
             }),
+            // Like vfio-pci: MSI vectors are set up all at once (QEMU binds 2^MME of them).
             irq_index::MSI => Some(IrqInfo {
-                count: 0,
-                flags: VFIO_IRQ_INFO_EVENTFD,
+                count: msi_count,
+                flags: VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE,
             }),
             irq_index::MSIX => Some(IrqInfo {
                 count: msix_count,
@@ -880,6 +980,16 @@ impl<F: PciFunction> Device for Endpoint<F> {
             // Status.Interrupt Status (bit 3) follows the INTx line (PCI 3.0 §6.2.3).
             let st = if self.bus.intx_level() { 1u32 << 3 } else { 0 };
             self.config.set_bits(reg::STATUS, 1 << 3, st);
+            // MSI Pending Bits (with per-vector masking) are the function's latch.
+            if let Some(o) = self.offsets.msi.filter(|_| self.msi_per_vector_mask()) {
+                let (bits, pending) = self
+                    .bus
+                    .msi()
+                    .as_ref()
+                    .map_or((0, 0), |m| (m.config().vector_mask(), m.pending_bits()));
+                self.config
+                    .set_bits(o.reg(msi_cap::PENDING_BITS), bits, pending);
+            }
             self.config
                 .read(offset, buf)
                 .map_err(|e| cfg_err(e, offset, buf.len()))?;
@@ -996,12 +1106,12 @@ impl<F: PciFunction> Device for Endpoint<F> {
             self.bus.service_intx();
             return;
         }
-        if index != irq_index::MSIX {
+        if index != irq_index::MSIX && index != irq_index::MSI {
             return;
         }
         let n = self.bus.deliver_pending_msix();
         if n > 0 {
-            trace!("{}: delivered {n} pending MSI-X vectors", self.name);
+            trace!("{}: delivered {n} pending message interrupts", self.name);
         }
     }
 }
@@ -1025,6 +1135,9 @@ impl<F: PciFunction> Controllable for Endpoint<F> {
             "client_attached": self.bus.client_attached(),
             "dma_inflight": self.bus.inflight(),
             "msix_pending": pending,
+            "msi_pending": self.bus.msi().as_ref().map_or_else(Vec::new, |m| {
+                (0..m.vectors()).filter(|&v| m.is_pending(v)).collect::<Vec<u16>>()
+            }),
             "faults": {
                 "slow_reset_ms": self.faults.slow_reset_ms,
                 "not_ready": self.faults.never_ready || self.faults.not_ready_until.is_some(),

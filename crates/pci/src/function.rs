@@ -90,6 +90,15 @@ pub trait PciFunction: Send {
     fn on_config_event(&mut self, ev: ConfigEvent) {
         let _ = ev;
     }
+    /// An FLR was initiated while the function had Transactions Pending (software must wait
+    /// for it to clear first: PCIe Base 6.0 §6.6.2). Return `true` if writes the function has
+    /// already issued are still on their way: the function holds them until
+    /// [`PciFunction::reset`] with [`ResetKind::Flr`], where they land — after the endpoint
+    /// journaled `reset_begin`, which it does without waiting for them. Instead of
+    /// [`ConfigEvent::Flr`]. The default: nothing in flight.
+    fn flr_with_transactions_pending(&mut self) -> bool {
+        false
+    }
     /// How BAR `bar` can be mmapped by the client, if at all.
     fn bar_mmap(&self, bar: u32) -> Option<RegionMmap> {
         let _ = bar;

@@ -52,6 +52,7 @@ pub mod journal;
 pub mod msix;
 
 pub use bus::{Bus, DmaFault, Transaction};
+pub use caps::msi::{MsiConfig, MsiState};
 pub use caps::{
     CapChainBuilder, CapError, CapOffset, CapRecord, Capability, ExtCapRecord, ExtCapability,
 };

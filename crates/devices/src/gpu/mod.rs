@@ -7,6 +7,11 @@
 //! 0xC000 MSI-X PBA
 //! ```
 //!
+//! With `irq: IrqMode::Msi` the function has an MSI capability (16 vectors, 64-bit, per-vector
+//! masking) instead of MSI-X, and no table or PBA in BAR0; the vector numbers are the same. QEMU
+//! 11.1.3 aborts on `device_del` of a `vfio-user-pci` device with MSI-X (docs/lab.md), so a GPU
+//! meant to be hot-removed uses MSI.
+//!
 //! The command ring (ring.rs) is processed by an engine thread that does all client-memory
 //! access through the function's [`Bus`], started when the endpoint attaches the bus.
 //!
@@ -41,6 +46,7 @@ mod tests;
 use crate::regfile::RegisterFile as _;
 use log::warn;
 use pcisim_pci::caps::ats::AtsConfig;
+use pcisim_pci::caps::msi::MsiConfig;
 use pcisim_pci::caps::msix::MsixConfig;
 use pcisim_pci::caps::pasid::PasidConfig;
 use pcisim_pci::caps::pcie::PcieConfig;
@@ -83,8 +89,18 @@ pub const VRAM_BAR: u8 = 2;
 pub const MSIX_TABLE_OFFSET: u32 = 0x8000;
 /// Offset of the MSI-X PBA in BAR0.
 pub const MSIX_PBA_OFFSET: u32 = 0xc000;
-/// Number of MSI-X vectors.
+/// Number of MSI-X vectors (and of MSI vectors with [`IrqMode::Msi`]).
 pub const MSIX_VECTORS: u16 = 16;
+
+/// Which message interrupts the GPU has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IrqMode {
+    /// MSI-X, table and PBA in BAR0 (the default).
+    #[default]
+    Msix,
+    /// MSI with [`MSIX_VECTORS`] vectors and per-vector masking; nothing in BAR0.
+    Msi,
+}
 /// Default VRAM size.
 pub const DEFAULT_VRAM_SIZE: u64 = 256 << 20;
 
@@ -111,6 +127,8 @@ pub struct GpuConfig {
     pub no_soft_reset: bool,
     /// Status "Immediate Readiness".
     pub immediate_readiness: bool,
+    /// MSI-X or MSI.
+    pub irq: IrqMode,
 }
 
 impl Default for GpuConfig {
@@ -126,6 +144,7 @@ impl Default for GpuConfig {
             subsystem_id: 0x0001,
             no_soft_reset: false,
             immediate_readiness: false,
+            irq: IrqMode::default(),
         }
     }
 }
@@ -190,14 +209,21 @@ pub fn endpoint(cfg: &GpuConfig) -> Result<Endpoint<Gpu>, GpuError> {
         .bar(VRAM_BAR, Bar::mem64(cfg.vram_size).prefetchable())
         .pm(PmConfig {
             no_soft_reset: cfg.no_soft_reset,
-        })
-        .msix(MsixConfig {
+        });
+    let ep = match cfg.irq {
+        IrqMode::Msix => ep.msix(MsixConfig {
             vectors: MSIX_VECTORS,
             table_bar: REGS_BAR,
             table_offset: MSIX_TABLE_OFFSET,
             pba_bar: REGS_BAR,
             pba_offset: MSIX_PBA_OFFSET,
-        })
+        }),
+        IrqMode::Msi => ep.msi(MsiConfig {
+            vectors: MSIX_VECTORS as u8,
+            per_vector_mask: true,
+        }),
+    };
+    let ep = ep
         .pcie(PcieConfig { flr: true })
         .aer()
         .ats(AtsConfig::default())
@@ -429,6 +455,11 @@ impl PciFunction for Gpu {
 
     fn bar_mmap(&self, bar: u32) -> Option<RegionMmap> {
         (bar == u32::from(VRAM_BAR)).then(|| self.vram.region_mmap())
+    }
+
+    fn flr_with_transactions_pending(&mut self) -> bool {
+        // The chunk in flight is held and lands when `reset` stops the engine.
+        self.ring.hold_posted()
     }
 
     fn on_config_event(&mut self, ev: ConfigEvent) {

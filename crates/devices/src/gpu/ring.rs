@@ -26,6 +26,13 @@
 //! generation with the current one before every chunk, so the wait is at most one chunk), and
 //! only then puts the registers back: once it returns, the engine performs no DMA and raises no
 //! interrupt for anything submitted before.
+//!
+//! FLR with Transactions Pending ([`Engine::hold_posted`]): a driver that initiates an FLR
+//! without waiting for Transactions Pending to clear (PCIe Base 6.0 §6.6.2) finds the engine
+//! with writes in flight. The engine models them as the client writes of one chunk, issued and
+//! not yet landed: it stops before the client write of its current (or next) chunk and holds
+//! it; the reset that follows releases it, the chunk lands (after `reset_begin`: the journal's
+//! checker sees `dma_during_reset`) and the engine aborts at the chunk's end.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -158,6 +165,10 @@ pub trait EngineBus: Clone + Send + Sync + 'static {
     fn raise_msix(&self, vector: u16) -> MsixOutcome;
     /// Journal a device note.
     fn note(&self, text: String);
+    /// A posted write issued before a reset began, landing now (the reset does not stop it).
+    fn dma_write_posted(&self, iova: u64, data: &[u8]) -> Result<(), DmaFailure> {
+        self.dma_write(iova, data)
+    }
 }
 
 impl EngineBus for pcisim_pci::Bus {
@@ -182,6 +193,10 @@ impl EngineBus for pcisim_pci::Bus {
     fn note(&self, text: String) {
         self.journal()
             .record(pcisim_pci::journal::Event::Note { text });
+    }
+
+    fn dma_write_posted(&self, iova: u64, data: &[u8]) -> Result<(), DmaFailure> {
+        pcisim_pci::Bus::dma_write_posted(self, iova, data).map_err(failure)
     }
 }
 
@@ -554,6 +569,21 @@ struct State {
     /// The engine is inside a command (between taking it and publishing its result).
     busy: bool,
     shutdown: bool,
+    /// An FLR with Transactions Pending: the engine's hold of a chunk's client write.
+    hold: Hold,
+}
+
+/// The hold of a posted chunk write ([`Engine::hold_posted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// Nothing held.
+    None,
+    /// The FLR asks the engine to stop before its next chunk's client write.
+    Requested,
+    /// The engine waits there with the chunk's data.
+    Holding,
+    /// The reset began: the chunk lands.
+    Released,
 }
 
 #[derive(Debug)]
@@ -579,6 +609,9 @@ struct Job {
 /// How long a reset waits for the engine to leave a command before giving up (it never should
 /// take more than one chunk; the bound keeps a client request from ever hanging).
 const RESET_WAIT: Duration = Duration::from_secs(2);
+/// How long an FLR with Transactions Pending waits for the engine to reach a chunk's client
+/// write ([`Engine::hold_posted`]); a chunk takes well under a millisecond.
+pub const HOLD_WAIT: Duration = Duration::from_millis(100);
 
 /// Why execution stopped early.
 enum Stop {
@@ -613,6 +646,7 @@ impl<B: EngineBus> Engine<B> {
                     regs: RingRegs::default(),
                     busy: false,
                     shutdown: false,
+                    hold: Hold::None,
                 }),
                 cv: Condvar::new(),
                 generation: AtomicU64::new(0),
@@ -840,10 +874,40 @@ impl<B: EngineBus> Engine<B> {
     }
 
     /// Function reset: stop the engine as [`Engine::reset_ring`] does, then every ring register
-    /// back to its power-on value.
+    /// back to its power-on value. A chunk held by [`Engine::hold_posted`] lands first.
     pub fn reset(&self) {
         let mut st = self.shared.quiesce(self.lock());
         st.regs = RingRegs::default();
+    }
+
+    /// An FLR was initiated while a command runs (Transactions Pending): stop the engine before
+    /// the client write of its current or next chunk, with the chunk's data, and hold it there
+    /// until [`Engine::reset`] releases it to land. Returns whether a chunk is held: `false` if
+    /// the engine is idle or its command reaches no client write within [`HOLD_WAIT`] (a VRAM-only
+    /// copy, a fence): then nothing of it is in flight.
+    pub fn hold_posted(&self) -> bool {
+        let mut st = self.lock();
+        if !st.busy && !st.regs.runnable() {
+            return false;
+        }
+        st.hold = Hold::Requested;
+        let deadline = Instant::now() + HOLD_WAIT;
+        while st.hold == Hold::Requested && (st.busy || st.regs.runnable()) && !st.shutdown {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            st = match self.shared.cv.wait_timeout(st, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        if st.hold == Hold::Holding {
+            true
+        } else {
+            st.hold = Hold::None;
+            false
+        }
     }
 }
 
@@ -852,6 +916,9 @@ impl<B: EngineBus> Drop for Engine<B> {
         {
             let mut st = self.lock();
             st.shutdown = true;
+            if st.hold != Hold::None {
+                st.hold = Hold::Released;
+            }
             self.shared.generation.fetch_add(1, Ordering::AcqRel);
         }
         self.shared.cv.notify_all();
@@ -933,6 +1000,13 @@ impl Shared {
     fn quiesce<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         st.regs.enabled = false;
         self.generation.fetch_add(1, Ordering::AcqRel);
+        // A chunk held for an FLR with Transactions Pending lands now (the reset has begun);
+        // a hold still only requested is dropped.
+        st.hold = match st.hold {
+            Hold::Holding => Hold::Released,
+            _ => Hold::None,
+        };
+        self.cv.notify_all();
         let deadline = Instant::now() + RESET_WAIT;
         while st.busy {
             let now = Instant::now();
@@ -1081,7 +1155,7 @@ impl Shared {
             let piece = &mut buf[..n];
             self.read_loc(bus, src.offset(off), piece)
                 .map_err(|e| with_detail(e, "COPY source"))?;
-            self.write_loc(bus, dst.offset(off), piece)
+            self.write_chunk(bus, dst.offset(off), piece)
                 .map_err(|e| with_detail(e, "COPY destination"))?;
             done += n as u64;
         }
@@ -1102,7 +1176,7 @@ impl Shared {
         while done < len {
             let n = (len - done).min(CHUNK as u64) as usize;
             self.check_abort(job, done)?;
-            self.write_loc(bus, dst.offset(done), &buf[..n])
+            self.write_chunk(bus, dst.offset(done), &buf[..n])
                 .map_err(|e| with_detail(e, "FILL destination"))?;
             done += n as u64;
         }
@@ -1117,6 +1191,58 @@ impl Shared {
                 .map_err(|e| RingError::new(err::VRAM_RANGE, off, e.to_string())),
             Loc::Iova(iova) => self.dma_read(bus, iova, buf),
         }
+    }
+
+    /// A chunk's write. A client write is where an FLR with Transactions Pending finds the
+    /// chunk in flight ([`Engine::hold_posted`]): held there, it lands as posted writes once
+    /// the reset began.
+    fn write_chunk<B: EngineBus>(&self, bus: &B, at: Loc, data: &[u8]) -> Result<(), RingError> {
+        match at {
+            Loc::Iova(iova) if self.hold_point() => {
+                let mut done = 0usize;
+                while done < data.len() {
+                    let a = iova.wrapping_add(done as u64);
+                    let n = page_piece(a, data.len() - done);
+                    bus.dma_write_posted(a, &data[done..done + n])
+                        .map_err(|f| dma_error(f, "write", a, n))?;
+                    done += n;
+                }
+                bus.note(format!(
+                    "ring: {} bytes of posted writes at IOVA {iova:#x} landed after the reset began",
+                    data.len()
+                ));
+                Ok(())
+            }
+            _ => self.write_loc(bus, at, data),
+        }
+    }
+
+    /// If an FLR asked for a hold ([`Engine::hold_posted`]), wait here with the chunk until the
+    /// reset releases it. Returns whether the chunk's write is a posted write landing now.
+    fn hold_point(&self) -> bool {
+        let mut st = self.lock();
+        if st.hold != Hold::Requested {
+            return false;
+        }
+        st.hold = Hold::Holding;
+        self.cv.notify_all();
+        let deadline = Instant::now() + RESET_WAIT;
+        while st.hold == Hold::Holding {
+            let now = Instant::now();
+            if now >= deadline {
+                warn!(
+                    "{}: held chunk not released within {RESET_WAIT:?}; it lands now",
+                    self.name
+                );
+                break;
+            }
+            st = match self.cv.wait_timeout(st, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        st.hold = Hold::None;
+        true
     }
 
     fn write_loc<B: EngineBus>(&self, bus: &B, at: Loc, data: &[u8]) -> Result<(), RingError> {

@@ -1014,3 +1014,59 @@ fn test_ring_fuzz_random_commands_decode_never_panics() {
         }
     }
 }
+
+#[test]
+fn test_engine_hold_posted_idle_engine_holds_nothing() {
+    let img = image();
+    let (e, _v) = threaded(&img, VRAM_SIZE);
+    assert!(!e.hold_posted(), "an idle engine has nothing in flight");
+    // A VRAM-only copy reaches no client write: nothing held.
+    put(
+        &img,
+        0,
+        encode(
+            op::COPY,
+            flag::SRC_VRAM | flag::DST_VRAM,
+            0,
+            0x8_0000,
+            0x4_0000,
+        ),
+    );
+    e.write_tail(1);
+    let _ = e.hold_posted();
+    e.reset();
+    assert!(img.notes().iter().all(|n| !n.contains("posted")));
+}
+
+#[test]
+fn test_engine_hold_posted_long_fill_one_chunk_lands_at_reset() {
+    let len = 8u64 << 20;
+    let img = big_image(len);
+    let (e, _v) = threaded(&img, VRAM_SIZE);
+    *img.0.delay.lock().unwrap() = Some(Duration::from_micros(100));
+    let (tx, rx) = mpsc::channel();
+    *img.0.first_access.lock().unwrap() = Some(tx);
+    put(&img, 0, encode(op::FILL, 0, BUF, 0x2222_2222, len));
+    e.write_tail(1);
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(e.hold_posted(), "a chunk of the fill is held");
+    // Held: the engine issues nothing more until the reset.
+    let held = img.0.accesses.load(Ordering::Acquire);
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(img.0.accesses.load(Ordering::Acquire), held);
+    e.reset();
+    let landed = img.0.accesses.load(Ordering::Acquire) - held;
+    assert_eq!(
+        landed,
+        CHUNK as u64 / DMA_PAGE,
+        "exactly the held chunk landed"
+    );
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(img.0.accesses.load(Ordering::Acquire), held + landed);
+    assert_eq!(e.regs(), super::ring::RingRegs::default());
+    assert!(wait_until(Duration::from_secs(1), || {
+        let n = img.notes();
+        n.iter().any(|t| t.contains("posted writes"))
+            && n.iter().any(|t| t.contains("aborted by reset"))
+    }));
+}

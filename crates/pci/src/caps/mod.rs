@@ -14,6 +14,7 @@
 
 pub mod aer;
 pub mod ats;
+pub mod msi;
 pub mod msix;
 pub mod pasid;
 pub mod pcie;
@@ -39,6 +40,8 @@ pub const EXT_CAP_END: u16 = 0x1000;
 pub mod id {
     /// Power Management.
     pub const PM: u8 = 0x01;
+    /// MSI.
+    pub const MSI: u8 = 0x05;
     /// Vendor-specific.
     pub const VENDOR: u8 = 0x09;
     /// PCI Express.
