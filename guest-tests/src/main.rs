@@ -16,6 +16,10 @@ mod gpu;
 mod ktap;
 mod mmio;
 mod pci;
+mod reset;
+mod resetdma;
+mod resethot;
+mod resetvfio;
 mod ringdrv;
 mod sys;
 mod vdev;
@@ -37,6 +41,16 @@ usage: pcisim-guest <subcommand> [options]
       E4: GPU command ring (fill, copies, fence + MSI-X, malformed command)
   e5 --vendor V --device D [--bdf BDF]
       E5: Bus Master Enable off => the ring's DMA is refused, no MSI-X
+  reset --vendor V --device D --method flr|pm|bus|pm-cycle|sbr [--bdf BDF]
+        [--dirty on|off] [--expect cleared|kept|dead] [--offered M,..] [--absent M,..]
+        [--min-ms N] [--errno N] [--kmsg TEXT|TEXT]
+      R1/R3/R4/R8: one reset of an unbound function through sysfs (or by hand)
+  reset-vfio --vendor V --device D --op sysfs-flr|ioctl [--ring on|off] [--bdf BDF]
+      R1/R6: a reset while a guest vfio driver owns the function with MSI-X live
+  reset-dma --vendor V --device D --mode correct|buggy [--len BYTES] [--bdf BDF]
+      R2/R2b: FLR with the command ring's DMA in flight (kernel path, or a raw FLR)
+  reset-hot --vendor V --device D --bdf F0 --peer F1
+      R7: VFIO_DEVICE_PCI_HOT_RESET on a two-function slot, refused then allowed
 ";
 
 fn main() {
@@ -53,6 +67,10 @@ fn main() {
         "e3" => e3::run(rest),
         "e4" => e4::run(rest),
         "e5" => e5::run(rest),
+        "reset" => reset::run(rest),
+        "reset-vfio" => resetvfio::run(rest),
+        "reset-dma" => resetdma::run(rest),
+        "reset-hot" => resethot::run(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             0

@@ -33,6 +33,9 @@ pub const VFIO_DEVICE_GET_REGION_INFO: u32 = vfio_io(8);
 pub const VFIO_DEVICE_GET_IRQ_INFO: u32 = vfio_io(9);
 pub const VFIO_DEVICE_SET_IRQS: u32 = vfio_io(10);
 pub const VFIO_DEVICE_RESET: u32 = vfio_io(11);
+pub const VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: u32 = vfio_io(12);
+/// Same number as `VFIO_IOMMU_MAP_DMA`: one is a device ioctl, the other a container one.
+pub const VFIO_DEVICE_PCI_HOT_RESET: u32 = vfio_io(13);
 pub const VFIO_IOMMU_MAP_DMA: u32 = vfio_io(13);
 pub const VFIO_IOMMU_UNMAP_DMA: u32 = vfio_io(14);
 
@@ -337,11 +340,103 @@ impl Group {
     }
 }
 
+impl AsRawFd for Group {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// One entry of `struct vfio_pci_hot_reset_info`: a device a hot reset affects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DependentDevice {
+    pub group_id: u32,
+    pub segment: u16,
+    pub bus: u8,
+    pub devfn: u8,
+}
+
+impl DependentDevice {
+    /// `ssss:bb:dd.f`
+    pub fn bdf(&self) -> String {
+        format!(
+            "{:04x}:{:02x}:{:02x}.{}",
+            self.segment,
+            self.bus,
+            self.devfn >> 3,
+            self.devfn & 7
+        )
+    }
+}
+
+/// Decodes the devices of a `vfio_pci_hot_reset_info` buffer (header of three words, then two
+/// words per device: group id; segment | bus << 16 | devfn << 24).
+pub fn parse_hot_reset_info(words: &[u32]) -> Vec<DependentDevice> {
+    let count = words.get(2).copied().unwrap_or(0) as usize;
+    words
+        .get(3..)
+        .unwrap_or(&[])
+        .chunks_exact(2)
+        .take(count)
+        .map(|w| DependentDevice {
+            group_id: w[0],
+            segment: (w[1] & 0xffff) as u16,
+            bus: (w[1] >> 16) as u8,
+            devfn: (w[1] >> 24) as u8,
+        })
+        .collect()
+}
+
 /// A VFIO device fd.
 #[derive(Debug)]
 pub struct Device(File);
 
 impl Device {
+    /// `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO`: the devices a bus/slot reset of this one affects
+    /// (room for 32).
+    pub fn hot_reset_info(&self) -> Result<Vec<DependentDevice>, String> {
+        const MAX: usize = 32;
+        let mut buf = vec![0u32; 3 + 2 * MAX];
+        buf[0] = (buf.len() * 4) as u32;
+        // SAFETY: the kernel reads the 12-byte header and writes at most argsz bytes (the
+        // buffer's size) of it and the device entries.
+        unsafe {
+            ioctl_ptr(
+                &self.0,
+                VFIO_DEVICE_GET_PCI_HOT_RESET_INFO,
+                buf.as_mut_ptr(),
+                "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
+            )
+        }?;
+        Ok(parse_hot_reset_info(&buf))
+    }
+
+    /// `VFIO_DEVICE_PCI_HOT_RESET` with the fds of the groups that own the affected devices.
+    /// Returns the OS error as is (callers check the errno).
+    pub fn hot_reset(&self, group_fds: &[i32]) -> std::io::Result<()> {
+        let mut buf: Vec<u32> = vec![(12 + 4 * group_fds.len()) as u32, 0, group_fds.len() as u32];
+        buf.extend(group_fds.iter().map(|&fd| fd as u32));
+        // SAFETY: the kernel reads the 12-byte header and count * 4 bytes of group fds, all
+        // within argsz = the buffer's size.
+        let r = unsafe {
+            libc::ioctl(
+                self.0.as_raw_fd(),
+                libc::Ioctl::from(VFIO_DEVICE_PCI_HOT_RESET),
+                buf.as_mut_ptr(),
+            )
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `VFIO_DEVICE_RESET`: the kernel resets the function with the first of its reset
+    /// methods that works (saving and restoring config space around it).
+    pub fn reset(&self) -> Result<(), String> {
+        ioctl_val(&self.0, VFIO_DEVICE_RESET, 0, "VFIO_DEVICE_RESET").map(|_| ())
+    }
+
     pub fn info(&self) -> Result<DeviceInfo, String> {
         let mut i = DeviceInfo {
             argsz: std::mem::size_of::<DeviceInfo>() as u32,
@@ -487,6 +582,13 @@ mod tests {
         assert_eq!(VFIO_DEVICE_GET_INFO, 0x3b6b);
         assert_eq!(VFIO_DEVICE_GET_REGION_INFO, 0x3b6c);
         assert_eq!(VFIO_DEVICE_GET_IRQ_INFO, 0x3b6d);
+        assert_eq!(VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, 0x3b70);
+        assert_eq!(VFIO_DEVICE_PCI_HOT_RESET, 0x3b71);
+        let info = parse_hot_reset_info(&[44, 0, 2, 7, 0x0801_0000, 7, 0x0101_0000]);
+        assert_eq!(info.len(), 2);
+        assert_eq!(info[0].group_id, 7);
+        assert_eq!(info[0].bdf(), "0000:01:01.0");
+        assert_eq!(info[1].bdf(), "0000:01:00.1");
         assert_eq!(VFIO_DEVICE_SET_IRQS, 0x3b6e);
         assert_eq!(VFIO_DEVICE_RESET, 0x3b6f);
         assert_eq!(VFIO_IOMMU_MAP_DMA, 0x3b71);

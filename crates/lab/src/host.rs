@@ -201,6 +201,8 @@ pub struct HostCtx<'a> {
     /// Per device: the journal position when the scenario started.
     start: Vec<(String, u64)>,
     steps: usize,
+    /// Violations the scenario provokes on purpose: (device, kind).
+    expected: Vec<(String, String)>,
 }
 
 impl<'a> HostCtx<'a> {
@@ -231,6 +233,7 @@ impl<'a> HostCtx<'a> {
             skip_all: None,
             start,
             steps: 0,
+            expected: Vec::new(),
         }
     }
 
@@ -338,6 +341,22 @@ impl<'a> HostCtx<'a> {
         ok
     }
 
+    /// Declares that `device` must journal a violation of `kind` (`dma_during_reset`) during
+    /// this scenario: a deliberately buggy guest program proving the oracle catches the bug.
+    /// The suite then passes the scenario only if every declared violation was journaled and no
+    /// other one, and marks its result line `# XFAIL` (an expected failure, never silent).
+    pub fn expect_violation(&mut self, device: &str, kind: &str) {
+        let v = (device.to_string(), kind.to_string());
+        if !self.expected.contains(&v) {
+            self.expected.push(v);
+        }
+    }
+
+    /// The violations declared with [`HostCtx::expect_violation`].
+    pub fn expected_violations(&self) -> Vec<(String, String)> {
+        self.expected.clone()
+    }
+
     /// Marks the whole scenario skipped (unless a subtest failed): it cannot run here.
     pub fn skip_all(&mut self, reason: &str) {
         self.skip_all = Some(reason.to_string());
@@ -412,6 +431,17 @@ impl<'a> HostCtx<'a> {
     /// verdict (exit code and KTAP, as for a guest scenario) is the subtest's. Its output is
     /// saved as `RUN/<ID>.<n>.stdout`/`.stderr`.
     pub fn guest_test(&mut self, name: &str, argv: &[String]) -> Result<Verdict, HostError> {
+        self.guest_test_output(name, argv)
+            .map(|(verdict, _)| verdict)
+    }
+
+    /// [`HostCtx::guest_test`] that also returns the program's output (e.g. to read figures
+    /// it printed as KTAP diagnostics).
+    pub fn guest_test_output(
+        &mut self,
+        name: &str,
+        argv: &[String],
+    ) -> Result<(Verdict, RunOutput), HostError> {
         let out = self.guest(argv)?;
         self.steps += 1;
         let base = format!("{}.{}", self.scenario.id, self.steps);
@@ -441,7 +471,7 @@ impl<'a> HostCtx<'a> {
             Verdict::Skip(r) => (Status::Skip, Some(r.clone())),
         };
         self.push(name, status, reason, nested);
-        Ok(verdict)
+        Ok((verdict, out))
     }
 
     // -- host actions -----------------------------------------------------------------------

@@ -52,6 +52,7 @@ pub mod control;
 pub mod error;
 pub mod guest;
 pub mod host;
+pub mod hotplug;
 pub mod initramfs;
 pub mod ktap;
 pub mod process;

@@ -8,7 +8,8 @@
 //! |---|---|---|---|---|
 //! | `gpu` (default) | `gpu0` alone behind `rp1` | ACPI | 0 | yes |
 //! | `gpu-pair` | `gpu0` and `gpu1` as functions 0 and 1 of one slot behind `rp1` | native pciehp | 1 (`rp2`) | yes |
-//! | `gpu-hotplug` | `gpu0` behind `rp1`; `gpu1` served, unplugged, for `device_add` onto `rp2` | ACPI | 0 | yes |
+//! | `gpu-hotplug` | `gpu0` behind `rp1`; `gpu1` (`irq=msi`) served, unplugged, for `device_add` onto `rp2` | ACPI | 0 | yes |
+//! | `gpu-nsr` | `gpu0` behind `rp1`, `gpu1` (`no_soft_reset=on`) behind `rp2` | native pciehp | 0 | yes |
 //!
 //! Root ports are `rp1`, `rp2`, ... with `chassis` = `slot` = their number, created in the order
 //! their first device appears in the profile, then the free ones (hotplug-capable, empty at
@@ -165,8 +166,14 @@ pub enum ProfileId {
     /// vIOMMU.
     GpuPair,
     /// `gpu-hotplug`: `gpu0` plugged behind `rp1` and `gpu1` served but unplugged, for
-    /// `device_add` onto `rp2`; ACPI hotplug, vIOMMU.
+    /// `device_add` onto `rp2` (with MSI instead of MSI-X: QEMU 11.1.3 aborts on `device_del`
+    /// of a device with MSI-X); ACPI hotplug, vIOMMU. The hotplug scenarios (H1-H3) run here.
     GpuHotplug,
+    /// `gpu-nsr`: `gpu0` behind `rp1` and `gpu1` with No_Soft_Reset = 1 behind `rp2`, each
+    /// alone in its slot (so the guest offers `bus`, i.e. the slot reset); native pciehp (QEMU's
+    /// root ports report Data Link Layer Link Active only then), vIOMMU. The reset scenarios
+    /// R1, R3, R5, R6 and R8 run here.
+    GpuNsr,
 }
 
 impl ProfileId {
@@ -194,12 +201,28 @@ impl ProfileId {
                 name: "gpu-hotplug".into(),
                 devices: vec![
                     DeviceSlot::own_port("gpu0", DeviceKind::Gpu),
+                    // MSI, not MSI-X: QEMU 11.1.3 aborts on device_del of a vfio-user-pci
+                    // device with MSI-X (docs/lab.md).
                     DeviceSlot {
                         plugged: false,
+                        opts: vec!["irq=msi".into()],
                         ..DeviceSlot::own_port("gpu1", DeviceKind::Gpu)
                     },
                 ],
                 hotplug: HotplugMode::Acpi,
+                free_ports: 0,
+                viommu: true,
+            },
+            ProfileId::GpuNsr => VmProfile {
+                name: "gpu-nsr".into(),
+                devices: vec![
+                    DeviceSlot::own_port("gpu0", DeviceKind::Gpu),
+                    DeviceSlot {
+                        opts: vec!["no_soft_reset=on".into()],
+                        ..DeviceSlot::own_port("gpu1", DeviceKind::Gpu)
+                    },
+                ],
+                hotplug: HotplugMode::NativePciehp,
                 free_ports: 0,
                 viommu: true,
             },

@@ -216,6 +216,19 @@ impl Report<'_> {
         diagnostics: &[String],
         elapsed: Duration,
     ) -> Result<(), LabError> {
+        self.scenario_noted(s, verdict, nested, diagnostics, elapsed, None)
+    }
+
+    /// [`Report::scenario`] with a note on a passing result line (`ok N name # note`).
+    fn scenario_noted(
+        &mut self,
+        s: &Scenario,
+        verdict: &Verdict,
+        nested: &Nested,
+        diagnostics: &[String],
+        elapsed: Duration,
+        note: Option<String>,
+    ) -> Result<(), LabError> {
         let number = self.next;
         self.next += 1;
         {
@@ -230,7 +243,7 @@ impl Report<'_> {
             }
         }
         let (status, reason, word) = match verdict {
-            Verdict::Pass => (Status::Pass, None, "ok"),
+            Verdict::Pass => (Status::Pass, note, "ok"),
             Verdict::Fail(r) => (Status::Fail, Some(r.clone()), "FAIL"),
             Verdict::Skip(r) => (Status::Skip, Some(r.clone()), "SKIP"),
         };
@@ -804,6 +817,7 @@ fn run_scenario(
     }
     let t = Instant::now();
     let mut diagnostics = Vec::new();
+    let mut expected = Vec::new();
     let (mut verdict, nested) = match s.program {
         Program::Host(host) => {
             debug!("{}: host program {}", s.name, host.name);
@@ -813,6 +827,7 @@ fn run_scenario(
                 if let Some(sig) = result.as_ref().err().and_then(HostError::interrupt_signal) {
                     return Err(LabError::Interrupted(sig));
                 }
+                expected = ctx.expected_violations();
                 ctx.finish(result)
             };
             if let Some(why) = fatal {
@@ -838,6 +853,7 @@ fn run_scenario(
         }
     };
     let elapsed = t.elapsed();
+    let mut xfail = None;
     if let Some(status) = vm.server.exited() {
         let why = format!("device server died ({status})");
         verdict = Verdict::Fail(why.clone());
@@ -847,9 +863,80 @@ fn run_scenario(
         *broken = Some(format!("not run: {why}"));
     } else {
         let journal = run.join(&format!("{}.journal.jsonl", s.id));
-        verdict = judge_journal(verdict, vm.watch.check(Some(&journal)), &mut diagnostics);
+        let window = vm.watch.check(Some(&journal));
+        (verdict, xfail) = if expected.is_empty() {
+            (judge_journal(verdict, window, &mut diagnostics), None)
+        } else {
+            judge_expected(verdict, window, &expected, &mut diagnostics)
+        };
     }
-    report.scenario(s, &verdict, &nested, &diagnostics, elapsed)
+    report.scenario_noted(s, &verdict, &nested, &diagnostics, elapsed, xfail)
+}
+
+/// [`judge_journal`] for a scenario that provokes violations on purpose (a buggy guest
+/// program, [`HostCtx::expect_violation`]): it passes only if every `expected` (device, kind)
+/// was journaled and nothing else was; the expected ones are listed as `XFAIL` diagnostics and
+/// the returned note (`XFAIL ...`) goes on its result line.
+fn judge_expected(
+    verdict: Verdict,
+    window: Result<WindowReport, crate::control::ControlError>,
+    expected: &[(String, String)],
+    diagnostics: &mut Vec<String>,
+) -> (Verdict, Option<String>) {
+    let w = match window {
+        Ok(w) => w,
+        Err(e) => return (judge_journal(verdict, Err(e), diagnostics), None),
+    };
+    let is_expected = |v: &crate::control::Violation| {
+        expected
+            .iter()
+            .any(|(d, k)| *d == v.device && k.as_str() == v.kind())
+    };
+    let (wanted, other): (Vec<_>, Vec<_>) = w.violations.iter().cloned().partition(is_expected);
+    let missing: Vec<String> = expected
+        .iter()
+        .filter(|(d, k)| {
+            !wanted
+                .iter()
+                .any(|v| v.device == *d && v.kind() == k.as_str())
+        })
+        .map(|(d, k)| format!("{k} on {d}"))
+        .collect();
+    for v in wanted.iter().take(3) {
+        diagnostics.push(format!("XFAIL (expected) {}", v.line()));
+    }
+    if wanted.len() > 3 {
+        diagnostics.push(format!(
+            "XFAIL (expected) ... and {} more of the same",
+            wanted.len() - 3
+        ));
+    }
+    let rest = WindowReport {
+        violations: other,
+        ..w
+    };
+    let mut verdict = judge_journal(verdict, Ok(rest), diagnostics);
+    if !missing.is_empty() {
+        let why = format!(
+            "expected violation not journaled: {} (the oracle missed the bug)",
+            missing.join(", ")
+        );
+        verdict = match verdict {
+            Verdict::Fail(r) => Verdict::Fail(format!("{r}; {why}")),
+            Verdict::Pass | Verdict::Skip(_) => Verdict::Fail(why),
+        };
+    }
+    let note = (verdict == Verdict::Pass).then(|| {
+        let mut kinds: Vec<&str> = wanted.iter().map(|v| v.kind()).collect();
+        kinds.dedup();
+        format!(
+            "XFAIL {} journaled as expected ({} violation{})",
+            kinds.join(", "),
+            wanted.len(),
+            if wanted.len() == 1 { "" } else { "s" }
+        )
+    });
+    (verdict, note)
 }
 
 /// The guest's verdict, amended by what the devices journaled during the scenario: any
@@ -978,6 +1065,46 @@ mod tests {
             }],
             unretained: 0,
         }
+    }
+
+    #[test]
+    fn test_judge_expected_violation_passes_as_xfail_only_if_journaled() {
+        let want = vec![("gpu0".to_string(), "dma_after_unmap".to_string())];
+        let mut diags = Vec::new();
+        let (v, note) = judge_expected(Verdict::Pass, Ok(violation_window()), &want, &mut diags);
+        assert_eq!(v, Verdict::Pass);
+        assert_eq!(
+            note.as_deref(),
+            Some("XFAIL dma_after_unmap journaled as expected (1 violation)")
+        );
+        assert!(diags[0].starts_with("XFAIL (expected) "), "{diags:?}");
+        // Not journaled: the oracle missed the bug.
+        let (v, note) = judge_expected(
+            Verdict::Pass,
+            Ok(WindowReport::default()),
+            &want,
+            &mut Vec::new(),
+        );
+        assert!(matches!(v, Verdict::Fail(r) if r.contains("the oracle missed the bug")));
+        assert_eq!(note, None);
+        // Another kind (or device) is still a failure.
+        let other = vec![("gpu1".to_string(), "dma_after_unmap".to_string())];
+        let (v, _) = judge_expected(
+            Verdict::Pass,
+            Ok(violation_window()),
+            &other,
+            &mut Vec::new(),
+        );
+        assert!(matches!(v, Verdict::Fail(r) if r.contains("1 device-side violation")));
+        // A failing guest stays failed.
+        let (v, note) = judge_expected(
+            Verdict::Fail("exit 1".into()),
+            Ok(violation_window()),
+            &want,
+            &mut Vec::new(),
+        );
+        assert_eq!(v, Verdict::Fail("exit 1".into()));
+        assert_eq!(note, None);
     }
 
     #[test]

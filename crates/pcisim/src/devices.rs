@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use pcisim_devices::gpu::{self, Gpu, GpuConfig};
+use pcisim_devices::gpu::{self, Gpu, GpuConfig, IrqMode};
 use pcisim_devices::npu::{self, NpuConfig, PeerConfig};
 use pcisim_pci::Endpoint;
 use pcisim_pci::{Controllable, Description};
@@ -208,11 +208,20 @@ fn build_gpu(spec: &DeviceSpec) -> Result<(Endpoint<Gpu>, Description)> {
         let ctx = || format!("device {}: option {k}={v}", spec.id);
         match k.as_str() {
             "vram" => cfg.vram_size = parse_size(v).with_context(ctx)?,
+            // MSI instead of MSI-X: QEMU 11.1.3 aborts on device_del of a vfio-user-pci device
+            // with MSI-X, so a GPU meant for hot-remove uses MSI.
+            "irq" => {
+                cfg.irq = match v.as_str() {
+                    "msix" => IrqMode::Msix,
+                    "msi" => IrqMode::Msi,
+                    _ => bail!("device {}: irq={v}: expected msix or msi", spec.id),
+                }
+            }
             // Fault knob: the function presents a class code other than the one it describes
             // (a mis-programmed strap). The guest suite's E1 must catch it.
             "x-corrupt-class" => corrupt_class = parse_bool(v).with_context(ctx)?,
             other => bail!(
-                "device {}: unknown gpu option {other:?} (known: vram, x-corrupt-class, \
+                "device {}: unknown gpu option {other:?} (known: vram, irq, x-corrupt-class, \
                  {COMMON_OPTIONS})",
                 spec.id
             ),
@@ -230,4 +239,32 @@ fn build_gpu(spec: &DeviceSpec) -> Result<(Endpoint<Gpu>, Description)> {
             .set_power_on_bits(CLASS_REVISION, 0xffff_ff00, wrong << 8);
     }
     Ok((ep, description))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn gpu(opts: &str) -> Result<Built> {
+        build(&crate::spec::parse(
+            &format!("gpu:socket=/tmp/unused.sock,id=g,vram=1M{opts}"),
+            0,
+        )?)
+    }
+
+    #[test]
+    fn test_gpu_irq_option_selects_msi_or_msix() {
+        let ids =
+            |b: &Built| -> Vec<u8> { b.description.capabilities.iter().map(|c| c.id).collect() };
+        assert_eq!(
+            ids(&gpu("").unwrap()),
+            [0x01, 0x11, 0x10],
+            "MSI-X by default"
+        );
+        assert_eq!(ids(&gpu(",irq=msix").unwrap()), [0x01, 0x11, 0x10]);
+        assert_eq!(ids(&gpu(",irq=msi").unwrap()), [0x01, 0x05, 0x10]);
+        let e = gpu(",irq=intx").err().unwrap().to_string();
+        assert!(e.contains("expected msix or msi"), "{e}");
+    }
 }
