@@ -15,6 +15,7 @@ mod e5;
 mod gpu;
 mod ktap;
 mod mmio;
+mod npu;
 mod pci;
 mod reset;
 mod resetdma;
@@ -49,8 +50,10 @@ usage: pcisim-guest <subcommand> [options]
       R1/R6: a reset while a guest vfio driver owns the function with MSI-X live
   reset-dma --vendor V --device D --mode correct|buggy [--len BYTES] [--bdf BDF]
       R2/R2b: FLR with the command ring's DMA in flight (kernel path, or a raw FLR)
-  reset-hot --vendor V --device D --bdf F0 --peer F1
+  reset-hot --vendor V --device D --bdf F0 --peer F1 [--peer-vendor V --peer-device D]
       R7: VFIO_DEVICE_PCI_HOT_RESET on a two-function slot, refused then allowed
+  npu-peer --vendor V --device D --present yes|no [--bdf BDF]
+      R0: the NPU's PEER_STATUS (peer configured, present or not)
 ";
 
 fn main() {
@@ -71,6 +74,7 @@ fn main() {
         "reset-vfio" => resetvfio::run(rest),
         "reset-dma" => resetdma::run(rest),
         "reset-hot" => resethot::run(rest),
+        "npu-peer" => npu::run(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             0

@@ -5,15 +5,21 @@
 //! the dev_set, and in a group the caller passes). The program binds function 0 alone to
 //! vfio-pci and opens it: `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO` lists both functions, and the
 //! hot reset is refused (the errno is reported). Then it binds function 1 too, opens it (the
-//! same group or its own, in the same container), dirties both functions' registers, rings
+//! same group or its own, in the same container), dirties both functions' registers, raises
 //! vector 2 on both, and the hot reset with every group succeeds: both functions' registers are
 //! back at their defaults, config space restored (memory and bus mastering on), and vector 3
 //! fires on both.
+//!
+//! The functions may be GPUs or NPUs (told apart by BAR0's ID register; `--peer-vendor` and
+//! `--peer-device` name function 1's IDs when they differ from function 0's). A GPU raises a
+//! vector through its IRQ_DOORBELL; an NPU through its command mailbox: CMD_IRQ routed to the
+//! vector and an INVALIDATE, whose completion raises it.
 
 use crate::args::Args;
 use crate::e1::setup_failure;
 use crate::gpu;
 use crate::ktap::{Ktap, Outcome};
+use crate::npu;
 use crate::pci;
 use crate::reset::{check_dirty_state, dirty_set};
 use crate::sys;
@@ -31,9 +37,17 @@ const MARK_AFTER: u32 = 3;
 const VECTORS: [u32; 2] = [MARK_BEFORE, MARK_AFTER];
 const IRQ_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What a function is (its BAR0 ID).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Gpu,
+    Npu,
+}
+
 /// One opened function.
 struct Dev {
     bdf: String,
+    kind: Kind,
     device: Device,
     bar0: RegionInfo,
     config: RegionInfo,
@@ -46,6 +60,7 @@ impl Dev {
         let config = device.region_info(vfio::VFIO_PCI_CONFIG_REGION_INDEX)?;
         Ok(Dev {
             bdf: bdf.to_string(),
+            kind: Kind::Gpu,
             device,
             bar0,
             config,
@@ -73,10 +88,11 @@ impl Dev {
             PCI_COMMAND,
             c | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER,
         )?;
-        let id = self.rd(gpu::REG_ID)?;
-        if id != gpu::ID_MAGIC {
-            return Err(format!("{}: BAR0 ID 0x{id:08x}", self.bdf));
-        }
+        self.kind = match self.rd(gpu::REG_ID)? {
+            gpu::ID_MAGIC => Kind::Gpu,
+            npu::ID_MAGIC => Kind::Npu,
+            id => return Err(format!("{}: BAR0 ID 0x{id:08x}", self.bdf)),
+        };
         let max = VECTORS.iter().copied().max().unwrap_or(0);
         for &v in &VECTORS {
             self.fds.insert(v, sys::eventfd()?);
@@ -88,33 +104,76 @@ impl Dev {
             .set_irqs_eventfds(vfio::VFIO_PCI_MSIX_IRQ_INDEX, 0, &raw)
     }
 
-    /// Rings `vector` through the IRQ doorbell; its eventfd must fire.
+    /// Raises `vector` (GPU: the IRQ doorbell; NPU: a mailbox command with CMD_IRQ routed to
+    /// it); its eventfd must fire.
     fn ring(&mut self, vector: u32) -> Result<u128, String> {
         for f in self.fds.values_mut() {
             sys::eventfd_take(f)?;
         }
         let t0 = Instant::now();
-        self.wr(gpu::REG_IRQ_DOORBELL, vector)?;
+        match self.kind {
+            Kind::Gpu => self.wr(gpu::REG_IRQ_DOORBELL, vector)?,
+            Kind::Npu => {
+                for (off, v) in npu::irq_writes(vector) {
+                    self.wr(off, v)?;
+                }
+            }
+        }
         let f = self
             .fds
             .get_mut(&vector)
             .ok_or_else(|| format!("no eventfd for vector {vector}"))?;
         if !sys::wait_readable(f.as_fd(), IRQ_TIMEOUT)? {
-            return Err(format!(
-                "{}: vector {vector} did not fire (IRQ_LAST_ERROR {})",
-                self.bdf,
-                self.rd(gpu::REG_IRQ_LAST_ERROR)?
-            ));
+            return Err(match self.kind {
+                Kind::Gpu => format!(
+                    "{}: vector {vector} did not fire (IRQ_LAST_ERROR {})",
+                    self.bdf,
+                    self.rd(gpu::REG_IRQ_LAST_ERROR)?
+                ),
+                Kind::Npu => format!(
+                    "{}: vector {vector} did not fire (CMD_STATUS 0x{:x}, CMD_SEQ {})",
+                    self.bdf,
+                    self.rd(npu::REG_CMD_STATUS)?,
+                    self.rd(npu::REG_CMD_SEQ)?
+                ),
+            });
         }
         sys::eventfd_take(f)?;
+        if self.kind == Kind::Npu {
+            let st = self.rd(npu::REG_CMD_STATUS)?;
+            if st & (npu::CMD_BUSY | 0xff) != 0 {
+                return Err(format!(
+                    "{}: INVALIDATE ended with CMD_STATUS 0x{st:x}",
+                    self.bdf
+                ));
+            }
+        }
         Ok(t0.elapsed().as_micros())
     }
 
     fn dirty(&self) -> Result<(), String> {
-        for (off, v, _) in dirty_set() {
-            self.wr(off, v)?;
+        match self.kind {
+            Kind::Gpu => {
+                for (off, v, _) in dirty_set() {
+                    self.wr(off, v)?;
+                }
+                check_dirty_state(false, |off| self.rd(off))
+            }
+            Kind::Npu => {
+                for (off, v) in npu::dirty_set() {
+                    self.wr(off, v)?;
+                }
+                npu::check_dirty_state(false, |off| self.rd(off))
+            }
         }
-        check_dirty_state(false, |off| self.rd(off))
+    }
+
+    /// The dirtied registers are back at their defaults.
+    fn check_cleared(&self) -> Result<(), String> {
+        match self.kind {
+            Kind::Gpu => check_dirty_state(true, |off| self.rd(off)),
+            Kind::Npu => npu::check_dirty_state(true, |off| self.rd(off)),
+        }
     }
 
     fn close(self) {
@@ -130,11 +189,29 @@ fn group_of(b: &Binding) -> Result<String, String> {
 
 pub fn run(argv: &[String]) -> i32 {
     let prepared = (|| -> Result<_, String> {
-        let args = Args::parse(argv, &["vendor", "device", "bdf", "peer"])?;
+        let args = Args::parse(
+            argv,
+            &[
+                "vendor",
+                "device",
+                "bdf",
+                "peer",
+                "peer-vendor",
+                "peer-device",
+            ],
+        )?;
         let vendor = args.id16("vendor")?;
         let device = args.id16("device")?;
+        let peer_vendor = match args.get("peer-vendor") {
+            Some(_) => args.id16("peer-vendor")?,
+            None => vendor,
+        };
+        let peer_device = match args.get("peer-device") {
+            Some(_) => args.id16("peer-device")?,
+            None => device,
+        };
         let (f0, _) = pci::select_function(vendor, device, Some(args.required("bdf")?))?;
-        let (f1, _) = pci::select_function(vendor, device, Some(args.required("peer")?))?;
+        let (f1, _) = pci::select_function(peer_vendor, peer_device, Some(args.required("peer")?))?;
         for f in [&f0, &f1] {
             if let Some(d) = f.driver() {
                 return Err(format!(
@@ -274,7 +351,7 @@ pub fn run(argv: &[String]) -> i32 {
             let r = [&*d0, &*d1]
                 .iter()
                 .map(|d| {
-                    check_dirty_state(true, |off| d.rd(off))
+                    d.check_cleared()
                         .map_err(|e| format!("{}: {e}", d.bdf))
                         .and_then(|()| {
                             let c = d.command()?;

@@ -715,7 +715,7 @@ mod tests {
         assert_ne!(
             x,
             HostProgram {
-                profile: ProfileId::GpuPair,
+                profile: ProfileId::GpuNpu,
                 ..x
             }
         );

@@ -41,7 +41,7 @@
 //! `provision.log`, `guest-build.log`, `initramfs.cpio`, per scenario `<ID>.stdout`/`<ID>.stderr`
 //! and `<ID>.journal.jsonl` (what the devices journaled during the scenario, one JSON record a
 //! line; a host scenario's guest steps add `<ID>.<n>.stdout`/`.stderr`), and one directory per
-//! VM, named after its profile (`gpu/`, `gpu-pair/`): `console.log` (the guest's ttyS0),
+//! VM, named after its profile (`gpu/`, `gpu-npu/`): `console.log` (the guest's ttyS0),
 //! `qemu.log` (QEMU's stderr), `qemu-cmdline.sh`, `qmp.log` (the QMP transcript), `server.log`,
 //! `describe.log`, `agent.log` (the agent link, `>` sent, `<` received), `boot.journal.jsonl`,
 //! `teardown.journal.jsonl` and the sockets (`control.sock` is the server's control socket,

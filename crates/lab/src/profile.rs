@@ -7,7 +7,7 @@
 //! | profile | devices | hotplug | free ports | vIOMMU |
 //! |---|---|---|---|---|
 //! | `gpu` (default) | `gpu0` alone behind `rp1` | ACPI | 0 | yes |
-//! | `gpu-pair` | `gpu0` and `gpu1` as functions 0 and 1 of one slot behind `rp1` | native pciehp | 1 (`rp2`) | yes |
+//! | `gpu-npu` | `gpu0` (GPU) and `npu1` (NPU, `peer=gpu0`) as functions 0 and 1 of one slot behind `rp1` | native pciehp | 1 (`rp2`) | yes |
 //! | `gpu-hotplug` | `gpu0` behind `rp1`; `gpu1` (`irq=msi`) served, unplugged, for `device_add` onto `rp2` | ACPI | 0 | yes |
 //! | `gpu-nsr` | `gpu0` behind `rp1`, `gpu1` (`no_soft_reset=on`) behind `rp2` | native pciehp | 0 | yes |
 //!
@@ -162,9 +162,10 @@ pub enum ProfileId {
     /// `gpu`: one GPU alone behind a root port, ACPI hotplug, vIOMMU.
     #[default]
     Gpu,
-    /// `gpu-pair`: two GPUs as functions 0 and 1 of one slot, native pciehp, one free port,
-    /// vIOMMU.
-    GpuPair,
+    /// `gpu-npu`: a GPU (`gpu0`) and an NPU (`npu1`, its peer `gpu0`) as functions 0 and 1 of
+    /// one slot, so a bus/slot reset or a vfio hot reset covers both; native pciehp, one free
+    /// port, vIOMMU. R0 and R7 run here.
+    GpuNpu,
     /// `gpu-hotplug`: `gpu0` plugged behind `rp1` and `gpu1` served but unplugged, for
     /// `device_add` onto `rp2` (with MSI instead of MSI-X: QEMU 11.1.3 aborts on `device_del`
     /// of a device with MSI-X); ACPI hotplug, vIOMMU. The hotplug scenarios (H1-H3) run here.
@@ -187,11 +188,14 @@ impl ProfileId {
                 free_ports: 0,
                 viommu: true,
             },
-            ProfileId::GpuPair => VmProfile {
-                name: "gpu-pair".into(),
+            ProfileId::GpuNpu => VmProfile {
+                name: "gpu-npu".into(),
                 devices: vec![
                     DeviceSlot::function("gpu0", DeviceKind::Gpu, "s1", 0),
-                    DeviceSlot::function("gpu1", DeviceKind::Gpu, "s1", 1),
+                    DeviceSlot {
+                        opts: vec!["peer=gpu0".into()],
+                        ..DeviceSlot::function("npu1", DeviceKind::Npu, "s1", 1)
+                    },
                 ],
                 hotplug: HotplugMode::NativePciehp,
                 free_ports: 1,
@@ -434,8 +438,9 @@ mod tests {
     }
 
     #[test]
-    fn test_pair_profile_two_functions_one_port_and_a_free_one() {
-        let p = ProfileId::GpuPair.profile();
+    fn test_gpu_npu_profile_two_functions_one_port_and_a_free_one() {
+        let p = ProfileId::GpuNpu.profile();
+        assert_eq!(p.name, "gpu-npu");
         let l = p.layout(Path::new("/r")).unwrap();
         assert_eq!(l.root_ports.len(), 2);
         assert_eq!(
@@ -444,7 +449,7 @@ mod tests {
         );
         assert_eq!(l.free_ports, ["rp2"]);
         let f0 = l.device("gpu0").unwrap();
-        let f1 = l.device("gpu1").unwrap();
+        let f1 = l.device("npu1").unwrap();
         assert_eq!(
             (f0.bus.as_str(), f0.addr.as_deref(), f0.multifunction),
             ("rp1", Some("00.0"), true)
@@ -454,7 +459,13 @@ mod tests {
             ("rp1", Some("00.1"), false)
         );
         assert_eq!(p.hotplug, HotplugMode::NativePciehp);
-        assert_eq!(p.specs(&l, &[]).len(), 2);
+        assert_eq!(
+            p.specs(&l, &["vram=1M".into()]),
+            [
+                "gpu:socket=/r/gpu0.sock,id=gpu0,vram=1M",
+                "npu:socket=/r/npu1.sock,id=npu1,peer=gpu0"
+            ]
+        );
     }
 
     #[test]
@@ -479,7 +490,7 @@ mod tests {
 
     #[test]
     fn test_validation() {
-        let base = ProfileId::GpuPair.profile();
+        let base = ProfileId::GpuNpu.profile();
         let check = |f: &dyn Fn(&mut VmProfile)| {
             let mut p = base.clone();
             f(&mut p);

@@ -17,16 +17,17 @@ use serde_json::Value;
 
 use crate::agent::RunOutput;
 use crate::host::{count_records, record_is, HostCtx, HostError, HostProgram};
-use crate::profile::ProfileId;
+use crate::profile::{DeviceKind, ProfileId};
 use crate::qmp::PciDeviceInfo;
 
-/// `R0 two-function-enumeration`: in the `gpu-pair` VM, QEMU places `gpu0` and `gpu1` as
-/// functions 0 and 1 of one slot behind one root port, function 0 carries the multifunction bit,
-/// the guest enumerates both (each passes E1's checks at its own BDF), and the root ports are
-/// driven by native pciehp.
+/// `R0 two-function-enumeration`: in the `gpu-npu` VM, QEMU places `gpu0` (GPU) and `npu1`
+/// (NPU) as functions 0 and 1 of one slot behind one root port, function 0 carries the
+/// multifunction bit, the guest enumerates both (each passes E1's checks at its own BDF against
+/// its own description), the NPU's PEER_STATUS reports its GPU peer configured and present, and
+/// the root ports are driven by native pciehp.
 pub const R0: HostProgram = HostProgram {
     name: "r0-two-function-enumeration",
-    profile: ProfileId::GpuPair,
+    profile: ProfileId::GpuNpu,
     run: r0_two_function_enumeration,
 };
 
@@ -171,6 +172,27 @@ fn r0_two_function_enumeration(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         let argv = ctx.guest_argv("e1", &id, &["--bdf", &bdf])?;
         ctx.guest_test(&format!("{id} at {bdf} passes E1"), &argv)?;
     }
+    // An NPU with a GPU peer reports it configured and present (the server tracks the GPU).
+    let npus: Vec<(String, String)> = ctx
+        .profile()
+        .devices
+        .iter()
+        .filter(|d| d.kind == DeviceKind::Npu)
+        .filter_map(|d| {
+            let peer = d.opts.iter().find_map(|o| o.strip_prefix("peer="))?;
+            Some((d.id.clone(), peer.to_string()))
+        })
+        .collect();
+    for (id, peer) in npus {
+        if let Some((_, p)) = placed.iter().find(|(d, _)| *d == id) {
+            let bdf = p.bdf();
+            let argv = ctx.guest_argv("npu-peer", &id, &["--bdf", &bdf, "--present", "yes"])?;
+            ctx.guest_test(
+                &format!("{id} PEER_STATUS: peer {peer} configured and present"),
+                &argv,
+            )?;
+        }
+    }
 
     // Native pciehp drives the root ports (the profile turns ACPI hotplug off).
     let services = ctx.sh("ls /sys/bus/pci_express/devices; cat /sys/bus/pci/slots/*/address")?;
@@ -284,13 +306,14 @@ pub const R6: HostProgram = HostProgram {
     run: r6_vfio_device_reset,
 };
 
-/// `R7 hot-reset`: in the two-function VM, a guest vfio driver owning only function 0 is
-/// refused `VFIO_DEVICE_PCI_HOT_RESET` (EINVAL: function 1 is not in vfio-pci's reset set);
-/// owning both, the hot reset (the slot's SBR) resets both: each function journals exactly one
-/// `device` reset between its marker interrupts and none before.
+/// `R7 hot-reset`: in the two-function VM (GPU function 0, NPU function 1), a guest vfio driver
+/// owning only function 0 is refused `VFIO_DEVICE_PCI_HOT_RESET` (EINVAL: function 1 is not in
+/// vfio-pci's reset set); owning both, the hot reset (the slot's SBR) resets both: each
+/// function journals exactly one `device` reset between its marker interrupts (the GPU's raised
+/// through its IRQ doorbell, the NPU's through its command mailbox's CMD_IRQ) and none before.
 pub const R7: HostProgram = HostProgram {
     name: "r7-hot-reset",
-    profile: ProfileId::GpuPair,
+    profile: ProfileId::GpuNpu,
     run: r7_hot_reset,
 };
 
@@ -825,10 +848,28 @@ fn r6_vfio_device_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 }
 
 fn r7_hot_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
-    let (d0, d1) = ("gpu0", "gpu1");
+    let (d0, d1) = ("gpu0", "npu1");
     let (f0, f1) = (bdf_of(ctx, d0)?, bdf_of(ctx, d1)?);
     let (m0, m1) = (mark(ctx, d0)?, mark(ctx, d1)?);
-    let argv = ctx.guest_argv("reset-hot", d0, &["--bdf", &f0, "--peer", &f1])?;
+    let peer = &ctx.device(d1)?.description;
+    let (peer_vendor, peer_device) = (
+        format!("{:#06x}", peer.vendor_id),
+        format!("{:#06x}", peer.device_id),
+    );
+    let argv = ctx.guest_argv(
+        "reset-hot",
+        d0,
+        &[
+            "--bdf",
+            &f0,
+            "--peer",
+            &f1,
+            "--peer-vendor",
+            &peer_vendor,
+            "--peer-device",
+            &peer_device,
+        ],
+    )?;
     guest_step(
         ctx,
         &format!("hot reset of {f0} + {f1}: refused owning one, done owning both"),

@@ -328,7 +328,7 @@ mod tests {
         assert_eq!(names(&select(Some("R9"))), ["R9 system-reset"]);
         assert_eq!(
             select(Some("R0"))[0].profile(),
-            crate::profile::ProfileId::GpuPair
+            crate::profile::ProfileId::GpuNpu
         );
         assert_eq!(
             select(Some("R9"))[0].profile(),

@@ -4,7 +4,7 @@
 //! run dir ($XDG_RUNTIME_DIR or /tmp)/pcisim-lab-<pid>-<nonce>/
 //!   provision.log guest-build.log initramfs.cpio
 //!   E1.stdout E1.stderr E1.journal.jsonl ... R9.1.stdout (a host scenario's guest steps) ...
-//!   <profile>/   one directory per VM (`gpu/`, `gpu-pair/`):
+//!   <profile>/   one directory per VM (`gpu/`, `gpu-npu/`):
 //!     server.log describe.log <device>.sock control.sock agent.sock qmp.sock qmp.log
 //!     console.log qemu.log qemu-cmdline.sh agent.log boot.journal.jsonl teardown.journal.jsonl
 //!
@@ -1025,7 +1025,7 @@ mod tests {
         assert!(ids[0].1.contains(&"R9"));
         assert!(ids
             .iter()
-            .any(|(p, g)| *p == ProfileId::GpuPair && g.contains(&"R0")));
+            .any(|(p, g)| *p == ProfileId::GpuNpu && g.contains(&"R0")));
         // Every scenario exactly once, and each group in catalogue order.
         let n: usize = plan.iter().map(|(_, g)| g.len()).sum();
         assert_eq!(n, all.len());

@@ -51,7 +51,7 @@ fn lab_suite_all_scenarios_pass() {
         "KTAP header"
     );
     // One VM per profile, in the order the catalogue first needs them: the `gpu` VM runs E1-E5,
-    // R4 and R9, then the `gpu-pair` VM runs R0, then the other profiles' VMs; the KTAP numbers
+    // R4 and R9, then the `gpu-npu` VM runs R0, then the other profiles' VMs; the KTAP numbers
     // follow that order.
     for s in &catalogue {
         let line =
@@ -127,15 +127,17 @@ fn lab_suite_all_scenarios_pass() {
             .any(|l| l.starts_with("lab: R9: system_reset: agent ready again in ")),
         "R9 reports how long the reboot took"
     );
-    // R0 (then R7) ran in a second VM with two functions in one slot, both enumerated by the
-    // guest.
+    // R0 (then R7) ran in a second VM with a GPU and an NPU as two functions of one slot, both
+    // enumerated by the guest.
     assert!(progress
         .lines()
-        .any(|l| l.starts_with("lab: VM 2/") && l.ends_with(": profile gpu-pair for R0 R7")));
+        .any(|l| l.starts_with("lab: VM 2/") && l.ends_with(": profile gpu-npu for R0 R7")));
     for subtest in [
         "QEMU places the two devices as functions 0 and 1 of one slot",
         "the guest enumerates both functions",
-        "gpu1 at 0000:01:00.1 passes E1",
+        "gpu0 at 0000:01:00.0 passes E1",
+        "npu1 at 0000:01:00.1 passes E1",
+        "npu1 PEER_STATUS: peer gpu0 configured and present",
         "pciehp drives the root port 0000:00:01.0",
     ] {
         assert!(
@@ -147,6 +149,20 @@ fn lab_suite_all_scenarios_pass() {
     assert!(progress
         .lines()
         .any(|l| l.starts_with("lab: journal gpu1: ") && l.ends_with(", 0 violations")));
+    assert!(progress
+        .lines()
+        .any(|l| l.starts_with("lab: journal npu1: ") && l.ends_with(", 0 violations")));
+    // R7: the hot reset of the GPU+NPU slot reached both functions.
+    for subtest in [
+        "gpu0 hot reset: journaled reset_begin/reset_end kind=device",
+        "npu1 hot reset: journaled reset_begin/reset_end kind=device",
+    ] {
+        assert!(
+            ktap.lines()
+                .any(|l| l.starts_with("  ok ") && l.ends_with(subtest)),
+            "R7 subtest {subtest:?} must pass"
+        );
+    }
     // H1-H3 ran in the `gpu-hotplug` VM: a GPU with MSI (QEMU 11.1.3 aborts on device_del of
     // a device with MSI-X) hot-added, probed, removed with vfio-pci bound, and cycled.
     assert!(progress
