@@ -573,9 +573,13 @@ impl Connection<'_> {
                 Ok(Reply::data(w.finish()))
             }
             Request::RegionWriteMulti { writes } => {
-                let mut done = 0u64;
+                // Every entry is checked before any is applied: a bad entry fails the whole
+                // message and leaves the device untouched.
                 for wr in &writes {
                     self.check_region(wr.region, wr.offset, wr.data.len())?;
+                }
+                let mut done = 0u64;
+                for wr in &writes {
                     lock(self.device).region_write(wr.region, wr.offset, &wr.data)?;
                     done += 1;
                 }

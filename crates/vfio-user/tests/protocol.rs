@@ -698,6 +698,28 @@ fn test_write_multi_applies_all_writes() {
 }
 
 #[test]
+fn test_write_multi_with_a_bad_entry_applies_none() {
+    let h = start();
+    let mut r = Raw::negotiated(&h);
+    let mut p = proto::Writer::new();
+    p.u64(2);
+    p.u64(0x30).u32(0).u32(4).bytes(&[9, 9, 9, 9, 0, 0, 0, 0]);
+    p.u64(0x1_0000)
+        .u32(0)
+        .u32(4)
+        .bytes(&[9, 9, 9, 9, 0, 0, 0, 0]); // outside BAR0
+    assert_eq!(
+        r.errno_of(Command::RegionWriteMulti as u16, &p.finish(), &[]),
+        EINVAL
+    );
+    assert_eq!(
+        r.read(0, 0x30, 4).unwrap(),
+        vec![0, 0, 0, 0],
+        "first entry not applied"
+    );
+}
+
+#[test]
 fn test_dma_map_overlap_eexist_and_unmap_all() {
     let h = start();
     let mut r = Raw::negotiated(&h);
