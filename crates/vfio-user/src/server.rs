@@ -156,10 +156,24 @@ impl Server {
         &self.path
     }
 
-    /// Serve clients one after another, forever (until accept fails).
+    /// Serve clients one after another, forever. Transient accept failures (out of fds, an
+    /// aborted connection, a signal) are logged and retried; only a listener that is no longer
+    /// usable ends the loop.
     pub fn run(&self) -> io::Result<()> {
         loop {
-            let (stream, _) = self.listener.accept()?;
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP) => {
+                        return Err(e)
+                    }
+                    _ => {
+                        log::warn!("{}: accept failed, retrying: {e}", self.opts.name);
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        continue;
+                    }
+                },
+            };
             let end = self.serve_connection(stream);
             log::info!("{}: client disconnected ({end:?})", self.opts.name);
         }
