@@ -22,8 +22,9 @@
 //! [`qemu`] (command line and child), [`qmp`] (the QMP client: commands, events, hotplug),
 //! [`agent`] (the JSON-lines client), [`ktap`] (writer and parser), [`scenario`] (catalogue,
 //! verdicts), [`host`] (host-side scenarios: QMP, fault injection and journal assertions around
-//! guest commands), [`reset`] (the reset scenarios written on it) and [`process`] (children
-//! that die with the lab, SIGINT/SIGTERM handling).
+//! guest commands), [`reset`] (the reset scenarios written on it), [`process`] (children
+//! that die with the lab, SIGINT/SIGTERM handling) and [`manual`] (`pcisim lab up`/`plug`/
+//! `unplug`/`exec`/`console`/`status`/`down`: a VM left running for manual experiments).
 //!
 //! # Environment
 //!
@@ -55,6 +56,7 @@ pub mod host;
 pub mod hotplug;
 pub mod initramfs;
 pub mod ktap;
+pub mod manual;
 pub mod process;
 pub mod profile;
 pub mod provision;

@@ -86,6 +86,75 @@ enum LabCmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Start a VM with the profile's devices and free hot-add slots, left running (manual
+    /// experiments; see docs/hotplug.md).
+    Up {
+        /// `manual` (gpu0 plugged, gpu1 with irq=msi to plug, one more free slot) or a suite
+        /// profile (`gpu`, `gpu-npu`, `gpu-hotplug`, `gpu-nsr`).
+        #[arg(long, default_value = "manual")]
+        profile: String,
+        /// Guest kernel series.
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+        /// State directory (default `$XDG_RUNTIME_DIR/pcisim-lab`, else `/tmp/pcisim-lab-UID`).
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+    },
+    /// Hot-add a device of the running VM (QMP device_add) and wait until the guest sees it.
+    Plug {
+        /// The device id (`gpu1`).
+        dev: String,
+        /// The root port: its slot number (`3`) or id (`rp3`); default its own, else a free one.
+        #[arg(long)]
+        slot: Option<String>,
+        /// State directory of the VM.
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+    },
+    /// Hot-remove a device (QMP device_del) and wait for DEVICE_DELETED.
+    Unplug {
+        /// The device id.
+        dev: String,
+        /// device_del a device with MSI-X anyway (QEMU 11.1.3 aborts on it).
+        #[arg(long)]
+        force: bool,
+        /// State directory of the VM.
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+    },
+    /// Run a command in the guest through the agent; its output and exit status are passed on.
+    Exec {
+        /// Seconds before the guest kills the command.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// State directory of the VM.
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+        /// The command and its arguments (after `--`).
+        #[arg(trailing_var_arg = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Attach the terminal to a shell in the guest (its ttyS2); Ctrl-] leaves.
+    Console {
+        /// State directory of the VM.
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+    },
+    /// Show the running VM: processes, sockets, devices, slots (exit 1 if none runs).
+    Status {
+        /// State directory of the VM.
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+    },
+    /// Power the VM off, stop QEMU and the server, remove the state directory.
+    Down {
+        /// Keep the state directory's logs.
+        #[arg(long)]
+        keep: bool,
+        /// State directory of the VM.
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -160,12 +229,71 @@ fn run(cli: Cli) -> Result<i32> {
                     Err(e) => Err(e.into()),
                 }
             }
+            cmd => lab_manual(cmd),
         },
         Cmd::Bench { quick } => {
             bench::run(quick)?;
             Ok(0)
         }
     }
+}
+
+/// The manual-experiment commands (`pcisim lab up|plug|unplug|exec|console|status|down`).
+fn lab_manual(cmd: LabCmd) -> Result<i32> {
+    use pcisim_lab::manual;
+    let dir = |d: Option<PathBuf>| d.unwrap_or_else(manual::default_state_dir);
+    let mut out = std::io::stdout();
+    match cmd {
+        LabCmd::Suite { .. } => anyhow::bail!("lab suite is not a manual command"),
+        LabCmd::Up {
+            profile,
+            kernel,
+            state,
+        } => {
+            let opts = manual::UpOptions {
+                pcisim_exe: std::env::current_exe().context("locating the pcisim binary")?,
+                dir: dir(state),
+                profile: manual::profile_by_name(&profile)?,
+                kernel,
+            };
+            manual::up(&opts, &mut out)?;
+        }
+        LabCmd::Plug { dev, slot, state } => {
+            manual::plug(&dir(state), &dev, slot.as_deref(), &mut out)?;
+        }
+        LabCmd::Unplug { dev, force, state } => {
+            manual::unplug(&dir(state), &dev, force, &mut out)?;
+        }
+        LabCmd::Exec {
+            timeout,
+            state,
+            argv,
+        } => {
+            let r = manual::exec(&dir(state), &argv, std::time::Duration::from_secs(timeout))?;
+            use std::io::Write;
+            print!("{}", r.stdout);
+            eprint!("{}", r.stderr);
+            std::io::stdout().flush().ok();
+            if r.timed_out {
+                eprintln!("pcisim: the guest killed the command after {timeout} s");
+            }
+            return Ok(match (r.exit, r.signal) {
+                (Some(code), _) => code,
+                (None, Some(sig)) => 128 + sig,
+                _ => 1,
+            });
+        }
+        LabCmd::Console { state } => manual::console(&dir(state))?,
+        LabCmd::Status { state } => {
+            return Ok(if manual::status(&dir(state), &mut out)? {
+                0
+            } else {
+                1
+            })
+        }
+        LabCmd::Down { keep, state } => manual::down(&dir(state), keep, &mut out)?,
+    }
+    Ok(0)
 }
 
 fn serve(specs: &[spec::DeviceSpec], control_path: Option<&Path>) -> Result<i32> {
