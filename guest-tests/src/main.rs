@@ -6,6 +6,7 @@
 
 mod agent;
 mod args;
+mod bario;
 mod e1;
 mod e2;
 mod e3;
@@ -26,6 +27,7 @@ mod sys;
 mod vdev;
 #[allow(dead_code)] // the uapi subset is kept complete for the next scenarios
 mod vfio;
+mod vfiouser;
 
 const USAGE: &str = "\
 usage: pcisim-guest <subcommand> [options]
@@ -54,6 +56,12 @@ usage: pcisim-guest <subcommand> [options]
       R7: VFIO_DEVICE_PCI_HOT_RESET on a two-function slot, refused then allowed
   npu-peer --vendor V --device D --present yes|no [--bdf BDF]
       R0: the NPU's PEER_STATUS (peer configured, present or not)
+  bar-io --bdf BDF [--bar N] --off OFF[,OFF..] [--write VALUE]
+      H5: 32-bit BAR reads (and one write) through sysfs resourceN
+  vfio-user --vendor V --device D [--bdf BDF] [--dma-kib N] [--req off|release|ignore]
+            [--ready-file PATH] [--wait-s N]
+      H3/H4: a guest vfio user that maps a DMA buffer; optionally holds the device and
+      watches the device request (REQ) eventfd
 ";
 
 fn main() {
@@ -75,6 +83,8 @@ fn main() {
         "reset-dma" => resetdma::run(rest),
         "reset-hot" => resethot::run(rest),
         "npu-peer" => npu::run(rest),
+        "vfio-user" => vfiouser::run(rest),
+        "bar-io" => bario::run(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             0

@@ -1,7 +1,9 @@
-//! The hotplug scenarios that run on the host side ([`crate::host`]) in the `gpu-hotplug` VM:
-//! H1 (hot-add: the guest probes the device, a driver binds, BAR access works), H2 (hot-remove
-//! with a driver bound) and H3 (add/remove cycles on the same socket without a leak in the
-//! server; a 10-cycle version of the catalogue's 100).
+//! The hotplug scenarios, run on the host side ([`crate::host`]). In the `gpu-hotplug` VM: H1
+//! (hot-add: the guest probes the device, a driver binds, BAR access works), H2 (hot-remove
+//! with a driver bound), H3 (100 add/remove cycles on the same socket, each with a guest vfio
+//! user mapping DMA, without a leak in the server), H4 (removal while a guest vfio user holds
+//! the device: REQ, cooperative and not) and H5 (surprise removal: link-down). In the
+//! `gpu-npu-hotplug` VM: H6 (removing the GPU an NPU names as its peer).
 //!
 //! The hot-plugged GPU is the profile's device that is not plugged at boot (`gpu1`). It uses MSI
 //! instead of MSI-X (`irq=msi`): QEMU 11.1.3 aborts on `device_del` of any `vfio-user-pci`
@@ -41,16 +43,61 @@ pub const H2: HostProgram = HostProgram {
 };
 
 /// `H3 add-remove-cycles`: [`H3_CYCLES`] device_add/device_del cycles on the same socket; the
-/// guest enumerates the device every time, and the server's open fds, threads and RSS do not
-/// grow.
+/// guest enumerates the device every time and a guest vfio user (`pcisim-guest vfio-user`)
+/// binds it, opens it and maps a DMA buffer through the vIOMMU (DMA_MAPs and DMA_UNMAPs in
+/// the server), and the server's open fds and threads do not grow at all, its RSS by at most
+/// [`RSS_TOLERANCE_KIB`].
 pub const H3: HostProgram = HostProgram {
     name: "h3-add-remove-cycles",
     profile: ProfileId::GpuHotplug,
     run: h3_add_remove_cycles,
 };
 
+/// `H4 remove-while-held`: `device_del` while a guest vfio user holds the device. A
+/// cooperative holder (`vfio-user --req release`) gets the kernel's device request on its REQ
+/// eventfd (`VFIO_PCI_REQ_IRQ_INDEX`), closes the device, and the removal completes
+/// (`DEVICE_DELETED`). An uncooperative one (`--req ignore`) keeps it: the removal stays
+/// pending (no `DEVICE_DELETED`; vfio-pci logs "Relaying device request to user" every 10 s)
+/// until the host has the agent kill it, and then completes.
+pub const H4: HostProgram = HostProgram {
+    name: "h4-remove-while-held",
+    profile: ProfileId::GpuHotplug,
+    run: h4_remove_while_held,
+};
+
+/// How long H4's uncooperative variant leaves the removal pending (two 10 s relays).
+const H4_PENDING: Duration = Duration::from_secs(21);
+
+/// `H5 surprise-removal`: `pcisim ctl inject link-down` on the plugged GPU (unbound, BAR0 used
+/// through sysfs `resource0`): config space and BAR0 read all-ones in the guest, writes are
+/// dropped (a scratch register keeps its value, an IRQ doorbell raises nothing), the device
+/// journals no DMA and no interrupt and no violation; `link-up` brings valid reads back. Then
+/// link-down again and `device_del`: `DEVICE_DELETED`, `client_disconnected`, and the device
+/// serves the next client with the link up.
+pub const H5: HostProgram = HostProgram {
+    name: "h5-surprise-removal",
+    profile: ProfileId::GpuHotplug,
+    run: h5_surprise_removal,
+};
+
+/// `H6 gpu-npu-peer`: in `gpu-npu-hotplug`, `device_add` of the GPU the NPU names as its peer:
+/// the guest reads the NPU's PEER_STATUS = configured | present; `device_del` of the GPU:
+/// PEER_STATUS = configured (the peer is gone), and the guest keeps nothing of the GPU (no
+/// `/sys/bus/pci/devices/<bdf>`, no IOMMU group member, nothing in `lspci`-style listings).
+pub const H6: HostProgram = HostProgram {
+    name: "h6-gpu-npu-peer",
+    profile: ProfileId::GpuNpuHotplug,
+    run: h6_gpu_npu_peer,
+};
+
 /// How many add/remove cycles H3 runs.
-pub const H3_CYCLES: usize = 10;
+pub const H3_CYCLES: usize = 100;
+/// Cycles H3 runs before it takes the baseline (not counted in [`H3_CYCLES`]).
+pub const H3_WARMUP: usize = 20;
+/// Link-down/link-up pairs H3 injects first to fill the device journal's ring (4096 records).
+const JOURNAL_FILL_PAIRS: usize = 2100;
+/// The DMA buffer H3's guest vfio user maps each cycle, in KiB (one DMA_MAP per 4 KiB page).
+const H3_DMA_KIB: usize = 16;
 /// How long the guest has to enumerate a hot-added device (ACPI: ~0.1 s).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `DEVICE_DELETED` may take (ACPI: ~20 ms; native pciehp: ~6 s).
@@ -62,7 +109,7 @@ const FD_TOLERANCE: usize = 0;
 /// Threads the server may gain over H3's cycles (none is expected).
 const THREAD_TOLERANCE: usize = 0;
 /// RSS the server may gain over H3's cycles, in KiB (allocator slack, not a per-cycle leak).
-const RSS_TOLERANCE_KIB: u64 = 4096;
+const RSS_TOLERANCE_KIB: u64 = 512;
 
 /// The profile's device that is not plugged at boot.
 fn hotplug_device(ctx: &HostCtx<'_>) -> Result<String, HostError> {
@@ -456,6 +503,33 @@ fn summary(ds: &[Duration]) -> String {
     }
 }
 
+/// H3's running count of journal records.
+#[derive(Debug, Default)]
+struct Tally {
+    after: u64,
+    conn: usize,
+    disc: usize,
+    lost: usize,
+    mapped: usize,
+    unmapped: usize,
+    dropped: u64,
+}
+
+impl Tally {
+    fn read(&mut self, ctx: &mut HostCtx<'_>, id: &str) -> Result<(), HostError> {
+        let slice = ctx.control().journal_all(id, self.after)?;
+        let r = &slice.records;
+        self.conn += count_records(r, "client_connected", &[]);
+        self.disc += count_records(r, "client_disconnected", &[]);
+        self.lost += count_records(r, "reset_end", &[("kind", "lost-connection")]);
+        self.mapped += count_records(r, "dma_mapped", &[]);
+        self.unmapped += count_records(r, "dma_unmapped", &[]);
+        self.dropped += slice.lost;
+        self.after = slice.next_after;
+        Ok(())
+    }
+}
+
 fn h3_add_remove_cycles(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let id = hotplug_device(ctx)?;
     if locate(ctx, &id)?.is_some() {
@@ -474,10 +548,34 @@ fn h3_add_remove_cycles(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
             "setup: the server still has a client on {id}"
         )));
     }
-    let before = usage(pid)?;
-    let (mut adds, mut dels) = (Vec::new(), Vec::new());
-    for cycle in 1..=H3_CYCLES {
-        let name = format!("cycle {cycle}: device_add, probed, device_del, detached");
+    // The device journal is a ring of up to 4096 records that grows to its bound over the
+    // first ~80 cycles (~1 MiB of RSS): fill it first (link-down/link-up pairs of the idle
+    // device) so that what is measured is the cycles, not the journal reaching its bound.
+    let initial = usage(pid)?;
+    let t = Instant::now();
+    for _ in 0..JOURNAL_FILL_PAIRS {
+        ctx.inject(&id, "link-down")?;
+        ctx.inject(&id, "link-up")?;
+    }
+    ctx.diag(&format!(
+        "server (pid {pid}) at the start: {initial}; filled {id}'s journal ring with {} \
+         link records in {}",
+        2 * JOURNAL_FILL_PAIRS,
+        ms(t.elapsed())
+    ));
+    let mut before = usage(pid)?;
+    let mut curve = Vec::new();
+    let total = H3_WARMUP + H3_CYCLES;
+    let (mut adds, mut dels, mut users) = (Vec::new(), Vec::new(), Vec::new());
+    // The journal ring holds a few thousand records (fewer than 100 cycles make): it is read
+    // as the cycles go.
+    let mut tally = Tally {
+        after: ctx.control().last_seq(&id)?,
+        ..Tally::default()
+    };
+    for cycle in 1..=total {
+        let name =
+            format!("cycle {cycle}: device_add, probed, vfio user with DMA, device_del, detached");
         let (info, add) = match plug(ctx, &id) {
             Ok(p) => p,
             Err(HostError::Step(why)) => {
@@ -486,14 +584,52 @@ fn h3_add_remove_cycles(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
             }
             Err(e) => return Err(e),
         };
+        let bdf = info.bdf();
+        let kib = H3_DMA_KIB.to_string();
+        let argv = ctx.guest_argv(
+            "vfio-user",
+            &id,
+            &["--bdf", &bdf, "--dma-kib", &kib, "--req", "off"],
+        )?;
+        let t = Instant::now();
+        let out = ctx.guest(&argv)?;
+        let user = t.elapsed();
+        if out.exit != Some(0) {
+            for l in out.stdout.lines().filter(|l| l.contains("not ok")) {
+                ctx.diag(l);
+            }
+            ctx.fail(
+                &name,
+                &format!(
+                    "the guest vfio user failed on {bdf} (exit {:?}): {}",
+                    out.exit,
+                    out.stderr.trim()
+                ),
+            );
+            return Ok(());
+        }
+        users.push(user);
         let del = unplug(ctx, &id)?;
-        let gone = wait_gone(ctx, &info.bdf())?;
+        let gone = wait_gone(ctx, &bdf)?;
         let detached = wait_detached(ctx, &id)?;
-        ctx.progress(&format!(
-            "cycle {cycle}/{H3_CYCLES}: probed {}, DEVICE_DELETED {}",
-            ms(add),
-            ms(del)
-        ));
+        if cycle % 10 == 0 {
+            tally.read(ctx, &id)?;
+        }
+        if cycle == H3_WARMUP {
+            thread::sleep(Duration::from_millis(200));
+            before = usage(pid)?;
+        }
+        if cycle % 10 == 0 {
+            curve.push(usage(pid)?.rss_kib.to_string());
+        }
+        if cycle % 10 == 0 || cycle == 1 {
+            ctx.progress(&format!(
+                "cycle {cycle}/{total}: probed {}, vfio user {}, DEVICE_DELETED {}",
+                ms(add),
+                ms(user),
+                ms(del)
+            ));
+        }
         adds.push(add);
         dels.push(del);
         if !ctx.check(
@@ -510,28 +646,48 @@ fn h3_add_remove_cycles(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     // Let the last lost-connection reset finish before measuring.
     thread::sleep(Duration::from_millis(200));
     let after = usage(pid)?;
+    tally.read(ctx, &id)?;
     ctx.diag(&format!("hot-add → probed: {}", summary(&adds)));
     ctx.diag(&format!("device_del → DEVICE_DELETED: {}", summary(&dels)));
-    ctx.diag(&format!("server (pid {pid}) before: {before}"));
+    ctx.diag(&format!(
+        "guest vfio user (bind, open, map {H3_DMA_KIB} KiB, unmap, unbind): {}",
+        summary(&users)
+    ));
+    ctx.progress(&format!(
+        "hot-add → probed {}; device_del → DEVICE_DELETED {}",
+        summary(&adds),
+        summary(&dels)
+    ));
+    ctx.diag(&format!(
+        "server (pid {pid}) before (after {H3_WARMUP} warm-up cycles): {before}"
+    ));
+    ctx.diag(&format!(
+        "server RSS every 10 cycles (KiB): {} (the first {H3_WARMUP} cycles are a warm-up: \
+         allocator arenas and the journal's records settle)",
+        curve.join(" ")
+    ));
     ctx.diag(&format!("server (pid {pid}) after:  {after}"));
     ctx.progress(&format!(
-        "server before {before}; after {H3_CYCLES} cycles {after}"
+        "server at the start {initial}; after {H3_WARMUP} warm-up cycles {before}; {H3_CYCLES} cycles later {after}"
     ));
     ctx.check(
         &format!(
-            "no fd leak over {H3_CYCLES} cycles ({} → {})",
-            before.fds, after.fds
+            "no fd leak: equal over all {total} cycles ({} → {} → {})",
+            initial.fds, before.fds, after.fds
         ),
-        after.fds <= before.fds + FD_TOLERANCE,
-        format!("{} → {} open fds", before.fds, after.fds),
+        after.fds <= initial.fds + FD_TOLERANCE && before.fds == initial.fds,
+        format!("{} → {} → {} open fds", initial.fds, before.fds, after.fds),
     );
     ctx.check(
         &format!(
-            "no thread leak over {H3_CYCLES} cycles ({} → {})",
-            before.threads, after.threads
+            "no thread leak: equal over all {total} cycles ({} → {} → {})",
+            initial.threads, before.threads, after.threads
         ),
-        after.threads <= before.threads + THREAD_TOLERANCE,
-        format!("{} → {} threads", before.threads, after.threads),
+        after.threads <= initial.threads + THREAD_TOLERANCE && before.threads == initial.threads,
+        format!(
+            "{} → {} → {} threads",
+            initial.threads, before.threads, after.threads
+        ),
     );
     ctx.check(
         &format!(
@@ -541,18 +697,516 @@ fn h3_add_remove_cycles(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         after.rss_kib <= before.rss_kib + RSS_TOLERANCE_KIB,
         format!("{} → {} KiB", before.rss_kib, after.rss_kib),
     );
-    let records = ctx.journal(&id)?;
-    let (conn, disc, lost) = (
-        count_records(&records, "client_connected", &[]),
-        count_records(&records, "client_disconnected", &[]),
-        count_records(&records, "reset_end", &[("kind", "lost-connection")]),
-    );
+    let Tally {
+        conn,
+        disc,
+        lost,
+        mapped,
+        unmapped,
+        dropped,
+        ..
+    } = tally;
+    if dropped > 0 {
+        ctx.diag(&format!(
+            "{dropped} journal records were dropped before H3 read them"
+        ));
+    }
     ctx.check(
-        &format!("{id} journaled {H3_CYCLES} connects, disconnects and lost-connection resets"),
-        conn == H3_CYCLES && disc == H3_CYCLES && lost == H3_CYCLES,
+        &format!("{id} journaled {total} connects, disconnects and lost-connection resets"),
+        conn == total && disc == total && lost == total,
         format!(
             "{conn} client_connected, {disc} client_disconnected, {lost} lost-connection resets"
         ),
+    );
+    let pages = H3_DMA_KIB / 4;
+    ctx.check(
+        &format!(
+            "{id} journaled the guest's DMA mappings: {mapped} DMA_MAPs, {unmapped} DMA_UNMAPs \
+             (at least {pages} per cycle, all torn down)"
+        ),
+        mapped >= pages * total && unmapped >= pages * total,
+        format!("{mapped} dma_mapped, {unmapped} dma_unmapped records"),
+    );
+    Ok(())
+}
+
+/// Plugs `id` if it is not plugged and leaves it without a driver bound; returns its BDF.
+fn ensure_plugged_unbound(ctx: &mut HostCtx<'_>, id: &str) -> Result<String, HostError> {
+    let bdf = match locate(ctx, id)? {
+        Some(info) => info.bdf(),
+        None => plug(ctx, id)?.0.bdf(),
+    };
+    guest_sh(
+        ctx,
+        &format!(
+            "d=/sys/bus/pci/devices/{bdf}; [ -e $d/driver ] && echo {bdf} > $d/driver/unbind; \
+             echo > $d/driver_override; true"
+        ),
+    )?;
+    Ok(bdf)
+}
+
+/// Starts `pcisim-guest vfio-user ... --req MODE` in the background in the guest and waits
+/// until it holds the device (its ready file); returns its pid.
+fn start_holder(
+    ctx: &mut HostCtx<'_>,
+    id: &str,
+    bdf: &str,
+    mode: &str,
+    tag: &str,
+) -> Result<u32, HostError> {
+    let argv = ctx.guest_argv(
+        "vfio-user",
+        id,
+        &[
+            "--bdf",
+            bdf,
+            "--req",
+            mode,
+            "--ready-file",
+            &format!("/tmp/{tag}.ready"),
+            "--wait-s",
+            "300",
+        ],
+    )?;
+    let out = guest_sh(
+        ctx,
+        &format!(
+            "rm -f /tmp/{tag}.ready; {} > /tmp/{tag}.out 2>&1 < /dev/null & echo $!",
+            argv.iter()
+                .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    )?;
+    let pid: u32 = out.stdout.trim().parse().map_err(|_| {
+        HostError::Step(format!(
+            "no pid from the background start: {:?}",
+            out.stdout
+        ))
+    })?;
+    let ready = guest_sh(
+        ctx,
+        &format!(
+            "n=0; while [ ! -e /tmp/{tag}.ready ]; do kill -0 {pid} 2>/dev/null || exit 2; \
+             n=$((n+1)); [ $n -ge 3000 ] && exit 1; usleep 10000; done"
+        ),
+    )?;
+    if ready.exit != Some(0) {
+        let log = guest_sh(ctx, &format!("cat /tmp/{tag}.out"))?.stdout;
+        for l in log.lines() {
+            ctx.diag(l);
+        }
+        return Err(HostError::Step(format!(
+            "the guest vfio user ({mode}) did not get ready (exit {:?})",
+            ready.exit
+        )));
+    }
+    Ok(pid)
+}
+
+/// Waits (up to 30 s) for guest process `pid` to end; returns its output file.
+fn wait_holder(ctx: &mut HostCtx<'_>, pid: u32, tag: &str) -> Result<(bool, String), HostError> {
+    let out = guest_sh(
+        ctx,
+        &format!(
+            "n=0; while kill -0 {pid} 2>/dev/null; do n=$((n+1)); [ $n -ge 3000 ] && exit 1; \
+             usleep 10000; done"
+        ),
+    )?;
+    let log = guest_sh(ctx, &format!("cat /tmp/{tag}.out"))?.stdout;
+    Ok((out.exit == Some(0), log))
+}
+
+fn h4_remove_while_held(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
+    let id = hotplug_device(ctx)?;
+    // Cooperative: the holder releases on REQ.
+    let bdf = ensure_plugged_unbound(ctx, &id)?;
+    let pid = start_holder(ctx, &id, &bdf, "release", "h4a")?;
+    ctx.pass(&format!(
+        "a guest vfio user (pid {pid}) holds {id} at {bdf} with a DMA buffer mapped and watches REQ"
+    ));
+    let took = unplug(ctx, &id)?;
+    ctx.progress(&format!(
+        "cooperative holder: device_del → DEVICE_DELETED {}",
+        ms(took)
+    ));
+    ctx.pass(&format!(
+        "device_del {id} → DEVICE_DELETED in {} (the holder released)",
+        ms(took)
+    ));
+    let (ended, log) = wait_holder(ctx, pid, "h4a")?;
+    let got_req = log.contains("REQ fired") && log.contains("released the device");
+    for l in log
+        .lines()
+        .filter(|l| l.contains("REQ") || l.starts_with("not ok"))
+    {
+        ctx.diag(l.trim_start_matches("# "));
+    }
+    ctx.check(
+        "the holder received the device request (REQ eventfd), released and exited",
+        ended && got_req,
+        format!("ended: {ended}; output: {}", log.replace('\n', " | ")),
+    );
+    let gone = wait_gone(ctx, &bdf)?;
+    let detached = wait_detached(ctx, &id)?;
+    ctx.check(
+        "the guest's sysfs entry is gone and the server saw the client go",
+        gone && detached,
+        format!("sysfs gone: {gone}; server detached: {detached}"),
+    );
+
+    // Uncooperative: the holder ignores REQ until it is killed.
+    let bdf = ensure_plugged_unbound(ctx, &id)?;
+    let pid = start_holder(ctx, &id, &bdf, "ignore", "h4b")?;
+    guest_sh(ctx, "dmesg -c > /dev/null; true")?;
+    ctx.pass(&format!(
+        "an uncooperative guest vfio user (pid {pid}) holds {id} at {bdf} and ignores REQ"
+    ));
+    let mark = ctx.qmp().event_mark();
+    ctx.qmp()
+        .execute("device_del", Some(serde_json::json!({ "id": id })))?;
+    let t = Instant::now();
+    let is_ours = |e: &crate::qmp::QmpEvent| {
+        e.data.get("device").and_then(Value::as_str) == Some(id.as_str())
+    };
+    let early = match ctx
+        .qmp()
+        .wait_event_since(mark, "DEVICE_DELETED", is_ours, H4_PENDING)
+    {
+        Ok(_) => true,
+        Err(QmpError::Timeout { .. }) => false,
+        Err(e) => return Err(e.into()),
+    };
+    ctx.check(
+        &format!(
+            "the removal stays pending while the program holds the device ({} s, no DEVICE_DELETED)",
+            H4_PENDING.as_secs()
+        ),
+        !early,
+        format!("DEVICE_DELETED after {}", ms(t.elapsed())),
+    );
+    if early {
+        return Ok(());
+    }
+    // vfio-pci signals the REQ eventfd every 10 s but logs only every 10th relay (#0, #10..).
+    let kmsg = guest_sh(ctx, "dmesg | grep -i 'device request'; true")?.stdout;
+    let logged = kmsg
+        .lines()
+        .filter(|l| l.contains("Relaying device request"))
+        .count();
+    for l in kmsg.lines().take(4) {
+        ctx.diag(&format!("kmsg: {}", l.trim()));
+    }
+    let held = guest_sh(ctx, "cat /tmp/h4b.out")?.stdout;
+    let reqs = held.lines().filter(|l| l.contains("REQ fired")).count();
+    for l in held.lines().filter(|l| l.contains("REQ fired")) {
+        ctx.diag(&format!("holder: {}", l.trim_start_matches("# ")));
+    }
+    ctx.check(
+        &format!(
+            "the guest kernel relays the request to the holder every 10 s ({reqs} REQs received, \
+             relay logged in dmesg)"
+        ),
+        logged >= 1 && reqs >= 2,
+        format!("{reqs} REQs received; {logged} 'Relaying device request' lines in dmesg"),
+    );
+    ctx.check_qemu()?;
+    let listed = locate(ctx, &id)?.is_some();
+    ctx.check(
+        &format!("QEMU still lists {id} while the removal is pending"),
+        listed,
+        "gone from query-pci",
+    );
+    let t = Instant::now();
+    guest_sh(ctx, &format!("kill -9 {pid}"))?;
+    let r = ctx
+        .qmp()
+        .wait_event_since(mark, "DEVICE_DELETED", is_ours, DELETE_TIMEOUT);
+    let done = match r {
+        Ok(_) => true,
+        Err(QmpError::Timeout { .. }) => false,
+        Err(e) => return Err(e.into()),
+    };
+    let took = t.elapsed();
+    ctx.progress(&format!(
+        "uncooperative holder: kill → DEVICE_DELETED {}",
+        ms(took)
+    ));
+    ctx.check(
+        &format!(
+            "the agent kills the holder: the removal completes (DEVICE_DELETED {} after the kill)",
+            ms(took)
+        ),
+        done,
+        format!(
+            "no DEVICE_DELETED within {} s of the kill",
+            DELETE_TIMEOUT.as_secs()
+        ),
+    );
+    let gone = wait_gone(ctx, &bdf)?;
+    let detached = wait_detached(ctx, &id)?;
+    ctx.check(
+        "the guest's sysfs entry is gone and the server saw the client go",
+        gone && detached,
+        format!("sysfs gone: {gone}; server detached: {detached}"),
+    );
+    let records = ctx.journal(&id)?;
+    let disc = count_records(&records, "client_disconnected", &[]);
+    ctx.check(
+        &format!("{id} journaled client_disconnected for both removals"),
+        disc >= 2,
+        format!("{disc} client_disconnected"),
+    );
+    Ok(())
+}
+
+/// BAR0 offsets H5 reads: ID, SCRATCH0, IRQ_COUNT.
+const H5_ID: u64 = 0x000;
+const H5_SCRATCH: u64 = 0x040;
+const H5_IRQ_DOORBELL: u64 = 0x080;
+const H5_IRQ_COUNT: u64 = 0x084;
+
+/// `pcisim-guest bar-io` at `bdf`'s BAR0: writes `write` (offset, value) first, then reads
+/// `offs`; returns the values read.
+fn bar_io(
+    ctx: &mut HostCtx<'_>,
+    bdf: &str,
+    offs: &[u64],
+    write: Option<(u64, u32)>,
+) -> Result<Vec<u32>, HostError> {
+    let mut list: Vec<String> = Vec::new();
+    if let Some((o, _)) = write {
+        list.push(format!("{o:#x}"));
+    }
+    list.extend(offs.iter().map(|o| format!("{o:#x}")));
+    let mut argv: Vec<String> = [crate::scenario::GUEST_BIN_PATH, "bar-io", "--bdf", bdf]
+        .map(str::to_string)
+        .to_vec();
+    argv.push("--off".into());
+    argv.push(list.join(","));
+    if let Some((_, v)) = write {
+        argv.push("--write".into());
+        argv.push(format!("{v:#x}"));
+    }
+    let out = ctx.guest(&argv)?;
+    if out.exit != Some(0) {
+        return Err(HostError::Step(format!(
+            "bar-io on {bdf} failed: {}",
+            out.stderr.trim()
+        )));
+    }
+    let vals: Vec<u32> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_once('=')?.1.strip_prefix("0x"))
+        .filter_map(|v| u32::from_str_radix(v, 16).ok())
+        .collect();
+    let skip = usize::from(write.is_some());
+    if vals.len() != offs.len() + skip {
+        return Err(HostError::Step(format!("bar-io output: {:?}", out.stdout)));
+    }
+    Ok(vals[skip..].to_vec())
+}
+
+/// Config dword 0 (vendor and device ID) and the Command register as the guest reads them
+/// from sysfs `config`.
+fn config_ids(ctx: &mut HostCtx<'_>, bdf: &str) -> Result<(u32, u32), HostError> {
+    let out = ctx.sh(&format!(
+        "od -An -tx4 -N8 /sys/bus/pci/devices/{bdf}/config"
+    ))?;
+    let w: Vec<u32> = out
+        .split_whitespace()
+        .filter_map(|x| u32::from_str_radix(x, 16).ok())
+        .collect();
+    match w.as_slice() {
+        [a, b] => Ok((*a, *b)),
+        _ => Err(HostError::Step(format!("config read: {out:?}"))),
+    }
+}
+
+fn h5_surprise_removal(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
+    let id = hotplug_device(ctx)?;
+    let bdf = ensure_plugged_unbound(ctx, &id)?;
+    ctx.sh(&format!("echo 1 > /sys/bus/pci/devices/{bdf}/enable"))?;
+    let (ids, _) = config_ids(ctx, &bdf)?;
+    let before = bar_io(
+        ctx,
+        &bdf,
+        &[H5_ID, H5_IRQ_COUNT],
+        Some((H5_SCRATCH, 0x1234_5678)),
+    )?;
+    let (magic, irqs) = (before[0], before[1]);
+    let ok_before = ids != u32::MAX && magic != u32::MAX;
+    ctx.check(
+        &format!("link up: {id} at {bdf} reads IDs {ids:#010x} and BAR0 ID {magic:#010x}"),
+        ok_before,
+        "all-ones before the fault",
+    );
+    if !ok_before {
+        return Ok(());
+    }
+    let mark = ctx.control().last_seq(&id)?;
+    ctx.inject(&id, "link-down")?;
+    ctx.pass(&format!("pcisim ctl inject {id} link-down"));
+    let (ids_down, cmd_down) = config_ids(ctx, &bdf)?;
+    ctx.check(
+        &format!("link down: the guest reads config all-ones ({ids_down:#010x} {cmd_down:#010x})"),
+        ids_down == u32::MAX && cmd_down == u32::MAX,
+        format!("config dwords 0 and 1: {ids_down:#010x} {cmd_down:#010x}"),
+    );
+    let down = bar_io(
+        ctx,
+        &bdf,
+        &[H5_ID, H5_SCRATCH, H5_IRQ_COUNT],
+        Some((H5_SCRATCH, 0xdead_beef)),
+    )?;
+    let _ = bar_io(ctx, &bdf, &[H5_ID], Some((H5_IRQ_DOORBELL, 0)))?;
+    ctx.check(
+        &format!(
+            "link down: BAR0 reads all-ones (ID {:#010x}, SCRATCH0 {:#010x}, IRQ_COUNT {:#010x})",
+            down[0], down[1], down[2]
+        ),
+        down.iter().all(|v| *v == u32::MAX),
+        format!("{down:08x?}"),
+    );
+    thread::sleep(Duration::from_millis(300));
+    let during: Vec<Value> = ctx
+        .journal(&id)?
+        .into_iter()
+        .filter(|r| r.get("seq").and_then(Value::as_u64).unwrap_or(0) > mark)
+        .collect();
+    let link_down = during
+        .iter()
+        .any(|r| record_is(r, "link", &[]) && r.get("up") == Some(&Value::Bool(false)));
+    let active = during
+        .iter()
+        .filter(|r| record_is(r, "dma", &[]) || record_is(r, "interrupt", &[]))
+        .count();
+    ctx.check(
+        &format!("{id} journaled link down and no DMA or interrupt while down"),
+        link_down && active == 0,
+        format!("link down journaled: {link_down}; {active} dma/interrupt records"),
+    );
+    ctx.inject(&id, "link-up")?;
+    let (ids_up, _) = config_ids(ctx, &bdf)?;
+    let after = bar_io(ctx, &bdf, &[H5_ID, H5_SCRATCH, H5_IRQ_COUNT], None)?;
+    ctx.check(
+        &format!(
+            "link-up recovers: IDs {ids_up:#010x}, BAR0 ID {:#010x}, SCRATCH0 {:#010x} (the write while down was dropped), IRQ_COUNT {} (no doorbell)",
+            after[0], after[1], after[2]
+        ),
+        ids_up == ids && after[0] == magic && after[1] == 0x1234_5678 && after[2] == irqs,
+        format!(
+            "expected IDs {ids:#010x}, ID {magic:#010x}, SCRATCH0 0x12345678, IRQ_COUNT {irqs}; got {ids_up:#010x} {after:08x?}"
+        ),
+    );
+
+    // Surprise removal that does not come back: device_del cleans up.
+    ctx.inject(&id, "link-down")?;
+    let (ids_down, _) = config_ids(ctx, &bdf)?;
+    ctx.check(
+        "link down again: config reads all-ones",
+        ids_down == u32::MAX,
+        format!("{ids_down:#010x}"),
+    );
+    let took = unplug(ctx, &id)?;
+    ctx.progress(&format!(
+        "link down: device_del → DEVICE_DELETED {}",
+        ms(took)
+    ));
+    ctx.pass(&format!(
+        "device_del of the dead device → DEVICE_DELETED in {}",
+        ms(took)
+    ));
+    let gone = wait_gone(ctx, &bdf)?;
+    let detached = wait_detached(ctx, &id)?;
+    ctx.check(
+        "the guest's sysfs entry is gone and the server saw the client go",
+        gone && detached,
+        format!("sysfs gone: {gone}; server detached: {detached}"),
+    );
+    let records = ctx.journal(&id)?;
+    ctx.check(
+        &format!("{id} journaled client_disconnected"),
+        count_records(&records, "client_disconnected", &[]) >= 1,
+        "none",
+    );
+    let st = ctx.control().status(&id)?;
+    let link_up = st.get("link_up").cloned();
+    ctx.check(
+        "after the lost-connection reset the device's link is up again for the next client",
+        link_up == Some(Value::Bool(true)),
+        format!("status link_up: {link_up:?}"),
+    );
+    Ok(())
+}
+
+/// The profile's NPU (plugged at boot).
+fn npu_device(ctx: &HostCtx<'_>) -> Result<String, HostError> {
+    ctx.layout()
+        .devices
+        .iter()
+        .find(|d| d.at_boot && d.id.starts_with("npu"))
+        .map(|d| d.id.clone())
+        .ok_or_else(|| HostError::Step("the profile has no NPU plugged at boot".into()))
+}
+
+fn h6_gpu_npu_peer(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
+    let gpu = hotplug_device(ctx)?;
+    let npu = npu_device(ctx)?;
+    let npu_bdf = locate(ctx, &npu)?
+        .ok_or_else(|| HostError::Step(format!("QEMU does not list {npu}")))?
+        .bdf();
+    if locate(ctx, &gpu)?.is_some() {
+        unplug(ctx, &gpu)?;
+    }
+    let argv = ctx.guest_argv("npu-peer", &npu, &["--bdf", &npu_bdf, "--present", "no"])?;
+    ctx.guest_test(
+        &format!("before device_add: {npu} PEER_STATUS = configured, peer absent"),
+        &argv,
+    )?;
+    let (info, took) = plug(ctx, &gpu)?;
+    let bdf = info.bdf();
+    ctx.pass(&format!(
+        "device_add {gpu}: the guest enumerates it at {bdf} ({})",
+        ms(took)
+    ));
+    let argv = ctx.guest_argv("npu-peer", &npu, &["--bdf", &npu_bdf, "--present", "yes"])?;
+    ctx.guest_test(
+        &format!("{gpu} plugged: {npu} PEER_STATUS = configured | present"),
+        &argv,
+    )?;
+    let took = unplug(ctx, &gpu)?;
+    ctx.progress(&format!("device_del {gpu} → DEVICE_DELETED {}", ms(took)));
+    ctx.pass(&format!(
+        "device_del {gpu} → DEVICE_DELETED in {}",
+        ms(took)
+    ));
+    let gone = wait_gone(ctx, &bdf)?;
+    let detached = wait_detached(ctx, &gpu)?;
+    ctx.check(
+        &format!("the server saw {gpu}'s client go"),
+        detached,
+        "still attached",
+    );
+    let argv = ctx.guest_argv("npu-peer", &npu, &["--bdf", &npu_bdf, "--present", "no"])?;
+    ctx.guest_test(
+        &format!("{gpu} removed: {npu} PEER_STATUS = configured, peer gone"),
+        &argv,
+    )?;
+    let left = guest_sh(
+        ctx,
+        &format!(
+            "ls -d /sys/bus/pci/devices/{bdf} /sys/kernel/iommu_groups/*/devices/{bdf} \
+             /sys/bus/pci/drivers/*/{bdf} 2>/dev/null; true"
+        ),
+    )?
+    .stdout;
+    ctx.check(
+        &format!("the guest holds no pci_dev of the removed {gpu}: no sysfs entry, IOMMU group member or driver link for {bdf}"),
+        gone && left.trim().is_empty(),
+        format!("still there: {}", left.trim().replace('\n', " ")),
     );
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! | `gpu` (default) | `gpu0` alone behind `rp1` | ACPI | 0 | yes |
 //! | `gpu-npu` | `gpu0` (GPU) and `npu1` (NPU, `peer=gpu0`) as functions 0 and 1 of one slot behind `rp1` | native pciehp | 1 (`rp2`) | yes |
 //! | `gpu-hotplug` | `gpu0` behind `rp1`; `gpu1` (`irq=msi`) served, unplugged, for `device_add` onto `rp2` | ACPI | 0 | yes |
+//! | `gpu-npu-hotplug` | `gpu1` (`irq=msi`) served, unplugged, for `device_add` onto `rp1`; `npu0` (`peer=gpu1`) behind `rp2` | ACPI | 0 | yes |
 //! | `gpu-nsr` | `gpu0` behind `rp1`, `gpu1` (`no_soft_reset=on`) behind `rp2` | native pciehp | 0 | yes |
 //!
 //! Root ports are `rp1`, `rp2`, ... with `chassis` = `slot` = their number, created in the order
@@ -168,13 +169,16 @@ pub enum ProfileId {
     GpuNpu,
     /// `gpu-hotplug`: `gpu0` plugged behind `rp1` and `gpu1` served but unplugged, for
     /// `device_add` onto `rp2` (with MSI instead of MSI-X: QEMU 11.1.3 aborts on `device_del`
-    /// of a device with MSI-X); ACPI hotplug, vIOMMU. The hotplug scenarios (H1-H3) run here.
+    /// of a device with MSI-X); ACPI hotplug, vIOMMU. The hotplug scenarios H1-H5 run here.
     GpuHotplug,
     /// `gpu-nsr`: `gpu0` behind `rp1` and `gpu1` with No_Soft_Reset = 1 behind `rp2`, each
     /// alone in its slot (so the guest offers `bus`, i.e. the slot reset); native pciehp (QEMU's
     /// root ports report Data Link Layer Link Active only then), vIOMMU. The reset scenarios
     /// R1, R3, R5, R6 and R8 run here.
     GpuNsr,
+    /// `gpu-npu-hotplug`: `gpu1` (MSI) served but unplugged, for `device_add` onto `rp1`, and
+    /// `npu0` (its peer `gpu1`) plugged behind `rp2`; ACPI hotplug, vIOMMU. H6 runs here.
+    GpuNpuHotplug,
 }
 
 impl ProfileId {
@@ -211,6 +215,23 @@ impl ProfileId {
                         plugged: false,
                         opts: vec!["irq=msi".into()],
                         ..DeviceSlot::own_port("gpu1", DeviceKind::Gpu)
+                    },
+                ],
+                hotplug: HotplugMode::Acpi,
+                free_ports: 0,
+                viommu: true,
+            },
+            ProfileId::GpuNpuHotplug => VmProfile {
+                name: "gpu-npu-hotplug".into(),
+                devices: vec![
+                    DeviceSlot {
+                        plugged: false,
+                        opts: vec!["irq=msi".into()],
+                        ..DeviceSlot::own_port("gpu1", DeviceKind::Gpu)
+                    },
+                    DeviceSlot {
+                        opts: vec!["peer=gpu1".into()],
+                        ..DeviceSlot::own_port("npu0", DeviceKind::Npu)
                     },
                 ],
                 hotplug: HotplugMode::Acpi,

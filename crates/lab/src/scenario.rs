@@ -165,6 +165,24 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::hotplug::H3),
         },
+        Scenario {
+            id: "H4",
+            name: "H4 remove-while-held",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::hotplug::H4),
+        },
+        Scenario {
+            id: "H5",
+            name: "H5 surprise-removal",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::hotplug::H5),
+        },
+        Scenario {
+            id: "H6",
+            name: "H6 gpu-npu-peer",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::hotplug::H6),
+        },
     ]
 }
 
@@ -315,7 +333,10 @@ mod tests {
                 "R9 system-reset",
                 "H1 hot-add",
                 "H2 hot-remove",
-                "H3 add-remove-cycles"
+                "H3 add-remove-cycles",
+                "H4 remove-while-held",
+                "H5 surprise-removal",
+                "H6 gpu-npu-peer"
             ]
         );
         assert_eq!(
@@ -323,7 +344,11 @@ mod tests {
                 .iter()
                 .map(Scenario::profile)
                 .collect::<Vec<_>>(),
-            [crate::profile::ProfileId::GpuHotplug; 3]
+            [
+                [crate::profile::ProfileId::GpuHotplug; 5].as_slice(),
+                &[crate::profile::ProfileId::GpuNpuHotplug]
+            ]
+            .concat()
         );
         assert_eq!(names(&select(Some("R9"))), ["R9 system-reset"]);
         assert_eq!(

@@ -163,19 +163,37 @@ fn lab_suite_all_scenarios_pass() {
             "R7 subtest {subtest:?} must pass"
         );
     }
-    // H1-H3 ran in the `gpu-hotplug` VM: a GPU with MSI (QEMU 11.1.3 aborts on device_del of
-    // a device with MSI-X) hot-added, probed, removed with vfio-pci bound, and cycled.
+    // H1-H5 ran in the `gpu-hotplug` VM: a GPU with MSI (QEMU 11.1.3 aborts on device_del of
+    // a device with MSI-X) hot-added, probed, removed with vfio-pci bound, cycled 100 times
+    // (after a warm-up) with a guest vfio user mapping DMA each cycle, removed while a guest
+    // vfio user held it (REQ), and surprise-removed (link-down); H6 in `gpu-npu-hotplug`.
     assert!(progress
         .lines()
-        .any(|l| l.starts_with("lab: VM ") && l.ends_with(": profile gpu-hotplug for H1 H2 H3")));
+        .any(|l| l.starts_with("lab: VM ")
+            && l.ends_with(": profile gpu-hotplug for H1 H2 H3 H4 H5")));
+    assert!(progress
+        .lines()
+        .any(|l| l.starts_with("lab: VM ") && l.ends_with(": profile gpu-npu-hotplug for H6")));
     for subtest in [
         "vfio-pci binds 0000:02:00.0 through driver_override",
         "device_del gpu1 → DEVICE_DELETED in",
         "the guest's sysfs entry 0000:02:00.0 is gone",
         "gpu1 journaled a lost-connection reset after it",
-        "no fd leak over 10 cycles",
-        "no thread leak over 10 cycles",
-        "RSS does not grow over 10 cycles",
+        "no fd leak: equal over all 120 cycles",
+        "no thread leak: equal over all 120 cycles",
+        "RSS does not grow over 100 cycles",
+        "gpu1 journaled 120 connects, disconnects and lost-connection resets",
+        "gpu1 journaled the guest's DMA mappings",
+        "the holder received the device request (REQ eventfd), released and exited",
+        "the removal stays pending while the program holds the device",
+        "the agent kills the holder: the removal completes",
+        "link down: the guest reads config all-ones",
+        "link down: BAR0 reads all-ones",
+        "link-up recovers",
+        "device_del of the dead device → DEVICE_DELETED",
+        "gpu1 plugged: npu0 PEER_STATUS = configured | present",
+        "gpu1 removed: npu0 PEER_STATUS = configured, peer gone",
+        "the guest holds no pci_dev of the removed gpu1",
     ] {
         assert!(
             ktap.lines()
