@@ -347,28 +347,7 @@ impl Bus {
         // Lock order everywhere: client, then MSI/MSI-X state (see `deliver_pending_msix`).
         let client = self.client();
         let mut msix = self.msix();
-        let Some(m) = msix.as_mut() else {
-            return MsixOutcome::InvalidVector;
-        };
-        if vector >= m.vectors() {
-            return MsixOutcome::InvalidVector;
-        }
-        let outcome = match self.may_master() {
-            Err(reason) => {
-                m.set_pending(vector, true);
-                self.journal().record(Event::Interrupt {
-                    vector,
-                    outcome: format!("refused:{}", refusal_name(reason)),
-                });
-                return MsixOutcome::Refused;
-            }
-            Ok(()) => m.raise(client.as_ref().map(|l| &l.irqs), vector),
-        };
-        self.journal().record(Event::Interrupt {
-            vector,
-            outcome: outcome_name(outcome).to_string(),
-        });
-        outcome
+        self.raise_vector(client.as_ref(), msix.as_mut(), vector)
     }
 
     /// Raise MSI vector `vector` (PCI 3.0 §6.8.3). Gated and journaled as MSI-X: an MSI message
@@ -379,10 +358,20 @@ impl Bus {
     /// into the allocated ones (see [`crate::caps::msi`]); the journal has the vector raised.
     pub fn raise_msi(&self, vector: u16) -> MsixOutcome {
         let _tx = self.transaction();
-        // Lock order everywhere: client, then MSI/MSI-X state (see `deliver_pending_msix`).
         let client = self.client();
         let mut msi = self.msi();
-        let Some(m) = msi.as_mut() else {
+        self.raise_vector(client.as_ref(), msi.as_mut(), vector)
+    }
+
+    /// The one place a message interrupt is raised: range check, the bus gate (refused →
+    /// pending + journaled), delivery through the client's eventfd, journal record.
+    fn raise_vector(
+        &self,
+        client: Option<&ClientLink>,
+        state: Option<&mut impl Vectors>,
+        vector: u16,
+    ) -> MsixOutcome {
+        let Some(m) = state else {
             return MsixOutcome::InvalidVector;
         };
         if vector >= m.vectors() {
@@ -397,7 +386,7 @@ impl Bus {
                 });
                 return MsixOutcome::Refused;
             }
-            Ok(()) => m.raise(client.as_ref().map(|l| &l.irqs), vector),
+            Ok(()) => m.raise(client.map(|l| &l.irqs), vector),
         };
         self.journal().record(Event::Interrupt {
             vector,
@@ -587,5 +576,36 @@ pub fn refusal_name(r: Refusal) -> &'static str {
         Refusal::Resetting => "resetting",
         Refusal::NoClient => "no_client",
         Refusal::InjectedError => "injected_error",
+    }
+}
+
+/// What raising a message interrupt needs from MSI-X or MSI state.
+trait Vectors {
+    fn vectors(&self) -> u16;
+    fn set_pending(&mut self, vector: u16, on: bool);
+    fn raise(&mut self, irqs: Option<&pcisim_vfio_user::Interrupts>, vector: u16) -> MsixOutcome;
+}
+
+impl Vectors for MsixState {
+    fn vectors(&self) -> u16 {
+        MsixState::vectors(self)
+    }
+    fn set_pending(&mut self, vector: u16, on: bool) {
+        MsixState::set_pending(self, vector, on)
+    }
+    fn raise(&mut self, irqs: Option<&pcisim_vfio_user::Interrupts>, vector: u16) -> MsixOutcome {
+        MsixState::raise(self, irqs, vector)
+    }
+}
+
+impl Vectors for crate::caps::msi::MsiState {
+    fn vectors(&self) -> u16 {
+        crate::caps::msi::MsiState::vectors(self)
+    }
+    fn set_pending(&mut self, vector: u16, on: bool) {
+        crate::caps::msi::MsiState::set_pending(self, vector, on)
+    }
+    fn raise(&mut self, irqs: Option<&pcisim_vfio_user::Interrupts>, vector: u16) -> MsixOutcome {
+        crate::caps::msi::MsiState::raise(self, irqs, vector)
     }
 }
