@@ -387,6 +387,28 @@ pub fn between_interrupts(records: &[Value], first: u64, second: u64) -> Option<
     Some(&records[a + 1..b])
 }
 
+/// The records between the guest program's marker interrupts (vector [`GUEST_MARK_BEFORE`],
+/// then [`GUEST_MARK_AFTER`]), where the step's reset must be; if the markers are not both in
+/// the journal, `what` fails and there is no window.
+fn marked_window<'a>(
+    ctx: &mut HostCtx<'_>,
+    what: &str,
+    records: &'a [Value],
+) -> Option<&'a [Value]> {
+    let window = between_interrupts(
+        records,
+        u64::from(GUEST_MARK_BEFORE),
+        u64::from(GUEST_MARK_AFTER),
+    );
+    if window.is_none() {
+        ctx.fail(
+            what,
+            "the marker interrupts (vectors 2 then 3) are not both in the journal",
+        );
+    }
+    window
+}
+
 /// `# latency_ms <method> <ms>` from a guest program's KTAP.
 pub fn latency_ms(stdout: &str) -> Option<(String, f64)> {
     stdout.lines().find_map(|l| {
@@ -469,26 +491,15 @@ fn r1_flr(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     ctx.diag(&format!(
         "{dev}: the vfio session journaled resets {all:?} (vfio-pci resets on open and close; runtime PM resumes from D3hot)"
     ));
-    let between = between_interrupts(
-        &w,
-        u64::from(GUEST_MARK_BEFORE),
-        u64::from(GUEST_MARK_AFTER),
-    );
-    match between {
-        Some(b) => {
-            check_kinds(
-                ctx,
-                &format!("{dev} between the marker interrupts"),
-                b,
-                &["flr"],
-            );
-        }
-        None => ctx.fail(
-            &format!(
-                "{dev} between the marker interrupts: journaled reset_begin/reset_end kind=flr"
-            ),
-            "the marker interrupts (vectors 2 then 3) are not both in the journal",
-        ),
+    let what =
+        format!("{dev} between the marker interrupts: journaled reset_begin/reset_end kind=flr");
+    if let Some(b) = marked_window(ctx, &what, &w) {
+        check_kinds(
+            ctx,
+            &format!("{dev} between the marker interrupts"),
+            b,
+            &["flr"],
+        );
     }
     Ok(())
 }
@@ -532,15 +543,8 @@ fn r2_flr_with_dma(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         &argv,
     )?;
     let w = since(ctx, dev, m)?;
-    let Some(b) = between_interrupts(
-        &w,
-        u64::from(GUEST_MARK_BEFORE),
-        u64::from(GUEST_MARK_AFTER),
-    ) else {
-        ctx.fail(
-            &format!("{dev}: the reset between the marker interrupts"),
-            "the marker interrupts (vectors 2 then 3) are not both in the journal",
-        );
+    let what = format!("{dev}: the reset between the marker interrupts");
+    let Some(b) = marked_window(ctx, &what, &w) else {
         return Ok(());
     };
     check_kinds(ctx, &format!("{dev} FLR with DMA in flight"), b, &["flr"]);
@@ -591,15 +595,8 @@ fn r2b_flr_dma_buggy_driver(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         &argv,
     )?;
     let w = since(ctx, dev, m)?;
-    let Some(b) = between_interrupts(
-        &w,
-        u64::from(GUEST_MARK_BEFORE),
-        u64::from(GUEST_MARK_AFTER),
-    ) else {
-        ctx.fail(
-            &format!("{dev}: the reset between the marker interrupts"),
-            "the marker interrupts (vectors 2 then 3) are not both in the journal",
-        );
+    let what = format!("{dev}: the reset between the marker interrupts");
+    let Some(b) = marked_window(ctx, &what, &w) else {
         return Ok(());
     };
     check_kinds(ctx, &format!("{dev} raw FLR"), b, &["flr"]);
@@ -826,23 +823,14 @@ fn r6_vfio_device_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     } else {
         first.as_str()
     };
-    match between_interrupts(
-        &w,
-        u64::from(GUEST_MARK_BEFORE),
-        u64::from(GUEST_MARK_AFTER),
-    ) {
-        Some(b) => {
-            check_kinds(
-                ctx,
-                &format!("{dev} VFIO_DEVICE_RESET (the kernel's first method, {first})"),
-                b,
-                &[want],
-            );
-        }
-        None => ctx.fail(
-            &format!("{dev} VFIO_DEVICE_RESET: journaled reset_begin/reset_end kind={want}"),
-            "the marker interrupts (vectors 2 then 3) are not both in the journal",
-        ),
+    let what = format!("{dev} VFIO_DEVICE_RESET: journaled reset_begin/reset_end kind={want}");
+    if let Some(b) = marked_window(ctx, &what, &w) {
+        check_kinds(
+            ctx,
+            &format!("{dev} VFIO_DEVICE_RESET (the kernel's first method, {first})"),
+            b,
+            &[want],
+        );
     }
     Ok(())
 }
@@ -890,18 +878,9 @@ fn r7_hot_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
             !early.iter().any(|k| k == "device"),
             format!("resets before the marker: {early:?}"),
         );
-        match between_interrupts(
-            &w,
-            u64::from(GUEST_MARK_BEFORE),
-            u64::from(GUEST_MARK_AFTER),
-        ) {
-            Some(b) => {
-                check_kinds(ctx, &format!("{dev} hot reset"), b, &["device"]);
-            }
-            None => ctx.fail(
-                &format!("{dev} hot reset: journaled reset_begin/reset_end kind=device"),
-                "the marker interrupts (vectors 2 then 3) are not both in the journal",
-            ),
+        let what = format!("{dev} hot reset: journaled reset_begin/reset_end kind=device");
+        if let Some(b) = marked_window(ctx, &what, &w) {
+            check_kinds(ctx, &format!("{dev} hot reset"), b, &["device"]);
         }
     }
     Ok(())
