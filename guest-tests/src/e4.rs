@@ -367,6 +367,65 @@ fn unmap_all(
     }
 }
 
+/// A function opened through guest vfio-pci for the ring programs.
+pub struct Opened {
+    /// How it was bound (for [`release`]).
+    pub binding: Binding,
+    /// The vfio container/group/device, if opening worked.
+    pub vfio: Option<Vfio>,
+    /// The eventfd of each requested MSI-X vector.
+    pub fds: BTreeMap<u32, File>,
+    /// MSI-X eventfds were set up (release must tear them down).
+    pub irqs_on: bool,
+}
+
+/// The opening steps the ring programs share, as KTAP tests `vfio-bind`, `vfio-open`,
+/// `command-enable` and `msix-enable`: bind the function to vfio-pci, open it, enable memory
+/// decoding and bus mastering, and bind an eventfd to each of `vectors` (the device must offer
+/// at least `min_vectors`). A failed step is recorded in `failed` and skips the ones after it.
+pub fn open_ring_device(
+    func: &Function,
+    k: &mut Ktap,
+    failed: &mut Option<&'static str>,
+    vectors: &[u32],
+    min_vectors: u32,
+) -> Opened {
+    let mut binding = Binding::default();
+    let r = bind(func, &mut binding, k);
+    let ok = k.check("vfio-bind", r);
+    note_fail(failed, "vfio-bind", ok);
+
+    let mut vfio: Option<Vfio> = None;
+    let ok = gated(k, "vfio-open", *failed, |k| {
+        let group = binding.group.clone().unwrap_or_default();
+        vfio = Some(open_vfio(&func.bdf, &group, k)?);
+        Ok(())
+    });
+    note_fail(failed, "vfio-open", ok);
+
+    let ok = gated(k, "command-enable", *failed, |k| match &vfio {
+        Some(v) => enable_command(v, k),
+        None => Err("no device".into()),
+    });
+    note_fail(failed, "command-enable", ok);
+
+    let mut fds: BTreeMap<u32, File> = BTreeMap::new();
+    let ok = gated(k, "msix-enable", *failed, |k| match &vfio {
+        Some(v) => {
+            fds = vdev::msix_eventfds(v, vectors, min_vectors, k)?;
+            Ok(())
+        }
+        None => Err("no device".into()),
+    });
+    note_fail(failed, "msix-enable", ok);
+    Opened {
+        binding,
+        vfio,
+        fds,
+        irqs_on: ok,
+    }
+}
+
 pub fn note_fail(failed: &mut Option<&'static str>, name: &'static str, ok: bool) {
     if !ok && failed.is_none() {
         *failed = Some(name);
@@ -434,38 +493,20 @@ fn run_on(func: &Function, note: Option<String>) -> i32 {
     if let Some(n) = note {
         k.diag(&n);
     }
-    let mut binding = Binding::default();
     // The first failed step; later steps that need it are skipped.
     let mut failed: Option<&'static str> = None;
-
-    let r = bind(func, &mut binding, &mut k);
-    let ok = k.check("vfio-bind", r);
-    note_fail(&mut failed, "vfio-bind", ok);
-
-    let mut vfio: Option<Vfio> = None;
-    let ok = gated(&mut k, "vfio-open", failed, |k| {
-        let group = binding.group.clone().unwrap_or_default();
-        vfio = Some(open_vfio(&func.bdf, &group, k)?);
-        Ok(())
-    });
-    note_fail(&mut failed, "vfio-open", ok);
-
-    let ok = gated(&mut k, "command-enable", failed, |k| match &vfio {
-        Some(v) => enable_command(v, k),
-        None => Err("no device".into()),
-    });
-    note_fail(&mut failed, "command-enable", ok);
-
-    let mut fds: BTreeMap<u32, File> = BTreeMap::new();
-    let ok = gated(&mut k, "msix-enable", failed, |k| match &vfio {
-        Some(v) => {
-            fds = vdev::msix_eventfds(v, &[FENCE_VECTOR, ERROR_VECTOR], MSIX_MIN_VECTORS, k)?;
-            Ok(())
-        }
-        None => Err("no device".into()),
-    });
-    note_fail(&mut failed, "msix-enable", ok);
-    let irqs_on = ok;
+    let Opened {
+        binding,
+        vfio,
+        mut fds,
+        irqs_on,
+    } = open_ring_device(
+        func,
+        &mut k,
+        &mut failed,
+        &[FENCE_VECTOR, ERROR_VECTOR],
+        MSIX_MIN_VECTORS,
+    );
 
     let mut mapped: Option<(DmaBuffer, Bufs)> = None;
     let ok = gated(&mut k, "dma-map", failed, |k| match &vfio {

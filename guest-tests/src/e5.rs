@@ -6,15 +6,14 @@
 
 use crate::args::Args;
 use crate::e1::setup_failure;
-use crate::e4::{gated, note_fail};
+use crate::e4::{gated, note_fail, open_ring_device, Opened};
 use crate::gpu::{self, encode_cmd, fill32};
 use crate::ktap::{Ktap, Outcome};
 use crate::pci::{self, Function};
 use crate::ringdrv::{self, RingDrv};
 use crate::sys;
 use crate::vdev::{
-    self, bind, enable_command, open_vfio, poll_reg, release, set_command, wait_eventfd, write_reg,
-    Binding, DmaBuffer, Vfio, PCI_COMMAND_MASTER,
+    poll_reg, release, set_command, wait_eventfd, write_reg, DmaBuffer, Vfio, PCI_COMMAND_MASTER,
 };
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -247,37 +246,13 @@ fn run_on(func: &Function, note: Option<String>) -> i32 {
     if let Some(n) = note {
         k.diag(&n);
     }
-    let mut binding = Binding::default();
     let mut failed: Option<&'static str> = None;
-
-    let r = bind(func, &mut binding, &mut k);
-    let ok = k.check("vfio-bind", r);
-    note_fail(&mut failed, "vfio-bind", ok);
-
-    let mut vfio: Option<Vfio> = None;
-    let ok = gated(&mut k, "vfio-open", failed, |k| {
-        let group = binding.group.clone().unwrap_or_default();
-        vfio = Some(open_vfio(&func.bdf, &group, k)?);
-        Ok(())
-    });
-    note_fail(&mut failed, "vfio-open", ok);
-
-    let ok = gated(&mut k, "command-enable", failed, |k| match &vfio {
-        Some(v) => enable_command(v, k),
-        None => Err("no device".into()),
-    });
-    note_fail(&mut failed, "command-enable", ok);
-
-    let mut fds: BTreeMap<u32, File> = BTreeMap::new();
-    let ok = gated(&mut k, "msix-enable", failed, |k| match &vfio {
-        Some(v) => {
-            fds = vdev::msix_eventfds(v, &[FENCE_VECTOR, ERROR_VECTOR], 2, k)?;
-            Ok(())
-        }
-        None => Err("no device".into()),
-    });
-    note_fail(&mut failed, "msix-enable", ok);
-    let irqs_on = ok;
+    let Opened {
+        binding,
+        vfio,
+        mut fds,
+        irqs_on,
+    } = open_ring_device(func, &mut k, &mut failed, &[FENCE_VECTOR, ERROR_VECTOR], 2);
 
     let mut ring_buf: Option<DmaBuffer> = None;
     let mut maps: Option<Maps> = None;
