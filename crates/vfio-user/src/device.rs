@@ -156,6 +156,9 @@ pub struct ClientLink {
 
 /// A device backend served over vfio-user. One instance per socket; it outlives clients.
 ///
+/// Its regions and interrupt indices (what `region_info` and `irq_info` report) are fixed for
+/// its lifetime: the server reads them once per client.
+///
 /// Every method must return promptly: the client waits synchronously for most replies and
 /// declares the server dead after its message timeout (QEMU: 5 s).
 pub trait Device: Send {

@@ -186,11 +186,18 @@ impl Server {
             self.opts.name,
             self.path.display()
         );
-        let counts: Vec<u32> = {
+        // What the device looks like does not change while it exists (the `Device` contract):
+        // read it once per client, not on every access.
+        let (counts, region_sizes): (Vec<u32>, Vec<u64>) = {
             let dev = lock(&self.device);
-            (0..irq_index::COUNT)
-                .map(|i| dev.irq_info(i).map_or(0, |info| info.count))
-                .collect()
+            (
+                (0..irq_index::COUNT)
+                    .map(|i| dev.irq_info(i).map_or(0, |info| info.count))
+                    .collect(),
+                (0..)
+                    .map_while(|i| dev.region_info(i).map(|info| info.size))
+                    .collect(),
+            )
         };
         let mut conn = Connection {
             stream,
@@ -200,6 +207,7 @@ impl Server {
             irqs: Interrupts::new(&counts),
             negotiated: false,
             client_max_xfer: self.opts.max_data_xfer_size,
+            region_sizes,
         };
         let end = conn.run();
         // Order matters: the device stops using the client's memory and eventfds first. A
@@ -299,6 +307,8 @@ struct Connection<'a> {
     negotiated: bool,
     /// The client's `max_data_xfer_size`: bounds the data we return in one reply.
     client_max_xfer: usize,
+    /// Size of each region, by index (read once per client; accesses are checked against it).
+    region_sizes: Vec<u64>,
 }
 
 impl Connection<'_> {
@@ -664,17 +674,15 @@ impl Connection<'_> {
     }
 
     fn check_region(&self, index: u32, offset: u64, len: usize) -> Result<(), Failure> {
-        let info = lock(self.device)
-            .region_info(index)
+        let size = *usize::try_from(index)
+            .ok()
+            .and_then(|i| self.region_sizes.get(i))
             .ok_or_else(|| Failure::new(libc::EINVAL, format!("no region {index}")))?;
         let end = offset.checked_add(len as u64);
-        if len == 0 || end.is_none_or(|e| e > info.size) {
+        if len == 0 || end.is_none_or(|e| e > size) {
             return Err(Failure::new(
                 libc::EINVAL,
-                format!(
-                    "region {index} access {offset:#x}+{len} outside its {:#x} bytes",
-                    info.size
-                ),
+                format!("region {index} access {offset:#x}+{len} outside its {size:#x} bytes"),
             ));
         }
         Ok(())
