@@ -125,6 +125,10 @@ fn build_npu(spec: &DeviceSpec, gpus: &[GpuPeer]) -> Result<Built> {
         let ctx = || format!("device {}: option {k}={v}", spec.id);
         match k.as_str() {
             "checking" => cfg.checking = parse_bool(v).with_context(ctx)?,
+            "chunk_delay_us" => {
+                let us: u64 = v.parse().with_context(ctx)?;
+                cfg.chunk_delay = std::time::Duration::from_micros(us);
+            }
             "peer" => {
                 let g = gpus.iter().find(|g| g.id == *v).ok_or_else(|| {
                     anyhow::anyhow!(
@@ -139,7 +143,7 @@ fn build_npu(spec: &DeviceSpec, gpus: &[GpuPeer]) -> Result<Built> {
                 peer = Some(g);
             }
             other => bail!(
-                "device {}: unknown npu option {other:?} (known: peer, checking, {COMMON_OPTIONS})",
+                "device {}: unknown npu option {other:?} (known: peer, checking, chunk_delay_us, {COMMON_OPTIONS})",
                 spec.id
             ),
         }

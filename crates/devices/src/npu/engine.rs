@@ -70,6 +70,9 @@ pub struct EngineConfig {
     pub atc_entries: u32,
     /// Number of MSI-X vectors (interrupt registers name vectors below it).
     pub msix_vectors: u16,
+    /// Time each chunk takes at least (a slower engine): keeps work in flight long enough
+    /// for a scenario to race process exit against it. Zero: full speed.
+    pub chunk_delay: std::time::Duration,
 }
 
 /// A ring in guest memory.
@@ -408,9 +411,13 @@ impl Shared {
         // Transactions Pending while the item runs (not while it waits for the bus).
         let mut busy = Some(host.in_flight());
         let mut retry = false;
+        let delay = g.cfg.chunk_delay;
         while done < d.len {
             // Step aside for register accesses, then re-validate the item.
             drop(g);
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
             g = self.lock_engine();
             if std::mem::take(&mut retry) {
                 g = self

@@ -144,6 +144,10 @@ pub struct NpuConfig {
     pub atc_entries: u32,
     /// Maximum PASIDs bound at once.
     pub max_contexts: u32,
+    /// Minimum time per chunk (at most one page) of a descriptor: a slower engine, so that
+    /// work is reliably still in flight when a process exits (the SVA scenarios). Zero: full
+    /// speed.
+    pub chunk_delay: std::time::Duration,
 }
 
 impl Default for NpuConfig {
@@ -162,6 +166,7 @@ impl Default for NpuConfig {
             checking: true,
             atc_entries: atc::DEFAULT_CAPACITY as u32,
             max_contexts: 256,
+            chunk_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -326,6 +331,7 @@ impl Npu {
             max_contexts: cfg.max_contexts,
             atc_entries: cfg.atc_entries,
             msix_vectors: MSIX_VECTORS,
+            chunk_delay: cfg.chunk_delay,
         }));
         let s = shared.clone();
         let engine = std::thread::Builder::new()
