@@ -23,6 +23,7 @@ mod resetdma;
 mod resethot;
 mod resetvfio;
 mod ringdrv;
+mod sva;
 mod sys;
 mod vdev;
 #[allow(dead_code)] // the uapi subset is kept complete for the next scenarios
@@ -58,6 +59,8 @@ usage: pcisim-guest <subcommand> [options]
       R0: the NPU's PEER_STATUS (peer configured, present or not)
   bar-io --bdf BDF [--bar N] --off OFF[,OFF..] [--write VALUE]
       H5: 32-bit BAR reads (and one write) through sysfs resourceN
+  sva --bdf BDF --case basic|exit|kill|fork|scm|mmap|m7 [--lenient on]
+      M6/M7: process memory worked on by the NPU through the guest NPU driver (pcisim_npu.ko)
   vfio-user --vendor V --device D [--bdf BDF] [--dma-kib N] [--req off|release|ignore]
             [--ready-file PATH] [--wait-s N]
       H3/H4: a guest vfio user that maps a DMA buffer; optionally holds the device and
@@ -85,6 +88,7 @@ fn main() {
         "npu-peer" => npu::run(rest),
         "vfio-user" => vfiouser::run(rest),
         "bar-io" => bario::run(rest),
+        "sva" => sva::run(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             0
