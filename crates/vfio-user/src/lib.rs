@@ -12,7 +12,8 @@ pub use device::{
 };
 pub use dma::{DmaError, DmaSpace};
 pub use irq::{Interrupts, IrqError, Signal};
+mod reader;
 pub mod server;
 mod sys;
 
-pub use server::{ConnectionEnd, Server, ServerError, ServerOptions};
+pub use server::{ConnectionEnd, PeerCred, Server, ServerError, ServerOptions};

@@ -240,6 +240,10 @@ pub enum ProtoError {
     /// The message is not a command.
     #[error("Message type {0:#x} is not a command")]
     NotACommand(u32),
+    /// A command's header has flag bits set that a command may not carry: reserved bits, or
+    /// `Error` (which only a reply may set).
+    #[error("Header flags {0:#x} are not valid on a command")]
+    BadHeaderFlags(u32),
 }
 
 impl ProtoError {
@@ -424,6 +428,10 @@ pub fn decode(header: &Header, payload: &[u8], limits: &Limits) -> Result<Reques
     if !header.is_command() {
         return Err(ProtoError::NotACommand(header.flags & FLAG_TYPE_MASK));
     }
+    // The spec defines the type, No_reply and Error bits; a command may only carry No_reply.
+    if header.flags & !(FLAG_TYPE_MASK | FLAG_NO_REPLY) != 0 {
+        return Err(ProtoError::BadHeaderFlags(header.flags));
+    }
     let cmd =
         Command::from_u16(header.command).ok_or(ProtoError::UnknownCommand(header.command))?;
     let mut r = Reader::new(payload);
@@ -571,7 +579,16 @@ pub fn decode(header: &Header, payload: &[u8], limits: &Limits) -> Result<Reques
                 }
                 Vec::new()
             };
-            if (argsz as usize) < 20 {
+            // argsz covers the structure and, for DATA_BOOL, the bools that follow it (QEMU
+            // sends argsz = 20 + count; the kernel's rule is argsz - 20 >= count * data size).
+            // Eventfds travel as SCM_RIGHTS, so for DATA_EVENTFD only the 20 bytes count
+            // (QEMU sends 20; a client copying the ioctl's argsz may send 20 + 4 * count).
+            let needed = if data == IRQ_SET_DATA_BOOL {
+                20 + u64::from(count)
+            } else {
+                20
+            };
+            if u64::from(argsz) < needed {
                 return Err(ProtoError::BadField {
                     command: cmd,
                     field: "argsz",
@@ -728,21 +745,45 @@ impl Writer {
         self.buf.extend_from_slice(v);
         self
     }
+    /// Append `n` zero bytes and return them, for data produced in place (a region read).
+    pub fn zeroed(&mut self, n: usize) -> &mut [u8] {
+        let start = self.buf.len();
+        self.buf.resize(start + n, 0);
+        self.buf.get_mut(start..).unwrap_or(&mut [])
+    }
+    /// A writer appending to `buf` after clearing it: reuses its allocation.
+    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        Writer { buf }
+    }
+    /// Bytes written so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
     /// The payload.
     pub fn finish(self) -> Vec<u8> {
         self.buf
     }
 }
 
-/// Build a complete reply frame (header + payload) to the command with header `cmd`.
-pub fn reply_frame(cmd: &Header, payload: &[u8]) -> Vec<u8> {
-    let h = Header {
+/// The header of a successful reply with `payload_len` payload bytes to the command `cmd`.
+pub fn reply_header(cmd: &Header, payload_len: usize) -> Header {
+    Header {
         id: cmd.id,
         command: cmd.command,
-        size: (HEADER_SIZE + payload.len()) as u32,
+        size: (HEADER_SIZE + payload_len) as u32,
         flags: FLAG_TYPE_REPLY,
         error: 0,
-    };
+    }
+}
+
+/// Build a complete reply frame (header + payload) to the command with header `cmd`.
+pub fn reply_frame(cmd: &Header, payload: &[u8]) -> Vec<u8> {
+    let h = reply_header(cmd, payload.len());
     let mut v = Vec::with_capacity(HEADER_SIZE + payload.len());
     v.extend_from_slice(&h.encode());
     v.extend_from_slice(payload);

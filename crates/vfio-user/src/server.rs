@@ -1,11 +1,16 @@
 //! The server side of one device socket: accept a client, read frames, dispatch them to the
 //! [`Device`], reply, and clean up when the client goes away — then accept the next client.
 //!
-//! Framing is strictly "frame first": read the 16-byte header, bound `size` by our limits, read
-//! the whole payload and its fds, and only then decode. A malformed payload therefore never
-//! desynchronises the stream: it gets an error reply and the next frame starts where the header
-//! said this one ends. Only a `size` smaller than the header itself cannot be skipped; the
-//! connection is then closed.
+//! Framing is strictly "frame first": a frame is decoded only once it is complete (header, the
+//! whole payload and its fds), so a malformed payload never desynchronises the stream: it gets an
+//! error reply and the next frame starts where the header said this one ends. Only a `size`
+//! smaller than the header itself cannot be skipped; the connection is then closed. Frames are
+//! read through a buffer ([`crate::reader`]): one `recvmsg` per request in the common case.
+//!
+//! Access control: the socket file is created with mode [`ServerOptions::socket_mode`] (0600 by
+//! default), and every connection's peer uid (SO_PEERCRED) must be the server's own effective
+//! uid or one of [`ServerOptions::allowed_uids`]; other peers are closed at once (see
+//! docs/security.md).
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -17,8 +22,21 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use crate::device::{irq_index, ClientLink, Device};
 use crate::dma::DmaSpace;
 use crate::irq::Interrupts;
-use crate::proto::{self, Header, Limits, ProtoError, Request, Writer, HEADER_SIZE};
+use crate::proto::{self, Limits, Request, Writer, HEADER_SIZE};
+use crate::reader::{Event, Frame, FrameReader, ReadError};
 use crate::sys;
+
+pub use crate::sys::PeerCred;
+
+/// Default permission bits of a device socket: only the owner may connect.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
+/// Reply buffers larger than this are not kept for the next request (a 1 MiB read reply would
+/// otherwise stay allocated for the connection's lifetime).
+const KEEP_REPLY_BUF: usize = 64 * 1024;
+
+/// The page size we advertise (`pgsizes`): DMA ranges are aligned to it.
+const PAGE_SIZE: u64 = 4096;
 
 /// Tunables of a device server.
 #[derive(Debug, Clone)]
@@ -29,6 +47,11 @@ pub struct ServerOptions {
     pub max_data_xfer_size: usize,
     /// Most fds we accept in one message (advertised as `max_msg_fds`).
     pub max_msg_fds: usize,
+    /// Permission bits of the socket file ([`DEFAULT_SOCKET_MODE`], 0600, unless configured).
+    pub socket_mode: u32,
+    /// Users, besides the server's own effective uid, whose clients are served. A client of any
+    /// other uid is refused at accept (closed, logged at `warn!`).
+    pub allowed_uids: Vec<u32>,
 }
 
 impl Default for ServerOptions {
@@ -37,6 +60,8 @@ impl Default for ServerOptions {
             name: "dev".into(),
             max_data_xfer_size: 1 << 20,
             max_msg_fds: 16,
+            socket_mode: DEFAULT_SOCKET_MODE,
+            allowed_uids: Vec::new(),
         }
     }
 }
@@ -106,9 +131,16 @@ fn lock<'a>(d: &'a Mutex<dyn Device + 'static>) -> MutexGuard<'a, dyn Device + '
     d.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Create the listening socket at `path`, refusing to steal a live server's socket and removing
-/// a stale one.
+/// Create the listening socket at `path` with mode [`DEFAULT_SOCKET_MODE`] (0600), refusing to
+/// steal a live server's socket and removing a stale one.
 pub fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
+    bind_socket_with_mode(path, DEFAULT_SOCKET_MODE)
+}
+
+/// Create the listening socket at `path` whose file has exactly the permission bits `mode`
+/// (never more permissive, not even between `bind` and `chmod`), refusing to steal a live
+/// server's socket and removing a stale one.
+pub fn bind_socket_with_mode(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -129,10 +161,45 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
             source,
         })?;
     }
-    UnixListener::bind(path).map_err(|source| ServerError::Bind {
+    sys::listen_unix(path, mode & 0o777).map_err(|source| ServerError::Bind {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The credentials of the process at the other end of `stream` (SO_PEERCRED: recorded by the
+/// kernel when the peer connected).
+pub fn peer_credentials(stream: &UnixStream) -> io::Result<PeerCred> {
+    sys::peer_cred(stream)
+}
+
+/// Whether the peer of a freshly accepted `stream` may talk to us: its uid is the server's
+/// effective uid or one of `allowed`. A refused peer (or one whose credentials cannot be read)
+/// is logged at `warn!` with its pid and uid, prefixed by `what`; the caller closes the stream
+/// and keeps serving.
+pub fn admit_peer(stream: &UnixStream, allowed: &[u32], what: &str) -> bool {
+    let me = sys::euid();
+    match sys::peer_cred(stream) {
+        Ok(c) if c.uid == me || allowed.contains(&c.uid) => {
+            log::debug!("{what}: peer pid {} uid {} admitted", c.pid, c.uid);
+            true
+        }
+        Ok(c) => {
+            log::warn!(
+                "{what}: refused a client: pid {} uid {} gid {} (server uid {me}; allow with \
+                 --allow-uid {})",
+                c.pid,
+                c.uid,
+                c.gid,
+                c.uid
+            );
+            false
+        }
+        Err(e) => {
+            log::warn!("{what}: refused a client whose credentials cannot be read: {e}");
+            false
+        }
+    }
 }
 
 impl Server {
@@ -142,7 +209,7 @@ impl Server {
         device: Arc<Mutex<dyn Device>>,
         opts: ServerOptions,
     ) -> Result<Server, ServerError> {
-        let listener = bind_socket(path)?;
+        let listener = bind_socket_with_mode(path, opts.socket_mode)?;
         Ok(Server {
             listener,
             path: path.to_path_buf(),
@@ -162,7 +229,12 @@ impl Server {
     pub fn run(&self) -> io::Result<()> {
         loop {
             let stream = match self.listener.accept() {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    if !admit_peer(&stream, &self.opts.allowed_uids, &self.opts.name) {
+                        continue;
+                    }
+                    stream
+                }
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP) => {
                         return Err(e)
@@ -208,6 +280,7 @@ impl Server {
             negotiated: false,
             client_max_xfer: self.opts.max_data_xfer_size,
             region_sizes,
+            out: Vec::new(),
         };
         let end = conn.run();
         // Order matters: the device stops using the client's memory and eventfds first. A
@@ -226,42 +299,6 @@ impl Server {
     }
 }
 
-/// A decoded frame's raw parts.
-struct Frame {
-    header: Header,
-    payload: Vec<u8>,
-    fds: Vec<OwnedFd>,
-    fds_truncated: bool,
-}
-
-enum ReadOutcome {
-    Frame(Frame),
-    /// `size` larger than we accept: the payload was read and discarded.
-    Oversize(Header),
-    Eof,
-}
-
-/// A reply to send: payload plus fds.
-struct Reply {
-    payload: Vec<u8>,
-    fds: Vec<Arc<OwnedFd>>,
-}
-
-impl Reply {
-    fn empty() -> Self {
-        Reply {
-            payload: Vec::new(),
-            fds: Vec::new(),
-        }
-    }
-    fn data(payload: Vec<u8>) -> Self {
-        Reply {
-            payload,
-            fds: Vec::new(),
-        }
-    }
-}
-
 /// Why a request failed: the errno of the error reply plus a message for the log.
 struct Failure {
     errno: i32,
@@ -277,8 +314,8 @@ impl Failure {
     }
 }
 
-impl From<ProtoError> for Failure {
-    fn from(e: ProtoError) -> Self {
+impl From<proto::ProtoError> for Failure {
+    fn from(e: proto::ProtoError) -> Self {
         Failure::new(e.errno(), e.to_string())
     }
 }
@@ -298,6 +335,9 @@ impl From<crate::irq::IrqError> for Failure {
     }
 }
 
+/// Fds a reply carries (only DEVICE_GET_REGION_INFO of an mmap-able region has one).
+type ReplyFds = Vec<Arc<OwnedFd>>;
+
 struct Connection<'a> {
     stream: UnixStream,
     device: &'a Mutex<dyn Device + 'static>,
@@ -309,15 +349,18 @@ struct Connection<'a> {
     client_max_xfer: usize,
     /// Size of each region, by index (read once per client; accesses are checked against it).
     region_sizes: Vec<u64>,
+    /// The reply buffer, reused from one request to the next.
+    out: Vec<u8>,
 }
 
 impl Connection<'_> {
     fn run(&mut self) -> ConnectionEnd {
+        let mut reader = FrameReader::new(self.opts.max_msg_size(), self.opts.max_msg_fds);
         loop {
-            let frame = match self.read_frame() {
-                Ok(ReadOutcome::Frame(f)) => f,
-                Ok(ReadOutcome::Eof) => return ConnectionEnd::Eof,
-                Ok(ReadOutcome::Oversize(h)) => {
+            let frame = match reader.next(&self.stream) {
+                Ok(Event::Frame(f)) => f,
+                Ok(Event::Eof) => return ConnectionEnd::Eof,
+                Ok(Event::Oversize(h)) => {
                     log::warn!(
                         "{}: message {} ({} bytes) exceeds {} bytes; discarded",
                         self.opts.name,
@@ -325,6 +368,8 @@ impl Connection<'_> {
                         h.size,
                         self.opts.max_msg_size()
                     );
+                    // Answered before the payload is drained: a client that lied about the size
+                    // learns at once instead of waiting for bytes it will never send.
                     if !h.no_reply() {
                         if let Err(e) = self.send(&proto::error_frame(&h, libc::E2BIG), &[]) {
                             return ConnectionEnd::Io(e);
@@ -332,8 +377,8 @@ impl Connection<'_> {
                     }
                     continue;
                 }
-                Err(ConnError::Io(e)) => return ConnectionEnd::Io(e),
-                Err(ConnError::Desync(h, why)) => {
+                Err(ReadError::Io(e)) => return ConnectionEnd::Io(e),
+                Err(ReadError::Desync(h, why)) => {
                     // Reply so the client learns why, then close: we cannot find the next frame.
                     let _ = self.send(&proto::error_frame(&h, libc::EINVAL), &[]);
                     return ConnectionEnd::ProtocolError(why);
@@ -345,59 +390,16 @@ impl Connection<'_> {
         }
     }
 
-    fn read_exact_fds(
-        &mut self,
-        buf: &mut [u8],
-        fds: &mut Vec<OwnedFd>,
-        truncated: &mut bool,
-    ) -> Result<bool, ConnError> {
-        let mut got = 0;
-        while got < buf.len() {
-            let chunk = buf.get_mut(got..).unwrap_or(&mut []);
-            let r = sys::recv_with_fds(&self.stream, chunk, fds, self.opts.max_msg_fds)
-                .map_err(ConnError::Io)?;
-            *truncated |= r.truncated;
-            if r.bytes == 0 {
-                return Ok(false);
-            }
-            got += r.bytes;
+    fn send(&self, frame: &[u8], fds: &[Arc<OwnedFd>]) -> io::Result<()> {
+        if fds.is_empty() {
+            return sys::send_with_fds(&self.stream, frame, &[]);
         }
-        Ok(true)
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        sys::send_with_fds(&self.stream, frame, &borrowed)
     }
 
-    fn read_frame(&mut self) -> Result<ReadOutcome, ConnError> {
-        let mut hb = [0u8; HEADER_SIZE];
-        let mut fds = Vec::new();
-        let mut truncated = false;
-        if !self.read_exact_fds(&mut hb, &mut fds, &mut truncated)? {
-            return Ok(ReadOutcome::Eof);
-        }
-        let header = Header::parse(&hb);
-        let size = header.size as usize;
-        if size < HEADER_SIZE {
-            return Err(ConnError::Desync(
-                header,
-                format!("message size {size} is smaller than the header"),
-            ));
-        }
-        if size > self.opts.max_msg_size() {
-            // Discard the payload in bounded chunks so the stream stays in sync.
-            let mut left = size - HEADER_SIZE;
-            let mut sink = [0u8; 8192];
-            while left > 0 {
-                let n = left.min(sink.len());
-                let mut extra = Vec::new();
-                if !self.read_exact_fds(&mut sink[..n], &mut extra, &mut truncated)? {
-                    return Ok(ReadOutcome::Eof);
-                }
-                left -= n;
-            }
-            return Ok(ReadOutcome::Oversize(header));
-        }
-        let mut payload = vec![0u8; size - HEADER_SIZE];
-        if !self.read_exact_fds(&mut payload, &mut fds, &mut truncated)? {
-            return Ok(ReadOutcome::Eof);
-        }
+    fn handle(&mut self, frame: Frame<'_>) -> io::Result<()> {
+        let header = frame.header;
         log::debug!(
             "{}: <- id={} cmd={} size={} flags={:#x} fds={}",
             self.opts.name,
@@ -405,25 +407,14 @@ impl Connection<'_> {
             header.command,
             header.size,
             header.flags,
-            fds.len()
+            frame.fds.len()
         );
-        Ok(ReadOutcome::Frame(Frame {
-            header,
-            payload,
-            fds,
-            fds_truncated: truncated,
-        }))
-    }
-
-    fn send(&self, frame: &[u8], fds: &[Arc<OwnedFd>]) -> io::Result<()> {
-        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-        sys::send_with_fds(&self.stream, frame, &borrowed)
-    }
-
-    fn handle(&mut self, frame: Frame) -> io::Result<()> {
-        let header = frame.header;
-        let result = self.dispatch(frame);
-        if header.no_reply() {
+        // The reply is built in place after room for its header: one buffer, one sendmsg.
+        let mut w = Writer::with_buffer(std::mem::take(&mut self.out));
+        w.bytes(&[0u8; HEADER_SIZE]);
+        let result = self.dispatch(frame, &mut w);
+        let mut out = w.finish();
+        let sent = if header.no_reply() {
             // Never reply to NO_REPLY, not even with an error: the client is not waiting, and a
             // stray reply would be matched against a later request.
             if let Err(f) = result {
@@ -435,22 +426,33 @@ impl Connection<'_> {
                     f.errno
                 );
             }
-            return Ok(());
-        }
-        match result {
-            Ok(reply) => self.send(&proto::reply_frame(&header, &reply.payload), &reply.fds),
-            Err(f) => {
-                log::warn!(
-                    "{}: command {} (id {}) failed: {} (errno {})",
-                    self.opts.name,
-                    header.command,
-                    header.id,
-                    f.msg,
-                    f.errno
-                );
-                self.send(&proto::error_frame(&header, f.errno), &[])
+            Ok(())
+        } else {
+            match result {
+                Ok(fds) => {
+                    let h = proto::reply_header(&header, out.len() - HEADER_SIZE);
+                    if let Some(dst) = out.get_mut(..HEADER_SIZE) {
+                        dst.copy_from_slice(&h.encode());
+                    }
+                    self.send(&out, &fds)
+                }
+                Err(f) => {
+                    log::warn!(
+                        "{}: command {} (id {}) failed: {} (errno {})",
+                        self.opts.name,
+                        header.command,
+                        header.id,
+                        f.msg,
+                        f.errno
+                    );
+                    self.send(&proto::error_frame(&header, f.errno), &[])
+                }
             }
+        };
+        if out.capacity() <= KEEP_REPLY_BUF {
+            self.out = out;
         }
+        sent
     }
 
     fn limits(&self) -> Limits {
@@ -459,7 +461,9 @@ impl Connection<'_> {
         }
     }
 
-    fn dispatch(&mut self, frame: Frame) -> Result<Reply, Failure> {
+    /// Execute one request; its reply payload is appended to `w`, and the fds it carries are
+    /// returned.
+    fn dispatch(&mut self, frame: Frame<'_>, w: &mut Writer) -> Result<ReplyFds, Failure> {
         let Frame {
             header,
             payload,
@@ -472,7 +476,7 @@ impl Connection<'_> {
                 format!("more than {} fds in one message", self.opts.max_msg_fds),
             ));
         }
-        let req = proto::decode(&header, &payload, &self.limits())?;
+        let req = proto::decode(&header, payload, &self.limits())?;
         if !self.negotiated && !matches!(req, Request::Version { .. }) {
             return Err(Failure::new(
                 libc::EINVAL,
@@ -494,7 +498,7 @@ impl Connection<'_> {
             ));
         }
         match req {
-            Request::Version { major, minor, caps } => self.version(major, minor, &caps),
+            Request::Version { major, minor, caps } => self.version(major, minor, &caps, w),
             Request::DmaMap {
                 flags,
                 offset,
@@ -514,7 +518,7 @@ impl Connection<'_> {
                     "{}: DMA map {iova:#x}+{size:#x} prot={flags} fd={backed}",
                     self.opts.name
                 );
-                Ok(Reply::empty())
+                Ok(Vec::new())
             }
             Request::DmaUnmap {
                 argsz,
@@ -525,6 +529,13 @@ impl Connection<'_> {
                 let removed = if flags & proto::DMA_UNMAP_FLAG_ALL != 0 {
                     self.dma.unmap_all()
                 } else {
+                    // As the kernel (vfio_dma_do_unmap): a page-aligned, non-empty range.
+                    if size == 0 || iova % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+                        return Err(Failure::new(
+                            libc::EINVAL,
+                            format!("DMA unmap {iova:#x}+{size:#x} is empty or not page aligned"),
+                        ));
+                    }
                     self.dma.unmap(iova, size)?
                 };
                 lock(self.device).dma_unmapped(&removed);
@@ -533,9 +544,8 @@ impl Connection<'_> {
                     self.opts.name,
                     removed.len()
                 );
-                let mut w = Writer::new();
                 w.u32(argsz.min(24)).u32(flags).u64(iova).u64(size);
-                Ok(Reply::data(w.finish()))
+                Ok(Vec::new())
             }
             Request::GetInfo { .. } => {
                 let dev = lock(self.device);
@@ -543,18 +553,16 @@ impl Connection<'_> {
                     .take_while(|&i| dev.region_info(i).is_some())
                     .count() as u32;
                 let nirqs = (0..64).take_while(|&i| dev.irq_info(i).is_some()).count() as u32;
-                let mut w = Writer::new();
                 w.u32(16).u32(dev.device_flags()).u32(nregions).u32(nirqs);
-                Ok(Reply::data(w.finish()))
+                Ok(Vec::new())
             }
-            Request::GetRegionInfo { argsz, index } => self.region_info(argsz, index),
+            Request::GetRegionInfo { argsz, index } => self.region_info(argsz, index, w),
             Request::GetIrqInfo { index, .. } => {
                 let info = lock(self.device).irq_info(index).ok_or_else(|| {
                     Failure::new(libc::EINVAL, format!("no interrupt index {index}"))
                 })?;
-                let mut w = Writer::new();
                 w.u32(16).u32(info.flags).u32(index).u32(info.count);
-                Ok(Reply::data(w.finish()))
+                Ok(Vec::new())
             }
             Request::SetIrqs {
                 flags,
@@ -565,7 +573,7 @@ impl Connection<'_> {
             } => {
                 self.set_irqs(flags, index, start, count, &bools, fds)?;
                 lock(self.device).irqs_changed(index);
-                Ok(Reply::empty())
+                Ok(Vec::new())
             }
             Request::RegionRead {
                 offset,
@@ -579,11 +587,10 @@ impl Connection<'_> {
                     ));
                 }
                 self.check_region(region, offset, count as usize)?;
-                let mut buf = vec![0u8; count as usize];
-                lock(self.device).region_read(region, offset, &mut buf)?;
-                let mut w = Writer::new();
-                w.u64(offset).u32(region).u32(count).bytes(&buf);
-                Ok(Reply::data(w.finish()))
+                // The device reads straight into the reply.
+                w.u64(offset).u32(region).u32(count);
+                lock(self.device).region_read(region, offset, w.zeroed(count as usize))?;
+                Ok(Vec::new())
             }
             Request::RegionWrite {
                 offset,
@@ -592,9 +599,8 @@ impl Connection<'_> {
             } => {
                 self.check_region(region, offset, data.len())?;
                 lock(self.device).region_write(region, offset, &data)?;
-                let mut w = Writer::new();
                 w.u64(offset).u32(region).u32(data.len() as u32);
-                Ok(Reply::data(w.finish()))
+                Ok(Vec::new())
             }
             Request::RegionWriteMulti { writes } => {
                 // Every entry is checked before any is applied: a bad entry fails the whole
@@ -607,14 +613,13 @@ impl Connection<'_> {
                     lock(self.device).region_write(wr.region, wr.offset, &wr.data)?;
                     done += 1;
                 }
-                let mut w = Writer::new();
                 w.u64(done);
-                Ok(Reply::data(w.finish()))
+                Ok(Vec::new())
             }
             Request::DeviceReset => {
                 log::info!("{}: DEVICE_RESET from client", self.opts.name);
                 lock(self.device).reset()?;
-                Ok(Reply::empty())
+                Ok(Vec::new())
             }
         }
     }
@@ -624,7 +629,8 @@ impl Connection<'_> {
         major: u16,
         minor: u16,
         caps: &serde_json::Value,
-    ) -> Result<Reply, Failure> {
+        w: &mut Writer,
+    ) -> Result<ReplyFds, Failure> {
         if major != proto::VERSION_MAJOR {
             return Err(Failure::new(
                 libc::ENOTSUP,
@@ -658,7 +664,6 @@ impl Connection<'_> {
                 "write_multiple": true,
             }
         });
-        let mut w = Writer::new();
         w.u16(proto::VERSION_MAJOR)
             .u16(proto::VERSION_MINOR)
             .bytes(ours.to_string().as_bytes())
@@ -670,7 +675,7 @@ impl Connection<'_> {
                 dma: self.dma.clone(),
             });
         }
-        Ok(Reply::data(w.finish()))
+        Ok(Vec::new())
     }
 
     fn check_region(&self, index: u32, offset: u64, len: usize) -> Result<(), Failure> {
@@ -688,7 +693,7 @@ impl Connection<'_> {
         Ok(())
     }
 
-    fn region_info(&self, argsz: u32, index: u32) -> Result<Reply, Failure> {
+    fn region_info(&self, argsz: u32, index: u32, w: &mut Writer) -> Result<ReplyFds, Failure> {
         let info = lock(self.device)
             .region_info(index)
             .ok_or_else(|| Failure::new(libc::EINVAL, format!("no region {index}")))?;
@@ -715,7 +720,6 @@ impl Connection<'_> {
         }
         let cap = cap.finish();
         let full = 32 + cap.len() as u32;
-        let mut w = Writer::new();
         // cap_offset must point inside the structure the client will read (QEMU checks it even
         // on the short reply that only tells it how much room to allocate).
         let cap_offset = if cap.is_empty() { 0 } else { 32 };
@@ -731,10 +735,7 @@ impl Connection<'_> {
             // Short reply: the client retries with argsz = full; the fd comes with that reply.
             fds.clear();
         }
-        Ok(Reply {
-            payload: w.finish(),
-            fds,
-        })
+        Ok(fds)
     }
 
     fn set_irqs(
@@ -761,12 +762,16 @@ impl Connection<'_> {
             fds.len()
         );
         // Disable the whole index (VFIO: DATA_NONE | ACTION_TRIGGER with count 0).
-        if data == proto::IRQ_SET_DATA_NONE && action == proto::IRQ_SET_ACTION_TRIGGER && count == 0
+        if data == proto::IRQ_SET_DATA_NONE
+            && action == proto::IRQ_SET_ACTION_TRIGGER
+            && count == 0
+            && start == 0
         {
             self.irqs.disable(index)?;
             return Ok(());
         }
         if start.checked_add(count).is_none_or(|end| end > info.count) || count == 0 {
+            // (count 0 is only the disable form above; like libvfio-user, with start 0.)
             return Err(Failure::new(
                 libc::EINVAL,
                 format!("vectors {start}+{count} outside 0..{}", info.count),
@@ -844,9 +849,4 @@ impl Connection<'_> {
         }
         Ok(())
     }
-}
-
-enum ConnError {
-    Io(io::Error),
-    Desync(Header, String),
 }
