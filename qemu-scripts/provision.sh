@@ -5,6 +5,8 @@
 #     trixie-backports installed into a private trixie root and run rootless through that root's
 #     own dynamic loader),
 #   * a Debian trixie guest kernel (vmlinuz + its module tree, depmod'ed) and a static busybox,
+#   * a toolchain for guest kernel modules inside the trixie root: that exact kernel's
+#     linux-headers, the gcc it was built with, make (the lab builds guest-tests/kmod/ chrooted),
 #   * a verdict on the accelerator: nested KVM on our CI machines "works" until Linux boots and then
 #     dies with "KVM internal error ... emulation failure", so we boot a tiny initramfs to find out.
 #
@@ -49,7 +51,10 @@ whether KVM works (else TCG). Cache: \$PCISIM_CACHE, default \${XDG_CACHE_HOME:-
 
 On success prints to stdout:
   PCISIM_QEMU= PCISIM_QEMU_VERSION= PCISIM_KERNEL= PCISIM_KVER= PCISIM_MODULES=
-  PCISIM_BUSYBOX= PCISIM_ACCEL= PCISIM_CPU=
+  PCISIM_BUSYBOX= PCISIM_ACCEL= PCISIM_CPU= PCISIM_KBUILD_ROOT= PCISIM_KHEADERS=
+
+The kernel module toolchain step installs packages into the trixie root with chroot, so it needs
+root; run as another user it stops with an error (once done, any user can use the result).
 EOF
 }
 
@@ -170,6 +175,19 @@ accel_get() { accel_cached | sed -n "s/^$1=//p"; }
 
 guest_ready() { [[ -s $KDIR/kver && -f $KDIR/vmlinuz && -f $KDIR/modules/modules.dep && -x $BUSYBOX ]]; }
 
+# The kernel module toolchain in the root matches the guest kernel: the stamp holds the
+# "PACKAGE VERSION KVER" it was installed for (a re-provisioned kernel invalidates it).
+KBUILD_STAMP=$STAMPS/kbuild
+kbuild_id() { [[ -s $KDIR/package && -s $KDIR/kver ]] && printf '%s %s\n' "$(cat "$KDIR/package")" "$(cat "$KDIR/kver")"; }
+# The headers directory as seen inside the root (what `make -C` gets when chrooted).
+kheaders() { echo "/usr/src/linux-headers-$(cat "$KDIR/kver")"; }
+kbuild_ready() {
+    local id
+    id=$(kbuild_id) || return 1
+    [[ -f $KBUILD_STAMP && $(cat "$KBUILD_STAMP") == "$id" ]] || return 1
+    [[ -f $ROOT$(kheaders)/Makefile && -f $ROOT$(kheaders)/Module.symvers && -x $ROOT/usr/bin/make ]]
+}
+
 emit_env() {
     local ver
     ver=$(qemu_version_of "$WRAPPER")
@@ -183,6 +201,8 @@ PCISIM_MODULES=$KDIR/modules
 PCISIM_BUSYBOX=$BUSYBOX
 PCISIM_ACCEL=$(accel_get accel)
 PCISIM_CPU=$(accel_get cpu)
+PCISIM_KBUILD_ROOT=$ROOT
+PCISIM_KHEADERS=$(kheaders)
 EOF
 }
 
@@ -191,6 +211,7 @@ if ((PRINT_ENV)); then
     [[ -x $WRAPPER ]] || missing+=("QEMU wrapper ($WRAPPER)")
     guest_ready || missing+=("guest kernel $KERNEL / busybox (under $GUEST)")
     accel_cached >/dev/null || missing+=("accelerator verdict for this boot ($ACCEL_FILE)")
+    kbuild_ready || missing+=("kernel module toolchain in $ROOT (stamp $KBUILD_STAMP)")
     if ((${#missing[@]})); then
         printf '[provision] not provisioned: %s\n' "${missing[@]}" >&2
         die "run $0${KERNEL:+ --kernel $KERNEL} first"
@@ -232,8 +253,17 @@ find_system_qemu() {
     return 1
 }
 find_system_qemu || true
+# The trixie root is always needed: it holds the kernel module toolchain (step 6), and QEMU too
+# unless the system has a suitable one. Its stamp holds the root's QEMU version, or "none" for a
+# root built without QEMU (because a system QEMU was used then); such a root is rebuilt with QEMU
+# if that system QEMU is gone.
 NEED_ROOT_BUILD=0
-[[ -n $SYSTEM_QEMU || -f $STAMPS/trixie-root ]] || NEED_ROOT_BUILD=1
+if [[ ! -f $STAMPS/trixie-root ]]; then
+    NEED_ROOT_BUILD=1
+elif [[ -z $SYSTEM_QEMU && $(cat "$STAMPS/trixie-root") == none ]]; then
+    log "the trixie root has no QEMU and there is no suitable system QEMU: rebuilding it with QEMU"
+    NEED_ROOT_BUILD=1
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Step 2: host tools. Only what a missing step needs; apt-get update only if something is missing.
@@ -242,6 +272,7 @@ NEED_ROOT_BUILD=0
 need_download=0
 guest_ready || need_download=1
 ((NEED_ROOT_BUILD)) && need_download=1
+kbuild_ready || need_download=1   # may re-download an outdated guest kernel (step 6)
 
 missing_pkgs=()
 need_tool() { command -v "$1" >/dev/null 2>&1 || missing_pkgs+=("$2"); }
@@ -335,11 +366,20 @@ root_qemu_cmd() {
         -L "$r/usr/share/qemu" -L "$r/usr/share/seabios"
 }
 
+# build_trixie_root WITH_QEMU (1 or 0): a fresh root, with QEMU from backports or without.
 build_trixie_root() {
-    local new=$ROOT.new acq
+    local with_qemu=$1 new=$ROOT.new acq
+    local -a hooks=()
     rm -rf "$new" "$ROOT"   # a root without its stamp is incomplete: start over
+    rm -f "$STAMPS/trixie-root" "$KBUILD_STAMP"
     MIRROR=${MIRROR:-$(detect_mirror)}
-    log "building $SUITE root with QEMU from $BACKPORTS (mmdebstrap, mirror $MIRROR) — ~1 min, ~300 MB"
+    if ((with_qemu)); then
+        log "building $SUITE root with QEMU from $BACKPORTS (mmdebstrap, mirror $MIRROR) — ~1 min, ~300 MB"
+        # shellcheck disable=SC2016  # "$1" (the root dir) is expanded by mmdebstrap's hook shell
+        hooks+=(--customize-hook='chroot "$1" apt-get -y -q -t '"$BACKPORTS"' install qemu-system-x86')
+    else
+        log "building $SUITE root without QEMU (system QEMU $SYSTEM_QEMU is used), for the kernel module toolchain (mmdebstrap, mirror $MIRROR)"
+    fi
     acq=$(mktempdir)/host-acquire.conf
     apt-config dump 2>/dev/null \
         | grep -E '^Acquire::((https?|ftp)::Proxy|Check-Valid-Until|Check-Date) ' >"$acq" || true
@@ -352,21 +392,23 @@ build_trixie_root() {
         --aptopt="$acq" --aptopt='Acquire::Languages "none"' \
         --aptopt='APT::Install-Recommends "false"' \
         --aptopt='APT::Sandbox::User "root"' \
-        --customize-hook='chroot "$1" apt-get -y -q -t '"$BACKPORTS"' install qemu-system-x86' \
+        "${hooks[@]}" \
         --customize-hook='chroot "$1" apt-get clean' \
         "$SUITE" "$new" \
         "deb [signed-by=$KEYRING] $MIRROR $SUITE main" \
         "deb [signed-by=$KEYRING] $MIRROR $BACKPORTS main" >&2 \
         || die "mmdebstrap failed"
-    local -a cmd
-    mapfile -t cmd < <(root_qemu_cmd "$new")
-    local ver
-    ver=$(qemu_version_of "${cmd[@]}")
-    [[ $ver == 11.* ]] || die "trixie root QEMU reports version '${ver:-?}', expected 11.x"
-    qemu_has_vfio_user "${cmd[@]}" || die "trixie root QEMU $ver lacks vfio-user-pci"
+    local ver=none
+    if ((with_qemu)); then
+        local -a cmd
+        mapfile -t cmd < <(root_qemu_cmd "$new")
+        ver=$(qemu_version_of "${cmd[@]}")
+        [[ $ver == 11.* ]] || die "trixie root QEMU reports version '${ver:-?}', expected 11.x"
+        qemu_has_vfio_user "${cmd[@]}" || die "trixie root QEMU $ver lacks vfio-user-pci"
+    fi
     mv "$new" "$ROOT"
     echo "$ver" >"$STAMPS/trixie-root"
-    log "trixie root ready: QEMU $ver with vfio-user-pci"
+    if ((with_qemu)); then log "trixie root ready: QEMU $ver with vfio-user-pci"; else log "trixie root ready (no QEMU)"; fi
 }
 
 write_wrapper() {
@@ -387,7 +429,9 @@ exec$(printf ' %q' "${cmd[@]}") \"\$@\""
     if cmp -s "$tmp" "$WRAPPER"; then rm -f "$tmp"; else mv "$tmp" "$WRAPPER"; log "wrote $WRAPPER"; fi
 }
 
-if ((NEED_ROOT_BUILD)); then build_trixie_root; fi
+if ((NEED_ROOT_BUILD)); then
+    if [[ -n $SYSTEM_QEMU ]]; then build_trixie_root 0; else build_trixie_root 1; fi
+fi
 write_wrapper
 QEMU_VERSION=$(qemu_version_of "$WRAPPER")
 [[ -n $QEMU_VERSION ]] || die "$WRAPPER does not run"
@@ -471,12 +515,139 @@ provision_busybox() {
 
 [[ -s $KDIR/kver && -f $KDIR/vmlinuz && -f $KDIR/modules/modules.dep ]] || provision_kernel
 [[ -x $BUSYBOX ]] || provision_busybox
+
+# ---------------------------------------------------------------------------------------------
+# Step 6: the guest kernel module toolchain, inside the trixie root: the guest kernel's exact
+# linux-headers-<kver> (+ its -common headers and linux-kbuild tools, same version), the gcc it
+# depends on (the one that built the kernel), make, and perl (kbuild's W=1 runs kernel-doc). The
+# lab compiles guest-tests/kmod/ chrooted into the root with them (crates/lab/src/kmod.rs).
+#
+# The compiler and tools are ordinary apt installs (apt-get chrooted into the root). The three
+# kernel packages are unpacked with dpkg-deb -x instead: linux-headers-<kver> depends on the
+# kernel image package itself, whose installation would pull in initramfs-tools, udev and
+# systemd and run their maintainer scripts in the root, for files we already have (step 5). So
+# dpkg does not know the headers; this step replaces them when the guest kernel changes.
+# ---------------------------------------------------------------------------------------------
+
+# Run a command chrooted into the root with a clean environment.
+rchroot() {
+    chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 \
+        DEBIAN_FRONTEND=noninteractive "$@"
+}
+# apt-get in the root. Sandbox::User root: the root's _apt user cannot write the cache dirs as
+# created from outside; Use-Pty=0: there is no /dev/pts in the chroot.
+rapt() { rchroot apt-get -q -o APT::Sandbox::User=root -o Dpkg::Use-Pty=0 "$@"; }
+# Whether the root's apt knows PACKAGE at exactly VERSION.
+rapt_has() {
+    rchroot apt-cache madison "$1" 2>/dev/null \
+        | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' | grep -qxF "$2"
+}
+# The Depends of PACKAGE=VERSION, one item a line ("a (>= 1) | b" stays one item).
+rapt_depends() {
+    rchroot apt-cache show --no-all-versions "$1=$2" | sed -n 's/^Depends: //p' | head -n1 \
+        | tr ',' '\n' | sed 's/^ *//; s/ *$//' | grep -v '^$' || true
+}
+# shellcheck disable=SC2016  # a dpkg-query format, not a shell expression
+rdpkg_installed() { [[ $(rchroot dpkg-query -W -f '${db:Status-Abbrev}' "$1" 2>/dev/null) == "ii " ]]; }
+
+# Drop the apt indexes and downloaded .debs from the root (~100 MB); every use updates first.
+root_apt_cleanup() {
+    rapt clean >&2 || true
+    find "$ROOT/var/lib/apt/lists" -mindepth 1 -maxdepth 1 -type f ! -name lock -delete 2>/dev/null || true
+    rm -rf "$ROOT/var/lib/apt/lists/partial/"* 2>/dev/null || true
+}
+
+provision_kbuild() {
+    is_root || die "the kernel module toolchain is installed into $ROOT with apt-get chrooted" \
+        "into it, which needs root: run this script once as root" \
+        "(sudo env PCISIM_CACHE=$CACHE $0${KERNEL:+ --kernel $KERNEL})"
+    local pkg ver kver ksuite hdr t0=$SECONDS
+    read -r pkg ver <"$KDIR/package"
+    kver=$(cat "$KDIR/kver")
+    ksuite=$(kernel_suite "$KERNEL")
+    hdr=linux-headers-$kver
+    log "kernel module toolchain for $kver ($hdr $ver) in $ROOT"
+    rapt update >&2 || die "apt-get update in $ROOT failed"
+    if ! rapt_has "$hdr" "$ver"; then
+        # Debian keeps only the newest kernel of a suite: the cached guest kernel is outdated.
+        log "$ksuite no longer has $hdr $ver: re-provisioning the guest kernel (newest of $ksuite)"
+        rm -rf "$KDIR"
+        provision_kernel
+        read -r pkg ver <"$KDIR/package"
+        kver=$(cat "$KDIR/kver")
+        hdr=linux-headers-$kver
+        rapt_has "$hdr" "$ver" || die "the root's apt has no $hdr $ver (the mirror may be mid-sync; retry later)"
+    fi
+
+    # What the three kernel packages need. Their own names come from the headers' Depends.
+    local -a extract=("$hdr") install=(make perl) seen=()
+    local item name cc=
+    while read -r item; do
+        name=${item%% *}
+        name=${name%%:*}
+        case $name in
+            linux-headers-*-common|linux-kbuild-*) extract+=("$name") ;;
+            linux-image-*|linux-base) ;;   # the image (we have it) and its maintainer helpers
+            gcc-[0-9]*) cc=$name; install+=("$name/$ksuite") ;;  # the kernel's compiler, from its suite
+            *) install+=("$name") ;;
+        esac
+    done < <(rapt_depends "$hdr" "$ver")
+    [[ ${#extract[@]} -eq 3 ]] || die "unexpected Depends of $hdr $ver: $(rapt_depends "$hdr" "$ver" | paste -sd, -)"
+    [[ -n $cc ]] || die "$hdr $ver depends on no gcc-N"
+    for item in "${extract[@]:1}"; do
+        rapt_has "$item" "$ver" || die "the root's apt has no $item $ver"
+        while read -r name; do
+            name=${name%% *}
+            name=${name%%:*}
+            case $name in linux-*) ;; *) install+=("$name") ;; esac
+        done < <(rapt_depends "$item" "$ver")
+    done
+    # Only what is missing: naming an installed library would mark it manual and maybe upgrade it.
+    for name in "${install[@]}"; do
+        rdpkg_installed "${name%%/*}" || seen+=("$name")
+    done
+    if ((${#seen[@]})); then
+        log "installing in the root: ${seen[*]}"
+        # -t backports: the root's QEMU came from backports with its libraries (libelf1t64);
+        # their siblings (pahole's libdw1t64) must come from there too, or apt finds no solution.
+        rapt -y -t "$BACKPORTS" install --no-install-recommends "${seen[@]}" >&2 \
+            || die "apt-get install ${seen[*]} in $ROOT failed"
+    fi
+
+    local tmp
+    tmp=$(mktemp -d "$ROOT/tmp/pcisim-kbuild.XXXXXX")
+    # shellcheck disable=SC2016  # expanded by the chrooted sh
+    rchroot sh -c 'cd "$1" && shift && apt-get -q -o APT::Sandbox::User=root download "$@"' sh \
+        "${tmp#"$ROOT"}" "${extract[@]/%/=$ver}" >&2 \
+        || { rm -rf "$tmp"; die "apt-get download ${extract[*]} ($ver) failed"; }
+    # Replace whatever kernel headers an earlier kernel left (dpkg does not know them, see above).
+    # (The root has no kernel of its own: /usr/lib/modules holds only the headers' build links.)
+    rm -rf "$ROOT"/usr/src/linux-headers-* "$ROOT"/usr/src/linux-kbuild-* "$ROOT"/usr/lib/linux-kbuild-* \
+        "$ROOT"/usr/lib/modules/*/build "$ROOT"/usr/lib/modules/*/source \
+        "$ROOT"/usr/share/doc/linux-headers-* "$ROOT"/usr/share/doc/linux-kbuild-*
+    find "$ROOT/usr/lib/modules" -mindepth 1 -maxdepth 1 -type d -empty -delete 2>/dev/null || true
+    local deb
+    for deb in "$tmp"/*.deb; do
+        rchroot dpkg-deb -x "${deb#"$ROOT"}" / || { rm -rf "$tmp"; die "dpkg-deb -x ${deb##*/} failed"; }
+    done
+    rm -rf "$tmp"
+    root_apt_cleanup
+
+    local h=$ROOT/usr/src/linux-headers-$kver
+    [[ -f $h/Makefile && -f $h/Module.symvers && -f $h/.config ]] || die "$hdr unpacked, but $h is incomplete"
+    rchroot make --version >/dev/null || die "make does not run in $ROOT"
+    rchroot "$cc" --version >/dev/null || die "$cc does not run in $ROOT"
+    kbuild_id >"$KBUILD_STAMP"
+    log "kernel module toolchain ready in $((SECONDS - t0)) s: $(rchroot "$cc" --version | head -n1), headers $(kheaders) (inside $ROOT)"
+}
+
+kbuild_ready || provision_kbuild
 # The package lists are only needed while downloading, and every run that downloads refreshes
 # them first: don't keep ~150 MB of indexes around.
 if ((APT_UPDATED)); then rm -rf "$APTDIR/state/lists" "$APTDIR/cache"; fi
 
 # ---------------------------------------------------------------------------------------------
-# Step 6: accelerator. /dev/kvm existing is not enough (nested KVM breaks mid-boot), so boot a
+# Step 7: accelerator. /dev/kvm existing is not enough (nested KVM breaks mid-boot), so boot a
 # tiny initramfs under KVM and see whether it reaches userspace. Cached per host boot.
 # ---------------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use crate::agent::AgentError;
 use crate::guest::GuestError;
 use crate::initramfs::InitramfsError;
+use crate::kmod::KmodError;
 use crate::process::ProcessError;
 use crate::profile::ProfileError;
 use crate::provision::ProvisionError;
@@ -35,6 +36,9 @@ pub enum LabError {
     /// Building the initramfs failed.
     #[error(transparent)]
     Initramfs(#[from] InitramfsError),
+    /// Building the guest kernel modules failed.
+    #[error(transparent)]
+    Kmod(#[from] KmodError),
     /// SIGINT or SIGTERM arrived.
     #[error("Interrupted by signal {0}")]
     Interrupted(i32),
@@ -101,6 +105,7 @@ impl LabError {
             | LabError::Process(ProcessError::Interrupted(s))
             | LabError::Provision(ProvisionError::Process(ProcessError::Interrupted(s)))
             | LabError::Guest(GuestError::Process(ProcessError::Interrupted(s)))
+            | LabError::Kmod(KmodError::Process(ProcessError::Interrupted(s)))
             | LabError::Qemu(QemuError::Process(ProcessError::Interrupted(s)))
             | LabError::Qmp(QmpError::Interrupted(s))
             | LabError::Server(ServerError::Process(ProcessError::Interrupted(s))) => Some(*s),

@@ -7,8 +7,14 @@
 //! /bin/busybox, /bin/sh, ...    busybox and its applet symlinks
 //! /bin/pcisim-guest             the guest programs (static)
 //! /lib/modules/<kver>/...       vfio_pci and its dependencies as plain .ko, plus a modules.dep
+//! /lib/modules/<kver>/extra/    our own guest modules (crate::kmod), NOT loaded by /init
 //! /dev/console                  so /init has a console even before devtmpfs is mounted
 //! ```
+//!
+//! Our own modules (`extra/<name>.ko`) are loaded by the scenarios, with their parameters
+//! (`insmod /lib/modules/$(uname -r)/extra/pcisim_npu.ko param=...`). The kernel modules they
+//! depend on (their `.modinfo` `depends=`) are put in the archive and loaded by /init, so a
+//! plain `insmod` works; `modules.dep` lists the extras too, so `modprobe <name>` works as well.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -62,6 +68,14 @@ pub enum InitramfsError {
         /// The module file.
         path: PathBuf,
         /// The decoder's message.
+        reason: String,
+    },
+    /// One of our modules cannot be added (unreadable `.modinfo`, bad name).
+    #[error("Cannot add guest module {path}: {reason}")]
+    ExtraModule {
+        /// The `.ko` file.
+        path: PathBuf,
+        /// What is wrong.
         reason: String,
     },
     /// `busybox --list-full` failed.
@@ -517,6 +531,9 @@ pub struct InitramfsSpec {
     pub kver: String,
     /// Modules to load at boot (dependencies are added).
     pub modules: Vec<String>,
+    /// Our own built modules (`.ko` files on the host, e.g. from [`crate::kmod::build`]): put in
+    /// `lib/modules/<kver>/extra/<file name>`, not loaded at boot (their dependencies are).
+    pub extra_modules: Vec<PathBuf>,
     /// The serial port of the agent, e.g. `/dev/ttyS1`.
     pub agent_port: String,
 }
@@ -528,6 +545,8 @@ pub struct Initramfs {
     pub path: PathBuf,
     /// The module paths loaded by /init, in order.
     pub modules: Vec<String>,
+    /// The paths of our own modules in the guest (`/lib/modules/<kver>/extra/<name>.ko`).
+    pub extra_modules: Vec<String>,
     /// The archive's size in bytes.
     pub size: u64,
 }
@@ -559,7 +578,18 @@ pub fn busybox_applets(busybox: &Path) -> Result<Vec<String>, InitramfsError> {
 /// Builds the initramfs described by `spec` into `out`.
 pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<Initramfs, InitramfsError> {
     let deps = ModuleDeps::load(&spec.modules_dir)?;
-    let roots: Vec<&str> = spec.modules.iter().map(String::as_str).collect();
+    let extras = read_extra_modules(&spec.extra_modules)?;
+    let extra_names: Vec<&str> = extras.iter().map(|e| e.name.as_str()).collect();
+    // /init loads the boot modules and what our own modules depend on (not those themselves).
+    let mut roots: Vec<&str> = spec.modules.iter().map(String::as_str).collect();
+    for e in &extras {
+        roots.extend(
+            e.depends
+                .iter()
+                .map(String::as_str)
+                .filter(|d| !extra_names.contains(d)),
+        );
+    }
     let order = deps.load_order(&roots)?;
     let busybox = fs::read(&spec.busybox).map_err(io_err("Cannot read", &spec.busybox))?;
     let applets = busybox_applets(&spec.busybox)?;
@@ -599,7 +629,16 @@ pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<Initramfs, InitramfsErr
         cpio.add_file(&format!("{moddir}/{path}"), 0o644, data)
             .map_err(member)?;
     }
-    let dep_text = subset_modules_dep(&deps, &order);
+    let mut extra_paths = Vec::new();
+    for e in &extras {
+        let rel = format!("{}/{}.ko", crate::kmod::EXTRA_DIR, e.name);
+        debug!("initramfs: our module {rel} ({} bytes)", e.data.len());
+        cpio.add_file(&format!("{moddir}/{rel}"), 0o644, &e.data)
+            .map_err(member)?;
+        extra_paths.push(format!("/{moddir}/{rel}"));
+    }
+    let mut dep_text = subset_modules_dep(&deps, &order);
+    dep_text.push_str(&extra_modules_dep(&deps, &extras)?);
     cpio.add_file(&format!("{moddir}/modules.dep"), 0o644, dep_text.as_bytes())
         .map_err(member)?;
     cpio.add_file("init", 0o755, init.as_bytes())
@@ -609,8 +648,85 @@ pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<Initramfs, InitramfsErr
     Ok(Initramfs {
         path: out.to_path_buf(),
         modules: loaded,
+        extra_modules: extra_paths,
         size: bytes.len() as u64,
     })
+}
+
+/// One of our own modules, read for the archive.
+struct ExtraModule {
+    /// Its name (the file stem, `-` as `_`).
+    name: String,
+    /// The module names of its `.modinfo` `depends=`.
+    depends: Vec<String>,
+    /// The `.ko` bytes.
+    data: Vec<u8>,
+}
+
+fn read_extra_modules(paths: &[PathBuf]) -> Result<Vec<ExtraModule>, InitramfsError> {
+    let mut out: Vec<ExtraModule> = Vec::new();
+    for path in paths {
+        let bad = |reason: String| InitramfsError::ExtraModule {
+            path: path.clone(),
+            reason,
+        };
+        let file = path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Some(stem) = file.strip_suffix(".ko") else {
+            return Err(bad("not a .ko file".into()));
+        };
+        let name = stem.replace('-', "_");
+        if name.is_empty() || name.contains('.') {
+            return Err(bad(format!("bad module name {name:?}")));
+        }
+        if out.iter().any(|e| e.name == name) {
+            return Err(bad(format!("a module named {name} is already added")));
+        }
+        let data = fs::read(path).map_err(io_err("Cannot read", path))?;
+        let info = crate::kmod::modinfo(&data).map_err(bad)?;
+        let depends = info
+            .iter()
+            .filter(|(k, _)| k == "depends")
+            .flat_map(|(_, v)| v.split(','))
+            .map(|d| d.trim().replace('-', "_"))
+            .filter(|d| !d.is_empty())
+            .collect();
+        out.push(ExtraModule {
+            name,
+            depends,
+            data,
+        });
+    }
+    Ok(out)
+}
+
+/// `modules.dep` lines for our modules: each one's dependencies (transitively, last to load
+/// first, as depmod writes them), with the `.ko` paths the archive holds.
+fn extra_modules_dep(deps: &ModuleDeps, extras: &[ExtraModule]) -> Result<String, InitramfsError> {
+    let mut text = String::new();
+    for e in extras {
+        let mut paths: Vec<String> = Vec::new();
+        for d in &e.depends {
+            if extras.iter().any(|x| &x.name == d) {
+                paths.push(format!("{}/{d}.ko", crate::kmod::EXTRA_DIR));
+            } else {
+                let order = deps.load_order(&[d.as_str()])?;
+                paths.extend(order.iter().map(|p| plain_ko_path(p)));
+            }
+        }
+        paths.reverse();
+        let mut seen = HashSet::new();
+        paths.retain(|p| seen.insert(p.clone()));
+        text.push_str(&format!(
+            "{}/{}.ko: {}\n",
+            crate::kmod::EXTRA_DIR,
+            e.name,
+            paths.join(" ")
+        ));
+    }
+    Ok(text)
 }
 
 /// A `modules.dep` for just the modules in `order`, with `.ko` paths (what the archive holds), so
@@ -851,6 +967,51 @@ kernel/drivers/net/dummy.ko.xz:
         assert!(a < b && b < exec);
         assert!(s.contains("cd /lib/modules/6.12.1\n"));
         assert!(s.trim_end().ends_with("--port /dev/ttyS1"));
+    }
+
+    #[test]
+    fn test_extra_modules_named_with_dependencies() {
+        let dir = std::env::temp_dir().join(format!("pcisim-lab-extra-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let npu = dir.join("pcisim-npu.ko");
+        fs::write(
+            &npu,
+            crate::kmod::tests::module_elf(b"name=pcisim_npu\0depends=vfio,helper\0"),
+        )
+        .unwrap();
+        let helper = dir.join("helper.ko");
+        fs::write(&helper, crate::kmod::tests::module_elf(b"depends=\0")).unwrap();
+        let extras = read_extra_modules(&[npu.clone(), helper.clone()]).unwrap();
+        assert_eq!(extras[0].name, "pcisim_npu");
+        assert_eq!(extras[0].depends, ["vfio", "helper"]);
+        assert!(extras[1].depends.is_empty());
+        let deps = ModuleDeps::parse(DEP).unwrap();
+        let text = extra_modules_dep(&deps, &extras).unwrap();
+        assert_eq!(
+            text,
+            "extra/pcisim_npu.ko: extra/helper.ko kernel/drivers/vfio/vfio.ko kernel/drivers/iommu/iommufd/iommufd.ko\n\
+             extra/helper.ko: \n"
+        );
+        // The same module twice, a non-.ko file, a module that is not an ELF: refused.
+        assert!(read_extra_modules(&[npu.clone(), npu.clone()]).is_err());
+        assert!(read_extra_modules(&[dir.join("x.o")]).is_err());
+        let bogus = dir.join("bogus.ko");
+        fs::write(&bogus, b"not elf").unwrap();
+        assert!(matches!(
+            read_extra_modules(&[bogus]),
+            Err(InitramfsError::ExtraModule { .. })
+        ));
+        // A dependency that the kernel does not have.
+        let missing = ExtraModule {
+            name: "m".into(),
+            depends: vec!["nvidia".into()],
+            data: Vec::new(),
+        };
+        assert!(matches!(
+            extra_modules_dep(&deps, &[missing]),
+            Err(InitramfsError::ModuleNotFound(_))
+        ));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

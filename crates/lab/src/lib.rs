@@ -16,7 +16,8 @@
 //!
 //! The building blocks are public for other lab commands and tests:
 //! [`provision`] (run `qemu-scripts/provision.sh`, parse its `PCISIM_*` lines), [`guest`] (build the
-//! static guest binary), [`initramfs`] (newc cpio writer, `modules.dep` resolution, `/init`),
+//! static guest binary), [`kmod`] (build the guest kernel modules of `guest-tests/kmod/` against
+//! the guest kernel's headers), [`initramfs`] (newc cpio writer, `modules.dep` resolution, `/init`),
 //! [`server`] (`pcisim serve`/`describe`), [`control`] (the server's control socket: journal,
 //! violations, fault injection), [`profile`] (VM profiles: devices, placement, hotplug mode),
 //! [`qemu`] (command line and child), [`qmp`] (the QMP client: commands, events, hotplug),
@@ -33,13 +34,14 @@
 //! | `PCISIM_SCRIPTS` | the `qemu-scripts` directory (default: the repository's) |
 //! | `PCISIM_CACHE` | where `provision.sh` keeps QEMU, the guest kernel and busybox (default `~/.cache/pcisim`) |
 //! | `PCISIM_GUEST_BIN` | a prebuilt static `pcisim-guest` instead of building `guest-tests/` |
+//! | `PCISIM_KMOD_SRC` | another guest kernel module source directory instead of `guest-tests/kmod/` |
 //! | `XDG_RUNTIME_DIR` | where run directories go (else `/tmp`) |
 //! | `RUST_LOG` | passed to the device server (default `info`; its log is `server.log`) |
 //!
 //! # The run directory
 //!
 //! Every run gets `pcisim-lab-<pid>-<nonce>/`, kept when anything failed (its path is printed):
-//! `provision.log`, `guest-build.log`, `initramfs.cpio`, per scenario `<ID>.stdout`/`<ID>.stderr`
+//! `provision.log`, `guest-build.log`, `kmod-build.log`, `initramfs.cpio`, per scenario `<ID>.stdout`/`<ID>.stderr`
 //! and `<ID>.journal.jsonl` (what the devices journaled during the scenario, one JSON record a
 //! line; a host scenario's guest steps add `<ID>.<n>.stdout`/`.stderr`), and one directory per
 //! VM, named after its profile (`gpu/`, `gpu-npu/`): `console.log` (the guest's ttyS0),
@@ -55,6 +57,7 @@ pub mod guest;
 pub mod host;
 pub mod hotplug;
 pub mod initramfs;
+pub mod kmod;
 pub mod ktap;
 pub mod manual;
 pub mod process;

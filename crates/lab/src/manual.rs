@@ -29,7 +29,7 @@ use crate::profile::{DeviceKind, DeviceSlot, ProfileId, VmProfile};
 use crate::qemu::{HotplugMode, QemuConfig, DEFAULT_APPEND};
 use crate::qmp::{PciDeviceInfo, Qmp, QmpError};
 use crate::suite::{AGENT_PORT, BOOT_TIMEOUT, CONNECT_TIMEOUT, POWEROFF_TIMEOUT};
-use crate::{guest, initramfs, provision, server};
+use crate::{guest, initramfs, kmod, provision, server};
 
 /// The serial port (in the guest) of the shell `console` attaches to.
 pub const CONSOLE_PORT: &str = "ttyS2";
@@ -474,6 +474,14 @@ fn start(opts: &UpOptions, dir: &Path, out: &mut dyn Write) -> Result<LabState> 
     .map_err(lab)?;
     eprintln!("building the guest programs...");
     let guest_bin = guest::build(&dir.join("guest-build.log")).map_err(lab)?;
+    eprintln!("building the guest kernel modules...");
+    let extra_modules = match kmod::build(&env, &dir.join("kmod-build.log")).map_err(lab)? {
+        Some(b) => b.modules.into_iter().map(|m| m.path).collect(),
+        None => {
+            eprintln!("(no .c file in {}: none)", kmod::kmod_src_dir().display());
+            Vec::new()
+        }
+    };
     let initrd = initramfs::build(
         &initramfs::InitramfsSpec {
             busybox: env.busybox.clone(),
@@ -484,6 +492,7 @@ fn start(opts: &UpOptions, dir: &Path, out: &mut dyn Write) -> Result<LabState> 
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            extra_modules,
             agent_port: AGENT_PORT.into(),
         },
         &dir.join("initramfs.cpio"),

@@ -93,6 +93,13 @@ pub struct ProvisionEnv {
     pub accel: Accel,
     /// `PCISIM_CPU`: QEMU's `-cpu` (`max` with TCG, `host` with KVM).
     pub cpu: String,
+    /// `PCISIM_KBUILD_ROOT`: the Debian root holding the guest kernel module toolchain (the
+    /// guest kernel's headers, its gcc, make); guest modules are built chrooted into it
+    /// ([`crate::kmod`]).
+    pub kbuild_root: PathBuf,
+    /// `PCISIM_KHEADERS`: the guest kernel's headers directory *as seen inside*
+    /// [`kbuild_root`](Self::kbuild_root) (`/usr/src/linux-headers-<kver>`), for `make -C`.
+    pub kheaders: PathBuf,
 }
 
 impl ProvisionEnv {
@@ -141,6 +148,8 @@ impl ProvisionEnv {
             busybox: get("PCISIM_BUSYBOX")?.into(),
             accel,
             cpu: get("PCISIM_CPU")?,
+            kbuild_root: get("PCISIM_KBUILD_ROOT")?.into(),
+            kheaders: get("PCISIM_KHEADERS")?.into(),
         })
     }
 }
@@ -194,6 +203,8 @@ PCISIM_MODULES=/c/guest/6.12/modules
 PCISIM_BUSYBOX=/c/guest/busybox
 PCISIM_ACCEL=tcg
 PCISIM_CPU=max
+PCISIM_KBUILD_ROOT=/c/trixie-root
+PCISIM_KHEADERS=/usr/src/linux-headers-6.12.48+deb13-amd64
 ";
 
     #[test]
@@ -207,6 +218,11 @@ PCISIM_CPU=max
         assert_eq!(env.busybox, PathBuf::from("/c/guest/busybox"));
         assert_eq!(env.accel, Accel::Tcg);
         assert_eq!(env.cpu, "max");
+        assert_eq!(env.kbuild_root, PathBuf::from("/c/trixie-root"));
+        assert_eq!(
+            env.kheaders,
+            PathBuf::from("/usr/src/linux-headers-6.12.48+deb13-amd64")
+        );
     }
 
     #[test]
@@ -229,6 +245,17 @@ PCISIM_CPU=max
             ProvisionEnv::parse(&text),
             Err(ProvisionError::Missing("PCISIM_CPU"))
         ));
+        // An older script without the kernel module toolchain lines is refused.
+        let text = SAMPLE.replace("PCISIM_KBUILD_ROOT=/c/trixie-root\n", "");
+        assert!(matches!(
+            ProvisionEnv::parse(&text),
+            Err(ProvisionError::Missing("PCISIM_KBUILD_ROOT"))
+        ));
+        let text = SAMPLE.replace("PCISIM_KHEADERS=", "PCISIM_KHEADERS_X=");
+        assert!(matches!(
+            ProvisionEnv::parse(&text),
+            Err(ProvisionError::Missing("PCISIM_KHEADERS"))
+        ));
     }
 
     #[test]
@@ -236,7 +263,7 @@ PCISIM_CPU=max
         let text = format!("{SAMPLE}some log line\n");
         assert!(matches!(
             ProvisionEnv::parse(&text),
-            Err(ProvisionError::BadLine { line: 9, .. })
+            Err(ProvisionError::BadLine { line: 11, .. })
         ));
         let text = SAMPLE.replace("PCISIM_ACCEL=tcg", "PCISIM_ACCEL=hvf");
         assert!(matches!(

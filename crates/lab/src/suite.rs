@@ -2,13 +2,13 @@
 //!
 //! ```text
 //! run dir ($XDG_RUNTIME_DIR or /tmp)/pcisim-lab-<pid>-<nonce>/
-//!   provision.log guest-build.log initramfs.cpio
+//!   provision.log guest-build.log kmod-build.log initramfs.cpio
 //!   E1.stdout E1.stderr E1.journal.jsonl ... R9.1.stdout (a host scenario's guest steps) ...
 //!   <profile>/   one directory per VM (`gpu/`, `gpu-npu/`):
 //!     server.log describe.log <device>.sock control.sock agent.sock qmp.sock qmp.log
 //!     console.log qemu.log qemu-cmdline.sh agent.log boot.journal.jsonl teardown.journal.jsonl
 //!
-//! provision.sh ─► cargo build guest-tests ─► initramfs
+//! provision.sh ─► cargo build guest-tests ─► guest kernel modules (guest-tests/kmod) ─► initramfs
 //!   ─► for each VM profile the selected scenarios need (in order of first need):
 //!        pcisim serve (--device per device, control.sock) ─► describe
 //!        ─► listen agent.sock ─► QEMU (connects agent.sock, attaches the devices) ─► agent ready
@@ -50,7 +50,7 @@ use crate::qemu::{QemuConfig, DEFAULT_APPEND};
 use crate::qmp::Qmp;
 use crate::scenario::{self, Program, Scenario, Verdict};
 use crate::server::{self, Server, ServerError};
-use crate::{guest, initramfs, provision};
+use crate::{guest, initramfs, kmod, provision};
 
 /// How long the guest has from QEMU's start to the agent's greeting.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -467,7 +467,39 @@ fn run_in(
         guest_bin.display()
     ))?;
 
-    // 3. Initramfs.
+    // 3. Our guest kernel modules (skipped only when guest-tests/kmod has no .c file).
+    let t = Instant::now();
+    let kmod_log = run.join("kmod-build.log");
+    let extra_modules = match kmod::build(&env, &kmod_log) {
+        Ok(Some(b)) => {
+            let names: Vec<String> = b.modules.iter().map(|m| m.name.clone()).collect();
+            report.line(&format!(
+                "guest kernel modules {} in {:.1} s: {} (key {})",
+                if b.cached {
+                    "taken from the cache"
+                } else {
+                    "built"
+                },
+                secs(t),
+                names.join(" "),
+                b.key
+            ))?;
+            b.modules.into_iter().map(|m| m.path).collect()
+        }
+        Ok(None) => {
+            report.line(&format!(
+                "no .c file in {}: no guest kernel module to build",
+                kmod::kmod_src_dir().display()
+            ))?;
+            Vec::new()
+        }
+        Err(e) => {
+            show_tail(report, "kernel module build log", &kmod_log, 30)?;
+            return Err(e.into());
+        }
+    };
+
+    // 4. Initramfs.
     let t = Instant::now();
     let initrd = initramfs::build(
         &initramfs::InitramfsSpec {
@@ -479,6 +511,7 @@ fn run_in(
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            extra_modules,
             agent_port: AGENT_PORT.into(),
         },
         &run.join("initramfs.cpio"),
@@ -495,7 +528,7 @@ fn run_in(
         names.join(" ")
     ))?;
 
-    // 4. One VM per profile, in the order the scenarios need them.
+    // 5. One VM per profile, in the order the scenarios need them.
     let mut ok = true;
     for (i, (id, group)) in plan.iter().enumerate() {
         let profile = id.profile();
