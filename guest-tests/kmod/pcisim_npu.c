@@ -1253,7 +1253,7 @@ static struct pci_driver npu_driver = {
 	.id_table = npu_ids_table,
 	.probe = npu_probe,
 	.remove = npu_remove,
-	.driver.dev_groups = npu_groups,
+	.dev_groups = npu_groups,
 };
 
 static int __init npu_init(void)

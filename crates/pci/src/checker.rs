@@ -19,6 +19,12 @@
 //!   `Command` event sets Bus Master again. DMA in either phase is
 //!   [`ViolationKind::DmaDuringReset`].
 //! - **PASIDs**: `PasidUnbindAck` and `PasidReleased` mark a PASID, `PasidBind` clears the mark.
+//! - **Stale translations**: a `StaleTranslationUsed` is held until an `Invalidate` of its
+//!   PASID covering its VA arrives (then it was legal: Linux changes the page tables, then
+//!   invalidates secondary TLBs — the mmu notifier — and only then frees the pages; a device
+//!   may use its cached entry in between) or the PASID's binding ends (`PasidUnbindBegin`,
+//!   `PasidReleased`, a new `PasidBind`): then it is a `stale_translation` violation, a missed
+//!   invalidation. A use after the unbind was acknowledged is a violation at once.
 //!
 //! Interrupts: an MSI-X outcome "delivered" or "pending" while Bus Master is off (including
 //! after a reset until re-enabled), in D3hot, in reset or with the link down is
@@ -56,6 +62,10 @@ pub const MAX_MAPPED_RANGES: usize = pcisim_vfio_user::dma::MAX_MAPPINGS;
 pub const MAX_UNMAPPED_RANGES: usize = 4096;
 /// Most PASIDs remembered as unbound or released.
 pub const MAX_TRACKED_PASIDS: usize = 4096;
+
+/// Most stale translation uses awaiting their invalidation; beyond it the oldest is judged at
+/// once (a violation).
+pub const MAX_PENDING_STALE: usize = 4096;
 
 /// Command.Bus Master Enable.
 const COMMAND_BUS_MASTER: u16 = 1 << 2;
@@ -225,6 +235,9 @@ pub struct Checker {
     unmapped_forgotten: u64,
     /// PASIDs that may not be used.
     pasids: BTreeMap<u32, PasidGone>,
+    /// Stale translation uses not yet judged: (pasid, va, detail). Each becomes a violation
+    /// unless an invalidation covering it arrives before the PASID's unbind or release.
+    stale_pending: Vec<(u32, u64, String)>,
 }
 
 impl Default for Checker {
@@ -241,6 +254,7 @@ impl Default for Checker {
             unmapped: Ranges::default(),
             unmapped_forgotten: 0,
             pasids: BTreeMap::new(),
+            stale_pending: Vec::new(),
         }
     }
 }
@@ -379,10 +393,26 @@ impl Checker {
                 }
             }
             Event::PasidBind { pasid, .. } => {
+                out.extend(self.judge_stale(*pasid));
                 self.pasids.remove(pasid);
             }
+            Event::PasidUnbindBegin { pasid } => out.extend(self.judge_stale(*pasid)),
+            Event::Invalidate { pasid, va, len } => {
+                let end = if *len == u64::MAX {
+                    u128::MAX
+                } else {
+                    u128::from(*va) + u128::from(*len)
+                };
+                let start = if *len == u64::MAX { 0 } else { u128::from(*va) };
+                self.stale_pending.retain(|(p, v, _)| {
+                    !(*p == *pasid && start <= u128::from(*v) && u128::from(*v) < end)
+                });
+            }
             Event::PasidUnbindAck { pasid } => self.mark_pasid(*pasid, |g| g.unbind_acked = true),
-            Event::PasidReleased { pasid } => self.mark_pasid(*pasid, |g| g.released = true),
+            Event::PasidReleased { pasid } => {
+                out.extend(self.judge_stale(*pasid));
+                self.mark_pasid(*pasid, |g| g.released = true)
+            }
             Event::PageWalk { pasid, va, pa } => {
                 if let Some(g) = self.pasids.get(pasid) {
                     let why = match (g.released, g.unbind_acked) {
@@ -407,16 +437,25 @@ impl Checker {
                     walked_pa.map_or_else(|| "not present".to_string(), |p| format!("{p:#x}"));
                 let mut detail = format!(
                     "pasid {pasid} va {va:#x}: cached translation {cached_pa:#x} used, page \
-                     tables now say {now}, no invalidation covered it"
+                     tables then said {now}, and no invalidation covered it before the PASID \
+                     was unbound"
                 );
                 if self.pasids.get(pasid).is_some_and(|g| g.unbind_acked) {
+                    // Used after the unbind was acknowledged: nothing can make that right.
                     detail.push_str(" (the PASID's unbind was acknowledged)");
+                    out.push((ViolationKind::StaleTranslation, detail));
+                } else {
+                    // Legal if the driver's invalidation is merely on its way: the CPU changes
+                    // the page tables first and invalidates secondary TLBs before the pages are
+                    // freed. Judged at the covering invalidation or at the unbind.
+                    self.stale_pending.push((*pasid, *va, detail));
+                    if self.stale_pending.len() > MAX_PENDING_STALE {
+                        let (_, _, d) = self.stale_pending.remove(0);
+                        out.push((ViolationKind::StaleTranslation, d));
+                    }
                 }
-                out.push((ViolationKind::StaleTranslation, detail));
             }
-            Event::PasidUnbindBegin { .. }
-            | Event::PasidDrained { .. }
-            | Event::Invalidate { .. }
+            Event::PasidDrained { .. }
             | Event::TranslationFault { .. }
             | Event::FaultInjected { .. }
             | Event::Note { .. }
@@ -625,6 +664,21 @@ impl Checker {
             keep
         });
         self.unmapped_forgotten += gone as u64;
+    }
+
+    /// The pending stale uses of `pasid` become violations: its binding ends (or restarts)
+    /// and no invalidation covered them.
+    fn judge_stale(&mut self, pasid: u32) -> Vec<(ViolationKind, String)> {
+        let mut out = Vec::new();
+        self.stale_pending.retain(|(p, _, d)| {
+            if *p == pasid {
+                out.push((ViolationKind::StaleTranslation, d.clone()));
+                false
+            } else {
+                true
+            }
+        });
+        out
     }
 
     fn mark_pasid(&mut self, pasid: u32, set: impl FnOnce(&mut PasidGone)) {
@@ -1300,12 +1354,95 @@ mod tests {
                         cached_pa: 0x1000,
                         walked_pa: Some(0x3000),
                     },
+                    // An invalidation of another range or PASID does not excuse it.
+                    Event::Invalidate {
+                        pasid: 3,
+                        va: 0x7f00_1000,
+                        len: 0x1000,
+                    },
+                    Event::Invalidate {
+                        pasid: 4,
+                        va: 0,
+                        len: u64::MAX,
+                    },
+                    Event::PasidUnbindBegin { pasid: 3 },
                 ],
             ),
         );
         assert!(d.contains("0x7f000000"), "{d}");
         assert!(d.contains("0x1000"), "{d}");
         assert!(d.contains("0x3000"), "{d}");
+    }
+
+    fn stale(pasid: u32, va: u64) -> Event {
+        Event::StaleTranslationUsed {
+            pasid,
+            va,
+            cached_pa: 0x1000,
+            walked_pa: None,
+        }
+    }
+
+    #[test]
+    fn test_stale_translation_judged_only_when_the_binding_ends() {
+        // Held: no violation while the invalidation may still be on its way.
+        none(with(
+            enabled(),
+            [Event::PasidBind { pasid: 3, root: 0 }, stale(3, 0x7f00_0000)],
+        ));
+        // Released without an invalidation: a violation.
+        only(
+            ViolationKind::StaleTranslation,
+            with(
+                enabled(),
+                [
+                    Event::PasidBind { pasid: 3, root: 0 },
+                    stale(3, 0x7f00_0000),
+                    Event::PasidReleased { pasid: 3 },
+                ],
+            ),
+        );
+    }
+
+    #[test]
+    fn test_stale_translation_then_covering_invalidation_is_legal() {
+        none(with(
+            enabled(),
+            [
+                Event::PasidBind { pasid: 3, root: 0 },
+                stale(3, 0x7f00_3000),
+                Event::Invalidate {
+                    pasid: 3,
+                    va: 0x7f00_0000,
+                    len: 0x10000,
+                },
+                stale(3, 0x7f10_0000),
+                Event::Invalidate {
+                    pasid: 3,
+                    va: 0,
+                    len: u64::MAX,
+                },
+                Event::PasidUnbindBegin { pasid: 3 },
+                Event::PasidUnbindAck { pasid: 3 },
+                Event::PasidReleased { pasid: 3 },
+            ],
+        ));
+    }
+
+    #[test]
+    fn test_stale_translation_after_unbind_ack_is_immediate() {
+        only(
+            ViolationKind::StaleTranslation,
+            with(
+                enabled(),
+                [
+                    Event::PasidBind { pasid: 3, root: 0 },
+                    Event::PasidUnbindBegin { pasid: 3 },
+                    Event::PasidUnbindAck { pasid: 3 },
+                    stale(3, 0x7f00_0000),
+                ],
+            ),
+        );
     }
 
     #[test]

@@ -1019,6 +1019,9 @@ fn test_remap_without_invalidate_stale_use_journaled_as_violation() {
         )),
         1
     );
+    // Judged when the binding ends without an invalidation having covered the use.
+    assert!(r.host.journal.violations().is_empty());
+    assert_eq!(r.cmd(OP_UNBIND, PA5, 0, 0, 0), (CMD_OK, 0));
     let v = r.host.journal.violations();
     assert_eq!(v.len(), 1);
     assert!(matches!(
