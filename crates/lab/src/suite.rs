@@ -522,10 +522,18 @@ fn run_in(
         .map(|m| initramfs::module_name(m))
         .collect();
     report.line(&format!(
-        "initramfs built in {:.1} s: {:.1} MiB, modules {}",
+        "initramfs built in {:.1} s: {:.1} MiB, modules {}{}",
         secs(t),
         initrd.size as f64 / (1024.0 * 1024.0),
-        names.join(" ")
+        names.join(" "),
+        if initrd.extra_modules.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; ours, for the scenarios to insmod: {}",
+                initrd.extra_modules.join(" ")
+            )
+        }
     ))?;
 
     // 5. One VM per profile, in the order the scenarios need them.
