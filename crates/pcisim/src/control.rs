@@ -489,6 +489,9 @@ impl ControlServer {
                     continue;
                 }
             };
+            if !pcisim_vfio_user::server::admit_peer(&stream, &[], "control") {
+                continue;
+            }
             if self.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
                 self.clients.fetch_sub(1, Ordering::SeqCst);
                 let mut s = stream;

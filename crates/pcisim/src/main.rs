@@ -38,6 +38,15 @@ enum Cmd {
         /// Serve the control socket (journal, stats, status, fault injection) at this path.
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
+        /// Permission bits of the device sockets, in octal (connecting needs write permission,
+        /// so 0600 admits only this user; 0660 also the socket's group). The control socket is
+        /// always 0600.
+        #[arg(long, value_name = "OCTAL", default_value = "0600", value_parser = parse_mode)]
+        socket_mode: u32,
+        /// Also serve clients running as this uid (repeatable); by default only clients of the
+        /// server's own uid are served, others are refused at connect (SO_PEERCRED).
+        #[arg(long = "allow-uid", value_name = "UID")]
+        allow_uids: Vec<u32>,
     },
     /// Talk to a running server's control socket: journal, violations, stats, faults.
     Ctl {
@@ -182,7 +191,19 @@ fn parse_specs(devices: &[String]) -> Result<Vec<spec::DeviceSpec>> {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Cmd::Serve { devices, control } => serve(&parse_specs(&devices)?, control.as_deref()),
+        Cmd::Serve {
+            devices,
+            control,
+            socket_mode,
+            allow_uids,
+        } => serve(
+            &parse_specs(&devices)?,
+            control.as_deref(),
+            &Access {
+                socket_mode,
+                allow_uids,
+            },
+        ),
         Cmd::Ctl { control, json, cmd } => {
             let control = control.context(
                 "ctl needs --control PATH (the socket given to `pcisim serve --control`)",
@@ -296,7 +317,24 @@ fn lab_manual(cmd: LabCmd) -> Result<i32> {
     Ok(0)
 }
 
-fn serve(specs: &[spec::DeviceSpec], control_path: Option<&Path>) -> Result<i32> {
+/// `--socket-mode`: octal permission bits (`0660`, `660` or `0o660`), nothing beyond 0777.
+fn parse_mode(s: &str) -> std::result::Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        Ok(m) => Err(format!("{m:#o} has bits beyond 0777")),
+        Err(e) => Err(format!("{s:?} is not an octal mode: {e}")),
+    }
+}
+
+/// Who may connect to the device sockets (`serve --socket-mode`, `--allow-uid`).
+#[derive(Debug)]
+struct Access {
+    socket_mode: u32,
+    allow_uids: Vec<u32>,
+}
+
+fn serve(specs: &[spec::DeviceSpec], control_path: Option<&Path>, access: &Access) -> Result<i32> {
     // Build and bind everything first, so a bad option or a busy socket fails before any
     // device starts serving.
     let mut servers = Vec::new();
@@ -324,15 +362,18 @@ fn serve(specs: &[spec::DeviceSpec], control_path: Option<&Path>) -> Result<i32>
         ));
         let opts = pcisim_vfio_user::ServerOptions {
             name: s.id.clone(),
+            socket_mode: access.socket_mode,
+            allowed_uids: access.allow_uids.clone(),
             ..Default::default()
         };
         let server = pcisim_vfio_user::Server::bind(&s.socket, built.device, opts)
             .with_context(|| format!("device {}", s.id))?;
         log::info!(
-            "{}: {} serving on {}",
+            "{}: {} serving on {} (mode {:04o})",
             s.id,
             s.kind.name(),
-            s.socket.display()
+            s.socket.display(),
+            access.socket_mode
         );
         sockets.push(s.socket.clone());
         servers.push(server);
