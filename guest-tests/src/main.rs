@@ -16,6 +16,7 @@ mod e5;
 mod gpu;
 mod ktap;
 mod mmio;
+mod mmtear;
 mod npu;
 mod pci;
 mod reset;
@@ -65,6 +66,10 @@ usage: pcisim-guest <subcommand> [options]
             [--ready-file PATH] [--wait-s N]
       H3/H4: a guest vfio user that maps a DMA buffer; optionally holds the device and
       watches the device request (REQ) eventfd
+  mm-teardown --vendor V --device D --case exit|kill|fork|pass|bar-mmap [--bdf BDF]
+              [--iova BASE] [--buf-kib N]
+      M1-M5: a vfio user streams DMA into its own buffer and goes away (exit, SIGKILL,
+      fork, fds passed over SCM_RIGHTS, BAR mmap outliving the fds)
 ";
 
 fn main() {
@@ -88,6 +93,8 @@ fn main() {
         "npu-peer" => npu::run(rest),
         "vfio-user" => vfiouser::run(rest),
         "bar-io" => bario::run(rest),
+        "mm-teardown" => mmtear::run(rest),
+        "mm-teardown-worker" => mmtear::worker(rest),
         "sva" => sva::run(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");

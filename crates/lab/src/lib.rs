@@ -60,6 +60,7 @@ pub mod initramfs;
 pub mod kmod;
 pub mod ktap;
 pub mod manual;
+pub mod mm;
 pub mod process;
 pub mod profile;
 pub mod provision;

@@ -183,6 +183,36 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::hotplug::H6),
         },
+        Scenario {
+            id: "M1",
+            name: "M1 mm-vfio-exit",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::mm::M1),
+        },
+        Scenario {
+            id: "M2",
+            name: "M2 mm-vfio-sigkill",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::mm::M2),
+        },
+        Scenario {
+            id: "M3",
+            name: "M3 mm-vfio-fork",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::mm::M3),
+        },
+        Scenario {
+            id: "M4",
+            name: "M4 mm-vfio-scm-rights",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::mm::M4),
+        },
+        Scenario {
+            id: "M5",
+            name: "M5 mm-vfio-bar-mmap",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::mm::M5),
+        },
     ]
 }
 
@@ -336,7 +366,12 @@ mod tests {
                 "H3 add-remove-cycles",
                 "H4 remove-while-held",
                 "H5 surprise-removal",
-                "H6 gpu-npu-peer"
+                "H6 gpu-npu-peer",
+                "M1 mm-vfio-exit",
+                "M2 mm-vfio-sigkill",
+                "M3 mm-vfio-fork",
+                "M4 mm-vfio-scm-rights",
+                "M5 mm-vfio-bar-mmap"
             ]
         );
         assert_eq!(

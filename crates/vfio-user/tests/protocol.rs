@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pcisim_vfio_user::dma::MappingInfo;
 use pcisim_vfio_user::proto::{self, Command, Header, HEADER_SIZE};
 use pcisim_vfio_user::{
     irq_index, region, ClientLink, Device, DeviceError, IrqInfo, RegionFlags, RegionInfo,
@@ -19,10 +20,13 @@ use pcisim_vfio_user::{
 use vmm_sys_util::eventfd::EventFd;
 
 /// A minimal device: BAR0 is 4 KiB of plain storage, BAR2 is a 64 KiB memfd offered for mmap,
-/// config space is 256 bytes of storage; 4 MSI-X vectors.
+/// BAR4 is 2 MiB of plain storage (room for maximum-length accesses), config space is 256 bytes
+/// of storage; 4 MSI-X vectors. It records the DMA map it was told about.
 struct FakeDevice {
     bar0: Vec<u8>,
+    bar4: Vec<u8>,
     config: Vec<u8>,
+    maps: Arc<Mutex<Vec<MappingInfo>>>,
     bar2: Arc<OwnedFd>,
     link: Option<ClientLink>,
     resets: Arc<AtomicU32>,
@@ -57,6 +61,11 @@ impl Device for FakeDevice {
                     }],
                 }),
             }),
+            4 => Some(RegionInfo {
+                size: BAR4_SIZE,
+                flags: rw,
+                mmap: None,
+            }),
             7 => Some(RegionInfo {
                 size: 256,
                 flags: rw,
@@ -88,6 +97,7 @@ impl Device for FakeDevice {
     fn region_read(&mut self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         let store = match index {
             0 => &self.bar0,
+            4 => &self.bar4,
             7 => &self.config,
             _ => {
                 return Err(DeviceError::OutOfRange {
@@ -116,6 +126,7 @@ impl Device for FakeDevice {
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         let store = match index {
             0 => &mut self.bar0,
+            4 => &mut self.bar4,
             7 => &mut self.config,
             _ => {
                 return Err(DeviceError::OutOfRange {
@@ -146,7 +157,14 @@ impl Device for FakeDevice {
     }
     fn detach(&mut self) {
         self.link = None;
+        self.maps.lock().unwrap().clear();
         self.detaches.fetch_add(1, Ordering::SeqCst);
+    }
+    fn dma_mapped(&mut self, m: &MappingInfo) {
+        self.maps.lock().unwrap().push(*m);
+    }
+    fn dma_unmapped(&mut self, removed: &[MappingInfo]) {
+        self.maps.lock().unwrap().retain(|m| !removed.contains(m));
     }
     fn reset(&mut self) -> Result<(), DeviceError> {
         self.bar0.iter_mut().for_each(|b| *b = 0);
@@ -160,7 +178,11 @@ struct Harness {
     _dir: vmm_sys_util::tempdir::TempDir,
     resets: Arc<AtomicU32>,
     detaches: Arc<AtomicU32>,
+    /// The DMA map as the device was told about it (DMA_MAP / DMA_UNMAP hooks).
+    maps: Arc<Mutex<Vec<MappingInfo>>>,
 }
+
+const BAR4_SIZE: u64 = 2 << 20;
 
 fn memfd(len: u64) -> OwnedFd {
     let f = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
@@ -173,9 +195,12 @@ fn start() -> Harness {
     let path = dir.as_path().join("dev.sock");
     let resets = Arc::new(AtomicU32::new(0));
     let detaches = Arc::new(AtomicU32::new(0));
+    let maps = Arc::new(Mutex::new(Vec::new()));
     let dev = FakeDevice {
         bar0: vec![0; 4096],
+        bar4: vec![0; BAR4_SIZE as usize],
         config: (0..=255).collect(),
+        maps: maps.clone(),
         bar2: Arc::new(memfd(65536)),
         link: None,
         resets: resets.clone(),
@@ -188,6 +213,7 @@ fn start() -> Harness {
         _dir: dir,
         resets,
         detaches,
+        maps,
     }
 }
 
@@ -773,4 +799,1026 @@ fn test_too_many_fds_in_one_message_are_einval() {
         EINVAL
     );
     r.assert_alive();
+}
+
+// ---- the bad-input matrix ------------------------------------------------------------------
+//
+// Every row is one request on a fresh, negotiated connection that already holds one DMA mapping
+// (BASE_IOVA, BASE_SIZE, fd-backed). Each row states the errno it must get (or success), and
+// after it the connection must still serve a config read. A refused row must also leave the DMA
+// map exactly as it was (checked through the device's DMA_MAP/DMA_UNMAP hooks). All failures are
+// collected and reported together, so one run shows the whole matrix.
+
+const BASE_IOVA: u64 = 0x10_0000;
+const BASE_SIZE: u64 = 0x1_0000;
+const MAX_XFER: u32 = 1 << 20;
+
+/// Fds sent with a row's request.
+#[derive(Clone, Copy, Debug)]
+enum Fds {
+    None,
+    /// n eventfds.
+    Eventfds(usize),
+    /// n fds of one 1 MiB memfd.
+    Memfd(usize),
+}
+
+/// What a row must get.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Expect {
+    Ok,
+    Errno(i32),
+}
+
+struct Row {
+    name: String,
+    cmd: u16,
+    flags: u32,
+    payload: Vec<u8>,
+    fds: Fds,
+    expect: Expect,
+}
+
+fn row(name: impl Into<String>, cmd: Command, payload: Vec<u8>, expect: Expect) -> Row {
+    Row {
+        name: name.into(),
+        cmd: cmd as u16,
+        flags: 0,
+        payload,
+        fds: Fds::None,
+        expect,
+    }
+}
+
+impl Row {
+    fn fds(mut self, fds: Fds) -> Row {
+        self.fds = fds;
+        self
+    }
+    fn flags(mut self, flags: u32) -> Row {
+        self.flags = flags;
+        self
+    }
+}
+
+fn pl(f: impl FnOnce(&mut proto::Writer)) -> Vec<u8> {
+    let mut w = proto::Writer::new();
+    f(&mut w);
+    w.finish()
+}
+
+fn version_payload(major: u16) -> Vec<u8> {
+    pl(|w| {
+        w.u16(major).u16(0).bytes(b"{}").bytes(&[0]);
+    })
+}
+fn dma_map(argsz: u32, flags: u32, offset: u64, iova: u64, size: u64) -> Vec<u8> {
+    pl(|w| {
+        w.u32(argsz).u32(flags).u64(offset).u64(iova).u64(size);
+    })
+}
+fn dma_unmap(argsz: u32, flags: u32, iova: u64, size: u64) -> Vec<u8> {
+    pl(|w| {
+        w.u32(argsz).u32(flags).u64(iova).u64(size);
+    })
+}
+fn get_info(argsz: u32) -> Vec<u8> {
+    pl(|w| {
+        w.u32(argsz).u32(0).u32(0).u32(0);
+    })
+}
+fn region_info(argsz: u32, index: u32) -> Vec<u8> {
+    pl(|w| {
+        w.u32(argsz).u32(0).u32(index).u32(0).u64(0).u64(0);
+    })
+}
+fn irq_info(argsz: u32, index: u32) -> Vec<u8> {
+    pl(|w| {
+        w.u32(argsz).u32(0).u32(index).u32(0);
+    })
+}
+fn set_irqs(argsz: u32, flags: u32, index: u32, start: u32, count: u32, data: &[u8]) -> Vec<u8> {
+    pl(|w| {
+        w.u32(argsz)
+            .u32(flags)
+            .u32(index)
+            .u32(start)
+            .u32(count)
+            .bytes(data);
+    })
+}
+fn rd(region: u32, offset: u64, count: u32) -> Vec<u8> {
+    pl(|w| {
+        w.u64(offset).u32(region).u32(count);
+    })
+}
+fn wr(region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
+    pl(|w| {
+        w.u64(offset).u32(region).u32(data.len() as u32).bytes(data);
+    })
+}
+fn multi(n: u64, entries: &[(u64, u32, u32)]) -> Vec<u8> {
+    pl(|w| {
+        w.u64(n);
+        for &(offset, region, count) in entries {
+            w.u64(offset).u32(region).u32(count).bytes(&[0xa5; 8]);
+        }
+    })
+}
+
+const EINVAL_E: Expect = Expect::Errno(libc::EINVAL);
+const E2BIG_E: Expect = Expect::Errno(libc::E2BIG);
+const EEXIST_E: Expect = Expect::Errno(libc::EEXIST);
+const ENOTSUP_E: Expect = Expect::Errno(libc::ENOTSUP);
+const EV_TRIGGER: u32 = proto::IRQ_SET_DATA_EVENTFD | proto::IRQ_SET_ACTION_TRIGGER;
+const NONE_TRIGGER: u32 = proto::IRQ_SET_DATA_NONE | proto::IRQ_SET_ACTION_TRIGGER;
+const BOOL_TRIGGER: u32 = proto::IRQ_SET_DATA_BOOL | proto::IRQ_SET_ACTION_TRIGGER;
+
+fn matrix() -> Vec<Row> {
+    use Command as C;
+    let mut rows = Vec::new();
+
+    // 1. Every command with a truncated body (and a few with one byte too many): EINVAL.
+    let valid: Vec<(Command, Vec<u8>)> = vec![
+        (C::Version, version_payload(0)),
+        (C::DmaMap, dma_map(32, 3, 0, 0x40_0000, 0x1000)),
+        (C::DmaUnmap, dma_unmap(24, 0, 0x40_0000, 0x1000)),
+        (C::DeviceGetInfo, get_info(16)),
+        (C::DeviceGetRegionInfo, region_info(32, 0)),
+        (C::DeviceGetIrqInfo, irq_info(16, 0)),
+        (
+            C::DeviceSetIrqs,
+            set_irqs(20, NONE_TRIGGER, irq_index::MSIX, 0, 1, &[]),
+        ),
+        (C::RegionRead, rd(0, 0, 4)),
+        (C::RegionWrite, wr(0, 0, &[1, 2, 3, 4])),
+        (C::RegionWriteMulti, multi(1, &[(0, 0, 4)])),
+    ];
+    for (cmd, full) in &valid {
+        let min = if *cmd == C::Version { 4 } else { full.len() };
+        let mut cuts = vec![0, min / 2, min - 1];
+        cuts.dedup();
+        for cut in cuts {
+            rows.push(row(
+                format!("{cmd:?} truncated to {cut} of {} bytes", full.len()),
+                *cmd,
+                full[..cut].to_vec(),
+                EINVAL_E,
+            ));
+        }
+        if !matches!(cmd, C::Version | C::RegionWrite | C::RegionWriteMulti) {
+            let mut long = full.clone();
+            long.push(0);
+            rows.push(row(
+                format!("{cmd:?} one byte too long"),
+                *cmd,
+                long,
+                EINVAL_E,
+            ));
+        }
+    }
+    rows.push(row(
+        "DeviceReset with a body",
+        C::DeviceReset,
+        vec![0; 4],
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "RegionWrite count says 4, 3 data bytes",
+        C::RegionWrite,
+        pl(|w| {
+            w.u64(0).u32(0).u32(4).bytes(&[1, 2, 3]);
+        }),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "RegionWriteMulti wr_cnt 2, one entry",
+        C::RegionWriteMulti,
+        multi(2, &[(0, 0, 4)]),
+        EINVAL_E,
+    ));
+
+    // 2. Oversized size / counts.
+    rows.push(row(
+        "RegionWrite of max_data_xfer_size + 1 bytes (frame over the limit)",
+        C::RegionWrite,
+        wr(4, 0, &vec![0; MAX_XFER as usize + 1]),
+        E2BIG_E,
+    ));
+    rows.push(row(
+        "RegionRead count max_data_xfer_size + 1",
+        C::RegionRead,
+        rd(4, 0, MAX_XFER + 1),
+        E2BIG_E,
+    ));
+    rows.push(row(
+        "RegionRead count u32::MAX",
+        C::RegionRead,
+        rd(4, 0, u32::MAX),
+        E2BIG_E,
+    ));
+
+    // 3. argsz lies.
+    for argsz in [0, 31] {
+        rows.push(row(
+            format!("DmaMap argsz {argsz}"),
+            C::DmaMap,
+            dma_map(argsz, 3, 0, 0x40_0000, 0x1000),
+            EINVAL_E,
+        ));
+    }
+    rows.push(row(
+        "DmaMap argsz larger than the structure (a capacity, as in the kernel)",
+        C::DmaMap,
+        dma_map(4096, 3, 0, 0x40_0000, 0x1000),
+        Expect::Ok,
+    ));
+    rows.push(row(
+        "DmaUnmap argsz 23",
+        C::DmaUnmap,
+        dma_unmap(23, 0, 0x40_0000, 0x1000),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "DeviceGetInfo argsz 15",
+        C::DeviceGetInfo,
+        get_info(15),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "DeviceGetRegionInfo argsz 31",
+        C::DeviceGetRegionInfo,
+        region_info(31, 0),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "DeviceGetRegionInfo argsz u32::MAX (room for anything)",
+        C::DeviceGetRegionInfo,
+        region_info(u32::MAX, 2),
+        Expect::Ok,
+    ));
+    rows.push(row(
+        "DeviceGetIrqInfo argsz 15",
+        C::DeviceGetIrqInfo,
+        irq_info(15, 0),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "SetIrqs argsz 19",
+        C::DeviceSetIrqs,
+        set_irqs(19, NONE_TRIGGER, irq_index::MSIX, 0, 1, &[]),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "SetIrqs DATA_BOOL argsz not covering the bools",
+        C::DeviceSetIrqs,
+        set_irqs(20, BOOL_TRIGGER, irq_index::MSIX, 0, 2, &[1, 1]),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "SetIrqs DATA_BOOL with fewer bools than count",
+        C::DeviceSetIrqs,
+        set_irqs(22, BOOL_TRIGGER, irq_index::MSIX, 0, 3, &[1, 1]),
+        EINVAL_E,
+    ));
+    rows.push(
+        row(
+            "SetIrqs DATA_EVENTFD with argsz 20 + 4 * count (a copied ioctl argsz)",
+            C::DeviceSetIrqs,
+            set_irqs(24, EV_TRIGGER, irq_index::MSIX, 0, 1, &[]),
+            Expect::Ok,
+        )
+        .fds(Fds::Eventfds(1)),
+    );
+
+    // 4. Wrong fd counts.
+    for (what, cmd, payload) in [
+        ("Version", C::Version, version_payload(0)),
+        ("DeviceGetInfo", C::DeviceGetInfo, get_info(16)),
+        (
+            "DeviceGetRegionInfo",
+            C::DeviceGetRegionInfo,
+            region_info(32, 0),
+        ),
+        ("DeviceGetIrqInfo", C::DeviceGetIrqInfo, irq_info(16, 0)),
+        ("RegionRead", C::RegionRead, rd(0, 0, 4)),
+        ("RegionWrite", C::RegionWrite, wr(0, 0, &[1])),
+        (
+            "RegionWriteMulti",
+            C::RegionWriteMulti,
+            multi(1, &[(0, 0, 4)]),
+        ),
+        ("DmaUnmap", C::DmaUnmap, dma_unmap(24, 0, 0x40_0000, 0x1000)),
+        ("DeviceReset", C::DeviceReset, vec![]),
+    ] {
+        rows.push(row(format!("{what} with an fd"), cmd, payload, EINVAL_E).fds(Fds::Eventfds(1)));
+    }
+    rows.push(
+        row(
+            "DmaMap with two fds",
+            C::DmaMap,
+            dma_map(32, 3, 0, 0x40_0000, 0x1000),
+            EINVAL_E,
+        )
+        .fds(Fds::Memfd(2)),
+    );
+    rows.push(row(
+        "DmaMap without an fd (recorded, unreachable for device DMA: QEMU's ROM/PAM windows)",
+        C::DmaMap,
+        dma_map(32, 3, 0, 0x40_0000, 0x1000),
+        Expect::Ok,
+    ));
+    rows.push(
+        row(
+            "DmaMap with an fd that cannot be mapped (an eventfd)",
+            C::DmaMap,
+            dma_map(32, 3, 0, 0x40_0000, 0x1000),
+            EINVAL_E,
+        )
+        .fds(Fds::Eventfds(1)),
+    );
+    rows.push(
+        row(
+            "SetIrqs eventfd trigger: 1 fd for 2 vectors",
+            C::DeviceSetIrqs,
+            set_irqs(20, EV_TRIGGER, irq_index::MSIX, 0, 2, &[]),
+            EINVAL_E,
+        )
+        .fds(Fds::Eventfds(1)),
+    );
+    rows.push(
+        row(
+            "SetIrqs eventfd trigger: 2 fds for 1 vector",
+            C::DeviceSetIrqs,
+            set_irqs(20, EV_TRIGGER, irq_index::MSIX, 0, 1, &[]),
+            EINVAL_E,
+        )
+        .fds(Fds::Eventfds(2)),
+    );
+    rows.push(row(
+        "SetIrqs eventfd trigger with no fds (de-assign, as QEMU sends runs of -1)",
+        C::DeviceSetIrqs,
+        set_irqs(20, EV_TRIGGER, irq_index::MSIX, 0, 4, &[]),
+        Expect::Ok,
+    ));
+    rows.push(
+        row(
+            "SetIrqs DATA_NONE trigger with an fd",
+            C::DeviceSetIrqs,
+            set_irqs(20, NONE_TRIGGER, irq_index::MSIX, 0, 1, &[]),
+            EINVAL_E,
+        )
+        .fds(Fds::Eventfds(1)),
+    );
+    rows.push(
+        row(
+            "SetIrqs INTx unmask eventfd with two fds",
+            C::DeviceSetIrqs,
+            set_irqs(
+                20,
+                proto::IRQ_SET_DATA_EVENTFD | proto::IRQ_SET_ACTION_UNMASK,
+                irq_index::INTX,
+                0,
+                1,
+                &[],
+            ),
+            EINVAL_E,
+        )
+        .fds(Fds::Eventfds(2)),
+    );
+    rows.push(
+        row(
+            "SetIrqs eventfd trigger: 20 fds (over max_msg_fds 16: MSG_CTRUNC)",
+            C::DeviceSetIrqs,
+            set_irqs(20, EV_TRIGGER, irq_index::MSIX, 0, 4, &[]),
+            EINVAL_E,
+        )
+        .fds(Fds::Eventfds(20)),
+    );
+    rows.push(
+        row(
+            "SetIrqs eventfd trigger with a memfd instead of an eventfd",
+            C::DeviceSetIrqs,
+            set_irqs(20, EV_TRIGGER, irq_index::MSIX, 0, 1, &[]),
+            EINVAL_E,
+        )
+        .fds(Fds::Memfd(1)),
+    );
+
+    // 5. Unknown flags.
+    for (flags, why) in [
+        (proto::FLAG_TYPE_REPLY, "a reply, not a command"),
+        (0x7, "message type 7"),
+        (proto::FLAG_ERROR, "the Error bit on a command"),
+        (0x40, "reserved bit 6"),
+        (0x8000_0000, "reserved bit 31"),
+    ] {
+        rows.push(
+            row(
+                format!("header flags {flags:#x}: {why}"),
+                C::DeviceGetInfo,
+                get_info(16),
+                EINVAL_E,
+            )
+            .flags(flags),
+        );
+    }
+    rows.push(row(
+        "DmaMap flags bit 2",
+        C::DmaMap,
+        dma_map(32, 0x4 | 3, 0, 0x40_0000, 0x1000),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "DmaUnmap flags bit 2",
+        C::DmaUnmap,
+        dma_unmap(24, 0x4, 0x40_0000, 0x1000),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "DmaUnmap GET_DIRTY_BITMAP (no migration)",
+        C::DmaUnmap,
+        dma_unmap(
+            24,
+            proto::DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
+            0x40_0000,
+            0x1000,
+        ),
+        ENOTSUP_E,
+    ));
+    rows.push(row(
+        "SetIrqs unknown flag bit 6",
+        C::DeviceSetIrqs,
+        set_irqs(20, NONE_TRIGGER | 0x40, irq_index::MSIX, 0, 1, &[]),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "SetIrqs two data types",
+        C::DeviceSetIrqs,
+        set_irqs(
+            20,
+            NONE_TRIGGER | proto::IRQ_SET_DATA_EVENTFD,
+            irq_index::MSIX,
+            0,
+            1,
+            &[],
+        ),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "SetIrqs no action",
+        C::DeviceSetIrqs,
+        set_irqs(20, proto::IRQ_SET_DATA_NONE, irq_index::MSIX, 0, 1, &[]),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "SetIrqs eventfd MASK (not supported)",
+        C::DeviceSetIrqs,
+        set_irqs(
+            20,
+            proto::IRQ_SET_DATA_EVENTFD | proto::IRQ_SET_ACTION_MASK,
+            irq_index::INTX,
+            0,
+            1,
+            &[],
+        ),
+        ENOTSUP_E,
+    ));
+    rows.push(row(
+        "Version major 1",
+        C::Version,
+        version_payload(1),
+        ENOTSUP_E,
+    ));
+
+    // 6. Bad region index and offset.
+    for index in [1, 8, 9, 255, u32::MAX] {
+        rows.push(row(
+            format!("RegionRead region {index} (absent or empty)"),
+            C::RegionRead,
+            rd(index, 0, 4),
+            EINVAL_E,
+        ));
+        rows.push(row(
+            format!("RegionWrite region {index} (absent or empty)"),
+            C::RegionWrite,
+            wr(index, 0, &[1, 2, 3, 4]),
+            EINVAL_E,
+        ));
+    }
+    for (offset, len, expect) in [
+        (255, 1, Expect::Ok),
+        (252, 4, Expect::Ok),
+        (256, 1, EINVAL_E),
+        (253, 4, EINVAL_E),
+        (u64::MAX, 1, EINVAL_E),
+        (u64::MAX - 1, 4, EINVAL_E),
+    ] {
+        rows.push(row(
+            format!("RegionRead config {offset:#x}+{len}"),
+            C::RegionRead,
+            rd(region::CONFIG, offset, len),
+            expect,
+        ));
+        rows.push(row(
+            format!("RegionWrite config {offset:#x}+{len}"),
+            C::RegionWrite,
+            wr(region::CONFIG, offset, &vec![0; len as usize]),
+            expect,
+        ));
+    }
+    rows.push(row(
+        "DeviceGetRegionInfo index 9",
+        C::DeviceGetRegionInfo,
+        region_info(32, 9),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "DeviceGetIrqInfo index 5",
+        C::DeviceGetIrqInfo,
+        irq_info(16, 5),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "RegionWriteMulti entry outside BAR0",
+        C::RegionWriteMulti,
+        multi(2, &[(0, 0, 4), (4096, 0, 4)]),
+        EINVAL_E,
+    ));
+
+    // 7. Zero-length and maximum-length accesses.
+    rows.push(row(
+        "RegionRead of 0 bytes",
+        C::RegionRead,
+        rd(0, 0, 0),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "RegionWrite of 0 bytes",
+        C::RegionWrite,
+        wr(0, 0, &[]),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "RegionRead of max_data_xfer_size bytes",
+        C::RegionRead,
+        rd(4, 0, MAX_XFER),
+        Expect::Ok,
+    ));
+    rows.push(row(
+        "RegionWrite of max_data_xfer_size bytes (the largest frame)",
+        C::RegionWrite,
+        wr(
+            4,
+            BAR4_SIZE - u64::from(MAX_XFER),
+            &vec![0x5a; MAX_XFER as usize],
+        ),
+        Expect::Ok,
+    ));
+    let full: Vec<(u64, u32, u32)> = (0..proto::MULTI_MAX).map(|i| (i * 8, 0, 8)).collect();
+    rows.push(row(
+        "RegionWriteMulti of 200 writes",
+        C::RegionWriteMulti,
+        multi(200, &full),
+        Expect::Ok,
+    ));
+    let over: Vec<(u64, u32, u32)> = (0..201).map(|i| (i * 8, 0, 8)).collect();
+    rows.push(row(
+        "RegionWriteMulti of 201 writes",
+        C::RegionWriteMulti,
+        multi(201, &over),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "RegionWriteMulti of 0 writes",
+        C::RegionWriteMulti,
+        multi(0, &[]),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "RegionWriteMulti entry of 0 bytes",
+        C::RegionWriteMulti,
+        multi(1, &[(0, 0, 0)]),
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "RegionWriteMulti entry of 9 bytes",
+        C::RegionWriteMulti,
+        multi(1, &[(0, 0, 9)]),
+        EINVAL_E,
+    ));
+
+    // 8. Overlapping and unaligned DMA maps (the base mapping is BASE_IOVA..+BASE_SIZE).
+    let m = |name: &str, offset: u64, iova: u64, size: u64, expect: Expect| {
+        row(name, C::DmaMap, dma_map(32, 3, offset, iova, size), expect).fds(Fds::Memfd(1))
+    };
+    rows.push(m(
+        "DmaMap exactly over the base mapping",
+        0,
+        BASE_IOVA,
+        BASE_SIZE,
+        EEXIST_E,
+    ));
+    rows.push(m(
+        "DmaMap starting inside the base mapping",
+        0,
+        BASE_IOVA + 0x8000,
+        BASE_SIZE,
+        EEXIST_E,
+    ));
+    rows.push(m(
+        "DmaMap ending inside the base mapping",
+        0,
+        BASE_IOVA - 0x8000,
+        0x9000,
+        EEXIST_E,
+    ));
+    rows.push(m(
+        "DmaMap inside the base mapping",
+        0,
+        BASE_IOVA + 0x1000,
+        0x1000,
+        EEXIST_E,
+    ));
+    rows.push(m(
+        "DmaMap containing the base mapping",
+        0,
+        0,
+        0x100_0000,
+        EEXIST_E,
+    ));
+    rows.push(m(
+        "DmaMap adjacent below",
+        0,
+        BASE_IOVA - 0x1000,
+        0x1000,
+        Expect::Ok,
+    ));
+    rows.push(m(
+        "DmaMap adjacent above",
+        0,
+        BASE_IOVA + BASE_SIZE,
+        0x1000,
+        Expect::Ok,
+    ));
+    rows.push(m("DmaMap unaligned IOVA", 0, 0x40_0800, 0x1000, EINVAL_E));
+    rows.push(m("DmaMap unaligned size", 0, 0x40_0000, 0x800, EINVAL_E));
+    rows.push(m("DmaMap of size 0", 0, 0x40_0000, 0, EINVAL_E));
+    rows.push(m(
+        "DmaMap wrapping past 2^64",
+        0,
+        u64::MAX - 0xfff,
+        0x2000,
+        EINVAL_E,
+    ));
+    rows.push(m(
+        "DmaMap ending exactly at 2^64",
+        0,
+        u64::MAX - 0xfff,
+        0x1000,
+        Expect::Ok,
+    ));
+    rows.push(m(
+        "DmaMap unaligned fd offset",
+        0x800,
+        0x40_0000,
+        0x1000,
+        EINVAL_E,
+    ));
+    rows.push(m(
+        "DmaMap fd offset past the end of the file",
+        1 << 20,
+        0x40_0000,
+        0x1000,
+        EINVAL_E,
+    ));
+
+    // 9. Unmapping what was never mapped, and bad unmaps.
+    let u = |name: &str, flags: u32, iova: u64, size: u64, expect: Expect| {
+        row(name, C::DmaUnmap, dma_unmap(24, flags, iova, size), expect)
+    };
+    rows.push(u(
+        "DmaUnmap of a range never mapped (kernel semantics: success, nothing removed)",
+        0,
+        0x4000_0000,
+        0x1000,
+        Expect::Ok,
+    ));
+    rows.push(u(
+        "DmaUnmap splitting the base mapping",
+        0,
+        BASE_IOVA + 0x1000,
+        0x1000,
+        EINVAL_E,
+    ));
+    rows.push(u(
+        "DmaUnmap overlapping the base mapping's start",
+        0,
+        BASE_IOVA - 0x1000,
+        0x2000,
+        EINVAL_E,
+    ));
+    rows.push(u("DmaUnmap of size 0", 0, BASE_IOVA, 0, EINVAL_E));
+    rows.push(u(
+        "DmaUnmap unaligned IOVA",
+        0,
+        BASE_IOVA + 1,
+        BASE_SIZE,
+        EINVAL_E,
+    ));
+    rows.push(u(
+        "DmaUnmap unaligned size",
+        0,
+        BASE_IOVA,
+        BASE_SIZE - 1,
+        EINVAL_E,
+    ));
+    rows.push(u(
+        "DmaUnmap wrapping past 2^64",
+        0,
+        u64::MAX - 0xfff,
+        0x2000,
+        EINVAL_E,
+    ));
+    rows.push(u(
+        "DmaUnmap UNMAP_ALL with an address",
+        proto::DMA_UNMAP_FLAG_ALL,
+        BASE_IOVA,
+        0,
+        EINVAL_E,
+    ));
+
+    // 10. SET_IRQS with out-of-range start/count.
+    let s = |name: &str, flags: u32, index: u32, start: u32, count: u32, expect: Expect| {
+        row(
+            name,
+            C::DeviceSetIrqs,
+            set_irqs(20, flags, index, start, count, &[]),
+            expect,
+        )
+    };
+    rows.push(s(
+        "SetIrqs MSI-X start 4 (of 4)",
+        EV_TRIGGER,
+        irq_index::MSIX,
+        4,
+        1,
+        EINVAL_E,
+    ));
+    rows.push(s(
+        "SetIrqs MSI-X start 3 count 2",
+        EV_TRIGGER,
+        irq_index::MSIX,
+        3,
+        2,
+        EINVAL_E,
+    ));
+    rows.push(s(
+        "SetIrqs MSI-X start u32::MAX count 2 (overflow)",
+        EV_TRIGGER,
+        irq_index::MSIX,
+        u32::MAX,
+        2,
+        EINVAL_E,
+    ));
+    rows.push(s(
+        "SetIrqs MSI-X count u32::MAX",
+        EV_TRIGGER,
+        irq_index::MSIX,
+        0,
+        u32::MAX,
+        EINVAL_E,
+    ));
+    rows.push(s(
+        "SetIrqs MSI-X eventfd count 0",
+        EV_TRIGGER,
+        irq_index::MSIX,
+        0,
+        0,
+        EINVAL_E,
+    ));
+    rows.push(s(
+        "SetIrqs INTx start 1",
+        NONE_TRIGGER,
+        irq_index::INTX,
+        1,
+        1,
+        EINVAL_E,
+    ));
+    rows.push(s(
+        "SetIrqs index 5 (past the last)",
+        NONE_TRIGGER,
+        5,
+        0,
+        1,
+        EINVAL_E,
+    ));
+    rows.push(s(
+        "SetIrqs index u32::MAX",
+        NONE_TRIGGER,
+        u32::MAX,
+        0,
+        1,
+        EINVAL_E,
+    ));
+    rows.push(s(
+        "SetIrqs disable (DATA_NONE trigger count 0)",
+        NONE_TRIGGER,
+        irq_index::MSIX,
+        0,
+        0,
+        Expect::Ok,
+    ));
+    rows.push(s(
+        "SetIrqs disable form with start 1",
+        NONE_TRIGGER,
+        irq_index::MSIX,
+        1,
+        0,
+        EINVAL_E,
+    ));
+    rows.push(s(
+        "SetIrqs MASK on MSI-X (not maskable)",
+        proto::IRQ_SET_DATA_NONE | proto::IRQ_SET_ACTION_MASK,
+        irq_index::MSIX,
+        0,
+        1,
+        EINVAL_E,
+    ));
+    rows.push(s(
+        "SetIrqs MASK on ERR (trigger only)",
+        proto::IRQ_SET_DATA_NONE | proto::IRQ_SET_ACTION_MASK,
+        irq_index::ERR,
+        0,
+        1,
+        EINVAL_E,
+    ));
+    rows
+}
+
+fn memfd_1m() -> OwnedFd {
+    memfd(1 << 20)
+}
+
+/// A negotiated connection holding the base mapping.
+fn matrix_connection(h: &Harness, base: &OwnedFd) -> Raw {
+    let mut r = Raw::negotiated(h);
+    let (hd, _) = r.call(
+        Command::DmaMap as u16,
+        &dma_map(32, 3, 0, BASE_IOVA, BASE_SIZE),
+        &[base.as_raw_fd()],
+    );
+    assert_eq!(hd.flags & proto::FLAG_ERROR, 0, "base mapping");
+    r
+}
+
+#[test]
+fn test_bad_input_matrix() {
+    let h = start();
+    let base = memfd_1m();
+    let rows = matrix();
+    eprintln!("bad-input matrix: {} rows", rows.len());
+    let mut failures = Vec::new();
+    for row in &rows {
+        let mut r = matrix_connection(&h, &base);
+        let maps_before = h.maps.lock().unwrap().clone();
+        let keep: Vec<Box<dyn AsRawFd>> = match row.fds {
+            Fds::None => Vec::new(),
+            Fds::Eventfds(n) => (0..n)
+                .map(|_| Box::new(EventFd::new(0).unwrap()) as Box<dyn AsRawFd>)
+                .collect(),
+            Fds::Memfd(n) => {
+                let m = memfd_1m();
+                (0..n)
+                    .map(|_| Box::new(m.try_clone().unwrap()) as Box<dyn AsRawFd>)
+                    .collect()
+            }
+        };
+        let fds: Vec<i32> = keep.iter().map(|f| f.as_raw_fd()).collect();
+        let (want, payload) = (row.expect, &row.payload);
+        let (hd, v) = r.frame(row.cmd, payload, row.flags);
+        r.send_raw(&v, &fds);
+        let (rh, _) = r.recv();
+        let got = if rh.flags & proto::FLAG_ERROR != 0 {
+            Expect::Errno(rh.error as i32)
+        } else {
+            Expect::Ok
+        };
+        if rh.id != hd.id {
+            failures.push(format!(
+                "{}: reply id {} for request {}",
+                row.name, rh.id, hd.id
+            ));
+        }
+        if got != want {
+            failures.push(format!("{}: got {got:?}, want {want:?}", row.name));
+        }
+        if want != Expect::Ok && *h.maps.lock().unwrap() != maps_before {
+            failures.push(format!(
+                "{}: a refused request changed the DMA map",
+                row.name
+            ));
+        }
+        // The connection still serves, in sync.
+        match r.read(region::CONFIG, 4, 4) {
+            Ok(b) if b == vec![4, 5, 6, 7] => {}
+            other => failures.push(format!(
+                "{}: connection unusable after: {other:?}",
+                row.name
+            )),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} rows failed:\n{}",
+        failures.len(),
+        rows.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn test_unmap_of_nothing_keeps_the_base_mapping_and_a_covering_unmap_removes_it() {
+    let h = start();
+    let base = memfd_1m();
+    let mut r = matrix_connection(&h, &base);
+    let (hd, body) = r.call(3, &dma_unmap(24, 0, 0x4000_0000, 0x1000), &[]);
+    assert_eq!(hd.flags & proto::FLAG_ERROR, 0);
+    assert_eq!(
+        body,
+        dma_unmap(24, 0, 0x4000_0000, 0x1000),
+        "reply echoes the request"
+    );
+    assert_eq!(h.maps.lock().unwrap().len(), 1, "base mapping kept");
+    let (hd, _) = r.call(3, &dma_unmap(24, 0, 0, 1 << 40), &[]);
+    assert_eq!(hd.flags & proto::FLAG_ERROR, 0);
+    assert!(
+        h.maps.lock().unwrap().is_empty(),
+        "a covering unmap removes it"
+    );
+    r.assert_alive();
+}
+
+#[test]
+fn test_size_lie_gets_e2big_at_once_and_the_next_client_is_served() {
+    // The header claims 1 GiB and nothing follows: the client is answered without the server
+    // waiting for the payload; the stream is lost for this connection (the server drops what
+    // follows as payload), so the client reconnects.
+    let h = start();
+    let mut r = Raw::negotiated(&h);
+    let hd = Header {
+        id: 9,
+        command: Command::RegionWrite as u16,
+        size: 1 << 30,
+        flags: 0,
+        error: 0,
+    };
+    r.send_raw(&hd.encode(), &[]);
+    let (rh, _) = r.recv();
+    assert_eq!((rh.id, rh.error), (9, libc::E2BIG as u32));
+    drop(r);
+    let mut r2 = Raw::negotiated(&h);
+    r2.assert_alive();
+}
+
+#[test]
+fn test_frames_pipelined_in_one_write_are_all_answered_in_order() {
+    // Posted writes, a DMA_MAP with its fd and a read, sent back to back in one burst: the
+    // buffered reader takes several frames per recvmsg and must give the fd to the DMA_MAP.
+    let h = start();
+    let mut r = Raw::negotiated(&h);
+    let mem = memfd(0x10000);
+    let mut burst = Vec::new();
+    for i in 0..50u8 {
+        let (_, v) = r.frame(
+            Command::RegionWrite as u16,
+            &wr(0, u64::from(i), &[i]),
+            proto::FLAG_NO_REPLY,
+        );
+        burst.extend(v);
+    }
+    r.send_raw(&burst, &[]);
+    let (map_hdr, map) = r.frame(
+        Command::DmaMap as u16,
+        &dma_map(32, 3, 0, 0x10000, 0x10000),
+        0,
+    );
+    r.send_raw(&map, &[mem.as_raw_fd()]);
+    let (read_hdr, read) = r.frame(Command::RegionRead as u16, &rd(0, 0, 50), 0);
+    r.send_raw(&read, &[]);
+    let (rh, _) = r.recv();
+    assert_eq!((rh.id, rh.flags & proto::FLAG_ERROR), (map_hdr.id, 0));
+    let (rh, body) = r.recv();
+    assert_eq!(rh.id, read_hdr.id);
+    assert_eq!(body[16..], (0..50u8).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        *h.maps.lock().unwrap(),
+        vec![MappingInfo {
+            iova: 0x10000,
+            size: 0x10000,
+            prot: 3,
+            backed: true
+        }],
+        "the fd reached the DMA_MAP it was sent with"
+    );
 }
