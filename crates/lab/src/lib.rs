@@ -70,6 +70,7 @@ pub mod reset;
 pub mod scenario;
 pub mod server;
 pub mod suite;
+pub mod sva;
 
 pub use error::LabError;
 pub use suite::{run_suite, SuiteOptions};

@@ -90,6 +90,8 @@ pub fn profile_by_name(name: &str) -> Result<VmProfile> {
             ProfileId::GpuNpu,
             ProfileId::GpuHotplug,
             ProfileId::GpuNsr,
+            ProfileId::GpuNpuHotplug,
+            ProfileId::NpuSva,
         ]
         .map(ProfileId::profile),
     );

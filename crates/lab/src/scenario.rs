@@ -213,6 +213,36 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::mm::M5),
         },
+        Scenario {
+            id: "M6",
+            name: "M6 sva-lifetimes",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::sva::M6),
+        },
+        Scenario {
+            id: "M6b",
+            name: "M6b sva-no-mm-release",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::sva::M6B),
+        },
+        Scenario {
+            id: "M6c",
+            name: "M6c sva-ack-without-drain",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::sva::M6C),
+        },
+        Scenario {
+            id: "M7",
+            name: "M7 sva-invalidation",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::sva::M7),
+        },
+        Scenario {
+            id: "M7b",
+            name: "M7b sva-skip-invalidate",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::sva::M7B),
+        },
     ]
 }
 
@@ -371,7 +401,12 @@ mod tests {
                 "M2 mm-vfio-sigkill",
                 "M3 mm-vfio-fork",
                 "M4 mm-vfio-scm-rights",
-                "M5 mm-vfio-bar-mmap"
+                "M5 mm-vfio-bar-mmap",
+                "M6 sva-lifetimes",
+                "M6b sva-no-mm-release",
+                "M6c sva-ack-without-drain",
+                "M7 sva-invalidation",
+                "M7b sva-skip-invalidate"
             ]
         );
         assert_eq!(
