@@ -34,7 +34,7 @@
 //! (`waitpid` returned), [`MARK_WAITED`] by the supervisor after the last `waitpid` returned.
 //!
 //! Layout from `--iova BASE`: ring page at BASE, the buffer at BASE + 2 MiB (`--buf-kib`,
-//! default 1024), marker `n` at BASE + 128 MiB + n pages.
+//! default 16384: 16 MiB, transparent huge pages), marker `n` at BASE + 128 MiB + n pages.
 
 use crate::args::Args;
 use crate::e1::setup_failure;
@@ -68,14 +68,15 @@ pub const MARK_HOLDER: u64 = 1;
 pub const MARK_WAITED: u64 = 2;
 
 const PAGE: usize = 4096;
-const DEFAULT_BUF_KIB: usize = 1024;
+const DEFAULT_BUF_KIB: usize = 16 * 1024;
 const RING_ENTRIES: u32 = 128;
 /// FILL pattern of ring slot `i`: `PATTERN_BASE | i` ("MM" and the slot).
 const PATTERN_BASE: u32 = 0x4D4D_0000;
 const PATTERN_MASK: u32 = 0xFFFF_FF80;
-/// Streaming: keep up to this many commands added per tick...
-const STREAM_BATCH: u32 = 2;
-/// ...every tick (a 1 MiB FILL takes the engine well under a tick: the journal stays small).
+/// Streaming: this many commands added per tick...
+const STREAM_BATCH: u32 = 1;
+/// ...every tick (a 16 MiB FILL takes the engine a few ms: the journal stays small and the
+/// host is not flooded).
 const STREAM_PACE: Duration = Duration::from_millis(20);
 /// How long the opener streams before its case begins.
 const STREAM_FIRST: Duration = Duration::from_millis(300);
@@ -1277,7 +1278,8 @@ impl Line {
 /// Lines from the workers' stdout pipes.
 struct Reports {
     pipes: Vec<(File, Vec<u8>, bool)>,
-    lines: std::collections::VecDeque<Line>,
+    /// Lines not taken yet, and whether each was shown as a diagnostic.
+    lines: std::collections::VecDeque<(Line, bool)>,
 }
 
 impl Reports {
@@ -1324,15 +1326,16 @@ impl Reports {
             while let Some(nl) = p.1.iter().position(|&c| c == b'\n') {
                 let text: Vec<u8> = p.1.drain(..=nl).collect();
                 if let Some(l) = Line::parse(&String::from_utf8_lossy(&text)) {
-                    self.lines.push_back(l);
+                    self.lines.push_back((l, false));
                 }
             }
         }
         Ok(any || rev.iter().any(|&r| r != 0))
     }
 
-    /// Waits for `role event`; any `error` line of any role ends the wait with its text.
-    /// Other lines go to `k` as diagnostics.
+    /// Waits for `role event` (the first such line not taken yet); lines for later steps
+    /// stay queued. Any `error` line of any role ends the wait with its text. Every line is
+    /// shown once as a diagnostic when it arrives.
     fn expect(
         &mut self,
         role: &str,
@@ -1342,15 +1345,23 @@ impl Reports {
     ) -> Result<Line, String> {
         let t0 = Instant::now();
         loop {
-            while let Some(l) = self.lines.pop_front() {
-                if l.event == "error" {
-                    return Err(format!("{}: {}", l.role, l.rest));
-                }
-                if l.role == role && l.event == event {
+            for (l, shown) in self.lines.iter_mut() {
+                if !*shown {
                     k.diag(&l.text());
+                    *shown = true;
+                }
+            }
+            if let Some(e) = self.lines.iter().find(|(l, _)| l.event == "error") {
+                return Err(format!("{}: {}", e.0.role, e.0.rest));
+            }
+            if let Some(i) = self
+                .lines
+                .iter()
+                .position(|(l, _)| l.role == role && l.event == event)
+            {
+                if let Some((l, _)) = self.lines.remove(i) {
                     return Ok(l);
                 }
-                k.diag(&l.text());
             }
             let left = timeout.saturating_sub(t0.elapsed());
             if left.is_zero() {
@@ -1359,10 +1370,7 @@ impl Reports {
                     timeout.as_secs()
                 ));
             }
-            if !self.pump(left.min(Duration::from_millis(500)))?
-                && self.pipes.iter().all(|p| p.2)
-                && self.lines.is_empty()
-            {
+            if !self.pump(left.min(Duration::from_millis(500)))? && self.pipes.iter().all(|p| p.2) {
                 return Err(format!(
                     "the workers' output ended before \"{role} {event}\""
                 ));
@@ -1811,7 +1819,7 @@ fn drive(sup: &mut Super<'_>, steps: &mut Steps) -> Result<(), ()> {
                 ));
                 if let (Some(a), Some(b)) = (l.get("copy0"), l.get("copy1")) {
                     steps.k.diag(&format!(
-                        "the child's copy of the buffer: 0x.. {a} -> {b} ({})",
+                        "the child's copy of the buffer's first word: {a} -> {b} ({})",
                         if a == b {
                             "unchanged: the device writes the parent's pinned pages, the child got copies at fork"
                         } else {
@@ -1929,7 +1937,7 @@ mod tests {
         }
         assert_ne!(0x4D4C_0001 & PATTERN_MASK, PATTERN_BASE);
         assert_ne!((PATTERN_BASE | 0x80) & PATTERN_MASK, PATTERN_BASE);
-        assert_eq!(buf_len(None).unwrap(), 1 << 20);
+        assert_eq!(buf_len(None).unwrap(), 16 << 20);
         assert!(buf_len(Some("3")).is_err());
         assert!(buf_len(Some("x")).is_err());
         assert_eq!(Case::parse("bar-mmap").unwrap(), Case::BarMmap);
