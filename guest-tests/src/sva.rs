@@ -81,6 +81,23 @@ const IOC_INFO: u64 = ioc(2, 0, std::mem::size_of::<Info>());
 const IOC_SUBMIT: u64 = ioc(3, 1, std::mem::size_of::<Work>());
 const IOC_WAIT: u64 = ioc(3, 2, std::mem::size_of::<Work>());
 
+/// CLOCK_MONOTONIC in nanoseconds: the guest's clock for the `# t <ns> <event>` lines a
+/// timeline is drawn from (the lab aligns them with the device journal on the BIND).
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Prints a process event for the timeline: `# t <ns> <event>`.
+fn stamp_at(ns: u64, event: &str) {
+    println!("# t {ns} {event}");
+}
+
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
@@ -803,10 +820,19 @@ fn case_basic(c: &mut Checks<'_>, t: &Target) -> Result<(), String> {
 }
 
 /// A worker's report: `started <pasid>`.
-fn parse_started(line: &str) -> Result<u32, String> {
-    line.strip_prefix("started ")
-        .and_then(|p| p.trim().parse().ok())
-        .ok_or_else(|| format!("worker said {line:?}"))
+/// A worker's report: `started <pasid> <t_open> <t_bound> <t_queued>`.
+fn parse_started(line: &str) -> Result<(u32, [u64; 3]), String> {
+    let bad = || format!("worker said {line:?}");
+    let mut w = line
+        .strip_prefix("started ")
+        .ok_or_else(bad)?
+        .split_whitespace();
+    let pasid = w.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let mut t = [0u64; 3];
+    for v in &mut t {
+        *v = w.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    }
+    Ok((pasid, t))
 }
 
 /// The lifetime cases: a worker binds, queues work, and leaves in one of several ways.
@@ -847,7 +873,9 @@ fn case_lifetime(c: &mut Checks<'_>, t: &Target, how: &str) -> Result<(), String
     let how_w = how.to_string();
     let worker = fork_run(move || {
         let r = (|| -> Result<i32, String> {
+            let t_open = now_ns();
             let npu = Npu::open(&dev)?;
+            let t_bound = now_ns();
             let info = npu.info().map_err(strerror)?;
             let (src, dst) = stream_buffers()?;
             let status = if how_w == "mmap" {
@@ -885,7 +913,11 @@ fn case_lifetime(c: &mut Checks<'_>, t: &Target, how: &str) -> Result<(), String
                 "scm" => send_fd(sock, npu.fd())?,
                 _ => {}
             }
-            say(&mut wr_w, &format!("started {}", info.pasid));
+            let t_queued = now_ns();
+            say(
+                &mut wr_w,
+                &format!("started {} {t_open} {t_bound} {t_queued}", info.pasid),
+            );
             match how_w.as_str() {
                 "kill" => {
                     // Block in WAIT on the last item until the parent kills us.
@@ -931,7 +963,19 @@ fn case_lifetime(c: &mut Checks<'_>, t: &Target, how: &str) -> Result<(), String
         stash: Vec::new(),
     };
     let line = lines.expect("started ", Duration::from_secs(30))?;
-    let pasid = parse_started(&line)?;
+    let (pasid, [t_open, t_bound, t_queued]) = parse_started(&line)?;
+    stamp_at(
+        t_open,
+        &format!("worker {worker}: open /dev/pcisim-npu (bind)"),
+    );
+    stamp_at(
+        t_bound,
+        &format!("worker {worker}: open returned, pasid {pasid} bound"),
+    );
+    stamp_at(
+        t_queued,
+        &format!("worker {worker}: {STREAM_ITEMS} compares queued"),
+    );
     println!("# pasid {pasid}");
     c.k.diag(&format!(
         "worker {worker} bound pasid {pasid} and queued {STREAM_ITEMS} compares of {} KiB",
@@ -943,10 +987,12 @@ fn case_lifetime(c: &mut Checks<'_>, t: &Target, how: &str) -> Result<(), String
     }
     if how == "kill" {
         std::thread::sleep(Duration::from_millis(50));
+        stamp_at(now_ns(), &format!("SIGKILL sent to worker {worker}"));
         // SAFETY: signals our own child.
         unsafe { libc::kill(worker, libc::SIGKILL) };
     }
     let ended = waitpid(worker)?;
+    stamp_at(now_ns(), &format!("worker {worker} reaped ({ended:?})"));
     let exit_ms = start.elapsed().as_secs_f64() * 1000.0;
     c.k.diag(&format!(
         "worker ended ({ended:?}) {exit_ms:.1} ms after it started"
@@ -1004,6 +1050,7 @@ fn case_lifetime(c: &mut Checks<'_>, t: &Target, how: &str) -> Result<(), String
     drop(go_wr);
     if let Some(pid) = receiver {
         waitpid(pid)?;
+        stamp_at(now_ns(), &format!("receiver {pid} reaped"));
     }
     if holder {
         // The fork case's grandchild was reparented; wait for the count to settle.
@@ -1013,6 +1060,7 @@ fn case_lifetime(c: &mut Checks<'_>, t: &Target, how: &str) -> Result<(), String
         }
     }
     let after = t.contexts()?;
+    stamp_at(now_ns(), &format!("{after} context(s) left on the device"));
     c.check(
         "every context is gone once no process holds the file (no leak through fork, SCM_RIGHTS or mmap)",
         expect(after == before, || format!("{before} context(s) before, {after} after")),
