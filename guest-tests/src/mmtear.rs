@@ -744,6 +744,34 @@ impl Stream {
         Ok(outstanding + add)
     }
 
+    /// Fills the ring (127 FILLs of the whole buffer: hundreds of ms of work) and waits until
+    /// the engine demonstrably works on it (RING_HEAD moved: a command of the burst completed,
+    /// the next one runs). Returns the commands still outstanding then. The doorbell is a posted
+    /// write: without the wait, a process killed right after it may go before the engine even
+    /// fetched a command.
+    fn burst(&mut self, regs: &dyn Regs) -> Result<u32, String> {
+        let head0 = regs.rd(gpu::REG_RING_HEAD)?;
+        self.top_up(regs, RING_ENTRIES)?;
+        let t0 = Instant::now();
+        loop {
+            let head = regs.rd(gpu::REG_RING_HEAD)?;
+            let outstanding = (self.tail + RING_ENTRIES - head) % RING_ENTRIES;
+            if head != head0 {
+                return Ok(outstanding);
+            }
+            if regs.rd(gpu::REG_RING_STATUS)? == gpu::RING_STATUS_ERROR {
+                return Err("the ring stopped during the burst".into());
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                return Err(format!(
+                    "the engine did not start the burst within 5 s (HEAD {head}, TAIL {})",
+                    self.tail
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Streams (a small batch every tick) for `d`.
     fn run_for(&mut self, regs: &dyn Regs, d: Duration) -> Result<(), String> {
         let t0 = Instant::now();
@@ -937,7 +965,7 @@ fn opener(cfg: &WorkerCfg) -> Result<(), String> {
     match cfg.case {
         Case::Exit => {
             mark(h.container.as_fd(), &cfg.layout, MARK_FIRST_EXIT)?;
-            let out = s.top_up(&h.regs(), RING_ENTRIES)?;
+            let out = s.burst(&h.regs())?;
             let status = h.regs().rd(gpu::REG_RING_STATUS)?;
             report(
                 "opener",
@@ -947,7 +975,7 @@ fn opener(cfg: &WorkerCfg) -> Result<(), String> {
         }
         Case::Kill => {
             mark(h.container.as_fd(), &cfg.layout, MARK_FIRST_EXIT)?;
-            let out = s.top_up(&h.regs(), RING_ENTRIES)?;
+            let out = s.burst(&h.regs())?;
             report("opener", &format!("burst outstanding={out}"));
             // Keep it busy until the SIGKILL comes.
             s.run_for(&h.regs(), Duration::from_secs(60))?;
@@ -1035,7 +1063,7 @@ fn hold(
         _ => String::new(),
     };
     report(role, &format!("progress c0={c0} c1={c1}{copies}"));
-    let out = s.top_up(&regs, RING_ENTRIES)?;
+    let out = s.burst(&regs)?;
     report(role, &format!("exiting outstanding={out}"));
     exit_now(0)
 }
@@ -1229,7 +1257,7 @@ fn bar_case(h: Handles, mut s: Stream, cfg: &WorkerCfg) -> Result<(), String> {
     s.run_for(&map, HOLD)?;
     let c1 = map.rd(gpu::REG_CMDS_COMPLETED)?;
     report("opener", &format!("progress c0={c0} c1={c1}"));
-    let out = s.top_up(&map, RING_ENTRIES)?;
+    let out = s.burst(&map)?;
     report("opener", &format!("exiting outstanding={out}"));
     exit_now(0)
 }
