@@ -407,7 +407,14 @@ impl Shared {
         let mut done: u64 = 0;
         let mut buf_a = vec![0u8; PAGE_4K as usize];
         let mut buf_b = vec![0u8; PAGE_4K as usize];
-        let pattern = d.src.to_le_bytes();
+        // FILL: byte i of dst is byte i mod 8 of the pattern, so a chunk starting `done` bytes
+        // in is this page-and-a-bit of repeated pattern from offset `done % 8`.
+        let fill: Vec<u8> = if d.op == regs::DESC_FILL {
+            let pattern = d.src.to_le_bytes();
+            (0..PAGE_4K as usize + 8).map(|i| pattern[i % 8]).collect()
+        } else {
+            Vec::new()
+        };
         // Transactions Pending while the item runs (not while it waits for the bus).
         let mut busy = Some(host.in_flight());
         let mut retry = false;
@@ -458,11 +465,9 @@ impl Shared {
             let r = match d.op {
                 regs::DESC_FILL => {
                     let n = rem.min(page_left(dst));
-                    let chunk = &mut buf_a[..n as usize];
-                    for (i, b) in chunk.iter_mut().enumerate() {
-                        *b = pattern[((done + i as u64) % 8) as usize];
-                    }
-                    g.write_va(host, d, dst, chunk).map(|()| n)
+                    let at = (done % 8) as usize;
+                    g.write_va(host, d, dst, &fill[at..at + n as usize])
+                        .map(|()| n)
                 }
                 regs::DESC_MEMCPY => {
                     let n = rem.min(page_left(dst)).min(page_left(src));
