@@ -71,6 +71,7 @@ pub mod scenario;
 pub mod server;
 pub mod suite;
 pub mod sva;
+pub mod timeline;
 
 pub use error::LabError;
 pub use suite::{run_suite, SuiteOptions};

@@ -15,6 +15,7 @@ use crate::host::{count_records, HostCtx, HostError, HostProgram};
 use crate::kmod::{guest_module_path_sh, NPU_MODULE};
 use crate::profile::ProfileId;
 use crate::qmp::PciDeviceInfo;
+use crate::timeline;
 
 /// The NPU of the `npu-sva` profile.
 const NPU: &str = "npu0";
@@ -207,6 +208,10 @@ fn lifetime_case(
                 ctx.diag(&format!(
                     "{case}: pasid {pasid} not released by the device within {RELEASE_WAIT:?}"
                 ));
+            }
+            // The picture of one case: M6's kill and M6c's (the same case, buggy driver).
+            if case == "kill" {
+                timeline::save_case_timeline(ctx, case, NPU, &records, &out.stdout);
             }
             return Ok(Some((pasid, records)));
         }
