@@ -80,6 +80,10 @@ pub(crate) struct FrameReader {
     base: u64,
     /// Fds of reads whose last byte is not consumed yet, oldest first.
     pending: VecDeque<PendingFds>,
+    /// Number of fds in `pending`.
+    pending_fds: usize,
+    /// Most fds one frame may carry.
+    max_fds: usize,
     cmsg: CmsgBuf,
     /// Stream offset up to which an oversized frame is being dropped.
     discard_to: u64,
@@ -95,6 +99,8 @@ impl FrameReader {
             tail: 0,
             base: 0,
             pending: VecDeque::new(),
+            pending_fds: 0,
+            max_fds,
             cmsg: CmsgBuf::new(max_fds),
             discard_to: 0,
             max_msg_size,
@@ -115,7 +121,9 @@ impl FrameReader {
                 let done = self.consumed();
                 // Fds whose read ended inside the dropped bytes belonged to the dropped frame.
                 while self.pending.front().is_some_and(|p| p.last < done) {
-                    self.pending.pop_front();
+                    if let Some(p) = self.pending.pop_front() {
+                        self.pending_fds -= p.fds.len();
+                    }
                 }
                 if self.discard_to > done {
                     if !self.fill(sock, 1)? {
@@ -163,6 +171,7 @@ impl FrameReader {
                 break;
             }
             if let Some(mut p) = self.pending.pop_front() {
+                self.pending_fds -= p.fds.len();
                 fds.append(&mut p.fds);
                 fds_truncated |= p.truncated;
             }
@@ -207,10 +216,22 @@ impl FrameReader {
             return Ok(false);
         }
         if !fds.is_empty() || r.truncated {
+            let mut truncated = r.truncated;
+            // Before a read, `pending` holds only fds of the incomplete current frame (complete
+            // frames were handed out), and one read brings the fds of at most one sendmsg (the
+            // kernel stops after them): so a well-behaved client never has more than two frames'
+            // worth pending. A client that sends its frame a byte at a time, each with fds,
+            // would otherwise fill our fd table: beyond that, fds are closed and the frame they
+            // belong to fails as if the kernel had truncated them.
+            if self.pending_fds + fds.len() > 2 * self.max_fds {
+                fds.clear();
+                truncated = true;
+            }
+            self.pending_fds += fds.len();
             self.pending.push_back(PendingFds {
                 last: self.base + (self.tail + r.bytes - 1) as u64,
                 fds,
-                truncated: r.truncated,
+                truncated,
             });
         }
         self.tail += r.bytes;
@@ -353,6 +374,34 @@ mod tests {
         }
         let (id, _, nfds) = next_frame(&mut r, &b);
         assert_eq!((id, nfds), (2, 0));
+    }
+
+    #[test]
+    fn test_fds_trickled_with_every_byte_are_capped_and_the_frame_marked_truncated() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let e = eventfd();
+        let f = frame(1, 24);
+        let t = std::thread::spawn(move || {
+            for byte in &f {
+                a.send_with_fds(&[std::slice::from_ref(byte)], &[e.as_raw_fd()])
+                    .unwrap();
+            }
+            (&a).write_all(&frame(2, 0)).unwrap();
+            a
+        });
+        let mut r = FrameReader::new(1 << 20, 4);
+        match r.next(&b) {
+            Ok(Event::Frame(f)) => {
+                assert_eq!(f.header.id, 1);
+                assert!(f.fds.len() <= 8, "{} fds kept", f.fds.len());
+                assert!(f.fds_truncated);
+            }
+            _ => panic!("expected frame 1"),
+        }
+        let (id, _, nfds) = next_frame(&mut r, &b);
+        assert_eq!((id, nfds), (2, 0));
+        assert_eq!(r.pending_fds, 0);
+        drop(t.join().unwrap());
     }
 
     #[test]
