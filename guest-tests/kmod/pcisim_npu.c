@@ -1051,8 +1051,21 @@ static ssize_t pcisim_chardev_show(struct device *dev, struct device_attribute *
 }
 static DEVICE_ATTR_RO(pcisim_chardev);
 
+/* The device's PEER_STATUS register (bit 0 peer configured, bit 1 present), read live. */
+static ssize_t pcisim_peer_status_show(struct device *dev, struct device_attribute *attr,
+				       char *buf)
+{
+	struct npu *npu = pci_get_drvdata(to_pci_dev(dev));
+
+	if (!npu || READ_ONCE(npu->gone))
+		return -ENODEV;
+	return sysfs_emit(buf, "%#x\n", rd(npu, R_PEER_STATUS));
+}
+static DEVICE_ATTR_RO(pcisim_peer_status);
+
 static struct attribute *npu_attrs[] = {
 	&dev_attr_pcisim_peer.attr,
+	&dev_attr_pcisim_peer_status.attr,
 	&dev_attr_pcisim_contexts.attr,
 	&dev_attr_pcisim_chardev.attr,
 	NULL,

@@ -80,14 +80,28 @@ pub const H5: HostProgram = HostProgram {
     run: h5_surprise_removal,
 };
 
-/// `H6 gpu-npu-peer`: in `gpu-npu-hotplug`, `device_add` of the GPU the NPU names as its peer:
-/// the guest reads the NPU's PEER_STATUS = configured | present; `device_del` of the GPU:
-/// PEER_STATUS = configured (the peer is gone), and the guest keeps nothing of the GPU (no
-/// `/sys/bus/pci/devices/<bdf>`, no IOMMU group member, nothing in `lspci`-style listings).
+/// `H6 gpu-npu-peer`: in `gpu-npu-hotplug`, the guest NPU driver (`pcisim_npu.ko`) drives the
+/// NPU; `device_add` of the GPU the NPU names as its peer: the driver takes a reference on the
+/// GPU's `pci_dev` (its sysfs `pcisim_peer` reads `held <bdf>`) and the NPU's PEER_STATUS reads
+/// configured | present; `device_del` of the GPU: the driver drops its reference, the kernel
+/// frees the GPU's `pci_dev` (its kobject is released: `kobject_cleanup` with lib/kobject.c's
+/// dynamic debug on), PEER_STATUS = configured, and nothing of the GPU is left (no
+/// `/sys/bus/pci/devices/<bdf>`, no IOMMU group member, no driver link).
 pub const H6: HostProgram = HostProgram {
     name: "h6-gpu-npu-peer",
     profile: ProfileId::GpuNpuHotplug,
     run: h6_gpu_npu_peer,
+};
+
+/// `H6b gpu-peer-ref-leak`: the same with the driver's deliberate bug `leak_peer_ref` (it keeps
+/// its reference on the removed GPU's `pci_dev`, the seed's NPU refcount leak). Everything
+/// visible in sysfs looks clean, but the `pci_dev` is never freed: the scenario passes only if
+/// the lab catches that (no `kobject_cleanup` of the GPU's BDF; the driver reports the
+/// reference `leaked`) — an expected failure of the driver, checked.
+pub const H6B: HostProgram = HostProgram {
+    name: "h6b-gpu-peer-ref-leak",
+    profile: ProfileId::GpuNpuHotplug,
+    run: h6b_gpu_peer_ref_leak,
 };
 
 /// How many add/remove cycles H3 runs.
@@ -1152,7 +1166,87 @@ fn npu_device(ctx: &HostCtx<'_>) -> Result<String, HostError> {
         .ok_or_else(|| HostError::Step("the profile has no NPU plugged at boot".into()))
 }
 
+/// (Re)loads the guest NPU driver with `bug` and waits until it drives `npu_bdf`.
+fn load_npu_driver(ctx: &mut HostCtx<'_>, npu_bdf: &str, bug: &str) -> Result<(), HostError> {
+    let name = crate::kmod::NPU_MODULE;
+    let ko = crate::kmod::guest_module_path_sh(name);
+    let out = guest_sh(
+        ctx,
+        &format!(
+            "rmmod {name} 2>/dev/null; insmod {ko} bug={bug} || exit 1; i=0; \
+             while [ ! -e /sys/bus/pci/drivers/{name}/{npu_bdf} ] && [ $i -lt 100 ]; do \
+             sleep 0.05; i=$((i+1)); done; cat /sys/bus/pci/devices/{npu_bdf}/pcisim_peer"
+        ),
+    )?;
+    let ok = out.exit == Some(0);
+    ctx.check(
+        &format!("{name}.ko (bug={bug}) drives the NPU at {npu_bdf}"),
+        ok,
+        format!("exit {:?}: {}", out.exit, out.stderr.trim()),
+    );
+    if ok {
+        Ok(())
+    } else {
+        Err(HostError::Step(format!("{name} is not bound to {npu_bdf}")))
+    }
+}
+
+/// The NPU driver's view of its GPU peer (`none`, `absent`, `held <bdf>`, `leaked <bdf>`).
+fn npu_peer_ref(ctx: &mut HostCtx<'_>, npu_bdf: &str) -> Result<String, HostError> {
+    Ok(guest_sh(
+        ctx,
+        &format!("cat /sys/bus/pci/devices/{npu_bdf}/pcisim_peer"),
+    )?
+    .stdout
+    .trim()
+    .to_string())
+}
+
+/// How many times the kernel logged the release of a kobject named `bdf` (lib/kobject.c's
+/// `kobject_cleanup` debug message; dynamic debug turned on by [`h6_flow`]).
+fn kobject_cleanups(ctx: &mut HostCtx<'_>, bdf: &str) -> Result<usize, HostError> {
+    let out = guest_sh(
+        ctx,
+        &format!("dmesg | grep -c \"'{bdf}' (.*kobject_cleanup\"; true"),
+    )?;
+    Ok(out.stdout.trim().parse().unwrap_or(0))
+}
+
+/// Checks the NPU's PEER_STATUS register as the guest driver reads it (sysfs
+/// `pcisim_peer_status`; the driver owns BAR0, so it cannot be mapped from user space).
+fn peer_status(
+    ctx: &mut HostCtx<'_>,
+    npu_bdf: &str,
+    want: u32,
+    what: &str,
+) -> Result<(), HostError> {
+    let out = guest_sh(
+        ctx,
+        &format!("cat /sys/bus/pci/devices/{npu_bdf}/pcisim_peer_status"),
+    )?;
+    let text = out.stdout.trim().to_string();
+    let got = text
+        .strip_prefix("0x")
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .or_else(|| (text == "0").then_some(0));
+    ctx.check(
+        what,
+        got == Some(want),
+        format!("PEER_STATUS reads {text:?}, expected {want:#x}"),
+    );
+    Ok(())
+}
+
 fn h6_gpu_npu_peer(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
+    h6_flow(ctx, "none")
+}
+
+fn h6b_gpu_peer_ref_leak(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
+    h6_flow(ctx, "leak_peer_ref")
+}
+
+fn h6_flow(ctx: &mut HostCtx<'_>, bug: &str) -> Result<(), HostError> {
+    let leaky = bug == "leak_peer_ref";
     let gpu = hotplug_device(ctx)?;
     let npu = npu_device(ctx)?;
     let npu_bdf = locate(ctx, &npu)?
@@ -1161,10 +1255,12 @@ fn h6_gpu_npu_peer(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     if locate(ctx, &gpu)?.is_some() {
         unplug(ctx, &gpu)?;
     }
-    let argv = ctx.guest_argv("npu-peer", &npu, &["--bdf", &npu_bdf, "--present", "no"])?;
-    ctx.guest_test(
+    load_npu_driver(ctx, &npu_bdf, bug)?;
+    peer_status(
+        ctx,
+        &npu_bdf,
+        0x1,
         &format!("before device_add: {npu} PEER_STATUS = configured, peer absent"),
-        &argv,
     )?;
     let (info, took) = plug(ctx, &gpu)?;
     let bdf = info.bdf();
@@ -1172,11 +1268,24 @@ fn h6_gpu_npu_peer(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         "device_add {gpu}: the guest enumerates it at {bdf} ({})",
         ms(took)
     ));
-    let argv = ctx.guest_argv("npu-peer", &npu, &["--bdf", &npu_bdf, "--present", "yes"])?;
-    ctx.guest_test(
+    peer_status(
+        ctx,
+        &npu_bdf,
+        0x3,
         &format!("{gpu} plugged: {npu} PEER_STATUS = configured | present"),
-        &argv,
     )?;
+    let held = npu_peer_ref(ctx, &npu_bdf)?;
+    ctx.check(
+        &format!("the guest NPU driver took a reference on its GPU peer's pci_dev ({bdf})"),
+        held == format!("held {bdf}"),
+        format!("pcisim_peer reads {held:?}"),
+    );
+    // Watch the kernel free the GPU's pci_dev: lib/kobject.c logs every kobject release.
+    guest_sh(
+        ctx,
+        "echo 'file lib/kobject.c +p' > /sys/kernel/debug/dynamic_debug/control",
+    )?;
+    let cleanups_before = kobject_cleanups(ctx, &bdf)?;
     let took = unplug(ctx, &gpu)?;
     ctx.progress(&format!("device_del {gpu} → DEVICE_DELETED {}", ms(took)));
     ctx.pass(&format!(
@@ -1190,10 +1299,11 @@ fn h6_gpu_npu_peer(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         detached,
         "still attached",
     );
-    let argv = ctx.guest_argv("npu-peer", &npu, &["--bdf", &npu_bdf, "--present", "no"])?;
-    ctx.guest_test(
+    peer_status(
+        ctx,
+        &npu_bdf,
+        0x1,
         &format!("{gpu} removed: {npu} PEER_STATUS = configured, peer gone"),
-        &argv,
     )?;
     let left = guest_sh(
         ctx,
@@ -1204,10 +1314,43 @@ fn h6_gpu_npu_peer(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     )?
     .stdout;
     ctx.check(
-        &format!("the guest holds no pci_dev of the removed {gpu}: no sysfs entry, IOMMU group member or driver link for {bdf}"),
+        &format!("nothing of the removed {gpu} is visible: no sysfs entry, IOMMU group member or driver link for {bdf}"),
         gone && left.trim().is_empty(),
         format!("still there: {}", left.trim().replace('\n', " ")),
     );
+    // The release may trail DEVICE_DELETED by a little: give it a moment (the leaky driver
+    // costs the full wait).
+    let mut freed = false;
+    for _ in 0..20 {
+        if kobject_cleanups(ctx, &bdf)? > cleanups_before {
+            freed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = npu_peer_ref(ctx, &npu_bdf)?;
+    guest_sh(
+        ctx,
+        "echo 'file lib/kobject.c -p' > /sys/kernel/debug/dynamic_debug/control",
+    )?;
+    if leaky {
+        ctx.check(
+            &format!("bug=leak_peer_ref caught: the removed {gpu}'s pci_dev ({bdf}) was never freed (no kobject release) and the driver still holds it"),
+            !freed && after == format!("leaked {bdf}"),
+            format!("kobject released: {freed}, pcisim_peer reads {after:?}"),
+        );
+    } else {
+        ctx.check(
+            &format!("the guest holds no reference to the removed {gpu}: the driver dropped it and the kernel freed its pci_dev ({bdf}: kobject released)"),
+            freed && after == "absent",
+            format!("kobject released: {freed}, pcisim_peer reads {after:?}"),
+        );
+    }
+    // Leave the NPU unbound, as the profile's other users expect.
+    guest_sh(
+        ctx,
+        &format!("rmmod {} 2>/dev/null; true", crate::kmod::NPU_MODULE),
+    )?;
     Ok(())
 }
 

@@ -184,6 +184,12 @@ pub fn catalogue() -> Vec<Scenario> {
             program: Program::Host(crate::hotplug::H6),
         },
         Scenario {
+            id: "H6b",
+            name: "H6b gpu-peer-ref-leak",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::hotplug::H6B),
+        },
+        Scenario {
             id: "M1",
             name: "M1 mm-vfio-exit",
             timeout: Duration::from_secs(120),
@@ -397,6 +403,7 @@ mod tests {
                 "H4 remove-while-held",
                 "H5 surprise-removal",
                 "H6 gpu-npu-peer",
+                "H6b gpu-peer-ref-leak",
                 "M1 mm-vfio-exit",
                 "M2 mm-vfio-sigkill",
                 "M3 mm-vfio-fork",
@@ -416,7 +423,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             [
                 [crate::profile::ProfileId::GpuHotplug; 5].as_slice(),
-                &[crate::profile::ProfileId::GpuNpuHotplug]
+                &[crate::profile::ProfileId::GpuNpuHotplug; 2]
             ]
             .concat()
         );
