@@ -883,7 +883,8 @@ fn npu_translate(runs: usize) -> Result<Vec<(&'static str, f64, String, f64)>> {
 
 /// VmRSS (KiB) of a `pcisim serve` with `n` GPUs once all sockets are up.
 fn server_rss(dir: &Path, n: usize) -> Result<u64> {
-    let exe = std::env::current_exe().context("locating the pcisim binary")?;
+    // This very binary, even if a rebuild replaced the file meanwhile.
+    let exe = PathBuf::from("/proc/self/exe");
     let sub = dir.join(format!("rss-{n}"));
     std::fs::create_dir_all(&sub)?;
     let socks: Vec<PathBuf> = (0..n).map(|i| sub.join(format!("g{i}.sock"))).collect();
