@@ -43,7 +43,8 @@
 //! Every run gets `pcisim-lab-<pid>-<nonce>/`, kept when anything failed (its path is printed):
 //! `provision.log`, `guest-build.log`, `kmod-build.log`, `initramfs.cpio`, per scenario `<ID>.stdout`/`<ID>.stderr`
 //! and `<ID>.journal.jsonl` (what the devices journaled during the scenario, one JSON record a
-//! line; a host scenario's guest steps add `<ID>.<n>.stdout`/`.stderr`), and one directory per
+//! line; a host scenario's guest steps add `<ID>.<n>.stdout`/`.stderr`; the SVA kill cases add
+//! `<ID>.timeline.svg`, see [`timeline`]), and one directory per
 //! VM, named after its profile (`gpu/`, `gpu-npu/`): `console.log` (the guest's ttyS0),
 //! `qemu.log` (QEMU's stderr), `qemu-cmdline.sh`, `qmp.log` (the QMP transcript), `server.log`,
 //! `describe.log`, `agent.log` (the agent link, `>` sent, `<` received), `boot.journal.jsonl`,

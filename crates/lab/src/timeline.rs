@@ -56,10 +56,14 @@ const ROW_H: f64 = 14.0;
 const TICK_H: f64 = 14.0;
 /// Label rows per lane before labels are left out (their marks stay).
 const MAX_ROWS: usize = 12;
+/// Marks of one group closer than this (px) share a label.
+const GROUP_PX: f64 = 24.0;
 /// Width of one density bin (px).
 const BIN_PX: f64 = 2.0;
 /// Height of one density strip.
-const STRIP_H: f64 = 22.0;
+const STRIP_H: f64 = 28.0;
+/// Caption characters per line (12 px DejaVu Sans averages ~6.5 px a character).
+const CAPTION_CHARS: usize = 200;
 /// Room for the memory lane's title above its strips.
 const MEMORY_HEAD: f64 = 20.0;
 /// Longest label (characters) before it is shortened.
@@ -82,6 +86,12 @@ struct Mark {
     seq: Option<u64>,
     /// CSS-ish class for tests and tools (`cmd pasid_bind`).
     class: String,
+    /// Marks of the same group close together share one label (`<group> ×N`); None: always
+    /// labelled on its own.
+    group: Option<String>,
+    /// How much later than drawn the event may really have happened (ns): a guest event's
+    /// alignment error, drawn as a pale bar after its tick.
+    late: u64,
 }
 
 /// What a density strip counts.
@@ -223,6 +233,25 @@ fn shorten(s: &str) -> String {
     }
 }
 
+/// `text` broken at spaces into lines of at most `max` characters (longer words stay whole).
+fn wrap(text: &str, max: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split(' ') {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > max {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
 /// XML text/attribute escaping.
 fn esc(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
@@ -308,6 +337,8 @@ impl Model {
                     color,
                     seq,
                     class: format!("cmd {kind}"),
+                    group: (kind == "invalidate").then(|| format!("inval{p}")),
+                    late: 0,
                 });
                 continue;
             }
@@ -336,6 +367,8 @@ impl Model {
                         color: VIOLATION_COLOR,
                         seq,
                         class: "violation".into(),
+                        group: Some(format!("VIOLATION {vk}")),
+                        late: 0,
                     });
                 }
                 "stale_translation_used" => m.violations.push(Mark {
@@ -345,6 +378,8 @@ impl Model {
                     color: STALE_COLOR,
                     seq,
                     class: "stale".into(),
+                    group: Some(format!("stale use{p}")),
+                    late: 0,
                 }),
                 _ => {}
             }
@@ -368,6 +403,8 @@ impl Model {
                 color: GUEST_COLOR,
                 seq: None,
                 class: "guest".into(),
+                group: None,
+                late: anchor.and_then(|a| a.error_ns).unwrap_or(0),
             });
         }
         m
@@ -405,7 +442,20 @@ impl Model {
         let d = end - begin.t;
         // Room on both sides for what led to the unbind and what followed it.
         let pad = (d * 2).max(200_000);
-        let (a, b) = (begin.t.saturating_sub(pad).max(lo), (end + pad).min(hi));
+        let (mut a, mut b) = (begin.t.saturating_sub(pad).max(lo), (end + pad).min(hi));
+        // And the process's nearest events either side when they are close (the exit that
+        // caused the unbind, the reap that followed it), so the zoom shows both clocks.
+        let near = (hi - lo) / 16;
+        if let Some(g) = self.guest.iter().map(|m| m.t).filter(|t| *t < a).max() {
+            if a - g <= near {
+                a = g.saturating_sub(pad / 4).max(lo);
+            }
+        }
+        if let Some(g) = self.guest.iter().map(|m| m.t).filter(|t| *t > b).min() {
+            if g - b <= near {
+                b = (g + pad / 4).min(hi);
+            }
+        }
         ((b - a) * 4 < hi - lo).then_some((a, b))
     }
 }
@@ -479,6 +529,32 @@ fn place_labels(xs: &[(f64, f64)]) -> (Vec<Option<(usize, bool)>>, usize) {
     (out, used)
 }
 
+/// The label each mark gets, in `visible`'s (time) order: marks of the same group (e.g. 32
+/// `stale_translation` violations) closer than `GROUP_PX` to the group's previous mark share
+/// one label, `<group> ×N`, on the first; the others get none (their ticks and hover text stay).
+fn group_labels(visible: &[&Mark], scale: &Scale) -> Vec<Option<String>> {
+    let mut labels: Vec<Option<String>> = visible.iter().map(|m| Some(shorten(&m.label))).collect();
+    // group key -> (index of the labelled mark, x of the group's last mark, members)
+    let mut open: Vec<(&str, usize, f64, usize)> = Vec::new();
+    for (i, m) in visible.iter().enumerate() {
+        let Some(key) = m.group.as_deref() else {
+            continue;
+        };
+        let x = scale.x(m.t);
+        match open.iter_mut().find(|g| g.0 == key) {
+            Some(g) if x - g.2 <= GROUP_PX => {
+                g.2 = x;
+                g.3 += 1;
+                labels[i] = None;
+                labels[g.1] = Some(shorten(&format!("{key} ×{}", g.3)));
+            }
+            Some(g) => *g = (key, i, x, 1),
+            None => open.push((key, i, x, 1)),
+        }
+    }
+    labels
+}
+
 /// A lane of marks.
 #[derive(Clone, Copy)]
 struct Lane<'m> {
@@ -503,17 +579,26 @@ fn mark_lane(svg: &mut String, y: f64, lane: &Lane<'_>, scale: &Scale) -> f64 {
     } = *lane;
     let mut visible: Vec<&Mark> = marks.iter().filter(|m| scale.contains(m.t)).collect();
     visible.sort_by_key(|m| m.t);
-    let spans: Vec<(f64, f64)> = visible
+    let labels = group_labels(&visible, scale);
+    let heads: Vec<usize> = (0..visible.len())
+        .filter(|i| labels[*i].is_some())
+        .collect();
+    let spans: Vec<(f64, f64)> = heads
         .iter()
-        .map(|m| {
+        .map(|&i| {
+            let label = labels[i].as_deref().unwrap_or("");
             (
-                scale.x(m.t),
-                shorten(&m.label).chars().count() as f64 * CHAR_W + 2.0,
+                scale.x(visible[i].t),
+                label.chars().count() as f64 * CHAR_W + 2.0,
             )
         })
         .collect();
-    let (rows, used) = place_labels(&spans);
-    let omitted = rows.iter().filter(|r| r.is_none()).count();
+    let (head_rows, used) = place_labels(&spans);
+    let omitted = head_rows.iter().filter(|r| r.is_none()).count();
+    let mut rows = vec![None; visible.len()];
+    for (&i, r) in heads.iter().zip(head_rows) {
+        rows[i] = r;
+    }
     let h = (TICK_H + 8.0 + used.max(1) as f64 * ROW_H + if omitted > 0 { ROW_H } else { 0.0 })
         .max(36.0);
     let _ = writeln!(svg, r#"<g class="lane {class}">"#);
@@ -527,7 +612,8 @@ fn mark_lane(svg: &mut String, y: f64, lane: &Lane<'_>, scale: &Scale) -> f64 {
             esc(empty_note)
         );
     }
-    for (m, place) in visible.iter().zip(&rows) {
+    let mut texts = String::new();
+    for (i, (m, place)) in visible.iter().zip(&rows).enumerate() {
         let x = scale.x(m.t);
         let seq = m
             .seq
@@ -542,6 +628,15 @@ fn mark_lane(svg: &mut String, y: f64, lane: &Lane<'_>, scale: &Scale) -> f64 {
             y + 3.0 + TICK_H,
             m.color
         );
+        if m.late > 0 {
+            let w = scale.x(m.t.saturating_add(m.late)) - x;
+            let _ = write!(
+                svg,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{w:.1}" height="{:.1}" class="uncertain"/>"#,
+                y + 5.0,
+                TICK_H - 4.0
+            );
+        }
         if let Some((row, end)) = place {
             let base = y + TICK_H + 6.0 + (*row as f64 + 1.0) * ROW_H - 3.0;
             let (tx, anchor) = if *end {
@@ -551,19 +646,26 @@ fn mark_lane(svg: &mut String, y: f64, lane: &Lane<'_>, scale: &Scale) -> f64 {
             };
             let _ = write!(
                 svg,
-                r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" class="leader"/><text x="{tx:.1}" y="{base:.1}" text-anchor="{anchor}" class="label" fill="{}">{}</text>"##,
+                r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" class="leader"/>"##,
                 y + 3.0 + TICK_H,
                 base + 2.0,
+            );
+            // Labels go on top of every tick and leader line (their white halo keeps the
+            // lines crossing them from striking them through).
+            let _ = writeln!(
+                texts,
+                r##"<text x="{tx:.1}" y="{base:.1}" text-anchor="{anchor}" class="label" fill="{}">{}</text>"##,
                 if m.color == STALE_COLOR {
                     "#c62828"
                 } else {
                     m.color
                 },
-                esc(&shorten(&m.label))
+                esc(labels[i].as_deref().unwrap_or(""))
             );
         }
         svg.push_str("</g>\n");
     }
+    svg.push_str(&texts);
     if omitted > 0 {
         let _ = writeln!(
             svg,
@@ -577,13 +679,23 @@ fn mark_lane(svg: &mut String, y: f64, lane: &Lane<'_>, scale: &Scale) -> f64 {
 }
 
 fn lane_frame(svg: &mut String, y: f64, h: f64, name: &str, shade: bool) {
+    let mut lines = name.lines();
     let _ = writeln!(
         svg,
         r##"<rect x="0" y="{y:.1}" width="{WIDTH}" height="{h:.1}" fill="{}"/><text x="10" y="{:.1}" class="lane-title">{}</text>"##,
         if shade { "#f4f6f8" } else { "#ffffff" },
         y + 17.0,
-        esc(name)
+        esc(lines.next().unwrap_or(""))
     );
+    // Further lines: a remark under the title.
+    for (i, l) in lines.enumerate() {
+        let _ = writeln!(
+            svg,
+            r##"<text x="10" y="{:.1}" class="lane-sub">{}</text>"##,
+            y + 31.0 + i as f64 * 12.0,
+            esc(l)
+        );
+    }
 }
 
 /// Draws the density strips at `y`; returns their height.
@@ -609,7 +721,7 @@ fn memory_lane(svg: &mut String, y: f64, model: &Model, scale: &Scale, shade: bo
         let _ = writeln!(
             svg,
             r##"<text x="26" y="{:.1}" class="strip-title" fill="{color}">{name}</text><line x1="{LEFT}" y1="{base:.1}" x2="{:.1}" y2="{base:.1}" class="baseline"/>"##,
-            base - 3.0,
+            top + 11.0,
             LEFT + PLOT_W
         );
         if max == 0 {
@@ -628,18 +740,26 @@ fn memory_lane(svg: &mut String, y: f64, model: &Model, scale: &Scale, shade: bo
                 LEFT + b as f64 * BIN_PX
             );
         }
-        let per = if *bytes {
-            format!("total {}, peak {}", human(total as f64), human(max as f64))
+        let us = bin_ns / 1e3;
+        let col = if us >= 10.0 {
+            format!("{us:.0} µs")
         } else {
-            format!("total {total}, peak {max}")
+            format!("{us:.1} µs")
         };
+        let per = if *bytes {
+            format!(
+                "{}, peak {} / {col}",
+                human(total as f64),
+                human(max as f64)
+            )
+        } else {
+            format!("{total}, peak {max} / {col}")
+        };
+        // The figures under the strip's name, in the margin (not over the data).
         let _ = writeln!(
             svg,
-            r##"<path class="density" d="{d}" fill="{color}"><title>{name}: {per} per {:.1} µs column</title></path><text x="{:.1}" y="{:.1}" text-anchor="end" class="note">{per} per {:.1} µs</text>"##,
-            bin_ns / 1e3,
-            LEFT + PLOT_W,
-            top + 9.0,
-            bin_ns / 1e3
+            r##"<path class="density" d="{d}" fill="{color}"><title>{name}: total {per} column</title></path><text x="26" y="{:.1}" class="strip-note">{per}</text>"##,
+            top + 22.0,
         );
     }
     svg.push_str("</g>\n");
@@ -662,7 +782,7 @@ fn panel(svg: &mut String, y: f64, title: &str, model: &Model, scale: &Scale) ->
         name: if model.aligned {
             "process (guest)"
         } else {
-            "process (guest, unaligned)"
+            "process (guest)\nNOT aligned: own clock"
         },
         class: "guest",
         marks: &model.guest,
@@ -682,9 +802,7 @@ fn panel(svg: &mut String, y: f64, title: &str, model: &Model, scale: &Scale) ->
         let x = scale.x(t);
         let _ = writeln!(
             svg,
-            r##"<line x1="{x:.1}" y1="{lanes_top:.1}" x2="{x:.1}" y2="{cy:.1}" class="anchor-line"><title>anchor: guest "pasid N bound" = journal pasid_bind</title></line><text x="{:.1}" y="{:.1}" class="anchor">anchor</text>"##,
-            x - 3.0,
-            lanes_top - 3.0,
+            r##"<line x1="{x:.1}" y1="{lanes_top:.1}" x2="{x:.1}" y2="{cy:.1}" class="anchor-line"><title>anchor: guest "pasid N bound" = journal pasid_bind</title></line>"##,
         );
     }
     cy += memory_lane(svg, cy, model, scale, true);
@@ -701,7 +819,7 @@ fn panel(svg: &mut String, y: f64, title: &str, model: &Model, scale: &Scale) ->
     let first = (scale.t0.saturating_sub(origin)).div_ceil(step) * step + origin;
     let _ = writeln!(
         svg,
-        r##"<line x1="{LEFT}" y1="{cy:.1}" x2="{:.1}" y2="{cy:.1}" stroke="#333"/>"##,
+        r##"<line x1="{LEFT}" y1="{cy:.1}" x2="{:.1}" y2="{cy:.1}" stroke="#333" class="axis-line"/>"##,
         LEFT + PLOT_W
     );
     let mut t = first;
@@ -735,22 +853,31 @@ pub fn render_svg(title: &str, device_records: &[Value], guest_events: &[(u64, S
     let hi = hi.max(lo + 1);
     let origin = lo;
     model.origin = origin;
-    let mut captions = vec![format!(
-        "{} journal record(s), {} guest event(s); 0 ms = device t_ns {origin} (the first event drawn).",
-        device_records.len(),
-        guest_events.len()
-    )];
+    let mut captions = vec![if device_records.is_empty() {
+        format!(
+            "No journal records, {} guest event(s); 0 ms = the first guest event.",
+            guest_events.len()
+        )
+    } else {
+        format!(
+            "{} journal record(s), {} guest event(s); 0 ms = device t_ns {origin} (the first \
+             event drawn).",
+            device_records.len(),
+            guest_events.len()
+        )
+    }];
     captions.push(match (&anchor, guest_events.is_empty()) {
         (_, true) => "No guest events: the process lane is empty.".to_string(),
         (Some(a), false) => format!(
             "Guest events (CLOCK_MONOTONIC) aligned to the device clock by one anchor: the guest's \
-             \"pasid {} bound\" is placed at the journal's pasid_bind of pasid {} (#{}). {}",
+             \"pasid {} bound\" is placed at the journal's pasid_bind of pasid {} (#{}, the dashed green line). {}",
             a.pasid,
             a.pasid,
             a.bind_seq,
             match a.error_ns {
                 Some(e) => format!(
-                    "Alignment error ≤ {:.3} ms (the open() call: bound − open stamp).",
+                    "Alignment error ≤ {:.3} ms (the open() call: bound − open stamp): a guest event \
+                     may really be up to that much later than drawn (the pale bar after its tick).",
                     e as f64 / 1e6
                 ),
                 None => "Alignment error unknown (no open stamp before it).".to_string(),
@@ -763,6 +890,10 @@ pub fn render_svg(title: &str, device_records: &[Value], guest_events: &[(u64, S
                 .to_string()
         }
     });
+    let captions: Vec<String> = captions
+        .iter()
+        .flat_map(|c| wrap(c, CAPTION_CHARS))
+        .collect();
     let mut body = String::new();
     let mut y = 40.0 + captions.len() as f64 * 16.0;
     let main = Scale { t0: lo, t1: hi };
@@ -846,6 +977,9 @@ pub fn render_svg(title: &str, device_records: &[Value], guest_events: &[(u64, S
 .leader {{ stroke: #b0bec5; stroke-width: 0.8; stroke-dasharray: 2,2; }}
 .lane-title {{ font-size: 13px; font-weight: bold; fill: #263238; }}
 .strip-title {{ font-size: 11px; }}
+.lane-sub {{ font-size: 10px; fill: #c62828; }}
+.strip-note {{ font-size: 9px; fill: #78909c; }}
+.uncertain {{ fill: #90a4ae; fill-opacity: 0.35; }}
 .panel-title {{ font-size: 13px; font-weight: bold; fill: #455a64; }}
 .note {{ font-size: 10px; fill: #78909c; }}
 .axis {{ font-size: 11px; fill: #333333; }}
@@ -853,7 +987,6 @@ pub fn render_svg(title: &str, device_records: &[Value], guest_events: &[(u64, S
 .baseline {{ stroke: #cfd8dc; stroke-width: 0.6; }}
 .legend {{ font-size: 11px; fill: #333333; }}
 .caption {{ font-size: 12px; fill: #37474f; }}
-.anchor {{ font-size: 10px; fill: #2e7d32; font-style: italic; text-anchor: end; }}
 .anchor-line {{ stroke: #2e7d32; stroke-width: 1; stroke-dasharray: 5,3; }}
 </style>
 <rect width="100%" height="100%" fill="#ffffff"/>
@@ -983,6 +1116,15 @@ mod tests {
             return Err(format!("<{open}> never closed"));
         }
         Ok(names)
+    }
+
+    /// The caption lines' text, joined (they are wrapped).
+    fn caption(svg: &str) -> String {
+        svg.split(r#"class="caption">"#)
+            .skip(1)
+            .filter_map(|p| p.split("</text>").next())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     fn rec(seq: u64, t_ns: u64, ty: &str) -> Value {
@@ -1128,8 +1270,14 @@ mod tests {
         // SIGKILL 48.5 ms after bound lands 48.5 ms after the bind.
         assert_eq!(a.to_device(5_049_000_000), 148_500_000);
         let svg = render_svg("t", &recs, &guest);
-        assert!(svg.contains("Alignment error ≤ 0.500 ms"), "{svg}");
-        assert!(svg.contains("pasid_bind of pasid 1 (#10)"));
+        let cap = caption(&svg);
+        assert!(cap.contains("Alignment error ≤ 0.500 ms"), "{cap}");
+        assert!(cap.contains("pasid_bind of pasid 1 (#10, the dashed green line)"));
+        assert_eq!(
+            svg.matches(r#"class="anchor-line""#).count(),
+            1,
+            "the anchor on the main panel"
+        );
     }
 
     #[test]
@@ -1138,7 +1286,9 @@ mod tests {
         guest.retain(|(_, t)| !t.contains("bound"));
         assert!(find_anchor(&recs, &guest).is_none());
         let svg = render_svg("t", &recs, &guest);
-        assert!(svg.contains("NOT aligned"));
+        assert!(caption(&svg).contains("Guest events NOT aligned"));
+        assert!(svg.contains(r#"class="lane-sub">NOT aligned: own clock<"#));
+        assert_eq!(svg.matches(r#"class="anchor-line""#).count(), 0);
         // A bound event of a PASID the journal never bound is no anchor either.
         let g = vec![(1, "open returned, pasid 9 bound".to_string())];
         assert!(find_anchor(&recs, &g).is_none());
@@ -1152,7 +1302,8 @@ mod tests {
             .find(r#"<g class="lane violations">"#)
             .expect("violations lane");
         let lane = &svg[start..];
-        let lane = &lane[..lane.find("</g>\n</g>").expect("lane end")];
+        // Up to the axis that follows the last lane of the panel.
+        let lane = &lane[..lane.find("class=\"axis-line\"").expect("lane end")];
         assert!(
             lane.contains(r#"<g class="mark violation" data-seq="15">"#),
             "{lane}"
@@ -1165,6 +1316,32 @@ mod tests {
         // And not in the commands lane.
         let cmds = &svg[svg.find(r#"<g class="lane commands">"#).expect("commands")..start];
         assert!(!cmds.contains("VIOLATION"));
+    }
+
+    #[test]
+    fn test_close_violations_share_a_label() {
+        let mut recs = vec![with(rec(1, 0, "pasid_bind"), "pasid", json!(1))];
+        for i in 0..20u64 {
+            recs.push(with(
+                rec(2 + i, 50_000_000 + i * 1_000, "violation"),
+                "kind",
+                json!("stale_translation"),
+            ));
+        }
+        recs.push(with(
+            rec(30, 100_000_000, "violation"),
+            "kind",
+            json!("pasid_after_unbind"),
+        ));
+        let svg = render_svg("t", &recs, &[]);
+        assert_eq!(svg.matches(r#"<g class="mark violation""#).count(), 21);
+        assert_eq!(
+            svg.matches("VIOLATION stale_translation ×20").count(),
+            1,
+            "{svg}"
+        );
+        assert_eq!(svg.matches(">VIOLATION stale_translation<").count(), 0);
+        assert_eq!(svg.matches(">VIOLATION pasid_after_unbind<").count(), 1);
     }
 
     #[test]
@@ -1226,5 +1403,7 @@ mod tests {
             vec![Some((0, false)), Some((1, false)), Some((0, false))]
         );
         assert_eq!(used, 2);
+        assert_eq!(wrap("aa bb cc", 5), vec!["aa bb", "cc"]);
+        assert_eq!(wrap("toolongword x", 4), vec!["toolongword", "x"]);
     }
 }

@@ -7,12 +7,13 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use pcisim_lab::control::{format_record, stats_line, ControlClient};
+use pcisim_lab::timeline;
 use serde_json::{json, Value};
 
 /// How often `journal --follow` asks for new records.
@@ -23,23 +24,37 @@ pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(100);
 pub enum CtlCmd {
     /// The devices: id, kind, socket, whether a client is attached, what they advertise.
     List,
-    /// Journal records (all devices unless --device).
+    /// Journal records (all devices unless one is named).
     Journal {
         /// Only this device.
         #[arg(long, value_name = "ID")]
         device: Option<String>,
+        /// Only this device (the same as --device).
+        #[arg(value_name = "DEVICE", conflicts_with = "device")]
+        device_arg: Option<String>,
         /// Keep printing new records (polls every 100 ms) until interrupted.
         #[arg(long)]
         follow: bool,
         /// Only records with a sequence number above this.
         #[arg(long, default_value_t = 0, value_name = "SEQ")]
         after: u64,
+        /// Draw the records as a timeline picture (SVG) in FILE instead of printing them: one
+        /// device (--device, or the server's only one).
+        #[arg(long, value_name = "FILE", conflicts_with = "follow")]
+        timeline: Option<PathBuf>,
+        /// With --timeline: the guest process's events for the picture's process lane, lines
+        /// `<ns> <text>` or a KTAP file with `# t <ns> <text>` lines (guest CLOCK_MONOTONIC).
+        #[arg(long, value_name = "FILE", requires = "timeline")]
+        guest_events: Option<PathBuf>,
     },
-    /// Invariant violations the devices found (all devices unless --device).
+    /// Invariant violations the devices found (all devices unless one is named).
     Violations {
         /// Only this device.
         #[arg(long, value_name = "ID")]
         device: Option<String>,
+        /// Only this device (the same as --device).
+        #[arg(value_name = "DEVICE", conflicts_with = "device")]
+        device_arg: Option<String>,
         /// Only violations with a sequence number above this.
         #[arg(long, default_value_t = 0, value_name = "SEQ")]
         after: u64,
@@ -133,11 +148,32 @@ fn run_inner(control: &Path, json_out: bool, cmd: CtlCmd, out: &mut Out) -> Resu
         }
         CtlCmd::Journal {
             device,
+            device_arg,
+            after,
+            timeline: Some(file),
+            guest_events,
+            ..
+        } => timeline(
+            &mut c,
+            device.or(device_arg),
+            after,
+            &file,
+            guest_events.as_deref(),
+            out,
+        ),
+        CtlCmd::Journal {
+            device,
+            device_arg,
             follow,
             after,
-        } => journal(&mut c, device, follow, after, json_out, out),
-        CtlCmd::Violations { device, after } => {
-            for d in devices(&mut c, device)? {
+            ..
+        } => journal(&mut c, device.or(device_arg), follow, after, json_out, out),
+        CtlCmd::Violations {
+            device,
+            device_arg,
+            after,
+        } => {
+            for d in devices(&mut c, device.or(device_arg))? {
                 let (list, total) = c.violations(&d, after)?;
                 for r in &list {
                     print_record(out, &d, r, json_out)?;
@@ -263,4 +299,50 @@ fn journal(
         }
         std::thread::sleep(FOLLOW_INTERVAL);
     }
+}
+
+/// `journal --timeline FILE`: one device's records after `after` drawn as an SVG timeline, with
+/// the guest's events from `guest_events` (see `pcisim_lab::timeline`).
+fn timeline(
+    c: &mut ControlClient,
+    device: Option<String>,
+    after: u64,
+    file: &Path,
+    guest_events: Option<&Path>,
+    out: &mut Out,
+) -> Result<()> {
+    let ids = devices(c, device)?;
+    let [d] = ids.as_slice() else {
+        bail!(
+            "--timeline draws one device: name it (devices: {})",
+            ids.join(", ")
+        );
+    };
+    let slice = c.journal_all(d, after)?;
+    let guest = match guest_events {
+        Some(p) => timeline::parse_guest_events(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        ),
+        None => Vec::new(),
+    };
+    let mut title = format!("{d}: journal after #{after}");
+    if slice.lost > 0 {
+        title.push_str(&format!(
+            " ({} records lost from the ring before they were read)",
+            slice.lost
+        ));
+    }
+    let svg = timeline::render_svg(&title, &slice.records, &guest);
+    std::fs::write(file, svg).with_context(|| format!("writing {}", file.display()))?;
+    let anchored = match timeline::find_anchor(&slice.records, &guest) {
+        Some(a) => format!("aligned on pasid {}'s bind", a.pasid),
+        None if guest.is_empty() => "no guest events".to_string(),
+        None => "guest events NOT aligned (no anchor)".to_string(),
+    };
+    out.line(&format!(
+        "{d}: {} records, {} guest events ({anchored}): {}",
+        slice.records.len(),
+        guest.len(),
+        file.display()
+    ))
 }
