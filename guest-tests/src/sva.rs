@@ -909,6 +909,10 @@ fn case_lifetime(c: &mut Checks<'_>, t: &Target, how: &str) -> Result<(), String
                         report_foreign(&npu, &mut wr3, "child");
                         0
                     })?;
+                    // fork() flushed the whole mm from the device's ATC (dup_mmap's TLB
+                    // flush reaches the notifier): let the device cache the buffers again
+                    // (an item takes ~10 ms) so that the exit races translations in use.
+                    std::thread::sleep(Duration::from_millis(40));
                 }
                 "scm" => send_fd(sock, npu.fd())?,
                 _ => {}
