@@ -920,8 +920,7 @@ fn server_rss(dir: &Path, n: usize) -> Result<u64> {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .ok_or_else(|| anyhow!("no VmRSS in /proc/{}/status", child.id()))
     })();
-    // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&sub);
     result
