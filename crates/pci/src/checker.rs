@@ -1388,7 +1388,10 @@ mod tests {
         // Held: no violation while the invalidation may still be on its way.
         none(with(
             enabled(),
-            [Event::PasidBind { pasid: 3, root: 0 }, stale(3, 0x7f00_0000)],
+            [
+                Event::PasidBind { pasid: 3, root: 0 },
+                stale(3, 0x7f00_0000),
+            ],
         ));
         // Released without an invalidation: a violation.
         only(
