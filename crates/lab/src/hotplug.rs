@@ -104,6 +104,17 @@ pub const H6B: HostProgram = HostProgram {
     run: h6b_gpu_peer_ref_leak,
 };
 
+/// `H7 pciehp-add-remove`: H1/H2's cycle under native PCIe hotplug (`gpu-pciehp`): the guest's
+/// pciehp driver powers the slot on at `device_add` (the GPU is enumerated and passes E1), and
+/// `device_del` presses the attention button: pciehp waits its 5 s abort window, powers the slot
+/// off and QEMU reports `DEVICE_DELETED`; the server sees the client go and takes the next one
+/// on the same socket (a second add/remove cycle).
+pub const H7: HostProgram = HostProgram {
+    name: "h7-pciehp-add-remove",
+    profile: ProfileId::GpuPciehp,
+    run: h7_pciehp_add_remove,
+};
+
 /// How many add/remove cycles H3 runs.
 pub const H3_CYCLES: usize = 100;
 /// Cycles H3 runs before it takes the baseline (not counted in [`H3_CYCLES`]).
@@ -1153,6 +1164,62 @@ fn h5_surprise_removal(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         link_up == Some(Value::Bool(true)),
         format!("status link_up: {link_up:?}"),
     );
+    Ok(())
+}
+
+fn h7_pciehp_add_remove(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
+    let id = hotplug_device(ctx)?;
+    if locate(ctx, &id)?.is_some() {
+        unplug(ctx, &id)?;
+    }
+    for cycle in 1..=2 {
+        let (info, took) = match plug(ctx, &id) {
+            Ok(p) => p,
+            Err(HostError::Step(why)) => {
+                ctx.fail(&format!("cycle {cycle}: device_add {id} (pciehp)"), &why);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let bdf = info.bdf();
+        ctx.progress(&format!(
+            "cycle {cycle}: hot-add → probed (pciehp) {}",
+            ms(took)
+        ));
+        ctx.pass(&format!(
+            "cycle {cycle}: device_add {id}: pciehp powers the slot, the guest enumerates it at {bdf} ({})",
+            ms(took)
+        ));
+        let services = guest_sh(
+            ctx,
+            "ls /sys/bus/pci_express/devices/ | grep -c pcie004; true",
+        )?;
+        let n: u32 = services.stdout.trim().parse().unwrap_or(0);
+        ctx.check(
+            &format!("cycle {cycle}: the guest's pciehp driver services the root ports ({n} pcie004 services)"),
+            n > 0,
+            "no pciehp service: the slots are not under native hotplug",
+        );
+        let argv = ctx.guest_argv("e1", &id, &["--bdf", &bdf])?;
+        ctx.guest_test(&format!("cycle {cycle}: {id} at {bdf} passes E1"), &argv)?;
+        let took = unplug(ctx, &id)?;
+        ctx.progress(&format!(
+            "cycle {cycle}: device_del → DEVICE_DELETED (pciehp) {}",
+            ms(took)
+        ));
+        ctx.check(
+            &format!("cycle {cycle}: device_del {id} → DEVICE_DELETED after pciehp's attention-button window ({})", ms(took)),
+            took >= Duration::from_secs(4),
+            format!("{} is shorter than pciehp's 5 s abort window: was this really native hotplug?", ms(took)),
+        );
+        let gone = wait_gone(ctx, &bdf)?;
+        let detached = wait_detached(ctx, &id)?;
+        ctx.check(
+            &format!("cycle {cycle}: the guest dropped {bdf} and the server saw {id}'s client go"),
+            gone && detached,
+            format!("sysfs entry gone: {gone}, client detached: {detached}"),
+        );
+    }
     Ok(())
 }
 

@@ -92,6 +92,7 @@ pub fn profile_by_name(name: &str) -> Result<VmProfile> {
             ProfileId::GpuNsr,
             ProfileId::GpuNpuHotplug,
             ProfileId::NpuSva,
+            ProfileId::GpuPciehp,
         ]
         .map(ProfileId::profile),
     );

@@ -10,6 +10,7 @@
 //! | `gpu-npu` | `gpu0` (GPU) and `npu1` (NPU, `peer=gpu0`) as functions 0 and 1 of one slot behind `rp1` | native pciehp | 1 (`rp2`) | yes |
 //! | `gpu-hotplug` | `gpu0` behind `rp1`; `gpu1` (`irq=msi`) served, unplugged, for `device_add` onto `rp2` | ACPI | 0 | yes |
 //! | `gpu-npu-hotplug` | `gpu1` (`irq=msi`) served, unplugged, for `device_add` onto `rp1`; `npu0` (`peer=gpu1`) behind `rp2` | ACPI | 0 | yes |
+//! | `gpu-pciehp` | as `gpu-hotplug`, with native PCIe hotplug (pciehp) | native pciehp | 0 | yes |
 //! | `npu-sva` | `npu0` (`chunk_delay_us=500`) alone behind `rp1`, bound to the guest NPU driver | ACPI | 0 | no |
 //! | `gpu-nsr` | `gpu0` behind `rp1`, `gpu1` (`no_soft_reset=on`) behind `rp2` | native pciehp | 0 | yes |
 //!
@@ -180,6 +181,10 @@ pub enum ProfileId {
     /// `gpu-npu-hotplug`: `gpu1` (MSI) served but unplugged, for `device_add` onto `rp1`, and
     /// `npu0` (its peer `gpu1`) plugged behind `rp2`; ACPI hotplug, vIOMMU. H6 runs here.
     GpuNpuHotplug,
+    /// `gpu-pciehp`: the `gpu-hotplug` devices (`gpu0` plugged, `gpu1` with MSI served for
+    /// `device_add`) under native PCIe hotplug: the guest's pciehp driver handles the slots
+    /// (attention button, power indicator, Data Link Layer state). H7 runs here.
+    GpuPciehp,
     /// `npu-sva`: `npu0` alone behind `rp1`, with a slow engine (`chunk_delay_us=500`, so work
     /// is still in flight when a process exits); no vIOMMU: the NPU walks process page tables
     /// by physical address, which needs untranslated DMA (docs/sva.md). The guest NPU driver
@@ -243,6 +248,11 @@ impl ProfileId {
                 hotplug: HotplugMode::Acpi,
                 free_ports: 0,
                 viommu: true,
+            },
+            ProfileId::GpuPciehp => VmProfile {
+                name: "gpu-pciehp".into(),
+                hotplug: HotplugMode::NativePciehp,
+                ..ProfileId::GpuHotplug.profile()
             },
             ProfileId::NpuSva => VmProfile {
                 name: "npu-sva".into(),

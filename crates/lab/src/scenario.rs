@@ -190,6 +190,12 @@ pub fn catalogue() -> Vec<Scenario> {
             program: Program::Host(crate::hotplug::H6B),
         },
         Scenario {
+            id: "H7",
+            name: "H7 pciehp-add-remove",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::hotplug::H7),
+        },
+        Scenario {
             id: "M1",
             name: "M1 mm-vfio-exit",
             timeout: Duration::from_secs(120),
@@ -404,6 +410,7 @@ mod tests {
                 "H5 surprise-removal",
                 "H6 gpu-npu-peer",
                 "H6b gpu-peer-ref-leak",
+                "H7 pciehp-add-remove",
                 "M1 mm-vfio-exit",
                 "M2 mm-vfio-sigkill",
                 "M3 mm-vfio-fork",
@@ -423,7 +430,8 @@ mod tests {
                 .collect::<Vec<_>>(),
             [
                 [crate::profile::ProfileId::GpuHotplug; 5].as_slice(),
-                &[crate::profile::ProfileId::GpuNpuHotplug; 2]
+                &[crate::profile::ProfileId::GpuNpuHotplug; 2],
+                &[crate::profile::ProfileId::GpuPciehp]
             ]
             .concat()
         );

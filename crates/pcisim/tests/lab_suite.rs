@@ -41,6 +41,10 @@ fn result_line<'a>(ktap: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// The scenarios that run a deliberately buggy driver and must end `# XFAIL` (R2b: raw FLR with
+/// DMA in flight; M6b, M6c, M7b: the guest NPU driver's mm-release and invalidation bugs).
+const EXPECTED_FAILURES: [&str; 4] = ["R2b", "M6b", "M6c", "M7b"];
+
 #[test]
 fn lab_suite_all_scenarios_pass() {
     let out = lab_suite(&[]);
@@ -59,8 +63,10 @@ fn lab_suite_all_scenarios_pass() {
         assert!(
             line.starts_with("ok ")
                 && (line.ends_with(&format!(" {}", s.name))
-                    // The deliberately buggy R2b passes as an expected failure.
-                    || (s.id == "R2b" && line.contains(&format!(" {} # XFAIL ", s.name)))),
+                    // The deliberately buggy variants pass as expected failures: the device
+                    // journaled exactly the violation the bug must cause.
+                    || (EXPECTED_FAILURES.contains(&s.id)
+                        && line.contains(&format!(" {} # XFAIL ", s.name)))),
             "{} must pass (not fail, not skip): {line}",
             s.name
         );
@@ -107,6 +113,18 @@ fn lab_suite_all_scenarios_pass() {
         r2b.contains("# XFAIL dma_during_reset journaled as expected"),
         "R2b's buggy driver is caught by the journal: {r2b}"
     );
+    // The guest NPU driver's bugs are caught as missed invalidations.
+    for name in [
+        "M6b sva-no-mm-release",
+        "M6c sva-ack-without-drain",
+        "M7b sva-skip-invalidate",
+    ] {
+        let line = result_line(&ktap, name).unwrap_or_else(|| panic!("no result line for {name}"));
+        assert!(
+            line.contains("# XFAIL stale_translation journaled as expected"),
+            "{name}: the buggy driver is caught by the journal: {line}"
+        );
+    }
 
     // R9: QMP system_reset rebooted the guest, the device journaled a device reset, and the
     // guest enumerated it again.
