@@ -1233,31 +1233,6 @@ fn npu_device(ctx: &HostCtx<'_>) -> Result<String, HostError> {
         .ok_or_else(|| HostError::Step("the profile has no NPU plugged at boot".into()))
 }
 
-/// (Re)loads the guest NPU driver with `bug` and waits until it drives `npu_bdf`.
-fn load_npu_driver(ctx: &mut HostCtx<'_>, npu_bdf: &str, bug: &str) -> Result<(), HostError> {
-    let name = crate::kmod::NPU_MODULE;
-    let ko = crate::kmod::guest_module_path_sh(name);
-    let out = guest_sh(
-        ctx,
-        &format!(
-            "rmmod {name} 2>/dev/null; insmod {ko} bug={bug} || exit 1; i=0; \
-             while [ ! -e /sys/bus/pci/drivers/{name}/{npu_bdf} ] && [ $i -lt 100 ]; do \
-             sleep 0.05; i=$((i+1)); done; cat /sys/bus/pci/devices/{npu_bdf}/pcisim_peer"
-        ),
-    )?;
-    let ok = out.exit == Some(0);
-    ctx.check(
-        &format!("{name}.ko (bug={bug}) drives the NPU at {npu_bdf}"),
-        ok,
-        format!("exit {:?}: {}", out.exit, out.stderr.trim()),
-    );
-    if ok {
-        Ok(())
-    } else {
-        Err(HostError::Step(format!("{name} is not bound to {npu_bdf}")))
-    }
-}
-
 /// The NPU driver's view of its GPU peer (`none`, `absent`, `held <bdf>`, `leaked <bdf>`).
 fn npu_peer_ref(ctx: &mut HostCtx<'_>, npu_bdf: &str) -> Result<String, HostError> {
     Ok(guest_sh(
@@ -1322,7 +1297,7 @@ fn h6_flow(ctx: &mut HostCtx<'_>, bug: &str) -> Result<(), HostError> {
     if locate(ctx, &gpu)?.is_some() {
         unplug(ctx, &gpu)?;
     }
-    load_npu_driver(ctx, &npu_bdf, bug)?;
+    crate::sva::load_driver(ctx, &npu_bdf, bug)?;
     peer_status(
         ctx,
         &npu_bdf,

@@ -328,7 +328,7 @@ pub const R8: HostProgram = HostProgram {
 };
 
 /// The BDF the guest gave QEMU device `id` (from `query-pci`).
-fn bdf_of(ctx: &mut HostCtx<'_>, id: &str) -> Result<String, HostError> {
+pub(crate) fn bdf_of(ctx: &mut HostCtx<'_>, id: &str) -> Result<String, HostError> {
     ctx.qmp()
         .query_pci()?
         .iter()

@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::host::{count_records, HostCtx, HostError, HostProgram};
 use crate::kmod::{guest_module_path_sh, NPU_MODULE};
 use crate::profile::ProfileId;
-use crate::qmp::PciDeviceInfo;
+use crate::reset::bdf_of;
 use crate::timeline;
 
 /// The NPU of the `npu-sva` profile.
@@ -73,17 +73,10 @@ pub const M7B: HostProgram = HostProgram {
     run: m7b_skip_invalidate,
 };
 
-fn bdf_of(ctx: &mut HostCtx<'_>, id: &str) -> Result<String, HostError> {
-    ctx.qmp()
-        .query_pci()?
-        .iter()
-        .find(|p| p.qdev_id == id)
-        .map(PciDeviceInfo::bdf)
-        .ok_or_else(|| HostError::Step(format!("{id} is not in query-pci")))
-}
-
-/// (Re)loads the guest NPU driver with `bug` and waits until it is bound to `bdf`.
-fn load_driver(ctx: &mut HostCtx<'_>, bdf: &str, bug: &str) -> Result<(), HostError> {
+/// (Re)loads the guest NPU driver with `bug` (`none` for the correct one; docs/sva.md) and
+/// waits until it drives the NPU at `bdf`: a subtest, and an error if it does not. Guest `sva`
+/// programs left over from an earlier step are killed first (they would hold the module).
+pub(crate) fn load_driver(ctx: &mut HostCtx<'_>, bdf: &str, bug: &str) -> Result<(), HostError> {
     let ko = guest_module_path_sh(NPU_MODULE);
     let script = format!(
         "pkill -9 -f 'pcisim-guest sva' 2>/dev/null; sleep 0.1; \
