@@ -71,16 +71,31 @@ fn lab_suite_all_scenarios_pass() {
             s.name
         );
     }
-    for (n, name) in [
-        (1, "E1 enumeration"),
-        (2, "E2 bar-mmio"),
-        (3, "E3 msix-delivery"),
-        (4, "E4 gpu-ring"),
-        (5, "E5 bus-master-off"),
-        (6, "R4 bus-reset"),
-        (7, "R9 system-reset"),
-        (8, "R0 two-function-enumeration"),
-    ] {
+    // The `gpu` VM's scenarios come first, in catalogue order; R0 opens the `gpu-npu` VM.
+    let gpu_vm: Vec<&str> = catalogue
+        .iter()
+        .filter(|s| s.profile() == pcisim_lab::profile::ProfileId::Gpu)
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(
+        gpu_vm[..7],
+        [
+            "E1 enumeration",
+            "E2 bar-mmio",
+            "E3 msix-delivery",
+            "E4 gpu-ring",
+            "E5 bus-master-off",
+            "R4 bus-reset",
+            "R9 system-reset"
+        ]
+    );
+    let r0 = (gpu_vm.len() + 1, "R0 two-function-enumeration");
+    for (n, name) in gpu_vm
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (i + 1, *name))
+        .chain([r0])
+    {
         let line = result_line(&ktap, name).unwrap_or_else(|| panic!("no result line for {name}"));
         assert_eq!(
             line,
