@@ -206,7 +206,13 @@ fn lab_suite_all_scenarios_pass() {
             && l.ends_with(": profile gpu-hotplug for H1 H2 H3 H4 H5")));
     assert!(progress
         .lines()
-        .any(|l| l.starts_with("lab: VM ") && l.ends_with(": profile gpu-npu-hotplug for H6")));
+        .any(|l| l.starts_with("lab: VM ") && l.ends_with(": profile gpu-npu-hotplug for H6 H6b")));
+    assert!(progress
+        .lines()
+        .any(|l| l.starts_with("lab: VM ") && l.ends_with(": profile gpu-pciehp for H7")));
+    assert!(progress.lines().any(
+        |l| l.starts_with("lab: VM ") && l.ends_with(": profile npu-sva for M6 M6b M6c M7 M7b")
+    ));
     for subtest in [
         "vfio-pci binds 0000:02:00.0 through driver_override",
         "device_del gpu1 → DEVICE_DELETED in",
@@ -226,12 +232,18 @@ fn lab_suite_all_scenarios_pass() {
         "device_del of the dead device → DEVICE_DELETED",
         "gpu1 plugged: npu0 PEER_STATUS = configured | present",
         "gpu1 removed: npu0 PEER_STATUS = configured, peer gone",
-        "the guest holds no pci_dev of the removed gpu1",
+        "the guest NPU driver took a reference on its GPU peer's pci_dev",
+        "the guest holds no reference to the removed gpu1: the driver dropped it and the kernel freed its pci_dev",
+        "bug=leak_peer_ref caught: the removed gpu1's pci_dev",
+        "cycle 2: device_del gpu1 → DEVICE_DELETED after pciehp's attention-button window",
+        "kill: pasid 1 journaled bind → unbind_begin → drained → unbind_ack → released, once",
+        "fork: work was in flight when the binding ended (the drain aborted items)",
+        "the device reported translation faults instead of using stale translations",
     ] {
         assert!(
             ktap.lines()
                 .any(|l| l.starts_with("  ok ") && l.contains(subtest)),
-            "H subtest {subtest:?} must pass"
+            "H/M subtest {subtest:?} must pass"
         );
     }
 }
