@@ -287,13 +287,10 @@ impl Bus {
             drop(client);
             return refuse(Refusal::NoClient);
         };
-        let r = match access {
-            Access::Read(b) => link.dma.read(iova, b),
-            Access::Write(d) => link.dma.write(iova, d),
-        };
-        drop(client);
-        match r {
-            Ok(()) => {
+        // The access is journaled while the mappings are still held, so an unmap that follows
+        // it cannot be journaled ahead of it (a false dma_after_unmap).
+        let journal_ok = |r: &Result<(), DmaError>| {
+            if r.is_ok() {
                 self.journal().record(Event::Dma {
                     dir,
                     pasid,
@@ -302,8 +299,15 @@ impl Bus {
                     count: 1,
                     bytes: len,
                 });
-                Ok(())
             }
+        };
+        let r = match access {
+            Access::Read(b) => link.dma.read_then(iova, b, journal_ok),
+            Access::Write(d) => link.dma.write_then(iova, d, journal_ok),
+        };
+        drop(client);
+        match r {
+            Ok(()) => Ok(()),
             Err(e) => {
                 self.journal().record(Event::DmaFault {
                     dir,
@@ -346,25 +350,29 @@ impl Bus {
         let Some(link) = client.as_ref() else {
             return false;
         };
-        if let Err(e) = link.dma.copy(src, dst, len) {
+        // Journaled while the mappings are held: an unmap cannot be journaled in between.
+        let r = link.dma.copy_then(src, dst, len, |r| {
+            if r.is_ok() {
+                let len = len as u64;
+                for (dir, iova) in [(Dir::Read, src), (Dir::Write, dst)] {
+                    self.journal().record(Event::Dma {
+                        dir,
+                        pasid: None,
+                        iova,
+                        len,
+                        count: pages_touched(iova, len),
+                        bytes: len,
+                    });
+                }
+            }
+        });
+        if let Err(e) = r {
             log::trace!(
                 "{}: direct copy {src:#x} -> {dst:#x} +{len:#x} not possible ({e}); \
                  accesses go one by one",
                 self.inner.name
             );
             return false;
-        }
-        drop(client);
-        let len = len as u64;
-        for (dir, iova) in [(Dir::Read, src), (Dir::Write, dst)] {
-            self.journal().record(Event::Dma {
-                dir,
-                pasid: None,
-                iova,
-                len,
-                count: pages_touched(iova, len),
-                bytes: len,
-            });
         }
         true
     }

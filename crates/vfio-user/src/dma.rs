@@ -252,46 +252,41 @@ impl DmaSpace {
     /// Device read of `buf.len()` bytes at `iova`. The whole access must lie inside one
     /// fd-backed mapping that permits reads.
     pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        self.read_then(iova, buf, |_| ())
+    }
+
+    /// [`DmaSpace::read`], then `then(&result)` while the mappings are still held: an unmap
+    /// cannot be acknowledged between the access and what `then` does (the device journals
+    /// the access there, so the journal never shows it after the unmap it preceded).
+    pub fn read_then(
+        &self,
+        iova: u64,
+        buf: &mut [u8],
+        then: impl FnOnce(&Result<(), DmaError>),
+    ) -> Result<(), DmaError> {
         let maps = self.read_lock();
-        let (m, off) = find(&maps, iova, buf.len(), "read")?;
-        if m.prot & PROT_READ == 0 {
-            return Err(DmaError::Protection {
-                dir: "read",
-                iova,
-                len: buf.len(),
-            });
-        }
-        let unmapped = || DmaError::Unmapped {
-            dir: "read",
-            iova,
-            len: buf.len(),
-        };
-        let region = m.region.as_ref().ok_or_else(unmapped)?;
-        let slice = region.get_slice(off, buf.len()).map_err(|_| unmapped())?;
-        slice.copy_to(buf);
-        Ok(())
+        let r = read_in(&maps, iova, buf);
+        then(&r);
+        r
     }
 
     /// Device write of `data` at `iova`, with the same rules as [`DmaSpace::read`].
     pub fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+        self.write_then(iova, data, |_| ())
+    }
+
+    /// [`DmaSpace::write`], then `then(&result)` while the mappings are still held (see
+    /// [`DmaSpace::read_then`]).
+    pub fn write_then(
+        &self,
+        iova: u64,
+        data: &[u8],
+        then: impl FnOnce(&Result<(), DmaError>),
+    ) -> Result<(), DmaError> {
         let maps = self.read_lock();
-        let (m, off) = find(&maps, iova, data.len(), "write")?;
-        if m.prot & PROT_WRITE == 0 {
-            return Err(DmaError::Protection {
-                dir: "write",
-                iova,
-                len: data.len(),
-            });
-        }
-        let unmapped = || DmaError::Unmapped {
-            dir: "write",
-            iova,
-            len: data.len(),
-        };
-        let region = m.region.as_ref().ok_or_else(unmapped)?;
-        let slice = region.get_slice(off, data.len()).map_err(|_| unmapped())?;
-        slice.copy_from(data);
-        Ok(())
+        let r = write_in(&maps, iova, data);
+        then(&r);
+        r
     }
 
     /// Device copy of `len` bytes from client memory at `src` to client memory at `dst`,
@@ -305,48 +300,22 @@ impl DmaSpace {
     /// for the destination) with the whole access. Overlapping IOVA ranges are refused with
     /// [`DmaError::BadRange`]: memmove order is the caller's business.
     pub fn copy(&self, src: u64, dst: u64, len: usize) -> Result<(), DmaError> {
-        let n = len as u64;
-        let (Some(src_end), Some(dst_end)) = (range_end(src, n), range_end(dst, n)) else {
-            return Err(DmaError::Unmapped {
-                dir: "read",
-                iova: src,
-                len,
-            });
-        };
-        if len > 0 && u128::from(src) < dst_end && u128::from(dst) < src_end {
-            return Err(DmaError::BadRange { iova: dst, size: n });
-        }
+        self.copy_then(src, dst, len, |_| ())
+    }
+
+    /// [`DmaSpace::copy`], then `then(&result)` while the mappings are still held (see
+    /// [`DmaSpace::read_then`]).
+    pub fn copy_then(
+        &self,
+        src: u64,
+        dst: u64,
+        len: usize,
+        then: impl FnOnce(&Result<(), DmaError>),
+    ) -> Result<(), DmaError> {
         let maps = self.read_lock();
-        // Pass 0 checks every piece, pass 1 copies: a failure leaves memory untouched.
-        for pass in 0..2 {
-            let mut done = 0usize;
-            while done < len {
-                let (s, d) = (src + done as u64, dst + done as u64);
-                let (sm, soff) = piece(&maps, s, PROT_READ, "read", src, len)?;
-                let (dm, doff) = piece(&maps, d, PROT_WRITE, "write", dst, len)?;
-                // Bytes to the end of whichever mapping ends first (fits: both are ≤ len).
-                let left = (len - done) as u128;
-                let k = left
-                    .min(sm.end() - u128::from(s))
-                    .min(dm.end() - u128::from(d)) as usize;
-                if pass == 1 {
-                    let fail = |dir, iova| DmaError::Unmapped { dir, iova, len };
-                    let from = sm
-                        .region
-                        .as_ref()
-                        .and_then(|r| r.get_slice(soff, k).ok())
-                        .ok_or_else(|| fail("read", src))?;
-                    let to = dm
-                        .region
-                        .as_ref()
-                        .and_then(|r| r.get_slice(doff, k).ok())
-                        .ok_or_else(|| fail("write", dst))?;
-                    from.copy_to_volatile_slice(to);
-                }
-                done += k;
-            }
-        }
-        Ok(())
+        let r = copy_in(&maps, src, dst, len);
+        then(&r);
+        r
     }
 }
 
@@ -462,6 +431,93 @@ fn rustix_free_fcntl_get_seals(fd: std::os::fd::BorrowedFd<'_>) -> i32 {
     r.max(0)
 }
 
+/// A device read under the caller's hold of the mappings.
+fn read_in(maps: &[Mapping], iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+    let (m, off) = find(maps, iova, buf.len(), "read")?;
+    if m.prot & PROT_READ == 0 {
+        return Err(DmaError::Protection {
+            dir: "read",
+            iova,
+            len: buf.len(),
+        });
+    }
+    let unmapped = || DmaError::Unmapped {
+        dir: "read",
+        iova,
+        len: buf.len(),
+    };
+    let region = m.region.as_ref().ok_or_else(unmapped)?;
+    let slice = region.get_slice(off, buf.len()).map_err(|_| unmapped())?;
+    slice.copy_to(buf);
+    Ok(())
+}
+
+/// A device write under the caller's hold of the mappings.
+fn write_in(maps: &[Mapping], iova: u64, data: &[u8]) -> Result<(), DmaError> {
+    let (m, off) = find(maps, iova, data.len(), "write")?;
+    if m.prot & PROT_WRITE == 0 {
+        return Err(DmaError::Protection {
+            dir: "write",
+            iova,
+            len: data.len(),
+        });
+    }
+    let unmapped = || DmaError::Unmapped {
+        dir: "write",
+        iova,
+        len: data.len(),
+    };
+    let region = m.region.as_ref().ok_or_else(unmapped)?;
+    let slice = region.get_slice(off, data.len()).map_err(|_| unmapped())?;
+    slice.copy_from(data);
+    Ok(())
+}
+
+/// A device copy under the caller's hold of the mappings (see [`DmaSpace::copy`]).
+fn copy_in(maps: &[Mapping], src: u64, dst: u64, len: usize) -> Result<(), DmaError> {
+    let n = len as u64;
+    let (Some(src_end), Some(dst_end)) = (range_end(src, n), range_end(dst, n)) else {
+        return Err(DmaError::Unmapped {
+            dir: "read",
+            iova: src,
+            len,
+        });
+    };
+    if len > 0 && u128::from(src) < dst_end && u128::from(dst) < src_end {
+        return Err(DmaError::BadRange { iova: dst, size: n });
+    }
+    // Pass 0 checks every piece, pass 1 copies: a failure leaves memory untouched.
+    for pass in 0..2 {
+        let mut done = 0usize;
+        while done < len {
+            let (s, d) = (src + done as u64, dst + done as u64);
+            let (sm, soff) = piece(maps, s, PROT_READ, "read", src, len)?;
+            let (dm, doff) = piece(maps, d, PROT_WRITE, "write", dst, len)?;
+            // Bytes to the end of whichever mapping ends first (fits: both are ≤ len).
+            let left = (len - done) as u128;
+            let k = left
+                .min(sm.end() - u128::from(s))
+                .min(dm.end() - u128::from(d)) as usize;
+            if pass == 1 {
+                let fail = |dir, iova| DmaError::Unmapped { dir, iova, len };
+                let from = sm
+                    .region
+                    .as_ref()
+                    .and_then(|r| r.get_slice(soff, k).ok())
+                    .ok_or_else(|| fail("read", src))?;
+                let to = dm
+                    .region
+                    .as_ref()
+                    .and_then(|r| r.get_slice(doff, k).ok())
+                    .ok_or_else(|| fail("write", dst))?;
+                from.copy_to_volatile_slice(to);
+            }
+            done += k;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,6 +598,44 @@ mod tests {
         assert!(d.read(0x5ffe, &mut [0u8; 4]).is_err());
         assert!(d.read(0x3ffe, &mut [0u8; 4]).is_err());
         assert!(d.write(u64::MAX - 1, &[0u8; 4]).is_err());
+    }
+
+    #[test]
+    fn test_then_runs_before_a_concurrent_unmap_completes() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let d = DmaSpace::new();
+        d.map(
+            0x4000,
+            0x1000,
+            PROT_READ | PROT_WRITE,
+            Some((memfd(0x1000), 0)),
+        )
+        .unwrap();
+        let unmapped = Arc::new(AtomicBool::new(false));
+        let mut seen_mapped_in_then = None;
+        let mut b = [0u8; 8];
+        let r = d.read_then(0x4000, &mut b, |r| {
+            assert!(r.is_ok());
+            let (d2, flag) = (d.clone(), unmapped.clone());
+            let t = std::thread::spawn(move || {
+                d2.unmap(0x4000, 0x1000).unwrap();
+                flag.store(true, Ordering::SeqCst);
+            });
+            // The unmapping thread must wait for us: whatever we record here (the device's
+            // journal) is ordered before the unmap.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            seen_mapped_in_then = Some(!unmapped.load(Ordering::SeqCst));
+            drop(t);
+        });
+        assert!(r.is_ok());
+        assert_eq!(seen_mapped_in_then, Some(true));
+        // Once `then` returned the unmap goes through.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !unmapped.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert!(unmapped.load(Ordering::SeqCst));
+        assert!(d.read(0x4000, &mut b).is_err());
     }
 
     #[test]
