@@ -1079,103 +1079,11 @@ fn child_holder(h: &Handles, buf: &Pages, took: OwnedFd, cfg: &WorkerCfg) -> Res
     hold("child", h, &mut s, stdin.as_fd(), Some(buf), &cfg.layout)
 }
 
-/// Sends `fds` with a one-byte payload over a SOCK_SEQPACKET socket (`SCM_RIGHTS`).
-fn send_fds(sock: BorrowedFd<'_>, fds: &[RawFd]) -> Result<(), String> {
-    let payload = [b'F'];
-    let mut iov = libc::iovec {
-        iov_base: payload.as_ptr() as *mut libc::c_void,
-        iov_len: payload.len(),
-    };
-    let data_len = std::mem::size_of_val(fds);
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
-    // u64 words: suitably aligned for cmsghdr.
-    let mut control = vec![0u64; space.div_ceil(8)];
-    // SAFETY: zeroed msghdr is a valid value (null pointers, zero lengths) that is filled below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: msg_control points to `space` bytes, enough for one header and `data_len` bytes
-    // of data; CMSG_FIRSTHDR returns a pointer inside it (checked for null), and the fds are
-    // copied into its data area, which CMSG_LEN(data_len) bytes cover.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        if c.is_null() {
-            return Err("no room for the control message".into());
-        }
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(data_len as u32) as _;
-        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), data_len);
-    }
-    // SAFETY: `msg` and everything it points to (iov, payload, control) live across the call.
-    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
-    if n < 0 {
-        return Err(os_err("sendmsg(SCM_RIGHTS)"));
-    }
-    Ok(())
-}
-
-/// Receives up to `max` fds sent with [`send_fds`] (waits up to `timeout`).
-fn recv_fds(sock: BorrowedFd<'_>, max: usize, timeout: Duration) -> Result<Vec<OwnedFd>, String> {
-    let rev = sys::poll(&[(sock.as_raw_fd(), libc::POLLIN)], Some(timeout))?;
-    if rev.is_empty() {
-        return Err(format!("no fds within {} s", timeout.as_secs()));
-    }
-    let mut payload = [0u8; 16];
-    let mut iov = libc::iovec {
-        iov_base: payload.as_mut_ptr().cast(),
-        iov_len: payload.len(),
-    };
-    let data_len = max * std::mem::size_of::<RawFd>();
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
-    let mut control = vec![0u64; space.div_ceil(8)];
-    // SAFETY: zeroed msghdr is a valid value that is filled below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: `msg` points to live buffers of the sizes it states; MSG_CMSG_CLOEXEC marks the
-    // received fds close-on-exec.
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(os_err("recvmsg"));
-    }
-    if n == 0 {
-        return Err("the opener closed the socket without sending fds".into());
-    }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err("control message truncated: fds lost".into());
-    }
-    let mut out = Vec::new();
-    // SAFETY: the kernel filled `msg_controllen` bytes of our control buffer with well-formed
-    // headers; CMSG_FIRSTHDR/NXTHDR walk inside it and return null at its end; an SCM_RIGHTS
-    // header's data holds (cmsg_len - CMSG_LEN(0)) / 4 new descriptors that we now own.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let bytes = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                for i in 0..bytes / std::mem::size_of::<RawFd>() {
-                    out.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    Ok(out)
-}
-
 fn pass_case(h: &Handles, cfg: &WorkerCfg) -> Result<(), String> {
     // fd 0 is our end of the SOCK_SEQPACKET pair with the receiver.
     let stdin = std::io::stdin();
     let sock = stdin.as_fd();
-    send_fds(
+    sys::send_fds(
         sock,
         &[
             h.container.as_raw_fd(),
@@ -1199,7 +1107,7 @@ fn pass_case(h: &Handles, cfg: &WorkerCfg) -> Result<(), String> {
 fn receiver(cfg: &WorkerCfg) -> Result<(), String> {
     let stdin = std::io::stdin();
     let sock = stdin.as_fd();
-    let mut fds = recv_fds(sock, 3, STEP_TIMEOUT)?.into_iter();
+    let mut fds = sys::recv_fds(sock, 3, STEP_TIMEOUT)?.into_iter();
     let (Some(container), Some(group), Some(device), None) =
         (fds.next(), fds.next(), fds.next(), fds.next())
     else {
@@ -2003,8 +1911,8 @@ mod tests {
     fn scm_rights_round_trip() {
         let (a, b) = seqpacket_pair().unwrap();
         let (r, w) = pipe().unwrap();
-        send_fds(a.as_fd(), &[w.as_raw_fd()]).unwrap();
-        let got = recv_fds(b.as_fd(), 3, Duration::from_secs(5)).unwrap();
+        sys::send_fds(a.as_fd(), &[w.as_raw_fd()]).unwrap();
+        let got = sys::recv_fds(b.as_fd(), 3, Duration::from_secs(5)).unwrap();
         assert_eq!(got.len(), 1);
         // The received fd is the same pipe: a write through it arrives at `r`.
         write_fd(got[0].as_fd(), b"x").unwrap();

@@ -10,7 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::args::Args;
@@ -434,69 +434,6 @@ fn say(f: &mut File, line: &str) {
     let _ = f.write_all(format!("{line}\n").as_bytes());
 }
 
-/// Sends `fd` over the unix socket `sock` (SCM_RIGHTS).
-fn send_fd(sock: RawFd, fd: RawFd) -> Result<(), String> {
-    let mut byte = [b'F'];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: msg_control points at `space` bytes, enough for one header with one fd.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
-    }
-    // SAFETY: `msg` and everything it points to are valid for the call.
-    if unsafe { libc::sendmsg(sock, &msg, 0) } != 1 {
-        return Err(format!("sendmsg: {}", strerror(errno())));
-    }
-    Ok(())
-}
-
-/// Receives one fd sent by [`send_fd`].
-fn recv_fd(sock: RawFd) -> Result<OwnedFd, String> {
-    let mut byte = [0u8];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: `msg` points at our buffers for the call.
-    let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n != 1 {
-        return Err(format!("recvmsg returned {n}: {}", strerror(errno())));
-    }
-    // SAFETY: the control buffer was filled by the kernel; CMSG_FIRSTHDR checks its length.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        if c.is_null() || (*c).cmsg_type != libc::SCM_RIGHTS {
-            return Err("no SCM_RIGHTS in the message".into());
-        }
-        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>());
-        Ok(OwnedFd::from_raw_fd(fd))
-    }
-}
-
 fn socketpair() -> Result<(OwnedFd, OwnedFd), String> {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two descriptors into `fds`.
@@ -847,10 +784,14 @@ fn case_lifetime(c: &mut Checks<'_>, t: &Target, how: &str) -> Result<(), String
     // The receiver of a passed fd (scm), started before the opener.
     let receiver = if how == "scm" {
         let mut wr2 = wr.try_clone().map_err(|e| e.to_string())?;
-        let sock = sock_b.as_raw_fd();
+        let sock = sock_b.as_fd();
         let mut go = go_rd.try_clone().map_err(|e| e.to_string())?;
         Some(fork_run(move || {
-            let fd = match recv_fd(sock) {
+            let fd = match crate::sys::recv_fds(sock, 1, Duration::from_secs(60)).and_then(|v| {
+                v.into_iter()
+                    .next()
+                    .ok_or_else(|| "no fd received".to_string())
+            }) {
                 Ok(fd) => fd,
                 Err(e) => {
                     say(&mut wr2, &format!("receiver: {e}"));
@@ -867,7 +808,7 @@ fn case_lifetime(c: &mut Checks<'_>, t: &Target, how: &str) -> Result<(), String
     };
 
     let start = Instant::now();
-    let sock = sock_a.as_raw_fd();
+    let sock = sock_a.as_fd();
     let mut wr_w = wr.try_clone().map_err(|e| e.to_string())?;
     let go_w = go_rd.try_clone().map_err(|e| e.to_string())?;
     let how_w = how.to_string();
@@ -914,7 +855,7 @@ fn case_lifetime(c: &mut Checks<'_>, t: &Target, how: &str) -> Result<(), String
                     // (an item takes ~10 ms) so that the exit races translations in use.
                     std::thread::sleep(Duration::from_millis(40));
                 }
-                "scm" => send_fd(sock, npu.fd())?,
+                "scm" => crate::sys::send_fds(sock, &[npu.fd()])?,
                 _ => {}
             }
             let t_queued = now_ns();
