@@ -7,6 +7,7 @@
 mod agent;
 mod args;
 mod bario;
+mod dmastream;
 mod e1;
 mod e2;
 mod e3;
@@ -40,8 +41,8 @@ usage: pcisim-guest <subcommand> [options]
       E1: IDs, class, BARs and capability lists vs the device's description
   e2 --vendor V --device D [--bdf BDF]
       E2: BAR0 registers and BAR2 VRAM through sysfs resource mappings
-  e3 --vendor V --device D [--vectors 0,1,5] [--bdf BDF]
-      E3: MSI-X delivery through a guest vfio-pci userspace driver
+  e3 --vendor V --device D [--vectors 0,1,5] [--irq msix|msi] [--bdf BDF]
+      E3: MSI-X (or MSI) delivery through a guest vfio-pci userspace driver
   e4 --vendor V --device D [--bdf BDF]
       E4: GPU command ring (fill, copies, fence + MSI-X, malformed command)
   e5 --vendor V --device D [--bdf BDF]
@@ -60,6 +61,10 @@ usage: pcisim-guest <subcommand> [options]
       R0: the NPU's PEER_STATUS (peer configured, present or not)
   bar-io --bdf BDF [--bar N] --off OFF[,OFF..] [--write VALUE]
       H5: 32-bit BAR reads (and one write) through sysfs resourceN
+  dma-stream --vendor V --device D [--bdf BDF] [--irq msi|msix] [--ready-file PATH]
+             [--down-file PATH] [--stream-s N] [--down-wait-s N]
+      H5: a guest vfio user keeps the command ring streaming FILLs into its own memory
+      until the device goes away (all-ones), waits for it to come back, checks the ring
   sva --bdf BDF --case basic|exit|kill|fork|scm|mmap|m7 [--lenient on]
       M6/M7: process memory worked on by the NPU through the guest NPU driver (pcisim_npu.ko)
   vfio-user --vendor V --device D [--bdf BDF] [--dma-kib N] [--req off|release|ignore]
@@ -93,6 +98,7 @@ fn main() {
         "npu-peer" => npu::run(rest),
         "vfio-user" => vfiouser::run(rest),
         "bar-io" => bario::run(rest),
+        "dma-stream" => dmastream::run(rest),
         "mm-teardown" => mmtear::run(rest),
         "mm-teardown-worker" => mmtear::worker(rest),
         "sva" => sva::run(rest),

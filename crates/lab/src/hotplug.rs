@@ -24,7 +24,9 @@ use crate::qmp::{PciDeviceInfo, QmpError};
 
 /// `H1 hot-add`: `device_add` of the unplugged GPU onto its free root port; the guest
 /// enumerates it (its sysfs entry appears: hot-add → probed is measured), it passes E1 at its
-/// address, its BARs work (E2), and vfio-pci binds it through `driver_override`. It stays
+/// address, its BARs work (E2), its MSI reaches a guest vfio user (E3 with `--irq msi`: eventfds
+/// on `VFIO_PCI_MSI_IRQ_INDEX`, doorbells, `vfio-msi[V]` lines in `/proc/interrupts`; the device
+/// journals each doorbell delivered), and vfio-pci binds it through `driver_override`. It stays
 /// plugged and bound for H2.
 pub const H1: HostProgram = HostProgram {
     name: "h1-hot-add",
@@ -68,12 +70,21 @@ pub const H4: HostProgram = HostProgram {
 /// How long H4's uncooperative variant leaves the removal pending (two 10 s relays).
 const H4_PENDING: Duration = Duration::from_secs(21);
 
-/// `H5 surprise-removal`: `pcisim ctl inject link-down` on the plugged GPU (unbound, BAR0 used
-/// through sysfs `resource0`): config space and BAR0 read all-ones in the guest, writes are
-/// dropped (a scratch register keeps its value, an IRQ doorbell raises nothing), the device
-/// journals no DMA and no interrupt and no violation; `link-up` brings valid reads back. Then
-/// link-down again and `device_del`: `DEVICE_DELETED`, `client_disconnected`, and the device
-/// serves the next client with the link up.
+/// `H5 surprise-removal`: first with DMA in flight: a guest vfio user (`pcisim-guest
+/// dma-stream`) keeps the plugged GPU's command ring streaming 64 MiB FILLs (and fences with
+/// their interrupt) into its own memory, and the host injects `link-down` while it runs. The
+/// device's journal shows DMA writes before the link went down, the ring's next access refused
+/// (`dma_refused`, `link_down`) after it, and no DMA and no interrupt sent between link-down
+/// and link-up (the checker would add `dma_link_down` / `interrupt_while_disabled`); the
+/// program sees all-ones instead of hanging, and after `link-up` finds the ring stopped on
+/// DMA_REFUSED, gets the error interrupt that was held back, restarts the ring and releases the
+/// device (it ends within a bound, or is killed and the scenario fails).
+///
+/// Then, the device unbound (BAR0 through sysfs `resource0`): config space and BAR0 read
+/// all-ones in the guest, writes are dropped (a scratch register keeps its value, an IRQ
+/// doorbell raises nothing), the device journals no DMA and no interrupt and no violation;
+/// `link-up` brings valid reads back. Then link-down again and `device_del`: `DEVICE_DELETED`,
+/// `client_disconnected`, and the device serves the next client with the link up.
 pub const H5: HostProgram = HostProgram {
     name: "h5-surprise-removal",
     profile: ProfileId::GpuHotplug,
@@ -347,6 +358,7 @@ fn h1_hot_add(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     check_msi_cap(ctx, &id, &bdf)?;
     let argv = ctx.guest_argv("e2", &id, &["--bdf", &bdf])?;
     ctx.guest_test(&format!("BAR access: {id} at {bdf} passes E2"), &argv)?;
+    check_msi_delivery(ctx, &id, &bdf)?;
     let (driver, bind_took) = bind_vfio(ctx, &bdf)?;
     ctx.check(
         &format!(
@@ -398,6 +410,55 @@ fn check_msi_cap(ctx: &mut HostCtx<'_>, id: &str, bdf: &str) -> Result<(), HostE
         ),
         control.is_some_and(|c| c & 0x0181 == 0x0180),
         format!("config bytes {at:#x}..+4: {}", out.trim()),
+    );
+    Ok(())
+}
+
+/// The doorbells H1's E3 rings over MSI (when the guest enables fewer vectors than the
+/// capability offers, e.g. one without interrupt remapping, 1 and 5 fold onto them: docs/pci.md).
+const H1_MSI_VECTORS: &str = "0,1,5";
+
+/// MSI delivery in the guest: E3 with `--irq msi` through a guest vfio user, and the device's
+/// journal of the step: one `interrupt` record `delivered` per doorbell, nothing held back.
+/// Skipped for a device without an MSI capability.
+fn check_msi_delivery(ctx: &mut HostCtx<'_>, id: &str, bdf: &str) -> Result<(), HostError> {
+    let name = "MSI delivery in the guest through vfio-pci";
+    let raw = ctx.device(id)?.description.raw.clone();
+    if described_cap(&raw, 0x05).is_none() {
+        ctx.skip(name, &format!("{id} has no MSI capability"));
+        return Ok(());
+    }
+    let mark = ctx.control().last_seq(id)?;
+    let argv = ctx.guest_argv(
+        "e3",
+        id,
+        &["--bdf", bdf, "--irq", "msi", "--vectors", H1_MSI_VECTORS],
+    )?;
+    ctx.guest_test(&format!("{name}: {id} at {bdf} passes E3 --irq msi"), &argv)?;
+    let w = ctx.control().journal_all(id, mark)?.records;
+    let doorbells = H1_MSI_VECTORS.split(',').count();
+    let delivered = count_records(&w, "interrupt", &[("outcome", "delivered")]);
+    let held: Vec<String> = w
+        .iter()
+        .filter(|r| record_is(r, "interrupt", &[]))
+        .filter(|r| !record_is(r, "interrupt", &[("outcome", "delivered")]))
+        .map(|r| {
+            format!(
+                "vector {} {}",
+                r.get("vector").and_then(Value::as_u64).unwrap_or(0),
+                r.get("outcome").and_then(Value::as_str).unwrap_or("?")
+            )
+        })
+        .collect();
+    ctx.check(
+        &format!(
+            "{id} journaled the {doorbells} doorbells as MSI delivered ({delivered} delivered, none held back)"
+        ),
+        delivered == doorbells && held.is_empty(),
+        format!(
+            "{delivered} delivered interrupt records, expected {doorbells}; others: {}",
+            if held.is_empty() { "none".into() } else { held.join(", ") }
+        ),
     );
     Ok(())
 }
@@ -1050,8 +1111,315 @@ fn config_ids(ctx: &mut HostCtx<'_>, bdf: &str) -> Result<(u32, u32), HostError>
     }
 }
 
+/// Where H5's guest stream keeps its files (`.out`, `.err`, `.pid`, `.rc`, `.ready`, `.down`).
+const H5_STREAM: &str = "/tmp/h5-stream";
+/// How long the guest stream waits for the link to come back before it gives up.
+const H5_DOWN_WAIT_S: u64 = 30;
+/// How long H5 waits for each of the guest stream's steps (ready, link down seen, the end).
+const H5_STEP: Duration = Duration::from_secs(60);
+
+/// Waits (10 ms steps, at most `limit`) until the guest file `path` exists; `Ok(false)` if it
+/// did not appear, or the stream program ended first (its `.rc` exists).
+fn wait_guest_file(ctx: &mut HostCtx<'_>, path: &str, limit: Duration) -> Result<bool, HostError> {
+    let steps = (limit.as_millis() / 10).max(1);
+    let out = guest_sh(
+        ctx,
+        &format!(
+            "n=0; while [ ! -e {path} ]; do [ -e {H5_STREAM}.rc ] && exit 2; n=$((n+1)); \
+             [ $n -ge {steps} ] && exit 1; usleep 10000; done; exit 0"
+        ),
+    )?;
+    Ok(out.exit == Some(0))
+}
+
+/// The position of the first `link` record with `up` after `from`.
+fn link_record(records: &[Value], up: bool, from: usize) -> Option<usize> {
+    records
+        .iter()
+        .skip(from)
+        .position(|r| record_is(r, "link", &[]) && r.get("up") == Some(&Value::Bool(up)))
+        .map(|p| p + from)
+}
+
+/// Where the link-down period starts in `records` (a window that began with the link up): at
+/// the first access refused because of it, or at the `link` record. A disabling change is
+/// journaled after the accesses already past the bus's gate drained (docs/journal.md), so the
+/// engine's first refused access (and the ring error and held interrupt it causes) may come
+/// just before the `link` record.
+fn down_start(records: &[Value]) -> Option<usize> {
+    let link = link_record(records, false, 0)?;
+    let refused = records[..link].iter().position(|r| {
+        record_is(r, "dma_refused", &[("reason", "link_down")])
+            || record_is(r, "interrupt", &[("outcome", "refused:link_down")])
+    });
+    Some(refused.unwrap_or(link))
+}
+
+fn t_ms(r: &Value) -> f64 {
+    r.get("t_ns").and_then(Value::as_u64).unwrap_or(0) as f64 / 1e6
+}
+
+/// H5 with DMA in flight (see [`H5`]): starts the guest stream, pulls the link while it runs,
+/// brings it back, waits for the program to end and checks the journal window.
+fn h5_dma_across_link_down(ctx: &mut HostCtx<'_>, id: &str, bdf: &str) -> Result<(), HostError> {
+    let raw = ctx.device(id)?.description.raw.clone();
+    let irq = if described_cap(&raw, 0x05).is_some() {
+        "msi"
+    } else {
+        "msix"
+    };
+    let down_wait = H5_DOWN_WAIT_S.to_string();
+    let argv = ctx.guest_argv(
+        "dma-stream",
+        id,
+        &[
+            "--bdf",
+            bdf,
+            "--irq",
+            irq,
+            "--ready-file",
+            &format!("{H5_STREAM}.ready"),
+            "--down-file",
+            &format!("{H5_STREAM}.down"),
+            "--down-wait-s",
+            &down_wait,
+        ],
+    )?;
+    let cmd = argv
+        .iter()
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mark = ctx.control().last_seq(id)?;
+    // The program in the background, its pid and exit status in files (the subshell waits).
+    guest_sh(
+        ctx,
+        &format!(
+            "rm -f {H5_STREAM}.*; ( {cmd} > {H5_STREAM}.out 2> {H5_STREAM}.err < /dev/null & \
+             echo $! > {H5_STREAM}.pid; wait $!; echo $? > {H5_STREAM}.rc ) \
+             > /dev/null 2>&1 < /dev/null &"
+        ),
+    )?;
+    let t = Instant::now();
+    let ready = wait_guest_file(ctx, &format!("{H5_STREAM}.ready"), H5_STEP)?;
+    if !ctx.check(
+        &format!("a guest vfio user streams FILLs into its own memory through {id}'s ring ({irq} interrupts)"),
+        ready,
+        format!("not streaming after {}", ms(t.elapsed())),
+    ) {
+        return h5_stream_end(ctx, id, true);
+    }
+    ctx.inject(id, "link-down")?;
+    let t = Instant::now();
+    ctx.pass(&format!(
+        "pcisim ctl inject {id} link-down with the stream running"
+    ));
+    let seen = wait_guest_file(ctx, &format!("{H5_STREAM}.down"), H5_STEP)?;
+    let took = t.elapsed();
+    let what = guest_sh(ctx, &format!("cat {H5_STREAM}.down 2>/dev/null; true"))?.stdout;
+    ctx.progress(&format!(
+        "link down: the guest stream saw it {} after the injection (agent round trip included)",
+        ms(took)
+    ));
+    ctx.check(
+        &format!(
+            "the guest program sees the device gone (all-ones) instead of hanging ({} after link-down): {}",
+            ms(took),
+            what.trim()
+        ),
+        seen,
+        format!("nothing seen within {} s", H5_STEP.as_secs()),
+    );
+    // Let the engine reach its next access (refused) before the link comes back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let w = ctx.control().journal_all(id, mark)?.records;
+        let refused = down_start(&w).is_some_and(|d| {
+            w[d..]
+                .iter()
+                .any(|r| record_is(r, "dma_refused", &[("reason", "link_down")]))
+        });
+        if refused || Instant::now() >= deadline {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    ctx.inject(id, "link-up")?;
+    h5_stream_end(ctx, id, false)?;
+    h5_check_window(ctx, id, mark)
+}
+
+/// Waits for the guest stream to end (killing it after [`H5_STEP`]), nests its KTAP and shows
+/// its stderr if it failed. `kill` ends it at once (it is not going to finish).
+fn h5_stream_end(ctx: &mut HostCtx<'_>, id: &str, kill: bool) -> Result<(), HostError> {
+    let t = Instant::now();
+    let ended = !kill && wait_guest_file(ctx, &format!("{H5_STREAM}.rc"), H5_STEP)?;
+    if !ended {
+        guest_sh(
+            ctx,
+            &format!(
+                "kill -9 $(cat {H5_STREAM}.pid) 2>/dev/null; n=0; while [ ! -e {H5_STREAM}.rc ]; \
+                 do n=$((n+1)); [ $n -ge 500 ] && break; usleep 10000; done; true"
+            ),
+        )?;
+    }
+    if !kill {
+        ctx.check(
+            &format!(
+                "the guest program ends by itself after link-up ({})",
+                ms(t.elapsed())
+            ),
+            ended,
+            format!(
+                "still running {} s after link-up: killed",
+                H5_STEP.as_secs()
+            ),
+        );
+    }
+    let verdict = ctx.guest_test(
+        &format!("the guest vfio user's report ({id}: stream, link down, link up, ring, release)"),
+        &[
+            "/bin/busybox".to_string(),
+            "sh".into(),
+            "-c".into(),
+            format!("cat {H5_STREAM}.out; exit $(cat {H5_STREAM}.rc 2>/dev/null || echo 1)"),
+        ],
+    )?;
+    if verdict != crate::scenario::Verdict::Pass {
+        let err = guest_sh(ctx, &format!("tail -n 10 {H5_STREAM}.err; true"))?.stdout;
+        for l in err.lines().filter(|l| !l.trim().is_empty()) {
+            ctx.diag(&format!("stderr: {l}"));
+        }
+    }
+    Ok(())
+}
+
+/// The journal window of the stream: DMA before link-down; refusals and nothing sent while
+/// down; the held error interrupt after link-up; no violation.
+fn h5_check_window(ctx: &mut HostCtx<'_>, id: &str, mark: u64) -> Result<(), HostError> {
+    let slice = ctx.control().journal_all(id, mark)?;
+    if slice.lost > 0 {
+        ctx.diag(&format!(
+            "{} journal records of the stream were evicted before H5 read them",
+            slice.lost
+        ));
+    }
+    let w = slice.records;
+    let (Some(start), Some(down)) = (down_start(&w), link_record(&w, false, 0)) else {
+        ctx.fail(
+            &format!("{id} journaled the link going down and up"),
+            "no link down record",
+        );
+        return Ok(());
+    };
+    let up = link_record(&w, true, down).unwrap_or(w.len());
+    let (before, during) = (&w[..start], &w[start..up]);
+    let after = w.get(up + 1..).unwrap_or(&[]);
+    if start < down {
+        ctx.diag(&format!(
+            "the first refusal was journaled {:.2} ms before the link record ({} record(s) \
+             earlier: a disabling change is journaled once the accesses in flight drained)",
+            t_ms(&w[down]) - t_ms(&w[start]),
+            down - start
+        ));
+    }
+    let writes: Vec<&Value> = before
+        .iter()
+        .filter(|r| record_is(r, "dma", &[("dir", "write")]))
+        .collect();
+    let bytes: u64 = writes
+        .iter()
+        .filter_map(|r| r.get("bytes").and_then(Value::as_u64))
+        .sum();
+    let last_write = writes
+        .last()
+        .map(|r| t_ms(&w[down]) - t_ms(r))
+        .unwrap_or(f64::NAN);
+    ctx.check(
+        &format!(
+            "before link-down: {} DMA writes ({} MiB) into the guest's buffer, the last journaled {last_write:.2} ms before the link record",
+            writes.len(),
+            bytes >> 20
+        ),
+        !writes.is_empty(),
+        "no DMA write before the link went down",
+    );
+    let refused = count_records(during, "dma_refused", &[("reason", "link_down")]);
+    let dma = count_records(during, "dma", &[]);
+    let sent: Vec<String> = during
+        .iter()
+        .filter(|r| record_is(r, "interrupt", &[]))
+        .filter_map(|r| r.get("outcome").and_then(Value::as_str))
+        .filter(|o| !o.starts_with("refused"))
+        .map(str::to_string)
+        .collect();
+    let held = count_records(during, "interrupt", &[("outcome", "refused:link_down")]);
+    let stopped = during.iter().any(|r| {
+        record_is(r, "note", &[])
+            && r.get("text")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.starts_with("ring error dma_refused"))
+    });
+    let first_refusal = during
+        .iter()
+        .find(|r| record_is(r, "dma_refused", &[]))
+        .map(|r| format!("{:+.2} ms", t_ms(r) - t_ms(&w[down])))
+        .unwrap_or_else(|| "none".into());
+    let down_for = if up < w.len() {
+        format!("{:.0} ms", t_ms(&w[up]) - t_ms(&w[down]))
+    } else {
+        "no link-up record".into()
+    };
+    ctx.progress(&format!(
+        "H5 stream: last DMA write {last_write:.2} ms before the link record, first refusal at {first_refusal}, link down {down_for}"
+    ));
+    ctx.check(
+        &format!(
+            "link down ({down_for}): the ring's next access refused ({refused} dma_refused link_down, the first at {first_refusal} from the link record; ring stopped: {stopped}), no DMA, no interrupt sent ({held} held back)"
+        ),
+        up < w.len() && refused >= 1 && stopped && dma == 0 && sent.is_empty(),
+        format!(
+            "link-up journaled: {}; {refused} refusals, ring error note: {stopped}, {dma} dma records, interrupts sent: {sent:?}",
+            up < w.len()
+        ),
+    );
+    let flushed = after.iter().any(|r| {
+        record_is(r, "note", &[])
+            && r.get("text")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.starts_with("delivered") && t.contains("pending"))
+    });
+    ctx.check(
+        &format!(
+            "after link-up the error interrupt held back while the link was down ({held}) is sent"
+        ),
+        held >= 1 && flushed,
+        format!("{held} interrupt(s) held back, no \"delivered N pending\" note after link-up"),
+    );
+    let violations: Vec<String> = w
+        .iter()
+        .filter(|r| record_is(r, "violation", &[]))
+        .map(|r| {
+            format!(
+                "{}: {}",
+                r.get("kind").and_then(Value::as_str).unwrap_or("?"),
+                r.get("detail").and_then(Value::as_str).unwrap_or("")
+            )
+        })
+        .collect();
+    ctx.check(
+        &format!("{id} journaled no violation across the surprise removal (no dma_link_down, no interrupt_while_disabled)"),
+        violations.is_empty(),
+        violations.join("; "),
+    );
+    Ok(())
+}
+
 fn h5_surprise_removal(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let id = hotplug_device(ctx)?;
+    let bdf = ensure_plugged_unbound(ctx, &id)?;
+    h5_dma_across_link_down(ctx, &id, &bdf)?;
+    // The stream's release leaves the function unbound.
     let bdf = ensure_plugged_unbound(ctx, &id)?;
     ctx.sh(&format!("echo 1 > /sys/bus/pci/devices/{bdf}/enable"))?;
     let (ids, _) = config_ids(ctx, &bdf)?;
@@ -1429,6 +1797,30 @@ mod tests {
         assert_eq!(described_cap(&d, 5), Some(72));
         assert_eq!(described_cap(&d, 0x11), None);
         assert_eq!(described_cap(&serde_json::json!({}), 5), None);
+    }
+
+    #[test]
+    fn test_down_start() {
+        let w = vec![
+            serde_json::json!({"type": "dma", "dir": "write"}),
+            serde_json::json!({"type": "dma_refused", "reason": "link_down"}),
+            serde_json::json!({"type": "note", "text": "ring error dma_refused at slot 3"}),
+            serde_json::json!({"type": "interrupt", "vector": 1, "outcome": "refused:link_down"}),
+            serde_json::json!({"type": "link", "up": false}),
+            serde_json::json!({"type": "link", "up": true}),
+        ];
+        assert_eq!(link_record(&w, false, 0), Some(4));
+        assert_eq!(link_record(&w, true, 4), Some(5));
+        assert_eq!(link_record(&w, true, 6), None);
+        // The refusal journaled before the link record starts the period.
+        assert_eq!(down_start(&w), Some(1));
+        // A refusal for another reason does not.
+        let w2 = vec![
+            serde_json::json!({"type": "dma_refused", "reason": "bus_master_disabled"}),
+            serde_json::json!({"type": "link", "up": false}),
+        ];
+        assert_eq!(down_start(&w2), Some(1));
+        assert_eq!(down_start(&w2[..1]), None);
     }
 
     #[test]
