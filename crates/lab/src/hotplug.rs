@@ -1308,7 +1308,15 @@ fn h5_check_window(ctx: &mut HostCtx<'_>, id: &str, mark: u64) -> Result<(), Hos
     let (Some(start), Some(down)) = (down_start(&w), link_record(&w, false, 0)) else {
         ctx.fail(
             &format!("{id} journaled the link going down and up"),
-            "no link down record",
+            &if slice.lost > 0 {
+                format!(
+                    "no link down record left: {} records were evicted from the journal's ring \
+                     (a flood: the stream does not fill it, a device working while down does)",
+                    slice.lost
+                )
+            } else {
+                "no link down record".to_string()
+            },
         );
         return Ok(());
     };
