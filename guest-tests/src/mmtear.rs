@@ -43,7 +43,9 @@ use crate::ktap::{Ktap, Outcome};
 use crate::pci::{self, Function};
 use crate::sys;
 use crate::vdev::{self, Binding, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
-use crate::vfio::{self, DeviceInfo, DmaMap, DmaUnmap, GroupStatus, RegionInfo};
+use crate::vfio::{
+    self, ioctl_ptr, ioctl_val, open_rw, DeviceInfo, DmaMap, DmaUnmap, GroupStatus, RegionInfo,
+};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -194,52 +196,11 @@ fn os_err(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
 
-/// `ioctl(fd, req, value)` for requests whose argument is an integer.
-fn ioctl_val(fd: BorrowedFd<'_>, req: u32, arg: libc::c_ulong, what: &str) -> Result<i32, String> {
-    // SAFETY: the request takes its argument by value (no memory is accessed through it); the
-    // fd is borrowed for the call; the result is checked.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::Ioctl::from(req), arg) };
-    if r < 0 {
-        Err(os_err(what))
-    } else {
-        Ok(r)
-    }
-}
-
-/// `ioctl(fd, req, arg)` for requests taking a pointer.
-///
-/// # Safety
-/// `arg` must point to a live `T` and `req` must access at most `size_of::<T>()` bytes through
-/// it (for VFIO: at most `argsz`, which the caller sets to the size of `T`).
-unsafe fn ioctl_ptr<T>(
-    fd: BorrowedFd<'_>,
-    req: u32,
-    arg: *mut T,
-    what: &str,
-) -> Result<i32, String> {
-    // SAFETY: per this function's contract; the fd is borrowed for the call.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::Ioctl::from(req), arg) };
-    if r < 0 {
-        Err(os_err(what))
-    } else {
-        Ok(r)
-    }
-}
-
-fn open_rw(path: &str) -> Result<OwnedFd, String> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map(OwnedFd::from)
-        .map_err(|e| format!("open {path}: {e}"))
-}
-
 /// A new container with the type1v2 IOMMU available.
 fn open_container() -> Result<OwnedFd, String> {
-    let c = open_rw("/dev/vfio/vfio")?;
+    let c = OwnedFd::from(open_rw("/dev/vfio/vfio")?);
     let api = ioctl_val(
-        c.as_fd(),
+        &c.as_fd(),
         vfio::VFIO_GET_API_VERSION,
         0,
         "VFIO_GET_API_VERSION",
@@ -248,7 +209,7 @@ fn open_container() -> Result<OwnedFd, String> {
         return Err(format!("VFIO_GET_API_VERSION returned {api}"));
     }
     let ext = ioctl_val(
-        c.as_fd(),
+        &c.as_fd(),
         vfio::VFIO_CHECK_EXTENSION,
         libc::c_ulong::from(vfio::VFIO_TYPE1V2_IOMMU),
         "VFIO_CHECK_EXTENSION",
@@ -261,7 +222,7 @@ fn open_container() -> Result<OwnedFd, String> {
 
 /// Opens group `group` and attaches it to `container` (type1v2).
 fn attach_group(container: BorrowedFd<'_>, group: &str) -> Result<OwnedFd, String> {
-    let g = open_rw(&format!("/dev/vfio/{group}"))?;
+    let g = OwnedFd::from(open_rw(&format!("/dev/vfio/{group}"))?);
     let mut st = GroupStatus {
         argsz: std::mem::size_of::<GroupStatus>() as u32,
         flags: 0,
@@ -269,7 +230,7 @@ fn attach_group(container: BorrowedFd<'_>, group: &str) -> Result<OwnedFd, Strin
     // SAFETY: VFIO_GROUP_GET_STATUS reads/writes a vfio_group_status of argsz bytes.
     unsafe {
         ioctl_ptr(
-            g.as_fd(),
+            &g.as_fd(),
             vfio::VFIO_GROUP_GET_STATUS,
             &mut st,
             "VFIO_GROUP_GET_STATUS",
@@ -282,14 +243,14 @@ fn attach_group(container: BorrowedFd<'_>, group: &str) -> Result<OwnedFd, Strin
     // SAFETY: VFIO_GROUP_SET_CONTAINER reads one __s32 through the pointer.
     unsafe {
         ioctl_ptr(
-            g.as_fd(),
+            &g.as_fd(),
             vfio::VFIO_GROUP_SET_CONTAINER,
             &mut fd,
             "VFIO_GROUP_SET_CONTAINER",
         )
     }?;
     ioctl_val(
-        container,
+        &container,
         vfio::VFIO_SET_IOMMU,
         libc::c_ulong::from(vfio::VFIO_TYPE1V2_IOMMU),
         "VFIO_SET_IOMMU",
@@ -305,7 +266,7 @@ fn get_device(group: BorrowedFd<'_>, bdf: &str) -> Result<File, String> {
     // SAFETY: the kernel reads a NUL-terminated string from the live, NUL-terminated buffer.
     let fd = unsafe {
         ioctl_ptr(
-            group,
+            &group,
             vfio::VFIO_GROUP_GET_DEVICE_FD,
             name.as_mut_ptr(),
             "VFIO_GROUP_GET_DEVICE_FD",
@@ -325,7 +286,7 @@ fn region_info(device: &File, index: u32) -> Result<RegionInfo, String> {
     // (no capability chain: argsz is the struct's size).
     unsafe {
         ioctl_ptr(
-            device.as_fd(),
+            &device.as_fd(),
             vfio::VFIO_DEVICE_GET_REGION_INFO,
             &mut r,
             "VFIO_DEVICE_GET_REGION_INFO",
@@ -347,7 +308,7 @@ fn map_dma(container: BorrowedFd<'_>, pages: &Pages, iova: u64) -> Result<(), St
     // is a `Pages` mapping, which is never unmapped while DMA-mapped (see `Pages`).
     unsafe {
         ioctl_ptr(
-            container,
+            &container,
             vfio::VFIO_IOMMU_MAP_DMA,
             &mut m,
             "VFIO_IOMMU_MAP_DMA",
@@ -367,7 +328,7 @@ fn unmap_dma(container: BorrowedFd<'_>, iova: u64, size: u64) -> Result<u64, Str
     // SAFETY: the kernel reads and writes a vfio_iommu_type1_dma_unmap of argsz bytes.
     unsafe {
         ioctl_ptr(
-            container,
+            &container,
             vfio::VFIO_IOMMU_UNMAP_DMA,
             &mut u,
             "VFIO_IOMMU_UNMAP_DMA",
@@ -403,7 +364,7 @@ impl Handles {
         // SAFETY: VFIO_DEVICE_GET_INFO accesses at most argsz bytes of a vfio_device_info.
         unsafe {
             ioctl_ptr(
-                device.as_fd(),
+                &device.as_fd(),
                 vfio::VFIO_DEVICE_GET_INFO,
                 &mut info,
                 "VFIO_DEVICE_GET_INFO",
@@ -1499,7 +1460,7 @@ fn waited_marker(group: &str, layout: &Layout) -> Result<String, String> {
     let n = unmap_dma(c.as_fd(), iova, PAGE as u64)?;
     p.free();
     ioctl_val(
-        g.as_fd(),
+        &g.as_fd(),
         vfio::VFIO_GROUP_UNSET_CONTAINER,
         0,
         "VFIO_GROUP_UNSET_CONTAINER",

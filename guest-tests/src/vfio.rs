@@ -151,7 +151,12 @@ fn errno_str(what: &str) -> String {
 }
 
 /// `ioctl(fd, req, value)` for requests whose argument is an integer.
-fn ioctl_val(fd: &impl AsRawFd, req: u32, arg: libc::c_ulong, what: &str) -> Result<i32, String> {
+pub(crate) fn ioctl_val(
+    fd: &impl AsRawFd,
+    req: u32,
+    arg: libc::c_ulong,
+    what: &str,
+) -> Result<i32, String> {
     // SAFETY: the request takes its argument by value (no memory is accessed
     // through it); the fd is borrowed for the call; the result is checked.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::Ioctl::from(req), arg) };
@@ -168,7 +173,7 @@ fn ioctl_val(fd: &impl AsRawFd, req: u32, arg: libc::c_ulong, what: &str) -> Res
 /// `req` must be a request whose kernel handler accesses at most
 /// `size_of::<T>()` bytes through the pointer (for VFIO: at most `argsz`, which
 /// the caller sets to the size of `T`).
-unsafe fn ioctl_ptr<T>(
+pub(crate) unsafe fn ioctl_ptr<T>(
     fd: &impl AsRawFd,
     req: u32,
     arg: *mut T,
@@ -184,7 +189,7 @@ unsafe fn ioctl_ptr<T>(
     }
 }
 
-fn open_rw(path: &str) -> Result<File, String> {
+pub(crate) fn open_rw(path: &str) -> Result<File, String> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
