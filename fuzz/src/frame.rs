@@ -21,6 +21,7 @@
 use std::io::{self, ErrorKind};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use pcisim_vfio_user::proto::{
@@ -592,6 +593,33 @@ pub fn run(data: &[u8]) {
         _ => panic!("connection ended with {end:?}, desync frame: {desync}"),
     }
     check_replies(&chunks, &replies);
+    check_leaks();
+}
+
+/// Every few thousand inputs: the server released every fd and mapping the clients gave it
+/// (the process's open fds and mappings are back to what they were after the first input).
+fn check_leaks() {
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    static BASE: OnceLock<(usize, usize)> = OnceLock::new();
+    let n = RUNS.fetch_add(1, Ordering::Relaxed);
+    if n % 4096 != 0 {
+        return;
+    }
+    let count = |dir: &str| std::fs::read_dir(dir).map_or(0, |d| d.count());
+    let maps = || {
+        std::fs::read_to_string("/proc/self/maps").map_or(0, |m| {
+            m.lines()
+                .filter(|l| l.contains("memfd:fuzz-dma") || l.contains("memfd:fuzz-region"))
+                .count()
+        })
+    };
+    let now = (count("/proc/self/fd"), maps());
+    let base = *BASE.get_or_init(|| now);
+    assert!(
+        now.0 <= base.0 + 2 && now.1 <= base.1,
+        "fds or mappings leak: {now:?} (open fds, client memfd mappings) after {n} inputs, \
+         {base:?} after the first"
+    );
 }
 
 #[cfg(test)]
