@@ -1094,6 +1094,11 @@ impl<F: PciFunction> Device for Endpoint<F> {
     fn detach(&mut self) {
         info!("{}: client detached", self.name);
         self.bus.set_client(None);
+        // The function may not master the bus once the client is gone (the checker holds Bus
+        // Master off from `client_disconnected` on): close the gate for the lost-connection
+        // reset now, and let what is already through it land before the record.
+        self.bus.set_resetting(true);
+        self.drain_inflight();
         self.journal.record(Event::ClientDisconnected);
         for l in &self.presence {
             l(false);
