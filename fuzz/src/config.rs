@@ -269,14 +269,7 @@ impl<F: PciFunction> Rig<F> {
                 what()
             );
         }
-        assert_eq!(
-            self.ep.journal().stats().violations,
-            0,
-            "{}: after {}: journal violations: {:?}",
-            self.name,
-            what(),
-            self.ep.journal().violations()
-        );
+        crate::assert_no_violations(self.ep.journal(), what);
     }
 
     /// A client write of `data` at `off`, checked.

@@ -602,7 +602,7 @@ fn check_leaks() {
     static RUNS: AtomicU64 = AtomicU64::new(0);
     static BASE: OnceLock<(usize, usize)> = OnceLock::new();
     let n = RUNS.fetch_add(1, Ordering::Relaxed);
-    if n % 4096 != 0 {
+    if !n.is_multiple_of(4096) {
         return;
     }
     let count = |dir: &str| std::fs::read_dir(dir).map_or(0, |d| d.count());

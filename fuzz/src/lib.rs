@@ -105,6 +105,25 @@ pub fn eventfd() -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// Panic (with the journal's last records) if `journal` ever recorded a violation.
+pub fn assert_no_violations(journal: &pcisim_pci::Journal, what: &dyn Fn() -> String) {
+    if journal.stats().violations == 0 {
+        return;
+    }
+    let (recent, _) = journal.since(journal.last_seq().saturating_sub(60));
+    let recent: Vec<String> = recent
+        .iter()
+        .map(|r| format!("  {} {:>12} {:?}", r.seq, r.t_ns, r.event))
+        .collect();
+    panic!(
+        "{}: after {}: journal violations: {:?}\nlast records:\n{}",
+        journal.name(),
+        what(),
+        journal.violations(),
+        recent.join("\n")
+    );
+}
+
 /// Run every committed seed of `target` through `run` (used by this crate's tests).
 #[cfg(test)]
 fn run_seeds(target: &str, run: fn(&[u8])) {

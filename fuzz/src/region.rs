@@ -415,13 +415,7 @@ impl<F: PciFunction> Rig<F> {
                 }
             }
         }
-        assert_eq!(
-            self.ep.journal().stats().violations,
-            0,
-            "{}: after {what}: journal violations: {:?}",
-            self.name,
-            self.ep.journal().violations()
-        );
+        crate::assert_no_violations(self.ep.journal(), &|| what.clone());
     }
 
     fn run(&mut self, inp: &mut Input<'_>, bus_master: bool) {
