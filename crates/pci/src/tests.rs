@@ -454,11 +454,43 @@ fn test_pcie_caps_version2_endpoint() {
     let lnkcap = rd32(&mut ep, at + pcie::LNKCAP);
     assert_eq!(lnkcap & 0x3ff, 0x011, "x1, 2.5 GT/s");
     let lnksta = rd16(&mut ep, at + pcie::LNKSTA);
-    assert_eq!(lnksta, 0x2011, "x1, 2.5 GT/s, DLL link active");
+    assert_eq!(lnksta, 0x0011, "x1, 2.5 GT/s");
     assert_eq!(rd32(&mut ep, at + pcie::LNKCAP2), 0b10);
     assert_eq!(rd32(&mut ep, at + pcie::DEVCAP2), 0b1_0011);
     wr32(&mut ep, at + pcie::DEVCAP, 0);
     assert_eq!(rd32(&mut ep, at + pcie::DEVCAP), devcap, "RO");
+}
+
+/// PCIe Base 6.0 §7.5.3.6 (Link Capabilities, bit 20 Data Link Layer Link Active Reporting
+/// Capable): "For Upstream Ports and components that do not support this optional capability,
+/// this bit must be hardwired to 0b"; §7.5.3.8 (Link Status, bit 13 Data Link Layer Link
+/// Active): implemented only when that capability bit is 1b, "otherwise, this bit must be
+/// hardwired to 0b". An endpoint's port is an Upstream Port: both read 0, also after a write,
+/// a reset and an injected link-down/up.
+#[test]
+fn test_pcie_endpoint_upstream_port_dll_link_active_reporting_and_dl_active_hardwired_zero() {
+    let (mut ep, _) = endpoint();
+    let at = pcie_at(&ep);
+    let dllla_cap = 1u32 << 20;
+    let dl_active = 1u16 << pcie::LNKSTA_DLL_LINK_ACTIVE;
+    let check = |ep: &mut Endpoint<Probe>, when: &str| {
+        let lnkcap = rd32(ep, at + pcie::LNKCAP);
+        let lnksta = rd16(ep, at + pcie::LNKSTA);
+        assert_eq!(lnkcap & dllla_cap, 0, "{when}: LnkCap {lnkcap:#010x}");
+        assert_eq!(lnksta & dl_active, 0, "{when}: LnkSta {lnksta:#06x}");
+        // The rest of the link registers are still there (the instrument reads real values).
+        assert_eq!(lnkcap & 0x3ff, 0x011, "{when}: x1, 2.5 GT/s");
+        assert_eq!(lnksta & 0x3ff, 0x011, "{when}: x1, 2.5 GT/s");
+    };
+    check(&mut ep, "at power-on");
+    wr32(&mut ep, at + pcie::LNKCAP, dllla_cap);
+    wr16(&mut ep, at + pcie::LNKSTA, dl_active);
+    check(&mut ep, "after writing the bits");
+    ep.reset_function(ResetKind::Flr);
+    check(&mut ep, "after an FLR");
+    crate::Controllable::inject(&mut ep, &crate::Fault::LinkDown).unwrap();
+    crate::Controllable::inject(&mut ep, &crate::Fault::LinkUp).unwrap();
+    check(&mut ep, "after link-down and link-up");
 }
 
 #[test]

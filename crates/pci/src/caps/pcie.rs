@@ -18,8 +18,14 @@
 //! +0x38  Slot Status 2     | Slot Control 2   (0)
 //! ```
 //!
-//! The link is x1 at 2.5 GT/s and always up (Data Link Layer Link Active = 1, reported since
-//! Link Capabilities advertises DLL Link Active Reporting).
+//! The link is x1 at 2.5 GT/s. An endpoint's port is an Upstream Port, so Link Capabilities'
+//! Data Link Layer Link Active Reporting Capable and Link Status' Data Link Layer Link Active
+//! are both hardwired to 0 (PCIe Base 6.0 §7.5.3.6 bit 20: "For Upstream Ports and components
+//! that do not support this optional capability, this bit must be hardwired to 0b";
+//! §7.5.3.8 bit 13: implemented only when the capability bit is 1b, otherwise "hardwired to
+//! 0b"). Software learns the link state from the Downstream Port above (the root port), which
+//! is where Linux looks (`pcie_wait_for_link`). A modelled link-down shows as all-ones config
+//! reads instead.
 
 use crate::caps::{id, Capability};
 use crate::field::{Access, Field};
@@ -114,7 +120,8 @@ pub fn capability(cfg: &PcieConfig) -> Capability {
             Ro,
         ),
         // Link Capabilities: Max Link Speed = Supported Link Speeds Vector bit 0 (2.5 GT/s),
-        // x1, no ASPM, DLL Link Active Reporting, ASPM Optionality Compliance.
+        // x1, no ASPM, ASPM Optionality Compliance. DLL Link Active Reporting Capable is 0: an
+        // Upstream Port must hardwire it to 0b (§7.5.3.6).
         Field::ro("LnkCap.MaxLinkSpeed", LNKCAP, 0..=3, 1),
         Field::ro("LnkCap.MaxLinkWidth", LNKCAP, 4..=9, 1),
         Field::ro("LnkCap.ASPMSupport", LNKCAP, 10..=11, 0),
@@ -122,7 +129,7 @@ pub fn capability(cfg: &PcieConfig) -> Capability {
         Field::ro("LnkCap.L1ExitLatency", LNKCAP, 15..=17, 0),
         Field::ro("LnkCap.ClockPowerManagement", LNKCAP, 18..=18, 0),
         Field::ro("LnkCap.SurpriseDownErrorReporting", LNKCAP, 19..=19, 0),
-        Field::ro("LnkCap.DLLLinkActiveReporting", LNKCAP, 20..=20, 1),
+        Field::ro("LnkCap.DLLLinkActiveReporting", LNKCAP, 20..=20, 0),
         Field::ro("LnkCap.LinkBandwidthNotification", LNKCAP, 21..=21, 0),
         Field::ro("LnkCap.ASPMOptionalityCompliance", LNKCAP, 22..=22, 1),
         Field::ro("LnkCap.PortNumber", LNKCAP, 24..=31, 0),
@@ -136,13 +143,14 @@ pub fn capability(cfg: &PcieConfig) -> Capability {
         Field::ro("LnkSta.NegotiatedLinkWidth", LNKSTA, 4..=9, 1),
         Field::ro("LnkSta.LinkTraining", LNKSTA, 11..=11, 0),
         Field::ro("LnkSta.SlotClockConfiguration", LNKSTA, 12..=12, 0),
-        Field::bit(
+        // Data Link Layer Link Active: hardwired 0b since the reporting capability is 0b
+        // (§7.5.3.8).
+        Field::ro(
             "LnkSta.DataLinkLayerLinkActive",
             LNKSTA,
-            LNKSTA_DLL_LINK_ACTIVE,
-            Ro,
-        )
-        .with_value(1),
+            LNKSTA_DLL_LINK_ACTIVE..=LNKSTA_DLL_LINK_ACTIVE,
+            0,
+        ),
         // Device Capabilities 2: completion timeout ranges A (50us-10ms) and B (10ms-250ms),
         // completion timeout disable supported.
         Field::ro(
