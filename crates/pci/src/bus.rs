@@ -517,7 +517,13 @@ impl Bus {
     /// Deliver pending MSI-X (and MSI) vectors whose eventfd is bound (after SET_IRQS, or after
     /// the function may master the bus again, or MSI was enabled or a vector unmasked). Returns
     /// how many were delivered.
+    ///
+    /// Each one is journaled as an `interrupt` record with outcome [`DELIVERED_AFTER_HOLD`]
+    /// (a message write like any other: the checker judges it against the state it is sent
+    /// in), followed by a summary note ("delivered N pending MSI-X vectors").
     pub fn deliver_pending_msix(&self) -> usize {
+        // A message is a memory write: in flight from the gate check to its journal record.
+        let _tx = self.transaction();
         if self.may_master().is_err() {
             return 0;
         }
@@ -526,7 +532,7 @@ impl Bus {
             return 0;
         };
         let mut total = 0;
-        for (kind, n) in [
+        for (kind, sent) in [
             (
                 "MSI-X",
                 self.msix().as_mut().map(|m| m.deliver_pending(&link.irqs)),
@@ -536,13 +542,19 @@ impl Bus {
                 self.msi().as_mut().map(|m| m.deliver_pending(&link.irqs)),
             ),
         ] {
-            let n = n.unwrap_or(0);
-            if n > 0 {
-                self.journal().record(Event::Note {
-                    text: format!("delivered {n} pending {kind} vectors"),
+            let sent = sent.unwrap_or_default();
+            for &vector in &sent {
+                self.journal().record(Event::Interrupt {
+                    vector,
+                    outcome: DELIVERED_AFTER_HOLD.to_string(),
                 });
             }
-            total += n;
+            if !sent.is_empty() {
+                self.journal().record(Event::Note {
+                    text: format!("delivered {} pending {kind} vectors", sent.len()),
+                });
+            }
+            total += sent.len();
         }
         drop(client);
         total
@@ -628,6 +640,9 @@ fn pages_touched(iova: u64, len: u64) -> u64 {
     let last = (u128::from(iova) + u128::from(len) - 1) / u128::from(REQUEST_PAGE);
     u64::try_from(last - u128::from(first) + 1).unwrap_or(u64::MAX)
 }
+
+/// The journal's outcome of a vector that was held (pending) and is sent now.
+pub const DELIVERED_AFTER_HOLD: &str = "delivered-after-hold";
 
 /// The journal's name for the outcome of a raised MSI or MSI-X vector.
 fn outcome_name(o: MsixOutcome) -> &'static str {

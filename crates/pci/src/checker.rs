@@ -26,7 +26,8 @@
 //!   `PasidReleased`, a new `PasidBind`): then it is a `stale_translation` violation, a missed
 //!   invalidation. A use after the unbind was acknowledged is a violation at once.
 //!
-//! Interrupts: an MSI-X outcome "delivered" or "pending" while Bus Master is off (including
+//! Interrupts: an MSI-X outcome "delivered" (also "delivered-after-hold", a vector held
+//! pending and sent later) or "pending" while Bus Master is off (including
 //! after a reset until re-enabled), in D3hot, in reset or with the link down is
 //! [`ViolationKind::InterruptWhileDisabled`]; so is "intx-delivered" in D3hot, in reset, with
 //! the link down or with Interrupt Disable set (INTx is not a memory request: Bus Master does
@@ -1195,6 +1196,33 @@ mod tests {
                 [Event::ResetBegin { kind: "pm" }, irq("delivered")],
             ),
         );
+    }
+
+    /// A vector held while the function could not send it and sent later is an `interrupt`
+    /// record (outcome `delivered-after-hold`) judged like any other delivery.
+    #[test]
+    fn test_interrupt_delivered_after_hold_judged_like_any_delivery() {
+        let held = crate::bus::DELIVERED_AFTER_HOLD;
+        let d = only(
+            ViolationKind::InterruptWhileDisabled,
+            with(enabled(), [command(0x0002), irq(held)]),
+        );
+        assert!(d.contains("vector 1 delivered-after-hold"), "{d}");
+        assert!(d.contains("bus master off"), "{d}");
+        let d = only(
+            ViolationKind::InterruptWhileDisabled,
+            with(enabled(), [Event::Power { from: 0, to: 3 }, irq(held)]),
+        );
+        assert!(d.contains("D3hot"), "{d}");
+        none(with(
+            enabled(),
+            [
+                Event::Power { from: 0, to: 3 },
+                irq("refused:d3hot"),
+                Event::Power { from: 3, to: 0 },
+                irq(held),
+            ],
+        ));
     }
 
     #[test]

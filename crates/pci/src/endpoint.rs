@@ -817,6 +817,13 @@ impl<F: PciFunction> Endpoint<F> {
                 events.push(ConfigEvent::PriReset);
             }
         }
+        // PCI PM 1.2 §3.2.4 (PMCSR No_Soft_Reset) and PCIe Base 6.0 §7.5.2.2: with
+        // No_Soft_Reset clear, D3hot→D0 performs an internal reset and the function's context
+        // is lost — MSI-X Pending Bits included, as an FLR loses them (§6.6.2). The transition
+        // and the reset are one step: the function never acts in D0 with its pre-reset state,
+        // so nothing held in D3hot goes out on the way (the bus gate stays closed, D3hot, until
+        // the reset closes it for its own reasons and clears the PBA).
+        let soft_reset = from == PowerState::D3Hot && to == PowerState::D0 && !self.no_soft_reset;
         for ev in events {
             trace!("{}: {ev:?}", self.name);
             match ev {
@@ -834,20 +841,28 @@ impl<F: PciFunction> Endpoint<F> {
                             from: from as u8,
                             to: to as u8,
                         },
-                        |b| b.set_power(bits),
+                        // Leaving D3hot through a soft reset: the reset opens the gate.
+                        |b| {
+                            if !soft_reset {
+                                b.set_power(bits)
+                            }
+                        },
                     );
                 }
                 _ => {}
             }
             self.function.on_config_event(ev);
         }
+        if soft_reset {
+            // Held interrupts are discarded by the reset (it clears the PBA and deasserts
+            // INTx), never sent.
+            self.reset_function(ResetKind::PmSoftReset);
+            return Ok(());
+        }
         // Interrupts held back while the function could not send them go out now.
         self.bus.deliver_pending_msix();
         if before.command & (1 << 10) != 0 && after.command & (1 << 10) == 0 {
             self.bus.service_intx();
-        }
-        if from == PowerState::D3Hot && to == PowerState::D0 && !self.no_soft_reset {
-            self.reset_function(ResetKind::PmSoftReset);
         }
         Ok(())
     }

@@ -172,8 +172,10 @@ pub enum Event {
     Interrupt {
         /// MSI-X vector.
         vector: u16,
-        /// MSI-X: `delivered`, `pending` or `refused:<reason>`; INTx: `intx-delivered`,
-        /// `intx-held:<why>`, … (the checker objects only to signals while disabled).
+        /// MSI-X/MSI: `delivered`, `pending` or `refused:<reason>` when raised, and
+        /// `delivered-after-hold` when a vector held back then (pending or refused) is sent
+        /// later; INTx: `intx-delivered`, `intx-held:<why>`, … (the checker objects only to
+        /// signals while disabled).
         outcome: String,
     },
     /// A PASID was bound to a page-table root.
@@ -291,7 +293,8 @@ pub struct Stats {
     pub dma_refused: u64,
     /// DMA attempts that found no memory.
     pub dma_faults: u64,
-    /// Interrupts raised (any outcome).
+    /// `interrupt` records (any outcome; a vector held and sent later counts twice: when
+    /// raised and when delivered after the hold).
     pub interrupts: u64,
     /// Resets begun.
     pub resets: u64,

@@ -214,9 +214,9 @@ impl MsixState {
     }
 
     /// Deliver pending vectors whose eventfd is now bound and clear their pending bits.
-    /// Returns how many were delivered.
-    pub fn deliver_pending(&mut self, irqs: &Interrupts) -> usize {
-        let mut delivered = 0;
+    /// Returns the vectors delivered, in order.
+    pub fn deliver_pending(&mut self, irqs: &Interrupts) -> Vec<u16> {
+        let mut delivered = Vec::new();
         for v in 0..self.cfg.vectors {
             if !self.is_pending(v) {
                 continue;
@@ -224,7 +224,7 @@ impl MsixState {
             match irqs.signal(irq_index::MSIX, u32::from(v)) {
                 Ok(Signal::Delivered) => {
                     self.set_pending(v, false);
-                    delivered += 1;
+                    delivered.push(v);
                 }
                 Ok(Signal::NotBound | Signal::Masked) => {}
                 Err(e) => warn!("MSI-X vector {v}: delivering pending interrupt failed: {e}"),
@@ -312,7 +312,7 @@ mod tests {
         let mut s = state(4);
         assert_eq!(s.raise(Some(&irqs), 2), MsixOutcome::Pending);
         assert!(s.is_pending(2));
-        assert_eq!(s.deliver_pending(&irqs), 0, "still nothing bound");
+        assert!(s.deliver_pending(&irqs).is_empty(), "still nothing bound");
         assert!(s.is_pending(2));
     }
 

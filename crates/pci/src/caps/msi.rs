@@ -307,12 +307,12 @@ impl MsiState {
     }
 
     /// Send the pending vectors that may go out now (enabled, allocated, unmasked, eventfd
-    /// bound) and clear their pending bits. Returns how many were sent.
-    pub fn deliver_pending(&mut self, irqs: &Interrupts) -> usize {
+    /// bound) and clear their pending bits. Returns the vectors sent (as raised), in order.
+    pub fn deliver_pending(&mut self, irqs: &Interrupts) -> Vec<u16> {
+        let mut delivered = Vec::new();
         if !self.control.enable {
-            return 0;
+            return delivered;
         }
-        let mut delivered = 0;
         for v in 0..self.vectors() {
             if !self.is_pending(v) || self.is_masked(v) {
                 continue;
@@ -325,7 +325,7 @@ impl MsiState {
             match irqs.signal(irq_index::MSI, u32::from(out)) {
                 Ok(Signal::Delivered) => {
                     self.set_pending(v, false);
-                    delivered += 1;
+                    delivered.push(v);
                 }
                 Ok(Signal::NotBound | Signal::Masked) => {}
                 Err(e) => warn!("MSI vector {out}: delivering pending interrupt failed: {e}"),
@@ -496,7 +496,7 @@ mod tests {
         s.set_control(MsiControl::from_registers(0x1 | (3 << 4), 0xff));
         assert_eq!(s.control().mask, 0, "no per-vector masking: mask ignored");
         assert_eq!(s.allocated(), 8);
-        assert_eq!(s.deliver_pending(&irqs), 0, "no eventfd bound yet");
+        assert!(s.deliver_pending(&irqs).is_empty(), "no eventfd bound yet");
         assert!(s.is_pending(3));
         s.reset();
         assert_eq!(s.pending_bits(), 0);
