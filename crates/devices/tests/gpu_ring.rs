@@ -349,3 +349,47 @@ fn test_ring_flr_with_transactions_pending_chunk_in_flight_lands_inside_reset() 
         }
     )));
 }
+
+/// IRQ_COUNT counts what docs/programming-model.md says: IRQ_DOORBELL writes whose interrupt
+/// went out at once (IRQ_LAST_ERROR = 0). Not the ring's fence/error interrupts, not a
+/// doorbell held in the PBA and delivered later.
+#[test]
+fn test_irq_count_counts_doorbells_delivered_at_once_only() {
+    let h = start();
+    let (mut c, fence, _error) = setup(&h);
+    assert_eq!(rd(&mut c, regs::IRQ_COUNT), 0);
+    // A ring fence interrupt, delivered: not counted.
+    put(
+        &h,
+        0,
+        encode(op::WRITE_FENCE, flag::FENCE_IRQ, FENCE, 0x77, 0),
+    );
+    wr(&mut c, regs::RING_TAIL, 1);
+    assert_eq!(wait_fd(&fence, Duration::from_secs(5)), 1);
+    assert_eq!(rd(&mut c, regs::LAST_FENCE_LO), 0x77);
+    assert_eq!(rd(&mut c, regs::IRQ_COUNT), 0, "ring interrupts are not counted");
+    // A doorbell on a bound vector: counted.
+    wr(&mut c, regs::IRQ_DOORBELL, 0);
+    assert_eq!(fence.read().unwrap(), 1);
+    assert_eq!(rd(&mut c, regs::IRQ_LAST_ERROR), regs::IRQ_OK);
+    assert_eq!(rd(&mut c, regs::IRQ_COUNT), 1, "a doorbell delivered at once");
+    // A doorbell on an unbound vector: pending, not counted; delivered on bind, still not.
+    wr(&mut c, regs::IRQ_DOORBELL, 9);
+    assert_eq!(rd(&mut c, regs::IRQ_LAST_ERROR), regs::IRQ_ERR_NOT_BOUND);
+    let late = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    c.set_irqs(
+        irq_index::MSIX,
+        VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+        9,
+        1,
+        &[late.as_raw_fd()],
+    )
+    .unwrap();
+    assert_eq!(late.read().unwrap(), 1, "the held doorbell went out on bind");
+    assert_eq!(
+        rd(&mut c, regs::IRQ_COUNT),
+        1,
+        "a later delivery from the PBA is not counted"
+    );
+    assert!(h.journal.violations().is_empty());
+}

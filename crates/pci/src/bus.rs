@@ -730,6 +730,8 @@ mod tests {
                 iova,
                 size: SIZE,
                 backed: true,
+                read: true,
+                write: true,
             });
         }
         bus.set_client(Some(ClientLink {

@@ -315,7 +315,9 @@ impl Checker {
                 self.unmap_everything();
                 self.command &= !COMMAND_BUS_MASTER;
             }
-            Event::DmaMapped { iova, size, backed } => self.map(*iova, *size, *backed),
+            Event::DmaMapped {
+                iova, size, backed, ..
+            } => self.map(*iova, *size, *backed),
             Event::DmaUnmapped { iova, size } => self.unmap(*iova, *size),
             Event::ResetBegin { kind } => {
                 self.in_reset = Some(kind);
@@ -762,6 +764,8 @@ mod tests {
             iova,
             size,
             backed: true,
+            read: true,
+            write: true,
         }
     }
 
@@ -860,6 +864,8 @@ mod tests {
                     iova: 0x2000,
                     size: 0x1000,
                     backed: false,
+                    read: true,
+                    write: true,
                 },
                 write(0x1fc0, 0x80),
             ],
@@ -883,6 +889,8 @@ mod tests {
                     iova: 0xc0000,
                     size: 0x20000,
                     backed: false,
+                    read: true,
+                    write: true,
                 },
                 fault(None, 0xc1000, 4),
             ],
@@ -1321,6 +1329,8 @@ mod tests {
                 iova: 0xc0000,
                 size: 0x1000,
                 backed: false,
+                read: true,
+                write: true,
             }],
         );
         only(

@@ -10,7 +10,7 @@
 use log::{info, trace, warn};
 use std::time::{Duration, Instant};
 
-use pcisim_vfio_user::dma::MappingInfo;
+use pcisim_vfio_user::dma::{MappingInfo, PROT_READ, PROT_WRITE};
 use pcisim_vfio_user::{
     irq_index, region, ClientLink, Device, DeviceError, IrqInfo, RegionFlags, RegionInfo,
 };
@@ -1126,6 +1126,8 @@ impl<F: PciFunction> Device for Endpoint<F> {
             iova: m.iova,
             size: m.size,
             backed: m.backed,
+            read: m.prot & PROT_READ != 0,
+            write: m.prot & PROT_WRITE != 0,
         });
     }
 

@@ -94,6 +94,10 @@ pub enum Event {
         size: u64,
         /// Whether the server can reach it (the client passed an fd).
         backed: bool,
+        /// The mapping permits device reads (DMA_MAP `VFIO_DMA_MAP_FLAG_READ`).
+        read: bool,
+        /// The mapping permits device writes (DMA_MAP `VFIO_DMA_MAP_FLAG_WRITE`).
+        write: bool,
     },
     /// A DMA_UNMAP of this mapping was acknowledged (in-flight accesses had drained).
     DmaUnmapped {
@@ -541,6 +545,8 @@ mod tests {
             iova: 0,
             size: 0x10_0000,
             backed: true,
+            read: true,
+            write: true,
         });
         j.record(Event::Command {
             old: 0,

@@ -783,6 +783,52 @@ fn test_region_access_out_of_range_errors_never_panics() {
     ep.region_write(region::CONFIG, 0, &all).unwrap();
 }
 
+/// `dma_mapped` records carry the mapping's protection (DMA_MAP's READ/WRITE flags), so a
+/// reader can tell a read-only mapping from a writable one.
+#[test]
+fn test_dma_mapped_record_carries_protection() {
+    use pcisim_vfio_user::dma::{MappingInfo, PROT_READ, PROT_WRITE};
+    let (mut ep, _) = endpoint();
+    for (iova, prot) in [
+        (0x1000, PROT_READ),
+        (0x2000, PROT_WRITE),
+        (0x3000, PROT_READ | PROT_WRITE),
+    ] {
+        ep.dma_mapped(&MappingInfo {
+            iova,
+            size: 0x1000,
+            prot,
+            backed: true,
+        });
+    }
+    let recs: Vec<serde_json::Value> = ep
+        .journal()
+        .since(0)
+        .0
+        .iter()
+        .map(|r| serde_json::to_value(r).unwrap())
+        .filter(|v| v["type"] == "dma_mapped")
+        .collect();
+    let prot: Vec<(u64, bool, bool)> = recs
+        .iter()
+        .map(|v| {
+            (
+                v["iova"].as_u64().unwrap(),
+                v["read"].as_bool().unwrap(),
+                v["write"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        prot,
+        [
+            (0x1000, true, false),
+            (0x2000, false, true),
+            (0x3000, true, true)
+        ]
+    );
+}
+
 #[test]
 fn test_describe_json_shape() {
     let (ep, _) = endpoint();

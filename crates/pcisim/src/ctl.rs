@@ -2,8 +2,10 @@
 //!
 //! Text output by default (one line per record: sequence number, milliseconds since the journal
 //! began, device, event; violations read `VIOLATION kind: detail`). With `--json`: `journal`
-//! and `violations` print JSON lines, one record each with a `"device"` field added; `list`,
-//! `stats`, `status` and `inject` print the server's response object.
+//! prints JSON lines, one record each with a `"device"` field added; `violations` prints one
+//! JSON array of such records (`[]` when there are none, so "nothing found" is a valid,
+//! parseable answer rather than empty output); `list`, `stats`, `status` and `inject` print the
+//! server's response object.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -173,24 +175,30 @@ fn run_inner(control: &Path, json_out: bool, cmd: CtlCmd, out: &mut Out) -> Resu
             device_arg,
             after,
         } => {
+            let mut all = Vec::new();
             for d in devices(&mut c, device.or(device_arg))? {
                 let (list, total) = c.violations(&d, after)?;
+                if json_out {
+                    all.extend(list.iter().map(|r| with_device(&d, r)));
+                    continue;
+                }
                 for r in &list {
                     print_record(out, &d, r, json_out)?;
                 }
-                if !json_out {
-                    let shown = list.len() as u64;
-                    let kept_note = if total > shown && after == 0 {
-                        format!(" ({} found; the journal keeps the first {shown})", total)
-                    } else {
-                        String::new()
-                    };
-                    out.line(&match shown {
-                        0 => format!("{d}: no violations"),
-                        1 => format!("{d}: 1 violation{kept_note}"),
-                        n => format!("{d}: {n} violations{kept_note}"),
-                    })?;
-                }
+                let shown = list.len() as u64;
+                let kept_note = if total > shown && after == 0 {
+                    format!(" ({total} found; the journal keeps {shown} of them)")
+                } else {
+                    String::new()
+                };
+                out.line(&match shown {
+                    0 => format!("{d}: no violations"),
+                    1 => format!("{d}: 1 violation{kept_note}"),
+                    n => format!("{d}: {n} violations{kept_note}"),
+                })?;
+            }
+            if json_out {
+                out.line(&violations_json(all))?;
             }
             Ok(())
         }
@@ -248,13 +256,23 @@ fn devices(c: &mut ControlClient, device: Option<String>) -> Result<Vec<String>>
     }
 }
 
+/// `record` with a `"device"` field added.
+fn with_device(device: &str, record: &Value) -> Value {
+    let mut r = record.clone();
+    if let Some(m) = r.as_object_mut() {
+        m.insert("device".into(), json!(device));
+    }
+    r
+}
+
+/// `violations --json`: one JSON array of the records (`[]` when there are none).
+fn violations_json(records: Vec<Value>) -> String {
+    Value::Array(records).to_string()
+}
+
 fn print_record(out: &mut Out, device: &str, record: &Value, json_out: bool) -> Result<()> {
     if json_out {
-        let mut r = record.clone();
-        if let Some(m) = r.as_object_mut() {
-            m.insert("device".into(), json!(device));
-        }
-        out.line(&r.to_string())
+        out.line(&with_device(device, record).to_string())
     } else {
         out.line(&format_record(device, record))
     }
@@ -345,4 +363,27 @@ fn timeline(
         guest.len(),
         file.display()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_violations_json_empty_is_empty_array() {
+        let out = violations_json(Vec::new());
+        assert_eq!(out, "[]");
+        assert_eq!(serde_json::from_str::<Value>(&out).ok(), Some(json!([])));
+    }
+
+    #[test]
+    fn test_violations_json_records_with_device_in_one_array() {
+        let rec = json!({"seq": 7, "type": "violation", "kind": "dma_after_unmap"});
+        let out = violations_json(vec![with_device("gpu0", &rec), with_device("npu0", &rec)]);
+        let v: Value = serde_json::from_str(&out).unwrap_or_default();
+        assert_eq!(v.as_array().map(Vec::len), Some(2), "{out}");
+        assert_eq!(v[0]["device"], "gpu0");
+        assert_eq!(v[1]["device"], "npu0");
+        assert_eq!(v[1]["kind"], "dma_after_unmap");
+    }
 }

@@ -309,7 +309,8 @@ fn test_stats_count_interrupts_and_violations_are_empty() {
     );
 
     // A correct device found nothing wrong.
-    assert_eq!(s.ctl_ok(&["violations", "--device", "gpu0"]), "");
+    assert_eq!(s.ctl_ok(&["violations", "--device", "gpu0"]), "[]\n");
+    assert_eq!(s.ctl_ok(&["violations"]), "[]\n");
     let out = s.ctl(&["violations"]);
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),

@@ -16,7 +16,9 @@ pub const SCRATCH: u64 = 0x040;
 pub const SCRATCH_COUNT: u64 = 16;
 /// Write a vector number to raise it.
 pub const IRQ_DOORBELL: u64 = 0x080;
-/// Interrupts delivered since reset.
+/// IRQ_DOORBELL writes whose interrupt was delivered at once (IRQ_LAST_ERROR = 0) since reset.
+/// Not counted: the ring's fence and error interrupts, and a doorbell held in the PBA and
+/// delivered later.
 pub const IRQ_COUNT: u64 = 0x084;
 /// Outcome of the last doorbell write.
 pub const IRQ_LAST_ERROR: u64 = 0x088;

@@ -78,6 +78,8 @@ impl TestHost {
             iova: 0,
             size: 1 << 40,
             backed: true,
+            read: true,
+            write: true,
         });
         journal.record(Event::Command {
             old: 0,
