@@ -367,12 +367,20 @@ fn test_irq_count_counts_doorbells_delivered_at_once_only() {
     wr(&mut c, regs::RING_TAIL, 1);
     assert_eq!(wait_fd(&fence, Duration::from_secs(5)), 1);
     assert_eq!(rd(&mut c, regs::LAST_FENCE_LO), 0x77);
-    assert_eq!(rd(&mut c, regs::IRQ_COUNT), 0, "ring interrupts are not counted");
+    assert_eq!(
+        rd(&mut c, regs::IRQ_COUNT),
+        0,
+        "ring interrupts are not counted"
+    );
     // A doorbell on a bound vector: counted.
     wr(&mut c, regs::IRQ_DOORBELL, 0);
     assert_eq!(fence.read().unwrap(), 1);
     assert_eq!(rd(&mut c, regs::IRQ_LAST_ERROR), regs::IRQ_OK);
-    assert_eq!(rd(&mut c, regs::IRQ_COUNT), 1, "a doorbell delivered at once");
+    assert_eq!(
+        rd(&mut c, regs::IRQ_COUNT),
+        1,
+        "a doorbell delivered at once"
+    );
     // A doorbell on an unbound vector: pending, not counted; delivered on bind, still not.
     wr(&mut c, regs::IRQ_DOORBELL, 9);
     assert_eq!(rd(&mut c, regs::IRQ_LAST_ERROR), regs::IRQ_ERR_NOT_BOUND);
@@ -385,7 +393,11 @@ fn test_irq_count_counts_doorbells_delivered_at_once_only() {
         &[late.as_raw_fd()],
     )
     .unwrap();
-    assert_eq!(late.read().unwrap(), 1, "the held doorbell went out on bind");
+    assert_eq!(
+        late.read().unwrap(),
+        1,
+        "the held doorbell went out on bind"
+    );
     assert_eq!(
         rd(&mut c, regs::IRQ_COUNT),
         1,

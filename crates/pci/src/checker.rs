@@ -42,7 +42,8 @@
 //! - Mapped set: at most [`MAX_MAPPED_RANGES`] ranges (the server's own mapping limit). A map
 //!   that would exceed it is not tracked and the checker stops judging map membership
 //!   (`DmaOutsideMap`/`DmaAfterUnmap`) until the mapped set is known again (the next client
-//!   disconnect or connect): no false violations from a truncated map.
+//!   disconnect or connect): no false violations from a truncated map, and a
+//!   [`ViolationKind::CheckerDegraded`] record says the oracle went partly blind.
 //! - Unmapped history: at most [`MAX_UNMAPPED_RANGES`] ranges, adjacent or overlapping ones
 //!   merged; beyond that the least recently unmapped ranges are forgotten, an eighth of the
 //!   bound at once (so trimming is amortized constant time: a disconnect may move 65535 ranges
@@ -50,7 +51,8 @@
 //!   violation; the detail says how many ranges were forgotten).
 //! - PASIDs: only unbound or released PASIDs are remembered, at most [`MAX_TRACKED_PASIDS`];
 //!   beyond that the oldest marks are forgotten, an eighth at once (a later access through a
-//!   forgotten PASID goes unreported).
+//!   forgotten PASID goes unreported; each such trim is a [`ViolationKind::CheckerDegraded`]
+//!   record).
 //! - Everything else is a fixed handful of scalars.
 
 use std::collections::BTreeMap;
@@ -317,7 +319,7 @@ impl Checker {
             }
             Event::DmaMapped {
                 iova, size, backed, ..
-            } => self.map(*iova, *size, *backed),
+            } => out.extend(self.map(*iova, *size, *backed)),
             Event::DmaUnmapped { iova, size } => self.unmap(*iova, *size),
             Event::ResetBegin { kind } => {
                 self.in_reset = Some(kind);
@@ -411,10 +413,12 @@ impl Checker {
                     !(*p == *pasid && start <= u128::from(*v) && u128::from(*v) < end)
                 });
             }
-            Event::PasidUnbindAck { pasid } => self.mark_pasid(*pasid, |g| g.unbind_acked = true),
+            Event::PasidUnbindAck { pasid } => {
+                out.extend(self.mark_pasid(*pasid, |g| g.unbind_acked = true))
+            }
             Event::PasidReleased { pasid } => {
                 out.extend(self.judge_stale(*pasid));
-                self.mark_pasid(*pasid, |g| g.released = true)
+                out.extend(self.mark_pasid(*pasid, |g| g.released = true))
             }
             Event::PageWalk { pasid, va, pa } => {
                 if let Some(g) = self.pasids.get(pasid) {
@@ -620,20 +624,34 @@ impl Checker {
         ))
     }
 
-    fn map(&mut self, iova: u64, size: u64, backed: bool) {
+    /// Add a mapping; a `checker_degraded` finding when the mapped set overflows (once, until
+    /// the mapped set is known again).
+    fn map(&mut self, iova: u64, size: u64, backed: bool) -> Option<(ViolationKind, String)> {
         let (s, e) = span(iova, size);
         if s >= e {
-            return;
+            return None;
         }
         // Mapped again: no longer "after unmap".
         self.unmapped.carve(s, e);
         self.mapped
             .insert(s, e, backed, |a, b| (a == b).then_some(a));
-        if self.mapped.len() > MAX_MAPPED_RANGES {
-            // Keep the bound; membership can no longer be judged.
-            self.mapped.carve(s, e);
-            self.mapped_untracked = true;
+        if self.mapped.len() <= MAX_MAPPED_RANGES {
+            return None;
         }
+        // Keep the bound; membership can no longer be judged.
+        self.mapped.carve(s, e);
+        if std::mem::replace(&mut self.mapped_untracked, true) {
+            return None;
+        }
+        Some((
+            ViolationKind::CheckerDegraded,
+            format!(
+                "mapped set overflow: map {iova:#x}+{size:#x} would be range {} (the checker \
+                 tracks {MAX_MAPPED_RANGES}); DMA is not judged against the map \
+                 (dma_outside_map, dma_after_unmap) until the client reconnects",
+                MAX_MAPPED_RANGES + 1
+            ),
+        ))
     }
 
     fn unmap(&mut self, iova: u64, size: u64) {
@@ -684,7 +702,12 @@ impl Checker {
         out
     }
 
-    fn mark_pasid(&mut self, pasid: u32, set: impl FnOnce(&mut PasidGone)) {
+    /// Mark `pasid`; a `checker_degraded` finding when older marks had to be forgotten.
+    fn mark_pasid(
+        &mut self,
+        pasid: u32,
+        set: impl FnOnce(&mut PasidGone),
+    ) -> Option<(ViolationKind, String)> {
         let now = self.events;
         let g = self.pasids.entry(pasid).or_insert(PasidGone {
             unbind_acked: false,
@@ -695,7 +718,7 @@ impl Checker {
         g.stamp = now;
         let len = self.pasids.len();
         if len <= MAX_TRACKED_PASIDS {
-            return;
+            return None;
         }
         let excess = len - trim_target(MAX_TRACKED_PASIDS);
         let cut = oldest_cut(self.pasids.values().map(|g| g.stamp), excess);
@@ -706,6 +729,13 @@ impl Checker {
             gone += usize::from(!keep);
             keep
         });
+        Some((
+            ViolationKind::CheckerDegraded,
+            format!(
+                "forgot {gone} unbound/released PASIDs (more than {MAX_TRACKED_PASIDS} \
+                 tracked): a later access or walk through them goes unreported"
+            ),
+        ))
     }
 }
 
@@ -1627,13 +1657,29 @@ mod tests {
         assert_eq!(c.unmapped.len(), 1);
     }
 
+    /// The checker's findings of kind `checker_degraded` among `v`.
+    fn degraded(v: &Findings) -> Vec<&String> {
+        v.iter()
+            .filter(|(k, _)| *k == ViolationKind::CheckerDegraded)
+            .map(|(_, d)| d)
+            .collect()
+    }
+
     #[test]
     fn test_mapped_set_over_bound_stops_judging_membership() {
         let mut c = Checker::default();
         c.check(&command(BME));
-        for i in 0..=MAX_MAPPED_RANGES as u64 {
-            c.check(&map(i * 0x2000, 0x1000));
+        for i in 0..MAX_MAPPED_RANGES as u64 {
+            let v = c.check(&map(i * 0x2000, 0x1000));
+            assert!(v.is_empty(), "map {i}: {v:?}");
         }
+        // The map past the bound: the oracle goes partly blind, and says so once.
+        let v = c.check(&map(MAX_MAPPED_RANGES as u64 * 0x2000, 0x1000));
+        let d = degraded(&v);
+        assert_eq!(d.len(), 1, "{v:?}");
+        assert!(d[0].contains("mapped set overflow"), "{}", d[0]);
+        let v = c.check(&map((MAX_MAPPED_RANGES as u64 + 1) * 0x2000, 0x1000));
+        assert!(v.is_empty(), "reported once per episode: {v:?}");
         assert!(c.mapped.len() <= MAX_MAPPED_RANGES);
         assert!(c.mapped_untracked);
         // Unknown: no false violation.
@@ -1653,9 +1699,22 @@ mod tests {
     #[test]
     fn test_pasid_marks_over_bound_stay_bounded() {
         let mut c = Checker::default();
+        let mut reports = Vec::new();
         for p in 0..(MAX_TRACKED_PASIDS as u32 + 100) {
-            c.check(&Event::PasidUnbindAck { pasid: p });
+            let v = c.check(&Event::PasidUnbindAck { pasid: p });
+            reports.extend(degraded(&v).into_iter().map(|d| (p, d.clone())));
         }
+        // Forgetting marks is a degradation: reported at the one trim (an eighth at once).
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert_eq!(reports[0].0, MAX_TRACKED_PASIDS as u32);
+        let gone = MAX_TRACKED_PASIDS + 1 - trim_target(MAX_TRACKED_PASIDS);
+        assert!(
+            reports[0]
+                .1
+                .contains(&format!("forgot {gone} unbound/released PASIDs")),
+            "{}",
+            reports[0].1
+        );
         assert!(c.pasids.len() <= MAX_TRACKED_PASIDS);
         // The oldest were forgotten, the newest are kept.
         let first_kept = c.pasids.keys().next().copied();

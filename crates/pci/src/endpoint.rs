@@ -328,6 +328,7 @@ impl EndpointBuilder {
             journal,
             faults: Faults::default(),
             presence: Vec::new(),
+            drain_limit: DRAIN_LIMIT,
             function,
         })
     }
@@ -360,6 +361,8 @@ pub struct Endpoint<F: PciFunction> {
     journal: Journal,
     faults: Faults,
     presence: Vec<PresenceListener>,
+    /// How long a gate-closing change waits for accesses in flight ([`DRAIN_LIMIT`]).
+    drain_limit: Duration,
     function: F,
 }
 
@@ -396,7 +399,7 @@ struct Faults {
 const BUS_MASTER_BIT: u16 = 1 << 2;
 
 /// How long a state change that closes the bus gate waits for accesses already through it.
-const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 /// The journal's name of a reset kind.
 pub fn reset_name(kind: ResetKind) -> &'static str {
@@ -462,6 +465,13 @@ impl<F: PciFunction> Endpoint<F> {
     /// Where the interpreted capabilities are.
     pub fn cap_offsets(&self) -> CapOffsets {
         self.offsets
+    }
+
+    /// Sets how long a state change that closes the bus gate waits for accesses already
+    /// through it (default [`DRAIN_LIMIT`], 10 s). For tests of the timeout.
+    #[doc(hidden)]
+    pub fn set_drain_limit(&mut self, limit: Duration) {
+        self.drain_limit = limit;
     }
 
     /// The name used in log messages.
@@ -621,19 +631,24 @@ impl<F: PciFunction> Endpoint<F> {
     /// order, or the checker reports accesses that were legal). Accesses are copies of at most
     /// a chunk and need nothing this thread holds, so they finish — but a loaded host can
     /// deschedule an engine thread for hundreds of milliseconds (seen: ~600 ms under load 8),
-    /// so the wait is long; only a wedged access (a bug) hits the limit, and that is logged.
+    /// so the wait is long; only a wedged access (a bug) hits the limit. That is logged and
+    /// journaled as `checker_degraded` (the journal's order around the change may be wrong,
+    /// so the checker's verdict on it cannot be trusted): the reader's window is not clean.
     fn drain_inflight(&self) {
         let start = Instant::now();
         let mut spins = 0u32;
         while self.bus.inflight() > 0 {
             let waited = start.elapsed();
-            if waited >= DRAIN_LIMIT {
-                warn!(
-                    "{}: {} DMA access(es) still in flight after {waited:?}; journaling the \
-                     state change anyway (the journal order may be wrong)",
-                    self.name,
-                    self.bus.inflight()
+            if waited >= self.drain_limit {
+                let what = format!(
+                    "drain timed out: {} access(es) still in flight after {waited:?} (limit \
+                     {:?}); the state change is journaled anyway, so the journal's order \
+                     around it may be wrong",
+                    self.bus.inflight(),
+                    self.drain_limit
                 );
+                warn!("{}: {what}", self.name);
+                self.journal.degraded(what);
                 return;
             }
             if spins < 1000 {

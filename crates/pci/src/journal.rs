@@ -76,6 +76,11 @@ pub enum ViolationKind {
     StaleTranslation,
     /// A page-table walk for a PASID whose binding was released.
     WalkAfterRelease,
+    /// Not a device fault: the oracle lost sight of part of what follows (the checker's mapped
+    /// set overflowed, PASID marks were forgotten, a drain of in-flight accesses timed out so
+    /// the journal's order may be wrong). Recorded like a violation so that no window it
+    /// affects can pass as clean.
+    CheckerDegraded,
 }
 
 /// Something that happened to the function.
@@ -302,8 +307,10 @@ pub struct Stats {
     pub interrupts: u64,
     /// Resets begun.
     pub resets: u64,
-    /// Violations found.
+    /// Violations found (`checker_degraded` records included).
     pub violations: u64,
+    /// Of those, `checker_degraded` records: times the oracle lost sight of something.
+    pub degraded: u64,
 }
 
 /// The checker's verdict on one event: violations to record right after it.
@@ -311,7 +318,9 @@ pub type Findings = Vec<(ViolationKind, String)>;
 
 /// Default number of records kept.
 pub const DEFAULT_CAPACITY: usize = 4096;
-/// Violations kept apart from the ring (the first ones; later ones are only counted).
+/// Violations kept apart from the ring, per reader window: once a reader has moved past a
+/// violation ([`Journal::violations_since`] with a later `after`), a new one may take its
+/// place; while every kept violation is still unread, later ones are only counted.
 pub const MAX_VIOLATIONS: usize = 256;
 
 struct Inner {
@@ -319,7 +328,13 @@ struct Inner {
     capacity: usize,
     ring: std::collections::VecDeque<Record>,
     next_seq: u64,
-    violations: Vec<Record>,
+    /// Kept violation records, oldest first (at most [`MAX_VIOLATIONS`]).
+    violations: std::collections::VecDeque<Record>,
+    /// Kept violations with `seq` at or below this belong to windows a reader has finished
+    /// with (see `violations_since`) and may be replaced.
+    violations_read: u64,
+    /// A "violations no longer kept" warning was logged and no violation was kept since.
+    unkept_warned: bool,
     /// Highest sequence number handed out by `since`: records up to it are no longer modified.
     read_upto: u64,
     stats: Stats,
@@ -349,7 +364,9 @@ impl Journal {
                 capacity: capacity.max(16),
                 ring: std::collections::VecDeque::new(),
                 next_seq: 1,
-                violations: Vec::new(),
+                violations: std::collections::VecDeque::new(),
+                violations_read: 0,
+                unkept_warned: false,
                 read_upto: 0,
                 stats: Stats::default(),
                 checker: crate::checker::Checker::default(),
@@ -375,18 +392,15 @@ impl Journal {
         let findings = g.checker.check(&event);
         g.append(event, findings.is_empty());
         for (kind, detail) in findings {
-            if g.violations.len() < MAX_VIOLATIONS {
-                log::warn!("{}: VIOLATION {kind:?}: {detail}", self.name);
-            } else if g.violations.len() == MAX_VIOLATIONS
-                && g.stats.violations == MAX_VIOLATIONS as u64
-            {
-                log::warn!(
-                    "{}: more than {MAX_VIOLATIONS} violations: further ones are only counted",
-                    self.name
-                );
-            }
-            g.append(Event::Violation { kind, detail }, false);
+            g.append_violation(&self.name, kind, detail);
         }
+    }
+
+    /// Record that the oracle lost sight of something (a `checker_degraded` violation record
+    /// with `what` as its detail): the window it falls in cannot pass as clean.
+    pub fn degraded(&self, what: String) {
+        self.lock()
+            .append_violation(&self.name, ViolationKind::CheckerDegraded, what);
     }
 
     /// Records with `seq > after`, oldest first, and how many records with `seq > after` were
@@ -406,19 +420,35 @@ impl Journal {
         (recs, lost)
     }
 
-    /// The violations found so far (the first [`MAX_VIOLATIONS`]).
+    /// The violation records kept (at most [`MAX_VIOLATIONS`], oldest first; see
+    /// [`Journal::violations_since`] for which).
     pub fn violations(&self) -> Vec<Record> {
-        self.lock().violations.clone()
+        self.lock().violations.iter().cloned().collect()
     }
 
-    /// Violations with `seq > after`.
+    /// Kept violations with `seq > after`, for a reader whose window starts after `after`.
+    ///
+    /// This also tells the journal which violations a reader has finished with: those with
+    /// `seq <= after` (the reader moved past them), and those this call returns that lie
+    /// within the records [`Journal::since`] has already handed out (the reader has read the
+    /// window they are in: the lab reads a window's records, then its violations). From then
+    /// on they may be replaced by new ones when the list is full. So each reader window gets
+    /// room for [`MAX_VIOLATIONS`] of its own, however many earlier windows found; a
+    /// violation is never dropped before a reader has been given it with its window — while
+    /// the list is full of such unread ones, new ones are only counted (`stats().violations`).
+    /// A second reader reading ahead can only make the first see fewer violations than were
+    /// counted (its window is then not clean: the safe direction), never more.
     pub fn violations_since(&self, after: u64) -> Vec<Record> {
-        self.lock()
+        let mut g = self.lock();
+        let list: Vec<Record> = g
             .violations
             .iter()
             .filter(|r| r.seq > after)
             .cloned()
-            .collect()
+            .collect();
+        let read = list.last().map_or(0, |r| r.seq.min(g.read_upto));
+        g.violations_read = g.violations_read.max(after).max(read);
+        list
     }
 
     /// The sequence number of the newest record (0 if none).
@@ -433,6 +463,27 @@ impl Journal {
 }
 
 impl Inner {
+    /// Append a violation record (logged while it is kept; once the kept list is full of
+    /// unread violations, one warning until one is kept again).
+    fn append_violation(&mut self, name: &str, kind: ViolationKind, detail: String) {
+        let room = self.violations.len() < MAX_VIOLATIONS
+            || self
+                .violations
+                .front()
+                .is_some_and(|r| r.seq <= self.violations_read);
+        if room {
+            log::warn!("{name}: VIOLATION {kind:?}: {detail}");
+            self.unkept_warned = false;
+        } else if !self.unkept_warned {
+            log::warn!(
+                "{name}: {MAX_VIOLATIONS} unread violations kept: further ones are only \
+                 counted until a reader moves past them"
+            );
+            self.unkept_warned = true;
+        }
+        self.append(Event::Violation { kind, detail }, false);
+    }
+
     /// Append `event`; a DMA access may be folded into the newest record if `may_fold`.
     fn append(&mut self, event: Event, may_fold: bool) {
         match &event {
@@ -447,7 +498,12 @@ impl Inner {
             Event::DmaFault { .. } => self.stats.dma_faults += 1,
             Event::Interrupt { .. } => self.stats.interrupts += 1,
             Event::ResetBegin { .. } => self.stats.resets += 1,
-            Event::Violation { .. } => self.stats.violations += 1,
+            Event::Violation { kind, .. } => {
+                self.stats.violations += 1;
+                if *kind == ViolationKind::CheckerDegraded {
+                    self.stats.degraded += 1;
+                }
+            }
             _ => {}
         }
         let rec = Record {
@@ -457,8 +513,19 @@ impl Inner {
         };
         self.next_seq += 1;
         self.stats.records += 1;
-        if matches!(rec.event, Event::Violation { .. }) && self.violations.len() < MAX_VIOLATIONS {
-            self.violations.push(rec.clone());
+        if matches!(rec.event, Event::Violation { .. }) {
+            if self.violations.len() >= MAX_VIOLATIONS
+                && self
+                    .violations
+                    .front()
+                    .is_some_and(|r| r.seq <= self.violations_read)
+            {
+                // The oldest kept one belongs to a window a reader has moved past.
+                self.violations.pop_front();
+            }
+            if self.violations.len() < MAX_VIOLATIONS {
+                self.violations.push_back(rec.clone());
+            }
         }
         if self.ring.len() >= self.capacity {
             self.ring.pop_front();
@@ -801,6 +868,189 @@ mod tests {
             recs.last().map(|r| &r.event),
             Some(Event::Violation { .. })
         ));
+    }
+
+    /// One violation per PageWalk after the PASID's release.
+    fn walk_violations(j: &Journal, n: u64) {
+        for i in 0..n {
+            j.record(Event::PageWalk {
+                pasid: 1,
+                va: i * 0x1000,
+                pa: None,
+            });
+        }
+    }
+
+    /// The lab's reading of one window (`JournalWatch::check`): the records after `mark`, then
+    /// the kept violations after `mark`, split at the window's end; returns (the window's
+    /// violations as listed, the window's end, unretained = counted by the device but in
+    /// neither list).
+    fn read_window(j: &Journal, mark: u64, counted: &mut u64) -> (Vec<Record>, u64, u64) {
+        let (recs, lost) = j.since(mark);
+        let end = recs.last().map_or(mark + lost, |r| r.seq).max(mark);
+        let list = j.violations_since(mark);
+        let total = j.stats().violations;
+        let (in_window, beyond): (Vec<Record>, Vec<Record>) =
+            list.into_iter().partition(|r| r.seq <= end);
+        let listed = (in_window.len() + beyond.len()) as u64;
+        let unretained = total.saturating_sub(*counted).saturating_sub(listed);
+        *counted += in_window.len() as u64 + unretained;
+        (in_window, end, unretained)
+    }
+
+    /// The kept-violation list is per reader window: a third window, after two that found more
+    /// than [`MAX_VIOLATIONS`] between them, still gets its own violations listed (and is not
+    /// judged against the earlier windows' ones).
+    #[test]
+    fn test_violations_kept_per_reader_window_not_per_device_lifetime() {
+        let j = Journal::new("t", 1 << 16);
+        j.record(Event::PasidReleased { pasid: 1 });
+        let mut counted = 0;
+        // Window A: 200 violations.
+        walk_violations(&j, 200);
+        let (a, mark, unretained) = read_window(&j, 0, &mut counted);
+        assert_eq!((a.len(), unretained), (200, 0));
+        // Window B: 100 more (300 in all, more than the list holds).
+        walk_violations(&j, 100);
+        let (b, mark, unretained) = read_window(&j, mark, &mut counted);
+        assert_eq!((b.len(), unretained), (100, 0), "window B has room");
+        assert!(b.iter().all(|r| r.seq > a[199].seq), "none of A's in B");
+        // Window C: 3 of another kind.
+        j.record(Event::PasidUnbindAck { pasid: 9 });
+        for _ in 0..3 {
+            j.record(Event::Dma {
+                dir: Dir::Read,
+                pasid: Some(9),
+                iova: 0,
+                len: 4,
+                count: 1,
+                bytes: 4,
+            });
+        }
+        let (c, _, unretained) = read_window(&j, mark, &mut counted);
+        let kinds: Vec<ViolationKind> = c
+            .iter()
+            .filter_map(|r| match r.event {
+                Event::Violation { kind, .. } => Some(kind),
+                _ => None,
+            })
+            .collect();
+        // Without a client or Bus Master the DMA also breaks the device-state rule: count
+        // only the PASID ones, which are this window's own.
+        assert_eq!(
+            kinds
+                .iter()
+                .filter(|k| **k == ViolationKind::PasidAfterUnbind)
+                .count(),
+            3,
+            "{kinds:?}"
+        );
+        assert!(
+            !kinds.contains(&ViolationKind::WalkAfterRelease),
+            "{kinds:?}"
+        );
+        assert_eq!(unretained, 0);
+        assert_eq!(j.stats().violations, 300 + c.len() as u64);
+    }
+
+    /// Kept violations are never dropped before a reader has moved past them: while the list
+    /// is full of unread ones, later violations are only counted; `violations_since` with a
+    /// later `after` frees the room.
+    #[test]
+    fn test_violations_unread_never_evicted_reader_frees_room() {
+        let j = Journal::new("t", 1 << 16);
+        j.record(Event::PasidReleased { pasid: 1 });
+        walk_violations(&j, MAX_VIOLATIONS as u64 + 10);
+        let kept = j.violations();
+        assert_eq!(kept.len(), MAX_VIOLATIONS);
+        let first = kept[0].seq;
+        let last_kept = kept[MAX_VIOLATIONS - 1].seq;
+        assert_eq!(first, 3, "the first ones are kept");
+        assert_eq!(j.stats().violations, MAX_VIOLATIONS as u64 + 10);
+        // A reader that asks from 0 keeps everything pinned.
+        assert_eq!(j.violations_since(0).len(), MAX_VIOLATIONS);
+        walk_violations(&j, 5);
+        assert_eq!(j.violations().first().map(|r| r.seq), Some(first));
+        // The reader moves past the first ten kept ones: ten new ones may take their place.
+        let tenth = kept[9].seq;
+        assert_eq!(j.violations_since(tenth).len(), MAX_VIOLATIONS - 10);
+        walk_violations(&j, 12);
+        let now = j.violations();
+        assert_eq!(now.len(), MAX_VIOLATIONS);
+        assert_eq!(now[0].seq, kept[10].seq, "only read ones were replaced");
+        assert!(now[MAX_VIOLATIONS - 1].seq > last_kept);
+        assert_eq!(
+            j.violations_since(tenth)
+                .iter()
+                .filter(|r| r.seq > last_kept)
+                .count(),
+            10
+        );
+    }
+
+    /// Violations recorded after a reader took a window's records but before it asked for the
+    /// window's violations lie beyond that window: they are returned, but stay kept (a flood
+    /// cannot replace them) until the reader has read the window they belong to.
+    #[test]
+    fn test_violations_beyond_the_window_stay_kept_until_their_window_is_read() {
+        let j = Journal::new("t", 1 << 16);
+        j.record(Event::PasidReleased { pasid: 1 });
+        let mut counted = 0;
+        walk_violations(&j, 10);
+        let (recs, _) = j.since(0);
+        let end = recs.last().map_or(0, |r| r.seq);
+        walk_violations(&j, 3); // beyond this window
+        let listed = j.violations_since(0);
+        assert_eq!(listed.len(), 13);
+        let beyond: Vec<u64> = listed
+            .iter()
+            .filter(|r| r.seq > end)
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(beyond.len(), 3);
+        // A flood fills the list many times over.
+        walk_violations(&j, 3 * MAX_VIOLATIONS as u64);
+        let kept: Vec<u64> = j.violations().iter().map(|r| r.seq).collect();
+        assert!(
+            beyond.iter().all(|s| kept.contains(s)),
+            "beyond-window violations must survive until their window is read"
+        );
+        // The next window (from `end`) lists them as its own; the first window's ten were
+        // counted by it.
+        counted += 10;
+        let (w, _, unretained) = read_window(&j, end, &mut counted);
+        assert_eq!(
+            &w.iter().map(|r| r.seq).collect::<Vec<_>>()[..3],
+            &beyond[..]
+        );
+        assert_eq!(w.len(), MAX_VIOLATIONS);
+        assert_eq!(
+            unretained,
+            3 + 3 * MAX_VIOLATIONS as u64 - MAX_VIOLATIONS as u64
+        );
+    }
+
+    /// A degradation is a `checker_degraded` violation record: listed, counted (also apart),
+    /// so a window containing it is not clean.
+    #[test]
+    fn test_degraded_is_a_counted_violation_record() {
+        let j = Journal::new("t", 16);
+        j.record(note(0));
+        j.degraded("drain timed out".into());
+        let v = j.violations_since(0);
+        assert_eq!(v.len(), 1);
+        assert!(matches!(
+            &v[0].event,
+            Event::Violation {
+                kind: ViolationKind::CheckerDegraded,
+                detail
+            } if detail == "drain timed out"
+        ));
+        let st = j.stats();
+        assert_eq!((st.violations, st.degraded), (1, 1));
+        let json = serde_json::to_value(&v[0]).unwrap_or_default();
+        assert_eq!(json["type"], "violation");
+        assert_eq!(json["kind"], "checker_degraded");
     }
 
     #[test]

@@ -829,6 +829,54 @@ fn test_dma_mapped_record_carries_protection() {
     );
 }
 
+/// A state change that closes the bus gate waits for accesses already through it; when that
+/// drain times out (a wedged access), the journal's order around the change may be wrong, so
+/// the endpoint journals a `checker_degraded` violation record: the reader's window is not
+/// clean. A drain that completes journals nothing of the kind.
+#[test]
+fn test_drain_timeout_journals_checker_degraded() {
+    use crate::journal::{Event, ViolationKind};
+    let (mut ep, _) = endpoint();
+    assert_eq!(
+        crate::endpoint::DRAIN_LIMIT,
+        std::time::Duration::from_secs(10)
+    );
+    ep.set_drain_limit(std::time::Duration::from_millis(50));
+    wr16(&mut ep, 0x04, 0x0006);
+    // Nothing in flight: clearing Bus Master drains at once.
+    wr16(&mut ep, 0x04, 0x0002);
+    assert_eq!(ep.journal().stats().degraded, 0);
+    wr16(&mut ep, 0x04, 0x0006);
+    // An access wedged in flight: the drain gives up after the limit.
+    let bus = ep.bus().clone();
+    let tx = bus.transaction();
+    let t0 = std::time::Instant::now();
+    wr16(&mut ep, 0x04, 0x0002);
+    assert!(t0.elapsed() >= std::time::Duration::from_millis(50));
+    drop(tx);
+    let st = ep.journal().stats();
+    assert_eq!((st.degraded, st.violations), (1, 1));
+    let v = ep.journal().violations_since(0);
+    assert_eq!(v.len(), 1);
+    match &v[0].event {
+        Event::Violation {
+            kind: ViolationKind::CheckerDegraded,
+            detail,
+        } => assert!(detail.contains("drain timed out"), "{detail}"),
+        other => panic!("expected checker_degraded, got {other:?}"),
+    }
+    // Journaled before the state change it concerns.
+    let recs = ep.journal().since(0).0;
+    let at = recs.iter().position(|r| r.seq == v[0].seq).unwrap();
+    assert!(
+        matches!(
+            recs.get(at + 1).map(|r| &r.event),
+            Some(Event::Command { new: 0x0002, .. })
+        ),
+        "{recs:#?}"
+    );
+}
+
 #[test]
 fn test_describe_json_shape() {
     let (ep, _) = endpoint();

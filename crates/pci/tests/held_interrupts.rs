@@ -12,8 +12,7 @@ use pcisim_pci::caps::pcie::PcieConfig;
 use pcisim_pci::caps::pm::{self, PmConfig};
 use pcisim_pci::journal::{Event, Record};
 use pcisim_pci::{
-    Bar, Bus, EndpointBuilder, FunctionCtx, Identity, Journal, MsixOutcome, PciFunction,
-    ResetKind,
+    Bar, Bus, EndpointBuilder, FunctionCtx, Identity, Journal, MsixOutcome, PciFunction, ResetKind,
 };
 use pcisim_vfio_user::{irq_index, Server, ServerOptions};
 use vfio_bindings::bindings::vfio::{VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD};
@@ -101,7 +100,9 @@ fn start(no_soft_reset: bool) -> Rig {
 
 impl Rig {
     fn set_command(&mut self, v: u16) {
-        self.client.region_write(CONFIG, 4, &v.to_le_bytes()).unwrap();
+        self.client
+            .region_write(CONFIG, 4, &v.to_le_bytes())
+            .unwrap();
     }
 
     fn command(&mut self) -> u16 {
@@ -175,7 +176,11 @@ fn test_pm_soft_reset_discards_vector_held_in_d3hot() {
         "the soft reset must discard the held vector, not send it"
     );
     assert!(!rig.pending(), "PBA bit clear after the soft reset");
-    assert_eq!(rig.command(), 0, "the soft reset happened (Command cleared)");
+    assert_eq!(
+        rig.command(),
+        0,
+        "the soft reset happened (Command cleared)"
+    );
     // Re-enabled by the driver after the reset: still nothing to deliver.
     rig.set_command(0x0006);
     assert_eq!(rig.pba_read(), 0);
@@ -201,7 +206,11 @@ fn test_pm_no_soft_reset_delivers_vector_held_in_d3hot_on_return_to_d0() {
     let mut rig = start(true);
     rig.hold_in_d3hot();
     rig.set_power(0);
-    assert_eq!(rig.efd.read().unwrap(), 1, "held vector sent on return to D0");
+    assert_eq!(
+        rig.efd.read().unwrap(),
+        1,
+        "held vector sent on return to D0"
+    );
     assert!(!rig.pending(), "PBA bit clear once sent");
     assert_eq!(rig.command(), 0x0006, "state kept: no reset");
     let recs = rig.records();
