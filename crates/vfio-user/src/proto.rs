@@ -424,6 +424,16 @@ fn short(command: Command, got: usize, expected: &'static str) -> ProtoError {
 
 /// Decode a complete command frame's payload. Pure: never panics, never allocates more than the
 /// payload's size (plus a bounded number of small vectors).
+///
+/// Payload lengths follow the kernel's `argsz` convention wherever the request is a VFIO ioctl
+/// structure (DMA_MAP, DMA_UNMAP, DEVICE_GET_INFO, DEVICE_GET_REGION_INFO, DEVICE_GET_IRQ_INFO,
+/// DEVICE_SET_IRQS): a payload at least as long as the structure is accepted and its tail
+/// ignored, because clients other than QEMU (libvfio-user's, and anything built on the ioctl
+/// structures) send a request as long as the reply they expect — e.g. DEVICE_GET_REGION_INFO
+/// with 64 bytes after a first reply said `argsz` = 64. A shorter payload is EINVAL. Requests
+/// that are not ioctl structures keep exact lengths: VERSION (its JSON runs to the end),
+/// REGION_READ (16 bytes: it has no `argsz` and no ioctl behind it), REGION_WRITE (16 + `count`), REGION_WRITE_MULTI (8 + 24 × n) and
+/// DEVICE_RESET (no payload).
 pub fn decode(header: &Header, payload: &[u8], limits: &Limits) -> Result<Request, ProtoError> {
     if !header.is_command() {
         return Err(ProtoError::NotACommand(header.flags & FLAG_TYPE_MASK));
@@ -447,12 +457,10 @@ pub fn decode(header: &Header, payload: &[u8], limits: &Limits) -> Result<Reques
         }
         Command::DmaMap => {
             let f = (r.u32(), r.u32(), r.u64(), r.u64(), r.u64());
+            // A longer payload is accepted and its tail ignored (see `decode`'s doc).
             let (Some(argsz), Some(flags), Some(offset), Some(iova), Some(size)) = f else {
-                return Err(short(cmd, len, "32 bytes"));
+                return Err(short(cmd, len, "at least 32 bytes"));
             };
-            if !r.rest().is_empty() {
-                return Err(short(cmd, len, "32 bytes"));
-            }
             if (argsz as usize) < 32 {
                 return Err(ProtoError::BadField {
                     command: cmd,
@@ -475,11 +483,8 @@ pub fn decode(header: &Header, payload: &[u8], limits: &Limits) -> Result<Reques
         Command::DmaUnmap => {
             let f = (r.u32(), r.u32(), r.u64(), r.u64());
             let (Some(argsz), Some(flags), Some(iova), Some(size)) = f else {
-                return Err(short(cmd, len, "24 bytes"));
+                return Err(short(cmd, len, "at least 24 bytes"));
             };
-            if !r.rest().is_empty() {
-                return Err(short(cmd, len, "24 bytes"));
-            }
             if (argsz as usize) < 24 {
                 return Err(ProtoError::BadField {
                     command: cmd,
@@ -509,12 +514,12 @@ pub fn decode(header: &Header, payload: &[u8], limits: &Limits) -> Result<Reques
             })
         }
         Command::DeviceGetInfo => {
-            let Some(argsz) = r.u32() else {
-                return Err(short(cmd, len, "16 bytes"));
-            };
-            if len != 16 {
-                return Err(short(cmd, len, "16 bytes"));
+            if len < 16 {
+                return Err(short(cmd, len, "at least 16 bytes"));
             }
+            let Some(argsz) = r.u32() else {
+                return Err(short(cmd, len, "at least 16 bytes"));
+            };
             if argsz < 16 {
                 return Err(ProtoError::BadField {
                     command: cmd,
@@ -524,11 +529,11 @@ pub fn decode(header: &Header, payload: &[u8], limits: &Limits) -> Result<Reques
             Ok(Request::GetInfo { argsz })
         }
         Command::DeviceGetRegionInfo => {
-            if len != 32 {
-                return Err(short(cmd, len, "32 bytes"));
+            if len < 32 {
+                return Err(short(cmd, len, "at least 32 bytes"));
             }
             let (Some(argsz), Some(_flags), Some(index)) = (r.u32(), r.u32(), r.u32()) else {
-                return Err(short(cmd, len, "32 bytes"));
+                return Err(short(cmd, len, "at least 32 bytes"));
             };
             if argsz < 32 {
                 return Err(ProtoError::BadField {
@@ -539,11 +544,11 @@ pub fn decode(header: &Header, payload: &[u8], limits: &Limits) -> Result<Reques
             Ok(Request::GetRegionInfo { argsz, index })
         }
         Command::DeviceGetIrqInfo => {
-            if len != 16 {
-                return Err(short(cmd, len, "16 bytes"));
+            if len < 16 {
+                return Err(short(cmd, len, "at least 16 bytes"));
             }
             let (Some(argsz), Some(_flags), Some(index)) = (r.u32(), r.u32(), r.u32()) else {
-                return Err(short(cmd, len, "16 bytes"));
+                return Err(short(cmd, len, "at least 16 bytes"));
             };
             if argsz < 16 {
                 return Err(ProtoError::BadField {
@@ -567,16 +572,17 @@ pub fn decode(header: &Header, payload: &[u8], limits: &Limits) -> Result<Reques
                     field: "flags",
                 });
             }
+            // As the kernel (vfio_set_irqs_validate_and_prepare): the data is `count` elements
+            // right after the structure, and whatever follows them is ignored. DATA_NONE and
+            // DATA_EVENTFD carry no in-band data (eventfds travel as SCM_RIGHTS), so any tail
+            // after the 20 bytes is ignored too.
             let rest = r.rest();
             let bools = if data == IRQ_SET_DATA_BOOL {
-                if rest.len() != count as usize {
-                    return Err(short(cmd, len, "20 bytes + one byte per vector"));
+                match rest.get(..count as usize) {
+                    Some(b) => b.to_vec(),
+                    None => return Err(short(cmd, len, "20 bytes + one byte per vector")),
                 }
-                rest.to_vec()
             } else {
-                if !rest.is_empty() {
-                    return Err(short(cmd, len, "20 bytes"));
-                }
                 Vec::new()
             };
             // argsz covers the structure and, for DATA_BOOL, the bools that follow it (QEMU
@@ -875,6 +881,44 @@ mod tests {
                 assert_eq!(e.errno(), libc::EINVAL, "{c:?} with {n} bytes");
             }
         }
+    }
+
+    #[test]
+    fn test_argsz_sized_payloads_are_accepted_and_the_tail_ignored() {
+        let mut ri = Writer::new();
+        ri.u32(64)
+            .u32(0)
+            .u32(2)
+            .u32(0)
+            .u64(0)
+            .u64(0)
+            .bytes(&[0xff; 32]);
+        let ri = ri.finish();
+        assert_eq!(
+            decode(&hdr(Command::DeviceGetRegionInfo, ri.len()), &ri, &LIMITS),
+            Ok(Request::GetRegionInfo {
+                argsz: 64,
+                index: 2
+            })
+        );
+        let mut b = Writer::new();
+        b.u32(22)
+            .u32(IRQ_SET_DATA_BOOL | IRQ_SET_ACTION_TRIGGER)
+            .u32(2)
+            .u32(0)
+            .u32(2)
+            .bytes(&[1, 0, 7, 7]);
+        let b = b.finish();
+        let Ok(Request::SetIrqs { bools, .. }) =
+            decode(&hdr(Command::DeviceSetIrqs, b.len()), &b, &LIMITS)
+        else {
+            panic!()
+        };
+        assert_eq!(bools, vec![1, 0], "exactly count bools, tail ignored");
+        let mut rd = Writer::new();
+        rd.u64(0).u32(0).u32(4).bytes(&[0]);
+        let rd = rd.finish();
+        assert!(decode(&hdr(Command::RegionRead, rd.len()), &rd, &LIMITS).is_err());
     }
 
     #[test]

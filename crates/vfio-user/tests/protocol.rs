@@ -471,6 +471,169 @@ fn test_region_info_short_argsz_gets_size_then_caps_and_fd() {
     assert_eq!(cap_offset, 32, "cap_offset stays inside the structure");
 }
 
+// ---- argsz-sized requests (the kernel's convention, libvfio-user's client) ------------------
+
+impl Raw {
+    /// Like `call`, also receiving the fds that came with the reply.
+    fn call_fds(
+        &mut self,
+        cmd: u16,
+        payload: &[u8],
+        fds: &[i32],
+    ) -> (Header, Vec<u8>, Vec<OwnedFd>) {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let (h, v) = self.frame(cmd, payload, 0);
+        self.send_raw(&v, fds);
+        // The server sends a reply (header, payload, fds) with one sendmsg: at most one fd here.
+        let mut hb = [0u8; HEADER_SIZE];
+        let (n, file) = self.s.recv_with_fd(&mut hb).unwrap();
+        assert_eq!(n, HEADER_SIZE, "header in one read");
+        let rh = Header::parse(&hb);
+        assert_eq!(rh.id, h.id);
+        let mut body = vec![0u8; rh.size as usize - HEADER_SIZE];
+        self.s.read_exact(&mut body).unwrap();
+        (rh, body, file.into_iter().map(OwnedFd::from).collect())
+    }
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+/// The request padded with zeros to `len` bytes, as a client that sends argsz bytes does.
+fn padded(mut v: Vec<u8>, len: usize) -> Vec<u8> {
+    v.resize(len, 0);
+    v
+}
+
+#[test]
+fn test_region_info_argsz_sized_request_gets_caps_and_fd_like_libvfio_user_client() {
+    // libvfio-user's sample client: a 32-byte request with argsz 32, then, told argsz = 64, a
+    // request of 64 bytes with argsz 64. Before the argsz rule the second one was EINVAL.
+    let h = start();
+    let mut r = Raw::negotiated(&h);
+    let (hd, body, fds) = r.call_fds(5, &region_info(32, 2), &[]);
+    assert_eq!(hd.flags & proto::FLAG_ERROR, 0);
+    assert!(fds.is_empty(), "no fd with the short reply");
+    let full = le32(&body, 0);
+    assert_eq!(full, 64);
+    let (hd, body, fds) = r.call_fds(5, &padded(region_info(full, 2), full as usize), &[]);
+    assert_eq!(hd.flags & proto::FLAG_ERROR, 0, "errno {}", hd.error);
+    assert_eq!(body.len(), 64, "structure + sparse-mmap capability");
+    assert_eq!(le32(&body, 8), 2, "index");
+    assert_ne!(le32(&body, 4) & proto::REGION_INFO_FLAG_CAPS, 0);
+    assert_eq!(le32(&body, 12), 32, "cap_offset");
+    assert_eq!(
+        u16::from_le_bytes(body[32..34].try_into().unwrap()),
+        proto::REGION_INFO_CAP_SPARSE_MMAP
+    );
+    assert_eq!(fds.len(), 1, "the region's fd comes with the full reply");
+    // The tail is ignored whatever it holds: garbage after the structure changes nothing.
+    let mut garbage = region_info(full, 2);
+    garbage.extend([0xff; 32]);
+    let (hd, body2, fds) = r.call_fds(5, &garbage, &[]);
+    assert_eq!(hd.flags & proto::FLAG_ERROR, 0);
+    assert_eq!((body2, fds.len()), (body, 1));
+    // Shorter than the structure stays EINVAL.
+    assert_eq!(r.errno_of(5, &region_info(64, 2)[..31], &[]), EINVAL);
+    r.assert_alive();
+}
+
+#[test]
+fn test_get_info_and_irq_info_argsz_sized_requests_are_answered() {
+    let h = start();
+    let mut r = Raw::negotiated(&h);
+    let (hd, body) = r.call(4, &padded(get_info(64), 64), &[]);
+    assert_eq!(hd.flags & proto::FLAG_ERROR, 0);
+    assert_eq!(body.len(), 16, "the reply is the 16-byte structure");
+    assert_eq!(
+        (le32(&body, 0), le32(&body, 8), le32(&body, 12)),
+        (16, 9, 5)
+    );
+    let (hd, body) = r.call(7, &padded(irq_info(48, irq_index::MSIX), 48), &[]);
+    assert_eq!(hd.flags & proto::FLAG_ERROR, 0);
+    assert_eq!(body.len(), 16);
+    assert_eq!((le32(&body, 8), le32(&body, 12)), (irq_index::MSIX, 4));
+    assert_eq!(r.errno_of(4, &get_info(16)[..15], &[]), EINVAL);
+    assert_eq!(r.errno_of(7, &irq_info(16, 0)[..15], &[]), EINVAL);
+}
+
+#[test]
+fn test_dma_map_and_unmap_argsz_sized_requests_map_and_unmap() {
+    let h = start();
+    let mut r = Raw::negotiated(&h);
+    let mem = memfd(0x10000);
+    let (hd, _) = r.call(
+        2,
+        &padded(dma_map(48, 3, 0, 0x10000, 0x10000), 48),
+        &[mem.as_raw_fd()],
+    );
+    assert_eq!(hd.flags & proto::FLAG_ERROR, 0, "errno {}", hd.error);
+    assert_eq!(
+        *h.maps.lock().unwrap(),
+        vec![MappingInfo {
+            iova: 0x10000,
+            size: 0x10000,
+            prot: 3,
+            backed: true
+        }]
+    );
+    // The mapping works: the device's DMA lands in the client's memory.
+    r.write(0, 0x200, b"tail").unwrap();
+    let f = std::fs::File::from(mem.try_clone().unwrap());
+    let mut got = [0u8; 4];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut got, 0).unwrap();
+    assert_eq!(&got, b"tail");
+    let (hd, body) = r.call(3, &padded(dma_unmap(40, 0, 0x10000, 0x10000), 40), &[]);
+    assert_eq!(hd.flags & proto::FLAG_ERROR, 0, "errno {}", hd.error);
+    assert_eq!(body.len(), 24, "the reply echoes the 24-byte structure");
+    assert_eq!(&body[4..], &dma_unmap(24, 0, 0x10000, 0x10000)[4..]);
+    assert!(h.maps.lock().unwrap().is_empty());
+    assert_eq!(
+        r.errno_of(2, &dma_map(32, 3, 0, 0x10000, 0x1000)[..31], &[]),
+        EINVAL
+    );
+    assert_eq!(
+        r.errno_of(3, &dma_unmap(24, 0, 0x10000, 0x1000)[..23], &[]),
+        EINVAL
+    );
+}
+
+#[test]
+fn test_set_irqs_argsz_sized_requests_bind_and_trigger() {
+    let h = start();
+    let mut r = Raw::negotiated(&h);
+    // DATA_EVENTFD with the ioctl's argsz (20 + 4 * count) and that many bytes: the in-band
+    // fd array is ignored, the SCM_RIGHTS fd is bound.
+    let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let p = set_irqs(24, EV_TRIGGER, irq_index::MSIX, 1, 1, &[0xff; 4]);
+    let (hd, _) = r.call(8, &p, &[efd.as_raw_fd()]);
+    assert_eq!(hd.flags & proto::FLAG_ERROR, 0, "errno {}", hd.error);
+    r.read(0, 0x100, 4).unwrap(); // raises MSI-X vector 1
+    assert_eq!(efd.read().unwrap(), 1, "the bound eventfd was signalled");
+    // DATA_BOOL: `count` bools, then a tail that is ignored (a 0 tail byte after a true bool
+    // would otherwise have been read as vector 2's bool).
+    let p = set_irqs(24, BOOL_TRIGGER, irq_index::MSIX, 1, 1, &[1, 0, 0, 0]);
+    let (hd, _) = r.call(8, &p, &[]);
+    assert_eq!(hd.flags & proto::FLAG_ERROR, 0, "errno {}", hd.error);
+    assert_eq!(efd.read().unwrap(), 1, "loopback trigger of vector 1");
+    // Too few bools is still EINVAL.
+    let p = set_irqs(22, BOOL_TRIGGER, irq_index::MSIX, 0, 3, &[1, 1]);
+    assert_eq!(r.errno_of(8, &p, &[]), EINVAL);
+}
+
+#[test]
+fn test_region_read_and_reset_keep_exact_lengths() {
+    // No argsz: REGION_READ is exactly 16 bytes, DEVICE_RESET has no payload.
+    let h = start();
+    let mut r = Raw::negotiated(&h);
+    let mut p = rd(7, 4, 4);
+    p.push(0);
+    assert_eq!(r.errno_of(9, &p, &[]), EINVAL);
+    assert_eq!(r.errno_of(13, &[0; 4], &[]), EINVAL);
+    r.assert_alive();
+}
+
 #[test]
 fn test_unknown_command_is_enosys_and_stream_stays_in_sync() {
     let h = start();
@@ -966,17 +1129,41 @@ fn matrix() -> Vec<Row> {
                 EINVAL_E,
             ));
         }
-        if !matches!(cmd, C::Version | C::RegionWrite | C::RegionWriteMulti) {
-            let mut long = full.clone();
-            long.push(0);
-            rows.push(row(
-                format!("{cmd:?} one byte too long"),
-                *cmd,
-                long,
-                EINVAL_E,
-            ));
+        // The argsz convention: a request that is a VFIO ioctl structure may be longer than
+        // the structure (a client sends as many bytes as the reply it expects); the tail is
+        // ignored. REGION_READ has no argsz: one byte more is refused.
+        match cmd {
+            C::Version | C::RegionWrite | C::RegionWriteMulti => {}
+            C::RegionRead => {
+                let mut long = full.clone();
+                long.push(0);
+                rows.push(row(
+                    format!("{cmd:?} one byte too long"),
+                    *cmd,
+                    long,
+                    EINVAL_E,
+                ));
+            }
+            _ => {
+                for tail in [1, 32, 4096] {
+                    let mut long = full.clone();
+                    long.extend(std::iter::repeat_n(0xa5, tail));
+                    rows.push(row(
+                        format!("{cmd:?} with a {tail}-byte tail (argsz convention)"),
+                        *cmd,
+                        long,
+                        Expect::Ok,
+                    ));
+                }
+            }
         }
     }
+    rows.push(row(
+        "SetIrqs DATA_BOOL with bools and a tail after them",
+        C::DeviceSetIrqs,
+        set_irqs(22, BOOL_TRIGGER, irq_index::MSIX, 0, 2, &[1, 0, 0xa5, 0xa5]),
+        Expect::Ok,
+    ));
     rows.push(row(
         "DeviceReset with a body",
         C::DeviceReset,
