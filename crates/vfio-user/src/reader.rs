@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use crate::proto::{Header, HEADER_SIZE};
 use crate::sys::{self, CmsgBuf};
@@ -38,8 +39,21 @@ pub(crate) struct Frame<'a> {
     pub payload: &'a [u8],
     /// The fds sent with the frame.
     pub fds: Vec<OwnedFd>,
-    /// The kernel dropped fds of this frame that did not fit (MSG_CTRUNC): more than the limit.
-    pub fds_truncated: bool,
+    /// Fds of this frame were dropped, and why (`None`: every fd sent arrived).
+    pub fds_truncated: Option<FdLoss>,
+}
+
+/// Why fds sent with a frame did not all arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FdLoss {
+    /// MSG_CTRUNC with room left in the fd table: the client sent more fds than the control
+    /// buffer holds (more than `max_msg_fds`).
+    TooMany,
+    /// MSG_CTRUNC because the server's fd table is full (RLIMIT_NOFILE): the kernel installed
+    /// what fit and dropped the rest (EMFILE).
+    TableFull,
+    /// The client trickled fds with the bytes of an incomplete frame beyond what we hold.
+    Trickled,
 }
 
 /// What the next read produced.
@@ -60,6 +74,19 @@ pub(crate) enum ReadError {
     Io(io::Error),
     /// A header's `size` is smaller than the header: the next frame cannot be found.
     Desync(Header, String),
+    /// A deadline passed (see [`Deadlines`]): the handshake or a started frame did not complete.
+    TimedOut(String),
+}
+
+/// How long a client may take. Only two waits have deadlines: the handshake (connect to a
+/// completed VERSION) and a frame that has started to arrive; an idle client between frames
+/// (QEMU idles for as long as the guest leaves the device alone) waits forever.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Deadlines {
+    /// Until when the handshake may run (`None`: no deadline, or VERSION is done).
+    pub handshake: Option<Instant>,
+    /// How long a started frame may take to complete (`None`: forever).
+    pub frame: Option<Duration>,
 }
 
 /// Fds that came with one read.
@@ -67,7 +94,7 @@ struct PendingFds {
     /// Stream offset of the last byte of the read that carried them.
     last: u64,
     fds: Vec<OwnedFd>,
-    truncated: bool,
+    truncated: Option<FdLoss>,
 }
 
 /// Reads frames from one client socket.
@@ -88,6 +115,10 @@ pub(crate) struct FrameReader {
     /// Stream offset up to which an oversized frame is being dropped.
     discard_to: u64,
     max_msg_size: usize,
+    /// The deadlines in force.
+    pub(crate) deadlines: Deadlines,
+    /// When the bytes of the incomplete frame at `head` started to wait for the rest.
+    partial_since: Option<Instant>,
 }
 
 impl FrameReader {
@@ -104,6 +135,8 @@ impl FrameReader {
             cmsg: CmsgBuf::new(max_fds),
             discard_to: 0,
             max_msg_size,
+            deadlines: Deadlines::default(),
+            partial_since: None,
         }
     }
 
@@ -165,7 +198,8 @@ impl FrameReader {
         self.head += size;
         let end = self.consumed();
         let mut fds = Vec::new();
-        let mut fds_truncated = false;
+        self.partial_since = None;
+        let mut fds_truncated = None;
         while let Some(p) = self.pending.front() {
             if p.last >= end {
                 break;
@@ -173,7 +207,7 @@ impl FrameReader {
             if let Some(mut p) = self.pending.pop_front() {
                 self.pending_fds -= p.fds.len();
                 fds.append(&mut p.fds);
-                fds_truncated |= p.truncated;
+                fds_truncated = fds_truncated.or(p.truncated);
             }
         }
         let payload = self
@@ -188,9 +222,51 @@ impl FrameReader {
         }))
     }
 
-    /// Make room for a frame of `need` bytes starting at `head`, then read once. Returns false
-    /// at EOF.
+    /// Wait until the socket is readable, within the deadlines in force: the handshake's, and
+    /// the started frame's when part of one (or of a frame being discarded) is buffered.
+    fn wait(&mut self, sock: &UnixStream) -> Result<(), ReadError> {
+        let partial = self.head < self.tail || self.discard_to > self.consumed();
+        if !partial {
+            self.partial_since = None;
+        }
+        if self.deadlines.handshake.is_none() && (!partial || self.deadlines.frame.is_none()) {
+            return Ok(()); // The common case: no clock, no poll, just the blocking read.
+        }
+        let now = Instant::now();
+        let frame = match (partial, self.deadlines.frame) {
+            (true, Some(limit)) => Some(*self.partial_since.get_or_insert(now) + limit),
+            _ => None,
+        };
+        loop {
+            let now = Instant::now();
+            let (deadline, what) = match (self.deadlines.handshake, frame) {
+                (Some(h), Some(f)) if f < h => (f, "frame"),
+                (Some(h), _) => (h, "handshake"),
+                (None, Some(f)) => (f, "frame"),
+                (None, None) => return Ok(()),
+            };
+            if now >= deadline {
+                return Err(ReadError::TimedOut(if what == "frame" {
+                    format!(
+                        "a frame started {} ms ago is still incomplete ({} bytes buffered)",
+                        self.partial_since
+                            .map_or(0, |t| now.duration_since(t).as_millis()),
+                        self.tail - self.head
+                    )
+                } else {
+                    "no VERSION completed within the handshake deadline".to_string()
+                }));
+            }
+            if sys::wait_readable(sock, deadline - now).map_err(ReadError::Io)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Make room for a frame of `need` bytes starting at `head`, then read once (within the
+    /// deadlines). Returns false at EOF.
     fn fill(&mut self, sock: &UnixStream, need: usize) -> Result<bool, ReadError> {
+        self.wait(sock)?;
         if self.head == self.tail {
             self.base += self.head as u64;
             self.head = 0;
@@ -216,7 +292,14 @@ impl FrameReader {
             return Ok(false);
         }
         if !fds.is_empty() || r.truncated {
-            let mut truncated = r.truncated;
+            // The fds that arrived are still open here, so a table that was full is still full.
+            let mut truncated = r.truncated.then(|| {
+                if sys::fd_table_full(sock) {
+                    FdLoss::TableFull
+                } else {
+                    FdLoss::TooMany
+                }
+            });
             // Before a read, `pending` holds only fds of the incomplete current frame (complete
             // frames were handed out), and one read brings the fds of at most one sendmsg (the
             // kernel stops after them): so a well-behaved client never has more than two frames'
@@ -225,7 +308,7 @@ impl FrameReader {
             // belong to fails as if the kernel had truncated them.
             if self.pending_fds + fds.len() > 2 * self.max_fds {
                 fds.clear();
-                truncated = true;
+                truncated = Some(FdLoss::Trickled);
             }
             self.pending_fds += fds.len();
             self.pending.push_back(PendingFds {
@@ -267,6 +350,7 @@ mod tests {
             Ok(Event::Eof) => panic!("eof"),
             Err(ReadError::Io(e)) => panic!("io error {e}"),
             Err(ReadError::Desync(h, w)) => panic!("desync {h:?} {w}"),
+            Err(ReadError::TimedOut(w)) => panic!("timed out: {w}"),
         }
     }
 
@@ -394,7 +478,7 @@ mod tests {
             Ok(Event::Frame(f)) => {
                 assert_eq!(f.header.id, 1);
                 assert!(f.fds.len() <= 8, "{} fds kept", f.fds.len());
-                assert!(f.fds_truncated);
+                assert_eq!(f.fds_truncated, Some(FdLoss::Trickled));
             }
             _ => panic!("expected frame 1"),
         }
@@ -402,6 +486,61 @@ mod tests {
         assert_eq!((id, nfds), (2, 0));
         assert_eq!(r.pending_fds, 0);
         drop(t.join().unwrap());
+    }
+
+    #[test]
+    fn test_stalled_frame_times_out_but_an_idle_reader_waits() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut r = FrameReader::new(1 << 20, 4);
+        r.deadlines.frame = Some(Duration::from_millis(100));
+        // Idle (nothing buffered): no deadline, the read blocks until the frame arrives 300 ms
+        // later, well past the frame timeout.
+        let f = frame(1, 8);
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            (&a).write_all(&f).unwrap();
+            // Then half a frame, and nothing more.
+            (&a).write_all(&frame(2, 8)[..10]).unwrap();
+            a
+        });
+        let (id, _, _) = next_frame(&mut r, &b);
+        assert_eq!(id, 1);
+        let start = Instant::now();
+        assert!(matches!(r.next(&b), Err(ReadError::TimedOut(_))));
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(90) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+        drop(t.join().unwrap());
+    }
+
+    #[test]
+    fn test_handshake_deadline_holds_even_against_a_stream_of_frames() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut r = FrameReader::new(1 << 20, 4);
+        r.deadlines.handshake = Some(Instant::now() + Duration::from_millis(150));
+        let t = std::thread::spawn(move || {
+            // A frame every 20 ms: each read succeeds at once, yet the deadline must hold.
+            for id in 0..100u16 {
+                if (&a).write_all(&frame(id, 4)).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let start = Instant::now();
+        let end = loop {
+            match r.next(&b) {
+                Ok(Event::Frame(_)) => continue,
+                Err(ReadError::TimedOut(w)) => break w,
+                _ => panic!("unexpected event"),
+            }
+        };
+        assert!(end.contains("handshake"), "{end}");
+        assert!(start.elapsed() < Duration::from_secs(1));
+        drop(b);
+        t.join().unwrap();
     }
 
     #[test]

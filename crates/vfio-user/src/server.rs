@@ -7,6 +7,14 @@
 //! smaller than the header itself cannot be skipped; the connection is then closed. Frames are
 //! read through a buffer ([`crate::reader`]): one `recvmsg` per request in the common case.
 //!
+//! Deadlines: a client must complete VERSION within [`ServerOptions::handshake_timeout`] and a
+//! frame that has started to arrive must complete within [`ServerOptions::frame_timeout`];
+//! otherwise the connection is closed and the device freed for the next client. A negotiated
+//! client that simply sends nothing is legitimate (QEMU idles) and is never timed out.
+//!
+//! Log volume: `warn!` lines about one client's bad input are rate-limited per connection
+//! ([`LogLimiter`]): a burst, then about one a second, each saying how many were suppressed.
+//!
 //! Access control: the socket file is created with mode [`ServerOptions::socket_mode`] (0600 by
 //! default), and every connection's peer uid (SO_PEERCRED) must be the server's own effective
 //! uid or one of [`ServerOptions::allowed_uids`]; other peers are closed at once (see
@@ -18,12 +26,13 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::device::{irq_index, ClientLink, Device};
 use crate::dma::DmaSpace;
 use crate::irq::Interrupts;
 use crate::proto::{self, Limits, Request, Writer, HEADER_SIZE};
-use crate::reader::{Event, Frame, FrameReader, ReadError};
+use crate::reader::{Deadlines, Event, FdLoss, Frame, FrameReader, ReadError};
 use crate::sys;
 
 pub use crate::sys::PeerCred;
@@ -37,6 +46,16 @@ const KEEP_REPLY_BUF: usize = 64 * 1024;
 
 /// The page size we advertise (`pgsizes`): DMA ranges are aligned to it.
 const PAGE_SIZE: u64 = 4096;
+
+/// The smallest `max_data_xfer_size` a client may announce at VERSION: below one page a client
+/// could not even read a config space in a handful of messages, and a tiny value (1, or 0)
+/// is a broken or hostile client, not a constrained one.
+pub const MIN_DATA_XFER_SIZE: u64 = 4096;
+
+/// Default [`ServerOptions::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default [`ServerOptions::frame_timeout`] (QEMU's own `x-msg-timeout` is 5 s too).
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Tunables of a device server.
 #[derive(Debug, Clone)]
@@ -52,6 +71,13 @@ pub struct ServerOptions {
     /// Users, besides the server's own effective uid, whose clients are served. A client of any
     /// other uid is refused at accept (closed, logged at `warn!`).
     pub allowed_uids: Vec<u32>,
+    /// How long a client may take from connecting to a completed VERSION; then the connection
+    /// is closed and the device serves the next client. `None`: no deadline.
+    pub handshake_timeout: Option<Duration>,
+    /// How long a frame may take to arrive once its first byte has (a stalled or trickled
+    /// frame); then the connection is closed. An idle client *between* frames has no deadline.
+    /// `None`: no deadline.
+    pub frame_timeout: Option<Duration>,
 }
 
 impl Default for ServerOptions {
@@ -62,6 +88,8 @@ impl Default for ServerOptions {
             max_msg_fds: 16,
             socket_mode: DEFAULT_SOCKET_MODE,
             allowed_uids: Vec::new(),
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            frame_timeout: Some(DEFAULT_FRAME_TIMEOUT),
         }
     }
 }
@@ -106,6 +134,67 @@ pub enum ConnectionEnd {
     ProtocolError(String),
     /// A socket error.
     Io(io::Error),
+    /// The client missed a deadline (handshake or a started frame): the connection was closed.
+    TimedOut(String),
+}
+
+/// Bounds the `warn!` lines one source of bad input can write: a burst of [`LogLimiter::BURST`]
+/// lines, then one more per second; what is held back is counted and reported with the next
+/// line that passes (and by [`LogLimiter::take_suppressed`] at the end). 96k bad frames used
+/// to write 13.9 MB of log; now a flood costs about one line a second.
+#[derive(Debug)]
+pub struct LogLimiter {
+    tokens: u32,
+    refilled: Instant,
+    suppressed: u64,
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        LogLimiter {
+            tokens: Self::BURST,
+            refilled: Instant::now(),
+            suppressed: 0,
+        }
+    }
+}
+
+impl LogLimiter {
+    /// Lines allowed at once before the rate limit applies.
+    pub const BURST: u32 = 20;
+
+    /// Whether the next line may be written. `Some(n)`: write it, and say that `n` lines were
+    /// suppressed since the last one written; `None`: suppress it (it is counted).
+    pub fn admit(&mut self) -> Option<u64> {
+        let secs = self.refilled.elapsed().as_secs();
+        if secs > 0 {
+            self.tokens = self
+                .tokens
+                .saturating_add(u32::try_from(secs).unwrap_or(u32::MAX))
+                .min(Self::BURST);
+            self.refilled += Duration::from_secs(secs);
+        }
+        if self.tokens == 0 {
+            self.suppressed += 1;
+            return None;
+        }
+        self.tokens -= 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+
+    /// Lines suppressed and not reported yet; resets the count.
+    pub fn take_suppressed(&mut self) -> u64 {
+        std::mem::take(&mut self.suppressed)
+    }
+}
+
+/// ` [N similar messages suppressed]`, or nothing.
+fn suppressed_note(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" [{n} similar messages suppressed]")
+    }
 }
 
 /// One device served on one socket.
@@ -281,8 +370,16 @@ impl Server {
             client_max_xfer: self.opts.max_data_xfer_size,
             region_sizes,
             out: Vec::new(),
+            warns: LogLimiter::default(),
         };
         let end = conn.run();
+        let suppressed = conn.warns.take_suppressed();
+        if suppressed > 0 {
+            log::warn!(
+                "{}: {suppressed} more messages about this client's bad input were suppressed",
+                self.opts.name
+            );
+        }
         // Order matters: the device stops using the client's memory and eventfds first. A
         // connection that never negotiated (e.g. another server probing whether this socket is
         // live) never attached and leaves the device untouched.
@@ -351,23 +448,35 @@ struct Connection<'a> {
     region_sizes: Vec<u64>,
     /// The reply buffer, reused from one request to the next.
     out: Vec<u8>,
+    /// Rate limit of this client's `warn!` lines.
+    warns: LogLimiter,
 }
 
 impl Connection<'_> {
     fn run(&mut self) -> ConnectionEnd {
         let mut reader = FrameReader::new(self.opts.max_msg_size(), self.opts.max_msg_fds);
+        reader.deadlines = Deadlines {
+            handshake: self.opts.handshake_timeout.map(|t| Instant::now() + t),
+            frame: self.opts.frame_timeout,
+        };
         loop {
+            if self.negotiated {
+                reader.deadlines.handshake = None;
+            }
             let frame = match reader.next(&self.stream) {
                 Ok(Event::Frame(f)) => f,
                 Ok(Event::Eof) => return ConnectionEnd::Eof,
                 Ok(Event::Oversize(h)) => {
-                    log::warn!(
-                        "{}: message {} ({} bytes) exceeds {} bytes; discarded",
-                        self.opts.name,
-                        h.id,
-                        h.size,
-                        self.opts.max_msg_size()
-                    );
+                    if let Some(n) = self.warns.admit() {
+                        log::warn!(
+                            "{}: message {} ({} bytes) exceeds {} bytes; discarded{}",
+                            self.opts.name,
+                            h.id,
+                            h.size,
+                            self.opts.max_msg_size(),
+                            suppressed_note(n)
+                        );
+                    }
                     // Answered before the payload is drained: a client that lied about the size
                     // learns at once instead of waiting for bytes it will never send.
                     if !h.no_reply() {
@@ -378,6 +487,14 @@ impl Connection<'_> {
                     continue;
                 }
                 Err(ReadError::Io(e)) => return ConnectionEnd::Io(e),
+                Err(ReadError::TimedOut(why)) => {
+                    log::warn!(
+                        "{}: closing the connection: {why}; the device is free for the next \
+                         client",
+                        self.opts.name
+                    );
+                    return ConnectionEnd::TimedOut(why);
+                }
                 Err(ReadError::Desync(h, why)) => {
                     // Reply so the client learns why, then close: we cannot find the next frame.
                     let _ = self.send(&proto::error_frame(&h, libc::EINVAL), &[]);
@@ -418,13 +535,16 @@ impl Connection<'_> {
             // Never reply to NO_REPLY, not even with an error: the client is not waiting, and a
             // stray reply would be matched against a later request.
             if let Err(f) = result {
-                log::warn!(
-                    "{}: posted {}: {} (errno {})",
-                    self.opts.name,
-                    header.command,
-                    f.msg,
-                    f.errno
-                );
+                if let Some(n) = self.warns.admit() {
+                    log::warn!(
+                        "{}: posted {}: {} (errno {}){}",
+                        self.opts.name,
+                        header.command,
+                        f.msg,
+                        f.errno,
+                        suppressed_note(n)
+                    );
+                }
             }
             Ok(())
         } else {
@@ -437,14 +557,17 @@ impl Connection<'_> {
                     self.send(&out, &fds)
                 }
                 Err(f) => {
-                    log::warn!(
-                        "{}: command {} (id {}) failed: {} (errno {})",
-                        self.opts.name,
-                        header.command,
-                        header.id,
-                        f.msg,
-                        f.errno
-                    );
+                    if let Some(n) = self.warns.admit() {
+                        log::warn!(
+                            "{}: command {} (id {}) failed: {} (errno {}){}",
+                            self.opts.name,
+                            header.command,
+                            header.id,
+                            f.msg,
+                            f.errno,
+                            suppressed_note(n)
+                        );
+                    }
                     self.send(&proto::error_frame(&header, f.errno), &[])
                 }
             }
@@ -470,11 +593,35 @@ impl Connection<'_> {
             mut fds,
             fds_truncated,
         } = frame;
-        if fds_truncated {
-            return Err(Failure::new(
-                libc::EINVAL,
-                format!("more than {} fds in one message", self.opts.max_msg_fds),
-            ));
+        // Whatever fds did arrive are dropped (closed) with `fds` on every error path.
+        match fds_truncated {
+            None => {}
+            Some(FdLoss::TableFull) => {
+                return Err(Failure::new(
+                    libc::EMFILE,
+                    "fd table full (RLIMIT_NOFILE): control data truncated (MSG_CTRUNC), the \
+                     fds sent with this message did not all arrive; those that did were closed",
+                ))
+            }
+            Some(FdLoss::TooMany) => {
+                return Err(Failure::new(
+                    libc::EINVAL,
+                    format!(
+                        "control data truncated (MSG_CTRUNC): more than {} fds in one message; \
+                         those that arrived were closed",
+                        self.opts.max_msg_fds
+                    ),
+                ))
+            }
+            Some(FdLoss::Trickled) => {
+                return Err(Failure::new(
+                    libc::EINVAL,
+                    format!(
+                        "fds trickled with an incomplete frame beyond {} held; they were closed",
+                        2 * self.opts.max_msg_fds
+                    ),
+                ))
+            }
         }
         let req = proto::decode(&header, payload, &self.limits())?;
         if !self.negotiated && !matches!(req, Request::Version { .. }) {
@@ -631,6 +778,14 @@ impl Connection<'_> {
         caps: &serde_json::Value,
         w: &mut Writer,
     ) -> Result<ReplyFds, Failure> {
+        if self.negotiated {
+            // The spec has VERSION as the first message only; renegotiating limits under a
+            // live session (a smaller max_data_xfer_size with replies in flight) is refused.
+            return Err(Failure::new(
+                libc::EINVAL,
+                "VERSION already negotiated on this connection; nothing renegotiated",
+            ));
+        }
         if major != proto::VERSION_MAJOR {
             return Err(Failure::new(
                 libc::ENOTSUP,
@@ -638,10 +793,25 @@ impl Connection<'_> {
             ));
         }
         let c = &caps["capabilities"];
-        if let Some(x) = c["max_data_xfer_size"].as_u64() {
-            self.client_max_xfer = usize::try_from(x)
-                .unwrap_or(usize::MAX)
-                .min(self.opts.max_data_xfer_size);
+        let mut client_max_xfer = self.opts.max_data_xfer_size;
+        match &c["max_data_xfer_size"] {
+            serde_json::Value::Null => {}
+            v => match v.as_u64() {
+                Some(x) if x >= MIN_DATA_XFER_SIZE => {
+                    client_max_xfer = usize::try_from(x)
+                        .unwrap_or(usize::MAX)
+                        .min(self.opts.max_data_xfer_size);
+                }
+                _ => {
+                    return Err(Failure::new(
+                        libc::EINVAL,
+                        format!(
+                            "client max_data_xfer_size {v} is not a number of at least \
+                             {MIN_DATA_XFER_SIZE}"
+                        ),
+                    ))
+                }
+            },
         }
         if let Some(p) = c["pgsizes"].as_u64() {
             if p & 4096 == 0 {
@@ -668,13 +838,12 @@ impl Connection<'_> {
             .u16(proto::VERSION_MINOR)
             .bytes(ours.to_string().as_bytes())
             .bytes(&[0]);
-        if !self.negotiated {
-            self.negotiated = true;
-            lock(self.device).attach(ClientLink {
-                irqs: self.irqs.clone(),
-                dma: self.dma.clone(),
-            });
-        }
+        self.client_max_xfer = client_max_xfer;
+        self.negotiated = true;
+        lock(self.device).attach(ClientLink {
+            irqs: self.irqs.clone(),
+            dma: self.dma.clone(),
+        });
         Ok(Vec::new())
     }
 

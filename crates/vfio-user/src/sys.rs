@@ -307,3 +307,46 @@ pub(crate) fn is_eventfd(fd: &OwnedFd) -> bool {
         .map(|p| p.as_os_str() == "anon_inode:[eventfd]")
         .unwrap_or(false)
 }
+
+/// Wait until `sock` has something to read (data, EOF or an error) or `timeout` passes. Returns
+/// whether it is readable. EINTR is reported as "not yet" (false with time left is harmless: the
+/// caller recomputes its deadline and waits again).
+pub(crate) fn wait_readable(sock: &UnixStream, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // Round up so that a wait of 0.4 ms does not become a busy poll with timeout 0.
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(n > 0)
+}
+
+/// Whether this process's fd table is full right now (a `dup` fails with EMFILE or ENFILE).
+///
+/// Used when `recvmsg` reported MSG_CTRUNC: the kernel truncates the control data both when
+/// more fds were sent than the buffer holds and when it could not install them because the fd
+/// table is full (`scm_detach_fds` stops at the first `receive_fd` failure). The fds that *were*
+/// installed still occupy their slots when this is called, so a full table is still full.
+pub(crate) fn fd_table_full(sock: &UnixStream) -> bool {
+    // SAFETY: F_DUPFD_CLOEXEC on our own open socket; the result is checked and closed.
+    let fd = unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return matches!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE)
+        );
+    }
+    // SAFETY: `fd` was just created by fcntl and is owned by nobody else.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    false
+}

@@ -1471,11 +1471,20 @@ fn matrix() -> Vec<Row> {
         ),
         ENOTSUP_E,
     ));
+    // (Every row runs on a negotiated connection: a VERSION there is a second one, refused
+    // whatever it says; a first VERSION with major 1 is ENOTSUP, see
+    // test_version_rules_on_a_fresh_connection.)
     rows.push(row(
-        "Version major 1",
+        "Version major 1 (a second VERSION)",
         C::Version,
         version_payload(1),
-        ENOTSUP_E,
+        EINVAL_E,
+    ));
+    rows.push(row(
+        "Version 0.0 again (a second VERSION)",
+        C::Version,
+        version_payload(0),
+        EINVAL_E,
     ));
 
     // 6. Bad region index and offset.
