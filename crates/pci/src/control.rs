@@ -56,9 +56,14 @@ impl Fault {
                     .map_err(|_| format!("fault {name}: {v:?} is not a number")),
             }
         };
+        // A fault without a parameter refuses one rather than ignoring it.
+        let none = |f: Fault| match arg {
+            None => Ok(f),
+            Some(v) => Err(format!("fault {name} takes no argument; got {v:?}")),
+        };
         Ok(match name {
-            "link-down" => Fault::LinkDown,
-            "link-up" => Fault::LinkUp,
+            "link-down" => none(Fault::LinkDown)?,
+            "link-up" => none(Fault::LinkUp)?,
             "dma-error" => Fault::DmaError {
                 count: num(arg, 1)?,
             },
@@ -69,11 +74,23 @@ impl Fault {
                 },
             },
             "stuck-tp" => Fault::StuckTransactionsPending {
-                on: !matches!(arg, Some("off" | "0" | "false")),
+                on: match arg {
+                    None | Some("on" | "1" | "true") => true,
+                    Some("off" | "0" | "false") => false,
+                    Some(v) => return Err(format!("fault stuck-tp: {v:?} is not on or off")),
+                },
             },
-            "aer-correctable" => Fault::AerCorrectable,
+            "aer-correctable" => none(Fault::AerCorrectable)?,
             "aer-uncorrectable" => Fault::AerUncorrectable {
-                fatal: matches!(arg, Some("fatal")),
+                fatal: match arg {
+                    None | Some("nonfatal") => false,
+                    Some("fatal") => true,
+                    Some(v) => {
+                        return Err(format!(
+                            "fault aer-uncorrectable: {v:?} is not fatal or nonfatal"
+                        ))
+                    }
+                },
             },
             other => {
                 return Err(format!(
@@ -126,5 +143,29 @@ mod tests {
         );
         assert!(Fault::parse("melt").unwrap_err().contains("unknown fault"));
         assert!(Fault::parse("dma-error=x").is_err());
+        assert_eq!(
+            Fault::parse("stuck-tp"),
+            Ok(Fault::StuckTransactionsPending { on: true })
+        );
+        assert_eq!(
+            Fault::parse("aer-uncorrectable=nonfatal"),
+            Ok(Fault::AerUncorrectable { fatal: false })
+        );
+    }
+
+    #[test]
+    fn test_fault_parse_refuses_bad_arguments() {
+        for bad in [
+            "aer-uncorrectable=bogus",
+            "stuck-tp=bogus",
+            "dma-error=x",
+            "slow-reset=abc",
+            "link-down=now",
+            "aer-correctable=1",
+        ] {
+            let e = Fault::parse(bad).unwrap_err();
+            let name = bad.split('=').next().unwrap();
+            assert!(e.contains(name), "{bad}: {e}");
+        }
     }
 }

@@ -18,7 +18,12 @@
 //! `device` may be omitted when the server has exactly one device. The client of this protocol
 //! is `pcisim ctl` (and the lab), both through [`pcisim_lab::control::ControlClient`].
 //!
-//! Each client gets its own thread (at most [`MAX_CLIENTS`] at once). Journal requests never
+//! Each client gets its own thread (at most [`MAX_CLIENTS`] at once). Idle clients do not lock
+//! the socket up: a client that sends nothing for [`IDLE_TIMEOUT`] is disconnected, and when all
+//! [`MAX_CLIENTS`] places are taken a new client takes the place of the one idle the longest
+//! (idle for at least [`EVICT_IDLE`]; a client in the middle of a request is never evicted).
+//! The timeout is long on purpose: the lab holds one connection for a whole VM session and
+//! does not reconnect. Journal requests never
 //! touch the device lock (the journal has its own, held only to copy records); `status`, `list`
 //! and `inject` take the device lock once, briefly, and give up after [`LOCK_WAIT`] rather than
 //! wait behind a stuck device.
@@ -27,7 +32,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -47,6 +52,11 @@ pub const MAX_LIMIT: u64 = 10_000;
 pub const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// How long writing a response may block (a client that stops reading is dropped).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that sends no request for this long is disconnected (the default of
+/// [`ControlServer::set_idle_timeout`], `pcisim serve --control-idle-timeout`).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// When every place is taken, a client idle at least this long gives its place to a new one.
+pub const EVICT_IDLE: Duration = Duration::from_secs(1);
 
 const OPS: &str = "list, journal, violations, stats, status, inject";
 
@@ -430,22 +440,132 @@ fn write_reply(w: &mut impl Write, reply: &Value) -> io::Result<()> {
     w.flush()
 }
 
-/// Serves one control client until it closes the connection.
-fn serve_client(handler: &Handler, stream: UnixStream) -> io::Result<()> {
+/// What the acceptor knows of one connected control client.
+struct Slot {
+    id: u64,
+    /// A handle on the client's socket, to shut it down when the place is needed.
+    stream: UnixStream,
+    /// Milliseconds since the server started, at the client's last request or reply.
+    last_active_ms: AtomicU64,
+    /// A request is being handled.
+    busy: AtomicBool,
+}
+
+/// The connected control clients.
+struct Clients {
+    start: Instant,
+    idle_timeout: Duration,
+    next_id: AtomicU64,
+    slots: Mutex<Vec<Arc<Slot>>>,
+}
+
+impl Clients {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn slots(&self) -> MutexGuard<'_, Vec<Arc<Slot>>> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a new client, making room by evicting the longest-idle one if every place is
+    /// taken. `None`: no place (every client is busy or was active within [`EVICT_IDLE`]).
+    fn admit(&self, stream: &UnixStream) -> Option<Arc<Slot>> {
+        let handle = stream.try_clone().ok()?;
+        let mut slots = self.slots();
+        if slots.len() >= MAX_CLIENTS {
+            let now = self.now_ms();
+            let victim = slots
+                .iter()
+                .filter(|s| !s.busy.load(Ordering::SeqCst))
+                .map(|s| {
+                    (
+                        now.saturating_sub(s.last_active_ms.load(Ordering::SeqCst)),
+                        s,
+                    )
+                })
+                .filter(|(idle, _)| *idle >= EVICT_IDLE.as_millis() as u64)
+                .max_by_key(|(idle, _)| *idle)
+                .map(|(idle, s)| (idle, Arc::clone(s)));
+            let (idle, victim) = victim?;
+            log::info!(
+                "control: {MAX_CLIENTS} clients connected; disconnecting the one idle for {idle} ms \
+                 to serve a new one"
+            );
+            // Its thread sees EOF, ends, and unregisters; the place is taken over now.
+            let _ = victim.stream.shutdown(std::net::Shutdown::Both);
+            slots.retain(|s| s.id != victim.id);
+        }
+        let slot = Arc::new(Slot {
+            id: self.next_id.fetch_add(1, Ordering::SeqCst),
+            stream: handle,
+            last_active_ms: AtomicU64::new(self.now_ms()),
+            busy: AtomicBool::new(false),
+        });
+        slots.push(Arc::clone(&slot));
+        Some(slot)
+    }
+
+    fn release(&self, slot: &Slot) {
+        self.slots().retain(|s| s.id != slot.id);
+    }
+
+    fn len(&self) -> usize {
+        self.slots().len()
+    }
+}
+
+/// Serves one control client until it closes the connection, stays idle for [`IDLE_TIMEOUT`],
+/// or is evicted.
+fn serve_client(
+    handler: &Handler,
+    stream: UnixStream,
+    clients: &Clients,
+    slot: &Slot,
+) -> io::Result<()> {
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    stream.set_read_timeout(Some(clients.idle_timeout))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     loop {
-        let reply = match read_line_bounded(&mut reader, MAX_LINE)? {
+        let line = read_line_bounded(&mut reader, MAX_LINE);
+        slot.busy.store(true, Ordering::SeqCst);
+        let done = |slot: &Slot| {
+            slot.last_active_ms
+                .store(clients.now_ms(), Ordering::SeqCst);
+            slot.busy.store(false, Ordering::SeqCst);
+        };
+        let line = match line {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                done(slot);
+                log::info!(
+                    "control: client idle for {} ms; disconnected",
+                    clients.idle_timeout.as_millis()
+                );
+                return Ok(());
+            }
+            other => other,
+        };
+        let reply = match line.inspect_err(|_| done(slot))? {
             LineRead::Eof => return Ok(()),
             LineRead::TooLong(n) => json!({
                 "ok": false,
                 "error": format!("request line of {n} bytes is longer than {MAX_LINE} bytes")
             }),
-            LineRead::Line(line) if line.iter().all(u8::is_ascii_whitespace) => continue,
+            LineRead::Line(line) if line.iter().all(u8::is_ascii_whitespace) => {
+                done(slot);
+                continue;
+            }
             LineRead::Line(line) => handler.handle_line(&line),
         };
-        write_reply(&mut writer, &reply)?;
+        let written = write_reply(&mut writer, &reply);
+        done(slot);
+        written?;
     }
 }
 
@@ -453,8 +573,9 @@ fn serve_client(handler: &Handler, stream: UnixStream) -> io::Result<()> {
 pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
+    file: pcisim_vfio_user::server::SocketFile,
     handler: Arc<Handler>,
-    clients: Arc<AtomicUsize>,
+    clients: Arc<Clients>,
 }
 
 impl ControlServer {
@@ -464,17 +585,38 @@ impl ControlServer {
             .with_context(|| format!("control socket {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("making {} private", path.display()))?;
+        let file = pcisim_vfio_user::server::SocketFile::record(path)
+            .with_context(|| format!("control socket {}", path.display()))?;
         Ok(ControlServer {
             listener,
             path: path.to_path_buf(),
+            file,
             handler: Arc::new(Handler::new(devices)),
-            clients: Arc::new(AtomicUsize::new(0)),
+            clients: Arc::new(Clients {
+                start: Instant::now(),
+                idle_timeout: IDLE_TIMEOUT,
+                next_id: AtomicU64::new(0),
+                slots: Mutex::new(Vec::new()),
+            }),
         })
     }
 
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Disconnect clients that send nothing for `timeout` (default [`IDLE_TIMEOUT`]). Call
+    /// before [`ControlServer::run`].
+    pub fn set_idle_timeout(&mut self, timeout: Duration) {
+        if let Some(c) = Arc::get_mut(&mut self.clients) {
+            c.idle_timeout = timeout.max(Duration::from_millis(1));
+        }
+    }
+
+    /// The socket file as bound (removed at shutdown only if it is still ours).
+    pub fn socket_file(&self) -> &pcisim_vfio_user::server::SocketFile {
+        &self.file
     }
 
     /// Accepts clients forever, each on its own thread.
@@ -492,31 +634,32 @@ impl ControlServer {
             if !pcisim_vfio_user::server::admit_peer(&stream, &[], "control") {
                 continue;
             }
-            if self.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-                self.clients.fetch_sub(1, Ordering::SeqCst);
+            let Some(slot) = self.clients.admit(&stream) else {
                 let mut s = stream;
                 let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
                 let _ = write_reply(
                     &mut s,
-                    &json!({"ok": false, "error": format!("too many control clients (at most {MAX_CLIENTS})")}),
+                    &json!({"ok": false, "error": format!("too many control clients (at most {MAX_CLIENTS}, all busy)")}),
                 );
                 continue;
-            }
+            };
             let handler = Arc::clone(&self.handler);
             let clients = Arc::clone(&self.clients);
+            let thread_slot = Arc::clone(&slot);
             let spawned = std::thread::Builder::new()
                 .name("control-client".into())
                 .spawn(move || {
                     log::debug!("control: client connected");
-                    if let Err(e) = serve_client(&handler, stream) {
+                    if let Err(e) = serve_client(&handler, stream, &clients, &thread_slot) {
                         log::debug!("control: client dropped: {e}");
                     }
-                    clients.fetch_sub(1, Ordering::SeqCst);
+                    clients.release(&thread_slot);
                 });
             if let Err(e) = spawned {
-                self.clients.fetch_sub(1, Ordering::SeqCst);
+                self.clients.release(&slot);
                 log::warn!("control: cannot spawn a client thread: {e}");
             }
+            log::debug!("control: {} clients connected", self.clients.len());
         }
     }
 }

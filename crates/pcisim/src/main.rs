@@ -47,6 +47,20 @@ enum Cmd {
         /// server's own uid are served, others are refused at connect (SO_PEERCRED).
         #[arg(long = "allow-uid", value_name = "UID")]
         allow_uids: Vec<u32>,
+        /// A vfio-user client must complete VERSION within this many milliseconds of
+        /// connecting, or it is disconnected and the device serves the next client (0: no
+        /// deadline).
+        #[arg(long, value_name = "MS", default_value_t = 5000)]
+        handshake_timeout: u64,
+        /// A vfio-user message whose first byte has arrived must arrive whole within this many
+        /// milliseconds, or the client is disconnected (0: no deadline). An idle client between
+        /// messages is never timed out.
+        #[arg(long, value_name = "MS", default_value_t = 5000)]
+        frame_timeout: u64,
+        /// A control-socket client that sends no request for this many milliseconds is
+        /// disconnected (default 30 minutes; the lab holds one connection per VM session).
+        #[arg(long, value_name = "MS", default_value_t = 30 * 60 * 1000)]
+        control_idle_timeout: u64,
     },
     /// Talk to a running server's control socket: journal, violations, stats, faults.
     Ctl {
@@ -199,12 +213,18 @@ fn run(cli: Cli) -> Result<i32> {
             control,
             socket_mode,
             allow_uids,
+            handshake_timeout,
+            frame_timeout,
+            control_idle_timeout,
         } => serve(
             &parse_specs(&devices)?,
             control.as_deref(),
             &Access {
                 socket_mode,
                 allow_uids,
+                handshake_timeout: millis(handshake_timeout),
+                frame_timeout: millis(frame_timeout),
+                control_idle_timeout: std::time::Duration::from_millis(control_idle_timeout.max(1)),
             },
         ),
         Cmd::Ctl { control, json, cmd } => {
@@ -330,18 +350,42 @@ fn parse_mode(s: &str) -> std::result::Result<u32, String> {
     }
 }
 
-/// Who may connect to the device sockets (`serve --socket-mode`, `--allow-uid`).
+/// `0` → no deadline, otherwise that many milliseconds.
+fn millis(ms: u64) -> Option<std::time::Duration> {
+    (ms > 0).then(|| std::time::Duration::from_millis(ms))
+}
+
+/// Who may connect to the device sockets and how long they may take (`serve --socket-mode`,
+/// `--allow-uid`, `--handshake-timeout`, `--frame-timeout`).
 #[derive(Debug)]
 struct Access {
     socket_mode: u32,
     allow_uids: Vec<u32>,
+    handshake_timeout: Option<std::time::Duration>,
+    frame_timeout: Option<std::time::Duration>,
+    control_idle_timeout: std::time::Duration,
+}
+
+/// The socket files this process bound. Dropping it (at shutdown, or when startup fails after
+/// some sockets were bound) removes each one that is still the socket we bound — compared by
+/// st_dev/st_ino — and leaves alone whatever else now sits at its path.
+#[derive(Debug, Default)]
+struct BoundSockets(Vec<pcisim_vfio_user::server::SocketFile>);
+
+impl Drop for BoundSockets {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            f.remove_if_ours();
+        }
+    }
 }
 
 fn serve(specs: &[spec::DeviceSpec], control_path: Option<&Path>, access: &Access) -> Result<i32> {
     // Build and bind everything first, so a bad option or a busy socket fails before any
     // device starts serving.
     let mut servers = Vec::new();
-    let mut sockets: Vec<PathBuf> = Vec::new();
+    // Declared before anything is bound: every early return below removes what was bound.
+    let mut bound = BoundSockets::default();
     let mut controls = Vec::new();
     let mut built_all = devices::build_all(specs)?.into_iter();
     for s in specs {
@@ -367,6 +411,8 @@ fn serve(specs: &[spec::DeviceSpec], control_path: Option<&Path>, access: &Acces
             name: s.id.clone(),
             socket_mode: access.socket_mode,
             allowed_uids: access.allow_uids.clone(),
+            handshake_timeout: access.handshake_timeout,
+            frame_timeout: access.frame_timeout,
             ..Default::default()
         };
         let server = pcisim_vfio_user::Server::bind(&s.socket, built.device, opts)
@@ -378,23 +424,18 @@ fn serve(specs: &[spec::DeviceSpec], control_path: Option<&Path>, access: &Acces
             s.socket.display(),
             access.socket_mode
         );
-        sockets.push(s.socket.clone());
+        bound.0.push(server.socket_file().clone());
         servers.push(server);
     }
     let control = match control_path {
-        Some(path) => match control::ControlServer::bind(path, controls) {
-            Ok(c) => {
-                log::info!("control socket on {}", c.path().display());
-                Some(c)
-            }
-            Err(e) => {
-                // Leave no device socket behind that nobody serves.
-                for s in &sockets {
-                    let _ = std::fs::remove_file(s);
-                }
-                return Err(e);
-            }
-        },
+        Some(path) => {
+            // On failure `bound` leaves no device socket behind that nobody serves.
+            let mut c = control::ControlServer::bind(path, controls)?;
+            c.set_idle_timeout(access.control_idle_timeout);
+            log::info!("control socket on {}", c.path().display());
+            bound.0.push(c.socket_file().clone());
+            Some(c)
+        }
         None => None,
     };
     let mut signals = signal_hook::iterator::Signals::new([
@@ -422,8 +463,7 @@ fn serve(specs: &[spec::DeviceSpec], control_path: Option<&Path>, access: &Acces
     if let Some(sig) = signals.forever().next() {
         log::info!("signal {sig}: shutting down");
     }
-    for s in sockets.iter().map(PathBuf::as_path).chain(control_path) {
-        let _ = std::fs::remove_file(s);
-    }
+    // Only what is still our socket is removed (see `BoundSockets`).
+    drop(bound);
     Ok(0)
 }

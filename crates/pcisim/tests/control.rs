@@ -38,6 +38,11 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 impl Serve {
     /// Serves GPUs with the given ids.
     fn start(ids: &[&str]) -> Serve {
+        Serve::start_with(ids, &[])
+    }
+
+    /// Serves GPUs with the given ids, with more `pcisim serve` arguments.
+    fn start_with(ids: &[&str], extra: &[&str]) -> Serve {
         let dir = std::env::temp_dir().join(format!(
             "pcisim-ctl-{}-{}",
             std::process::id(),
@@ -55,6 +60,7 @@ impl Serve {
             ));
         }
         cmd.arg("--control").arg(&control);
+        cmd.args(extra);
         let log = std::fs::File::create(dir.join("serve.log")).unwrap();
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -406,6 +412,86 @@ fn test_ctl_errors_are_clear_and_exit_1() {
 
     // The server is still fine.
     assert_eq!(json(&s.ctl_ok(&["list"]))["devices"][0]["id"], "gpu0");
+}
+
+#[test]
+fn test_fault_arguments_are_validated_not_ignored() {
+    // These used to be accepted (ok:true) with the argument silently ignored or misread.
+    let s = Serve::start(&["gpu0"]);
+    for (fault, says) in [
+        ("aer-uncorrectable=bogus", "is not fatal or nonfatal"),
+        ("stuck-tp=bogus", "is not on or off"),
+        ("dma-error=x", "is not a number"),
+        ("slow-reset=abc", "is not a number"),
+        ("link-down=now", "takes no argument"),
+    ] {
+        let e = s.ctl_err(&["inject", "--device", "gpu0", fault]);
+        assert!(e.contains(says), "{fault}: {e}");
+    }
+    // Nothing was injected: the journal holds no fault record.
+    let injected = s
+        .journal("gpu0")
+        .into_iter()
+        .filter(|r| r["type"] == "fault_injected")
+        .count();
+    assert_eq!(injected, 0);
+    // The valid forms still work (and are journaled: the instrument above can see one).
+    s.ctl_ok(&["inject", "--device", "gpu0", "aer-uncorrectable=nonfatal"]);
+    let injected = s
+        .journal("gpu0")
+        .into_iter()
+        .filter(|r| r["type"] == "fault_injected")
+        .count();
+    assert_eq!(injected, 1);
+}
+
+#[test]
+fn test_many_idle_control_clients_do_not_lock_out_ctl() {
+    let s = Serve::start(&["gpu0"]);
+    // More idle connections than there are places (64), none sending anything.
+    let idle: Vec<UnixStream> = (0..70)
+        .map(|_| UnixStream::connect(&s.control).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(1200)); // all idle past the eviction threshold
+    let start = Instant::now();
+    let v = json(&s.ctl_ok(&["list"]));
+    assert_eq!(v["devices"][0]["id"], "gpu0");
+    // The lab's client, too.
+    let mut c = ControlClient::connect(&s.control).unwrap();
+    assert_eq!(c.list().unwrap()[0].id, "gpu0");
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(5), "ctl answered after {took:?}");
+    // An evicted idle client sees its connection closed (EOF), not a hang.
+    let mut closed = 0;
+    for mut c in idle {
+        c.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut b = [0u8; 256];
+        if matches!(std::io::Read::read(&mut c, &mut b), Ok(0)) {
+            closed += 1;
+        }
+    }
+    // (The 6 beyond 64 arrived while nobody was idle yet: they were refused at once; the
+    // ctl process then took an evicted client's place and the lab client the place ctl left.)
+    assert!(closed >= 1, "{closed} idle clients were disconnected");
+}
+
+#[test]
+fn test_idle_control_client_times_out_and_an_active_one_stays() {
+    let s = Serve::start_with(&["gpu0"], &["--control-idle-timeout", "400"]);
+    let mut idle = UnixStream::connect(&s.control).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut active = ControlClient::connect(&s.control).unwrap();
+    let start = Instant::now();
+    // The active client sends a request every 100 ms for a second: never idle for 400 ms.
+    while start.elapsed() < Duration::from_secs(1) {
+        assert_eq!(active.list().unwrap()[0].id, "gpu0");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut b = [0u8; 16];
+    let n = std::io::Read::read(&mut idle, &mut b).expect("EOF, not a read timeout");
+    assert_eq!(n, 0, "the idle client was disconnected");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert_eq!(active.list().unwrap()[0].id, "gpu0");
 }
 
 /// Sends `line` on a raw connection and reads one response line.

@@ -201,6 +201,7 @@ fn suppressed_note(n: u64) -> String {
 pub struct Server {
     listener: UnixListener,
     path: PathBuf,
+    file: SocketFile,
     device: Arc<Mutex<dyn Device>>,
     opts: ServerOptions,
 }
@@ -256,6 +257,81 @@ pub fn bind_socket_with_mode(path: &Path, mode: u32) -> Result<UnixListener, Ser
     })
 }
 
+/// The socket file a server bound, identified by the device and inode it had right after
+/// `bind`, so that shutdown removes only what is still that socket: not a regular file someone
+/// put at the path since, nor the live socket of a second server that took the path over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+/// What [`SocketFile::remove_if_ours`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// The path still held our socket: it was unlinked.
+    Removed,
+    /// Nothing is at the path any more.
+    Gone,
+    /// Something else is at the path now (another file, another server's socket): left alone.
+    NotOurs,
+}
+
+impl SocketFile {
+    /// Record the identity of the socket file at `path` (call right after binding it).
+    pub fn record(path: &Path) -> io::Result<SocketFile> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path)?;
+        Ok(SocketFile {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Unlink the path if it still is the socket we bound (same st_dev and st_ino); leave
+    /// anything else where it is. Logged at `info!` (removed) or `warn!` (not ours).
+    pub fn remove_if_ours(&self) -> Removal {
+        use std::os::unix::fs::MetadataExt;
+        let m = match std::fs::symlink_metadata(&self.path) {
+            Ok(m) => m,
+            Err(_) => return Removal::Gone,
+        };
+        if !m.file_type().is_socket() || m.dev() != self.dev || m.ino() != self.ino {
+            log::warn!(
+                "{} is no longer the socket this server bound (now dev {} inode {}, a {}); \
+                 left in place",
+                self.path.display(),
+                m.dev(),
+                m.ino(),
+                if m.file_type().is_socket() {
+                    "socket"
+                } else {
+                    "non-socket file"
+                }
+            );
+            return Removal::NotOurs;
+        }
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {
+                log::info!("removed socket {}", self.path.display());
+                Removal::Removed
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Removal::Gone,
+            Err(e) => {
+                log::warn!("cannot remove {}: {e}", self.path.display());
+                Removal::NotOurs
+            }
+        }
+    }
+}
+
 /// The credentials of the process at the other end of `stream` (SO_PEERCRED: recorded by the
 /// kernel when the peer connected).
 pub fn peer_credentials(stream: &UnixStream) -> io::Result<PeerCred> {
@@ -299,9 +375,14 @@ impl Server {
         opts: ServerOptions,
     ) -> Result<Server, ServerError> {
         let listener = bind_socket_with_mode(path, opts.socket_mode)?;
+        let file = SocketFile::record(path).map_err(|source| ServerError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(Server {
             listener,
             path: path.to_path_buf(),
+            file,
             device,
             opts,
         })
@@ -310,6 +391,11 @@ impl Server {
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The socket file as bound (for removing it at shutdown only if it is still ours).
+    pub fn socket_file(&self) -> &SocketFile {
+        &self.file
     }
 
     /// Serve clients one after another, forever. Transient accept failures (out of fds, an
