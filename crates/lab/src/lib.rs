@@ -62,6 +62,7 @@ pub mod kmod;
 pub mod ktap;
 pub mod manual;
 pub mod mm;
+pub mod output;
 pub mod process;
 pub mod profile;
 pub mod provision;

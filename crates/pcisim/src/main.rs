@@ -14,6 +14,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use pcisim_lab::note;
+use pcisim_lab::output::PipeSafe;
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -177,11 +179,21 @@ fn main() {
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("pcisim: error: {e:#}");
+            note!("pcisim: error: {e:#}");
             1
         }
     };
     std::process::exit(code);
+}
+
+/// Writes `text` to stdout; a reader that went away is not an error (the rest is discarded),
+/// any other write error is.
+fn print_out(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = PipeSafe::stdout();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
 }
 
 fn parse_specs(devices: &[String]) -> Result<Vec<spec::DeviceSpec>> {
@@ -224,7 +236,7 @@ fn run(cli: Cli) -> Result<i32> {
                     "description": built.description,
                 }));
             }
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            print_out(&format!("{}\n", serde_json::to_string_pretty(&out)?))?;
             Ok(0)
         }
         Cmd::Lab { cmd } => match cmd {
@@ -266,7 +278,9 @@ fn run(cli: Cli) -> Result<i32> {
 fn lab_manual(cmd: LabCmd) -> Result<i32> {
     use pcisim_lab::manual;
     let dir = |d: Option<PathBuf>| d.unwrap_or_else(manual::default_state_dir);
-    let mut out = std::io::stdout();
+    // What these commands do (start a VM, plug, bring it down) must not depend on whether
+    // anybody still reads what they say: a reader that went away only silences them.
+    let mut out = PipeSafe::stdout();
     match cmd {
         LabCmd::Suite { .. } => anyhow::bail!("lab suite is not a manual command"),
         LabCmd::Up {
@@ -294,12 +308,17 @@ fn lab_manual(cmd: LabCmd) -> Result<i32> {
             argv,
         } => {
             let r = manual::exec(&dir(state), &argv, std::time::Duration::from_secs(timeout))?;
-            use std::io::Write;
-            print!("{}", r.stdout);
-            eprint!("{}", r.stderr);
-            std::io::stdout().flush().ok();
+            print_out(&r.stdout)?;
+            {
+                use std::io::Write;
+                // The command's own stderr: passed on if anybody reads it.
+                let mut err = std::io::stderr().lock();
+                let _ = err
+                    .write_all(r.stderr.as_bytes())
+                    .and_then(|()| err.flush());
+            }
             if r.timed_out {
-                eprintln!("pcisim: the guest killed the command after {timeout} s");
+                note!("pcisim: the guest killed the command after {timeout} s");
             }
             return Ok(match (r.exit, r.signal) {
                 (Some(code), _) => code,
