@@ -1105,6 +1105,7 @@ mod tests {
                     "kind": "dma_after_unmap", "detail": "write 0x1000+4 after unmap"}),
             }],
             unretained: 0,
+            degraded: Vec::new(),
         }
     }
 
