@@ -99,6 +99,9 @@ enum LabCmd {
         /// Keep the run directory (sockets, logs, initramfs) even on success.
         #[arg(long)]
         keep: bool,
+        /// Succeed even if scenarios were skipped (by default a skip makes the run exit 4).
+        #[arg(long)]
+        allow_skip: bool,
     },
     /// Start a VM with the profile's devices and free hot-add slots, left running (manual
     /// experiments; see docs/hotplug.md).
@@ -245,6 +248,7 @@ fn run(cli: Cli) -> Result<i32> {
                 kernel,
                 device_opts,
                 keep,
+                allow_skip,
             } => {
                 let opts = pcisim_lab::SuiteOptions {
                     pcisim_exe: std::env::current_exe().context("locating the pcisim binary")?,
@@ -252,18 +256,22 @@ fn run(cli: Cli) -> Result<i32> {
                     kernel,
                     device_opts,
                     keep,
+                    allow_skip,
                 };
                 let mut out = std::io::stdout();
                 let mut progress = std::io::stderr();
-                match pcisim_lab::run_suite(&opts, &mut out, &mut progress) {
-                    Ok(ok) => Ok(if ok { 0 } else { 1 }),
-                    // Interrupted: the conventional 128 + signal, after the lab cleaned up.
-                    Err(e) if e.interrupt_signal().is_some() => {
-                        eprintln!("pcisim: {e}");
-                        Ok(128 + e.interrupt_signal().unwrap_or(2))
+                let result = pcisim_lab::run_suite(&opts, &mut out, &mut progress);
+                // 0 all passed, 1 failed, 2 infrastructure, 4 not everything ran, 128 + signal
+                // interrupted (after the lab cleaned up), 141 the report's reader went away.
+                let code = pcisim_lab::suite::exit_code(&result, allow_skip);
+                if let Err(e) = &result {
+                    let text = pcisim_lab::error::error_chain(e);
+                    match code {
+                        pcisim_lab::suite::EXIT_INFRA => note!("pcisim: error: {text}"),
+                        _ => note!("pcisim: {text}"),
                     }
-                    Err(e) => Err(e.into()),
                 }
+                Ok(code)
             }
             cmd => lab_manual(cmd),
         },
