@@ -355,10 +355,15 @@ fn h1_hot_add(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     );
     let argv = ctx.guest_argv("e1", &id, &["--bdf", &bdf])?;
     ctx.guest_test(&format!("{id} at {bdf} passes E1"), &argv)?;
-    check_msi_cap(ctx, &id, &bdf)?;
+    let msi = msi_applies(ctx, &id)?;
+    if msi {
+        check_msi_cap(ctx, &id, &bdf)?;
+    }
     let argv = ctx.guest_argv("e2", &id, &["--bdf", &bdf])?;
     ctx.guest_test(&format!("BAR access: {id} at {bdf} passes E2"), &argv)?;
-    check_msi_delivery(ctx, &id, &bdf)?;
+    if msi {
+        check_msi_delivery(ctx, &id, &bdf)?;
+    }
     let (driver, bind_took) = bind_vfio(ctx, &bdf)?;
     ctx.check(
         &format!(
@@ -382,14 +387,50 @@ fn described_cap(description: &Value, cap_id: u64) -> Option<u64> {
         .as_u64()
 }
 
-/// If the device describes an MSI capability, the guest (through QEMU's MSI emulation) sees
-/// it there with the Message Control the function advertises (vectors, 64-bit, per-vector
-/// masking) and MSI disabled.
+/// Whether H1's MSI checks apply to a device served with `opts` that does (or does not)
+/// describe an MSI capability: they follow from the profile, not from what the device happens
+/// to describe. `irq=msi` requires MSI (a device without the capability is an error, never a
+/// skip); a device with MSI described is checked whatever the profile says; otherwise (MSI-X)
+/// they do not apply.
+fn msi_required(opts: &[String], described: bool) -> Result<bool, String> {
+    let profile_says_msi = opts.iter().any(|o| o == "irq=msi");
+    match (profile_says_msi, described) {
+        (true, false) => Err(
+            "the profile serves it with irq=msi, but it describes no MSI capability".to_string(),
+        ),
+        (_, described) => Ok(described),
+    }
+}
+
+/// Whether H1's MSI checks apply to `id` ([`msi_required`]); a contradiction between the
+/// profile and the device is an error.
+fn msi_applies(ctx: &mut HostCtx<'_>, id: &str) -> Result<bool, HostError> {
+    let described = described_cap(&ctx.device(id)?.description.raw, 0x05).is_some();
+    let opts = ctx
+        .profile()
+        .devices
+        .iter()
+        .find(|d| d.id == id)
+        .map(|d| d.opts.clone())
+        .ok_or_else(|| HostError::NoDevice(id.to_string()))?;
+    let applies =
+        msi_required(&opts, described).map_err(|why| HostError::Step(format!("{id}: {why}")))?;
+    if !applies {
+        ctx.diag(&format!(
+            "{id} is served with MSI-X (no irq=msi in the profile) and describes no MSI \
+             capability: the MSI checks do not apply"
+        ));
+    }
+    Ok(applies)
+}
+
+/// The guest (through QEMU's MSI emulation) sees the MSI capability where the device describes
+/// it, with the Message Control the function advertises (vectors, 64-bit, per-vector masking)
+/// and MSI disabled.
 fn check_msi_cap(ctx: &mut HostCtx<'_>, id: &str, bdf: &str) -> Result<(), HostError> {
     let raw = ctx.device(id)?.description.raw.clone();
     let Some(at) = described_cap(&raw, 0x05) else {
-        ctx.diag(&format!("{id} describes no MSI capability"));
-        return Ok(());
+        return Err(HostError::Step(format!("{id} describes no MSI capability")));
     };
     let out = ctx.sh(&format!(
         "od -An -tx1 -j{at} -N4 /sys/bus/pci/devices/{bdf}/config"
@@ -420,14 +461,8 @@ const H1_MSI_VECTORS: &str = "0,1,5";
 
 /// MSI delivery in the guest: E3 with `--irq msi` through a guest vfio user, and the device's
 /// journal of the step: one `interrupt` record `delivered` per doorbell, nothing held back.
-/// Skipped for a device without an MSI capability.
 fn check_msi_delivery(ctx: &mut HostCtx<'_>, id: &str, bdf: &str) -> Result<(), HostError> {
     let name = "MSI delivery in the guest through vfio-pci";
-    let raw = ctx.device(id)?.description.raw.clone();
-    if described_cap(&raw, 0x05).is_none() {
-        ctx.skip(name, &format!("{id} has no MSI capability"));
-        return Ok(());
-    }
     let mark = ctx.control().last_seq(id)?;
     let argv = ctx.guest_argv(
         "e3",
@@ -1786,6 +1821,19 @@ mod tests {
         assert_eq!(described_cap(&d, 5), Some(72));
         assert_eq!(described_cap(&d, 0x11), None);
         assert_eq!(described_cap(&serde_json::json!({}), 5), None);
+    }
+
+    #[test]
+    fn test_msi_required_follows_the_profile() {
+        let msi = vec!["irq=msi".to_string()];
+        assert_eq!(msi_required(&msi, true), Ok(true));
+        // irq=msi and no MSI capability: an error, not a skip.
+        assert!(msi_required(&msi, false)
+            .unwrap_err()
+            .contains("irq=msi, but it describes no MSI capability"));
+        // MSI-X: not applicable, unless the device describes MSI anyway (then it is checked).
+        assert_eq!(msi_required(&[], false), Ok(false));
+        assert_eq!(msi_required(&["vram=1M".to_string()], true), Ok(true));
     }
 
     #[test]
