@@ -234,6 +234,8 @@ fn lab_suite_all_scenarios_pass() {
         "gpu1 removed: npu0 PEER_STATUS = configured, peer gone",
         "the guest NPU driver took a reference on its GPU peer's pci_dev",
         "the guest holds no reference to the removed gpu1: the driver dropped it and the kernel freed its pci_dev",
+        "the kobject release instrument is on (lib/kobject.c kobject_cleanup =p, read back)",
+        "positive control: with the driver that does not leak, the kernel logged the release of the removed gpu1's pci_dev",
         "bug=leak_peer_ref caught: the removed gpu1's pci_dev",
         "cycle 2: device_del gpu1 → DEVICE_DELETED after pciehp's attention-button window",
         "kill: pasid 1 journaled bind → unbind_begin → drained → unbind_ack → released, once",
