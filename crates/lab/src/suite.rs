@@ -1327,6 +1327,37 @@ mod tests {
     }
 
     #[test]
+    fn test_degraded_window_fails_even_an_expected_failure() {
+        let degraded = WindowReport {
+            degraded: vec!["gpu0: VIOLATION checker_degraded: mapped set overflow (#9)".into()],
+            ..WindowReport::default()
+        };
+        let mut diags = Vec::new();
+        let v = judge_journal(Verdict::Pass, Ok(degraded.clone()), &mut diags);
+        assert_eq!(
+            v,
+            Verdict::Fail("journal window incomplete: checker degraded (1 marker)".into())
+        );
+        assert_eq!(
+            diags,
+            ["DEGRADED gpu0: VIOLATION checker_degraded: mapped set overflow (#9)"]
+        );
+        // An XFAIL scenario whose expected violation was journaled still fails: the checker
+        // was partly blind in its window.
+        let want = vec![("gpu0".to_string(), "dma_after_unmap".to_string())];
+        let w = WindowReport {
+            degraded: degraded.degraded,
+            ..violation_window()
+        };
+        let (v, note) = judge_expected(Verdict::Pass, Ok(w), &want, &mut Vec::new());
+        assert!(
+            matches!(&v, Verdict::Fail(r) if r.contains("checker degraded")),
+            "{v:?}"
+        );
+        assert_eq!(note, None);
+    }
+
+    #[test]
     fn test_suite_exit_codes() {
         let all_passed = SuiteOutcome {
             passed: 3,
