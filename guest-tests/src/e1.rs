@@ -7,19 +7,20 @@ use crate::pci::{self, Bar, Cap, DeviceView, ExtCap};
 use serde::Deserialize;
 use std::collections::BTreeSet;
 
-/// The expectation. Every field is optional: a missing one is skipped, and
-/// unknown fields are ignored (the describe output may grow).
-#[derive(Debug, Default, Deserialize)]
+/// The expectation. Every field is required: a missing one is an error (the
+/// setup fails), never a silently skipped check. Unknown fields are ignored (the
+/// describe output may grow).
+#[derive(Debug, Deserialize)]
 pub struct Expect {
-    pub vendor_id: Option<u16>,
-    pub device_id: Option<u16>,
-    pub class_code: Option<u32>,
-    pub revision: Option<u8>,
-    pub subsystem_vendor_id: Option<u16>,
-    pub subsystem_id: Option<u16>,
-    pub bars: Option<Vec<Bar>>,
-    pub capabilities: Option<Vec<Cap>>,
-    pub ext_capabilities: Option<Vec<ExtCap>>,
+    pub vendor_id: u16,
+    pub device_id: u16,
+    pub class_code: u32,
+    pub revision: u8,
+    pub subsystem_vendor_id: u16,
+    pub subsystem_id: u16,
+    pub bars: Vec<Bar>,
+    pub capabilities: Vec<Cap>,
+    pub ext_capabilities: Vec<ExtCap>,
 }
 
 pub fn parse_expect(json: &str) -> Result<Expect, String> {
@@ -33,24 +34,18 @@ pub struct Check {
     pub outcome: Outcome,
 }
 
-fn compare_fields(fields: &[(&str, Option<u64>, u64, usize)]) -> Outcome {
+fn compare_fields(fields: &[(&str, u64, u64, usize)]) -> Outcome {
     let mut wanted = Vec::new();
     let mut got = Vec::new();
-    let mut any = false;
     let mut bad = false;
-    for (name, exp, actual, width) in fields {
-        if let Some(e) = exp {
-            any = true;
-            if e != actual {
-                bad = true;
-            }
-            wanted.push(format!("{name}=0x{e:0width$x}"));
-            got.push(format!("{name}=0x{actual:0width$x}"));
+    for (name, e, actual, width) in fields {
+        if e != actual {
+            bad = true;
         }
+        wanted.push(format!("{name}=0x{e:0width$x}"));
+        got.push(format!("{name}=0x{actual:0width$x}"));
     }
-    if !any {
-        Outcome::Skip("not in the expectation".into())
-    } else if bad {
+    if bad {
         Outcome::Fail(format!(
             "expected {}, got {}",
             wanted.join(" "),
@@ -101,27 +96,17 @@ pub fn compare(
     push(
         "ids".into(),
         compare_fields(&[
-            (
-                "vendor",
-                exp.vendor_id.map(u64::from),
-                view.vendor_id.into(),
-                4,
-            ),
-            (
-                "device",
-                exp.device_id.map(u64::from),
-                view.device_id.into(),
-                4,
-            ),
+            ("vendor", exp.vendor_id.into(), view.vendor_id.into(), 4),
+            ("device", exp.device_id.into(), view.device_id.into(), 4),
             (
                 "subsystem_vendor",
-                exp.subsystem_vendor_id.map(u64::from),
+                exp.subsystem_vendor_id.into(),
                 view.subsystem_vendor_id.into(),
                 4,
             ),
             (
                 "subsystem",
-                exp.subsystem_id.map(u64::from),
+                exp.subsystem_id.into(),
                 view.subsystem_id.into(),
                 4,
             ),
@@ -130,43 +115,30 @@ pub fn compare(
     push(
         "class".into(),
         compare_fields(&[
-            (
-                "class",
-                exp.class_code.map(u64::from),
-                view.class_code.into(),
-                6,
-            ),
-            (
-                "revision",
-                exp.revision.map(u64::from),
-                view.revision.into(),
-                2,
-            ),
+            ("class", exp.class_code.into(), view.class_code.into(), 6),
+            ("revision", exp.revision.into(), view.revision.into(), 2),
         ]),
     );
 
-    match &exp.bars {
-        None => push(
-            "bars".into(),
-            Outcome::Skip("not in the expectation".into()),
-        ),
-        Some(bars) => {
-            let indices: BTreeSet<u32> = bars
-                .iter()
-                .chain(view.bars.iter())
-                .map(|b| b.index)
-                .collect();
-            for i in indices {
-                let e = bars.iter().find(|b| b.index == i);
-                let g = view.bars.iter().find(|b| b.index == i);
-                let outcome = if e == g {
-                    Outcome::Pass
-                } else {
-                    Outcome::Fail(format!("expected {}, got {}", fmt_bar(e), fmt_bar(g)))
-                };
-                push(format!("bar{i}"), outcome);
-            }
-        }
+    let bars = &exp.bars;
+    let indices: BTreeSet<u32> = bars
+        .iter()
+        .chain(view.bars.iter())
+        .map(|b| b.index)
+        .collect();
+    if indices.is_empty() {
+        // Neither side has a BAR: still one asserted result.
+        push("bars".into(), Outcome::Pass);
+    }
+    for i in indices {
+        let e = bars.iter().find(|b| b.index == i);
+        let g = view.bars.iter().find(|b| b.index == i);
+        let outcome = if e == g {
+            Outcome::Pass
+        } else {
+            Outcome::Fail(format!("expected {}, got {}", fmt_bar(e), fmt_bar(g)))
+        };
+        push(format!("bar{i}"), outcome);
     }
 
     let list_outcome = |equal: bool, err: Option<&str>, e: String, g: String| {
@@ -178,36 +150,24 @@ pub fn compare(
             Outcome::Fail(format!("expected {e}, got {g}"))
         }
     };
-    match &exp.capabilities {
-        None => push(
-            "capabilities".into(),
-            Outcome::Skip("not in the expectation".into()),
+    push(
+        "capabilities".into(),
+        list_outcome(
+            exp.capabilities == view.capabilities,
+            cap_err,
+            fmt_caps(&exp.capabilities),
+            fmt_caps(&view.capabilities),
         ),
-        Some(c) => push(
-            "capabilities".into(),
-            list_outcome(
-                *c == view.capabilities,
-                cap_err,
-                fmt_caps(c),
-                fmt_caps(&view.capabilities),
-            ),
+    );
+    push(
+        "ext_capabilities".into(),
+        list_outcome(
+            exp.ext_capabilities == view.ext_capabilities,
+            ext_err,
+            fmt_ext_caps(&exp.ext_capabilities),
+            fmt_ext_caps(&view.ext_capabilities),
         ),
-    }
-    match &exp.ext_capabilities {
-        None => push(
-            "ext_capabilities".into(),
-            Outcome::Skip("not in the expectation".into()),
-        ),
-        Some(c) => push(
-            "ext_capabilities".into(),
-            list_outcome(
-                *c == view.ext_capabilities,
-                ext_err,
-                fmt_ext_caps(c),
-                fmt_ext_caps(&view.ext_capabilities),
-            ),
-        ),
-    }
+    );
     out
 }
 
@@ -400,17 +360,58 @@ mod tests {
         assert!(matches!(&c[4].outcome, Outcome::Fail(r) if r.contains("loops")));
     }
 
+    /// The full expectation without `field`.
+    fn without(field: &str) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(EXPECT).unwrap();
+        v.as_object_mut().unwrap().remove(field).unwrap();
+        v.to_string()
+    }
+
     #[test]
-    fn partial_expectation_skips() {
-        let e = parse_expect(r#"{"vendor_id":4660}"#).unwrap();
-        let c = compare(&view(), None, None, &e);
-        assert_eq!(
-            names(&c),
-            vec!["ids", "class", "bars", "capabilities", "ext_capabilities"]
-        );
-        assert_eq!(c[0].outcome, Outcome::Pass);
-        assert!(c[1..].iter().all(|c| matches!(c.outcome, Outcome::Skip(_))));
+    fn every_expectation_field_is_required() {
+        for field in [
+            "vendor_id",
+            "device_id",
+            "class_code",
+            "revision",
+            "subsystem_vendor_id",
+            "subsystem_id",
+            "bars",
+            "capabilities",
+            "ext_capabilities",
+        ] {
+            let e = parse_expect(&without(field)).unwrap_err();
+            assert!(
+                e.contains(&format!("missing field `{field}`")),
+                "{field}: {e}"
+            );
+        }
+        let e = parse_expect(r#"{"vendor_id":4660}"#).unwrap_err();
+        assert!(e.starts_with("bad --expect JSON: missing field"), "{e}");
         assert!(parse_expect("{").is_err());
         assert!(parse_expect(r#"{"vendor_id":"x"}"#).is_err());
+        // A null is not a value either.
+        assert!(parse_expect(&EXPECT.replace(r#""revision":1"#, r#""revision":null"#)).is_err());
+    }
+
+    #[test]
+    fn no_check_is_ever_skipped() {
+        let e = parse_expect(EXPECT).unwrap();
+        let mut v = view();
+        v.bars.clear();
+        let c = compare(&v, None, None, &e);
+        assert!(
+            c.iter().all(|c| !matches!(c.outcome, Outcome::Skip(_))),
+            "{c:?}"
+        );
+        // No BAR on either side: one passing `bars` result, not nothing.
+        let mut none = parse_expect(EXPECT).unwrap();
+        none.bars.clear();
+        let c = compare(&v, None, None, &none);
+        assert_eq!(
+            names(&c),
+            ["ids", "class", "bars", "capabilities", "ext_capabilities"]
+        );
+        assert!(c.iter().all(|c| c.outcome == Outcome::Pass), "{c:?}");
     }
 }

@@ -66,6 +66,112 @@ pub enum ControlError {
     /// The server refused the request (`{"ok":false,"error":...}`).
     #[error("{0}")]
     Refused(String),
+    /// A journal window cannot be trusted: records were lost or the checker said it was
+    /// degraded (see [`ControlClient::window`]).
+    #[error(transparent)]
+    Incomplete(#[from] Incomplete),
+}
+
+/// Violation kinds by which a device says that its checker was not fully watching during a
+/// window (docs/journal.md: the mapped set overflowed, PASID marks were forgotten, a gate drain
+/// timed out after 10 s): a window that contains one is unclean ([`unclean_marker`]), and the
+/// suite reports it as a degradation rather than a device fault.
+pub const UNCLEAN_VIOLATION_KINDS: &[&str] = &["checker_degraded"];
+
+/// Record types that mark a window unclean by themselves (none today; kept so that a server
+/// journaling degradations as records of their own needs one line here).
+pub const UNCLEAN_RECORD_TYPES: &[&str] = &["checker_degraded"];
+
+/// Whether a violation of `kind` is a degradation marker ([`UNCLEAN_VIOLATION_KINDS`]).
+pub fn is_degradation(kind: &str) -> bool {
+    UNCLEAN_VIOLATION_KINDS.contains(&kind)
+}
+
+/// Whether `record` marks its window unclean: a `violation` of a kind in
+/// [`UNCLEAN_VIOLATION_KINDS`], a type in [`UNCLEAN_RECORD_TYPES`], or any record with
+/// `"degraded": true` or `"unclean": true`. Returns a one-line description.
+pub fn unclean_marker(record: &Value) -> Option<String> {
+    let ty = record.get("type").and_then(Value::as_str).unwrap_or("?");
+    let kind = record.get("kind").and_then(Value::as_str).unwrap_or("");
+    let flagged = ["degraded", "unclean"]
+        .iter()
+        .any(|k| record.get(*k) == Some(&Value::Bool(true)));
+    let marker = (ty == "violation" && is_degradation(kind))
+        || UNCLEAN_RECORD_TYPES.contains(&ty)
+        || flagged;
+    marker.then(|| {
+        let seq = record.get("seq").and_then(Value::as_u64).unwrap_or(0);
+        format!("{} (#{seq})", summarize(record))
+    })
+}
+
+/// Why a journal window cannot be trusted: the reader missed records, or the device said its
+/// checker was degraded while the window was open. An absence check on such a window would
+/// prove nothing, so reading it is an error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("journal window incomplete: {device} after #{after}: {}", self.what())]
+pub struct Incomplete {
+    /// The device.
+    pub device: String,
+    /// Where the window started (its records have `seq > after`).
+    pub after: u64,
+    /// Records the journal's ring dropped before they could be read.
+    pub lost: u64,
+    /// The degradation markers found (record summaries, or what the response said).
+    pub degraded: Vec<String>,
+}
+
+impl Incomplete {
+    fn what(&self) -> String {
+        let mut parts = Vec::new();
+        if self.lost > 0 {
+            parts.push(format!(
+                "{} record{} lost (dropped from the ring before they were read)",
+                self.lost,
+                if self.lost == 1 { "" } else { "s" }
+            ));
+        }
+        if !self.degraded.is_empty() {
+            parts.push(format!("checker degraded: {}", self.degraded.join("; ")));
+        }
+        parts.join(", ")
+    }
+}
+
+/// A complete journal window of one device: every record with `seq > after` up to the newest,
+/// none lost, and no degradation marker among them. Only [`ControlClient::window`] makes one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    /// The device.
+    pub device: String,
+    /// The window started after this sequence number.
+    pub after: u64,
+    /// The records, oldest first.
+    pub records: Vec<Value>,
+    /// The `after` of the next window (continues where this one ended).
+    pub next_after: u64,
+}
+
+impl Window {
+    /// Judges a slice read after `after`: complete, or [`Incomplete`].
+    pub fn from_slice(device: &str, after: u64, slice: JournalSlice) -> Result<Window, Incomplete> {
+        let mut degraded = slice.degraded;
+        degraded.extend(slice.records.iter().filter_map(unclean_marker));
+        if slice.lost > 0 || !degraded.is_empty() {
+            return Err(Incomplete {
+                device: device.to_string(),
+                after,
+                lost: slice.lost,
+                degraded,
+            });
+        }
+        Ok(Window {
+            device: device.to_string(),
+            after,
+            next_after: slice.next_after.max(after),
+            records: slice.records,
+        })
+    }
 }
 
 /// One device as `list` reports it.
@@ -96,6 +202,27 @@ pub struct JournalSlice {
     pub next_after: u64,
     /// Whether `limit` cut the slice short.
     pub more: bool,
+    /// What the response itself said about degradation (a `degraded`/`unclean` field: `true`,
+    /// a string or a list of strings), one entry each; empty when it said nothing.
+    pub degraded: Vec<String>,
+}
+
+/// The degradation a `journal` response reports in a `degraded` or `unclean` field.
+fn response_degraded(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for key in ["degraded", "unclean"] {
+        match v.get(key) {
+            Some(Value::Bool(true)) => out.push(format!("the server says the window is {key}")),
+            Some(Value::String(s)) if !s.is_empty() => out.push(s.clone()),
+            Some(Value::Array(items)) => out.extend(items.iter().map(|i| match i {
+                Value::String(s) => s.clone(),
+                other => summarize(other),
+            })),
+            Some(Value::Object(_)) => out.push(format!("{key}: {}", v[key])),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// A connection to a control socket.
@@ -138,6 +265,19 @@ impl ControlClient {
             reader: BufReader::new(stream),
             writer,
         })
+    }
+
+    /// A client over an already connected stream (tests: a fake server on a socket pair).
+    #[cfg(test)]
+    pub(crate) fn from_stream(stream: UnixStream) -> ControlClient {
+        let writer = stream
+            .try_clone()
+            .unwrap_or_else(|e| panic!("try_clone: {e}"));
+        ControlClient {
+            path: PathBuf::from("/pair"),
+            reader: BufReader::new(stream),
+            writer,
+        }
     }
 
     /// The socket path.
@@ -254,11 +394,14 @@ impl ControlClient {
             last_seq: n("last_seq"),
             next_after: n("next_after"),
             more: v.get("more").and_then(Value::as_bool).unwrap_or(false),
+            degraded: response_degraded(&v),
         })
     }
 
     /// Every record of `device` with `seq > after`, fetched in pages (the whole slice, even past
-    /// the server's page size).
+    /// the server's page size), with what was lost on the way. For displays (`pcisim ctl`);
+    /// the lab's judgements read [`ControlClient::window`], which cannot ignore `lost`.
+    #[allow(clippy::disallowed_methods)] // pages through `journal`, keeps `lost`
     pub fn journal_all(&mut self, device: &str, after: u64) -> Result<JournalSlice, ControlError> {
         let mut all = self.journal(device, after, None)?;
         while all.more {
@@ -268,8 +411,19 @@ impl ControlClient {
             all.last_seq = next.last_seq;
             all.next_after = next.next_after;
             all.more = next.more;
+            all.degraded.extend(next.degraded);
         }
         Ok(all)
+    }
+
+    /// The complete journal window of `device` after `after`: every record since, or
+    /// [`ControlError::Incomplete`] if the ring dropped some before they were read or the
+    /// device marked the window degraded ([`unclean_marker`]). The one way the lab reads a
+    /// window it judges: a window with holes never passes an absence check.
+    pub fn window(&mut self, device: &str, after: u64) -> Result<Window, ControlError> {
+        #[allow(clippy::disallowed_methods)] // the one reader that judges `lost`
+        let slice = self.journal_all(device, after)?;
+        Ok(Window::from_slice(device, after, slice)?)
     }
 
     /// Violation records of `device` with `seq > after`, and how many violations the device has
@@ -363,12 +517,20 @@ pub struct WindowReport {
     /// Violations counted by the devices in this window but not kept in their violation lists
     /// (a device keeps only its first few hundred).
     pub unretained: u64,
+    /// Degradation markers ([`unclean_marker`]): the checker was not fully watching, so "no
+    /// violation" proves nothing; `gpu0: <record>` each.
+    pub degraded: Vec<String>,
 }
 
 impl WindowReport {
-    /// Whether the devices found nothing wrong.
+    /// Whether the devices found nothing wrong, with the checker fully watching.
+    ///
+    /// Records lost from the ring do not make a window unclean here: violations are kept apart
+    /// from the ring (the first few hundred in a list, all of them counted), so a flood of
+    /// records cannot hide one. Host-side reads that judge the records themselves use
+    /// [`ControlClient::window`], which fails on any loss.
     pub fn clean(&self) -> bool {
-        self.violations.is_empty() && self.unretained == 0
+        self.violations.is_empty() && self.unretained == 0 && self.degraded.is_empty()
     }
 
     /// How many violations in all.
@@ -376,7 +538,8 @@ impl WindowReport {
         self.violations.len() as u64 + self.unretained
     }
 
-    /// `2 device-side violations (dma_after_unmap, dma_during_reset)`.
+    /// `2 device-side violations (dma_after_unmap, dma_during_reset)`; `journal window
+    /// incomplete: checker degraded (1 marker)` when the checker was not fully watching.
     pub fn reason(&self) -> String {
         let mut kinds: Vec<&str> = Vec::new();
         for v in &self.violations {
@@ -385,7 +548,7 @@ impl WindowReport {
             }
         }
         let n = self.violation_count();
-        format!(
+        let violations = format!(
             "{n} device-side violation{} ({})",
             if n == 1 { "" } else { "s" },
             if kinds.is_empty() {
@@ -393,12 +556,28 @@ impl WindowReport {
             } else {
                 kinds.join(", ")
             }
-        )
+        );
+        let degraded = format!(
+            "journal window incomplete: checker degraded ({} marker{})",
+            self.degraded.len(),
+            if self.degraded.len() == 1 { "" } else { "s" }
+        );
+        match (n > 0, !self.degraded.is_empty()) {
+            (true, true) => format!("{violations}; {degraded}"),
+            (false, true) => degraded,
+            _ => violations,
+        }
     }
 
-    /// The KTAP diagnostic lines: one `VIOLATION kind: detail [dev #seq]` per violation.
+    /// The KTAP diagnostic lines: one `DEGRADED ...` per degradation marker, then one
+    /// `VIOLATION kind: detail [dev #seq]` per violation.
     pub fn diagnostics(&self) -> Vec<String> {
-        let mut lines: Vec<String> = self.violations.iter().map(Violation::line).collect();
+        let mut lines: Vec<String> = self
+            .degraded
+            .iter()
+            .map(|d| format!("DEGRADED {d}"))
+            .collect();
+        lines.extend(self.violations.iter().map(Violation::line));
         if self.unretained > 0 {
             lines.push(format!(
                 "VIOLATION and {} more not retained by the device journal",
@@ -452,8 +631,26 @@ impl JournalWatch {
         let mut lines = String::new();
         for (device, mark, counted) in self.marks.iter_mut() {
             // The slice first: violations are then taken up to its end, and the next window
-            // starts right after it.
+            // starts right after it. Its `lost` is reported, not judged (see
+            // `WindowReport::clean`); its degradation markers are judged.
+            #[allow(clippy::disallowed_methods)]
             let slice = self.client.journal_all(device, *mark)?;
+            // Degradation violations come from the violation list below (kept apart from the
+            // ring); the ring's own markers and the response's from here.
+            report.degraded.extend(
+                slice
+                    .degraded
+                    .iter()
+                    .cloned()
+                    .chain(
+                        slice
+                            .records
+                            .iter()
+                            .filter(|r| r.get("type").and_then(Value::as_str) != Some("violation"))
+                            .filter_map(unclean_marker),
+                    )
+                    .map(|d| format!("{device}: {d}")),
+            );
             let end = slice.next_after.max(*mark);
             let (list, total) = self.client.violations(device, *mark)?;
             let (in_window, beyond): (Vec<Value>, Vec<Value>) = list
@@ -475,12 +672,20 @@ impl JournalWatch {
                 lines.push_str(&r.to_string());
                 lines.push('\n');
             }
-            report
-                .violations
-                .extend(in_window.into_iter().map(|record| Violation {
+            for record in in_window {
+                let v = Violation {
                     device: device.clone(),
                     record,
-                }));
+                };
+                if is_degradation(v.kind()) {
+                    report.degraded.push(format!(
+                        "{device}: {}",
+                        unclean_marker(&v.record).unwrap_or_else(|| v.line())
+                    ));
+                } else {
+                    report.violations.push(v);
+                }
+            }
             *mark = end;
         }
         if let Some(path) = save {
@@ -688,8 +893,17 @@ mod tests {
         assert!(text.contains("--control /nonexistent/pcisim-control.sock"));
     }
 
+    type Shared<T> = std::sync::Arc<std::sync::Mutex<T>>;
+
     /// A control server over a socket pair answering from a shared list of records.
-    fn fake_server(records: std::sync::Arc<std::sync::Mutex<Vec<Value>>>) -> ControlClient {
+    fn fake_server(records: Shared<Vec<Value>>) -> ControlClient {
+        fake_ring(records, Shared::default())
+    }
+
+    /// [`fake_server`] as a ring: records removed from the front of the list were evicted, and
+    /// a reader asking from before the oldest one left is told how many it lost. `extra` fields
+    /// are added to every `journal` response.
+    fn fake_ring(records: Shared<Vec<Value>>, extra: Shared<Map<String, Value>>) -> ControlClient {
         let (a, b) = UnixStream::pair().unwrap();
         std::thread::spawn(move || {
             let mut r = BufReader::new(b.try_clone().unwrap());
@@ -705,8 +919,15 @@ mod tests {
                 let viol = |r: &&Value| r["type"] == "violation";
                 let resp = match req["op"].as_str().unwrap() {
                     "list" => json!({"ok": true, "devices": [{"id": "gpu0"}]}),
-                    "journal" => json!({"ok": true, "records": since,
-                        "next_after": since.last().map_or(after, seq), "more": false}),
+                    "journal" => {
+                        let lost = since.first().map_or(0, |r| seq(r) - after - 1);
+                        let mut resp = json!({"ok": true, "records": since, "lost": lost,
+                            "next_after": since.last().map_or(after, seq), "more": false});
+                        for (k, v) in extra.lock().unwrap().iter() {
+                            resp[k] = v.clone();
+                        }
+                        resp
+                    }
                     "violations" => json!({"ok": true,
                         "violations": since.iter().filter(viol).collect::<Vec<_>>(),
                         "total": all.iter().filter(viol).count()}),
@@ -769,6 +990,169 @@ mod tests {
         assert_eq!(w.unretained, 0);
         assert_eq!(watch.summary().unwrap().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_window_from_a_slice_with_lost_records_is_incomplete() {
+        let slice = |lost, records| JournalSlice {
+            records,
+            lost,
+            last_seq: 9,
+            next_after: 9,
+            more: false,
+            degraded: Vec::new(),
+        };
+        let w =
+            Window::from_slice("gpu0", 4, slice(0, vec![rec(5, "dma"), rec(9, "link")])).unwrap();
+        assert_eq!((w.records.len(), w.after, w.next_after), (2, 4, 9));
+        let e = Window::from_slice("gpu0", 4, slice(3, vec![rec(8, "dma"), rec(9, "link")]))
+            .unwrap_err();
+        assert_eq!(e.lost, 3);
+        assert_eq!(
+            e.to_string(),
+            "journal window incomplete: gpu0 after #4: 3 records lost (dropped from the ring \
+             before they were read)"
+        );
+        // Nothing left at all, but something was lost: still incomplete.
+        assert!(Window::from_slice("gpu0", 4, slice(1, Vec::new())).is_err());
+    }
+
+    #[test]
+    fn test_window_with_a_degradation_marker_is_incomplete() {
+        let marker = json!({"seq": 6, "t_ns": 6, "type": "checker_degraded",
+            "what": "mapped set overflow"});
+        assert!(unclean_marker(&marker).is_some());
+        assert!(unclean_marker(&json!({"seq": 1, "type": "note", "degraded": true})).is_some());
+        assert_eq!(unclean_marker(&rec(1, "dma")), None);
+        let slice = JournalSlice {
+            records: vec![rec(5, "dma"), marker],
+            next_after: 6,
+            ..JournalSlice::default()
+        };
+        let e = Window::from_slice("npu0", 4, slice).unwrap_err();
+        assert_eq!(e.lost, 0);
+        assert!(
+            e.to_string()
+                .contains("checker degraded: checker_degraded what=mapped set overflow (#6)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn test_client_window_fails_on_lost_records_and_degraded_responses() {
+        let records = std::sync::Arc::new(std::sync::Mutex::new(
+            (1..=10).map(|s| rec(s, "dma")).collect::<Vec<_>>(),
+        ));
+        let extra = Shared::default();
+        let mut c = fake_ring(records.clone(), std::sync::Arc::clone(&extra));
+        let w = c.window("gpu0", 2).unwrap();
+        assert_eq!((w.records.len(), w.next_after), (8, 10));
+        // The ring evicts 1..=6: a reader from #2 lost 3..=6.
+        records.lock().unwrap().drain(..6);
+        #[allow(clippy::disallowed_methods)]
+        let raw = c.journal_all("gpu0", 2).unwrap();
+        assert_eq!(
+            (raw.lost, raw.records.len()),
+            (4, 4),
+            "the raw slice says so"
+        );
+        let e = c.window("gpu0", 2).unwrap_err();
+        assert!(
+            matches!(&e, ControlError::Incomplete(i) if i.lost == 4 && i.device == "gpu0"),
+            "{e:?}"
+        );
+        assert!(e
+            .to_string()
+            .starts_with("journal window incomplete: gpu0 after #2: 4 records lost"));
+        // From the oldest record kept on, the window is complete again.
+        assert_eq!(c.window("gpu0", 6).unwrap().records.len(), 4);
+        // A response that says the window is degraded.
+        extra.lock().unwrap().insert(
+            "degraded".into(),
+            json!(["gate drain timed out after 10 s"]),
+        );
+        let e = c.window("gpu0", 6).unwrap_err();
+        assert!(e.to_string().contains("gate drain timed out"), "{e}");
+    }
+
+    #[test]
+    fn test_journal_watch_degradation_makes_the_window_unclean() {
+        // A record that flags itself (any type) and a marker type of its own.
+        let records = std::sync::Arc::new(std::sync::Mutex::new(vec![
+            rec(1, "client_connected"),
+            json!({"seq": 2, "t_ns": 2, "type": "note", "text": "x", "degraded": true}),
+            rec(3, "checker_degraded"),
+        ]));
+        let mut watch = JournalWatch::new(fake_server(records)).unwrap();
+        let w = watch.check(None).unwrap();
+        assert!(w.violations.is_empty());
+        assert!(!w.clean(), "{w:?}");
+        assert_eq!(
+            w.reason(),
+            "journal window incomplete: checker degraded (2 markers)"
+        );
+        assert_eq!(
+            w.diagnostics(),
+            [
+                "DEGRADED gpu0: note: x (#2)",
+                "DEGRADED gpu0: checker_degraded (#3)"
+            ]
+        );
+    }
+
+    #[test]
+    fn test_checker_degraded_violation_is_a_degradation_not_a_device_fault() {
+        let degraded = json!({"seq": 3, "t_ns": 3, "type": "violation",
+            "kind": "checker_degraded", "detail": "drain of in-flight accesses timed out after 10 s"});
+        assert!(unclean_marker(&degraded).is_some());
+        assert_eq!(unclean_marker(&rec(4, "violation")), None);
+        // The suite's window: unclean, reported as a degradation (once), not as a violation.
+        let records = std::sync::Arc::new(std::sync::Mutex::new(vec![
+            rec(1, "client_connected"),
+            rec(2, "command"),
+            degraded.clone(),
+        ]));
+        let mut watch = JournalWatch::new(fake_server(records)).unwrap();
+        let w = watch.check(None).unwrap();
+        assert!(!w.clean());
+        assert!(w.violations.is_empty(), "{w:?}");
+        assert_eq!(w.degraded.len(), 1, "{w:?}");
+        assert_eq!(
+            w.reason(),
+            "journal window incomplete: checker degraded (1 marker)"
+        );
+        assert_eq!(
+            w.diagnostics(),
+            [
+                "DEGRADED gpu0: VIOLATION checker_degraded: drain of in-flight accesses timed out \
+              after 10 s (#3)"
+            ]
+        );
+        // A host-side window with it is incomplete.
+        let slice = JournalSlice {
+            records: vec![rec(2, "command"), degraded],
+            next_after: 3,
+            ..JournalSlice::default()
+        };
+        let e = Window::from_slice("gpu0", 1, slice).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("checker degraded: VIOLATION checker_degraded"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn test_journal_watch_reports_lost_records_without_failing() {
+        // Violations are kept apart from the ring: losing ring records hides none of them.
+        let records = std::sync::Arc::new(std::sync::Mutex::new(vec![
+            rec(5, "dma"),
+            rec(6, "violation"),
+        ]));
+        let mut watch = JournalWatch::new(fake_server(records)).unwrap();
+        let w = watch.check(None).unwrap();
+        assert_eq!(w.lost, 4);
+        assert_eq!(w.violations.len(), 1);
     }
 
     #[test]

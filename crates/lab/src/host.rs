@@ -48,7 +48,7 @@ use log::{debug, warn};
 use serde_json::Value;
 
 use crate::agent::{Agent, AgentError, RunOutput};
-use crate::control::{ControlClient, ControlError, JournalWatch};
+use crate::control::{ControlClient, ControlError, JournalWatch, Window};
 use crate::ktap::{KtapWriter, Status, TestResult};
 use crate::process::{describe_status, ChildGuard, POLL};
 use crate::profile::{ProfileId, VmLayout, VmProfile};
@@ -540,7 +540,9 @@ impl<'a> HostCtx<'a> {
         Ok(self.vm.watch.client().inject(device, fault)?)
     }
 
-    /// Every record `device` journaled since the scenario started, oldest first.
+    /// Every record `device` journaled since the scenario started, oldest first. An
+    /// incomplete window (records lost from the ring, the checker degraded) is an error
+    /// ([`ControlError::Incomplete`]): the scenario fails rather than judge a window with holes.
     pub fn journal(&mut self, device: &str) -> Result<Vec<Value>, HostError> {
         let after = self
             .start
@@ -548,7 +550,14 @@ impl<'a> HostCtx<'a> {
             .find(|(d, _)| d == device)
             .map(|(_, m)| *m)
             .ok_or_else(|| HostError::NoDevice(device.to_string()))?;
-        Ok(self.vm.watch.client().journal_all(device, after)?.records)
+        Ok(self.window(device, after)?.records)
+    }
+
+    /// The complete journal window of `device` after `after` (a sequence number from
+    /// [`ControlClient::last_seq`] or an earlier window's `next_after`); an incomplete one is
+    /// an error, as for [`HostCtx::journal`].
+    pub fn window(&mut self, device: &str, after: u64) -> Result<Window, HostError> {
+        Ok(self.vm.watch.client().window(device, after)?)
     }
 
     /// Waits up to `timeout` for a record of `device` (since the scenario started) for which

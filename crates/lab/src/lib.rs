@@ -9,9 +9,10 @@
 //!
 //! let mut opts = SuiteOptions::new("target/debug/pcisim");
 //! opts.filter = Some("E1".into());
-//! let passed = run_suite(&opts, &mut std::io::stdout(), &mut std::io::stderr())?;
-//! std::process::exit(if passed { 0 } else { 1 });
-//! # Ok::<(), pcisim_lab::LabError>(())
+//! let result = run_suite(&opts, &mut std::io::stdout(), &mut std::io::stderr());
+//! // 0 all passed, 1 a failure, 2 infrastructure, 4 not everything ran (skips, unless
+//! // `opts.allow_skip`).
+//! std::process::exit(pcisim_lab::suite::exit_code(&result, opts.allow_skip));
 //! ```
 //!
 //! The building blocks are public for other lab commands and tests:
@@ -62,6 +63,7 @@ pub mod kmod;
 pub mod ktap;
 pub mod manual;
 pub mod mm;
+pub mod output;
 pub mod process;
 pub mod profile;
 pub mod provision;

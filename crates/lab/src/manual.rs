@@ -258,7 +258,7 @@ impl Lock {
         // SAFETY: flock on a descriptor we own; no memory effects.
         let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
-            eprintln!("waiting for another `pcisim lab` command on this VM...");
+            crate::note!("waiting for another `pcisim lab` command on this VM...");
             // SAFETY: as above, blocking this time.
             let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
             if rc != 0 {
@@ -424,7 +424,7 @@ pub fn up(opts: &UpOptions, out: &mut dyn Write) -> Result<LabState> {
                 old.qemu_pid
             )));
         }
-        eprintln!(
+        crate::note!(
             "removing the stale state of a VM that is gone ({})",
             dir.display()
         );
@@ -453,35 +453,68 @@ pub fn up(opts: &UpOptions, out: &mut dyn Write) -> Result<LabState> {
             dir.display()
         )));
     }
-    let result = start(opts, &dir, out);
-    if result.is_err() {
-        // Leave nothing running; keep the directory (its logs) for the post-mortem.
-        if let Ok(s) = load_state(&dir) {
-            stop(s.qemu_pid, &dir, Duration::from_secs(5));
-            stop(s.server_pid, &dir, Duration::from_secs(5));
-            let _ = fs::remove_file(state_file(&dir));
+    let started = match start(opts, &dir) {
+        Ok(s) => s,
+        Err(e) => {
+            // Leave nothing running; keep the directory (its logs) for the post-mortem.
+            if let Ok(s) = load_state(&dir) {
+                stop(s.qemu_pid, &dir, Duration::from_secs(5));
+                stop(s.server_pid, &dir, Duration::from_secs(5));
+                let _ = fs::remove_file(state_file(&dir));
+            }
+            crate::note!("logs kept in {}", dir.display());
+            return Err(e);
         }
-        eprintln!("logs kept in {}", dir.display());
-    }
-    result
+    };
+    // The VM is up and detached from here on: whatever happens to the output (its reader gone,
+    // a full disk) it stays up; a failure to describe it is reported, not undone.
+    started.describe(out).map_err(|e| {
+        msg(format!(
+            "the lab VM is up (state {}), but describing it failed: {e}",
+            started.state.dir.display()
+        ))
+    })?;
+    Ok(started.state)
 }
 
-fn start(opts: &UpOptions, dir: &Path, out: &mut dyn Write) -> Result<LabState> {
+/// What `start` brought up, to describe once it is running.
+struct Started {
+    state: LabState,
+    /// `lab VM up in ...`.
+    headline: String,
+    /// QEMU's view of the PCI devices right after the boot.
+    pci: Vec<PciDeviceInfo>,
+}
+
+impl Started {
+    fn describe(&self, out: &mut dyn Write) -> Result<()> {
+        writeln!(out, "{}", self.headline).map_err(io_out)?;
+        print_state(&self.state, Some(&self.pci), out)?;
+        writeln!(
+            out,
+            "next: pcisim lab plug DEV [--slot N] | unplug DEV | exec -- CMD... | console | status | down"
+        )
+        .and_then(|()| out.flush())
+        .map_err(io_out)
+    }
+}
+
+fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
     let t0 = Instant::now();
-    eprintln!("provisioning (the first run downloads QEMU and a guest kernel)...");
+    crate::note!("provisioning (the first run downloads QEMU and a guest kernel)...");
     let env = provision::provision(
         &provision::scripts_dir(),
         &opts.kernel,
         &dir.join("provision.log"),
     )
     .map_err(lab)?;
-    eprintln!("building the guest programs...");
+    crate::note!("building the guest programs...");
     let guest_bin = guest::build(&dir.join("guest-build.log")).map_err(lab)?;
-    eprintln!("building the guest kernel modules...");
+    crate::note!("building the guest kernel modules...");
     let extra_modules = match kmod::build(&env, &dir.join("kmod-build.log")).map_err(lab)? {
         Some(b) => b.modules.into_iter().map(|m| m.path).collect(),
         None => {
-            eprintln!("(no .c file in {}: none)", kmod::kmod_src_dir().display());
+            crate::note!("(no .c file in {}: none)", kmod::kmod_src_dir().display());
             Vec::new()
         }
     };
@@ -676,7 +709,7 @@ fn start(opts: &UpOptions, dir: &Path, out: &mut dyn Write) -> Result<LabState> 
     );
     let r = guest_sh(&mut a, &shell, Duration::from_secs(10))?;
     if r.exit != Some(0) {
-        eprintln!(
+        crate::note!(
             "warning: the console shell did not start: {}",
             r.stderr.trim()
         );
@@ -685,23 +718,19 @@ fn start(opts: &UpOptions, dir: &Path, out: &mut dyn Write) -> Result<LabState> 
     let mut q = qmp(&state)?;
     let pci = q.query_pci().map_err(lab)?;
 
-    writeln!(
-        out,
+    let headline = format!(
         "lab VM up in {:.1} s (guest kernel {}, booted in {:.1} s, accel {}), profile {}",
         t0.elapsed().as_secs_f64(),
         ready.kernel,
         booted.as_secs_f64(),
         env.accel.as_str(),
         profile.name
-    )
-    .map_err(io_out)?;
-    print_state(&state, Some(&pci), out)?;
-    writeln!(
-        out,
-        "next: pcisim lab plug DEV [--slot N] | unplug DEV | exec -- CMD... | console | status | down"
-    )
-    .map_err(io_out)?;
-    Ok(state)
+    );
+    Ok(Started {
+        state,
+        headline,
+        pci,
+    })
 }
 
 fn io_out(e: io::Error) -> ManualError {
@@ -1120,7 +1149,7 @@ pub fn console(dir: &Path) -> Result<()> {
     })?;
     let raw = RawMode::enter(0);
     if raw.is_some() {
-        eprint!("attached to the guest shell ({CONSOLE_PORT}); Ctrl-] leaves\r\n");
+        crate::note!("attached to the guest shell ({CONSOLE_PORT}); Ctrl-] leaves\r");
     }
     let mut reader = sock.try_clone().map_err(|e| msg(e.to_string()))?;
     let pump = thread::spawn(move || {
@@ -1163,9 +1192,10 @@ pub fn console(dir: &Path) -> Result<()> {
     let _ = pump.join();
     drop(raw);
     if interactive {
-        eprintln!("\ndetached from the guest shell");
+        crate::note!("\ndetached from the guest shell");
     } else {
-        println!();
+        // The reader may be gone: nothing to say then.
+        let _ = writeln!(io::stdout());
     }
     Ok(())
 }

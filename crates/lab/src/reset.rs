@@ -342,9 +342,9 @@ fn mark(ctx: &mut HostCtx<'_>, dev: &str) -> Result<u64, HostError> {
     Ok(ctx.control().last_seq(dev)?)
 }
 
-/// The records `dev` journaled after `mark`.
+/// The records `dev` journaled after `mark` (an incomplete window is an error).
 fn since(ctx: &mut HostCtx<'_>, dev: &str, mark: u64) -> Result<Vec<Value>, HostError> {
-    Ok(ctx.control().journal_all(dev, mark)?.records)
+    Ok(ctx.window(dev, mark)?.records)
 }
 
 /// The reset kinds journaled in `records` (one per `reset_begin`), and whether every reset

@@ -105,7 +105,21 @@ pub struct DescribedDevice {
     pub description: DeviceDescription,
 }
 
-/// Parses `pcisim describe`'s JSON array.
+/// The fields of a description that E1 compares (`pcisim-guest e1 --expect`): every one must be
+/// there, since E1 treats a missing one as an error rather than skip its check.
+pub const E1_FIELDS: &[&str] = &[
+    "vendor_id",
+    "device_id",
+    "class_code",
+    "revision",
+    "subsystem_vendor_id",
+    "subsystem_id",
+    "bars",
+    "capabilities",
+    "ext_capabilities",
+];
+
+/// Parses `pcisim describe`'s JSON array. Every description must carry the [`E1_FIELDS`].
 pub fn parse_description(text: &str) -> Result<Vec<DescribedDevice>, ServerError> {
     let bad = |what: &str| ServerError::BadDescription(what.to_string());
     let v: Value = serde_json::from_str(text).map_err(|e| bad(&e.to_string()))?;
@@ -127,6 +141,15 @@ pub fn parse_description(text: &str) -> Result<Vec<DescribedDevice>, ServerError
                 .and_then(Value::as_u64)
                 .ok_or_else(|| bad(&format!("description without integer {k:?}")))
         };
+        if let Some(missing) = E1_FIELDS
+            .iter()
+            .find(|k| d.get(**k).is_none_or(Value::is_null))
+        {
+            return Err(bad(&format!(
+                "description without {missing:?} (E1 compares every one of {}): {d}",
+                E1_FIELDS.join(", ")
+            )));
+        }
         let narrow = |k: &str| -> Result<u16, ServerError> {
             u16::try_from(n(k)?).map_err(|_| bad(&format!("{k} out of range")))
         };
@@ -344,5 +367,26 @@ mod tests {
         .is_err());
         assert!(parse_description("not json").is_err());
         assert_eq!(parse_description("[]").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn test_parse_description_requires_every_e1_field() {
+        let full: Value = serde_json::from_str(
+            r#"{"vendor_id":4660,"device_id":2832,"class_code":197120,"revision":1,"subsystem_vendor_id":4660,"subsystem_id":1,"bars":[],"capabilities":[],"ext_capabilities":[]}"#,
+        )
+        .unwrap();
+        let doc = |d: &Value| format!(r#"[{{"id":"gpu0","kind":"gpu","description":{d}}}]"#);
+        assert!(parse_description(&doc(&full)).is_ok());
+        for field in E1_FIELDS {
+            let mut d = full.clone();
+            d.as_object_mut().unwrap().remove(*field);
+            let e = parse_description(&doc(&d)).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("description without \"{field}\"")),
+                "{e}"
+            );
+            d[*field] = Value::Null;
+            assert!(parse_description(&doc(&d)).is_err(), "{field}: null");
+        }
     }
 }

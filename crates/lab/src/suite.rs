@@ -78,10 +78,14 @@ pub struct SuiteOptions {
     pub device_opts: Vec<String>,
     /// Keep the run directory even after a successful run.
     pub keep: bool,
+    /// Accept skipped scenarios: the run succeeds if every scenario that ran passed (and at
+    /// least one ran). Without it a skip makes the run fail with [`EXIT_NOT_ALL_RAN`].
+    pub allow_skip: bool,
 }
 
 impl SuiteOptions {
-    /// Defaults: every scenario, kernel 6.12, no extra device options, run dir removed on success.
+    /// Defaults: every scenario, kernel 6.12, no extra device options, run dir removed on
+    /// success, skips not accepted.
     pub fn new(pcisim_exe: impl Into<PathBuf>) -> Self {
         SuiteOptions {
             pcisim_exe: pcisim_exe.into(),
@@ -89,7 +93,70 @@ impl SuiteOptions {
             kernel: "6.12".into(),
             device_opts: Vec::new(),
             keep: false,
+            allow_skip: false,
         }
+    }
+}
+
+/// Exit code: every selected scenario passed (design.md §6).
+pub const EXIT_PASS: i32 = 0;
+/// Exit code: a scenario failed, or the boot/teardown journal windows or a server's exit were
+/// not clean.
+pub const EXIT_FAILED: i32 = 1;
+/// Exit code: the run could not be carried out (provisioning, build, boot, a broken VM).
+pub const EXIT_INFRA: i32 = 2;
+/// Exit code: not everything ran: the filter selected nothing, every scenario was skipped, or
+/// (without `--allow-skip`) some were skipped and none failed.
+pub const EXIT_NOT_ALL_RAN: i32 = 4;
+/// Exit code when stdout or stderr lost its reader (128 + SIGPIPE, as if killed by it).
+pub const EXIT_BROKEN_PIPE: i32 = 128 + libc::SIGPIPE;
+
+/// What a suite run came to: the scenarios' verdicts and whether everything around them was
+/// clean. [`SuiteOutcome::exit_code`] turns it into the command's exit code.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SuiteOutcome {
+    /// Scenarios that passed (an expected failure that was journaled as expected included).
+    pub passed: usize,
+    /// Scenarios that failed (or did not run because their VM broke).
+    pub failed: usize,
+    /// Scenarios that were skipped.
+    pub skipped: usize,
+    /// Subtests reported skipped inside scenarios that passed (not-applicable steps a
+    /// scenario chose, e.g. `--dirty off`): counted and shown, the scenario's verdict stands.
+    pub skipped_subtests: usize,
+    /// The boot and teardown journal windows were read and clean, and every device server
+    /// exited cleanly.
+    pub outside_clean: bool,
+}
+
+impl SuiteOutcome {
+    /// The exit code (the `EXIT_*` constants): 1 if anything failed, else 4 if nothing
+    /// passed or (unless `allow_skip`) anything was skipped, else 0.
+    pub fn exit_code(&self, allow_skip: bool) -> i32 {
+        if self.failed > 0 || !self.outside_clean {
+            EXIT_FAILED
+        } else if self.passed == 0 || (self.skipped > 0 && !allow_skip) {
+            EXIT_NOT_ALL_RAN
+        } else {
+            EXIT_PASS
+        }
+    }
+}
+
+/// The exit code of a whole `lab suite` command: the outcome's, or for an error 4 (the
+/// filter selected nothing), 128 + the signal (interrupted), [`EXIT_BROKEN_PIPE`] (the report's
+/// reader went away) or 2 (infrastructure).
+pub fn exit_code(result: &Result<SuiteOutcome, LabError>, allow_skip: bool) -> i32 {
+    match result {
+        Ok(o) => o.exit_code(allow_skip),
+        Err(e) => match e.interrupt_signal() {
+            Some(s) => 128 + s,
+            None => match e {
+                LabError::NoScenario(_) => EXIT_NOT_ALL_RAN,
+                LabError::Output(io) if crate::output::is_broken_pipe(io) => EXIT_BROKEN_PIPE,
+                _ => EXIT_INFRA,
+            },
+        },
     }
 }
 
@@ -199,6 +266,7 @@ struct Report<'a> {
     passed: usize,
     failed: usize,
     skipped: usize,
+    skipped_subtests: usize,
 }
 
 impl Report<'_> {
@@ -248,7 +316,12 @@ impl Report<'_> {
             Verdict::Skip(r) => (Status::Skip, Some(r.clone()), "SKIP"),
         };
         match status {
-            Status::Pass => self.passed += 1,
+            Status::Pass => {
+                self.passed += 1;
+                if let Nested::Ktap(text) = nested {
+                    self.skipped_subtests += count_skipped(text);
+                }
+            }
             Status::Fail => self.failed += 1,
             Status::Skip => self.skipped += 1,
         }
@@ -273,11 +346,24 @@ impl Report<'_> {
 // The run
 // ---------------------------------------------------------------------------------------------
 
+/// Skipped results at any depth of a KTAP document (`ok N name # SKIP ...`, `1..0 # SKIP`).
+fn count_skipped(ktap: &str) -> usize {
+    ktap.lines()
+        .map(str::trim_start)
+        .filter(|l| {
+            let directive = l.split_once(" # ").map(|(_, d)| d.trim_start());
+            let skip = directive
+                .is_some_and(|d| d.get(..4).is_some_and(|w| w.eq_ignore_ascii_case("skip")));
+            skip && (l.starts_with("ok ") || l.starts_with("1..0"))
+        })
+        .count()
+}
+
 /// Runs the selected scenarios, each in a fresh VM of its profile, and writes KTAP to `ktap_out` and one-line progress
-/// messages to `progress`. Returns `Ok(true)` if every selected scenario passed (or was skipped)
-/// and the device server exited cleanly; `Ok(false)` if any failed. An `Err` means the run could
-/// not be carried out (provisioning, build, boot, interrupt); the KTAP stream is still complete
-/// then (the scenarios that did not run are `not ok`).
+/// messages to `progress`. Returns what the run came to ([`SuiteOutcome`]; its
+/// [`SuiteOutcome::exit_code`] says whether it succeeded). An `Err` means the run could not be
+/// carried out (provisioning, build, boot, interrupt); the KTAP stream is still complete then
+/// (the scenarios that did not run are `not ok`).
 ///
 /// SIGINT/SIGTERM are caught for the duration of the call: the run stops, children are stopped and
 /// reaped, and [`LabError::Interrupted`] is returned. Children also die with the lab if it is
@@ -286,7 +372,7 @@ pub fn run_suite(
     opts: &SuiteOptions,
     ktap_out: &mut dyn Write,
     progress: &mut dyn Write,
-) -> Result<bool, LabError> {
+) -> Result<SuiteOutcome, LabError> {
     let started = Instant::now();
     let signals = InterruptGuard::install().map_err(LabError::Signals)?;
     let selected = scenario::select(opts.filter.as_deref());
@@ -307,6 +393,7 @@ pub fn run_suite(
         passed: 0,
         failed: 0,
         skipped: 0,
+        skipped_subtests: 0,
     };
     report
         .ktap
@@ -338,15 +425,38 @@ pub fn run_suite(
             )?;
         }
     }
-    let success = matches!(result, Ok(true));
+    let result = result.map(|outside_clean| SuiteOutcome {
+        passed: report.passed,
+        failed: report.failed,
+        skipped: report.skipped,
+        skipped_subtests: report.skipped_subtests,
+        outside_clean,
+    });
     report.line(&format!(
-        "total {:.1} s: {} passed, {} failed, {} skipped",
+        "total {:.1} s: {} passed, {} failed, {} skipped{}",
         started.elapsed().as_secs_f64(),
         report.passed,
         report.failed,
-        report.skipped
+        report.skipped,
+        match report.skipped_subtests {
+            0 => String::new(),
+            n => format!(" ({n} subtest(s) skipped inside passing scenarios)"),
+        }
     ))?;
-    if success && !opts.keep {
+    let code = exit_code(&result, opts.allow_skip);
+    if let Ok(o) = &result {
+        if code == EXIT_NOT_ALL_RAN {
+            report.line(&if o.passed == 0 {
+                format!("exit {code}: no scenario ran to a pass")
+            } else {
+                format!(
+                    "exit {code}: {} scenario(s) skipped (--allow-skip accepts skips)",
+                    o.skipped
+                )
+            })?;
+        }
+    }
+    if code == EXIT_PASS && !opts.keep {
         run.set_remove(true);
     } else {
         report.line(&format!("kept run directory {}", run.path().display()))?;
@@ -552,12 +662,12 @@ fn run_in(
         }
         ok &= run_vm(opts, &env, &initrd.path, &profile, group, run, report)?;
     }
-    Ok(ok && report.failed == 0)
+    Ok(ok)
 }
 
 /// Starts a VM of `profile` (its device server, QEMU, the guest), runs `scenarios` in it and
-/// tears it down. Returns whether the boot and teardown windows were clean and the server exited
-/// cleanly (the scenarios' verdicts are counted in `report`).
+/// tears it down. Returns whether the boot and teardown windows were read and clean and the
+/// server exited cleanly (the scenarios' verdicts are counted in `report`).
 fn run_vm(
     opts: &SuiteOptions,
     env: &provision::ProvisionEnv,
@@ -725,15 +835,29 @@ fn run_vm(
     }
     drop(qmp);
     drop(qemu);
-    if server.exited().is_none() {
-        outside_clean &= check_outside(&mut watch, "teardown", &dir, report)?;
-        match watch.summary() {
-            Ok(lines) => {
-                for l in lines {
-                    report.line(&format!("journal {l}"))?;
+    match server.exited() {
+        None => {
+            outside_clean &= check_outside(&mut watch, "teardown", &dir, report)?;
+            match watch.summary() {
+                Ok(lines) => {
+                    for l in lines {
+                        report.line(&format!("journal {l}"))?;
+                    }
+                }
+                Err(e) => {
+                    report.line(&format!("journal summary unavailable: {}", error_chain(&e)))?
                 }
             }
-            Err(e) => report.line(&format!("journal summary unavailable: {}", error_chain(&e)))?,
+        }
+        Some(status) => {
+            // Nobody can vouch for what the devices did since the last scenario.
+            outside_clean = false;
+            let what = format!(
+                "teardown: device journal unreadable: the device server exited ({status}) \
+                 before the teardown window was read"
+            );
+            report.ktap.diagnostic(&what).map_err(LabError::Output)?;
+            report.line(&what)?;
         }
     }
     ok &= outside_clean;
@@ -801,8 +925,8 @@ fn last_lines(text: &str, n: usize) -> Vec<&str> {
 
 /// Checks the devices' journals for a window outside any scenario (`boot`, `teardown`): saves
 /// `RUN/<what>.journal.jsonl` and reports violations as top-level KTAP diagnostics. Returns
-/// whether the window was clean (an unreadable journal counts as clean, with a warning: the
-/// scenarios' own checks fail if the journal stays unreadable).
+/// whether the window was read and clean: an unreadable journal is a failure (no evidence is
+/// not evidence of no violation), reported the same way.
 fn check_outside(
     watch: &mut JournalWatch,
     what: &str,
@@ -826,12 +950,11 @@ fn check_outside(
             Ok(false)
         }
         Err(e) => {
-            warn!("{what}: journal check failed: {}", error_chain(&e));
-            report.line(&format!(
-                "{what}: journal check failed: {}",
-                error_chain(&e)
-            ))?;
-            Ok(true)
+            let head = format!("{what}: device journal unreadable: {}", error_chain(&e));
+            warn!("{head}");
+            report.ktap.diagnostic(&head).map_err(LabError::Output)?;
+            report.line(&head)?;
+            Ok(false)
         }
     }
 }
@@ -1105,6 +1228,7 @@ mod tests {
                     "kind": "dma_after_unmap", "detail": "write 0x1000+4 after unmap"}),
             }],
             unretained: 0,
+            degraded: Vec::new(),
         }
     }
 
@@ -1203,6 +1327,158 @@ mod tests {
     }
 
     #[test]
+    fn test_degraded_window_fails_even_an_expected_failure() {
+        let degraded = WindowReport {
+            degraded: vec!["gpu0: VIOLATION checker_degraded: mapped set overflow (#9)".into()],
+            ..WindowReport::default()
+        };
+        let mut diags = Vec::new();
+        let v = judge_journal(Verdict::Pass, Ok(degraded.clone()), &mut diags);
+        assert_eq!(
+            v,
+            Verdict::Fail("journal window incomplete: checker degraded (1 marker)".into())
+        );
+        assert_eq!(
+            diags,
+            ["DEGRADED gpu0: VIOLATION checker_degraded: mapped set overflow (#9)"]
+        );
+        // An XFAIL scenario whose expected violation was journaled still fails: the checker
+        // was partly blind in its window.
+        let want = vec![("gpu0".to_string(), "dma_after_unmap".to_string())];
+        let w = WindowReport {
+            degraded: degraded.degraded,
+            ..violation_window()
+        };
+        let (v, note) = judge_expected(Verdict::Pass, Ok(w), &want, &mut Vec::new());
+        assert!(
+            matches!(&v, Verdict::Fail(r) if r.contains("checker degraded")),
+            "{v:?}"
+        );
+        assert_eq!(note, None);
+    }
+
+    #[test]
+    fn test_suite_exit_codes() {
+        let all_passed = SuiteOutcome {
+            passed: 3,
+            outside_clean: true,
+            ..SuiteOutcome::default()
+        };
+        assert_eq!(all_passed.exit_code(false), EXIT_PASS);
+        assert_eq!(all_passed.exit_code(true), EXIT_PASS);
+        // Subtests skipped inside passing scenarios are shown, not judged.
+        let sub_skips = SuiteOutcome {
+            skipped_subtests: 2,
+            ..all_passed
+        };
+        assert_eq!(sub_skips.exit_code(false), EXIT_PASS);
+        // A skipped scenario fails the run unless skips are allowed.
+        let one_skipped = SuiteOutcome {
+            skipped: 1,
+            ..all_passed
+        };
+        assert_eq!(one_skipped.exit_code(false), EXIT_NOT_ALL_RAN);
+        assert_eq!(one_skipped.exit_code(true), EXIT_PASS);
+        // Everything skipped: nothing ran, even with --allow-skip.
+        let all_skipped = SuiteOutcome {
+            passed: 0,
+            skipped: 3,
+            ..all_passed
+        };
+        assert_eq!(all_skipped.exit_code(true), EXIT_NOT_ALL_RAN);
+        assert_eq!(SuiteOutcome::default().exit_code(true), EXIT_FAILED);
+        assert_eq!(
+            SuiteOutcome {
+                outside_clean: true,
+                ..SuiteOutcome::default()
+            }
+            .exit_code(true),
+            EXIT_NOT_ALL_RAN
+        );
+        // A failure wins over skips; an unclean boot/teardown window is a failure.
+        let failed = SuiteOutcome {
+            failed: 1,
+            ..one_skipped
+        };
+        assert_eq!(failed.exit_code(true), EXIT_FAILED);
+        let unclean = SuiteOutcome {
+            outside_clean: false,
+            ..all_passed
+        };
+        assert_eq!(unclean.exit_code(false), EXIT_FAILED);
+        // Errors.
+        assert_eq!(exit_code(&Ok(one_skipped), false), EXIT_NOT_ALL_RAN);
+        assert_eq!(exit_code(&Err(LabError::Interrupted(15)), false), 143);
+        assert_eq!(
+            exit_code(&Err(LabError::NoScenario("Z9".into())), true),
+            EXIT_NOT_ALL_RAN
+        );
+        let pipe = std::io::Error::from_raw_os_error(libc::EPIPE);
+        assert_eq!(exit_code(&Err(LabError::Output(pipe)), false), 141);
+        let dir = LabError::RunDir {
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert_eq!(exit_code(&Err(dir), true), EXIT_INFRA);
+    }
+
+    #[test]
+    fn test_count_skipped_at_any_depth() {
+        let ktap = "KTAP version 1\n1..3\n  KTAP version 1\n  1..2\n  ok 1 dirty # SKIP --dirty off\n  \
+                    ok 2 x\nok 1 a\nok 2 b # SKIP no vfio\n    1..0 # SKIP none\nnot ok 3 c # SKIP-ish reason\n\
+                    ok 4 skipper\n# SKIP in a diagnostic\n";
+        assert_eq!(count_skipped(ktap), 3);
+        assert_eq!(count_skipped("KTAP version 1\n1..1\nok 1 a\n"), 0);
+    }
+
+    /// A control server that answers `list` and then hangs up.
+    fn vanishing_server() -> JournalWatch {
+        use std::io::{BufRead, BufReader};
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            BufReader::new(b.try_clone().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            let mut w = b;
+            w.write_all(b"{\"ok\":true,\"devices\":[{\"id\":\"gpu0\"}]}\n")
+                .unwrap();
+        });
+        JournalWatch::new(crate::control::ControlClient::from_stream(a)).unwrap()
+    }
+
+    #[test]
+    fn test_unreadable_teardown_journal_is_a_failure() {
+        let mut watch = vanishing_server();
+        let dir = RunDir::create().unwrap();
+        let mut ktap = Vec::new();
+        let mut progress = Vec::new();
+        {
+            let mut r = Report {
+                ktap: KtapWriter::new(&mut ktap),
+                progress: &mut progress,
+                next: 1,
+                passed: 0,
+                failed: 0,
+                skipped: 0,
+                skipped_subtests: 0,
+            };
+            let clean = check_outside(&mut watch, "teardown", dir.path(), &mut r).unwrap();
+            assert!(
+                !clean,
+                "an unreadable teardown journal must not count as clean"
+            );
+        }
+        let ktap = String::from_utf8(ktap).unwrap();
+        assert!(
+            ktap.starts_with("# teardown: device journal unreadable: "),
+            "{ktap}"
+        );
+        let mut dir = dir;
+        dir.set_remove(true);
+    }
+
+    #[test]
     fn test_report_writes_nested_ktap_and_progress() {
         let mut ktap = Vec::new();
         let mut progress = Vec::new();
@@ -1214,6 +1490,7 @@ mod tests {
                 passed: 0,
                 failed: 0,
                 skipped: 0,
+                skipped_subtests: 0,
             };
             r.ktap.header(2).unwrap();
             let all = scenario::catalogue();

@@ -194,7 +194,7 @@ fn lifetime_case(
     // is gone from the device, or after a bound wait.
     let deadline = Instant::now() + RELEASE_WAIT;
     loop {
-        let records = ctx.control().journal_all(NPU, mark)?.records;
+        let records = ctx.window(NPU, mark)?.records;
         let released = records.iter().any(|r| pasid_is(r, "pasid_released", pasid));
         if released || Instant::now() >= deadline {
             if !released {

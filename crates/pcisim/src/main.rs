@@ -14,6 +14,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use pcisim_lab::note;
+use pcisim_lab::output::PipeSafe;
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -111,6 +113,9 @@ enum LabCmd {
         /// Keep the run directory (sockets, logs, initramfs) even on success.
         #[arg(long)]
         keep: bool,
+        /// Succeed even if scenarios were skipped (by default a skip makes the run exit 4).
+        #[arg(long)]
+        allow_skip: bool,
     },
     /// Start a VM with the profile's devices and free hot-add slots, left running (manual
     /// experiments; see docs/hotplug.md).
@@ -191,11 +196,21 @@ fn main() {
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("pcisim: error: {e:#}");
+            note!("pcisim: error: {e:#}");
             1
         }
     };
     std::process::exit(code);
+}
+
+/// Writes `text` to stdout; a reader that went away is not an error (the rest is discarded),
+/// any other write error is.
+fn print_out(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = PipeSafe::stdout();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
 }
 
 fn parse_specs(devices: &[String]) -> Result<Vec<spec::DeviceSpec>> {
@@ -244,7 +259,7 @@ fn run(cli: Cli) -> Result<i32> {
                     "description": built.description,
                 }));
             }
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            print_out(&format!("{}\n", serde_json::to_string_pretty(&out)?))?;
             Ok(0)
         }
         Cmd::Lab { cmd } => match cmd {
@@ -253,6 +268,7 @@ fn run(cli: Cli) -> Result<i32> {
                 kernel,
                 device_opts,
                 keep,
+                allow_skip,
             } => {
                 let opts = pcisim_lab::SuiteOptions {
                     pcisim_exe: std::env::current_exe().context("locating the pcisim binary")?,
@@ -260,18 +276,22 @@ fn run(cli: Cli) -> Result<i32> {
                     kernel,
                     device_opts,
                     keep,
+                    allow_skip,
                 };
                 let mut out = std::io::stdout();
                 let mut progress = std::io::stderr();
-                match pcisim_lab::run_suite(&opts, &mut out, &mut progress) {
-                    Ok(ok) => Ok(if ok { 0 } else { 1 }),
-                    // Interrupted: the conventional 128 + signal, after the lab cleaned up.
-                    Err(e) if e.interrupt_signal().is_some() => {
-                        eprintln!("pcisim: {e}");
-                        Ok(128 + e.interrupt_signal().unwrap_or(2))
+                let result = pcisim_lab::run_suite(&opts, &mut out, &mut progress);
+                // 0 all passed, 1 failed, 2 infrastructure, 4 not everything ran, 128 + signal
+                // interrupted (after the lab cleaned up), 141 the report's reader went away.
+                let code = pcisim_lab::suite::exit_code(&result, allow_skip);
+                if let Err(e) = &result {
+                    let text = pcisim_lab::error::error_chain(e);
+                    match code {
+                        pcisim_lab::suite::EXIT_INFRA => note!("pcisim: error: {text}"),
+                        _ => note!("pcisim: {text}"),
                     }
-                    Err(e) => Err(e.into()),
                 }
+                Ok(code)
             }
             cmd => lab_manual(cmd),
         },
@@ -286,7 +306,9 @@ fn run(cli: Cli) -> Result<i32> {
 fn lab_manual(cmd: LabCmd) -> Result<i32> {
     use pcisim_lab::manual;
     let dir = |d: Option<PathBuf>| d.unwrap_or_else(manual::default_state_dir);
-    let mut out = std::io::stdout();
+    // What these commands do (start a VM, plug, bring it down) must not depend on whether
+    // anybody still reads what they say: a reader that went away only silences them.
+    let mut out = PipeSafe::stdout();
     match cmd {
         LabCmd::Suite { .. } => anyhow::bail!("lab suite is not a manual command"),
         LabCmd::Up {
@@ -314,12 +336,17 @@ fn lab_manual(cmd: LabCmd) -> Result<i32> {
             argv,
         } => {
             let r = manual::exec(&dir(state), &argv, std::time::Duration::from_secs(timeout))?;
-            use std::io::Write;
-            print!("{}", r.stdout);
-            eprint!("{}", r.stderr);
-            std::io::stdout().flush().ok();
+            print_out(&r.stdout)?;
+            {
+                use std::io::Write;
+                // The command's own stderr: passed on if anybody reads it.
+                let mut err = std::io::stderr().lock();
+                let _ = err
+                    .write_all(r.stderr.as_bytes())
+                    .and_then(|()| err.flush());
+            }
             if r.timed_out {
-                eprintln!("pcisim: the guest killed the command after {timeout} s");
+                note!("pcisim: the guest killed the command after {timeout} s");
             }
             return Ok(match (r.exit, r.signal) {
                 (Some(code), _) => code,

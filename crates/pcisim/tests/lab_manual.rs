@@ -7,8 +7,13 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+
+/// One VM at a time: two TCG guests on a two-core machine slow each other down past timeouts.
+static VM: Mutex<()> = Mutex::new(());
 
 fn lab(state: &Path, args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_pcisim"))
@@ -103,8 +108,105 @@ fn test_without_a_vm_every_command_says_so() {
     assert!(stderr(&o).contains("unknown profile"), "{}", stderr(&o));
 }
 
+/// `pcisim lab ARGS --state DIR` with stdout (and, if `both`, stderr too) a pipe whose read
+/// end is already closed: every write to it fails with EPIPE.
+fn lab_unread(state: &Path, args: &[&str], both: bool) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pcisim"))
+        .arg("lab")
+        .arg(args[0])
+        .arg("--state")
+        .arg(state)
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(if both {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        })
+        .spawn()
+        .expect("run pcisim lab");
+    // The reader goes away before the command writes anything.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = child.wait().expect("wait for pcisim lab");
+    println!(
+        "--- pcisim lab {args:?} (stdout{} unread): {status}",
+        if both { "+stderr" } else { "" }
+    );
+    Output {
+        status,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    }
+}
+
+/// `pcisim lab up | head` used to panic (exit 101) and tear the "detached" VM down: the VM must
+/// outlive its starter's output, and no command may panic on a broken pipe.
+#[test]
+fn test_up_survives_its_stdout_closing() {
+    let _one_vm = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = state_dir("epipe");
+    let _down = Down(dir.clone());
+
+    // stdout unread; stderr captured, to see that nothing panicked.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pcisim"))
+        .args(["lab", "up", "--state"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run pcisim lab up");
+    drop(child.stdout.take());
+    let o = child.wait_with_output().expect("wait for pcisim lab up");
+    println!(
+        "--- pcisim lab up (stdout unread): {}\n{}",
+        o.status,
+        stderr(&o)
+    );
+    assert_ne!(
+        o.status.code(),
+        Some(101),
+        "lab up panicked: {}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert_eq!(o.status.signal(), None, "killed by a signal");
+    assert!(o.status.success(), "lab up failed: {}", stderr(&o));
+
+    // The VM is up and stays up after its starter went.
+    let o = lab(&dir, &["status"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("lab VM (profile manual): running"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(
+        processes_using(&dir).len(),
+        2,
+        "{:?}",
+        processes_using(&dir)
+    );
+
+    // Nobody reads stdout nor stderr: status still answers (exit 0, no panic), and down still
+    // brings everything down.
+    let o = lab_unread(&dir, &["status"], true);
+    assert_eq!(o.status.code(), Some(0));
+    let o = lab_unread(&dir, &["down"], true);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        processes_using(&dir).is_empty(),
+        "{:?}",
+        processes_using(&dir)
+    );
+    assert!(!dir.exists());
+}
+
 #[test]
 fn test_up_plug_exec_unplug_down() {
+    let _one_vm = VM.lock().unwrap_or_else(|e| e.into_inner());
     let dir = state_dir("vm");
     let _down = Down(dir.clone());
 

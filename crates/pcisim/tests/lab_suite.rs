@@ -234,6 +234,8 @@ fn lab_suite_all_scenarios_pass() {
         "gpu1 removed: npu0 PEER_STATUS = configured, peer gone",
         "the guest NPU driver took a reference on its GPU peer's pci_dev",
         "the guest holds no reference to the removed gpu1: the driver dropped it and the kernel freed its pci_dev",
+        "the kobject release instrument is on (lib/kobject.c kobject_cleanup =p, read back)",
+        "positive control: with the driver that does not leak, the kernel logged the release of the removed gpu1's pci_dev",
         "bug=leak_peer_ref caught: the removed gpu1's pci_dev",
         "cycle 2: device_del gpu1 → DEVICE_DELETED after pciehp's attention-button window",
         "kill: pasid 1 journaled bind → unbind_begin → drained → unbind_ack → released, once",
@@ -276,4 +278,54 @@ fn lab_suite_detects_corrupt_class_code() {
     {
         let _ = std::fs::remove_dir_all(dir.trim());
     }
+}
+
+/// The lab's journal-window reader against a real server: a window that the device's ring
+/// (4096 records) overflowed before it was read is `journal window incomplete`, never a window
+/// that merely lacks the evicted records.
+#[test]
+fn journal_window_flooded_past_the_ring_is_incomplete() {
+    use pcisim_lab::control::ControlError;
+    let dir = std::env::temp_dir().join(format!("pcisim-lab-flood-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("gpu0.sock");
+    let spec = format!("gpu:socket={},id=gpu0,vram=1M", socket.display());
+    let server = pcisim_lab::server::Server::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_pcisim")),
+        &[spec],
+        &[socket],
+        Some(&dir.join("control.sock")),
+        &dir.join("server.log"),
+    )
+    .expect("start pcisim serve");
+    let mut c = server.control().unwrap();
+    let mark = c.last_seq("gpu0").unwrap();
+    // A small window is complete.
+    c.inject("gpu0", "link-down").unwrap();
+    c.inject("gpu0", "link-up").unwrap();
+    let w = c.window("gpu0", mark).unwrap();
+    assert!(w.records.len() >= 2, "{:?}", w.records);
+    // Flood the ring: each injection journals a fault_injected and a link record.
+    for _ in 0..1100 {
+        c.inject("gpu0", "link-down").unwrap();
+        c.inject("gpu0", "link-up").unwrap();
+    }
+    let e = c.window("gpu0", mark).unwrap_err();
+    let ControlError::Incomplete(i) = &e else {
+        panic!("expected an incomplete window, got {e:?}");
+    };
+    assert!(i.lost > 0, "{i:?}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("journal window incomplete: gpu0 after #{mark}: ")),
+        "{e}"
+    );
+    // A window that starts after the flood is complete again.
+    let now = c.last_seq("gpu0").unwrap();
+    c.inject("gpu0", "link-down").unwrap();
+    assert!(!c.window("gpu0", now).unwrap().records.is_empty());
+    let exit = server.stop().unwrap();
+    assert!(exit.ok(), "{}", exit.status);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
