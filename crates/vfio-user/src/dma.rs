@@ -7,13 +7,16 @@
 //! does; a range that cuts a mapping in two is refused. QEMU relies on this when a guest enables
 //! its vIOMMU and unmaps the whole 48-bit space in power-of-two chunks.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use vm_memory::mmap::MmapRegion;
-use vm_memory::volatile_memory::VolatileMemory;
-use vm_memory::FileOffset;
+use vm_memory::VolatileSlice;
+
+use crate::shm::SharedMap;
 
 /// `VFIO_USER_F_DMA_REGION_READ`: the client allows device reads of the range.
 pub const PROT_READ: u32 = 1 << 0;
@@ -50,7 +53,9 @@ pub enum DmaError {
         mapping: u64,
     },
     /// Too many mappings.
-    #[error("Too many DMA mappings (limit {0})")]
+    #[error(
+        "Too many DMA mappings: the server holds at most {0} (the max_dma_maps it advertised)"
+    )]
     TooMany(usize),
     /// mmap of the client's fd failed, or the fd is shorter than the mapping.
     #[error("Cannot map the client's fd for {iova:#x}+{size:#x}: {reason}")]
@@ -72,8 +77,9 @@ pub enum DmaError {
         /// Length of the access.
         len: usize,
     },
-    /// A device access violates the mapping's protection.
-    #[error("DMA {dir} {iova:#x}+{len:#x} is not permitted by the mapping's protection")]
+    /// A device access violates the mapping's protection: a write into a mapping the client
+    /// granted read-only, or a read of a write-only one.
+    #[error("DMA {dir} {iova:#x}+{len:#x}: {}", protection_reason(dir))]
     Protection {
         /// "read" or "write".
         dir: &'static str,
@@ -82,6 +88,29 @@ pub enum DmaError {
         /// Length of the access.
         len: usize,
     },
+    /// The client truncated the file behind the mapping while it was mapped: the access hit
+    /// pages that no longer exist (SIGBUS, recovered by [`crate::shm`]); the mapping is broken
+    /// for good and every access to it fails.
+    #[error(
+        "DMA {dir} {iova:#x}+{len:#x} hit a mapping whose file the client truncated (SIGBUS \
+         recovered; the mapping is broken)"
+    )]
+    Truncated {
+        /// "read" or "write".
+        dir: &'static str,
+        /// IOVA of the access.
+        iova: u64,
+        /// Length of the access.
+        len: usize,
+    },
+}
+
+fn protection_reason(dir: &str) -> &'static str {
+    if dir == "write" {
+        "write to read-only mapping"
+    } else {
+        "read of write-only mapping"
+    }
 }
 
 impl DmaError {
@@ -92,27 +121,64 @@ impl DmaError {
             DmaError::TooMany(_) => libc::ENOSPC,
             DmaError::Mmap { .. } => libc::EINVAL,
             DmaError::Protection { .. } => libc::EPERM,
+            DmaError::Truncated { .. } => libc::EFAULT,
             _ => libc::EINVAL,
         }
     }
 }
 
-/// One DMA_MAP entry.
+/// One shared mapping of a client file that DMA mappings point into: a 1 GiB-aligned chunk of
+/// the file (shared by every DMA mapping inside it, however many), or the exact window of one
+/// DMA mapping that does not fit a chunk.
 #[derive(Debug)]
-struct Mapping {
-    iova: u64,
-    size: u64,
-    prot: u32,
-    /// Our mapping of the client's memory; `None` for ranges the client announced without an fd
-    /// (QEMU does this for ROM and PAM windows): they exist but the device cannot reach them.
-    region: Option<MmapRegion>,
+struct Backing {
+    map: SharedMap,
+    /// File offset of the first mapped byte.
+    file_offset: u64,
+    /// Set once the broken mapping was logged.
+    reported: AtomicBool,
 }
 
-impl Mapping {
-    /// One past the last byte. u128: a range may end exactly at 2^64 (QEMU unmaps up to there).
-    fn end(&self) -> u128 {
-        u128::from(self.iova) + u128::from(self.size)
+impl Backing {
+    fn broken(&self, dir: &'static str, iova: u64, len: usize) -> Option<DmaError> {
+        if !self.map.is_broken() {
+            return None;
+        }
+        if !self.reported.swap(true, Ordering::Relaxed) {
+            log::error!(
+                "DMA {dir} {iova:#x}+{len:#x}: the client truncated the file behind this DMA \
+                 mapping while it was mapped (SIGBUS recovered); its {} bytes are replaced by \
+                 anonymous memory and every device access to them fails",
+                self.map.len()
+            );
+        }
+        Some(DmaError::Truncated { dir, iova, len })
     }
+}
+
+/// Chunk size of shared backings: a DMA mapping that lies inside one 1 GiB-aligned chunk of
+/// its file uses the chunk's one mapping (one VMA, no fd) however many DMA mappings share it.
+const CHUNK: u64 = 1 << 30;
+/// Address space the process may hold in shared chunks (which can be larger than the DMA
+/// mappings in them); past it each DMA mapping maps only its own window.
+const CHUNK_BUDGET: u64 = 16 << 40;
+
+/// A shared chunk's identity: the file (device, inode), our mmap protection, the chunk index.
+type ChunkKey = (u64, u64, i32, u64);
+
+/// One DMA_MAP entry (the IOVA is the key of the map holding it). 32 bytes.
+#[derive(Debug)]
+struct Mapping {
+    size: u64,
+    prot: u32,
+    /// Our mapping of the client's memory and this mapping's offset in it; `None` for ranges
+    /// the client announced without an fd (QEMU does this for ROM and PAM windows): they exist
+    /// but the device cannot reach them.
+    backing: Option<(Arc<Backing>, usize)>,
+}
+
+fn end_of(iova: u64, m: &Mapping) -> u128 {
+    u128::from(iova) + u128::from(m.size)
 }
 
 /// One past the last byte of `iova..iova+size`, or `None` if it lies beyond 2^64.
@@ -121,11 +187,49 @@ fn range_end(iova: u64, size: u64) -> Option<u128> {
     (end <= 1u128 << 64).then_some(end)
 }
 
+/// The map proper: mappings by IOVA, and the shared chunks they point into.
+#[derive(Debug, Default)]
+struct Maps {
+    by_iova: BTreeMap<u64, Mapping>,
+    chunks: HashMap<ChunkKey, Arc<Backing>>,
+}
+
+impl Maps {
+    /// The mapping with the greatest IOVA ≤ `iova`.
+    fn at_or_before(&self, iova: u64) -> Option<(u64, &Mapping)> {
+        self.by_iova
+            .range(..=iova)
+            .next_back()
+            .map(|(&k, m)| (k, m))
+    }
+
+    fn overlaps(&self, iova: u64, end: u128) -> bool {
+        // The last mapping starting before `end` overlaps iff it ends after `iova`.
+        let last = u64::try_from(end - 1).unwrap_or(u64::MAX);
+        self.at_or_before(last)
+            .is_some_and(|(k, m)| end_of(k, m) > u128::from(iova))
+    }
+
+    /// Drop a removed mapping's share of its chunk: the chunk is unmapped with its last user.
+    fn release(&mut self, m: &Mapping) {
+        let Some((b, _)) = &m.backing else { return };
+        // Ours and the chunk table's: nobody else uses the chunk.
+        if Arc::strong_count(b) == 2 {
+            self.chunks.retain(|_, c| !Arc::ptr_eq(c, b));
+        }
+    }
+}
+
 /// A snapshot-free view of the client's DMA map, shared by the server (which changes it) and
 /// devices (which access memory through it).
+///
+/// Holds no client fd: each fd is closed once mapped. DMA mappings that lie in the same 1 GiB
+/// chunk of the same file share one mapping of it (a guest vIOMMU maps its RAM page by page:
+/// 262,144 DMA_MAPs for 1 GiB, each with an fd, become one mmap). Map, unmap and lookup are
+/// O(log n) in the number of mappings.
 #[derive(Debug, Clone, Default)]
 pub struct DmaSpace {
-    inner: Arc<RwLock<Vec<Mapping>>>,
+    inner: Arc<RwLock<Maps>>,
 }
 
 /// A description of one mapping, for diagnostics and tests.
@@ -141,8 +245,10 @@ pub struct MappingInfo {
     pub backed: bool,
 }
 
-/// Upper bound of simultaneous mappings (QEMU advertises 65535).
-pub const MAX_MAPPINGS: usize = 65535;
+/// Upper bound of simultaneous mappings per client, advertised as `max_dma_maps` at VERSION
+/// (2^20, four times what a guest mapping 1 GiB in 4 KiB pages needs). Each costs about 80
+/// bytes of server memory (docs/security.md), so a client holding all of them costs ~80 MiB.
+pub const MAX_MAPPINGS: usize = 1 << 20;
 
 const PAGE: u64 = 4096;
 
@@ -152,16 +258,16 @@ impl DmaSpace {
         Self::default()
     }
 
-    fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, Vec<Mapping>> {
+    fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, Maps> {
         self.inner.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Mapping>> {
+    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, Maps> {
         self.inner.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Add a mapping. With `fd`, the server maps `size` bytes of it at `offset` (shared, with the
-    /// protection the client granted).
+    /// protection the client granted) and closes the fd.
     pub fn map(
         &self,
         iova: u64,
@@ -173,38 +279,31 @@ impl DmaSpace {
         if size == 0 || !iova.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) {
             return Err(DmaError::BadRange { iova, size });
         }
-        {
-            let maps = self.read_lock();
-            if maps.len() >= MAX_MAPPINGS {
-                return Err(DmaError::TooMany(MAX_MAPPINGS));
-            }
-            if maps
-                .iter()
-                .any(|m| u128::from(m.iova) < end && u128::from(iova) < m.end())
-            {
-                return Err(DmaError::Overlap { iova, size });
-            }
-        }
-        let region = match fd {
-            None => None,
-            Some((fd, offset)) => Some(map_fd(fd, offset, iova, size, prot)?),
-        };
         let mut maps = self.write_lock();
-        // Re-check under the write lock: only the server thread maps, but stay correct anyway.
-        if maps
-            .iter()
-            .any(|m| u128::from(m.iova) < end && u128::from(iova) < m.end())
-        {
+        if maps.by_iova.len() >= MAX_MAPPINGS {
+            return Err(DmaError::TooMany(MAX_MAPPINGS));
+        }
+        if maps.overlaps(iova, end) {
             return Err(DmaError::Overlap { iova, size });
         }
-        let pos = maps.partition_point(|m| m.iova < iova);
-        maps.insert(
-            pos,
-            Mapping {
+        let backing = match fd {
+            None => None,
+            // The fd is closed when `file` drops at the end of this call.
+            Some((fd, offset)) => Some(backing_for(
+                &mut maps,
+                File::from(fd),
+                offset,
                 iova,
                 size,
                 prot,
-                region,
+            )?),
+        };
+        maps.by_iova.insert(
+            iova,
+            Mapping {
+                size,
+                prot,
+                backing,
             },
         );
         Ok(())
@@ -215,38 +314,63 @@ impl DmaSpace {
         let end = range_end(iova, size).ok_or(DmaError::BadRange { iova, size })?;
         let start = u128::from(iova);
         let mut maps = self.write_lock();
-        if let Some(m) = maps.iter().find(|m| {
-            let ms = u128::from(m.iova);
-            ms < end && start < m.end() && (ms < start || m.end() > end)
-        }) {
+        let last = u64::try_from(end.saturating_sub(1)).unwrap_or(u64::MAX);
+        // Only the mappings at either edge can straddle it.
+        let split = [iova.checked_sub(1), Some(last)]
+            .into_iter()
+            .flatten()
+            .filter_map(|at| maps.at_or_before(at))
+            .find(|&(k, m)| {
+                let ms = u128::from(k);
+                ms < end && start < end_of(k, m) && (ms < start || end_of(k, m) > end)
+            });
+        if let Some((mapping, _)) = split {
             return Err(DmaError::SplitsMapping {
                 iova,
                 size,
-                mapping: m.iova,
+                mapping,
             });
         }
-        let mut removed = Vec::new();
-        maps.retain(|m| {
-            let inside = u128::from(m.iova) >= start && m.end() <= end;
-            if inside {
-                removed.push(info(m));
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<u64> = maps.by_iova.range(iova..=last).map(|(&k, _)| k).collect();
+        let mut removed = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(m) = maps.by_iova.remove(&k) {
+                removed.push(info(k, &m));
+                maps.release(&m);
             }
-            !inside
-        });
+        }
         Ok(removed)
     }
 
     /// Remove every mapping (unmap-all flag, or the client went away).
     pub fn unmap_all(&self) -> Vec<MappingInfo> {
         let mut maps = self.write_lock();
-        let removed = maps.iter().map(info).collect();
-        maps.clear();
+        let removed = maps.by_iova.iter().map(|(&k, m)| info(k, m)).collect();
+        maps.by_iova.clear();
+        maps.chunks.clear();
         removed
     }
 
     /// The current mappings, sorted by IOVA.
     pub fn mappings(&self) -> Vec<MappingInfo> {
-        self.read_lock().iter().map(info).collect()
+        self.read_lock()
+            .by_iova
+            .iter()
+            .map(|(&k, m)| info(k, m))
+            .collect()
+    }
+
+    /// How many mappings there are.
+    pub fn len(&self) -> usize {
+        self.read_lock().by_iova.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Device read of `buf.len()` bytes at `iova`. The whole access must lie inside one
@@ -298,7 +422,9 @@ impl DmaSpace {
     /// destination writable. Everything is checked before any byte moves, so on error nothing
     /// was copied; the error names the side that failed (`dir` "read" for the source, "write"
     /// for the destination) with the whole access. Overlapping IOVA ranges are refused with
-    /// [`DmaError::BadRange`]: memmove order is the caller's business.
+    /// [`DmaError::BadRange`]: memmove order is the caller's business. A mapping whose file
+    /// the client truncated during the copy fails it with [`DmaError::Truncated`] (some bytes
+    /// may have moved).
     pub fn copy(&self, src: u64, dst: u64, len: usize) -> Result<(), DmaError> {
         self.copy_then(src, dst, len, |_| ())
     }
@@ -319,70 +445,20 @@ impl DmaSpace {
     }
 }
 
-/// The mapping holding `at` for a piece of a [`DmaSpace::copy`], checked for backing and
-/// protection, and the offset of `at` in it; errors describe the whole access `iova`+`len`.
-fn piece<'a>(
-    maps: &'a [Mapping],
-    at: u64,
-    prot: u32,
-    dir: &'static str,
-    iova: u64,
-    len: usize,
-) -> Result<(&'a Mapping, usize), DmaError> {
-    let (m, off) = find(maps, at, 1, dir).map_err(|_| DmaError::Unmapped { dir, iova, len })?;
-    if m.prot & prot == 0 {
-        return Err(DmaError::Protection { dir, iova, len });
-    }
-    let backed = m
-        .region
-        .as_ref()
-        .is_some_and(|r| r.get_slice(off, 1).is_ok());
-    if !backed {
-        return Err(DmaError::Unmapped { dir, iova, len });
-    }
-    Ok((m, off))
-}
-
-fn info(m: &Mapping) -> MappingInfo {
-    MappingInfo {
-        iova: m.iova,
-        size: m.size,
-        prot: m.prot,
-        backed: m.region.is_some(),
-    }
-}
-
-fn find<'a>(
-    maps: &'a [Mapping],
-    iova: u64,
-    len: usize,
-    dir: &'static str,
-) -> Result<(&'a Mapping, usize), DmaError> {
-    let err = DmaError::Unmapped { dir, iova, len };
-    let end = u128::from(iova) + len as u128;
-    let pos = maps.partition_point(|m| m.iova <= iova);
-    let m = pos.checked_sub(1).and_then(|i| maps.get(i)).ok_or(err)?;
-    if end > m.end() {
-        return Err(DmaError::Unmapped { dir, iova, len });
-    }
-    let off = usize::try_from(iova - m.iova).map_err(|_| DmaError::Unmapped { dir, iova, len })?;
-    Ok((m, off))
-}
-
-fn map_fd(
-    fd: OwnedFd,
+/// The backing of a new mapping of `size` bytes at `offset` in `file`: the shared chunk it
+/// lies in (mapped now if it is not yet), or a window of its own.
+fn backing_for(
+    maps: &mut Maps,
+    file: File,
     offset: u64,
     iova: u64,
     size: u64,
     prot: u32,
-) -> Result<MmapRegion, DmaError> {
+) -> Result<(Arc<Backing>, usize), DmaError> {
     let fail = |reason: String| DmaError::Mmap { iova, size, reason };
-    let file = File::from(fd);
     // Refuse a file shorter than the mapping: touching a page past its end would raise SIGBUS.
-    let len = file
-        .metadata()
-        .map_err(|e| fail(format!("fstat: {e}")))?
-        .len();
+    let meta = file.metadata().map_err(|e| fail(format!("fstat: {e}")))?;
+    let len = meta.len();
     let end = offset
         .checked_add(size)
         .ok_or_else(|| fail("offset + size overflows".into()))?;
@@ -391,7 +467,9 @@ fn map_fd(
             "file is {len:#x} bytes, mapping needs {end:#x}"
         )));
     }
-    warn_unless_sealed(&file, iova);
+    if !offset.is_multiple_of(PAGE) {
+        return Err(fail(format!("file offset {offset:#x} is not page aligned")));
+    }
     let mut mprot = 0;
     if prot & PROT_READ != 0 {
         mprot |= libc::PROT_READ;
@@ -399,82 +477,166 @@ fn map_fd(
     if prot & PROT_WRITE != 0 {
         mprot |= libc::PROT_WRITE;
     }
-    let size = usize::try_from(size).map_err(|_| fail("size exceeds the address space".into()))?;
-    MmapRegion::build(
-        Some(FileOffset::new(file, offset)),
-        size,
-        mprot,
-        libc::MAP_SHARED | libc::MAP_NORESERVE,
-    )
-    .map_err(|e| fail(e.to_string()))
+    let ft = meta.file_type();
+    let chunk = offset / CHUNK;
+    // Regular files (memfd, tmpfs, hugetlbfs, disk files) only: a device file's mmap may not
+    // behave like memory beyond the window asked for.
+    let shareable = ft.is_file() && (end - 1) / CHUNK == chunk;
+    if shareable {
+        let key = (meta.dev(), meta.ino(), mprot, chunk);
+        let chunk_start = chunk * CHUNK;
+        if let Some(b) = maps.chunks.get(&key) {
+            let off = offset - b.file_offset;
+            if off + size <= b.map.len() as u64 {
+                return Ok((b.clone(), off as usize));
+            }
+            // The file grew since the chunk was mapped: map it again at its new length (the
+            // old chunk lives on while mappings use it).
+        }
+        let chunk_len = (len - chunk_start).min(CHUNK);
+        if crate::shm::mapped_bytes() + chunk_len <= CHUNK_BUDGET {
+            let b = Arc::new(new_backing(
+                &file,
+                chunk_start,
+                chunk_len,
+                mprot,
+                iova,
+                size,
+            )?);
+            maps.chunks.insert(key, b.clone());
+            return Ok((b, (offset - chunk_start) as usize));
+        }
+    }
+    let b = Arc::new(new_backing(&file, offset, size, mprot, iova, size)?);
+    Ok((b, 0))
 }
 
-/// A client that can shrink the file after mapping could make our accesses fault (SIGBUS).
-/// QEMU's memfd backend seals its memfds against shrinking by default (`seal=on`); say so when a
-/// client's fd is not.
-fn warn_unless_sealed(file: &File, iova: u64) {
-    let fd = file.as_fd();
-    // F_GET_SEALS is a plain fcntl on an fd we own; it reads flags and touches no memory.
-    let seals = rustix_free_fcntl_get_seals(fd);
-    if seals & libc::F_SEAL_SHRINK == 0 {
+fn new_backing(
+    file: &File,
+    offset: u64,
+    len: u64,
+    mprot: i32,
+    iova: u64,
+    size: u64,
+) -> Result<Backing, DmaError> {
+    let fail = |reason: String| DmaError::Mmap { iova, size, reason };
+    let n = usize::try_from(len).map_err(|_| fail("size exceeds the address space".into()))?;
+    let map = SharedMap::new(file, offset, n, mprot).map_err(|e| fail(format!("mmap: {e}")))?;
+    if map.is_guarded() {
         log::warn!(
-            "DMA map at {iova:#x}: client fd is not sealed against shrinking; a client that \
-             truncates it can crash the server"
+            "DMA map at {iova:#x}: client fd is not sealed against shrinking; if the client \
+             truncates it, device accesses to it fail as DMA errors (the server survives)"
         );
+    }
+    Ok(Backing {
+        map,
+        file_offset: offset,
+        reported: AtomicBool::new(false),
+    })
+}
+
+fn info(iova: u64, m: &Mapping) -> MappingInfo {
+    MappingInfo {
+        iova,
+        size: m.size,
+        prot: m.prot,
+        backed: m.backing.is_some(),
     }
 }
 
-fn rustix_free_fcntl_get_seals(fd: std::os::fd::BorrowedFd<'_>) -> i32 {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fcntl(F_GET_SEALS) on a valid, open fd (borrowed for the call) only returns flags.
-    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-    r.max(0)
+/// The mapping holding all of `iova..iova+len`, with its IOVA and the offset of `iova` in it.
+fn find<'a>(
+    maps: &'a Maps,
+    iova: u64,
+    len: usize,
+    dir: &'static str,
+) -> Result<(u64, &'a Mapping, usize), DmaError> {
+    let err = || DmaError::Unmapped { dir, iova, len };
+    let end = u128::from(iova) + len as u128;
+    let (k, m) = maps.at_or_before(iova).ok_or_else(err)?;
+    if end > end_of(k, m) {
+        return Err(err());
+    }
+    let off = usize::try_from(iova - k).map_err(|_| err())?;
+    Ok((k, m, off))
+}
+
+/// The backing slice for `len` bytes at `off` of mapping `m`, checked for protection `need`,
+/// backing and a truncation that already broke it. Errors describe the access `iova`+`alen`.
+fn slice_of<'a>(
+    m: &'a Mapping,
+    off: usize,
+    len: usize,
+    need: u32,
+    dir: &'static str,
+    iova: u64,
+    alen: usize,
+) -> Result<(&'a Backing, VolatileSlice<'a>), DmaError> {
+    if m.prot & need == 0 {
+        return Err(DmaError::Protection {
+            dir,
+            iova,
+            len: alen,
+        });
+    }
+    let unmapped = || DmaError::Unmapped {
+        dir,
+        iova,
+        len: alen,
+    };
+    let (b, base) = m.backing.as_ref().ok_or_else(unmapped)?;
+    if let Some(e) = b.broken(dir, iova, alen) {
+        return Err(e);
+    }
+    let s = b
+        .map
+        .slice(base.checked_add(off).ok_or_else(unmapped)?, len)
+        .ok_or_else(unmapped)?;
+    Ok((b, s))
 }
 
 /// A device read under the caller's hold of the mappings.
-fn read_in(maps: &[Mapping], iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-    let (m, off) = find(maps, iova, buf.len(), "read")?;
-    if m.prot & PROT_READ == 0 {
-        return Err(DmaError::Protection {
-            dir: "read",
-            iova,
-            len: buf.len(),
-        });
+fn read_in(maps: &Maps, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+    let n = buf.len();
+    let (_, m, off) = find(maps, iova, n, "read")?;
+    let (b, s) = slice_of(m, off, n, PROT_READ, "read", iova, n)?;
+    s.copy_to(buf);
+    // A truncation that raced with the copy: what was read is not the client's memory.
+    match b.broken("read", iova, n) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    let unmapped = || DmaError::Unmapped {
-        dir: "read",
-        iova,
-        len: buf.len(),
-    };
-    let region = m.region.as_ref().ok_or_else(unmapped)?;
-    let slice = region.get_slice(off, buf.len()).map_err(|_| unmapped())?;
-    slice.copy_to(buf);
-    Ok(())
 }
 
 /// A device write under the caller's hold of the mappings.
-fn write_in(maps: &[Mapping], iova: u64, data: &[u8]) -> Result<(), DmaError> {
-    let (m, off) = find(maps, iova, data.len(), "write")?;
-    if m.prot & PROT_WRITE == 0 {
-        return Err(DmaError::Protection {
-            dir: "write",
-            iova,
-            len: data.len(),
-        });
+fn write_in(maps: &Maps, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+    let n = data.len();
+    let (_, m, off) = find(maps, iova, n, "write")?;
+    let (b, s) = slice_of(m, off, n, PROT_WRITE, "write", iova, n)?;
+    s.copy_from(data);
+    match b.broken("write", iova, n) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    let unmapped = || DmaError::Unmapped {
-        dir: "write",
-        iova,
-        len: data.len(),
-    };
-    let region = m.region.as_ref().ok_or_else(unmapped)?;
-    let slice = region.get_slice(off, data.len()).map_err(|_| unmapped())?;
-    slice.copy_from(data);
-    Ok(())
+}
+
+/// The mapping holding `at` for a piece of a [`DmaSpace::copy`]: its IOVA, the mapping and the
+/// offset of `at` in it; errors describe the whole access `iova`+`len`.
+fn piece<'a>(
+    maps: &'a Maps,
+    at: u64,
+    prot: u32,
+    dir: &'static str,
+    iova: u64,
+    len: usize,
+) -> Result<(u64, &'a Mapping, usize), DmaError> {
+    let (k, m, off) = find(maps, at, 1, dir).map_err(|_| DmaError::Unmapped { dir, iova, len })?;
+    slice_of(m, off, 1, prot, dir, iova, len)?;
+    Ok((k, m, off))
 }
 
 /// A device copy under the caller's hold of the mappings (see [`DmaSpace::copy`]).
-fn copy_in(maps: &[Mapping], src: u64, dst: u64, len: usize) -> Result<(), DmaError> {
+fn copy_in(maps: &Maps, src: u64, dst: u64, len: usize) -> Result<(), DmaError> {
     let n = len as u64;
     let (Some(src_end), Some(dst_end)) = (range_end(src, n), range_end(dst, n)) else {
         return Err(DmaError::Unmapped {
@@ -491,26 +653,23 @@ fn copy_in(maps: &[Mapping], src: u64, dst: u64, len: usize) -> Result<(), DmaEr
         let mut done = 0usize;
         while done < len {
             let (s, d) = (src + done as u64, dst + done as u64);
-            let (sm, soff) = piece(maps, s, PROT_READ, "read", src, len)?;
-            let (dm, doff) = piece(maps, d, PROT_WRITE, "write", dst, len)?;
+            let (sk, sm, soff) = piece(maps, s, PROT_READ, "read", src, len)?;
+            let (dk, dm, doff) = piece(maps, d, PROT_WRITE, "write", dst, len)?;
             // Bytes to the end of whichever mapping ends first (fits: both are ≤ len).
             let left = (len - done) as u128;
             let k = left
-                .min(sm.end() - u128::from(s))
-                .min(dm.end() - u128::from(d)) as usize;
+                .min(end_of(sk, sm) - u128::from(s))
+                .min(end_of(dk, dm) - u128::from(d)) as usize;
             if pass == 1 {
-                let fail = |dir, iova| DmaError::Unmapped { dir, iova, len };
-                let from = sm
-                    .region
-                    .as_ref()
-                    .and_then(|r| r.get_slice(soff, k).ok())
-                    .ok_or_else(|| fail("read", src))?;
-                let to = dm
-                    .region
-                    .as_ref()
-                    .and_then(|r| r.get_slice(doff, k).ok())
-                    .ok_or_else(|| fail("write", dst))?;
+                let (sb, from) = slice_of(sm, soff, k, PROT_READ, "read", src, len)?;
+                let (db, to) = slice_of(dm, doff, k, PROT_WRITE, "write", dst, len)?;
                 from.copy_to_volatile_slice(to);
+                if let Some(e) = sb.broken("read", src, len) {
+                    return Err(e);
+                }
+                if let Some(e) = db.broken("write", dst, len) {
+                    return Err(e);
+                }
             }
             done += k;
         }
@@ -645,6 +804,179 @@ mod tests {
             .unwrap();
         let e = d.write(0x4000, &[1]).unwrap_err();
         assert!(matches!(e, DmaError::Protection { .. }));
+    }
+
+    #[test]
+    fn test_write_into_read_only_mapping_says_so() {
+        // Issue 11 item 10: refused, and described as what it is, not as unmapped memory.
+        let d = DmaSpace::new();
+        d.map(0x4000, 0x1000, PROT_READ, Some((memfd(0x1000), 0)))
+            .unwrap();
+        d.map(0x8000, 0x1000, PROT_WRITE, Some((memfd(0x1000), 0)))
+            .unwrap();
+        let e = d.write(0x4010, &[1, 2]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "DMA write 0x4010+0x2: write to read-only mapping"
+        );
+        assert_eq!(e.errno(), libc::EPERM);
+        let e = d.read(0x8000, &mut [0u8; 4]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "DMA read 0x8000+0x4: read of write-only mapping"
+        );
+        let e = d.copy(0x8000, 0x4000, 4).unwrap_err();
+        assert!(e.to_string().contains("read of write-only mapping"), "{e}");
+        // Unmapped memory keeps its own message.
+        let e = d.write(0x20000, &[1]).unwrap_err();
+        assert!(e.to_string().contains("not inside any mapped"), "{e}");
+    }
+
+    #[test]
+    fn test_truncated_file_fails_accesses_as_dma_errors_not_sigbus() {
+        let d = DmaSpace::new();
+        let rw = PROT_READ | PROT_WRITE;
+        let victim = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+        victim.set_len(0x4000).unwrap();
+        let fd = OwnedFd::from(victim.try_clone().unwrap());
+        d.map(0x10000, 0x4000, rw, Some((fd, 0))).unwrap();
+        d.map(0x40000, 0x1000, rw, Some((memfd(0x1000), 0)))
+            .unwrap();
+        d.write(0x13000, b"live").unwrap();
+        victim.set_len(0).unwrap();
+        // Without the SIGBUS guard each of these kills the test process.
+        let e = d.read(0x13000, &mut [0u8; 4]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DmaError::Truncated {
+                    dir: "read",
+                    iova: 0x13000,
+                    len: 4
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("truncated"), "{e}");
+        let e = d.write(0x10000, &[1]).unwrap_err();
+        assert!(matches!(e, DmaError::Truncated { dir: "write", .. }), "{e}");
+        let e = d.copy(0x10000, 0x40000, 16).unwrap_err();
+        assert!(matches!(e, DmaError::Truncated { dir: "read", .. }), "{e}");
+        let e = d.copy(0x40000, 0x11000, 16).unwrap_err();
+        assert!(matches!(e, DmaError::Truncated { dir: "write", .. }), "{e}");
+        // Another mapping is untouched; the broken one unmaps normally.
+        d.write(0x40000, b"ok").unwrap();
+        assert_eq!(d.unmap(0x10000, 0x4000).unwrap().len(), 1);
+        assert_eq!(d.len(), 1);
+    }
+
+    #[test]
+    fn test_page_maps_of_one_file_share_one_mapping() {
+        let d = DmaSpace::new();
+        let rw = PROT_READ | PROT_WRITE;
+        let file = memfd(256 * PAGE);
+        for p in 0..256u64 {
+            let fd = file.try_clone().unwrap();
+            d.map(0x100000 + p * PAGE, PAGE, rw, Some((fd, p * PAGE)))
+                .unwrap();
+        }
+        {
+            let maps = d.read_lock();
+            assert_eq!(maps.chunks.len(), 1, "one shared chunk for the file");
+            let (b, _) = maps
+                .by_iova
+                .values()
+                .next()
+                .unwrap()
+                .backing
+                .as_ref()
+                .unwrap();
+            assert_eq!(b.map.len() as u64, 256 * PAGE);
+            assert_eq!(Arc::strong_count(b), 257);
+        }
+        // Page p of the IOVA range is page p of the file.
+        d.write(0x100000 + 255 * PAGE + 8, b"last").unwrap();
+        let mut b = [0u8; 4];
+        std::os::unix::fs::FileExt::read_at(
+            &File::from(file.try_clone().unwrap()),
+            &mut b,
+            255 * PAGE + 8,
+        )
+        .unwrap();
+        assert_eq!(&b, b"last");
+        // A read-only map of the same file is a chunk of its own (mapped PROT_READ).
+        d.map(
+            0x900000,
+            PAGE,
+            PROT_READ,
+            Some((file.try_clone().unwrap(), 0)),
+        )
+        .unwrap();
+        assert_eq!(d.read_lock().chunks.len(), 2);
+        assert_eq!(d.unmap(0x100000, 128 * PAGE).unwrap().len(), 128);
+        assert_eq!(
+            d.read_lock().chunks.len(),
+            2,
+            "still used by the other half"
+        );
+        assert_eq!(
+            d.unmap(0x100000 + 128 * PAGE, 128 * PAGE).unwrap().len(),
+            128
+        );
+        assert_eq!(d.read_lock().chunks.len(), 1, "unmapped with its last user");
+        d.unmap_all();
+        assert!(d.read_lock().chunks.is_empty());
+    }
+
+    #[test]
+    fn test_a_million_mappings_then_enospc() {
+        // fd-less maps (no mmap per map; the shared-chunk test covers backing): the table
+        // holds MAX_MAPPINGS, lookups and unmaps stay logarithmic, one more is ENOSPC.
+        let d = DmaSpace::new();
+        let t = std::time::Instant::now();
+        for i in 0..MAX_MAPPINGS as u64 {
+            d.map(i * 2 * PAGE, PAGE, PROT_READ, None).unwrap();
+        }
+        let e = d
+            .map(u64::MAX - PAGE + 1, PAGE, PROT_READ, None)
+            .unwrap_err();
+        assert!(matches!(e, DmaError::TooMany(MAX_MAPPINGS)));
+        assert_eq!(e.errno(), libc::ENOSPC);
+        assert!(e.to_string().contains("max_dma_maps"), "{e}");
+        let last = (MAX_MAPPINGS as u64 - 1) * 2 * PAGE;
+        let e = d
+            .map(last + PAGE / 2 * 2, PAGE, PROT_READ, None)
+            .unwrap_err();
+        assert!(matches!(e, DmaError::Overlap { .. } | DmaError::TooMany(_)));
+        assert!(matches!(
+            d.read(last, &mut [0u8; 1]),
+            Err(DmaError::Unmapped { .. })
+        ));
+        assert_eq!(d.unmap(last, PAGE).unwrap().len(), 1);
+        d.map(last + PAGE, PAGE, PROT_READ, None).unwrap();
+        assert_eq!(d.unmap_all().len(), MAX_MAPPINGS);
+        eprintln!("{} maps + unmap_all: {:?}", MAX_MAPPINGS, t.elapsed());
+    }
+
+    #[test]
+    fn test_unmap_edges_detect_straddling_mappings() {
+        let d = DmaSpace::new();
+        d.map(0x10000, 0x3000, PROT_READ, None).unwrap();
+        d.map(0x20000, 0x1000, PROT_READ, None).unwrap();
+        for (iova, size) in [(0x11000, 0x10000), (0x8000, 0x9000), (0x11000, 0x1000)] {
+            assert!(
+                matches!(
+                    d.unmap(iova, size),
+                    Err(DmaError::SplitsMapping {
+                        mapping: 0x10000,
+                        ..
+                    })
+                ),
+                "{iova:#x}+{size:#x}"
+            );
+        }
+        assert_eq!(d.unmap(0x13000, 0x10000).unwrap().len(), 1);
+        assert_eq!(d.mappings()[0].iova, 0x10000);
     }
 
     #[test]

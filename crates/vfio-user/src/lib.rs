@@ -14,6 +14,7 @@ pub use dma::{DmaError, DmaSpace};
 pub use irq::{Interrupts, IrqError, Signal};
 mod reader;
 pub mod server;
+pub mod shm;
 mod sys;
 
 pub use server::{ConnectionEnd, PeerCred, Server, ServerError, ServerOptions};
