@@ -152,8 +152,11 @@ pub mod err {
 pub enum DmaFailure {
     /// The rules forbid DMA now (the bus journaled the refusal).
     Refused,
-    /// No mapped memory there, or the mapping forbids the direction (journaled as a fault).
+    /// No mapped memory there (journaled as a fault).
     Fault,
+    /// Mapped, but the mapping forbids the direction: a write into memory the client mapped
+    /// read-only (journaled as a fault).
+    Protection,
 }
 
 /// What the engine needs from the bus: gated, journaled DMA and MSI-X, a journal for notes,
@@ -224,6 +227,7 @@ impl EngineBus for pcisim_pci::Bus {
 fn failure(f: pcisim_pci::bus::DmaFault) -> DmaFailure {
     match f {
         pcisim_pci::bus::DmaFault::Refused(_) => DmaFailure::Refused,
+        pcisim_pci::bus::DmaFault::Protection { .. } => DmaFailure::Protection,
         _ => DmaFailure::Fault,
     }
 }
@@ -1345,6 +1349,15 @@ fn dma_error(f: DmaFailure, dir: &str, at: u64, n: usize) -> RingError {
             at,
             format!("DMA {dir} of {n} bytes at IOVA {at:#x} hit no mapped memory"),
         ),
+        DmaFailure::Protection => RingError::new(
+            err::DMA_FAULT,
+            at,
+            if dir == "write" {
+                format!("DMA write of {n} bytes at IOVA {at:#x}: write to read-only mapping")
+            } else {
+                format!("DMA read of {n} bytes at IOVA {at:#x}: read of write-only mapping")
+            },
+        ),
     }
 }
 
@@ -1384,6 +1397,7 @@ mod direct_copy_tests {
     struct Rig {
         ep: Endpoint<Gpu>,
         file: std::fs::File,
+        dma: DmaSpace,
     }
 
     /// A GPU whose client mapped `MEM` except `holes`, with pages of `paged` ranges mapped one
@@ -1425,7 +1439,7 @@ mod direct_copy_tests {
             ep.dma_mapped(&m);
         }
         ep.region_write(7, 4, &0x0006u16.to_le_bytes()).unwrap();
-        let mut r = Rig { ep, file };
+        let mut r = Rig { ep, file, dma };
         r.wr(RING_BASE_LO, RING as u32);
         r.wr(RING_BASE_HI, 0);
         r.wr(RING_SIZE, 16);
@@ -1619,6 +1633,35 @@ mod direct_copy_tests {
                 })
                 .collect();
         assert_eq!(faults, vec![hole]);
+    }
+
+    #[test]
+    fn test_copy_into_read_only_mapping_is_a_dma_fault_named_as_such() {
+        // Issue 11 item 10: refused as before, but not described as unmapped memory.
+        let mut r = rig(&[(DST, 0x1000)], &[]);
+        let fd = r.file.try_clone().unwrap();
+        r.dma
+            .map(DST, 0x1000, PROT_READ, Some((fd.into(), DST)))
+            .unwrap();
+        assert_eq!(r.copy(SRC, DST + 0x10, 16), status::ERROR);
+        assert_eq!(r.rd(RING_ERROR) & 0xff, err::DMA_FAULT);
+        let notes: Vec<String> =
+            r.ep.journal()
+                .since(0)
+                .0
+                .into_iter()
+                .filter_map(|rec| match rec.event {
+                    Event::Note { text } if text.starts_with("ring error") => Some(text),
+                    _ => None,
+                })
+                .collect();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains("write to read-only mapping")
+                && !notes[0].contains("no mapped memory"),
+            "{}",
+            notes[0]
+        );
     }
 
     #[test]

@@ -1,5 +1,11 @@
 //! VRAM: a memfd the server maps (MAP_SHARED) for its own accesses and offers to the client
 //! for direct mapping. Pages cost nothing until touched.
+//!
+//! The memfd is sealed against shrinking, growing and further sealing before anyone else sees
+//! it: every client gets it read-write (GET_REGION_INFO), and one that could `ftruncate` it
+//! would make the server's next VRAM access raise SIGBUS (killing every device of the process);
+//! one that could add F_SEAL_WRITE / F_SEAL_FUTURE_WRITE would stop VRAM discards and the next
+//! client's writable mapping.
 
 use std::fs::File;
 use std::io;
@@ -58,13 +64,29 @@ impl Vram {
         }
         // SAFETY: the name is a valid NUL-terminated string; memfd_create touches no other
         // memory of ours.
-        let raw = unsafe { libc::memfd_create(c"pcisim-vram".as_ptr(), libc::MFD_CLOEXEC) };
+        let raw = unsafe {
+            libc::memfd_create(
+                c"pcisim-vram".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if raw < 0 {
             return Err(VramError::Memfd(io::Error::last_os_error()));
         }
         // SAFETY: `raw` is a freshly created descriptor nothing else owns.
         let file = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
         file.set_len(size).map_err(VramError::Memfd)?;
+        // SAFETY: fcntl(F_ADD_SEALS) on our own open fd; it only changes the file's seals.
+        let sealed = unsafe {
+            libc::fcntl(
+                raw,
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            )
+        };
+        if sealed != 0 {
+            return Err(VramError::Memfd(io::Error::last_os_error()));
+        }
         let clone = file.try_clone().map_err(VramError::Memfd)?;
         let map = MmapRegion::from_file(FileOffset::new(clone, 0), len)
             .map_err(|e| VramError::Mmap(e.to_string()))?;
