@@ -1,0 +1,746 @@
+//! Shared memory a client can break, against the real `pcisim serve` binary (issue 11 items 1
+//! and 2):
+//!
+//! - the GPU's VRAM memfd a client receives cannot be truncated (sealed), and VRAM keeps
+//!   serving;
+//! - a DMA_MAP'd file that is not sealed and is truncated while mapped (mid GPU ring COPY, mid
+//!   NPU page walk) costs the device a journaled DMA fault and its error report, not the
+//!   process: the server and its other device keep serving;
+//! - 262,144 DMA_MAPs of 4 KiB pages, each with its own fd (as QEMU sends them for a guest
+//!   vfio user behind a vIOMMU), under `ulimit -n 1024`: the server holds them with a bounded
+//!   number of fds and bounded RSS, DMAs into the last page, and unmaps them all.
+
+// Test code: a failed expectation in a helper is a test failure.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use pcisim_devices::gpu::regs as gr;
+use pcisim_devices::gpu::ring::{self, encode, op};
+use pcisim_devices::npu::regs as nr;
+use pcisim_vfio_user::proto::{self, Header, HEADER_SIZE};
+use serde_json::Value;
+
+const PCISIM: &str = env!("CARGO_BIN_EXE_pcisim");
+const CONFIG: u32 = 7;
+const BAR0: u32 = 0;
+const VRAM: u32 = 2;
+const RW: u32 = 3;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A `pcisim serve` child with a control socket; killed and cleaned up on drop.
+struct Serve {
+    dir: PathBuf,
+    child: Child,
+    control: PathBuf,
+}
+
+impl Serve {
+    /// Serve `devices` (`(kind, id)`), with RLIMIT_NOFILE set to `nofile` in the child if
+    /// given.
+    fn start(devices: &[(&str, &str)], nofile: Option<u64>) -> Serve {
+        let dir = std::env::temp_dir().join(format!(
+            "pcisim-shm-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let control = dir.join("control.sock");
+        let mut cmd = Command::new(PCISIM);
+        cmd.arg("serve");
+        for (kind, id) in devices {
+            let extra = if *kind == "gpu" { ",vram=1M" } else { "" };
+            cmd.arg("--device").arg(format!(
+                "{kind}:socket={},id={id}{extra}",
+                dir.join(format!("{id}.sock")).display()
+            ));
+        }
+        cmd.arg("--control").arg(&control);
+        let log = File::create(dir.join("serve.log")).unwrap();
+        cmd.env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if let Some(n) = nofile {
+            // SAFETY: between fork and exec the closure only calls setrlimit (async-signal-safe)
+            // on a stack value.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("start pcisim serve");
+        let mut s = Serve {
+            dir,
+            child,
+            control,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !s.control.exists() {
+            if let Some(status) = s.child.try_wait().unwrap() {
+                panic!("pcisim serve exited ({status}): {}", s.log());
+            }
+            assert!(Instant::now() < deadline, "no control socket: {}", s.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s
+    }
+
+    fn socket(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.sock"))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn assert_alive(&mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "the server died:\n{}",
+            self.log()
+        );
+    }
+
+    /// The journal of `device` (`ctl --json journal`).
+    fn journal(&self, device: &str) -> Vec<Value> {
+        let out = Command::new(PCISIM)
+            .args(["ctl", "--control"])
+            .arg(&self.control)
+            .args(["--json", "journal", "--device", device])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Open fds and RSS (kB) of `pid`.
+fn usage(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    (fds, rss)
+}
+
+fn payload(f: impl FnOnce(&mut proto::Writer)) -> Vec<u8> {
+    let mut w = proto::Writer::new();
+    f(&mut w);
+    w.finish()
+}
+
+/// A raw vfio-user client that can pass an fd with a message.
+struct Raw {
+    s: UnixStream,
+}
+
+impl Raw {
+    fn connect(path: &Path) -> Raw {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut r = Raw { s };
+        let v = payload(|w| {
+            w.u16(0).u16(0).bytes(b"{}").bytes(&[0]);
+        });
+        r.call(proto::Command::Version, &v, None).unwrap();
+        r
+    }
+
+    /// Send one frame, with `fd` in SCM_RIGHTS if given.
+    fn send(&mut self, cmd: proto::Command, body: &[u8], fd: Option<RawFd>) {
+        let h = Header {
+            id: 0,
+            command: cmd as u16,
+            size: (HEADER_SIZE + body.len()) as u32,
+            flags: 0,
+            error: 0,
+        };
+        let mut bytes = h.encode().to_vec();
+        bytes.extend_from_slice(body);
+        let Some(fd) = fd else {
+            self.s.write_all(&bytes).unwrap();
+            return;
+        };
+        let mut cmsg = [0u64; 4];
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_mut_ptr().cast(),
+            iov_len: bytes.len(),
+        };
+        // SAFETY: a msghdr over our own buffers; the control message (one fd) fits in 32 bytes.
+        let n = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cmsg.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(4) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+            libc::sendmsg(self.s.as_raw_fd(), &msg, 0)
+        };
+        assert_eq!(n, bytes.len() as isize, "sendmsg");
+    }
+
+    /// One reply: its body, or the errno of an error reply.
+    fn recv(&mut self) -> Result<Vec<u8>, u32> {
+        let mut hb = [0u8; HEADER_SIZE];
+        self.s.read_exact(&mut hb).unwrap();
+        let h = Header::parse(&hb);
+        let mut body = vec![0u8; h.size as usize - HEADER_SIZE];
+        self.s.read_exact(&mut body).unwrap();
+        if h.flags & proto::FLAG_ERROR != 0 {
+            return Err(h.error);
+        }
+        Ok(body)
+    }
+
+    fn call(
+        &mut self,
+        cmd: proto::Command,
+        body: &[u8],
+        fd: Option<RawFd>,
+    ) -> Result<Vec<u8>, u32> {
+        self.send(cmd, body, fd);
+        self.recv()
+    }
+
+    fn map_frame(iova: u64, size: u64, offset: u64, prot: u32) -> Vec<u8> {
+        payload(|w| {
+            w.u32(32).u32(prot).u64(offset).u64(iova).u64(size);
+        })
+    }
+
+    fn unmap_frame(iova: u64, size: u64) -> Vec<u8> {
+        payload(|w| {
+            w.u32(24).u32(0).u64(iova).u64(size);
+        })
+    }
+
+    fn dma_map(&mut self, iova: u64, size: u64, file: &File, offset: u64, prot: u32) {
+        self.call(
+            proto::Command::DmaMap,
+            &Raw::map_frame(iova, size, offset, prot),
+            Some(file.as_raw_fd()),
+        )
+        .unwrap_or_else(|e| panic!("DMA_MAP {iova:#x}: errno {e}"));
+    }
+
+    fn rd(&mut self, region: u32, offset: u64, len: u32) -> Vec<u8> {
+        let body = self
+            .call(
+                proto::Command::RegionRead,
+                &payload(|w| {
+                    w.u64(offset).u32(region).u32(len);
+                }),
+                None,
+            )
+            .unwrap_or_else(|e| panic!("REGION_READ {region}/{offset:#x}: errno {e}"));
+        body[16..].to_vec()
+    }
+
+    fn rd32(&mut self, region: u32, offset: u64) -> u32 {
+        u32::from_le_bytes(self.rd(region, offset, 4).try_into().unwrap())
+    }
+
+    fn wr(&mut self, region: u32, offset: u64, data: &[u8]) {
+        self.call(
+            proto::Command::RegionWrite,
+            &payload(|w| {
+                w.u64(offset).u32(region).u32(data.len() as u32).bytes(data);
+            }),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("REGION_WRITE {region}/{offset:#x}: errno {e}"));
+    }
+
+    fn wr32(&mut self, region: u32, offset: u64, v: u32) {
+        self.wr(region, offset, &v.to_le_bytes());
+    }
+
+    /// Memory space and Bus Master on.
+    fn enable(&mut self) {
+        self.wr(CONFIG, 4, &6u16.to_le_bytes());
+    }
+}
+
+/// An anonymous memfd of `len` bytes, sealed against shrinking and growing as QEMU's memfd
+/// backend seals guest RAM when `sealed`.
+fn memfd(len: u64, sealed: bool) -> File {
+    // SAFETY: valid NUL-terminated name.
+    let raw = unsafe {
+        libc::memfd_create(
+            c"pcisim-test".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    assert!(raw >= 0);
+    // SAFETY: a fresh fd nothing else owns.
+    let f = unsafe { File::from_raw_fd(raw) };
+    f.set_len(len).unwrap();
+    if sealed {
+        // SAFETY: fcntl on our own fd.
+        let r = unsafe {
+            libc::fcntl(
+                raw,
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            )
+        };
+        assert_eq!(r, 0);
+    }
+    f
+}
+
+/// A plain file (not sealable, like a QEMU file or hugetlbfs backend), already unlinked.
+fn plain_file(dir: &Path, len: u64) -> File {
+    let path = dir.join(format!("mem-{}", NEXT.fetch_add(1, Ordering::SeqCst)));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    f.set_len(len).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    f
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[3] ^ seed)
+        .collect()
+}
+
+fn of_type<'a>(records: &'a [Value], ty: &str) -> Vec<&'a Value> {
+    records.iter().filter(|r| r["type"] == ty).collect()
+}
+
+/// Another device of the same server answers: its vendor ID reads 0x1234.
+fn assert_serves(s: &Serve, id: &str) {
+    let mut c = Raw::connect(&s.socket(id));
+    assert_eq!(c.rd32(CONFIG, 0) & 0xffff, 0x1234, "{id} answers");
+}
+
+// ---- GPU ring helpers ---------------------------------------------------------------------------
+
+const RING: u64 = 0x1000_0000;
+const RING_SLOTS: u32 = 16;
+
+/// Map a sealed 4 KiB ring at `RING` and enable the ring; returns the ring's memory.
+fn gpu_ring(c: &mut Raw) -> File {
+    let ring = memfd(4096, true);
+    c.dma_map(RING, 4096, &ring, 0, RW);
+    c.enable();
+    c.wr32(BAR0, gr::RING_BASE_LO, RING as u32);
+    c.wr32(BAR0, gr::RING_BASE_HI, 0);
+    c.wr32(BAR0, gr::RING_SIZE, RING_SLOTS);
+    c.wr32(BAR0, gr::RING_CTRL, ring::ctrl::ENABLE);
+    ring
+}
+
+/// Put `cmd` in slot `slot`, ring the doorbell, wait until the ring is idle or stopped;
+/// RING_STATUS.
+fn gpu_submit(c: &mut Raw, ring: &File, slot: u32, cmd: [u8; 32]) -> u32 {
+    ring.write_at(&cmd, u64::from(slot) * 32).unwrap();
+    c.wr32(BAR0, gr::RING_TAIL, (slot + 1) % RING_SLOTS);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = c.rd32(BAR0, gr::RING_STATUS);
+        if st != ring::status::BUSY {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "the ring never finished");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+// ---- item 1 (a): VRAM ---------------------------------------------------------------------------
+
+#[test]
+fn test_vram_fd_cannot_be_resized_by_a_client_and_vram_keeps_serving() {
+    let mut s = Serve::start(&[("gpu", "gpu0")], None);
+    let mut c = vfio_user::Client::new(&s.socket("gpu0")).unwrap();
+    c.region_write(CONFIG, 4, &6u16.to_le_bytes()).unwrap();
+    c.region_write(VRAM, 0x8000, b"vram").unwrap();
+    let region = c.region(VRAM).expect("BAR2 region");
+    let fd = region
+        .file_offset
+        .as_ref()
+        .expect("VRAM comes with an fd")
+        .file();
+    // Before the fix this truncate succeeded and the next VRAM access killed the server.
+    for len in [0, 0x1000, 64 << 20] {
+        let e = fd.set_len(len).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "ftruncate({len:#x})");
+    }
+    // SAFETY: fcntl on the fd the client received.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    assert_eq!(
+        seals,
+        libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        "sealed, and no client can add seals"
+    );
+    // The server's own VRAM accesses still work, for this client...
+    let mut b = [0u8; 4];
+    c.region_read(VRAM, 0x8000, &mut b).unwrap();
+    assert_eq!(&b, b"vram");
+    // ...and for the next one (the fd it gets is sealed too).
+    drop(c);
+    let mut c2 = Raw::connect(&s.socket("gpu0"));
+    c2.enable();
+    c2.wr(VRAM, 0xf_fffc, b"last");
+    assert_eq!(c2.rd(VRAM, 0xf_fffc, 4), b"last");
+    s.assert_alive();
+}
+
+// ---- item 1 (b): truncated DMA memory ------------------------------------------------------------
+
+#[test]
+fn test_dma_file_truncated_mid_ring_copy_faults_the_ring_not_the_server() {
+    let mut s = Serve::start(&[("gpu", "gpu0"), ("npu", "npu0")], None);
+    let mut c = Raw::connect(&s.socket("gpu0"));
+    let ring = gpu_ring(&mut c);
+    const SRC: u64 = 0x2000_0000;
+    const DST: u64 = 0x4000_0000;
+    const LEN: u64 = 8 << 20;
+    // The source: a plain file (cannot be sealed); the destination: sealed memory.
+    let src = plain_file(&s.dir, LEN);
+    let dst = memfd(LEN, true);
+    src.write_at(&pattern(7, LEN as usize), 0).unwrap();
+    c.dma_map(SRC, LEN, &src, 0, RW);
+    c.dma_map(DST, LEN, &dst, 0, RW);
+    // A first COPY works.
+    assert_eq!(
+        gpu_submit(&mut c, &ring, 0, encode(op::COPY, 0, SRC, DST, 0x10000)),
+        ring::status::IDLE
+    );
+    // The client cuts the source in half: the COPY moves its first 4 MiB, then touches pages
+    // that no longer exist (SIGBUS in the engine thread).
+    src.set_len(LEN / 2).unwrap();
+    let st = gpu_submit(&mut c, &ring, 1, encode(op::COPY, 0, SRC, DST, LEN));
+    s.assert_alive();
+    assert_eq!(st, ring::status::ERROR, "the ring stopped on the fault");
+    let err = c.rd32(BAR0, gr::RING_ERROR);
+    assert_eq!(err & 0xff, ring::err::DMA_FAULT, "RING_ERROR {err:#x}");
+    let fault = u64::from(c.rd32(BAR0, gr::RING_FAULT_ADDR_LO));
+    assert!((SRC..SRC + LEN).contains(&fault), "fault at {fault:#x}");
+    // The device keeps serving: reset the ring, COPY between intact mappings.
+    c.wr32(BAR0, gr::RING_CTRL, ring::ctrl::RESET);
+    c.wr32(BAR0, gr::RING_BASE_LO, RING as u32);
+    c.wr32(BAR0, gr::RING_SIZE, RING_SLOTS);
+    c.wr32(BAR0, gr::RING_CTRL, ring::ctrl::ENABLE);
+    let data = pattern(9, 0x1000);
+    dst.write_at(&data, 0).unwrap();
+    assert_eq!(
+        gpu_submit(
+            &mut c,
+            &ring,
+            0,
+            encode(op::COPY, 0, DST, DST + 0x10_0000, 0x1000)
+        ),
+        ring::status::IDLE
+    );
+    let mut back = vec![0u8; 0x1000];
+    dst.read_at(&mut back, 0x10_0000).unwrap();
+    assert_eq!(back, data);
+    // The journal has the fault and the error interrupt; the log says what happened.
+    let j = s.journal("gpu0");
+    let faults = of_type(&j, "dma_fault");
+    assert!(
+        faults.iter().any(|r| r["iova"]
+            .as_u64()
+            .is_some_and(|a| (SRC..SRC + LEN).contains(&a))),
+        "dma_fault in the source: {faults:?}"
+    );
+    assert!(
+        of_type(&j, "interrupt")
+            .iter()
+            .any(|r| r["vector"] == u64::from(ring::DEFAULT_ERROR_VECTOR)),
+        "the error vector was raised"
+    );
+    assert!(
+        j.iter()
+            .any(|r| r["type"] == "note"
+                && r["text"].as_str().is_some_and(|t| t.contains("dma_fault"))),
+        "ring error noted"
+    );
+    let log = s.log();
+    assert!(log.contains("truncated the file"), "log:\n{log}");
+    assert!(log.contains("ring error"), "log:\n{log}");
+    assert_serves(&s, "npu0");
+    s.assert_alive();
+}
+
+/// NPU client memory (IOVA = offset): queues in sealed memory, page tables and data in a plain
+/// file the client truncates.
+mod npu_mem {
+    pub const SQ: u64 = 0x20_0000;
+    pub const CQ: u64 = 0x21_0000;
+    pub const QUEUES: u64 = 0x20_0000;
+    pub const QSIZE: u32 = 16;
+    pub const TABLES: u64 = 0x100_0000;
+    pub const TABLES_LEN: u64 = 0x10_0000;
+    pub const ROOT: u64 = TABLES;
+    pub const DATA: u64 = TABLES + 0x8_0000;
+    pub const VA: u64 = 0x7f00_0000_0000;
+    pub const PASID: u32 = 5;
+    pub const PAGES: u64 = 16;
+}
+
+#[test]
+fn test_dma_file_truncated_under_npu_page_walk_is_a_dma_error_not_a_crash() {
+    use npu_mem::*;
+    use pcisim_devices::npu::queue::{Completion, Descriptor};
+    let mut s = Serve::start(&[("npu", "npu0"), ("gpu", "gpu0")], None);
+    let mut c = Raw::connect(&s.socket("npu0"));
+    let queues = memfd(QUEUES, true);
+    let tables = plain_file(&s.dir, TABLES_LEN);
+    // 4-level tables: PML4 → PDPT → PD → PT, user + writable; PAGES pages at VA → DATA.
+    const FLAGS: u64 = 0x7;
+    let idx = |va: u64, level: u32| (va >> (12 + 9 * (level - 1))) & 0x1ff;
+    let entry = |table: u64, i: u64, v: u64| {
+        tables
+            .write_at(&v.to_le_bytes(), table - TABLES + 8 * i)
+            .unwrap()
+    };
+    let (pdpt, pd, pt) = (ROOT + 0x1000, ROOT + 0x2000, ROOT + 0x3000);
+    entry(ROOT, idx(VA, 4), pdpt | FLAGS);
+    entry(pdpt, idx(VA, 3), pd | FLAGS);
+    entry(pd, idx(VA, 2), pt | FLAGS);
+    for p in 0..PAGES {
+        entry(pt, idx(VA + p * 4096, 1), (DATA + p * 4096) | FLAGS);
+    }
+    c.dma_map(SQ, QUEUES, &queues, 0, RW);
+    c.dma_map(TABLES, TABLES_LEN, &tables, 0, RW);
+    c.enable();
+    c.wr32(BAR0, nr::SQ_BASE_LO, SQ as u32);
+    c.wr32(BAR0, nr::SQ_SIZE, QSIZE);
+    c.wr32(BAR0, nr::CQ_BASE_LO, CQ as u32);
+    c.wr32(BAR0, nr::CQ_SIZE, QSIZE);
+    c.wr32(BAR0, nr::CONTROL, nr::CONTROL_ENABLE);
+    c.wr32(BAR0, nr::CMD_PASID, PASID);
+    c.wr32(BAR0, nr::CMD_FLAGS, 0);
+    c.wr32(BAR0, nr::CMD_ADDR_LO, ROOT as u32);
+    c.wr32(BAR0, nr::CMD_ADDR_HI, 0);
+    c.wr32(BAR0, nr::CMD_OP, nr::OP_BIND);
+    assert_eq!(
+        c.rd32(BAR0, nr::CMD_STATUS) & 0xff,
+        nr::CMD_OK,
+        "PASID bound"
+    );
+    let mut tail = 0u32;
+    let mut fill = |c: &mut Raw, tag: u64| -> Completion {
+        let slot = tail;
+        queues
+            .write_at(&[0u8; 32], CQ - SQ + u64::from(slot) * 32)
+            .unwrap();
+        let d = Descriptor {
+            op: nr::DESC_FILL,
+            pasid: PASID,
+            src: 0x5a5a_5a5a,
+            dst: VA,
+            len: PAGES * 4096,
+            tag,
+            ..Default::default()
+        };
+        queues
+            .write_at(&d.encode(), u64::from(slot) * nr::DESC_SIZE)
+            .unwrap();
+        tail = (tail + 1) % QSIZE;
+        c.wr32(BAR0, nr::SQ_TAIL, tail);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut raw = [0u8; 32];
+        loop {
+            queues
+                .read_at(&mut raw, CQ - SQ + u64::from(slot) * 32)
+                .unwrap();
+            if let Some(done) = Completion::decode(&raw) {
+                return done;
+            }
+            assert!(Instant::now() < deadline, "no completion");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let ok = fill(&mut c, 1);
+    assert_eq!(ok.status, nr::ST_OK, "a first walk works: {ok:?}");
+    // Invalidate the ATC so the next FILL walks the tables again, then cut the file under them.
+    c.wr32(BAR0, nr::CMD_PASID, PASID);
+    c.wr32(BAR0, nr::CMD_ADDR_LO, VA as u32);
+    c.wr32(BAR0, nr::CMD_ADDR_HI, (VA >> 32) as u32);
+    c.wr32(BAR0, nr::CMD_LEN_LO, (PAGES * 4096) as u32);
+    c.wr32(BAR0, nr::CMD_LEN_HI, 0);
+    c.wr32(BAR0, nr::CMD_OP, nr::OP_INVALIDATE);
+    assert_eq!(
+        c.rd32(BAR0, nr::CMD_STATUS) & 0xff,
+        nr::CMD_OK,
+        "invalidated"
+    );
+    tables.set_len(0).unwrap();
+    let bad = fill(&mut c, 2);
+    s.assert_alive();
+    // The NPU reports a walk whose table reads fail as it reports any unreadable table: a
+    // translation fault in the completion.
+    assert_eq!(
+        bad.status,
+        nr::ST_TRANSLATION_FAULT,
+        "the walk failed: {bad:?}"
+    );
+    let j = s.journal("npu0");
+    assert!(
+        of_type(&j, "dma_fault").iter().any(|r| r["iova"]
+            .as_u64()
+            .is_some_and(|a| (TABLES..TABLES + TABLES_LEN).contains(&a))),
+        "dma_fault in the tables: {:?}",
+        of_type(&j, "dma_fault")
+    );
+    let log = s.log();
+    assert!(log.contains("truncated the file"), "log:\n{log}");
+    // The NPU keeps serving (its registers), and so does the other device.
+    assert_eq!(c.rd32(CONFIG, 0) & 0xffff, 0x1234);
+    assert_serves(&s, "gpu0");
+    s.assert_alive();
+}
+
+// ---- item 2: a DMA mapping per page, without an fd per mapping ---------------------------------
+
+#[test]
+fn test_262144_page_maps_each_with_an_fd_under_ulimit_1024() {
+    const PAGES: u64 = 262_144;
+    const BASE: u64 = 0x1_0000_0000;
+    const WINDOW: u64 = 256;
+    let mut s = Serve::start(&[("gpu", "gpu0")], Some(1024));
+    let mut c = Raw::connect(&s.socket("gpu0"));
+    let ring = gpu_ring(&mut c);
+    let (fds0, rss0) = usage(s.pid());
+    let mem = memfd(PAGES * 4096, true);
+    let t = Instant::now();
+    let mut p = 0;
+    while p < PAGES {
+        let n = WINDOW.min(PAGES - p);
+        for k in p..p + n {
+            // A dup per message, as QEMU sends one per DMA_MAP; closed once sent.
+            let fd = mem.try_clone().unwrap();
+            c.send(
+                proto::Command::DmaMap,
+                &Raw::map_frame(BASE + k * 4096, 4096, k * 4096, RW),
+                Some(fd.as_raw_fd()),
+            );
+        }
+        for k in p..p + n {
+            c.recv()
+                .unwrap_or_else(|e| panic!("DMA_MAP of page {k} failed: errno {e}\n{}", s.log()));
+        }
+        p += n;
+    }
+    let map_s = t.elapsed().as_secs_f64();
+    let (fds1, rss1) = usage(s.pid());
+    eprintln!(
+        "{PAGES} maps in {map_s:.2} s ({:.0}/s); server fds {fds0} -> {fds1}, RSS {rss0} -> {rss1} kB",
+        PAGES as f64 / map_s
+    );
+    assert!(fds1 <= fds0 + 2, "fds grew from {fds0} to {fds1}");
+    // Bound: 256 bytes per mapping (docs/security.md states ~80).
+    let grown = rss1.saturating_sub(rss0);
+    assert!(
+        grown <= PAGES * 256 / 1024,
+        "RSS grew by {grown} kB for {PAGES} mappings"
+    );
+    // One more map of the same page range overlaps; the limit is what VERSION said.
+    let e = c
+        .call(
+            proto::Command::DmaMap,
+            &Raw::map_frame(BASE, 4096, 0, RW),
+            Some(mem.as_raw_fd()),
+        )
+        .unwrap_err();
+    assert_eq!(e, libc::EEXIST as u32);
+    // The GPU writes a fence into the last page.
+    let last = BASE + (PAGES - 1) * 4096 + 0xff8;
+    assert_eq!(
+        gpu_submit(
+            &mut c,
+            &ring,
+            0,
+            encode(op::WRITE_FENCE, 0, last, 0x1234_5678_9abc_def0, 0)
+        ),
+        ring::status::IDLE
+    );
+    let mut b = [0u8; 8];
+    mem.read_at(&mut b, (PAGES - 1) * 4096 + 0xff8).unwrap();
+    assert_eq!(u64::from_le_bytes(b), 0x1234_5678_9abc_def0);
+    // Unmap them all, page by page.
+    let t = Instant::now();
+    let mut p = 0;
+    while p < PAGES {
+        let n = WINDOW.min(PAGES - p);
+        for k in p..p + n {
+            c.send(
+                proto::Command::DmaUnmap,
+                &Raw::unmap_frame(BASE + k * 4096, 4096),
+                None,
+            );
+        }
+        for k in p..p + n {
+            c.recv()
+                .unwrap_or_else(|e| panic!("DMA_UNMAP of page {k}: errno {e}"));
+        }
+        p += n;
+    }
+    let unmap_s = t.elapsed().as_secs_f64();
+    let (fds2, rss2) = usage(s.pid());
+    eprintln!(
+        "{PAGES} unmaps in {unmap_s:.2} s ({:.0}/s); server fds {fds2}, RSS {rss2} kB",
+        PAGES as f64 / unmap_s
+    );
+    assert!(fds2 <= fds0 + 1, "fds {fds2} after unmapping (was {fds0})");
+    let j = s.journal("gpu0");
+    assert!(of_type(&j, "dma_fault").is_empty() && of_type(&j, "violation").is_empty());
+    assert_eq!(c.rd32(CONFIG, 0) & 0xffff, 0x1234);
+    s.assert_alive();
+}
