@@ -517,6 +517,76 @@ fn test_dma_file_truncated_mid_ring_copy_faults_the_ring_not_the_server() {
     s.assert_alive();
 }
 
+#[test]
+fn test_ring_memory_truncated_before_a_doorbell_fails_the_fetch_not_the_server() {
+    // The REGION_WRITE of RING_TAIL makes the device fetch its command from the client's
+    // memory: here a plain file the client truncated after mapping it.
+    let mut s = Serve::start(&[("gpu", "gpu0"), ("gpu", "gpu1")], None);
+    let mut c = Raw::connect(&s.socket("gpu0"));
+    let ring = plain_file(&s.dir, 4096);
+    c.dma_map(RING, 4096, &ring, 0, RW);
+    c.enable();
+    c.wr32(BAR0, gr::RING_BASE_LO, RING as u32);
+    c.wr32(BAR0, gr::RING_SIZE, RING_SLOTS);
+    c.wr32(BAR0, gr::RING_CTRL, ring::ctrl::ENABLE);
+    let fence = RING + 0x800;
+    assert_eq!(
+        gpu_submit(&mut c, &ring, 0, encode(op::WRITE_FENCE, 0, fence, 1, 0)),
+        ring::status::IDLE
+    );
+    ring.write_at(&encode(op::WRITE_FENCE, 0, fence, 2, 0), 32)
+        .unwrap();
+    ring.set_len(0).unwrap();
+    c.wr32(BAR0, gr::RING_TAIL, 2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.rd32(BAR0, gr::RING_STATUS) == ring::status::BUSY {
+        assert!(Instant::now() < deadline, "the ring never stopped");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    s.assert_alive();
+    assert_eq!(c.rd32(BAR0, gr::RING_STATUS), ring::status::ERROR);
+    assert_eq!(c.rd32(BAR0, gr::RING_ERROR) & 0xff, ring::err::DMA_FAULT);
+    assert_eq!(u64::from(c.rd32(BAR0, gr::RING_FAULT_ADDR_LO)), RING + 32);
+    // Later accesses to the broken mapping fail the same way (the ring stays stopped until
+    // reset; a reset ring fetching again faults again).
+    c.wr32(BAR0, gr::RING_CTRL, ring::ctrl::RESET);
+    c.wr32(BAR0, gr::RING_BASE_LO, RING as u32);
+    c.wr32(BAR0, gr::RING_SIZE, RING_SLOTS);
+    c.wr32(BAR0, gr::RING_CTRL, ring::ctrl::ENABLE);
+    c.wr32(BAR0, gr::RING_TAIL, 1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.rd32(BAR0, gr::RING_STATUS) == ring::status::BUSY {
+        assert!(Instant::now() < deadline, "the ring never stopped");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(c.rd32(BAR0, gr::RING_ERROR) & 0xff, ring::err::DMA_FAULT);
+    let j = s.journal("gpu0");
+    let faults: Vec<u64> = of_type(&j, "dma_fault")
+        .iter()
+        .filter_map(|r| r["iova"].as_u64())
+        .collect();
+    assert_eq!(
+        faults,
+        vec![RING + 32, RING],
+        "both fetches journaled as faults"
+    );
+    let log = s.log();
+    assert_eq!(
+        log.matches("truncated the file").count(),
+        1,
+        "logged once per broken mapping:\n{log}"
+    );
+    // The DMA map of the broken mapping is still released normally.
+    c.call(
+        proto::Command::DmaUnmap,
+        &Raw::unmap_frame(RING, 4096),
+        None,
+    )
+    .unwrap();
+    assert_serves(&s, "gpu1");
+    s.assert_alive();
+}
+
 /// NPU client memory (IOVA = offset): queues in sealed memory, page tables and data in a plain
 /// file the client truncates.
 mod npu_mem {
