@@ -31,6 +31,13 @@
 //!   every page evicts an entry and walks the tables, four 8-byte DMA reads) against hits; hits
 //!   in checking mode (the default: every hit re-walks the tables to catch stale
 //!   translations) against hits. Samples alternate between the four. Median pages per second.
+//! - **DMA map and unmap** (`dma_map_4k`, `dma_unmap_4k`): a client maps a memfd page by page,
+//!   one DMA_MAP per 4 KiB page each carrying its own dup'd fd (what QEMU sends for a guest
+//!   vfio user behind a vIOMMU), in windows of 256 requests before reading their replies,
+//!   then unmaps page by page the same way. The floor is the same traffic through a raw
+//!   AF_UNIX echo thread that only receives each message (and its fd), closes the fd and
+//!   replies with the same number of bytes: the cost of the socket round trip and of passing
+//!   the fd, which the server cannot avoid. Mappings per second (higher is better).
 //! - **Server RSS** (`server_rss_64_gpus`): a `pcisim serve` with 64 GPUs (256 MiB of VRAM
 //!   each, never touched) against one with a single GPU.
 
@@ -62,6 +69,8 @@ struct Scale {
     npu_runs: usize,
     /// Devices of the big server in the RSS figure.
     rss_devices: usize,
+    /// Pages mapped (and unmapped) one by one in the DMA map figures.
+    map_pages: u64,
 }
 
 impl Scale {
@@ -75,6 +84,7 @@ impl Scale {
                 dma_runs: 3,
                 npu_runs: 2,
                 rss_devices: 64,
+                map_pages: 1024,
             }
         } else if quick {
             Scale {
@@ -84,6 +94,7 @@ impl Scale {
                 dma_runs: 7,
                 npu_runs: 10,
                 rss_devices: 64,
+                map_pages: 65_536,
             }
         } else {
             Scale {
@@ -93,6 +104,7 @@ impl Scale {
                 dma_runs: 31,
                 npu_runs: 100,
                 rss_devices: 64,
+                map_pages: 262_144,
             }
         }
     }
@@ -879,6 +891,210 @@ fn npu_translate(runs: usize) -> Result<Vec<(&'static str, f64, String, f64)>> {
     ])
 }
 
+// ---- DMA map / unmap ------------------------------------------------------------------------
+
+/// Requests sent before their replies are read.
+const MAP_WINDOW: u64 = 256;
+
+/// Send `bytes` on `s` with `fd` (SCM_RIGHTS) if given.
+fn send_with_fd(s: &UnixStream, bytes: &[u8], fd: Option<i32>) -> Result<()> {
+    let mut cmsg = [0u64; 4];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr().cast_mut().cast(),
+        iov_len: bytes.len(),
+    };
+    // SAFETY: a msghdr over our own buffers (the kernel only reads the iovec's bytes); the
+    // control message (one fd) fits in the 32-byte buffer (CMSG_SPACE(4) = 24).
+    let n = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if let Some(fd) = fd {
+            msg.msg_control = cmsg.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(4) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
+        }
+        libc::sendmsg(s.as_raw_fd(), &msg, 0)
+    };
+    if n != bytes.len() as isize {
+        bail!("sendmsg: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receive up to `buf.len()` bytes from `s` (as many as are there, at least one), closing every
+/// fd that comes with them; 0 at end of stream.
+fn recv_closing_fds(s: &UnixStream, buf: &mut [u8]) -> Result<usize> {
+    let mut cmsg = [0u64; 64];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: a msghdr over our own buffers; the kernel writes at most iov_len bytes and
+    // msg_controllen bytes of control data into them, and CMSG_* walk what it wrote.
+    let (n, fds) = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cmsg);
+        let n = libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+        let mut fds = Vec::new();
+        if n > 0 {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let k = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                    for i in 0..k {
+                        fds.push(std::ptr::read_unaligned(
+                            libc::CMSG_DATA(c).cast::<i32>().add(i),
+                        ));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        (n, fds)
+    };
+    for fd in fds {
+        // SAFETY: the kernel just installed `fd` in our table for us; we own it.
+        drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    }
+    if n < 0 {
+        bail!("recvmsg: {}", std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Receive exactly `buf.len()` bytes (closing fds that come along); false at end of stream.
+fn recv_exact_closing_fds(s: &UnixStream, buf: &mut [u8]) -> Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = recv_closing_fds(s, &mut buf[got..])?;
+        if n == 0 {
+            return Ok(false);
+        }
+        got += n;
+    }
+    Ok(true)
+}
+
+/// `pages` DMA_MAP frames (4 KiB page `k` of the memfd at IOVA `BASE + k * 4096`) and the
+/// DMA_UNMAP frames undoing them.
+fn map_frames(pages: u64) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    const BASE: u64 = 0x1_0000_0000;
+    let rw = pcisim_vfio_user::dma::PROT_READ | pcisim_vfio_user::dma::PROT_WRITE;
+    (0..pages)
+        .map(|k| {
+            let mut m = proto::Writer::new();
+            m.u32(32)
+                .u32(rw)
+                .u64(k * 4096)
+                .u64(BASE + k * 4096)
+                .u64(4096);
+            let mut u = proto::Writer::new();
+            u.u32(24).u32(0).u64(BASE + k * 4096).u64(4096);
+            (
+                frame(Command::DmaMap, 0, 0, &m.finish()),
+                frame(Command::DmaUnmap, 0, 0, &u.finish()),
+            )
+        })
+        .unzip()
+}
+
+/// Send every frame (with a dup of `fd` each if given), `MAP_WINDOW` at a time before reading
+/// as many `reply_len`-byte replies; seconds. An error reply is an error.
+fn windows(
+    s: &UnixStream,
+    frames: &[Vec<u8>],
+    fd: Option<&std::fs::File>,
+    reply_len: usize,
+) -> Result<f64> {
+    let mut reply = vec![0u8; reply_len];
+    let t = Instant::now();
+    for w in frames.chunks(MAP_WINDOW as usize) {
+        for f in w {
+            let dup = fd.map(|f| f.try_clone()).transpose()?;
+            send_with_fd(s, f, dup.as_ref().map(|d| d.as_raw_fd()))?;
+        }
+        for _ in w {
+            if !recv_exact_closing_fds(s, &mut reply)? {
+                bail!("the peer closed the connection");
+            }
+            let h = Header::parse(reply[..HEADER_SIZE].try_into()?);
+            if h.flags & proto::FLAG_ERROR != 0 {
+                bail!("command {} refused: errno {}", h.command, h.error);
+            }
+        }
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// The echo floor of the map figure: reads whatever has arrived (as the server's reader does,
+/// several messages per `recvmsg` when they are there), closes the fds that came with it, and
+/// answers every complete `req_len`-byte message with `reply_len` bytes (a reply header with
+/// the size filled in, so `windows` accepts it), all answers to one read in one write.
+fn fd_echo(req_len: usize, reply_len: usize) -> Result<UnixStream> {
+    let (a, b) = UnixStream::pair()?;
+    std::thread::spawn(move || {
+        let mut reply = Header {
+            id: 0,
+            command: Command::DmaMap as u16,
+            size: reply_len as u32,
+            flags: proto::FLAG_TYPE_REPLY,
+            error: 0,
+        }
+        .encode()
+        .to_vec();
+        reply.resize(reply_len, 0);
+        let mut buf = vec![0u8; 64 << 10];
+        let mut pending = 0usize;
+        let mut out = Vec::new();
+        while let Ok(n) = recv_closing_fds(&b, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            pending += n;
+            out.clear();
+            while pending >= req_len {
+                pending -= req_len;
+                out.extend_from_slice(&reply);
+            }
+            if (&b).write_all(&out).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(a)
+}
+
+/// Map `pages` 4 KiB pages one by one, then unmap them one by one, through a real server; and
+/// the same traffic through the echo floor. Returns (map/s, unmap/s, floor map/s, floor
+/// unmap/s).
+fn dma_map_rates(dir: &Path, pages: u64) -> Result<(f64, f64, f64, f64)> {
+    let sock = start_server(dir, "dma-map", false)?;
+    let mem = memfd(pages * 4096)?;
+    let (maps, unmaps) = map_frames(pages);
+    let c = Client::connect(&sock)?;
+    // Replies: a DMA_MAP reply is a header; a DMA_UNMAP reply echoes the 24-byte request.
+    let (map_reply, unmap_reply) = (HEADER_SIZE, HEADER_SIZE + 24);
+    let map_s = windows(&c.s, &maps, Some(&mem), map_reply)?;
+    let unmap_s = windows(&c.s, &unmaps, None, unmap_reply)?;
+    drop(c);
+    let _ = std::fs::remove_file(&sock);
+    let floor = fd_echo(maps[0].len(), map_reply)?;
+    let floor_map_s = windows(&floor, &maps, Some(&mem), map_reply)?;
+    drop(floor);
+    let floor = fd_echo(unmaps[0].len(), unmap_reply)?;
+    let floor_unmap_s = windows(&floor, &unmaps, None, unmap_reply)?;
+    let n = pages as f64;
+    Ok((n / map_s, n / unmap_s, n / floor_map_s, n / floor_unmap_s))
+}
+
 // ---- server RSS ------------------------------------------------------------------------------
 
 /// VmRSS (KiB) of a `pcisim serve` with `n` GPUs once all sockets are up.
@@ -966,13 +1182,14 @@ pub fn run(quick: bool, smoke: bool) -> Result<()> {
     println!(
         "# {} round trips per region figure (median), {} batches per multi figure, \
          {} copies of {} MiB, {} NPU samples of {} translations; medians; \
-         ratio = value / floor",
+         {} 4 KiB DMA maps then unmaps; ratio = value / floor",
         s.rtt,
         s.batches,
         s.dma_runs,
         s.dma_len >> 20,
         s.npu_runs,
-        npu_layout::PER_SAMPLE
+        npu_layout::PER_SAMPLE,
+        s.map_pages
     );
     region_rtts(&dir.0, s)?;
     for n in [16, 200] {
@@ -996,6 +1213,21 @@ pub fn run(quick: bool, smoke: bool) -> Result<()> {
     for (name, v, floor_name, floor) in npu_translate(s.npu_runs)? {
         line(name, v / 1e6, "Mpage/s", &floor_name, floor / 1e6);
     }
+    let (map, unmap, floor_map, floor_unmap) = dma_map_rates(&dir.0, s.map_pages)?;
+    line(
+        "dma_map_4k",
+        map,
+        "maps/s",
+        "af_unix_fd_echo_48b_16b",
+        floor_map,
+    );
+    line(
+        "dma_unmap_4k",
+        unmap,
+        "maps/s",
+        "af_unix_echo_40b_40b",
+        floor_unmap,
+    );
     let one = server_rss(&dir.0, 1)?;
     let many = server_rss(&dir.0, s.rss_devices)?;
     line(

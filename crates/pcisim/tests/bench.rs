@@ -16,6 +16,8 @@ const FIGURES: &[&str] = &[
     "npu_translate_atc_miss",
     "npu_translate_atc_hit",
     "npu_translate_atc_hit_checking",
+    "dma_map_4k",
+    "dma_unmap_4k",
     "server_rss_64_gpus",
 ];
 
