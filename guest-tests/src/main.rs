@@ -7,6 +7,7 @@
 mod agent;
 mod args;
 mod bario;
+mod dmamap;
 mod dmastream;
 mod e1;
 mod e2;
@@ -75,6 +76,9 @@ usage: pcisim-guest <subcommand> [options]
               [--iova BASE] [--buf-kib N]
       M1-M5: a vfio user streams DMA into its own buffer and goes away (exit, SIGKILL,
       fork, fds passed over SCM_RIGHTS, BAR mmap outliving the fds)
+  dma-map-pages --vendor V --device D [--bdf BDF] [--mib N]
+      M9: a vfio user maps N MiB (default 1024) in 4 KiB pages through the vIOMMU, has the
+      GPU write into the last page, and unmaps it
 ";
 
 fn main() {
@@ -101,6 +105,7 @@ fn main() {
         "dma-stream" => dmastream::run(rest),
         "mm-teardown" => mmtear::run(rest),
         "mm-teardown-worker" => mmtear::worker(rest),
+        "dma-map-pages" => dmamap::run(rest),
         "sva" => sva::run(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");

@@ -54,6 +54,7 @@
 
 pub mod agent;
 pub mod control;
+pub mod dmamap;
 pub mod error;
 pub mod guest;
 pub mod host;

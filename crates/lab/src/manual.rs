@@ -78,6 +78,8 @@ pub fn manual_profile() -> VmProfile {
         hotplug: HotplugMode::Acpi,
         free_ports: 1,
         viommu: true,
+        // `lab up --memory` decides the manual VM's RAM.
+        memory_mib: crate::profile::DEFAULT_MEMORY_MIB,
     }
 }
 

@@ -13,6 +13,7 @@
 //! | `gpu-pciehp` | as `gpu-hotplug`, with native PCIe hotplug (pciehp) | native pciehp | 0 | yes |
 //! | `npu-sva` | `npu0` (`chunk_delay_us=500`) alone behind `rp1`, bound to the guest NPU driver | ACPI | 0 | no |
 //! | `gpu-nsr` | `gpu0` behind `rp1`, `gpu1` (`no_soft_reset=on`) behind `rp2` | native pciehp | 0 | yes |
+//! | `gpu-2g` | as `gpu`, with 2 GiB of guest RAM (every other profile has 1 GiB) | ACPI | 0 | yes |
 //!
 //! Root ports are `rp1`, `rp2`, ... with `chassis` = `slot` = their number, created in the order
 //! their first device appears in the profile, then the free ones (hotplug-capable, empty at
@@ -157,7 +158,12 @@ pub struct VmProfile {
     pub free_ports: u8,
     /// An intel-iommu (a guest vfio user needs one: the Debian kernel has no VFIO_NOIOMMU).
     pub viommu: bool,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
 }
+
+/// Guest RAM of every profile but `gpu-2g`.
+pub const DEFAULT_MEMORY_MIB: u64 = 1024;
 
 /// The profiles scenarios can ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -190,6 +196,9 @@ pub enum ProfileId {
     /// by physical address, which needs untranslated DMA (docs/sva.md). The guest NPU driver
     /// (`pcisim_npu.ko`) drives it. M6 and M7 run here.
     NpuSva,
+    /// `gpu-2g`: the `gpu` profile with 2 GiB of guest RAM, for a guest vfio user that maps
+    /// 1 GiB of its own memory. M9 runs here.
+    GpuLarge,
 }
 
 impl ProfileId {
@@ -202,6 +211,7 @@ impl ProfileId {
                 hotplug: HotplugMode::Acpi,
                 free_ports: 0,
                 viommu: true,
+                memory_mib: DEFAULT_MEMORY_MIB,
             },
             ProfileId::GpuNpu => VmProfile {
                 name: "gpu-npu".into(),
@@ -215,6 +225,7 @@ impl ProfileId {
                 hotplug: HotplugMode::NativePciehp,
                 free_ports: 1,
                 viommu: true,
+                memory_mib: DEFAULT_MEMORY_MIB,
             },
             ProfileId::GpuHotplug => VmProfile {
                 name: "gpu-hotplug".into(),
@@ -231,6 +242,7 @@ impl ProfileId {
                 hotplug: HotplugMode::Acpi,
                 free_ports: 0,
                 viommu: true,
+                memory_mib: DEFAULT_MEMORY_MIB,
             },
             ProfileId::GpuNpuHotplug => VmProfile {
                 name: "gpu-npu-hotplug".into(),
@@ -248,6 +260,7 @@ impl ProfileId {
                 hotplug: HotplugMode::Acpi,
                 free_ports: 0,
                 viommu: true,
+                memory_mib: DEFAULT_MEMORY_MIB,
             },
             ProfileId::GpuPciehp => VmProfile {
                 name: "gpu-pciehp".into(),
@@ -263,6 +276,12 @@ impl ProfileId {
                 hotplug: HotplugMode::Acpi,
                 free_ports: 0,
                 viommu: false,
+                memory_mib: DEFAULT_MEMORY_MIB,
+            },
+            ProfileId::GpuLarge => VmProfile {
+                name: "gpu-2g".into(),
+                memory_mib: 2048,
+                ..ProfileId::Gpu.profile()
             },
             ProfileId::GpuNsr => VmProfile {
                 name: "gpu-nsr".into(),
@@ -276,6 +295,7 @@ impl ProfileId {
                 hotplug: HotplugMode::NativePciehp,
                 free_ports: 0,
                 viommu: true,
+                memory_mib: DEFAULT_MEMORY_MIB,
             },
         }
     }

@@ -226,6 +226,12 @@ pub fn catalogue() -> Vec<Scenario> {
             program: Program::Host(crate::mm::M5),
         },
         Scenario {
+            id: "M9",
+            name: "M9 dma-map-1g-pages",
+            timeout: Duration::from_secs(1800),
+            program: Program::Host(crate::dmamap::M9),
+        },
+        Scenario {
             id: "M6",
             name: "M6 sva-lifetimes",
             timeout: Duration::from_secs(120),
@@ -416,6 +422,7 @@ mod tests {
                 "M3 mm-vfio-fork",
                 "M4 mm-vfio-scm-rights",
                 "M5 mm-vfio-bar-mmap",
+                "M9 dma-map-1g-pages",
                 "M6 sva-lifetimes",
                 "M6b sva-no-mm-release",
                 "M6c sva-ack-without-drain",

@@ -736,7 +736,7 @@ fn run_vm(
         qemu: env.qemu.clone(),
         accel: env.accel.as_str().into(),
         cpu: env.cpu.clone(),
-        memory_mib: 1024,
+        memory_mib: profile.memory_mib,
         smp: 2,
         kernel: env.kernel.clone(),
         initrd: initrd.to_path_buf(),
