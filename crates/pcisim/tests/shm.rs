@@ -814,3 +814,32 @@ fn test_262144_page_maps_each_with_an_fd_under_ulimit_1024() {
     assert_eq!(c.rd32(CONFIG, 0) & 0xffff, 0x1234);
     s.assert_alive();
 }
+
+#[test]
+fn test_version_max_dma_maps_is_the_servers_limit_lowered_to_the_clients() {
+    // QEMU 11.1 offers 65535 and refuses a device whose reply is larger ("max_dma_maps too
+    // large"); a client that accepts more learns the server's true limit.
+    let s = Serve::start(&[("gpu", "gpu0")], None);
+    for (caps, want) in [
+        (
+            r#"{"capabilities":{"max_dma_maps":65535,"pgsizes":4096}}"#,
+            65535,
+        ),
+        ("{}", 65535),
+        (r#"{"capabilities":{"max_dma_maps":4000000}}"#, 1 << 20),
+        (r#"{"capabilities":{"max_dma_maps":100}}"#, 100),
+    ] {
+        let mut st = UnixStream::connect(s.socket("gpu0")).unwrap();
+        st.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut c = Raw { s: st };
+        let v = payload(|w| {
+            w.u16(0).u16(0).bytes(caps.as_bytes()).bytes(&[0]);
+        });
+        let body = c.call(proto::Command::Version, &v, None).unwrap();
+        let json: Value = serde_json::from_slice(&body[4..body.len() - 1]).unwrap();
+        assert_eq!(
+            json["capabilities"]["max_dma_maps"], want,
+            "client caps {caps}: reply {json}"
+        );
+    }
+}

@@ -245,10 +245,25 @@ pub struct MappingInfo {
     pub backed: bool,
 }
 
-/// Upper bound of simultaneous mappings per client, advertised as `max_dma_maps` at VERSION
-/// (2^20, four times what a guest mapping 1 GiB in 4 KiB pages needs). Each costs about 80
-/// bytes of server memory (docs/security.md), so a client holding all of them costs ~80 MiB.
+/// Upper bound of simultaneous mappings per client (2^20, four times what a guest mapping
+/// 1 GiB in 4 KiB pages needs); one more is refused with `ENOSPC`. Each costs about 80 bytes of
+/// server memory (docs/security.md), so a client holding all of them costs ~85 MB.
 pub const MAX_MAPPINGS: usize = 1 << 20;
+
+/// `max_dma_maps` when the client's VERSION does not name one (the protocol's default).
+pub const DEFAULT_CLIENT_MAX_DMA_MAPS: u64 = 65535;
+
+/// The `max_dma_maps` the server replies at VERSION: what it holds ([`MAX_MAPPINGS`]), but no
+/// more than the client offered (`client`, or the protocol default 65535 when it named none).
+/// QEMU 11.1 refuses a device whose reply raises its own value ("max_dma_maps too large": the
+/// server "can only lower it", hw/vfio-user/proxy.c `check_max_dma`), and it offers 65535; it
+/// does not limit its own DMA_MAPs by the value (a vIOMMU guest mapping 1 GiB page by page
+/// sends 262,144), so the server holds [`MAX_MAPPINGS`] whatever it advertised.
+pub fn advertised_max_dma_maps(client: Option<u64>) -> u64 {
+    client
+        .unwrap_or(DEFAULT_CLIENT_MAX_DMA_MAPS)
+        .min(MAX_MAPPINGS as u64)
+}
 
 const PAGE: u64 = 4096;
 
@@ -956,6 +971,16 @@ mod tests {
         d.map(last + PAGE, PAGE, PROT_READ, None).unwrap();
         assert_eq!(d.unmap_all().len(), MAX_MAPPINGS);
         eprintln!("{} maps + unmap_all: {:?}", MAX_MAPPINGS, t.elapsed());
+    }
+
+    #[test]
+    fn test_advertised_max_dma_maps_never_raises_the_clients() {
+        // QEMU offers 65535 and refuses a larger reply.
+        assert_eq!(advertised_max_dma_maps(Some(65535)), 65535);
+        assert_eq!(advertised_max_dma_maps(None), 65535);
+        assert_eq!(advertised_max_dma_maps(Some(16)), 16);
+        // A client that accepts more learns what the server truly holds.
+        assert_eq!(advertised_max_dma_maps(Some(u64::MAX)), 1 << 20);
     }
 
     #[test]

@@ -916,7 +916,7 @@ impl Connection<'_> {
                 "max_msg_fds": self.opts.max_msg_fds,
                 "max_data_xfer_size": self.opts.max_data_xfer_size,
                 "pgsizes": 4096,
-                "max_dma_maps": crate::dma::MAX_MAPPINGS,
+                "max_dma_maps": crate::dma::advertised_max_dma_maps(c["max_dma_maps"].as_u64()),
                 "write_multiple": true,
             }
         });
