@@ -829,7 +829,7 @@ fn test_version_max_dma_maps_is_the_servers_limit_lowered_to_the_clients() {
         (r#"{"capabilities":{"max_dma_maps":4000000}}"#, 1 << 20),
         (r#"{"capabilities":{"max_dma_maps":100}}"#, 100),
     ] {
-        let mut st = UnixStream::connect(s.socket("gpu0")).unwrap();
+        let st = UnixStream::connect(s.socket("gpu0")).unwrap();
         st.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut c = Raw { s: st };
         let v = payload(|w| {
