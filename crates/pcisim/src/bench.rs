@@ -111,14 +111,37 @@ impl Scale {
 }
 
 /// One figure: `name value unit floor=floor_name:floor unit ratio=value/floor`.
-fn line(name: &str, value: f64, unit: &str, floor_name: &str, floor: f64) {
-    println!(
+fn line(name: &str, value: f64, unit: &str, floor_name: &str, floor: f64) -> Result<()> {
+    say(format_args!(
         "{name} {} {unit} floor={floor_name}:{}{unit} ratio={:.2}",
         sig4(value),
         sig4(floor),
         value / floor.max(f64::MIN_POSITIVE),
-    );
+    ))
 }
+
+/// Writes one line of the report to stdout. A failed write (typically the reader went away:
+/// `pcisim bench | head`) is an error that stops the run — the figures still to come would be
+/// measured for nobody — instead of `println!`'s panic. [`ReaderGone`] marks a broken pipe.
+fn say(args: std::fmt::Arguments<'_>) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush())
+        .map_err(|e| {
+            if pcisim_lab::output::is_broken_pipe(&e) {
+                anyhow::Error::new(ReaderGone)
+            } else {
+                anyhow::Error::new(e).context("writing the bench report")
+            }
+        })
+}
+
+/// The report's reader went away (EPIPE on stdout): the bench stops; `pcisim` exits 141 as
+/// the suite does.
+#[derive(Debug, thiserror::Error)]
+#[error("the report's reader went away")]
+pub struct ReaderGone;
 
 /// `v` with at least 4 significant digits (integers as they are).
 fn sig4(v: f64) -> String {
@@ -360,7 +383,7 @@ fn region_rtts(dir: &Path, s: Scale) -> Result<()> {
                 "ns",
                 &format!("af_unix_pingpong_{}b_{}b_{tag}", req.len(), reply_len),
                 f as f64,
-            );
+            )?;
         }
     }
     Ok(())
@@ -1178,8 +1201,8 @@ pub fn run(quick: bool, smoke: bool) -> Result<()> {
     }
     let dir = TempDir(std::env::temp_dir().join(format!("pcisim-bench-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0)?;
-    println!("# pcisim bench: {}", machine());
-    println!(
+    say(format_args!("# pcisim bench: {}", machine()))?;
+    say(format_args!(
         "# {} round trips per region figure (median), {} batches per multi figure, \
          {} copies of {} MiB, {} NPU samples of {} translations; medians; \
          {} 4 KiB DMA maps then unmaps; ratio = value / floor",
@@ -1190,7 +1213,7 @@ pub fn run(quick: bool, smoke: bool) -> Result<()> {
         s.npu_runs,
         npu_layout::PER_SAMPLE,
         s.map_pages
-    );
+    ))?;
     region_rtts(&dir.0, s)?;
     for n in [16, 200] {
         let (multi, singles) = write_multi(&dir.0, n, s.batches)?;
@@ -1200,7 +1223,7 @@ pub fn run(quick: bool, smoke: bool) -> Result<()> {
             "ns",
             &format!("posted_region_writes_{n}_and_read"),
             singles as f64,
-        );
+        )?;
     }
     let (engine, memcpy) = dma_copy(s.dma_len, s.dma_runs)?;
     line(
@@ -1209,9 +1232,9 @@ pub fn run(quick: bool, smoke: bool) -> Result<()> {
         "GB/s",
         "memcpy_same_pages",
         memcpy,
-    );
+    )?;
     for (name, v, floor_name, floor) in npu_translate(s.npu_runs)? {
-        line(name, v / 1e6, "Mpage/s", &floor_name, floor / 1e6);
+        line(name, v / 1e6, "Mpage/s", &floor_name, floor / 1e6)?;
     }
     let (map, unmap, floor_map, floor_unmap) = dma_map_rates(&dir.0, s.map_pages)?;
     line(
@@ -1220,14 +1243,14 @@ pub fn run(quick: bool, smoke: bool) -> Result<()> {
         "maps/s",
         "af_unix_fd_echo_48b_16b",
         floor_map,
-    );
+    )?;
     line(
         "dma_unmap_4k",
         unmap,
         "maps/s",
         "af_unix_echo_40b_40b",
         floor_unmap,
-    );
+    )?;
     let one = server_rss(&dir.0, 1)?;
     let many = server_rss(&dir.0, s.rss_devices)?;
     line(
@@ -1236,6 +1259,6 @@ pub fn run(quick: bool, smoke: bool) -> Result<()> {
         "KiB",
         "server_rss_1_gpu",
         one as f64,
-    );
+    )?;
     Ok(())
 }

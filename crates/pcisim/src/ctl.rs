@@ -298,7 +298,7 @@ fn journal(
                         slice.lost
                     );
                     if json_out {
-                        eprintln!("pcisim ctl: {note}");
+                        pcisim_lab::note!("pcisim ctl: {note}");
                     } else {
                         out.line(&note)?;
                     }

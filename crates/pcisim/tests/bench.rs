@@ -119,3 +119,22 @@ fn figure_line_parser_rejects_malformed_lines() {
     assert!(parse("x abc ns floor=y:2.0ns ratio=0.75").is_none());
     assert!(parse("x 1.5 ns floor=y:2.0ns ratio=0.75 extra").is_none());
 }
+
+/// `pcisim bench | head -0`: the report's reader is gone before the first line. The bench stops
+/// with exit 141 (as `lab suite` does), without the panic `println!` gives on EPIPE (exit 101).
+#[test]
+fn bench_whose_reader_went_away_exits_141_without_panic() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pcisim"))
+        .args(["bench", "--quick", "--smoke"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run pcisim bench");
+    drop(child.stdout.take());
+    let o = child.wait_with_output().expect("wait for pcisim bench");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "bench panicked: {err}");
+    assert_eq!(o.status.code(), Some(141), "status {}: {err}", o.status);
+}
