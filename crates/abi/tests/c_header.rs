@@ -2,6 +2,8 @@
 //! is exactly what the generator writes, and the hand-written uapi header
 //! `guest-tests/kmod/pcisim_npu_uapi.h` has the numbers and layouts of `pcisim_abi::npu::uapi`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
@@ -214,9 +216,12 @@ fn parse_value(v: &str) -> Option<u64> {
 
 /// Struct name → fields (name, offset, size) of the `struct NAME { __uN field; ... };` blocks,
 /// with C's natural alignment.
-fn structs(text: &str) -> BTreeMap<String, Vec<(String, usize, usize)>> {
+/// Fields of a parsed struct: (name, offset, size).
+type Fields = Vec<(String, usize, usize)>;
+
+fn structs(text: &str) -> BTreeMap<String, Fields> {
     let mut out = BTreeMap::new();
-    let mut cur: Option<(String, Vec<(String, usize, usize)>, usize)> = None;
+    let mut cur: Option<(String, Fields, usize)> = None;
     for line in text.lines() {
         let l = line.split("/*").next().unwrap_or("").trim();
         if let Some(name) = l.strip_prefix("struct ").and_then(|r| r.strip_suffix(" {")) {
