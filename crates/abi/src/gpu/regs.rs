@@ -19,7 +19,9 @@ abi_table! {
     SCRATCH: u64 = 0x040;
     /// Write a vector number to raise it.
     IRQ_DOORBELL: u64 = 0x080;
-    /// Interrupts delivered since reset.
+    /// IRQ_DOORBELL writes whose interrupt was delivered at once (IRQ_LAST_ERROR = 0) since
+    /// reset. Not counted: the ring's fence and error interrupts, and a doorbell held in the PBA
+    /// and delivered later.
     IRQ_COUNT: u64 = 0x084;
     /// Outcome of the last doorbell write (`IRQ_OK`, `IRQ_ERR_*`).
     IRQ_LAST_ERROR: u64 = 0x088;

@@ -45,6 +45,7 @@ mod tests;
 
 use crate::regfile::RegisterFile as _;
 use log::warn;
+use pcisim_abi::ids;
 use pcisim_pci::caps::ats::AtsConfig;
 use pcisim_pci::caps::msi::MsiConfig;
 use pcisim_pci::caps::msix::MsixConfig;
@@ -136,12 +137,12 @@ impl Default for GpuConfig {
         GpuConfig {
             name: "gpu".to_string(),
             vram_size: DEFAULT_VRAM_SIZE,
-            vendor_id: 0x1234,
-            device_id: 0x0b10,
-            class_code: 0x03_0200,
-            revision: 1,
-            subsystem_vendor_id: 0x1234,
-            subsystem_id: 0x0001,
+            vendor_id: ids::VENDOR_ID,
+            device_id: ids::GPU_DEVICE_ID,
+            class_code: ids::GPU_CLASS_CODE,
+            revision: ids::REVISION,
+            subsystem_vendor_id: ids::SUBSYSTEM_VENDOR_ID,
+            subsystem_id: ids::SUBSYSTEM_ID,
             no_soft_reset: false,
             immediate_readiness: false,
             irq: IrqMode::default(),
