@@ -518,6 +518,9 @@
 /* CMD_STATUS: busy (an UNBIND is draining). */
 #define NPU_CMD_BUSY 0x80000000u
 
+/* CMD_STATUS: mask of the last command's result (bits 7:0, CMD_OK..). */
+#define NPU_CMD_RESULT_MASK 0xffu
+
 /* Command result: success. */
 #define NPU_CMD_OK 0x0u
 

@@ -175,6 +175,8 @@ abi_table! {
 
     /// CMD_STATUS: busy (an UNBIND is draining).
     CMD_BUSY: u32 = 1 << 31;
+    /// CMD_STATUS: mask of the last command's result (bits 7:0, `CMD_OK`..).
+    CMD_RESULT_MASK: u32 = 0xff;
     /// Command result: success.
     CMD_OK: u32 = 0;
     /// Command result: unknown opcode.
