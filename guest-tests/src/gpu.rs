@@ -6,33 +6,12 @@
 pub use pcisim_abi::gpu::regs::*;
 pub use pcisim_abi::gpu::ring::encode as encode_cmd;
 pub use pcisim_abi::gpu::ring::{ctrl, err, flag, op, ring_error, status, CMD_SIZE};
+pub use pcisim_abi::gpu::vram::{fill_byte, fnv1a64};
 
 /// `len` bytes of a FILL with the 32-bit `pattern` (little-endian, repeated).
 pub fn fill32(pattern: u32, len: usize) -> Vec<u8> {
     let p = pattern.to_le_bytes();
     (0..len).map(|i| p[i % 4]).collect()
-}
-
-const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-/// FNV-1a-64 over `bytes`.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    fnv1a64_update(FNV_OFFSET_BASIS, bytes)
-}
-
-/// Continues an FNV-1a-64 hash (start with [`fnv1a64`] of the empty slice).
-pub fn fnv1a64_update(mut h: u64, bytes: &[u8]) -> u64 {
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(FNV_PRIME);
-    }
-    h
-}
-
-/// Byte `i` of a FILL window with `seed` (programming model, "FILL pattern").
-pub fn fill_byte(seed: u32, i: u64) -> u8 {
-    ((u64::from(seed).wrapping_add(i)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
 }
 
 /// The first `len` bytes of a FILL window with `seed`.
@@ -70,31 +49,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fnv1a64_known_vectors() {
-        // Reference values from the FNV specification's test suite.
-        assert_eq!(fnv1a64(b""), 0xcbf29ce484222325);
-        assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
-        assert_eq!(fnv1a64(b"b"), 0xaf63df4c8601f1a5);
-        assert_eq!(fnv1a64(b"foobar"), 0x85944171f73967e8);
-        // Incremental hashing matches one-shot hashing.
-        let h = fnv1a64_update(fnv1a64(b"foo"), b"bar");
-        assert_eq!(h, fnv1a64(b"foobar"));
-    }
-
-    #[test]
-    fn fill_formula() {
-        // seed 0, i 0: 0 * k >> 56 = 0.
-        assert_eq!(fill_byte(0, 0), 0);
-        // seed 0, i 1: top byte of the golden-ratio constant.
-        assert_eq!(fill_byte(0, 1), 0x9E);
-        // (2 * 0x9E3779B97F4A7C15) mod 2^64 = 0x3C6EF372FE94F82A.
-        assert_eq!(fill_byte(0, 2), 0x3C);
-        assert_eq!(fill_byte(1, 1), fill_byte(0, 2));
-        // The seed is widened to u64 before adding (no u32 wrap-around).
-        assert_eq!(fill_byte(u32::MAX, 1), {
-            let x = (1u64 << 32).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            (x >> 56) as u8
-        });
+    fn fill_pattern_is_fill_byte() {
+        // (The FNV-1a-64 vectors and the fill formula are tested in pcisim-abi.)
         let p = fill_pattern(7, 5);
         assert_eq!(p.len(), 5);
         for (i, b) in p.iter().enumerate() {
