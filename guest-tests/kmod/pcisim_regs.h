@@ -62,7 +62,7 @@
 /* Write a vector number to raise it. */
 #define GPU_REG_IRQ_DOORBELL 0x80u
 
-/* Interrupts delivered since reset. */
+/* IRQ_DOORBELL writes whose interrupt was delivered at once (IRQ_LAST_ERROR = 0) since reset. Not counted: the ring's fence and error interrupts, and a doorbell held in the PBA and delivered later. */
 #define GPU_REG_IRQ_COUNT 0x84u
 
 /* Outcome of the last doorbell write (IRQ_OK, IRQ_ERR_*). */

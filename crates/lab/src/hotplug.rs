@@ -1814,7 +1814,7 @@ fn h6_cycle(
     peer_status(
         ctx,
         npu_bdf,
-        0x1,
+        npu_regs::PEER_CONFIGURED,
         &format!("{tag}before device_add: {npu} PEER_STATUS = configured, peer absent"),
     )?;
     let (info, took) = plug(ctx, gpu)?;
@@ -1826,7 +1826,7 @@ fn h6_cycle(
     peer_status(
         ctx,
         npu_bdf,
-        0x3,
+        npu_regs::PEER_CONFIGURED | npu_regs::PEER_PRESENT,
         &format!("{tag}{gpu} plugged: {npu} PEER_STATUS = configured | present"),
     )?;
     let held = npu_peer_ref(ctx, npu_bdf)?;
@@ -1855,7 +1855,7 @@ fn h6_cycle(
     peer_status(
         ctx,
         npu_bdf,
-        0x1,
+        npu_regs::PEER_CONFIGURED,
         &format!("{tag}{gpu} removed: {npu} PEER_STATUS = configured, peer gone"),
     )?;
     let left = guest_sh(
