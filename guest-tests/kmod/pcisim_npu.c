@@ -47,56 +47,13 @@
 #include <linux/wait.h>
 
 #include "pcisim_npu_uapi.h"
+/*
+ * Registers, bit fields, queue entry layouts (struct npu_desc, npu_cqe, npu_fault) and IDs:
+ * generated from crates/abi (docs/npu.md is the contract).
+ */
+#include "pcisim_regs.h"
 
 #define DRV_NAME "pcisim_npu"
-
-/* BAR0 registers (docs/npu.md). */
-#define R_ID             0x000
-#define R_FEATURES       0x008
-#define R_MAX_CONTEXTS   0x010
-#define R_PEER_STATUS    0x018
-#define R_CONTROL        0x020
-#define R_STATUS         0x024
-#define R_ERROR          0x028
-#define R_CMD_PASID      0x040
-#define R_CMD_FLAGS      0x044
-#define R_CMD_ADDR_LO    0x048
-#define R_CMD_ADDR_HI    0x04c
-#define R_CMD_LEN_LO     0x050
-#define R_CMD_LEN_HI     0x054
-#define R_CMD_OP         0x058
-#define R_CMD_STATUS     0x05c
-#define R_CMD_RESULT     0x060
-#define R_SQ_BASE_LO     0x100
-#define R_SQ_BASE_HI     0x104
-#define R_SQ_SIZE        0x108
-#define R_SQ_TAIL        0x110
-#define R_CQ_BASE_LO     0x140
-#define R_CQ_BASE_HI     0x144
-#define R_CQ_SIZE        0x148
-#define R_CQ_HEAD        0x14c
-#define R_CQ_TAIL        0x150
-#define R_CQ_IRQ         0x154
-#define R_FQ_BASE_LO     0x180
-#define R_FQ_BASE_HI     0x184
-#define R_FQ_SIZE        0x188
-#define R_FQ_HEAD        0x18c
-#define R_FQ_TAIL        0x190
-#define R_FQ_IRQ         0x194
-
-#define NPU_ID_MAGIC     0x4e534350
-#define CONTROL_ENABLE   BIT(0)
-#define STATUS_ENABLED   BIT(0)
-#define STATUS_HALTED    BIT(1)
-#define CMD_BUSY         BIT(31)
-#define IRQ_ENABLE       BIT(31)
-
-#define CMD_BIND         1
-#define CMD_UNBIND       2
-#define CMD_INVALIDATE   3
-#define UNBIND_ABORT     BIT(0)
-
-#define DESC_IRQ         BIT(0)
 
 #define SQ_ENTRIES       64
 #define CQ_ENTRIES       128 /* > SQ_ENTRIES: the CQ can never fill (docs/sva.md) */
@@ -106,45 +63,6 @@
 #define CMD_TIMEOUT_US   (5 * USEC_PER_SEC)
 /* Resubmissions after serviced translation faults before giving up. */
 #define MAX_FAULTS       4096
-
-#define PCI_VENDOR_PCISIM 0x1234
-#define PCI_DEVICE_PCISIM_NPU 0x0b20
-#define VNDR_KIND_GPU_PEER 0x01
-
-struct npu_desc {
-	u8 op;
-	u8 flags;
-	u16 reserved0;
-	u32 pasid;
-	u64 src;
-	u64 dst;
-	u64 len;
-	u64 completion;
-	u64 tag;
-	u64 reserved1[2];
-};
-
-struct npu_cqe {
-	u64 tag;
-	u32 status;
-	u32 slot;
-	u64 result;
-	u32 pasid;
-	u32 valid;
-};
-
-struct npu_fault {
-	u64 va;
-	u32 pasid;
-	u32 access;
-	u32 reason;
-	u32 level;
-	u64 tag;
-};
-
-static_assert(sizeof(struct npu_desc) == 64);
-static_assert(sizeof(struct npu_cqe) == 32);
-static_assert(sizeof(struct npu_fault) == 32);
 
 enum npu_bug {
 	NPU_BUG_NONE,
@@ -275,12 +193,12 @@ static int npu_cmd_wait_idle(struct npu *npu, u32 *status)
 	unsigned long waited = 0;
 
 	for (;;) {
-		st = rd(npu, R_CMD_STATUS);
+		st = rd(npu, NPU_REG_CMD_STATUS);
 		if (st == ~0u) {
 			dev_warn_ratelimited(&npu->pdev->dev, "mailbox reads all-ones (device gone?)\n");
 			return -ENODEV;
 		}
-		if (!(st & CMD_BUSY))
+		if (!(st & NPU_CMD_BUSY))
 			break;
 		if (waited >= CMD_TIMEOUT_US) {
 			dev_err(&npu->pdev->dev, "mailbox busy for %lu us, giving up\n", waited);
@@ -290,7 +208,7 @@ static int npu_cmd_wait_idle(struct npu *npu, u32 *status)
 		waited += 10;
 	}
 	if (status)
-		*status = st & 0xff;
+		*status = st & NPU_CMD_RESULT_MASK;
 	return 0;
 }
 
@@ -310,13 +228,13 @@ static int npu_cmd(struct npu *npu, u32 op, u32 pasid, u32 flags, u64 addr, u64 
 	ret = npu_cmd_wait_idle(npu, NULL);
 	if (ret)
 		return ret;
-	wr(npu, R_CMD_PASID, pasid);
-	wr(npu, R_CMD_FLAGS, flags);
-	wr(npu, R_CMD_ADDR_LO, lower_32_bits(addr));
-	wr(npu, R_CMD_ADDR_HI, upper_32_bits(addr));
-	wr(npu, R_CMD_LEN_LO, lower_32_bits(len));
-	wr(npu, R_CMD_LEN_HI, upper_32_bits(len));
-	wr(npu, R_CMD_OP, op);
+	wr(npu, NPU_REG_CMD_PASID, pasid);
+	wr(npu, NPU_REG_CMD_FLAGS, flags);
+	wr(npu, NPU_REG_CMD_ADDR_LO, lower_32_bits(addr));
+	wr(npu, NPU_REG_CMD_ADDR_HI, upper_32_bits(addr));
+	wr(npu, NPU_REG_CMD_LEN_LO, lower_32_bits(len));
+	wr(npu, NPU_REG_CMD_LEN_HI, upper_32_bits(len));
+	wr(npu, NPU_REG_CMD_OP, op);
 	if (!wait)
 		return 0;
 	ret = npu_cmd_wait_idle(npu, &st);
@@ -343,7 +261,7 @@ static void npu_invalidate(struct npu_ctx *ctx, unsigned long start, unsigned lo
 		len = end - start;
 	spin_lock_irqsave(&npu->mbox_lock, flags);
 	if (ctx->bound) {
-		ret = npu_cmd(npu, CMD_INVALIDATE, ctx->pasid, 0, start, len, true, &res);
+		ret = npu_cmd(npu, NPU_OP_INVALIDATE, ctx->pasid, 0, start, len, true, &res);
 		if (ret && ret != -ENODEV)
 			dev_err_ratelimited(&npu->pdev->dev,
 					    "INVALIDATE pasid %u [%#lx, %#lx) failed: %d (result %u)\n",
@@ -369,9 +287,9 @@ static void npu_unbind(struct npu_ctx *ctx, bool abort, bool drain, const char *
 		return;
 	}
 	ctx->bound = false;
-	ret = npu_cmd(npu, CMD_UNBIND, ctx->pasid, abort ? UNBIND_ABORT : 0, 0, 0, drain, &res);
+	ret = npu_cmd(npu, NPU_OP_UNBIND, ctx->pasid, abort ? NPU_UNBIND_FLAG_ABORT : 0, 0, 0, drain, &res);
 	if (drain && !ret)
-		res = rd(npu, R_CMD_RESULT);
+		res = rd(npu, NPU_REG_CMD_RESULT);
 	spin_unlock_irqrestore(&npu->mbox_lock, flags);
 	if (ctx->status)
 		WRITE_ONCE(ctx->status->bound, 0);
@@ -447,19 +365,19 @@ static void npu_reap(struct npu *npu)
 		spin_unlock_irqrestore(&npu->q_lock, flags);
 		return;
 	}
-	tail = rd(npu, R_FQ_TAIL);
+	tail = rd(npu, NPU_REG_FQ_TAIL);
 	while (tail < FQ_ENTRIES && npu->fq_head != tail) {
 		struct npu_fault *f = &npu->fq[npu->fq_head];
 
 		dev_info_ratelimited(&npu->pdev->dev,
 				     "translation fault: pasid %u va %#llx %s%s reason %u level %u tag %llu\n",
-				     f->pasid, f->va, f->access & 1 ? "write" : "read",
+				     f->pasid, f->va, f->access & NPU_FAULT_ACCESS_WRITE ? "write" : "read",
 				     f->access & 2 ? " user" : "", f->reason, f->level, f->tag);
 		npu->fq_head = (npu->fq_head + 1) % FQ_ENTRIES;
 	}
-	wr(npu, R_FQ_HEAD, npu->fq_head);
+	wr(npu, NPU_REG_FQ_HEAD, npu->fq_head);
 
-	tail = rd(npu, R_CQ_TAIL);
+	tail = rd(npu, NPU_REG_CQ_TAIL);
 	while (tail < CQ_ENTRIES && npu->cq_head != tail) {
 		struct npu_cqe e;
 		struct npu_work *w;
@@ -483,7 +401,7 @@ static void npu_reap(struct npu *npu)
 		}
 		npu->cq_head = (npu->cq_head + 1) % CQ_ENTRIES;
 	}
-	wr(npu, R_CQ_HEAD, npu->cq_head);
+	wr(npu, NPU_REG_CQ_HEAD, npu->cq_head);
 	spin_unlock_irqrestore(&npu->q_lock, flags);
 	if (woke)
 		wake_up_all(&npu->wq);
@@ -513,7 +431,7 @@ static int npu_queue_locked(struct npu_ctx *ctx, struct npu_work *w)
 	d = &npu->sq[slot];
 	memset(d, 0, sizeof(*d));
 	d->op = w->op;
-	d->flags = DESC_IRQ;
+	d->flags = NPU_DESC_FLAG_IRQ;
 	d->pasid = ctx->pasid;
 	d->src = w->src;
 	d->dst = w->dst;
@@ -522,7 +440,7 @@ static int npu_queue_locked(struct npu_ctx *ctx, struct npu_work *w)
 	npu->slot_work[slot] = w;
 	npu->sq_tail = (slot + 1) % SQ_ENTRIES;
 	dma_wmb();
-	wr(npu, R_SQ_TAIL, npu->sq_tail);
+	wr(npu, NPU_REG_SQ_TAIL, npu->sq_tail);
 	if (ctx->status)
 		WRITE_ONCE(ctx->status->submitted, ctx->status->submitted + 1);
 	return 0;
@@ -662,7 +580,7 @@ static int npu_open(struct inode *inode, struct file *file)
 		ret = -ENOMEM;
 		goto err_ctx;
 	}
-	pasid = ida_alloc_range(&npu->pasids, 1, (1 << 20) - 1, GFP_KERNEL);
+	pasid = ida_alloc_range(&npu->pasids, 1, NPU_PASID_LIMIT - 1, GFP_KERNEL);
 	if (pasid < 0) {
 		ret = pasid;
 		goto err_page;
@@ -687,7 +605,7 @@ static int npu_open(struct inode *inode, struct file *file)
 	ctx->root = npu_page_table_root(ctx->mm);
 	mmap_read_unlock(ctx->mm);
 	spin_lock_irqsave(&npu->mbox_lock, flags);
-	ret = npu_cmd(npu, CMD_BIND, ctx->pasid, 0, ctx->root, 0, true, &res);
+	ret = npu_cmd(npu, NPU_OP_BIND, ctx->pasid, 0, ctx->root, 0, true, &res);
 	if (!ret)
 		ctx->bound = true;
 	spin_unlock_irqrestore(&npu->mbox_lock, flags);
@@ -990,12 +908,12 @@ static void npu_find_peer(struct npu *npu)
 	     pos = pci_find_next_capability(pdev, pos, PCI_CAP_ID_VNDR)) {
 		u8 kind;
 
-		pci_read_config_byte(pdev, pos + 3, &kind);
-		if (kind != VNDR_KIND_GPU_PEER)
+		pci_read_config_byte(pdev, pos + PCISIM_VSEC_KIND_OFFSET, &kind);
+		if (kind != PCISIM_VSEC_KIND_GPU_PEER)
 			continue;
-		pci_read_config_dword(pdev, pos + 4, &npu->peer_id);
-		pci_read_config_word(pdev, pos + 8, &npu->peer_vendor);
-		pci_read_config_word(pdev, pos + 10, &npu->peer_device);
+		pci_read_config_dword(pdev, pos + PCISIM_VSEC_PEER_ID_OFFSET, &npu->peer_id);
+		pci_read_config_word(pdev, pos + PCISIM_VSEC_PEER_VENDOR_OFFSET, &npu->peer_vendor);
+		pci_read_config_word(pdev, pos + PCISIM_VSEC_PEER_DEVICE_OFFSET, &npu->peer_device);
 		npu->has_peer = true;
 		break;
 	}
@@ -1059,7 +977,7 @@ static ssize_t pcisim_peer_status_show(struct device *dev, struct device_attribu
 
 	if (!npu || READ_ONCE(npu->gone))
 		return -ENODEV;
-	return sysfs_emit(buf, "%#x\n", rd(npu, R_PEER_STATUS));
+	return sysfs_emit(buf, "%#x\n", rd(npu, NPU_REG_PEER_STATUS));
 }
 static DEVICE_ATTR_RO(pcisim_peer_status);
 
@@ -1089,22 +1007,22 @@ static int npu_start_engine(struct npu *npu)
 				      GFP_KERNEL);
 	if (!npu->sq || !npu->cq || !npu->fq)
 		return -ENOMEM;
-	wr(npu, R_CONTROL, 0);
-	wr(npu, R_SQ_BASE_LO, lower_32_bits(npu->sq_dma));
-	wr(npu, R_SQ_BASE_HI, upper_32_bits(npu->sq_dma));
-	wr(npu, R_SQ_SIZE, SQ_ENTRIES);
-	wr(npu, R_CQ_BASE_LO, lower_32_bits(npu->cq_dma));
-	wr(npu, R_CQ_BASE_HI, upper_32_bits(npu->cq_dma));
-	wr(npu, R_CQ_SIZE, CQ_ENTRIES);
-	wr(npu, R_FQ_BASE_LO, lower_32_bits(npu->fq_dma));
-	wr(npu, R_FQ_BASE_HI, upper_32_bits(npu->fq_dma));
-	wr(npu, R_FQ_SIZE, FQ_ENTRIES);
-	wr(npu, R_CQ_IRQ, IRQ_ENABLE | 0);
-	wr(npu, R_FQ_IRQ, IRQ_ENABLE | 0);
-	wr(npu, R_CONTROL, CONTROL_ENABLE);
-	st = rd(npu, R_STATUS);
-	if (!(st & STATUS_ENABLED) || (st & STATUS_HALTED)) {
-		dev_err(dev, "engine did not start: STATUS %#x ERROR %u\n", st, rd(npu, R_ERROR));
+	wr(npu, NPU_REG_CONTROL, 0);
+	wr(npu, NPU_REG_SQ_BASE_LO, lower_32_bits(npu->sq_dma));
+	wr(npu, NPU_REG_SQ_BASE_HI, upper_32_bits(npu->sq_dma));
+	wr(npu, NPU_REG_SQ_SIZE, SQ_ENTRIES);
+	wr(npu, NPU_REG_CQ_BASE_LO, lower_32_bits(npu->cq_dma));
+	wr(npu, NPU_REG_CQ_BASE_HI, upper_32_bits(npu->cq_dma));
+	wr(npu, NPU_REG_CQ_SIZE, CQ_ENTRIES);
+	wr(npu, NPU_REG_FQ_BASE_LO, lower_32_bits(npu->fq_dma));
+	wr(npu, NPU_REG_FQ_BASE_HI, upper_32_bits(npu->fq_dma));
+	wr(npu, NPU_REG_FQ_SIZE, FQ_ENTRIES);
+	wr(npu, NPU_REG_CQ_IRQ, NPU_IRQ_ENABLE | 0);
+	wr(npu, NPU_REG_FQ_IRQ, NPU_IRQ_ENABLE | 0);
+	wr(npu, NPU_REG_CONTROL, NPU_CONTROL_ENABLE);
+	st = rd(npu, NPU_REG_STATUS);
+	if (!(st & NPU_STATUS_ENABLED) || (st & NPU_STATUS_HALTED)) {
+		dev_err(dev, "engine did not start: STATUS %#x ERROR %u\n", st, rd(npu, NPU_REG_ERROR));
 		return -EIO;
 	}
 	return 0;
@@ -1144,7 +1062,7 @@ static int npu_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	if (ret)
 		goto err;
 	npu->regs = pcim_iomap_table(pdev)[0];
-	magic = rd(npu, R_ID);
+	magic = rd(npu, NPU_REG_ID);
 	if (magic != NPU_ID_MAGIC) {
 		dev_err(&pdev->dev, "ID register %#x is not the NPU's %#x\n", magic, NPU_ID_MAGIC);
 		ret = -ENODEV;
@@ -1189,7 +1107,7 @@ static int npu_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		bus_register_notifier(&pci_bus_type, &npu->bus_nb);
 
 	dev_info(&pdev->dev, "%s: %u contexts, sva %s, bug %s\n", npu->name,
-		 rd(npu, R_MAX_CONTEXTS), npu->sva ? "yes" : "no (IOMMU translates DMA)",
+		 rd(npu, NPU_REG_MAX_CONTEXTS), npu->sva ? "yes" : "no (IOMMU translates DMA)",
 		 bug_names[the_bug]);
 	return 0;
 
@@ -1201,7 +1119,7 @@ err_irq:
 err_vectors:
 	pci_free_irq_vectors(pdev);
 err_engine:
-	wr(npu, R_CONTROL, 0);
+	wr(npu, NPU_REG_CONTROL, 0);
 err:
 	kref_put(&npu->ref, npu_free);
 	return ret;
@@ -1229,7 +1147,7 @@ static void npu_remove(struct pci_dev *pdev)
 	list_for_each_entry(ctx, &npu->ctxs, node)
 		npu_unbind(ctx, true, true, "device removal");
 	mutex_unlock(&npu->ctx_lock);
-	wr(npu, R_CONTROL, 0);
+	wr(npu, NPU_REG_CONTROL, 0);
 	free_irq(npu->irq, npu);
 	pci_free_irq_vectors(pdev);
 
@@ -1256,7 +1174,7 @@ static void npu_remove(struct pci_dev *pdev)
 }
 
 static const struct pci_device_id npu_ids_table[] = {
-	{ PCI_DEVICE(PCI_VENDOR_PCISIM, PCI_DEVICE_PCISIM_NPU) },
+	{ PCI_DEVICE(PCISIM_VENDOR_ID, PCISIM_NPU_DEVICE_ID) },
 	{ }
 };
 MODULE_DEVICE_TABLE(pci, npu_ids_table);

@@ -6,7 +6,8 @@
  * fresh PASID on the device; the binding belongs to that mm (docs/sva.md explains the lifetime
  * rules). The ioctls below submit work on the opener's virtual addresses.
  *
- * The guest programs (guest-tests/src/sva.rs) mirror these definitions in Rust; keep both in step.
+ * pcisim-abi (crates/abi/src/npu/uapi.rs) mirrors these definitions in Rust for the guest
+ * programs; its test c_header checks every number and struct layout here against it.
  */
 #ifndef PCISIM_NPU_UAPI_H
 #define PCISIM_NPU_UAPI_H

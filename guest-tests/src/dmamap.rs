@@ -211,12 +211,12 @@ pub fn run(argv: &[String]) -> i32 {
     // 5. The GPU writes a fence into the last 8 bytes of the buffer.
     let last = BUF_IOVA + len as u64 - 8;
     let r = (|| -> Result<(), String> {
-        ring.push(encode_cmd(gpu::OP_WRITE_FENCE, 0, last, FENCE, 0))?;
+        ring.push(encode_cmd(gpu::op::WRITE_FENCE, 0, last, FENCE, 0))?;
         ring.doorbell(&v)?;
-        let (_, done) = poll_reg(&v, gpu::REG_RING_STATUS, Duration::from_secs(60), |s| {
-            s != gpu::RING_STATUS_BUSY
+        let (_, done) = poll_reg(&v, gpu::RING_STATUS, Duration::from_secs(60), |s| {
+            s != gpu::status::BUSY
         })?;
-        let fence = read_u64_reg(&v, gpu::REG_LAST_FENCE_LO)?;
+        let fence = read_u64_reg(&v, gpu::LAST_FENCE_LO)?;
         let seen = buf.read_u64(len - 8);
         if !done || fence != FENCE || seen != FENCE {
             return Err(format!(

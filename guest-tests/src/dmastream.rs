@@ -75,15 +75,15 @@ fn is_fence(slot: u32) -> bool {
 fn command(slot: u32) -> [u8; 32] {
     if is_fence(slot) {
         encode_cmd(
-            gpu::OP_WRITE_FENCE,
-            gpu::FLAG_FENCE_IRQ,
+            gpu::op::WRITE_FENCE,
+            gpu::flag::FENCE_IRQ,
             FENCE_IOVA,
             fence_value(slot),
             0,
         )
     } else {
         encode_cmd(
-            gpu::OP_FILL,
+            gpu::op::FILL,
             0,
             BUF_IOVA,
             u64::from(pattern(slot)),
@@ -223,7 +223,7 @@ fn stream(
     let mut s = Stream::default();
     let mut ticks = 0u64;
     loop {
-        let id = match rd(v, gpu::REG_ID) {
+        let id = match rd(v, gpu::ID) {
             Ok(x) => x,
             Err(e) => {
                 s.gone = Some(format!("BAR0 read failed: {e}"));
@@ -248,10 +248,10 @@ fn stream(
             s.gone = Some(format!("ring registers read all-ones ({st})"));
             break;
         }
-        if st.status == gpu::RING_STATUS_ERROR {
+        if st.status == gpu::status::ERROR {
             return Err(format!("the ring stopped while the link was up: {st}"));
         }
-        write_reg(v, gpu::REG_RING_TAIL, (st.head + ENTRIES - 1) % ENTRIES)?;
+        write_reg(v, gpu::RING_TAIL, (st.head + ENTRIES - 1) % ENTRIES)?;
         s.last_good = Some(st);
         s.fences += irqs.drain()?;
         ticks += 1;
@@ -285,13 +285,13 @@ fn stream(
 /// Reads the registers a driver would look at, as they read now.
 fn snapshot(v: &Vfio) -> Vec<(&'static str, Result<u32, String>)> {
     [
-        ("ID", gpu::REG_ID),
-        ("HEAD", gpu::REG_RING_HEAD),
-        ("STATUS", gpu::REG_RING_STATUS),
-        ("ERROR", gpu::REG_RING_ERROR),
-        ("LAST_FENCE_LO", gpu::REG_LAST_FENCE_LO),
-        ("COMPLETED", gpu::REG_CMDS_COMPLETED),
-        ("IRQ_COUNT", gpu::REG_IRQ_COUNT),
+        ("ID", gpu::ID),
+        ("HEAD", gpu::RING_HEAD),
+        ("STATUS", gpu::RING_STATUS),
+        ("ERROR", gpu::RING_ERROR),
+        ("LAST_FENCE_LO", gpu::LAST_FENCE_LO),
+        ("COMPLETED", gpu::CMDS_COMPLETED),
+        ("IRQ_COUNT", gpu::IRQ_COUNT),
     ]
     .iter()
     .map(|(n, off)| (*n, rd(v, *off)))
@@ -305,7 +305,7 @@ fn wait_link_up(v: &Vfio, irqs: &mut Irqs, limit: Duration) -> Result<(Option<u1
     let mut irqs_seen = 0;
     loop {
         irqs_seen += irqs.drain()?;
-        if rd(v, gpu::REG_ID).ok() == Some(gpu::ID_MAGIC) {
+        if rd(v, gpu::ID).ok() == Some(gpu::ID_MAGIC) {
             return Ok((Some(t0.elapsed().as_millis()), irqs_seen));
         }
         if t0.elapsed() >= limit {
@@ -322,10 +322,10 @@ fn check_stopped(v: &Vfio, k: &mut Ktap) -> Result<(), String> {
     let slot = (st.error >> 16) & 0xfff;
     let in_buf = (BUF_IOVA..BUF_IOVA + BUF_LEN as u64).contains(&st.fault_addr);
     let in_ring = (RING_IOVA..RING_IOVA + 4096).contains(&st.fault_addr);
-    if st.status != gpu::RING_STATUS_ERROR || code != gpu::ERR_DMA_REFUSED {
+    if st.status != gpu::status::ERROR || code != gpu::err::DMA_REFUSED {
         return Err(format!(
             "expected the ring stopped on DMA_REFUSED ({}): {st}",
-            gpu::ERR_DMA_REFUSED
+            gpu::err::DMA_REFUSED
         ));
     }
     if !(in_buf || in_ring) || st.head != slot {
@@ -380,7 +380,7 @@ fn check_held_irq(v: &Vfio, irqs: &mut Irqs, k: &mut Ktap) -> Result<(), String>
 
 fn check_recovers(v: &Vfio, b: &mut Bufs, irqs: &mut Irqs, k: &mut Ktap) -> Result<(), String> {
     let st = b.ring.reset(v)?;
-    if st.status != gpu::RING_STATUS_IDLE || st.head != 0 {
+    if st.status != gpu::status::IDLE || st.head != 0 {
         return Err(format!(
             "RING_CTRL = RESET | ENABLE: not idle at slot 0: {st}"
         ));
@@ -388,7 +388,7 @@ fn check_recovers(v: &Vfio, b: &mut Bufs, irqs: &mut Irqs, k: &mut Ktap) -> Resu
     irqs.drain()?;
     b.fence.fill(0, 8, 0)?;
     // Slots 0..FENCE_EVERY-1 are FILLs, then the first fence.
-    write_reg(v, gpu::REG_RING_TAIL, FENCE_EVERY)?;
+    write_reg(v, gpu::RING_TAIL, FENCE_EVERY)?;
     let t0 = Instant::now();
     let n = vdev::wait_eventfd(irqs.fd(FENCE_VECTOR)?, IRQ_TIMEOUT)?;
     let st = ringdrv::state(v)?;
@@ -638,7 +638,7 @@ pub fn run(argv: &[String]) -> i32 {
     // dma-unmap: always, once something was mapped and the link is up.
     let unmap = match (&vfio, bufs.as_mut()) {
         (Some(v), Some(b)) => (|| -> Result<(), String> {
-            write_reg(v, gpu::REG_RING_CTRL, gpu::RING_CTRL_RESET)?;
+            write_reg(v, gpu::RING_CTRL, gpu::ctrl::RESET)?;
             b.ring.buf.unmap(&v.container)?;
             b.fence.unmap(&v.container)?;
             b.buf.unmap(&v.container)
@@ -683,10 +683,10 @@ mod tests {
         assert!(is_fence(FENCE_EVERY - 1));
         assert_eq!((0..ENTRIES).filter(|&s| is_fence(s)).count(), 16);
         let c = command(7);
-        assert_eq!(c[0], gpu::OP_WRITE_FENCE);
-        assert_eq!(c[1], gpu::FLAG_FENCE_IRQ);
+        assert_eq!(c[0], gpu::op::WRITE_FENCE);
+        assert_eq!(c[1], gpu::flag::FENCE_IRQ);
         let f = command(6);
-        assert_eq!(f[0], gpu::OP_FILL);
+        assert_eq!(f[0], gpu::op::FILL);
         assert_eq!(
             u64::from_le_bytes(f[24..32].try_into().unwrap()),
             BUF_LEN as u64

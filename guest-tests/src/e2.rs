@@ -56,10 +56,10 @@ impl Gpu {
     }
 
     fn set_window(&self, (off, len): Window) -> Result<(), String> {
-        self.wr(gpu::REG_VRAM_OFFSET_LO, off as u32)?;
-        self.wr(gpu::REG_VRAM_OFFSET_HI, (off >> 32) as u32)?;
-        self.wr(gpu::REG_VRAM_LENGTH_LO, len as u32)?;
-        self.wr(gpu::REG_VRAM_LENGTH_HI, (len >> 32) as u32)
+        self.wr(gpu::VRAM_OFFSET_LO, off as u32)?;
+        self.wr(gpu::VRAM_OFFSET_HI, (off >> 32) as u32)?;
+        self.wr(gpu::VRAM_LENGTH_LO, len as u32)?;
+        self.wr(gpu::VRAM_LENGTH_HI, (len >> 32) as u32)
     }
 
     /// Runs a VRAM command and returns VRAM_STATUS.
@@ -67,24 +67,24 @@ impl Gpu {
         self.set_window(w)?;
         // Make sure the VRAM stores through the other mapping are issued first.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.wr(gpu::REG_VRAM_CMD, cmd)?;
-        self.rd(gpu::REG_VRAM_STATUS)
+        self.wr(gpu::VRAM_CMD, cmd)?;
+        self.rd(gpu::VRAM_STATUS)
     }
 
     fn checksum(&self, w: Window) -> Result<(u32, u64), String> {
-        let status = self.command(w, gpu::VRAM_CMD_CHECKSUM)?;
-        let lo = self.rd(gpu::REG_VRAM_RESULT_LO)?;
-        let hi = self.rd(gpu::REG_VRAM_RESULT_HI)?;
+        let status = self.command(w, gpu::CMD_CHECKSUM)?;
+        let lo = self.rd(gpu::VRAM_RESULT_LO)?;
+        let hi = self.rd(gpu::VRAM_RESULT_HI)?;
         Ok((status, u64::from(lo) | (u64::from(hi) << 32)))
     }
 }
 
 fn test_id(g: &Gpu, k: &mut Ktap) -> Result<(), String> {
-    let id = g.rd(gpu::REG_ID)?;
-    let version = g.rd(gpu::REG_VERSION)?;
-    let lo = g.rd(gpu::REG_VRAM_SIZE_LO)?;
-    let hi = g.rd(gpu::REG_VRAM_SIZE_HI)?;
-    let vectors = g.rd(gpu::REG_MSIX_VECTORS)?;
+    let id = g.rd(gpu::ID)?;
+    let version = g.rd(gpu::VERSION)?;
+    let lo = g.rd(gpu::VRAM_SIZE_LO)?;
+    let hi = g.rd(gpu::VRAM_SIZE_HI)?;
+    let vectors = g.rd(gpu::MSIX_VECTORS)?;
     let size = u64::from(lo) | (u64::from(hi) << 32);
     k.diag(&format!(
         "ID=0x{id:08x} VERSION=0x{version:08x} VRAM_SIZE=0x{size:x} MSIX_VECTORS={vectors}"
@@ -96,10 +96,10 @@ fn test_id(g: &Gpu, k: &mut Ktap) -> Result<(), String> {
             gpu::ID_MAGIC
         ));
     }
-    if version != gpu::INTERFACE_VERSION {
+    if version != gpu::VERSION_1_1 {
         errs.push(format!(
             "VERSION expected 0x{:08x}, got 0x{version:08x}",
-            gpu::INTERFACE_VERSION
+            gpu::VERSION_1_1
         ));
     }
     if size != g.vram_size {
@@ -117,7 +117,7 @@ fn test_id(g: &Gpu, k: &mut Ktap) -> Result<(), String> {
 
 fn test_scratch(g: &Gpu) -> Result<(), String> {
     let regs: Vec<u64> = (0..gpu::SCRATCH_COUNT)
-        .map(|i| gpu::REG_SCRATCH0 + 4 * i)
+        .map(|i| gpu::SCRATCH + 4 * i)
         .collect();
     let mut rng = SplitMix64::new(0x5c7a_7c40);
     let rounds: Vec<Vec<u32>> = vec![
@@ -165,7 +165,7 @@ fn test_guest_to_device(g: &Gpu, k: &mut Ktap) -> Result<(), String> {
         k.diag(&format!(
             "window 0x{off:x}+0x{len:x}: status {status} device 0x{got:016x} guest 0x{expected:016x}"
         ));
-        if status != gpu::VRAM_STATUS_OK {
+        if status != gpu::STATUS_OK {
             return Err(format!(
                 "window 0x{off:x}+0x{len:x}: VRAM_STATUS {status}, expected 0"
             ));
@@ -186,9 +186,9 @@ fn test_device_to_guest(g: &Gpu, k: &mut Ktap) -> Result<(), String> {
         let mut junk = vec![0u8; len as usize];
         SplitMix64::new(u64::from(seed) ^ 0xa5a5).fill(&mut junk);
         g.vram.write_bytes(off, &junk)?;
-        g.wr(gpu::REG_VRAM_SEED, seed)?;
-        let status = g.command(w, gpu::VRAM_CMD_FILL)?;
-        if status != gpu::VRAM_STATUS_OK {
+        g.wr(gpu::VRAM_SEED, seed)?;
+        let status = g.command(w, gpu::CMD_FILL)?;
+        if status != gpu::STATUS_OK {
             return Err(format!(
                 "FILL 0x{off:x}+0x{len:x} seed 0x{seed:08x}: VRAM_STATUS {status}, expected 0"
             ));
@@ -205,7 +205,7 @@ fn test_device_to_guest(g: &Gpu, k: &mut Ktap) -> Result<(), String> {
         // Cross-check: the device's checksum of what it wrote.
         let (status, sum) = g.checksum(w)?;
         let want = gpu::fnv1a64(&expected);
-        if status != gpu::VRAM_STATUS_OK || sum != want {
+        if status != gpu::STATUS_OK || sum != want {
             return Err(format!(
                 "checksum after FILL 0x{off:x}+0x{len:x}: status {status}, 0x{sum:016x} expected 0x{want:016x}"
             ));
@@ -226,20 +226,20 @@ fn test_window_range(g: &Gpu) -> Result<(), String> {
         (
             "CHECKSUM straddling the end",
             (s - tail_len, 2 * tail_len),
-            gpu::VRAM_CMD_CHECKSUM,
+            gpu::CMD_CHECKSUM,
         ),
-        ("FILL starting at the end", (s, 1), gpu::VRAM_CMD_FILL),
-        ("FILL straddling the end", (s - 16, 32), gpu::VRAM_CMD_FILL),
+        ("FILL starting at the end", (s, 1), gpu::CMD_FILL),
+        ("FILL straddling the end", (s - 16, 32), gpu::CMD_FILL),
         (
             "CHECKSUM with offset+length wrapping around 2^64",
             (u64::MAX - 15, 32),
-            gpu::VRAM_CMD_CHECKSUM,
+            gpu::CMD_CHECKSUM,
         ),
     ];
-    g.wr(gpu::REG_VRAM_SEED, 0x0bad_5eed)?;
+    g.wr(gpu::VRAM_SEED, 0x0bad_5eed)?;
     for (what, w, cmd) in cases {
         let status = g.command(w, cmd)?;
-        if status != gpu::VRAM_STATUS_RANGE {
+        if status != gpu::STATUS_OUT_OF_RANGE {
             return Err(format!(
                 "{what} (0x{:x}+0x{:x}): VRAM_STATUS {status}, expected 1",
                 w.0, w.1
@@ -255,7 +255,7 @@ fn test_window_range(g: &Gpu) -> Result<(), String> {
     }
     // A valid command afterwards succeeds again.
     let (status, _) = g.checksum((0, 16))?;
-    if status != gpu::VRAM_STATUS_OK {
+    if status != gpu::STATUS_OK {
         return Err(format!(
             "valid CHECKSUM after range errors: VRAM_STATUS {status}, expected 0"
         ));
@@ -269,7 +269,7 @@ fn test_bad_command(g: &Gpu) -> Result<(), String> {
         return Err(format!("VRAM_CMD 0x7f: VRAM_STATUS {status}, expected 2"));
     }
     let (status, _) = g.checksum((0, 16))?;
-    if status != gpu::VRAM_STATUS_OK {
+    if status != gpu::STATUS_OK {
         return Err(format!(
             "valid CHECKSUM after a bad command: VRAM_STATUS {status}, expected 0"
         ));

@@ -257,17 +257,17 @@ fn ring_vector(v: &Vfio, irqs: &mut Irqs, vector: u32, k: &mut Ktap) -> Result<(
             ));
         }
     }
-    let count_before = v.device.read_u32(&v.bar0, gpu::REG_IRQ_COUNT)?;
+    let count_before = v.device.read_u32(&v.bar0, gpu::IRQ_COUNT)?;
     let t0 = Instant::now();
-    v.device.write_u32(&v.bar0, gpu::REG_IRQ_DOORBELL, vector)?;
+    v.device.write_u32(&v.bar0, gpu::IRQ_DOORBELL, vector)?;
     let f = irqs
         .fds
         .get_mut(&target)
         .ok_or_else(|| format!("no eventfd for vector {target}"))?;
     let fired = sys::wait_readable(f.as_fd(), IRQ_TIMEOUT)?;
     let latency = t0.elapsed();
-    let count_after = v.device.read_u32(&v.bar0, gpu::REG_IRQ_COUNT)?;
-    let last_error = v.device.read_u32(&v.bar0, gpu::REG_IRQ_LAST_ERROR)?;
+    let count_after = v.device.read_u32(&v.bar0, gpu::IRQ_COUNT)?;
+    let last_error = v.device.read_u32(&v.bar0, gpu::IRQ_LAST_ERROR)?;
     if !fired {
         return Err(format!(
             "no interrupt within {}s (IRQ_COUNT {count_before} -> {count_after}, IRQ_LAST_ERROR {last_error})",

@@ -95,16 +95,16 @@ fn check_range(buf: &DmaBuffer, off: usize, want: &[u8], guard: usize) -> Result
 
 /// FNV-1a-64 of a VRAM window computed by the device (VRAM_CMD = CHECKSUM).
 pub fn vram_checksum(v: &Vfio, off: u64, len: u64) -> Result<u64, String> {
-    write_reg(v, gpu::REG_VRAM_OFFSET_LO, off as u32)?;
-    write_reg(v, gpu::REG_VRAM_OFFSET_HI, (off >> 32) as u32)?;
-    write_reg(v, gpu::REG_VRAM_LENGTH_LO, len as u32)?;
-    write_reg(v, gpu::REG_VRAM_LENGTH_HI, (len >> 32) as u32)?;
-    write_reg(v, gpu::REG_VRAM_CMD, gpu::VRAM_CMD_CHECKSUM)?;
-    let st = read_reg(v, gpu::REG_VRAM_STATUS)?;
-    if st != gpu::VRAM_STATUS_OK {
+    write_reg(v, gpu::VRAM_OFFSET_LO, off as u32)?;
+    write_reg(v, gpu::VRAM_OFFSET_HI, (off >> 32) as u32)?;
+    write_reg(v, gpu::VRAM_LENGTH_LO, len as u32)?;
+    write_reg(v, gpu::VRAM_LENGTH_HI, (len >> 32) as u32)?;
+    write_reg(v, gpu::VRAM_CMD, gpu::CMD_CHECKSUM)?;
+    let st = read_reg(v, gpu::VRAM_STATUS)?;
+    if st != gpu::STATUS_OK {
         return Err(format!("VRAM_STATUS {st} after CHECKSUM"));
     }
-    read_u64_reg(v, gpu::REG_VRAM_RESULT_LO)
+    read_u64_reg(v, gpu::VRAM_RESULT_LO)
 }
 
 /// Everything E4 set up and checks.
@@ -148,39 +148,39 @@ fn fill_and_submit(
     for f in fds.values_mut() {
         crate::sys::eventfd_take(f)?;
     }
-    let completed_before = read_reg(v, gpu::REG_CMDS_COMPLETED)?;
+    let completed_before = read_reg(v, gpu::CMDS_COMPLETED)?;
     let len = COPY_LEN as u64;
     ring.push(encode_cmd(
-        gpu::OP_FILL,
+        gpu::op::FILL,
         0,
         C_IOVA + FILL_OFF as u64,
         u64::from(FILL_PATTERN),
         FILL_LEN as u64,
     ))?;
     ring.push(encode_cmd(
-        gpu::OP_COPY,
-        gpu::FLAG_DST_VRAM,
+        gpu::op::COPY,
+        gpu::flag::DST_VRAM,
         A_IOVA,
         VRAM_OFF,
         len,
     ))?;
     ring.push(encode_cmd(
-        gpu::OP_COPY,
-        gpu::FLAG_SRC_VRAM,
+        gpu::op::COPY,
+        gpu::flag::SRC_VRAM,
         VRAM_OFF,
         B_IOVA + B_OFF as u64,
         len,
     ))?;
     ring.push(encode_cmd(
-        gpu::OP_COPY,
+        gpu::op::COPY,
         0,
         A_IOVA,
         C_IOVA + C_OFF as u64,
         len,
     ))?;
     ring.push(encode_cmd(
-        gpu::OP_WRITE_FENCE,
-        gpu::FLAG_FENCE_IRQ,
+        gpu::op::WRITE_FENCE,
+        gpu::flag::FENCE_IRQ,
         FENCE_IOVA + FENCE_OFF as u64,
         FENCE_VALUE,
         0,
@@ -224,7 +224,7 @@ fn check_fence(v: &Vfio, run: &Run, fds: &mut BTreeMap<u32, File>) -> Result<(),
     if st.last_fence != FENCE_VALUE {
         errs.push(format!("LAST_FENCE 0x{:x}", st.last_fence));
     }
-    if (st.head, st.tail, st.status) != (5, 5, gpu::RING_STATUS_IDLE) {
+    if (st.head, st.tail, st.status) != (5, 5, gpu::status::IDLE) {
         errs.push(format!("ring not idle at slot 5: {st}"));
     }
     if st.completed != run.completed_before.wrapping_add(5) {
@@ -255,8 +255,8 @@ fn malformed(
     let slot = run.ring.push(encode_cmd(0x7f, 0, 0, 0, 0))?;
     // A command after it must not run.
     run.ring.push(encode_cmd(
-        gpu::OP_WRITE_FENCE,
-        gpu::FLAG_FENCE_IRQ,
+        gpu::op::WRITE_FENCE,
+        gpu::flag::FENCE_IRQ,
         FENCE_IOVA + FENCE_OFF as u64,
         0xbad,
         0,
@@ -276,10 +276,10 @@ fn malformed(
     if n != 1 {
         errs.push(format!("error eventfd count {n}, expected 1"));
     }
-    if st.status != gpu::RING_STATUS_ERROR {
+    if st.status != gpu::status::ERROR {
         errs.push(format!("RING_STATUS {}", st.status));
     }
-    let want = gpu::ring_error(gpu::ERR_BAD_OPCODE, slot);
+    let want = gpu::ring_error(gpu::err::BAD_OPCODE, slot);
     if st.error != want {
         errs.push(format!("RING_ERROR 0x{:08x}, want 0x{want:08x}", st.error));
     }
@@ -313,13 +313,13 @@ fn recovers(
 ) -> Result<(), String> {
     let st = run.ring.reset(v)?;
     k.diag(&format!("after RING_CTRL = RESET|ENABLE: {st}"));
-    if (st.status, st.head, st.tail, st.error) != (gpu::RING_STATUS_IDLE, 0, 0, 0) {
+    if (st.status, st.head, st.tail, st.error) != (gpu::status::IDLE, 0, 0, 0) {
         return Err(format!("ring not idle at slot 0 after reset: {st}"));
     }
-    run.ring.push(encode_cmd(gpu::OP_NOP, 0, 0, 0, 0))?;
+    run.ring.push(encode_cmd(gpu::op::NOP, 0, 0, 0, 0))?;
     run.ring.push(encode_cmd(
-        gpu::OP_WRITE_FENCE,
-        gpu::FLAG_FENCE_IRQ,
+        gpu::op::WRITE_FENCE,
+        gpu::flag::FENCE_IRQ,
         FENCE_IOVA + FENCE_OFF as u64,
         FENCE_VALUE2,
         0,
@@ -347,7 +347,7 @@ fn unmap_all(
     k: &mut Ktap,
 ) -> Result<(), String> {
     // Stop the ring first: nothing may touch the buffers once they are unmapped.
-    write_reg(v, gpu::REG_RING_CTRL, gpu::RING_CTRL_RESET)?;
+    write_reg(v, gpu::RING_CTRL, gpu::ctrl::RESET)?;
     let mut all: Vec<DmaBuffer> = Vec::new();
     all.extend(ring);
     if let Some(b) = bufs {

@@ -43,15 +43,15 @@ struct Maps {
 fn submit_fill(v: &Vfio, m: &mut Maps) -> Result<(), String> {
     let ring = m.ring.as_mut().ok_or("no ring")?;
     ring.push(encode_cmd(
-        gpu::OP_FILL,
+        gpu::op::FILL,
         0,
         BUF_IOVA,
         u64::from(PATTERN),
         BUF_LEN as u64,
     ))?;
     ring.push(encode_cmd(
-        gpu::OP_WRITE_FENCE,
-        gpu::FLAG_FENCE_IRQ,
+        gpu::op::WRITE_FENCE,
+        gpu::flag::FENCE_IRQ,
         FENCE_IOVA,
         FENCE_VALUE,
         0,
@@ -63,9 +63,7 @@ fn refused(v: &Vfio, m: &mut Maps, k: &mut Ktap) -> Result<(), String> {
     m.buf.fill(0, BUF_LEN, BEFORE)?;
     let t0 = Instant::now();
     submit_fill(v, m)?;
-    let (status, stopped) = poll_reg(v, gpu::REG_RING_STATUS, TIMEOUT, |s| {
-        s == gpu::RING_STATUS_ERROR
-    })?;
+    let (status, stopped) = poll_reg(v, gpu::RING_STATUS, TIMEOUT, |s| s == gpu::status::ERROR)?;
     let st = ringdrv::state(v)?;
     k.diag(&format!(
         "Bus Master off, FILL + fence submitted: ring stopped after {} ms; {st}",
@@ -76,10 +74,10 @@ fn refused(v: &Vfio, m: &mut Maps, k: &mut Ktap) -> Result<(), String> {
         errs.push(format!(
             "RING_STATUS {status} after {}s, expected {} (error)",
             TIMEOUT.as_secs(),
-            gpu::RING_STATUS_ERROR
+            gpu::status::ERROR
         ));
     }
-    let want = gpu::ring_error(gpu::ERR_DMA_REFUSED, 0);
+    let want = gpu::ring_error(gpu::err::DMA_REFUSED, 0);
     if st.error != want {
         errs.push(format!("RING_ERROR 0x{:08x}, want 0x{want:08x}", st.error));
     }
@@ -153,7 +151,7 @@ fn master_on(v: &Vfio, fds: &mut BTreeMap<u32, File>, k: &mut Ktap) -> Result<()
         }
     }
     let st = ringdrv::state(v)?;
-    if st.status != gpu::RING_STATUS_ERROR {
+    if st.status != gpu::status::ERROR {
         errs.push(format!("the ring left its error state by itself: {st}"));
     }
     if errs.is_empty() {
@@ -168,7 +166,7 @@ fn ring_reset(v: &Vfio, m: &mut Maps, k: &mut Ktap) -> Result<(), String> {
     let st = ring.reset(v)?;
     k.diag(&format!("after RING_CTRL = RESET|ENABLE: {st}"));
     if (st.status, st.head, st.tail, st.error, st.ctrl)
-        != (gpu::RING_STATUS_IDLE, 0, 0, 0, gpu::RING_CTRL_ENABLE)
+        != (gpu::status::IDLE, 0, 0, 0, gpu::ctrl::ENABLE)
     {
         return Err(format!("ring not idle and enabled at slot 0: {st}"));
     }
@@ -206,7 +204,7 @@ fn works(
     if fence != FENCE_VALUE || st.last_fence != FENCE_VALUE {
         errs.push(format!("fence memory 0x{fence:x}; {st}"));
     }
-    if (st.status, st.head) != (gpu::RING_STATUS_IDLE, 2) {
+    if (st.status, st.head) != (gpu::status::IDLE, 2) {
         errs.push(format!("ring not idle at slot 2: {st}"));
     }
     if let Some(f) = fds.get_mut(&ERROR_VECTOR) {
@@ -338,7 +336,7 @@ fn run_on(func: &Function, note: Option<String>) -> i32 {
         (Some(v), m, rb) if m.is_some() || rb.is_some() => {
             let mut errs = Vec::new();
             // Stop the ring before its memory goes away.
-            if let Err(e) = write_reg(v, gpu::REG_RING_CTRL, gpu::RING_CTRL_RESET) {
+            if let Err(e) = write_reg(v, gpu::RING_CTRL, gpu::ctrl::RESET) {
                 errs.push(e);
             }
             let mut all: Vec<DmaBuffer> = rb.into_iter().collect();

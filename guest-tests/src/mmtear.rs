@@ -639,13 +639,13 @@ fn slot_pattern(slot: u32) -> u32 {
 /// Writes a FILL of the whole buffer (slot's own pattern) into every slot and programs and
 /// enables the ring.
 fn ring_setup(regs: &dyn Regs, ring: &Pages, layout: &Layout) -> Result<(), String> {
-    let version = regs.rd(gpu::REG_VERSION)?;
-    if version < gpu::INTERFACE_VERSION {
+    let version = regs.rd(gpu::VERSION)?;
+    if version < gpu::VERSION_1_1 {
         return Err(format!("VERSION 0x{version:08x}: no command ring"));
     }
     for slot in 0..RING_ENTRIES {
         let cmd = gpu::encode_cmd(
-            gpu::OP_FILL,
+            gpu::op::FILL,
             0,
             layout.buf(),
             u64::from(slot_pattern(slot)),
@@ -653,17 +653,17 @@ fn ring_setup(regs: &dyn Regs, ring: &Pages, layout: &Layout) -> Result<(), Stri
         );
         ring.write((u64::from(slot) * gpu::CMD_SIZE) as usize, &cmd)?;
     }
-    regs.wr(gpu::REG_RING_CTRL, gpu::RING_CTRL_RESET)?;
-    regs.wr(gpu::REG_RING_BASE_LO, layout.ring() as u32)?;
-    regs.wr(gpu::REG_RING_BASE_HI, (layout.ring() >> 32) as u32)?;
-    regs.wr(gpu::REG_RING_SIZE, RING_ENTRIES)?;
-    regs.wr(gpu::REG_RING_CTRL, gpu::RING_CTRL_ENABLE)?;
+    regs.wr(gpu::RING_CTRL, gpu::ctrl::RESET)?;
+    regs.wr(gpu::RING_BASE_LO, layout.ring() as u32)?;
+    regs.wr(gpu::RING_BASE_HI, (layout.ring() >> 32) as u32)?;
+    regs.wr(gpu::RING_SIZE, RING_ENTRIES)?;
+    regs.wr(gpu::RING_CTRL, gpu::ctrl::ENABLE)?;
     let (ctrl, status, head) = (
-        regs.rd(gpu::REG_RING_CTRL)?,
-        regs.rd(gpu::REG_RING_STATUS)?,
-        regs.rd(gpu::REG_RING_HEAD)?,
+        regs.rd(gpu::RING_CTRL)?,
+        regs.rd(gpu::RING_STATUS)?,
+        regs.rd(gpu::RING_HEAD)?,
     );
-    if (ctrl, status, head) != (gpu::RING_CTRL_ENABLE, gpu::RING_STATUS_IDLE, 0) {
+    if (ctrl, status, head) != (gpu::ctrl::ENABLE, gpu::status::IDLE, 0) {
         return Err(format!(
             "ring not enabled and idle at slot 0: CTRL {ctrl} STATUS {status} HEAD {head}"
         ));
@@ -680,7 +680,7 @@ struct Stream {
 impl Stream {
     /// Takes the ring over from its current RING_TAIL (another process streamed before).
     fn resume(regs: &dyn Regs) -> Result<Stream, String> {
-        let tail = regs.rd(gpu::REG_RING_TAIL)?;
+        let tail = regs.rd(gpu::RING_TAIL)?;
         if tail >= RING_ENTRIES {
             return Err(format!("RING_TAIL reads {tail}"));
         }
@@ -690,17 +690,17 @@ impl Stream {
     /// Adds up to `want` commands (never more than the ring holds); returns the commands
     /// outstanding after the doorbell. A stopped ring is an error.
     fn top_up(&mut self, regs: &dyn Regs, want: u32) -> Result<u32, String> {
-        let status = regs.rd(gpu::REG_RING_STATUS)?;
-        if status == gpu::RING_STATUS_ERROR {
-            let e = regs.rd(gpu::REG_RING_ERROR)?;
+        let status = regs.rd(gpu::RING_STATUS)?;
+        if status == gpu::status::ERROR {
+            let e = regs.rd(gpu::RING_ERROR)?;
             return Err(format!("the ring stopped: RING_ERROR 0x{e:08x}"));
         }
-        let head = regs.rd(gpu::REG_RING_HEAD)?;
+        let head = regs.rd(gpu::RING_HEAD)?;
         let outstanding = (self.tail + RING_ENTRIES - head) % RING_ENTRIES;
         let add = want.min(RING_ENTRIES - 1 - outstanding);
         if add > 0 {
             self.tail = (self.tail + add) % RING_ENTRIES;
-            regs.wr(gpu::REG_RING_TAIL, self.tail)?;
+            regs.wr(gpu::RING_TAIL, self.tail)?;
         }
         Ok(outstanding + add)
     }
@@ -711,16 +711,16 @@ impl Stream {
     /// write: without the wait, a process killed right after it may go before the engine even
     /// fetched a command.
     fn burst(&mut self, regs: &dyn Regs) -> Result<u32, String> {
-        let head0 = regs.rd(gpu::REG_RING_HEAD)?;
+        let head0 = regs.rd(gpu::RING_HEAD)?;
         self.top_up(regs, RING_ENTRIES)?;
         let t0 = Instant::now();
         loop {
-            let head = regs.rd(gpu::REG_RING_HEAD)?;
+            let head = regs.rd(gpu::RING_HEAD)?;
             let outstanding = (self.tail + RING_ENTRIES - head) % RING_ENTRIES;
             if head != head0 {
                 return Ok(outstanding);
             }
-            if regs.rd(gpu::REG_RING_STATUS)? == gpu::RING_STATUS_ERROR {
+            if regs.rd(gpu::RING_STATUS)? == gpu::status::ERROR {
                 return Err("the ring stopped during the burst".into());
             }
             if t0.elapsed() > Duration::from_secs(5) {
@@ -796,12 +796,12 @@ fn write_fd(fd: BorrowedFd<'_>, data: &[u8]) -> Result<(), String> {
 /// Streams until CMDS_COMPLETED advanced by at least 4 and the buffer holds one of the
 /// slots' patterns (the device's FILLs land in our memory). Returns the advance and the word.
 fn verify_streaming(regs: &dyn Regs, s: &mut Stream, buf: &Pages) -> Result<(u32, u32), String> {
-    let c0 = regs.rd(gpu::REG_CMDS_COMPLETED)?;
+    let c0 = regs.rd(gpu::CMDS_COMPLETED)?;
     let t0 = Instant::now();
     loop {
         s.top_up(regs, STREAM_BATCH)?;
         std::thread::sleep(STREAM_PACE);
-        let advanced = regs.rd(gpu::REG_CMDS_COMPLETED)?.wrapping_sub(c0);
+        let advanced = regs.rd(gpu::CMDS_COMPLETED)?.wrapping_sub(c0);
         let word = buf.read_u32(0)?;
         let tail_word = buf.read_u32(buf.len - 4)?;
         if advanced >= 4 && word & PATTERN_MASK == PATTERN_BASE && tail_word == word {
@@ -897,7 +897,7 @@ fn buf_len(kib: Option<&str>) -> Result<usize, String> {
 fn opener(cfg: &WorkerCfg) -> Result<(), String> {
     let h = Handles::open(&cfg.bdf, &cfg.group)?;
     h.enable_command()?;
-    let id = h.regs().rd(gpu::REG_ID)?;
+    let id = h.regs().rd(gpu::ID)?;
     if id != gpu::ID_MAGIC {
         return Err(format!("BAR0 ID 0x{id:08x}"));
     }
@@ -927,7 +927,7 @@ fn opener(cfg: &WorkerCfg) -> Result<(), String> {
         Case::Exit => {
             mark(h.container.as_fd(), &cfg.layout, MARK_FIRST_EXIT)?;
             let out = s.burst(&h.regs())?;
-            let status = h.regs().rd(gpu::REG_RING_STATUS)?;
+            let status = h.regs().rd(gpu::RING_STATUS)?;
             report(
                 "opener",
                 &format!("exiting outstanding={out} status={status}"),
@@ -1015,9 +1015,9 @@ fn hold(
     s.run_until(&regs, input, "opener-exited", STEP_TIMEOUT)?;
     mark(h.container.as_fd(), layout, MARK_HOLDER)?;
     let copy0 = copy.map(|b| b.read_u32(0)).transpose()?;
-    let c0 = regs.rd(gpu::REG_CMDS_COMPLETED)?;
+    let c0 = regs.rd(gpu::CMDS_COMPLETED)?;
     s.run_for(&regs, HOLD)?;
-    let c1 = regs.rd(gpu::REG_CMDS_COMPLETED)?;
+    let c1 = regs.rd(gpu::CMDS_COMPLETED)?;
     let copy1 = copy.map(|b| b.read_u32(0)).transpose()?;
     let copies = match (copy0, copy1) {
         (Some(a), Some(b)) => format!(" copy0=0x{a:08x} copy1=0x{b:08x}"),
@@ -1075,7 +1075,7 @@ fn receiver(cfg: &WorkerCfg) -> Result<(), String> {
         return Err("expected exactly 3 fds".into());
     };
     let h = Handles::from_parts(container, group, File::from(device))?;
-    let id = h.regs().rd(gpu::REG_ID)?;
+    let id = h.regs().rd(gpu::ID)?;
     report(
         "receiver",
         &format!(
@@ -1110,7 +1110,7 @@ fn vfio_fds() -> usize {
 
 fn bar_case(h: Handles, mut s: Stream, cfg: &WorkerCfg) -> Result<(), String> {
     let map = BarMap::map(&h.device, &h.bar0)?;
-    let id = map.rd(gpu::REG_ID)?;
+    let id = map.rd(gpu::ID)?;
     if id != gpu::ID_MAGIC {
         return Err(format!("ID through the BAR0 mapping reads 0x{id:08x}"));
     }
@@ -1122,9 +1122,9 @@ fn bar_case(h: Handles, mut s: Stream, cfg: &WorkerCfg) -> Result<(), String> {
         "opener",
         &format!("fds-closed id=0x{id:08x} vfio-fds={left}"),
     );
-    let c0 = map.rd(gpu::REG_CMDS_COMPLETED)?;
+    let c0 = map.rd(gpu::CMDS_COMPLETED)?;
     s.run_for(&map, HOLD)?;
-    let c1 = map.rd(gpu::REG_CMDS_COMPLETED)?;
+    let c1 = map.rd(gpu::CMDS_COMPLETED)?;
     report("opener", &format!("progress c0={c0} c1={c1}"));
     let out = s.burst(&map)?;
     report("opener", &format!("exiting outstanding={out}"));

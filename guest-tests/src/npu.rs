@@ -1,4 +1,4 @@
-//! The NPU function's register interface (docs/npu.md), the part the guest programs use, and
+//! The NPU function's register interface (docs/npu.md; defined in pcisim-abi), and
 //! `npu-peer`: PEER_STATUS read through BAR0 (R0).
 
 use crate::args::Args;
@@ -7,44 +7,20 @@ use crate::ktap::Ktap;
 use crate::mmio::Mapping;
 use crate::pci;
 
-pub const REG_ID: u64 = 0x000;
-pub const REG_PEER_STATUS: u64 = 0x018;
-pub const REG_PEER_ID: u64 = 0x01C;
-pub const REG_CMD_PASID: u64 = 0x040;
-pub const REG_CMD_FLAGS: u64 = 0x044;
-pub const REG_CMD_ADDR_LO: u64 = 0x048;
-pub const REG_CMD_ADDR_HI: u64 = 0x04C;
-pub const REG_CMD_LEN_LO: u64 = 0x050;
-pub const REG_CMD_LEN_HI: u64 = 0x054;
-pub const REG_CMD_OP: u64 = 0x058;
-pub const REG_CMD_STATUS: u64 = 0x05C;
-pub const REG_CMD_IRQ: u64 = 0x064;
-pub const REG_CMD_SEQ: u64 = 0x068;
-pub const REG_SQ_BASE_LO: u64 = 0x100;
-pub const REG_SQ_SIZE: u64 = 0x108;
-pub const REG_CQ_BASE_LO: u64 = 0x140;
-pub const REG_CQ_SIZE: u64 = 0x148;
-pub const REG_CQ_IRQ: u64 = 0x154;
-pub const REG_FQ_IRQ: u64 = 0x194;
-
-/// "PCSN" in memory order.
-pub const ID_MAGIC: u32 = 0x4e53_4350;
-pub const PEER_CONFIGURED: u32 = 1 << 0;
-pub const PEER_PRESENT: u32 = 1 << 1;
-pub const IRQ_ENABLE: u32 = 1 << 31;
-pub const OP_INVALIDATE: u32 = 3;
-pub const CMD_BUSY: u32 = 1 << 31;
+// The register interface itself is pcisim-abi's (the one copy the device, the lab and the C
+// driver share).
+pub use pcisim_abi::npu::regs::*;
 
 /// Registers a reset must return to 0 (offset, value written): queue configuration and
 /// interrupt routing, none of which starts anything while CONTROL.ENABLE is 0.
 pub fn dirty_set() -> Vec<(u64, u32)> {
     vec![
-        (REG_SQ_BASE_LO, 0x0001_0000),
-        (REG_SQ_SIZE, 16),
-        (REG_CQ_BASE_LO, 0x0002_0000),
-        (REG_CQ_SIZE, 16),
-        (REG_CQ_IRQ, IRQ_ENABLE | 5),
-        (REG_FQ_IRQ, IRQ_ENABLE | 6),
+        (SQ_BASE_LO, 0x0001_0000),
+        (SQ_SIZE, 16),
+        (CQ_BASE_LO, 0x0002_0000),
+        (CQ_SIZE, 16),
+        (CQ_IRQ, IRQ_ENABLE | 5),
+        (FQ_IRQ, IRQ_ENABLE | 6),
     ]
 }
 
@@ -54,7 +30,7 @@ pub fn check_dirty_state(
     expect_cleared: bool,
     mut rd: impl FnMut(u64) -> Result<u32, String>,
 ) -> Result<(), String> {
-    let id = rd(REG_ID)?;
+    let id = rd(ID)?;
     if id != ID_MAGIC {
         return Err(format!("ID reads 0x{id:08x}, expected 0x{ID_MAGIC:08x}"));
     }
@@ -88,14 +64,14 @@ pub fn check_dirty_state(
 /// raises CMD_IRQ's vector.
 pub fn irq_writes(vector: u32) -> Vec<(u64, u32)> {
     vec![
-        (REG_CMD_IRQ, IRQ_ENABLE | vector),
-        (REG_CMD_PASID, 1),
-        (REG_CMD_FLAGS, 0),
-        (REG_CMD_ADDR_LO, 0),
-        (REG_CMD_ADDR_HI, 0),
-        (REG_CMD_LEN_LO, u32::MAX),
-        (REG_CMD_LEN_HI, u32::MAX),
-        (REG_CMD_OP, OP_INVALIDATE),
+        (CMD_IRQ, IRQ_ENABLE | vector),
+        (CMD_PASID, 1),
+        (CMD_FLAGS, 0),
+        (CMD_ADDR_LO, 0),
+        (CMD_ADDR_HI, 0),
+        (CMD_LEN_LO, u32::MAX),
+        (CMD_LEN_HI, u32::MAX),
+        (CMD_OP, OP_INVALIDATE),
     ]
 }
 
@@ -136,7 +112,7 @@ pub fn run(argv: &[String]) -> i32 {
     };
     let mut k = Ktap::new(2);
     k.diag(&format!("NPU {} BAR0 registers", func.bdf));
-    let r = regs.read32(REG_ID).and_then(|id| {
+    let r = regs.read32(ID).and_then(|id| {
         if id == ID_MAGIC {
             Ok(())
         } else {
@@ -144,8 +120,8 @@ pub fn run(argv: &[String]) -> i32 {
         }
     });
     k.check("id", r);
-    let r = regs.read32(REG_PEER_STATUS).and_then(|s| {
-        let peer_id = regs.read32(REG_PEER_ID)?;
+    let r = regs.read32(PEER_STATUS).and_then(|s| {
+        let peer_id = regs.read32(PEER_ID)?;
         k.diag(&format!("PEER_STATUS 0x{s:x} PEER_ID 0x{peer_id:08x}"));
         let want = PEER_CONFIGURED | if present { PEER_PRESENT } else { 0 };
         if s & (PEER_CONFIGURED | PEER_PRESENT) != want {
@@ -176,10 +152,10 @@ mod tests {
         let dirty: Vec<u64> = dirty_set().iter().map(|(o, _)| *o).collect();
         let irq = irq_writes(2);
         assert!(irq.iter().all(|(o, _)| !dirty.contains(o)));
-        assert_eq!(irq[0], (REG_CMD_IRQ, IRQ_ENABLE | 2));
+        assert_eq!(irq[0], (CMD_IRQ, IRQ_ENABLE | 2));
         assert_eq!(
             irq.last(),
-            Some(&(REG_CMD_OP, OP_INVALIDATE)),
+            Some(&(CMD_OP, OP_INVALIDATE)),
             "the command runs last"
         );
     }
@@ -187,14 +163,14 @@ mod tests {
     #[test]
     fn dirty_state_checks() {
         let mut regs: BTreeMap<u64, u32> = dirty_set().into_iter().collect();
-        regs.insert(REG_ID, ID_MAGIC);
+        regs.insert(ID, ID_MAGIC);
         let rd = |m: &BTreeMap<u64, u32>| {
             let m = m.clone();
             move |off: u64| Ok(m.get(&off).copied().unwrap_or(0))
         };
         assert_eq!(check_dirty_state(false, rd(&regs)), Ok(()));
         assert!(check_dirty_state(true, rd(&regs)).is_err());
-        let cleared: BTreeMap<u64, u32> = [(REG_ID, ID_MAGIC)].into_iter().collect();
+        let cleared: BTreeMap<u64, u32> = [(ID, ID_MAGIC)].into_iter().collect();
         assert_eq!(check_dirty_state(true, rd(&cleared)), Ok(()));
         assert!(
             check_dirty_state(true, rd(&BTreeMap::new())).is_err(),

@@ -42,18 +42,12 @@ const D3HOT_DELAY: Duration = Duration::from_millis(10);
 /// BAR0 registers the test dirties, with the value written and the default after a reset.
 pub fn dirty_set() -> Vec<(u64, u32, u32)> {
     let mut v: Vec<(u64, u32, u32)> = (0..gpu::SCRATCH_COUNT)
-        .map(|i| {
-            (
-                gpu::REG_SCRATCH0 + 4 * i,
-                0xA5A5_0000 | (i as u32 * 0x111),
-                0,
-            )
-        })
+        .map(|i| (gpu::SCRATCH + 4 * i, 0xA5A5_0000 | (i as u32 * 0x111), 0))
         .collect();
-    v.push((gpu::REG_FENCE_VECTOR, 7, 0));
-    v.push((gpu::REG_ERROR_VECTOR, 3, 1));
-    v.push((gpu::REG_VRAM_OFFSET_LO, 0x1000, 0));
-    v.push((gpu::REG_VRAM_SEED, 0xDEAD_BEEF, 0));
+    v.push((gpu::FENCE_VECTOR, 7, 0));
+    v.push((gpu::ERROR_VECTOR, 3, 1));
+    v.push((gpu::VRAM_OFFSET_LO, 0x1000, 0));
+    v.push((gpu::VRAM_SEED, 0xDEAD_BEEF, 0));
     v
 }
 
@@ -63,7 +57,7 @@ pub fn check_dirty_state(
     expect_cleared: bool,
     mut rd: impl FnMut(u64) -> Result<u32, String>,
 ) -> Result<(), String> {
-    let id = rd(gpu::REG_ID)?;
+    let id = rd(gpu::ID)?;
     if id != gpu::ID_MAGIC {
         return Err(format!(
             "ID reads 0x{id:08x}, expected 0x{:08x}",
@@ -724,7 +718,7 @@ mod tests {
     fn dirty_state_check() {
         let set = dirty_set();
         let written = |off: u64| -> Result<u32, String> {
-            if off == gpu::REG_ID {
+            if off == gpu::ID {
                 return Ok(gpu::ID_MAGIC);
             }
             Ok(set.iter().find(|r| r.0 == off).map_or(0, |r| r.1))
@@ -732,7 +726,7 @@ mod tests {
         assert!(check_dirty_state(false, written).is_ok());
         assert!(check_dirty_state(true, written).is_err());
         let defaults = |off: u64| -> Result<u32, String> {
-            if off == gpu::REG_ID {
+            if off == gpu::ID {
                 return Ok(gpu::ID_MAGIC);
             }
             Ok(set.iter().find(|r| r.0 == off).map_or(0, |r| r.2))

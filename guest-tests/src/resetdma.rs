@@ -108,7 +108,7 @@ fn submit(v: &Vfio, len: usize, k: &mut Ktap) -> Result<Run, String> {
     let mut ring = RingDrv::setup(v, ringbuf, 16, 0, 1, k)?;
     for _ in 0..FILLS {
         ring.push(encode_cmd(
-            gpu::OP_FILL,
+            gpu::op::FILL,
             0,
             DST_IOVA,
             u64::from(FILL_PATTERN),
@@ -116,8 +116,8 @@ fn submit(v: &Vfio, len: usize, k: &mut Ktap) -> Result<Run, String> {
         ))?;
     }
     ring.push(encode_cmd(
-        gpu::OP_WRITE_FENCE,
-        gpu::FLAG_FENCE_IRQ,
+        gpu::op::WRITE_FENCE,
+        gpu::flag::FENCE_IRQ,
         FENCE_IOVA,
         FENCE_VALUE,
         0,

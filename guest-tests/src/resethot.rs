@@ -88,7 +88,7 @@ impl Dev {
             PCI_COMMAND,
             c | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER,
         )?;
-        self.kind = match self.rd(gpu::REG_ID)? {
+        self.kind = match self.rd(gpu::ID)? {
             gpu::ID_MAGIC => Kind::Gpu,
             npu::ID_MAGIC => Kind::Npu,
             id => return Err(format!("{}: BAR0 ID 0x{id:08x}", self.bdf)),
@@ -112,7 +112,7 @@ impl Dev {
         }
         let t0 = Instant::now();
         match self.kind {
-            Kind::Gpu => self.wr(gpu::REG_IRQ_DOORBELL, vector)?,
+            Kind::Gpu => self.wr(gpu::IRQ_DOORBELL, vector)?,
             Kind::Npu => {
                 for (off, v) in npu::irq_writes(vector) {
                     self.wr(off, v)?;
@@ -128,19 +128,19 @@ impl Dev {
                 Kind::Gpu => format!(
                     "{}: vector {vector} did not fire (IRQ_LAST_ERROR {})",
                     self.bdf,
-                    self.rd(gpu::REG_IRQ_LAST_ERROR)?
+                    self.rd(gpu::IRQ_LAST_ERROR)?
                 ),
                 Kind::Npu => format!(
                     "{}: vector {vector} did not fire (CMD_STATUS 0x{:x}, CMD_SEQ {})",
                     self.bdf,
-                    self.rd(npu::REG_CMD_STATUS)?,
-                    self.rd(npu::REG_CMD_SEQ)?
+                    self.rd(npu::CMD_STATUS)?,
+                    self.rd(npu::CMD_SEQ)?
                 ),
             });
         }
         sys::eventfd_take(f)?;
         if self.kind == Kind::Npu {
-            let st = self.rd(npu::REG_CMD_STATUS)?;
+            let st = self.rd(npu::CMD_STATUS)?;
             if st & (npu::CMD_BUSY | 0xff) != 0 {
                 return Err(format!(
                     "{}: INVALIDATE ended with CMD_STATUS 0x{st:x}",

@@ -65,16 +65,16 @@ pub fn ring_vector(
     for f in fds.values_mut() {
         sys::eventfd_take(f)?;
     }
-    let before = read_reg(v, gpu::REG_IRQ_COUNT)?;
+    let before = read_reg(v, gpu::IRQ_COUNT)?;
     let t0 = Instant::now();
-    write_reg(v, gpu::REG_IRQ_DOORBELL, vector)?;
+    write_reg(v, gpu::IRQ_DOORBELL, vector)?;
     let f = fds
         .get_mut(&vector)
         .ok_or_else(|| format!("no eventfd for vector {vector}"))?;
     let fired = sys::wait_readable(f.as_fd(), IRQ_TIMEOUT)?;
     let us = t0.elapsed().as_micros();
-    let after = read_reg(v, gpu::REG_IRQ_COUNT)?;
-    let last_error = read_reg(v, gpu::REG_IRQ_LAST_ERROR)?;
+    let after = read_reg(v, gpu::IRQ_COUNT)?;
+    let last_error = read_reg(v, gpu::IRQ_LAST_ERROR)?;
     if !fired {
         return Err(format!(
             "vector {vector}: no interrupt within {} s (IRQ_COUNT {before} -> {after}, IRQ_LAST_ERROR {last_error})",
@@ -138,15 +138,15 @@ fn ring_after(v: &Vfio, fds: &mut BTreeMap<u32, File>, k: &mut Ktap) -> Result<(
     data.fill(0, DATA_LEN, 0xEE)?;
     let mut ring = RingDrv::setup(v, ringbuf, 16, 0, 1, k)?;
     ring.push(encode_cmd(
-        gpu::OP_FILL,
+        gpu::op::FILL,
         0,
         DATA_IOVA,
         u64::from(FILL_PATTERN),
         DATA_LEN as u64,
     ))?;
     ring.push(encode_cmd(
-        gpu::OP_WRITE_FENCE,
-        gpu::FLAG_FENCE_IRQ,
+        gpu::op::WRITE_FENCE,
+        gpu::flag::FENCE_IRQ,
         FENCE_IOVA,
         FENCE_VALUE,
         0,
@@ -287,7 +287,7 @@ pub fn run(argv: &[String]) -> i32 {
             k.diag(&format!("kmsg: {l}"));
         }
         let r = check_dirty_state(true, |off| read_reg(v, off)).and_then(|()| {
-            let n = read_reg(v, gpu::REG_IRQ_COUNT)?;
+            let n = read_reg(v, gpu::IRQ_COUNT)?;
             if n == 0 {
                 Ok(())
             } else {

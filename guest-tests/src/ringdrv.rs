@@ -48,14 +48,14 @@ impl std::fmt::Display for RingState {
 /// Reads the ring registers.
 pub fn state(v: &Vfio) -> Result<RingState, String> {
     Ok(RingState {
-        ctrl: read_reg(v, gpu::REG_RING_CTRL)?,
-        head: read_reg(v, gpu::REG_RING_HEAD)?,
-        tail: read_reg(v, gpu::REG_RING_TAIL)?,
-        status: read_reg(v, gpu::REG_RING_STATUS)?,
-        error: read_reg(v, gpu::REG_RING_ERROR)?,
-        fault_addr: read_u64_reg(v, gpu::REG_RING_FAULT_ADDR_LO)?,
-        last_fence: read_u64_reg(v, gpu::REG_LAST_FENCE_LO)?,
-        completed: read_reg(v, gpu::REG_CMDS_COMPLETED)?,
+        ctrl: read_reg(v, gpu::RING_CTRL)?,
+        head: read_reg(v, gpu::RING_HEAD)?,
+        tail: read_reg(v, gpu::RING_TAIL)?,
+        status: read_reg(v, gpu::RING_STATUS)?,
+        error: read_reg(v, gpu::RING_ERROR)?,
+        fault_addr: read_u64_reg(v, gpu::RING_FAULT_ADDR_LO)?,
+        last_fence: read_u64_reg(v, gpu::LAST_FENCE_LO)?,
+        completed: read_reg(v, gpu::CMDS_COMPLETED)?,
     })
 }
 
@@ -71,11 +71,11 @@ impl RingDrv {
         error_vector: u32,
         k: &mut Ktap,
     ) -> Result<RingDrv, String> {
-        let version = read_reg(v, gpu::REG_VERSION)?;
-        if version < gpu::INTERFACE_VERSION {
+        let version = read_reg(v, gpu::VERSION)?;
+        if version < gpu::VERSION_1_1 {
             return Err(format!(
                 "VERSION 0x{version:08x}: the device has no command ring (needs 0x{:08x})",
-                gpu::INTERFACE_VERSION
+                gpu::VERSION_1_1
             ));
         }
         if u64::from(entries) * gpu::CMD_SIZE > buf.len() as u64 {
@@ -84,30 +84,30 @@ impl RingDrv {
                 buf.len()
             ));
         }
-        write_reg(v, gpu::REG_RING_CTRL, gpu::RING_CTRL_RESET)?;
-        write_reg(v, gpu::REG_RING_BASE_LO, buf.iova as u32)?;
-        write_reg(v, gpu::REG_RING_BASE_HI, (buf.iova >> 32) as u32)?;
-        write_reg(v, gpu::REG_RING_SIZE, entries)?;
-        write_reg(v, gpu::REG_FENCE_VECTOR, fence_vector)?;
-        write_reg(v, gpu::REG_ERROR_VECTOR, error_vector)?;
-        let base = read_u64_reg(v, gpu::REG_RING_BASE_LO)?;
-        let size = read_reg(v, gpu::REG_RING_SIZE)?;
-        let fv = read_reg(v, gpu::REG_FENCE_VECTOR)?;
-        let ev = read_reg(v, gpu::REG_ERROR_VECTOR)?;
+        write_reg(v, gpu::RING_CTRL, gpu::ctrl::RESET)?;
+        write_reg(v, gpu::RING_BASE_LO, buf.iova as u32)?;
+        write_reg(v, gpu::RING_BASE_HI, (buf.iova >> 32) as u32)?;
+        write_reg(v, gpu::RING_SIZE, entries)?;
+        write_reg(v, gpu::FENCE_VECTOR, fence_vector)?;
+        write_reg(v, gpu::ERROR_VECTOR, error_vector)?;
+        let base = read_u64_reg(v, gpu::RING_BASE_LO)?;
+        let size = read_reg(v, gpu::RING_SIZE)?;
+        let fv = read_reg(v, gpu::FENCE_VECTOR)?;
+        let ev = read_reg(v, gpu::ERROR_VECTOR)?;
         if (base, size, fv, ev) != (buf.iova, entries, fence_vector, error_vector) {
             return Err(format!(
                 "ring registers read back base 0x{base:x} size {size} vectors {fv}/{ev}, wrote 0x{:x} {entries} {fence_vector}/{error_vector}",
                 buf.iova
             ));
         }
-        write_reg(v, gpu::REG_RING_CTRL, gpu::RING_CTRL_ENABLE)?;
+        write_reg(v, gpu::RING_CTRL, gpu::ctrl::ENABLE)?;
         let st = state(v)?;
         k.diag(&format!(
             "ring at IOVA 0x{:x}, {entries} entries: {st}",
             buf.iova
         ));
-        if st.ctrl != gpu::RING_CTRL_ENABLE
-            || st.status != gpu::RING_STATUS_IDLE
+        if st.ctrl != gpu::ctrl::ENABLE
+            || st.status != gpu::status::IDLE
             || st.head != 0
             || st.error != 0
         {
@@ -131,16 +131,12 @@ impl RingDrv {
 
     /// Rings the doorbell: RING_TAIL = the driver's tail.
     pub fn doorbell(&self, v: &Vfio) -> Result<(), String> {
-        write_reg(v, gpu::REG_RING_TAIL, self.tail)
+        write_reg(v, gpu::RING_TAIL, self.tail)
     }
 
     /// RING_CTRL = RESET | ENABLE: the ring restarts at slot 0 (base and size kept).
     pub fn reset(&mut self, v: &Vfio) -> Result<RingState, String> {
-        write_reg(
-            v,
-            gpu::REG_RING_CTRL,
-            gpu::RING_CTRL_RESET | gpu::RING_CTRL_ENABLE,
-        )?;
+        write_reg(v, gpu::RING_CTRL, gpu::ctrl::RESET | gpu::ctrl::ENABLE)?;
         self.tail = 0;
         state(v)
     }

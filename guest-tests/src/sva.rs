@@ -3,7 +3,8 @@
 //! process exits, is killed, forks, passes its fd on or keeps the fd mmapped (M6), and when it
 //! unmaps, protects or discards memory the device has cached translations for (M7).
 //!
-//! The driver's uapi is guest-tests/kmod/pcisim_npu_uapi.h; the structs below mirror it. The
+//! The driver's uapi is guest-tests/kmod/pcisim_npu_uapi.h; pcisim-abi's `npu::uapi` mirrors it
+//! (its tests check the header against it). The
 //! host checks the NPU's journal around each case (crates/lab/src/sva.rs); this program checks
 //! what the process sees. `--lenient on` (the deliberately buggy driver variants) turns the
 //! checks that a buggy driver is expected to break into diagnostics.
@@ -20,66 +21,11 @@ use crate::ktap::{Ktap, Outcome};
 // The driver's uapi (pcisim_npu_uapi.h)
 // ---------------------------------------------------------------------------------------------
 
-/// `struct pcisim_npu_info`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Info {
-    pub pasid: u32,
-    pub flags: u32,
-    pub root: u64,
-    pub owner_pid: u32,
-    pub contexts: u32,
-    pub reserved: u64,
-}
-
-/// `struct pcisim_npu_work`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Work {
-    pub op: u32,
-    pub flags: u32,
-    pub src: u64,
-    pub dst: u64,
-    pub len: u64,
-    pub ticket: u64,
-    pub status: u32,
-    pub faults: u32,
-    pub result: u64,
-    pub fault_va: u64,
-}
-
-/// `struct pcisim_npu_status` (the mmap()ed page).
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct StatusPage {
-    pub magic: u32,
-    pub pasid: u32,
-    pub bound: u32,
-    pub reserved: u32,
-    pub submitted: u64,
-    pub completed: u64,
-    pub faults: u64,
-    pub last_fault_va: u64,
-}
-
-pub const INFO_BOUND: u32 = 1 << 0;
-pub const INFO_SVA: u32 = 1 << 1;
-pub const OP_MEMCPY: u32 = 1;
-pub const OP_FILL: u32 = 2;
-pub const OP_COMPARE: u32 = 3;
-pub const WAIT: u32 = 1 << 0;
-pub const NO_FAULT_SERVICE: u32 = 1 << 1;
-pub const ST_OK: u32 = 0;
-pub const ST_MISMATCH: u32 = 1;
-pub const ST_TRANSLATION_FAULT: u32 = 6;
-pub const STATUS_MAGIC: u32 = 0x4e50_5553;
-
-const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
-    (dir << 30) | ((size as u64) << 16) | ((b'N' as u64) << 8) | nr
-}
-const IOC_INFO: u64 = ioc(2, 0, std::mem::size_of::<Info>());
-const IOC_SUBMIT: u64 = ioc(3, 1, std::mem::size_of::<Work>());
-const IOC_WAIT: u64 = ioc(3, 2, std::mem::size_of::<Work>());
+pub use pcisim_abi::npu::uapi::{
+    Info, StatusPage, Work, INFO_BOUND, INFO_SVA, NO_FAULT_SERVICE, OP_COMPARE, OP_FILL, OP_MEMCPY,
+    STATUS_MAGIC, ST_MISMATCH, ST_OK, ST_TRANSLATION_FAULT, WAIT,
+};
+use pcisim_abi::npu::uapi::{IOC_INFO, IOC_SUBMIT, IOC_WAIT};
 
 /// CLOCK_MONOTONIC in nanoseconds: the guest's clock for the `# t <ns> <event>` lines a
 /// timeline is drawn from (the lab aligns them with the device journal on the BIND).

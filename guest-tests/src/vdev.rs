@@ -265,7 +265,7 @@ pub fn enable_command(v: &Vfio, k: &mut Ktap) -> Result<(), String> {
             "Command reads 0x{after:04x} after writing 0x{want:04x}: Memory/Bus Master not set"
         ));
     }
-    let id = v.device.read_u32(&v.bar0, gpu::REG_ID)?;
+    let id = v.device.read_u32(&v.bar0, gpu::ID)?;
     if id != gpu::ID_MAGIC {
         return Err(format!(
             "BAR0 ID via the vfio device reads 0x{id:08x}, expected 0x{:08x}",

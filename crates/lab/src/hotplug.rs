@@ -15,6 +15,8 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use pcisim_abi::gpu::regs as gpu_regs;
+use pcisim_abi::npu::regs as npu_regs;
 use serde_json::Value;
 
 use crate::agent::RunOutput;
@@ -1076,12 +1078,6 @@ fn h4_remove_while_held(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     Ok(())
 }
 
-/// BAR0 offsets H5 reads: ID, SCRATCH0, IRQ_COUNT.
-const H5_ID: u64 = 0x000;
-const H5_SCRATCH: u64 = 0x040;
-const H5_IRQ_DOORBELL: u64 = 0x080;
-const H5_IRQ_COUNT: u64 = 0x084;
-
 /// `pcisim-guest bar-io` at `bdf`'s BAR0: writes `write` (offset, value) first, then reads
 /// `offs`; returns the values read.
 fn bar_io(
@@ -1450,8 +1446,8 @@ fn h5_surprise_removal(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let before = bar_io(
         ctx,
         &bdf,
-        &[H5_ID, H5_IRQ_COUNT],
-        Some((H5_SCRATCH, 0x1234_5678)),
+        &[gpu_regs::ID, gpu_regs::IRQ_COUNT],
+        Some((gpu_regs::SCRATCH, 0x1234_5678)),
     )?;
     let (magic, irqs) = (before[0], before[1]);
     let ok_before = ids != u32::MAX && magic != u32::MAX;
@@ -1475,10 +1471,15 @@ fn h5_surprise_removal(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let down = bar_io(
         ctx,
         &bdf,
-        &[H5_ID, H5_SCRATCH, H5_IRQ_COUNT],
-        Some((H5_SCRATCH, 0xdead_beef)),
+        &[gpu_regs::ID, gpu_regs::SCRATCH, gpu_regs::IRQ_COUNT],
+        Some((gpu_regs::SCRATCH, 0xdead_beef)),
     )?;
-    let _ = bar_io(ctx, &bdf, &[H5_ID], Some((H5_IRQ_DOORBELL, 0)))?;
+    let _ = bar_io(
+        ctx,
+        &bdf,
+        &[gpu_regs::ID],
+        Some((gpu_regs::IRQ_DOORBELL, 0)),
+    )?;
     ctx.check(
         &format!(
             "link down: BAR0 reads all-ones (ID {:#010x}, SCRATCH0 {:#010x}, IRQ_COUNT {:#010x})",
@@ -1507,7 +1508,12 @@ fn h5_surprise_removal(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     );
     ctx.inject(&id, "link-up")?;
     let (ids_up, _) = config_ids(ctx, &bdf)?;
-    let after = bar_io(ctx, &bdf, &[H5_ID, H5_SCRATCH, H5_IRQ_COUNT], None)?;
+    let after = bar_io(
+        ctx,
+        &bdf,
+        &[gpu_regs::ID, gpu_regs::SCRATCH, gpu_regs::IRQ_COUNT],
+        None,
+    )?;
     ctx.check(
         &format!(
             "link-up recovers: IDs {ids_up:#010x}, BAR0 ID {:#010x}, SCRATCH0 {:#010x} (the write while down was dropped), IRQ_COUNT {} (no doorbell)",
@@ -1808,7 +1814,7 @@ fn h6_cycle(
     peer_status(
         ctx,
         npu_bdf,
-        0x1,
+        npu_regs::PEER_CONFIGURED,
         &format!("{tag}before device_add: {npu} PEER_STATUS = configured, peer absent"),
     )?;
     let (info, took) = plug(ctx, gpu)?;
@@ -1820,7 +1826,7 @@ fn h6_cycle(
     peer_status(
         ctx,
         npu_bdf,
-        0x3,
+        npu_regs::PEER_CONFIGURED | npu_regs::PEER_PRESENT,
         &format!("{tag}{gpu} plugged: {npu} PEER_STATUS = configured | present"),
     )?;
     let held = npu_peer_ref(ctx, npu_bdf)?;
@@ -1849,7 +1855,7 @@ fn h6_cycle(
     peer_status(
         ctx,
         npu_bdf,
-        0x1,
+        npu_regs::PEER_CONFIGURED,
         &format!("{tag}{gpu} removed: {npu} PEER_STATUS = configured, peer gone"),
     )?;
     let left = guest_sh(

@@ -45,6 +45,7 @@ mod tests;
 
 use crate::regfile::RegisterFile as _;
 use log::warn;
+use pcisim_abi::ids;
 use pcisim_pci::caps::ats::AtsConfig;
 use pcisim_pci::caps::msi::MsiConfig;
 use pcisim_pci::caps::msix::MsixConfig;
@@ -61,23 +62,8 @@ use std::sync::Arc;
 
 pub use vram::{Vram, VramError};
 
-/// FNV-1a-64 offset basis.
-pub const FNV1A64_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-/// FNV-1a-64 prime.
-pub const FNV1A64_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-/// Continue an FNV-1a-64 hash `h` over `data`.
-pub fn fnv1a64_update(mut h: u64, data: &[u8]) -> u64 {
-    for &b in data {
-        h = (h ^ u64::from(b)).wrapping_mul(FNV1A64_PRIME);
-    }
-    h
-}
-
-/// Byte `i` (from the window start) of the FILL pattern for `seed`.
-pub fn fill_byte(seed: u32, i: u64) -> u8 {
-    ((u64::from(seed).wrapping_add(i)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
-}
+/// The VRAM commands' formulas (CHECKSUM's FNV-1a-64, FILL's pattern), from pcisim-abi.
+pub use pcisim_abi::gpu::vram::{fill_byte, fnv1a64_update, FNV1A64_OFFSET_BASIS, FNV1A64_PRIME};
 
 /// BAR holding registers, MSI-X table and PBA.
 pub const REGS_BAR: u8 = 0;
@@ -136,12 +122,12 @@ impl Default for GpuConfig {
         GpuConfig {
             name: "gpu".to_string(),
             vram_size: DEFAULT_VRAM_SIZE,
-            vendor_id: 0x1234,
-            device_id: 0x0b10,
-            class_code: 0x03_0200,
-            revision: 1,
-            subsystem_vendor_id: 0x1234,
-            subsystem_id: 0x0001,
+            vendor_id: ids::VENDOR_ID,
+            device_id: ids::GPU_DEVICE_ID,
+            class_code: ids::GPU_CLASS_CODE,
+            revision: ids::REVISION,
+            subsystem_vendor_id: ids::SUBSYSTEM_VENDOR_ID,
+            subsystem_id: ids::SUBSYSTEM_ID,
             no_soft_reset: false,
             immediate_readiness: false,
             irq: IrqMode::default(),

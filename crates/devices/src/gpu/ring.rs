@@ -53,99 +53,16 @@ use pcisim_pci::MsixOutcome;
 
 use super::Vram;
 
-/// Size of one command in bytes.
-pub const CMD_SIZE: u64 = 32;
-/// Smallest ring (entries).
-pub const MIN_ENTRIES: u32 = 2;
-/// Largest ring (entries).
-pub const MAX_ENTRIES: u32 = 4096;
-/// Required alignment of RING_BASE.
-pub const RING_ALIGN: u64 = 4096;
-/// Largest length a COPY or FILL may move.
-pub const MAX_LEN: u64 = 64 << 20;
+pub use pcisim_abi::gpu::ring::{
+    ctrl, encode, err, err_name, flag, op, op_name, ring_error, status, RawCommand, CMD_SIZE,
+    DEFAULT_ERROR_VECTOR, DEFAULT_FENCE_VECTOR, MAX_ENTRIES, MAX_LEN, MIN_ENTRIES, RING_ALIGN,
+};
+
 /// The engine moves data in chunks of this size and checks for an abort between chunks.
 pub const CHUNK: usize = 64 << 10;
 /// Client DMA is issued in pieces that never cross a page boundary (with a vIOMMU, every
 /// guest IOMMU page arrives as its own DMA mapping).
 pub const DMA_PAGE: u64 = 4096;
-/// Default FENCE_VECTOR.
-pub const DEFAULT_FENCE_VECTOR: u16 = 0;
-/// Default ERROR_VECTOR.
-pub const DEFAULT_ERROR_VECTOR: u16 = 1;
-
-/// Opcodes (byte 0 of a command).
-pub mod op {
-    /// Do nothing.
-    pub const NOP: u8 = 0x00;
-    /// Copy `c` bytes from `a` to `b`.
-    pub const COPY: u8 = 0x01;
-    /// Fill `c` bytes at `a` with the 32-bit pattern `b`.
-    pub const FILL: u8 = 0x02;
-    /// Write the 64-bit value `b` at IOVA `a`; LAST_FENCE = `b`.
-    pub const WRITE_FENCE: u8 = 0x03;
-    /// Raise MSI-X vector `a`.
-    pub const INTERRUPT: u8 = 0x04;
-}
-
-/// Flags (byte 1 of a command).
-pub mod flag {
-    /// COPY: the source is a VRAM offset (else a client IOVA).
-    pub const SRC_VRAM: u8 = 1 << 0;
-    /// COPY, FILL: the destination is a VRAM offset (else a client IOVA).
-    pub const DST_VRAM: u8 = 1 << 1;
-    /// WRITE_FENCE: raise FENCE_VECTOR once the fence is written.
-    pub const FENCE_IRQ: u8 = 1 << 2;
-}
-
-/// RING_CTRL bits.
-pub mod ctrl {
-    /// The engine processes commands while set. Setting it latches and checks RING_BASE and
-    /// RING_SIZE.
-    pub const ENABLE: u32 = 1 << 0;
-    /// Write 1: stop the engine (abort the command in flight), clear ENABLE, HEAD, TAIL and the
-    /// error state. Reads 0.
-    pub const RESET: u32 = 1 << 1;
-}
-
-/// RING_STATUS values.
-pub mod status {
-    /// Nothing to do (or disabled).
-    pub const IDLE: u32 = 0;
-    /// Enabled and HEAD != TAIL: commands are being processed.
-    pub const BUSY: u32 = 1;
-    /// Stopped on an error (RING_ERROR says which and where) until RING_CTRL.RESET.
-    pub const ERROR: u32 = 2;
-}
-
-/// RING_ERROR codes (bits 0..7; the slot is in bits 16..27).
-pub mod err {
-    /// No error.
-    pub const NONE: u32 = 0;
-    /// Unknown opcode.
-    pub const BAD_OPCODE: u32 = 1;
-    /// A flag the opcode does not define is set.
-    pub const BAD_FLAGS: u32 = 2;
-    /// A reserved field or an operand the opcode does not use is not zero.
-    pub const RESERVED: u32 = 3;
-    /// An operand is not aligned as the opcode requires.
-    pub const ALIGNMENT: u32 = 4;
-    /// A length above [`super::MAX_LEN`].
-    pub const LENGTH: u32 = 5;
-    /// A VRAM range outside VRAM.
-    pub const VRAM_RANGE: u32 = 6;
-    /// An IOVA range that wraps past 2^64.
-    pub const IOVA_RANGE: u32 = 7;
-    /// A client access hit no mapped memory (or the mapping's protection forbids it).
-    pub const DMA_FAULT: u32 = 8;
-    /// The bus refused the access: Bus Master Enable clear, D3hot, link down, reset, no client.
-    pub const DMA_REFUSED: u32 = 9;
-    /// An MSI-X vector that does not exist.
-    pub const BAD_VECTOR: u32 = 10;
-    /// RING_BASE not 4 KiB aligned or RING_SIZE not a power of two in 2..=4096 at enable.
-    pub const BAD_RING: u32 = 11;
-    /// RING_TAIL written with a value not below RING_SIZE.
-    pub const BAD_TAIL: u32 = 12;
-}
 
 /// Why a DMA did not happen (the engine's view of the bus's answer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,35 +240,6 @@ impl RingError {
     }
 }
 
-/// The name of an opcode, for messages.
-pub fn op_name(opcode: u8) -> &'static str {
-    match opcode {
-        op::NOP => "NOP",
-        op::COPY => "COPY",
-        op::FILL => "FILL",
-        op::WRITE_FENCE => "WRITE_FENCE",
-        op::INTERRUPT => "INTERRUPT",
-        _ => "?",
-    }
-}
-
-/// Encode a command (the inverse of [`decode`] for raw fields; used by tests and tools).
-pub fn encode(opcode: u8, flags: u8, a: u64, b: u64, c: u64) -> [u8; CMD_SIZE as usize] {
-    let mut out = [0u8; CMD_SIZE as usize];
-    out[0] = opcode;
-    out[1] = flags;
-    out[8..16].copy_from_slice(&a.to_le_bytes());
-    out[16..24].copy_from_slice(&b.to_le_bytes());
-    out[24..32].copy_from_slice(&c.to_le_bytes());
-    out
-}
-
-fn u64_at(raw: &[u8; CMD_SIZE as usize], at: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&raw[at..at + 8]);
-    u64::from_le_bytes(b)
-}
-
 /// Check that `len` bytes at `loc` exist: inside VRAM, or not wrapping past 2^64.
 fn check_range(loc: Loc, len: u64, vram_size: u64, what: &str) -> Result<(), RingError> {
     let end = u128::from(loc.addr()) + u128::from(len);
@@ -378,8 +266,9 @@ pub fn decode(
     vram_size: u64,
     vectors: u16,
 ) -> Result<Command, RingError> {
-    let (opcode, flags) = (raw[0], raw[1]);
-    let (a, b, c) = (u64_at(raw, 8), u64_at(raw, 16), u64_at(raw, 24));
+    let cmd = RawCommand::decode(raw);
+    let (opcode, flags) = (cmd.opcode, cmd.flags);
+    let (a, b, c) = (cmd.a, cmd.b, cmd.c);
     let name = op_name(opcode);
     let allowed = match opcode {
         op::NOP | op::INTERRUPT => 0,
@@ -401,10 +290,10 @@ pub fn decode(
             format!("{name}: undefined flags {:#04x}", flags & !allowed),
         ));
     }
-    if raw[2..8].iter().any(|&x| x != 0) {
+    if cmd.reserved.iter().any(|&x| x != 0) {
         return Err(RingError::new(
             err::RESERVED,
-            u64_at(raw, 0),
+            cmd.header(),
             format!("{name}: reserved header bytes 2..8 not zero"),
         ));
     }
@@ -572,9 +461,8 @@ impl RingRegs {
 
     /// RING_ERROR: code | slot << 16.
     pub fn error_reg(&self) -> u32 {
-        self.error.map_or(err::NONE, |(code, slot)| {
-            (code & 0xff) | ((slot & 0xfff) << 16)
-        })
+        self.error
+            .map_or(err::NONE, |(code, slot)| ring_error(code, slot))
     }
 
     fn runnable(&self) -> bool {
@@ -952,26 +840,6 @@ impl<B: EngineBus> Drop for Engine<B> {
                 warn!("{}: ring engine thread panicked", self.shared.name);
             }
         }
-    }
-}
-
-/// The name of an error code, for the journal.
-pub fn err_name(code: u32) -> &'static str {
-    match code {
-        err::NONE => "none",
-        err::BAD_OPCODE => "bad_opcode",
-        err::BAD_FLAGS => "bad_flags",
-        err::RESERVED => "reserved",
-        err::ALIGNMENT => "alignment",
-        err::LENGTH => "length",
-        err::VRAM_RANGE => "vram_range",
-        err::IOVA_RANGE => "iova_range",
-        err::DMA_FAULT => "dma_fault",
-        err::DMA_REFUSED => "dma_refused",
-        err::BAD_VECTOR => "bad_vector",
-        err::BAD_RING => "bad_ring",
-        err::BAD_TAIL => "bad_tail",
-        _ => "unknown",
     }
 }
 

@@ -51,6 +51,7 @@ use std::thread::JoinHandle;
 
 use crate::regfile::RegisterFile as _;
 use log::warn;
+use pcisim_abi::ids;
 use pcisim_pci::caps::ats::AtsConfig;
 use pcisim_pci::caps::msix::MsixConfig;
 use pcisim_pci::caps::pasid::PasidConfig;
@@ -77,7 +78,7 @@ pub const MSIX_PBA_OFFSET: u32 = 0xc000;
 /// Number of MSI-X vectors.
 pub const MSIX_VECTORS: u16 = 16;
 /// Vendor-specific capability kind byte: "GPU peer".
-pub const VSEC_KIND_GPU_PEER: u8 = 0x01;
+pub use pcisim_abi::npu::vsec::KIND_GPU_PEER as VSEC_KIND_GPU_PEER;
 
 /// The GPU peer an NPU names in its vendor-specific capability.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,12 +155,12 @@ impl Default for NpuConfig {
     fn default() -> NpuConfig {
         NpuConfig {
             name: "npu".to_string(),
-            vendor_id: 0x1234,
-            device_id: 0x0b20,
-            class_code: 0x12_0000,
-            revision: 1,
-            subsystem_vendor_id: 0x1234,
-            subsystem_id: 0x0001,
+            vendor_id: ids::VENDOR_ID,
+            device_id: ids::NPU_DEVICE_ID,
+            class_code: ids::NPU_CLASS_CODE,
+            revision: ids::REVISION,
+            subsystem_vendor_id: ids::SUBSYSTEM_VENDOR_ID,
+            subsystem_id: ids::SUBSYSTEM_ID,
             no_soft_reset: false,
             immediate_readiness: false,
             peer: None,
@@ -191,11 +192,13 @@ pub enum NpuError {
 /// +3 u8 kind (0x01 GPU peer) | +4 u32 peer id | +8 u16 peer vendor | +10 u16 peer device
 /// ```
 pub fn peer_capability_data(peer: &PeerConfig) -> Vec<u8> {
-    let mut d = vec![VSEC_KIND_GPU_PEER];
-    d.extend_from_slice(&peer.id.to_le_bytes());
-    d.extend_from_slice(&peer.vendor_id.to_le_bytes());
-    d.extend_from_slice(&peer.device_id.to_le_bytes());
-    d
+    pcisim_abi::npu::vsec::PeerCapability {
+        id: peer.id,
+        vendor_id: peer.vendor_id,
+        device_id: peer.device_id,
+    }
+    .data()
+    .to_vec()
 }
 
 /// Build the NPU endpoint described by `cfg`.

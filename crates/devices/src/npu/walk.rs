@@ -24,6 +24,8 @@
 //! A walk reads at most four 8-byte entries and never panics: a table the device cannot read
 //! ends the walk with [`FaultReason::TableUnreadable`].
 
+use super::regs;
+
 /// Bits 51:12 of an entry or of the root: the next table or page frame.
 pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 /// Entry bit: present.
@@ -143,12 +145,12 @@ impl FaultReason {
     /// The reason's code in fault-queue records (docs/npu.md).
     pub fn code(self) -> u32 {
         match self {
-            FaultReason::NotPresent => 1,
-            FaultReason::WriteProtect => 2,
-            FaultReason::UserProtect => 3,
-            FaultReason::Reserved => 4,
-            FaultReason::NonCanonical => 5,
-            FaultReason::TableUnreadable => 6,
+            FaultReason::NotPresent => regs::FAULT_NOT_PRESENT,
+            FaultReason::WriteProtect => regs::FAULT_WRITE_PROTECT,
+            FaultReason::UserProtect => regs::FAULT_USER_PROTECT,
+            FaultReason::Reserved => regs::FAULT_RESERVED,
+            FaultReason::NonCanonical => regs::FAULT_NON_CANONICAL,
+            FaultReason::TableUnreadable => regs::FAULT_TABLE_UNREADABLE,
         }
     }
 }
