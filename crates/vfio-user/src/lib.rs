@@ -12,6 +12,8 @@ pub use device::{
 };
 pub use dma::{DmaError, DmaSpace};
 pub use irq::{Interrupts, IrqError, Signal};
+mod conn;
+mod evloop;
 mod reader;
 pub mod server;
 pub mod shm;

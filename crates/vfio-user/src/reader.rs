@@ -18,12 +18,20 @@
 //!  stream:  ... | frame A (no fds) | frame B (sent with fds) | frame C ...
 //!  read k:        [================================]          ends in B, carries B's fds
 //! ```
+//!
+//! Non-blocking: the reader never waits. The event loop ([`crate::evloop`]) calls
+//! [`FrameReader::set_readable`] when epoll says the socket is readable and then takes frames
+//! until [`Event::Pending`]. A read that leaves room in the buffer has taken everything the
+//! socket held, so the reader does not try again (that would be a `recvmsg` returning EAGAIN on
+//! every request) and says `Pending`; level-triggered epoll reports the socket again if more
+//! came. Deadlines live in the loop too: the reader only says since when an incomplete frame has
+//! been waiting ([`FrameReader::partial_since`]).
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::proto::{Header, HEADER_SIZE};
 use crate::sys::{self, CmsgBuf};
@@ -66,6 +74,9 @@ pub(crate) enum Event<'a> {
     Oversize(Header),
     /// The peer closed the socket (a partial frame at that point is dropped).
     Eof,
+    /// No complete frame is buffered and the socket has nothing more to read now: wait until
+    /// the loop reports it readable again.
+    Pending,
 }
 
 /// Why reading stopped.
@@ -74,19 +85,6 @@ pub(crate) enum ReadError {
     Io(io::Error),
     /// A header's `size` is smaller than the header: the next frame cannot be found.
     Desync(Header, String),
-    /// A deadline passed (see [`Deadlines`]): the handshake or a started frame did not complete.
-    TimedOut(String),
-}
-
-/// How long a client may take. Only two waits have deadlines: the handshake (connect to a
-/// completed VERSION) and a frame that has started to arrive; an idle client between frames
-/// (QEMU idles for as long as the guest leaves the device alone) waits forever.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Deadlines {
-    /// Until when the handshake may run (`None`: no deadline, or VERSION is done).
-    pub handshake: Option<Instant>,
-    /// How long a started frame may take to complete (`None`: forever).
-    pub frame: Option<Duration>,
 }
 
 /// Fds that came with one read.
@@ -115,10 +113,12 @@ pub(crate) struct FrameReader {
     /// Stream offset up to which an oversized frame is being dropped.
     discard_to: u64,
     max_msg_size: usize,
-    /// The deadlines in force.
-    pub(crate) deadlines: Deadlines,
-    /// When the bytes of the incomplete frame at `head` started to wait for the rest.
+    /// When the bytes of the incomplete frame at `head` (or of a frame being discarded) started
+    /// to wait for the rest; `None` when no frame is incomplete.
     partial_since: Option<Instant>,
+    /// The socket may have bytes for us: set by the loop on readiness, cleared by a read that
+    /// drained the socket (less than the room offered, or EAGAIN).
+    readable: bool,
 }
 
 impl FrameReader {
@@ -135,8 +135,8 @@ impl FrameReader {
             cmsg: CmsgBuf::new(max_fds),
             discard_to: 0,
             max_msg_size,
-            deadlines: Deadlines::default(),
             partial_since: None,
+            readable: false,
         }
     }
 
@@ -145,7 +145,20 @@ impl FrameReader {
         self.base + self.head as u64
     }
 
-    /// The next frame (or event). Blocks until one is complete.
+    /// The socket was reported readable.
+    pub(crate) fn set_readable(&mut self) {
+        self.readable = true;
+    }
+
+    /// Since when an incomplete frame (or the rest of a frame being discarded) has been waiting
+    /// for bytes; `None` when the buffer holds only complete frames or nothing. The loop's frame
+    /// deadline runs from here.
+    pub(crate) fn partial_since(&self) -> Option<Instant> {
+        self.partial_since
+    }
+
+    /// The next frame (or event). Never blocks: [`Event::Pending`] when more bytes are needed
+    /// and the socket has none now.
     pub(crate) fn next(&mut self, sock: &UnixStream) -> Result<Event<'_>, ReadError> {
         let (header, start, size) = loop {
             if self.discard_to > self.consumed() {
@@ -159,10 +172,11 @@ impl FrameReader {
                     }
                 }
                 if self.discard_to > done {
-                    if !self.fill(sock, 1)? {
-                        return Ok(Event::Eof);
+                    match self.fill(sock, 1)? {
+                        Fill::Read => continue,
+                        Fill::Eof => return Ok(Event::Eof),
+                        Fill::Pending => return Ok(self.pending_event()),
                     }
-                    continue;
                 }
             }
             let avail = self.tail - self.head;
@@ -191,8 +205,10 @@ impl FrameReader {
                 }
                 need = size;
             }
-            if !self.fill(sock, need)? {
-                return Ok(Event::Eof);
+            match self.fill(sock, need)? {
+                Fill::Read => {}
+                Fill::Eof => return Ok(Event::Eof),
+                Fill::Pending => return Ok(self.pending_event()),
             }
         };
         self.head += size;
@@ -222,51 +238,24 @@ impl FrameReader {
         }))
     }
 
-    /// Wait until the socket is readable, within the deadlines in force: the handshake's, and
-    /// the started frame's when part of one (or of a frame being discarded) is buffered.
-    fn wait(&mut self, sock: &UnixStream) -> Result<(), ReadError> {
+    /// `Pending`, noting when an incomplete frame started waiting (the clock is read only when
+    /// one is: the common case, a drained buffer, costs nothing).
+    fn pending_event(&mut self) -> Event<'static> {
         let partial = self.head < self.tail || self.discard_to > self.consumed();
         if !partial {
             self.partial_since = None;
+        } else if self.partial_since.is_none() {
+            self.partial_since = Some(Instant::now());
         }
-        if self.deadlines.handshake.is_none() && (!partial || self.deadlines.frame.is_none()) {
-            return Ok(()); // The common case: no clock, no poll, just the blocking read.
-        }
-        let now = Instant::now();
-        let frame = match (partial, self.deadlines.frame) {
-            (true, Some(limit)) => Some(*self.partial_since.get_or_insert(now) + limit),
-            _ => None,
-        };
-        loop {
-            let now = Instant::now();
-            let (deadline, what) = match (self.deadlines.handshake, frame) {
-                (Some(h), Some(f)) if f < h => (f, "frame"),
-                (Some(h), _) => (h, "handshake"),
-                (None, Some(f)) => (f, "frame"),
-                (None, None) => return Ok(()),
-            };
-            if now >= deadline {
-                return Err(ReadError::TimedOut(if what == "frame" {
-                    format!(
-                        "a frame started {} ms ago is still incomplete ({} bytes buffered)",
-                        self.partial_since
-                            .map_or(0, |t| now.duration_since(t).as_millis()),
-                        self.tail - self.head
-                    )
-                } else {
-                    "no VERSION completed within the handshake deadline".to_string()
-                }));
-            }
-            if sys::wait_readable(sock, deadline - now).map_err(ReadError::Io)? {
-                return Ok(());
-            }
-        }
+        Event::Pending
     }
 
-    /// Make room for a frame of `need` bytes starting at `head`, then read once (within the
-    /// deadlines). Returns false at EOF.
-    fn fill(&mut self, sock: &UnixStream, need: usize) -> Result<bool, ReadError> {
-        self.wait(sock)?;
+    /// Make room for a frame of `need` bytes starting at `head`, then read once if the socket
+    /// may have bytes.
+    fn fill(&mut self, sock: &UnixStream, need: usize) -> Result<Fill, ReadError> {
+        if !self.readable {
+            return Ok(Fill::Pending);
+        }
         if self.head == self.tail {
             self.base += self.head as u64;
             self.head = 0;
@@ -287,9 +276,21 @@ impl FrameReader {
         }
         let mut fds = Vec::new();
         let room = self.buf.get_mut(self.tail..).unwrap_or(&mut []);
-        let r = sys::recv_with_fds(sock, room, &mut self.cmsg, &mut fds).map_err(ReadError::Io)?;
+        let offered = room.len();
+        let r = match sys::recv_with_fds(sock, room, &mut self.cmsg, &mut fds) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.readable = false;
+                return Ok(Fill::Pending);
+            }
+            Err(e) => return Err(ReadError::Io(e)),
+        };
         if r.bytes == 0 {
-            return Ok(false);
+            return Ok(Fill::Eof);
+        }
+        if r.bytes < offered {
+            // The socket had no more than this: do not ask again until epoll says so.
+            self.readable = false;
         }
         if !fds.is_empty() || r.truncated {
             // The fds that arrived are still open here, so a table that was full is still full.
@@ -318,8 +319,18 @@ impl FrameReader {
             });
         }
         self.tail += r.bytes;
-        Ok(true)
+        Ok(Fill::Read)
     }
+}
+
+/// What [`FrameReader::fill`] did.
+enum Fill {
+    /// Bytes arrived.
+    Read,
+    /// The peer closed the socket.
+    Eof,
+    /// Nothing to read now.
+    Pending,
 }
 
 #[cfg(test)]
@@ -328,6 +339,7 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::fd::AsRawFd;
+    use std::time::Duration;
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
     fn frame(id: u16, payload_len: usize) -> Vec<u8> {
@@ -343,14 +355,50 @@ mod tests {
         v
     }
 
+    /// What the reader produced, owned (so that a helper can wait and retry).
+    #[derive(Debug)]
+    enum Got {
+        Frame {
+            id: u16,
+            payload: Vec<u8>,
+            nfds: usize,
+            truncated: Option<FdLoss>,
+        },
+        Oversize(Header),
+        Eof,
+        Desync,
+    }
+
+    /// The next event, waiting for the socket on `Pending` (the event loop's job in the server).
+    fn got(r: &mut FrameReader, s: &UnixStream) -> Got {
+        loop {
+            let g = match r.next(s) {
+                Ok(Event::Frame(f)) => Some(Got::Frame {
+                    id: f.header.id,
+                    payload: f.payload.to_vec(),
+                    nfds: f.fds.len(),
+                    truncated: f.fds_truncated,
+                }),
+                Ok(Event::Oversize(h)) => Some(Got::Oversize(h)),
+                Ok(Event::Eof) => Some(Got::Eof),
+                Ok(Event::Pending) => None,
+                Err(ReadError::Io(e)) => panic!("io error {e}"),
+                Err(ReadError::Desync(..)) => Some(Got::Desync),
+            };
+            if let Some(g) = g {
+                return g;
+            }
+            assert!(sys::wait_readable(s, Duration::from_secs(10)).unwrap());
+            r.set_readable();
+        }
+    }
+
     fn next_frame(r: &mut FrameReader, s: &UnixStream) -> (u16, Vec<u8>, usize) {
-        match r.next(s) {
-            Ok(Event::Frame(f)) => (f.header.id, f.payload.to_vec(), f.fds.len()),
-            Ok(Event::Oversize(h)) => panic!("oversize {h:?}"),
-            Ok(Event::Eof) => panic!("eof"),
-            Err(ReadError::Io(e)) => panic!("io error {e}"),
-            Err(ReadError::Desync(h, w)) => panic!("desync {h:?} {w}"),
-            Err(ReadError::TimedOut(w)) => panic!("timed out: {w}"),
+        match got(r, s) {
+            Got::Frame {
+                id, payload, nfds, ..
+            } => (id, payload, nfds),
+            other => panic!("expected a frame, got {other:?}"),
         }
     }
 
@@ -377,7 +425,7 @@ mod tests {
             assert_eq!(nfds, 0);
         }
         drop(a);
-        assert!(matches!(r.next(&b), Ok(Event::Eof)));
+        assert!(matches!(got(&mut r, &b), Got::Eof));
     }
 
     #[test]
@@ -452,9 +500,9 @@ mod tests {
         a.send_with_fds(&[&big[..]], &[e.as_raw_fd()]).unwrap();
         (&a).write_all(&frame(2, 4)).unwrap();
         let mut r = FrameReader::new(1024, 4);
-        match r.next(&b) {
-            Ok(Event::Oversize(h)) => assert_eq!(h.id, 1),
-            _ => panic!("expected oversize"),
+        match got(&mut r, &b) {
+            Got::Oversize(h) => assert_eq!(h.id, 1),
+            other => panic!("expected oversize, got {other:?}"),
         }
         let (id, _, nfds) = next_frame(&mut r, &b);
         assert_eq!((id, nfds), (2, 0));
@@ -474,13 +522,18 @@ mod tests {
             a
         });
         let mut r = FrameReader::new(1 << 20, 4);
-        match r.next(&b) {
-            Ok(Event::Frame(f)) => {
-                assert_eq!(f.header.id, 1);
-                assert!(f.fds.len() <= 8, "{} fds kept", f.fds.len());
-                assert_eq!(f.fds_truncated, Some(FdLoss::Trickled));
+        match got(&mut r, &b) {
+            Got::Frame {
+                id,
+                nfds,
+                truncated,
+                ..
+            } => {
+                assert_eq!(id, 1);
+                assert!(nfds <= 8, "{nfds} fds kept");
+                assert_eq!(truncated, Some(FdLoss::Trickled));
             }
-            _ => panic!("expected frame 1"),
+            other => panic!("expected frame 1, got {other:?}"),
         }
         let (id, _, nfds) = next_frame(&mut r, &b);
         assert_eq!((id, nfds), (2, 0));
@@ -489,58 +542,47 @@ mod tests {
     }
 
     #[test]
-    fn test_stalled_frame_times_out_but_an_idle_reader_waits() {
+    fn test_partial_since_marks_an_incomplete_frame_only() {
         let (a, b) = UnixStream::pair().unwrap();
         let mut r = FrameReader::new(1 << 20, 4);
-        r.deadlines.frame = Some(Duration::from_millis(100));
-        // Idle (nothing buffered): no deadline, the read blocks until the frame arrives 300 ms
-        // later, well past the frame timeout.
-        let f = frame(1, 8);
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            (&a).write_all(&f).unwrap();
-            // Then half a frame, and nothing more.
-            (&a).write_all(&frame(2, 8)[..10]).unwrap();
-            a
-        });
+        // A whole frame and half of the next: the first is served, the second waits.
+        (&a).write_all(&frame(1, 8)).unwrap();
+        (&a).write_all(&frame(2, 8)[..10]).unwrap();
         let (id, _, _) = next_frame(&mut r, &b);
         assert_eq!(id, 1);
-        let start = Instant::now();
-        assert!(matches!(r.next(&b), Err(ReadError::TimedOut(_))));
-        let waited = start.elapsed();
-        assert!(
-            waited >= Duration::from_millis(90) && waited < Duration::from_secs(2),
-            "{waited:?}"
-        );
-        drop(t.join().unwrap());
+        assert!(r.partial_since().is_none(), "nothing incomplete seen yet");
+        r.set_readable();
+        assert!(matches!(r.next(&b), Ok(Event::Pending)));
+        let since = r.partial_since().expect("half a frame is waiting");
+        // Still pending later: the mark does not move (the deadline runs from the first byte).
+        std::thread::sleep(Duration::from_millis(5));
+        r.set_readable();
+        assert!(matches!(r.next(&b), Ok(Event::Pending)));
+        assert_eq!(r.partial_since(), Some(since));
+        // The rest arrives: the frame is served and the mark cleared.
+        (&a).write_all(&frame(2, 8)[10..]).unwrap();
+        let (id, _, _) = next_frame(&mut r, &b);
+        assert_eq!(id, 2);
+        r.set_readable();
+        assert!(matches!(r.next(&b), Ok(Event::Pending)));
+        assert!(r.partial_since().is_none());
     }
 
     #[test]
-    fn test_handshake_deadline_holds_even_against_a_stream_of_frames() {
+    fn test_a_read_that_drains_the_socket_does_not_read_again() {
+        // One request: one recvmsg, then Pending without a second (EAGAIN) syscall: the reader
+        // does not look again until the loop says the socket is readable (then it does).
         let (a, b) = UnixStream::pair().unwrap();
         let mut r = FrameReader::new(1 << 20, 4);
-        r.deadlines.handshake = Some(Instant::now() + Duration::from_millis(150));
-        let t = std::thread::spawn(move || {
-            // A frame every 20 ms: each read succeeds at once, yet the deadline must hold.
-            for id in 0..100u16 {
-                if (&a).write_all(&frame(id, 4)).is_err() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        let start = Instant::now();
-        let end = loop {
-            match r.next(&b) {
-                Ok(Event::Frame(_)) => continue,
-                Err(ReadError::TimedOut(w)) => break w,
-                _ => panic!("unexpected event"),
-            }
-        };
-        assert!(end.contains("handshake"), "{end}");
-        assert!(start.elapsed() < Duration::from_secs(1));
-        drop(b);
-        t.join().unwrap();
+        (&a).write_all(&frame(1, 8)).unwrap();
+        r.set_readable();
+        assert!(matches!(r.next(&b), Ok(Event::Frame(_))));
+        assert!(!r.readable, "a short read drained the socket");
+        (&a).write_all(&frame(2, 8)).unwrap();
+        // Not readable as far as the reader knows: it does not look (the loop would tell it).
+        assert!(matches!(r.next(&b), Ok(Event::Pending)));
+        r.set_readable();
+        assert!(matches!(r.next(&b), Ok(Event::Frame(_))));
     }
 
     #[test]
@@ -550,6 +592,6 @@ mod tests {
         f[4] = 8;
         (&a).write_all(&f).unwrap();
         let mut r = FrameReader::new(1024, 4);
-        assert!(matches!(r.next(&b), Err(ReadError::Desync(..))));
+        assert!(matches!(got(&mut r, &b), Got::Desync));
     }
 }

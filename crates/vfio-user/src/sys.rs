@@ -146,7 +146,9 @@ pub(crate) struct Received {
     pub truncated: bool,
 }
 
-/// Read up to `buf.len()` bytes; fds that arrive with them are appended to `fds` (close-on-exec).
+/// Read up to `buf.len()` bytes without blocking (MSG_DONTWAIT: the event loop calls this when
+/// the socket is readable; `WouldBlock` if it is not after all); fds that arrive with them are
+/// appended to `fds` (close-on-exec).
 ///
 /// Kernel semantics (net/unix/af_unix.c, `unix_stream_read_generic`, verified on this machine):
 /// fds travel with the skb of the `sendmsg` that sent them and are delivered by the first read
@@ -174,7 +176,13 @@ pub(crate) fn recv_with_fds(
         msg.msg_flags = 0;
         // SAFETY: `msg` points at `iov` (which covers exactly `buf`) and at `cbuf` (of the stated
         // length); both outlive the call. The kernel writes only inside them.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let n = unsafe {
+            libc::recvmsg(
+                sock.as_raw_fd(),
+                &mut msg,
+                libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
+            )
+        };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -308,9 +316,10 @@ pub(crate) fn is_eventfd(fd: &OwnedFd) -> bool {
         .unwrap_or(false)
 }
 
-/// Wait until `sock` has something to read (data, EOF or an error) or `timeout` passes. Returns
+/// (Tests only: the server waits in its event loop.) Wait until `sock` has something to read (data, EOF or an error) or `timeout` passes. Returns
 /// whether it is readable. EINTR is reported as "not yet" (false with time left is harmless: the
 /// caller recomputes its deadline and waits again).
+#[cfg(test)]
 pub(crate) fn wait_readable(sock: &UnixStream, timeout: std::time::Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd {
         fd: sock.as_raw_fd(),

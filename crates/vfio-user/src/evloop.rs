@@ -1,0 +1,311 @@
+//! A device socket as a subscriber of rust-vmm's `event-manager` epoll loop.
+//!
+//! [`DeviceEndpoint`] holds the device's listener, the connection it is serving (one client at
+//! a time, as a device has one QEMU), and one timerfd for every deadline: the handshake, a
+//! started frame, and the back-off after a failed `accept`. Each fd is registered with a tag
+//! (`Events::with_data`) saying what it is; a connection's tag is a generation number, so an
+//! event still queued for a connection that just ended is recognised and ignored.
+//!
+//! ```text
+//!   epoll (event-manager) ── LISTENER ─ accept, admit the peer (SO_PEERCRED), then stop
+//!                         │             listening: a second client waits in the backlog
+//!                         ├─ conn #n ─ Connection::on_readable: read, serve whole frames, reply
+//!                         └─ TIMER ──── handshake / frame deadline passed → close; accept retry
+//! ```
+//!
+//! The loop never blocks on a client: reads are non-blocking and a frame is decoded only when
+//! complete. What can block is bounded: a reply's `send` (SO_SNDTIMEO, the frame deadline) and
+//! the device's own handlers (a reset waiting for in-flight DMA to drain). That is why
+//! `pcisim serve` runs one loop per device thread: a slow handler holds only its own device
+//! (docs/architecture.md, "Threads and ownership").
+//!
+//! The timer is re-armed only when the deadline it should fire at changes: a negotiated client
+//! that sends whole frames arms nothing, so a request costs `epoll_wait`, one `recvmsg` and
+//! one `send`.
+
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::conn::Connection;
+use crate::device::Device;
+use crate::server::{admit_peer, ConnectionEnd, ServerOptions};
+
+/// Tag of the listening socket.
+const LISTENER: u32 = 0;
+/// Tag of the deadline timer.
+const TIMER: u32 = 1;
+/// First connection tag; each connection gets the next one.
+const FIRST_CONN: u32 = 2;
+
+/// How long to wait before accepting again after a transient `accept` failure (EMFILE).
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// One device socket in an event loop: its listener, its client, its deadlines.
+pub(crate) struct DeviceEndpoint {
+    listener: Option<UnixListener>,
+    device: Arc<Mutex<dyn Device>>,
+    opts: Arc<ServerOptions>,
+    path: PathBuf,
+    conn: Option<Connection>,
+    /// Tag of the current connection.
+    tag: u32,
+    timer: TimerFd,
+    /// The instant the timer is armed for (`None`: disarmed).
+    armed: Option<Instant>,
+    /// Accepting again is due at this instant (after a transient failure).
+    accept_retry: Option<Instant>,
+    /// A failure that ends the loop (the listener is unusable, or registering an fd failed).
+    fatal: Option<io::Error>,
+    /// Serving one adopted connection only (no listener): how it ended, once it has.
+    ended: Option<ConnectionEnd>,
+}
+
+impl DeviceEndpoint {
+    /// An endpoint serving `listener` (or, with `None`, only a connection given to
+    /// [`DeviceEndpoint::adopt`]).
+    pub(crate) fn new(
+        listener: Option<UnixListener>,
+        device: Arc<Mutex<dyn Device>>,
+        opts: Arc<ServerOptions>,
+        path: PathBuf,
+    ) -> io::Result<DeviceEndpoint> {
+        if let Some(l) = &listener {
+            l.set_nonblocking(true)?;
+        }
+        Ok(DeviceEndpoint {
+            listener,
+            device,
+            opts,
+            path,
+            conn: None,
+            tag: FIRST_CONN,
+            timer: TimerFd::new().map_err(io::Error::from)?,
+            armed: None,
+            accept_retry: None,
+            fatal: None,
+            ended: None,
+        })
+    }
+
+    /// Serve `stream` (before the endpoint joins a loop; it is registered by `init`).
+    pub(crate) fn adopt(&mut self, stream: UnixStream) {
+        self.log_connected();
+        self.conn = Some(Connection::new(
+            stream,
+            Arc::clone(&self.device),
+            Arc::clone(&self.opts),
+        ));
+    }
+
+    fn log_connected(&self) {
+        log::info!(
+            "{}: client connected on {}",
+            self.opts.name,
+            self.path.display()
+        );
+    }
+
+    /// Listen (`true`) or leave pending clients in the backlog (`false`).
+    fn listen(&mut self, ops: &mut EventOps, on: bool) {
+        if let Some(l) = &self.listener {
+            let set = if on { EventSet::IN } else { EventSet::empty() };
+            if let Err(e) = ops.modify(Events::with_data(l, LISTENER, set)) {
+                self.fatal = Some(io::Error::other(format!("epoll: listener: {e}")));
+            }
+        }
+    }
+
+    fn accept(&mut self, ops: &mut EventOps) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        if self.conn.is_some() {
+            return; // (A readiness queued before we stopped listening.)
+        }
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                match e.raw_os_error() {
+                    Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP) => {
+                        self.fatal = Some(e);
+                    }
+                    _ => {
+                        log::warn!("{}: accept failed, retrying: {e}", self.opts.name);
+                        self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
+                        self.listen(ops, false);
+                    }
+                }
+                return;
+            }
+        };
+        // A refused peer is closed here; the next one is accepted on the next readiness.
+        if !admit_peer(&stream, &self.opts.allowed_uids, &self.opts.name) {
+            return;
+        }
+        self.adopt(stream);
+        self.register_conn(ops);
+    }
+
+    /// Register the current connection under a fresh tag and stop listening.
+    fn register_conn(&mut self, ops: &mut EventOps) {
+        let Some(conn) = &self.conn else {
+            return;
+        };
+        self.tag = self.tag.wrapping_add(1).max(FIRST_CONN);
+        if let Err(e) = ops.add(Events::with_data(conn.stream(), self.tag, EventSet::IN)) {
+            log::warn!("{}: cannot watch the client socket: {e}", self.opts.name);
+            self.close(ops, ConnectionEnd::Io(io::Error::other(e.to_string())));
+            return;
+        }
+        self.listen(ops, false);
+    }
+
+    /// End the current connection: unregister it, release what the client gave us, and take
+    /// the next client.
+    fn close(&mut self, ops: &mut EventOps, end: ConnectionEnd) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        // (Fails harmlessly if the socket was never registered.)
+        let _ = ops.remove(Events::empty(conn.stream()));
+        if let ConnectionEnd::TimedOut(why) = &end {
+            log::warn!(
+                "{}: closing the connection: {why}; the device is free for the next client",
+                self.opts.name
+            );
+        }
+        conn.finish();
+        log::info!("{}: client disconnected ({end:?})", self.opts.name);
+        if self.listener.is_some() {
+            if self.accept_retry.is_none() {
+                self.listen(ops, true);
+            }
+        } else {
+            self.ended = Some(end);
+        }
+    }
+
+    fn on_timer(&mut self, ops: &mut EventOps) {
+        // The expiry is consumed by re-arming (timerfd_settime resets it), never by a read: a
+        // read could block if the timer was re-armed since it fired.
+        self.armed = None;
+        let now = Instant::now();
+        if self.accept_retry.is_some_and(|t| now >= t) {
+            self.accept_retry = None;
+            if self.conn.is_none() {
+                self.listen(ops, true);
+            }
+        }
+        if let Some(Err(end)) = self.conn.as_ref().map(|c| c.check_deadline(now)) {
+            self.close(ops, end);
+        }
+        self.force_rearm();
+    }
+
+    /// When the timer should fire: the earliest of the connection's deadline and the accept
+    /// retry.
+    fn wanted(&self) -> Option<Instant> {
+        let conn = self
+            .conn
+            .as_ref()
+            .and_then(Connection::deadline)
+            .map(|d| d.0);
+        match (conn, self.accept_retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Arm the timer for the earliest deadline, if that is not what it is armed for already.
+    fn rearm(&mut self) {
+        let want = self.wanted();
+        if want != self.armed {
+            self.arm(want);
+        }
+    }
+
+    /// Arm (or disarm) the timer unconditionally: after it fired, its readiness must be reset.
+    fn force_rearm(&mut self) {
+        self.arm(self.wanted());
+    }
+
+    fn arm(&mut self, at: Option<Instant>) {
+        let r = match at {
+            // At least 1 µs: a zero duration would disarm it.
+            Some(t) => {
+                let d = t
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_micros(1));
+                self.timer.reset(d, None)
+            }
+            None => self.timer.clear(),
+        };
+        match r {
+            Ok(()) => self.armed = at,
+            Err(e) => self.fatal = Some(io::Error::other(format!("timerfd: {e}"))),
+        }
+    }
+}
+
+impl MutEventSubscriber for DeviceEndpoint {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut add = |ev: Events, what: &str| {
+            ops.add(ev)
+                .map_err(|e| io::Error::other(format!("epoll: {what}: {e}")))
+        };
+        let mut r = add(Events::with_data(&self.timer, TIMER, EventSet::IN), "timer");
+        if let Some(l) = &self.listener {
+            r = r.and_then(|()| add(Events::with_data(l, LISTENER, EventSet::IN), "listener"));
+        }
+        if let Err(e) = r {
+            self.fatal = Some(e);
+            return;
+        }
+        if self.conn.is_some() {
+            self.register_conn(ops);
+        }
+        self.rearm();
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            LISTENER => self.accept(ops),
+            TIMER => self.on_timer(ops),
+            tag if tag == self.tag => {
+                if let Some(Err(end)) = self.conn.as_mut().map(Connection::on_readable) {
+                    self.close(ops, end);
+                }
+            }
+            // An event of a connection that has ended since it was queued.
+            _ => {}
+        }
+        self.rearm();
+    }
+}
+
+/// Run `endpoint` on an event loop of the calling thread until it fails, or, for an adopted
+/// connection without a listener, until that connection ends (`Some(how)`).
+pub(crate) fn run_endpoint(endpoint: DeviceEndpoint) -> io::Result<Option<ConnectionEnd>> {
+    let epoll = |e: event_manager::Error| io::Error::other(format!("event loop: {e}"));
+    let mut em = EventManager::<DeviceEndpoint>::new().map_err(epoll)?;
+    let id = em.add_subscriber(endpoint);
+    loop {
+        {
+            let ep = em.subscriber_mut(id).map_err(epoll)?;
+            if let Some(e) = ep.fatal.take() {
+                return Err(e);
+            }
+            if let Some(end) = ep.ended.take() {
+                return Ok(Some(end));
+            }
+        }
+        em.run().map_err(epoll)?;
+    }
+}
