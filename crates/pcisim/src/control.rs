@@ -18,25 +18,29 @@
 //! `device` may be omitted when the server has exactly one device. The client of this protocol
 //! is `pcisim ctl` (and the lab), both through [`pcisim_lab::control::ControlClient`].
 //!
-//! Each client gets its own thread (at most [`MAX_CLIENTS`] at once). Idle clients do not lock
-//! the socket up: a client that sends nothing for [`IDLE_TIMEOUT`] is disconnected, and when all
-//! [`MAX_CLIENTS`] places are taken a new client takes the place of the one idle the longest
-//! (idle for at least [`EVICT_IDLE`]; a client in the middle of a request is never evicted).
+//! The socket is served by an `event-manager` subscriber ([`ControlLoop`]) on the loop of
+//! `pcisim serve`'s main thread (with the signals): the listener, every client (at most
+//! [`MAX_CLIENTS`] at once) and one timerfd for the idle timeout. Requests are answered one at
+//! a time in the loop. Idle clients do not lock the socket up: a client that sends nothing for
+//! [`IDLE_TIMEOUT`] is disconnected, and when all [`MAX_CLIENTS`] places are taken a new client
+//! takes the place of the one idle the longest (idle for at least [`EVICT_IDLE`]).
 //! The timeout is long on purpose: the lab holds one connection for a whole VM session and
 //! does not reconnect. Journal requests never
 //! touch the device lock (the journal has its own, held only to copy records); `status`, `list`
 //! and `inject` take the device lock once, briefly, and give up after [`LOCK_WAIT`] rather than
 //! wait behind a stuck device.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::timerfd::TimerFd;
 use pcisim_pci::{Controllable, Description, Fault, Journal};
 use serde_json::{json, Map, Value};
 
@@ -379,56 +383,56 @@ fn u64_param(
     }
 }
 
-/// One line read with a bound.
+/// One request line, or the report of a line that was too long.
 #[derive(Debug, PartialEq, Eq)]
 enum LineRead {
     /// A complete line (without the newline; a last line without newline counts too).
     Line(Vec<u8>),
     /// A line longer than the bound, consumed up to its newline; its length.
     TooLong(usize),
-    /// End of stream.
-    Eof,
 }
 
-/// Reads one line of at most `max` bytes; longer lines are consumed and reported, never stored.
-fn read_line_bounded(r: &mut impl BufRead, max: usize) -> io::Result<LineRead> {
-    let mut line = Vec::new();
-    let mut total = 0usize;
-    let mut too_long = false;
-    loop {
-        let buf = match r.fill_buf() {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if buf.is_empty() {
-            return Ok(match (total, too_long) {
-                (0, _) => LineRead::Eof,
-                (n, true) => LineRead::TooLong(n),
-                _ => LineRead::Line(line),
-            });
-        }
-        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (&buf[..i], true),
-            None => (buf, false),
-        };
-        let n = chunk.len();
-        total = total.saturating_add(n);
-        if !too_long {
-            if line.len() + n > max {
-                too_long = true;
-                line = Vec::new();
-            } else {
-                line.extend_from_slice(chunk);
+/// Splits a byte stream into lines of at most `max` bytes as it arrives; a longer line is
+/// consumed and reported by its length, never stored.
+#[derive(Debug, Default)]
+struct LineBuf {
+    line: Vec<u8>,
+    /// Bytes of the current line so far, once it is known to be too long.
+    too_long: Option<usize>,
+}
+
+impl LineBuf {
+    /// Take `data`; complete lines are appended to `out`.
+    fn push(&mut self, mut data: &[u8], max: usize, out: &mut Vec<LineRead>) {
+        while !data.is_empty() {
+            let (chunk, done) = match data.iter().position(|&b| b == b'\n') {
+                Some(i) => (&data[..i], true),
+                None => (data, false),
+            };
+            data = &data[chunk.len() + usize::from(done)..];
+            match &mut self.too_long {
+                Some(n) => *n = n.saturating_add(chunk.len()),
+                None if self.line.len() + chunk.len() > max => {
+                    self.too_long = Some(self.line.len() + chunk.len());
+                    self.line = Vec::new();
+                }
+                None => self.line.extend_from_slice(chunk),
+            }
+            if done {
+                out.push(self.take());
             }
         }
-        r.consume(if done { n + 1 } else { n });
-        if done {
-            return Ok(if too_long {
-                LineRead::TooLong(total)
-            } else {
-                LineRead::Line(line)
-            });
+    }
+
+    /// At end of stream: the last line if it had no newline.
+    fn finish(&mut self) -> Option<LineRead> {
+        (self.too_long.is_some() || !self.line.is_empty()).then(|| self.take())
+    }
+
+    fn take(&mut self) -> LineRead {
+        match self.too_long.take() {
+            Some(n) => LineRead::TooLong(n),
+            None => LineRead::Line(std::mem::take(&mut self.line)),
         }
     }
 }
@@ -440,132 +444,246 @@ fn write_reply(w: &mut impl Write, reply: &Value) -> io::Result<()> {
     w.flush()
 }
 
-/// What the acceptor knows of one connected control client.
-struct Slot {
-    id: u64,
-    /// A handle on the client's socket, to shut it down when the place is needed.
+/// Event-loop tag of the control listener.
+const LISTENER: u32 = 0;
+/// Event-loop tag of the idle timer.
+const TIMER: u32 = 1;
+/// First client tag.
+const FIRST_CLIENT: u32 = 2;
+
+/// One connected control client.
+struct Client {
     stream: UnixStream,
-    /// Milliseconds since the server started, at the client's last request or reply.
-    last_active_ms: AtomicU64,
-    /// A request is being handled.
-    busy: AtomicBool,
+    lines: LineBuf,
+    /// When it last sent something (or connected).
+    last_active: Instant,
 }
 
-/// The connected control clients.
-struct Clients {
-    start: Instant,
+/// The control socket as a subscriber of an `event-manager` loop: the listener, every client
+/// (each registered under its own tag), and one timerfd for the idle timeout. Requests are
+/// answered in the loop; a reply is written blocking, bounded by [`WRITE_TIMEOUT`].
+pub struct ControlLoop {
+    listener: UnixListener,
+    path: PathBuf,
+    handler: Arc<Handler>,
     idle_timeout: Duration,
-    next_id: AtomicU64,
-    slots: Mutex<Vec<Arc<Slot>>>,
+    clients: HashMap<u32, Client>,
+    next_tag: u32,
+    timer: TimerFd,
+    armed: Option<Instant>,
+    /// Accepting is due again at this instant (after a failed accept).
+    accept_retry: Option<Instant>,
 }
 
-impl Clients {
-    fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
-    }
-
-    fn slots(&self) -> MutexGuard<'_, Vec<Arc<Slot>>> {
-        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Registers a new client, making room by evicting the longest-idle one if every place is
-    /// taken. `None`: no place (every client is busy or was active within [`EVICT_IDLE`]).
-    fn admit(&self, stream: &UnixStream) -> Option<Arc<Slot>> {
-        let handle = stream.try_clone().ok()?;
-        let mut slots = self.slots();
-        if slots.len() >= MAX_CLIENTS {
-            let now = self.now_ms();
-            let victim = slots
-                .iter()
-                .filter(|s| !s.busy.load(Ordering::SeqCst))
-                .map(|s| {
-                    (
-                        now.saturating_sub(s.last_active_ms.load(Ordering::SeqCst)),
-                        s,
-                    )
-                })
-                .filter(|(idle, _)| *idle >= EVICT_IDLE.as_millis() as u64)
-                .max_by_key(|(idle, _)| *idle)
-                .map(|(idle, s)| (idle, Arc::clone(s)));
-            let (idle, victim) = victim?;
-            log::info!(
-                "control: {MAX_CLIENTS} clients connected; disconnecting the one idle for {idle} ms \
-                 to serve a new one"
-            );
-            // Its thread sees EOF, ends, and unregisters; the place is taken over now.
-            let _ = victim.stream.shutdown(std::net::Shutdown::Both);
-            slots.retain(|s| s.id != victim.id);
+impl ControlLoop {
+    fn accept(&mut self, ops: &mut EventOps) {
+        let stream = match self.listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                // EMFILE and friends pass; the listener stays readable, so do not spin on it:
+                // the timer listens again in 100 ms.
+                log::warn!("control {}: accept: {e}", self.path.display());
+                let _ = ops.modify(Events::with_data(
+                    &self.listener,
+                    LISTENER,
+                    EventSet::empty(),
+                ));
+                self.accept_retry = Some(Instant::now() + Duration::from_millis(100));
+                return;
+            }
+        };
+        if !pcisim_vfio_user::server::admit_peer(&stream, &[], "control") {
+            return;
         }
-        let slot = Arc::new(Slot {
-            id: self.next_id.fetch_add(1, Ordering::SeqCst),
-            stream: handle,
-            last_active_ms: AtomicU64::new(self.now_ms()),
-            busy: AtomicBool::new(false),
-        });
-        slots.push(Arc::clone(&slot));
-        Some(slot)
+        if self.clients.len() >= MAX_CLIENTS && !self.evict_one(ops) {
+            let mut s = stream;
+            let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = write_reply(
+                &mut s,
+                &json!({"ok": false, "error": format!("too many control clients (at most {MAX_CLIENTS}, all busy)")}),
+            );
+            return;
+        }
+        let setup = stream
+            .set_nonblocking(true)
+            .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)));
+        if let Err(e) = setup {
+            log::warn!("control: cannot set up a client socket: {e}");
+            return;
+        }
+        self.next_tag = self.next_tag.wrapping_add(1).max(FIRST_CLIENT);
+        while self.clients.contains_key(&self.next_tag) {
+            self.next_tag = self.next_tag.wrapping_add(1).max(FIRST_CLIENT);
+        }
+        if let Err(e) = ops.add(Events::with_data(&stream, self.next_tag, EventSet::IN)) {
+            log::warn!("control: cannot watch a client socket: {e}");
+            return;
+        }
+        log::debug!("control: client connected");
+        self.clients.insert(
+            self.next_tag,
+            Client {
+                stream,
+                lines: LineBuf::default(),
+                last_active: Instant::now(),
+            },
+        );
+        log::debug!("control: {} clients connected", self.clients.len());
     }
 
-    fn release(&self, slot: &Slot) {
-        self.slots().retain(|s| s.id != slot.id);
+    /// Every place is taken: disconnect the client idle the longest, if it has been idle for at
+    /// least [`EVICT_IDLE`]. Whether a place was made.
+    fn evict_one(&mut self, ops: &mut EventOps) -> bool {
+        let now = Instant::now();
+        let victim = self
+            .clients
+            .iter()
+            .map(|(tag, c)| (now.saturating_duration_since(c.last_active), *tag))
+            .filter(|(idle, _)| *idle >= EVICT_IDLE)
+            .max();
+        let Some((idle, tag)) = victim else {
+            return false;
+        };
+        log::info!(
+            "control: {MAX_CLIENTS} clients connected; disconnecting the one idle for {} ms to \
+             serve a new one",
+            idle.as_millis()
+        );
+        self.drop_client(ops, tag);
+        true
     }
 
-    fn len(&self) -> usize {
-        self.slots().len()
+    fn drop_client(&mut self, ops: &mut EventOps, tag: u32) {
+        if let Some(c) = self.clients.remove(&tag) {
+            let _ = ops.remove(Events::empty(&c.stream));
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// A client's socket is readable: read what is there and answer every complete line.
+    fn serve(&mut self, ops: &mut EventOps, tag: u32) {
+        let Some(c) = self.clients.get_mut(&tag) else {
+            return; // (An event of a client dropped since it was queued.)
+        };
+        let mut buf = [0u8; 16 * 1024];
+        let (lines, eof) = match (&c.stream).read(&mut buf) {
+            Ok(0) => (c.lines.finish().into_iter().collect(), true),
+            Ok(n) => {
+                c.last_active = Instant::now();
+                let mut lines = Vec::new();
+                c.lines.push(&buf[..n], MAX_LINE, &mut lines);
+                (lines, false)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
+            Err(e) => {
+                log::debug!("control: client dropped: {e}");
+                (Vec::new(), true)
+            }
+        };
+        let mut failed = false;
+        for line in lines {
+            let reply = match line {
+                LineRead::TooLong(n) => json!({
+                    "ok": false,
+                    "error": format!("request line of {n} bytes is longer than {MAX_LINE} bytes")
+                }),
+                LineRead::Line(l) if l.iter().all(u8::is_ascii_whitespace) => continue,
+                LineRead::Line(l) => self.handler.handle_line(&l),
+            };
+            if let Err(e) = Self::reply(&c.stream, &reply) {
+                log::debug!("control: client dropped: {e}");
+                failed = true;
+                break;
+            }
+        }
+        c.last_active = Instant::now();
+        if eof || failed {
+            self.drop_client(ops, tag);
+        }
+    }
+
+    /// Write a reply blocking (a client that does not read for [`WRITE_TIMEOUT`] is dropped).
+    fn reply(stream: &UnixStream, reply: &Value) -> io::Result<()> {
+        stream.set_nonblocking(false)?;
+        let written = write_reply(&mut &*stream, reply);
+        stream.set_nonblocking(true)?;
+        written
+    }
+
+    fn on_timer(&mut self, ops: &mut EventOps) {
+        self.armed = None;
+        let now = Instant::now();
+        let idle: Vec<u32> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| now.saturating_duration_since(c.last_active) >= self.idle_timeout)
+            .map(|(tag, _)| *tag)
+            .collect();
+        for tag in idle {
+            log::info!(
+                "control: client idle for {} ms; disconnected",
+                self.idle_timeout.as_millis()
+            );
+            self.drop_client(ops, tag);
+        }
+        if self.accept_retry.is_some_and(|t| now >= t) {
+            self.accept_retry = None;
+            let _ = ops.modify(Events::with_data(&self.listener, LISTENER, EventSet::IN));
+        }
+        // Re-armed even if unchanged: that resets the expiry it fired with.
+        self.arm(self.wanted());
+    }
+
+    /// When the timer should fire: when the longest-idle client reaches the timeout, or when
+    /// accepting is due again after a failure.
+    fn wanted(&self) -> Option<Instant> {
+        self.clients
+            .values()
+            .map(|c| c.last_active + self.idle_timeout)
+            .chain(self.accept_retry)
+            .min()
+    }
+
+    fn arm(&mut self, at: Option<Instant>) {
+        let r = match at {
+            Some(t) => self.timer.reset(
+                t.saturating_duration_since(Instant::now())
+                    .max(Duration::from_micros(1)),
+                None,
+            ),
+            None => self.timer.clear(),
+        };
+        match r {
+            Ok(()) => self.armed = at,
+            Err(e) => log::warn!("control: idle timer: {e}"),
+        }
     }
 }
 
-/// Serves one control client until it closes the connection, stays idle for [`IDLE_TIMEOUT`],
-/// or is evicted.
-fn serve_client(
-    handler: &Handler,
-    stream: UnixStream,
-    clients: &Clients,
-    slot: &Slot,
-) -> io::Result<()> {
-    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    stream.set_read_timeout(Some(clients.idle_timeout))?;
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    loop {
-        let line = read_line_bounded(&mut reader, MAX_LINE);
-        slot.busy.store(true, Ordering::SeqCst);
-        let done = |slot: &Slot| {
-            slot.last_active_ms
-                .store(clients.now_ms(), Ordering::SeqCst);
-            slot.busy.store(false, Ordering::SeqCst);
-        };
-        let line = match line {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                done(slot);
-                log::info!(
-                    "control: client idle for {} ms; disconnected",
-                    clients.idle_timeout.as_millis()
-                );
-                return Ok(());
+impl MutEventSubscriber for ControlLoop {
+    fn init(&mut self, ops: &mut EventOps) {
+        for ev in [
+            Events::with_data(&self.listener, LISTENER, EventSet::IN),
+            Events::with_data(&self.timer, TIMER, EventSet::IN),
+        ] {
+            if let Err(e) = ops.add(ev) {
+                log::error!("control {}: event loop: {e}", self.path.display());
             }
-            other => other,
-        };
-        let reply = match line.inspect_err(|_| done(slot))? {
-            LineRead::Eof => return Ok(()),
-            LineRead::TooLong(n) => json!({
-                "ok": false,
-                "error": format!("request line of {n} bytes is longer than {MAX_LINE} bytes")
-            }),
-            LineRead::Line(line) if line.iter().all(u8::is_ascii_whitespace) => {
-                done(slot);
-                continue;
-            }
-            LineRead::Line(line) => handler.handle_line(&line),
-        };
-        let written = write_reply(&mut writer, &reply);
-        done(slot);
-        written?;
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            LISTENER => self.accept(ops),
+            TIMER => self.on_timer(ops),
+            tag => self.serve(ops, tag),
+        }
+        let want = self.wanted();
+        if want != self.armed {
+            self.arm(want);
+        }
     }
 }
 
@@ -575,7 +693,7 @@ pub struct ControlServer {
     path: PathBuf,
     file: pcisim_vfio_user::server::SocketFile,
     handler: Arc<Handler>,
-    clients: Arc<Clients>,
+    idle_timeout: Duration,
 }
 
 impl ControlServer {
@@ -592,12 +710,7 @@ impl ControlServer {
             path: path.to_path_buf(),
             file,
             handler: Arc::new(Handler::new(devices)),
-            clients: Arc::new(Clients {
-                start: Instant::now(),
-                idle_timeout: IDLE_TIMEOUT,
-                next_id: AtomicU64::new(0),
-                slots: Mutex::new(Vec::new()),
-            }),
+            idle_timeout: IDLE_TIMEOUT,
         })
     }
 
@@ -607,11 +720,9 @@ impl ControlServer {
     }
 
     /// Disconnect clients that send nothing for `timeout` (default [`IDLE_TIMEOUT`]). Call
-    /// before [`ControlServer::run`].
+    /// before [`ControlServer::subscriber`] or [`ControlServer::run`].
     pub fn set_idle_timeout(&mut self, timeout: Duration) {
-        if let Some(c) = Arc::get_mut(&mut self.clients) {
-            c.idle_timeout = timeout.max(Duration::from_millis(1));
-        }
+        self.idle_timeout = timeout.max(Duration::from_millis(1));
     }
 
     /// The socket file as bound (removed at shutdown only if it is still ours).
@@ -619,47 +730,35 @@ impl ControlServer {
         &self.file
     }
 
-    /// Accepts clients forever, each on its own thread.
-    pub fn run(&self) {
+    /// The control socket as a subscriber for an event loop (`pcisim serve` adds it to the
+    /// loop of its main thread, next to the signals).
+    pub fn subscriber(&self) -> io::Result<ControlLoop> {
+        let listener = self.listener.try_clone()?;
+        listener.set_nonblocking(true)?;
+        Ok(ControlLoop {
+            listener,
+            path: self.path.clone(),
+            handler: Arc::clone(&self.handler),
+            idle_timeout: self.idle_timeout,
+            clients: HashMap::new(),
+            next_tag: FIRST_CLIENT,
+            timer: TimerFd::new().map_err(io::Error::from)?,
+            armed: None,
+            accept_retry: None,
+        })
+    }
+
+    /// Serves clients forever on an event loop of the calling thread (the unit tests' way;
+    /// `pcisim serve` adds [`ControlServer::subscriber`] to its main loop).
+    #[cfg(test)]
+    pub fn run(&self) -> Result<()> {
+        use event_manager::{EventManager, SubscriberOps};
+        let mut em = EventManager::<ControlLoop>::new()
+            .map_err(|e| anyhow::anyhow!("control event loop: {e}"))?;
+        em.add_subscriber(self.subscriber()?);
         loop {
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    // EMFILE and friends pass; do not spin on them.
-                    log::warn!("control {}: accept: {e}", self.path.display());
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
-                }
-            };
-            if !pcisim_vfio_user::server::admit_peer(&stream, &[], "control") {
-                continue;
-            }
-            let Some(slot) = self.clients.admit(&stream) else {
-                let mut s = stream;
-                let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
-                let _ = write_reply(
-                    &mut s,
-                    &json!({"ok": false, "error": format!("too many control clients (at most {MAX_CLIENTS}, all busy)")}),
-                );
-                continue;
-            };
-            let handler = Arc::clone(&self.handler);
-            let clients = Arc::clone(&self.clients);
-            let thread_slot = Arc::clone(&slot);
-            let spawned = std::thread::Builder::new()
-                .name("control-client".into())
-                .spawn(move || {
-                    log::debug!("control: client connected");
-                    if let Err(e) = serve_client(&handler, stream, &clients, &thread_slot) {
-                        log::debug!("control: client dropped: {e}");
-                    }
-                    clients.release(&thread_slot);
-                });
-            if let Err(e) = spawned {
-                self.clients.release(&slot);
-                log::warn!("control: cannot spawn a client thread: {e}");
-            }
-            log::debug!("control: {} clients connected", self.clients.len());
+            em.run()
+                .map_err(|e| anyhow::anyhow!("control event loop: {e}"))?;
         }
     }
 }
@@ -847,19 +946,20 @@ mod tests {
     }
 
     #[test]
-    fn test_read_line_bounded_skips_long_lines() {
+    fn test_line_buf_skips_long_lines() {
+        // Arriving 4 bytes at a time, as a slow client's reads would.
         let data = b"short\nxxxxxxxxxxxxxxxxxxxx\nlast";
-        let mut r = BufReader::with_capacity(4, &data[..]);
+        let mut lb = LineBuf::default();
+        let mut out = Vec::new();
+        for chunk in data.chunks(4) {
+            lb.push(chunk, 8, &mut out);
+        }
         assert_eq!(
-            read_line_bounded(&mut r, 8).unwrap(),
-            LineRead::Line(b"short".to_vec())
+            out,
+            vec![LineRead::Line(b"short".to_vec()), LineRead::TooLong(20)]
         );
-        assert_eq!(read_line_bounded(&mut r, 8).unwrap(), LineRead::TooLong(20));
-        assert_eq!(
-            read_line_bounded(&mut r, 8).unwrap(),
-            LineRead::Line(b"last".to_vec())
-        );
-        assert_eq!(read_line_bounded(&mut r, 8).unwrap(), LineRead::Eof);
+        assert_eq!(lb.finish(), Some(LineRead::Line(b"last".to_vec())));
+        assert_eq!(lb.finish(), None);
     }
 
     #[test]

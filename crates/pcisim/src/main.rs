@@ -9,13 +9,17 @@ mod ctl;
 mod devices;
 mod spec;
 
+use std::cell::Cell;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use pcisim_lab::note;
 use pcisim_lab::output::PipeSafe;
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -409,6 +413,49 @@ impl Drop for BoundSockets {
     }
 }
 
+/// SIGINT and SIGTERM as events of the main loop: each signal's handler (signal-hook's
+/// async-signal-safe pipe writer) writes a byte to a socket pair whose other end is watched.
+struct SignalWatch {
+    /// The signal and the read end of its pair.
+    pipes: Vec<(i32, UnixStream)>,
+    /// Set to the signal that arrived: the loop then ends.
+    stop: Rc<Cell<Option<i32>>>,
+}
+
+impl SignalWatch {
+    fn new(stop: Rc<Cell<Option<i32>>>) -> std::io::Result<SignalWatch> {
+        let mut pipes = Vec::new();
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            let (read, write) = UnixStream::pair()?;
+            read.set_nonblocking(true)?;
+            write.set_nonblocking(true)?;
+            signal_hook::low_level::pipe::register(sig, write)?;
+            pipes.push((sig, read));
+        }
+        Ok(SignalWatch { pipes, stop })
+    }
+}
+
+impl MutEventSubscriber for SignalWatch {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (sig, read) in &self.pipes {
+            if let Err(e) = ops.add(Events::with_data(read, *sig as u32, EventSet::IN)) {
+                log::error!("cannot watch signal {sig}: {e}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        use std::io::Read;
+        let sig = events.data() as i32;
+        if let Some((_, read)) = self.pipes.iter().find(|(s, _)| *s == sig) {
+            let mut buf = [0u8; 64];
+            while matches!((&*read).read(&mut buf), Ok(n) if n > 0) {}
+        }
+        self.stop.set(Some(sig));
+    }
+}
+
 fn serve(specs: &[spec::DeviceSpec], control_path: Option<&Path>, access: &Access) -> Result<i32> {
     // Build and bind everything first, so a bad option or a busy socket fails before any
     // device starts serving.
@@ -467,29 +514,36 @@ fn serve(specs: &[spec::DeviceSpec], control_path: Option<&Path>, access: &Acces
         }
         None => None,
     };
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("installing signal handlers")?;
+    // The main thread's event loop: the signals and the control socket. Each device runs an
+    // event loop of its own on its own thread (docs/architecture.md, "Threads and ownership":
+    // a device handler may block for seconds, which must not stall the other devices).
+    let stop = Rc::new(Cell::new(None));
+    let signals = SignalWatch::new(Rc::clone(&stop)).context("installing signal handlers")?;
+    let mut main_loop = EventManager::<Box<dyn MutEventSubscriber>>::new()
+        .map_err(|e| anyhow::anyhow!("event loop: {e}"))?;
+    main_loop.add_subscriber(Box::new(signals));
+    if let Some(c) = &control {
+        main_loop.add_subscriber(Box::new(
+            c.subscriber().context("control socket event loop")?,
+        ));
+    }
     for server in servers {
         let server = Arc::new(server);
         std::thread::Builder::new()
             .name(format!("serve-{}", server.path().display()))
             .spawn(move || {
                 if let Err(e) = server.run() {
-                    log::error!("{}: accept failed: {e}", server.path().display());
+                    log::error!("{}: device loop ended: {e}", server.path().display());
                 }
             })
             .context("spawning a server thread")?;
     }
-    if let Some(c) = control {
-        std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || c.run())
-            .context("spawning the control thread")?;
+    while stop.get().is_none() {
+        main_loop
+            .run()
+            .map_err(|e| anyhow::anyhow!("event loop: {e}"))?;
     }
-    if let Some(sig) = signals.forever().next() {
+    if let Some(sig) = stop.get() {
         log::info!("signal {sig}: shutting down");
     }
     // Only what is still our socket is removed (see `BoundSockets`).

@@ -132,13 +132,32 @@ impl Connection {
 
     /// The socket is readable (or hung up): read what is there and serve every complete frame.
     /// `Err`: the connection is over (EOF, a socket error, a stream that cannot be resynced).
-    pub(crate) fn on_readable(&mut self) -> Result<(), ConnectionEnd> {
+    ///
+    /// `direct`: the caller's loop waits for nothing but this connection while it is
+    /// negotiated and idle (the device loop: its listener is parked and no deadline runs), so
+    /// between frames the connection waits in its own read instead of returning to epoll. It
+    /// returns to the loop as soon as a deadline could matter: a frame arrived in part.
+    pub(crate) fn on_readable(&mut self, direct: bool) -> Result<(), ConnectionEnd> {
         self.reader.set_readable();
         let s = &mut self.session;
+        let mut pending = false;
         loop {
+            if pending {
+                if !(direct && s.negotiated && self.reader.is_empty()) {
+                    break;
+                }
+                // Nothing buffered, no deadline (a negotiated client between frames has none):
+                // the connection is the only thing this device's loop waits for, so wait in
+                // its read, one syscall fewer than epoll_wait + recvmsg.
+                self.reader.wait_once();
+                pending = false;
+            }
             let frame = match self.reader.next(&s.stream) {
                 Ok(Event::Frame(f)) => f,
-                Ok(Event::Pending) => break,
+                Ok(Event::Pending) => {
+                    pending = true;
+                    continue;
+                }
                 Ok(Event::Eof) => return Err(ConnectionEnd::Eof),
                 Ok(Event::Oversize(h)) => {
                     if let Some(n) = s.warns.admit() {

@@ -119,6 +119,8 @@ pub(crate) struct FrameReader {
     /// The socket may have bytes for us: set by the loop on readiness, cleared by a read that
     /// drained the socket (less than the room offered, or EAGAIN).
     readable: bool,
+    /// The next read may wait for data ([`FrameReader::wait_once`]).
+    wait_once: bool,
 }
 
 impl FrameReader {
@@ -137,6 +139,7 @@ impl FrameReader {
             max_msg_size,
             partial_since: None,
             readable: false,
+            wait_once: false,
         }
     }
 
@@ -148,6 +151,17 @@ impl FrameReader {
     /// The socket was reported readable.
     pub(crate) fn set_readable(&mut self) {
         self.readable = true;
+    }
+
+    /// Let the next read wait for data instead of returning `Pending` (the device loop's direct
+    /// wait: only when nothing is buffered and no deadline runs, see [`crate::evloop`]).
+    pub(crate) fn wait_once(&mut self) {
+        self.wait_once = true;
+    }
+
+    /// Nothing is buffered: no complete frame, no part of one, nothing being discarded.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.head == self.tail && self.discard_to <= self.consumed()
     }
 
     /// Since when an incomplete frame (or the rest of a frame being discarded) has been waiting
@@ -253,7 +267,8 @@ impl FrameReader {
     /// Make room for a frame of `need` bytes starting at `head`, then read once if the socket
     /// may have bytes.
     fn fill(&mut self, sock: &UnixStream, need: usize) -> Result<Fill, ReadError> {
-        if !self.readable {
+        let wait = std::mem::take(&mut self.wait_once);
+        if !self.readable && !wait {
             return Ok(Fill::Pending);
         }
         if self.head == self.tail {
@@ -277,7 +292,7 @@ impl FrameReader {
         let mut fds = Vec::new();
         let room = self.buf.get_mut(self.tail..).unwrap_or(&mut []);
         let offered = room.len();
-        let r = match sys::recv_with_fds(sock, room, &mut self.cmsg, &mut fds) {
+        let r = match sys::recv_with_fds(sock, room, &mut self.cmsg, &mut fds, wait) {
             Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.readable = false;

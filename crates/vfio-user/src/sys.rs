@@ -146,9 +146,10 @@ pub(crate) struct Received {
     pub truncated: bool,
 }
 
-/// Read up to `buf.len()` bytes without blocking (MSG_DONTWAIT: the event loop calls this when
-/// the socket is readable; `WouldBlock` if it is not after all); fds that arrive with them are
-/// appended to `fds` (close-on-exec).
+/// Read up to `buf.len()` bytes; fds that arrive with them are appended to `fds` (close-on-exec).
+/// With `wait` false the read never blocks (MSG_DONTWAIT: the event loop calls this when the
+/// socket is readable; `WouldBlock` if it is not after all); with `wait` true it waits for data
+/// (the device loop's direct wait, see [`crate::evloop`]).
 ///
 /// Kernel semantics (net/unix/af_unix.c, `unix_stream_read_generic`, verified on this machine):
 /// fds travel with the skb of the `sendmsg` that sent them and are delivered by the first read
@@ -160,8 +161,10 @@ pub(crate) fn recv_with_fds(
     buf: &mut [u8],
     cmsg_buf: &mut CmsgBuf,
     fds: &mut Vec<OwnedFd>,
+    wait: bool,
 ) -> io::Result<Received> {
     let cbuf = &mut cmsg_buf.buf;
+    let flags = libc::MSG_CMSG_CLOEXEC | if wait { 0 } else { libc::MSG_DONTWAIT };
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -177,11 +180,7 @@ pub(crate) fn recv_with_fds(
         // SAFETY: `msg` points at `iov` (which covers exactly `buf`) and at `cbuf` (of the stated
         // length); both outlive the call. The kernel writes only inside them.
         let n = unsafe {
-            libc::recvmsg(
-                sock.as_raw_fd(),
-                &mut msg,
-                libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
-            )
+            libc::recvmsg(sock.as_raw_fd(), &mut msg, flags)
         };
         if n < 0 {
             let e = io::Error::last_os_error();
