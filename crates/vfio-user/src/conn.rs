@@ -186,9 +186,9 @@ impl Connection {
                 }
             };
             s.handle(frame).map_err(ConnectionEnd::Io)?;
-        }
-        if s.negotiated {
-            self.handshake_deadline = None;
+            if s.negotiated {
+                self.handshake_deadline = None;
+            }
         }
         Ok(())
     }

@@ -52,9 +52,6 @@ const TIMER: u32 = 1;
 /// First connection tag; each connection gets the next one.
 const FIRST_CONN: u32 = 2;
 
-/// Whether an idle negotiated connection waits in its own read (see the module documentation).
-const DIRECT_WAIT: bool = true;
-
 /// How long to wait before accepting again after a transient `accept` failure (EMFILE).
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
@@ -76,6 +73,9 @@ pub(crate) struct DeviceEndpoint {
     fatal: Option<io::Error>,
     /// Serving one adopted connection only (no listener): how it ended, once it has.
     ended: Option<ConnectionEnd>,
+    /// An idle negotiated connection waits in its own read (the loop is this endpoint's
+    /// alone; see the module documentation).
+    direct: bool,
 }
 
 impl DeviceEndpoint {
@@ -102,7 +102,15 @@ impl DeviceEndpoint {
             accept_retry: None,
             fatal: None,
             ended: None,
+            direct: true,
         })
+    }
+
+    /// For a loop shared with other subscribers: always return to `epoll_wait` between frames.
+    #[cfg(test)]
+    pub(crate) fn shared(mut self) -> DeviceEndpoint {
+        self.direct = false;
+        self
     }
 
     /// Serve `stream` (before the endpoint joins a loop; it is registered by `init`).
@@ -291,7 +299,7 @@ impl MutEventSubscriber for DeviceEndpoint {
             LISTENER => self.accept(ops),
             TIMER => self.on_timer(ops),
             tag if tag == self.tag => {
-                let direct = DIRECT_WAIT && self.accept_retry.is_none();
+                let direct = self.direct && self.accept_retry.is_none();
                 if let Some(Err(end)) = self.conn.as_mut().map(|c| c.on_readable(direct)) {
                     self.close(ops, end);
                 }
@@ -320,5 +328,132 @@ pub(crate) fn run_endpoint(endpoint: DeviceEndpoint) -> io::Result<Option<Connec
             }
         }
         em.run().map_err(epoll)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use crate::device::{ClientLink, DeviceError, IrqInfo, RegionFlags, RegionInfo};
+    use crate::proto::{self, Command, Header, Writer, HEADER_SIZE};
+    use std::io::{Read, Write};
+
+    /// A device whose reset takes 2 s (a reset waiting for in-flight DMA to drain).
+    struct SlowReset;
+
+    impl Device for SlowReset {
+        fn device_flags(&self) -> u32 {
+            proto::DEVICE_FLAGS_PCI
+        }
+        fn region_info(&self, index: u32) -> Option<RegionInfo> {
+            (index < 9).then(|| RegionInfo {
+                size: if index == 7 { 256 } else { 0 },
+                flags: RegionFlags {
+                    read: true,
+                    write: true,
+                    mmap: false,
+                },
+                mmap: None,
+            })
+        }
+        fn irq_info(&self, index: u32) -> Option<IrqInfo> {
+            (index < 5).then(IrqInfo::default)
+        }
+        fn region_read(&mut self, _: u32, _: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn attach(&mut self, _: ClientLink) {}
+        fn detach(&mut self) {}
+        fn reset(&mut self) -> Result<(), DeviceError> {
+            std::thread::sleep(Duration::from_secs(2));
+            Ok(())
+        }
+    }
+
+    fn call(s: &mut UnixStream, cmd: Command, payload: &[u8]) -> u32 {
+        let h = Header {
+            id: 1,
+            command: cmd as u16,
+            size: (HEADER_SIZE + payload.len()) as u32,
+            flags: 0,
+            error: 0,
+        };
+        let mut f = h.encode().to_vec();
+        f.extend_from_slice(payload);
+        s.write_all(&f).unwrap();
+        let mut hb = [0u8; HEADER_SIZE];
+        s.read_exact(&mut hb).unwrap();
+        let h = Header::parse(&hb);
+        let mut body = vec![0u8; h.size as usize - HEADER_SIZE];
+        s.read_exact(&mut body).unwrap();
+        h.error
+    }
+
+    fn version() -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u16(0).u16(0).bytes(b"{}").bytes(&[0]);
+        w.finish()
+    }
+
+    fn read_cfg() -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u64(0).u32(7).u32(4);
+        w.finish()
+    }
+
+    /// The measurement behind the choice of one loop per device (docs/architecture.md): two
+    /// devices on ONE shared loop. While device A's reset runs (2 s here; the endpoint's drain
+    /// limit allows 10 s, QEMU's x-msg-timeout is 5 s), device B is not served at all.
+    #[test]
+    fn test_a_shared_loop_stalls_every_device_behind_a_slow_handler() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/pcisim-shared").unwrap();
+        let mut paths = Vec::new();
+        let mut em = EventManager::<DeviceEndpoint>::new().unwrap();
+        for name in ["a", "b"] {
+            let path = dir.as_path().join(format!("{name}.sock"));
+            let listener = crate::server::bind_socket(&path).unwrap();
+            let opts = ServerOptions {
+                name: name.into(),
+                ..Default::default()
+            };
+            let ep = DeviceEndpoint::new(
+                Some(listener),
+                Arc::new(Mutex::new(SlowReset)),
+                Arc::new(opts),
+                path.clone(),
+            )
+            .unwrap()
+            .shared();
+            em.add_subscriber(ep);
+            paths.push(path);
+        }
+        std::thread::spawn(move || loop {
+            em.run().unwrap();
+        });
+        let mut a = UnixStream::connect(&paths[0]).unwrap();
+        let mut b = UnixStream::connect(&paths[1]).unwrap();
+        assert_eq!(call(&mut a, Command::Version, &version()), 0);
+        assert_eq!(call(&mut b, Command::Version, &version()), 0);
+        // The instrument: B answers at once while A is idle.
+        let t = Instant::now();
+        assert_eq!(call(&mut b, Command::RegionRead, &read_cfg()), 0);
+        let idle_rtt = t.elapsed();
+        assert!(idle_rtt < Duration::from_millis(500), "{idle_rtt:?}");
+        let reset = std::thread::spawn(move || call(&mut a, Command::DeviceReset, &[]));
+        std::thread::sleep(Duration::from_millis(100));
+        let t = Instant::now();
+        assert_eq!(call(&mut b, Command::RegionRead, &read_cfg()), 0);
+        let stalled = t.elapsed();
+        assert_eq!(reset.join().unwrap(), 0);
+        assert!(
+            stalled >= Duration::from_millis(1500),
+            "B answered in {stalled:?} during A's reset on a shared loop"
+        );
+        eprintln!("shared loop: B idle {idle_rtt:?}, during A's 2 s reset {stalled:?}");
     }
 }
