@@ -40,9 +40,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vmm_sys_util::timerfd::TimerFd;
 use pcisim_pci::{Controllable, Description, Fault, Journal};
 use serde_json::{json, Map, Value};
+use vmm_sys_util::timerfd::TimerFd;
 
 /// Longest request line accepted; a longer one is answered with an error and skipped.
 pub const MAX_LINE: usize = 64 * 1024;

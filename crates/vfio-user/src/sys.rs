@@ -179,9 +179,7 @@ pub(crate) fn recv_with_fds(
         msg.msg_flags = 0;
         // SAFETY: `msg` points at `iov` (which covers exactly `buf`) and at `cbuf` (of the stated
         // length); both outlive the call. The kernel writes only inside them.
-        let n = unsafe {
-            libc::recvmsg(sock.as_raw_fd(), &mut msg, flags)
-        };
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
