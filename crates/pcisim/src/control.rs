@@ -767,6 +767,7 @@ impl ControlServer {
 mod tests {
     use super::*;
     use pcisim_pci::journal::Event;
+    use std::io::BufRead;
 
     struct Fake {
         journal: Journal,
@@ -960,6 +961,41 @@ mod tests {
         );
         assert_eq!(lb.finish(), Some(LineRead::Line(b"last".to_vec())));
         assert_eq!(lb.finish(), None);
+    }
+
+    #[test]
+    fn test_a_client_stalled_mid_line_does_not_hold_up_the_others() {
+        // One loop serves every control client: a client that sends half a request and stops
+        // must not keep the loop waiting for the rest of its line.
+        let dir = std::env::temp_dir().join(format!("pcisim-ctl-stall-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.sock");
+        let (h, _) = handler(&["gpu0"]);
+        let server = ControlServer::bind(&path, h.devices).unwrap();
+        std::thread::spawn(move || server.run());
+        let mut stalled = UnixStream::connect(&path).unwrap();
+        stalled.write_all(br#"{"op":"li"#).unwrap();
+        let mut others: Vec<_> = (0..3)
+            .map(|_| pcisim_lab::control::ControlClient::connect(&path).unwrap())
+            .collect();
+        let start = Instant::now();
+        for c in &mut others {
+            assert_eq!(c.list().unwrap()[0].id, "gpu0");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        // The stalled one finishes its line later and is answered too.
+        stalled.write_all(b"st\"}\n").unwrap();
+        stalled
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut reply = String::new();
+        BufRead::read_line(&mut std::io::BufReader::new(&stalled), &mut reply).unwrap();
+        assert!(reply.contains("\"ok\":true"), "{reply}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -315,7 +315,8 @@ impl MutEventSubscriber for DeviceEndpoint {
 /// connection without a listener, until that connection ends (`Some(how)`).
 pub(crate) fn run_endpoint(endpoint: DeviceEndpoint) -> io::Result<Option<ConnectionEnd>> {
     let epoll = |e: event_manager::Error| io::Error::other(format!("event loop: {e}"));
-    let mut em = EventManager::<DeviceEndpoint>::new().map_err(epoll)?;
+    // A device loop watches at most three fds (listener, client, timer).
+    let mut em = EventManager::<DeviceEndpoint>::new_with_capacity(4).map_err(epoll)?;
     let id = em.add_subscriber(endpoint);
     loop {
         {
