@@ -25,7 +25,14 @@ use crate::process::{ChildGuard, Group, ProcessError};
 /// top of the 40-bit physical space (0xff00000000), inside that hole, and Linux then refuses to
 /// allocate a hot-added device's 64-bit BAR there ("resource: avoiding allocation from e820
 /// entry", "BAR 2: can't assign; no space"). Boot-time BARs are unaffected (firmware-assigned).
-pub const DEFAULT_APPEND: &str = "console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pci=no_e820";
+///
+/// `no_timer_check`: at boot the kernel checks that the IO-APIC timer ticks within a busy-wait
+/// (`timer_irq_works()` in arch/x86/kernel/apic/io_apic.c); under TCG on a loaded host the
+/// emulated timer can miss that window, and with intel-iommu's interrupt remapping the kernel
+/// then panics ("timer doesn't work through Interrupt-remapped IO-APIC") — seen on this 2-core
+/// machine at load ~10. The parameter skips the check; the timer works, it is merely slow.
+pub const DEFAULT_APPEND: &str =
+    "console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pci=no_e820 no_timer_check";
 
 /// Errors building or starting QEMU.
 #[derive(Debug, thiserror::Error)]
@@ -473,7 +480,7 @@ mod tests {
         let line = config().shell_line().unwrap();
         assert!(line.starts_with("/c/bin/qemu-system-x86_64 -machine q35,memory-backend=mem "));
         assert!(line
-            .contains(" -append 'console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pci=no_e820' "));
+            .contains(" -append 'console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pci=no_e820 no_timer_check' "));
         assert!(line.contains(r#"'{"bus":"rp1","driver":"vfio-user-pci","#));
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");
