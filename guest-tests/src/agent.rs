@@ -28,6 +28,14 @@ pub enum Request {
     Run { argv: Vec<String>, timeout_ms: u64 },
     WriteFile { path: String, data: String },
     ReadFile { path: String },
+    /// The kernel log from /dev/kmsg after sequence number `after` (everything when absent
+    /// or when the guest's boot id is not `boot_id`: it rebooted since), or only the current
+    /// position when `records` is false.
+    Kmsg {
+        after: Option<u64>,
+        boot_id: Option<String>,
+        records: bool,
+    },
     Ping,
     Poweroff,
 }
@@ -79,6 +87,25 @@ pub fn parse_request(line: &str) -> (Value, Result<Request, String>) {
             })
         }),
         Some("read_file") => str_field("path").map(|path| Request::ReadFile { path }),
+        Some("kmsg") => (|| {
+            let after = match obj.get("after") {
+                None | Some(Value::Null) => None,
+                Some(a) => Some(a.as_u64().ok_or("after must be a non-negative integer")?),
+            };
+            let boot_id = match obj.get("boot_id") {
+                None | Some(Value::Null) => None,
+                Some(b) => Some(b.as_str().ok_or("boot_id must be a string")?.to_string()),
+            };
+            let records = match obj.get("records") {
+                None | Some(Value::Null) => true,
+                Some(r) => r.as_bool().ok_or("records must be a boolean")?,
+            };
+            Ok(Request::Kmsg {
+                after,
+                boot_id,
+                records,
+            })
+        })(),
         Some("ping") => Ok(Request::Ping),
         Some("poweroff") => Ok(Request::Poweroff),
         Some(other) => Err(format!("unknown op {other:?}")),
@@ -340,9 +367,78 @@ pub fn handle(id: &Value, req: &Request) -> Value {
             Ok(d) => json!({"id": id, "ok": true, "data": String::from_utf8_lossy(&d)}),
             Err(e) => json!({"id": id, "ok": false, "error": format!("read {path}: {e}")}),
         },
+        Request::Kmsg {
+            after,
+            boot_id,
+            records,
+        } => match read_kmsg(*after, boot_id.as_deref(), *records) {
+            Ok(mut v) => {
+                v["id"] = id.clone();
+                v
+            }
+            Err(e) => json!({"id": id, "ok": false, "error": e}),
+        },
         Request::Ping => json!({"id": id, "ok": true}),
         Request::Poweroff => json!({"id": id, "ok": true}),
     }
+}
+
+/// The sequence number of a raw /dev/kmsg record (`PRIO,SEQ,TS,FLAGS;TEXT`).
+pub fn kmsg_seq(record: &str) -> Option<u64> {
+    record.split(';').next()?.split(',').nth(1)?.parse().ok()
+}
+
+/// Reads /dev/kmsg to its end without blocking: the records after `after` (all of them when
+/// `after` is absent or the boot id differs from `boot_id`) unless `records` is false, the
+/// next sequence number, the boot id and the taint. A record the ring overwrote before it was
+/// read is skipped by the kernel (EPIPE); the host sees the gap in the sequence numbers.
+fn read_kmsg(after: Option<u64>, boot_id: Option<&str>, records: bool) -> Result<Value, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string());
+    let boot = read("/proc/sys/kernel/random/boot_id").map_err(|e| format!("boot_id: {e}"))?;
+    let tainted: u64 = read("/proc/sys/kernel/tainted")
+        .map_err(|e| format!("tainted: {e}"))?
+        .parse()
+        .map_err(|e| format!("tainted: {e}"))?;
+    let rebooted = boot_id.is_some_and(|b| b != boot);
+    let after = if rebooted { None } else { after };
+    let mut kmsg = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .map_err(|e| format!("open /dev/kmsg: {e}"))?;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut out = Vec::new();
+    let mut next_seq = after.map_or(0, |a| a + 1);
+    loop {
+        match kmsg.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let rec = String::from_utf8_lossy(&buf[..n]);
+                let rec = rec.trim_end_matches('\n');
+                let Some(seq) = kmsg_seq(rec) else { continue };
+                if after.is_some_and(|a| seq <= a) {
+                    continue;
+                }
+                next_seq = next_seq.max(seq + 1);
+                if records {
+                    out.push(rec.to_string());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("read /dev/kmsg: {e}")),
+        }
+    }
+    Ok(json!({
+        "ok": true,
+        "records": out,
+        "next_seq": next_seq,
+        "boot_id": boot,
+        "tainted": tainted,
+        "rebooted": rebooted,
+    }))
 }
 
 /// Writes `data` in a single write(2) where possible (sysfs attributes need it).
@@ -569,6 +665,31 @@ mod tests {
             parse_request(r#"{"id":7,"op":"ping"}"#).1.unwrap(),
             Request::Ping
         );
+        assert_eq!(
+            parse_request(r#"{"id":9,"op":"kmsg","after":41,"boot_id":"b"}"#)
+                .1
+                .unwrap(),
+            Request::Kmsg {
+                after: Some(41),
+                boot_id: Some("b".into()),
+                records: true
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"id":9,"op":"kmsg","records":false}"#)
+                .1
+                .unwrap(),
+            Request::Kmsg {
+                after: None,
+                boot_id: None,
+                records: false
+            }
+        );
+        assert!(parse_request(r#"{"id":9,"op":"kmsg","after":-1}"#)
+            .1
+            .is_err());
+        assert_eq!(kmsg_seq("4,1234,52118042,-;x;y"), Some(1234));
+        assert_eq!(kmsg_seq("garbage"), None);
         assert_eq!(
             parse_request(r#"{"id":8,"op":"read_file","path":"/p"}"#)
                 .1

@@ -6,7 +6,10 @@
 //! host  → {"id":1,"op":"run","argv":["/bin/pcisim-guest","e1",...],"timeout_ms":60000}
 //! guest → {"id":1,"exit":0,"signal":null,"timed_out":false,"stdout":"KTAP...","stderr":"","elapsed_ms":812}
 //! host  → {"id":2,"op":"write_file","path":"/tmp/x","data":"..."}      guest → {"id":2,"ok":true}
-//! host  → {"id":3,"op":"poweroff"}                                      guest → {"id":3,"ok":true}
+//! host  → {"id":3,"op":"kmsg","after":1234,"boot_id":"..."}
+//! guest → {"id":3,"ok":true,"records":["4,1235,52118042,-;WARNING: CPU: ..."],"next_seq":1236,
+//!          "boot_id":"...","tainted":4608,"rebooted":false}
+//! host  → {"id":4,"op":"poweroff"}                                      guest → {"id":3,"ok":true}
 //! errors: {"id":N,"error":"..."} (or {"ok":false,"error":"..."})
 //! ```
 //!
@@ -115,6 +118,46 @@ pub struct RunOutput {
     /// How long it ran, in the guest.
     #[serde(default)]
     pub elapsed_ms: u64,
+}
+
+/// The reply to a `kmsg` request: the guest kernel log after a position.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+pub struct KmsgReply {
+    /// Raw `/dev/kmsg` records (`PRIO,SEQ,TS_USEC,FLAGS;TEXT`), in order (none when only the
+    /// position was asked for).
+    #[serde(default)]
+    pub records: Vec<String>,
+    /// The sequence number the next record will have.
+    pub next_seq: u64,
+    /// The guest's boot id (`/proc/sys/kernel/random/boot_id`).
+    pub boot_id: String,
+    /// `/proc/sys/kernel/tainted`.
+    pub tainted: u64,
+    /// The boot id differed from the one given: the records are the new boot's, from its start.
+    #[serde(default)]
+    pub rebooted: bool,
+}
+
+/// A position in the guest kernel log: where the next slice starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KmsgMark {
+    /// The first sequence number of the next slice.
+    pub next_seq: u64,
+    /// The boot it belongs to.
+    pub boot_id: String,
+    /// The taint at that point.
+    pub tainted: u64,
+}
+
+impl KmsgReply {
+    /// Where the next slice starts.
+    pub fn mark(&self) -> KmsgMark {
+        KmsgMark {
+            next_seq: self.next_seq,
+            boot_id: self.boot_id.clone(),
+            tainted: self.tainted,
+        }
+    }
 }
 
 /// A listening socket the guest's serial port connects to (QEMU is the client).
@@ -367,6 +410,32 @@ impl Agent {
         let req = json!({"op": "write_file", "path": path, "data": data});
         let reply = self.request(req, Duration::from_secs(30))?;
         Self::expect_ok("write_file", reply)
+    }
+
+    /// The guest kernel log after `from` (from the boot's first record without one, or when the
+    /// guest rebooted since `from`); with `records` false only the current position.
+    pub fn kmsg(
+        &mut self,
+        from: Option<&KmsgMark>,
+        records: bool,
+    ) -> Result<KmsgReply, AgentError> {
+        let req = json!({
+            "op": "kmsg",
+            "after": from.and_then(|m| m.next_seq.checked_sub(1)),
+            "boot_id": from.map(|m| m.boot_id.clone()),
+            "records": records,
+        });
+        let reply = self.request(req, Duration::from_secs(60))?;
+        if reply.get("ok").and_then(Value::as_bool) != Some(true) {
+            return Err(AgentError::Malformed {
+                op: "kmsg".into(),
+                reply: reply.to_string(),
+            });
+        }
+        serde_json::from_value(reply.clone()).map_err(|_| AgentError::Malformed {
+            op: "kmsg".into(),
+            reply: reply.to_string(),
+        })
     }
 
     /// Asks the guest to power off; returns once the agent acknowledged.

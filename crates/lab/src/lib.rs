@@ -55,6 +55,7 @@
 pub mod agent;
 pub mod control;
 pub mod dmamap;
+pub mod dmesg;
 pub mod error;
 pub mod guest;
 pub mod host;
@@ -64,6 +65,7 @@ pub mod kmod;
 pub mod ktap;
 pub mod manual;
 pub mod mm;
+pub mod oracle;
 pub mod output;
 pub mod process;
 pub mod profile;

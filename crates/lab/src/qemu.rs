@@ -31,8 +31,16 @@ use crate::process::{ChildGuard, Group, ProcessError};
 /// emulated timer can miss that window, and with intel-iommu's interrupt remapping the kernel
 /// then panics ("timer doesn't work through Interrupt-remapped IO-APIC") — seen on this 2-core
 /// machine at load ~10. The parameter skips the check; the timer works, it is merely slow.
-pub const DEFAULT_APPEND: &str =
-    "console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pci=no_e820 no_timer_check";
+pub const DEFAULT_APPEND: &str = "console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pci=no_e820 \
+     no_timer_check log_buf_len=4M sysctl.kernel.hung_task_timeout_secs=10 \
+     sysctl.kernel.hung_task_warnings=-1";
+
+/// The guests' `kernel.hung_task_timeout_secs` (in [`DEFAULT_APPEND`]): a task in state D this
+/// long is reported (`INFO: task ... blocked for more than 10 seconds.`), which the kernel log
+/// verdict catches (crates/lab/src/dmesg.rs). `hung_task_warnings=-1` keeps every report
+/// (the default stops after 10 per boot); `log_buf_len=4M` keeps a busy scenario's slice in
+/// the ring until the lab reads it (the Debian default is 128 KiB).
+pub const HUNG_TASK_TIMEOUT_SECS: u64 = 10;
 
 /// Errors building or starting QEMU.
 #[derive(Debug, thiserror::Error)]
@@ -479,8 +487,10 @@ mod tests {
     fn test_shell_line_quotes_json_and_spaces() {
         let line = config().shell_line().unwrap();
         assert!(line.starts_with("/c/bin/qemu-system-x86_64 -machine q35,memory-backend=mem "));
-        assert!(line
-            .contains(" -append 'console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pci=no_e820 no_timer_check' "));
+        assert!(line.contains(
+            " -append 'console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pci=no_e820 no_timer_check log_buf_len=4M \
+             sysctl.kernel.hung_task_timeout_secs=10 sysctl.kernel.hung_task_warnings=-1' "
+        ));
         assert!(line.contains(r#"'{"bus":"rp1","driver":"vfio-user-pci","#));
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");

@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use crate::agent::RunOutput;
+use crate::dmesg::KernelReport;
 use crate::ktap::{self, Directive, KtapError, KtapSummary};
 use crate::server::DescribedDevice;
 
@@ -45,6 +46,11 @@ pub struct Scenario {
     pub timeout: Duration,
     /// What runs.
     pub program: Program,
+    /// The guest kernel reports the scenario provokes on purpose (an expected failure, like a
+    /// host scenario's expected journal violations): each must appear in its kernel log slice
+    /// and no other may, and its result line says `# XFAIL` ([`crate::dmesg::judge`]). Each
+    /// declaration says why in a comment.
+    pub kernel_reports: &'static [KernelReport],
 }
 
 /// Every scenario, in suite order.
@@ -55,84 +61,98 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "E1 enumeration",
             timeout: Duration::from_secs(120),
             program: Program::E1,
+            kernel_reports: &[],
         },
         Scenario {
             id: "E2",
             name: "E2 bar-mmio",
             timeout: Duration::from_secs(120),
             program: Program::E2,
+            kernel_reports: &[],
         },
         Scenario {
             id: "E3",
             name: "E3 msix-delivery",
             timeout: Duration::from_secs(120),
             program: Program::E3,
+            kernel_reports: &[],
         },
         Scenario {
             id: "E4",
             name: "E4 gpu-ring",
             timeout: Duration::from_secs(180),
             program: Program::E4,
+            kernel_reports: &[],
         },
         Scenario {
             id: "E5",
             name: "E5 bus-master-off",
             timeout: Duration::from_secs(120),
             program: Program::E5,
+            kernel_reports: &[],
         },
         Scenario {
             id: "R0",
             name: "R0 two-function-enumeration",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::reset::R0),
+            kernel_reports: &[],
         },
         Scenario {
             id: "R1",
             name: "R1 flr",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::reset::R1),
+            kernel_reports: &[],
         },
         Scenario {
             id: "R2",
             name: "R2 flr-with-dma",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::reset::R2),
+            kernel_reports: &[],
         },
         Scenario {
             id: "R2b",
             name: "R2b flr-dma-buggy-driver",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::reset::R2B),
+            kernel_reports: &[],
         },
         Scenario {
             id: "R3",
             name: "R3 pm-reset",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::reset::R3),
+            kernel_reports: &[],
         },
         Scenario {
             id: "R4",
             name: "R4 bus-reset",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::reset::R4),
+            kernel_reports: &[],
         },
         Scenario {
             id: "R5",
             name: "R5 slot-reset",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::reset::R5),
+            kernel_reports: &[],
         },
         Scenario {
             id: "R6",
             name: "R6 vfio-device-reset",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::reset::R6),
+            kernel_reports: &[],
         },
         Scenario {
             id: "R7",
             name: "R7 hot-reset",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::reset::R7),
+            kernel_reports: &[],
         },
         Scenario {
             // A reset that never completes keeps the guest's FLR waiting ~65 s.
@@ -140,90 +160,105 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R8 slow-failed-reset",
             timeout: Duration::from_secs(180),
             program: Program::Host(crate::reset::R8),
+            kernel_reports: &[],
         },
         Scenario {
             id: "R9",
             name: "R9 system-reset",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::reset::R9),
+            kernel_reports: &[],
         },
         Scenario {
             id: "H1",
             name: "H1 hot-add",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::hotplug::H1),
+            kernel_reports: &[],
         },
         Scenario {
             id: "H2",
             name: "H2 hot-remove",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::hotplug::H2),
+            kernel_reports: &[],
         },
         Scenario {
             id: "H3",
             name: "H3 add-remove-cycles",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::hotplug::H3),
+            kernel_reports: &[],
         },
         Scenario {
             id: "H4",
             name: "H4 remove-while-held",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::hotplug::H4),
+            kernel_reports: &[],
         },
         Scenario {
             id: "H5",
             name: "H5 surprise-removal",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::hotplug::H5),
+            kernel_reports: &[],
         },
         Scenario {
             id: "H6",
             name: "H6 gpu-npu-peer",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::hotplug::H6),
+            kernel_reports: &[],
         },
         Scenario {
             id: "H6b",
             name: "H6b gpu-peer-ref-leak",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::hotplug::H6B),
+            kernel_reports: &[],
         },
         Scenario {
             id: "H7",
             name: "H7 pciehp-add-remove",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::hotplug::H7),
+            kernel_reports: &[],
         },
         Scenario {
             id: "M1",
             name: "M1 mm-vfio-exit",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::mm::M1),
+            kernel_reports: &[],
         },
         Scenario {
             id: "M2",
             name: "M2 mm-vfio-sigkill",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::mm::M2),
+            kernel_reports: &[],
         },
         Scenario {
             id: "M3",
             name: "M3 mm-vfio-fork",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::mm::M3),
+            kernel_reports: &[],
         },
         Scenario {
             id: "M4",
             name: "M4 mm-vfio-scm-rights",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::mm::M4),
+            kernel_reports: &[],
         },
         Scenario {
             id: "M5",
             name: "M5 mm-vfio-bar-mmap",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::mm::M5),
+            kernel_reports: &[],
         },
         Scenario {
             id: "M9",
@@ -236,30 +271,52 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M6 sva-lifetimes",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::sva::M6),
+            kernel_reports: &[],
         },
         Scenario {
             id: "M6b",
             name: "M6b sva-no-mm-release",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::sva::M6B),
+            kernel_reports: &[],
         },
         Scenario {
             id: "M6c",
             name: "M6c sva-ack-without-drain",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::sva::M6C),
+            kernel_reports: &[],
         },
         Scenario {
             id: "M7",
             name: "M7 sva-invalidation",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::sva::M7),
+            kernel_reports: &[],
         },
         Scenario {
             id: "M7b",
             name: "M7b sva-skip-invalidate",
             timeout: Duration::from_secs(120),
             program: Program::Host(crate::sva::M7B),
+            kernel_reports: &[],
+        },
+        Scenario {
+            id: "K1",
+            name: "K1 kernel-warn-caught",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::oracle::K1),
+            // pcisim_oops WARNs on request: the kernel oracle must catch it.
+            kernel_reports: &[KernelReport::Warning],
+        },
+        Scenario {
+            // A task sleeps 3 hung task periods in state D.
+            id: "K2",
+            name: "K2 kernel-hung-task-caught",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(crate::oracle::K2),
+            // pcisim_oops sleeps uninterruptibly on request: khungtaskd must report it.
+            kernel_reports: &[KernelReport::HungTask],
         },
     ]
 }
@@ -427,7 +484,9 @@ mod tests {
                 "M6b sva-no-mm-release",
                 "M6c sva-ack-without-drain",
                 "M7 sva-invalidation",
-                "M7b sva-skip-invalidate"
+                "M7b sva-skip-invalidate",
+                "K1 kernel-warn-caught",
+                "K2 kernel-hung-task-caught"
             ]
         );
         assert_eq!(

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, warn};
 
-use crate::agent::{Agent, AgentError, AgentListener, RunOutput};
+use crate::agent::{Agent, AgentError, AgentListener, KmsgMark, RunOutput};
 use crate::control::{JournalWatch, WindowReport};
 use crate::error::{error_chain, LabError};
 use crate::host::{HostCtx, HostError, Vm};
@@ -50,7 +50,7 @@ use crate::qemu::{QemuConfig, DEFAULT_APPEND};
 use crate::qmp::Qmp;
 use crate::scenario::{self, Program, Scenario, Verdict};
 use crate::server::{self, Server, ServerError};
-use crate::{guest, initramfs, kmod, provision};
+use crate::{dmesg, guest, initramfs, kmod, provision};
 
 /// How long the guest has from QEMU's start to the agent's greeting.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -373,9 +373,29 @@ pub fn run_suite(
     ktap_out: &mut dyn Write,
     progress: &mut dyn Write,
 ) -> Result<SuiteOutcome, LabError> {
+    run_scenarios(
+        opts,
+        scenario::select(opts.filter.as_deref()),
+        ktap_out,
+        progress,
+    )
+}
+
+/// [`run_suite`] for a given list of scenarios instead of the catalogue's (`opts.filter` still
+/// applies): scenarios that are not in the catalogue, such as a catalogue entry with other
+/// declarations (the lab's own tests use it).
+pub fn run_scenarios(
+    opts: &SuiteOptions,
+    scenarios: Vec<Scenario>,
+    ktap_out: &mut dyn Write,
+    progress: &mut dyn Write,
+) -> Result<SuiteOutcome, LabError> {
     let started = Instant::now();
     let signals = InterruptGuard::install().map_err(LabError::Signals)?;
-    let selected = scenario::select(opts.filter.as_deref());
+    let selected: Vec<Scenario> = scenarios
+        .into_iter()
+        .filter(|s| opts.filter.as_deref().is_none_or(|f| s.name.contains(f)))
+        .collect();
     if selected.is_empty() {
         return Err(LabError::NoScenario(
             opts.filter.clone().unwrap_or_default(),
@@ -792,11 +812,14 @@ fn run_vm(
         qmp,
     };
     let mut outside_clean = check_outside(&mut vm.watch, "boot", &vm.dir, report)?;
+    // The kernel log up to here; each scenario's slice starts where the previous read ended.
+    let mut kmsg = None;
+    outside_clean &= check_boot_kernel(&mut vm.agent, &mut kmsg, &vm.dir, report)?;
 
     // The scenarios.
     let mut broken: Option<String> = None;
     for s in scenarios {
-        run_scenario(s, &mut vm, &mut broken, run, report)?;
+        run_scenario(s, &mut vm, &mut kmsg, &mut broken, run, report)?;
     }
 
     // Teardown: power off, QEMU exits, stop the server and check how it ended.
@@ -969,9 +992,79 @@ fn note_lost(w: &WindowReport, what: &str, report: &mut Report<'_>) -> Result<()
     Ok(())
 }
 
+/// Reads the kernel log of the boot (`RUN/<profile>/boot.dmesg`) and judges it like a
+/// scenario's with nothing expected: a report is a top-level KTAP diagnostic and fails the run.
+/// Returns whether it was read and clean; `mark` is where the first scenario's slice starts.
+fn check_boot_kernel(
+    agent: &mut Agent,
+    mark: &mut Option<KmsgMark>,
+    dir: &Path,
+    report: &mut Report<'_>,
+) -> Result<bool, LabError> {
+    let path = dir.join("boot.dmesg");
+    let slice = dmesg::read(agent, mark).map_err(|e| e.to_string());
+    if let Ok(s) = &slice {
+        save(path.clone(), &s.render("the boot"));
+    }
+    let mut diagnostics = Vec::new();
+    let (verdict, _) = dmesg::judge(
+        Verdict::Pass,
+        slice.as_ref().map_err(String::as_str),
+        &[],
+        &path,
+        &mut diagnostics,
+    );
+    let mut clean = true;
+    if let Verdict::Fail(why) = verdict {
+        clean = false;
+        let head = format!("boot: {why}");
+        report.ktap.diagnostic(&head).map_err(LabError::Output)?;
+        report.line(&head)?;
+    }
+    for d in diagnostics {
+        report.ktap.diagnostic(&d).map_err(LabError::Output)?;
+        report.line(&format!("  {d}"))?;
+    }
+    Ok(clean)
+}
+
+/// The scenario's kernel log slice, saved as `RUN/<ID>.dmesg` and judged against its declared
+/// kernel reports ([`dmesg::judge`]). `mark` is where the slice starts (the previous read's
+/// end); `start` says why there is none. Not read when the VM is unusable.
+fn judge_kernel(
+    s: &Scenario,
+    vm: &mut Vm,
+    mark: &mut Option<KmsgMark>,
+    start: Result<(), String>,
+    broken: bool,
+    run: &RunDir,
+    verdict: Verdict,
+    diagnostics: &mut Vec<String>,
+) -> (Verdict, Option<String>) {
+    let path = run.join(&format!("{}.dmesg", s.id));
+    if broken {
+        *mark = None;
+        diagnostics.push("kernel log not read: the VM is unusable".into());
+        return (verdict, None);
+    }
+    let slice = match start {
+        Ok(()) => dmesg::read(&mut vm.agent, mark).map_err(|e| e.to_string()),
+        Err(why) => {
+            // Move the mark for the next scenario; this one has no start.
+            *mark = dmesg::mark(&mut vm.agent).ok();
+            Err(format!("no start position: {why}"))
+        }
+    };
+    if let Ok(sl) = &slice {
+        save(path.clone(), &sl.render(s.name));
+    }
+    dmesg::judge(verdict, slice.as_ref().map_err(String::as_str), s.kernel_reports, &path, diagnostics)
+}
+
 fn run_scenario(
     s: &Scenario,
     vm: &mut Vm,
+    kmsg: &mut Option<KmsgMark>,
     broken: &mut Option<String>,
     run: &RunDir,
     report: &mut Report<'_>,
@@ -979,6 +1072,13 @@ fn run_scenario(
     if let Some(why) = broken.clone() {
         return report.scenario(s, &Verdict::Fail(why), &Nested::None, &[], Duration::ZERO);
     }
+    // Where the scenario's kernel log slice starts (after a failed read: a fresh position).
+    let kmsg_start = match kmsg {
+        Some(_) => Ok(()),
+        None => dmesg::mark(&mut vm.agent)
+            .map(|m| *kmsg = Some(m))
+            .map_err(|e| e.to_string()),
+    };
     let t = Instant::now();
     let mut diagnostics = Vec::new();
     let mut expected = Vec::new();
@@ -1034,6 +1134,22 @@ fn run_scenario(
             judge_expected(verdict, window, &expected, &mut diagnostics)
         };
     }
+    let (v, kernel_xfail) = judge_kernel(
+        s,
+        vm,
+        kmsg,
+        kmsg_start,
+        broken.is_some(),
+        run,
+        verdict,
+        &mut diagnostics,
+    );
+    verdict = v;
+    let xfail = match (xfail, kernel_xfail) {
+        _ if verdict != Verdict::Pass => None,
+        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+        (a, b) => a.or(b),
+    };
     report.scenario_noted(s, &verdict, &nested, &diagnostics, elapsed, xfail)
 }
 
