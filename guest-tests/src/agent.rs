@@ -824,6 +824,40 @@ mod tests {
     }
 
     #[test]
+    fn reads_kmsg_back_to_back() {
+        // Needs a readable /dev/kmsg (root, or dmesg_restrict=0 on some kernels); otherwise the
+        // error must name it.
+        let all = match read_kmsg(None, None, true) {
+            Ok(v) => v,
+            Err(e) => {
+                assert!(e.contains("/dev/kmsg"), "{e}");
+                return;
+            }
+        };
+        let recs = all["records"].as_array().unwrap();
+        assert!(!recs.is_empty());
+        let last = kmsg_seq(recs.last().unwrap().as_str().unwrap()).unwrap();
+        assert!(all["next_seq"].as_u64().unwrap() > last);
+        assert_eq!(all["rebooted"], json!(false));
+        let boot = all["boot_id"].as_str().unwrap().to_string();
+        // From the last record on: only it and what came after.
+        let tail = read_kmsg(Some(last - 1), Some(&boot), true).unwrap();
+        let seqs: Vec<u64> = tail["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| kmsg_seq(r.as_str().unwrap()).unwrap())
+            .collect();
+        assert_eq!(seqs.first(), Some(&last));
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+        // Another boot id: everything again, flagged.
+        let other = read_kmsg(Some(last), Some("another-boot"), false).unwrap();
+        assert_eq!(other["rebooted"], json!(true));
+        assert!(other["records"].as_array().unwrap().is_empty());
+        assert!(other["next_seq"].as_u64().unwrap() > last);
+    }
+
+    #[test]
     fn parses_proc_stat() {
         assert_eq!(
             parse_stat_state_ppid("42 (a) b) Z 1 42 42 0 -1 4194560"),
