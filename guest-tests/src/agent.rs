@@ -25,9 +25,17 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
 /// A parsed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Run { argv: Vec<String>, timeout_ms: u64 },
-    WriteFile { path: String, data: String },
-    ReadFile { path: String },
+    Run {
+        argv: Vec<String>,
+        timeout_ms: u64,
+    },
+    WriteFile {
+        path: String,
+        data: String,
+    },
+    ReadFile {
+        path: String,
+    },
     /// The kernel log from /dev/kmsg after sequence number `after` (everything when absent
     /// or when the guest's boot id is not `boot_id`: it rebooted since), or only the current
     /// position when `records` is false.

@@ -477,6 +477,11 @@ mod tests {
                     }
                     "write_file" => json!({"ok": false, "error": "read-only"}),
                     "poweroff" => json!({"id": id, "ok": true}),
+                    "kmsg" => json!({"id": id, "ok": true,
+                        "records": if req["records"] == json!(false) { json!([]) }
+                                   else { json!(["4,5,100,-;x"]) },
+                        "next_seq": 6, "boot_id": "b", "tainted": 4096,
+                        "rebooted": req["boot_id"] != json!("b") && !req["boot_id"].is_null()}),
                     // The guest reboots instead of answering.
                     "reboot" => json!({"ready": true, "kernel": "6.12.1", "uptime_ms": 7}),
                     _ => json!({"id": id, "error": "unknown op"}),
@@ -534,6 +539,51 @@ mod tests {
         assert_eq!(seen[1]["data"], "y");
         let ids: Vec<u64> = seen.iter().map(|r| r["id"].as_u64().unwrap()).collect();
         assert_eq!(ids, [1, 2, 3, 4]);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn test_kmsg_request_from_a_mark_and_position_only() {
+        let path = temp_socket("kmsg");
+        let listener = AgentListener::bind(&path).unwrap();
+        let fake = fake_agent(path.clone(), "{\"ready\":true}\n");
+        let mut agent = listener
+            .accept(Duration::from_secs(10), &mut || None)
+            .unwrap();
+        agent
+            .wait_ready(Duration::from_secs(10), &mut || None)
+            .unwrap();
+        let mark = KmsgMark {
+            next_seq: 5,
+            boot_id: "b".into(),
+            tainted: 0,
+        };
+        let r = agent.kmsg(Some(&mark), true).unwrap();
+        assert_eq!(r.records, ["4,5,100,-;x"]);
+        assert!(!r.rebooted);
+        assert_eq!(
+            r.mark(),
+            KmsgMark {
+                next_seq: 6,
+                boot_id: "b".into(),
+                tainted: 4096
+            }
+        );
+        let other = KmsgMark {
+            boot_id: "old".into(),
+            ..mark
+        };
+        assert!(agent.kmsg(Some(&other), true).unwrap().rebooted);
+        let pos = agent.kmsg(None, false).unwrap();
+        assert!(pos.records.is_empty());
+        drop(agent);
+        let seen = fake.join().unwrap();
+        // `after` is the last sequence number already read.
+        assert_eq!(seen[0]["after"], 4);
+        assert_eq!(seen[0]["boot_id"], "b");
+        assert_eq!(seen[0]["records"], true);
+        assert_eq!(seen[2]["after"], Value::Null);
+        assert_eq!(seen[2]["records"], false);
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 

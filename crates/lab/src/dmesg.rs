@@ -144,26 +144,106 @@ const TAINT_SOFTLOCKUP: u32 = 14;
 
 /// The kernel's taint flags, by bit.
 pub const TAINT_FLAGS: &[TaintFlag] = &[
-    TaintFlag { bit: 0, letter: 'P', meaning: "proprietary module loaded" },
-    TaintFlag { bit: 1, letter: 'F', meaning: "module force loaded" },
-    TaintFlag { bit: 2, letter: 'S', meaning: "kernel running on an out of specification system" },
-    TaintFlag { bit: 3, letter: 'R', meaning: "module force unloaded" },
-    TaintFlag { bit: 4, letter: 'M', meaning: "machine check exception" },
-    TaintFlag { bit: 5, letter: 'B', meaning: "bad page referenced or unexpected page flags" },
-    TaintFlag { bit: 6, letter: 'U', meaning: "taint requested by userspace" },
-    TaintFlag { bit: 7, letter: 'D', meaning: "kernel died recently (oops or BUG)" },
-    TaintFlag { bit: 8, letter: 'A', meaning: "ACPI table overridden" },
-    TaintFlag { bit: 9, letter: 'W', meaning: "kernel issued a warning" },
-    TaintFlag { bit: 10, letter: 'C', meaning: "staging driver loaded" },
-    TaintFlag { bit: 11, letter: 'I', meaning: "workaround for a platform firmware bug applied" },
-    TaintFlag { bit: 12, letter: 'O', meaning: "externally-built (out-of-tree) module loaded" },
-    TaintFlag { bit: 13, letter: 'E', meaning: "unsigned module loaded" },
-    TaintFlag { bit: 14, letter: 'L', meaning: "soft lockup occurred" },
-    TaintFlag { bit: 15, letter: 'K', meaning: "kernel live patched" },
-    TaintFlag { bit: 16, letter: 'X', meaning: "auxiliary taint (distribution-defined)" },
-    TaintFlag { bit: 17, letter: 'T', meaning: "kernel built with the struct randomization plugin" },
-    TaintFlag { bit: 18, letter: 'N', meaning: "an in-kernel test has been run" },
-    TaintFlag { bit: 19, letter: 'J', meaning: "userspace used a mutating debug operation in fwctl" },
+    TaintFlag {
+        bit: 0,
+        letter: 'P',
+        meaning: "proprietary module loaded",
+    },
+    TaintFlag {
+        bit: 1,
+        letter: 'F',
+        meaning: "module force loaded",
+    },
+    TaintFlag {
+        bit: 2,
+        letter: 'S',
+        meaning: "kernel running on an out of specification system",
+    },
+    TaintFlag {
+        bit: 3,
+        letter: 'R',
+        meaning: "module force unloaded",
+    },
+    TaintFlag {
+        bit: 4,
+        letter: 'M',
+        meaning: "machine check exception",
+    },
+    TaintFlag {
+        bit: 5,
+        letter: 'B',
+        meaning: "bad page referenced or unexpected page flags",
+    },
+    TaintFlag {
+        bit: 6,
+        letter: 'U',
+        meaning: "taint requested by userspace",
+    },
+    TaintFlag {
+        bit: 7,
+        letter: 'D',
+        meaning: "kernel died recently (oops or BUG)",
+    },
+    TaintFlag {
+        bit: 8,
+        letter: 'A',
+        meaning: "ACPI table overridden",
+    },
+    TaintFlag {
+        bit: 9,
+        letter: 'W',
+        meaning: "kernel issued a warning",
+    },
+    TaintFlag {
+        bit: 10,
+        letter: 'C',
+        meaning: "staging driver loaded",
+    },
+    TaintFlag {
+        bit: 11,
+        letter: 'I',
+        meaning: "workaround for a platform firmware bug applied",
+    },
+    TaintFlag {
+        bit: 12,
+        letter: 'O',
+        meaning: "externally-built (out-of-tree) module loaded",
+    },
+    TaintFlag {
+        bit: 13,
+        letter: 'E',
+        meaning: "unsigned module loaded",
+    },
+    TaintFlag {
+        bit: 14,
+        letter: 'L',
+        meaning: "soft lockup occurred",
+    },
+    TaintFlag {
+        bit: 15,
+        letter: 'K',
+        meaning: "kernel live patched",
+    },
+    TaintFlag {
+        bit: 16,
+        letter: 'X',
+        meaning: "auxiliary taint (distribution-defined)",
+    },
+    TaintFlag {
+        bit: 17,
+        letter: 'T',
+        meaning: "kernel built with the struct randomization plugin",
+    },
+    TaintFlag {
+        bit: 18,
+        letter: 'N',
+        meaning: "an in-kernel test has been run",
+    },
+    TaintFlag {
+        bit: 19,
+        letter: 'J',
+        meaning: "userspace used a mutating debug operation in fwctl",
+    },
 ];
 
 /// The letters of `bits` (`OE`); an unknown bit is shown as `?<bit>`.
@@ -469,7 +549,9 @@ pub fn classify(line: &str) -> Option<KernelReport> {
     if starts("refcount_t: ") {
         return Some(KernelReport::Refcount);
     }
-    if starts("list_add corruption") || starts("list_del corruption") || starts("list_add double add")
+    if starts("list_add corruption")
+        || starts("list_del corruption")
+        || starts("list_add double add")
     {
         return Some(KernelReport::ListCorruption);
     }
@@ -537,8 +619,7 @@ fn strip_dmesg_prefix(line: &str) -> &str {
     let t = l.trim_start();
     if let Some(rest) = t.strip_prefix('[') {
         if let Some((ts, rest)) = rest.split_once(']') {
-            if ts.trim().bytes().all(|b| b.is_ascii_digit() || b == b'.') && !ts.trim().is_empty()
-            {
+            if ts.trim().bytes().all(|b| b.is_ascii_digit() || b == b'.') && !ts.trim().is_empty() {
                 return rest.strip_prefix(' ').unwrap_or(rest);
             }
         }
@@ -546,9 +627,41 @@ fn strip_dmesg_prefix(line: &str) -> &str {
     l
 }
 
+/// How many frames of a report's call trace are kept.
+const TRACE_FRAMES: usize = 4;
+/// How far after a report's first lines its `Call Trace:` is looked for (past a register dump).
+const TRACE_SEARCH: usize = 30;
+
+/// The first frames of the call trace that begins within [`TRACE_SEARCH`] lines of `first`
+/// (without the `? ` unreliable frames and the `<TASK>` markers), from line `end` on: where
+/// the report came from.
+fn call_trace(lines: &[&str], first: usize, end: usize) -> Vec<String> {
+    let Some(start) = lines
+        .iter()
+        .enumerate()
+        .skip(first + 1)
+        .take(TRACE_SEARCH)
+        .find(|(_, l)| l.trim() == "Call Trace:")
+        .map(|(i, _)| i)
+    else {
+        return Vec::new();
+    };
+    lines[(start + 1).max(end)..]
+        .iter()
+        .map(|l| l.trim())
+        .take_while(|l| *l != "</TASK>" && classify(l).is_none())
+        .filter(|l| !l.starts_with('<') && !l.starts_with("? ") && !l.is_empty())
+        .take(TRACE_FRAMES)
+        .map(str::to_string)
+        .collect()
+}
+
 /// The reports in kernel log lines (message text; a `dmesg`/`dmesg -r` prefix is stripped).
 pub fn scan<S: AsRef<str>>(lines: &[S]) -> Vec<Found> {
-    let lines: Vec<&str> = lines.iter().map(|l| strip_dmesg_prefix(l.as_ref())).collect();
+    let lines: Vec<&str> = lines
+        .iter()
+        .map(|l| strip_dmesg_prefix(l.as_ref()))
+        .collect();
     // (report, index of its first line, index of its last trigger line)
     let mut found: Vec<(Found, usize, usize)> = Vec::new();
     // Whether the last report's splat ended (its stack trace or `end trace` line): a trigger
@@ -557,7 +670,9 @@ pub fn scan<S: AsRef<str>>(lines: &[S]) -> Vec<Found> {
     for (i, line) in lines.iter().enumerate() {
         let Some(kind) = classify(line) else {
             let t = line.trim();
-            ended |= t == "</TASK>" || t.starts_with("---[ end trace") || t.starts_with("---[ end Kernel panic");
+            ended |= t == "</TASK>"
+                || t.starts_with("---[ end trace")
+                || t.starts_with("---[ end Kernel panic");
             continue;
         };
         let allowed = ALLOWED_LINES
@@ -598,11 +713,12 @@ pub fn scan<S: AsRef<str>>(lines: &[S]) -> Vec<Found> {
         .into_iter()
         .map(|(mut r, first, last)| {
             let end = (last + 1).max(first + REPORT_LINES).min(lines.len());
-            r.lines = lines[first..end]
-                .iter()
-                .take(REPORT_LINES.max(last + 1 - first))
-                .map(|l| l.to_string())
-                .collect();
+            r.lines = lines[first..end].iter().map(|l| l.to_string()).collect();
+            r.lines.extend(
+                call_trace(&lines, first, end)
+                    .into_iter()
+                    .map(|f| format!("  {f}")),
+            );
             r
         })
         .collect()
@@ -711,7 +827,11 @@ pub fn judge(
         .collect();
     let mut verdict = verdict;
     for f in wanted.iter().take(SHOWN_REPORTS) {
-        diagnostics.push(format!("XFAIL (expected) kernel {}: {}", f.kind, f.headline()));
+        diagnostics.push(format!(
+            "XFAIL (expected) kernel {}: {}",
+            f.kind,
+            f.headline()
+        ));
     }
     if wanted.len() > SHOWN_REPORTS {
         diagnostics.push(format!(
@@ -809,7 +929,8 @@ mod tests {
         assert!(f[0].headline().starts_with("WARNING: CPU: 1 PID: 176 at "));
         assert_eq!(f[0].lines[0], "------------[ cut here ]------------");
         assert!(f[0].lines[1].starts_with("pcisim_oops: WARN requested"));
-        assert_eq!(f[0].lines.len(), REPORT_LINES);
+        assert_eq!(f[0].lines.len(), REPORT_LINES + 1);
+        assert_eq!(f[0].lines[REPORT_LINES], "  param_attr_store+0x9a/0x100");
         assert_eq!(f[0].taints, 1 << TAINT_WARN);
         // `dmesg -r` prefixes and bare text give the same.
         let raw = "<4>[   52.118042] ------------[ cut here ]------------\n<4>[   52.119210] WARNING: CPU: 1 PID: 176 at x.c:31 f+0x3c/0x50\n";
@@ -945,13 +1066,27 @@ mod tests {
         assert_eq!(kinds(LIST), [KernelReport::ListCorruption]);
         assert_eq!(kinds(NULL_DEREF), [KernelReport::Oops]);
         assert_eq!(kinds(HUNG), [KernelReport::HungTask]);
+        // A report keeps its first lines and the first frames of its call trace.
+        let f = scan(&HUNG.lines().collect::<Vec<_>>());
+        assert_eq!(
+            f[0].lines[REPORT_LINES..],
+            [
+                "  __schedule+0x403/0xbf0",
+                "  schedule_timeout+0x9d/0x160",
+                "  pcisim_oops_hang_set+0x4b/0x80 [pcisim_oops]"
+            ]
+        );
         assert_eq!(
             kinds(LOCKDEP),
             [KernelReport::Lockdep, KernelReport::Lockdep]
         );
         assert_eq!(
             kinds(SANITIZERS),
-            [KernelReport::Kasan, KernelReport::Ubsan, KernelReport::Kfence]
+            [
+                KernelReport::Kasan,
+                KernelReport::Ubsan,
+                KernelReport::Kfence
+            ]
         );
         let bug = "[ 9.1] BUG: sleeping function called from invalid context at kernel/locking/mutex.c:585\n\
                    [ 9.2] in_atomic(): 1, irqs_disabled(): 0, non_block: 0, pid: 9, name: kworker/0:1\n";
@@ -962,7 +1097,8 @@ mod tests {
         assert_eq!(kinds(soft), [KernelReport::Bug]);
         let wait = "[ 9.1] =============================\n[ 9.2] [ BUG: Invalid wait context ]\n";
         assert_eq!(kinds(wait), [KernelReport::Lockdep]);
-        let panic = "[ 9.1] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000009\n";
+        let panic =
+            "[ 9.1] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000009\n";
         assert_eq!(kinds(panic), [KernelReport::Oops]);
         // All of them in one log, in order, each once.
         let all = [WARN, REFCOUNT, LIST, NULL_DEREF, HUNG, LOCKDEP, SANITIZERS].concat();
@@ -999,8 +1135,12 @@ mod tests {
 
     #[test]
     fn test_kmsg_records_parse_and_render() {
-        let r = KmsgRecord::parse("4,1234,52118042,-;------------[ cut here ]------------").unwrap();
-        assert_eq!((r.seq, r.level, r.facility, r.ts_usec), (1234, 4, 0, 52_118_042));
+        let r =
+            KmsgRecord::parse("4,1234,52118042,-;------------[ cut here ]------------").unwrap();
+        assert_eq!(
+            (r.seq, r.level, r.facility, r.ts_usec),
+            (1234, 4, 0, 52_118_042)
+        );
         assert_eq!(r.text, "------------[ cut here ]------------");
         assert_eq!(
             r.dmesg_lines(),
@@ -1012,7 +1152,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.text, "a\nb \\ done");
-        assert_eq!(r.dmesg_lines(), "<6>[    0.000100] a\n<6>[    0.000100] b \\ done\n");
+        assert_eq!(
+            r.dmesg_lines(),
+            "<6>[    0.000100] a\n<6>[    0.000100] b \\ done\n"
+        );
         // A user write (facility 1).
         let r = KmsgRecord::parse("12,8,5,-;WARNING: CPU: 0 PID: 1 at fake").unwrap();
         assert_eq!((r.facility, r.level), (1, 4));
@@ -1057,10 +1200,7 @@ mod tests {
         assert_eq!(taint_letters(512 | 4096 | 8192), "WOE");
         assert_eq!(taint_letters(1 << 40), "?40");
         assert_eq!(taint_letters(0), "");
-        assert_eq!(
-            describe_taint(512),
-            "W (512: kernel issued a warning)"
-        );
+        assert_eq!(describe_taint(512), "W (512: kernel issued a warning)");
         assert_eq!(describe_taint(0), "none");
         assert_eq!(allowed_taint_mask(), 4096 | 8192);
         for (i, f) in TAINT_FLAGS.iter().enumerate() {
@@ -1099,15 +1239,25 @@ mod tests {
         assert!(analyze(&slice("", 0, 4096 | 8192)).is_empty());
         // A WARN explains its W.
         let f = analyze(&slice(WARN, 4096, 4096 | 512));
-        assert_eq!(f.iter().map(|f| f.kind).collect::<Vec<_>>(), [KernelReport::Warning]);
+        assert_eq!(
+            f.iter().map(|f| f.kind).collect::<Vec<_>>(),
+            [KernelReport::Warning]
+        );
         // W without a WARNING line in the slice (e.g. a WARN_ONCE whose text was lost) is a taint.
         let f = analyze(&slice("", 4096, 4096 | 512));
         assert_eq!(f[0].kind, KernelReport::Taint(512));
-        assert!(f[0].lines[0].contains("new W (512: kernel issued a warning)"), "{:?}", f[0].lines);
+        assert!(
+            f[0].lines[0].contains("new W (512: kernel issued a warning)"),
+            "{:?}",
+            f[0].lines
+        );
         // I at boot, with QEMU's firmware MTRR line, is allowed; without it, it is a report.
         let mtrr = "[    1.200152] mtrr: your CPUs had inconsistent fixed MTRR settings\n";
         assert!(analyze(&slice(mtrr, 0, 2048)).is_empty());
-        assert_eq!(analyze(&slice("", 0, 2048))[0].kind, KernelReport::Taint(2048));
+        assert_eq!(
+            analyze(&slice("", 0, 2048))[0].kind,
+            KernelReport::Taint(2048)
+        );
         // A bit already set before is not a change.
         assert!(analyze(&slice("", 512, 512)).is_empty());
         // A user-space record never counts as a kernel report.
@@ -1124,7 +1274,13 @@ mod tests {
         expected: &[KernelReport],
     ) -> (Verdict, Option<String>, Vec<String>) {
         let mut d = Vec::new();
-        let (v, n) = judge(Verdict::Pass, s, expected, Path::new("/run/K1.dmesg"), &mut d);
+        let (v, n) = judge(
+            Verdict::Pass,
+            s,
+            expected,
+            Path::new("/run/K1.dmesg"),
+            &mut d,
+        );
         (v, n, d)
     }
 
@@ -1137,8 +1293,13 @@ mod tests {
             Verdict::Fail("guest kernel: 1 unexpected report (warning)".into())
         );
         assert_eq!(note, None);
-        assert!(d[0].starts_with("KERNEL warning: WARNING: CPU: 1 PID: 176 at "), "{d:?}");
-        assert!(d.iter().any(|l| l == "  | ------------[ cut here ]------------"));
+        assert!(
+            d[0].starts_with("KERNEL warning: WARNING: CPU: 1 PID: 176 at "),
+            "{d:?}"
+        );
+        assert!(d
+            .iter()
+            .any(|l| l == "  | ------------[ cut here ]------------"));
         assert_eq!(d.last().unwrap(), "kernel log: /run/K1.dmesg");
         // A clean slice changes nothing and says nothing.
         let (v, note, d) = judged(Ok(&slice("[ 1.0] all fine\n", 0, 4096)), &[]);
@@ -1168,7 +1329,10 @@ mod tests {
             note.as_deref(),
             Some("XFAIL kernel warning reported as expected (1 report)")
         );
-        assert!(d[0].starts_with("XFAIL (expected) kernel warning: WARNING: CPU:"), "{d:?}");
+        assert!(
+            d[0].starts_with("XFAIL (expected) kernel warning: WARNING: CPU:"),
+            "{d:?}"
+        );
         // Declared but not seen: the oracle missed it.
         let (v, note, _) = judged(Ok(&slice("", 0, 0)), &[KernelReport::Warning]);
         assert_eq!(
@@ -1191,8 +1355,14 @@ mod tests {
         );
         // A declared taint must be the exact new bits.
         let t = slice("", 0, 1 << 6);
-        assert_eq!(judged(Ok(&t), &[KernelReport::Taint(1 << 6)]).0, Verdict::Pass);
-        assert!(matches!(judged(Ok(&t), &[KernelReport::Taint(1 << 5)]).0, Verdict::Fail(_)));
+        assert_eq!(
+            judged(Ok(&t), &[KernelReport::Taint(1 << 6)]).0,
+            Verdict::Pass
+        );
+        assert!(matches!(
+            judged(Ok(&t), &[KernelReport::Taint(1 << 5)]).0,
+            Verdict::Fail(_)
+        ));
     }
 
     #[test]
@@ -1202,7 +1372,9 @@ mod tests {
         let (v, _, d) = judged(Ok(&s), &[]);
         assert_eq!(
             v,
-            Verdict::Fail("guest kernel log incomplete: 3 records overwritten before they were read".into())
+            Verdict::Fail(
+                "guest kernel log incomplete: 3 records overwritten before they were read".into()
+            )
         );
         assert_eq!(d, ["kernel log: /run/K1.dmesg"]);
         let (v, _, d) = judged(Err("agent: timed out"), &[]);
@@ -1233,7 +1405,11 @@ mod tests {
             assert!(!a.reason.is_empty() && !a.pattern.is_empty());
             // Each entry does something: it allows a report line or explains a taint.
             assert!(classify(a.pattern).is_some() || a.taint != 0, "{a:?}");
-            assert!(doc.contains(a.pattern), "docs/lab.md must list {:?}", a.pattern);
+            assert!(
+                doc.contains(a.pattern),
+                "docs/lab.md must list {:?}",
+                a.pattern
+            );
         }
         for a in ALLOWED_TAINT {
             let letter = TAINT_FLAGS[a.bit as usize].letter;

@@ -23,7 +23,8 @@
 //! violations, fault injection), [`profile`] (VM profiles: devices, placement, hotplug mode),
 //! [`qemu`] (command line and child), [`qmp`] (the QMP client: commands, events, hotplug),
 //! [`agent`] (the JSON-lines client), [`ktap`] (writer and parser), [`scenario`] (catalogue,
-//! verdicts), [`host`] (host-side scenarios: QMP, fault injection and journal assertions around
+//! verdicts), [`dmesg`] (the guest kernel's log as a second oracle: report kinds, allowlist,
+//! verdict; [`oracle`] holds its self-tests, the K scenarios), [`host`] (host-side scenarios: QMP, fault injection and journal assertions around
 //! guest commands), [`reset`] (the reset scenarios written on it), [`process`] (children
 //! that die with the lab, SIGINT/SIGTERM handling) and [`manual`] (`pcisim lab up`/`plug`/
 //! `unplug`/`exec`/`console`/`status`/`down`: a VM left running for manual experiments).
@@ -45,10 +46,12 @@
 //! `provision.log`, `guest-build.log`, `kmod-build.log`, `initramfs.cpio`, per scenario `<ID>.stdout`/`<ID>.stderr`
 //! and `<ID>.journal.jsonl` (what the devices journaled during the scenario, one JSON record a
 //! line; a host scenario's guest steps add `<ID>.<n>.stdout`/`.stderr`; the SVA kill cases add
-//! `<ID>.timeline.svg`, see [`timeline`]), and one directory per
+//! `<ID>.timeline.svg`, see [`timeline`]), `<ID>.dmesg` (the guest kernel's log during the
+//! scenario, see [`dmesg`]), and one directory per
 //! VM, named after its profile (`gpu/`, `gpu-npu/`): `console.log` (the guest's ttyS0),
 //! `qemu.log` (QEMU's stderr), `qemu-cmdline.sh`, `qmp.log` (the QMP transcript), `server.log`,
-//! `describe.log`, `agent.log` (the agent link, `>` sent, `<` received), `boot.journal.jsonl`,
+//! `describe.log`, `agent.log` (the agent link, `>` sent, `<` received), `boot.dmesg` (the
+//! guest kernel's boot log), `boot.journal.jsonl`,
 //! `teardown.journal.jsonl` and the sockets (`control.sock` is the server's control socket,
 //! `<device>.sock` the devices', `qmp.sock` QEMU's QMP).
 

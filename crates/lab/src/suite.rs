@@ -3,21 +3,24 @@
 //! ```text
 //! run dir ($XDG_RUNTIME_DIR or /tmp)/pcisim-lab-<pid>-<nonce>/
 //!   provision.log guest-build.log kmod-build.log initramfs.cpio
-//!   E1.stdout E1.stderr E1.journal.jsonl ... R9.1.stdout (a host scenario's guest steps) ...
+//!   E1.stdout E1.stderr E1.journal.jsonl E1.dmesg ... R9.1.stdout (a host scenario's guest steps) ...
 //!   <profile>/   one directory per VM (`gpu/`, `gpu-npu/`):
 //!     server.log describe.log <device>.sock control.sock agent.sock qmp.sock qmp.log
-//!     console.log qemu.log qemu-cmdline.sh agent.log boot.journal.jsonl teardown.journal.jsonl
+//!     console.log qemu.log qemu-cmdline.sh agent.log boot.journal.jsonl boot.dmesg
+//!     teardown.journal.jsonl
 //!
 //! provision.sh ─► cargo build guest-tests ─► guest kernel modules (guest-tests/kmod) ─► initramfs
 //!   ─► for each VM profile the selected scenarios need (in order of first need):
 //!        pcisim serve (--device per device, control.sock) ─► describe
 //!        ─► listen agent.sock ─► QEMU (connects agent.sock, attaches the devices) ─► agent ready
-//!        ─► QMP connected ─► journal check "boot"
+//!        ─► QMP connected ─► journal check "boot" ─► kernel log of the boot (boot.dmesg)
 //!        ─► for each of its scenarios (catalogue order):
 //!             a guest program: agent run pcisim-guest <sub> ... ─► KTAP (nested) + verdict
 //!             a host program: its function drives QMP/control/agent (crate::host) ─► its subtests
 //!             ─► journal check: the devices' records since the previous check
 //!                ─► <ID>.journal.jsonl; any violation makes the scenario `not ok`
+//!             ─► kernel log check: the guest's kmsg records since the previous read
+//!                ─► <ID>.dmesg; any kernel report makes it `not ok` unless declared (crate::dmesg)
 //!        ─► agent poweroff ─► QEMU exits ─► journal check "teardown" ─► journal summary per device
 //!        ─► SIGTERM server ─► clean exit, no panic in its log
 //! ```
@@ -1058,7 +1061,13 @@ fn judge_kernel(
     if let Ok(sl) = &slice {
         save(path.clone(), &sl.render(s.name));
     }
-    dmesg::judge(verdict, slice.as_ref().map_err(String::as_str), s.kernel_reports, &path, diagnostics)
+    dmesg::judge(
+        verdict,
+        slice.as_ref().map_err(String::as_str),
+        s.kernel_reports,
+        &path,
+        diagnostics,
+    )
 }
 
 fn run_scenario(

@@ -42,8 +42,9 @@ fn result_line<'a>(ktap: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// The scenarios that run a deliberately buggy driver and must end `# XFAIL` (R2b: raw FLR with
-/// DMA in flight; M6b, M6c, M7b: the guest NPU driver's mm-release and invalidation bugs).
-const EXPECTED_FAILURES: [&str; 4] = ["R2b", "M6b", "M6c", "M7b"];
+/// DMA in flight; M6b, M6c, M7b: the guest NPU driver's mm-release and invalidation bugs), or
+/// provoke a guest kernel report on purpose (K1, K2: the kernel oracle's own tests).
+const EXPECTED_FAILURES: [&str; 6] = ["R2b", "M6b", "M6c", "M7b", "K1", "K2"];
 
 #[test]
 fn lab_suite_all_scenarios_pass() {
@@ -140,6 +141,35 @@ fn lab_suite_all_scenarios_pass() {
             "{name}: the buggy driver is caught by the journal: {line}"
         );
     }
+
+    // The guest kernel oracle catches a WARNING and a hung task (each must appear, alone), and
+    // no other scenario made the guest kernel complain.
+    for (name, note) in [
+        (
+            "K1 kernel-warn-caught",
+            "# XFAIL kernel warning reported as expected (1 report)",
+        ),
+        (
+            "K2 kernel-hung-task-caught",
+            "# XFAIL kernel hung_task reported as expected",
+        ),
+    ] {
+        let line = result_line(&ktap, name).unwrap_or_else(|| panic!("no result line for {name}"));
+        assert!(line.contains(note), "{name}: {line}");
+    }
+    assert!(
+        ktap.lines().any(
+            |l| l.contains("# XFAIL (expected) kernel hung_task: INFO: task ")
+                && l.contains(" blocked for more than 10 seconds.")
+        ),
+        "K2's hung task is named"
+    );
+    assert!(
+        !ktap.lines().any(|l| l.contains("# KERNEL ")
+            || l.contains("guest kernel log")
+            || l.contains("# boot: ")),
+        "no unexpected guest kernel report, no unreadable or incomplete kernel log"
+    );
 
     // R9: QMP system_reset rebooted the guest, the device journaled a device reset, and the
     // guest enumerated it again.
@@ -248,6 +278,54 @@ fn lab_suite_all_scenarios_pass() {
             "H/M subtest {subtest:?} must pass"
         );
     }
+}
+
+/// The guest kernel oracle without a declaration: K1's module WARNs, and K1 without its
+/// `kernel_reports` is `not ok`, naming the WARNING line and the saved kernel log.
+#[test]
+fn lab_suite_kernel_warning_fails_an_undeclared_scenario() {
+    let _one_vm = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let mut k1 = pcisim_lab::scenario::select(Some("K1"))
+        .pop()
+        .expect("K1 in the catalogue");
+    assert_eq!(
+        k1.kernel_reports,
+        [pcisim_lab::dmesg::KernelReport::Warning]
+    );
+    k1.kernel_reports = &[];
+    let opts = pcisim_lab::SuiteOptions::new(env!("CARGO_BIN_EXE_pcisim"));
+    let mut ktap = Vec::new();
+    let mut progress = Vec::new();
+    let result = pcisim_lab::suite::run_scenarios(&opts, vec![k1], &mut ktap, &mut progress);
+    let ktap = String::from_utf8_lossy(&ktap);
+    let progress = String::from_utf8_lossy(&progress);
+    println!("--- KTAP:\n{ktap}\n--- progress:\n{progress}");
+    let outcome = result.expect("the run itself works");
+    assert_eq!((outcome.passed, outcome.failed), (0, 1));
+    assert_eq!(outcome.exit_code(false), pcisim_lab::suite::EXIT_FAILED);
+    let line = result_line(&ktap, "K1 kernel-warn-caught").expect("K1's result line");
+    assert_eq!(
+        line,
+        "not ok 1 K1 kernel-warn-caught # guest kernel: 1 unexpected report (warning)"
+    );
+    // Its own subtests passed: the kernel log alone failed it.
+    assert!(!ktap.lines().any(|l| l.starts_with("  not ok ")), "{ktap}");
+    let warning = ktap
+        .lines()
+        .find(|l| l.starts_with("  # KERNEL warning: WARNING: CPU: "))
+        .expect("the WARNING line in a diagnostic");
+    assert!(warning.contains("oops_warn_set"), "{warning}");
+    let dmesg = ktap
+        .lines()
+        .find_map(|l| l.strip_prefix("  # kernel log: "))
+        .expect("the .dmesg path in a diagnostic");
+    assert!(dmesg.ends_with("/K1.dmesg"), "{dmesg}");
+    let saved = std::fs::read_to_string(dmesg).expect("the saved kernel log");
+    assert!(saved.contains("] WARNING: CPU: "), "{saved}");
+    assert!(saved.contains("] pcisim_oops: WARN requested through the warn parameter"));
+    let dir = std::path::Path::new(dmesg).parent().unwrap();
+    assert!(progress.contains(&format!("lab: kept run directory {}", dir.display())));
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
