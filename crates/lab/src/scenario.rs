@@ -270,6 +270,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M9 dma-map-1g-pages",
             timeout: Duration::from_secs(1800),
             program: Program::Host(crate::dmamap::M9),
+            kernel_reports: &[],
         },
         Scenario {
             id: "M6",
