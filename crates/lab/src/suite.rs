@@ -1031,41 +1031,34 @@ fn check_boot_kernel(
     Ok(clean)
 }
 
-/// The scenario's kernel log slice, saved as `RUN/<ID>.dmesg` and judged against its declared
-/// kernel reports ([`dmesg::judge`]). `mark` is where the slice starts (the previous read's
-/// end); `start` says why there is none. Not read when the VM is unusable.
+/// The scenario's kernel log slice, saved as `dmesg` (`RUN/<ID>.dmesg`) and judged against
+/// its declared kernel reports ([`dmesg::judge`]). `mark` is where the slice starts (the
+/// previous read's end); `start` says why there is none.
 fn judge_kernel(
     s: &Scenario,
-    vm: &mut Vm,
+    agent: &mut Agent,
     mark: &mut Option<KmsgMark>,
     start: Result<(), String>,
-    broken: bool,
-    run: &RunDir,
+    dmesg: &Path,
     verdict: Verdict,
     diagnostics: &mut Vec<String>,
 ) -> (Verdict, Option<String>) {
-    let path = run.join(&format!("{}.dmesg", s.id));
-    if broken {
-        *mark = None;
-        diagnostics.push("kernel log not read: the VM is unusable".into());
-        return (verdict, None);
-    }
     let slice = match start {
-        Ok(()) => dmesg::read(&mut vm.agent, mark).map_err(|e| e.to_string()),
+        Ok(()) => dmesg::read(agent, mark).map_err(|e| e.to_string()),
         Err(why) => {
             // Move the mark for the next scenario; this one has no start.
-            *mark = dmesg::mark(&mut vm.agent).ok();
+            *mark = dmesg::mark(agent).ok();
             Err(format!("no start position: {why}"))
         }
     };
     if let Ok(sl) = &slice {
-        save(path.clone(), &sl.render(s.name));
+        save(dmesg.to_path_buf(), &sl.render(s.name));
     }
     dmesg::judge(
         verdict,
         slice.as_ref().map_err(String::as_str),
         s.kernel_reports,
-        &path,
+        dmesg,
         diagnostics,
     )
 }
@@ -1143,17 +1136,24 @@ fn run_scenario(
             judge_expected(verdict, window, &expected, &mut diagnostics)
         };
     }
-    let (v, kernel_xfail) = judge_kernel(
-        s,
-        vm,
-        kmsg,
-        kmsg_start,
-        broken.is_some(),
-        run,
-        verdict,
-        &mut diagnostics,
-    );
-    verdict = v;
+    // The guest kernel's log of the scenario (not read when the VM is unusable).
+    let kernel_xfail = if broken.is_some() {
+        *kmsg = None;
+        diagnostics.push("kernel log not read: the VM is unusable".into());
+        None
+    } else {
+        let (v, note) = judge_kernel(
+            s,
+            &mut vm.agent,
+            kmsg,
+            kmsg_start,
+            &run.join(&format!("{}.dmesg", s.id)),
+            verdict,
+            &mut diagnostics,
+        );
+        verdict = v;
+        note
+    };
     let xfail = match (xfail, kernel_xfail) {
         _ if verdict != Verdict::Pass => None,
         (Some(a), Some(b)) => Some(format!("{a}; {b}")),
