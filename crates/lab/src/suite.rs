@@ -1154,12 +1154,22 @@ fn run_scenario(
         verdict = v;
         note
     };
-    let xfail = match (xfail, kernel_xfail) {
-        _ if verdict != Verdict::Pass => None,
+    let xfail = xfail_note(&verdict, xfail, kernel_xfail);
+    report.scenario_noted(s, &verdict, &nested, &diagnostics, elapsed, xfail)
+}
+
+/// The note on a scenario's result line: its journal's and its kernel log's `XFAIL ...` notes,
+/// joined, and only if it passed (a later failure voids an earlier expected failure's note).
+fn xfail_note(
+    verdict: &Verdict,
+    journal: Option<String>,
+    kernel: Option<String>,
+) -> Option<String> {
+    match (journal, kernel) {
+        _ if *verdict != Verdict::Pass => None,
         (Some(a), Some(b)) => Some(format!("{a}; {b}")),
         (a, b) => a.or(b),
-    };
-    report.scenario_noted(s, &verdict, &nested, &diagnostics, elapsed, xfail)
+    }
 }
 
 /// [`judge_journal`] for a scenario that provokes violations on purpose (a buggy guest
@@ -1395,6 +1405,27 @@ mod tests {
         );
         assert_eq!(v, Verdict::Fail("exit 1".into()));
         assert_eq!(note, None);
+    }
+
+    #[test]
+    fn test_xfail_notes_join_and_vanish_on_failure() {
+        let j = Some("XFAIL dma_during_reset journaled as expected (1 violation)".to_string());
+        let k = Some("XFAIL kernel hung_task reported as expected (2 reports)".to_string());
+        assert_eq!(
+            xfail_note(&Verdict::Pass, j.clone(), k.clone()).as_deref(),
+            Some(
+                "XFAIL dma_during_reset journaled as expected (1 violation); \
+                 XFAIL kernel hung_task reported as expected (2 reports)"
+            )
+        );
+        assert_eq!(xfail_note(&Verdict::Pass, None, k.clone()), k);
+        assert_eq!(xfail_note(&Verdict::Pass, j.clone(), None), j);
+        assert_eq!(xfail_note(&Verdict::Pass, None, None), None);
+        // The kernel log failed a scenario whose journal XFAIL held: no XFAIL note.
+        assert_eq!(
+            xfail_note(&Verdict::Fail("guest kernel: ...".into()), j, None),
+            None
+        );
     }
 
     #[test]
