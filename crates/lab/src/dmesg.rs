@@ -1181,6 +1181,82 @@ mod tests {
         assert_eq!(kinds(&text), [KernelReport::Warning]);
     }
 
+    /// An agent whose guest answers each `kmsg` request with the next of `replies` (the request's
+    /// fields are sent back through the returned handle).
+    fn canned_agent(
+        replies: Vec<serde_json::Value>,
+    ) -> (Agent, std::thread::JoinHandle<Vec<serde_json::Value>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut w = guest.try_clone().unwrap();
+            let mut seen = Vec::new();
+            let mut lines = BufReader::new(guest).lines();
+            for mut reply in replies {
+                let req: serde_json::Value =
+                    serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+                reply["id"] = req["id"].clone();
+                w.write_all(format!("{reply}\n").as_bytes()).unwrap();
+                seen.push(req);
+            }
+            seen
+        });
+        (Agent::new(host), t)
+    }
+
+    #[test]
+    fn test_read_back_to_back_slices_gaps_and_reboot() {
+        let reply = |records: &[&str], next: u64, boot: &str, tainted: u64, rebooted: bool| {
+            serde_json::json!({"ok": true, "records": records, "next_seq": next,
+                "boot_id": boot, "tainted": tainted, "rebooted": rebooted})
+        };
+        let (mut agent, guest) = canned_agent(vec![
+            // The boot: records 0..=2.
+            reply(
+                &["6,0,1,-;Linux version", "6,1,2,-;a", "6,2,3,-;b"],
+                3,
+                "B1",
+                2048,
+                false,
+            ),
+            // A scenario: 3 and 4 were overwritten before the read.
+            reply(&["4,5,9,-;c"], 6, "B1", 6144, false),
+            // The guest rebooted: the new boot's log, its record 0 already overwritten.
+            reply(&["6,1,2,-;x"], 2, "B2", 0, true),
+        ]);
+        let mut mark = None;
+        let boot = read(&mut agent, &mut mark).unwrap();
+        assert_eq!(
+            (boot.records.len(), boot.lost, boot.rebooted),
+            (3, 0, false)
+        );
+        assert_eq!((boot.taint_before, boot.taint_after), (0, 2048));
+        assert_eq!(mark.as_ref().map(|m| m.next_seq), Some(3));
+        let s = read(&mut agent, &mut mark).unwrap();
+        assert_eq!(s.records[0].seq, 5);
+        assert_eq!(s.lost, 2);
+        assert_eq!((s.taint_before, s.taint_after), (2048, 6144));
+        let r = read(&mut agent, &mut mark).unwrap();
+        assert!(r.rebooted);
+        assert_eq!((r.lost, r.taint_before), (1, 0));
+        assert_eq!(
+            mark,
+            Some(KmsgMark {
+                next_seq: 2,
+                boot_id: "B2".into(),
+                tainted: 0
+            })
+        );
+        drop(agent);
+        let seen = guest.join().unwrap();
+        assert_eq!(seen[0]["after"], serde_json::Value::Null);
+        assert_eq!(
+            (seen[1]["after"].as_u64(), seen[1]["boot_id"].as_str()),
+            (Some(2), Some("B1"))
+        );
+        assert_eq!(seen[2]["after"].as_u64(), Some(5));
+    }
+
     #[test]
     fn test_count_lost_gaps() {
         assert_eq!(count_lost(Some(9), [10, 11, 12]), 0);
