@@ -529,6 +529,20 @@ mod tests {
         for s in catalogue() {
             assert!(s.name.starts_with(&format!("{} ", s.id)));
         }
+        // Expected kernel reports are declared on purpose, by these scenarios only.
+        let declared: Vec<(&str, &[KernelReport])> = catalogue()
+            .iter()
+            .filter(|s| !s.kernel_reports.is_empty())
+            .map(|s| (s.id, s.kernel_reports))
+            .collect();
+        assert_eq!(
+            declared,
+            [
+                ("R8", &[KernelReport::HungTask][..]),
+                ("K1", &[KernelReport::Warning]),
+                ("K2", &[KernelReport::HungTask])
+            ]
+        );
     }
 
     #[test]

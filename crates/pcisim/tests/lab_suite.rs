@@ -285,6 +285,40 @@ fn lab_suite_all_scenarios_pass() {
     }
 }
 
+/// The guest kernel oracle with the declarations: K1's WARNING and K2's hung task (a task in
+/// state D for three hung task periods) are found in their scenarios' kernel logs, so both pass
+/// as expected failures (a declared report that did not appear would fail them).
+#[test]
+fn lab_suite_kernel_oracle_catches_a_warning_and_a_hung_task() {
+    let out = lab_suite(&["--filter", "K"]);
+    let ktap = String::from_utf8_lossy(&out.stdout);
+    assert!(ktap.starts_with("KTAP version 1\n1..2\n"), "KTAP header");
+    assert_eq!(
+        result_line(&ktap, "K1 kernel-warn-caught"),
+        Some("ok 1 K1 kernel-warn-caught # XFAIL kernel warning reported as expected (1 report)")
+    );
+    let k2 = result_line(&ktap, "K2 kernel-hung-task-caught").expect("K2's result line");
+    assert!(
+        k2.starts_with(
+            "ok 2 K2 kernel-hung-task-caught # XFAIL kernel hung_task reported as expected ("
+        ),
+        "{k2}"
+    );
+    assert!(ktap.lines().any(|l| l
+        .starts_with("  # XFAIL (expected) kernel warning: WARNING: CPU: ")
+        && l.contains("oops_warn_set")));
+    assert!(ktap.lines().any(|l| l
+        .starts_with("  # XFAIL (expected) kernel hung_task: INFO: task busybox:")
+        && l.ends_with(" blocked for more than 10 seconds.")));
+    assert!(
+        ktap.lines()
+            .any(|l| l
+                == "  ok 1 kernel.hung_task_timeout_secs is 10 (set on the kernel command line)"),
+        "the guest's hung task timeout"
+    );
+    assert!(out.status.success(), "{}", out.status);
+}
+
 /// The guest kernel oracle without a declaration: K1's module WARNs, and K1 without its
 /// `kernel_reports` is `not ok`, naming the WARNING line and the saved kernel log.
 #[test]
