@@ -136,6 +136,7 @@ pub struct EndpointBuilder {
     pasid: Option<PasidConfig>,
     pri: Option<PriConfig>,
     immediate_readiness: bool,
+    journal_records: usize,
 }
 
 impl EndpointBuilder {
@@ -155,6 +156,7 @@ impl EndpointBuilder {
             pasid: None,
             pri: None,
             immediate_readiness: false,
+            journal_records: DEFAULT_CAPACITY,
         }
     }
 
@@ -216,6 +218,15 @@ impl EndpointBuilder {
     /// Add the PRI extended capability.
     pub fn pri(mut self, cfg: PriConfig) -> Self {
         self.pri = Some(cfg);
+        self
+    }
+
+    /// How many records the function's journal ring keeps (at least 16; default
+    /// [`DEFAULT_CAPACITY`]). A reader that falls further behind loses records and its window
+    /// is incomplete (docs/journal.md), so a scenario that journals more between two reads
+    /// needs a bigger ring.
+    pub fn journal_records(mut self, records: usize) -> Self {
+        self.journal_records = records;
         self
     }
 
@@ -306,7 +317,7 @@ impl EndpointBuilder {
         fields.extend(bars.fields());
         fields.extend(chain.fields());
         let config = ConfigSpace::from_fields(&fields)?;
-        let journal = Journal::new(&self.name, DEFAULT_CAPACITY);
+        let journal = Journal::new(&self.name, self.journal_records);
         let bus = Bus::with_msi(
             &self.name,
             journal.clone(),

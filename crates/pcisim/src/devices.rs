@@ -41,10 +41,15 @@ struct Common<'a> {
     class_code: &'a mut u32,
     no_soft_reset: &'a mut bool,
     immediate_readiness: &'a mut bool,
+    journal_records: &'a mut usize,
 }
 
+/// The largest journal ring a device option may ask for (a record is ~100-200 bytes: at most a
+/// few hundred MiB when full).
+const MAX_JOURNAL_RECORDS: u64 = 1 << 20;
+
 /// The common option names, for error messages.
-const COMMON_OPTIONS: &str = "vendor, device, class, no_soft_reset, immediate_readiness";
+const COMMON_OPTIONS: &str = "vendor, device, class, no_soft_reset, immediate_readiness, journal";
 
 impl Common<'_> {
     /// Apply `k=v` if it is a common option; `Ok(false)` if it is not one.
@@ -65,6 +70,15 @@ impl Common<'_> {
             }
             "no_soft_reset" => *self.no_soft_reset = parse_bool(v).with_context(ctx)?,
             "immediate_readiness" => *self.immediate_readiness = parse_bool(v).with_context(ctx)?,
+            "journal" => {
+                let n = parse_u64(v).with_context(ctx)?;
+                if !(16..=MAX_JOURNAL_RECORDS).contains(&n) {
+                    bail!(
+                        "device {id}: journal={v}: records kept must be 16..={MAX_JOURNAL_RECORDS}"
+                    );
+                }
+                *self.journal_records = n as usize;
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -118,6 +132,7 @@ fn build_npu(spec: &DeviceSpec, gpus: &[GpuPeer]) -> Result<Built> {
             class_code: &mut cfg.class_code,
             no_soft_reset: &mut cfg.no_soft_reset,
             immediate_readiness: &mut cfg.immediate_readiness,
+            journal_records: &mut cfg.journal_records,
         };
         if common.apply(&spec.id, k, v)? {
             continue;
@@ -205,6 +220,7 @@ fn build_gpu(spec: &DeviceSpec) -> Result<(Endpoint<Gpu>, Description)> {
             class_code: &mut cfg.class_code,
             no_soft_reset: &mut cfg.no_soft_reset,
             immediate_readiness: &mut cfg.immediate_readiness,
+            journal_records: &mut cfg.journal_records,
         };
         if common.apply(&spec.id, k, v)? {
             continue;
@@ -270,5 +286,39 @@ mod tests {
         assert_eq!(ids(&gpu(",irq=msi").unwrap()), [0x01, 0x05, 0x10]);
         let e = gpu(",irq=intx").err().unwrap().to_string();
         assert!(e.contains("expected msix or msi"), "{e}");
+    }
+
+    /// Records `n` notes into a built device's journal and returns (records readable from
+    /// the start, records lost).
+    fn fill_journal(b: &Built, n: u64) -> (usize, u64) {
+        let journal = b.control.lock().unwrap().journal();
+        let start = journal.last_seq();
+        for i in 0..n {
+            journal.record(pcisim_pci::journal::Event::Note {
+                text: format!("note {i}"),
+            });
+        }
+        let (records, lost) = journal.since(start);
+        (records.len(), lost)
+    }
+
+    #[test]
+    fn test_journal_option_sizes_the_ring_for_gpu_and_npu() {
+        let default = pcisim_pci::journal::DEFAULT_CAPACITY as u64;
+        // The default ring loses what exceeds it (the instrument can see a loss) ...
+        let (kept, lost) = fill_journal(&gpu("").unwrap(), default + 500);
+        assert_eq!((kept as u64, lost), (default, 500));
+        // ... and journal=N keeps N.
+        let (kept, lost) = fill_journal(&gpu(",journal=16384").unwrap(), default + 500);
+        assert_eq!((kept as u64, lost), (default + 500, 0));
+        let npu =
+            build(&crate::spec::parse("npu:socket=/tmp/unused.sock,id=n,journal=9000", 0).unwrap())
+                .unwrap();
+        let (kept, lost) = fill_journal(&npu, 9000);
+        assert_eq!((kept, lost), (9000, 0));
+        for bad in ["8", "x", "2000000"] {
+            let e = gpu(&format!(",journal={bad}")).err().unwrap().to_string();
+            assert!(e.contains("journal="), "{bad}: {e}");
+        }
     }
 }

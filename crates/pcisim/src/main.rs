@@ -37,7 +37,7 @@ struct Cli {
 enum Cmd {
     /// Serve devices, each on its own vfio-user socket, until SIGINT/SIGTERM.
     Serve {
-        /// `gpu:socket=PATH[,vram=SIZE][,id=NAME][,irq=msix|msi][,no_soft_reset=on|off][,vendor=..][,device=..][,class=..]`
+        /// `gpu:socket=PATH[,vram=SIZE][,id=NAME][,irq=msix|msi][,no_soft_reset=on|off][,journal=N][,vendor=..][,device=..][,class=..]`
         /// or `npu:socket=PATH[,id=NAME][,peer=GPU_ID][,checking=on|off][,chunk_delay_us=N]`
         #[arg(long = "device", required = true)]
         devices: Vec<String>,

@@ -113,6 +113,8 @@ pub struct GpuConfig {
     pub no_soft_reset: bool,
     /// Status "Immediate Readiness".
     pub immediate_readiness: bool,
+    /// Records the journal ring keeps (`journal=N`).
+    pub journal_records: usize,
     /// MSI-X or MSI.
     pub irq: IrqMode,
 }
@@ -130,6 +132,7 @@ impl Default for GpuConfig {
             subsystem_id: ids::SUBSYSTEM_ID,
             no_soft_reset: false,
             immediate_readiness: false,
+            journal_records: pcisim_pci::journal::DEFAULT_CAPACITY,
             irq: IrqMode::default(),
         }
     }
@@ -216,6 +219,7 @@ pub fn endpoint(cfg: &GpuConfig) -> Result<Endpoint<Gpu>, GpuError> {
         .pasid(PasidConfig::default())
         .pri(PriConfig::default())
         .immediate_readiness(cfg.immediate_readiness)
+        .journal_records(cfg.journal_records)
         .build(gpu)?;
     Ok(ep)
 }

@@ -137,6 +137,8 @@ pub struct NpuConfig {
     pub no_soft_reset: bool,
     /// Status "Immediate Readiness".
     pub immediate_readiness: bool,
+    /// Records the journal ring keeps (`journal=N`).
+    pub journal_records: usize,
     /// The GPU peer named in the vendor-specific capability, if any.
     pub peer: Option<PeerConfig>,
     /// Checking mode: re-walk on every ATC hit and journal stale translation uses.
@@ -163,6 +165,7 @@ impl Default for NpuConfig {
             subsystem_id: ids::SUBSYSTEM_ID,
             no_soft_reset: false,
             immediate_readiness: false,
+            journal_records: pcisim_pci::journal::DEFAULT_CAPACITY,
             peer: None,
             checking: true,
             atc_entries: atc::DEFAULT_CAPACITY as u32,
@@ -238,6 +241,7 @@ pub fn endpoint(cfg: &NpuConfig) -> Result<Endpoint<Npu>, NpuError> {
         })
         .pri(PriConfig::default())
         .immediate_readiness(cfg.immediate_readiness)
+        .journal_records(cfg.journal_records)
         .build(npu)?;
     Ok(ep)
 }
