@@ -8,7 +8,8 @@
 #   * a toolchain for guest kernel modules inside the trixie root: that exact kernel's
 #     linux-headers, the gcc it was built with, make (the lab builds guest-tests/kmod/ chrooted),
 #   * a verdict on the accelerator: nested KVM on our CI machines "works" until Linux boots and then
-#     dies with "KVM internal error ... emulation failure", so we boot a tiny initramfs to find out.
+#     dies with "KVM internal error ... emulation failure"; the kvm-ioctls probe (`pcisim lab
+#     kvm-probe`) says so in milliseconds, and a tiny initramfs boot confirms a KVM it accepts.
 #
 # Everything lives in a cache outside the repository (see CACHE below). The script is idempotent:
 # each step leaves a stamp and is skipped when the stamp is there, so a second run takes seconds.
@@ -647,9 +648,35 @@ kbuild_ready || provision_kbuild
 if ((APT_UPDATED)); then rm -rf "$APTDIR/state/lists" "$APTDIR/cache"; fi
 
 # ---------------------------------------------------------------------------------------------
-# Step 7: accelerator. /dev/kvm existing is not enough (nested KVM breaks mid-boot), so boot a
-# tiny initramfs under KVM and see whether it reaches userspace. Cached per host boot.
+# Step 7: accelerator. /dev/kvm existing is not enough (PVM, the nested KVM of our machines,
+# emulates the guest kernel and dies on its first VEX instruction), so ask the fast kvm-ioctls
+# probe (`pcisim lab kvm-probe`, ~10 ms; see docs/lab.md) first, and boot a tiny initramfs under
+# KVM only when it says KVM is usable (the boot confirms it). Cached per host boot.
 # ---------------------------------------------------------------------------------------------
+
+# kvm_fast_verdict: prints "usable" or "unusable: REASON" from the kvm-ioctls probe, or fails
+# when there is no probe to ask. The lab runs the probe itself and passes its verdict in
+# $PCISIM_KVM_VERDICT; by hand, a pcisim binary ($PCISIM_BIN, else on PATH, else the
+# repository's target/{release,debug}) is asked.
+kvm_fast_verdict() {
+    if [[ -n ${PCISIM_KVM_VERDICT:-} ]]; then
+        printf '%s\n' "$PCISIM_KVM_VERDICT"
+        return 0
+    fi
+    local bin="" c out rc=0 repo
+    repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    for c in "${PCISIM_BIN:-}" "$(command -v pcisim || true)" "$repo/target/release/pcisim" \
+        "$repo/target/debug/pcisim"; do
+        if [[ -n $c && -x $c ]]; then bin=$c; break; fi
+    done
+    [[ -n $bin ]] || return 1
+    out=$("$bin" lab kvm-probe 2>>"$LOGS/accel-kvm-probe.log") || rc=$?
+    case $rc in
+        0) echo usable ;;
+        1) printf 'unusable: %s\n' "${out#kvm: unusable: }" ;;
+        *) return 1 ;;
+    esac
+}
 
 # Build the probe initramfs: just busybox and an /init. /dev/console comes from the kernel's
 # built-in default initramfs, so no device nodes (and no root) are needed here.
@@ -702,7 +729,14 @@ detect_accel() {
         || die "the guest does not boot even under TCG; see $LOGS/accel-tcg.log"
     tcg_s=$PROBE_SECONDS
     log "TCG boot-to-poweroff: ${tcg_s} s"
-    if (exec 3<>/dev/kvm) 2>/dev/null; then
+    local fast="" probe=boot
+    if fast=$(kvm_fast_verdict); then probe=kvm-ioctls; fi
+    if ! (exec 3<>/dev/kvm) 2>/dev/null; then
+        kvm_note="/dev/kvm not openable"
+    elif [[ $fast == unusable* ]]; then
+        kvm_note="broken (kvm-ioctls probe): ${fast#unusable: }"
+    else
+        [[ -n $fast ]] && log "kvm-ioctls probe: $fast"
         log "accel probe: booting under KVM (-accel kvm -cpu host, timeout ${ACCEL_TIMEOUT}s)"
         if boot_probe kvm host "$LOGS/accel-kvm.log"; then
             accel=kvm cpu=host kvm_note="works (boot-to-poweroff ${PROBE_SECONDS} s)"
@@ -711,8 +745,6 @@ detect_accel() {
         else
             kvm_note="no marker after ${PROBE_SECONDS} s (see $LOGS/accel-kvm.log)"
         fi
-    else
-        kvm_note="/dev/kvm not openable"
     fi
     log "KVM: $kvm_note -> using $accel"
     cat >"$ACCEL_FILE.tmp" <<EOF
@@ -721,6 +753,7 @@ accel=$accel
 cpu=$cpu
 tcg_boot_seconds=$tcg_s
 kvm=$kvm_note
+kvm_probe=$probe
 qemu=$QEMU_VERSION
 kver=$(cat "$KDIR/kver")
 EOF

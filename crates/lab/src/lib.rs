@@ -66,6 +66,7 @@ pub mod hotplug;
 pub mod initramfs;
 pub mod kmod;
 pub mod ktap;
+pub mod kvmprobe;
 pub mod manual;
 pub mod mm;
 pub mod oracle;

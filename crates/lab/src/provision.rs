@@ -180,6 +180,10 @@ pub fn provision(scripts: &Path, kernel: &str, log: &Path) -> Result<ProvisionEn
     }
     let mut cmd = Command::new("bash");
     cmd.arg(&script).args(["--kernel", kernel]);
+    // The accelerator verdict comes from the sub-second kvm-ioctls probe, not from a KVM boot
+    // that can hang for a minute on a broken host (the script uses it when it has no verdict
+    // cached for this host boot).
+    cmd.env("PCISIM_KVM_VERDICT", crate::kvmprobe::probe().script_line());
     let out = process::run_captured("provision.sh", &mut cmd, PROVISION_TIMEOUT, log)?;
     if !out.status.success() {
         return Err(ProvisionError::Failed {

@@ -121,6 +121,14 @@ enum LabCmd {
         #[arg(long)]
         allow_skip: bool,
     },
+    /// Whether this host's KVM can run the lab's guest: a sub-second kvm-ioctls probe (a
+    /// long-mode vCPU running plain and VEX code). Prints the verdict and the reason; exits 0
+    /// when KVM is usable, 1 when not (see docs/lab.md).
+    KvmProbe {
+        /// Print the verdict, the reason and each check as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a VM with the profile's devices and free hot-add slots, left running (manual
     /// experiments; see docs/hotplug.md).
     Up {
@@ -297,6 +305,17 @@ fn run(cli: Cli) -> Result<i32> {
                 }
                 Ok(code)
             }
+            LabCmd::KvmProbe { json } => {
+                let v = pcisim_lab::kvmprobe::probe();
+                let text = if json {
+                    serde_json::to_string_pretty(&v)?
+                } else {
+                    let verdict = if v.usable { "usable" } else { "unusable" };
+                    format!("kvm: {verdict}: {} ({:.1} ms)", v.reason, v.elapsed_ms)
+                };
+                print_out(&format!("{text}\n"))?;
+                Ok(if v.usable { 0 } else { 1 })
+            }
             cmd => lab_manual(cmd),
         },
         Cmd::Bench { quick, smoke } => match bench::run(quick, smoke) {
@@ -316,7 +335,9 @@ fn lab_manual(cmd: LabCmd) -> Result<i32> {
     // anybody still reads what they say: a reader that went away only silences them.
     let mut out = PipeSafe::stdout();
     match cmd {
-        LabCmd::Suite { .. } => anyhow::bail!("lab suite is not a manual command"),
+        LabCmd::Suite { .. } | LabCmd::KvmProbe { .. } => {
+            anyhow::bail!("not a manual command")
+        }
         LabCmd::Up {
             profile,
             kernel,
