@@ -546,6 +546,21 @@ mod tests {
     }
 
     #[test]
+    fn test_script_line_is_one_line_verdict() {
+        let mut v = KvmVerdict {
+            usable: true,
+            reason: "fine".into(),
+            module: None,
+            checks: Vec::new(),
+            elapsed_ms: 1.0,
+        };
+        assert_eq!(v.script_line(), "usable");
+        v.usable = false;
+        v.reason = "a\nb\rc".into();
+        assert_eq!(v.script_line(), "unusable: a b c");
+    }
+
+    #[test]
     fn test_programs_end_in_out_and_hlt() {
         for p in &PROGRAMS {
             assert_eq!(p.code.last(), Some(&0xf4), "{}", p.name);
