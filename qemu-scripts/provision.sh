@@ -15,7 +15,13 @@
 # each step leaves a stamp and is skipped when the stamp is there, so a second run takes seconds.
 # Logs and progress go to stderr; stdout carries only the final PCISIM_* lines (for `eval`/`source`).
 #
-# Usage: qemu-scripts/provision.sh [--kernel 6.12] [--print-env] [--help]
+# Each guest kernel series has its own cache entry ($CACHE/guest/debian-<series>: vmlinuz, config,
+# the depmod'ed module tree) and its own headers in the trixie root; provisioning one series never
+# removes or rewrites another's. (Users' own kernels, `pcisim lab --kernel-image/--kernel-tree`, live
+# in guest/image-<hash> and guest/tree-<hash> entries the lab makes itself; this script never
+# touches them.)
+#
+# Usage: qemu-scripts/provision.sh [--kernel 6.12|7.3] [--print-env] [--help]
 set -euo pipefail
 
 CACHE=${PCISIM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pcisim}
@@ -46,13 +52,14 @@ Provision QEMU (with vfio-user-pci), a Debian guest kernel + modules, busybox, a
 whether KVM works (else TCG). Cache: \$PCISIM_CACHE, default \${XDG_CACHE_HOME:-\$HOME/.cache}/pcisim
 (now: $CACHE).
 
-  --kernel VER   guest kernel series (default 6.12, from Debian $SUITE)
+  --kernel VER   guest kernel series: 6.12 (default, Debian $SUITE) or 7.3 ($BACKPORTS)
   --print-env    print the PCISIM_* lines if everything is already provisioned; else exit 1
   --help         this text
 
 On success prints to stdout:
   PCISIM_QEMU= PCISIM_QEMU_VERSION= PCISIM_KERNEL= PCISIM_KVER= PCISIM_MODULES=
   PCISIM_BUSYBOX= PCISIM_ACCEL= PCISIM_CPU= PCISIM_KBUILD_ROOT= PCISIM_KHEADERS=
+  PCISIM_KCONFIG= PCISIM_CACHE=
 
 The kernel module toolchain step installs packages into the trixie root with chroot, so it needs
 root; run as another user it stops with an error (once done, any user can use the result).
@@ -73,14 +80,15 @@ while (($#)); do
 done
 
 # Which Debian suite each supported guest kernel series comes from. Adding a series is one line
-# here, e.g. `7.2) echo "$BACKPORTS" ;;` for the backports kernel; the rest is generic.
+# here; the rest is generic. (The lab's own list, crates/lab/src/kernel.rs, must say the same.)
 kernel_suite() {
     case $1 in
         6.12) echo "$SUITE" ;;
+        7.3) echo "$BACKPORTS" ;;
         *) return 1 ;;
     esac
 }
-kernel_suite "$KERNEL" >/dev/null || die "unsupported --kernel '$KERNEL' (supported: 6.12)"
+kernel_suite "$KERNEL" >/dev/null || die "unsupported --kernel '$KERNEL' (supported: 6.12, 7.3)"
 
 BIN=$CACHE/bin
 WRAPPER=$BIN/qemu-system-x86_64
@@ -88,7 +96,9 @@ ROOT=$CACHE/trixie-root
 STAMPS=$CACHE/stamps
 APTDIR=$CACHE/apt
 GUEST=$CACHE/guest
-KDIR=$GUEST/$KERNEL
+# This series' own cache entry. (Before kernels had entries of their own it was guest/<series>.)
+ENTRY=debian-$KERNEL
+KDIR=$GUEST/$ENTRY
 BUSYBOX=$GUEST/busybox
 ACCEL_FILE=$CACHE/accel
 LOGS=$CACHE/logs
@@ -176,9 +186,9 @@ accel_get() { accel_cached | sed -n "s/^$1=//p"; }
 
 guest_ready() { [[ -s $KDIR/kver && -f $KDIR/vmlinuz && -f $KDIR/modules/modules.dep && -x $BUSYBOX ]]; }
 
-# The kernel module toolchain in the root matches the guest kernel: the stamp holds the
-# "PACKAGE VERSION KVER" it was installed for (a re-provisioned kernel invalidates it).
-KBUILD_STAMP=$STAMPS/kbuild
+# The kernel module toolchain in the root matches the guest kernel: the stamp (one per series)
+# holds the "PACKAGE VERSION KVER" it was installed for (a re-provisioned kernel invalidates it).
+KBUILD_STAMP=$STAMPS/kbuild-$ENTRY
 kbuild_id() { [[ -s $KDIR/package && -s $KDIR/kver ]] && printf '%s %s\n' "$(cat "$KDIR/package")" "$(cat "$KDIR/kver")"; }
 # The headers directory as seen inside the root (what `make -C` gets when chrooted).
 kheaders() { echo "/usr/src/linux-headers-$(cat "$KDIR/kver")"; }
@@ -204,6 +214,8 @@ PCISIM_ACCEL=$(accel_get accel)
 PCISIM_CPU=$(accel_get cpu)
 PCISIM_KBUILD_ROOT=$ROOT
 PCISIM_KHEADERS=$(kheaders)
+PCISIM_KCONFIG=$KDIR/config
+PCISIM_CACHE=$CACHE
 EOF
 }
 
@@ -227,6 +239,18 @@ exec 9>"$CACHE/.lock"
 flock 9
 HAVE_LOCK=1
 rm -rf "$CACHE"/tmp.*   # leftovers of an interrupted run
+
+# A cache from before per-kernel entries (guest/6.12, stamps/kbuild): this series' entry and
+# stamp are made from them (hard-linked, not re-downloaded). The old ones stay for older checkouts
+# sharing the cache (which know only 6.12); `rm -rf $GUEST/6.12 $STAMPS/kbuild` once none is left.
+if [[ -d $GUEST/$KERNEL && ! -e $KDIR && -s $GUEST/$KERNEL/kver ]]; then
+    cp -al "$GUEST/$KERNEL" "$KDIR.tmp" && mv "$KDIR.tmp" "$KDIR"
+    log "cache entry $KDIR made from the old $GUEST/$KERNEL"
+fi
+if [[ -f $STAMPS/kbuild && ! -e $KBUILD_STAMP ]] \
+    && [[ $(cut -d' ' -f1 "$STAMPS/kbuild") == linux-image-"$KERNEL".* ]]; then
+    cp "$STAMPS/kbuild" "$KBUILD_STAMP"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Step 1: which QEMU? (decided first, because it decides whether mmdebstrap is needed)
@@ -466,27 +490,41 @@ provision_kernel() {
         || die "no linux-image-$KERNEL.*-amd64 in $suite"
     log "guest kernel: $pkg $ver ($suite)"
     tmp=$(mktempdir)
-    apt_download "$pkg=$ver" "$tmp"
+    # 6.12's linux-image-<kver> holds everything; newer Debian kernels (7.x in backports) split it:
+    # the image package is empty and depends on linux-binary-<kver> (vmlinuz), linux-modules-<kver>
+    # and linux-base-<kver> (config, System.map, modules.builtin), all in usr/lib/modules/<kver>/.
+    local -a parts=("$pkg=$ver")
+    local dep
+    while read -r dep; do parts+=("$dep=$ver"); done < <(
+        tapt apt-cache show --no-all-versions "$pkg=$ver" | sed -n 's/^Depends: //p' | head -n1 \
+            | tr ',|' '\n\n' | sed 's/^ *//; s/ .*//' | grep -E '^linux-(binary|modules|base)-[0-9]' | sort -u)
+    log "packages: ${parts[*]}"
+    for dep in "${parts[@]}"; do apt_download "$dep" "$tmp"; done
     # dpkg-deb -x: just the files; no maintainer scripts, so no initramfs-tools/hooks run.
-    dpkg-deb -x "$tmp"/*.deb "$tmp/x"
+    local deb
+    for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$tmp/x"; done
     local vmlinuz
-    vmlinuz=$(find "$tmp/x/boot" -maxdepth 1 -name 'vmlinuz-*' | head -n1)
-    [[ -n $vmlinuz ]] || die "$pkg has no boot/vmlinuz-*"
-    kver=${vmlinuz##*/vmlinuz-}
+    vmlinuz=$( { find "$tmp/x/boot" -maxdepth 1 -name 'vmlinuz-*'; find "$tmp/x/usr/lib/modules" -mindepth 2 -maxdepth 2 -name vmlinuz; } 2>/dev/null | head -n1)
+    [[ -n $vmlinuz ]] || die "$pkg has no boot/vmlinuz-* nor usr/lib/modules/<kver>/vmlinuz"
+    if [[ $vmlinuz == */vmlinuz ]]; then kver=$(basename "$(dirname "$vmlinuz")"); else kver=${vmlinuz##*/vmlinuz-}; fi
+    mkdir -p "$tmp/out"
+    mv "$vmlinuz" "$tmp/out/vmlinuz"
     # trixie ships modules in usr/lib/modules (merged /usr); older packages in lib/modules.
     for moddir in "$tmp/x/usr/lib/modules/$kver" "$tmp/x/lib/modules/$kver" ""; do
         [[ -z $moddir || -d $moddir ]] && break
     done
     [[ -n $moddir ]] || die "$pkg has no modules directory for $kver"
     # The package ships no modules.dep (its postinst runs depmod). depmod -b wants BASE/lib/modules.
-    mkdir -p "$tmp/stage/lib/modules" "$tmp/out"
+    mkdir -p "$tmp/stage/lib/modules"
     mv "$moddir" "$tmp/stage/lib/modules/$kver"
     depmod -b "$tmp/stage" "$kver" || die "depmod failed for $kver"
     [[ -s $tmp/stage/lib/modules/$kver/modules.dep ]] || die "depmod produced an empty modules.dep"
-    mv "$vmlinuz" "$tmp/out/vmlinuz"
     for f in config System.map; do
-        [[ -f $tmp/x/boot/$f-$kver ]] && mv "$tmp/x/boot/$f-$kver" "$tmp/out/$f"
+        if [[ -f $tmp/x/boot/$f-$kver ]]; then mv "$tmp/x/boot/$f-$kver" "$tmp/out/$f"
+        elif [[ -f $tmp/stage/lib/modules/$kver/$f ]]; then mv "$tmp/stage/lib/modules/$kver/$f" "$tmp/out/$f"
+        fi
     done
+    [[ -f $tmp/out/config ]] || die "$pkg ships no config-$kver (the lab checks the kernel's options in it)"
     mv "$tmp/stage/lib/modules/$kver" "$tmp/out/modules"
     echo "$pkg $ver" >"$tmp/out/package"
     echo "$kver" >"$tmp/out/kver"   # written last inside the staging dir: kver is the stamp
@@ -527,7 +565,9 @@ provision_busybox() {
 # kernel packages are unpacked with dpkg-deb -x instead: linux-headers-<kver> depends on the
 # kernel image package itself, whose installation would pull in initramfs-tools, udev and
 # systemd and run their maintainer scripts in the root, for files we already have (step 5). So
-# dpkg does not know the headers; this step replaces them when the guest kernel changes.
+# dpkg does not know the headers. Their paths are versioned (/usr/src/linux-headers-<kver>, ...),
+# so several kernels' headers live side by side; when a series' kernel is updated, only that
+# series' previous headers are removed (the paths recorded at unpacking, $KBUILD_STAMP.paths).
 # ---------------------------------------------------------------------------------------------
 
 # Run a command chrooted into the root with a clean environment.
@@ -556,6 +596,39 @@ root_apt_cleanup() {
     rapt clean >&2 || true
     find "$ROOT/var/lib/apt/lists" -mindepth 1 -maxdepth 1 -type f ! -name lock -delete 2>/dev/null || true
     rm -rf "$ROOT/var/lib/apt/lists/partial/"* 2>/dev/null || true
+}
+
+# The top-level paths a kernel header/kbuild package owns in the root (relative, one a line):
+# the versioned directories under usr/src, usr/lib (linux-kbuild-<ver>, modules/<kver>) and
+# usr/share/doc/linux-*. What remove_old_kbuild removes when the series' kernel changes.
+kbuild_paths() {
+    dpkg-deb -c "$1" | awk '{ print $6 }' | sed 's|^\./||; s|/$||' \
+        | awk -F/ 'NF >= 3 { p = $1 "/" $2 "/" $3; if (p ~ /^usr\/(src\/linux-|lib\/linux-kbuild-|share\/doc\/linux-)/) print p }
+                   NF >= 4 && $1 "/" $2 "/" $3 == "usr/lib/modules" { print $1 "/" $2 "/" $3 "/" $4 }' \
+        | sort -u
+}
+
+# Remove the headers of this series' previous kernel (unless it is KVER itself): the paths
+# recorded when they were unpacked, or, for a stamp from before the paths were recorded, the
+# directories named after its release.
+remove_old_kbuild() {
+    local new=$1 old base p
+    [[ -s $KBUILD_STAMP ]] || return 0
+    old=$(cut -d' ' -f3 "$KBUILD_STAMP")
+    [[ -n $old && $old != "$new" ]] || return 0
+    log "removing the headers of this series' previous kernel $old"
+    if [[ -s $KBUILD_STAMP.paths ]]; then
+        while read -r p; do
+            [[ -n $p && $p != *..* ]] && rm -rf "${ROOT:?}/$p"
+        done <"$KBUILD_STAMP.paths"
+    else
+        base=${old%-amd64}
+        rm -rf "$ROOT/usr/src/linux-headers-$old" "$ROOT/usr/src/linux-headers-$base-common" \
+            "$ROOT/usr/lib/linux-kbuild-$base" "$ROOT/usr/src/linux-kbuild-$base" \
+            "$ROOT/usr/lib/modules/$old" "$ROOT/usr/share/doc/linux-headers-$old" \
+            "$ROOT/usr/share/doc/linux-headers-$base-common" "$ROOT/usr/share/doc/linux-kbuild-$base"
+    fi
+    rm -f "$KBUILD_STAMP"
 }
 
 provision_kbuild() {
@@ -588,8 +661,12 @@ provision_kbuild() {
         name=${name%%:*}
         case $name in
             linux-headers-*-common|linux-kbuild-*) extract+=("$name") ;;
-            linux-image-*|linux-base) ;;   # the image (we have it) and its maintainer helpers
-            gcc-[0-9]*) cc=$name; install+=("$name/$ksuite") ;;  # the kernel's compiler, from its suite
+            # The image, its parts (we have them, step 5) and its maintainer helpers.
+            linux-image-*|linux-base|linux-base-*|linux-binary-*|linux-modules-*) ;;
+            # The kernel's compiler, from trixie (backports kernels are built with trixie's gcc;
+            # backports carries no gcc).
+            # 7.x headers depend on gcc-N-for-host (which provides x86_64-linux-gnu-gcc-N).
+            gcc-[0-9]*) cc=${name%-for-host}; install+=("$name/$SUITE") ;;
             *) install+=("$name") ;;
         esac
     done < <(rapt_depends "$hdr" "$ver")
@@ -621,16 +698,16 @@ provision_kbuild() {
     rchroot sh -c 'cd "$1" && shift && apt-get -q -o APT::Sandbox::User=root download "$@"' sh \
         "${tmp#"$ROOT"}" "${extract[@]/%/=$ver}" >&2 \
         || { rm -rf "$tmp"; die "apt-get download ${extract[*]} ($ver) failed"; }
-    # Replace whatever kernel headers an earlier kernel left (dpkg does not know them, see above).
-    # (The root has no kernel of its own: /usr/lib/modules holds only the headers' build links.)
-    rm -rf "$ROOT"/usr/src/linux-headers-* "$ROOT"/usr/src/linux-kbuild-* "$ROOT"/usr/lib/linux-kbuild-* \
-        "$ROOT"/usr/lib/modules/*/build "$ROOT"/usr/lib/modules/*/source \
-        "$ROOT"/usr/share/doc/linux-headers-* "$ROOT"/usr/share/doc/linux-kbuild-*
-    find "$ROOT/usr/lib/modules" -mindepth 1 -maxdepth 1 -type d -empty -delete 2>/dev/null || true
-    local deb
+    # Remove the headers this series' previous kernel left (dpkg does not know them, see above),
+    # and only those: other series' headers stay.
+    remove_old_kbuild "$kver"
+    local deb paths=$KBUILD_STAMP.paths
+    : >"$paths.tmp"
     for deb in "$tmp"/*.deb; do
+        kbuild_paths "$deb" >>"$paths.tmp" || { rm -rf "$tmp"; die "dpkg-deb -c ${deb##*/} failed"; }
         rchroot dpkg-deb -x "${deb#"$ROOT"}" / || { rm -rf "$tmp"; die "dpkg-deb -x ${deb##*/} failed"; }
     done
+    sort -u "$paths.tmp" >"$paths" && rm -f "$paths.tmp"
     rm -rf "$tmp"
     root_apt_cleanup
 
