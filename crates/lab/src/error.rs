@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use crate::agent::AgentError;
 use crate::guest::GuestError;
 use crate::initramfs::InitramfsError;
+use crate::kernel::KernelError;
 use crate::kmod::KmodError;
 use crate::process::ProcessError;
 use crate::profile::ProfileError;
@@ -36,6 +37,9 @@ pub enum LabError {
     /// Building the initramfs failed.
     #[error(transparent)]
     Initramfs(#[from] InitramfsError),
+    /// The guest kernel cannot be used (unsupported, misses options, cannot be cached).
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
     /// Building the guest kernel modules failed.
     #[error(transparent)]
     Kmod(#[from] KmodError),

@@ -452,17 +452,20 @@ pub fn build(env: &ProvisionEnv, log: &Path) -> Result<Option<KmodBuild>, KmodEr
         &kmod_src_dir(),
         &env.kbuild_root,
         &env.kheaders,
+        env.kdir_bind.as_deref(),
         &env.kver,
         log,
     )
 }
 
 /// [`build`] with everything explicit: the sources in `src`, the root `kbuild_root`, the
-/// headers at `kheaders` inside it, the guest release `kver`.
+/// headers at `kheaders` inside it (or, with `kdir_bind`, that host directory, a user's built
+/// kernel tree, bind-mounted there for the build), the guest release `kver`.
 pub fn build_from(
     src: &Path,
     kbuild_root: &Path,
     kheaders: &Path,
+    kdir_bind: Option<&Path>,
     kver: &str,
     log: &Path,
 ) -> Result<Option<KmodBuild>, KmodError> {
@@ -473,7 +476,10 @@ pub fn build_from(
         );
         return Ok(None);
     };
-    let headers = kbuild_root.join(kheaders.strip_prefix("/").unwrap_or(kheaders));
+    let headers = match kdir_bind {
+        Some(dir) => dir.to_path_buf(),
+        None => kbuild_root.join(kheaders.strip_prefix("/").unwrap_or(kheaders)),
+    };
     let symvers_path = headers.join("Module.symvers");
     let symvers = fs::read(&symvers_path).map_err(io_err("Cannot read", &symvers_path))?;
     let key = cache_key(&sources, kver, &symvers);
@@ -493,7 +499,15 @@ pub fn build_from(
             ),
         )?;
     } else {
-        run_make(&sources, kbuild_root, kheaders, &cache, &key, log)?;
+        run_make(
+            &sources,
+            kbuild_root,
+            kheaders,
+            kdir_bind,
+            &cache,
+            &key,
+            log,
+        )?;
     }
     touch(&entry);
     let mut modules = Vec::new();
@@ -544,6 +558,7 @@ fn run_make(
     sources: &Sources,
     kbuild_root: &Path,
     kheaders: &Path,
+    kdir_bind: Option<&Path>,
     cache: &Path,
     key: &str,
     log: &Path,
@@ -562,7 +577,7 @@ fn run_make(
         }
         fs::write(&path, data).map_err(io_err("Cannot write", &path))?;
     }
-    let result = compile_and_check(sources, kbuild_root, kheaders, &in_root, log);
+    let result = compile_and_check(sources, kbuild_root, kheaders, kdir_bind, &in_root, log);
     if let Err(e) = result {
         // Keep nothing half-built in the cache; the log has the story.
         let _ = fs::remove_dir_all(&scratch);
@@ -603,6 +618,7 @@ fn compile_and_check(
     sources: &Sources,
     kbuild_root: &Path,
     kheaders: &Path,
+    kdir_bind: Option<&Path>,
     in_root: &Path,
     log: &Path,
 ) -> Result<(), KmodError> {
@@ -639,16 +655,35 @@ fn compile_and_check(
         "sh".into(),
     ];
     argv.append(&mut make_args);
-    let mut cmd = if is_root() {
-        Command::new("chroot")
-    } else {
-        // Building only reads the root and writes in its world-writable /tmp, which a user
-        // namespace allows (chroot needs CAP_SYS_CHROOT, which the namespace's root has).
-        let mut c = Command::new("unshare");
-        c.args(["--map-root-user", "chroot"]);
-        c
+    // Chrooted into the root, in a private mount namespace (through a user namespace when not
+    // root: building only reads the root and writes in its world-writable /tmp, and the
+    // namespace's root has CAP_SYS_CHROOT and may bind-mount). Nothing mounted outlives the build.
+    // The host's /proc is bind-mounted at the root's /proc: objtool (7.x) reads it. A user's
+    // tree (`kdir_bind`) is bind-mounted at `kheaders` (the root keeps only the empty mount point
+    // in its /tmp).
+    let tree_mount = match kdir_bind {
+        Some(_) => {
+            let mp = kbuild_root.join(kheaders.strip_prefix("/").unwrap_or(kheaders));
+            fs::create_dir_all(&mp).map_err(io_err("Cannot create", &mp))?;
+            mp
+        }
+        None => PathBuf::new(),
     };
-    cmd.arg(kbuild_root).args(&argv);
+    let mut cmd = Command::new("unshare");
+    if !is_root() {
+        cmd.arg("--map-root-user");
+    }
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(concat!(
+            "mount --rbind /proc \"$1/proc\" || exit 125; ",
+            "if [ -n \"$2\" ]; then mount --bind \"$2\" \"$3\" || exit 125; fi; ",
+            "root=$1; shift 3; exec chroot \"$root\" \"$@\""
+        ))
+        .arg("sh")
+        .arg(kbuild_root)
+        .arg(kdir_bind.unwrap_or(Path::new("")))
+        .arg(&tree_mount);
+    cmd.args(&argv);
     let started = std::time::Instant::now();
     let out = process::run_captured("make (guest kernel modules)", &mut cmd, BUILD_TIMEOUT, log)?;
     append_log(

@@ -64,6 +64,7 @@ pub mod guest;
 pub mod host;
 pub mod hotplug;
 pub mod initramfs;
+pub mod kernel;
 pub mod kmod;
 pub mod ktap;
 pub mod kvmprobe;

@@ -410,8 +410,8 @@ pub struct UpOptions {
     pub dir: PathBuf,
     /// The VM profile.
     pub profile: VmProfile,
-    /// Guest kernel series.
-    pub kernel: String,
+    /// The guest kernel: a Debian series, a user's image or built tree.
+    pub kernel: crate::kernel::KernelSource,
 }
 
 /// `pcisim lab up`: starts the server and the VM, detached, and waits for the guest.
@@ -504,16 +504,31 @@ impl Started {
 fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
     let t0 = Instant::now();
     crate::note!("provisioning (the first run downloads QEMU and a guest kernel)...");
-    let env = provision::provision(
-        &provision::scripts_dir(),
+    let (env, kernel) = crate::kernel::prepare(
         &opts.kernel,
+        std::slice::from_ref(&opts.profile),
+        false,
+        &provision::scripts_dir(),
         &dir.join("provision.log"),
     )
     .map_err(lab)?;
+    crate::note!(
+        "guest kernel {}: {} (cache entry {}); {}",
+        kernel.kver,
+        kernel.what,
+        kernel.entry,
+        kernel.check.summary()
+    );
     crate::note!("building the guest programs...");
     let guest_bin = guest::build(&dir.join("guest-build.log")).map_err(lab)?;
     crate::note!("building the guest kernel modules...");
-    let extra_modules = match kmod::build(&env, &dir.join("kmod-build.log")).map_err(lab)? {
+    let built = if kernel.can_build_modules {
+        kmod::build(&env, &dir.join("kmod-build.log")).map_err(lab)?
+    } else {
+        crate::note!("(no kernel headers for {}: none built)", kernel.what);
+        None
+    };
+    let extra_modules = match built {
         Some(b) => b.modules.into_iter().map(|m| m.path).collect(),
         None => {
             crate::note!("(no .c file in {}: none)", kmod::kmod_src_dir().display());

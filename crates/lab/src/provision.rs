@@ -100,6 +100,27 @@ pub struct ProvisionEnv {
     /// `PCISIM_KHEADERS`: the guest kernel's headers directory *as seen inside*
     /// [`kbuild_root`](Self::kbuild_root) (`/usr/src/linux-headers-<kver>`), for `make -C`.
     pub kheaders: PathBuf,
+    /// `PCISIM_KCONFIG`: the guest kernel's `.config`.
+    pub kconfig: PathBuf,
+    /// `PCISIM_CACHE`: the provisioning cache (user kernels get entries in its `guest/`).
+    pub cache: PathBuf,
+    /// Not from the script: a host directory (a user's kernel tree) to bind-mount at
+    /// [`kheaders`](Self::kheaders) inside the root while building modules
+    /// ([`crate::kernel::prepare`] sets it).
+    pub kdir_bind: Option<PathBuf>,
+}
+
+impl ProvisionEnv {
+    /// The kernel build directory (`KDIR`) as seen on the host: the bind-mounted tree, else the
+    /// headers inside the root.
+    pub fn kdir_on_host(&self) -> PathBuf {
+        match &self.kdir_bind {
+            Some(dir) => dir.clone(),
+            None => self
+                .kbuild_root
+                .join(self.kheaders.strip_prefix("/").unwrap_or(&self.kheaders)),
+        }
+    }
 }
 
 impl ProvisionEnv {
@@ -150,6 +171,9 @@ impl ProvisionEnv {
             cpu: get("PCISIM_CPU")?,
             kbuild_root: get("PCISIM_KBUILD_ROOT")?.into(),
             kheaders: get("PCISIM_KHEADERS")?.into(),
+            kconfig: get("PCISIM_KCONFIG")?.into(),
+            cache: get("PCISIM_CACHE")?.into(),
+            kdir_bind: None,
         })
     }
 }
@@ -209,6 +233,8 @@ PCISIM_ACCEL=tcg
 PCISIM_CPU=max
 PCISIM_KBUILD_ROOT=/c/trixie-root
 PCISIM_KHEADERS=/usr/src/linux-headers-6.12.48+deb13-amd64
+PCISIM_KCONFIG=/c/guest/debian-6.12/config
+PCISIM_CACHE=/c
 ";
 
     #[test]
@@ -226,6 +252,13 @@ PCISIM_KHEADERS=/usr/src/linux-headers-6.12.48+deb13-amd64
         assert_eq!(
             env.kheaders,
             PathBuf::from("/usr/src/linux-headers-6.12.48+deb13-amd64")
+        );
+        assert_eq!(env.kconfig, PathBuf::from("/c/guest/debian-6.12/config"));
+        assert_eq!(env.cache, PathBuf::from("/c"));
+        assert_eq!(env.kdir_bind, None);
+        assert_eq!(
+            env.kdir_on_host(),
+            PathBuf::from("/c/trixie-root/usr/src/linux-headers-6.12.48+deb13-amd64")
         );
     }
 
@@ -267,7 +300,7 @@ PCISIM_KHEADERS=/usr/src/linux-headers-6.12.48+deb13-amd64
         let text = format!("{SAMPLE}some log line\n");
         assert!(matches!(
             ProvisionEnv::parse(&text),
-            Err(ProvisionError::BadLine { line: 11, .. })
+            Err(ProvisionError::BadLine { line: 13, .. })
         ));
         let text = SAMPLE.replace("PCISIM_ACCEL=tcg", "PCISIM_ACCEL=hvf");
         assert!(matches!(

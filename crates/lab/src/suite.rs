@@ -75,8 +75,8 @@ pub struct SuiteOptions {
     pub pcisim_exe: PathBuf,
     /// Run only scenarios whose name contains this.
     pub filter: Option<String>,
-    /// The guest kernel series (`6.12`).
-    pub kernel: String,
+    /// The guest kernel: a Debian series (`6.12`, `7.3`), a user's image or built tree.
+    pub kernel: crate::kernel::KernelSource,
     /// Extra `k=v` options appended to the GPU device spec (e.g. a fault knob).
     pub device_opts: Vec<String>,
     /// Keep the run directory even after a successful run.
@@ -93,7 +93,7 @@ impl SuiteOptions {
         SuiteOptions {
             pcisim_exe: pcisim_exe.into(),
             filter: None,
-            kernel: "6.12".into(),
+            kernel: crate::kernel::KernelSource::default(),
             device_opts: Vec::new(),
             keep: false,
             allow_skip: false,
@@ -565,13 +565,29 @@ fn run_in(
         scripts.display()
     ))?;
     let t = Instant::now();
-    let env = match provision::provision(&scripts, &opts.kernel, &run.join("provision.log")) {
-        Ok(env) => env,
+    let profiles: Vec<_> = plan.iter().map(|(id, _)| id.profile()).collect();
+    let (env, kernel) = match crate::kernel::prepare(
+        &opts.kernel,
+        &profiles,
+        false,
+        &scripts,
+        &run.join("provision.log"),
+    ) {
+        Ok(r) => r,
         Err(e) => {
-            show_tail(report, "provision log", &run.join("provision.log"), 20)?;
+            if matches!(e, crate::kernel::KernelError::Provision(_)) {
+                show_tail(report, "provision log", &run.join("provision.log"), 20)?;
+            }
             return Err(e.into());
         }
     };
+    report.line(&format!(
+        "guest kernel {}: {} (cache entry {}); {}",
+        kernel.kver,
+        kernel.what,
+        kernel.entry,
+        kernel.check.summary()
+    ))?;
     report.line(&format!(
         "provisioned in {:.1} s: QEMU {}, guest kernel {}, accel {} (cpu {})",
         secs(t),
@@ -603,7 +619,16 @@ fn run_in(
     // 3. Our guest kernel modules (skipped only when guest-tests/kmod has no .c file).
     let t = Instant::now();
     let kmod_log = run.join("kmod-build.log");
-    let extra_modules = match kmod::build(&env, &kmod_log) {
+    let built = if kernel.can_build_modules {
+        kmod::build(&env, &kmod_log)
+    } else {
+        report.line(&format!(
+            "no kernel headers for {}: our guest modules are not built (scenarios that insmod them fail; use --kernel-tree or a Debian series)",
+            kernel.what
+        ))?;
+        Ok(None)
+    };
+    let extra_modules = match built {
         Ok(Some(b)) => {
             let names: Vec<String> = b.modules.iter().map(|m| m.name.clone()).collect();
             report.line(&format!(

@@ -101,6 +101,36 @@ enum Cmd {
     },
 }
 
+/// The guest kernel flags of `lab suite` and `lab up` (docs/lab.md, "Your kernel").
+#[derive(Debug, clap::Args)]
+struct KernelArgs {
+    /// Debian guest kernel series: 6.12 (trixie, the default) or 7.3 (trixie-backports).
+    #[arg(long, value_name = "SERIES", conflicts_with_all = ["kernel_image", "kernel_tree"])]
+    kernel: Option<String>,
+    /// Your kernel image (bzImage/vmlinuz); its modules with --modules.
+    #[arg(long, value_name = "PATH", conflicts_with = "kernel_tree")]
+    kernel_image: Option<PathBuf>,
+    /// The modules of --kernel-image: an INSTALL_MOD_PATH tree (DIR/lib/modules/<kver>/) or the
+    /// <kver> directory itself.
+    #[arg(long, value_name = "DIR", requires = "kernel_image")]
+    modules: Option<PathBuf>,
+    /// Your built Linux tree: its bzImage, its modules (installed into the lab's cache) and the
+    /// tree as KDIR for the guest NPU driver.
+    #[arg(long, value_name = "DIR")]
+    kernel_tree: Option<PathBuf>,
+}
+
+impl KernelArgs {
+    fn source(self) -> Result<pcisim_lab::kernel::KernelSource> {
+        Ok(pcisim_lab::kernel::KernelSource::from_flags(
+            self.kernel,
+            self.kernel_image,
+            self.modules,
+            self.kernel_tree,
+        )?)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum LabCmd {
     /// Run the scenario catalogue in a fresh VM; KTAP on stdout, progress on stderr.
@@ -108,9 +138,8 @@ enum LabCmd {
         /// Run only scenarios whose name contains this (e.g. `E1`, `E`, `msix`).
         #[arg(long)]
         filter: Option<String>,
-        /// Guest kernel series.
-        #[arg(long, default_value = "6.12")]
-        kernel: String,
+        #[command(flatten)]
+        kernel: KernelArgs,
         /// Extra `key=value` options appended to every GPU's device spec in every VM (fault knobs).
         #[arg(long = "device-opt")]
         device_opts: Vec<String>,
@@ -136,9 +165,8 @@ enum LabCmd {
         /// profile (`gpu`, `gpu-npu`, `gpu-hotplug`, `gpu-nsr`).
         #[arg(long, default_value = "manual")]
         profile: String,
-        /// Guest kernel series.
-        #[arg(long, default_value = "6.12")]
-        kernel: String,
+        #[command(flatten)]
+        kernel: KernelArgs,
         /// State directory (default `$XDG_RUNTIME_DIR/pcisim-lab`, else `/tmp/pcisim-lab-UID`).
         #[arg(long, value_name = "DIR")]
         state: Option<PathBuf>,
@@ -285,7 +313,7 @@ fn run(cli: Cli) -> Result<i32> {
                 let opts = pcisim_lab::SuiteOptions {
                     pcisim_exe: std::env::current_exe().context("locating the pcisim binary")?,
                     filter,
-                    kernel,
+                    kernel: kernel.source()?,
                     device_opts,
                     keep,
                     allow_skip,
@@ -347,7 +375,7 @@ fn lab_manual(cmd: LabCmd) -> Result<i32> {
                 pcisim_exe: std::env::current_exe().context("locating the pcisim binary")?,
                 dir: dir(state),
                 profile: manual::profile_by_name(&profile)?,
-                kernel,
+                kernel: kernel.source()?,
             };
             manual::up(&opts, &mut out)?;
         }

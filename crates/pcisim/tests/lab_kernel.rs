@@ -1,0 +1,211 @@
+//! End to end: the guest kernel flags of `pcisim lab suite` (docs/lab.md, "Your kernel").
+//!
+//! * `--kernel-image PATH --modules DIR` boots a kernel given as a user's image: the cached
+//!   Debian 6.12 vmlinuz and module tree, passed as if they were the user's, go through the image
+//!   path (their own `image-<hash>` cache entry, the config check on the module tree) and the
+//!   guest reports that kernel's release.
+//! * A kernel whose config lacks VFIO (a `--kernel-tree` with a fake `.config`) is refused
+//!   before anything boots, naming `CONFIG_VFIO`.
+//! * `--kernel 7.3` (Debian trixie-backports) runs E1-E5, and the guest NPU driver builds
+//!   against its headers and runs (H6).
+//! * An unknown series is refused with the supported list.
+
+// Test code: a failed expectation in a helper is a test failure.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+/// One VM at a time: two TCG guests on a two-core machine slow each other down past timeouts.
+static VM: Mutex<()> = Mutex::new(());
+
+fn lab_suite(args: &[&str]) -> Output {
+    let _one_vm = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(env!("CARGO_BIN_EXE_pcisim"))
+        .args(["lab", "suite"])
+        .args(args)
+        .output()
+        .expect("run pcisim lab suite");
+    println!(
+        "--- pcisim lab suite {args:?}: {}\n--- stdout (KTAP):\n{}\n--- stderr (progress):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The `KEY=VALUE` lines of `provision.sh --kernel SERIES` (provisioning it if needed).
+fn provision_env(series: &str) -> Vec<(String, String)> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../qemu-scripts/provision.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .args(["--kernel", series])
+        .output()
+        .expect("run provision.sh");
+    assert!(
+        out.status.success(),
+        "provision.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn get<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
+    env.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("provision.sh printed no {key}"))
+}
+
+/// The top-level result line of `id` in a KTAP stream.
+fn result_line<'a>(ktap: &'a str, id: &str) -> Option<&'a str> {
+    ktap.lines().find(|l| {
+        (l.starts_with("ok ") || l.starts_with("not ok "))
+            && l.split(" # ")
+                .next()
+                .is_some_and(|head| head.contains(&format!(" {id} ")))
+    })
+}
+
+#[test]
+fn kernel_image_with_modules_boots_through_the_image_path() {
+    let env = provision_env("6.12");
+    let vmlinuz = get(&env, "PCISIM_KERNEL");
+    let modules = get(&env, "PCISIM_MODULES");
+    let kver = get(&env, "PCISIM_KVER");
+    let cache = PathBuf::from(get(&env, "PCISIM_CACHE"));
+    // The user's "image" is a copy elsewhere, so nothing of the series entry is used by path.
+    let dir = std::env::temp_dir().join(format!("pcisim-user-kernel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("bzImage");
+    std::fs::copy(vmlinuz, &image).unwrap();
+
+    let out = lab_suite(&[
+        "--kernel-image",
+        image.to_str().unwrap(),
+        "--modules",
+        modules,
+        "--filter",
+        "E1",
+    ]);
+    let ktap = String::from_utf8_lossy(&out.stdout);
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "E1 must pass");
+    let line = result_line(&ktap, "E1").expect("an E1 result");
+    assert!(line.starts_with("ok "), "{line}");
+    // The lab took the image path: the kernel is named as the image, in an image-<hash> entry,
+    // checked on its module tree (the Debian image has no embedded config, the tree no config).
+    let chosen = progress
+        .lines()
+        .find(|l| l.contains(&format!("guest kernel {kver}: image {}", image.display())))
+        .unwrap_or_else(|| panic!("no 'guest kernel {kver}: image ...' line"));
+    assert!(chosen.contains("(cache entry image-"), "{chosen}");
+    assert!(
+        chosen.contains("the module tree (no config found)"),
+        "{chosen}"
+    );
+    let entry = chosen
+        .split("(cache entry ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap();
+    assert_eq!(entry.len(), "image-".len() + 16, "{entry}");
+    let entry_dir = cache.join("guest").join(entry);
+    let source = std::fs::read_to_string(entry_dir.join("source")).unwrap();
+    assert!(
+        source.contains(&format!("image {}", image.display())),
+        "{source}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(entry_dir.join("kver"))
+            .unwrap()
+            .trim(),
+        kver
+    );
+    assert!(entry_dir.join("modules/modules.dep").is_file());
+    // The guest itself reports the image's release (the agent's `uname -r`).
+    assert!(
+        progress.contains(&format!("agent ready: kernel {kver}")),
+        "the guest must run {kver}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn kernel_without_vfio_is_refused_before_boot() {
+    let dir = std::env::temp_dir().join(format!("pcisim-novfio-tree-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("arch/x86/boot")).unwrap();
+    std::fs::create_dir_all(dir.join("include/config")).unwrap();
+    // A bzImage header (the release) is all the check reads of the image.
+    let mut bz = vec![0u8; 0x400];
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    bz[0x20e..0x210].copy_from_slice(&0x100u16.to_le_bytes());
+    bz[0x300..0x30e].copy_from_slice(b"6.12.0-novfio\0");
+    std::fs::write(dir.join("arch/x86/boot/bzImage"), bz).unwrap();
+    std::fs::write(dir.join("include/config/kernel.release"), "6.12.0-novfio\n").unwrap();
+    std::fs::write(
+        dir.join(".config"),
+        "CONFIG_MODULES=y\nCONFIG_BLK_DEV_INITRD=y\n# CONFIG_VFIO is not set\nCONFIG_INTEL_IOMMU=y\n",
+    )
+    .unwrap();
+    let out = lab_suite(&["--kernel-tree", dir.to_str().unwrap(), "--filter", "E1"]);
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "an infrastructure failure");
+    assert!(
+        progress.contains("CONFIG_VFIO is not set"),
+        "names CONFIG_VFIO"
+    );
+    assert!(
+        progress.contains("CONFIG_VFIO_PCI"),
+        "and the others missing"
+    );
+    assert!(progress.contains(&format!("{}/.config", dir.display())));
+    for never in ["initramfs built", "booting", "agent ready"] {
+        assert!(!progress.contains(never), "nothing boots: {never:?}");
+    }
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("ok "),
+        "no scenario ran"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn unknown_series_is_refused_with_the_supported_list() {
+    let out = lab_suite(&["--kernel", "6.1", "--filter", "E1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        err.contains("Unsupported --kernel \"6.1\"") && err.contains("6.12") && err.contains("7.3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn debian_7_3_runs_e1_to_e5_and_the_npu_driver() {
+    let out = lab_suite(&["--kernel", "7.3", "--filter", "E"]);
+    let ktap = String::from_utf8_lossy(&out.stdout);
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0));
+    for id in ["E1", "E2", "E3", "E4", "E5"] {
+        let line = result_line(&ktap, id).unwrap_or_else(|| panic!("no {id} result"));
+        assert!(line.starts_with("ok "), "{line}");
+    }
+    assert!(progress.contains("agent ready: kernel 7.3."), "a 7.3 guest");
+    assert!(progress.contains("Debian 7.3 (trixie-backports) (cache entry debian-7.3)"));
+    // The NPU driver: built against 7.3's headers (vermagic checked by the lab) and loaded by H6.
+    let out = lab_suite(&["--kernel", "7.3", "--filter", "H6"]);
+    let ktap = String::from_utf8_lossy(&out.stdout);
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(progress.contains("pcisim_npu"), "the NPU driver was built");
+    let line = result_line(&ktap, "H6").expect("an H6 result");
+    assert!(line.starts_with("ok "), "{line}");
+}
