@@ -4,8 +4,8 @@
 //! | flag | kernel | modules | KDIR for our modules | cache entry |
 //! |---|---|---|---|---|
 //! | `--kernel 6.12` / `7.3` | Debian trixie / trixie-backports | the package's | its `linux-headers` in the trixie root | `guest/debian-<series>` (provision.sh) |
-//! | `--kernel-image PATH [--modules DIR]` | `PATH` (bzImage/vmlinuz) | `DIR` (an `INSTALL_MOD_PATH` tree or the `<kver>` directory itself) | none: our modules are not built | `guest/image-<hash>` |
-//! | `--kernel-tree DIR` | `DIR/arch/x86/boot/bzImage` | `make modules_install` into the entry | `DIR`, bind-mounted into the trixie root | `guest/tree-<hash>` |
+//! | `--kernel-image PATH [--modules DIR]` | `PATH` (bzImage/vmlinuz) | `DIR` (an `INSTALL_MOD_PATH` tree or the `<kver>` directory itself) | the tree the modules' `build` link names, if on this host; else none (our modules are not built) | `guest/image-<hash>` |
+//! | `--kernel-tree DIR` | `DIR/arch/x86/boot/bzImage` | `make modules_install` into the entry | `DIR` (built with the host's make and gcc, the tree's own) | `guest/tree-<hash>` |
 //!
 //! `provision.sh` always runs (QEMU, busybox, the trixie root, the accelerator verdict) for a
 //! Debian series: the one asked for, or [`DEFAULT_SERIES`] for a user's kernel, which then gets an
@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::UNIX_EPOCH;
 
-use log::{debug, info, warn};
+use log::{debug, warn};
 
 use crate::profile::{DeviceKind, VmProfile};
 use crate::provision::{self, ProvisionEnv, ProvisionError};
@@ -39,10 +39,6 @@ pub const DEBIAN_SERIES: &[(&str, &str)] = &[("6.12", "trixie"), ("7.3", "trixie
 /// The series provisioned when none is asked for, and the base (QEMU, busybox, accel probe) of
 /// runs with a user's kernel.
 pub const DEFAULT_SERIES: &str = "6.12";
-
-/// Where a user's kernel tree is bind-mounted inside the trixie root to build our modules
-/// against it (in a private mount namespace: the root itself only gets the empty directory).
-pub const TREE_MOUNT_IN_ROOT: &str = "/tmp/pcisim-kdir";
 
 /// Errors selecting, checking or caching the guest kernel.
 #[derive(Debug, thiserror::Error)]
@@ -877,8 +873,8 @@ pub struct PreparedKernel {
     pub kver: String,
     /// The configuration check.
     pub check: CheckReport,
-    /// Whether our guest modules can be built for it (a Debian series or a tree; an image
-    /// comes without headers).
+    /// Whether our guest modules can be built for it (a Debian series, a tree, an image whose
+    /// module directory's `build` link names a build tree on this host).
     pub can_build_modules: bool,
 }
 
@@ -889,6 +885,16 @@ struct Inspected {
     image: Vec<u8>,
     moddir: Option<PathBuf>,
     evidence: Evidence,
+    /// A kernel build tree to build our modules against (a tree itself, or the `build` link
+    /// of an image's module directory when it names one).
+    kdir: Option<PathBuf>,
+}
+
+/// The build tree a module directory's `build` link names, if it is one on this host (has a
+/// `Makefile` and a `Module.symvers`), canonical.
+pub fn build_link_tree(moddir: &Path) -> Option<PathBuf> {
+    let t = fs::canonicalize(moddir.join("build")).ok()?;
+    (t.join("Makefile").is_file() && t.join("Module.symvers").is_file()).then_some(t)
 }
 
 fn inspect_image(image: &Path, modules: Option<&Path>) -> Result<Inspected, KernelError> {
@@ -926,12 +932,14 @@ fn inspect_image(image: &Path, modules: Option<&Path>) -> Result<Inspected, Kern
             image.display()
         )));
     }
+    let kdir = moddir.as_deref().and_then(build_link_tree);
     Ok(Inspected {
         kver,
         image_path: image.to_path_buf(),
         image: data,
         moddir,
         evidence: ev,
+        kdir,
     })
 }
 
@@ -963,13 +971,14 @@ fn inspect_tree(tree: &Path) -> Result<Inspected, KernelError> {
             config: Some((KConfig::parse(&text), config_path.display().to_string())),
             ..Evidence::default()
         },
+        kdir: Some(fs::canonicalize(tree).map_err(io_err("Cannot resolve", tree))?),
     })
 }
 
 /// Selects, checks and (for a user's kernel) caches the guest kernel of a run, and provisions
 /// the rest. The configuration is checked against `profiles` before anything is booted (for a
 /// user's kernel even before provisioning). Returns the provisioning environment pointing at
-/// the chosen kernel (`kernel`, `kver`, `modules`, `kconfig`; `kheaders`/`kdir_bind` for a tree).
+/// the chosen kernel (`kernel`, `kver`, `modules`, `kconfig`; `kdir_host` for a tree).
 pub fn prepare(
     source: &KernelSource,
     profiles: &[VmProfile],
@@ -1021,16 +1030,13 @@ pub fn prepare(
     };
     let report = check(&reqs, &i.evidence, share);
     let guest = env.cache.join("guest");
-    let (entry_name, is_tree) = match source {
-        KernelSource::Tree(tree) => (tree_entry_name(tree), true),
-        _ => (
-            image_entry_name(&i.image, &i.kver, i.moddir.as_deref()),
-            false,
-        ),
+    let entry_name = match source {
+        KernelSource::Tree(tree) => tree_entry_name(tree),
+        _ => image_entry_name(&i.image, &i.kver, i.moddir.as_deref()),
     };
     let entry = guest.join(&entry_name);
     if entry.join("kver").is_file() {
-        info!("guest kernel {}: cached entry {}", i.kver, entry.display());
+        debug!("guest kernel {}: cached entry {}", i.kver, entry.display());
     } else {
         let tree = match source {
             KernelSource::Tree(t) => Some(t.as_path()),
@@ -1042,9 +1048,9 @@ pub fn prepare(
     env.modules = entry.join("modules");
     env.kver = i.kver.clone();
     env.kconfig = entry.join("config");
-    if let KernelSource::Tree(tree) = source {
-        env.kheaders = PathBuf::from(TREE_MOUNT_IN_ROOT);
-        env.kdir_bind = Some(fs::canonicalize(tree).map_err(io_err("Cannot resolve", tree))?);
+    let can_build_modules = i.kdir.is_some();
+    if let Some(kdir) = &i.kdir {
+        env.kdir_host = Some(kdir.clone());
     }
     Ok((
         env,
@@ -1053,7 +1059,7 @@ pub fn prepare(
             entry: entry_name,
             kver: i.kver,
             check: report,
-            can_build_modules: is_tree,
+            can_build_modules,
         },
     ))
 }
@@ -1097,7 +1103,7 @@ fn make_entry(
             });
         }
     }
-    info!("guest kernel {} cached in {}", i.kver, entry.display());
+    debug!("guest kernel {} cached in {}", i.kver, entry.display());
     Ok(())
 }
 

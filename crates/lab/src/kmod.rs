@@ -3,14 +3,18 @@
 //!
 //! Provisioning (`qemu-scripts/provision.sh`, step 6) installs into its Debian trixie root the
 //! guest kernel's `linux-headers-<kver>` at the kernel package's version, the gcc that built the
-//! kernel, make and perl. [`build`] copies the module sources into a scratch directory inside that
-//! root and runs, chrooted into it (through `unshare --map-root-user` when not root),
+//! kernel, make and perl; each Debian series' headers side by side. [`build`] copies the module
+//! sources into a scratch directory inside that root and runs, chrooted into it in a private mount
+//! namespace with the host's `/proc` bind-mounted (`unshare [--map-root-user] --mount`),
 //!
 //! ```text
 //! make -C /usr/src/linux-headers-<kver> M=/tmp/pcisim-kmod/build.<key>.<pid> W=1 -j<n> modules
 //! ```
 //!
-//! so the root's own compiler and kbuild tools are used, never the host's. The build fails on any
+//! so the root's own compiler and kbuild tools are used, never the host's. For a user's kernel
+//! tree (`pcisim lab --kernel-tree`, [`crate::kernel`]) it is the other way round: the tree was
+//! built with the host's toolchain, so `make -C <tree> M=<scratch dir> ...` runs on the host, as
+//! for any out-of-tree module of that tree. The build fails on any
 //! `warning:` about our sources (compiler, kernel-doc under `W=1`, modpost), and every `.ko` must
 //! carry a `vermagic=` starting with the guest's kernel release. Results are cached in the root
 //! (`/tmp/pcisim-kmod/<key>/`, the last [`CACHE_KEEP`] builds), keyed by a hash of the sources,
@@ -452,20 +456,20 @@ pub fn build(env: &ProvisionEnv, log: &Path) -> Result<Option<KmodBuild>, KmodEr
         &kmod_src_dir(),
         &env.kbuild_root,
         &env.kheaders,
-        env.kdir_bind.as_deref(),
+        env.kdir_host.as_deref(),
         &env.kver,
         log,
     )
 }
 
 /// [`build`] with everything explicit: the sources in `src`, the root `kbuild_root`, the
-/// headers at `kheaders` inside it (or, with `kdir_bind`, that host directory, a user's built
-/// kernel tree, bind-mounted there for the build), the guest release `kver`.
+/// headers at `kheaders` inside it (or, with `kdir_host`, a user's built kernel tree on the host,
+/// built against with the host's make and compiler, not chrooted), the guest release `kver`.
 pub fn build_from(
     src: &Path,
     kbuild_root: &Path,
     kheaders: &Path,
-    kdir_bind: Option<&Path>,
+    kdir_host: Option<&Path>,
     kver: &str,
     log: &Path,
 ) -> Result<Option<KmodBuild>, KmodError> {
@@ -476,7 +480,7 @@ pub fn build_from(
         );
         return Ok(None);
     };
-    let headers = match kdir_bind {
+    let headers = match kdir_host {
         Some(dir) => dir.to_path_buf(),
         None => kbuild_root.join(kheaders.strip_prefix("/").unwrap_or(kheaders)),
     };
@@ -503,7 +507,7 @@ pub fn build_from(
             &sources,
             kbuild_root,
             kheaders,
-            kdir_bind,
+            kdir_host,
             &cache,
             &key,
             log,
@@ -558,7 +562,7 @@ fn run_make(
     sources: &Sources,
     kbuild_root: &Path,
     kheaders: &Path,
-    kdir_bind: Option<&Path>,
+    kdir_host: Option<&Path>,
     cache: &Path,
     key: &str,
     log: &Path,
@@ -567,6 +571,13 @@ fn run_make(
     let scratch = cache.join(&scratch_name);
     // The same directory as the compiler sees it, chrooted.
     let in_root = Path::new("/").join(CACHE_IN_ROOT).join(&scratch_name);
+    // Where make runs: inside the root (chrooted), or the scratch directory itself for a host
+    // build against a user's tree.
+    let build_dir = if kdir_host.is_some() {
+        scratch.clone()
+    } else {
+        in_root
+    };
     if scratch.exists() {
         fs::remove_dir_all(&scratch).map_err(io_err("Cannot remove", &scratch))?;
     }
@@ -577,7 +588,7 @@ fn run_make(
         }
         fs::write(&path, data).map_err(io_err("Cannot write", &path))?;
     }
-    let result = compile_and_check(sources, kbuild_root, kheaders, kdir_bind, &in_root, log);
+    let result = compile_and_check(sources, kbuild_root, kheaders, kdir_host, &build_dir, log);
     if let Err(e) = result {
         // Keep nothing half-built in the cache; the log has the story.
         let _ = fs::remove_dir_all(&scratch);
@@ -618,15 +629,15 @@ fn compile_and_check(
     sources: &Sources,
     kbuild_root: &Path,
     kheaders: &Path,
-    kdir_bind: Option<&Path>,
-    in_root: &Path,
+    kdir_host: Option<&Path>,
+    build_dir: &Path,
     log: &Path,
 ) -> Result<(), KmodError> {
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut make_args: Vec<String> = vec![
         "-C".into(),
-        kheaders.display().to_string(),
-        format!("M={}", in_root.display()),
+        kdir_host.unwrap_or(kheaders).display().to_string(),
+        format!("M={}", build_dir.display()),
         "W=1".into(),
         format!("-j{jobs}"),
         "modules".into(),
@@ -634,56 +645,58 @@ fn compile_and_check(
     append_log(
         log,
         &format!(
-            "pcisim: building {} ({}) in {} (chroot {}): make {}\n",
+            "pcisim: building {} ({}) in {} ({}): make {}\n",
             sources.modules.join(" "),
             sources.dir.display(),
-            in_root.display(),
-            kbuild_root.display(),
+            build_dir.display(),
+            match kdir_host {
+                Some(_) => "on the host, with the host's make and compiler".to_string(),
+                None => format!("chroot {}", kbuild_root.display()),
+            },
             make_args.join(" ")
         ),
     )?;
     // Everything make prints goes to stderr, which run_captured appends to the log in order.
-    let mut argv: Vec<String> = vec![
-        "/usr/bin/env".into(),
-        "-i".into(),
-        "PATH=/usr/sbin:/usr/bin:/sbin:/bin".into(),
-        "LC_ALL=C".into(),
-        "HOME=/tmp".into(),
+    let mut sh: Vec<String> = vec![
         "/bin/sh".into(),
         "-c".into(),
         "exec make \"$@\" 1>&2".into(),
         "sh".into(),
     ];
-    argv.append(&mut make_args);
-    // Chrooted into the root, in a private mount namespace (through a user namespace when not
-    // root: building only reads the root and writes in its world-writable /tmp, and the
-    // namespace's root has CAP_SYS_CHROOT and may bind-mount). Nothing mounted outlives the build.
-    // The host's /proc is bind-mounted at the root's /proc: objtool (7.x) reads it. A user's
-    // tree (`kdir_bind`) is bind-mounted at `kheaders` (the root keeps only the empty mount point
-    // in its /tmp).
-    let tree_mount = match kdir_bind {
+    sh.append(&mut make_args);
+    let mut cmd = match kdir_host {
+        // A user's tree is built with the host's toolchain, the one that built the tree (as an
+        // out-of-tree module of that tree would be), in the user's environment.
         Some(_) => {
-            let mp = kbuild_root.join(kheaders.strip_prefix("/").unwrap_or(kheaders));
-            fs::create_dir_all(&mp).map_err(io_err("Cannot create", &mp))?;
-            mp
+            let mut c = Command::new(&sh[0]);
+            c.args(&sh[1..]).env("LC_ALL", "C");
+            c
         }
-        None => PathBuf::new(),
+        // Debian's headers: chrooted into the root with its gcc and kbuild tools, in a private
+        // mount namespace (through a user namespace when not root: building only reads the root
+        // and writes in its world-writable /tmp, and the namespace's root has CAP_SYS_CHROOT and
+        // may bind-mount). The host's /proc is bind-mounted at the root's /proc (7.x's objtool
+        // reads it); the mount goes away with the namespace.
+        None => {
+            let mut c = Command::new("unshare");
+            if !is_root() {
+                c.arg("--map-root-user");
+            }
+            c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg("mount --rbind /proc \"$1/proc\" || exit 125; root=$1; shift; exec chroot \"$root\" \"$@\"")
+                .arg("sh")
+                .arg(kbuild_root)
+                .args([
+                    "/usr/bin/env",
+                    "-i",
+                    "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                    "LC_ALL=C",
+                    "HOME=/tmp",
+                ])
+                .args(&sh);
+            c
+        }
     };
-    let mut cmd = Command::new("unshare");
-    if !is_root() {
-        cmd.arg("--map-root-user");
-    }
-    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(concat!(
-            "mount --rbind /proc \"$1/proc\" || exit 125; ",
-            "if [ -n \"$2\" ]; then mount --bind \"$2\" \"$3\" || exit 125; fi; ",
-            "root=$1; shift 3; exec chroot \"$root\" \"$@\""
-        ))
-        .arg("sh")
-        .arg(kbuild_root)
-        .arg(kdir_bind.unwrap_or(Path::new("")))
-        .arg(&tree_mount);
-    cmd.args(&argv);
     let started = std::time::Instant::now();
     let out = process::run_captured("make (guest kernel modules)", &mut cmd, BUILD_TIMEOUT, log)?;
     append_log(
@@ -702,7 +715,7 @@ fn compile_and_check(
     }
     let text = fs::read_to_string(log).map_err(io_err("Cannot read", log))?;
     let names: Vec<String> = sources.files.iter().map(|(p, _)| p.clone()).collect();
-    let ours = our_warnings(&text, &in_root.display().to_string(), &names);
+    let ours = our_warnings(&text, &build_dir.display().to_string(), &names);
     for l in text
         .lines()
         .filter(|l| l.to_ascii_lowercase().contains("warning:"))

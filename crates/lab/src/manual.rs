@@ -522,17 +522,16 @@ fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
     crate::note!("building the guest programs...");
     let guest_bin = guest::build(&dir.join("guest-build.log")).map_err(lab)?;
     crate::note!("building the guest kernel modules...");
-    let built = if kernel.can_build_modules {
-        kmod::build(&env, &dir.join("kmod-build.log")).map_err(lab)?
+    let extra_modules = if !kernel.can_build_modules {
+        crate::note!("(no kernel build tree for {}: none built)", kernel.what);
+        Vec::new()
     } else {
-        crate::note!("(no kernel headers for {}: none built)", kernel.what);
-        None
-    };
-    let extra_modules = match built {
-        Some(b) => b.modules.into_iter().map(|m| m.path).collect(),
-        None => {
-            crate::note!("(no .c file in {}: none)", kmod::kmod_src_dir().display());
-            Vec::new()
+        match kmod::build(&env, &dir.join("kmod-build.log")).map_err(lab)? {
+            Some(b) => b.modules.into_iter().map(|m| m.path).collect(),
+            None => {
+                crate::note!("(no .c file in {}: none)", kmod::kmod_src_dir().display());
+                Vec::new()
+            }
         }
     };
     let initrd = initramfs::build(

@@ -104,17 +104,17 @@ pub struct ProvisionEnv {
     pub kconfig: PathBuf,
     /// `PCISIM_CACHE`: the provisioning cache (user kernels get entries in its `guest/`).
     pub cache: PathBuf,
-    /// Not from the script: a host directory (a user's kernel tree) to bind-mount at
-    /// [`kheaders`](Self::kheaders) inside the root while building modules
-    /// ([`crate::kernel::prepare`] sets it).
-    pub kdir_bind: Option<PathBuf>,
+    /// Not from the script: a user's kernel build tree on the host; when set, guest modules are
+    /// built against it with the host's make and compiler instead of chrooted into
+    /// [`kbuild_root`](Self::kbuild_root) ([`crate::kernel::prepare`] sets it).
+    pub kdir_host: Option<PathBuf>,
 }
 
 impl ProvisionEnv {
-    /// The kernel build directory (`KDIR`) as seen on the host: the bind-mounted tree, else the
+    /// The kernel build directory (`KDIR`) as seen on the host: the user's tree, else the
     /// headers inside the root.
     pub fn kdir_on_host(&self) -> PathBuf {
-        match &self.kdir_bind {
+        match &self.kdir_host {
             Some(dir) => dir.clone(),
             None => self
                 .kbuild_root
@@ -173,7 +173,7 @@ impl ProvisionEnv {
             kheaders: get("PCISIM_KHEADERS")?.into(),
             kconfig: get("PCISIM_KCONFIG")?.into(),
             cache: get("PCISIM_CACHE")?.into(),
-            kdir_bind: None,
+            kdir_host: None,
         })
     }
 }
@@ -255,7 +255,7 @@ PCISIM_CACHE=/c
         );
         assert_eq!(env.kconfig, PathBuf::from("/c/guest/debian-6.12/config"));
         assert_eq!(env.cache, PathBuf::from("/c"));
-        assert_eq!(env.kdir_bind, None);
+        assert_eq!(env.kdir_host, None);
         assert_eq!(
             env.kdir_on_host(),
             PathBuf::from("/c/trixie-root/usr/src/linux-headers-6.12.48+deb13-amd64")

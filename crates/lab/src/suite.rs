@@ -620,16 +620,17 @@ fn run_in(
     let t = Instant::now();
     let kmod_log = run.join("kmod-build.log");
     let built = if kernel.can_build_modules {
-        kmod::build(&env, &kmod_log)
+        kmod::build(&env, &kmod_log).map(Some)
     } else {
         report.line(&format!(
-            "no kernel headers for {}: our guest modules are not built (scenarios that insmod them fail; use --kernel-tree or a Debian series)",
+            "no kernel build tree for {} (its modules' build link names none): our guest modules are not built, scenarios that insmod them fail (use --kernel-tree or a Debian series)",
             kernel.what
         ))?;
         Ok(None)
     };
     let extra_modules = match built {
-        Ok(Some(b)) => {
+        Ok(None) => Vec::new(),
+        Ok(Some(Some(b))) => {
             let names: Vec<String> = b.modules.iter().map(|m| m.name.clone()).collect();
             report.line(&format!(
                 "guest kernel modules {} in {:.1} s: {} (key {})",
@@ -644,7 +645,7 @@ fn run_in(
             ))?;
             b.modules.into_iter().map(|m| m.path).collect()
         }
-        Ok(None) => {
+        Ok(Some(None)) => {
             report.line(&format!(
                 "no .c file in {}: no guest kernel module to build",
                 kmod::kmod_src_dir().display()
@@ -807,14 +808,14 @@ fn run_vm(
     }
     let boot = Instant::now();
     let mut qemu = config.spawn(&dir.join("qemu.log"))?;
-    let booted = boot_guest(&listener, &mut qemu, &dir).and_then(|agent| {
+    let booted = boot_guest(&listener, &mut qemu, &dir).and_then(|(agent, uname)| {
         let transcript = File::create(dir.join("qmp.log"))
             .map_err(|e| warn!("no QMP transcript: {e}"))
             .ok();
         let qmp = Qmp::connect(&config.qmp_socket, CONNECT_TIMEOUT, transcript)?;
-        Ok((agent, qmp))
+        Ok((agent, qmp, uname))
     });
-    let (agent, qmp) = match booted {
+    let (agent, qmp, uname) = match booted {
         Ok(x) => x,
         Err(e) => {
             if e.interrupt_signal().is_none() {
@@ -825,7 +826,7 @@ fn run_vm(
         }
     };
     report.line(&format!(
-        "guest booted in {:.1} s (QEMU start to agent ready)",
+        "guest booted in {:.1} s (QEMU start to agent ready), guest uname -r {uname}",
         secs(boot)
     ))?;
     let mut vm = Vm {
@@ -933,7 +934,7 @@ fn boot_guest(
     listener: &AgentListener,
     qemu: &mut ChildGuard,
     dir: &Path,
-) -> Result<Agent, LabError> {
+) -> Result<(Agent, String), LabError> {
     let console = dir.join("console.log");
     let mut watch = || {
         qemu.try_wait()
@@ -959,7 +960,7 @@ fn boot_guest(
         "agent ready: kernel {}, guest uptime {} ms",
         ready.kernel, ready.uptime_ms
     );
-    Ok(agent)
+    Ok((agent, ready.kernel))
 }
 
 fn save(path: PathBuf, text: &str) {
