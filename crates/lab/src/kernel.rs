@@ -986,7 +986,13 @@ pub fn prepare(
     scripts: &Path,
     log: &Path,
 ) -> Result<(ProvisionEnv, PreparedKernel), KernelError> {
-    let reqs = requirements(profiles);
+    let mut reqs = requirements(profiles);
+    if matches!(source, KernelSource::Image { modules: None, .. }) {
+        // No module tree to load anything from: every option must be built in.
+        for r in &mut reqs {
+            r.need = Need::Builtin;
+        }
+    }
     let names: Vec<&str> = profiles.iter().map(|p| p.name.as_str()).collect();
     let names = names.join(", ");
     let what = source.describe();
@@ -1658,6 +1664,38 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, KernelError::Provision(_)), "{e}");
+        // An image without --modules: its embedded config must have everything built in.
+        let mut vmlinux = b"IKCFG_ST".to_vec();
+        vmlinux.extend(gzip(full_config().as_bytes()));
+        vmlinux.extend_from_slice(b"IKCFG_ED");
+        let bz = d.join("bzImage-ikconfig");
+        fs::write(&bz, fake_bzimage("6.12.0-t", &vmlinux)).unwrap();
+        let no_modules = KernelSource::Image {
+            image: bz.clone(),
+            modules: None,
+        };
+        let run = |src: &KernelSource| {
+            prepare(
+                src,
+                &[ProfileId::Gpu.profile()],
+                false,
+                &d.join("no-scripts"),
+                &d.join("log"),
+            )
+            .unwrap_err()
+        };
+        let e = run(&no_modules).to_string();
+        assert!(e.contains("CONFIG_VFIO =m (need =y"), "{e}");
+        assert!(e.contains("(embedded, CONFIG_IKCONFIG)"), "{e}");
+        let mut vmlinux = b"IKCFG_ST".to_vec();
+        vmlinux.extend(gzip(full_config().replace("=m\n", "=y\n").as_bytes()));
+        vmlinux.extend_from_slice(b"IKCFG_ED");
+        fs::write(&bz, fake_bzimage("6.12.0-t", &vmlinux)).unwrap();
+        assert!(matches!(run(&no_modules), KernelError::Provision(_)));
+        // And no config at all without modules: refused, saying so.
+        fs::write(&bz, fake_bzimage("6.12.0-t", b"")).unwrap();
+        let e = run(&no_modules).to_string();
+        assert!(e.contains("no config to check"), "{e}");
         fs::remove_dir_all(&d).unwrap();
     }
 }
