@@ -248,3 +248,36 @@ fn debian_7_3_runs_e1_to_e5_and_the_npu_driver() {
     }
     assert_ne!(get(&e612, "PCISIM_KHEADERS"), get(&e73, "PCISIM_KHEADERS"));
 }
+
+/// `--kernel-tree DIR` with a real built tree: the tree's bzImage boots, its modules are
+/// installed into a `tree-<hash>` entry (vfio from there), and our NPU driver is built against
+/// the tree (vermagic = the tree's release). Needs a built tree, which takes long to make:
+/// `PCISIM_TEST_KERNEL_TREE=~/linux cargo test --release -p pcisim --test lab_kernel -- --ignored`.
+#[test]
+#[ignore = "needs a built kernel tree in PCISIM_TEST_KERNEL_TREE (docs/lab.md, Your kernel)"]
+fn kernel_tree_boots_with_its_modules_and_builds_the_npu_driver() {
+    let tree = std::env::var("PCISIM_TEST_KERNEL_TREE")
+        .expect("PCISIM_TEST_KERNEL_TREE=<a built Linux tree> (this test is not skipped silently)");
+    let kver = std::fs::read_to_string(Path::new(&tree).join("include/config/kernel.release"))
+        .expect("a built tree has include/config/kernel.release");
+    let kver = kver.trim();
+    let out = lab_suite(&["--kernel-tree", &tree, "--filter", "E1"]);
+    let ktap = String::from_utf8_lossy(&out.stdout);
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0));
+    let line = result_line(&ktap, "E1").expect("an E1 result");
+    assert!(line.starts_with("ok "), "{line}");
+    let chosen = progress
+        .lines()
+        .find(|l| l.contains(&format!("guest kernel {kver}: tree ")))
+        .expect("the tree path was taken");
+    assert!(chosen.contains("(cache entry tree-"), "{chosen}");
+    assert!(chosen.contains("/.config: all met"), "{chosen}");
+    assert!(
+        progress.contains("guest kernel modules built")
+            || progress.contains("guest kernel modules taken from the cache"),
+        "the NPU driver was built against the tree"
+    );
+    assert!(progress.contains(&format!("/lib/modules/{kver}/extra/pcisim_npu.ko")));
+    assert!(progress.contains(&format!("guest uname -r {kver}")));
+}
