@@ -603,8 +603,8 @@ root_apt_cleanup() {
 # usr/share/doc/linux-*. What remove_old_kbuild removes when the series' kernel changes.
 kbuild_paths() {
     dpkg-deb -c "$1" | awk '{ print $6 }' | sed 's|^\./||; s|/$||' \
-        | awk -F/ 'NF >= 3 { p = $1 "/" $2 "/" $3; if (p ~ /^usr\/(src\/linux-|lib\/linux-kbuild-|share\/doc\/linux-)/) print p }
-                   NF >= 4 && $1 "/" $2 "/" $3 == "usr/lib/modules" { print $1 "/" $2 "/" $3 "/" $4 }' \
+        | awk -F/ 'NF >= 3 { p = $1 "/" $2 "/" $3; if (p ~ /^usr\/(src\/linux-|lib\/linux-kbuild-)/) print p }
+                   NF >= 4 && (p == "usr/lib/modules" || (p == "usr/share/doc" && $4 ~ /^linux-/)) { print p "/" $4 }' \
         | sort -u
 }
 
