@@ -16,7 +16,9 @@
 //! ```
 //!
 //! The building blocks are public for other lab commands and tests:
-//! [`provision`] (run `qemu-scripts/provision.sh`, parse its `PCISIM_*` lines), [`guest`] (build the
+//! [`provision`] (run `qemu-scripts/provision.sh`, parse its `PCISIM_*` lines), [`kernel`] (the
+//! guest kernel: a Debian series or the user's image/tree, its cache entry, the check of its
+//! config against the VM profiles before boot), [`guest`] (build the
 //! static guest binary), [`kmod`] (build the guest kernel modules of `guest-tests/kmod/` against
 //! the guest kernel's headers), [`initramfs`] (newc cpio writer, `modules.dep` resolution, `/init`),
 //! [`server`] (`pcisim serve`/`describe`), [`control`] (the server's control socket: journal,
