@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use pcisim_devices::gpu::ring::{self, err, Command, DmaFailure, EngineBus, Loc, CMD_SIZE};
 use pcisim_devices::gpu::{self, GpuConfig, Vram};
-use pcisim_pci::journal::{Event, ViolationKind};
+use pcisim_journal::{Event, ViolationKind};
 use pcisim_pci::{Bus, Endpoint, MsixOutcome};
 use pcisim_vfio_user::dma::{MappingInfo, PROT_READ, PROT_WRITE};
 use pcisim_vfio_user::{region, ClientLink, Device, DmaSpace, Interrupts};
@@ -286,7 +286,7 @@ impl Rig {
 /// The journal since `seq` holds no violation except attempts the map refused (`faulted` DMA
 /// outside the map: the device reports the driver's bad address) and, if `stale_ok`, stale
 /// translation uses (the device reports the driver's missing invalidation).
-pub fn check_journal(journal: &pcisim_pci::Journal, seq: u64, stale_ok: bool) {
+pub fn check_journal(journal: &pcisim_journal::Journal, seq: u64, stale_ok: bool) {
     let (records, lost) = journal.since(seq);
     if lost > 0 {
         return;

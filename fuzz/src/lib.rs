@@ -106,7 +106,7 @@ pub fn eventfd() -> OwnedFd {
 }
 
 /// Panic (with the journal's last records) if `journal` ever recorded a violation.
-pub fn assert_no_violations(journal: &pcisim_pci::Journal, what: &dyn Fn() -> String) {
+pub fn assert_no_violations(journal: &pcisim_journal::Journal, what: &dyn Fn() -> String) {
     if journal.stats().violations == 0 {
         return;
     }

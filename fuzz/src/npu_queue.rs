@@ -42,7 +42,7 @@ use pcisim_devices::npu::queue::{Completion, Descriptor};
 use pcisim_devices::npu::regs::*;
 use pcisim_devices::npu::walk::MemError;
 use pcisim_devices::npu::{self, BusHost, NpuConfig};
-use pcisim_pci::journal::Event;
+use pcisim_journal::Event;
 use pcisim_pci::{Endpoint, MsixOutcome};
 use pcisim_vfio_user::dma::MappingInfo;
 use pcisim_vfio_user::{region, ClientLink, Device, DmaSpace, Interrupts};

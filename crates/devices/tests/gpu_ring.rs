@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use pcisim_devices::gpu::ring::{ctrl, encode, err, flag, op, status};
 use pcisim_devices::gpu::{self, regs, GpuConfig};
-use pcisim_pci::journal::{Event, Journal};
+use pcisim_journal::{Event, Journal};
 use pcisim_vfio_user::{irq_index, region, Server, ServerOptions};
 use vfio_bindings::bindings::vfio::{VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD};
 use vmm_sys_util::eventfd::EventFd;
@@ -344,7 +344,7 @@ fn test_ring_flr_with_transactions_pending_chunk_in_flight_lands_inside_reset() 
     assert!(v.iter().all(|r| matches!(
         r.event,
         Event::Violation {
-            kind: pcisim_pci::journal::ViolationKind::DmaDuringReset,
+            kind: pcisim_journal::ViolationKind::DmaDuringReset,
             ..
         }
     )));

@@ -31,8 +31,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use pcisim_vfio_user::{ClientLink, DmaError};
 
 use crate::caps::msi::{MsiControl, MsiState};
-use crate::journal::{Dir, Event, Journal, Refusal};
 use crate::msix::{MsixOutcome, MsixState};
+use pcisim_journal::{Dir, Event, InterruptOutcome, IntxHold, Journal, Refusal};
 
 /// Why a DMA did not happen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -440,7 +440,7 @@ impl Bus {
                 m.set_pending(vector, true);
                 self.journal().record(Event::Interrupt {
                     vector,
-                    outcome: format!("refused:{}", refusal_name(reason)),
+                    outcome: InterruptOutcome::Refused(reason),
                 });
                 return MsixOutcome::Refused;
             }
@@ -448,7 +448,7 @@ impl Bus {
         };
         self.journal().record(Event::Interrupt {
             vector,
-            outcome: outcome_name(outcome).to_string(),
+            outcome: journal_outcome(outcome),
         });
         outcome
     }
@@ -482,18 +482,18 @@ impl Bus {
             return;
         }
         let held = if !self.link_up() {
-            Some("link_down")
+            Some(IntxHold::LinkDown)
         } else if self.resetting() {
-            Some("resetting")
+            Some(IntxHold::Resetting)
         } else if self.power_state() == D3HOT {
-            Some("d3hot")
+            Some(IntxHold::D3hot)
         } else if self.command() & INTX_DISABLE != 0 {
-            Some("intx_disabled")
+            Some(IntxHold::IntxDisabled)
         } else {
             None
         };
         let outcome = match held {
-            Some(why) => format!("intx-held:{why}"),
+            Some(why) => InterruptOutcome::IntxHeld(why),
             None => {
                 let client = self.client();
                 let r = client.as_ref().map(|l| {
@@ -501,15 +501,19 @@ impl Bus {
                         .signal_automasked(pcisim_vfio_user::irq_index::INTX, 0)
                 });
                 match r {
-                    Some(Ok(pcisim_vfio_user::Signal::Delivered)) => "intx-delivered".into(),
-                    Some(Ok(pcisim_vfio_user::Signal::Masked)) => "intx-masked".into(),
-                    Some(Ok(pcisim_vfio_user::Signal::NotBound)) | None => "intx-unbound".into(),
-                    Some(Err(e)) => format!("intx-error:{e}"),
+                    Some(Ok(pcisim_vfio_user::Signal::Delivered)) => {
+                        InterruptOutcome::IntxDelivered
+                    }
+                    Some(Ok(pcisim_vfio_user::Signal::Masked)) => InterruptOutcome::IntxMasked,
+                    Some(Ok(pcisim_vfio_user::Signal::NotBound)) | None => {
+                        InterruptOutcome::IntxUnbound
+                    }
+                    Some(Err(e)) => InterruptOutcome::IntxError(e.to_string()),
                 }
             }
         };
         // "held" outcomes are the device obeying the rules; the checker only objects to
-        // "delivered"/"pending" MSI-X while disabled.
+        // messages sent while disabled.
         self.journal()
             .record(Event::Interrupt { vector: 0, outcome });
     }
@@ -518,7 +522,8 @@ impl Bus {
     /// the function may master the bus again, or MSI was enabled or a vector unmasked). Returns
     /// how many were delivered.
     ///
-    /// Each one is journaled as an `interrupt` record with outcome [`DELIVERED_AFTER_HOLD`]
+    /// Each one is journaled as an `interrupt` record with outcome
+    /// [`InterruptOutcome::DeliveredAfterHold`]
     /// (a message write like any other: the checker judges it against the state it is sent
     /// in), followed by a summary note ("delivered N pending MSI-X vectors").
     pub fn deliver_pending_msix(&self) -> usize {
@@ -546,7 +551,7 @@ impl Bus {
             for &vector in &sent {
                 self.journal().record(Event::Interrupt {
                     vector,
-                    outcome: DELIVERED_AFTER_HOLD.to_string(),
+                    outcome: InterruptOutcome::DeliveredAfterHold,
                 });
             }
             if !sent.is_empty() {
@@ -641,28 +646,14 @@ fn pages_touched(iova: u64, len: u64) -> u64 {
     u64::try_from(last - u128::from(first) + 1).unwrap_or(u64::MAX)
 }
 
-/// The journal's outcome of a vector that was held (pending) and is sent now.
-pub const DELIVERED_AFTER_HOLD: &str = "delivered-after-hold";
-
-/// The journal's name for the outcome of a raised MSI or MSI-X vector.
-fn outcome_name(o: MsixOutcome) -> &'static str {
+/// The journal's outcome of a raised MSI or MSI-X vector that passed the bus gate. The MSI-X
+/// and MSI states never refuse (the gate is the bus's); a `Refused` would mean the vector is
+/// latched in the PBA, which is what `pending` records.
+fn journal_outcome(o: MsixOutcome) -> InterruptOutcome {
     match o {
-        MsixOutcome::Delivered => "delivered",
-        MsixOutcome::Pending => "pending",
-        MsixOutcome::Refused => "refused",
-        MsixOutcome::InvalidVector => "invalid",
-    }
-}
-
-/// The journal's name for a refusal reason.
-pub fn refusal_name(r: Refusal) -> &'static str {
-    match r {
-        Refusal::BusMasterDisabled => "bus_master_disabled",
-        Refusal::D3hot => "d3hot",
-        Refusal::LinkDown => "link_down",
-        Refusal::Resetting => "resetting",
-        Refusal::NoClient => "no_client",
-        Refusal::InjectedError => "injected_error",
+        MsixOutcome::Delivered => InterruptOutcome::Delivered,
+        MsixOutcome::Pending | MsixOutcome::Refused => InterruptOutcome::Pending,
+        MsixOutcome::InvalidVector => InterruptOutcome::Invalid,
     }
 }
 

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::journal::Journal;
+use pcisim_journal::Journal;
 
 /// A fault to inject (`pcisim ctl inject FAULT`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

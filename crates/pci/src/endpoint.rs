@@ -36,8 +36,8 @@ use crate::config::{ConfigError, ConfigSpace, CONFIG_SPACE_SIZE};
 use crate::control::{Controllable, Fault};
 use crate::function::{ConfigEvent, FunctionCtx, PciFunction, ResetKind};
 use crate::header::{header_fields, reg, Bar, BarError, BarKind, Bars, Identity};
-use crate::journal::{Event, Journal, DEFAULT_CAPACITY};
 use crate::msix::MsixState;
+use pcisim_journal::{Event, Journal, DEFAULT_CAPACITY};
 
 /// Errors of building an endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -412,16 +412,6 @@ const BUS_MASTER_BIT: u16 = 1 << 2;
 /// How long a state change that closes the bus gate waits for accesses already through it.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
-/// The journal's name of a reset kind.
-pub fn reset_name(kind: ResetKind) -> &'static str {
-    match kind {
-        ResetKind::Flr => "flr",
-        ResetKind::PmSoftReset => "pm",
-        ResetKind::DeviceReset => "device",
-        ResetKind::LostConnection => "lost-connection",
-    }
-}
-
 fn bit(v: u16, b: u8) -> bool {
     v & (1 << b) != 0
 }
@@ -569,7 +559,6 @@ impl<F: PciFunction> Endpoint<F> {
     /// begins without waiting for in-flight accesses.
     fn reset_function_inner(&mut self, kind: ResetKind, posted_in_flight: bool) {
         info!("{}: {kind:?} reset", self.name);
-        let name = reset_name(kind);
         let old_command = self.config.read_u16(reg::COMMAND);
         // From here the bus refuses DMA and interrupts; accesses already past the gate finish
         // (and are journaled) before the reset is; the function stops its engines in `reset`.
@@ -577,7 +566,7 @@ impl<F: PciFunction> Endpoint<F> {
         if !posted_in_flight {
             self.drain_inflight();
         }
-        self.journal.record(Event::ResetBegin { kind: name });
+        self.journal.record(Event::ResetBegin { kind });
         if kind == ResetKind::LostConnection {
             self.config.power_on_reset();
             // A new client is a new card in the slot: injected faults go with the old one,
@@ -611,7 +600,7 @@ impl<F: PciFunction> Endpoint<F> {
             });
         }
         self.bus.set_resetting(false);
-        self.journal.record(Event::ResetEnd { kind: name });
+        self.journal.record(Event::ResetEnd { kind });
         // Slow or failed reset (fault injection): config space reads all-ones for a while, or
         // for good. The reset itself is complete on our side; the function looks not ready.
         self.faults.never_ready = self.faults.slow_reset_ms == u32::MAX;

@@ -12,18 +12,9 @@ use crate::config::ConfigSpace;
 use crate::header::{command, reg};
 use crate::msix::MsixOutcome;
 
-/// Why a function is being reset (libvfio-user's taxonomy plus PM).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResetKind {
-    /// Function Level Reset: the guest set Device Control "Initiate FLR".
-    Flr,
-    /// PM soft reset: PMCSR D3hot→D0 with No_Soft_Reset = 0.
-    PmSoftReset,
-    /// DEVICE_RESET from the client (machine reset, secondary bus or slot reset).
-    DeviceReset,
-    /// The client went away; the device returns to its power-on state for the next one.
-    LostConnection,
-}
+/// Why a function is being reset: the journal's type (the [`PciFunction::reset`] argument is
+/// exactly what the journal's `reset_begin` records).
+pub use pcisim_journal::ResetKind;
 
 /// A configuration change a function may react to. Delivered after the write took effect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -835,7 +835,7 @@ fn test_dma_mapped_record_carries_protection() {
 /// clean. A drain that completes journals nothing of the kind.
 #[test]
 fn test_drain_timeout_journals_checker_degraded() {
-    use crate::journal::{Event, ViolationKind};
+    use pcisim_journal::{Event, ViolationKind};
     let (mut ep, _) = endpoint();
     assert_eq!(
         crate::endpoint::DRAIN_LIMIT,

@@ -7,12 +7,12 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
+use pcisim_journal::{Event, InterruptOutcome, Journal, Record};
 use pcisim_pci::caps::msix::MsixConfig;
 use pcisim_pci::caps::pcie::PcieConfig;
 use pcisim_pci::caps::pm::{self, PmConfig};
-use pcisim_pci::journal::{Event, Record};
 use pcisim_pci::{
-    Bar, Bus, EndpointBuilder, FunctionCtx, Identity, Journal, MsixOutcome, PciFunction, ResetKind,
+    Bar, Bus, EndpointBuilder, FunctionCtx, Identity, MsixOutcome, PciFunction, ResetKind,
 };
 use pcisim_vfio_user::{irq_index, Server, ServerOptions};
 use vfio_bindings::bindings::vfio::{VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD};
@@ -154,7 +154,8 @@ fn position(recs: &[Record], f: impl Fn(&Event) -> bool) -> Option<usize> {
 }
 
 fn delivered(e: &Event) -> bool {
-    matches!(e, Event::Interrupt { vector, outcome } if *vector == VECTOR && outcome.starts_with("delivered"))
+    matches!(e, Event::Interrupt { vector, outcome } if *vector == VECTOR
+        && matches!(outcome, InterruptOutcome::Delivered | InterruptOutcome::DeliveredAfterHold))
 }
 
 /// PCI PM 1.2 §3.2.4 (PMCSR bit 3, No_Soft_Reset) and PCIe Base 6.0 §7.5.2.2: with
@@ -188,7 +189,15 @@ fn test_pm_soft_reset_discards_vector_held_in_d3hot() {
 
     let recs = rig.records();
     let d0 = position(&recs, |e| matches!(e, Event::Power { from: 3, to: 0 })).unwrap();
-    let reset = position(&recs, |e| matches!(e, Event::ResetBegin { kind: "pm" })).unwrap();
+    let reset = position(&recs, |e| {
+        matches!(
+            e,
+            Event::ResetBegin {
+                kind: ResetKind::PmSoftReset
+            }
+        )
+    })
+    .unwrap();
     assert!(d0 < reset, "{recs:#?}");
     assert!(
         !recs[d0..].iter().any(|r| delivered(&r.event)),

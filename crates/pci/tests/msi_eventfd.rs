@@ -8,10 +8,11 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
+use pcisim_journal::{Event, InterruptOutcome, Journal, Refusal};
 use pcisim_pci::caps::msi::{self, MsiConfig};
 use pcisim_pci::caps::pcie::PcieConfig;
 use pcisim_pci::{
-    Bar, EndpointBuilder, FunctionCtx, Identity, Journal, MsixOutcome, PciFunction, ResetKind,
+    Bar, EndpointBuilder, FunctionCtx, Identity, MsixOutcome, PciFunction, ResetKind,
 };
 use pcisim_vfio_user::{irq_index, region, Server, ServerOptions};
 use vfio_bindings::bindings::vfio::{
@@ -171,13 +172,13 @@ fn fired(efds: &[EventFd]) -> Vec<u64> {
     efds.iter().map(|e| e.read().unwrap_or(0)).collect()
 }
 
-fn outcomes(journal: &Journal) -> Vec<(u16, String)> {
+fn outcomes(journal: &Journal) -> Vec<(u16, InterruptOutcome)> {
     journal
         .since(0)
         .0
         .iter()
         .filter_map(|r| match &r.event {
-            pcisim_pci::Event::Interrupt { vector, outcome } => Some((*vector, outcome.clone())),
+            Event::Interrupt { vector, outcome } => Some((*vector, outcome.clone())),
             _ => None,
         })
         .collect()
@@ -217,7 +218,10 @@ fn test_msi_enabled_bound_vectors_delivered_folded_into_allocated() {
     assert_eq!(fired(&efds), [0; 4]);
     assert_eq!(
         outcomes(&journal),
-        [(1, "delivered".into()), (6, "delivered".into())],
+        [
+            (1, InterruptOutcome::Delivered),
+            (6, InterruptOutcome::Delivered)
+        ],
         "journaled as MSI-X interrupts are; the invalid vector is not an interrupt"
     );
 }
@@ -262,8 +266,8 @@ fn test_msi_bus_master_off_refused_then_sent_when_it_is_set() {
     assert_eq!(
         outcomes(&journal),
         [
-            (0, "refused:bus_master_disabled".into()),
-            (0, "delivered-after-hold".into())
+            (0, InterruptOutcome::Refused(Refusal::BusMasterDisabled)),
+            (0, InterruptOutcome::DeliveredAfterHold)
         ],
         "the held vector's delivery is an interrupt record like any other"
     );

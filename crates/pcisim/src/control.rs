@@ -40,7 +40,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use pcisim_pci::{Controllable, Description, Fault, Journal};
+use pcisim_journal::Journal;
+use pcisim_pci::{Controllable, Description, Fault};
 use serde_json::{json, Map, Value};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -766,7 +767,7 @@ impl ControlServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pcisim_pci::journal::Event;
+    use pcisim_journal::Event;
     use std::io::BufRead;
 
     struct Fake {
@@ -888,7 +889,7 @@ mod tests {
     fn test_stats_and_violations() {
         let (h, j) = handler(&["gpu0", "gpu1"]);
         j[1].record(Event::Violation {
-            kind: pcisim_pci::ViolationKind::DmaAfterUnmap,
+            kind: pcisim_journal::ViolationKind::DmaAfterUnmap,
             detail: "write 0x1000+4".into(),
         });
         let v = ask(&h, r#"{"op":"stats"}"#);

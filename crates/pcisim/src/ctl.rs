@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use pcisim_journal::{timeline, Record};
 use pcisim_lab::control::{format_record, stats_line, ControlClient};
-use pcisim_lab::timeline;
 use serde_json::{json, Value};
 
 /// How often `journal --follow` asks for new records.
@@ -320,7 +320,7 @@ fn journal(
 }
 
 /// `journal --timeline FILE`: one device's records after `after` drawn as an SVG timeline, with
-/// the guest's events from `guest_events` (see `pcisim_lab::timeline`).
+/// the guest's events from `guest_events` (see `pcisim_journal::timeline`).
 fn timeline(
     c: &mut ControlClient,
     device: Option<String>,
@@ -337,6 +337,12 @@ fn timeline(
         );
     };
     let slice = c.journal_all(d, after)?;
+    let records = slice
+        .records
+        .iter()
+        .map(|r| serde_json::from_value::<Record>(r.clone()))
+        .collect::<std::result::Result<Vec<Record>, _>>()
+        .with_context(|| format!("{d}: a journal record pcisim-journal cannot read"))?;
     let guest = match guest_events {
         Some(p) => timeline::parse_guest_events(
             &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
@@ -350,16 +356,16 @@ fn timeline(
             slice.lost
         ));
     }
-    let svg = timeline::render_svg(&title, &slice.records, &guest);
+    let svg = timeline::render_svg(&title, &records, &guest);
     std::fs::write(file, svg).with_context(|| format!("writing {}", file.display()))?;
-    let anchored = match timeline::find_anchor(&slice.records, &guest) {
+    let anchored = match timeline::find_anchor(&records, &guest) {
         Some(a) => format!("aligned on pasid {}'s bind", a.pasid),
         None if guest.is_empty() => "no guest events".to_string(),
         None => "guest events NOT aligned (no anchor)".to_string(),
     };
     out.line(&format!(
         "{d}: {} records, {} guest events ({anchored}): {}",
-        slice.records.len(),
+        records.len(),
         guest.len(),
         file.display()
     ))

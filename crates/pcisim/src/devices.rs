@@ -294,7 +294,7 @@ mod tests {
         let journal = b.control.lock().unwrap().journal();
         let start = journal.last_seq();
         for i in 0..n {
-            journal.record(pcisim_pci::journal::Event::Note {
+            journal.record(pcisim_journal::Event::Note {
                 text: format!("note {i}"),
             });
         }
@@ -304,7 +304,7 @@ mod tests {
 
     #[test]
     fn test_journal_option_sizes_the_ring_for_gpu_and_npu() {
-        let default = pcisim_pci::journal::DEFAULT_CAPACITY as u64;
+        let default = pcisim_journal::DEFAULT_CAPACITY as u64;
         // The default ring loses what exceeds it (the instrument can see a loss) ...
         let (kept, lost) = fill_journal(&gpu("").unwrap(), default + 500);
         assert_eq!((kept as u64, lost), (default, 500));

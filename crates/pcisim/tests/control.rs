@@ -692,3 +692,54 @@ fn test_serve_refuses_a_live_control_socket() {
     // The first server is unharmed.
     assert_eq!(json(&s.ctl_ok(&["list"]))["devices"][0]["id"], "gpu0");
 }
+
+/// Every record `ctl --json journal` prints reads as a typed `pcisim_journal::Record` (the
+/// wire form and the types agree), and `journal --timeline` draws them: one mark per reset
+/// command record, the count in its summary line.
+#[test]
+fn test_journal_json_reads_as_typed_records_and_timeline_draws_them() {
+    use pcisim_journal::{Event, Record, ResetKind};
+    let s = Serve::start(&["gpu0"]);
+    let mut c = client(&s.socket("gpu0"));
+    // A device reset: reset_begin/reset_end with kind "device".
+    c.reset().unwrap();
+    let text = s.ctl_ok(&["journal", "--device", "gpu0"]);
+    let records: Vec<Record> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a Record ({e}): {l}")))
+        .collect();
+    assert!(
+        records.iter().any(|r| r.event
+            == Event::ResetBegin {
+                kind: ResetKind::DeviceReset
+            }),
+        "{text}"
+    );
+    assert!(records.iter().any(|r| r.event == Event::ClientConnected));
+
+    let svg = s.dir.join("gpu0.svg");
+    let out = s.ctl(&[
+        "journal",
+        "--device",
+        "gpu0",
+        "--timeline",
+        svg.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("gpu0: {} records, 0 guest events", records.len())),
+        "{stdout}"
+    );
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{svg}");
+    assert_eq!(
+        svg.matches(r#"<g class="mark cmd reset_begin""#).count(),
+        1,
+        "{svg}"
+    );
+}

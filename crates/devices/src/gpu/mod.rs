@@ -132,7 +132,7 @@ impl Default for GpuConfig {
             subsystem_id: ids::SUBSYSTEM_ID,
             no_soft_reset: false,
             immediate_readiness: false,
-            journal_records: pcisim_pci::journal::DEFAULT_CAPACITY,
+            journal_records: pcisim_journal::DEFAULT_CAPACITY,
             irq: IrqMode::default(),
         }
     }

@@ -128,8 +128,7 @@ impl EngineBus for pcisim_pci::Bus {
     }
 
     fn note(&self, text: String) {
-        self.journal()
-            .record(pcisim_pci::journal::Event::Note { text });
+        self.journal().record(pcisim_journal::Event::Note { text });
     }
 
     fn dma_write_posted(&self, iova: u64, data: &[u8]) -> Result<(), DmaFailure> {
@@ -1241,7 +1240,7 @@ mod direct_copy_tests {
     use std::os::unix::fs::FileExt;
     use std::time::{Duration, Instant};
 
-    use pcisim_pci::journal::{Dir, Event};
+    use pcisim_journal::{Dir, Event};
     use pcisim_pci::Endpoint;
     use pcisim_vfio_user::dma::{PROT_READ, PROT_WRITE};
     use pcisim_vfio_user::{ClientLink, Device, DmaSpace, Interrupts};

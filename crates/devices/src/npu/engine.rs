@@ -22,7 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use log::{debug, warn};
-use pcisim_pci::journal::Event;
+use pcisim_journal::Event;
 use pcisim_pci::MsixOutcome;
 
 use super::atc::Atc;

@@ -52,13 +52,13 @@ use std::thread::JoinHandle;
 use crate::regfile::RegisterFile as _;
 use log::warn;
 use pcisim_abi::ids;
+use pcisim_journal::{Event, Refusal};
 use pcisim_pci::caps::ats::AtsConfig;
 use pcisim_pci::caps::msix::MsixConfig;
 use pcisim_pci::caps::pasid::PasidConfig;
 use pcisim_pci::caps::pcie::PcieConfig;
 use pcisim_pci::caps::pm::PmConfig;
 use pcisim_pci::caps::pri::PriConfig;
-use pcisim_pci::journal::{Event, Refusal};
 use pcisim_pci::{
     Bar, BuildError, Bus, ConfigEvent, DmaFault, Endpoint, EndpointBuilder, FunctionCtx, Identity,
     MsixOutcome, PciFunction, ResetKind,
@@ -165,7 +165,7 @@ impl Default for NpuConfig {
             subsystem_id: ids::SUBSYSTEM_ID,
             no_soft_reset: false,
             immediate_readiness: false,
-            journal_records: pcisim_pci::journal::DEFAULT_CAPACITY,
+            journal_records: pcisim_journal::DEFAULT_CAPACITY,
             peer: None,
             checking: true,
             atc_entries: atc::DEFAULT_CAPACITY as u32,

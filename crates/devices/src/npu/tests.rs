@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use pcisim_pci::journal::{Dir, Event, Journal, Refusal, ViolationKind};
+use pcisim_journal::{Dir, Event, Journal, Refusal, ViolationKind};
 use pcisim_pci::{Endpoint, MsixOutcome};
 use pcisim_vfio_user::{region, Device};
 

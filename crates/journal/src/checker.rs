@@ -1,4 +1,4 @@
-//! The invariant checker behind [`crate::journal::Journal`]: a small state machine fed with every
+//! The invariant checker behind [`crate::Journal`]: a small state machine fed with every
 //! event, answering which invariants (design.md §5) the event violates.
 //!
 //! The checker only interprets events; the endpoint, bus and device models emit them. State it
@@ -26,12 +26,13 @@
 //!   `PasidReleased`, a new `PasidBind`): then it is a `stale_translation` violation, a missed
 //!   invalidation. A use after the unbind was acknowledged is a violation at once.
 //!
-//! Interrupts: an MSI-X outcome "delivered" (also "delivered-after-hold", a vector held
-//! pending and sent later) or "pending" while Bus Master is off (including
+//! Interrupts: an MSI-X outcome `delivered` (also `delivered-after-hold`, a vector held
+//! pending and sent later) or `pending` while Bus Master is off (including
 //! after a reset until re-enabled), in D3hot, in reset or with the link down is
-//! [`ViolationKind::InterruptWhileDisabled`]; so is "intx-delivered" in D3hot, in reset, with
+//! [`ViolationKind::InterruptWhileDisabled`]; so is `intx-delivered` in D3hot, in reset, with
 //! the link down or with Interrupt Disable set (INTx is not a memory request: Bus Master does
-//! not gate it). Other outcomes ("refused:…", "intx-held:…", …) are the device obeying.
+//! not gate it). Other [`InterruptOutcome`]s (`refused:…`, `intx-held:…`, …) are the device
+//! obeying.
 //!
 //! Each event yields at most one violation from the device-state/map chain (the most specific:
 //! link down, then reset, then D3hot, then Bus Master, then the map) plus, for a PASID-tagged
@@ -46,7 +47,7 @@
 //!   [`ViolationKind::CheckerDegraded`] record says the oracle went partly blind.
 //! - Unmapped history: at most [`MAX_UNMAPPED_RANGES`] ranges, adjacent or overlapping ones
 //!   merged; beyond that the least recently unmapped ranges are forgotten, an eighth of the
-//!   bound at once (so trimming is amortized constant time: a disconnect may move 65535 ranges
+//!   bound at once (so trimming is amortized constant time: a disconnect may move 2^20 ranges
 //!   here). A later DMA to a forgotten range is reported as `DmaOutsideMap` instead (still a
 //!   violation; the detail says how many ranges were forgotten).
 //! - PASIDs: only unbound or released PASIDs are remembered, at most [`MAX_TRACKED_PASIDS`];
@@ -57,10 +58,14 @@
 
 use std::collections::BTreeMap;
 
-use crate::journal::{Dir, Event, Findings, ResetName, ViolationKind};
+use crate::event::{Dir, Event, InterruptOutcome, ResetKind, ViolationKind};
 
-/// Most mapped ranges tracked (the vfio-user server's own limit on simultaneous mappings).
-pub const MAX_MAPPED_RANGES: usize = pcisim_vfio_user::dma::MAX_MAPPINGS;
+/// The checker's verdict on one event: violations to record right after it.
+pub type Findings = Vec<(ViolationKind, String)>;
+
+/// Most mapped ranges tracked: the vfio-user server's own limit on simultaneous mappings
+/// (`pcisim_vfio_user::dma::MAX_MAPPINGS`; pcisim-pci checks at compile time that they agree).
+pub const MAX_MAPPED_RANGES: usize = 1 << 20;
 /// Most ranges kept in the history of unmapped (and not re-mapped) ranges.
 pub const MAX_UNMAPPED_RANGES: usize = 4096;
 /// Most PASIDs remembered as unbound or released.
@@ -74,8 +79,6 @@ pub const MAX_PENDING_STALE: usize = 4096;
 const COMMAND_BUS_MASTER: u16 = 1 << 2;
 /// Command.Interrupt Disable (INTx emulation).
 const COMMAND_INTX_DISABLE: u16 = 1 << 10;
-/// The reset kind of a lost connection (a power cycle: the slot gets a new card).
-const LOST_CONNECTION: &str = "lost-connection";
 /// PMCSR.PowerState for D3hot.
 const D3HOT: u8 = 3;
 /// One past the last IOVA.
@@ -225,9 +228,9 @@ pub struct Checker {
     /// Link up.
     link_up: bool,
     /// A reset of this kind is in progress.
-    in_reset: Option<ResetName>,
+    in_reset: Option<ResetKind>,
     /// A reset of this kind ended and Bus Master has not been set again since.
-    awaiting_reenable: Option<ResetName>,
+    awaiting_reenable: Option<ResetKind>,
     /// Mapped ranges → backed by an fd.
     mapped: Ranges<bool>,
     /// A map was not tracked (limit reached): map membership cannot be judged.
@@ -322,12 +325,12 @@ impl Checker {
             } => out.extend(self.map(*iova, *size, *backed)),
             Event::DmaUnmapped { iova, size } => self.unmap(*iova, *size),
             Event::ResetBegin { kind } => {
-                self.in_reset = Some(kind);
+                self.in_reset = Some(*kind);
                 self.awaiting_reenable = None;
                 // Every reset puts configuration space back to power-on: Command 0, D0.
                 self.command = 0;
                 self.power = 0;
-                if *kind == LOST_CONNECTION {
+                if *kind == ResetKind::LostConnection {
                     // A new client is a new card in the slot: the injected link-down goes
                     // with the old one (the endpoint brings the link up without a `Link`).
                     self.link_up = true;
@@ -335,7 +338,7 @@ impl Checker {
             }
             Event::ResetEnd { kind } => {
                 self.in_reset = None;
-                self.awaiting_reenable = Some(kind);
+                self.awaiting_reenable = Some(*kind);
             }
             Event::Command { new, .. } => {
                 self.command = *new;
@@ -390,13 +393,21 @@ impl Checker {
                 out.extend(self.pasid_violation(&what));
             }
             Event::DmaRefused { .. } => {}
-            Event::Interrupt { vector, outcome } => {
-                if outcome.starts_with("delivered") || outcome.starts_with("pending") {
-                    out.extend(self.interrupt_violation(*vector, outcome));
-                } else if outcome.starts_with("intx-delivered") {
-                    out.extend(self.intx_violation(outcome));
+            Event::Interrupt { vector, outcome } => match outcome {
+                InterruptOutcome::Delivered
+                | InterruptOutcome::DeliveredAfterHold
+                | InterruptOutcome::Pending => {
+                    out.extend(self.interrupt_violation(*vector, outcome))
                 }
-            }
+                InterruptOutcome::IntxDelivered => out.extend(self.intx_violation(outcome)),
+                // The device obeying the rules, or nothing sent.
+                InterruptOutcome::Refused(_)
+                | InterruptOutcome::Invalid
+                | InterruptOutcome::IntxHeld(_)
+                | InterruptOutcome::IntxMasked
+                | InterruptOutcome::IntxUnbound
+                | InterruptOutcome::IntxError(_) => {}
+            },
             Event::PasidBind { pasid, .. } => {
                 out.extend(self.judge_stale(*pasid));
                 self.pasids.remove(pasid);
@@ -577,7 +588,11 @@ impl Checker {
         })
     }
 
-    fn interrupt_violation(&self, vector: u16, outcome: &str) -> Option<(ViolationKind, String)> {
+    fn interrupt_violation(
+        &self,
+        vector: u16,
+        outcome: &InterruptOutcome,
+    ) -> Option<(ViolationKind, String)> {
         let what = format!("interrupt vector {vector} {outcome}");
         let why = if !self.link_up {
             "while the link is down".to_string()
@@ -603,7 +618,7 @@ impl Checker {
     }
 
     /// INTx is not a memory request: Bus Master does not gate it, Interrupt Disable does.
-    fn intx_violation(&self, outcome: &str) -> Option<(ViolationKind, String)> {
+    fn intx_violation(&self, outcome: &InterruptOutcome) -> Option<(ViolationKind, String)> {
         let why = if !self.link_up {
             "while the link is down".to_string()
         } else if let Some(kind) = self.in_reset {
@@ -761,6 +776,7 @@ fn oldest_cut(stamps: impl Iterator<Item = u64>, excess: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Refusal;
     use crate::journal::Journal;
 
     const BME: u16 = 0x0006;
@@ -810,7 +826,7 @@ mod tests {
     fn irq(outcome: &str) -> Event {
         Event::Interrupt {
             vector: 1,
-            outcome: outcome.to_string(),
+            outcome: outcome.parse().unwrap(),
         }
     }
 
@@ -1061,14 +1077,16 @@ mod tests {
                 dir: Dir::Write,
                 iova: 0x9000,
                 len: 4,
-                reason: crate::journal::Refusal::LinkDown,
+                reason: Refusal::LinkDown,
             },
-            Event::ResetBegin { kind: "flr" },
+            Event::ResetBegin {
+                kind: ResetKind::Flr,
+            },
             Event::DmaRefused {
                 dir: Dir::Read,
                 iova: 0,
                 len: 4,
-                reason: crate::journal::Refusal::Resetting,
+                reason: Refusal::Resetting,
             },
         ]);
     }
@@ -1130,7 +1148,12 @@ mod tests {
             ViolationKind::DmaDuringReset,
             with(
                 enabled(),
-                [Event::ResetBegin { kind: "flr" }, write(0x1000, 0x40)],
+                [
+                    Event::ResetBegin {
+                        kind: ResetKind::Flr,
+                    },
+                    write(0x1000, 0x40),
+                ],
             ),
         );
         assert!(d.contains("flr"), "{d}");
@@ -1143,8 +1166,12 @@ mod tests {
             with(
                 enabled(),
                 [
-                    Event::ResetBegin { kind: "flr" },
-                    Event::ResetEnd { kind: "flr" },
+                    Event::ResetBegin {
+                        kind: ResetKind::Flr,
+                    },
+                    Event::ResetEnd {
+                        kind: ResetKind::Flr,
+                    },
                     write(0x1000, 0x40),
                 ],
             ),
@@ -1159,8 +1186,12 @@ mod tests {
             with(
                 enabled(),
                 [
-                    Event::ResetBegin { kind: "device" },
-                    Event::ResetEnd { kind: "device" },
+                    Event::ResetBegin {
+                        kind: ResetKind::DeviceReset,
+                    },
+                    Event::ResetEnd {
+                        kind: ResetKind::DeviceReset,
+                    },
                     command(0x0002),
                     write(0x1000, 0x40),
                 ],
@@ -1173,8 +1204,12 @@ mod tests {
         none(with(
             enabled(),
             [
-                Event::ResetBegin { kind: "flr" },
-                Event::ResetEnd { kind: "flr" },
+                Event::ResetBegin {
+                    kind: ResetKind::Flr,
+                },
+                Event::ResetEnd {
+                    kind: ResetKind::Flr,
+                },
                 command(BME),
                 write(0x1000, 0x40),
             ],
@@ -1188,9 +1223,13 @@ mod tests {
             with(
                 enabled(),
                 [
-                    Event::ResetBegin { kind: "flr" },
+                    Event::ResetBegin {
+                        kind: ResetKind::Flr,
+                    },
                     command(BME),
-                    Event::ResetEnd { kind: "flr" },
+                    Event::ResetEnd {
+                        kind: ResetKind::Flr,
+                    },
                     write(0x1000, 0x40),
                 ],
             ),
@@ -1231,7 +1270,12 @@ mod tests {
             ViolationKind::InterruptWhileDisabled,
             with(
                 enabled(),
-                [Event::ResetBegin { kind: "pm" }, irq("delivered")],
+                [
+                    Event::ResetBegin {
+                        kind: ResetKind::PmSoftReset,
+                    },
+                    irq("delivered"),
+                ],
             ),
         );
     }
@@ -1240,7 +1284,7 @@ mod tests {
     /// record (outcome `delivered-after-hold`) judged like any other delivery.
     #[test]
     fn test_interrupt_delivered_after_hold_judged_like_any_delivery() {
-        let held = crate::bus::DELIVERED_AFTER_HOLD;
+        let held = "delivered-after-hold";
         let d = only(
             ViolationKind::InterruptWhileDisabled,
             with(enabled(), [command(0x0002), irq(held)]),
@@ -1271,7 +1315,7 @@ mod tests {
                 irq("delivered"),
                 irq("pending"),
                 command(0x0002),
-                irq("refused:bus-master-disabled"),
+                irq("refused:bus_master_disabled"),
                 Event::Power { from: 0, to: 3 },
                 irq("refused:d3hot"),
             ],
@@ -1310,10 +1354,10 @@ mod tests {
                 Event::Link { up: false },
                 Event::ClientDisconnected,
                 Event::ResetBegin {
-                    kind: "lost-connection",
+                    kind: ResetKind::LostConnection,
                 },
                 Event::ResetEnd {
-                    kind: "lost-connection",
+                    kind: ResetKind::LostConnection,
                 },
                 Event::ClientConnected,
                 map(0x1000, 0x1000),

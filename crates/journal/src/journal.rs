@@ -2,7 +2,7 @@
 //! checker that turns forbidden sequences into violations.
 //!
 //! Every function has one [`Journal`], shared by the endpoint (config writes, resets, client
-//! events), its [`crate::Bus`] (DMA and interrupts, from any thread) and the device model (PASID
+//! events), its bus (pcisim-pci's `Bus`: DMA and interrupts, from any thread) and the device model (PASID
 //! bind/unbind, ATC, faults). Each [`Journal::record`] runs the checker over the event first,
 //! so a violation is recorded right after the event that caused it.
 //!
@@ -16,305 +16,8 @@
 //! a record of its own, so the violation follows exactly the access that caused it. Violations
 //! are logged (`log::warn!`) only while they fit in the retained list; later ones are counted.
 
-use serde::Serialize;
-
-/// Which reset (the kinds of [`crate::ResetKind`], as journal text).
-pub type ResetName = &'static str;
-
-/// DMA direction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Dir {
-    /// Device reads client memory.
-    Read,
-    /// Device writes client memory.
-    Write,
-}
-
-/// Why the device refused to perform a DMA or raise an interrupt (hardware obeying the rules:
-/// not a violation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Refusal {
-    /// Command.Bus Master Enable is clear.
-    BusMasterDisabled,
-    /// The function is in D3hot.
-    D3hot,
-    /// The link is down (surprise removal modelled).
-    LinkDown,
-    /// A reset is in progress.
-    Resetting,
-    /// No client is attached.
-    NoClient,
-    /// An injected DMA error.
-    InjectedError,
-}
-
-/// Kinds of invariant violation (design.md §5). Each is something real hardware with a correct
-/// driver never does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ViolationKind {
-    /// A DMA to an IOVA no DMA_MAP ever covered.
-    DmaOutsideMap,
-    /// A DMA to an IOVA whose mapping was removed (DMA_UNMAP acknowledged) and not mapped again.
-    DmaAfterUnmap,
-    /// A DMA performed while Bus Master Enable was clear.
-    DmaWithoutBusMaster,
-    /// A DMA performed in D3hot.
-    DmaInD3hot,
-    /// A DMA performed while the link was down.
-    DmaLinkDown,
-    /// A DMA performed between the start of a reset and re-enable (Bus Master set again).
-    DmaDuringReset,
-    /// An interrupt signalled while Bus Master Enable was clear, in D3hot or with the link down.
-    InterruptWhileDisabled,
-    /// An access through a PASID after its unbind was acknowledged.
-    PasidAfterUnbind,
-    /// A cached translation was used although the page tables no longer back it and no
-    /// invalidation covered it (a missed mmu-notifier invalidation).
-    StaleTranslation,
-    /// A page-table walk for a PASID whose binding was released.
-    WalkAfterRelease,
-    /// Not a device fault: the oracle lost sight of part of what follows (the checker's mapped
-    /// set overflowed, PASID marks were forgotten, a drain of in-flight accesses timed out so
-    /// the journal's order may be wrong). Recorded like a violation so that no window it
-    /// affects can pass as clean.
-    CheckerDegraded,
-}
-
-/// Something that happened to the function.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Event {
-    /// A client attached (after VERSION).
-    ClientConnected,
-    /// The client went away.
-    ClientDisconnected,
-    /// A DMA_MAP was acknowledged.
-    DmaMapped {
-        /// First IOVA.
-        iova: u64,
-        /// Size.
-        size: u64,
-        /// Whether the server can reach it (the client passed an fd).
-        backed: bool,
-        /// The mapping permits device reads (DMA_MAP `VFIO_DMA_MAP_FLAG_READ`).
-        read: bool,
-        /// The mapping permits device writes (DMA_MAP `VFIO_DMA_MAP_FLAG_WRITE`).
-        write: bool,
-    },
-    /// A DMA_UNMAP of this mapping was acknowledged (in-flight accesses had drained).
-    DmaUnmapped {
-        /// First IOVA.
-        iova: u64,
-        /// Size.
-        size: u64,
-    },
-    /// A reset began.
-    ResetBegin {
-        /// "flr", "pm", "device" or "lost-connection".
-        kind: ResetName,
-    },
-    /// A reset completed (the function may be re-enabled).
-    ResetEnd {
-        /// As in `ResetBegin`.
-        kind: ResetName,
-    },
-    /// The Command register changed.
-    Command {
-        /// Old value.
-        old: u16,
-        /// New value.
-        new: u16,
-    },
-    /// PMCSR.PowerState changed (0 = D0, 3 = D3hot).
-    Power {
-        /// Old state.
-        from: u8,
-        /// New state.
-        to: u8,
-    },
-    /// The link went down or came up (fault injection).
-    Link {
-        /// Link up.
-        up: bool,
-    },
-    /// DMA performed (aggregated: `count` accesses, `bytes` in total, over `iova..iova+len`).
-    Dma {
-        /// Direction.
-        dir: Dir,
-        /// PASID, for PASID-tagged work.
-        pasid: Option<u32>,
-        /// First IOVA of the aggregated range.
-        iova: u64,
-        /// Length of the aggregated range.
-        len: u64,
-        /// Number of accesses aggregated here.
-        count: u64,
-        /// Bytes moved.
-        bytes: u64,
-    },
-    /// The device did not perform a DMA because the rules forbade it.
-    DmaRefused {
-        /// Direction.
-        dir: Dir,
-        /// IOVA.
-        iova: u64,
-        /// Length.
-        len: u64,
-        /// Why.
-        reason: Refusal,
-    },
-    /// A DMA attempt hit no mapped, fd-backed memory; nothing was touched.
-    DmaFault {
-        /// Direction.
-        dir: Dir,
-        /// PASID, for PASID-tagged work.
-        pasid: Option<u32>,
-        /// IOVA.
-        iova: u64,
-        /// Length.
-        len: u64,
-    },
-    /// An interrupt was raised.
-    Interrupt {
-        /// MSI-X vector.
-        vector: u16,
-        /// MSI-X/MSI: `delivered`, `pending` or `refused:<reason>` when raised, and
-        /// `delivered-after-hold` when a vector held back then (pending or refused) is sent
-        /// later; INTx: `intx-delivered`, `intx-held:<why>`, … (the checker objects only to
-        /// signals while disabled).
-        outcome: String,
-    },
-    /// A PASID was bound to a page-table root.
-    PasidBind {
-        /// PASID.
-        pasid: u32,
-        /// Guest-physical address of the top-level page table.
-        root: u64,
-    },
-    /// The driver asked to unbind a PASID; the device stops taking its work.
-    PasidUnbindBegin {
-        /// PASID.
-        pasid: u32,
-    },
-    /// The PASID's work was finished or aborted.
-    PasidDrained {
-        /// PASID.
-        pasid: u32,
-        /// Work items aborted.
-        aborted: u64,
-    },
-    /// The unbind was acknowledged to the driver: the PASID must not be used any more.
-    PasidUnbindAck {
-        /// PASID.
-        pasid: u32,
-    },
-    /// The binding's address space was released (the mm is gone): no walk may follow.
-    PasidReleased {
-        /// PASID.
-        pasid: u32,
-    },
-    /// The driver invalidated cached translations.
-    Invalidate {
-        /// PASID.
-        pasid: u32,
-        /// First virtual address.
-        va: u64,
-        /// Length (u64::MAX: everything).
-        len: u64,
-    },
-    /// The device walked a PASID's page tables.
-    PageWalk {
-        /// PASID.
-        pasid: u32,
-        /// Virtual address translated.
-        va: u64,
-        /// Result: physical address, or None for a fault.
-        pa: Option<u64>,
-    },
-    /// The device used a cached translation and, in checking mode, found the page tables no
-    /// longer agree (the source decides; the checker turns it into a violation).
-    StaleTranslationUsed {
-        /// PASID.
-        pasid: u32,
-        /// Virtual address.
-        va: u64,
-        /// What the cache said.
-        cached_pa: u64,
-        /// What the page tables say now (None: not present).
-        walked_pa: Option<u64>,
-    },
-    /// A translation fault was reported to the driver (PRI-like queue).
-    TranslationFault {
-        /// PASID.
-        pasid: u32,
-        /// Virtual address.
-        va: u64,
-        /// Write access.
-        write: bool,
-    },
-    /// A fault was injected through the control socket.
-    FaultInjected {
-        /// The fault, as given.
-        fault: String,
-    },
-    /// A device-specific note (e.g. "ring error: bad opcode 0x7f at slot 3").
-    Note {
-        /// Text.
-        text: String,
-    },
-    /// An invariant was violated.
-    Violation {
-        /// Which invariant.
-        kind: ViolationKind,
-        /// Context: what was accessed, in which state.
-        detail: String,
-    },
-}
-
-/// One journal entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Record {
-    /// Sequence number, per device, from 1; gaps never occur (dropped records are counted).
-    pub seq: u64,
-    /// Monotonic nanoseconds since the journal was created.
-    pub t_ns: u64,
-    /// The event.
-    #[serde(flatten)]
-    pub event: Event,
-}
-
-/// Counters that survive ring eviction.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Stats {
-    /// Records ever appended (including aggregated DMA updates as one each time a new record was
-    /// started).
-    pub records: u64,
-    /// Records evicted from the ring.
-    pub dropped: u64,
-    /// DMA accesses performed.
-    pub dma_accesses: u64,
-    /// Bytes moved by DMA.
-    pub dma_bytes: u64,
-    /// DMA attempts refused by the device.
-    pub dma_refused: u64,
-    /// DMA attempts that found no memory.
-    pub dma_faults: u64,
-    /// `interrupt` records (any outcome; a vector held and sent later counts twice: when
-    /// raised and when delivered after the hold).
-    pub interrupts: u64,
-    /// Resets begun.
-    pub resets: u64,
-    /// Violations found (`checker_degraded` records included).
-    pub violations: u64,
-    /// Of those, `checker_degraded` records: times the oracle lost sight of something.
-    pub degraded: u64,
-}
-
-/// The checker's verdict on one event: violations to record right after it.
-pub type Findings = Vec<(ViolationKind, String)>;
+use crate::checker::Checker;
+use crate::event::{Event, Record, Stats, ViolationKind};
 
 /// Default number of records kept.
 pub const DEFAULT_CAPACITY: usize = 4096;
@@ -338,7 +41,7 @@ struct Inner {
     /// Highest sequence number handed out by `since`: records up to it are no longer modified.
     read_upto: u64,
     stats: Stats,
-    checker: crate::checker::Checker,
+    checker: Checker,
 }
 
 /// A function's journal. Cheap to clone; safe to use from any thread.
@@ -369,7 +72,7 @@ impl Journal {
                 unkept_warned: false,
                 read_upto: 0,
                 stats: Stats::default(),
-                checker: crate::checker::Checker::default(),
+                checker: Checker::default(),
             })),
         }
     }
@@ -586,6 +289,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::{Dir, InterruptOutcome, Refusal, ResetKind};
 
     fn dma(dir: Dir, pasid: Option<u32>, iova: u64, len: u64) -> Event {
         Event::Dma {
@@ -1056,17 +760,21 @@ mod tests {
     #[test]
     fn test_stats_count_events_by_kind() {
         let j = Journal::new("t", 16);
-        j.record(Event::ResetBegin { kind: "flr" });
+        j.record(Event::ResetBegin {
+            kind: ResetKind::Flr,
+        });
         j.record(Event::DmaRefused {
             dir: Dir::Read,
             iova: 0,
             len: 4,
             reason: Refusal::Resetting,
         });
-        j.record(Event::ResetEnd { kind: "flr" });
+        j.record(Event::ResetEnd {
+            kind: ResetKind::Flr,
+        });
         j.record(Event::Interrupt {
             vector: 0,
-            outcome: "refused:bus-master-disabled".into(),
+            outcome: InterruptOutcome::Refused(Refusal::BusMasterDisabled),
         });
         let st = j.stats();
         assert_eq!(
