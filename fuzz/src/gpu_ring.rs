@@ -135,8 +135,8 @@ impl EngineBus for Watch {
         self.bus.raise_msix(vector)
     }
 
-    fn note(&self, text: String) {
-        <Bus as EngineBus>::note(&self.bus, text);
+    fn journal(&self, event: Event) {
+        <Bus as EngineBus>::journal(&self.bus, event);
     }
 }
 

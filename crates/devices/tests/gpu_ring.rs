@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use pcisim_devices::gpu::ring::{ctrl, encode, err, flag, op, status};
 use pcisim_devices::gpu::{self, regs, GpuConfig};
-use pcisim_journal::{Event, Journal};
+use pcisim_journal::{Event, Journal, RingErrorCode};
 use pcisim_vfio_user::{irq_index, region, Server, ServerOptions};
 use vfio_bindings::bindings::vfio::{VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD};
 use vmm_sys_util::eventfd::EventFd;
@@ -169,8 +169,14 @@ fn test_ring_fill_copy_fence_through_server_bus_data_exact() {
     assert_eq!(rd(&mut c, regs::RING_ERROR), err::ALIGNMENT | (5 << 16));
     assert_eq!(rd(&mut c, regs::RING_FAULT_ADDR_LO), (C + 2) as u32);
     let (recs, _) = h.journal.since(0);
-    assert!(recs.iter().any(|r| matches!(&r.event,
-        Event::Note { text } if text.contains("ring error alignment at slot 5"))));
+    assert!(recs.iter().any(|r| matches!(
+        &r.event,
+        Event::RingError {
+            code: RingErrorCode::Alignment,
+            slot: 5,
+            ..
+        }
+    )));
     assert!(
         h.journal.violations().is_empty(),
         "{:?}",
@@ -270,10 +276,9 @@ fn registers_back_to_defaults_and_quiet(h: &Harness, c: &mut vfio_user::Client) 
     assert_eq!(h.journal.stats().dma_bytes, n, "no DMA after the FLR");
 }
 
-fn noted(h: &Harness, what: &str) -> bool {
+fn noted(h: &Harness, what: impl Fn(&Event) -> bool) -> bool {
     let (recs, _) = h.journal.since(0);
-    recs.iter()
-        .any(|r| matches!(&r.event, Event::Note { text } if text.contains(what)))
+    recs.iter().any(|r| what(&r.event))
 }
 
 /// The driver's side done right (the kernel's `pcie_flr`): Bus Master Enable cleared, wait for
@@ -294,8 +299,17 @@ fn test_ring_flr_after_bus_master_off_and_tp_clear_no_dma_inside_reset() {
     flr(&h, &mut c);
     registers_back_to_defaults_and_quiet(&h, &mut c);
     // The fill stopped on its first refused access, before the FLR.
-    assert!(noted(&h, "ring error dma_refused"));
-    assert!(!noted(&h, "Transactions Pending"));
+    assert!(noted(&h, |e| matches!(
+        e,
+        Event::RingError {
+            code: RingErrorCode::DmaRefused,
+            ..
+        }
+    )));
+    assert!(!noted(&h, |e| matches!(
+        e,
+        Event::FlrWithTransactionsPending
+    )));
     assert!(
         h.journal.violations().is_empty(),
         "{:?}",
@@ -314,16 +328,15 @@ fn test_ring_flr_with_transactions_pending_chunk_in_flight_lands_inside_reset() 
     assert!(transactions_pending(&h, &mut c), "TP while the fill runs");
     flr(&h, &mut c);
     registers_back_to_defaults_and_quiet(&h, &mut c);
-    assert!(noted(&h, "aborted by reset"));
-    assert!(noted(&h, "posted writes"));
+    assert!(noted(&h, |e| matches!(e, Event::RingCommandAborted { .. })));
+    assert!(noted(&h, |e| matches!(e, Event::PostedWritesLanded { .. })));
     let (recs, _) = h.journal.since(0);
     let begin = recs
         .iter()
         .position(|r| matches!(r.event, Event::ResetBegin { .. }))
         .expect("reset_begin");
     assert!(
-        matches!(&recs[begin - 1].event,
-            Event::Note { text } if text.contains("FLR initiated with Transactions Pending")),
+        matches!(&recs[begin - 1].event, Event::FlrWithTransactionsPending),
         "{:?}",
         recs[begin - 1]
     );

@@ -476,6 +476,11 @@ impl Checker {
             Event::PasidDrained { .. }
             | Event::TranslationFault { .. }
             | Event::FaultInjected { .. }
+            | Event::FlrWithTransactionsPending
+            | Event::PendingDelivered { .. }
+            | Event::RingError { .. }
+            | Event::RingCommandAborted { .. }
+            | Event::PostedWritesLanded { .. }
             | Event::Note { .. }
             | Event::Violation { .. } => {}
         }

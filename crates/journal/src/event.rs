@@ -263,6 +263,115 @@ pub enum ViolationKind {
     CheckerDegraded,
 }
 
+impl ViolationKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [ViolationKind; 11] = [
+        ViolationKind::DmaOutsideMap,
+        ViolationKind::DmaAfterUnmap,
+        ViolationKind::DmaWithoutBusMaster,
+        ViolationKind::DmaInD3hot,
+        ViolationKind::DmaLinkDown,
+        ViolationKind::DmaDuringReset,
+        ViolationKind::InterruptWhileDisabled,
+        ViolationKind::PasidAfterUnbind,
+        ViolationKind::StaleTranslation,
+        ViolationKind::WalkAfterRelease,
+        ViolationKind::CheckerDegraded,
+    ];
+
+    /// The journal's name (`dma_after_unmap`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ViolationKind::DmaOutsideMap => "dma_outside_map",
+            ViolationKind::DmaAfterUnmap => "dma_after_unmap",
+            ViolationKind::DmaWithoutBusMaster => "dma_without_bus_master",
+            ViolationKind::DmaInD3hot => "dma_in_d3hot",
+            ViolationKind::DmaLinkDown => "dma_link_down",
+            ViolationKind::DmaDuringReset => "dma_during_reset",
+            ViolationKind::InterruptWhileDisabled => "interrupt_while_disabled",
+            ViolationKind::PasidAfterUnbind => "pasid_after_unbind",
+            ViolationKind::StaleTranslation => "stale_translation",
+            ViolationKind::WalkAfterRelease => "walk_after_release",
+            ViolationKind::CheckerDegraded => "checker_degraded",
+        }
+    }
+}
+
+impl std::fmt::Display for ViolationKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A kind of message interrupt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageKind {
+    /// MSI-X.
+    Msix,
+    /// MSI.
+    Msi,
+}
+
+/// Why a command ring stopped (the GPU's RING_STATUS error codes, by name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RingErrorCode {
+    /// Unknown opcode.
+    BadOpcode,
+    /// A flag the opcode does not define is set.
+    BadFlags,
+    /// A reserved field or an operand the opcode does not use is not zero.
+    Reserved,
+    /// An operand is not aligned as the opcode requires.
+    Alignment,
+    /// A length above the engine's maximum.
+    Length,
+    /// A VRAM range outside VRAM.
+    VramRange,
+    /// An IOVA range that wraps past 2^64.
+    IovaRange,
+    /// A client access hit no mapped memory (or the mapping's protection forbids it).
+    DmaFault,
+    /// The bus refused the access: Bus Master Enable clear, D3hot, link down, reset, no client.
+    DmaRefused,
+    /// An MSI-X vector that does not exist.
+    BadVector,
+    /// RING_BASE not 4 KiB aligned or RING_SIZE not a power of two in range at enable.
+    BadRing,
+    /// RING_TAIL written with a value not below RING_SIZE.
+    BadTail,
+    /// A code this journal has no name for.
+    Unknown,
+}
+
+impl RingErrorCode {
+    /// The journal's name (`dma_refused`).
+    pub fn name(self) -> &'static str {
+        match self {
+            RingErrorCode::BadOpcode => "bad_opcode",
+            RingErrorCode::BadFlags => "bad_flags",
+            RingErrorCode::Reserved => "reserved",
+            RingErrorCode::Alignment => "alignment",
+            RingErrorCode::Length => "length",
+            RingErrorCode::VramRange => "vram_range",
+            RingErrorCode::IovaRange => "iova_range",
+            RingErrorCode::DmaFault => "dma_fault",
+            RingErrorCode::DmaRefused => "dma_refused",
+            RingErrorCode::BadVector => "bad_vector",
+            RingErrorCode::BadRing => "bad_ring",
+            RingErrorCode::BadTail => "bad_tail",
+            RingErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for RingErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Something that happened to the function.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -437,7 +546,45 @@ pub enum Event {
         /// The fault, as given.
         fault: String,
     },
-    /// A device-specific note (e.g. "ring error: bad opcode 0x7f at slot 3").
+    /// An FLR was initiated while the function had Transactions Pending (the driver did not
+    /// wait for them): the writes already issued land after the `reset_begin` that follows.
+    FlrWithTransactionsPending,
+    /// Pending (held) message interrupts were sent: `count` vectors of `kind`, each with its
+    /// own `interrupt` record (outcome `delivered-after-hold`) just before this summary.
+    PendingDelivered {
+        /// MSI-X or MSI.
+        kind: MessageKind,
+        /// Vectors sent.
+        count: u64,
+    },
+    /// A command ring stopped on an error (the GPU: RING_STATUS.ERROR, the error interrupt
+    /// follows).
+    RingError {
+        /// What went wrong.
+        code: RingErrorCode,
+        /// Ring slot of the command.
+        slot: u32,
+        /// Context (the address, the field).
+        detail: String,
+    },
+    /// A reset aborted the ring command in flight.
+    RingCommandAborted {
+        /// Ring slot of the command.
+        slot: u32,
+        /// How far it got (`after 4096 bytes`, `at its end (65536 bytes)`, or the error it
+        /// stopped on).
+        detail: String,
+    },
+    /// Posted writes the engine had already issued when an FLR with Transactions Pending began
+    /// landed after the reset began.
+    PostedWritesLanded {
+        /// First IOVA written.
+        iova: u64,
+        /// Bytes written.
+        bytes: u64,
+    },
+    /// An informational device note nothing judges (e.g. "engine halted: bad descriptor",
+    /// "INTx deasserted"). Anything a test or scenario asserts on is an event of its own.
     Note {
         /// Text.
         text: String,
@@ -621,6 +768,10 @@ mod tests {
         assert_eq!(names, ["flr", "pm", "device", "lost-connection"]);
         for r in Refusal::ALL {
             assert_eq!(serde_json::to_value(r).unwrap(), r.name());
+        }
+        for v in ViolationKind::ALL {
+            assert_eq!(serde_json::to_value(v).unwrap(), v.name());
+            assert_eq!(v.to_string(), v.name());
         }
     }
 }

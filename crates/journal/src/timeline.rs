@@ -149,14 +149,6 @@ fn json(r: &Record) -> String {
     serde_json::to_string(r).unwrap_or_default()
 }
 
-/// A value's serde name (`stale_translation`, `flr`).
-fn wire_name<T: serde::Serialize>(v: &T) -> String {
-    match serde_json::to_value(v) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => "?".to_string(),
-    }
-}
-
 /// The event's `type` name (`pasid_bind`, `reset_begin`).
 fn type_name(e: &Event) -> String {
     serde_json::to_value(e)
@@ -364,7 +356,6 @@ impl Model {
                 Event::PageWalk { .. } => m.memory.push((t, Strip::Walks, 1)),
                 Event::TranslationFault { .. } => m.memory.push((t, Strip::Faults, 1)),
                 Event::Violation { kind: vk, detail } => {
-                    let vk = wire_name(vk);
                     m.violations.push(Mark {
                         t,
                         label: format!("VIOLATION {vk}"),

@@ -15,14 +15,18 @@
 //! ```
 //!
 //! `device` may be left out when the server has exactly one device. Records are the journal's
-//! own JSON (`{"seq":..,"t_ns":..,"type":"dma",...}`); [`format_record`] renders one as a line.
+//! own JSON (`{"seq":..,"t_ns":..,"type":"dma",...}`), read here as typed
+//! [`pcisim_journal::Record`]s; [`format_record`] renders one as a line.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use pcisim_journal::{Event, Record, ViolationKind};
 use serde_json::{json, Map, Value};
+
+pub use pcisim_journal::text::{format_record, summarize};
 
 /// How long a request may take before the client gives up (the server answers from memory).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -72,37 +76,49 @@ pub enum ControlError {
     Incomplete(#[from] Incomplete),
 }
 
-/// Violation kinds by which a device says that its checker was not fully watching during a
-/// window (docs/journal.md: the mapped set overflowed, PASID marks were forgotten, a gate drain
-/// timed out after 10 s): a window that contains one is unclean ([`unclean_marker`]), and the
-/// suite reports it as a degradation rather than a device fault.
-pub const UNCLEAN_VIOLATION_KINDS: &[&str] = &["checker_degraded"];
-
-/// Record types that mark a window unclean by themselves (none today; kept so that a server
-/// journaling degradations as records of their own needs one line here).
-pub const UNCLEAN_RECORD_TYPES: &[&str] = &["checker_degraded"];
-
-/// Whether a violation of `kind` is a degradation marker ([`UNCLEAN_VIOLATION_KINDS`]).
-pub fn is_degradation(kind: &str) -> bool {
-    UNCLEAN_VIOLATION_KINDS.contains(&kind)
+/// Whether `record` marks its window unclean: a `checker_degraded` violation, by which a
+/// device says that its checker was not fully watching (docs/journal.md: the mapped set
+/// overflowed, PASID marks were forgotten, a gate drain timed out after 10 s). The suite reports
+/// it as a degradation rather than a device fault. Returns a one-line description.
+pub fn unclean_marker(record: &Record) -> Option<String> {
+    matches!(
+        record.event,
+        Event::Violation {
+            kind: ViolationKind::CheckerDegraded,
+            ..
+        }
+    )
+    .then(|| format!("{} (#{})", summarize(&record.event), record.seq))
 }
 
-/// Whether `record` marks its window unclean: a `violation` of a kind in
-/// [`UNCLEAN_VIOLATION_KINDS`], a type in [`UNCLEAN_RECORD_TYPES`], or any record with
-/// `"degraded": true` or `"unclean": true`. Returns a one-line description.
-pub fn unclean_marker(record: &Value) -> Option<String> {
-    let ty = record.get("type").and_then(Value::as_str).unwrap_or("?");
-    let kind = record.get("kind").and_then(Value::as_str).unwrap_or("");
-    let flagged = ["degraded", "unclean"]
-        .iter()
-        .any(|k| record.get(*k) == Some(&Value::Bool(true)));
-    let marker = (ty == "violation" && is_degradation(kind))
-        || UNCLEAN_RECORD_TYPES.contains(&ty)
-        || flagged;
-    marker.then(|| {
-        let seq = record.get("seq").and_then(Value::as_u64).unwrap_or(0);
-        format!("{} (#{seq})", summarize(record))
-    })
+/// Reads the `records` of a response as typed records. An entry that is not a record this lab
+/// knows (a newer server's event type), or one that flags itself `"degraded"`/`"unclean"`, is a
+/// degradation marker: a window containing it cannot pass as clean.
+fn read_records(raw: Vec<Value>) -> (Vec<Record>, Vec<String>) {
+    let mut records = Vec::with_capacity(raw.len());
+    let mut degraded = Vec::new();
+    for v in raw {
+        let seq = v.get("seq").and_then(Value::as_u64).unwrap_or(0);
+        let flagged = ["degraded", "unclean"]
+            .iter()
+            .any(|k| v.get(*k) == Some(&Value::Bool(true)));
+        match serde_json::from_value::<Record>(v.clone()) {
+            Ok(r) => {
+                if flagged {
+                    degraded.push(format!("{} (#{seq})", summarize(&r.event)));
+                }
+                records.push(r);
+            }
+            Err(e) => {
+                log::warn!("journal record #{seq} not understood: {e}: {v}");
+                degraded.push(format!(
+                    "{} (#{seq}) [not a record this lab reads]",
+                    pcisim_journal::text::summarize_json(&v)
+                ));
+            }
+        }
+    }
+    (records, degraded)
 }
 
 /// Why a journal window cannot be trusted: the reader missed records, or the device said its
@@ -147,7 +163,7 @@ pub struct Window {
     /// The window started after this sequence number.
     pub after: u64,
     /// The records, oldest first.
-    pub records: Vec<Value>,
+    pub records: Vec<Record>,
     /// The `after` of the next window (continues where this one ended).
     pub next_after: u64,
 }
@@ -193,7 +209,7 @@ pub struct DeviceEntry {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct JournalSlice {
     /// Records with `seq > after`, oldest first.
-    pub records: Vec<Value>,
+    pub records: Vec<Record>,
     /// Records after `after` that the ring dropped before they could be read.
     pub lost: u64,
     /// The newest sequence number in the journal.
@@ -203,7 +219,8 @@ pub struct JournalSlice {
     /// Whether `limit` cut the slice short.
     pub more: bool,
     /// What the response itself said about degradation (a `degraded`/`unclean` field: `true`,
-    /// a string or a list of strings), one entry each; empty when it said nothing.
+    /// a string or a list of strings), one entry each, and the entries of `records` that were
+    /// not records this lab reads or that flagged themselves degraded; empty when none.
     pub degraded: Vec<String>,
 }
 
@@ -216,7 +233,7 @@ fn response_degraded(v: &Value) -> Vec<String> {
             Some(Value::String(s)) if !s.is_empty() => out.push(s.clone()),
             Some(Value::Array(items)) => out.extend(items.iter().map(|i| match i {
                 Value::String(s) => s.clone(),
-                other => summarize(other),
+                other => pcisim_journal::text::summarize_json(other),
             })),
             Some(Value::Object(_)) => out.push(format!("{key}: {}", v[key])),
             _ => {}
@@ -384,17 +401,21 @@ impl ControlClient {
         }
         let v = self.request(&req)?;
         let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let raw = v
+            .get("records")
+            .and_then(Value::as_array)
+            .cloned()
+            .ok_or_else(|| self.bad("journal without \"records\""))?;
+        let (records, unread) = read_records(raw);
+        let mut degraded = response_degraded(&v);
+        degraded.extend(unread);
         Ok(JournalSlice {
-            records: v
-                .get("records")
-                .and_then(Value::as_array)
-                .cloned()
-                .ok_or_else(|| self.bad("journal without \"records\""))?,
+            records,
             lost: n("lost"),
             last_seq: n("last_seq"),
             next_after: n("next_after"),
             more: v.get("more").and_then(Value::as_bool).unwrap_or(false),
-            degraded: response_degraded(&v),
+            degraded,
         })
     }
 
@@ -432,13 +453,14 @@ impl ControlClient {
         &mut self,
         device: &str,
         after: u64,
-    ) -> Result<(Vec<Value>, u64), ControlError> {
+    ) -> Result<(Vec<Record>, u64), ControlError> {
         let v = self.request(&json!({"op": "violations", "device": device, "after": after}))?;
         let list = v
             .get("violations")
-            .and_then(Value::as_array)
             .cloned()
             .ok_or_else(|| self.bad("violations without \"violations\""))?;
+        let list: Vec<Record> = serde_json::from_value(list)
+            .map_err(|e| self.bad(&format!("violations: not journal records: {e}")))?;
         let total = v.get("total").and_then(Value::as_u64).unwrap_or(0);
         Ok((list, total))
     }
@@ -485,23 +507,35 @@ impl ControlClient {
 pub struct Violation {
     /// The device.
     pub device: String,
-    /// Its record (`{"seq":..,"type":"violation","kind":..,"detail":..}`).
-    pub record: Value,
+    /// Its record (a `violation` event).
+    pub record: Record,
 }
 
 impl Violation {
     /// `VIOLATION dma_after_unmap: write 0x1000+4 [gpu0 #123]`, as a KTAP diagnostic.
     pub fn line(&self) -> String {
-        let seq = self.record.get("seq").and_then(Value::as_u64).unwrap_or(0);
-        format!("{} [{} #{seq}]", summarize(&self.record), self.device)
+        format!(
+            "{} [{} #{}]",
+            summarize(&self.record.event),
+            self.device,
+            self.record.seq
+        )
     }
 
-    /// The violation's kind (`dma_after_unmap`).
-    pub fn kind(&self) -> &str {
-        self.record
-            .get("kind")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown")
+    /// The violation's kind (None for a record that is not a violation).
+    pub fn kind(&self) -> Option<ViolationKind> {
+        match self.record.event {
+            Event::Violation { kind, .. } => Some(kind),
+            _ => None,
+        }
+    }
+
+    /// The kind's journal name (`dma_after_unmap`; `unknown` for a record that is not a
+    /// violation).
+    pub fn kind_name(&self) -> String {
+        self.kind()
+            .map_or("unknown", ViolationKind::name)
+            .to_string()
     }
 }
 
@@ -541,10 +575,11 @@ impl WindowReport {
     /// `2 device-side violations (dma_after_unmap, dma_during_reset)`; `journal window
     /// incomplete: checker degraded (1 marker)` when the checker was not fully watching.
     pub fn reason(&self) -> String {
-        let mut kinds: Vec<&str> = Vec::new();
+        let mut kinds: Vec<String> = Vec::new();
         for v in &self.violations {
-            if !kinds.contains(&v.kind()) {
-                kinds.push(v.kind());
+            let k = v.kind_name();
+            if !kinds.contains(&k) {
+                kinds.push(k);
             }
         }
         let n = self.violation_count();
@@ -646,16 +681,15 @@ impl JournalWatch {
                         slice
                             .records
                             .iter()
-                            .filter(|r| r.get("type").and_then(Value::as_str) != Some("violation"))
+                            .filter(|r| !matches!(r.event, Event::Violation { .. }))
                             .filter_map(unclean_marker),
                     )
                     .map(|d| format!("{device}: {d}")),
             );
             let end = slice.next_after.max(*mark);
             let (list, total) = self.client.violations(device, *mark)?;
-            let (in_window, beyond): (Vec<Value>, Vec<Value>) = list
-                .into_iter()
-                .partition(|r| r.get("seq").and_then(Value::as_u64).unwrap_or(0) <= end);
+            let (in_window, beyond): (Vec<Record>, Vec<Record>) =
+                list.into_iter().partition(|r| r.seq <= end);
             // Counted by the device but in neither list: it keeps only its first few hundred.
             // (Attributed to this window; once the list is full that is the best guess.)
             let listed = (in_window.len() + beyond.len()) as u64;
@@ -664,8 +698,8 @@ impl JournalWatch {
             *counted += in_window.len() as u64 + unretained;
             report.records += slice.records.len() as u64;
             report.lost += slice.lost;
-            for r in slice.records {
-                let mut r = r;
+            for r in &slice.records {
+                let mut r = serde_json::to_value(r).unwrap_or(Value::Null);
                 if let Some(m) = r.as_object_mut() {
                     m.insert("device".into(), json!(device));
                 }
@@ -677,7 +711,7 @@ impl JournalWatch {
                     device: device.clone(),
                     record,
                 };
-                if is_degradation(v.kind()) {
+                if v.kind() == Some(ViolationKind::CheckerDegraded) {
                     report.degraded.push(format!(
                         "{device}: {}",
                         unclean_marker(&v.record).unwrap_or_else(|| v.line())
@@ -711,103 +745,6 @@ fn truncate(s: &str, n: usize) -> String {
         Some((i, _)) => format!("{}...", &s[..i]),
         None => s.to_string(),
     }
-}
-
-/// Fields whose numbers read best in hexadecimal.
-const HEX_FIELDS: &[&str] = &[
-    "iova",
-    "size",
-    "len",
-    "va",
-    "root",
-    "pa",
-    "cached_pa",
-    "walked_pa",
-    "old",
-    "new",
-];
-
-fn field_text(key: &str, v: &Value) -> String {
-    match v {
-        Value::Number(n) if HEX_FIELDS.contains(&key) => match n.as_u64() {
-            Some(u) => format!("{u:#x}"),
-            None => n.to_string(),
-        },
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// The event of a journal record in a few words: `dma write iova=0x1000 len=0x200 x3 (1536 B)`,
-/// `VIOLATION dma_after_unmap: ...`. Unknown event types are shown as their fields.
-pub fn summarize(record: &Value) -> String {
-    let ty = record.get("type").and_then(Value::as_str).unwrap_or("?");
-    let f = |k: &str| record.get(k).map(|v| field_text(k, v)).unwrap_or_default();
-    let pasid = match record.get("pasid").and_then(Value::as_u64) {
-        Some(p) => format!(" pasid={p}"),
-        None => String::new(),
-    };
-    match ty {
-        "violation" => format!("VIOLATION {}: {}", f("kind"), f("detail")),
-        "dma" => {
-            let count = record.get("count").and_then(Value::as_u64).unwrap_or(1);
-            let times = if count == 1 {
-                String::new()
-            } else {
-                format!(" x{count}")
-            };
-            format!(
-                "dma {}{pasid} iova={} len={}{times} ({} B)",
-                f("dir"),
-                f("iova"),
-                f("len"),
-                f("bytes")
-            )
-        }
-        "dma_mapped" => format!(
-            "dma_mapped iova={} size={}{}",
-            f("iova"),
-            f("size"),
-            if record.get("backed") == Some(&Value::Bool(false)) {
-                " (no fd)"
-            } else {
-                ""
-            }
-        ),
-        "command" => format!("command {} -> {}", f("old"), f("new")),
-        "power" => format!("power D{} -> D{}", f("from"), f("to")),
-        "link" => format!(
-            "link {}",
-            if record.get("up") == Some(&Value::Bool(true)) {
-                "up"
-            } else {
-                "down"
-            }
-        ),
-        "interrupt" => format!("interrupt vector {} {}", f("vector"), f("outcome")),
-        "fault_injected" => format!("fault injected: {}", f("fault")),
-        "note" => format!("note: {}", f("text")),
-        _ => {
-            let mut s = ty.to_string();
-            if let Some(obj) = record.as_object() {
-                for (k, v) in obj {
-                    if matches!(k.as_str(), "seq" | "t_ns" | "type") || v.is_null() {
-                        continue;
-                    }
-                    s.push_str(&format!(" {k}={}", field_text(k, v)));
-                }
-            }
-            s
-        }
-    }
-}
-
-/// One readable line for a record: sequence number, time in milliseconds since the journal
-/// began, device, event.
-pub fn format_record(device: &str, record: &Value) -> String {
-    let seq = record.get("seq").and_then(Value::as_u64).unwrap_or(0);
-    let t_ms = record.get("t_ns").and_then(Value::as_u64).unwrap_or(0) as f64 / 1e6;
-    format!("{seq:>7} {t_ms:>12.3} ms {device:<8} {}", summarize(record))
 }
 
 /// `1.5 MiB`, `12 KiB`, `300 B`.
@@ -844,26 +781,40 @@ pub fn stats_line(stats: &Value) -> String {
 mod tests {
     use super::*;
 
+    /// A record as the server sends it, read as the lab reads it.
+    fn parse(v: Value) -> Record {
+        serde_json::from_value(v).unwrap()
+    }
+
     #[test]
     fn test_summarize_known_and_unknown_events() {
+        let s = |v| summarize(&parse(v).event);
         let v = json!({"seq":3,"t_ns":1,"type":"violation","kind":"dma_after_unmap","detail":"write 0x1000+4"});
-        assert_eq!(summarize(&v), "VIOLATION dma_after_unmap: write 0x1000+4");
+        assert_eq!(s(v), "VIOLATION dma_after_unmap: write 0x1000+4");
         let d = json!({"seq":4,"t_ns":1,"type":"dma","dir":"write","pasid":null,"iova":4096,"len":512,"count":3,"bytes":1536});
-        assert_eq!(summarize(&d), "dma write iova=0x1000 len=0x200 x3 (1536 B)");
-        let m =
-            json!({"seq":5,"t_ns":1,"type":"dma_mapped","iova":65536,"size":4096,"backed":false});
-        assert_eq!(summarize(&m), "dma_mapped iova=0x10000 size=0x1000 (no fd)");
+        assert_eq!(s(d), "dma write iova=0x1000 len=0x200 x3 (1536 B)");
+        let m = json!({"seq":5,"t_ns":1,"type":"dma_mapped","iova":65536,"size":4096,"backed":false,
+            "read":true,"write":true});
+        assert_eq!(s(m), "dma_mapped iova=0x10000 size=0x1000 (no fd)");
         let r = json!({"seq":6,"t_ns":1,"type":"reset_begin","kind":"flr"});
-        assert_eq!(summarize(&r), "reset_begin kind=flr");
+        assert_eq!(s(r), "reset_begin kind=flr");
         let c = json!({"seq":1,"t_ns":1,"type":"client_connected"});
-        assert_eq!(summarize(&c), "client_connected");
+        assert_eq!(s(c), "client_connected");
         let w = json!({"seq":1,"t_ns":1,"type":"page_walk","pasid":1,"va":4096,"pa":null});
-        assert_eq!(summarize(&w), "page_walk pasid=1 va=0x1000");
+        assert_eq!(s(w), "page_walk pasid=1 va=0x1000");
+        // A record this lab does not know: its type and fields, and a degradation marker.
+        let u = json!({"seq":7,"t_ns":1,"type":"warp_drive","iova":4096});
+        let (records, degraded) = read_records(vec![u]);
+        assert!(records.is_empty());
+        assert_eq!(
+            degraded,
+            ["warp_drive iova=0x1000 (#7) [not a record this lab reads]"]
+        );
     }
 
     #[test]
     fn test_format_record_has_seq_ms_device() {
-        let v = json!({"seq":42,"t_ns":12_345_678,"type":"link","up":false});
+        let v = parse(json!({"seq":42,"t_ns":12_345_678,"type":"link","up":false}));
         assert_eq!(
             format_record("gpu0", &v),
             "     42       12.346 ms gpu0     link down"
@@ -945,12 +896,37 @@ mod tests {
         }
     }
 
+    /// A record of type `ty` as the server sends it (an unknown `ty`: just the type).
     fn rec(seq: u64, ty: &str) -> Value {
-        if ty == "violation" {
-            json!({"seq": seq, "t_ns": seq, "type": ty, "kind": "dma_during_reset", "detail": "d"})
-        } else {
-            json!({"seq": seq, "t_ns": seq, "type": ty})
-        }
+        let event = match ty {
+            "violation" => Event::Violation {
+                kind: ViolationKind::DmaDuringReset,
+                detail: "d".into(),
+            },
+            "client_connected" => Event::ClientConnected,
+            "command" => Event::Command { old: 0, new: 6 },
+            "link" => Event::Link { up: false },
+            "dma" => Event::Dma {
+                dir: pcisim_journal::Dir::Write,
+                pasid: None,
+                iova: 0x1000,
+                len: 4,
+                count: 1,
+                bytes: 4,
+            },
+            _ => return json!({"seq": seq, "t_ns": seq, "type": ty}),
+        };
+        serde_json::to_value(Record {
+            seq,
+            t_ns: seq,
+            event,
+        })
+        .unwrap()
+    }
+
+    /// Typed records of `rec`s.
+    fn typed(v: Vec<Value>) -> Vec<Record> {
+        v.into_iter().map(parse).collect()
     }
 
     #[test]
@@ -986,7 +962,7 @@ mod tests {
         let w = watch.check(None).unwrap();
         assert_eq!(w.records, 2);
         assert_eq!(w.violations.len(), 1);
-        assert_eq!(w.violations[0].record["seq"], 5);
+        assert_eq!(w.violations[0].record.seq, 5);
         assert_eq!(w.unretained, 0);
         assert_eq!(watch.summary().unwrap().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
@@ -1002,11 +978,19 @@ mod tests {
             more: false,
             degraded: Vec::new(),
         };
-        let w =
-            Window::from_slice("gpu0", 4, slice(0, vec![rec(5, "dma"), rec(9, "link")])).unwrap();
+        let w = Window::from_slice(
+            "gpu0",
+            4,
+            slice(0, typed(vec![rec(5, "dma"), rec(9, "link")])),
+        )
+        .unwrap();
         assert_eq!((w.records.len(), w.after, w.next_after), (2, 4, 9));
-        let e = Window::from_slice("gpu0", 4, slice(3, vec![rec(8, "dma"), rec(9, "link")]))
-            .unwrap_err();
+        let e = Window::from_slice(
+            "gpu0",
+            4,
+            slice(3, typed(vec![rec(8, "dma"), rec(9, "link")])),
+        )
+        .unwrap_err();
         assert_eq!(e.lost, 3);
         assert_eq!(
             e.to_string(),
@@ -1021,11 +1005,15 @@ mod tests {
     fn test_window_with_a_degradation_marker_is_incomplete() {
         let marker = json!({"seq": 6, "t_ns": 6, "type": "checker_degraded",
             "what": "mapped set overflow"});
-        assert!(unclean_marker(&marker).is_some());
-        assert!(unclean_marker(&json!({"seq": 1, "type": "note", "degraded": true})).is_some());
-        assert_eq!(unclean_marker(&rec(1, "dma")), None);
+        // Not a record this lab reads, and a record that flags itself: markers both.
+        assert_eq!(read_records(vec![marker.clone()]).1.len(), 1);
+        let flagged = json!({"seq": 1, "t_ns": 1, "type": "note", "text": "x", "degraded": true});
+        assert_eq!(read_records(vec![flagged]).1, ["note: x (#1)"]);
+        assert_eq!(unclean_marker(&parse(rec(1, "dma"))), None);
+        let (records, degraded) = read_records(vec![rec(5, "dma"), marker]);
         let slice = JournalSlice {
-            records: vec![rec(5, "dma"), marker],
+            records,
+            degraded,
             next_after: 6,
             ..JournalSlice::default()
         };
@@ -1095,7 +1083,7 @@ mod tests {
             w.diagnostics(),
             [
                 "DEGRADED gpu0: note: x (#2)",
-                "DEGRADED gpu0: checker_degraded (#3)"
+                "DEGRADED gpu0: checker_degraded (#3) [not a record this lab reads]"
             ]
         );
     }
@@ -1104,8 +1092,8 @@ mod tests {
     fn test_checker_degraded_violation_is_a_degradation_not_a_device_fault() {
         let degraded = json!({"seq": 3, "t_ns": 3, "type": "violation",
             "kind": "checker_degraded", "detail": "drain of in-flight accesses timed out after 10 s"});
-        assert!(unclean_marker(&degraded).is_some());
-        assert_eq!(unclean_marker(&rec(4, "violation")), None);
+        assert!(unclean_marker(&parse(degraded.clone())).is_some());
+        assert_eq!(unclean_marker(&parse(rec(4, "violation"))), None);
         // The suite's window: unclean, reported as a degradation (once), not as a violation.
         let records = std::sync::Arc::new(std::sync::Mutex::new(vec![
             rec(1, "client_connected"),
@@ -1130,7 +1118,7 @@ mod tests {
         );
         // A host-side window with it is incomplete.
         let slice = JournalSlice {
-            records: vec![rec(2, "command"), degraded],
+            records: typed(vec![rec(2, "command"), degraded]),
             next_after: 3,
             ..JournalSlice::default()
         };

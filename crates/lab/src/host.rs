@@ -12,14 +12,15 @@
 //! violation fails it.
 //!
 //! ```no_run
-//! use pcisim_lab::host::{find_record, HostCtx, HostError, HostProgram};
+//! use pcisim_journal::ResetKind;
+//! use pcisim_lab::host::{find_record, is_reset_begin, HostCtx, HostError, HostProgram};
 //! use pcisim_lab::profile::ProfileId;
 //!
 //! fn reboot_keeps_gpu(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 //!     let t = ctx.system_reset()?;                      // QMP, then the agent greets again
 //!     ctx.pass(&format!("guest back after system_reset in {:.1} s", t.as_secs_f64()));
 //!     let records = ctx.journal("gpu0")?;                // what gpu0 journaled since the start
-//!     let reset = find_record(&records, "reset_begin", &[("kind", "device")]);
+//!     let reset = find_record(&records, |e| is_reset_begin(e, ResetKind::DeviceReset));
 //!     ctx.check("reset_begin kind=device journaled", reset.is_some(), "none");
 //!     let argv = ctx.guest_argv("e1", "gpu0", &[])?;     // pcisim-guest e1 --vendor ... --expect
 //!     ctx.guest_test("e1 after the reboot", &argv)?;    // nested KTAP, verdict as a subtest
@@ -45,7 +46,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use serde_json::Value;
+use pcisim_journal::{Event, Record, ResetKind, ViolationKind};
 
 use crate::agent::{Agent, AgentError, RunOutput};
 use crate::control::{ControlClient, ControlError, JournalWatch, Window};
@@ -202,7 +203,7 @@ pub struct HostCtx<'a> {
     start: Vec<(String, u64)>,
     steps: usize,
     /// Violations the scenario provokes on purpose: (device, kind).
-    expected: Vec<(String, String)>,
+    expected: Vec<(String, ViolationKind)>,
 }
 
 impl<'a> HostCtx<'a> {
@@ -345,15 +346,15 @@ impl<'a> HostCtx<'a> {
     /// this scenario: a deliberately buggy guest program proving the oracle catches the bug.
     /// The suite then passes the scenario only if every declared violation was journaled and no
     /// other one, and marks its result line `# XFAIL` (an expected failure, never silent).
-    pub fn expect_violation(&mut self, device: &str, kind: &str) {
-        let v = (device.to_string(), kind.to_string());
+    pub fn expect_violation(&mut self, device: &str, kind: ViolationKind) {
+        let v = (device.to_string(), kind);
         if !self.expected.contains(&v) {
             self.expected.push(v);
         }
     }
 
     /// The violations declared with [`HostCtx::expect_violation`].
-    pub fn expected_violations(&self) -> Vec<(String, String)> {
+    pub fn expected_violations(&self) -> Vec<(String, ViolationKind)> {
         self.expected.clone()
     }
 
@@ -492,7 +493,7 @@ impl<'a> HostCtx<'a> {
         self.vm.qmp.wait_event_since(
             mark,
             "RESET",
-            |e| e.data.get("guest") == Some(&Value::Bool(false)),
+            |e| e.data.get("guest") == Some(&serde_json::Value::Bool(false)),
             RESET_EVENT_TIMEOUT,
         )?;
         let Vm { agent, qemu, .. } = &mut *self.vm;
@@ -543,7 +544,7 @@ impl<'a> HostCtx<'a> {
     /// Every record `device` journaled since the scenario started, oldest first. An
     /// incomplete window (records lost from the ring, the checker degraded) is an error
     /// ([`ControlError::Incomplete`]): the scenario fails rather than judge a window with holes.
-    pub fn journal(&mut self, device: &str) -> Result<Vec<Value>, HostError> {
+    pub fn journal(&mut self, device: &str) -> Result<Vec<Record>, HostError> {
         let after = self
             .start
             .iter()
@@ -566,8 +567,8 @@ impl<'a> HostCtx<'a> {
         &mut self,
         device: &str,
         timeout: Duration,
-        mut pred: impl FnMut(&Value) -> bool,
-    ) -> Result<Option<Value>, HostError> {
+        mut pred: impl FnMut(&Record) -> bool,
+    ) -> Result<Option<Record>, HostError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(r) = self.journal(device)?.into_iter().find(|r| pred(r)) {
@@ -660,51 +661,77 @@ fn save(path: &Path, text: &str) {
     }
 }
 
-/// The first record of type `ty` whose string fields equal `fields` (`[("kind", "device")]`).
-pub fn find_record<'r>(
-    records: &'r [Value],
-    ty: &str,
-    fields: &[(&str, &str)],
-) -> Option<&'r Value> {
-    records.iter().find(|r| record_is(r, ty, fields))
+/// The first record whose event `pred` accepts.
+pub fn find_record(records: &[Record], pred: impl Fn(&Event) -> bool) -> Option<&Record> {
+    records.iter().find(|r| pred(&r.event))
 }
 
-/// Whether `record` has type `ty` and the string `fields`.
-pub fn record_is(record: &Value, ty: &str, fields: &[(&str, &str)]) -> bool {
-    record.get("type").and_then(Value::as_str) == Some(ty)
-        && fields
-            .iter()
-            .all(|(k, v)| record.get(*k).and_then(Value::as_str) == Some(*v))
+/// How many records have an event `pred` accepts.
+pub fn count_records(records: &[Record], pred: impl Fn(&Event) -> bool) -> usize {
+    records.iter().filter(|r| pred(&r.event)).count()
 }
 
-/// How many records have type `ty` and the string `fields`.
-pub fn count_records(records: &[Value], ty: &str, fields: &[(&str, &str)]) -> usize {
-    records.iter().filter(|r| record_is(r, ty, fields)).count()
+/// A reset of `kind` began.
+pub fn is_reset_begin(e: &Event, kind: ResetKind) -> bool {
+    matches!(e, Event::ResetBegin { kind: k } if *k == kind)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn test_find_and_count_records() {
+        let rec = |seq, event| Record {
+            seq,
+            t_ns: seq,
+            event,
+        };
         let recs = vec![
-            json!({"seq": 1, "type": "reset_begin", "kind": "flr"}),
-            json!({"seq": 2, "type": "reset_begin", "kind": "device"}),
-            json!({"seq": 3, "type": "reset_end", "kind": "device"}),
-            json!({"seq": 4, "type": "reset_begin", "kind": "device"}),
+            rec(
+                1,
+                Event::ResetBegin {
+                    kind: ResetKind::Flr,
+                },
+            ),
+            rec(
+                2,
+                Event::ResetBegin {
+                    kind: ResetKind::DeviceReset,
+                },
+            ),
+            rec(
+                3,
+                Event::ResetEnd {
+                    kind: ResetKind::DeviceReset,
+                },
+            ),
+            rec(
+                4,
+                Event::ResetBegin {
+                    kind: ResetKind::DeviceReset,
+                },
+            ),
         ];
         assert_eq!(
-            find_record(&recs, "reset_begin", &[("kind", "device")]).map(|r| &r["seq"]),
-            Some(&json!(2))
+            find_record(&recs, |e| is_reset_begin(e, ResetKind::DeviceReset)).map(|r| r.seq),
+            Some(2)
         );
         assert_eq!(
-            count_records(&recs, "reset_begin", &[("kind", "device")]),
+            count_records(&recs, |e| is_reset_begin(e, ResetKind::DeviceReset)),
             2
         );
-        assert_eq!(count_records(&recs, "reset_begin", &[]), 3);
-        assert!(find_record(&recs, "reset_end", &[("kind", "pm")]).is_none());
+        assert_eq!(
+            count_records(&recs, |e| matches!(e, Event::ResetBegin { .. })),
+            3
+        );
+        assert!(find_record(&recs, |e| matches!(
+            e,
+            Event::ResetEnd {
+                kind: ResetKind::PmSoftReset
+            }
+        ))
+        .is_none());
     }
 
     #[test]

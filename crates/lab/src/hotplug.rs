@@ -17,10 +17,13 @@ use std::time::{Duration, Instant};
 
 use pcisim_abi::gpu::regs as gpu_regs;
 use pcisim_abi::npu::regs as npu_regs;
+use pcisim_journal::{
+    Dir, Event, InterruptOutcome, MessageKind, Record, Refusal, ResetKind, RingErrorCode,
+};
 use serde_json::Value;
 
 use crate::agent::RunOutput;
-use crate::host::{count_records, record_is, HostCtx, HostError, HostProgram};
+use crate::host::{count_records, HostCtx, HostError, HostProgram};
 use crate::profile::ProfileId;
 use crate::qmp::{PciDeviceInfo, QmpError};
 
@@ -474,17 +477,22 @@ fn check_msi_delivery(ctx: &mut HostCtx<'_>, id: &str, bdf: &str) -> Result<(), 
     ctx.guest_test(&format!("{name}: {id} at {bdf} passes E3 --irq msi"), &argv)?;
     let w = ctx.window(id, mark)?.records;
     let doorbells = H1_MSI_VECTORS.split(',').count();
-    let delivered = count_records(&w, "interrupt", &[("outcome", "delivered")]);
+    let delivered = count_records(&w, |e| {
+        matches!(
+            e,
+            Event::Interrupt {
+                outcome: InterruptOutcome::Delivered,
+                ..
+            }
+        )
+    });
     let held: Vec<String> = w
         .iter()
-        .filter(|r| record_is(r, "interrupt", &[]))
-        .filter(|r| !record_is(r, "interrupt", &[("outcome", "delivered")]))
-        .map(|r| {
-            format!(
-                "vector {} {}",
-                r.get("vector").and_then(Value::as_u64).unwrap_or(0),
-                r.get("outcome").and_then(Value::as_str).unwrap_or("?")
-            )
+        .filter_map(|r| match &r.event {
+            Event::Interrupt { vector, outcome } if *outcome != InterruptOutcome::Delivered => {
+                Some(format!("vector {vector} {outcome}"))
+            }
+            _ => None,
         })
         .collect();
     ctx.check(
@@ -534,22 +542,23 @@ fn h2_hot_remove(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let records = ctx.journal(&id)?;
     let disc = records
         .iter()
-        .position(|r| record_is(r, "client_disconnected", &[]));
+        .position(|r| r.event == Event::ClientDisconnected);
     ctx.check(
         &format!("{id} journaled client_disconnected"),
         disc.is_some(),
         "no client_disconnected since the scenario started",
     );
-    let lost = |ty: &str| {
-        disc.and_then(|d| {
-            records[d..]
-                .iter()
-                .position(|r| record_is(r, ty, &[("kind", "lost-connection")]))
-        })
-    };
+    let lost = |want: Event| disc.and_then(|d| records[d..].iter().position(|r| r.event == want));
     ctx.check(
         &format!("{id} journaled a lost-connection reset after it"),
-        lost("reset_begin").is_some() && lost("reset_end").is_some(),
+        lost(Event::ResetBegin {
+            kind: ResetKind::LostConnection,
+        })
+        .is_some()
+            && lost(Event::ResetEnd {
+                kind: ResetKind::LostConnection,
+            })
+            .is_some(),
         "no reset_begin/reset_end kind=lost-connection after client_disconnected",
     );
     Ok(())
@@ -643,11 +652,15 @@ impl Tally {
     fn read(&mut self, ctx: &mut HostCtx<'_>, id: &str) -> Result<(), HostError> {
         let w = ctx.window(id, self.after)?;
         let r = &w.records;
-        self.conn += count_records(r, "client_connected", &[]);
-        self.disc += count_records(r, "client_disconnected", &[]);
-        self.lost += count_records(r, "reset_end", &[("kind", "lost-connection")]);
-        self.mapped += count_records(r, "dma_mapped", &[]);
-        self.unmapped += count_records(r, "dma_unmapped", &[]);
+        self.conn += count_records(r, |e| *e == Event::ClientConnected);
+        self.disc += count_records(r, |e| *e == Event::ClientDisconnected);
+        self.lost += count_records(r, |e| {
+            *e == Event::ResetEnd {
+                kind: ResetKind::LostConnection,
+            }
+        });
+        self.mapped += count_records(r, |e| matches!(e, Event::DmaMapped { .. }));
+        self.unmapped += count_records(r, |e| matches!(e, Event::DmaUnmapped { .. }));
         self.after = w.next_after;
         Ok(())
     }
@@ -1069,7 +1082,7 @@ fn h4_remove_while_held(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         format!("sysfs gone: {gone}; server detached: {detached}"),
     );
     let records = ctx.journal(&id)?;
-    let disc = count_records(&records, "client_disconnected", &[]);
+    let disc = count_records(&records, |e| *e == Event::ClientDisconnected);
     ctx.check(
         &format!("{id} journaled client_disconnected for both removals"),
         disc >= 2,
@@ -1158,12 +1171,34 @@ fn wait_guest_file(ctx: &mut HostCtx<'_>, path: &str, limit: Duration) -> Result
 }
 
 /// The position of the first `link` record with `up` after `from`.
-fn link_record(records: &[Value], up: bool, from: usize) -> Option<usize> {
+fn link_record(records: &[Record], up: bool, from: usize) -> Option<usize> {
     records
         .iter()
         .skip(from)
-        .position(|r| record_is(r, "link", &[]) && r.get("up") == Some(&Value::Bool(up)))
+        .position(|r| r.event == Event::Link { up })
         .map(|p| p + from)
+}
+
+/// A DMA refused because the link is down.
+fn refused_link_down(e: &Event) -> bool {
+    matches!(
+        e,
+        Event::DmaRefused {
+            reason: Refusal::LinkDown,
+            ..
+        }
+    )
+}
+
+/// An interrupt held back because the link is down.
+fn held_link_down(e: &Event) -> bool {
+    matches!(
+        e,
+        Event::Interrupt {
+            outcome: InterruptOutcome::Refused(Refusal::LinkDown),
+            ..
+        }
+    )
 }
 
 /// Where the link-down period starts in `records` (a window that began with the link up): at
@@ -1171,17 +1206,16 @@ fn link_record(records: &[Value], up: bool, from: usize) -> Option<usize> {
 /// journaled after the accesses already past the bus's gate drained (docs/journal.md), so the
 /// engine's first refused access (and the ring error and held interrupt it causes) may come
 /// just before the `link` record.
-fn down_start(records: &[Value]) -> Option<usize> {
+fn down_start(records: &[Record]) -> Option<usize> {
     let link = link_record(records, false, 0)?;
-    let refused = records[..link].iter().position(|r| {
-        record_is(r, "dma_refused", &[("reason", "link_down")])
-            || record_is(r, "interrupt", &[("outcome", "refused:link_down")])
-    });
+    let refused = records[..link]
+        .iter()
+        .position(|r| refused_link_down(&r.event) || held_link_down(&r.event));
     Some(refused.unwrap_or(link))
 }
 
-fn t_ms(r: &Value) -> f64 {
-    r.get("t_ns").and_then(Value::as_u64).unwrap_or(0) as f64 / 1e6
+fn t_ms(r: &Record) -> f64 {
+    r.t_ns as f64 / 1e6
 }
 
 /// H5 with DMA in flight (see [`H5`]): starts the guest stream, pulls the link while it runs,
@@ -1259,11 +1293,8 @@ fn h5_dma_across_link_down(ctx: &mut HostCtx<'_>, id: &str, bdf: &str) -> Result
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let w = ctx.window(id, mark)?.records;
-        let refused = down_start(&w).is_some_and(|d| {
-            w[d..]
-                .iter()
-                .any(|r| record_is(r, "dma_refused", &[("reason", "link_down")]))
-        });
+        let refused =
+            down_start(&w).is_some_and(|d| w[d..].iter().any(|r| refused_link_down(&r.event)));
         if refused || Instant::now() >= deadline {
             break;
         }
@@ -1343,17 +1374,21 @@ fn h5_check_window(ctx: &mut HostCtx<'_>, id: &str, mark: u64) -> Result<(), Hos
             down - start
         ));
     }
-    let writes: Vec<&Value> = before
+    let writes: Vec<(&Record, u64)> = before
         .iter()
-        .filter(|r| record_is(r, "dma", &[("dir", "write")]))
+        .filter_map(|r| match r.event {
+            Event::Dma {
+                dir: Dir::Write,
+                bytes,
+                ..
+            } => Some((r, bytes)),
+            _ => None,
+        })
         .collect();
-    let bytes: u64 = writes
-        .iter()
-        .filter_map(|r| r.get("bytes").and_then(Value::as_u64))
-        .sum();
+    let bytes: u64 = writes.iter().map(|(_, b)| b).sum();
     let last_write = writes
         .last()
-        .map(|r| t_ms(&w[down]) - t_ms(r))
+        .map(|(r, _)| t_ms(&w[down]) - t_ms(r))
         .unwrap_or(f64::NAN);
     ctx.check(
         &format!(
@@ -1364,25 +1399,32 @@ fn h5_check_window(ctx: &mut HostCtx<'_>, id: &str, mark: u64) -> Result<(), Hos
         !writes.is_empty(),
         "no DMA write before the link went down",
     );
-    let refused = count_records(during, "dma_refused", &[("reason", "link_down")]);
-    let dma = count_records(during, "dma", &[]);
+    let refused = count_records(during, refused_link_down);
+    let dma = count_records(during, |e| matches!(e, Event::Dma { .. }));
     let sent: Vec<String> = during
         .iter()
-        .filter(|r| record_is(r, "interrupt", &[]))
-        .filter_map(|r| r.get("outcome").and_then(Value::as_str))
-        .filter(|o| !o.starts_with("refused"))
-        .map(str::to_string)
+        .filter_map(|r| match &r.event {
+            Event::Interrupt { outcome, .. }
+                if !matches!(outcome, InterruptOutcome::Refused(_)) =>
+            {
+                Some(outcome.to_string())
+            }
+            _ => None,
+        })
         .collect();
-    let held = count_records(during, "interrupt", &[("outcome", "refused:link_down")]);
+    let held = count_records(during, held_link_down);
     let stopped = during.iter().any(|r| {
-        record_is(r, "note", &[])
-            && r.get("text")
-                .and_then(Value::as_str)
-                .is_some_and(|t| t.starts_with("ring error dma_refused"))
+        matches!(
+            r.event,
+            Event::RingError {
+                code: RingErrorCode::DmaRefused,
+                ..
+            }
+        )
     });
     let first_refusal = during
         .iter()
-        .find(|r| record_is(r, "dma_refused", &[]))
+        .find(|r| matches!(r.event, Event::DmaRefused { .. }))
         .map(|r| format!("{:+.2} ms", t_ms(r) - t_ms(&w[down])))
         .unwrap_or_else(|| "none".into());
     let down_for = if up < w.len() {
@@ -1399,33 +1441,30 @@ fn h5_check_window(ctx: &mut HostCtx<'_>, id: &str, mark: u64) -> Result<(), Hos
         ),
         up < w.len() && refused >= 1 && stopped && dma == 0 && sent.is_empty(),
         format!(
-            "link-up journaled: {}; {refused} refusals, ring error note: {stopped}, {dma} dma records, interrupts sent: {sent:?}",
+            "link-up journaled: {}; {refused} refusals, ring_error dma_refused: {stopped}, {dma} dma records, interrupts sent: {sent:?}",
             up < w.len()
         ),
     );
     let flushed = after.iter().any(|r| {
-        record_is(r, "note", &[])
-            && r.get("text")
-                .and_then(Value::as_str)
-                .is_some_and(|t| t.starts_with("delivered") && t.contains("pending"))
+        matches!(
+            r.event,
+            Event::PendingDelivered {
+                kind: MessageKind::Msix | MessageKind::Msi,
+                count: 1..,
+            }
+        )
     });
     ctx.check(
         &format!(
             "after link-up the error interrupt held back while the link was down ({held}) is sent"
         ),
         held >= 1 && flushed,
-        format!("{held} interrupt(s) held back, no \"delivered N pending\" note after link-up"),
+        format!("{held} interrupt(s) held back, no pending_delivered record after link-up"),
     );
     let violations: Vec<String> = w
         .iter()
-        .filter(|r| record_is(r, "violation", &[]))
-        .map(|r| {
-            format!(
-                "{}: {}",
-                r.get("kind").and_then(Value::as_str).unwrap_or("?"),
-                r.get("detail").and_then(Value::as_str).unwrap_or("")
-            )
-        })
+        .filter(|r| matches!(r.event, Event::Violation { .. }))
+        .map(|r| pcisim_journal::text::summarize(&r.event))
         .collect();
     ctx.check(
         &format!("{id} journaled no violation across the surprise removal (no dma_link_down, no interrupt_while_disabled)"),
@@ -1489,18 +1528,15 @@ fn h5_surprise_removal(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         format!("{down:08x?}"),
     );
     thread::sleep(Duration::from_millis(300));
-    let during: Vec<Value> = ctx
+    let during: Vec<Record> = ctx
         .journal(&id)?
         .into_iter()
-        .filter(|r| r.get("seq").and_then(Value::as_u64).unwrap_or(0) > mark)
+        .filter(|r| r.seq > mark)
         .collect();
-    let link_down = during
-        .iter()
-        .any(|r| record_is(r, "link", &[]) && r.get("up") == Some(&Value::Bool(false)));
-    let active = during
-        .iter()
-        .filter(|r| record_is(r, "dma", &[]) || record_is(r, "interrupt", &[]))
-        .count();
+    let link_down = during.iter().any(|r| r.event == Event::Link { up: false });
+    let active = count_records(&during, |e| {
+        matches!(e, Event::Dma { .. } | Event::Interrupt { .. })
+    });
     ctx.check(
         &format!("{id} journaled link down and no DMA or interrupt while down"),
         link_down && active == 0,
@@ -1552,7 +1588,7 @@ fn h5_surprise_removal(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let records = ctx.journal(&id)?;
     ctx.check(
         &format!("{id} journaled client_disconnected"),
-        count_records(&records, "client_disconnected", &[]) >= 1,
+        count_records(&records, |e| *e == Event::ClientDisconnected) >= 1,
         "none",
     );
     let st = ctx.control().status(&id)?;
@@ -1954,13 +1990,40 @@ mod tests {
 
     #[test]
     fn test_down_start() {
+        let rec = |event| Record {
+            seq: 0,
+            t_ns: 0,
+            event,
+        };
+        let refused = |reason| {
+            rec(Event::DmaRefused {
+                dir: Dir::Write,
+                iova: 0,
+                len: 4,
+                reason,
+            })
+        };
         let w = vec![
-            serde_json::json!({"type": "dma", "dir": "write"}),
-            serde_json::json!({"type": "dma_refused", "reason": "link_down"}),
-            serde_json::json!({"type": "note", "text": "ring error dma_refused at slot 3"}),
-            serde_json::json!({"type": "interrupt", "vector": 1, "outcome": "refused:link_down"}),
-            serde_json::json!({"type": "link", "up": false}),
-            serde_json::json!({"type": "link", "up": true}),
+            rec(Event::Dma {
+                dir: Dir::Write,
+                pasid: None,
+                iova: 0,
+                len: 4,
+                count: 1,
+                bytes: 4,
+            }),
+            refused(Refusal::LinkDown),
+            rec(Event::RingError {
+                code: RingErrorCode::DmaRefused,
+                slot: 3,
+                detail: String::new(),
+            }),
+            rec(Event::Interrupt {
+                vector: 1,
+                outcome: InterruptOutcome::Refused(Refusal::LinkDown),
+            }),
+            rec(Event::Link { up: false }),
+            rec(Event::Link { up: true }),
         ];
         assert_eq!(link_record(&w, false, 0), Some(4));
         assert_eq!(link_record(&w, true, 4), Some(5));
@@ -1969,8 +2032,8 @@ mod tests {
         assert_eq!(down_start(&w), Some(1));
         // A refusal for another reason does not.
         let w2 = vec![
-            serde_json::json!({"type": "dma_refused", "reason": "bus_master_disabled"}),
-            serde_json::json!({"type": "link", "up": false}),
+            refused(Refusal::BusMasterDisabled),
+            rec(Event::Link { up: false }),
         ];
         assert_eq!(down_start(&w2), Some(1));
         assert_eq!(down_start(&w2[..1]), None);

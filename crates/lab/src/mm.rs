@@ -21,9 +21,9 @@
 //! reset kind and the order of the teardown (`Bus Master off → reset(flr) → unmap ...`).
 //! docs/mm-teardown.md has the figures.
 
-use serde_json::Value;
+use pcisim_journal::{Dir, Event, Record, Refusal, RingErrorCode};
 
-use crate::host::{record_is, HostCtx, HostError, HostProgram};
+use crate::host::{HostCtx, HostError, HostProgram};
 use crate::profile::ProfileId;
 use crate::qmp::PciDeviceInfo;
 use crate::reset::reset_kinds;
@@ -48,8 +48,8 @@ pub const MARK_HOLDER: u64 = MARK_BASE + 0x1000;
 pub const MARK_WAITED: u64 = MARK_BASE + 0x2000;
 
 const PAGE: u64 = 0x1000;
-const COMMAND_MEMORY: u64 = 1 << 1;
-const COMMAND_MASTER: u64 = 1 << 2;
+const COMMAND_MEMORY: u16 = 1 << 1;
+const COMMAND_MASTER: u16 = 1 << 2;
 
 /// How the process goes away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,57 +226,79 @@ impl Analysis {
     }
 }
 
-fn ty(r: &Value) -> &str {
-    r.get("type").and_then(Value::as_str).unwrap_or("")
-}
-
-fn num(r: &Value, key: &str) -> Option<u64> {
-    r.get(key).and_then(Value::as_u64)
-}
-
 /// The IOVA range a record is about: `[iova, iova + len|size)`.
-fn range(r: &Value) -> Option<(u64, u64)> {
-    let iova = num(r, "iova")?;
-    let len = num(r, "len").or_else(|| num(r, "size"))?;
+fn range(r: &Record) -> Option<(u64, u64)> {
+    let (iova, len) = match r.event {
+        Event::Dma { iova, len, .. }
+        | Event::DmaFault { iova, len, .. }
+        | Event::DmaRefused { iova, len, .. } => (iova, len),
+        Event::DmaMapped { iova, size, .. } | Event::DmaUnmapped { iova, size } => (iova, size),
+        Event::PostedWritesLanded { iova, bytes } => (iova, bytes),
+        _ => return None,
+    };
     Some((iova, iova.saturating_add(len)))
 }
 
-fn overlaps(r: &Value, lo: u64, hi: u64) -> bool {
+fn overlaps(r: &Record, lo: u64, hi: u64) -> bool {
     range(r).is_some_and(|(a, b)| a < hi && lo < b)
 }
 
 /// The process's own mappings: the ring page and the buffer.
-fn touches_process_memory(r: &Value) -> bool {
+fn touches_process_memory(r: &Record) -> bool {
     overlaps(r, RING, RING + PAGE) || overlaps(r, BUF, BUF + BUF_LEN)
 }
 
-fn is_marker(r: &Value, iova: u64) -> bool {
-    ty(r) == "dma_mapped" && num(r, "iova") == Some(iova)
+fn is_marker(r: &Record, at: u64) -> bool {
+    matches!(r.event, Event::DmaMapped { iova, .. } if iova == at)
 }
 
-fn is_buffer_write(r: &Value) -> bool {
-    record_is(r, "dma", &[("dir", "write")]) && overlaps(r, BUF, BUF + BUF_LEN)
+fn is_buffer_write(r: &Record) -> bool {
+    matches!(
+        r.event,
+        Event::Dma {
+            dir: Dir::Write,
+            ..
+        }
+    ) && overlaps(r, BUF, BUF + BUF_LEN)
 }
 
 /// A Command change that clears Bus Master Enable.
-fn clears_master(r: &Value) -> bool {
-    ty(r) == "command"
-        && num(r, "old").is_some_and(|o| o & COMMAND_MASTER != 0)
-        && num(r, "new").is_some_and(|n| n & COMMAND_MASTER == 0)
+fn clears_master(r: &Record) -> bool {
+    matches!(r.event, Event::Command { old, new }
+        if old & COMMAND_MASTER != 0 && new & COMMAND_MASTER == 0)
+}
+
+fn is_reset_begin(r: &Record) -> bool {
+    matches!(r.event, Event::ResetBegin { .. })
+}
+
+fn is_unmap(r: &Record) -> bool {
+    matches!(r.event, Event::DmaUnmapped { .. })
+}
+
+fn is_refused(r: &Record) -> bool {
+    matches!(r.event, Event::DmaRefused { .. })
 }
 
 /// A record that belongs to the device's teardown: Bus Master cleared, an access refused for
 /// it or for a reset, a reset, or an unmap of the process's memory. (A disabling Command change
 /// is journaled after the accesses it cut off drained: the refusals come first.)
-fn is_teardown(r: &Value) -> bool {
+fn is_teardown(r: &Record) -> bool {
     clears_master(r)
-        || ty(r) == "reset_begin"
-        || (ty(r) == "dma_unmapped" && touches_process_memory(r))
-        || (ty(r) == "dma_refused"
-            && matches!(
-                r.get("reason").and_then(Value::as_str),
-                Some("bus_master_disabled" | "resetting")
-            ))
+        || is_reset_begin(r)
+        || (is_unmap(r) && touches_process_memory(r))
+        || matches!(
+            r.event,
+            Event::DmaRefused {
+                reason: Refusal::BusMasterDisabled | Refusal::Resetting,
+                ..
+            }
+        )
+}
+
+/// A record as one line of JSON (for a check's explanation).
+fn json(r: &Record) -> String {
+    serde_json::to_string(r).unwrap_or_default()
 }
 
 /// Whether the `dma_unmapped` records cover `[lo, hi)` completely.
@@ -297,10 +319,10 @@ fn covered(unmapped: &[(u64, u64)], lo: u64, hi: u64) -> Result<(), u64> {
 }
 
 /// A short label for the teardown's order, or `None` for records left out of it.
-fn label(r: &Value) -> Option<String> {
-    Some(match ty(r) {
-        "command" => {
-            let (o, n) = (num(r, "old")?, num(r, "new")?);
+fn label(r: &Record) -> Option<String> {
+    Some(match &r.event {
+        Event::Command { old, new } => {
+            let (o, n) = (*old, *new);
             if clears_master(r) {
                 "Bus Master off".into()
             } else if o & COMMAND_MASTER == 0 && n & COMMAND_MASTER != 0 {
@@ -313,34 +335,30 @@ fn label(r: &Value) -> Option<String> {
                 format!("Command 0x{o:x}->0x{n:x}")
             }
         }
-        "reset_begin" => format!("reset({})", r.get("kind")?.as_str()?),
-        "dma_unmapped" if touches_process_memory(r) => "unmap (process memory)".into(),
-        "dma_unmapped" => "unmap (other)".into(),
-        "dma_mapped" if is_marker(r, MARK_WAITED) => "[waitpid returned]".into(),
-        "dma_mapped" => "map".into(),
-        "dma" if touches_process_memory(r) => "DMA".into(),
-        "dma" => "DMA (elsewhere)".into(),
-        "dma_refused" => format!("DMA refused ({})", r.get("reason")?.as_str()?),
-        "dma_fault" => "DMA fault".into(),
-        "power" => format!("D{}->D{}", num(r, "from")?, num(r, "to")?),
-        "interrupt" => format!("interrupt {}", r.get("outcome")?.as_str()?),
-        "note" => {
-            let t = r.get("text")?.as_str()?;
-            if t.contains("aborted by reset") {
-                "ring command aborted by reset".into()
-            } else if t.contains("ring error") {
-                format!("ring error {}", t.split_whitespace().nth(2).unwrap_or("?"))
-            } else {
-                "note".into()
-            }
-        }
-        "client_connected" | "client_disconnected" | "violation" | "link" => ty(r).into(),
+        Event::ResetBegin { kind } => format!("reset({kind})"),
+        Event::DmaUnmapped { .. } if touches_process_memory(r) => "unmap (process memory)".into(),
+        Event::DmaUnmapped { .. } => "unmap (other)".into(),
+        Event::DmaMapped { .. } if is_marker(r, MARK_WAITED) => "[waitpid returned]".into(),
+        Event::DmaMapped { .. } => "map".into(),
+        Event::Dma { .. } if touches_process_memory(r) => "DMA".into(),
+        Event::Dma { .. } => "DMA (elsewhere)".into(),
+        Event::DmaRefused { reason, .. } => format!("DMA refused ({reason})"),
+        Event::DmaFault { .. } => "DMA fault".into(),
+        Event::Power { from, to } => format!("D{from}->D{to}"),
+        Event::Interrupt { outcome, .. } => format!("interrupt {outcome}"),
+        Event::RingCommandAborted { .. } => "ring command aborted by reset".into(),
+        Event::RingError { code, .. } => format!("ring error {code}"),
+        Event::Note { .. } => "note".into(),
+        Event::ClientConnected => "client_connected".into(),
+        Event::ClientDisconnected => "client_disconnected".into(),
+        Event::Violation { .. } => "violation".into(),
+        Event::Link { .. } => "link".into(),
         _ => return None,
     })
 }
 
 /// The labels of `records`, runs of the same label collapsed (`unmap (process memory) ×257`).
-fn collapse(records: &[Value]) -> String {
+fn collapse(records: &[Record]) -> String {
     let mut out: Vec<(String, usize)> = Vec::new();
     for l in records.iter().filter_map(label) {
         match out.last_mut() {
@@ -356,7 +374,7 @@ fn collapse(records: &[Value]) -> String {
 
 /// The assertions over a scenario's journal (`records`: everything the GPU journaled while it
 /// ran, oldest first). Each check names what must hold; the notes say what was seen.
-pub fn analyze(records: &[Value], case: Case) -> Analysis {
+pub fn analyze(records: &[Record], case: Case) -> Analysis {
     let mut a = Analysis::default();
     let find = |iova: u64, from: usize| {
         records[from.min(records.len())..]
@@ -411,7 +429,7 @@ pub fn analyze(records: &[Value], case: Case) -> Analysis {
     match case {
         Case::Fork | Case::Pass => {
             let between = &records[first + 1..last];
-            let torn: Vec<&Value> = between.iter().filter(|r| is_teardown(r)).collect();
+            let torn: Vec<&Record> = between.iter().filter(|r| is_teardown(r)).collect();
             let who = if case == Case::Fork {
                 "the parent"
             } else {
@@ -425,7 +443,7 @@ pub fn analyze(records: &[Value], case: Case) -> Analysis {
                 format!(
                     "{} teardown records, first: {}",
                     torn.len(),
-                    torn.first().map(|r| r.to_string()).unwrap_or_default()
+                    torn.first().map(|r| json(r)).unwrap_or_default()
                 ),
             );
             let after = &records[last + 1..teardown.unwrap_or(waited)];
@@ -470,7 +488,8 @@ pub fn analyze(records: &[Value], case: Case) -> Analysis {
     let window = &records[td..waited];
     let (kinds, paired) = reset_kinds(window);
     a.notes.push(format!(
-        "teardown (between the last holder's marker and waitpid): resets {kinds:?}"
+        "teardown (between the last holder's marker and waitpid): resets {:?}",
+        kinds.iter().map(|k| k.name()).collect::<Vec<_>>()
     ));
     a.check(
         format!(
@@ -494,7 +513,7 @@ pub fn analyze(records: &[Value], case: Case) -> Analysis {
     );
     let unmapped: Vec<(u64, u64)> = window
         .iter()
-        .filter(|r| ty(r) == "dma_unmapped")
+        .filter(|r| is_unmap(r))
         .filter_map(range)
         .collect();
     let ring = covered(&unmapped, RING, RING + PAGE);
@@ -515,12 +534,15 @@ pub fn analyze(records: &[Value], case: Case) -> Analysis {
     // page; this is the scenario's own, stricter, reading).
     let first_unmap = records[last + 1..]
         .iter()
-        .position(|r| ty(r) == "dma_unmapped" && touches_process_memory(r))
+        .position(|r| is_unmap(r) && touches_process_memory(r))
         .map(|i| i + last + 1);
     if let Some(u) = first_unmap {
-        let late: Vec<&Value> = records[u + 1..]
+        let late: Vec<&Record> = records[u + 1..]
             .iter()
-            .filter(|r| matches!(ty(r), "dma" | "dma_fault") && touches_process_memory(r))
+            .filter(|r| {
+                matches!(r.event, Event::Dma { .. } | Event::DmaFault { .. })
+                    && touches_process_memory(r)
+            })
             .collect();
         a.check(
             "no DMA to the process's memory after its unmap",
@@ -528,22 +550,26 @@ pub fn analyze(records: &[Value], case: Case) -> Analysis {
             format!(
                 "{} DMA records after the first unmap, first: {}",
                 late.len(),
-                late.first().map(|r| r.to_string()).unwrap_or_default()
+                late.first().map(|r| json(r)).unwrap_or_default()
             ),
         );
     }
 
     // What the teardown looked like, for the report.
-    let pos = |p: &dyn Fn(&Value) -> bool| window.iter().position(p);
+    let pos = |p: &dyn Fn(&Record) -> bool| window.iter().position(p);
     let bme = pos(&clears_master);
-    let reset = pos(&|r| ty(r) == "reset_begin");
-    let unmap = pos(&|r| ty(r) == "dma_unmapped" && touches_process_memory(r));
-    let refused = window.iter().filter(|r| ty(r) == "dma_refused").count();
+    let reset = pos(&is_reset_begin);
+    let unmap = pos(&|r| is_unmap(r) && touches_process_memory(r));
+    let refused = window.iter().filter(|r| is_refused(r)).count();
     let aborted = window.iter().any(|r| {
-        ty(r) == "note"
-            && r.get("text")
-                .and_then(Value::as_str)
-                .is_some_and(|t| t.contains("aborted by reset") || t.contains("dma_refused"))
+        matches!(
+            r.event,
+            Event::RingCommandAborted { .. }
+                | Event::RingError {
+                    code: RingErrorCode::DmaRefused,
+                    ..
+                }
+        )
     });
     let mut firsts: Vec<(usize, &str)> =
         [(bme, "Bus Master off"), (reset, "reset"), (unmap, "unmap")]
@@ -576,46 +602,81 @@ pub fn analyze(records: &[Value], case: Case) -> Analysis {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use pcisim_journal::ResetKind;
 
-    fn marker(iova: u64) -> Value {
-        json!({"type": "dma_mapped", "iova": iova, "size": PAGE, "backed": true})
+    fn rec(event: Event) -> Record {
+        Record {
+            seq: 0,
+            t_ns: 0,
+            event,
+        }
     }
-    fn write(iova: u64, len: u64) -> Value {
-        json!({"type": "dma", "dir": "write", "pasid": null, "iova": iova, "len": len, "count": 1, "bytes": len})
+    fn mapped(iova: u64, size: u64) -> Record {
+        rec(Event::DmaMapped {
+            iova,
+            size,
+            backed: true,
+            read: true,
+            write: true,
+        })
     }
-    fn unmap(iova: u64, size: u64) -> Value {
-        json!({"type": "dma_unmapped", "iova": iova, "size": size})
+    fn marker(iova: u64) -> Record {
+        mapped(iova, PAGE)
     }
-    fn command(old: u64, new: u64) -> Value {
-        json!({"type": "command", "old": old, "new": new})
+    fn write(iova: u64, len: u64) -> Record {
+        rec(Event::Dma {
+            dir: Dir::Write,
+            pasid: None,
+            iova,
+            len,
+            count: 1,
+            bytes: len,
+        })
     }
-    fn reset(kind: &str) -> [Value; 2] {
+    fn unmap(iova: u64, size: u64) -> Record {
+        rec(Event::DmaUnmapped { iova, size })
+    }
+    fn command(old: u16, new: u16) -> Record {
+        rec(Event::Command { old, new })
+    }
+    fn reset(kind: ResetKind) -> [Record; 2] {
         [
-            json!({"type": "reset_begin", "kind": kind}),
-            json!({"type": "reset_end", "kind": kind}),
+            rec(Event::ResetBegin { kind }),
+            rec(Event::ResetEnd { kind }),
         ]
+    }
+    fn ring_refused(slot: u32, detail: &str) -> Record {
+        rec(Event::RingError {
+            code: RingErrorCode::DmaRefused,
+            slot,
+            detail: detail.into(),
+        })
     }
 
     /// What a correct kernel shows for M1: streaming, the exit marker, more streaming, Bus
     /// Master off, a refused access, FLR, the unmaps, D3hot, then the waitpid marker.
-    fn good_exit() -> Vec<Value> {
+    fn good_exit() -> Vec<Record> {
         let mut v = vec![
-            json!({"type": "dma_mapped", "iova": RING, "size": PAGE, "backed": true}),
+            mapped(RING, PAGE),
             write(BUF, BUF_LEN),
             marker(MARK_FIRST_EXIT),
             write(BUF, BUF_LEN / 2),
-            json!({"type": "dma_refused", "dir": "write", "iova": BUF + BUF_LEN / 2, "len": PAGE, "reason": "bus_master_disabled"}),
-            json!({"type": "note", "text": "ring error dma_refused at slot 72: FILL destination: ..."}),
+            rec(Event::DmaRefused {
+                dir: Dir::Write,
+                iova: BUF + BUF_LEN / 2,
+                len: PAGE,
+                reason: Refusal::BusMasterDisabled,
+            }),
+            ring_refused(72, "FILL destination: ..."),
             command(0x406, 0x402),
             command(0x402, 0x400),
         ];
-        v.extend(reset("flr"));
+        v.extend(reset(ResetKind::Flr));
         v.push(unmap(RING, PAGE));
         v.push(unmap(BUF, BUF_LEN / 2));
         v.push(unmap(BUF + BUF_LEN / 2, BUF_LEN / 2));
         v.push(unmap(MARK_FIRST_EXIT, PAGE));
-        v.push(json!({"type": "power", "from": 0, "to": 3}));
+        v.push(rec(Event::Power { from: 0, to: 3 }));
         v.push(marker(MARK_WAITED));
         v
     }
@@ -651,9 +712,9 @@ mod tests {
     #[test]
     fn test_each_check_can_fail() {
         // No reset at all.
-        let v: Vec<Value> = good_exit()
+        let v: Vec<Record> = good_exit()
             .into_iter()
-            .filter(|r| !ty(r).starts_with("reset"))
+            .filter(|r| !matches!(r.event, Event::ResetBegin { .. } | Event::ResetEnd { .. }))
             .collect();
         assert_eq!(
             failed(&analyze(&v, Case::Exit)),
@@ -680,10 +741,7 @@ mod tests {
             ["no DMA to the process's memory after its unmap"]
         );
         // The ring had drained before the kernel stopped the device: nothing refused.
-        let v: Vec<Value> = good_exit()
-            .into_iter()
-            .filter(|r| ty(r) != "dma_refused")
-            .collect();
+        let v: Vec<Record> = good_exit().into_iter().filter(|r| !is_refused(r)).collect();
         assert_eq!(
             failed(&analyze(&v, Case::Exit)),
             ["the kernel stopped the device while the ring's DMA was still running (an access refused once Bus Master was off)"]
@@ -703,7 +761,7 @@ mod tests {
             ["the device was still writing the buffer as the process exited"]
         );
         // No teardown at all before waitpid returned.
-        let v: Vec<Value> = good_exit()
+        let v: Vec<Record> = good_exit()
             .into_iter()
             .filter(|r| !is_teardown(r))
             .collect();
@@ -712,7 +770,7 @@ mod tests {
             ["the device was reset and the process's memory unmapped before waitpid returned"]
         );
         // A missing marker.
-        let v: Vec<Value> = good_exit()
+        let v: Vec<Record> = good_exit()
             .into_iter()
             .filter(|r| !is_marker(r, MARK_WAITED))
             .collect();
@@ -724,9 +782,9 @@ mod tests {
 
     /// M3/M4: the first exit, DMA, the holder's marker, DMA for the holder, then the
     /// teardown.
-    fn good_fork() -> Vec<Value> {
+    fn good_fork() -> Vec<Record> {
         let mut v = good_exit();
-        let i = v.iter().position(|r| ty(r) == "dma_refused").unwrap();
+        let i = v.iter().position(is_refused).unwrap();
         // [.., marker A, write, (here) refused, ..]
         v.insert(i, marker(MARK_HOLDER));
         v.insert(i + 1, write(BUF, BUF_LEN));
@@ -741,8 +799,9 @@ mod tests {
             // The first exit reset the device: the holder's DMA is gone too.
             let mut v = good_fork();
             let m = v.iter().position(|r| is_marker(r, MARK_HOLDER)).unwrap();
-            v.insert(m, json!({"type": "reset_begin", "kind": "flr"}));
-            v.insert(m + 1, json!({"type": "reset_end", "kind": "flr"}));
+            let [b, e] = reset(ResetKind::Flr);
+            v.insert(m, b);
+            v.insert(m + 1, e);
             let f = failed(&analyze(&v, case));
             assert_eq!(f.len(), 1, "{f:?}");
             assert!(f[0].contains("exit left the device running"), "{f:?}");
@@ -781,8 +840,13 @@ mod tests {
         let recs = [
             write(BUF, 4),
             write(0x9000_0000, 4),
-            json!({"type": "note", "text": "ring error dma_refused at slot 3: x"}),
-            json!({"type": "stats"}),
+            ring_refused(3, "x"),
+            // Left out of the order.
+            rec(Event::PageWalk {
+                pasid: 1,
+                va: 0,
+                pa: None,
+            }),
         ];
         assert_eq!(
             collapse(&recs),

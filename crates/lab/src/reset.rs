@@ -13,10 +13,13 @@
 //! `# latency_ms <method> <ms>`; the scenario repeats it as a diagnostic and a progress line.
 //! docs/reset.md describes the reset kinds and the measured figures.
 
+use pcisim_journal::{
+    Dir, Event, InterruptOutcome, Record, ResetKind, RingErrorCode, ViolationKind,
+};
 use serde_json::Value;
 
 use crate::agent::RunOutput;
-use crate::host::{count_records, record_is, HostCtx, HostError, HostProgram};
+use crate::host::{count_records, is_reset_begin, HostCtx, HostError, HostProgram};
 use crate::profile::{DeviceKind, ProfileId};
 use crate::qmp::PciDeviceInfo;
 
@@ -56,13 +59,22 @@ fn r9_system_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         took.as_secs_f64()
     ));
     let records = ctx.journal(&dev)?;
-    let is_begin = |r: &Value| record_is(r, "reset_begin", &[("kind", "device")]);
-    let is_end = |r: &Value| record_is(r, "reset_end", &[("kind", "device")]);
-    let begin = records.iter().position(is_begin);
-    let end = begin.and_then(|b| records[b..].iter().position(is_end).map(|e| b + e));
+    let is_begin = |e: &Event| is_reset_begin(e, ResetKind::DeviceReset);
+    let is_end = |e: &Event| {
+        *e == Event::ResetEnd {
+            kind: ResetKind::DeviceReset,
+        }
+    };
+    let begin = records.iter().position(|r| is_begin(&r.event));
+    let end = begin.and_then(|b| {
+        records[b..]
+            .iter()
+            .position(|r| is_end(&r.event))
+            .map(|e| b + e)
+    });
     let (begins, ends) = (
-        count_records(&records, "reset_begin", &[("kind", "device")]),
-        count_records(&records, "reset_end", &[("kind", "device")]),
+        count_records(&records, is_begin),
+        count_records(&records, is_end),
     );
     ctx.diag(&format!(
         "{dev} journaled {begins} device reset(s) since the scenario started ({} records)",
@@ -343,28 +355,27 @@ fn mark(ctx: &mut HostCtx<'_>, dev: &str) -> Result<u64, HostError> {
 }
 
 /// The records `dev` journaled after `mark` (an incomplete window is an error).
-fn since(ctx: &mut HostCtx<'_>, dev: &str, mark: u64) -> Result<Vec<Value>, HostError> {
+fn since(ctx: &mut HostCtx<'_>, dev: &str, mark: u64) -> Result<Vec<Record>, HostError> {
     Ok(ctx.window(dev, mark)?.records)
 }
 
 /// The reset kinds journaled in `records` (one per `reset_begin`), and whether every reset
 /// ended with a `reset_end` of its kind before the next began.
-pub fn reset_kinds(records: &[Value]) -> (Vec<String>, bool) {
+pub fn reset_kinds(records: &[Record]) -> (Vec<ResetKind>, bool) {
     let mut kinds = Vec::new();
-    let mut open: Option<String> = None;
+    let mut open: Option<ResetKind> = None;
     let mut paired = true;
     for r in records {
-        let kind = r.get("kind").and_then(Value::as_str).unwrap_or("?");
-        match r.get("type").and_then(Value::as_str) {
-            Some("reset_begin") => {
+        match r.event {
+            Event::ResetBegin { kind } => {
                 if open.is_some() {
                     paired = false;
                 }
-                kinds.push(kind.to_string());
-                open = Some(kind.to_string());
+                kinds.push(kind);
+                open = Some(kind);
             }
-            Some("reset_end") => {
-                if open.as_deref() != Some(kind) {
+            Event::ResetEnd { kind } => {
+                if open != Some(kind) {
                     paired = false;
                 }
                 open = None;
@@ -375,15 +386,23 @@ pub fn reset_kinds(records: &[Value]) -> (Vec<String>, bool) {
     (kinds, paired && open.is_none())
 }
 
+/// A delivered interrupt of `vector`.
+fn delivered(e: &Event, vector: u8) -> bool {
+    matches!(e, Event::Interrupt {
+        vector: v,
+        outcome: InterruptOutcome::Delivered,
+    } if *v == u16::from(vector))
+}
+
 /// The records strictly between the first delivered interrupt of vector `first` and the
 /// first delivered interrupt of vector `second` after it.
-pub fn between_interrupts(records: &[Value], first: u64, second: u64) -> Option<&[Value]> {
-    let delivered = |r: &Value, v: u64| {
-        record_is(r, "interrupt", &[("outcome", "delivered")])
-            && r.get("vector").and_then(Value::as_u64) == Some(v)
-    };
-    let a = records.iter().position(|r| delivered(r, first))?;
-    let b = records[a + 1..].iter().position(|r| delivered(r, second))? + a + 1;
+pub fn between_interrupts(records: &[Record], first: u8, second: u8) -> Option<&[Record]> {
+    let a = records.iter().position(|r| delivered(&r.event, first))?;
+    let b = records[a + 1..]
+        .iter()
+        .position(|r| delivered(&r.event, second))?
+        + a
+        + 1;
     Some(&records[a + 1..b])
 }
 
@@ -393,13 +412,9 @@ pub fn between_interrupts(records: &[Value], first: u64, second: u64) -> Option<
 fn marked_window<'a>(
     ctx: &mut HostCtx<'_>,
     what: &str,
-    records: &'a [Value],
-) -> Option<&'a [Value]> {
-    let window = between_interrupts(
-        records,
-        u64::from(GUEST_MARK_BEFORE),
-        u64::from(GUEST_MARK_AFTER),
-    );
+    records: &'a [Record],
+) -> Option<&'a [Record]> {
+    let window = between_interrupts(records, GUEST_MARK_BEFORE, GUEST_MARK_AFTER);
     if window.is_none() {
         ctx.fail(
             what,
@@ -423,14 +438,14 @@ pub fn latency_ms(stdout: &str) -> Option<(String, f64)> {
 }
 
 /// Passes if the window holds exactly `want` (kinds, in order), each reset ended.
-fn check_kinds(ctx: &mut HostCtx<'_>, what: &str, window: &[Value], want: &[&str]) -> bool {
+fn check_kinds(ctx: &mut HostCtx<'_>, what: &str, window: &[Record], want: &[ResetKind]) -> bool {
     let (kinds, paired) = reset_kinds(window);
     ctx.check(
         &format!("{what}: journaled {}", describe_kinds(want)),
         kinds == want && paired,
         format!(
             "journaled {}{}",
-            describe_kinds(&kinds.iter().map(String::as_str).collect::<Vec<_>>()),
+            describe_kinds(&kinds),
             if paired {
                 ""
             } else {
@@ -440,7 +455,7 @@ fn check_kinds(ctx: &mut HostCtx<'_>, what: &str, window: &[Value], want: &[&str
     )
 }
 
-fn describe_kinds(kinds: &[&str]) -> String {
+fn describe_kinds(kinds: &[ResetKind]) -> String {
     if kinds.is_empty() {
         "no reset".into()
     } else {
@@ -473,7 +488,7 @@ fn r1_flr(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         &argv,
     )?;
     let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} unbound"), &w, &["flr"]);
+    check_kinds(ctx, &format!("{dev} unbound"), &w, &[ResetKind::Flr]);
 
     let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
@@ -489,7 +504,8 @@ fn r1_flr(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let w = since(ctx, dev, m)?;
     let (all, _) = reset_kinds(&w);
     ctx.diag(&format!(
-        "{dev}: the vfio session journaled resets {all:?} (vfio-pci resets on open and close; runtime PM resumes from D3hot)"
+        "{dev}: the vfio session journaled resets {:?} (vfio-pci resets on open and close; runtime PM resumes from D3hot)",
+        all.iter().map(|k| k.name()).collect::<Vec<_>>()
     ));
     let what =
         format!("{dev} between the marker interrupts: journaled reset_begin/reset_end kind=flr");
@@ -498,38 +514,46 @@ fn r1_flr(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
             ctx,
             &format!("{dev} between the marker interrupts"),
             b,
-            &["flr"],
+            &[ResetKind::Flr],
         );
     }
     Ok(())
 }
 
 /// The records of `type` in `records` and their positions.
-fn positions(records: &[Value], ty: &str) -> Vec<usize> {
-    records
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.get("type").and_then(Value::as_str) == Some(ty))
-        .map(|(i, _)| i)
-        .collect()
+fn first(records: &[Record], pred: impl Fn(&Event) -> bool) -> Option<usize> {
+    records.iter().position(|r| pred(&r.event))
 }
 
 /// Bytes of DMA writes in `records`.
-fn dma_write_bytes(records: &[Value]) -> u64 {
+fn dma_write_bytes(records: &[Record]) -> u64 {
     records
         .iter()
-        .filter(|r| record_is(r, "dma", &[("dir", "write")]))
-        .filter_map(|r| r.get("bytes").and_then(Value::as_u64))
+        .filter_map(|r| match r.event {
+            Event::Dma {
+                dir: Dir::Write,
+                bytes,
+                ..
+            } => Some(bytes),
+            _ => None,
+        })
         .sum()
 }
 
-fn noted(records: &[Value], what: &str) -> bool {
-    records.iter().any(|r| {
-        r.get("type").and_then(Value::as_str) == Some("note")
-            && r.get("text")
-                .and_then(Value::as_str)
-                .is_some_and(|t| t.contains(what))
-    })
+/// Whether an event `pred` accepts is among `records`.
+fn journaled(records: &[Record], pred: impl Fn(&Event) -> bool) -> bool {
+    records.iter().any(|r| pred(&r.event))
+}
+
+/// The ring stopped on a refused DMA.
+fn ring_refused(e: &Event) -> bool {
+    matches!(
+        e,
+        Event::RingError {
+            code: RingErrorCode::DmaRefused,
+            ..
+        }
+    )
 }
 
 fn r2_flr_with_dma(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
@@ -547,37 +571,37 @@ fn r2_flr_with_dma(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let Some(b) = marked_window(ctx, &what, &w) else {
         return Ok(());
     };
-    check_kinds(ctx, &format!("{dev} FLR with DMA in flight"), b, &["flr"]);
-    let begin = positions(b, "reset_begin")
-        .first()
-        .copied()
-        .unwrap_or(b.len());
+    check_kinds(
+        ctx,
+        &format!("{dev} FLR with DMA in flight"),
+        b,
+        &[ResetKind::Flr],
+    );
+    let begin = first(b, |e| matches!(e, Event::ResetBegin { .. })).unwrap_or(b.len());
     let (before, inside) = b.split_at(begin);
     let written = dma_write_bytes(before);
-    let bme_off = before.iter().any(|r| {
-        r.get("type").and_then(Value::as_str) == Some("command")
-            && r.get("new")
-                .and_then(Value::as_u64)
-                .is_some_and(|c| c & 4 == 0)
-    });
-    let refused = count_records(before, "dma_refused", &[]);
+    let bme_off = journaled(
+        before,
+        |e| matches!(e, Event::Command { new, .. } if new & 4 == 0),
+    );
+    let refused = count_records(before, |e| matches!(e, Event::DmaRefused { .. }));
     ctx.diag(&format!(
         "{dev}: {written} bytes of the fill landed, then Bus Master Enable {} and {refused} access(es) refused, before reset_begin",
         if bme_off { "cleared" } else { "still set" }
     ));
     ctx.check(
         &format!("{dev}: the fill was running and the kernel stopped it (Bus Master off, DMA refused) before the FLR"),
-        written > 0 && bme_off && refused > 0 && noted(before, "ring error dma_refused"),
+        written > 0 && bme_off && refused > 0 && journaled(before, ring_refused),
         format!("{written} bytes written, Bus Master cleared: {bme_off}, {refused} refused"),
     );
     ctx.check(
         &format!("{dev}: no DMA inside the reset, no FLR with Transactions Pending"),
         dma_write_bytes(inside) == 0
-            && count_records(inside, "dma", &[]) == 0
-            && !noted(b, "Transactions Pending"),
+            && count_records(inside, is_dma) == 0
+            && !journaled(b, |e| *e == Event::FlrWithTransactionsPending),
         format!(
             "{} DMA records after reset_begin",
-            count_records(inside, "dma", &[])
+            count_records(inside, is_dma)
         ),
     );
     Ok(())
@@ -586,7 +610,7 @@ fn r2_flr_with_dma(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 fn r2b_flr_dma_buggy_driver(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let dev = "gpu0";
     let bdf = bdf_of(ctx, dev)?;
-    ctx.expect_violation(dev, "dma_during_reset");
+    ctx.expect_violation(dev, ViolationKind::DmaDuringReset);
     let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv("reset-dma", dev, &["--bdf", &bdf, "--mode", "buggy"])?;
     guest_step(
@@ -599,26 +623,25 @@ fn r2b_flr_dma_buggy_driver(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let Some(b) = marked_window(ctx, &what, &w) else {
         return Ok(());
     };
-    check_kinds(ctx, &format!("{dev} raw FLR"), b, &["flr"]);
-    let begin = positions(b, "reset_begin")
-        .first()
-        .copied()
-        .unwrap_or(b.len());
-    let end = positions(b, "reset_end")
-        .first()
-        .copied()
-        .unwrap_or(b.len());
+    check_kinds(ctx, &format!("{dev} raw FLR"), b, &[ResetKind::Flr]);
+    let begin = first(b, |e| matches!(e, Event::ResetBegin { .. })).unwrap_or(b.len());
+    let end = first(b, |e| matches!(e, Event::ResetEnd { .. })).unwrap_or(b.len());
     let (before, inside) = (&b[..begin], &b[begin..end.max(begin)]);
     ctx.check(
         &format!("{dev}: the FLR came with Transactions Pending and Bus Master on"),
-        noted(before, "FLR initiated with Transactions Pending"),
-        "no \"FLR initiated with Transactions Pending\" note before reset_begin",
+        journaled(before, |e| *e == Event::FlrWithTransactionsPending),
+        "no flr_with_transactions_pending record before reset_begin",
     );
     let landed = dma_write_bytes(inside);
-    let violations = inside
-        .iter()
-        .filter(|r| record_is(r, "violation", &[("kind", "dma_during_reset")]))
-        .count();
+    let violations = count_records(inside, |e| {
+        matches!(
+            e,
+            Event::Violation {
+                kind: ViolationKind::DmaDuringReset,
+                ..
+            }
+        )
+    });
     ctx.diag(&format!(
         "{dev}: {landed} bytes of posted writes landed inside the reset, {violations} dma_during_reset violation(s) journaled"
     ));
@@ -626,10 +649,20 @@ fn r2b_flr_dma_buggy_driver(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         &format!(
             "{dev}: the writes in flight landed inside the reset and the checker flagged them"
         ),
-        landed > 0 && violations > 0 && noted(inside, "aborted by reset"),
+        landed > 0
+            && violations > 0
+            && journaled(inside, |e| matches!(e, Event::RingCommandAborted { .. })),
         format!("{landed} bytes inside the reset, {violations} violations"),
     );
     Ok(())
+}
+
+fn is_dma(e: &Event) -> bool {
+    matches!(e, Event::Dma { .. })
+}
+
+fn is_power(e: &Event) -> bool {
+    matches!(e, Event::Power { .. })
 }
 
 /// The guest's `reset-vfio` rings these vectors just before and just after the reset.
@@ -649,8 +682,8 @@ fn r3_pm_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         &argv,
     )?;
     let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} pm"), &w, &["pm"]);
-    let to_d3 = count_records(&w, "power", &[]);
+    check_kinds(ctx, &format!("{dev} pm"), &w, &[ResetKind::PmSoftReset]);
+    let to_d3 = count_records(&w, is_power);
     ctx.diag(&format!("{dev}: {to_d3} power state changes journaled"));
 
     let m = mark(ctx, nsr)?;
@@ -681,19 +714,13 @@ fn r3_pm_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     )?;
     let w = since(ctx, nsr, m)?;
     check_kinds(ctx, &format!("{nsr} No_Soft_Reset=1"), &w, &[]);
-    let d3 = w
-        .iter()
-        .filter(|r| {
-            r.get("type").and_then(Value::as_str) == Some("power")
-                && r.get("to").and_then(Value::as_u64) == Some(3)
-        })
-        .count();
+    let d3 = count_records(&w, |e| matches!(e, Event::Power { to: 3, .. }));
     ctx.check(
         &format!("{nsr}: the device saw D0 -> D3hot -> D0"),
-        d3 == 1 && count_records(&w, "power", &[]) == 2,
+        d3 == 1 && count_records(&w, is_power) == 2,
         format!(
             "{} power records, {d3} into D3hot",
-            count_records(&w, "power", &[])
+            count_records(&w, is_power)
         ),
     );
 
@@ -709,7 +736,12 @@ fn r3_pm_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         &argv,
     )?;
     let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} D3hot -> D0"), &w, &["pm"]);
+    check_kinds(
+        ctx,
+        &format!("{dev} D3hot -> D0"),
+        &w,
+        &[ResetKind::PmSoftReset],
+    );
     Ok(())
 }
 
@@ -745,7 +777,7 @@ fn r4_bus_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         &argv,
     )?;
     let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} bus"), &w, &["device"]);
+    check_kinds(ctx, &format!("{dev} bus"), &w, &[ResetKind::DeviceReset]);
     Ok(())
 }
 
@@ -787,7 +819,7 @@ fn r5_slot_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         &argv,
     )?;
     let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} slot"), &w, &["device"]);
+    check_kinds(ctx, &format!("{dev} slot"), &w, &[ResetKind::DeviceReset]);
     let after = ctx.sh(&format!(
         "cat /sys/bus/pci/slots/*/address /sys/bus/pci/slots/*/adapter; ls /sys/bus/pci/devices/{bdf}"
     ))?;
@@ -819,18 +851,27 @@ fn r6_vfio_device_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let w = since(ctx, dev, m)?;
     // pci_try_reset_function uses the first method that works: the first one offered.
     let want = if first == "bus" {
-        "device"
+        Some(ResetKind::DeviceReset)
     } else {
-        first.as_str()
+        ResetKind::ALL.into_iter().find(|k| k.name() == first)
     };
-    let what = format!("{dev} VFIO_DEVICE_RESET: journaled reset_begin/reset_end kind={want}");
-    if let Some(b) = marked_window(ctx, &what, &w) {
-        check_kinds(
-            ctx,
-            &format!("{dev} VFIO_DEVICE_RESET (the kernel's first method, {first})"),
-            b,
-            &[want],
-        );
+    let name = want.map_or_else(|| first.clone(), |k| k.name().to_string());
+    let what = format!("{dev} VFIO_DEVICE_RESET: journaled reset_begin/reset_end kind={name}");
+    match want {
+        None => ctx.fail(
+            &what,
+            &format!("the kernel's first reset method {first:?} is no reset kind the device has"),
+        ),
+        Some(want) => {
+            if let Some(b) = marked_window(ctx, &what, &w) {
+                check_kinds(
+                    ctx,
+                    &format!("{dev} VFIO_DEVICE_RESET (the kernel's first method, {first})"),
+                    b,
+                    &[want],
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -867,20 +908,22 @@ fn r7_hot_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         let w = since(ctx, dev, m)?;
         let first_marker = w
             .iter()
-            .position(|r| {
-                record_is(r, "interrupt", &[("outcome", "delivered")])
-                    && r.get("vector").and_then(Value::as_u64) == Some(u64::from(GUEST_MARK_BEFORE))
-            })
+            .position(|r| delivered(&r.event, GUEST_MARK_BEFORE))
             .unwrap_or(w.len());
         let (early, _) = reset_kinds(&w[..first_marker]);
         ctx.check(
             &format!("{dev}: no device reset while the hot reset was refused"),
-            !early.iter().any(|k| k == "device"),
+            !early.contains(&ResetKind::DeviceReset),
             format!("resets before the marker: {early:?}"),
         );
         let what = format!("{dev} hot reset: journaled reset_begin/reset_end kind=device");
         if let Some(b) = marked_window(ctx, &what, &w) {
-            check_kinds(ctx, &format!("{dev} hot reset"), b, &["device"]);
+            check_kinds(
+                ctx,
+                &format!("{dev} hot reset"),
+                b,
+                &[ResetKind::DeviceReset],
+            );
         }
     }
     Ok(())
@@ -913,7 +956,7 @@ fn r8_slow_failed_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         &argv,
     )?;
     let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} slow FLR"), &w, &["flr"]);
+    check_kinds(ctx, &format!("{dev} slow FLR"), &w, &[ResetKind::Flr]);
 
     // Never: the kernel polls ~65 s, gives up, and the function stays not ready.
     ctx.inject(dev, "slow-reset=never")?;
@@ -941,7 +984,7 @@ fn r8_slow_failed_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         &argv,
     )?;
     let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} failed FLR"), &w, &["flr"]);
+    check_kinds(ctx, &format!("{dev} failed FLR"), &w, &[ResetKind::Flr]);
     let status = ctx.control().status(dev)?;
     ctx.check(
         &format!("{dev} reports itself not ready"),
@@ -965,7 +1008,12 @@ fn r8_slow_failed_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         &argv,
     )?;
     let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} recovery"), &w, &["device"]);
+    check_kinds(
+        ctx,
+        &format!("{dev} recovery"),
+        &w,
+        &[ResetKind::DeviceReset],
+    );
     let argv = ctx.guest_argv("e1", dev, &["--bdf", &bdf])?;
     ctx.guest_test(&format!("{dev} enumerates as before (E1)"), &argv)?;
     Ok(())
@@ -974,42 +1022,62 @@ fn r8_slow_failed_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+
+    fn rec(event: Event) -> Record {
+        Record {
+            seq: 0,
+            t_ns: 0,
+            event,
+        }
+    }
+
+    fn begin(kind: ResetKind) -> Record {
+        rec(Event::ResetBegin { kind })
+    }
+
+    fn end(kind: ResetKind) -> Record {
+        rec(Event::ResetEnd { kind })
+    }
 
     #[test]
     fn test_reset_kinds_pairs_begin_and_end() {
         let w = vec![
-            json!({"type": "command", "old": 6, "new": 1024}),
-            json!({"type": "reset_begin", "kind": "flr"}),
-            json!({"type": "reset_end", "kind": "flr"}),
-            json!({"type": "reset_begin", "kind": "pm"}),
-            json!({"type": "reset_end", "kind": "pm"}),
+            rec(Event::Command { old: 6, new: 1024 }),
+            begin(ResetKind::Flr),
+            end(ResetKind::Flr),
+            begin(ResetKind::PmSoftReset),
+            end(ResetKind::PmSoftReset),
         ];
-        assert_eq!(reset_kinds(&w), (vec!["flr".into(), "pm".into()], true));
-        assert_eq!(reset_kinds(&w[..2]), (vec!["flr".into()], false));
-        let crossed = vec![
-            json!({"type": "reset_begin", "kind": "flr"}),
-            json!({"type": "reset_end", "kind": "device"}),
-        ];
+        assert_eq!(
+            reset_kinds(&w),
+            (vec![ResetKind::Flr, ResetKind::PmSoftReset], true)
+        );
+        assert_eq!(reset_kinds(&w[..2]), (vec![ResetKind::Flr], false));
+        let crossed = vec![begin(ResetKind::Flr), end(ResetKind::DeviceReset)];
         assert!(!reset_kinds(&crossed).1);
         assert_eq!(reset_kinds(&[]), (vec![], true));
     }
 
     #[test]
     fn test_between_interrupts_and_latency() {
-        let irq = |v: u64, o: &str| json!({"type": "interrupt", "vector": v, "outcome": o});
+        let irq = |vector: u16, o: &str| {
+            rec(Event::Interrupt {
+                vector,
+                outcome: o.parse().unwrap(),
+            })
+        };
         let w = vec![
-            json!({"type": "reset_begin", "kind": "pm"}),
+            begin(ResetKind::PmSoftReset),
             irq(2, "delivered"),
-            json!({"type": "reset_begin", "kind": "flr"}),
+            begin(ResetKind::Flr),
             irq(3, "refused:resetting"),
-            json!({"type": "reset_end", "kind": "flr"}),
+            end(ResetKind::Flr),
             irq(3, "delivered"),
-            json!({"type": "reset_begin", "kind": "flr"}),
+            begin(ResetKind::Flr),
         ];
         let b = between_interrupts(&w, 2, 3).unwrap();
         assert_eq!(b.len(), 3);
-        assert_eq!(reset_kinds(b), (vec!["flr".into()], true));
+        assert_eq!(reset_kinds(b), (vec![ResetKind::Flr], true));
         assert!(between_interrupts(&w, 3, 2).is_none());
         assert_eq!(
             latency_ms("KTAP version 1\n  # latency_ms flr 112.5\nok 1 x\n"),

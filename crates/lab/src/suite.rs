@@ -54,6 +54,7 @@ use crate::qmp::Qmp;
 use crate::scenario::{self, Program, Scenario, Verdict};
 use crate::server::{self, Server, ServerError};
 use crate::{dmesg, guest, initramfs, kmod, provision};
+use pcisim_journal::ViolationKind;
 
 /// How long the guest has from QEMU's start to the agent's greeting.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -1205,7 +1206,7 @@ fn xfail_note(
 fn judge_expected(
     verdict: Verdict,
     window: Result<WindowReport, crate::control::ControlError>,
-    expected: &[(String, String)],
+    expected: &[(String, ViolationKind)],
     diagnostics: &mut Vec<String>,
 ) -> (Verdict, Option<String>) {
     let w = match window {
@@ -1215,7 +1216,7 @@ fn judge_expected(
     let is_expected = |v: &crate::control::Violation| {
         expected
             .iter()
-            .any(|(d, k)| *d == v.device && k.as_str() == v.kind())
+            .any(|(d, k)| *d == v.device && Some(*k) == v.kind())
     };
     let (wanted, other): (Vec<_>, Vec<_>) = w.violations.iter().cloned().partition(is_expected);
     let missing: Vec<String> = expected
@@ -1223,7 +1224,7 @@ fn judge_expected(
         .filter(|(d, k)| {
             !wanted
                 .iter()
-                .any(|v| v.device == *d && v.kind() == k.as_str())
+                .any(|v| v.device == *d && v.kind() == Some(*k))
         })
         .map(|(d, k)| format!("{k} on {d}"))
         .collect();
@@ -1252,7 +1253,7 @@ fn judge_expected(
         };
     }
     let note = (verdict == Verdict::Pass).then(|| {
-        let mut kinds: Vec<&str> = wanted.iter().map(|v| v.kind()).collect();
+        let mut kinds: Vec<String> = wanted.iter().map(|v| v.kind_name()).collect();
         kinds.dedup();
         format!(
             "XFAIL {} journaled as expected ({} violation{})",
@@ -1385,8 +1386,14 @@ mod tests {
             lost: 0,
             violations: vec![crate::control::Violation {
                 device: "gpu0".into(),
-                record: serde_json::json!({"seq": 7, "t_ns": 1, "type": "violation",
-                    "kind": "dma_after_unmap", "detail": "write 0x1000+4 after unmap"}),
+                record: pcisim_journal::Record {
+                    seq: 7,
+                    t_ns: 1,
+                    event: pcisim_journal::Event::Violation {
+                        kind: ViolationKind::DmaAfterUnmap,
+                        detail: "write 0x1000+4 after unmap".into(),
+                    },
+                },
             }],
             unretained: 0,
             degraded: Vec::new(),
@@ -1395,7 +1402,7 @@ mod tests {
 
     #[test]
     fn test_judge_expected_violation_passes_as_xfail_only_if_journaled() {
-        let want = vec![("gpu0".to_string(), "dma_after_unmap".to_string())];
+        let want = vec![("gpu0".to_string(), ViolationKind::DmaAfterUnmap)];
         let mut diags = Vec::new();
         let (v, note) = judge_expected(Verdict::Pass, Ok(violation_window()), &want, &mut diags);
         assert_eq!(v, Verdict::Pass);
@@ -1414,7 +1421,7 @@ mod tests {
         assert!(matches!(v, Verdict::Fail(r) if r.contains("the oracle missed the bug")));
         assert_eq!(note, None);
         // Another kind (or device) is still a failure.
-        let other = vec![("gpu1".to_string(), "dma_after_unmap".to_string())];
+        let other = vec![("gpu1".to_string(), ViolationKind::DmaAfterUnmap)];
         let (v, _) = judge_expected(
             Verdict::Pass,
             Ok(violation_window()),
@@ -1526,7 +1533,7 @@ mod tests {
         );
         // An XFAIL scenario whose expected violation was journaled still fails: the checker
         // was partly blind in its window.
-        let want = vec![("gpu0".to_string(), "dma_after_unmap".to_string())];
+        let want = vec![("gpu0".to_string(), ViolationKind::DmaAfterUnmap)];
         let w = WindowReport {
             degraded: degraded.degraded,
             ..violation_window()

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use pcisim_journal::{Event, Record, ViolationKind};
 
 use crate::host::{count_records, HostCtx, HostError, HostProgram};
 use crate::kmod::{guest_module_path_sh, NPU_MODULE};
@@ -111,9 +111,37 @@ fn pasid_of(stdout: &str) -> Option<u64> {
         .find_map(|l| l.trim().strip_prefix("# pasid ")?.trim().parse().ok())
 }
 
-fn pasid_is(r: &Value, ty: &str, pasid: u64) -> bool {
-    r.get("type").and_then(Value::as_str) == Some(ty)
-        && r.get("pasid").and_then(Value::as_u64) == Some(pasid)
+/// What happened to a PASID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Bind,
+    UnbindBegin,
+    Drained,
+    UnbindAck,
+    Released,
+    PageWalk,
+    Invalidate,
+    TranslationFault,
+}
+
+/// The step `r` records for `pasid`, if it is one of those.
+fn pasid_step(r: &Record, pasid: u64) -> Option<Step> {
+    let (p, step) = match r.event {
+        Event::PasidBind { pasid, .. } => (pasid, Step::Bind),
+        Event::PasidUnbindBegin { pasid } => (pasid, Step::UnbindBegin),
+        Event::PasidDrained { pasid, .. } => (pasid, Step::Drained),
+        Event::PasidUnbindAck { pasid } => (pasid, Step::UnbindAck),
+        Event::PasidReleased { pasid } => (pasid, Step::Released),
+        Event::PageWalk { pasid, .. } => (pasid, Step::PageWalk),
+        Event::Invalidate { pasid, .. } => (pasid, Step::Invalidate),
+        Event::TranslationFault { pasid, .. } => (pasid, Step::TranslationFault),
+        _ => return None,
+    };
+    (u64::from(p) == pasid).then_some(step)
+}
+
+fn pasid_is(r: &Record, step: Step, pasid: u64) -> bool {
+    pasid_step(r, pasid) == Some(step)
 }
 
 /// The binding's life in the journal: (bind, unbind_begin, drained, ack, released) positions
@@ -130,21 +158,24 @@ pub struct Lifecycle {
 }
 
 impl Lifecycle {
-    pub fn of(records: &[Value], pasid: u64) -> Lifecycle {
+    pub fn of(records: &[Record], pasid: u64) -> Lifecycle {
         let mut l = Lifecycle::default();
         for (i, r) in records.iter().enumerate() {
-            if pasid_is(r, "pasid_bind", pasid) && l.bind.is_none() {
-                l.bind = Some(i);
-            } else if pasid_is(r, "pasid_unbind_begin", pasid) {
-                l.unbinds += 1;
-                l.unbind_begin.get_or_insert(i);
-            } else if pasid_is(r, "pasid_drained", pasid) && l.drained.is_none() {
-                l.drained = Some(i);
-                l.aborted = r.get("aborted").and_then(Value::as_u64).unwrap_or(0);
-            } else if pasid_is(r, "pasid_unbind_ack", pasid) && l.ack.is_none() {
-                l.ack = Some(i);
-            } else if pasid_is(r, "pasid_released", pasid) && l.released.is_none() {
-                l.released = Some(i);
+            match pasid_step(r, pasid) {
+                Some(Step::Bind) if l.bind.is_none() => l.bind = Some(i),
+                Some(Step::UnbindBegin) => {
+                    l.unbinds += 1;
+                    l.unbind_begin.get_or_insert(i);
+                }
+                Some(Step::Drained) if l.drained.is_none() => {
+                    l.drained = Some(i);
+                    if let Event::PasidDrained { aborted, .. } = r.event {
+                        l.aborted = aborted;
+                    }
+                }
+                Some(Step::UnbindAck) if l.ack.is_none() => l.ack = Some(i),
+                Some(Step::Released) if l.released.is_none() => l.released = Some(i),
+                _ => {}
             }
         }
         l
@@ -174,7 +205,7 @@ fn lifetime_case(
     case: &str,
     what: &str,
     lenient: bool,
-) -> Result<Option<(u64, Vec<Value>)>, HostError> {
+) -> Result<Option<(u64, Vec<Record>)>, HostError> {
     let mark = ctx.control().last_seq(NPU)?;
     let mut argv = ctx.guest_argv("sva", NPU, &["--bdf", bdf, "--case", case])?;
     // `sva` takes no --vendor/--device: keep the program name and the extra arguments.
@@ -195,7 +226,7 @@ fn lifetime_case(
     let deadline = Instant::now() + RELEASE_WAIT;
     loop {
         let records = ctx.window(NPU, mark)?.records;
-        let released = records.iter().any(|r| pasid_is(r, "pasid_released", pasid));
+        let released = records.iter().any(|r| pasid_is(r, Step::Released, pasid));
         if released || Instant::now() >= deadline {
             if !released {
                 ctx.diag(&format!(
@@ -213,11 +244,11 @@ fn lifetime_case(
 }
 
 /// Checks that the binding was unbound with its work drained, in order.
-fn check_unbound_with_drain(ctx: &mut HostCtx<'_>, case: &str, pasid: u64, records: &[Value]) {
+fn check_unbound_with_drain(ctx: &mut HostCtx<'_>, case: &str, pasid: u64, records: &[Record]) {
     let l = Lifecycle::of(records, pasid);
     let walks = records
         .iter()
-        .filter(|r| pasid_is(r, "page_walk", pasid))
+        .filter(|r| pasid_is(r, Step::PageWalk, pasid))
         .count();
     ctx.diag(&format!(
         "{case}: pasid {pasid}: {walks} page walk(s), unbind drained {} item(s)",
@@ -287,7 +318,7 @@ fn buggy_variant(
     what: &str,
 ) -> Result<(), HostError> {
     let bdf = bdf_of(ctx, NPU)?;
-    ctx.expect_violation(NPU, "stale_translation");
+    ctx.expect_violation(NPU, ViolationKind::StaleTranslation);
     load_driver(ctx, &bdf, bug)?;
     let r = lifetime_case(ctx, &bdf, case, what, true)?;
     // Back to the correct driver for whatever runs next.
@@ -296,11 +327,12 @@ fn buggy_variant(
         let stale = records
             .iter()
             .filter(|r| {
-                r.get("type").and_then(Value::as_str) == Some("violation")
-                    && r.get("kind").and_then(Value::as_str) == Some("stale_translation")
-                    && r.get("detail")
-                        .and_then(Value::as_str)
-                        .is_some_and(|d| d.contains(&format!("pasid {pasid} ")))
+                // The checker's detail names the PASID ("pasid 3 va 0x...": no field of its
+                // own; the record is about the translation, not a binding).
+                matches!(&r.event, Event::Violation {
+                    kind: ViolationKind::StaleTranslation,
+                    detail,
+                } if detail.contains(&format!("pasid {pasid} ")))
             })
             .count();
         ctx.diag(&format!(
@@ -348,11 +380,11 @@ fn m7_invalidation(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     };
     let invalidations = records
         .iter()
-        .filter(|r| pasid_is(r, "invalidate", pasid))
+        .filter(|r| pasid_is(r, Step::Invalidate, pasid))
         .count();
     let faults = records
         .iter()
-        .filter(|r| pasid_is(r, "translation_fault", pasid))
+        .filter(|r| pasid_is(r, Step::TranslationFault, pasid))
         .count();
     ctx.diag(&format!(
         "pasid {pasid}: {invalidations} invalidation(s), {faults} translation fault(s) journaled"
@@ -364,13 +396,17 @@ fn m7_invalidation(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     );
     ctx.check(
         "the device reported translation faults instead of using stale translations",
-        faults >= 3 && count_records(&records, "violation", &[]) == 0,
+        faults >= 3 && count_records(&records, is_violation) == 0,
         format!(
             "{faults} fault(s), {} violation(s)",
-            count_records(&records, "violation", &[])
+            count_records(&records, is_violation)
         ),
     );
     Ok(())
+}
+
+fn is_violation(e: &Event) -> bool {
+    matches!(e, Event::Violation { .. })
 }
 
 fn m7b_skip_invalidate(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
@@ -385,16 +421,35 @@ fn m7b_skip_invalidate(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
-    fn rec(ty: &str, pasid: u64) -> Value {
-        json!({"type": ty, "pasid": pasid})
+    fn rec(ty: &str, pasid: u32) -> Record {
+        let event = match ty {
+            "pasid_bind" => Event::PasidBind { pasid, root: 0 },
+            "pasid_unbind_begin" => Event::PasidUnbindBegin { pasid },
+            "pasid_drained" => Event::PasidDrained { pasid, aborted: 0 },
+            "pasid_unbind_ack" => Event::PasidUnbindAck { pasid },
+            "pasid_released" => Event::PasidReleased { pasid },
+            "page_walk" => Event::PageWalk {
+                pasid,
+                va: 0,
+                pa: None,
+            },
+            other => panic!("no such test record {other}"),
+        };
+        Record {
+            seq: 0,
+            t_ns: 0,
+            event,
+        }
     }
 
     #[test]
     fn test_lifecycle_in_order() {
         let mut drained = rec("pasid_drained", 3);
-        drained["aborted"] = json!(5);
+        drained.event = Event::PasidDrained {
+            pasid: 3,
+            aborted: 5,
+        };
         let recs = vec![
             rec("pasid_bind", 3),
             rec("page_walk", 3),

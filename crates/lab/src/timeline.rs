@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use log::warn;
 use pcisim_journal::timeline::{parse_guest_events, render_svg};
 use pcisim_journal::Record;
-use serde_json::Value;
 
 use crate::host::HostCtx;
 
@@ -18,14 +17,9 @@ pub fn save_case_timeline(
     ctx: &mut HostCtx<'_>,
     case: &str,
     device: &str,
-    records: &[Value],
+    records: &[Record],
     guest_stdout: &str,
 ) {
-    // The lab's journal windows are JSON until they are read as typed records.
-    let records: Vec<Record> = records
-        .iter()
-        .filter_map(|r| serde_json::from_value(r.clone()).ok())
-        .collect();
     let id = ctx.scenario().id;
     let name = ctx.scenario().name;
     let run = ctx
@@ -34,11 +28,7 @@ pub fn save_case_timeline(
         .map_or_else(|| ctx.vm_dir().to_path_buf(), PathBuf::from);
     let path = run.join(format!("{id}.timeline.svg"));
     let guest = parse_guest_events(guest_stdout);
-    let svg = render_svg(
-        &format!("{name}: case {case} on {device}"),
-        &records,
-        &guest,
-    );
+    let svg = render_svg(&format!("{name}: case {case} on {device}"), records, &guest);
     match std::fs::write(&path, svg) {
         Ok(()) => ctx.diag(&format!(
             "{case}: timeline ({} journal records, {} guest events): {}",

@@ -32,7 +32,7 @@ use pcisim_vfio_user::{ClientLink, DmaError};
 
 use crate::caps::msi::{MsiControl, MsiState};
 use crate::msix::{MsixOutcome, MsixState};
-use pcisim_journal::{Dir, Event, InterruptOutcome, IntxHold, Journal, Refusal};
+use pcisim_journal::{Dir, Event, InterruptOutcome, IntxHold, Journal, MessageKind, Refusal};
 
 /// Why a DMA did not happen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -525,7 +525,7 @@ impl Bus {
     /// Each one is journaled as an `interrupt` record with outcome
     /// [`InterruptOutcome::DeliveredAfterHold`]
     /// (a message write like any other: the checker judges it against the state it is sent
-    /// in), followed by a summary note ("delivered N pending MSI-X vectors").
+    /// in), followed by a `pending_delivered` summary record (kind, count).
     pub fn deliver_pending_msix(&self) -> usize {
         // A message is a memory write: in flight from the gate check to its journal record.
         let _tx = self.transaction();
@@ -539,11 +539,11 @@ impl Bus {
         let mut total = 0;
         for (kind, sent) in [
             (
-                "MSI-X",
+                MessageKind::Msix,
                 self.msix().as_mut().map(|m| m.deliver_pending(&link.irqs)),
             ),
             (
-                "MSI",
+                MessageKind::Msi,
                 self.msi().as_mut().map(|m| m.deliver_pending(&link.irqs)),
             ),
         ] {
@@ -555,8 +555,9 @@ impl Bus {
                 });
             }
             if !sent.is_empty() {
-                self.journal().record(Event::Note {
-                    text: format!("delivered {} pending {kind} vectors", sent.len()),
+                self.journal().record(Event::PendingDelivered {
+                    kind,
+                    count: sent.len() as u64,
                 });
             }
             total += sent.len();

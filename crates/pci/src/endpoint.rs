@@ -540,9 +540,7 @@ impl<F: PciFunction> Endpoint<F> {
                 "{}: FLR initiated with Transactions Pending: the writes in flight land after the reset began",
                 self.name
             );
-            self.journal.record(Event::Note {
-                text: "FLR initiated with Transactions Pending: writes already issued land after reset_begin".into(),
-            });
+            self.journal.record(Event::FlrWithTransactionsPending);
         } else {
             self.function.on_config_event(ConfigEvent::Flr);
         }

@@ -8,7 +8,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
-use pcisim_journal::{Event, InterruptOutcome, Journal, Refusal};
+use pcisim_journal::{Event, InterruptOutcome, Journal, MessageKind, Refusal};
 use pcisim_pci::caps::msi::{self, MsiConfig};
 use pcisim_pci::caps::pcie::PcieConfig;
 use pcisim_pci::{
@@ -270,6 +270,27 @@ fn test_msi_bus_master_off_refused_then_sent_when_it_is_set() {
             (0, InterruptOutcome::DeliveredAfterHold)
         ],
         "the held vector's delivery is an interrupt record like any other"
+    );
+    // Followed by the typed summary of what was sent: one MSI vector.
+    let (recs, _) = journal.since(0);
+    let held = recs
+        .iter()
+        .position(|r| {
+            matches!(
+                r.event,
+                Event::Interrupt {
+                    outcome: InterruptOutcome::DeliveredAfterHold,
+                    ..
+                }
+            )
+        })
+        .unwrap();
+    assert_eq!(
+        recs[held + 1].event,
+        Event::PendingDelivered {
+            kind: MessageKind::Msi,
+            count: 1
+        }
     );
 }
 

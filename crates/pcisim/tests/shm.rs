@@ -505,10 +505,14 @@ fn test_dma_file_truncated_mid_ring_copy_faults_the_ring_not_the_server() {
         "the error vector was raised"
     );
     assert!(
-        j.iter()
-            .any(|r| r["type"] == "note"
-                && r["text"].as_str().is_some_and(|t| t.contains("dma_fault"))),
-        "ring error noted"
+        j.iter().any(|r| matches!(
+            serde_json::from_value::<pcisim_journal::Record>(r.clone()).map(|r| r.event),
+            Ok(pcisim_journal::Event::RingError {
+                code: pcisim_journal::RingErrorCode::DmaFault,
+                ..
+            })
+        )),
+        "ring_error dma_fault journaled"
     );
     let log = s.log();
     assert!(log.contains("truncated the file"), "log:\n{log}");

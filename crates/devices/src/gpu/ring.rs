@@ -49,6 +49,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
+use pcisim_journal::{Event, RingErrorCode};
 use pcisim_pci::MsixOutcome;
 
 use super::Vram;
@@ -76,7 +77,7 @@ pub enum DmaFailure {
     Protection,
 }
 
-/// What the engine needs from the bus: gated, journaled DMA and MSI-X, a journal for notes,
+/// What the engine needs from the bus: gated, journaled DMA and MSI-X, a journal for its events,
 /// and Transactions Pending while a command runs. [`pcisim_pci::Bus`] implements it; tests use
 /// an in-memory image.
 pub trait EngineBus: Clone + Send + Sync + 'static {
@@ -92,8 +93,8 @@ pub trait EngineBus: Clone + Send + Sync + 'static {
     fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaFailure>;
     /// Raise MSI-X vector `vector`.
     fn raise_msix(&self, vector: u16) -> MsixOutcome;
-    /// Journal a device note.
-    fn note(&self, text: String);
+    /// Journal a device event (ring errors, aborted commands, posted writes landing).
+    fn journal(&self, event: Event);
     /// A posted write issued before a reset began, landing now (the reset does not stop it).
     fn dma_write_posted(&self, iova: u64, data: &[u8]) -> Result<(), DmaFailure> {
         self.dma_write(iova, data)
@@ -127,8 +128,8 @@ impl EngineBus for pcisim_pci::Bus {
         pcisim_pci::Bus::raise_msix(self, vector)
     }
 
-    fn note(&self, text: String) {
-        self.journal().record(pcisim_journal::Event::Note { text });
+    fn journal(&self, event: Event) {
+        pcisim_pci::Bus::journal(self).record(event);
     }
 
     fn dma_write_posted(&self, iova: u64, data: &[u8]) -> Result<(), DmaFailure> {
@@ -763,11 +764,11 @@ impl<B: EngineBus> Engine<B> {
             self.shared.name, e.detail
         );
         if let Some(bus) = self.bus.as_ref() {
-            bus.note(format!(
-                "ring error {} at slot {slot}: {}",
-                err_name(e.code),
-                e.detail
-            ));
+            bus.journal(Event::RingError {
+                code: journal_code(e.code),
+                slot,
+                detail: e.detail.clone(),
+            });
             bus.raise_msix(vector);
         }
     }
@@ -839,6 +840,25 @@ impl<B: EngineBus> Drop for Engine<B> {
                 warn!("{}: ring engine thread panicked", self.shared.name);
             }
         }
+    }
+}
+
+/// The journal's code for a RING_ERROR code (`err::NONE` never stops a ring: `Unknown`).
+pub fn journal_code(code: u32) -> RingErrorCode {
+    match code {
+        err::BAD_OPCODE => RingErrorCode::BadOpcode,
+        err::BAD_FLAGS => RingErrorCode::BadFlags,
+        err::RESERVED => RingErrorCode::Reserved,
+        err::ALIGNMENT => RingErrorCode::Alignment,
+        err::LENGTH => RingErrorCode::Length,
+        err::VRAM_RANGE => RingErrorCode::VramRange,
+        err::IOVA_RANGE => RingErrorCode::IovaRange,
+        err::DMA_FAULT => RingErrorCode::DmaFault,
+        err::DMA_REFUSED => RingErrorCode::DmaRefused,
+        err::BAD_VECTOR => RingErrorCode::BadVector,
+        err::BAD_RING => RingErrorCode::BadRing,
+        err::BAD_TAIL => RingErrorCode::BadTail,
+        _ => RingErrorCode::Unknown,
     }
 }
 
@@ -933,10 +953,10 @@ impl Shared {
                 Err(Stop::Error(e)) => format!("({})", e.detail),
                 Ok((_, moved)) => format!("at its end ({moved} bytes)"),
             };
-            bus.note(format!(
-                "ring: command at slot {} aborted by reset {how}",
-                job.slot
-            ));
+            bus.journal(Event::RingCommandAborted {
+                slot: job.slot,
+                detail: how,
+            });
             self.cv.notify_all();
             return;
         }
@@ -964,20 +984,19 @@ impl Shared {
                     "{}: ring error at slot {}: {}",
                     self.name, job.slot, e.detail
                 );
-                note = Some(format!(
-                    "ring error {} at slot {}: {}",
-                    err_name(e.code),
-                    job.slot,
-                    e.detail
-                ));
+                note = Some(Event::RingError {
+                    code: journal_code(e.code),
+                    slot: job.slot,
+                    detail: e.detail.clone(),
+                });
             }
             Err(Stop::Aborted { .. }) => {
                 // Unreachable: an aborted command's generation is stale (handled above).
             }
         }
         drop(st);
-        if let Some(text) = note {
-            bus.note(text);
+        if let Some(event) = note {
+            bus.journal(event);
         }
         // Interrupts are raised while still busy, so a reset waits for them too.
         if let Some(v) = irq {
@@ -1123,10 +1142,10 @@ impl Shared {
                         .map_err(|f| dma_error(f, "write", a, n))?;
                     done += n;
                 }
-                bus.note(format!(
-                    "ring: {} bytes of posted writes at IOVA {iova:#x} landed after the reset began",
-                    data.len()
-                ));
+                bus.journal(Event::PostedWritesLanded {
+                    iova,
+                    bytes: data.len() as u64,
+                });
                 Ok(())
             }
             _ => self.write_loc(bus, at, data),
@@ -1240,7 +1259,7 @@ mod direct_copy_tests {
     use std::os::unix::fs::FileExt;
     use std::time::{Duration, Instant};
 
-    use pcisim_journal::{Dir, Event};
+    use pcisim_journal::{Dir, Event, RingErrorCode};
     use pcisim_pci::Endpoint;
     use pcisim_vfio_user::dma::{PROT_READ, PROT_WRITE};
     use pcisim_vfio_user::{ClientLink, Device, DmaSpace, Interrupts};
@@ -1428,8 +1447,8 @@ mod direct_copy_tests {
             self.bus.raise_msix(vector)
         }
 
-        fn note(&self, text: String) {
-            EngineBus::note(&self.bus, text);
+        fn journal(&self, event: Event) {
+            EngineBus::journal(&self.bus, event);
         }
 
         fn dma_copy(&self, src: u64, dst: u64, len: usize) -> bool {
@@ -1512,22 +1531,22 @@ mod direct_copy_tests {
             .unwrap();
         assert_eq!(r.copy(SRC, DST + 0x10, 16), status::ERROR);
         assert_eq!(r.rd(RING_ERROR) & 0xff, err::DMA_FAULT);
-        let notes: Vec<String> =
+        let errors: Vec<(RingErrorCode, String)> =
             r.ep.journal()
                 .since(0)
                 .0
                 .into_iter()
                 .filter_map(|rec| match rec.event {
-                    Event::Note { text } if text.starts_with("ring error") => Some(text),
+                    Event::RingError { code, detail, .. } => Some((code, detail)),
                     _ => None,
                 })
                 .collect();
-        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let (code, detail) = &errors[0];
+        assert_eq!(*code, RingErrorCode::DmaFault);
         assert!(
-            notes[0].contains("write to read-only mapping")
-                && !notes[0].contains("no mapped memory"),
-            "{}",
-            notes[0]
+            detail.contains("write to read-only mapping") && !detail.contains("no mapped memory"),
+            "{detail}"
         );
     }
 

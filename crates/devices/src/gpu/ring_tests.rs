@@ -7,6 +7,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use pcisim_journal::{Event, RingErrorCode};
 use pcisim_pci::MsixOutcome;
 
 use super::ring::{
@@ -28,7 +29,7 @@ struct ImageInner {
     refuse_all: AtomicBool,
     refuse_writes: AtomicBool,
     irqs: Mutex<Vec<u16>>,
-    notes: Mutex<Vec<String>>,
+    notes: Mutex<Vec<Event>>,
     accesses: AtomicU64,
     /// Accesses that crossed a page or were performed outside the mappings (must stay 0).
     bad: AtomicU64,
@@ -118,7 +119,7 @@ impl Image {
         self.0.irqs.lock().unwrap().clone()
     }
 
-    fn notes(&self) -> Vec<String> {
+    fn notes(&self) -> Vec<Event> {
         self.0.notes.lock().unwrap().clone()
     }
 
@@ -159,8 +160,8 @@ impl EngineBus for Image {
         MsixOutcome::Delivered
     }
 
-    fn note(&self, text: String) {
-        self.0.notes.lock().unwrap().push(text);
+    fn journal(&self, event: Event) {
+        self.0.notes.lock().unwrap().push(event);
     }
 }
 
@@ -526,7 +527,17 @@ fn test_ring_malformed_command_stops_ring_error_vector_and_note() {
     assert_eq!(img.irqs(), [1], "ERROR_VECTOR defaults to 1");
     let notes = img.notes();
     assert_eq!(notes.len(), 1);
-    assert!(notes[0].contains("bad_opcode at slot 1"), "{notes:?}");
+    assert!(
+        matches!(
+            notes[0],
+            Event::RingError {
+                code: RingErrorCode::BadOpcode,
+                slot: 1,
+                ..
+            }
+        ),
+        "{notes:?}"
+    );
     // Stopped: more doorbells do nothing until RING_CTRL.RESET.
     e.write_tail(4);
     assert!(!e.step());
@@ -793,7 +804,7 @@ fn test_engine_reset_during_long_copy_stops_before_returning() {
         wait_until(Duration::from_secs(1), || img
             .notes()
             .iter()
-            .any(|n| n.contains("aborted by reset"))),
+            .any(|n| matches!(n, Event::RingCommandAborted { .. }))),
         "{:?}",
         img.notes()
     );
@@ -1035,7 +1046,10 @@ fn test_engine_hold_posted_idle_engine_holds_nothing() {
     e.write_tail(1);
     let _ = e.hold_posted();
     e.reset();
-    assert!(img.notes().iter().all(|n| !n.contains("posted")));
+    assert!(img
+        .notes()
+        .iter()
+        .all(|n| !matches!(n, Event::PostedWritesLanded { .. })));
 }
 
 #[test]
@@ -1066,7 +1080,9 @@ fn test_engine_hold_posted_long_fill_one_chunk_lands_at_reset() {
     assert_eq!(e.regs(), super::ring::RingRegs::default());
     assert!(wait_until(Duration::from_secs(1), || {
         let n = img.notes();
-        n.iter().any(|t| t.contains("posted writes"))
-            && n.iter().any(|t| t.contains("aborted by reset"))
+        n.iter()
+            .any(|t| matches!(t, Event::PostedWritesLanded { .. }))
+            && n.iter()
+                .any(|t| matches!(t, Event::RingCommandAborted { .. }))
     }));
 }
