@@ -99,11 +99,21 @@ fn lab_suite_all_scenarios_pass() {
         .chain([r0])
     {
         let line = result_line(&ktap, name).unwrap_or_else(|| panic!("no result line for {name}"));
-        assert_eq!(
-            line,
-            format!("ok {n} {name}"),
-            "{name} must pass (not fail, not skip)"
-        );
+        let id = name.split(' ').next().unwrap_or_default();
+        if EXPECTED_FAILURES.contains(&id) {
+            // K1 (the kernel oracle's WARN test) runs in this VM too: numbered in order, and
+            // an expected failure held to its declared report.
+            assert!(
+                line.starts_with(&format!("ok {n} {name} # XFAIL ")),
+                "{name} must be KTAP test {n}, an expected failure: {line}"
+            );
+        } else {
+            assert_eq!(
+                line,
+                format!("ok {n} {name}"),
+                "{name} must pass (not fail, not skip)"
+            );
+        }
     }
     assert!(
         out.status.success(),
