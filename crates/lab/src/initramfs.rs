@@ -536,13 +536,15 @@ fn share_mounts_script() -> String {
     format!(
         "for a in $(cat /proc/cmdline); do
   case $a in {param}=*:*)
-    v=${{a#{param}=}}; tag=${{v%%:*}}; p=${{v#*:}}
-    mkdir -p \"$p\" && mount -t 9p -o trans=virtio,version=9p2000.L,msize={msize},cache=none,access=any \"$tag\" \"$p\" \\
+    v=${{a#{param}=}}; tag=${{v%%:*}}; p=${{v#*:}}; cache=none
+    case \" $(cat /proc/cmdline) \" in *\" {cached}=$tag \"*) cache=loose;; esac
+    mkdir -p \"$p\" && mount -t 9p -o trans=virtio,version=9p2000.L,msize={msize},cache=$cache,access=any \"$tag\" \"$p\" \\
       && echo \"pcisim-init: share $tag mounted at $p\" || echo \"pcisim-init: mounting share $tag at $p failed\"
   ;; esac
 done
 ",
         param = crate::qemu::SHARE_PARAM,
+        cached = crate::qemu::SHARE_CACHED_PARAM,
         msize = crate::qemu::SHARE_MSIZE,
     )
 }
@@ -1283,7 +1285,11 @@ kernel/drivers/net/dummy.ko.xz:
     fn test_init_mounts_shares_from_the_command_line() {
         let s = init_script("6.12.0", &[], "/dev/ttyS1");
         assert!(s.contains("pcisim.share=*:*)"), "{s}");
-        assert!(s.contains("mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none"));
+        assert!(
+            s.contains("mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=$cache")
+        );
+        assert!(s.contains("cache=none\n"));
+        assert!(s.contains("*\" pcisim.share_cached=$tag \"*) cache=loose"));
         // Before the agent starts (a scenario may use a share at once).
         assert!(s.find("mount -t 9p").unwrap() < s.find("exec /bin/pcisim-guest").unwrap());
     }

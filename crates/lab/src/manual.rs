@@ -657,6 +657,7 @@ fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
     extra.shares.push(Share {
         host: xfer,
         guest: XFER_GUEST.into(),
+        cached: true,
     });
     let config = QemuConfig {
         qemu: env.qemu.clone(),
@@ -780,11 +781,15 @@ fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
 /// session with ttyS2 as its controlling terminal (`setsid -c`: TIOCSCTTY on stdin), so job
 /// control works and Ctrl-C/Ctrl-Z reach the foreground process; respawned when it exits. The
 /// loop runs in its own session too, so the agent's process-group cleanup leaves it alone.
+///
+/// Not started with `&`: a non-interactive shell starts background commands with SIGINT and
+/// SIGQUIT ignored, which every shell and program below would inherit (Ctrl-C would do
+/// nothing). `exec setsid` from the process-group leader the agent made forks instead.
 pub fn console_shell_script() -> String {
     format!(
-        "setsid /bin/busybox sh -c 'sh=/bin/sh; [ -x /usr/bin/bash ] && sh=/usr/bin/bash; \
+        "exec /bin/busybox setsid /bin/busybox sh -c 'sh=/bin/sh; [ -x /usr/bin/bash ] && sh=/usr/bin/bash; \
          while :; do TERM=xterm /bin/busybox setsid -c $sh -l <>/dev/{CONSOLE_PORT} >&0 2>&1; \
-         sleep 1; done' </dev/null >/dev/null 2>&1 &"
+         sleep 1; done' </dev/null >/dev/null 2>&1"
     )
 }
 
@@ -1160,7 +1165,7 @@ pub fn exec(dir: &Path, argv: &[String], stdin: &[u8], timeout: Duration) -> Res
     // ~100 KB/s of base64).
     match &r.state.xfer {
         Some(xfer) if stdin.len() > EXEC_STDIN_INLINE => {
-            let name = format!(".stdin-{}", std::process::id());
+            let name = unique_name("stdin");
             let host = xfer.join(&name);
             fs::write(&host, stdin)
                 .map_err(|e| msg(format!("cannot write {}: {e}", host.display())))?;
@@ -1171,6 +1176,14 @@ pub fn exec(dir: &Path, argv: &[String], stdin: &[u8], timeout: Duration) -> Res
         }
         _ => a.run_binary(argv, stdin, timeout).map_err(lab),
     }
+}
+
+/// A file name in the transfer share never used before (pid and time).
+fn unique_name(what: &str) -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(".{what}-{}-{}", std::process::id(), t.as_nanos())
 }
 
 /// The most stdin `exec` sends inline through the agent link.
@@ -1219,7 +1232,8 @@ pub fn cp(dir: &Path, src: &str, dst: &str, out: &mut dyn Write) -> Result<Copie
     let xfer = r.state.xfer.clone().ok_or_else(|| {
         msg("this VM was started without a transfer share (an older pcisim): `lab down` and `lab up` again")
     })?;
-    let tmp_name = format!(".cp-{}", std::process::id());
+    // Unique names: the transfer share is mounted with the guest's cache (never a stale page).
+    let tmp_name = unique_name("cp");
     let host_tmp = xfer.join(&tmp_name);
     let guest_tmp = format!("{XFER_GUEST}/{tmp_name}");
     let t = Instant::now();
@@ -1276,7 +1290,7 @@ pub fn cp(dir: &Path, src: &str, dst: &str, out: &mut dyn Write) -> Result<Copie
                         "/bin/busybox".into(),
                         "sh".into(),
                         "-c".into(),
-                        "dd if=\"$1\" of=\"$2\" bs=4M 2>/tmp/.pcisim-cp.err && stat -c %a \"$1\" \
+                        "dd if=\"$1\" of=\"$2\" bs=4M conv=fsync 2>/tmp/.pcisim-cp.err && stat -c %a \"$1\" \
                          || { cat /tmp/.pcisim-cp.err >&2; exit 1; }"
                             .into(),
                         "cp".into(),

@@ -189,6 +189,10 @@ pub struct Share {
     pub host: PathBuf,
     /// Where the guest mounts it (absolute; by default the host path).
     pub guest: String,
+    /// Mount with the guest's page cache (`cache=loose`: about twice as fast, but a host-side
+    /// change may not show in the guest): for the lab's own transfer share, whose files have
+    /// unique names and are written whole before they are read. User shares are `cache=none`.
+    pub cached: bool,
 }
 
 /// The 9p mount tag of the `index`-th share (QEMU limits tags to 31 bytes).
@@ -199,6 +203,10 @@ pub fn share_tag(index: usize) -> String {
 /// The kernel command line parameter naming where the guest's /init mounts each 9p share
 /// (`pcisim.share=TAG:GUEST_PATH`).
 pub const SHARE_PARAM: &str = "pcisim.share";
+
+/// The kernel command line parameter marking a share to mount with `cache=loose`
+/// (`pcisim.share_cached=TAG`).
+pub const SHARE_CACHED_PARAM: &str = "pcisim.share_cached";
 
 impl Share {
     /// Parses `HOST_DIR[:GUEST_PATH]`: the host directory must exist (it is made absolute);
@@ -241,7 +249,11 @@ impl Share {
                  commas (it is passed on the kernel command line); give one with GUEST_PATH"
             ));
         }
-        Ok(Share { host, guest })
+        Ok(Share {
+            host,
+            guest,
+            cached: false,
+        })
     }
 }
 
@@ -298,6 +310,9 @@ impl QemuConfig {
         let mut append = self.append.clone();
         for (i, s) in x.shares.iter().enumerate() {
             append.push_str(&format!(" {SHARE_PARAM}={}:{}", share_tag(i), s.guest));
+            if s.cached {
+                append.push_str(&format!(" {SHARE_CACHED_PARAM}={}", share_tag(i)));
+            }
         }
         if let Some(extra) = &x.append {
             append.push(' ');
