@@ -179,7 +179,7 @@ pub fn base64_encode(data: &[u8]) -> String {
 /// Decodes standard padded base64 (`None` if `text` is not that).
 pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
     let t = text.as_bytes();
-    if t.len() % 4 != 0 {
+    if t.len() & 3 != 0 {
         return None;
     }
     let mut lut = [255u8; 256];

@@ -168,7 +168,7 @@ pub fn base64_encode(data: &[u8]) -> String {
 /// Decodes [`base64_encode`]'s output (`None` if it is not base64).
 pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
     let t = text.as_bytes();
-    if t.len() % 4 != 0 {
+    if t.len() & 3 != 0 {
         return None;
     }
     let val = |c: u8| -> Option<u32> { B64.iter().position(|&x| x == c).map(|p| p as u32) };
