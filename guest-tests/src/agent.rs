@@ -328,6 +328,7 @@ fn pump(pipes: &mut [(Option<File>, &mut Capture); 2], wait: Duration) -> Result
 
 /// Runs `argv` with stdin from /dev/null, capturing stdout and stderr
 /// separately; SIGKILLs its process group if `timeout` expires.
+#[cfg(test)]
 pub fn run_program(argv: &[String], timeout: Duration) -> Result<RunResult, String> {
     run_program_with(argv, None, timeout)
 }
