@@ -1258,16 +1258,24 @@ pub fn cp(dir: &Path, src: &str, dst: &str, out: &mut dyn Write) -> Result<Copie
                         "/bin/busybox".into(),
                         "sh".into(),
                         "-c".into(),
-                        // dd with large blocks: busybox cp's 4 KiB reads would each be a 9p round trip.
-                        "d=$2; [ -d \"$d\" ] && d=${d%/}/$3; \
-                         dd if=\"$1\" of=\"$d\" bs=4M 2>/tmp/.pcisim-cp.err \
-                         && chmod \"$4\" \"$d\" && echo \"$d\" || { cat /tmp/.pcisim-cp.err >&2; exit 1; }"
+                        // dd with large blocks (busybox cp's 4 KiB reads would each be a 9p
+                        // round trip), four at once on quarters of the file (about 1.5x the
+                        // rate of one), then the size checked.
+                        "d=$2; [ -d \"$d\" ] && d=${d%/}/$3; rm -f /tmp/.pcisim-cp.err; : >\"$d\" || exit 1; \
+                         c=$((($5 + 4194303) / 4194304)); pids=; \
+                         for k in 0 1 2 3; do dd if=\"$1\" of=\"$d\" bs=1M skip=$((k*c)) \
+                         seek=$((k*c)) count=$c conv=notrunc 2>>/tmp/.pcisim-cp.err & pids=\"$pids $!\"; done; \
+                         for p in $pids; do wait $p || { cat /tmp/.pcisim-cp.err >&2; exit 1; }; done; \
+                         s=$(stat -c %s \"$d\"); [ \"$s\" = \"$5\" ] \
+                         || { echo \"$d has $s bytes, not $5\" >&2; exit 1; }; \
+                         rm -f /tmp/.pcisim-cp.err; chmod \"$4\" \"$d\" && echo \"$d\""
                             .into(),
                         "cp".into(),
                         guest_tmp.clone(),
                         g.clone(),
                         name,
                         format!("{:o}", mode & 0o7777),
+                        bytes.to_string(),
                     ],
                     CP_TIMEOUT,
                 )
