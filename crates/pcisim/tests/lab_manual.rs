@@ -560,7 +560,8 @@ fn test_shares_cp_exec_stdin_console_terminal_userland_flags() {
     let down_rate = cp_rate(&o);
     assert_eq!(host_sha256(&back), guest_sha);
     println!("lab cp rates: host->guest {up_rate} MB/s, guest->host {down_rate} MB/s");
-    // At least 10 MB/s each way (17 and 37 MB/s measured on a loaded two-core machine).
+    // At least 10 MB/s each way (12.5-30 and 14.6-37 MB/s measured on a loaded two-core
+    // machine).
     assert!(
         up_rate >= 10.0 && down_rate >= 10.0,
         "{up_rate} {down_rate}"
