@@ -440,6 +440,7 @@ fn test_shares_cp_exec_stdin_console_terminal_userland_flags() {
     ));
     std::fs::create_dir_all(&share).unwrap();
     std::fs::create_dir_all(&share2).unwrap();
+    let _cleanup = RemoveDirs(vec![share.clone(), share2.clone()]);
     std::fs::write(share2.join("x"), "explicit-path\n").unwrap();
     let gdb_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -666,6 +667,16 @@ fn test_shares_cp_exec_stdin_console_terminal_userland_flags() {
 
     let o = lab(&dir, &["down"]);
     assert!(o.status.success());
-    let _ = std::fs::remove_dir_all(&share);
-    let _ = std::fs::remove_dir_all(&share2);
+}
+
+/// Removes the test's share directories even when an assertion failed (possibly before [`Down`]
+/// powers the guest off: its 9p mounts then just lose their files).
+struct RemoveDirs(Vec<PathBuf>);
+
+impl Drop for RemoveDirs {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
