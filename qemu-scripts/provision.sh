@@ -720,6 +720,25 @@ provision_kbuild() {
 }
 
 kbuild_ready || provision_kbuild
+
+# Step 6b: guest userland for kernel work, copied into the initramfs from the root with its
+# shared libraries (crates/lab/src/initramfs.rs): bash is in the root already; pciutils brings
+# lspci, setpci and pci.ids.
+USERLAND_PKGS=(pciutils pci.ids)
+provision_userland() {
+    local missing=("${USERLAND_PKGS[@]}")
+    # By the files (no chroot: any user can check).
+    [[ -x $ROOT/usr/bin/lspci && -x $ROOT/usr/bin/setpci && -f $ROOT/usr/share/misc/pci.ids ]] && return 0
+    is_root || die "the guest userland (${missing[*]}) is installed into $ROOT with apt-get" \
+        "chrooted into it, which needs root: run this script once as root" \
+        "(sudo env PCISIM_CACHE=$CACHE $0${KERNEL:+ --kernel $KERNEL})"
+    log "guest userland: installing ${missing[*]} in $ROOT"
+    rapt update >&2 || die "apt-get update in $ROOT failed"
+    rapt -y install --no-install-recommends "${missing[@]}" >&2 \
+        || die "apt-get install ${missing[*]} in $ROOT failed"
+    root_apt_cleanup
+}
+provision_userland
 # The package lists are only needed while downloading, and every run that downloads refreshes
 # them first: don't keep ~150 MB of indexes around.
 if ((APT_UPDATED)); then rm -rf "$APTDIR/state/lists" "$APTDIR/cache"; fi

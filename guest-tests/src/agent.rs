@@ -28,6 +28,13 @@ pub enum Request {
     Run {
         argv: Vec<String>,
         timeout_ms: u64,
+        /// Standard input (`stdin_b64`); `None`: /dev/null.
+        stdin: Option<Vec<u8>>,
+        /// Standard input from this file instead (`stdin_file`; the host puts large input on
+        /// a 9p share rather than through the serial link).
+        stdin_file: Option<String>,
+        /// Reply with `stdout_b64` (exact bytes) besides the lossy text.
+        stdout_b64: bool,
     },
     WriteFile {
         path: String,
@@ -86,7 +93,32 @@ pub fn parse_request(line: &str) -> (Value, Result<Request, String>) {
                     .as_u64()
                     .ok_or("timeout_ms must be a non-negative integer")?,
             };
-            Ok(Request::Run { argv, timeout_ms })
+            let stdin = match obj.get("stdin_b64") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(
+                    v.as_str()
+                        .and_then(base64_decode)
+                        .ok_or("stdin_b64 must be a base64 string")?,
+                ),
+            };
+            let stdout_b64 = obj
+                .get("stdout_b64")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let stdin_file = match obj.get("stdin_file") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_str().ok_or("stdin_file must be a string")?.to_string()),
+            };
+            if stdin.is_some() && stdin_file.is_some() {
+                return Err("stdin_b64 and stdin_file exclude each other".to_string());
+            }
+            Ok(Request::Run {
+                argv,
+                timeout_ms,
+                stdin,
+                stdin_file,
+                stdout_b64,
+            })
         })(),
         Some("write_file") => str_field("path").and_then(|path| {
             Ok(Request::WriteFile {
@@ -119,6 +151,60 @@ pub fn parse_request(line: &str) -> (Value, Result<Request, String>) {
         Some(other) => Err(format!("unknown op {other:?}")),
     };
     (id, req)
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding (binary data inside the JSON lines).
+pub fn base64_encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Decodes standard padded base64 (`None` if `text` is not that).
+pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let t = text.as_bytes();
+    if t.len() & 3 != 0 {
+        return None;
+    }
+    let mut lut = [255u8; 256];
+    for (i, &c) in B64.iter().enumerate() {
+        lut[c as usize] = i as u8;
+    }
+    let mut out = Vec::with_capacity(t.len() / 4 * 3);
+    for q in t.chunks(4) {
+        let pad = q.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &q[..4 - pad] {
+            let v = lut[c as usize];
+            if v == 255 {
+                return None;
+            }
+            n = (n << 6) | u32::from(v);
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
 }
 
 /// Children spawned by `run` and not yet waited for. As PID 1 the agent also
@@ -174,6 +260,8 @@ pub struct RunResult {
     pub signal: Option<i32>,
     pub timed_out: bool,
     pub stdout: String,
+    /// The captured stdout bytes (exact, up to [`MAX_CAPTURE`]).
+    pub stdout_raw: Vec<u8>,
     pub stderr: String,
     pub elapsed_ms: u64,
 }
@@ -240,13 +328,40 @@ fn pump(pipes: &mut [(Option<File>, &mut Capture); 2], wait: Duration) -> Result
 
 /// Runs `argv` with stdin from /dev/null, capturing stdout and stderr
 /// separately; SIGKILLs its process group if `timeout` expires.
+#[cfg(test)]
 pub fn run_program(argv: &[String], timeout: Duration) -> Result<RunResult, String> {
+    run_program_with(argv, None, timeout)
+}
+
+/// Where a program's standard input comes from.
+pub enum Input<'a> {
+    /// These bytes (fed from a thread, then closed).
+    Bytes(&'a [u8]),
+    /// This file.
+    File(&'a str),
+}
+
+/// [`run_program`] with `stdin` fed to the program (from a thread, then
+/// closed) instead of /dev/null.
+pub fn run_program_with(
+    argv: &[String],
+    stdin: Option<Input<'_>>,
+    timeout: Duration,
+) -> Result<RunResult, String> {
     let (prog, args) = argv.split_first().ok_or("argv is empty")?;
     let start = Instant::now();
+    let (stdio, stdin) = match stdin {
+        None => (Stdio::null(), None),
+        Some(Input::Bytes(b)) => (Stdio::piped(), Some(b)),
+        Some(Input::File(path)) => (
+            Stdio::from(File::open(path).map_err(|e| format!("stdin {path}: {e}"))?),
+            None,
+        ),
+    };
     let mut tracked = TRACKED.lock().map_err(|_| "child table lock poisoned")?;
     let mut child: Child = Command::new(prog)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(stdio)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -255,7 +370,23 @@ pub fn run_program(argv: &[String], timeout: Duration) -> Result<RunResult, Stri
     let pgid = child.id();
     tracked.insert(pgid);
     drop(tracked);
+    // A program that does not read all of its input gets EPIPE here, which ends the feeder.
+    let feeder = match (child.stdin.take(), stdin) {
+        (Some(mut pipe), Some(data)) => {
+            let data = data.to_vec();
+            std::thread::Builder::new()
+                .name("stdin".into())
+                .spawn(move || {
+                    let _ = pipe.write_all(&data);
+                })
+                .ok()
+        }
+        _ => None,
+    };
     let result = supervise(prog, &mut child, start, timeout);
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
     if let Ok(mut t) = TRACKED.lock() {
         t.remove(&pgid);
     }
@@ -323,6 +454,7 @@ fn supervise(
         exit: status.code(),
         signal: status.signal(),
         timed_out,
+        stdout_raw: out.data.clone(),
         stdout: out.into_string(),
         stderr: err.into_string(),
         elapsed_ms: start.elapsed().as_millis() as u64,
@@ -353,17 +485,34 @@ fn error_reply(id: &Value, e: &str) -> Value {
 /// Handles one non-poweroff request and returns its reply.
 pub fn handle(id: &Value, req: &Request) -> Value {
     match req {
-        Request::Run { argv, timeout_ms } => {
-            match run_program(argv, Duration::from_millis(*timeout_ms)) {
-                Ok(r) => json!({
-                    "id": id,
-                    "exit": r.exit,
-                    "signal": r.signal,
-                    "timed_out": r.timed_out,
-                    "stdout": r.stdout,
-                    "stderr": r.stderr,
-                    "elapsed_ms": r.elapsed_ms,
-                }),
+        Request::Run {
+            argv,
+            timeout_ms,
+            stdin,
+            stdin_file,
+            stdout_b64,
+        } => {
+            let input = match (stdin, stdin_file) {
+                (Some(b), _) => Some(Input::Bytes(b)),
+                (None, Some(f)) => Some(Input::File(f)),
+                (None, None) => None,
+            };
+            match run_program_with(argv, input, Duration::from_millis(*timeout_ms)) {
+                Ok(r) => {
+                    let mut v = json!({
+                        "id": id,
+                        "exit": r.exit,
+                        "signal": r.signal,
+                        "timed_out": r.timed_out,
+                        "stdout": r.stdout,
+                        "stderr": r.stderr,
+                        "elapsed_ms": r.elapsed_ms,
+                    });
+                    if *stdout_b64 {
+                        v["stdout_b64"] = json!(base64_encode(&r.stdout_raw));
+                    }
+                    v
+                }
                 Err(e) => error_reply(id, &e),
             }
         }
@@ -645,7 +794,10 @@ mod tests {
             r.unwrap(),
             Request::Run {
                 argv: vec!["/bin/pcisim-guest".into(), "e2".into()],
-                timeout_ms: 60000
+                timeout_ms: 60000,
+                stdin: None,
+                stdin_file: None,
+                stdout_b64: false,
             }
         );
         let (_, r) = parse_request(r#"{"id":4,"op":"run","argv":["x"]}"#);
@@ -653,8 +805,30 @@ mod tests {
             r.unwrap(),
             Request::Run {
                 argv: vec!["x".into()],
-                timeout_ms: DEFAULT_TIMEOUT_MS
+                timeout_ms: DEFAULT_TIMEOUT_MS,
+                stdin: None,
+                stdin_file: None,
+                stdout_b64: false,
             }
+        );
+        let (_, r) = parse_request(
+            r#"{"id":4,"op":"run","argv":["cat"],"stdin_b64":"aGkK","stdout_b64":true}"#,
+        );
+        assert_eq!(
+            r.unwrap(),
+            Request::Run {
+                argv: vec!["cat".into()],
+                timeout_ms: DEFAULT_TIMEOUT_MS,
+                stdin: Some(b"hi\n".to_vec()),
+                stdin_file: None,
+                stdout_b64: true,
+            }
+        );
+        assert!(
+            parse_request(r#"{"id":4,"op":"run","argv":["cat"],"stdin_b64":"a!"}"#)
+                .1
+                .unwrap_err()
+                .contains("stdin_b64")
         );
         let (id, r) = parse_request(r#"{"id":5,"op":"write_file","path":"/a","data":"1"}"#);
         assert_eq!(id, json!(5));
@@ -893,5 +1067,59 @@ mod tests {
         assert_eq!(r["ready"], json!(true));
         assert!(r["kernel"].is_string());
         assert!(r["uptime_ms"].is_u64());
+    }
+
+    #[test]
+    fn stdin_is_fed_and_stdout_is_exact() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let r = handle(
+            &json!(1),
+            &Request::Run {
+                argv: vec!["/bin/cat".into()],
+                timeout_ms: 10_000,
+                stdin: Some(data.clone()),
+                stdin_file: None,
+                stdout_b64: true,
+            },
+        );
+        assert_eq!(r["exit"], json!(0));
+        assert_eq!(
+            base64_decode(r["stdout_b64"].as_str().unwrap()).unwrap(),
+            data
+        );
+        let p = std::env::temp_dir().join(format!("pcisim-agent-stdin-{}", std::process::id()));
+        std::fs::write(&p, &data).unwrap();
+        let r = handle(
+            &json!(2),
+            &Request::Run {
+                argv: vec!["/bin/cat".into()],
+                timeout_ms: 10_000,
+                stdin: None,
+                stdin_file: Some(p.to_string_lossy().into_owned()),
+                stdout_b64: true,
+            },
+        );
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(r["exit"], json!(0));
+        assert_eq!(
+            base64_decode(r["stdout_b64"].as_str().unwrap()).unwrap(),
+            data
+        );
+        // A program that reads nothing still ends (the feeder gets EPIPE).
+        let r = run_program_with(
+            &["/bin/true".into()],
+            Some(Input::Bytes(&vec![0u8; 1 << 20])),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(r.exit, Some(0));
+    }
+
+    #[test]
+    fn base64_round_trip() {
+        for n in 0..100usize {
+            let d: Vec<u8> = (0..n).map(|i| (i * 13 + n) as u8).collect();
+            assert_eq!(base64_decode(&base64_encode(&d)).unwrap(), d);
+        }
     }
 }

@@ -118,6 +118,75 @@ pub struct RunOutput {
     /// How long it ran, in the guest.
     #[serde(default)]
     pub elapsed_ms: u64,
+    /// Its stdout, exact (base64), when asked for with [`Agent::run_binary`].
+    #[serde(default)]
+    pub stdout_b64: Option<String>,
+}
+
+impl RunOutput {
+    /// Its stdout as bytes: exact if the agent sent them in base64, else the text.
+    pub fn stdout_bytes(&self) -> Vec<u8> {
+        match self.stdout_b64.as_deref().and_then(base64_decode) {
+            Some(b) => b,
+            None => self.stdout.clone().into_bytes(),
+        }
+    }
+}
+
+/// The standard input of [`Agent::run_exact`].
+#[derive(Debug, Clone, Copy)]
+pub enum RunInput<'a> {
+    /// These bytes, through the agent link.
+    Bytes(&'a [u8]),
+    /// This file in the guest.
+    GuestFile(&'a str),
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding (binary data inside the agent's JSON lines).
+pub fn base64_encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Decodes [`base64_encode`]'s output (`None` if it is not base64).
+pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let t = text.as_bytes();
+    if t.len() & 3 != 0 {
+        return None;
+    }
+    let val = |c: u8| -> Option<u32> { B64.iter().position(|&x| x == c).map(|p| p as u32) };
+    let mut out = Vec::with_capacity(t.len() / 4 * 3);
+    for q in t.chunks(4) {
+        let pad = q.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &q[..4 - pad] {
+            n = (n << 6) | val(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
 }
 
 /// The reply to a `kmsg` request: the guest kernel log after a position.
@@ -405,6 +474,38 @@ impl Agent {
         })
     }
 
+    /// Runs `argv` in the guest with `stdin` as its standard input (binary-safe, base64 on the
+    /// link) and its stdout returned exactly (see [`RunOutput::stdout_bytes`]).
+    pub fn run_binary(
+        &mut self,
+        argv: &[String],
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> Result<RunOutput, AgentError> {
+        self.run_exact(argv, RunInput::Bytes(stdin), timeout)
+    }
+
+    /// [`run_binary`](Self::run_binary) with the input given as bytes (through the serial
+    /// link: fine for kilobytes) or as a guest file (e.g. on a 9p share: fast for megabytes).
+    pub fn run_exact(
+        &mut self,
+        argv: &[String],
+        stdin: RunInput<'_>,
+        timeout: Duration,
+    ) -> Result<RunOutput, AgentError> {
+        let mut req = json!({"op": "run", "argv": argv, "timeout_ms": timeout.as_millis() as u64,
+            "stdout_b64": true});
+        match stdin {
+            RunInput::Bytes(b) => req["stdin_b64"] = json!(base64_encode(b)),
+            RunInput::GuestFile(f) => req["stdin_file"] = json!(f),
+        }
+        let reply = self.request(req, timeout + RUN_SLACK)?;
+        serde_json::from_value(reply.clone()).map_err(|_| AgentError::Malformed {
+            op: "run".into(),
+            reply: reply.to_string(),
+        })
+    }
+
     /// Writes `data` to `path` in the guest.
     pub fn write_file(&mut self, path: &str, data: &str) -> Result<(), AgentError> {
         let req = json!({"op": "write_file", "path": path, "data": data});
@@ -447,6 +548,19 @@ impl Agent {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn test_base64_round_trip() {
+        for n in 0..300usize {
+            let data: Vec<u8> = (0..n).map(|i| (i * 7 + n) as u8).collect();
+            let e = super::base64_encode(&data);
+            assert_eq!(super::base64_decode(&e).unwrap(), data, "{n}");
+        }
+        assert_eq!(super::base64_encode(b"hi\n"), "aGkK");
+        assert_eq!(super::base64_encode(b"h"), "aA==");
+        assert!(super::base64_decode("a").is_none());
+        assert!(super::base64_decode("a!==").is_none());
+    }
+
     use super::*;
     use std::io::{BufRead, BufReader};
 

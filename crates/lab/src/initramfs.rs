@@ -28,6 +28,10 @@ use log::{debug, warn};
 /// a soft dependency of `vfio` (not in `modules.dep`), so it is named explicitly.
 pub const VFIO_MODULES: &[&str] = &["vfio_pci", "vfio_iommu_type1"];
 
+/// The modules every lab guest loads for `--share` (virtio-9p; `netfs` and the rest follow
+/// from `modules.dep`). A kernel that has them built in needs nothing here.
+pub const SHARE_MODULES: &[&str] = &["9p", "9pnet_virtio"];
+
 /// Errors while building the initramfs.
 #[derive(Debug, thiserror::Error)]
 pub enum InitramfsError {
@@ -364,6 +368,12 @@ impl ModuleDeps {
         }
     }
 
+    /// Whether the kernel has module `name`, loadable or built in.
+    pub fn has(&self, name: &str) -> bool {
+        let name = name.replace('-', "_");
+        self.by_name.contains_key(&name) || self.builtin.contains(&name)
+    }
+
     /// Reads `modules.dep` and (if present) `modules.builtin` and `modules.softdep` from a
     /// `lib/modules/<kver>` dir.
     pub fn load(dir: &Path) -> Result<Self, InitramfsError> {
@@ -509,6 +519,7 @@ failed=
     }
     s.push_str("cd /\n");
     s.push_str("[ -z \"$failed\" ] || echo \"pcisim-init: insmod failed:$failed\"\n");
+    s.push_str(&share_mounts_script());
     s.push_str(&format!(
         "echo \"{INIT_READY_MARKER} on {agent_port} at $(cut -d' ' -f1 /proc/uptime) s\"\n"
     ));
@@ -516,6 +527,26 @@ failed=
         "exec /bin/pcisim-guest agent --port {agent_port}\n"
     ));
     s
+}
+
+/// The part of /init that mounts each `pcisim.share=TAG:PATH` of the kernel command line
+/// (`--share`): 9p over virtio, `cache=none` so a write on either side shows at once on the
+/// other, a large msize for throughput.
+fn share_mounts_script() -> String {
+    format!(
+        "for a in $(cat /proc/cmdline); do
+  case $a in {param}=*:*)
+    v=${{a#{param}=}}; tag=${{v%%:*}}; p=${{v#*:}}; cache=none
+    case \" $(cat /proc/cmdline) \" in *\" {cached}=$tag \"*) cache=loose;; esac
+    mkdir -p \"$p\" && mount -t 9p -o trans=virtio,version=9p2000.L,msize={msize},cache=$cache,access=any \"$tag\" \"$p\" \\
+      && echo \"pcisim-init: share $tag mounted at $p\" || echo \"pcisim-init: mounting share $tag at $p failed\"
+  ;; esac
+done
+",
+        param = crate::qemu::SHARE_PARAM,
+        cached = crate::qemu::SHARE_CACHED_PARAM,
+        msize = crate::qemu::SHARE_MSIZE,
+    )
 }
 
 /// What goes into the initramfs.
@@ -536,6 +567,148 @@ pub struct InitramfsSpec {
     pub extra_modules: Vec<PathBuf>,
     /// The serial port of the agent, e.g. `/dev/ttyS1`.
     pub agent_port: String,
+    /// A Debian root to take the guest userland from ([`USERLAND_PROGRAMS`] with their shared
+    /// libraries and loader, and `pci.ids`); `None`: busybox only.
+    pub userland_root: Option<PathBuf>,
+}
+
+/// The Debian programs the guest gets beyond busybox (paths in the root and in the guest), for
+/// kernel work: bash for scripts, lspci/setpci (pciutils; busybox's lspci lacks `-vvv`, `-xxx`
+/// and names).
+pub const USERLAND_PROGRAMS: &[&str] = &["usr/bin/bash", "usr/bin/lspci", "usr/bin/setpci"];
+
+/// Data files copied with them (`lspci` reads its names from here).
+pub const USERLAND_DATA: &[&str] = &["usr/share/misc/pci.ids"];
+
+/// Where the guest's loader and libraries go (Debian's multiarch directory, which its loader
+/// searches without an `ld.so.cache`).
+const GUEST_LIBDIR: &str = "usr/lib/x86_64-linux-gnu";
+
+/// One file of the guest userland.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserlandFile {
+    /// Its path in the archive (relative).
+    pub guest: String,
+    /// Where it is read from on the host.
+    pub host: PathBuf,
+    /// Executable.
+    pub exec: bool,
+}
+
+/// The shared libraries `program` needs, resolved inside `root` by the root's own loader
+/// (`ld.so --list`, which does not run the program): `(soname, host path)` pairs, the loader
+/// itself included under its PT_INTERP path (`/lib64/ld-linux-x86-64.so.2`).
+pub fn resolve_libraries(root: &Path, program: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+    let loader = root.join("usr/lib64/ld-linux-x86-64.so.2");
+    let libpath = format!(
+        "{}:{}",
+        root.join("usr/lib/x86_64-linux-gnu").display(),
+        root.join("lib/x86_64-linux-gnu").display()
+    );
+    let out = Command::new(&loader)
+        .arg("--library-path")
+        .arg(&libpath)
+        .arg("--list")
+        .arg(program)
+        .output()
+        .map_err(|e| format!("{} --list {}: {e}", loader.display(), program.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} --list {}: {} {}",
+            loader.display(),
+            program.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    parse_ld_list(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Parses `ld.so --list` output (`libc.so.6 => /path/libc.so.6 (0x...)`; the vdso has no
+/// `=>`); "not found" is an error.
+pub fn parse_ld_list(text: &str) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        let Some((name, rest)) = line.split_once("=>") else {
+            continue;
+        };
+        let name = name.trim();
+        let path = rest.trim().split(" (").next().unwrap_or("").trim();
+        if path.is_empty() || path == "not found" {
+            return Err(format!("{name}: not found"));
+        }
+        libs.push((name.to_string(), PathBuf::from(path)));
+    }
+    Ok(libs)
+}
+
+/// The guest userland files from `root`: each of [`USERLAND_PROGRAMS`] that the root has (a
+/// missing one is logged and left out: run the provisioning again), its libraries in
+/// [`GUEST_LIBDIR`], the loader at its PT_INTERP path, and [`USERLAND_DATA`].
+pub fn userland_files(root: &Path) -> Vec<UserlandFile> {
+    let mut files: Vec<UserlandFile> = Vec::new();
+    let add = |files: &mut Vec<UserlandFile>, f: UserlandFile| {
+        if !files.iter().any(|x| x.guest == f.guest) {
+            files.push(f);
+        }
+    };
+    for prog in USERLAND_PROGRAMS {
+        let host = root.join(prog);
+        if !host.is_file() {
+            warn!(
+                "initramfs: {} is missing (qemu-scripts/provision.sh installs it): the guest has no {}",
+                host.display(),
+                prog.rsplit('/').next().unwrap_or(prog)
+            );
+            continue;
+        }
+        let libs = match resolve_libraries(root, &host) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("initramfs: leaving out {prog}: {e}");
+                continue;
+            }
+        };
+        add(
+            &mut files,
+            UserlandFile {
+                guest: prog.to_string(),
+                host,
+                exec: true,
+            },
+        );
+        for (name, path) in libs {
+            let guest = if name.starts_with('/') {
+                name.trim_start_matches('/').to_string()
+            } else {
+                format!("{GUEST_LIBDIR}/{name}")
+            };
+            add(
+                &mut files,
+                UserlandFile {
+                    guest,
+                    host: path,
+                    exec: true,
+                },
+            );
+        }
+    }
+    for data in USERLAND_DATA {
+        let host = root.join(data);
+        if host.is_file() {
+            add(
+                &mut files,
+                UserlandFile {
+                    guest: data.to_string(),
+                    host,
+                    exec: false,
+                },
+            );
+        } else {
+            warn!("initramfs: {} is missing", host.display());
+        }
+    }
+    files
 }
 
 /// What [`build`] produced.
@@ -582,6 +755,16 @@ pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<Initramfs, InitramfsErr
     let extra_names: Vec<&str> = extras.iter().map(|e| e.name.as_str()).collect();
     // /init loads the boot modules and what our own modules depend on (not those themselves).
     let mut roots: Vec<&str> = spec.modules.iter().map(String::as_str).collect();
+    for m in SHARE_MODULES {
+        if deps.has(m) {
+            roots.push(m);
+        } else {
+            warn!(
+                "initramfs: kernel {} has no module {m}: --share will not work",
+                spec.kver
+            );
+        }
+    }
     for e in &extras {
         roots.extend(
             e.depends
@@ -614,8 +797,29 @@ pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<Initramfs, InitramfsErr
         .map_err(member)?;
     cpio.add_file("bin/busybox", 0o755, &busybox)
         .map_err(member)?;
+    // The Debian userland first: a busybox applet of the same name (bash, lspci) is left out, so
+    // PATH finds the real one.
+    let userland = spec
+        .userland_root
+        .as_deref()
+        .map(userland_files)
+        .unwrap_or_default();
+    let mut taken: HashSet<String> = HashSet::new();
+    for f in &userland {
+        let data = fs::read(&f.host).map_err(io_err("Cannot read", &f.host))?;
+        cpio.add_file(&f.guest, if f.exec { 0o755 } else { 0o644 }, &data)
+            .map_err(member)?;
+        if f.exec && USERLAND_PROGRAMS.contains(&f.guest.as_str()) {
+            taken.insert(f.guest.rsplit('/').next().unwrap_or("").to_string());
+        }
+    }
+    if taken.contains("bash") && !cpio.contains("bin/bash") {
+        cpio.add_symlink("bin/bash", "/usr/bin/bash")
+            .map_err(member)?;
+    }
     for applet in &applets {
-        if cpio.contains(applet) {
+        let base = applet.rsplit('/').next().unwrap_or(applet);
+        if cpio.contains(applet) || taken.contains(base) {
             continue;
         }
         if let Err(e) = cpio.add_symlink(applet, "/bin/busybox") {
@@ -1034,5 +1238,59 @@ kernel/drivers/net/dummy.ko.xz:
             Err(InitramfsError::UnsupportedCompression(_))
         ));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_parse_ld_list() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibtinfo.so.6 => /r/usr/lib/x86_64-linux-gnu/libtinfo.so.6 (0x1)\n\t/lib64/ld-linux-x86-64.so.2 => /r/usr/lib64/ld-linux-x86-64.so.2 (0x2)\n";
+        assert_eq!(
+            parse_ld_list(text).unwrap(),
+            vec![
+                (
+                    "libtinfo.so.6".to_string(),
+                    PathBuf::from("/r/usr/lib/x86_64-linux-gnu/libtinfo.so.6")
+                ),
+                (
+                    "/lib64/ld-linux-x86-64.so.2".to_string(),
+                    PathBuf::from("/r/usr/lib64/ld-linux-x86-64.so.2")
+                ),
+            ]
+        );
+        assert!(parse_ld_list("\tlibx.so.1 => not found\n")
+            .unwrap_err()
+            .contains("libx.so.1"));
+    }
+
+    /// With the host's own root (a Debian-like host has bash and the loader under /usr):
+    /// bash, its libraries in the multiarch dir and the loader at its PT_INTERP path.
+    #[test]
+    fn test_userland_files_resolve_bash_and_its_libraries() {
+        if !Path::new("/usr/lib64/ld-linux-x86-64.so.2").exists()
+            || !Path::new("/usr/bin/bash").exists()
+        {
+            panic!("this test needs a host with /usr/bin/bash and /usr/lib64/ld-linux-x86-64.so.2");
+        }
+        let files = userland_files(Path::new("/"));
+        let guest: Vec<&str> = files.iter().map(|f| f.guest.as_str()).collect();
+        assert!(guest.contains(&"usr/bin/bash"), "{guest:?}");
+        assert!(guest.contains(&"lib64/ld-linux-x86-64.so.2"), "{guest:?}");
+        assert!(
+            guest.contains(&"usr/lib/x86_64-linux-gnu/libc.so.6"),
+            "{guest:?}"
+        );
+        assert!(files.iter().all(|f| f.host.is_file()));
+    }
+
+    #[test]
+    fn test_init_mounts_shares_from_the_command_line() {
+        let s = init_script("6.12.0", &[], "/dev/ttyS1");
+        assert!(s.contains("pcisim.share=*:*)"), "{s}");
+        assert!(
+            s.contains("mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=$cache")
+        );
+        assert!(s.contains("cache=none\n"));
+        assert!(s.contains("*\" pcisim.share_cached=$tag \"*) cache=loose"));
+        // Before the agent starts (a scenario may use a share at once).
+        assert!(s.find("mount -t 9p").unwrap() < s.find("exec /bin/pcisim-guest").unwrap());
     }
 }

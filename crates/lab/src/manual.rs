@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::agent::{Agent, RunOutput};
+use crate::agent::{Agent, RunInput, RunOutput};
 use crate::error::LabError;
 use crate::profile::{DeviceKind, DeviceSlot, ProfileId, VmProfile};
-use crate::qemu::{HotplugMode, QemuConfig, DEFAULT_APPEND};
+use crate::qemu::{HotplugMode, QemuConfig, Share, VmOptions, DEFAULT_APPEND};
 use crate::qmp::{PciDeviceInfo, Qmp, QmpError};
 use crate::suite::{AGENT_PORT, BOOT_TIMEOUT, CONNECT_TIMEOUT, POWEROFF_TIMEOUT};
 use crate::{guest, initramfs, kmod, provision, server};
@@ -39,6 +39,9 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DELETE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The byte that leaves `console` (Ctrl-]).
 pub const CONSOLE_ESCAPE: u8 = 0x1d;
+/// Where the manual VM mounts its private transfer share (the state directory's `xfer/`), which
+/// `lab cp` copies through.
+pub const XFER_GUEST: &str = "/run/pcisim-xfer";
 
 /// Errors of the manual commands: each says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +179,12 @@ pub struct LabState {
     pub ports: Vec<StatePort>,
     /// ACPI or native.
     pub hotplug: String,
+    /// The user's `--share`s: (host dir, guest path).
+    #[serde(default)]
+    pub shares: Vec<(PathBuf, String)>,
+    /// The host side of the transfer share `lab cp` uses (guest: [`XFER_GUEST`]).
+    #[serde(default)]
+    pub xfer: Option<PathBuf>,
 }
 
 impl LabState {
@@ -412,6 +421,10 @@ pub struct UpOptions {
     pub profile: VmProfile,
     /// The guest kernel: a Debian series, a user's image or built tree.
     pub kernel: crate::kernel::KernelSource,
+    /// Extra `key=value` options for every GPU's device spec (`--device-opt`).
+    pub device_opts: Vec<String>,
+    /// `--memory`, `--smp`, `--append`, `--qemu-arg`, `--gdb`, `--share`.
+    pub vm: VmOptions,
 }
 
 /// `pcisim lab up`: starts the server and the VM, detached, and waits for the guest.
@@ -494,7 +507,7 @@ impl Started {
         print_state(&self.state, Some(&self.pci), out)?;
         writeln!(
             out,
-            "next: pcisim lab plug DEV [--slot N] | unplug DEV | exec -- CMD... | console | status | down"
+            "next: pcisim lab plug DEV [--slot N] | unplug DEV | exec -- CMD... | cp SRC vm:DST | console | status | down"
         )
         .and_then(|()| out.flush())
         .map_err(io_out)
@@ -546,6 +559,7 @@ fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
                 .collect(),
             extra_modules,
             agent_port: AGENT_PORT.into(),
+            userland_root: Some(env.kbuild_root.clone()),
         },
         &dir.join("initramfs.cpio"),
     )
@@ -553,7 +567,7 @@ fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
 
     let profile = &opts.profile;
     let layout = profile.layout(dir).map_err(lab)?;
-    let specs = profile.specs(&layout, &[]);
+    let specs = profile.specs(&layout, &opts.device_opts);
     let control = dir.join("control.sock");
     let mut cmd = Command::new(&opts.pcisim_exe);
     cmd.arg("serve");
@@ -603,6 +617,13 @@ fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
             HotplugMode::Acpi => "acpi".into(),
             HotplugMode::NativePciehp => "pciehp".into(),
         },
+        shares: opts
+            .vm
+            .shares
+            .iter()
+            .map(|s| (s.host.clone(), s.guest.clone()))
+            .collect(),
+        xfer: Some(dir.join("xfer")),
     };
     save_state(&state)?;
     let deadline = Instant::now() + server::START_TIMEOUT;
@@ -629,11 +650,20 @@ fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
         }
     }
 
+    // The private transfer share of `lab cp`, after the user's.
+    let xfer = dir.join("xfer");
+    fs::create_dir_all(&xfer).map_err(|e| msg(format!("cannot create {}: {e}", xfer.display())))?;
+    let mut extra = opts.vm.clone();
+    extra.shares.push(Share {
+        host: xfer,
+        guest: XFER_GUEST.into(),
+        cached: true,
+    });
     let config = QemuConfig {
         qemu: env.qemu.clone(),
         accel: env.accel.as_str().into(),
         cpu: env.cpu.clone(),
-        memory_mib: 1024,
+        memory_mib: profile.memory_mib,
         smp: 2,
         kernel: env.kernel.clone(),
         initrd: initrd.path.clone(),
@@ -649,6 +679,7 @@ fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
         hotplug: profile.hotplug,
         root_ports: layout.root_ports.clone(),
         devices: layout.devices.clone(),
+        extra,
     };
     // QEMU listens on the agent's socket (every command connects anew) and on a third serial
     // port's, the console shell's.
@@ -717,12 +748,7 @@ fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
         ))
     })?;
     let booted = boot.elapsed();
-    // The console shell on ttyS2 (respawned when it exits), in its own session so the agent's
-    // process-group cleanup leaves it alone.
-    let shell = format!(
-        "setsid /bin/busybox sh -c 'while :; do /bin/busybox getty -n -l /bin/sh 115200 {CONSOLE_PORT} vt100; \
-         sleep 1; done' </dev/null >/dev/null 2>&1 &"
-    );
+    let shell = console_shell_script();
     let r = guest_sh(&mut a, &shell, Duration::from_secs(10))?;
     if r.exit != Some(0) {
         crate::note!(
@@ -735,10 +761,12 @@ fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
     let pci = q.query_pci().map_err(lab)?;
 
     let headline = format!(
-        "lab VM up in {:.1} s (guest kernel {}, booted in {:.1} s, accel {}), profile {}",
+        "lab VM up in {:.1} s (guest kernel {}, booted in {:.1} s to the agent, initramfs {:.1} MiB, \
+         accel {}), profile {}",
         t0.elapsed().as_secs_f64(),
         ready.kernel,
         booted.as_secs_f64(),
+        initrd.size as f64 / (1024.0 * 1024.0),
         env.accel.as_str(),
         profile.name
     );
@@ -747,6 +775,22 @@ fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
         headline,
         pci,
     })
+}
+
+/// The guest script that keeps a shell on the console port: bash (else busybox sh) in its own
+/// session with ttyS2 as its controlling terminal (`setsid -c`: TIOCSCTTY on stdin), so job
+/// control works and Ctrl-C/Ctrl-Z reach the foreground process; respawned when it exits. The
+/// loop runs in its own session too, so the agent's process-group cleanup leaves it alone.
+///
+/// Not started with `&`: a non-interactive shell starts background commands with SIGINT and
+/// SIGQUIT ignored, which every shell and program below would inherit (Ctrl-C would do
+/// nothing). `exec setsid` from the process-group leader the agent made forks instead.
+pub fn console_shell_script() -> String {
+    format!(
+        "exec /bin/busybox setsid /bin/busybox sh -c 'sh=/bin/sh; [ -x /usr/bin/bash ] && sh=/usr/bin/bash; \
+         while :; do TERM=xterm /bin/busybox setsid -c $sh -l <>/dev/{CONSOLE_PORT} >&0 2>&1; \
+         sleep 1; done' </dev/null >/dev/null 2>&1"
+    )
 }
 
 fn io_out(e: io::Error) -> ManualError {
@@ -800,6 +844,12 @@ fn print_state(state: &LabState, pci: Option<&[PciDeviceInfo]>, out: &mut dyn Wr
         ),
     )?;
     w(out, format!("  hotplug     {}", state.hotplug))?;
+    for (host, guest) in &state.shares {
+        w(
+            out,
+            format!("  share       {} -> guest {guest}", host.display()),
+        )?;
+    }
     for d in &state.devices {
         let at = pci.and_then(|p| p.iter().find(|x| x.qdev_id == d.id));
         let where_ = match at {
@@ -1100,8 +1150,10 @@ pub fn unplug(dir: &Path, id: &str, force: bool, out: &mut dyn Write) -> Result<
     Ok(took)
 }
 
-/// `pcisim lab exec -- CMD...`: runs `argv` in the guest through the agent (`timeout`).
-pub fn exec(dir: &Path, argv: &[String], timeout: Duration) -> Result<RunOutput> {
+/// `pcisim lab exec -- CMD...`: runs `argv` in the guest through the agent (`timeout`), with
+/// `stdin` as its standard input (empty: end of file at once); its stdout comes back exactly
+/// ([`RunOutput::stdout_bytes`]).
+pub fn exec(dir: &Path, argv: &[String], stdin: &[u8], timeout: Duration) -> Result<RunOutput> {
     if argv.is_empty() {
         return Err(msg(
             "exec needs a command: pcisim lab exec -- CMD [ARGS...]",
@@ -1109,7 +1161,196 @@ pub fn exec(dir: &Path, argv: &[String], timeout: Duration) -> Result<RunOutput>
     }
     let r = running(dir)?;
     let mut a = agent(&r.state)?;
-    a.run(argv, timeout).map_err(lab)
+    // Beyond a few KiB the input goes through the transfer share (the serial link carries
+    // ~100 KB/s of base64).
+    match &r.state.xfer {
+        Some(xfer) if stdin.len() > EXEC_STDIN_INLINE => {
+            let name = unique_name("stdin");
+            let host = xfer.join(&name);
+            fs::write(&host, stdin)
+                .map_err(|e| msg(format!("cannot write {}: {e}", host.display())))?;
+            let guest = format!("{XFER_GUEST}/{name}");
+            let res = a.run_exact(argv, RunInput::GuestFile(&guest), timeout);
+            let _ = fs::remove_file(&host);
+            res.map_err(lab)
+        }
+        _ => a.run_binary(argv, stdin, timeout).map_err(lab),
+    }
+}
+
+/// A file name in the transfer share never used before (pid and time).
+fn unique_name(what: &str) -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(".{what}-{}-{}", std::process::id(), t.as_nanos())
+}
+
+/// The most stdin `exec` sends inline through the agent link.
+pub const EXEC_STDIN_INLINE: usize = 16 << 10;
+
+/// One side of `lab cp`: a host path or a guest path (`vm:PATH`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CpPath {
+    /// On the host.
+    Host(PathBuf),
+    /// In the guest (`vm:PATH`).
+    Guest(String),
+}
+
+impl CpPath {
+    /// `vm:PATH` is the guest's; anything else the host's.
+    pub fn parse(arg: &str) -> CpPath {
+        match arg.strip_prefix("vm:") {
+            Some(p) => CpPath::Guest(p.to_string()),
+            None => CpPath::Host(PathBuf::from(arg)),
+        }
+    }
+}
+
+/// What `cp` did.
+#[derive(Debug, Clone)]
+pub struct Copied {
+    /// Bytes copied.
+    pub bytes: u64,
+    /// How long it took (from the first byte read to the last written, both sides).
+    pub took: Duration,
+    /// Where it went (the final path).
+    pub to: String,
+}
+
+/// How long the guest side of a copy may take.
+pub const CP_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `pcisim lab cp SRC DST`: copies one file between host and guest (exactly one side `vm:`),
+/// through the VM's transfer share (9p, [`XFER_GUEST`]): the host writes or reads the state
+/// directory's `xfer/`, the guest copies between it and the destination. A destination that is
+/// a directory gets the source's file name.
+pub fn cp(dir: &Path, src: &str, dst: &str, out: &mut dyn Write) -> Result<Copied> {
+    let (src, dst) = (CpPath::parse(src), CpPath::parse(dst));
+    let r = running(dir)?;
+    let xfer = r.state.xfer.clone().ok_or_else(|| {
+        msg("this VM was started without a transfer share (an older pcisim): `lab down` and `lab up` again")
+    })?;
+    // Unique names: the transfer share is mounted with the guest's cache (never a stale page).
+    let tmp_name = unique_name("cp");
+    let host_tmp = xfer.join(&tmp_name);
+    let guest_tmp = format!("{XFER_GUEST}/{tmp_name}");
+    let t = Instant::now();
+    let res = match (&src, &dst) {
+        (CpPath::Host(h), CpPath::Guest(g)) => {
+            let name = h
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| msg(format!("{}: not a file name", h.display())))?;
+            let bytes = fs::copy(h, &host_tmp)
+                .map_err(|e| msg(format!("cannot read {}: {e}", h.display())))?;
+            let mode = {
+                use std::os::unix::fs::PermissionsExt;
+                fs::metadata(h)
+                    .map(|m| m.permissions().mode())
+                    .unwrap_or(0o644)
+            };
+            let mut a = agent(&r.state)?;
+            let o = a
+                .run(
+                    &[
+                        "/bin/busybox".into(),
+                        "sh".into(),
+                        "-c".into(),
+                        // dd with large blocks (busybox cp's 4 KiB reads would each be a 9p
+                        // round trip), four at once on quarters of the file (about 1.5x the
+                        // rate of one), then the size checked.
+                        "d=$2; [ -d \"$d\" ] && d=${d%/}/$3; rm -f /tmp/.pcisim-cp.err; : >\"$d\" || exit 1; \
+                         c=$((($5 + 4194303) / 4194304)); pids=; \
+                         for k in 0 1 2 3; do dd if=\"$1\" of=\"$d\" bs=1M skip=$((k*c)) \
+                         seek=$((k*c)) count=$c conv=notrunc 2>>/tmp/.pcisim-cp.err & pids=\"$pids $!\"; done; \
+                         for p in $pids; do wait $p || { cat /tmp/.pcisim-cp.err >&2; exit 1; }; done; \
+                         s=$(stat -c %s \"$d\"); [ \"$s\" = \"$5\" ] \
+                         || { echo \"$d has $s bytes, not $5\" >&2; exit 1; }; \
+                         rm -f /tmp/.pcisim-cp.err; chmod \"$4\" \"$d\" && echo \"$d\""
+                            .into(),
+                        "cp".into(),
+                        guest_tmp.clone(),
+                        g.clone(),
+                        name,
+                        format!("{:o}", mode & 0o7777),
+                        bytes.to_string(),
+                    ],
+                    CP_TIMEOUT,
+                )
+                .map_err(lab);
+            let _ = fs::remove_file(&host_tmp);
+            let o = o?;
+            if o.exit != Some(0) {
+                return Err(msg(format!(
+                    "copying into the guest's {g} failed: {}",
+                    o.stderr.trim()
+                )));
+            }
+            Ok((bytes, format!("vm:{}", o.stdout.trim())))
+        }
+        (CpPath::Guest(g), CpPath::Host(h)) => {
+            let mut a = agent(&r.state)?;
+            let o = a
+                .run(
+                    &[
+                        "/bin/busybox".into(),
+                        "sh".into(),
+                        "-c".into(),
+                        "dd if=\"$1\" of=\"$2\" bs=4M conv=fsync 2>/tmp/.pcisim-cp.err && stat -c %a \"$1\" \
+                         || { cat /tmp/.pcisim-cp.err >&2; exit 1; }"
+                            .into(),
+                        "cp".into(),
+                        g.clone(),
+                        guest_tmp.clone(),
+                    ],
+                    CP_TIMEOUT,
+                )
+                .map_err(lab)?;
+            if o.exit != Some(0) {
+                let _ = fs::remove_file(&host_tmp);
+                return Err(msg(format!(
+                    "reading the guest's {g} failed: {}",
+                    o.stderr.trim()
+                )));
+            }
+            let mut to = h.clone();
+            if to.is_dir() {
+                let name = Path::new(g)
+                    .file_name()
+                    .ok_or_else(|| msg(format!("vm:{g}: not a file name")))?;
+                to = to.join(name);
+            }
+            let bytes = fs::metadata(&host_tmp)
+                .map_err(|e| msg(format!("{}: {e}", host_tmp.display())))?
+                .len();
+            if let Ok(mode) = u32::from_str_radix(o.stdout.trim(), 8) {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = fs::set_permissions(&host_tmp, fs::Permissions::from_mode(mode));
+            }
+            // A rename where it can, else a copy (another file system).
+            let moved =
+                fs::rename(&host_tmp, &to).or_else(|_| fs::copy(&host_tmp, &to).map(|_| ()));
+            let _ = fs::remove_file(&host_tmp);
+            moved.map_err(|e| msg(format!("cannot write {}: {e}", to.display())))?;
+            Ok((bytes, to.display().to_string()))
+        }
+        _ => Err(msg(
+            "cp copies between host and guest: exactly one of SRC and DST is `vm:PATH` \
+             (e.g. pcisim lab cp ./a.out vm:/tmp/ or pcisim lab cp vm:/tmp/log .)",
+        )),
+    };
+    let (bytes, to) = res?;
+    let took = t.elapsed();
+    writeln!(
+        out,
+        "copied {bytes} bytes to {to} in {:.2} s ({:.1} MB/s)",
+        took.as_secs_f64(),
+        bytes as f64 / 1e6 / took.as_secs_f64().max(1e-6)
+    )
+    .map_err(io_out)?;
+    Ok(Copied { bytes, took, to })
 }
 
 /// Restores the terminal's mode when dropped.
@@ -1146,9 +1387,57 @@ impl Drop for RawMode {
     }
 }
 
-/// `pcisim lab console`: attaches stdin/stdout to the guest shell on ttyS2 (raw mode on a
-/// terminal; Ctrl-] leaves). Without a terminal, stdin is sent as is and the session ends when
-/// stdin ends (after a short drain of the output).
+/// The terminal size of `fd` (rows, cols), if it is a terminal.
+pub fn window_size(fd: i32) -> Option<(u16, u16)> {
+    // SAFETY: TIOCGWINSZ fills a winsize we own; a non-terminal fd gets an error.
+    unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        (libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_row > 0 && ws.ws_col > 0)
+            .then_some((ws.ws_row, ws.ws_col))
+    }
+}
+
+/// Holds `console.lock` (flock) while a console is attached, so a second attach is refused.
+struct ConsoleLock {
+    _file: File,
+}
+
+impl ConsoleLock {
+    fn take(dir: &Path) -> Result<ConsoleLock> {
+        let path = dir.join("console.lock");
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| msg(format!("cannot open {}: {e}", path.display())))?;
+        // SAFETY: flock on a descriptor we own; no memory effects.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut who = String::new();
+            let _ = f.read_to_string(&mut who);
+            return Err(msg(format!(
+                "the console of this VM is already attached (pcisim pid {}): one attach at a \
+                 time; leave that one with Ctrl-] (or use `pcisim lab exec`)",
+                who.trim()
+            )));
+        }
+        let _ = f.set_len(0);
+        let _ = write!(f, "{}", std::process::id());
+        Ok(ConsoleLock { _file: f })
+    }
+}
+
+/// How long piped input's output is still read once the session's output has gone quiet.
+const CONSOLE_IDLE: Duration = Duration::from_millis(1500);
+/// The longest a piped session keeps reading after its input ended.
+const CONSOLE_DRAIN_MAX: Duration = Duration::from_secs(60);
+
+/// `pcisim lab console`: attaches stdin/stdout to the guest shell on ttyS2, its controlling
+/// terminal (job control: Ctrl-C, Ctrl-Z reach the guest's foreground process). On a terminal:
+/// raw mode, the guest terminal gets this one's size, Ctrl-] leaves. Piped input is sent as is;
+/// the session ends once the input has ended and the output has been quiet for a moment. One
+/// attach at a time.
 pub fn console(dir: &Path) -> Result<()> {
     let state = load_state(dir)?;
     if !alive(state.qemu_pid, &state.dir) {
@@ -1157,9 +1446,29 @@ pub fn console(dir: &Path) -> Result<()> {
             dir.display()
         )));
     }
+    let _attached = ConsoleLock::take(dir)?;
+    // The guest terminal's size: this terminal's (stty rows/cols on ttyS2 through the agent).
+    if let Some((rows, cols)) = window_size(0).or_else(|| window_size(1)) {
+        let _lock = Lock::take(dir)?;
+        let set = agent(&state).and_then(|mut a| {
+            guest_sh(
+                &mut a,
+                &format!("stty -F /dev/{CONSOLE_PORT} rows {rows} cols {cols}"),
+                Duration::from_secs(10),
+            )
+        });
+        match set {
+            Ok(o) if o.exit == Some(0) => {}
+            Ok(o) => crate::note!(
+                "warning: setting the guest terminal size: {}",
+                o.stderr.trim()
+            ),
+            Err(e) => crate::note!("warning: setting the guest terminal size: {e}"),
+        }
+    }
     let sock = UnixStream::connect(&state.console).map_err(|e| {
         msg(format!(
-            "cannot connect to the console {}: {e} (another `pcisim lab console` attached?)",
+            "cannot connect to the console {}: {e}",
             state.console.display()
         ))
     })?;
@@ -1168,6 +1477,8 @@ pub fn console(dir: &Path) -> Result<()> {
         crate::note!("attached to the guest shell ({CONSOLE_PORT}); Ctrl-] leaves\r");
     }
     let mut reader = sock.try_clone().map_err(|e| msg(e.to_string()))?;
+    let last_output = std::sync::Arc::new(std::sync::Mutex::new(Instant::now()));
+    let seen = std::sync::Arc::clone(&last_output);
     let pump = thread::spawn(move || {
         let mut buf = [0u8; 4096];
         let mut stdout = io::stdout();
@@ -1176,12 +1487,17 @@ pub fn console(dir: &Path) -> Result<()> {
                 break;
             }
             let _ = stdout.flush();
+            if let Ok(mut t) = seen.lock() {
+                *t = Instant::now();
+            }
         }
     });
     let mut writer = sock;
-    // A newline gets a fresh prompt.
-    let _ = writer.write_all(b"\n");
     let interactive = raw.is_some();
+    // A newline gets a fresh prompt on a terminal; piped input is sent exactly.
+    if interactive {
+        let _ = writer.write_all(b"\n");
+    }
     let mut stdin = io::stdin();
     let mut buf = [0u8; 1024];
     loop {
@@ -1201,8 +1517,18 @@ pub fn console(dir: &Path) -> Result<()> {
         }
     }
     if !interactive {
-        // Let the shell answer what was sent.
-        thread::sleep(Duration::from_millis(1500));
+        // Let the shell answer what was sent: until its output has been quiet for a moment.
+        let ended = Instant::now();
+        loop {
+            thread::sleep(Duration::from_millis(100));
+            let quiet = last_output
+                .lock()
+                .map(|t| t.elapsed() >= CONSOLE_IDLE)
+                .unwrap_or(true);
+            if (quiet && ended.elapsed() >= CONSOLE_IDLE) || ended.elapsed() >= CONSOLE_DRAIN_MAX {
+                break;
+            }
+        }
     }
     let _ = writer.shutdown(std::net::Shutdown::Both);
     let _ = pump.join();

@@ -178,7 +178,104 @@ pub struct QemuConfig {
     pub root_ports: Vec<RootPort>,
     /// vfio-user devices (those with `at_boot`), each on one of `root_ports`.
     pub devices: Vec<VfioUserDevice>,
+    /// What the user added (`--share`, `--memory`, `--smp`, `--append`, `--qemu-arg`, `--gdb`).
+    pub extra: VmOptions,
 }
+
+/// A host directory shared into the guest read-write over virtio-9p (`--share HOST[:GUEST]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    /// The host directory (absolute).
+    pub host: PathBuf,
+    /// Where the guest mounts it (absolute; by default the host path).
+    pub guest: String,
+    /// Mount with the guest's page cache (`cache=loose`: about twice as fast, but a host-side
+    /// change may not show in the guest): for the lab's own transfer share, whose files have
+    /// unique names and are written whole before they are read. User shares are `cache=none`.
+    pub cached: bool,
+}
+
+/// The 9p mount tag of the `index`-th share (QEMU limits tags to 31 bytes).
+pub fn share_tag(index: usize) -> String {
+    format!("pcisim{index}")
+}
+
+/// The kernel command line parameter naming where the guest's /init mounts each 9p share
+/// (`pcisim.share=TAG:GUEST_PATH`).
+pub const SHARE_PARAM: &str = "pcisim.share";
+
+/// The kernel command line parameter marking a share to mount with `cache=loose`
+/// (`pcisim.share_cached=TAG`).
+pub const SHARE_CACHED_PARAM: &str = "pcisim.share_cached";
+
+impl Share {
+    /// Parses `HOST_DIR[:GUEST_PATH]`: the host directory must exist (it is made absolute);
+    /// the guest path defaults to the host's absolute path (as virtme-ng does) and may not
+    /// contain whitespace, quotes or commas (it travels on the kernel command line).
+    pub fn parse(arg: &str) -> Result<Share, String> {
+        let (host, guest) = match arg.split_once(':') {
+            Some((h, g)) => (h, Some(g)),
+            None => (arg, None),
+        };
+        if host.is_empty() {
+            return Err(format!("--share {arg:?}: no host directory"));
+        }
+        let host = std::fs::canonicalize(host)
+            .map_err(|e| format!("--share {arg:?}: host directory {host}: {e}"))?;
+        if !host.is_dir() {
+            return Err(format!(
+                "--share {arg:?}: {} is not a directory",
+                host.display()
+            ));
+        }
+        let guest = match guest {
+            Some(g) => g.to_string(),
+            None => host
+                .to_str()
+                .ok_or_else(|| format!("--share {arg:?}: the host path is not UTF-8"))?
+                .to_string(),
+        };
+        if !guest.starts_with('/') {
+            return Err(format!(
+                "--share {arg:?}: the guest path {guest:?} must be absolute"
+            ));
+        }
+        if guest
+            .chars()
+            .any(|c| c.is_whitespace() || c == '"' || c == '\'' || c == ',')
+        {
+            return Err(format!(
+                "--share {arg:?}: the guest path {guest:?} may not contain whitespace, quotes or \
+                 commas (it is passed on the kernel command line); give one with GUEST_PATH"
+            ));
+        }
+        Ok(Share {
+            host,
+            guest,
+            cached: false,
+        })
+    }
+}
+
+/// The user's additions to a lab VM (`lab up` and `lab suite` flags). Default: nothing added.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmOptions {
+    /// `--memory MIB`: guest RAM instead of the profile's.
+    pub memory_mib: Option<u64>,
+    /// `--smp N`: vCPUs instead of 2.
+    pub smp: Option<u32>,
+    /// `--append TEXT`: added to the kernel command line (after the lab's own, so it wins).
+    pub append: Option<String>,
+    /// `--qemu-arg ARG` (repeatable): appended verbatim to QEMU's command line.
+    pub qemu_args: Vec<String>,
+    /// `--gdb[=PORT]`: QEMU's gdbstub on this TCP port (the guest runs; attach at any time).
+    pub gdb: Option<u16>,
+    /// `--share HOST[:GUEST]` (repeatable).
+    pub shares: Vec<Share>,
+}
+
+/// The msize of 9p mounts: large requests for throughput (the default 8 KiB is ~20x slower).
+pub const SHARE_MSIZE: u32 = 512_000;
 
 /// Escapes a value for QEMU's `key=value,...` option syntax (a comma is written twice).
 pub fn qemu_opt_escape(value: &str) -> String {
@@ -208,7 +305,19 @@ impl QemuConfig {
     pub fn args(&self) -> Result<Vec<OsString>, QemuError> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-        let mem = format!("{}M", self.memory_mib);
+        let x = &self.extra;
+        let mem = format!("{}M", x.memory_mib.unwrap_or(self.memory_mib));
+        let mut append = self.append.clone();
+        for (i, s) in x.shares.iter().enumerate() {
+            append.push_str(&format!(" {SHARE_PARAM}={}:{}", share_tag(i), s.guest));
+            if s.cached {
+                append.push_str(&format!(" {SHARE_CACHED_PARAM}={}", share_tag(i)));
+            }
+        }
+        if let Some(extra) = &x.append {
+            append.push(' ');
+            append.push_str(extra);
+        }
         push(&[
             "-machine",
             "q35,memory-backend=mem",
@@ -217,7 +326,7 @@ impl QemuConfig {
             "-m",
             &mem,
             "-smp",
-            &self.smp.to_string(),
+            &x.smp.unwrap_or(self.smp).to_string(),
             "-accel",
             &self.accel,
             "-cpu",
@@ -233,7 +342,7 @@ impl QemuConfig {
             "-initrd",
             utf8(&self.initrd)?,
             "-append",
-            &self.append,
+            &append,
             "-chardev",
             &format!(
                 "socket,id=agent,path={}",
@@ -264,6 +373,22 @@ impl QemuConfig {
         for dev in self.devices.iter().filter(|d| d.at_boot) {
             push(&["-device", &dev.json()?.to_string()]);
         }
+        for (i, s) in x.shares.iter().enumerate() {
+            let tag = share_tag(i);
+            push(&[
+                "-fsdev",
+                &format!(
+                    "local,id={tag},path={},security_model=none",
+                    qemu_opt_escape(utf8(&s.host)?)
+                ),
+                "-device",
+                &format!("virtio-9p-pci,fsdev={tag},mount_tag={tag}"),
+            ]);
+        }
+        if let Some(port) = x.gdb {
+            push(&["-gdb", &format!("tcp::{port}")]);
+        }
+        a.extend(x.qemu_args.iter().cloned());
         Ok(a.into_iter().map(OsString::from).collect())
     }
 
@@ -324,6 +449,7 @@ mod tests {
             hotplug: HotplugMode::Acpi,
             root_ports: vec![port(1)],
             devices: vec![device("gpu0", "rp1")],
+            extra: VmOptions::default(),
         }
     }
 
@@ -505,5 +631,59 @@ mod tests {
             value(&a, "-chardev"),
             "socket,id=agent,path=/run/a,,b/agent.sock"
         );
+    }
+
+    #[test]
+    fn test_vm_options_shares_gdb_qemu_args_memory() {
+        let mut c = config();
+        let tmp = std::env::temp_dir();
+        c.extra = VmOptions {
+            memory_mib: Some(3072),
+            smp: Some(4),
+            append: Some("dyndbg=+p".into()),
+            qemu_args: vec!["-d".into(), "guest_errors".into()],
+            gdb: Some(1234),
+            shares: vec![
+                Share::parse(tmp.to_str().unwrap()).unwrap(),
+                Share::parse(&format!("{}:/mnt/x", tmp.display())).unwrap(),
+            ],
+        };
+        let a = args(&c);
+        assert_eq!(value(&a, "-m"), "3072M");
+        assert_eq!(value(&a, "-smp"), "4");
+        let host = std::fs::canonicalize(&tmp).unwrap();
+        assert_eq!(
+            value(&a, "-append"),
+            format!(
+                "{DEFAULT_APPEND} pcisim.share=pcisim0:{} pcisim.share=pcisim1:/mnt/x dyndbg=+p",
+                host.display()
+            )
+        );
+        assert_eq!(
+            value(&a, "-fsdev"),
+            format!(
+                "local,id=pcisim0,path={},security_model=none",
+                host.display()
+            )
+        );
+        assert!(devices(&a).contains(&"virtio-9p-pci,fsdev=pcisim1,mount_tag=pcisim1"));
+        assert_eq!(value(&a, "-gdb"), "tcp::1234");
+        assert_eq!(&a[a.len() - 2..], ["-d", "guest_errors"]);
+    }
+
+    #[test]
+    fn test_share_parse_errors() {
+        assert!(Share::parse("/nonexistent/dir")
+            .unwrap_err()
+            .contains("/nonexistent/dir"));
+        let tmp = std::env::temp_dir();
+        let t = tmp.to_str().unwrap();
+        assert!(Share::parse(&format!("{t}:rel"))
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(Share::parse(&format!("{t}:/a b"))
+            .unwrap_err()
+            .contains("whitespace"));
+        assert!(Share::parse(":/x").is_err());
     }
 }

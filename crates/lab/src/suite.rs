@@ -85,6 +85,8 @@ pub struct SuiteOptions {
     /// Accept skipped scenarios: the run succeeds if every scenario that ran passed (and at
     /// least one ran). Without it a skip makes the run fail with [`EXIT_NOT_ALL_RAN`].
     pub allow_skip: bool,
+    /// `--memory`, `--smp`, `--append`, `--qemu-arg`, `--gdb`, `--share` for every VM.
+    pub vm: crate::qemu::VmOptions,
 }
 
 impl SuiteOptions {
@@ -98,6 +100,7 @@ impl SuiteOptions {
             device_opts: Vec::new(),
             keep: false,
             allow_skip: false,
+            vm: Default::default(),
         }
     }
 }
@@ -673,6 +676,7 @@ fn run_in(
                 .collect(),
             extra_modules,
             agent_port: AGENT_PORT.into(),
+            userland_root: Some(env.kbuild_root.clone()),
         },
         &run.join("initramfs.cpio"),
     )?;
@@ -802,6 +806,7 @@ fn run_vm(
         hotplug: profile.hotplug,
         root_ports: layout.root_ports.clone(),
         devices: layout.devices.clone(),
+        extra: opts.vm.clone(),
     };
     match config.shell_line() {
         Ok(line) => save(dir.join("qemu-cmdline.sh"), &format!("{line}\n")),

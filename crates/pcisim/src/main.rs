@@ -149,6 +149,8 @@ enum LabCmd {
         /// Succeed even if scenarios were skipped (by default a skip makes the run exit 4).
         #[arg(long)]
         allow_skip: bool,
+        #[command(flatten)]
+        vm: VmArgs,
     },
     /// Whether this host's KVM can run the lab's guest: a sub-second kvm-ioctls probe (a
     /// long-mode vCPU running plain and VEX code). Prints the verdict and the reason; exits 0
@@ -168,6 +170,22 @@ enum LabCmd {
         #[command(flatten)]
         kernel: KernelArgs,
         /// State directory (default `$XDG_RUNTIME_DIR/pcisim-lab`, else `/tmp/pcisim-lab-UID`).
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+        /// Extra `key=value` options appended to every GPU's device spec (repeatable).
+        #[arg(long = "device-opt", value_name = "KEY=VALUE")]
+        device_opts: Vec<String>,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+    /// Copy a file between the host and the guest (`vm:PATH` is the guest's side), exactly,
+    /// through the VM's 9p transfer share.
+    Cp {
+        /// The source (`vm:PATH` for the guest's).
+        src: String,
+        /// The destination (`vm:PATH` for the guest's); a directory gets the source's name.
+        dst: String,
+        /// State directory of the VM.
         #[arg(long, value_name = "DIR")]
         state: Option<PathBuf>,
     },
@@ -193,11 +211,15 @@ enum LabCmd {
         #[arg(long, value_name = "DIR")]
         state: Option<PathBuf>,
     },
-    /// Run a command in the guest through the agent; its output and exit status are passed on.
+    /// Run a command in the guest through the agent; stdin (unless a terminal or -n) is its
+    /// input, its output and exit status are passed on.
     Exec {
         /// Seconds before the guest kills the command.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Do not forward stdin (the command reads end of file).
+        #[arg(short = 'n', long)]
+        no_stdin: bool,
         /// State directory of the VM.
         #[arg(long, value_name = "DIR")]
         state: Option<PathBuf>,
@@ -226,6 +248,52 @@ enum LabCmd {
         #[arg(long, value_name = "DIR")]
         state: Option<PathBuf>,
     },
+}
+
+/// What `lab up` and `lab suite` add to each VM.
+#[derive(Debug, clap::Args)]
+struct VmArgs {
+    /// Guest RAM in MiB (default: the profile's).
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u64>,
+    /// vCPUs (default 2).
+    #[arg(long, value_name = "N")]
+    smp: Option<u32>,
+    /// Appended to the guest kernel command line (e.g. `dyndbg="module vfio_pci +p"`).
+    #[arg(long, value_name = "TEXT")]
+    append: Option<String>,
+    /// One more argument for QEMU, verbatim (repeatable: `--qemu-arg=-d --qemu-arg=guest_errors`).
+    #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
+    qemu_args: Vec<String>,
+    /// QEMU's gdbstub on this TCP port (default 1234): `gdb vmlinux -ex 'target remote :1234'`.
+    #[arg(long, value_name = "PORT", num_args = 0..=1, require_equals = true,
+          default_missing_value = "1234")]
+    gdb: Option<u16>,
+    /// Mount a host directory read-write in the guest over virtio-9p, at GUEST_PATH (default:
+    /// the same absolute path as on the host). Repeatable.
+    #[arg(long = "share", value_name = "HOST_DIR[:GUEST_PATH]")]
+    shares: Vec<String>,
+}
+
+impl VmArgs {
+    fn options(self) -> Result<pcisim_lab::qemu::VmOptions> {
+        let shares = self
+            .shares
+            .iter()
+            .map(|s| pcisim_lab::qemu::Share::parse(s).map_err(anyhow::Error::msg))
+            .collect::<Result<Vec<_>>>()?;
+        if self.smp == Some(0) {
+            anyhow::bail!("--smp must be at least 1");
+        }
+        Ok(pcisim_lab::qemu::VmOptions {
+            memory_mib: self.memory,
+            smp: self.smp,
+            append: self.append,
+            qemu_args: self.qemu_args,
+            gdb: self.gdb,
+            shares,
+        })
+    }
 }
 
 fn main() {
@@ -309,6 +377,7 @@ fn run(cli: Cli) -> Result<i32> {
                 device_opts,
                 keep,
                 allow_skip,
+                vm,
             } => {
                 let opts = pcisim_lab::SuiteOptions {
                     pcisim_exe: std::env::current_exe().context("locating the pcisim binary")?,
@@ -317,6 +386,7 @@ fn run(cli: Cli) -> Result<i32> {
                     device_opts,
                     keep,
                     allow_skip,
+                    vm: vm.options()?,
                 };
                 let mut out = std::io::stdout();
                 let mut progress = std::io::stderr();
@@ -370,14 +440,21 @@ fn lab_manual(cmd: LabCmd) -> Result<i32> {
             profile,
             kernel,
             state,
+            device_opts,
+            vm,
         } => {
             let opts = manual::UpOptions {
                 pcisim_exe: std::env::current_exe().context("locating the pcisim binary")?,
                 dir: dir(state),
                 profile: manual::profile_by_name(&profile)?,
                 kernel: kernel.source()?,
+                device_opts,
+                vm: vm.options()?,
             };
             manual::up(&opts, &mut out)?;
+        }
+        LabCmd::Cp { src, dst, state } => {
+            manual::cp(&dir(state), &src, &dst, &mut out)?;
         }
         LabCmd::Plug { dev, slot, state } => {
             manual::plug(&dir(state), &dev, slot.as_deref(), &mut out)?;
@@ -387,13 +464,32 @@ fn lab_manual(cmd: LabCmd) -> Result<i32> {
         }
         LabCmd::Exec {
             timeout,
+            no_stdin,
             state,
             argv,
         } => {
-            let r = manual::exec(&dir(state), &argv, std::time::Duration::from_secs(timeout))?;
-            print_out(&r.stdout)?;
+            use std::io::{IsTerminal, Read, Write};
+            // Input from a pipe or file is forwarded (binary-safe); a terminal's is not (the
+            // command is not interactive: use `lab console`).
+            let mut input = Vec::new();
+            if !no_stdin && !std::io::stdin().is_terminal() {
+                std::io::stdin()
+                    .read_to_end(&mut input)
+                    .context("reading stdin")?;
+            }
+            let r = manual::exec(
+                &dir(state),
+                &argv,
+                &input,
+                std::time::Duration::from_secs(timeout),
+            )?;
             {
-                use std::io::Write;
+                let mut o = PipeSafe::stdout();
+                o.write_all(&r.stdout_bytes())
+                    .and_then(|()| o.flush())
+                    .context("writing to stdout")?;
+            }
+            {
                 // The command's own stderr: passed on if anybody reads it.
                 let mut err = std::io::stderr().lock();
                 let _ = err
