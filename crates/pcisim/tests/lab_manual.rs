@@ -560,13 +560,10 @@ fn test_shares_cp_exec_stdin_console_terminal_userland_flags() {
     assert!(o.status.success());
     let down_rate = cp_rate(&o);
     assert_eq!(host_sha256(&back), guest_sha);
+    // The rate is reported, not asserted (speed is a benchmark's job, never a timed test's:
+    // docs/lab.md has the measured figures); that `cp` reports a positive rate is asserted.
     println!("lab cp rates: host->guest {up_rate} MB/s, guest->host {down_rate} MB/s");
-    // At least 10 MB/s each way (12.5-30 and 14.6-37 MB/s measured on a loaded two-core
-    // machine).
-    assert!(
-        up_rate >= 10.0 && down_rate >= 10.0,
-        "{up_rate} {down_rate}"
-    );
+    assert!(up_rate > 0.0 && down_rate > 0.0, "{up_rate} {down_rate}");
     let o = lab(&dir, &["cp", "/etc/hostname", "/tmp/x"]);
     assert!(
         stderr(&o).contains("exactly one of SRC and DST"),
