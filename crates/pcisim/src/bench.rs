@@ -128,6 +128,12 @@ struct Dist {
     bimodal: Option<Modes>,
 }
 
+/// A figure's name, samples, floor name and floor samples, ready for [`line`].
+type NamedFigure = (&'static str, Vec<f64>, String, Vec<f64>);
+
+/// Per-window rates of the DMA map figures: (map/s, unmap/s, floor map/s, floor unmap/s).
+type MapRates = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+
 /// Where the two modes of a bimodal sample lie.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Modes {
@@ -1083,7 +1089,7 @@ impl NpuRig {
 /// half the range, swept in order: every translation evicts and walks) against hits, and hits
 /// in checking mode against hits. The samples of the four alternate, so a busy machine slows
 /// them alike. Returns (name, value, floor name, floor).
-fn npu_translate(runs: usize) -> Result<Vec<(&'static str, Vec<f64>, String, Vec<f64>)>> {
+fn npu_translate(runs: usize) -> Result<Vec<NamedFigure>> {
     use npu_layout::*;
     let atc = pcisim_devices::npu::NpuConfig::default().atc_entries;
     let k = (PER_SAMPLE / PAGES) as u32;
@@ -1336,8 +1342,7 @@ fn fd_echo(req_len: usize, reply_len: usize) -> Result<UnixStream> {
 /// Map `pages` 4 KiB pages one by one, then unmap them one by one, through a real server; and
 /// the same traffic through the echo floor. Returns per-window rates (map/s, unmap/s, floor
 /// map/s, floor unmap/s).
-#[allow(clippy::type_complexity)]
-fn dma_map_rates(dir: &Path, pages: u64) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>)> {
+fn dma_map_rates(dir: &Path, pages: u64) -> Result<MapRates> {
     let sock = start_server(dir, "dma-map", None)?;
     let mem = memfd(pages * 4096)?;
     let (maps, unmaps) = map_frames(pages);
