@@ -2,19 +2,24 @@
 //! (design.md §6). One line per figure:
 //!
 //! ```text
-//! NAME VALUE UNIT floor=FLOOR_NAME:VALUE UNIT ratio=VALUE/FLOOR
+//! NAME VALUE UNIT floor=FLOOR_NAME:VALUE UNIT ratio=VALUE/FLOOR [min=MIN p50=P50 p99=P99] [bimodal]
 //! ```
 //!
-//! Lines starting with `#` are comments (the machine, the parameters). docs/perf.md explains
-//! every figure and holds the numbers of a reference run.
+//! VALUE and the floor are medians of their samples; `min`/`p50`/`p99` describe the figure's
+//! samples in its unit (absent for a one-reading figure); `bimodal` marks a figure or floor
+//! whose samples fall into two separate modes, explained by a `# warning:` line after it.
+//! Lines starting with `#` are comments (the machine, the parameters, skipped figures and why,
+//! warnings). docs/perf.md explains every figure and holds the numbers of a reference run.
 //!
 //! - **Trapped region round trips** (`region_read_4b_rtt_*`, `region_write_4b_rtt_*`): a client
 //!   sends a 4-byte REGION_READ of the GPU's ID register (or a REGION_WRITE of SCRATCH0) to a
 //!   real server over its Unix socket and waits for the reply. The floor is a raw AF_UNIX
 //!   ping-pong that moves the same bytes between two threads doing nothing else. Both are
-//!   measured pinned (client and server on one core, as when a vCPU thread and the server share
-//!   a core) and unpinned (the scheduler's choice, where cross-core wake-ups dominate). Median
-//!   of all round trips.
+//!   measured pinned (`_pinned`: client, server and echo threads on one CPU, as when a vCPU
+//!   thread and the server share a core) and cross-core (`_cross_core`: the client on one CPU,
+//!   the server and the echo thread on another, so every round trip is two cross-CPU
+//!   wake-ups), the floor always placed exactly as its figure. With one usable CPU the
+//!   cross-core lines are skipped and a `#` line says so. Median of all round trips.
 //! - **REGION_WRITE_MULTI** (`region_write_multi_N`): N 4-byte register writes as one
 //!   REGION_WRITE_MULTI and its reply, against the same N writes as posted REGION_WRITEs
 //!   (`NO_REPLY`) followed by one REGION_READ that flushes them (what QEMU does without
@@ -37,9 +42,10 @@
 //!   then unmaps page by page the same way. The floor is the same traffic through a raw
 //!   AF_UNIX echo thread that only receives each message (and its fd), closes the fd and
 //!   replies with the same number of bytes: the cost of the socket round trip and of passing
-//!   the fd, which the server cannot avoid. Mappings per second (higher is better).
+//!   the fd, which the server cannot avoid. Mappings per second, the median over the
+//!   windows of 256 (higher is better).
 //! - **Server RSS** (`server_rss_64_gpus`): a `pcisim serve` with 64 GPUs (256 MiB of VRAM
-//!   each, never touched) against one with a single GPU.
+//!   each, never touched) against one with a single GPU. One reading: no distribution.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -110,14 +116,153 @@ impl Scale {
     }
 }
 
-/// One figure: `name value unit floor=floor_name:floor unit ratio=value/floor`.
-fn line(name: &str, value: f64, unit: &str, floor_name: &str, floor: f64) -> Result<()> {
-    say(format_args!(
+/// The distribution of a figure's samples, in the figure's unit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Dist {
+    /// Number of samples.
+    n: usize,
+    min: f64,
+    p50: f64,
+    p99: f64,
+    /// Two well-separated modes (see [`bimodal`]).
+    bimodal: Option<Modes>,
+}
+
+/// A figure's name, samples, floor name and floor samples, ready for [`line`].
+type NamedFigure = (&'static str, Vec<f64>, String, Vec<f64>);
+
+/// Per-window rates of the DMA map figures: (map/s, unmap/s, floor map/s, floor unmap/s).
+type MapRates = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// Where the two modes of a bimodal sample lie.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Modes {
+    /// Median of the lower mode, of the upper mode.
+    low: f64,
+    high: f64,
+    /// Share of the samples in the upper mode.
+    high_share: f64,
+}
+
+/// Samples below this count get no bimodality test (too few to tell a valley from noise).
+const BIMODAL_MIN_SAMPLES: usize = 20;
+
+/// `p`-quantile (0..=1) of sorted `v` (nearest rank).
+fn quantile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// The distribution of `samples` (positive, any order); None if there are none.
+fn dist(samples: &[f64]) -> Option<Dist> {
+    let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable_by(f64::total_cmp);
+    Some(Dist {
+        n: v.len(),
+        min: v[0],
+        p50: v[v.len() / 2],
+        p99: quantile(&v, 0.99),
+        bimodal: bimodal(&v),
+    })
+}
+
+/// Whether sorted positive samples fall into two well-separated modes.
+///
+/// Otsu's split on the logarithms (latencies and rates spread multiplicatively): the split
+/// point that maximises the between-class variance, and its effectiveness
+/// η = between-class variance / total variance. One normal mode gives η = 2/π ≈ 0.64, a
+/// uniform spread 0.75, two equal normal modes 4 standard deviations apart 0.80 (their
+/// mixture has a clear valley from 2 apart), two point masses 1. The sample is bimodal when
+/// η ≥ 0.8, both classes hold at least 10 % of the samples (a tail of outliers is not a mode)
+/// and the classes' medians differ by at least 1.5× (a tight unimodal sample split in two is
+/// not bimodal, however clean the split). Needs [`BIMODAL_MIN_SAMPLES`].
+fn bimodal(sorted: &[f64]) -> Option<Modes> {
+    let n = sorted.len();
+    if n < BIMODAL_MIN_SAMPLES || sorted[0] <= 0.0 {
+        return None;
+    }
+    let logs: Vec<f64> = sorted.iter().map(|x| x.ln()).collect();
+    let total: f64 = logs.iter().sum();
+    let mean = total / n as f64;
+    let var: f64 = logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / n as f64;
+    if var <= 0.0 {
+        return None;
+    }
+    // Split before index k: classes logs[..k] and logs[k..].
+    let (lo_k, hi_k) = (n.div_ceil(10), n - n.div_ceil(10));
+    let mut prefix = 0.0;
+    let mut best = (0.0, 0usize);
+    for (k, l) in logs.iter().enumerate().take(hi_k + 1) {
+        if k >= lo_k {
+            let (w0, w1) = (k as f64 / n as f64, (n - k) as f64 / n as f64);
+            let (m0, m1) = (prefix / k as f64, (total - prefix) / (n - k) as f64);
+            let between = w0 * w1 * (m0 - m1).powi(2);
+            if between > best.0 {
+                best = (between, k);
+            }
+        }
+        prefix += l;
+    }
+    let (between, k) = best;
+    if k == 0 || between / var < 0.8 {
+        return None;
+    }
+    let (low, high) = (sorted[k / 2], sorted[k + (n - k) / 2]);
+    (high >= 1.5 * low).then_some(Modes {
+        low,
+        high,
+        high_share: (n - k) as f64 / n as f64,
+    })
+}
+
+/// One figure: `name value unit floor=floor_name:floor unit ratio=value/floor`, then the
+/// figure's `min= p50= p99=` (in its unit) when it has samples, and `bimodal` when the
+/// figure's or the floor's samples are; a `#` warning line says which. `value` and `floor`
+/// are the medians of their samples.
+fn line(name: &str, samples: &[f64], unit: &str, floor_name: &str, floor: &[f64]) -> Result<()> {
+    let (Some(d), Some(f)) = (dist(samples), dist(floor)) else {
+        bail!("{name}: no samples");
+    };
+    let mut text = format!(
         "{name} {} {unit} floor={floor_name}:{}{unit} ratio={:.2}",
-        sig4(value),
-        sig4(floor),
-        value / floor.max(f64::MIN_POSITIVE),
-    ))
+        sig4(d.p50),
+        sig4(f.p50),
+        d.p50 / f.p50.max(f64::MIN_POSITIVE),
+    );
+    if d.n > 1 {
+        text += &format!(
+            " min={} p50={} p99={}",
+            sig4(d.min),
+            sig4(d.p50),
+            sig4(d.p99)
+        );
+    }
+    let warnings: Vec<String> = [(name, &d), (floor_name, &f)]
+        .into_iter()
+        .filter_map(|(who, x)| {
+            x.bimodal.map(|m| {
+                format!(
+                    "# warning: {name}: the samples of {who} are bimodal: {} of {} near {} {unit}, \
+                     the rest near {} {unit}; its median stands for neither",
+                    format_args!("{:.0}%", m.high_share * 100.0),
+                    x.n,
+                    sig4(m.high),
+                    sig4(m.low),
+                )
+            })
+        })
+        .collect();
+    if !warnings.is_empty() {
+        text += " bimodal";
+    }
+    say(format_args!("{text}"))?;
+    for w in warnings {
+        say(format_args!("{w}"))?;
+    }
+    Ok(())
 }
 
 /// Writes one line of the report to stdout. A failed write (typically the reader went away:
@@ -153,33 +298,103 @@ fn sig4(v: f64) -> String {
     format!("{v:.decimals$}")
 }
 
-/// Pin the calling thread to `cpu` (no-op if the call fails: the figure is then unpinned).
-fn pin(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write inside it; sched_setaffinity reads
-    // it for the calling thread (pid 0) only.
+/// The CPUs this process may run on (its affinity mask when the bench started), in order.
+fn allowed_cpus() -> Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size into it for
+    // the calling thread (pid 0); CPU_ISSET reads inside it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
+        }
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect())
     }
 }
 
-fn unpin() {
-    // SAFETY: as in `pin`, for the full CPU set.
-    unsafe {
+/// Restrict the calling thread to `cpus`. A failure is an error: a figure that says where it
+/// ran must have run there.
+fn set_affinity(cpus: &[usize]) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write inside it (CPU_SET ignores
+    // numbers past CPU_SETSIZE); sched_setaffinity reads it for the calling thread (pid 0).
+    let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_ZERO(&mut set);
-        for c in 0..libc::CPU_SETSIZE as usize {
+        for &c in cpus {
             libc::CPU_SET(c, &mut set);
         }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("pinning a bench thread to CPUs {cpus:?}"));
+    }
+    Ok(())
+}
+
+/// Where the threads of a round-trip figure run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// Client, server and echo threads on one CPU (a vCPU thread and the server sharing a
+    /// core): every round trip is two context switches on that CPU.
+    SameCore(usize),
+    /// The client on one CPU, the server (and the floor's echo thread) on another: every
+    /// round trip is two cross-CPU wake-ups.
+    CrossCore { client: usize, server: usize },
+}
+
+impl Placement {
+    fn client(self) -> usize {
+        match self {
+            Placement::SameCore(c) => c,
+            Placement::CrossCore { client, .. } => client,
+        }
+    }
+
+    fn server(self) -> usize {
+        match self {
+            Placement::SameCore(c) => c,
+            Placement::CrossCore { server, .. } => server,
+        }
+    }
+
+    /// The figure names' suffix.
+    fn tag(self) -> &'static str {
+        match self {
+            Placement::SameCore(_) => "pinned",
+            Placement::CrossCore { .. } => "cross_core",
+        }
     }
 }
 
-fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
-    v.sort_unstable_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    v[v.len() / 2]
+/// The placements of the round-trip figures given the CPUs the bench may use: same-core on
+/// the first, cross-core on the first two — or, with one CPU, why there is no cross-core
+/// figure.
+fn placements(cpus: &[usize]) -> (Vec<Placement>, Option<String>) {
+    match cpus {
+        [] => (
+            Vec::new(),
+            Some("no CPU in the affinity mask: no round-trip figure".into()),
+        ),
+        [only] => (
+            vec![Placement::SameCore(*only)],
+            Some(format!(
+                "cross-core figures skipped: the bench may run on one CPU only ({only}); \
+                 run it where two are allowed"
+            )),
+        ),
+        [a, b, ..] => (
+            vec![
+                Placement::SameCore(*a),
+                Placement::CrossCore {
+                    client: *a,
+                    server: *b,
+                },
+            ],
+            None,
+        ),
+    }
 }
 
 // ---- vfio-user frames ------------------------------------------------------------------------
@@ -269,8 +484,24 @@ impl Client {
     }
 }
 
-/// A GPU served by a real server on a thread of this process; `pinned`: that thread on CPU 0.
-fn start_server(dir: &Path, name: &str, pinned: bool) -> Result<PathBuf> {
+/// Spawn `body` on a thread restricted to `cpu` (if given) and wait until it is: a thread
+/// that could not be pinned is an error, not a silently unpinned figure.
+fn spawn_on(cpu: Option<usize>, body: impl FnOnce() + Send + 'static) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let pinned = cpu.map_or(Ok(()), |c| set_affinity(&[c]));
+        let ok = pinned.is_ok();
+        let _ = tx.send(pinned);
+        if ok {
+            body();
+        }
+    });
+    rx.recv()
+        .map_err(|_| anyhow!("a bench thread died before it started"))?
+}
+
+/// A GPU served by a real server on a thread of this process, on `cpu` if given.
+fn start_server(dir: &Path, name: &str, cpu: Option<usize>) -> Result<PathBuf> {
     let sock = dir.join(format!("{name}.sock"));
     let spec = crate::spec::parse(&format!("gpu:socket={},vram=16M", sock.display()), 0)?;
     let built = crate::devices::build(&spec)?;
@@ -282,24 +513,19 @@ fn start_server(dir: &Path, name: &str, pinned: bool) -> Result<PathBuf> {
             ..Default::default()
         },
     )?;
-    std::thread::spawn(move || {
-        if pinned {
-            pin(0);
-        }
+    spawn_on(cpu, move || {
         let _ = server.run();
-    });
+    })?;
     Ok(sock)
 }
 
 // ---- round trips -----------------------------------------------------------------------------
 
-/// The floor's echo thread: answers every `req_len`-byte message with `reply_len` bytes.
-fn echo_pair(pinned: bool, req_len: usize, reply_len: usize) -> Result<UnixStream> {
+/// The floor's echo thread (on `cpu` if given): answers every `req_len`-byte message with
+/// `reply_len` bytes.
+fn echo_pair(cpu: Option<usize>, req_len: usize, reply_len: usize) -> Result<UnixStream> {
     let (a, mut b) = UnixStream::pair()?;
-    std::thread::spawn(move || {
-        if pinned {
-            pin(0);
-        }
+    spawn_on(cpu, move || {
         let mut req = vec![0u8; req_len];
         let reply = vec![0u8; reply_len];
         while b.read_exact(&mut req).is_ok() {
@@ -307,64 +533,66 @@ fn echo_pair(pinned: bool, req_len: usize, reply_len: usize) -> Result<UnixStrea
                 break;
             }
         }
-    });
+    })?;
     Ok(a)
 }
 
 /// Send `req`, read a `reply.len()`-byte reply; nanoseconds.
-fn round_trip(s: &mut UnixStream, req: &[u8], reply: &mut [u8]) -> Result<u64> {
+fn round_trip(s: &mut UnixStream, req: &[u8], reply: &mut [u8]) -> Result<f64> {
     let t = Instant::now();
     s.write_all(req)?;
     s.read_exact(reply)?;
-    Ok(t.elapsed().as_nanos() as u64)
+    Ok(t.elapsed().as_nanos() as f64)
 }
 
 /// Round trips of `req` through a real server serving the GPU (replies of `reply_len`) and
 /// through a raw AF_UNIX echo of the same sizes, in alternating blocks (so both see the same
-/// machine load). Returns (server, floor) medians in ns.
+/// machine load), client, server and echo threads placed by `at` (the floor exactly as the
+/// figure). Returns (server, floor) samples in ns.
 fn server_rtt(
     dir: &Path,
     iters: usize,
-    pinned: bool,
+    at: Placement,
     req: &[u8],
     reply_len: usize,
-) -> Result<(u64, u64)> {
-    let name = format!("rtt-{pinned}-{}", req.len());
-    let sock = start_server(dir, &name, pinned)?;
-    let mut floor = echo_pair(pinned, req.len(), reply_len)?;
-    if pinned {
-        pin(0);
-    }
-    let mut c = Client::connect(&sock)?;
-    c.memory_space_on()?;
-    let mut reply = vec![0u8; reply_len];
-    // Warm up both (first accesses, allocator, wake-up paths).
-    for _ in 0..iters / 10 + 1 {
-        round_trip(&mut c.s, req, &mut reply)?;
-        round_trip(&mut floor, req, &mut reply)?;
-    }
-    let (mut srv, mut raw) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
-    const BLOCK: usize = 500;
-    let mut done = 0;
-    while done < iters {
-        let n = BLOCK.min(iters - done);
-        for _ in 0..n {
-            srv.push(round_trip(&mut c.s, req, &mut reply)?);
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let name = format!("rtt-{}-{}", at.tag(), req.len());
+    let sock = start_server(dir, &name, Some(at.server()))?;
+    let mut floor = echo_pair(Some(at.server()), req.len(), reply_len)?;
+    let restore = allowed_cpus()?;
+    set_affinity(&[at.client()])?;
+    let result = (|| -> Result<(Vec<f64>, Vec<f64>)> {
+        let mut c = Client::connect(&sock)?;
+        c.memory_space_on()?;
+        let mut reply = vec![0u8; reply_len];
+        // Warm up both (first accesses, allocator, wake-up paths).
+        for _ in 0..iters / 10 + 1 {
+            round_trip(&mut c.s, req, &mut reply)?;
+            round_trip(&mut floor, req, &mut reply)?;
         }
-        let h = Header::parse(reply[..HEADER_SIZE].try_into()?);
-        if h.flags & proto::FLAG_ERROR != 0 || h.size as usize != reply_len {
-            bail!("the server answered {h:?}, not a {reply_len}-byte reply");
+        let (mut srv, mut raw) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+        const BLOCK: usize = 500;
+        let mut done = 0;
+        while done < iters {
+            let n = BLOCK.min(iters - done);
+            for _ in 0..n {
+                srv.push(round_trip(&mut c.s, req, &mut reply)?);
+            }
+            let h = Header::parse(reply[..HEADER_SIZE].try_into()?);
+            if h.flags & proto::FLAG_ERROR != 0 || h.size as usize != reply_len {
+                bail!("the server answered {h:?}, not a {reply_len}-byte reply");
+            }
+            for _ in 0..n {
+                raw.push(round_trip(&mut floor, req, &mut reply)?);
+            }
+            done += n;
         }
-        for _ in 0..n {
-            raw.push(round_trip(&mut floor, req, &mut reply)?);
-        }
-        done += n;
-    }
-    drop(c);
+        Ok((srv, raw))
+    })();
     drop(floor);
-    unpin();
+    set_affinity(&restore)?;
     let _ = std::fs::remove_file(&sock);
-    Ok((median(srv), median(raw)))
+    result
 }
 
 fn region_rtts(dir: &Path, s: Scale) -> Result<()> {
@@ -372,17 +600,21 @@ fn region_rtts(dir: &Path, s: Scale) -> Result<()> {
     let write = write_request(gpu_regs::SCRATCH, 0x5eed, 0, 1);
     // Replies: header + offset/region/count (+ the data for a read).
     let (read_reply, write_reply) = (HEADER_SIZE + 20, HEADER_SIZE + 16);
-    for pinned in [true, false] {
-        let tag = if pinned { "pinned" } else { "unpinned" };
+    let (places, skipped) = placements(&allowed_cpus()?);
+    if let Some(why) = skipped {
+        say(format_args!("# {why}"))?;
+    }
+    for at in places {
+        let tag = at.tag();
         for (what, req, reply_len) in [("read", &read, read_reply), ("write", &write, write_reply)]
         {
-            let (v, f) = server_rtt(dir, s.rtt, pinned, req, reply_len)?;
+            let (v, f) = server_rtt(dir, s.rtt, at, req, reply_len)?;
             line(
                 &format!("region_{what}_4b_rtt_{tag}"),
-                v as f64,
+                &v,
                 "ns",
                 &format!("af_unix_pingpong_{}b_{}b_{tag}", req.len(), reply_len),
-                f as f64,
+                &f,
             )?;
         }
     }
@@ -390,9 +622,9 @@ fn region_rtts(dir: &Path, s: Scale) -> Result<()> {
 }
 
 /// REGION_WRITE_MULTI of `n` writes vs `n` posted writes and a flushing read. Returns
-/// (multi ns, singles ns) per batch.
-fn write_multi(dir: &Path, n: usize, batches: usize) -> Result<(u64, u64)> {
-    let sock = start_server(dir, &format!("multi-{n}"), false)?;
+/// (multi ns, singles ns) samples, one per batch.
+fn write_multi(dir: &Path, n: usize, batches: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let sock = start_server(dir, &format!("multi-{n}"), None)?;
     let mut c = Client::connect(&sock)?;
     c.memory_space_on()?;
     let regs = |b: usize| -> Vec<(u64, u32)> {
@@ -416,7 +648,7 @@ fn write_multi(dir: &Path, n: usize, batches: usize) -> Result<(u64, u64)> {
         let t = Instant::now();
         c.s.write_all(&m)?;
         let r = c.reply()?;
-        let dm = t.elapsed().as_nanos() as u64;
+        let dm = t.elapsed().as_nanos() as f64;
         if r.get(..8)
             .map(|d| u64::from_le_bytes(d.try_into().unwrap_or([0; 8])))
             != Some(n as u64)
@@ -427,7 +659,7 @@ fn write_multi(dir: &Path, n: usize, batches: usize) -> Result<(u64, u64)> {
         c.s.write_all(&posted)?;
         c.s.write_all(&flush)?;
         c.reply()?;
-        let ds = t.elapsed().as_nanos() as u64;
+        let ds = t.elapsed().as_nanos() as f64;
         // The first tenth warms up.
         if b > batches / 10 {
             multi.push(dm);
@@ -446,7 +678,7 @@ fn write_multi(dir: &Path, n: usize, batches: usize) -> Result<(u64, u64)> {
     }
     drop(c);
     let _ = std::fs::remove_file(&sock);
-    Ok((median(multi), median(singles)))
+    Ok((multi, singles))
 }
 
 /// The GPU's BAR0 offsets the bench uses.
@@ -599,8 +831,8 @@ impl MemcpyThread {
 // ---- DMA engine copy -------------------------------------------------------------------------
 
 /// The GPU ring copies `len` bytes client to client, `runs` times, against memcpy between the
-/// same pages. Returns (engine GB/s, memcpy GB/s), medians.
-fn dma_copy(len: usize, runs: usize) -> Result<(f64, f64)> {
+/// same pages. Returns (engine GB/s, memcpy GB/s) samples, one per copy.
+fn dma_copy(len: usize, runs: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     use pcisim_devices::gpu::regs as r;
     use pcisim_devices::gpu::ring::{encode, op};
     use pcisim_vfio_user::dma::{PROT_READ, PROT_WRITE};
@@ -673,7 +905,8 @@ fn dma_copy(len: usize, runs: usize) -> Result<(f64, f64)> {
         bail!("the bench's DMA was not clean: {journal:?}");
     }
     let gb = len as f64 / 1e9;
-    Ok((gb / median(eng), gb / median(mem)))
+    let rates = |secs: Vec<f64>| secs.into_iter().map(|t| gb / t).collect();
+    Ok((rates(eng), rates(mem)))
 }
 
 // ---- NPU translation -------------------------------------------------------------------------
@@ -856,7 +1089,7 @@ impl NpuRig {
 /// half the range, swept in order: every translation evicts and walks) against hits, and hits
 /// in checking mode against hits. The samples of the four alternate, so a busy machine slows
 /// them alike. Returns (name, value, floor name, floor).
-fn npu_translate(runs: usize) -> Result<Vec<(&'static str, f64, String, f64)>> {
+fn npu_translate(runs: usize) -> Result<Vec<NamedFigure>> {
     use npu_layout::*;
     let atc = pcisim_devices::npu::NpuConfig::default().atc_entries;
     let k = (PER_SAMPLE / PAGES) as u32;
@@ -898,18 +1131,26 @@ fn npu_translate(runs: usize) -> Result<Vec<(&'static str, f64, String, f64)>> {
         if rig.ep.journal().stats().violations != 0 {
             bail!("the NPU figure produced journal violations");
         }
-        rates.push(per_sample / median(std::mem::take(secs)));
+        rates.push(secs.iter().map(|t| per_sample / t).collect::<Vec<f64>>());
     }
-    let (hit, miss, checking) = (rates[0], rates[1], rates[2]);
+    let memset: Vec<f64> = memset.iter().map(|t| per_sample / t).collect();
+    let [hit, miss, checking]: [Vec<f64>; 3] = rates
+        .try_into()
+        .map_err(|_| anyhow!("three NPU configurations, three figures"))?;
     let hit_name = "npu_translate_atc_hit".to_string();
     Ok(vec![
         (
             "npu_translate_atc_hit",
-            hit,
+            hit.clone(),
             format!("memset_{PAGES}_pages"),
-            per_sample / median(memset),
+            memset,
         ),
-        ("npu_translate_atc_miss", miss, hit_name.clone(), hit),
+        (
+            "npu_translate_atc_miss",
+            miss,
+            hit_name.clone(),
+            hit.clone(),
+        ),
         ("npu_translate_atc_hit_checking", checking, hit_name, hit),
     ])
 }
@@ -1030,16 +1271,18 @@ fn map_frames(pages: u64) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
 }
 
 /// Send every frame (with a dup of `fd` each if given), `MAP_WINDOW` at a time before reading
-/// as many `reply_len`-byte replies; seconds. An error reply is an error.
+/// as many `reply_len`-byte replies; the rate of each window (requests per second). An error
+/// reply is an error.
 fn windows(
     s: &UnixStream,
     frames: &[Vec<u8>],
     fd: Option<&std::fs::File>,
     reply_len: usize,
-) -> Result<f64> {
+) -> Result<Vec<f64>> {
     let mut reply = vec![0u8; reply_len];
-    let t = Instant::now();
+    let mut rates = Vec::with_capacity(frames.len() / MAP_WINDOW as usize + 1);
     for w in frames.chunks(MAP_WINDOW as usize) {
+        let t = Instant::now();
         for f in w {
             let dup = fd.map(|f| f.try_clone()).transpose()?;
             send_with_fd(s, f, dup.as_ref().map(|d| d.as_raw_fd()))?;
@@ -1053,8 +1296,9 @@ fn windows(
                 bail!("command {} refused: errno {}", h.command, h.error);
             }
         }
+        rates.push(w.len() as f64 / t.elapsed().as_secs_f64());
     }
-    Ok(t.elapsed().as_secs_f64())
+    Ok(rates)
 }
 
 /// The echo floor of the map figure: reads whatever has arrived (as the server's reader does,
@@ -1096,26 +1340,25 @@ fn fd_echo(req_len: usize, reply_len: usize) -> Result<UnixStream> {
 }
 
 /// Map `pages` 4 KiB pages one by one, then unmap them one by one, through a real server; and
-/// the same traffic through the echo floor. Returns (map/s, unmap/s, floor map/s, floor
-/// unmap/s).
-fn dma_map_rates(dir: &Path, pages: u64) -> Result<(f64, f64, f64, f64)> {
-    let sock = start_server(dir, "dma-map", false)?;
+/// the same traffic through the echo floor. Returns per-window rates (map/s, unmap/s, floor
+/// map/s, floor unmap/s).
+fn dma_map_rates(dir: &Path, pages: u64) -> Result<MapRates> {
+    let sock = start_server(dir, "dma-map", None)?;
     let mem = memfd(pages * 4096)?;
     let (maps, unmaps) = map_frames(pages);
     let c = Client::connect(&sock)?;
     // Replies: a DMA_MAP reply is a header; a DMA_UNMAP reply echoes the 24-byte request.
     let (map_reply, unmap_reply) = (HEADER_SIZE, HEADER_SIZE + 24);
-    let map_s = windows(&c.s, &maps, Some(&mem), map_reply)?;
-    let unmap_s = windows(&c.s, &unmaps, None, unmap_reply)?;
+    let map = windows(&c.s, &maps, Some(&mem), map_reply)?;
+    let unmap = windows(&c.s, &unmaps, None, unmap_reply)?;
     drop(c);
     let _ = std::fs::remove_file(&sock);
     let floor = fd_echo(maps[0].len(), map_reply)?;
-    let floor_map_s = windows(&floor, &maps, Some(&mem), map_reply)?;
+    let floor_map = windows(&floor, &maps, Some(&mem), map_reply)?;
     drop(floor);
     let floor = fd_echo(unmaps[0].len(), unmap_reply)?;
-    let floor_unmap_s = windows(&floor, &unmaps, None, unmap_reply)?;
-    let n = pages as f64;
-    Ok((n / map_s, n / unmap_s, n / floor_map_s, n / floor_unmap_s))
+    let floor_unmap = windows(&floor, &unmaps, None, unmap_reply)?;
+    Ok((map, unmap, floor_map, floor_unmap))
 }
 
 // ---- server RSS ------------------------------------------------------------------------------
@@ -1203,9 +1446,10 @@ pub fn run(quick: bool, smoke: bool) -> Result<()> {
     std::fs::create_dir_all(&dir.0)?;
     say(format_args!("# pcisim bench: {}", machine()))?;
     say(format_args!(
-        "# {} round trips per region figure (median), {} batches per multi figure, \
-         {} copies of {} MiB, {} NPU samples of {} translations; medians; \
-         {} 4 KiB DMA maps then unmaps; ratio = value / floor",
+        "# {} round trips per region figure, {} batches per multi figure, \
+         {} copies of {} MiB, {} NPU samples of {} translations, \
+         {} 4 KiB DMA maps then unmaps in windows of {MAP_WINDOW}; value and floor are medians, \
+         ratio = value / floor, min/p50/p99 of the figure's samples in its unit",
         s.rtt,
         s.batches,
         s.dma_runs,
@@ -1219,46 +1463,145 @@ pub fn run(quick: bool, smoke: bool) -> Result<()> {
         let (multi, singles) = write_multi(&dir.0, n, s.batches)?;
         line(
             &format!("region_write_multi_{n}"),
-            multi as f64,
+            &multi,
             "ns",
             &format!("posted_region_writes_{n}_and_read"),
-            singles as f64,
+            &singles,
         )?;
     }
     let (engine, memcpy) = dma_copy(s.dma_len, s.dma_runs)?;
     line(
         &format!("dma_engine_copy_{}mib", s.dma_len >> 20),
-        engine,
+        &engine,
         "GB/s",
         "memcpy_same_pages",
-        memcpy,
+        &memcpy,
     )?;
     for (name, v, floor_name, floor) in npu_translate(s.npu_runs)? {
-        line(name, v / 1e6, "Mpage/s", &floor_name, floor / 1e6)?;
+        let mega = |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|x| x / 1e6).collect() };
+        line(name, &mega(v), "Mpage/s", &floor_name, &mega(floor))?;
     }
     let (map, unmap, floor_map, floor_unmap) = dma_map_rates(&dir.0, s.map_pages)?;
     line(
         "dma_map_4k",
-        map,
+        &map,
         "maps/s",
         "af_unix_fd_echo_48b_16b",
-        floor_map,
+        &floor_map,
     )?;
     line(
         "dma_unmap_4k",
-        unmap,
+        &unmap,
         "maps/s",
         "af_unix_echo_40b_40b",
-        floor_unmap,
+        &floor_unmap,
     )?;
     let one = server_rss(&dir.0, 1)?;
     let many = server_rss(&dir.0, s.rss_devices)?;
     line(
         &format!("server_rss_{}_gpus", s.rss_devices),
-        many as f64,
+        &[many as f64],
         "KiB",
         "server_rss_1_gpu",
-        one as f64,
+        &[one as f64],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random stream in [0, 1) (xorshift), so the samples are fixed.
+    fn uniform(seed: u64) -> impl Iterator<Item = f64> {
+        let mut x = seed | 1;
+        std::iter::from_fn(move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            Some((x >> 11) as f64 / (1u64 << 53) as f64)
+        })
+    }
+
+    /// Approximately normal samples (sum of 12 uniforms) of mean `mu` and deviation `sd`.
+    fn normal(seed: u64, n: usize, mu: f64, sd: f64) -> Vec<f64> {
+        let mut u = uniform(seed);
+        (0..n)
+            .map(|_| mu + sd * ((&mut u).take(12).sum::<f64>() - 6.0))
+            .collect()
+    }
+
+    fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+        v.sort_unstable_by(f64::total_cmp);
+        v
+    }
+
+    #[test]
+    fn test_bimodal_flags_two_separated_modes() {
+        // The issue's case: a 10 µs mode and a 54 µs mode, 60/40.
+        let mut v = normal(1, 600, 10_000.0, 500.0);
+        v.extend(normal(2, 400, 54_000.0, 3_000.0));
+        let m = bimodal(&sorted(v)).expect("two modes 5x apart are bimodal");
+        assert!((9_000.0..11_000.0).contains(&m.low), "{m:?}");
+        assert!((50_000.0..58_000.0).contains(&m.high), "{m:?}");
+        assert!((m.high_share - 0.4).abs() < 0.02, "{m:?}");
+        // A minority mode of 15 % still counts.
+        let mut v = normal(3, 850, 9_000.0, 300.0);
+        v.extend(normal(4, 150, 30_000.0, 1_000.0));
+        assert!(bimodal(&sorted(v)).is_some());
+    }
+
+    #[test]
+    fn test_bimodal_ignores_unimodal_tails_and_tight_splits() {
+        // One wide normal mode.
+        assert_eq!(bimodal(&sorted(normal(5, 1000, 9_600.0, 1_500.0))), None);
+        // Uniform over 8..12 µs: flat, no valley.
+        let u: Vec<f64> = uniform(6)
+            .take(1000)
+            .map(|x| 8_000.0 + 4_000.0 * x)
+            .collect();
+        assert_eq!(bimodal(&sorted(u)), None);
+        // A 5 % tail of 10x outliers is a tail, not a mode.
+        let mut v = normal(7, 950, 9_600.0, 300.0);
+        v.extend(normal(8, 50, 96_000.0, 3_000.0));
+        assert_eq!(bimodal(&sorted(v)), None);
+        // Two clean modes 1.2x apart: separated, but too close to matter.
+        let mut v = normal(9, 500, 10_000.0, 50.0);
+        v.extend(normal(10, 500, 12_000.0, 50.0));
+        assert_eq!(bimodal(&sorted(v)), None);
+        // Too few samples to tell; constant samples.
+        assert_eq!(bimodal(&[1.0, 1.0, 5.0, 5.0]), None);
+        assert_eq!(bimodal(&[7.0; 100]), None);
+    }
+
+    #[test]
+    fn test_dist_reports_min_median_p99() {
+        let v: Vec<f64> = (1..=1000).rev().map(f64::from).collect();
+        let d = dist(&v).expect("samples");
+        assert_eq!((d.n, d.min, d.p50, d.p99), (1000, 1.0, 501.0, 990.0));
+        assert_eq!(d.bimodal, None);
+        assert_eq!(dist(&[]), None);
+        let one = dist(&[3.5]).expect("one sample");
+        assert_eq!((one.min, one.p50, one.p99), (3.5, 3.5, 3.5));
+    }
+
+    #[test]
+    fn test_placements_skip_cross_core_on_one_cpu_with_a_reason() {
+        let (p, why) = placements(&[3]);
+        assert_eq!(p, vec![Placement::SameCore(3)]);
+        assert!(why.is_some_and(|w| w.contains("cross-core figures skipped")));
+        let (p, why) = placements(&[0, 1, 2]);
+        assert_eq!(
+            p,
+            vec![
+                Placement::SameCore(0),
+                Placement::CrossCore {
+                    client: 0,
+                    server: 1
+                }
+            ]
+        );
+        assert_eq!(why, None);
+        assert_eq!(placements(&[]).0, Vec::new());
+    }
 }

@@ -1,6 +1,7 @@
 //! `pcisim bench --quick` in its reduced (smoke) mode prints every figure of design.md §6 as
-//! `NAME VALUE UNIT floor=FLOOR:VALUEUNIT ratio=R` with numbers that parse. Nothing here is
-//! timed: the figures of a smoke run mean nothing, only their presence and shape are checked.
+//! `NAME VALUE UNIT floor=FLOOR:VALUEUNIT ratio=R [min=MIN p50=P50 p99=P99] [bimodal]` with
+//! numbers that parse. Nothing here is timed: the figures of a smoke run mean nothing, only
+//! their presence and shape are checked.
 
 use std::process::Command;
 
@@ -8,8 +9,8 @@ use std::process::Command;
 const FIGURES: &[&str] = &[
     "region_read_4b_rtt_pinned",
     "region_write_4b_rtt_pinned",
-    "region_read_4b_rtt_unpinned",
-    "region_write_4b_rtt_unpinned",
+    "region_read_4b_rtt_cross_core",
+    "region_write_4b_rtt_cross_core",
     "region_write_multi_16",
     "region_write_multi_200",
     "dma_engine_copy_1mib",
@@ -29,7 +30,13 @@ struct Figure {
     floor_name: String,
     floor: f64,
     ratio: f64,
+    /// min, p50, p99 of the figure's samples, if it has several.
+    dist: Option<(f64, f64, f64)>,
+    bimodal: bool,
 }
+
+/// The figures that are one reading (no distribution columns).
+const SINGLE_READING: &[&str] = &["server_rss_64_gpus"];
 
 fn parse(line: &str) -> Option<(String, Figure)> {
     let mut parts = line.split_whitespace();
@@ -39,9 +46,23 @@ fn parse(line: &str) -> Option<(String, Figure)> {
     let (floor_name, floor) = parts.next()?.strip_prefix("floor=")?.split_once(':')?;
     let floor = floor.strip_suffix(unit.as_str())?.parse().ok()?;
     let ratio = parts.next()?.strip_prefix("ratio=")?.parse().ok()?;
-    if parts.next().is_some() {
-        return None;
+    let mut rest: Vec<&str> = parts.collect();
+    let bimodal = rest.last() == Some(&"bimodal");
+    if bimodal {
+        rest.pop();
     }
+    let dist = match rest[..] {
+        [] => None,
+        [min, p50, p99] => {
+            let field = |s: &str, k: &str| -> Option<f64> { s.strip_prefix(k)?.parse().ok() };
+            Some((
+                field(min, "min=")?,
+                field(p50, "p50=")?,
+                field(p99, "p99=")?,
+            ))
+        }
+        _ => return None,
+    };
     Some((
         name,
         Figure {
@@ -50,6 +71,8 @@ fn parse(line: &str) -> Option<(String, Figure)> {
             floor_name: floor_name.to_string(),
             floor,
             ratio,
+            dist,
+            bimodal,
         },
     ))
 }
@@ -89,6 +112,28 @@ fn bench_quick_smoke_prints_every_figure_with_floor_and_ratio() {
             !f.unit.is_empty() && !f.floor_name.is_empty(),
             "{want}: {f:?}"
         );
+        match f.dist {
+            Some((min, p50, p99)) => {
+                assert!(
+                    0.0 < min && min <= p50 && p50 <= p99,
+                    "{want}: distribution out of order: {f:?}"
+                );
+                assert!(
+                    (p50 - f.value).abs() <= f.value * 1e-3,
+                    "{want}: the value is the median: {f:?}"
+                );
+            }
+            None => assert!(
+                SINGLE_READING.contains(want),
+                "{want}: no min/p50/p99: {f:?}"
+            ),
+        }
+        if f.bimodal {
+            assert!(
+                stdout.contains(&format!("# warning: {want}: ")),
+                "{want}: marked bimodal without a warning line"
+            );
+        }
         // The ratio is value / floor (to the two decimals printed).
         let expect = f.value / f.floor;
         assert!(
@@ -111,6 +156,50 @@ fn bench_quick_smoke_prints_every_figure_with_floor_and_ratio() {
     );
 }
 
+/// On one CPU there is no cross-core figure, and the report says why instead of dropping the
+/// lines silently; the same-core figures are still there.
+#[test]
+fn bench_on_one_cpu_skips_cross_core_with_a_reason() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcisim"));
+    cmd.args(["bench", "--quick", "--smoke"])
+        .env("RUST_LOG", "error");
+    // SAFETY: between fork and exec the child only calls sched_getaffinity and
+    // sched_setaffinity (async-signal-safe) on itself, over a cpu_set_t on its own stack.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            if libc::sched_getaffinity(0, size, &mut set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let first = (0..libc::CPU_SETSIZE as usize).find(|&c| libc::CPU_ISSET(c, &set));
+            libc::CPU_ZERO(&mut set);
+            libc::CPU_SET(first.unwrap_or(0), &mut set);
+            if libc::sched_setaffinity(0, size, &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("run pcisim bench on one CPU");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}: {stdout}", out.status);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("# cross-core figures skipped: ")),
+        "no reason given for the missing cross-core figures:\n{stdout}"
+    );
+    assert!(!stdout.contains("_cross_core "), "{stdout}");
+    for want in ["region_read_4b_rtt_pinned ", "region_write_4b_rtt_pinned "] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(want)),
+            "{want}missing:\n{stdout}"
+        );
+    }
+}
+
 #[test]
 fn figure_line_parser_rejects_malformed_lines() {
     assert!(parse("x 1.5 ns floor=y:2.0ns ratio=0.75").is_some());
@@ -118,6 +207,18 @@ fn figure_line_parser_rejects_malformed_lines() {
     assert!(parse("x 1.5 ns floor=y:2.0GB/s ratio=0.75").is_none());
     assert!(parse("x abc ns floor=y:2.0ns ratio=0.75").is_none());
     assert!(parse("x 1.5 ns floor=y:2.0ns ratio=0.75 extra").is_none());
+    let f = parse("x 1.5 ns floor=y:2.0ns ratio=0.75 min=1.2 p50=1.5 p99=9.0 bimodal")
+        .expect("full line")
+        .1;
+    assert_eq!((f.dist, f.bimodal), (Some((1.2, 1.5, 9.0)), true));
+    let f = parse("x 1.5 ns floor=y:2.0ns ratio=0.75 min=1.2 p50=1.5 p99=9.0")
+        .expect("no marker")
+        .1;
+    assert!(!f.bimodal && f.dist.is_some());
+    assert!(parse("x 1.5 ns floor=y:2.0ns ratio=0.75 bimodal").is_some_and(|(_, f)| f.bimodal));
+    assert!(parse("x 1.5 ns floor=y:2.0ns ratio=0.75 min=1.2 p50=1.5").is_none());
+    assert!(parse("x 1.5 ns floor=y:2.0ns ratio=0.75 p50=1.5 min=1.2 p99=9").is_none());
+    assert!(parse("x 1.5 ns floor=y:2.0ns ratio=0.75 bimodal min=1.2 p50=1.5 p99=9").is_none());
 }
 
 /// `pcisim bench | head -0`: the report's reader is gone before the first line. The bench stops

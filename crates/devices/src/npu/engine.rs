@@ -405,13 +405,19 @@ impl Shared {
         epoch: u64,
     ) -> (MutexGuard<'a, State>, Option<(u32, u64)>) {
         let mut done: u64 = 0;
-        let mut buf_a = vec![0u8; PAGE_4K as usize];
-        let mut buf_b = vec![0u8; PAGE_4K as usize];
+        // Bounce buffers for MEMCPY and COMPARE (a FILL needs none).
+        let bounce = if d.op == regs::DESC_FILL {
+            0
+        } else {
+            PAGE_4K as usize
+        };
+        let mut buf_a = vec![0u8; bounce];
+        let mut buf_b = vec![0u8; bounce];
         // FILL: byte i of dst is byte i mod 8 of the pattern, so a chunk starting `done` bytes
-        // in is this page-and-a-bit of repeated pattern from offset `done % 8`.
+        // in is this page-and-a-bit of repeated pattern from offset `done % 8` (built 8 bytes
+        // at a time, not byte by byte).
         let fill: Vec<u8> = if d.op == regs::DESC_FILL {
-            let pattern = d.src.to_le_bytes();
-            (0..PAGE_4K as usize + 8).map(|i| pattern[i % 8]).collect()
+            d.src.to_le_bytes().repeat((PAGE_4K as usize + 8) / 8)
         } else {
             Vec::new()
         };
