@@ -68,6 +68,7 @@ pub mod hotplug;
 pub mod initramfs;
 pub mod kernel;
 pub mod kmod;
+pub mod kselftest;
 pub mod ktap;
 pub mod kvmprobe;
 pub mod manual;

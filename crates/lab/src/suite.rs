@@ -87,6 +87,9 @@ pub struct SuiteOptions {
     pub allow_skip: bool,
     /// `--memory`, `--smp`, `--append`, `--qemu-arg`, `--gdb`, `--share` for every VM.
     pub vm: crate::qemu::VmOptions,
+    /// newc archives appended to the initramfs (the kernel unpacks concatenated archives):
+    /// files a command adds to the guest (`lab kselftest`: the selftest binaries).
+    pub extra_initramfs: Vec<PathBuf>,
 }
 
 impl SuiteOptions {
@@ -101,6 +104,7 @@ impl SuiteOptions {
             keep: false,
             allow_skip: false,
             vm: Default::default(),
+            extra_initramfs: Vec::new(),
         }
     }
 }
@@ -492,6 +496,29 @@ pub fn run_scenarios(
     result
 }
 
+/// Appends each of `extra` to the initramfs at `initrd` (see [`SuiteOptions::extra_initramfs`]).
+pub(crate) fn append_archives(initrd: &Path, extra: &[PathBuf]) -> Result<(), LabError> {
+    let io_err = |source| {
+        LabError::Initramfs(initramfs::InitramfsError::Io {
+            what: "Cannot append an archive to",
+            path: initrd.to_path_buf(),
+            source,
+        })
+    };
+    if extra.is_empty() {
+        return Ok(());
+    }
+    let mut out = fs::OpenOptions::new()
+        .append(true)
+        .open(initrd)
+        .map_err(io_err)?;
+    for a in extra {
+        let mut f = File::open(a).map_err(io_err)?;
+        std::io::copy(&mut f, &mut out).map_err(io_err)?;
+    }
+    Ok(())
+}
+
 fn secs(since: Instant) -> f64 {
     since.elapsed().as_secs_f64()
 }
@@ -680,6 +707,7 @@ fn run_in(
         },
         &run.join("initramfs.cpio"),
     )?;
+    append_archives(&initrd.path, &opts.extra_initramfs)?;
     let names: Vec<String> = initrd
         .modules
         .iter()

@@ -160,6 +160,22 @@ enum LabCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The kernel's own selftests against pcisim's devices (`vfio`: tools/testing/selftests/vfio
+    /// from Debian's linux-source-7.3, built statically, run against the GPU; docs/lab.md).
+    Kselftest {
+        /// The selftest collection (only `vfio`).
+        #[arg(value_parser = ["vfio"])]
+        collection: String,
+        /// Run only the K scenarios whose name contains this (e.g. `K5`, `driver`).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Guest kernel series (iommufd modes run if its guest has /dev/iommu, else type1).
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+        /// Keep the run directory even on success.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Start a VM with the profile's devices and free hot-add slots, left running (manual
     /// experiments; see docs/hotplug.md).
     Up {
@@ -380,13 +396,15 @@ fn run(cli: Cli) -> Result<i32> {
                 vm,
             } => {
                 let opts = pcisim_lab::SuiteOptions {
-                    pcisim_exe: std::env::current_exe().context("locating the pcisim binary")?,
                     filter,
                     kernel: kernel.source()?,
                     device_opts,
                     keep,
                     allow_skip,
                     vm: vm.options()?,
+                    ..pcisim_lab::SuiteOptions::new(
+                        std::env::current_exe().context("locating the pcisim binary")?,
+                    )
                 };
                 let mut out = std::io::stdout();
                 let mut progress = std::io::stderr();
@@ -414,6 +432,12 @@ fn run(cli: Cli) -> Result<i32> {
                 print_out(&format!("{text}\n"))?;
                 Ok(if v.usable { 0 } else { 1 })
             }
+            LabCmd::Kselftest {
+                collection: _,
+                filter,
+                kernel,
+                keep,
+            } => lab_kselftest(filter, kernel, keep),
             cmd => lab_manual(cmd),
         },
         Cmd::Bench { quick, smoke } => match bench::run(quick, smoke) {
@@ -425,6 +449,37 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
+/// `pcisim lab kselftest vfio`: exit codes as `lab suite` (a selftest build failure is 2).
+fn lab_kselftest(filter: Option<String>, kernel: String, keep: bool) -> Result<i32> {
+    use pcisim_lab::kselftest::{self, KselftestError};
+    let opts = kselftest::KselftestOptions {
+        suite: pcisim_lab::SuiteOptions {
+            filter,
+            kernel,
+            keep,
+            ..pcisim_lab::SuiteOptions::new(
+                std::env::current_exe().context("locating the pcisim binary")?,
+            )
+        },
+    };
+    let result = kselftest::run(&opts, &mut std::io::stdout(), &mut std::io::stderr());
+    Ok(match result {
+        Ok(outcome) => outcome.exit_code(false),
+        Err(KselftestError::Lab(e)) => {
+            let r = Err(e);
+            let code = pcisim_lab::suite::exit_code(&r, false);
+            if let Err(e) = &r {
+                note!("pcisim: error: {}", pcisim_lab::error::error_chain(e));
+            }
+            code
+        }
+        Err(e) => {
+            note!("pcisim: error: {}", pcisim_lab::error::error_chain(&e));
+            pcisim_lab::suite::EXIT_INFRA
+        }
+    })
+}
+
 /// The manual-experiment commands (`pcisim lab up|plug|unplug|exec|console|status|down`).
 fn lab_manual(cmd: LabCmd) -> Result<i32> {
     use pcisim_lab::manual;
@@ -433,7 +488,7 @@ fn lab_manual(cmd: LabCmd) -> Result<i32> {
     // anybody still reads what they say: a reader that went away only silences them.
     let mut out = PipeSafe::stdout();
     match cmd {
-        LabCmd::Suite { .. } | LabCmd::KvmProbe { .. } => {
+        LabCmd::Suite { .. } | LabCmd::KvmProbe { .. } | LabCmd::Kselftest { .. } => {
             anyhow::bail!("not a manual command")
         }
         LabCmd::Up {
