@@ -36,12 +36,12 @@ use std::time::{Duration, Instant};
 use crate::error::LabError;
 use crate::host::{HostCtx, HostError, HostProgram};
 use crate::initramfs::CpioWriter;
+use crate::process::ProcessError;
 use crate::process::{self, describe_status};
 use crate::profile::ProfileId;
+use crate::provision;
 use crate::scenario::{Program, Scenario};
 use crate::suite::{self, SuiteOptions, SuiteOutcome};
-use crate::process::ProcessError;
-use crate::provision;
 
 /// Where the selftest binaries are in the guest.
 pub const GUEST_DIR: &str = "/kselftest/vfio";
@@ -156,12 +156,13 @@ pub fn build(scripts: &Path, log: &Path) -> Result<SelftestBuild, KselftestError
     }
     let mut cmd = Command::new("bash");
     cmd.arg(&script).args(["--series", SOURCE_SERIES]);
-    let out = process::run_captured("kselftest.sh", &mut cmd, BUILD_TIMEOUT, log).map_err(
-        |source| KselftestError::Run {
-            script: script.clone(),
-            source,
-        },
-    )?;
+    let out =
+        process::run_captured("kselftest.sh", &mut cmd, BUILD_TIMEOUT, log).map_err(|source| {
+            KselftestError::Run {
+                script: script.clone(),
+                source,
+            }
+        })?;
     if !out.status.success() {
         return Err(KselftestError::Failed {
             script,
@@ -294,12 +295,7 @@ pub fn scenarios() -> Vec<Scenario> {
         k!("K3", "K3 vfio_dma_mapping_mmio_test", k3, 600),
         k!("K4", "K4 vfio_pci_device_init_perf_test", k4, 600),
         k!("K5", "K5 vfio_pci_driver_test", k5, 1800),
-        k!(
-            "K5b",
-            "K5b vfio_pci_driver_test-unmapped-iova",
-            k5b,
-            1800
-        ),
+        k!("K5b", "K5b vfio_pci_driver_test-unmapped-iova", k5b, 1800),
     ]
 }
 
@@ -514,7 +510,10 @@ pub fn run(
             source,
         })
     })?;
-    out(progress, "provisioning (the selftests build inside the trixie root)")?;
+    out(
+        progress,
+        "provisioning (the selftests build inside the trixie root)",
+    )?;
     provision::provision(&scripts, &opts.suite.kernel, &logs.join("provision.log"))
         .map_err(LabError::from)?;
     out(
@@ -589,9 +588,13 @@ mod tests {
     fn test_overflow_old_kernel_recognised_only_alone() {
         let old = "# vfio_dma_mapping_test.c:297:overflow:Expected rc (-22) == -EOVERFLOW (-75)\n# overflow: Test terminated by assertion\n";
         assert!(overflow_is_old_kernel(old));
-        let other = format!("{old}# vfio_dma_mapping_test.c:300:overflow:Expected rc (-5) == -EOVERFLOW (-75)\n");
+        let other = format!(
+            "{old}# vfio_dma_mapping_test.c:300:overflow:Expected rc (-5) == -EOVERFLOW (-75)\n"
+        );
         assert!(!overflow_is_old_kernel(&other));
-        assert!(!overflow_is_old_kernel("# overflow: Test terminated by timeout\n"));
+        assert!(!overflow_is_old_kernel(
+            "# overflow: Test terminated by timeout\n"
+        ));
     }
 
     #[test]
@@ -661,7 +664,7 @@ mod tests {
         fs::write(&b, b"second").unwrap();
         crate::suite::append_archives(&a, &[]).unwrap();
         assert_eq!(fs::read(&a).unwrap(), b"first");
-        crate::suite::append_archives(&a, &[b.clone()]).unwrap();
+        crate::suite::append_archives(&a, std::slice::from_ref(&b)).unwrap();
         assert_eq!(fs::read(&a).unwrap(), b"firstsecond");
         assert!(crate::suite::append_archives(&a, &[dir.join("missing")]).is_err());
         fs::remove_dir_all(&dir).unwrap();

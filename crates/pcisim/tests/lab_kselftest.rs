@@ -48,7 +48,10 @@ fn lab_kselftest_vfio_runs_every_listed_test() {
         .expect("run pcisim lab kselftest vfio");
     let ktap = String::from_utf8_lossy(&out.stdout);
     let progress = String::from_utf8_lossy(&out.stderr);
-    println!("--- {}\n--- stdout:\n{ktap}\n--- stderr:\n{progress}", out.status);
+    println!(
+        "--- {}\n--- stdout:\n{ktap}\n--- stderr:\n{progress}",
+        out.status
+    );
 
     let scenarios = pcisim_lab::kselftest::scenarios();
     assert!(
@@ -91,22 +94,24 @@ fn lab_kselftest_vfio_runs_every_listed_test() {
             .find(|l| l.contains("IOMMU modes: "))
             .unwrap_or_else(|| panic!("{}: no IOMMU modes line", s.name));
         let type1 = modes.contains("IOMMU modes: type1 ");
-        assert!(
-            type1 || modes.contains("IOMMU modes: iommufd "),
-            "{modes}"
-        );
+        assert!(type1 || modes.contains("IOMMU modes: iommufd "), "{modes}");
         assert!(
             body.iter().any(|l| l.trim() == "KTAP version 1"),
             "{}: the selftest's KTAP is nested",
             s.name
         );
         // Every upstream subtest ran (ok), or is a skip that says why.
-        for l in body.iter().filter(|l| l.starts_with("    ok ") || l.starts_with("    not ok ")) {
+        for l in body
+            .iter()
+            .filter(|l| l.starts_with("    ok ") || l.starts_with("    not ok "))
+        {
             let is_ok = l.starts_with("    ok ");
             assert!(is_ok || s.id == "K5b", "{}: {l}", s.name);
             if l.contains(" # SKIP") {
                 assert!(
-                    l.split(" # SKIP").nth(1).is_some_and(|r| !r.trim().is_empty()),
+                    l.split(" # SKIP")
+                        .nth(1)
+                        .is_some_and(|r| !r.trim().is_empty()),
                     "a skip without a reason: {l}"
                 );
             }
