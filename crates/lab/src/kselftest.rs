@@ -514,8 +514,12 @@ pub fn run(
         progress,
         "provisioning (the selftests build inside the trixie root)",
     )?;
-    provision::provision(&scripts, &opts.suite.kernel, &logs.join("provision.log"))
-        .map_err(LabError::from)?;
+    provision::provision(
+        &scripts,
+        opts.suite.kernel.provision_series(),
+        &logs.join("provision.log"),
+    )
+    .map_err(LabError::from)?;
     out(
         progress,
         &format!(

@@ -169,9 +169,9 @@ enum LabCmd {
         /// Run only the K scenarios whose name contains this (e.g. `K5`, `driver`).
         #[arg(long)]
         filter: Option<String>,
-        /// Guest kernel series (iommufd modes run if its guest has /dev/iommu, else type1).
-        #[arg(long, default_value = "6.12")]
-        kernel: String,
+        /// The guest kernel (iommufd modes run if the guest has /dev/iommu, else type1).
+        #[command(flatten)]
+        kernel: KernelArgs,
         /// Keep the run directory even on success.
         #[arg(long)]
         keep: bool,
@@ -450,12 +450,12 @@ fn run(cli: Cli) -> Result<i32> {
 }
 
 /// `pcisim lab kselftest vfio`: exit codes as `lab suite` (a selftest build failure is 2).
-fn lab_kselftest(filter: Option<String>, kernel: String, keep: bool) -> Result<i32> {
+fn lab_kselftest(filter: Option<String>, kernel: KernelArgs, keep: bool) -> Result<i32> {
     use pcisim_lab::kselftest::{self, KselftestError};
     let opts = kselftest::KselftestOptions {
         suite: pcisim_lab::SuiteOptions {
             filter,
-            kernel,
+            kernel: kernel.source()?,
             keep,
             ..pcisim_lab::SuiteOptions::new(
                 std::env::current_exe().context("locating the pcisim binary")?,
