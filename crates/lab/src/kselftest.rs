@@ -14,12 +14,14 @@
 //! ```
 //!
 //! The IOMMU modes: the library's fixtures run each test once per mode (`vfio_type1_iommu`,
-//! `vfio_type1v2_iommu`, `iommufd_compat_type1`, `iommufd_compat_type1v2`, `iommufd`). Debian's
-//! 6.12 has no IOMMUFD (no `/dev/iommu`), so there the iommufd variants are excluded and the two
-//! type1 ones run; a kernel with `/dev/iommu` runs the three iommufd ones. Tests without mode
+//! `vfio_type1v2_iommu`, `iommufd_compat_type1`, `iommufd_compat_type1v2`, `iommufd`). Neither
+//! Debian kernel has IOMMUFD (6.12 and 7.3 both ship `# CONFIG_IOMMUFD is not set`: no
+//! `/dev/iommu`), so there the iommufd variants are excluded and the two type1 ones run; a
+//! kernel with `/dev/iommu` (a user's kernel with IOMMUFD built in, or as a module the guest can
+//! `modprobe`) runs the three iommufd ones. Tests without mode
 //! variants (`vfio_pci_device_test`, the driver probe of `vfio_pci_driver_test`) use the
 //! library's default mode (iommufd), which our driver file lets `PCISIM_VFIO_IOMMU_MODE`
-//! override (`vfio_type1v2_iommu` or `iommufd`). Each scenario's first subtest names the mode.
+//! override (`vfio_type1v2_iommu` or `iommufd`). A subtest of each scenario names the mode and the kernel.
 //!
 //! `vfio_pci_driver_test` runs with pcisim's driver (guest-tests/kselftest/drivers/pcisim_gpu/)
 //! and is split in two: K5 runs the tests whose DMA stays inside mapped memory (the journal must
@@ -394,7 +396,7 @@ fn run_selftest(ctx: &mut HostCtx<'_>, id: &str) -> Result<(), HostError> {
         return Ok(());
     }
     let probe = ctx.sh(&format!(
-        "[ -c /dev/iommu ] && echo iommu=yes || echo iommu=no; uname -r; \
+        "modprobe iommufd 2>/dev/null; [ -c /dev/iommu ] && echo iommu=yes || echo iommu=no; uname -r; \
          [ -x {GUEST_DIR}/{b} ] && echo bin=yes || echo bin=no",
         b = test.binary
     ))?;
