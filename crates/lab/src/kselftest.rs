@@ -284,7 +284,7 @@ fn k5(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     run_selftest(ctx, "K5")
 }
 fn k5b(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
-    ctx.expect_violation(DEVICE, "dma_outside_map");
+    ctx.expect_violation(DEVICE, pcisim_journal::ViolationKind::DmaOutsideMap);
     run_selftest(ctx, "K5b")
 }
 
