@@ -7,7 +7,7 @@
 //!   our driver patched into the library's driver list, `make headers`, the selftests' Makefile
 //!   with LDFLAGS=-static; cached by package version and our inputs' hash)
 //!   ─► selftests.cpio (/kselftest/vfio/<test>) appended to the suite's initramfs
-//!   ─► the suite, with the K scenarios below instead of the catalogue, in a `gpu-2g` VM:
+//!   ─► the suite, with the V scenarios below instead of the catalogue, in a `gpu-2g` VM:
 //!        bind vfio-pci to gpu0 ─► IOMMU modes: iommufd if the guest has /dev/iommu, else type1
 //!        ─► the test binary with the other modes' fixture variants excluded (-V) ─► its TAP,
 //!           as KTAP, nested under the scenario
@@ -24,9 +24,9 @@
 //! override (`vfio_type1v2_iommu` or `iommufd`). A subtest of each scenario names the mode and the kernel.
 //!
 //! `vfio_pci_driver_test` runs with pcisim's driver (guest-tests/kselftest/drivers/pcisim_gpu/)
-//! and is split in two: K5 runs the tests whose DMA stays inside mapped memory (the journal must
-//! be clean); K5b runs the three that make the device copy from and to an unmapped IOVA on
-//! purpose, which the device journal reports as `dma_outside_map` — declared expected, so K5b
+//! and is split in two: V5 runs the tests whose DMA stays inside mapped memory (the journal must
+//! be clean); V5b runs the three that make the device copy from and to an unmapped IOVA on
+//! purpose, which the device journal reports as `dma_outside_map` — declared expected, so V5b
 //! is `ok # XFAIL` only if the violation was journaled and nothing else was.
 
 use std::fs::{self, File};
@@ -68,7 +68,7 @@ const VARIANT_SUFFIXES: [&str; 4] = [
 /// What `vfio_dma_map_limit_test.*.overflow` reports on a kernel whose vfio type1 rejects a
 /// mapping that wraps past the end of the IOVA space with EINVAL (Debian's 6.12); the test,
 /// written with the kernel that returns EOVERFLOW there (the 7.3 source does), cannot pass on
-/// it. K2 runs it apart and reports that case as a skip with this reason; a pass passes, any
+/// it. V2 runs it apart and reports that case as a skip with this reason; a pass passes, any
 /// other failure fails.
 pub const OVERFLOW_OLD_KERNEL: &str = "Expected rc (-22) == -EOVERFLOW (-75)";
 
@@ -217,16 +217,16 @@ const DRIVER_UNMAPPED: [&str; 3] = [
     "mix_and_match",
 ];
 
-/// The K scenarios' selftests, by scenario id.
+/// The V scenarios' selftests, by scenario id.
 pub fn selftest(id: &str) -> Option<Selftest> {
     let t = |binary, filters| Some(Selftest { binary, filters });
     match id {
-        "K1" => t("vfio_pci_device_test", &[]),
+        "V1" => t("vfio_pci_device_test", &[]),
         // `overflow` runs on its own (see OVERFLOW_OLD_KERNEL).
-        "K2" => t("vfio_dma_mapping_test", &["-T", "overflow"]),
-        "K3" => t("vfio_dma_mapping_mmio_test", &[]),
-        "K4" => t("vfio_pci_device_init_perf_test", &[]),
-        "K5" => t(
+        "V2" => t("vfio_dma_mapping_test", &["-T", "overflow"]),
+        "V3" => t("vfio_dma_mapping_mmio_test", &[]),
+        "V4" => t("vfio_pci_device_init_perf_test", &[]),
+        "V5" => t(
             "vfio_pci_driver_test",
             &[
                 "-T",
@@ -237,7 +237,7 @@ pub fn selftest(id: &str) -> Option<Selftest> {
                 DRIVER_UNMAPPED[2],
             ],
         ),
-        "K5b" => t(
+        "V5b" => t(
             "vfio_pci_driver_test",
             &[
                 "-t",
@@ -269,35 +269,35 @@ macro_rules! k {
 }
 
 fn k1(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
-    run_selftest(ctx, "K1")
+    run_selftest(ctx, "V1")
 }
 fn k2(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
-    run_selftest(ctx, "K2")
+    run_selftest(ctx, "V2")
 }
 fn k3(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
-    run_selftest(ctx, "K3")
+    run_selftest(ctx, "V3")
 }
 fn k4(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
-    run_selftest(ctx, "K4")
+    run_selftest(ctx, "V4")
 }
 fn k5(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
-    run_selftest(ctx, "K5")
+    run_selftest(ctx, "V5")
 }
 fn k5b(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     ctx.expect_violation(DEVICE, pcisim_journal::ViolationKind::DmaOutsideMap);
-    run_selftest(ctx, "K5b")
+    run_selftest(ctx, "V5b")
 }
 
 /// The vfio selftest scenarios, in run order (all in one `gpu-2g` VM: 2 GiB of RAM for the
 /// driver test's 1 GiB buffer, vIOMMU).
 pub fn scenarios() -> Vec<Scenario> {
     vec![
-        k!("K1", "K1 vfio_pci_device_test", k1, 600),
-        k!("K2", "K2 vfio_dma_mapping_test", k2, 900),
-        k!("K3", "K3 vfio_dma_mapping_mmio_test", k3, 600),
-        k!("K4", "K4 vfio_pci_device_init_perf_test", k4, 600),
-        k!("K5", "K5 vfio_pci_driver_test", k5, 1800),
-        k!("K5b", "K5b vfio_pci_driver_test-unmapped-iova", k5b, 1800),
+        k!("V1", "V1 vfio_pci_device_test", k1, 600),
+        k!("V2", "V2 vfio_dma_mapping_test", k2, 900),
+        k!("V3", "V3 vfio_dma_mapping_mmio_test", k3, 600),
+        k!("V4", "V4 vfio_pci_device_init_perf_test", k4, 600),
+        k!("V5", "V5 vfio_pci_driver_test", k5, 1800),
+        k!("V5b", "V5b vfio_pci_driver_test-unmapped-iova", k5b, 1800),
     ]
 }
 
@@ -424,7 +424,7 @@ fn run_selftest(ctx: &mut HostCtx<'_>, id: &str) -> Result<(), HostError> {
             "no /dev/iommu (no IOMMUFD): the iommufd variants are excluded"
         }
     ));
-    if id == "K2" {
+    if id == "V2" {
         ctx.sh(&format!(
             "echo {HUGEPAGES_2M} > /proc/sys/vm/nr_hugepages; cat /proc/sys/vm/nr_hugepages"
         ))?;
@@ -440,7 +440,7 @@ fn run_selftest(ctx: &mut HostCtx<'_>, id: &str) -> Result<(), HostError> {
         test.binary,
         t.elapsed().as_secs_f64()
     ));
-    if id == "K2" {
+    if id == "V2" {
         ctx.sh("echo 0 > /proc/sys/vm/nr_hugepages")?;
         let mut args = exclusions(has_iommu);
         args.extend(["-t", "overflow"].map(str::to_string));
@@ -493,7 +493,7 @@ pub struct KselftestOptions {
     pub suite: SuiteOptions,
 }
 
-/// Builds (or takes from the cache) the vfio selftests, then runs the K scenarios through the
+/// Builds (or takes from the cache) the vfio selftests, then runs the V scenarios through the
 /// suite: KTAP on `ktap_out`, progress on `progress`.
 pub fn run(
     opts: &KselftestOptions,
@@ -631,12 +631,12 @@ mod tests {
         let s = scenarios();
         assert_eq!(
             s.iter().map(|s| s.id).collect::<Vec<_>>(),
-            ["K1", "K2", "K3", "K4", "K5", "K5b"]
+            ["V1", "V2", "V3", "V4", "V5", "V5b"]
         );
         assert!(s.iter().all(|s| s.profile() == ProfileId::GpuLarge));
         assert!(s.iter().all(|s| s.name.starts_with(s.id)));
-        let k5 = selftest("K5").unwrap();
-        let k5b = selftest("K5b").unwrap();
+        let k5 = selftest("V5").unwrap();
+        let k5b = selftest("V5b").unwrap();
         for t in DRIVER_UNMAPPED {
             assert!(k5.filters.contains(&t) && k5b.filters.contains(&t));
         }

@@ -166,7 +166,7 @@ enum LabCmd {
         /// The selftest collection (only `vfio`).
         #[arg(value_parser = ["vfio"])]
         collection: String,
-        /// Run only the K scenarios whose name contains this (e.g. `K5`, `driver`).
+        /// Run only the V scenarios (vfio selftests) whose name contains this (e.g. `V5`, `driver`).
         #[arg(long)]
         filter: Option<String>,
         /// The guest kernel (iommufd modes run if the guest has /dev/iommu, else type1).

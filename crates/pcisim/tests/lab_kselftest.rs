@@ -4,7 +4,7 @@
 //! pcisim's driver for `vfio_pci_driver_test`.
 //!
 //! Real and not ignored, like lab_suite.rs: it is what shows that the upstream tests and our
-//! device agree. It asserts that every K scenario ran and passed (K5b as the expected failure
+//! device agree. It asserts that every V scenario ran and passed (V5b as the expected failure
 //! it is), that each ran its tests in the IOMMU modes the guest kernel has, and that what could
 //! not pass here is reported with its reason rather than dropped.
 
@@ -73,7 +73,7 @@ fn lab_kselftest_vfio_runs_every_listed_test() {
     }
     for s in &scenarios {
         let line = result_line(&ktap, s.name).unwrap_or_else(|| panic!("no line for {}", s.name));
-        if s.id == "K5b" {
+        if s.id == "V5b" {
             // The three driver tests that DMA to an unmapped IOVA on purpose: the device must
             // have journaled exactly that (dma_outside_map), and nothing else.
             assert!(
@@ -106,7 +106,7 @@ fn lab_kselftest_vfio_runs_every_listed_test() {
             .filter(|l| l.starts_with("    ok ") || l.starts_with("    not ok "))
         {
             let is_ok = l.starts_with("    ok ");
-            assert!(is_ok || s.id == "K5b", "{}: {l}", s.name);
+            assert!(is_ok || s.id == "V5b", "{}: {l}", s.name);
             if l.contains(" # SKIP") {
                 assert!(
                     l.split(" # SKIP")
@@ -117,7 +117,7 @@ fn lab_kselftest_vfio_runs_every_listed_test() {
             }
         }
         // Tests with IOMMU-mode variants ran in the guest's modes and no other.
-        if s.id != "K1" {
+        if s.id != "V1" {
             assert!(
                 body.iter()
                     .any(|l| l.starts_with("  ok ") && l.contains("none in the others")),
