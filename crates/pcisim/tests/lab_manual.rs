@@ -634,9 +634,10 @@ fn test_shares_cp_exec_stdin_console_terminal_userland_flags() {
     std::thread::sleep(std::time::Duration::from_secs(2));
     c.send(b"\x1a");
     at = c.expect(at, "Stopped", 30);
-    c.send(b"kill -9 %1\r");
-    c.send(b"jobs\r");
-    c.expect(at, "Killed", 30);
+    // `jobs` right after `kill` may still say Stopped (bash has not reaped the child yet):
+    // `wait` for the job and check that it died of SIGKILL (128 + 9).
+    c.send(b"kill -9 %1; wait %1; echo killed-rc=$?\r");
+    c.expect(at, "killed-rc=137", 30);
     // A second attach is refused while this one is attached.
     let o = lab(&dir, &["console"]);
     assert_eq!(o.status.code(), Some(1));
