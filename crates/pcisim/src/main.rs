@@ -25,7 +25,7 @@ use pcisim_lab::output::PipeSafe;
 #[derive(Debug, Parser)]
 #[command(
     name = "pcisim",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("PCISIM_BUILD_COMMIT"), ")"),
     about = "vfio-user server emulating accelerator PCI functions, and its lab"
 )]
 struct Cli {
