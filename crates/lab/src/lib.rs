@@ -83,6 +83,7 @@ pub mod qmp;
 pub mod reset;
 pub mod scenario;
 pub mod server;
+pub mod stall;
 pub mod suite;
 pub mod sva;
 pub mod timeline;
