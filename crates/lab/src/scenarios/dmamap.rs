@@ -1,4 +1,4 @@
-//! M9 `dma-map-1g-pages`, run on the host side ([`crate::host`]) in the `gpu-2g` profile
+//! M9 `dma-map-1g-pages`, run on the host side ([`crate::harness::host`]) in the `gpu-2g` profile
 //! (2 GiB of guest RAM, intel-iommu, guest vfio type1).
 //!
 //! A guest vfio user (`pcisim-guest dma-map-pages`, guest-tests/src/dmamap.rs) maps 1 GiB of
@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::host::{HostCtx, HostError, HostProgram};
-use crate::profile::ProfileId;
-use crate::qmp::PciDeviceInfo;
+use crate::harness::host::{HostCtx, HostError, HostProgram};
+use crate::vm::profile::ProfileId;
+use crate::vm::qmp::PciDeviceInfo;
 
 /// `M9 dma-map-1g-pages`.
 pub const M9: HostProgram = HostProgram {

@@ -1,4 +1,4 @@
-//! The hotplug scenarios, run on the host side ([`crate::host`]). In the `gpu-hotplug` VM: H1
+//! The hotplug scenarios, run on the host side ([`crate::harness::host`]). In the `gpu-hotplug` VM: H1
 //! (hot-add: the guest probes the device, a driver binds, BAR access works), H2 (hot-remove
 //! with a driver bound), H3 (100 add/remove cycles on the same socket, each with a guest vfio
 //! user mapping DMA, without a leak in the server), H4 (removal while a guest vfio user holds
@@ -22,10 +22,10 @@ use pcisim_journal::{
 };
 use serde_json::Value;
 
-use crate::agent::RunOutput;
-use crate::host::{count_records, HostCtx, HostError, HostProgram};
-use crate::profile::ProfileId;
-use crate::qmp::{PciDeviceInfo, QmpError};
+use crate::harness::host::{count_records, HostCtx, HostError, HostProgram};
+use crate::vm::agent::RunOutput;
+use crate::vm::profile::ProfileId;
+use crate::vm::qmp::{PciDeviceInfo, QmpError};
 
 /// `H1 hot-add`: `device_add` of the unplugged GPU onto its free root port; the guest
 /// enumerates it (its sysfs entry appears: hot-add → probed is measured), it passes E1 at its
@@ -997,7 +997,7 @@ fn h4_remove_while_held(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     ctx.qmp()
         .execute("device_del", Some(serde_json::json!({ "id": id })))?;
     let t = Instant::now();
-    let is_ours = |e: &crate::qmp::QmpEvent| {
+    let is_ours = |e: &crate::vm::qmp::QmpEvent| {
         e.data.get("device").and_then(Value::as_str) == Some(id.as_str())
     };
     let early = match ctx
@@ -1104,9 +1104,14 @@ fn bar_io(
         list.push(format!("{o:#x}"));
     }
     list.extend(offs.iter().map(|o| format!("{o:#x}")));
-    let mut argv: Vec<String> = [crate::scenario::GUEST_BIN_PATH, "bar-io", "--bdf", bdf]
-        .map(str::to_string)
-        .to_vec();
+    let mut argv: Vec<String> = [
+        crate::harness::scenario::GUEST_BIN_PATH,
+        "bar-io",
+        "--bdf",
+        bdf,
+    ]
+    .map(str::to_string)
+    .to_vec();
     argv.push("--off".into());
     argv.push(list.join(","));
     if let Some((_, v)) = write {
@@ -1341,7 +1346,7 @@ fn h5_stream_end(ctx: &mut HostCtx<'_>, id: &str, kill: bool) -> Result<(), Host
             format!("cat {H5_STREAM}.out; exit $(cat {H5_STREAM}.rc 2>/dev/null || echo 1)"),
         ],
     )?;
-    if verdict != crate::scenario::Verdict::Pass {
+    if verdict != crate::harness::scenario::Verdict::Pass {
         let err = guest_sh(ctx, &format!("tail -n 10 {H5_STREAM}.err; true"))?.stdout;
         for l in err.lines().filter(|l| !l.trim().is_empty()) {
             ctx.diag(&format!("stderr: {l}"));
@@ -1830,7 +1835,7 @@ fn h6_flow(ctx: &mut HostCtx<'_>, leaky: bool) -> Result<(), HostError> {
     // Leave the NPU unbound, as the profile's other users expect.
     guest_sh(
         ctx,
-        &format!("rmmod {} 2>/dev/null; true", crate::kmod::NPU_MODULE),
+        &format!("rmmod {} 2>/dev/null; true", crate::vm::kmod::NPU_MODULE),
     )?;
     Ok(())
 }
@@ -1846,7 +1851,7 @@ fn h6_cycle(
     bug: &str,
     tag: &str,
 ) -> Result<PeerCycle, HostError> {
-    crate::sva::load_driver(ctx, npu_bdf, bug)?;
+    crate::scenarios::sva::load_driver(ctx, npu_bdf, bug)?;
     peer_status(
         ctx,
         npu_bdf,

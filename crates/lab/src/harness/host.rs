@@ -13,8 +13,8 @@
 //!
 //! ```no_run
 //! use pcisim_journal::ResetKind;
-//! use pcisim_lab::host::{find_record, is_reset_begin, HostCtx, HostError, HostProgram};
-//! use pcisim_lab::profile::ProfileId;
+//! use pcisim_lab::harness::host::{find_record, is_reset_begin, HostCtx, HostError, HostProgram};
+//! use pcisim_lab::vm::profile::ProfileId;
 //!
 //! fn reboot_keeps_gpu(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 //!     let t = ctx.system_reset()?;                      // QMP, then the agent greets again
@@ -35,7 +35,7 @@
 //! ```
 //!
 //! and in the catalogue (`scenario.rs`): `Scenario { id: "R9", name: "R9 system-reset", timeout:
-//! Duration::from_secs(120), program: Program::Host(crate::reset::R9) }`. `timeout` is the
+//! Duration::from_secs(120), program: Program::Host(crate::scenarios::reset::R9) }`. `timeout` is the
 //! default for each guest command the function runs. A scenario that needs another machine adds
 //! a [`ProfileId`] (and its [`VmProfile`] in `profile.rs`); the suite boots one VM per profile.
 
@@ -48,15 +48,15 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use pcisim_journal::{Event, Record, ResetKind, ViolationKind};
 
-use crate::agent::{Agent, AgentError, RunOutput};
-use crate::control::{ControlClient, ControlError, JournalWatch, Window};
-use crate::ktap::{KtapWriter, Status, TestResult};
-use crate::process::{describe_status, ChildGuard, POLL};
-use crate::profile::{ProfileId, VmLayout, VmProfile};
-use crate::qemu::QemuError;
-use crate::qmp::{Qmp, QmpError};
-use crate::scenario::{self, Scenario, Verdict, GUEST_BIN_PATH};
-use crate::server::{DescribedDevice, Server};
+use crate::harness::ktap::{KtapWriter, Status, TestResult};
+use crate::harness::scenario::{self, Scenario, Verdict, GUEST_BIN_PATH};
+use crate::vm::agent::{Agent, AgentError, RunOutput};
+use crate::vm::control::{ControlClient, ControlError, JournalWatch, Window};
+use crate::vm::process::{describe_status, ChildGuard, POLL};
+use crate::vm::profile::{ProfileId, VmLayout, VmProfile};
+use crate::vm::qemu::QemuError;
+use crate::vm::qmp::{Qmp, QmpError};
+use crate::vm::server::{DescribedDevice, Server};
 
 /// How long the guest has to come back after a `system_reset` (a TCG boot takes ~4.5 s).
 pub const REBOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -342,10 +342,10 @@ impl<'a> HostCtx<'a> {
         ok
     }
 
-    /// Declares that `device` must journal a violation of `kind` (`dma_during_reset`) during
-    /// this scenario: a deliberately buggy guest program proving the oracle catches the bug.
-    /// The suite then passes the scenario only if every declared violation was journaled and no
-    /// other one, and marks its result line `# XFAIL` (an expected failure, never silent).
+    /// Declares at run time that `device` must journal a violation of `kind` during this
+    /// scenario, in addition to the catalogue's [`Scenario::violations`] (which is where a
+    /// catalogue scenario declares them, next to its twin; this is for scenario lists built
+    /// elsewhere, such as the vfio selftests').
     pub fn expect_violation(&mut self, device: &str, kind: ViolationKind) {
         let v = (device.to_string(), kind);
         if !self.expected.contains(&v) {
@@ -577,7 +577,7 @@ impl<'a> HostCtx<'a> {
             if Instant::now() >= deadline {
                 return Ok(None);
             }
-            if let Some(s) = crate::process::interrupted() {
+            if let Some(s) = crate::vm::process::interrupted() {
                 return Err(HostError::Interrupted(s));
             }
             thread::sleep(POLL.max(Duration::from_millis(50)));

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use log::debug;
 use serde_json::Value;
 
-use crate::process::{self, describe_status, ChildGuard, Group, ProcessError, POLL};
+use crate::vm::process::{self, describe_status, ChildGuard, Group, ProcessError, POLL};
 
 /// How long the server has to create its sockets.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -64,7 +64,7 @@ pub enum ServerError {
     BadDescription(String),
     /// The control socket failed.
     #[error("The device server's control socket failed")]
-    Control(#[from] crate::control::ControlError),
+    Control(#[from] crate::vm::control::ControlError),
 }
 
 /// A `gpu:socket=PATH,id=ID,extra...` device spec for `pcisim serve`/`describe`. Each `extra`
@@ -283,13 +283,13 @@ impl Server {
     }
 
     /// A new connection to the control socket.
-    pub fn control(&self) -> Result<crate::control::ControlClient, ServerError> {
+    pub fn control(&self) -> Result<crate::vm::control::ControlClient, ServerError> {
         let path = self.control.as_deref().ok_or_else(|| {
-            crate::control::ControlError::Refused(
+            crate::vm::control::ControlError::Refused(
                 "the device server was started without --control".into(),
             )
         })?;
-        Ok(crate::control::ControlClient::connect(path)?)
+        Ok(crate::vm::control::ControlClient::connect(path)?)
     }
 
     /// The server's pid.

@@ -23,13 +23,13 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::agent::{Agent, RunInput, RunOutput};
 use crate::error::LabError;
-use crate::profile::{DeviceKind, DeviceSlot, ProfileId, VmProfile};
-use crate::qemu::{HotplugMode, QemuConfig, Share, VmOptions, DEFAULT_APPEND};
-use crate::qmp::{PciDeviceInfo, Qmp, QmpError};
-use crate::suite::{AGENT_PORT, BOOT_TIMEOUT, CONNECT_TIMEOUT, POWEROFF_TIMEOUT};
-use crate::{guest, initramfs, kmod, provision, server};
+use crate::harness::suite::{AGENT_PORT, BOOT_TIMEOUT, CONNECT_TIMEOUT, POWEROFF_TIMEOUT};
+use crate::vm::agent::{Agent, RunInput, RunOutput};
+use crate::vm::profile::{DeviceKind, DeviceSlot, ProfileId, VmProfile};
+use crate::vm::qemu::{HotplugMode, QemuConfig, Share, VmOptions, DEFAULT_APPEND};
+use crate::vm::qmp::{PciDeviceInfo, Qmp, QmpError};
+use crate::vm::{guest_build, initramfs, kmod, provision, server};
 
 /// The serial port (in the guest) of the shell `console` attaches to.
 pub const CONSOLE_PORT: &str = "ttyS2";
@@ -82,7 +82,7 @@ pub fn manual_profile() -> VmProfile {
         free_ports: 1,
         viommu: true,
         // `lab up --memory` decides the manual VM's RAM.
-        memory_mib: crate::profile::DEFAULT_MEMORY_MIB,
+        memory_mib: crate::vm::profile::DEFAULT_MEMORY_MIB,
     }
 }
 
@@ -533,7 +533,7 @@ fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
         kernel.check.summary()
     );
     crate::note!("building the guest programs...");
-    let guest_bin = guest::build(&dir.join("guest-build.log")).map_err(lab)?;
+    let guest_bin = guest_build::build(&dir.join("guest-build.log")).map_err(lab)?;
     crate::note!("building the guest kernel modules...");
     let extra_modules = if !kernel.can_build_modules {
         crate::note!("(no kernel build tree for {}: none built)", kernel.what);
@@ -698,14 +698,14 @@ fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
         "-chardev".to_string(),
         format!(
             "socket,id=shell,path={},server=on,wait=off",
-            crate::qemu::qemu_opt_escape(&state.console.to_string_lossy())
+            crate::vm::qemu::qemu_opt_escape(&state.console.to_string_lossy())
         ),
         "-serial".into(),
         "chardev:shell".into(),
     ]);
     let line: Vec<String> = std::iter::once(env.qemu.to_string_lossy().into_owned())
         .chain(args.iter().cloned())
-        .map(|w| crate::qemu::shell_quote(&w))
+        .map(|w| crate::vm::qemu::shell_quote(&w))
         .collect();
     let _ = fs::write(dir.join("qemu-cmdline.sh"), format!("{}\n", line.join(" ")));
     let mut cmd = Command::new(&env.qemu);

@@ -1,0 +1,1 @@
+//! Guest operations shared by scenarios and the manual lab.
