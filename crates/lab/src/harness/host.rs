@@ -48,6 +48,7 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use pcisim_journal::{Event, Record, ResetKind, ViolationKind};
 
+use crate::guestops::{self, GuestShell, ShellError};
 use crate::harness::ktap::{KtapWriter, Status, TestResult};
 use crate::harness::scenario::{self, Scenario, Verdict, GUEST_BIN_PATH};
 use crate::vm::agent::{Agent, AgentError, RunOutput};
@@ -55,7 +56,7 @@ use crate::vm::control::{ControlClient, ControlError, JournalWatch, Window};
 use crate::vm::process::{describe_status, ChildGuard, POLL};
 use crate::vm::profile::{ProfileId, VmLayout, VmProfile};
 use crate::vm::qemu::QemuError;
-use crate::vm::qmp::{Qmp, QmpError};
+use crate::vm::qmp::{PciDeviceInfo, Qmp, QmpError};
 use crate::vm::server::{DescribedDevice, Server};
 
 /// How long the guest has to come back after a `system_reset` (a TCG boot takes ~4.5 s).
@@ -120,6 +121,22 @@ pub enum HostError {
     /// The lab was interrupted.
     #[error("Interrupted by signal {0}")]
     Interrupted(i32),
+}
+
+impl From<ShellError> for HostError {
+    fn from(e: ShellError) -> Self {
+        HostError::Step(e.to_string())
+    }
+}
+
+/// Guest operations ([`crate::guestops`]) run with the scenario's timeout, after checking that
+/// QEMU is still there.
+impl GuestShell for HostCtx<'_> {
+    type Error = HostError;
+
+    fn run_argv(&mut self, argv: &[String]) -> Result<RunOutput, HostError> {
+        self.guest(argv)
+    }
 }
 
 impl HostError {
@@ -342,6 +359,16 @@ impl<'a> HostCtx<'a> {
         ok
     }
 
+    /// Records the subtest `name` from `result` (its error is the reason it failed) and returns
+    /// `result`: a step that is a check and ends the scenario when it fails.
+    pub fn checked<T>(&mut self, name: &str, result: Result<T, HostError>) -> Result<T, HostError> {
+        match &result {
+            Ok(_) => self.pass(name),
+            Err(e) => self.fail(name, &e.to_string()),
+        }
+        result
+    }
+
     /// Declares at run time that `device` must journal a violation of `kind` during this
     /// scenario, in addition to the catalogue's [`Scenario::violations`] (which is where a
     /// catalogue scenario declares them, next to its twin; this is for scenario lists built
@@ -383,24 +410,19 @@ impl<'a> HostCtx<'a> {
     }
 
     /// Runs `script` with the guest's busybox `sh -c` and returns its stdout; a non-zero exit
-    /// is an error (with its stderr).
+    /// is an error (with its stderr). [`crate::guestops::sh`] on this context.
     pub fn sh(&mut self, script: &str) -> Result<String, HostError> {
-        let argv = ["/bin/busybox", "sh", "-c", script].map(str::to_string);
-        let out = self.guest(&argv)?;
-        if out.exit == Some(0) {
-            Ok(out.stdout)
-        } else {
-            Err(HostError::Step(format!(
-                "guest `sh -c {script:?}` ended with {}: {}",
-                match (out.exit, out.signal, out.timed_out) {
-                    (_, _, true) => "a timeout".to_string(),
-                    (Some(c), _, _) => format!("exit {c}"),
-                    (None, Some(s), _) => format!("signal {s}"),
-                    (None, None, _) => "no status".to_string(),
-                },
-                out.stderr.trim()
-            )))
-        }
+        guestops::sh(self, script)
+    }
+
+    /// The BDF the guest gave QEMU device `id` (from `query-pci`).
+    pub fn bdf_of(&mut self, id: &str) -> Result<String, HostError> {
+        self.qmp()
+            .query_pci()?
+            .iter()
+            .find(|p| p.qdev_id == id)
+            .map(PciDeviceInfo::bdf)
+            .ok_or_else(|| HostError::Step(format!("{id} is not in query-pci")))
     }
 
     /// `pcisim-guest <program> --vendor V --device D [--expect JSON] extra...` for the device
@@ -674,6 +696,33 @@ pub fn count_records(records: &[Record], pred: impl Fn(&Event) -> bool) -> usize
 /// A reset of `kind` began.
 pub fn is_reset_begin(e: &Event, kind: ResetKind) -> bool {
     matches!(e, Event::ResetBegin { kind: k } if *k == kind)
+}
+
+/// The reset kinds journaled in `records` (one per `reset_begin`), and whether every reset
+/// ended with a `reset_end` of its kind before the next began.
+pub fn reset_kinds(records: &[Record]) -> (Vec<ResetKind>, bool) {
+    let mut kinds = Vec::new();
+    let mut open: Option<ResetKind> = None;
+    let mut paired = true;
+    for r in records {
+        match r.event {
+            Event::ResetBegin { kind } => {
+                if open.is_some() {
+                    paired = false;
+                }
+                kinds.push(kind);
+                open = Some(kind);
+            }
+            Event::ResetEnd { kind } => {
+                if open != Some(kind) {
+                    paired = false;
+                }
+                open = None;
+            }
+            _ => {}
+        }
+    }
+    (kinds, paired && open.is_none())
 }
 
 #[cfg(test)]

@@ -48,23 +48,18 @@ use crate::harness::host::{HostCtx, HostError, Vm};
 use crate::harness::ktap::{KtapWriter, Status, TestResult};
 use crate::harness::scenario::{self, Program, Scenario, Verdict};
 use crate::vm::agent::{Agent, AgentError, AgentListener, KmsgMark, RunOutput};
+use crate::vm::boot::{self, secs, tail_lines, Prepared};
 use crate::vm::control::{JournalWatch, WindowReport};
-use crate::vm::process::{self, describe_status, ChildGuard, InterruptGuard};
+use crate::vm::process::{describe_status, ChildGuard, InterruptGuard};
 use crate::vm::profile::{ProfileId, VmProfile};
-use crate::vm::qemu::{QemuConfig, DEFAULT_APPEND};
+use crate::vm::provision;
 use crate::vm::qmp::Qmp;
 use crate::vm::server::{self, Server, ServerError};
-use crate::vm::{guest_build, initramfs, kmod, provision};
 use pcisim_journal::ViolationKind;
 
-/// How long the guest has from QEMU's start to the agent's greeting.
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long QEMU has to connect the agent's serial port after starting.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the guest has to power off after the agent acknowledged.
-pub const POWEROFF_TIMEOUT: Duration = Duration::from_secs(60);
-/// The guest serial port of the agent.
-pub const AGENT_PORT: &str = "/dev/ttyS1";
+pub use crate::vm::boot::{AGENT_PORT, BOOT_TIMEOUT, CONNECT_TIMEOUT, POWEROFF_TIMEOUT};
+/// The initramfs appender, where the vfio selftests' tests reach it.
+pub use crate::vm::initramfs::append_archives;
 /// Lines of the console log shown when the guest does not come up: the last ones, and before them
 /// at most this many "key" lines (init, panic, vfio, IOMMU).
 const CONSOLE_TAIL: usize = 15;
@@ -239,21 +234,6 @@ impl Drop for RunDir {
                 warn!("cannot remove {}: {e}", self.path.display());
             }
         }
-    }
-}
-
-/// The last `n` lines of a text file (lossy UTF-8), or an explanation if it cannot be read.
-pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
-    match fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(n)..]
-                .iter()
-                .map(|l| l.trim_end_matches('\r').to_string())
-                .collect()
-        }
-        Err(e) => vec![format!("(cannot read {}: {e})", path.display())],
     }
 }
 
@@ -475,44 +455,10 @@ pub fn run_scenarios(
     result
 }
 
-/// Appends each of `extra` to the initramfs at `initrd` (see [`SuiteOptions::extra_initramfs`]).
-pub(crate) fn append_archives(initrd: &Path, extra: &[PathBuf]) -> Result<(), LabError> {
-    let io_err = |source| {
-        LabError::Initramfs(initramfs::InitramfsError::Io {
-            what: "Cannot append an archive to",
-            path: initrd.to_path_buf(),
-            source,
-        })
-    };
-    if extra.is_empty() {
-        return Ok(());
-    }
-    let mut out = fs::OpenOptions::new()
-        .append(true)
-        .open(initrd)
-        .map_err(io_err)?;
-    for a in extra {
-        let mut f = File::open(a).map_err(io_err)?;
-        std::io::copy(&mut f, &mut out).map_err(io_err)?;
-    }
-    Ok(())
-}
-
-fn secs(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64()
-}
-
 /// Shows the last `n` lines of a log on the progress stream (not after an interrupt: the user
 /// asked to stop, not for logs).
 fn show_tail(report: &mut Report<'_>, title: &str, path: &Path, n: usize) -> Result<(), LabError> {
-    if process::interrupted().is_some() {
-        return Ok(());
-    }
-    report.line(&format!("{title} ({}), last lines:", path.display()))?;
-    for l in tail_lines(path, n) {
-        report.line(&format!("  | {l}"))?;
-    }
-    Ok(())
+    boot::show_tail(&mut |l| report.line(l), title, path, n)
 }
 
 /// Console lines worth showing first when the guest did not come up.
@@ -568,144 +514,14 @@ fn run_in(
     plan: &[(ProfileId, Vec<Scenario>)],
     report: &mut Report<'_>,
 ) -> Result<bool, LabError> {
-    // 1. Provision.
-    let scripts = provision::scripts_dir();
-    report.line(&format!(
-        "provisioning with {}/provision.sh (the first run downloads QEMU and a guest kernel)",
-        scripts.display()
-    ))?;
-    let t = Instant::now();
     let profiles: Vec<_> = plan.iter().map(|(id, _)| id.profile()).collect();
-    let (env, kernel) = match crate::kernel::prepare(
+    let Prepared { env, initrd, .. } = boot::prepare(
         &opts.kernel,
         &profiles,
-        false,
-        &scripts,
-        &run.join("provision.log"),
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            if matches!(e, crate::kernel::KernelError::Provision(_)) {
-                show_tail(report, "provision log", &run.join("provision.log"), 20)?;
-            }
-            return Err(e.into());
-        }
-    };
-    report.line(&format!(
-        "guest kernel {}: {} (cache entry {}); {}",
-        kernel.kver,
-        kernel.what,
-        kernel.entry,
-        kernel.check.summary()
-    ))?;
-    report.line(&format!(
-        "provisioned in {:.1} s: QEMU {}, guest kernel {}, accel {} (cpu {})",
-        secs(t),
-        env.qemu_version,
-        env.kver,
-        env.accel.as_str(),
-        env.cpu
-    ))?;
-
-    // 2. Guest programs.
-    report.line(&format!(
-        "building the guest programs ({})",
-        guest_build::guest_manifest().display()
-    ))?;
-    let t = Instant::now();
-    let guest_bin = match guest_build::build(&run.join("guest-build.log")) {
-        Ok(p) => p,
-        Err(e) => {
-            show_tail(report, "guest build log", &run.join("guest-build.log"), 30)?;
-            return Err(e.into());
-        }
-    };
-    report.line(&format!(
-        "guest programs built in {:.1} s: {}",
-        secs(t),
-        guest_bin.display()
-    ))?;
-
-    // 3. Our guest kernel modules (skipped only when guest-tests/kmod has no .c file).
-    let t = Instant::now();
-    let kmod_log = run.join("kmod-build.log");
-    let built = if kernel.can_build_modules {
-        kmod::build(&env, &kmod_log).map(Some)
-    } else {
-        report.line(&format!(
-            "no kernel build tree for {} (its modules' build link names none): our guest modules are not built, scenarios that insmod them fail (use --kernel-tree or a Debian series)",
-            kernel.what
-        ))?;
-        Ok(None)
-    };
-    let extra_modules = match built {
-        Ok(None) => Vec::new(),
-        Ok(Some(Some(b))) => {
-            let names: Vec<String> = b.modules.iter().map(|m| m.name.clone()).collect();
-            report.line(&format!(
-                "guest kernel modules {} in {:.1} s: {} (key {})",
-                if b.cached {
-                    "taken from the cache"
-                } else {
-                    "built"
-                },
-                secs(t),
-                names.join(" "),
-                b.key
-            ))?;
-            b.modules.into_iter().map(|m| m.path).collect()
-        }
-        Ok(Some(None)) => {
-            report.line(&format!(
-                "no .c file in {}: no guest kernel module to build",
-                kmod::kmod_src_dir().display()
-            ))?;
-            Vec::new()
-        }
-        Err(e) => {
-            show_tail(report, "kernel module build log", &kmod_log, 30)?;
-            return Err(e.into());
-        }
-    };
-
-    // 4. Initramfs.
-    let t = Instant::now();
-    let initrd = initramfs::build(
-        &initramfs::InitramfsSpec {
-            busybox: env.busybox.clone(),
-            guest_bin,
-            modules_dir: env.modules.clone(),
-            kver: env.kver.clone(),
-            modules: initramfs::VFIO_MODULES
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            extra_modules,
-            agent_port: AGENT_PORT.into(),
-            userland_root: Some(env.kbuild_root.clone()),
-        },
-        &run.join("initramfs.cpio"),
+        &opts.extra_initramfs,
+        run.path(),
+        &mut |l| report.line(l),
     )?;
-    append_archives(&initrd.path, &opts.extra_initramfs)?;
-    let names: Vec<String> = initrd
-        .modules
-        .iter()
-        .map(|m| initramfs::module_name(m))
-        .collect();
-    report.line(&format!(
-        "initramfs built in {:.1} s: {:.1} MiB, modules {}{}",
-        secs(t),
-        initrd.size as f64 / (1024.0 * 1024.0),
-        names.join(" "),
-        if initrd.extra_modules.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "; ours, for the scenarios to insmod: {}",
-                initrd.extra_modules.join(" ")
-            )
-        }
-    ))?;
 
     // 5. One VM per profile, in the order the scenarios need them.
     let mut ok = true;
@@ -793,28 +609,15 @@ fn run_vm(
 
     // The VM.
     let listener = AgentListener::bind(&dir.join("agent.sock"))?;
-    let config = QemuConfig {
-        qemu: env.qemu.clone(),
-        accel: env.accel.as_str().into(),
-        cpu: env.cpu.clone(),
-        memory_mib: profile.memory_mib,
-        smp: 2,
-        kernel: env.kernel.clone(),
-        initrd: initrd.to_path_buf(),
-        append: if profile.viommu {
-            DEFAULT_APPEND.to_string()
-        } else {
-            DEFAULT_APPEND.replace(" intel_iommu=on", "")
-        },
-        console_log: dir.join("console.log"),
-        agent_socket: listener.path().to_path_buf(),
-        qmp_socket: dir.join("qmp.sock"),
-        viommu: profile.viommu,
-        hotplug: profile.hotplug,
-        root_ports: layout.root_ports.clone(),
-        devices: layout.devices.clone(),
-        extra: opts.vm.clone(),
-    };
+    let config = boot::qemu_config(
+        env,
+        profile,
+        &layout,
+        initrd,
+        &dir,
+        listener.path(),
+        opts.vm.clone(),
+    );
     match config.shell_line() {
         Ok(line) => save(dir.join("qemu-cmdline.sh"), &format!("{line}\n")),
         Err(e) => warn!("{e}"),

@@ -23,8 +23,8 @@
 
 use pcisim_journal::{Dir, Event, Record, Refusal, RingErrorCode};
 
+use crate::harness::host::reset_kinds;
 use crate::harness::host::{HostCtx, HostError, HostProgram};
-use crate::scenarios::reset::reset_kinds;
 use crate::vm::profile::ProfileId;
 use crate::vm::qmp::PciDeviceInfo;
 

@@ -954,6 +954,28 @@ fn subset_modules_dep(deps: &ModuleDeps, order: &[String]) -> String {
     text
 }
 
+/// Appends each of `extra` (newc archives) to the initramfs at `initrd`: the kernel unpacks
+/// concatenated archives in order (`SuiteOptions::extra_initramfs`).
+pub fn append_archives(initrd: &Path, extra: &[PathBuf]) -> Result<(), InitramfsError> {
+    let io_err = |source| InitramfsError::Io {
+        what: "Cannot append an archive to",
+        path: initrd.to_path_buf(),
+        source,
+    };
+    if extra.is_empty() {
+        return Ok(());
+    }
+    let mut out = fs::OpenOptions::new()
+        .append(true)
+        .open(initrd)
+        .map_err(io_err)?;
+    for a in extra {
+        let mut f = fs::File::open(a).map_err(io_err)?;
+        std::io::copy(&mut f, &mut out).map_err(io_err)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
