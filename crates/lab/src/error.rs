@@ -3,17 +3,17 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::agent::AgentError;
-use crate::guest::GuestError;
-use crate::initramfs::InitramfsError;
 use crate::kernel::KernelError;
-use crate::kmod::KmodError;
-use crate::process::ProcessError;
-use crate::profile::ProfileError;
-use crate::provision::ProvisionError;
-use crate::qemu::QemuError;
-use crate::qmp::QmpError;
-use crate::server::ServerError;
+use crate::vm::agent::AgentError;
+use crate::vm::guest_build::GuestError;
+use crate::vm::initramfs::InitramfsError;
+use crate::vm::kmod::KmodError;
+use crate::vm::process::ProcessError;
+use crate::vm::profile::ProfileError;
+use crate::vm::provision::ProvisionError;
+use crate::vm::qemu::QemuError;
+use crate::vm::qmp::QmpError;
+use crate::vm::server::ServerError;
 
 /// Why a lab run could not be carried out (a scenario that fails is not an error: it is a
 /// `not ok` line and `run_suite` returns `Ok(false)`).

@@ -28,9 +28,9 @@ use std::time::UNIX_EPOCH;
 
 use log::{debug, warn};
 
-use crate::profile::{DeviceKind, VmProfile};
-use crate::provision::{self, ProvisionEnv, ProvisionError};
-use crate::qemu::HotplugMode;
+use crate::vm::profile::{DeviceKind, VmProfile};
+use crate::vm::provision::{self, ProvisionEnv, ProvisionError};
+use crate::vm::qemu::HotplugMode;
 
 /// The Debian kernel series `--kernel` accepts (the same list as `kernel_suite()` in
 /// `qemu-scripts/provision.sh`), with the suite each comes from.
@@ -752,7 +752,7 @@ pub fn module_names(text: &str) -> BTreeSet<String> {
         .filter_map(|l| l.split(':').next())
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(crate::initramfs::module_name)
+        .map(crate::vm::initramfs::module_name)
         .collect()
 }
 
@@ -1232,19 +1232,17 @@ fn tree_has_modules(i: &Inspected) -> bool {
 /// Runs a helper command, its output appended to `log`.
 fn run_logged(what: &str, cmd: &mut Command, log: &Path) -> Result<(), KernelError> {
     debug!("{what}: {cmd:?}");
-    let out =
-        crate::process::run_captured(what, cmd, crate::kmod::BUILD_TIMEOUT, log).map_err(|e| {
-            KernelError::Command {
-                what: format!("{what}: {e}"),
-                status: "did not run".into(),
-                log: log.to_path_buf(),
-            }
+    let out = crate::vm::process::run_captured(what, cmd, crate::vm::kmod::BUILD_TIMEOUT, log)
+        .map_err(|e| KernelError::Command {
+            what: format!("{what}: {e}"),
+            status: "did not run".into(),
+            log: log.to_path_buf(),
         })?;
     if !out.status.success() {
         warn!("{what} failed; see {}", log.display());
         return Err(KernelError::Command {
             what: what.to_string(),
-            status: crate::process::describe_status(out.status),
+            status: crate::vm::process::describe_status(out.status),
             log: log.to_path_buf(),
         });
     }
@@ -1254,7 +1252,7 @@ fn run_logged(what: &str, cmd: &mut Command, log: &Path) -> Result<(), KernelErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::ProfileId;
+    use crate::vm::profile::ProfileId;
 
     const ALL_PROFILES: [ProfileId; 7] = [
         ProfileId::Gpu,

@@ -36,14 +36,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::error::LabError;
-use crate::host::{HostCtx, HostError, HostProgram};
-use crate::initramfs::CpioWriter;
-use crate::process::ProcessError;
-use crate::process::{self, describe_status};
-use crate::profile::ProfileId;
-use crate::provision;
-use crate::scenario::{Program, Scenario};
-use crate::suite::{self, SuiteOptions, SuiteOutcome};
+use crate::harness::host::{HostCtx, HostError, HostProgram};
+use crate::harness::scenario::{Program, Scenario};
+use crate::harness::suite::{self, SuiteOptions, SuiteOutcome};
+use crate::vm::initramfs::CpioWriter;
+use crate::vm::process::ProcessError;
+use crate::vm::process::{self, describe_status};
+use crate::vm::profile::ProfileId;
+use crate::vm::provision;
 
 /// Where the selftest binaries are in the guest.
 pub const GUEST_DIR: &str = "/kselftest/vfio";
@@ -258,12 +258,12 @@ macro_rules! k {
             id: $id,
             name: $name,
             timeout: Duration::from_secs($secs),
-            kernel_reports: &[],
             program: Program::Host(HostProgram {
                 name: $name,
                 profile: ProfileId::GpuLarge,
                 run: $f,
             }),
+            ..Scenario::NO_XFAIL
         }
     };
 }
@@ -668,11 +668,11 @@ mod tests {
         let (a, b) = (dir.join("initramfs.cpio"), dir.join("extra.cpio"));
         fs::write(&a, b"first").unwrap();
         fs::write(&b, b"second").unwrap();
-        crate::suite::append_archives(&a, &[]).unwrap();
+        crate::harness::suite::append_archives(&a, &[]).unwrap();
         assert_eq!(fs::read(&a).unwrap(), b"first");
-        crate::suite::append_archives(&a, std::slice::from_ref(&b)).unwrap();
+        crate::harness::suite::append_archives(&a, std::slice::from_ref(&b)).unwrap();
         assert_eq!(fs::read(&a).unwrap(), b"firstsecond");
-        assert!(crate::suite::append_archives(&a, &[dir.join("missing")]).is_err());
+        assert!(crate::harness::suite::append_archives(&a, &[dir.join("missing")]).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 

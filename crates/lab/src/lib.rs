@@ -12,7 +12,7 @@
 //! let result = run_suite(&opts, &mut std::io::stdout(), &mut std::io::stderr());
 //! // 0 all passed, 1 a failure, 2 infrastructure, 4 not everything ran (skips, unless
 //! // `opts.allow_skip`).
-//! std::process::exit(pcisim_lab::suite::exit_code(&result, opts.allow_skip));
+//! std::process::exit(pcisim_lab::harness::suite::exit_code(&result, opts.allow_skip));
 //! ```
 //!
 //! The building blocks are public for other lab commands and tests:
@@ -57,36 +57,17 @@
 //! `teardown.journal.jsonl` and the sockets (`control.sock` is the server's control socket,
 //! `<device>.sock` the devices', `qmp.sock` QEMU's QMP).
 
-pub mod agent;
-pub mod control;
-pub mod dmamap;
-pub mod dmesg;
 pub mod error;
-pub mod guest;
-pub mod host;
-pub mod hotplug;
-pub mod initramfs;
+pub mod guestops;
+pub mod harness;
 pub mod kernel;
-pub mod kmod;
 pub mod kselftest;
-pub mod ktap;
-pub mod kvmprobe;
 pub mod manual;
-pub mod mm;
-pub mod oracle;
 pub mod output;
-pub mod process;
-pub mod profile;
-pub mod provision;
-pub mod qemu;
-pub mod qmp;
-pub mod reset;
-pub mod scenario;
-pub mod server;
+pub mod scenarios;
 pub mod stall;
-pub mod suite;
-pub mod sva;
-pub mod timeline;
+pub mod vm;
 
 pub use error::LabError;
-pub use suite::{run_suite, SuiteOptions};
+pub use harness::suite::SuiteOptions;
+pub use scenarios::{catalogue, run_suite, select};

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pcisim_lab::kvmprobe::{self, Outcome};
-use pcisim_lab::provision::ProvisionEnv;
+use pcisim_lab::vm::kvmprobe::{self, Outcome};
+use pcisim_lab::vm::provision::ProvisionEnv;
 
 /// The probe returns a verdict (either), with a reason; when `/dev/kvm` opens, every check ran
 /// and the verdict is exactly "all checks returned their value". Its speed (5-40 ms here) is
@@ -52,7 +52,7 @@ fn test_probe_answers_within_one_second() {
 /// QEMU from the lab's provisioning (`provision.sh --print-env` when the cache is complete,
 /// else a full, idempotent provisioning run like the lab's).
 fn provisioned_qemu() -> PathBuf {
-    let scripts = pcisim_lab::provision::scripts_dir();
+    let scripts = pcisim_lab::vm::provision::scripts_dir();
     let out = Command::new("bash")
         .arg(scripts.join("provision.sh"))
         .arg("--print-env")
@@ -65,7 +65,7 @@ fn provisioned_qemu() -> PathBuf {
         }
     }
     let log = std::env::temp_dir().join(format!("kvmprobe-provision-{}.log", std::process::id()));
-    pcisim_lab::provision::provision(&scripts, "6.12", &log)
+    pcisim_lab::vm::provision::provision(&scripts, "6.12", &log)
         .unwrap_or_else(|e| {
             panic!(
                 "provisioning QEMU for the KVM check: {e} (log {})",

@@ -16,7 +16,7 @@
 //! | `{"op":"inject","device":D,"fault":F}` | `device`, `fault` (F as given) |
 //!
 //! `device` may be omitted when the server has exactly one device. The client of this protocol
-//! is `pcisim ctl` (and the lab), both through [`pcisim_lab::control::ControlClient`].
+//! is `pcisim ctl` (and the lab), both through [`pcisim_lab::vm::control::ControlClient`].
 //!
 //! The socket is served by an `event-manager` subscriber ([`ControlLoop`]) on the loop of
 //! `pcisim serve`'s main thread (with the signals): the listener, every client (at most
@@ -130,7 +130,7 @@ impl ControlDevice {
 /// `1234:0b10 class 030200 rev 01, BARs 0:64K 2:256M(64,pf), caps 01@40 11@48 10@54, ext 0001@100 ...`
 fn summary(d: &Description) -> String {
     let size = |n: u64| {
-        pcisim_lab::control::human_bytes(n)
+        pcisim_lab::vm::control::human_bytes(n)
             .replace(".0 ", "")
             .replace(' ', "")
     };
@@ -977,7 +977,7 @@ mod tests {
         let mut stalled = UnixStream::connect(&path).unwrap();
         stalled.write_all(br#"{"op":"li"#).unwrap();
         let mut others: Vec<_> = (0..3)
-            .map(|_| pcisim_lab::control::ControlClient::connect(&path).unwrap())
+            .map(|_| pcisim_lab::vm::control::ControlClient::connect(&path).unwrap())
             .collect();
         let start = Instant::now();
         for c in &mut others {
@@ -1009,7 +1009,7 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         std::thread::spawn(move || server.run());
-        let mut c = pcisim_lab::control::ControlClient::connect(&path).unwrap();
+        let mut c = pcisim_lab::vm::control::ControlClient::connect(&path).unwrap();
         let long = "x".repeat(MAX_LINE + 10);
         let v = c.send_line(&long).unwrap();
         assert!(error(&v).contains("longer than"));

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use pcisim_journal::text::format_record;
 use pcisim_journal::{timeline, Record};
-use pcisim_lab::control::{stats_line, ControlClient};
+use pcisim_lab::vm::control::{stats_line, ControlClient};
 use serde_json::{json, Value};
 
 /// How often `journal --follow` asks for new records.

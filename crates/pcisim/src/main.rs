@@ -292,16 +292,16 @@ struct VmArgs {
 }
 
 impl VmArgs {
-    fn options(self) -> Result<pcisim_lab::qemu::VmOptions> {
+    fn options(self) -> Result<pcisim_lab::vm::qemu::VmOptions> {
         let shares = self
             .shares
             .iter()
-            .map(|s| pcisim_lab::qemu::Share::parse(s).map_err(anyhow::Error::msg))
+            .map(|s| pcisim_lab::vm::qemu::Share::parse(s).map_err(anyhow::Error::msg))
             .collect::<Result<Vec<_>>>()?;
         if self.smp == Some(0) {
             anyhow::bail!("--smp must be at least 1");
         }
-        Ok(pcisim_lab::qemu::VmOptions {
+        Ok(pcisim_lab::vm::qemu::VmOptions {
             memory_mib: self.memory,
             smp: self.smp,
             append: self.append,
@@ -411,18 +411,18 @@ fn run(cli: Cli) -> Result<i32> {
                 let result = pcisim_lab::run_suite(&opts, &mut out, &mut progress);
                 // 0 all passed, 1 failed, 2 infrastructure, 4 not everything ran, 128 + signal
                 // interrupted (after the lab cleaned up), 141 the report's reader went away.
-                let code = pcisim_lab::suite::exit_code(&result, allow_skip);
+                let code = pcisim_lab::harness::suite::exit_code(&result, allow_skip);
                 if let Err(e) = &result {
                     let text = pcisim_lab::error::error_chain(e);
                     match code {
-                        pcisim_lab::suite::EXIT_INFRA => note!("pcisim: error: {text}"),
+                        pcisim_lab::harness::suite::EXIT_INFRA => note!("pcisim: error: {text}"),
                         _ => note!("pcisim: {text}"),
                     }
                 }
                 Ok(code)
             }
             LabCmd::KvmProbe { json } => {
-                let v = pcisim_lab::kvmprobe::probe();
+                let v = pcisim_lab::vm::kvmprobe::probe();
                 let text = if json {
                     serde_json::to_string_pretty(&v)?
                 } else {
@@ -467,7 +467,7 @@ fn lab_kselftest(filter: Option<String>, kernel: KernelArgs, keep: bool) -> Resu
         Ok(outcome) => outcome.exit_code(false),
         Err(KselftestError::Lab(e)) => {
             let r = Err(e);
-            let code = pcisim_lab::suite::exit_code(&r, false);
+            let code = pcisim_lab::harness::suite::exit_code(&r, false);
             if let Err(e) = &r {
                 note!("pcisim: error: {}", pcisim_lab::error::error_chain(e));
             }
@@ -475,7 +475,7 @@ fn lab_kselftest(filter: Option<String>, kernel: KernelArgs, keep: bool) -> Resu
         }
         Err(e) => {
             note!("pcisim: error: {}", pcisim_lab::error::error_chain(&e));
-            pcisim_lab::suite::EXIT_INFRA
+            pcisim_lab::harness::suite::EXIT_INFRA
         }
     })
 }

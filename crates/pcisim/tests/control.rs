@@ -14,7 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use pcisim_lab::control::ControlClient;
+use pcisim_lab::vm::control::ControlClient;
 use serde_json::Value;
 
 const PCISIM: &str = env!("CARGO_BIN_EXE_pcisim");

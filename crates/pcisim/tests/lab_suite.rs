@@ -51,7 +51,7 @@ const EXPECTED_FAILURES: [&str; 7] = ["R2b", "R8", "M6b", "M6c", "M7b", "K1", "K
 fn lab_suite_all_scenarios_pass() {
     let out = lab_suite(&[]);
     let ktap = String::from_utf8_lossy(&out.stdout);
-    let catalogue = pcisim_lab::scenario::catalogue();
+    let catalogue = pcisim_lab::catalogue();
     assert!(
         ktap.starts_with(&format!("KTAP version 1\n1..{}\n", catalogue.len())),
         "KTAP header"
@@ -76,7 +76,7 @@ fn lab_suite_all_scenarios_pass() {
     // The `gpu` VM's scenarios come first, in catalogue order; R0 opens the `gpu-npu` VM.
     let gpu_vm: Vec<&str> = catalogue
         .iter()
-        .filter(|s| s.profile() == pcisim_lab::profile::ProfileId::Gpu)
+        .filter(|s| s.profile() == pcisim_lab::vm::profile::ProfileId::Gpu)
         .map(|s| s.name)
         .collect();
     assert_eq!(
@@ -334,24 +334,24 @@ fn lab_suite_kernel_oracle_catches_a_warning_and_a_hung_task() {
 #[test]
 fn lab_suite_kernel_warning_fails_an_undeclared_scenario() {
     let _one_vm = VM.lock().unwrap_or_else(|e| e.into_inner());
-    let mut k1 = pcisim_lab::scenario::select(Some("K1"))
+    let mut k1 = pcisim_lab::select(Some("K1"))
         .pop()
         .expect("K1 in the catalogue");
     assert_eq!(
         k1.kernel_reports,
-        [pcisim_lab::dmesg::KernelReport::Warning]
+        [pcisim_lab::harness::dmesg::KernelReport::Warning]
     );
     k1.kernel_reports = &[];
     let opts = pcisim_lab::SuiteOptions::new(env!("CARGO_BIN_EXE_pcisim"));
     let mut ktap = Vec::new();
     let mut progress = Vec::new();
-    let result = pcisim_lab::suite::run_scenarios(&opts, vec![k1], &mut ktap, &mut progress);
+    let result = pcisim_lab::harness::suite::run_scenarios(&opts, vec![k1], &mut ktap, &mut progress);
     let ktap = String::from_utf8_lossy(&ktap);
     let progress = String::from_utf8_lossy(&progress);
     println!("--- KTAP:\n{ktap}\n--- progress:\n{progress}");
     let outcome = result.expect("the run itself works");
     assert_eq!((outcome.passed, outcome.failed), (0, 1));
-    assert_eq!(outcome.exit_code(false), pcisim_lab::suite::EXIT_FAILED);
+    assert_eq!(outcome.exit_code(false), pcisim_lab::harness::suite::EXIT_FAILED);
     let line = result_line(&ktap, "K1 kernel-warn-caught").expect("K1's result line");
     assert_eq!(
         line,
@@ -412,13 +412,13 @@ fn lab_suite_detects_corrupt_class_code() {
 /// that merely lacks the evicted records.
 #[test]
 fn journal_window_flooded_past_the_ring_is_incomplete() {
-    use pcisim_lab::control::ControlError;
+    use pcisim_lab::vm::control::ControlError;
     let dir = std::env::temp_dir().join(format!("pcisim-lab-flood-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("gpu0.sock");
     let spec = format!("gpu:socket={},id=gpu0,vram=1M", socket.display());
-    let server = pcisim_lab::server::Server::start(
+    let server = pcisim_lab::vm::server::Server::start(
         std::path::Path::new(env!("CARGO_BIN_EXE_pcisim")),
         &[spec],
         &[socket],

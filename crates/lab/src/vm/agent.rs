@@ -14,7 +14,7 @@
 //! ```
 //!
 //! Only one request is outstanding at a time. Every wait has a deadline and returns early when the
-//! lab is interrupted ([`crate::process::interrupted`]).
+//! lab is interrupted ([`crate::vm::process::interrupted`]).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -27,7 +27,7 @@ use log::{debug, warn};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::process::{self, POLL};
+use crate::vm::process::{self, POLL};
 
 /// Slack added to a `run` request's guest-side timeout before the host gives up waiting.
 pub const RUN_SLACK: Duration = Duration::from_secs(30);

@@ -23,7 +23,7 @@
 //!
 //! [`judge`] then amends the scenario's verdict the way the device journal does: any report
 //! fails the scenario, unless the scenario declares its kind expected
-//! ([`crate::scenario::Scenario::kernel_reports`]); then every declared kind must appear and
+//! ([`crate::harness::scenario::Scenario::kernel_reports`]); then every declared kind must appear and
 //! nothing else may, and the result line says `# XFAIL`.
 
 use std::fmt;
@@ -31,11 +31,11 @@ use std::path::Path;
 
 use log::warn;
 
-use crate::agent::{Agent, AgentError, KmsgMark};
-use crate::scenario::Verdict;
+use crate::harness::scenario::Verdict;
+use crate::vm::agent::{Agent, AgentError, KmsgMark};
 
 /// A kind of guest kernel report. A scenario that provokes one on purpose declares its kind
-/// ([`crate::scenario::Scenario::kernel_reports`]).
+/// ([`crate::harness::scenario::Scenario::kernel_reports`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelReport {
     /// A `WARN*()`: `------------[ cut here ]------------`, `WARNING: CPU: n PID: m at ...`.
@@ -1347,7 +1347,7 @@ mod tests {
         // I at boot from the lab's own pci=no_e820 (no MTRR line: a kernel without CONFIG_MTRR).
         let cmdline = format!(
             "[    0.000000] Command line: {}\n",
-            crate::qemu::DEFAULT_APPEND
+            crate::vm::qemu::DEFAULT_APPEND
         );
         assert!(analyze(&slice(&cmdline, 0, 2048)).is_empty());
         // A bit already set before is not a change.

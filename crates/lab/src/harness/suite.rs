@@ -16,11 +16,11 @@
 //!        ─► QMP connected ─► journal check "boot" ─► kernel log of the boot (boot.dmesg)
 //!        ─► for each of its scenarios (catalogue order):
 //!             a guest program: agent run pcisim-guest <sub> ... ─► KTAP (nested) + verdict
-//!             a host program: its function drives QMP/control/agent (crate::host) ─► its subtests
+//!             a host program: its function drives QMP/control/agent (crate::harness::host) ─► its subtests
 //!             ─► journal check: the devices' records since the previous check
 //!                ─► <ID>.journal.jsonl; any violation makes the scenario `not ok`
 //!             ─► kernel log check: the guest's kmsg records since the previous read
-//!                ─► <ID>.dmesg; any kernel report makes it `not ok` unless declared (crate::dmesg)
+//!                ─► <ID>.dmesg; any kernel report makes it `not ok` unless declared (crate::harness::dmesg)
 //!        ─► agent poweroff ─► QEMU exits ─► journal check "teardown" ─► journal summary per device
 //!        ─► SIGTERM server ─► clean exit, no panic in its log
 //! ```
@@ -42,28 +42,24 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, warn};
 
-use crate::agent::{Agent, AgentError, AgentListener, KmsgMark, RunOutput};
-use crate::control::{JournalWatch, WindowReport};
 use crate::error::{error_chain, LabError};
-use crate::host::{HostCtx, HostError, Vm};
-use crate::ktap::{KtapWriter, Status, TestResult};
-use crate::process::{self, describe_status, ChildGuard, InterruptGuard};
-use crate::profile::{ProfileId, VmProfile};
-use crate::qemu::{QemuConfig, DEFAULT_APPEND};
-use crate::qmp::Qmp;
-use crate::scenario::{self, Program, Scenario, Verdict};
-use crate::server::{self, Server, ServerError};
-use crate::{dmesg, guest, initramfs, kmod, provision};
+use crate::harness::dmesg;
+use crate::harness::host::{HostCtx, HostError, Vm};
+use crate::harness::ktap::{KtapWriter, Status, TestResult};
+use crate::harness::scenario::{self, Program, Scenario, Verdict};
+use crate::vm::agent::{Agent, AgentError, AgentListener, KmsgMark, RunOutput};
+use crate::vm::boot::{self, secs, tail_lines, Prepared};
+use crate::vm::control::{JournalWatch, WindowReport};
+use crate::vm::process::{describe_status, ChildGuard, InterruptGuard};
+use crate::vm::profile::{ProfileId, VmProfile};
+use crate::vm::provision;
+use crate::vm::qmp::Qmp;
+use crate::vm::server::{self, Server, ServerError};
 use pcisim_journal::ViolationKind;
 
-/// How long the guest has from QEMU's start to the agent's greeting.
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long QEMU has to connect the agent's serial port after starting.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the guest has to power off after the agent acknowledged.
-pub const POWEROFF_TIMEOUT: Duration = Duration::from_secs(60);
-/// The guest serial port of the agent.
-pub const AGENT_PORT: &str = "/dev/ttyS1";
+pub use crate::vm::boot::{AGENT_PORT, BOOT_TIMEOUT, CONNECT_TIMEOUT, POWEROFF_TIMEOUT};
+/// The initramfs appender, where the vfio selftests' tests reach it.
+pub use crate::vm::initramfs::append_archives;
 /// Lines of the console log shown when the guest does not come up: the last ones, and before them
 /// at most this many "key" lines (init, panic, vfio, IOMMU).
 const CONSOLE_TAIL: usize = 15;
@@ -86,7 +82,7 @@ pub struct SuiteOptions {
     /// least one ran). Without it a skip makes the run fail with [`EXIT_NOT_ALL_RAN`].
     pub allow_skip: bool,
     /// `--memory`, `--smp`, `--append`, `--qemu-arg`, `--gdb`, `--share` for every VM.
-    pub vm: crate::qemu::VmOptions,
+    pub vm: crate::vm::qemu::VmOptions,
     /// newc archives appended to the initramfs (the kernel unpacks concatenated archives):
     /// files a command adds to the guest (`lab kselftest`: the selftest binaries).
     pub extra_initramfs: Vec<PathBuf>,
@@ -241,21 +237,6 @@ impl Drop for RunDir {
     }
 }
 
-/// The last `n` lines of a text file (lossy UTF-8), or an explanation if it cannot be read.
-pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
-    match fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(n)..]
-                .iter()
-                .map(|l| l.trim_end_matches('\r').to_string())
-                .collect()
-        }
-        Err(e) => vec![format!("(cannot read {}: {e})", path.display())],
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Reporting
 // ---------------------------------------------------------------------------------------------
@@ -370,29 +351,7 @@ fn count_skipped(ktap: &str) -> usize {
         .count()
 }
 
-/// Runs the selected scenarios, each in a fresh VM of its profile, and writes KTAP to `ktap_out` and one-line progress
-/// messages to `progress`. Returns what the run came to ([`SuiteOutcome`]; its
-/// [`SuiteOutcome::exit_code`] says whether it succeeded). An `Err` means the run could not be
-/// carried out (provisioning, build, boot, interrupt); the KTAP stream is still complete then
-/// (the scenarios that did not run are `not ok`).
-///
-/// SIGINT/SIGTERM are caught for the duration of the call: the run stops, children are stopped and
-/// reaped, and [`LabError::Interrupted`] is returned. Children also die with the lab if it is
-/// killed (see [`crate::process`]).
-pub fn run_suite(
-    opts: &SuiteOptions,
-    ktap_out: &mut dyn Write,
-    progress: &mut dyn Write,
-) -> Result<SuiteOutcome, LabError> {
-    run_scenarios(
-        opts,
-        scenario::select(opts.filter.as_deref()),
-        ktap_out,
-        progress,
-    )
-}
-
-/// [`run_suite`] for a given list of scenarios instead of the catalogue's (`opts.filter` still
+/// Runs `scenarios` ([`crate::scenarios::run_suite`] gives it the catalogue's) (`opts.filter` still
 /// applies): scenarios that are not in the catalogue, such as a catalogue entry with other
 /// declarations (the lab's own tests use it).
 pub fn run_scenarios(
@@ -496,44 +455,10 @@ pub fn run_scenarios(
     result
 }
 
-/// Appends each of `extra` to the initramfs at `initrd` (see [`SuiteOptions::extra_initramfs`]).
-pub(crate) fn append_archives(initrd: &Path, extra: &[PathBuf]) -> Result<(), LabError> {
-    let io_err = |source| {
-        LabError::Initramfs(initramfs::InitramfsError::Io {
-            what: "Cannot append an archive to",
-            path: initrd.to_path_buf(),
-            source,
-        })
-    };
-    if extra.is_empty() {
-        return Ok(());
-    }
-    let mut out = fs::OpenOptions::new()
-        .append(true)
-        .open(initrd)
-        .map_err(io_err)?;
-    for a in extra {
-        let mut f = File::open(a).map_err(io_err)?;
-        std::io::copy(&mut f, &mut out).map_err(io_err)?;
-    }
-    Ok(())
-}
-
-fn secs(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64()
-}
-
 /// Shows the last `n` lines of a log on the progress stream (not after an interrupt: the user
 /// asked to stop, not for logs).
 fn show_tail(report: &mut Report<'_>, title: &str, path: &Path, n: usize) -> Result<(), LabError> {
-    if process::interrupted().is_some() {
-        return Ok(());
-    }
-    report.line(&format!("{title} ({}), last lines:", path.display()))?;
-    for l in tail_lines(path, n) {
-        report.line(&format!("  | {l}"))?;
-    }
-    Ok(())
+    boot::show_tail(&mut |l| report.line(l), title, path, n)
 }
 
 /// Console lines worth showing first when the guest did not come up.
@@ -589,144 +514,14 @@ fn run_in(
     plan: &[(ProfileId, Vec<Scenario>)],
     report: &mut Report<'_>,
 ) -> Result<bool, LabError> {
-    // 1. Provision.
-    let scripts = provision::scripts_dir();
-    report.line(&format!(
-        "provisioning with {}/provision.sh (the first run downloads QEMU and a guest kernel)",
-        scripts.display()
-    ))?;
-    let t = Instant::now();
     let profiles: Vec<_> = plan.iter().map(|(id, _)| id.profile()).collect();
-    let (env, kernel) = match crate::kernel::prepare(
+    let Prepared { env, initrd, .. } = boot::prepare(
         &opts.kernel,
         &profiles,
-        false,
-        &scripts,
-        &run.join("provision.log"),
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            if matches!(e, crate::kernel::KernelError::Provision(_)) {
-                show_tail(report, "provision log", &run.join("provision.log"), 20)?;
-            }
-            return Err(e.into());
-        }
-    };
-    report.line(&format!(
-        "guest kernel {}: {} (cache entry {}); {}",
-        kernel.kver,
-        kernel.what,
-        kernel.entry,
-        kernel.check.summary()
-    ))?;
-    report.line(&format!(
-        "provisioned in {:.1} s: QEMU {}, guest kernel {}, accel {} (cpu {})",
-        secs(t),
-        env.qemu_version,
-        env.kver,
-        env.accel.as_str(),
-        env.cpu
-    ))?;
-
-    // 2. Guest programs.
-    report.line(&format!(
-        "building the guest programs ({})",
-        guest::guest_manifest().display()
-    ))?;
-    let t = Instant::now();
-    let guest_bin = match guest::build(&run.join("guest-build.log")) {
-        Ok(p) => p,
-        Err(e) => {
-            show_tail(report, "guest build log", &run.join("guest-build.log"), 30)?;
-            return Err(e.into());
-        }
-    };
-    report.line(&format!(
-        "guest programs built in {:.1} s: {}",
-        secs(t),
-        guest_bin.display()
-    ))?;
-
-    // 3. Our guest kernel modules (skipped only when guest-tests/kmod has no .c file).
-    let t = Instant::now();
-    let kmod_log = run.join("kmod-build.log");
-    let built = if kernel.can_build_modules {
-        kmod::build(&env, &kmod_log).map(Some)
-    } else {
-        report.line(&format!(
-            "no kernel build tree for {} (its modules' build link names none): our guest modules are not built, scenarios that insmod them fail (use --kernel-tree or a Debian series)",
-            kernel.what
-        ))?;
-        Ok(None)
-    };
-    let extra_modules = match built {
-        Ok(None) => Vec::new(),
-        Ok(Some(Some(b))) => {
-            let names: Vec<String> = b.modules.iter().map(|m| m.name.clone()).collect();
-            report.line(&format!(
-                "guest kernel modules {} in {:.1} s: {} (key {})",
-                if b.cached {
-                    "taken from the cache"
-                } else {
-                    "built"
-                },
-                secs(t),
-                names.join(" "),
-                b.key
-            ))?;
-            b.modules.into_iter().map(|m| m.path).collect()
-        }
-        Ok(Some(None)) => {
-            report.line(&format!(
-                "no .c file in {}: no guest kernel module to build",
-                kmod::kmod_src_dir().display()
-            ))?;
-            Vec::new()
-        }
-        Err(e) => {
-            show_tail(report, "kernel module build log", &kmod_log, 30)?;
-            return Err(e.into());
-        }
-    };
-
-    // 4. Initramfs.
-    let t = Instant::now();
-    let initrd = initramfs::build(
-        &initramfs::InitramfsSpec {
-            busybox: env.busybox.clone(),
-            guest_bin,
-            modules_dir: env.modules.clone(),
-            kver: env.kver.clone(),
-            modules: initramfs::VFIO_MODULES
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            extra_modules,
-            agent_port: AGENT_PORT.into(),
-            userland_root: Some(env.kbuild_root.clone()),
-        },
-        &run.join("initramfs.cpio"),
+        &opts.extra_initramfs,
+        run.path(),
+        &mut |l| report.line(l),
     )?;
-    append_archives(&initrd.path, &opts.extra_initramfs)?;
-    let names: Vec<String> = initrd
-        .modules
-        .iter()
-        .map(|m| initramfs::module_name(m))
-        .collect();
-    report.line(&format!(
-        "initramfs built in {:.1} s: {:.1} MiB, modules {}{}",
-        secs(t),
-        initrd.size as f64 / (1024.0 * 1024.0),
-        names.join(" "),
-        if initrd.extra_modules.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "; ours, for the scenarios to insmod: {}",
-                initrd.extra_modules.join(" ")
-            )
-        }
-    ))?;
 
     // 5. One VM per profile, in the order the scenarios need them.
     let mut ok = true;
@@ -814,28 +609,15 @@ fn run_vm(
 
     // The VM.
     let listener = AgentListener::bind(&dir.join("agent.sock"))?;
-    let config = QemuConfig {
-        qemu: env.qemu.clone(),
-        accel: env.accel.as_str().into(),
-        cpu: env.cpu.clone(),
-        memory_mib: profile.memory_mib,
-        smp: 2,
-        kernel: env.kernel.clone(),
-        initrd: initrd.to_path_buf(),
-        append: if profile.viommu {
-            DEFAULT_APPEND.to_string()
-        } else {
-            DEFAULT_APPEND.replace(" intel_iommu=on", "")
-        },
-        console_log: dir.join("console.log"),
-        agent_socket: listener.path().to_path_buf(),
-        qmp_socket: dir.join("qmp.sock"),
-        viommu: profile.viommu,
-        hotplug: profile.hotplug,
-        root_ports: layout.root_ports.clone(),
-        devices: layout.devices.clone(),
-        extra: opts.vm.clone(),
-    };
+    let config = boot::qemu_config(
+        env,
+        profile,
+        &layout,
+        initrd,
+        &dir,
+        listener.path(),
+        opts.vm.clone(),
+    );
     match config.shell_line() {
         Ok(line) => save(dir.join("qemu-cmdline.sh"), &format!("{line}\n")),
         Err(e) => warn!("{e}"),
@@ -1143,7 +925,11 @@ fn run_scenario(
     };
     let t = Instant::now();
     let mut diagnostics = Vec::new();
-    let mut expected = Vec::new();
+    let mut expected: Vec<(String, ViolationKind)> = s
+        .violations
+        .iter()
+        .map(|(device, kind)| (device.to_string(), *kind))
+        .collect();
     let (mut verdict, nested) = match s.program {
         Program::Host(host) => {
             debug!("{}: host program {}", s.name, host.name);
@@ -1153,7 +939,11 @@ fn run_scenario(
                 if let Some(sig) = result.as_ref().err().and_then(HostError::interrupt_signal) {
                     return Err(LabError::Interrupted(sig));
                 }
-                expected = ctx.expected_violations();
+                for v in ctx.expected_violations() {
+                    if !expected.contains(&v) {
+                        expected.push(v);
+                    }
+                }
                 ctx.finish(result)
             };
             if let Some(why) = fatal {
@@ -1238,7 +1028,7 @@ fn xfail_note(
 /// the returned note (`XFAIL ...`) goes on its result line.
 fn judge_expected(
     verdict: Verdict,
-    window: Result<WindowReport, crate::control::ControlError>,
+    window: Result<WindowReport, crate::vm::control::ControlError>,
     expected: &[(String, ViolationKind)],
     diagnostics: &mut Vec<String>,
 ) -> (Verdict, Option<String>) {
@@ -1246,7 +1036,7 @@ fn judge_expected(
         Ok(w) => w,
         Err(e) => return (judge_journal(verdict, Err(e), diagnostics), None),
     };
-    let is_expected = |v: &crate::control::Violation| {
+    let is_expected = |v: &crate::vm::control::Violation| {
         expected
             .iter()
             .any(|(d, k)| *d == v.device && Some(*k) == v.kind())
@@ -1303,7 +1093,7 @@ fn judge_expected(
 /// (no evidence is not evidence of no violation).
 fn judge_journal(
     verdict: Verdict,
-    window: Result<WindowReport, crate::control::ControlError>,
+    window: Result<WindowReport, crate::vm::control::ControlError>,
     diagnostics: &mut Vec<String>,
 ) -> Verdict {
     let (why, lines) = match window {
@@ -1372,35 +1162,6 @@ mod tests {
     }
 
     #[test]
-    fn test_plan_one_vm_per_profile_in_order_of_first_need() {
-        let all = scenario::catalogue();
-        let plan = plan_vms(&all);
-        let ids: Vec<(ProfileId, Vec<&str>)> = plan
-            .iter()
-            .map(|(p, g)| (*p, g.iter().map(|s| s.id).collect()))
-            .collect();
-        assert_eq!(ids[0].0, ProfileId::Gpu);
-        assert!(ids[0].1.starts_with(&["E1", "E2", "E3"]));
-        assert!(ids[0].1.contains(&"R9"));
-        assert!(ids
-            .iter()
-            .any(|(p, g)| *p == ProfileId::GpuNpu && g.contains(&"R0")));
-        // Every scenario exactly once, and each group in catalogue order.
-        let n: usize = plan.iter().map(|(_, g)| g.len()).sum();
-        assert_eq!(n, all.len());
-        for (_, group) in &plan {
-            let pos: Vec<usize> = group
-                .iter()
-                .map(|s| all.iter().position(|a| a.id == s.id).unwrap())
-                .collect();
-            assert!(pos.windows(2).all(|w| w[0] < w[1]), "{pos:?}");
-        }
-        // A filter that needs one profile boots one VM.
-        assert_eq!(plan_vms(&scenario::select(Some("R0"))).len(), 1);
-        assert!(plan_vms(&[]).is_empty());
-    }
-
-    #[test]
     fn test_tail_lines_and_last_lines() {
         let dir = RunDir::create().unwrap();
         let p = dir.join("log");
@@ -1417,7 +1178,7 @@ mod tests {
         WindowReport {
             records: 10,
             lost: 0,
-            violations: vec![crate::control::Violation {
+            violations: vec![crate::vm::control::Violation {
                 device: "gpu0".into(),
                 record: pcisim_journal::Record {
                     seq: 7,
@@ -1537,7 +1298,7 @@ mod tests {
             Verdict::Pass
         );
         assert_eq!(diags.len(), 1, "lost records are mentioned: {diags:?}");
-        let err = crate::control::ControlError::Closed(PathBuf::from("/run/control.sock"));
+        let err = crate::vm::control::ControlError::Closed(PathBuf::from("/run/control.sock"));
         let v = judge_journal(Verdict::Pass, Err(err), &mut Vec::new());
         assert!(matches!(v, Verdict::Fail(r) if r.starts_with("device journal unreadable")));
         let many = WindowReport {
@@ -1666,7 +1427,7 @@ mod tests {
             w.write_all(b"{\"ok\":true,\"devices\":[{\"id\":\"gpu0\"}]}\n")
                 .unwrap();
         });
-        JournalWatch::new(crate::control::ControlClient::from_stream(a)).unwrap()
+        JournalWatch::new(crate::vm::control::ControlClient::from_stream(a)).unwrap()
     }
 
     #[test]
@@ -1700,6 +1461,16 @@ mod tests {
         dir.set_remove(true);
     }
 
+    fn sample(id: &'static str, name: &'static str) -> Scenario {
+        Scenario {
+            id,
+            name,
+            timeout: Duration::from_secs(1),
+            program: Program::E1,
+            ..Scenario::NO_XFAIL
+        }
+    }
+
     #[test]
     fn test_report_writes_nested_ktap_and_progress() {
         let mut ktap = Vec::new();
@@ -1715,7 +1486,7 @@ mod tests {
                 skipped_subtests: 0,
             };
             r.ktap.header(2).unwrap();
-            let all = scenario::catalogue();
+            let all = [sample("E1", "E1 enumeration"), sample("E2", "E2 bar-mmio")];
             r.scenario(
                 &all[0],
                 &Verdict::Pass,
@@ -1739,7 +1510,7 @@ mod tests {
             ktap,
             "KTAP version 1\n1..2\n  KTAP version 1\n  1..1\n  ok 1 ids\nok 1 E1 enumeration\n  # garbage\n  # E2 stderr (last lines):\n  # boom\nnot ok 2 E2 bar-mmio # exit 3\n"
         );
-        let parsed = crate::ktap::parse(&ktap).unwrap();
+        let parsed = crate::harness::ktap::parse(&ktap).unwrap();
         assert_eq!((parsed.passed(), parsed.failed()), (1, 1));
         assert_eq!(
             String::from_utf8(progress).unwrap(),

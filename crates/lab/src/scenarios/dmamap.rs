@@ -1,4 +1,4 @@
-//! M9 `dma-map-1g-pages`, run on the host side ([`crate::host`]) in the `gpu-2g` profile
+//! M9 `dma-map-1g-pages`, run on the host side ([`crate::harness::host`]) in the `gpu-2g` profile
 //! (2 GiB of guest RAM, intel-iommu, guest vfio type1).
 //!
 //! A guest vfio user (`pcisim-guest dma-map-pages`, guest-tests/src/dmamap.rs) maps 1 GiB of
@@ -16,16 +16,16 @@
 //! journal's record ring (4096 records) cannot hold the scenario's half a million records: the
 //! window is reported incomplete, and the counters are what is asserted.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::host::{HostCtx, HostError, HostProgram};
-use crate::profile::ProfileId;
-use crate::qmp::PciDeviceInfo;
+use crate::harness::host::{HostCtx, HostError, HostProgram};
+use crate::vm::profile::ProfileId;
+use crate::vm::qmp::PciDeviceInfo;
+use crate::vm::server::{server_pid, usage, Usage};
 
 /// `M9 dma-map-1g-pages`.
 pub const M9: HostProgram = HostProgram {
@@ -52,31 +52,6 @@ struct Peak {
     fds: usize,
     rss_kb: u64,
     samples: u64,
-}
-
-/// Open fds and VmRSS (kB) of `pid`.
-fn usage(pid: u32) -> Option<(usize, u64)> {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())?;
-    Some((fds, rss))
-}
-
-/// The pid of the `pcisim serve` whose control socket is `control`.
-fn server_pid(control: &Path) -> Option<u32> {
-    let want = control.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        let serve = args.contains(&b"serve".as_slice());
-        let ours = args.contains(&want.as_bytes());
-        (serve && ours).then_some(pid)
-    })
 }
 
 /// Set `pid`'s RLIMIT_NOFILE (soft and hard) to `n`.
@@ -128,8 +103,9 @@ fn m9(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         limit == Some(NOFILE),
         format!("/proc/{pid}/limits says {limit:?}"),
     );
-    let (fds0, rss0) =
-        usage(pid).ok_or_else(|| HostError::Step(format!("cannot read /proc/{pid}")))?;
+    let (fds0, rss0) = usage(pid)
+        .map(|u| (u.fds, u.rss_kib))
+        .map_err(HostError::Step)?;
     let stats0 = ctx.control().stats(Some(dev))?;
     let bdf = ctx
         .qmp()
@@ -150,7 +126,10 @@ fn m9(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         std::thread::spawn(move || {
             let mut peak = Peak::default();
             while !stop.load(Ordering::Acquire) {
-                if let Some((fds, rss)) = usage(pid) {
+                if let Ok(Usage {
+                    fds, rss_kib: rss, ..
+                }) = usage(pid)
+                {
                     peak.fds = peak.fds.max(fds);
                     peak.rss_kb = peak.rss_kb.max(rss);
                     peak.samples += 1;

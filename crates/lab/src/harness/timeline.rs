@@ -7,7 +7,7 @@ use log::warn;
 use pcisim_journal::timeline::{parse_guest_events, render_svg};
 use pcisim_journal::Record;
 
-use crate::host::HostCtx;
+use crate::harness::host::HostCtx;
 
 /// Writes `RUN/<ID>.timeline.svg` for a host scenario's guest step: `records` are the device's
 /// journal of the step, `guest_stdout` the step's output (its `# t` lines). The run directory

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::process::{self, describe_status, ProcessError};
+use crate::vm::process::{self, describe_status, ProcessError};
 
 /// How long provisioning may take: the first run downloads a trixie root (~500 MB).
 pub const PROVISION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -95,7 +95,7 @@ pub struct ProvisionEnv {
     pub cpu: String,
     /// `PCISIM_KBUILD_ROOT`: the Debian root holding the guest kernel module toolchain (the
     /// guest kernel's headers, its gcc, make); guest modules are built chrooted into it
-    /// ([`crate::kmod`]).
+    /// ([`crate::vm::kmod`]).
     pub kbuild_root: PathBuf,
     /// `PCISIM_KHEADERS`: the guest kernel's headers directory *as seen inside*
     /// [`kbuild_root`](Self::kbuild_root) (`/usr/src/linux-headers-<kver>`), for `make -C`.
@@ -207,7 +207,10 @@ pub fn provision(scripts: &Path, kernel: &str, log: &Path) -> Result<ProvisionEn
     // The accelerator verdict comes from the sub-second kvm-ioctls probe, not from a KVM boot
     // that can hang for a minute on a broken host (the script uses it when it has no verdict
     // cached for this host boot).
-    cmd.env("PCISIM_KVM_VERDICT", crate::kvmprobe::probe().script_line());
+    cmd.env(
+        "PCISIM_KVM_VERDICT",
+        crate::vm::kvmprobe::probe().script_line(),
+    );
     let out = process::run_captured("provision.sh", &mut cmd, PROVISION_TIMEOUT, log)?;
     if !out.status.success() {
         return Err(ProvisionError::Failed {

@@ -13,8 +13,8 @@
 //!
 //! ```no_run
 //! use pcisim_journal::ResetKind;
-//! use pcisim_lab::host::{find_record, is_reset_begin, HostCtx, HostError, HostProgram};
-//! use pcisim_lab::profile::ProfileId;
+//! use pcisim_lab::harness::host::{find_record, is_reset_begin, HostCtx, HostError, HostProgram};
+//! use pcisim_lab::vm::profile::ProfileId;
 //!
 //! fn reboot_keeps_gpu(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 //!     let t = ctx.system_reset()?;                      // QMP, then the agent greets again
@@ -35,7 +35,7 @@
 //! ```
 //!
 //! and in the catalogue (`scenario.rs`): `Scenario { id: "R9", name: "R9 system-reset", timeout:
-//! Duration::from_secs(120), program: Program::Host(crate::reset::R9) }`. `timeout` is the
+//! Duration::from_secs(120), program: Program::Host(crate::scenarios::reset::R9) }`. `timeout` is the
 //! default for each guest command the function runs. A scenario that needs another machine adds
 //! a [`ProfileId`] (and its [`VmProfile`] in `profile.rs`); the suite boots one VM per profile.
 
@@ -48,15 +48,16 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use pcisim_journal::{Event, Record, ResetKind, ViolationKind};
 
-use crate::agent::{Agent, AgentError, RunOutput};
-use crate::control::{ControlClient, ControlError, JournalWatch, Window};
-use crate::ktap::{KtapWriter, Status, TestResult};
-use crate::process::{describe_status, ChildGuard, POLL};
-use crate::profile::{ProfileId, VmLayout, VmProfile};
-use crate::qemu::QemuError;
-use crate::qmp::{Qmp, QmpError};
-use crate::scenario::{self, Scenario, Verdict, GUEST_BIN_PATH};
-use crate::server::{DescribedDevice, Server};
+use crate::guestops::{self, GuestShell, ShellError};
+use crate::harness::ktap::{KtapWriter, Status, TestResult};
+use crate::harness::scenario::{self, Scenario, Verdict, GUEST_BIN_PATH};
+use crate::vm::agent::{Agent, AgentError, RunOutput};
+use crate::vm::control::{ControlClient, ControlError, JournalWatch, Window};
+use crate::vm::process::{describe_status, ChildGuard, POLL};
+use crate::vm::profile::{ProfileId, VmLayout, VmProfile};
+use crate::vm::qemu::QemuError;
+use crate::vm::qmp::{PciDeviceInfo, Qmp, QmpError};
+use crate::vm::server::{DescribedDevice, Server};
 
 /// How long the guest has to come back after a `system_reset` (a TCG boot takes ~4.5 s).
 pub const REBOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -120,6 +121,22 @@ pub enum HostError {
     /// The lab was interrupted.
     #[error("Interrupted by signal {0}")]
     Interrupted(i32),
+}
+
+impl From<ShellError> for HostError {
+    fn from(e: ShellError) -> Self {
+        HostError::Step(e.to_string())
+    }
+}
+
+/// Guest operations ([`crate::guestops`]) run with the scenario's timeout, after checking that
+/// QEMU is still there.
+impl GuestShell for HostCtx<'_> {
+    type Error = HostError;
+
+    fn run_argv(&mut self, argv: &[String]) -> Result<RunOutput, HostError> {
+        self.guest(argv)
+    }
 }
 
 impl HostError {
@@ -342,10 +359,20 @@ impl<'a> HostCtx<'a> {
         ok
     }
 
-    /// Declares that `device` must journal a violation of `kind` (`dma_during_reset`) during
-    /// this scenario: a deliberately buggy guest program proving the oracle catches the bug.
-    /// The suite then passes the scenario only if every declared violation was journaled and no
-    /// other one, and marks its result line `# XFAIL` (an expected failure, never silent).
+    /// Records the subtest `name` from `result` (its error is the reason it failed) and returns
+    /// `result`: a step that is a check and ends the scenario when it fails.
+    pub fn checked<T>(&mut self, name: &str, result: Result<T, HostError>) -> Result<T, HostError> {
+        match &result {
+            Ok(_) => self.pass(name),
+            Err(e) => self.fail(name, &e.to_string()),
+        }
+        result
+    }
+
+    /// Declares at run time that `device` must journal a violation of `kind` during this
+    /// scenario, in addition to the catalogue's [`Scenario::violations`] (which is where a
+    /// catalogue scenario declares them, next to its twin; this is for scenario lists built
+    /// elsewhere, such as the vfio selftests').
     pub fn expect_violation(&mut self, device: &str, kind: ViolationKind) {
         let v = (device.to_string(), kind);
         if !self.expected.contains(&v) {
@@ -383,24 +410,19 @@ impl<'a> HostCtx<'a> {
     }
 
     /// Runs `script` with the guest's busybox `sh -c` and returns its stdout; a non-zero exit
-    /// is an error (with its stderr).
+    /// is an error (with its stderr). [`crate::guestops::sh`] on this context.
     pub fn sh(&mut self, script: &str) -> Result<String, HostError> {
-        let argv = ["/bin/busybox", "sh", "-c", script].map(str::to_string);
-        let out = self.guest(&argv)?;
-        if out.exit == Some(0) {
-            Ok(out.stdout)
-        } else {
-            Err(HostError::Step(format!(
-                "guest `sh -c {script:?}` ended with {}: {}",
-                match (out.exit, out.signal, out.timed_out) {
-                    (_, _, true) => "a timeout".to_string(),
-                    (Some(c), _, _) => format!("exit {c}"),
-                    (None, Some(s), _) => format!("signal {s}"),
-                    (None, None, _) => "no status".to_string(),
-                },
-                out.stderr.trim()
-            )))
-        }
+        guestops::sh(self, script)
+    }
+
+    /// The BDF the guest gave QEMU device `id` (from `query-pci`).
+    pub fn bdf_of(&mut self, id: &str) -> Result<String, HostError> {
+        self.qmp()
+            .query_pci()?
+            .iter()
+            .find(|p| p.qdev_id == id)
+            .map(PciDeviceInfo::bdf)
+            .ok_or_else(|| HostError::Step(format!("{id} is not in query-pci")))
     }
 
     /// `pcisim-guest <program> --vendor V --device D [--expect JSON] extra...` for the device
@@ -577,7 +599,7 @@ impl<'a> HostCtx<'a> {
             if Instant::now() >= deadline {
                 return Ok(None);
             }
-            if let Some(s) = crate::process::interrupted() {
+            if let Some(s) = crate::vm::process::interrupted() {
                 return Err(HostError::Interrupted(s));
             }
             thread::sleep(POLL.max(Duration::from_millis(50)));
@@ -674,6 +696,33 @@ pub fn count_records(records: &[Record], pred: impl Fn(&Event) -> bool) -> usize
 /// A reset of `kind` began.
 pub fn is_reset_begin(e: &Event, kind: ResetKind) -> bool {
     matches!(e, Event::ResetBegin { kind: k } if *k == kind)
+}
+
+/// The reset kinds journaled in `records` (one per `reset_begin`), and whether every reset
+/// ended with a `reset_end` of its kind before the next began.
+pub fn reset_kinds(records: &[Record]) -> (Vec<ResetKind>, bool) {
+    let mut kinds = Vec::new();
+    let mut open: Option<ResetKind> = None;
+    let mut paired = true;
+    for r in records {
+        match r.event {
+            Event::ResetBegin { kind } => {
+                if open.is_some() {
+                    paired = false;
+                }
+                kinds.push(kind);
+                open = Some(kind);
+            }
+            Event::ResetEnd { kind } => {
+                if open != Some(kind) {
+                    paired = false;
+                }
+                open = None;
+            }
+            _ => {}
+        }
+    }
+    (kinds, paired && open.is_none())
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! /bin/busybox, /bin/sh, ...    busybox and its applet symlinks
 //! /bin/pcisim-guest             the guest programs (static)
 //! /lib/modules/<kver>/...       vfio_pci and its dependencies as plain .ko, plus a modules.dep
-//! /lib/modules/<kver>/extra/    our own guest modules (crate::kmod), NOT loaded by /init
+//! /lib/modules/<kver>/extra/    our own guest modules (crate::vm::kmod), NOT loaded by /init
 //! /dev/console                  so /init has a console even before devtmpfs is mounted
 //! ```
 //!
@@ -543,9 +543,9 @@ fn share_mounts_script() -> String {
   ;; esac
 done
 ",
-        param = crate::qemu::SHARE_PARAM,
-        cached = crate::qemu::SHARE_CACHED_PARAM,
-        msize = crate::qemu::SHARE_MSIZE,
+        param = crate::vm::qemu::SHARE_PARAM,
+        cached = crate::vm::qemu::SHARE_CACHED_PARAM,
+        msize = crate::vm::qemu::SHARE_MSIZE,
     )
 }
 
@@ -562,7 +562,7 @@ pub struct InitramfsSpec {
     pub kver: String,
     /// Modules to load at boot (dependencies are added).
     pub modules: Vec<String>,
-    /// Our own built modules (`.ko` files on the host, e.g. from [`crate::kmod::build`]): put in
+    /// Our own built modules (`.ko` files on the host, e.g. from [`crate::vm::kmod::build`]): put in
     /// `lib/modules/<kver>/extra/<file name>`, not loaded at boot (their dependencies are).
     pub extra_modules: Vec<PathBuf>,
     /// The serial port of the agent, e.g. `/dev/ttyS1`.
@@ -835,7 +835,7 @@ pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<Initramfs, InitramfsErr
     }
     let mut extra_paths = Vec::new();
     for e in &extras {
-        let rel = format!("{}/{}.ko", crate::kmod::EXTRA_DIR, e.name);
+        let rel = format!("{}/{}.ko", crate::vm::kmod::EXTRA_DIR, e.name);
         debug!("initramfs: our module {rel} ({} bytes)", e.data.len());
         cpio.add_file(&format!("{moddir}/{rel}"), 0o644, &e.data)
             .map_err(member)?;
@@ -889,7 +889,7 @@ fn read_extra_modules(paths: &[PathBuf]) -> Result<Vec<ExtraModule>, InitramfsEr
             return Err(bad(format!("a module named {name} is already added")));
         }
         let data = fs::read(path).map_err(io_err("Cannot read", path))?;
-        let info = crate::kmod::modinfo(&data).map_err(bad)?;
+        let info = crate::vm::kmod::modinfo(&data).map_err(bad)?;
         let depends = info
             .iter()
             .filter(|(k, _)| k == "depends")
@@ -914,7 +914,7 @@ fn extra_modules_dep(deps: &ModuleDeps, extras: &[ExtraModule]) -> Result<String
         let mut paths: Vec<String> = Vec::new();
         for d in &e.depends {
             if extras.iter().any(|x| &x.name == d) {
-                paths.push(format!("{}/{d}.ko", crate::kmod::EXTRA_DIR));
+                paths.push(format!("{}/{d}.ko", crate::vm::kmod::EXTRA_DIR));
             } else {
                 let order = deps.load_order(&[d.as_str()])?;
                 paths.extend(order.iter().map(|p| plain_ko_path(p)));
@@ -925,7 +925,7 @@ fn extra_modules_dep(deps: &ModuleDeps, extras: &[ExtraModule]) -> Result<String
         paths.retain(|p| seen.insert(p.clone()));
         text.push_str(&format!(
             "{}/{}.ko: {}\n",
-            crate::kmod::EXTRA_DIR,
+            crate::vm::kmod::EXTRA_DIR,
             e.name,
             paths.join(" ")
         ));
@@ -952,6 +952,28 @@ fn subset_modules_dep(deps: &ModuleDeps, order: &[String]) -> String {
         text.push_str(&format!("{}: {}\n", plain_ko_path(path), deps_of.join(" ")));
     }
     text
+}
+
+/// Appends each of `extra` (newc archives) to the initramfs at `initrd`: the kernel unpacks
+/// concatenated archives in order (`SuiteOptions::extra_initramfs`).
+pub fn append_archives(initrd: &Path, extra: &[PathBuf]) -> Result<(), InitramfsError> {
+    let io_err = |source| InitramfsError::Io {
+        what: "Cannot append an archive to",
+        path: initrd.to_path_buf(),
+        source,
+    };
+    if extra.is_empty() {
+        return Ok(());
+    }
+    let mut out = fs::OpenOptions::new()
+        .append(true)
+        .open(initrd)
+        .map_err(io_err)?;
+    for a in extra {
+        let mut f = fs::File::open(a).map_err(io_err)?;
+        std::io::copy(&mut f, &mut out).map_err(io_err)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1180,11 +1202,11 @@ kernel/drivers/net/dummy.ko.xz:
         let npu = dir.join("pcisim-npu.ko");
         fs::write(
             &npu,
-            crate::kmod::tests::module_elf(b"name=pcisim_npu\0depends=vfio,helper\0"),
+            crate::vm::kmod::tests::module_elf(b"name=pcisim_npu\0depends=vfio,helper\0"),
         )
         .unwrap();
         let helper = dir.join("helper.ko");
-        fs::write(&helper, crate::kmod::tests::module_elf(b"depends=\0")).unwrap();
+        fs::write(&helper, crate::vm::kmod::tests::module_elf(b"depends=\0")).unwrap();
         let extras = read_extra_modules(&[npu.clone(), helper.clone()]).unwrap();
         assert_eq!(extras[0].name, "pcisim_npu");
         assert_eq!(extras[0].depends, ["vfio", "helper"]);

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use crate::process::{self, describe_status, ProcessError};
-use crate::provision::repo_root;
+use crate::vm::process::{self, describe_status, ProcessError};
+use crate::vm::provision::repo_root;
 
 /// How long building the guest programs may take (a cold build of serde on two cores).
 pub const BUILD_TIMEOUT: Duration = Duration::from_secs(20 * 60);

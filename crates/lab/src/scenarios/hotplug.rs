@@ -1,4 +1,4 @@
-//! The hotplug scenarios, run on the host side ([`crate::host`]). In the `gpu-hotplug` VM: H1
+//! The hotplug scenarios, run on the host side ([`crate::harness::host`]). In the `gpu-hotplug` VM: H1
 //! (hot-add: the guest probes the device, a driver binds, BAR access works), H2 (hot-remove
 //! with a driver bound), H3 (100 add/remove cycles on the same socket, each with a guest vfio
 //! user mapping DMA, without a leak in the server), H4 (removal while a guest vfio user holds
@@ -10,8 +10,6 @@
 //! device with MSI-X (`vfio_user_pci_finalize` deletes the PBA subregion from a BAR container
 //! that is already gone; docs/lab.md).
 
-use std::fs;
-use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -22,10 +20,13 @@ use pcisim_journal::{
 };
 use serde_json::Value;
 
-use crate::agent::RunOutput;
-use crate::host::{count_records, HostCtx, HostError, HostProgram};
-use crate::profile::ProfileId;
-use crate::qmp::{PciDeviceInfo, QmpError};
+use crate::guestops::{self, sh_output, sysfs};
+use crate::harness::host::{count_records, HostCtx, HostError, HostProgram};
+use crate::vm::boot::tail_lines;
+use crate::vm::kmod::NPU_MODULE;
+use crate::vm::profile::ProfileId;
+use crate::vm::qmp::{PciDeviceInfo, QmpError};
+use crate::vm::server::{server_pid, usage};
 
 /// `H1 hot-add`: `device_add` of the unplugged GPU onto its free root port; the guest
 /// enumerates it (its sysfs entry appears: hot-add → probed is measured), it passes E1 at its
@@ -167,25 +168,8 @@ fn locate(ctx: &mut HostCtx<'_>, id: &str) -> Result<Option<PciDeviceInfo>, Host
     Ok(ctx.qmp().query_pci()?.into_iter().find(|p| p.qdev_id == id))
 }
 
-/// Runs a busybox `sh -c` script in the guest (output and status are the caller's to judge).
-fn guest_sh(ctx: &mut HostCtx<'_>, script: &str) -> Result<RunOutput, HostError> {
-    let argv = ["/bin/busybox", "sh", "-c", script].map(str::to_string);
-    ctx.guest(&argv)
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-}
-
-/// A guest script that waits (10 ms steps) until `/sys/bus/pci/devices/<bdf>` exists
-/// (`present`) or is gone, for at most `timeout`; exits 0 when it happened, 1 on timeout.
-fn wait_sysfs_script(bdf: &str, present: bool, timeout: Duration) -> String {
-    let steps = (timeout.as_millis() / 10).max(1);
-    let test = if present { "! -e" } else { "-e" };
-    format!(
-        "d=/sys/bus/pci/devices/{bdf}; n=0; while [ {test} $d ]; do n=$((n+1)); \
-         if [ $n -ge {steps} ]; then exit 1; fi; usleep 10000; done; exit 0"
-    )
 }
 
 /// `device_add id`, then waits until the guest has enumerated it. Returns where it is and the
@@ -200,7 +184,7 @@ fn plug(ctx: &mut HostCtx<'_>, id: &str) -> Result<(PciDeviceInfo, Duration), Ho
         ))
     })?;
     let bdf = info.bdf();
-    let out = guest_sh(ctx, &wait_sysfs_script(&bdf, true, PROBE_TIMEOUT))?;
+    let out = sh_output(ctx, &sysfs::wait_script(&bdf, true, PROBE_TIMEOUT))?;
     let took = t.elapsed();
     if out.exit != Some(0) {
         return Err(HostError::Step(format!(
@@ -209,37 +193,6 @@ fn plug(ctx: &mut HostCtx<'_>, id: &str) -> Result<(PciDeviceInfo, Duration), Ho
         )));
     }
     Ok((info, took))
-}
-
-/// Waits until the guest's sysfs entry `bdf` is gone; `Ok(false)` if it stayed.
-fn wait_gone(ctx: &mut HostCtx<'_>, bdf: &str) -> Result<bool, HostError> {
-    let out = guest_sh(ctx, &wait_sysfs_script(bdf, false, Duration::from_secs(10)))?;
-    Ok(out.exit == Some(0))
-}
-
-/// The driver bound to `bdf` in the guest (empty if none).
-fn guest_driver(ctx: &mut HostCtx<'_>, bdf: &str) -> Result<String, HostError> {
-    let out = guest_sh(
-        ctx,
-        &format!("l=$(readlink /sys/bus/pci/devices/{bdf}/driver) && basename $l; true"),
-    )?;
-    Ok(out.stdout.trim().to_string())
-}
-
-/// Binds vfio-pci to `bdf` through `driver_override` and `drivers_probe`; returns the driver
-/// bound afterwards and how long the guest took.
-fn bind_vfio(ctx: &mut HostCtx<'_>, bdf: &str) -> Result<(String, Duration), HostError> {
-    let out = guest_sh(
-        ctx,
-        &format!(
-            "d=/sys/bus/pci/devices/{bdf}; echo vfio-pci > $d/driver_override && \
-             echo {bdf} > /sys/bus/pci/drivers_probe; l=$(readlink $d/driver) && basename $l; true"
-        ),
-    )?;
-    Ok((
-        out.stdout.trim().to_string(),
-        Duration::from_millis(out.elapsed_ms),
-    ))
 }
 
 /// `device_del id` and waits for `DEVICE_DELETED`; returns the time from the accepted
@@ -265,7 +218,7 @@ fn unplug(ctx: &mut HostCtx<'_>, id: &str) -> Result<Duration, HostError> {
             thread::sleep(Duration::from_millis(200));
             if let Err(dead) = ctx.check_qemu() {
                 let log = ctx.vm_dir().join("qemu.log");
-                for l in tail(&log, 5) {
+                for l in tail_lines(&log, 5) {
                     ctx.diag(&format!("qemu.log: {l}"));
                 }
                 return Err(dead);
@@ -273,16 +226,6 @@ fn unplug(ctx: &mut HostCtx<'_>, id: &str) -> Result<Duration, HostError> {
             Err(e)
         }
     }
-}
-
-/// The last `n` non-empty lines of a file.
-fn tail(path: &Path, n: usize) -> Vec<String> {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..]
-        .iter()
-        .map(|l| l.to_string())
-        .collect()
 }
 
 /// Waits until the server reports no client attached to `id`.
@@ -314,8 +257,8 @@ fn ensure_bound(ctx: &mut HostCtx<'_>, id: &str) -> Result<String, HostError> {
             info.bdf()
         }
     };
-    if guest_driver(ctx, &bdf)? != "vfio-pci" {
-        let (driver, _) = bind_vfio(ctx, &bdf)?;
+    if sysfs::driver(ctx, &bdf)? != "vfio-pci" {
+        let (driver, _) = sysfs::bind_vfio(ctx, &bdf)?;
         if driver != "vfio-pci" {
             return Err(HostError::Step(format!(
                 "setup: vfio-pci did not bind {bdf} (driver: {driver:?})"
@@ -333,7 +276,7 @@ fn h1_hot_add(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     }
     // What one guest command costs, to read the hot-add latency against.
     let t = Instant::now();
-    guest_sh(ctx, "true")?;
+    sh_output(ctx, "true")?;
     let agent_rt = t.elapsed();
     let (info, took) = match plug(ctx, &id) {
         Ok(p) => p,
@@ -369,7 +312,7 @@ fn h1_hot_add(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     if msi {
         check_msi_delivery(ctx, &id, &bdf)?;
     }
-    let (driver, bind_took) = bind_vfio(ctx, &bdf)?;
+    let (driver, bind_took) = sysfs::bind_vfio(ctx, &bdf)?;
     ctx.check(
         &format!(
             "vfio-pci binds {bdf} through driver_override (guest {})",
@@ -518,7 +461,7 @@ fn h2_hot_remove(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     thread::sleep(Duration::from_millis(200));
     ctx.check_qemu()?;
     ctx.pass("QEMU lives on after the unplug");
-    let gone = wait_gone(ctx, &bdf)?;
+    let gone = sysfs::wait(ctx, &bdf, false, Duration::from_secs(10))?;
     ctx.check(
         &format!("the guest's sysfs entry {bdf} is gone"),
         gone,
@@ -562,66 +505,6 @@ fn h2_hot_remove(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         "no reset_begin/reset_end kind=lost-connection after client_disconnected",
     );
     Ok(())
-}
-
-/// What H3 measures of the server process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Usage {
-    fds: usize,
-    threads: usize,
-    rss_kib: u64,
-}
-
-impl std::fmt::Display for Usage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} fds, {} threads, RSS {} KiB",
-            self.fds, self.threads, self.rss_kib
-        )
-    }
-}
-
-/// A `/proc/<pid>/status` field's first number (`VmRSS:  1234 kB` → 1234).
-fn status_field(status: &str, key: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-}
-
-fn usage(pid: u32) -> Result<Usage, HostError> {
-    let err =
-        |what: &str, e: std::io::Error| HostError::Step(format!("reading /proc/{pid}/{what}: {e}"));
-    let fds = fs::read_dir(format!("/proc/{pid}/fd"))
-        .map_err(|e| err("fd", e))?
-        .count();
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| err("status", e))?;
-    let field = |k: &str| {
-        status_field(&status, k)
-            .ok_or_else(|| HostError::Step(format!("/proc/{pid}/status has no {k}")))
-    };
-    Ok(Usage {
-        fds,
-        threads: usize::try_from(field("Threads")?).unwrap_or(usize::MAX),
-        rss_kib: field("VmRSS")?,
-    })
-}
-
-/// The pid of the `pcisim serve` whose control socket is `control`.
-fn server_pid(control: &Path) -> Option<u32> {
-    let want = control.as_os_str().as_encoded_bytes();
-    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = fs::read(e.path().join("cmdline")).ok()?;
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        let serving = args.iter().any(|a| *a == b"serve");
-        let ours = args
-            .windows(2)
-            .any(|w| w[0] == b"--control" && w[1] == want);
-        (serving && ours).then_some(pid)
-    })
 }
 
 fn summary(ds: &[Duration]) -> String {
@@ -687,7 +570,7 @@ fn h3_add_remove_cycles(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     // The device journal is a ring of up to 4096 records that grows to its bound over the
     // first ~80 cycles (~1 MiB of RSS): fill it first (link-down/link-up pairs of the idle
     // device) so that what is measured is the cycles, not the journal reaching its bound.
-    let initial = usage(pid)?;
+    let initial = usage(pid).map_err(HostError::Step)?;
     let t = Instant::now();
     for _ in 0..JOURNAL_FILL_PAIRS {
         ctx.inject(&id, "link-down")?;
@@ -699,7 +582,7 @@ fn h3_add_remove_cycles(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         2 * JOURNAL_FILL_PAIRS,
         ms(t.elapsed())
     ));
-    let mut before = usage(pid)?;
+    let mut before = usage(pid).map_err(HostError::Step)?;
     let mut curve = Vec::new();
     let total = H3_WARMUP + H3_CYCLES;
     let (mut adds, mut dels, mut users) = (Vec::new(), Vec::new(), Vec::new());
@@ -746,17 +629,17 @@ fn h3_add_remove_cycles(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         }
         users.push(user);
         let del = unplug(ctx, &id)?;
-        let gone = wait_gone(ctx, &bdf)?;
+        let gone = sysfs::wait(ctx, &bdf, false, Duration::from_secs(10))?;
         let detached = wait_detached(ctx, &id)?;
         if cycle % 10 == 0 {
             tally.read(ctx, &id)?;
         }
         if cycle == H3_WARMUP {
             thread::sleep(Duration::from_millis(200));
-            before = usage(pid)?;
+            before = usage(pid).map_err(HostError::Step)?;
         }
         if cycle % 10 == 0 {
-            curve.push(usage(pid)?.rss_kib.to_string());
+            curve.push(usage(pid).map_err(HostError::Step)?.rss_kib.to_string());
         }
         if cycle % 10 == 0 || cycle == 1 {
             ctx.progress(&format!(
@@ -781,7 +664,7 @@ fn h3_add_remove_cycles(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     }
     // Let the last lost-connection reset finish before measuring.
     thread::sleep(Duration::from_millis(200));
-    let after = usage(pid)?;
+    let after = usage(pid).map_err(HostError::Step)?;
     tally.read(ctx, &id)?;
     ctx.diag(&format!("hot-add → probed: {}", summary(&adds)));
     ctx.diag(&format!("device_del → DEVICE_DELETED: {}", summary(&dels)));
@@ -866,7 +749,7 @@ fn ensure_plugged_unbound(ctx: &mut HostCtx<'_>, id: &str) -> Result<String, Hos
         Some(info) => info.bdf(),
         None => plug(ctx, id)?.0.bdf(),
     };
-    guest_sh(
+    sh_output(
         ctx,
         &format!(
             "d=/sys/bus/pci/devices/{bdf}; [ -e $d/driver ] && echo {bdf} > $d/driver/unbind; \
@@ -899,7 +782,7 @@ fn start_holder(
             "300",
         ],
     )?;
-    let out = guest_sh(
+    let out = sh_output(
         ctx,
         &format!(
             "rm -f /tmp/{tag}.ready; {} > /tmp/{tag}.out 2>&1 < /dev/null & echo $!",
@@ -915,7 +798,7 @@ fn start_holder(
             out.stdout
         ))
     })?;
-    let ready = guest_sh(
+    let ready = sh_output(
         ctx,
         &format!(
             "n=0; while [ ! -e /tmp/{tag}.ready ]; do kill -0 {pid} 2>/dev/null || exit 2; \
@@ -923,7 +806,7 @@ fn start_holder(
         ),
     )?;
     if ready.exit != Some(0) {
-        let log = guest_sh(ctx, &format!("cat /tmp/{tag}.out"))?.stdout;
+        let log = sh_output(ctx, &format!("cat /tmp/{tag}.out"))?.stdout;
         for l in log.lines() {
             ctx.diag(l);
         }
@@ -937,14 +820,14 @@ fn start_holder(
 
 /// Waits (up to 30 s) for guest process `pid` to end; returns its output file.
 fn wait_holder(ctx: &mut HostCtx<'_>, pid: u32, tag: &str) -> Result<(bool, String), HostError> {
-    let out = guest_sh(
+    let out = sh_output(
         ctx,
         &format!(
             "n=0; while kill -0 {pid} 2>/dev/null; do n=$((n+1)); [ $n -ge 3000 ] && exit 1; \
              usleep 10000; done"
         ),
     )?;
-    let log = guest_sh(ctx, &format!("cat /tmp/{tag}.out"))?.stdout;
+    let log = sh_output(ctx, &format!("cat /tmp/{tag}.out"))?.stdout;
     Ok((out.exit == Some(0), log))
 }
 
@@ -978,7 +861,7 @@ fn h4_remove_while_held(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         ended && got_req,
         format!("ended: {ended}; output: {}", log.replace('\n', " | ")),
     );
-    let gone = wait_gone(ctx, &bdf)?;
+    let gone = sysfs::wait(ctx, &bdf, false, Duration::from_secs(10))?;
     let detached = wait_detached(ctx, &id)?;
     ctx.check(
         "the guest's sysfs entry is gone and the server saw the client go",
@@ -989,7 +872,7 @@ fn h4_remove_while_held(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     // Uncooperative: the holder ignores REQ until it is killed.
     let bdf = ensure_plugged_unbound(ctx, &id)?;
     let pid = start_holder(ctx, &id, &bdf, "ignore", "h4b")?;
-    guest_sh(ctx, "dmesg -c > /dev/null; true")?;
+    sh_output(ctx, "dmesg -c > /dev/null; true")?;
     ctx.pass(&format!(
         "an uncooperative guest vfio user (pid {pid}) holds {id} at {bdf} and ignores REQ"
     ));
@@ -997,7 +880,7 @@ fn h4_remove_while_held(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     ctx.qmp()
         .execute("device_del", Some(serde_json::json!({ "id": id })))?;
     let t = Instant::now();
-    let is_ours = |e: &crate::qmp::QmpEvent| {
+    let is_ours = |e: &crate::vm::qmp::QmpEvent| {
         e.data.get("device").and_then(Value::as_str) == Some(id.as_str())
     };
     let early = match ctx
@@ -1020,7 +903,7 @@ fn h4_remove_while_held(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         return Ok(());
     }
     // vfio-pci signals the REQ eventfd every 10 s but logs only every 10th relay (#0, #10..).
-    let kmsg = guest_sh(ctx, "dmesg | grep -i 'device request'; true")?.stdout;
+    let kmsg = sh_output(ctx, "dmesg | grep -i 'device request'; true")?.stdout;
     let logged = kmsg
         .lines()
         .filter(|l| l.contains("Relaying device request"))
@@ -1028,7 +911,7 @@ fn h4_remove_while_held(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     for l in kmsg.lines().take(4) {
         ctx.diag(&format!("kmsg: {}", l.trim()));
     }
-    let held = guest_sh(ctx, "cat /tmp/h4b.out")?.stdout;
+    let held = sh_output(ctx, "cat /tmp/h4b.out")?.stdout;
     let reqs = held.lines().filter(|l| l.contains("REQ fired")).count();
     for l in held.lines().filter(|l| l.contains("REQ fired")) {
         ctx.diag(&format!("holder: {}", l.trim_start_matches("# ")));
@@ -1049,7 +932,7 @@ fn h4_remove_while_held(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         "gone from query-pci",
     );
     let t = Instant::now();
-    guest_sh(ctx, &format!("kill -9 {pid}"))?;
+    sh_output(ctx, &format!("kill -9 {pid}"))?;
     let r = ctx
         .qmp()
         .wait_event_since(mark, "DEVICE_DELETED", is_ours, DELETE_TIMEOUT);
@@ -1074,7 +957,7 @@ fn h4_remove_while_held(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
             DELETE_TIMEOUT.as_secs()
         ),
     );
-    let gone = wait_gone(ctx, &bdf)?;
+    let gone = sysfs::wait(ctx, &bdf, false, Duration::from_secs(10))?;
     let detached = wait_detached(ctx, &id)?;
     ctx.check(
         "the guest's sysfs entry is gone and the server saw the client go",
@@ -1104,9 +987,14 @@ fn bar_io(
         list.push(format!("{o:#x}"));
     }
     list.extend(offs.iter().map(|o| format!("{o:#x}")));
-    let mut argv: Vec<String> = [crate::scenario::GUEST_BIN_PATH, "bar-io", "--bdf", bdf]
-        .map(str::to_string)
-        .to_vec();
+    let mut argv: Vec<String> = [
+        crate::harness::scenario::GUEST_BIN_PATH,
+        "bar-io",
+        "--bdf",
+        bdf,
+    ]
+    .map(str::to_string)
+    .to_vec();
     argv.push("--off".into());
     argv.push(list.join(","));
     if let Some((_, v)) = write {
@@ -1160,7 +1048,7 @@ const H5_STEP: Duration = Duration::from_secs(60);
 /// did not appear, or the stream program ended first (its `.rc` exists).
 fn wait_guest_file(ctx: &mut HostCtx<'_>, path: &str, limit: Duration) -> Result<bool, HostError> {
     let steps = (limit.as_millis() / 10).max(1);
-    let out = guest_sh(
+    let out = sh_output(
         ctx,
         &format!(
             "n=0; while [ ! -e {path} ]; do [ -e {H5_STREAM}.rc ] && exit 2; n=$((n+1)); \
@@ -1251,7 +1139,7 @@ fn h5_dma_across_link_down(ctx: &mut HostCtx<'_>, id: &str, bdf: &str) -> Result
         .join(" ");
     let mark = ctx.control().last_seq(id)?;
     // The program in the background, its pid and exit status in files (the subshell waits).
-    guest_sh(
+    sh_output(
         ctx,
         &format!(
             "rm -f {H5_STREAM}.*; ( {cmd} > {H5_STREAM}.out 2> {H5_STREAM}.err < /dev/null & \
@@ -1275,7 +1163,7 @@ fn h5_dma_across_link_down(ctx: &mut HostCtx<'_>, id: &str, bdf: &str) -> Result
     ));
     let seen = wait_guest_file(ctx, &format!("{H5_STREAM}.down"), H5_STEP)?;
     let took = t.elapsed();
-    let what = guest_sh(ctx, &format!("cat {H5_STREAM}.down 2>/dev/null; true"))?.stdout;
+    let what = sh_output(ctx, &format!("cat {H5_STREAM}.down 2>/dev/null; true"))?.stdout;
     ctx.progress(&format!(
         "link down: the guest stream saw it {} after the injection (agent round trip included)",
         ms(took)
@@ -1311,7 +1199,7 @@ fn h5_stream_end(ctx: &mut HostCtx<'_>, id: &str, kill: bool) -> Result<(), Host
     let t = Instant::now();
     let ended = !kill && wait_guest_file(ctx, &format!("{H5_STREAM}.rc"), H5_STEP)?;
     if !ended {
-        guest_sh(
+        sh_output(
             ctx,
             &format!(
                 "kill -9 $(cat {H5_STREAM}.pid) 2>/dev/null; n=0; while [ ! -e {H5_STREAM}.rc ]; \
@@ -1341,8 +1229,8 @@ fn h5_stream_end(ctx: &mut HostCtx<'_>, id: &str, kill: bool) -> Result<(), Host
             format!("cat {H5_STREAM}.out; exit $(cat {H5_STREAM}.rc 2>/dev/null || echo 1)"),
         ],
     )?;
-    if verdict != crate::scenario::Verdict::Pass {
-        let err = guest_sh(ctx, &format!("tail -n 10 {H5_STREAM}.err; true"))?.stdout;
+    if verdict != crate::harness::scenario::Verdict::Pass {
+        let err = sh_output(ctx, &format!("tail -n 10 {H5_STREAM}.err; true"))?.stdout;
         for l in err.lines().filter(|l| !l.trim().is_empty()) {
             ctx.diag(&format!("stderr: {l}"));
         }
@@ -1578,7 +1466,7 @@ fn h5_surprise_removal(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         "device_del of the dead device → DEVICE_DELETED in {}",
         ms(took)
     ));
-    let gone = wait_gone(ctx, &bdf)?;
+    let gone = sysfs::wait(ctx, &bdf, false, Duration::from_secs(10))?;
     let detached = wait_detached(ctx, &id)?;
     ctx.check(
         "the guest's sysfs entry is gone and the server saw the client go",
@@ -1624,7 +1512,7 @@ fn h7_pciehp_add_remove(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
             "cycle {cycle}: device_add {id}: pciehp powers the slot, the guest enumerates it at {bdf} ({})",
             ms(took)
         ));
-        let services = guest_sh(
+        let services = sh_output(
             ctx,
             "ls /sys/bus/pci_express/devices/ | grep -c pcie004; true",
         )?;
@@ -1646,7 +1534,7 @@ fn h7_pciehp_add_remove(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
             took >= Duration::from_secs(4),
             format!("{} is shorter than pciehp's 5 s abort window: was this really native hotplug?", ms(took)),
         );
-        let gone = wait_gone(ctx, &bdf)?;
+        let gone = sysfs::wait(ctx, &bdf, false, Duration::from_secs(10))?;
         let detached = wait_detached(ctx, &id)?;
         ctx.check(
             &format!("cycle {cycle}: the guest dropped {bdf} and the server saw {id}'s client go"),
@@ -1828,10 +1716,7 @@ fn h6_flow(ctx: &mut HostCtx<'_>, leaky: bool) -> Result<(), HostError> {
         );
     }
     // Leave the NPU unbound, as the profile's other users expect.
-    guest_sh(
-        ctx,
-        &format!("rmmod {} 2>/dev/null; true", crate::kmod::NPU_MODULE),
-    )?;
+    sh_output(ctx, &format!("rmmod {} 2>/dev/null; true", NPU_MODULE))?;
     Ok(())
 }
 
@@ -1846,7 +1731,11 @@ fn h6_cycle(
     bug: &str,
     tag: &str,
 ) -> Result<PeerCycle, HostError> {
-    crate::sva::load_driver(ctx, npu_bdf, bug)?;
+    let loaded = guestops::driver::load_npu(ctx, npu_bdf, bug);
+    ctx.checked(
+        &format!("{NPU_MODULE}.ko (bug={bug}) loaded and bound to {npu_bdf}"),
+        loaded,
+    )?;
     peer_status(
         ctx,
         npu_bdf,
@@ -1881,7 +1770,7 @@ fn h6_cycle(
         "{tag}device_del {gpu} → DEVICE_DELETED in {}",
         ms(took)
     ));
-    let gone = wait_gone(ctx, &bdf)?;
+    let gone = sysfs::wait(ctx, &bdf, false, Duration::from_secs(10))?;
     let detached = wait_detached(ctx, gpu)?;
     ctx.check(
         &format!("{tag}the server saw {gpu}'s client go"),
@@ -1894,7 +1783,7 @@ fn h6_cycle(
         npu_regs::PEER_CONFIGURED,
         &format!("{tag}{gpu} removed: {npu} PEER_STATUS = configured, peer gone"),
     )?;
-    let left = guest_sh(
+    let left = sh_output(
         ctx,
         &format!(
             "ls -d /sys/bus/pci/devices/{bdf} /sys/kernel/iommu_groups/*/devices/{bdf} \
@@ -1924,28 +1813,6 @@ fn h6_cycle(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn test_status_field() {
-        let s = "Name:\tpcisim\nThreads:\t7\nVmRSS:\t   12345 kB\n";
-        assert_eq!(status_field(s, "VmRSS"), Some(12345));
-        assert_eq!(status_field(s, "Threads"), Some(7));
-        assert_eq!(status_field(s, "VmSwap"), None);
-    }
-
-    #[test]
-    fn test_wait_script() {
-        let s = wait_sysfs_script("0000:02:00.0", true, Duration::from_secs(1));
-        assert!(s.contains("while [ ! -e $d ]"));
-        assert!(s.contains("-ge 100 "));
-        let s = wait_sysfs_script("0000:02:00.0", false, Duration::from_secs(1));
-        assert!(s.contains("while [ -e $d ]"));
-    }
-
-    #[test]
-    fn test_server_pid_of_this_process_is_none() {
-        assert_eq!(server_pid(Path::new("/nonexistent/control.sock")), None);
-    }
 
     #[test]
     fn test_described_cap() {

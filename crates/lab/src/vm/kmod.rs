@@ -31,8 +31,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{debug, info, warn};
 
-use crate::process::{self, describe_status, ProcessError};
-use crate::provision::{repo_root, ProvisionEnv};
+use crate::vm::process::{self, describe_status, ProcessError};
+use crate::vm::provision::{repo_root, ProvisionEnv};
 
 /// How long one module build may take (a cold build of a large driver on two busy cores).
 pub const BUILD_TIMEOUT: Duration = Duration::from_secs(10 * 60);

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use pcisim_journal::{Event, Record, ViolationKind};
 
-use crate::host::{count_records, HostCtx, HostError, HostProgram};
-use crate::kmod::{guest_module_path_sh, NPU_MODULE};
-use crate::profile::ProfileId;
-use crate::reset::bdf_of;
-use crate::timeline;
+use crate::guestops;
+use crate::harness::host::{count_records, HostCtx, HostError, HostProgram};
+use crate::harness::timeline;
+use crate::vm::kmod::NPU_MODULE;
+use crate::vm::profile::ProfileId;
 
 /// The NPU of the `npu-sva` profile.
 const NPU: &str = "npu0";
@@ -73,35 +73,15 @@ pub const M7B: HostProgram = HostProgram {
     run: m7b_skip_invalidate,
 };
 
-/// (Re)loads the guest NPU driver with `bug` (`none` for the correct one; docs/sva.md) and
-/// waits until it drives the NPU at `bdf`: a subtest, and an error if it does not. Guest `sva`
-/// programs left over from an earlier step are killed first (they would hold the module).
-pub(crate) fn load_driver(ctx: &mut HostCtx<'_>, bdf: &str, bug: &str) -> Result<(), HostError> {
-    let ko = guest_module_path_sh(NPU_MODULE);
-    let script = format!(
-        "pkill -9 -f 'pcisim-guest sva' 2>/dev/null; sleep 0.1; \
-         rmmod {NPU_MODULE} 2>/dev/null; insmod {ko} bug={bug} || exit 1; \
-         i=0; while [ ! -e /sys/bus/pci/drivers/{NPU_MODULE}/{bdf} ] && [ $i -lt 100 ]; do \
-         sleep 0.05; i=$((i+1)); done; \
-         cat /sys/bus/pci/devices/{bdf}/pcisim_chardev || {{ dmesg | tail -n 20 >&2; exit 1; }}"
-    );
-    let out = ctx.sh(&script);
-    let ok = matches!(&out, Ok(s) if s.trim().starts_with("pcisim-npu"));
-    ctx.check(
+/// (Re)loads the guest NPU driver with `bug` and checks it drives the NPU at `bdf` (a subtest,
+/// and an error if it does not).
+fn load_driver(ctx: &mut HostCtx<'_>, bdf: &str, bug: &str) -> Result<(), HostError> {
+    let loaded = guestops::driver::load_npu(ctx, bdf, bug);
+    ctx.checked(
         &format!("{NPU_MODULE}.ko (bug={bug}) loaded and bound to {bdf}"),
-        ok,
-        match &out {
-            Ok(s) => format!("chardev: {:?}", s.trim()),
-            Err(e) => e.to_string(),
-        },
-    );
-    if ok {
-        Ok(())
-    } else {
-        Err(HostError::Step(format!(
-            "the guest NPU driver is not bound to {bdf}"
-        )))
-    }
+        loaded,
+    )
+    .map(drop)
 }
 
 /// The PASID a guest `sva` step printed (`# pasid N`).
@@ -267,7 +247,7 @@ fn check_unbound_with_drain(ctx: &mut HostCtx<'_>, case: &str, pasid: u64, recor
 }
 
 fn m6_sva_lifetimes(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
-    let bdf = bdf_of(ctx, NPU)?;
+    let bdf = ctx.bdf_of(NPU)?;
     load_driver(ctx, &bdf, "none")?;
     if let Some((pasid, records)) = lifetime_case(
         ctx,
@@ -317,8 +297,7 @@ fn buggy_variant(
     case: &str,
     what: &str,
 ) -> Result<(), HostError> {
-    let bdf = bdf_of(ctx, NPU)?;
-    ctx.expect_violation(NPU, ViolationKind::StaleTranslation);
+    let bdf = ctx.bdf_of(NPU)?;
     load_driver(ctx, &bdf, bug)?;
     let r = lifetime_case(ctx, &bdf, case, what, true)?;
     // Back to the correct driver for whatever runs next.
@@ -366,7 +345,7 @@ fn m6c_ack_without_drain(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 }
 
 fn m7_invalidation(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
-    let bdf = bdf_of(ctx, NPU)?;
+    let bdf = ctx.bdf_of(NPU)?;
     load_driver(ctx, &bdf, "none")?;
     let Some((pasid, records)) = lifetime_case(
         ctx,

@@ -1,4 +1,4 @@
-//! The guest vfio mm-teardown scenarios M1–M5, run on the host side ([`crate::host`]) in the
+//! The guest vfio mm-teardown scenarios M1–M5, run on the host side ([`crate::harness::host`]) in the
 //! `gpu` profile (intel-iommu, guest vfio type1).
 //!
 //! Each runs `pcisim-guest mm-teardown --case ...` (guest-tests/src/mmtear.rs): a guest process
@@ -23,10 +23,10 @@
 
 use pcisim_journal::{Dir, Event, Record, Refusal, RingErrorCode};
 
-use crate::host::{HostCtx, HostError, HostProgram};
-use crate::profile::ProfileId;
-use crate::qmp::PciDeviceInfo;
-use crate::reset::reset_kinds;
+use crate::harness::host::reset_kinds;
+use crate::harness::host::{HostCtx, HostError, HostProgram};
+use crate::vm::profile::ProfileId;
+use crate::vm::qmp::PciDeviceInfo;
 
 /// The base of the guest program's IOVA layout (`--iova`).
 pub const IOVA: u64 = 0x5000_0000;

@@ -1,24 +1,24 @@
-//! The K scenarios: the guest kernel oracle ([`crate::dmesg`]) tests itself.
+//! The K scenarios: the guest kernel oracle ([`crate::harness::dmesg`]) tests itself.
 //!
 //! Each loads `pcisim_oops.ko` (guest-tests/kmod/pcisim_oops.c), makes it provoke one kernel
 //! report, and unloads it. The catalogue declares the report each provokes
-//! ([`crate::scenario::Scenario::kernel_reports`]), so the scenario passes as `ok ... # XFAIL`
+//! ([`crate::harness::scenario::Scenario::kernel_reports`]), so the scenario passes as `ok ... # XFAIL`
 //! only if the oracle found that report in the scenario's kernel log slice and nothing else;
 //! the same scenario without the declaration is `not ok` (crates/pcisim/tests/lab_suite.rs).
 
 use std::time::Instant;
 
-use crate::host::{HostCtx, HostError, HostProgram};
-use crate::kmod::guest_module_path_sh;
-use crate::profile::ProfileId;
+use crate::harness::host::{HostCtx, HostError, HostProgram};
+use crate::vm::kmod::guest_module_path_sh;
+use crate::vm::profile::ProfileId;
 
 /// The module name of the report-provoking test module.
 pub const OOPS_MODULE: &str = "pcisim_oops";
 
 /// How long K2's writer sleeps in state D: more than two hung task check periods (the lab's
-/// guests set `kernel.hung_task_timeout_secs` to [`crate::qemu::HUNG_TASK_TIMEOUT_SECS`];
+/// guests set `kernel.hung_task_timeout_secs` to [`crate::vm::qemu::HUNG_TASK_TIMEOUT_SECS`];
 /// khungtaskd checks every period and reports a task not scheduled since the previous check).
-pub const HANG_SECS: u64 = 3 * crate::qemu::HUNG_TASK_TIMEOUT_SECS;
+pub const HANG_SECS: u64 = 3 * crate::vm::qemu::HUNG_TASK_TIMEOUT_SECS;
 
 /// `K1 kernel-warn-caught`: the module WARNs on request.
 pub const K1: HostProgram = HostProgram {
@@ -62,7 +62,7 @@ fn k1_warn(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 
 fn k2_hung_task(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let timeout = ctx.sh("cat /proc/sys/kernel/hung_task_timeout_secs")?;
-    let want = crate::qemu::HUNG_TASK_TIMEOUT_SECS.to_string();
+    let want = crate::vm::qemu::HUNG_TASK_TIMEOUT_SECS.to_string();
     ctx.check(
         &format!("kernel.hung_task_timeout_secs is {want} (set on the kernel command line)"),
         timeout.trim() == want,

@@ -18,12 +18,12 @@
 //! Root ports are `rp1`, `rp2`, ... with `chassis` = `slot` = their number, created in the order
 //! their first device appears in the profile, then the free ones (hotplug-capable, empty at
 //! boot). Devices with `plugged: false` are served but left off the command line: their root
-//! port exists, and [`crate::host::HostCtx::device_add`] plugs them.
+//! port exists, and [`crate::harness::host::HostCtx::device_add`] plugs them.
 
 use std::path::Path;
 
-use crate::qemu::{HotplugMode, RootPort, VfioUserDevice};
-use crate::server;
+use crate::vm::qemu::{HotplugMode, RootPort, VfioUserDevice};
+use crate::vm::server;
 
 /// The longest profile name or device id (they name the VM's directory and the devices' unix
 /// sockets in it, and a socket path has at most 107 bytes).

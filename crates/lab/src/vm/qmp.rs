@@ -13,7 +13,7 @@
 //! out is skipped, never taken for the next one's). Asynchronous events that arrive meanwhile are
 //! buffered (the newest [`MAX_EVENTS`]) and numbered; [`Qmp::wait_event`] and
 //! [`Qmp::wait_event_since`] take them from the buffer or wait for them. Every wait has a deadline
-//! and returns early when the lab is interrupted ([`crate::process::interrupted`]). Reads keep
+//! and returns early when the lab is interrupted ([`crate::vm::process::interrupted`]). Reads keep
 //! partial lines across timeouts, so a timeout never desynchronises the stream.
 //!
 //! Why not the `qapi` crate (0.15, `qmp` feature): its synchronous client has no timeouts
@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use serde_json::{json, Map, Value};
 
-use crate::process::{self, POLL};
+use crate::vm::process::{self, POLL};
 
 /// How long a command may take by default (QEMU answers from its main loop; `device_add` of a
 /// vfio-user device includes the whole vfio-user attach).

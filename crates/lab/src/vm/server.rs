@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use log::debug;
 use serde_json::Value;
 
-use crate::process::{self, describe_status, ChildGuard, Group, ProcessError, POLL};
+use crate::vm::process::{self, describe_status, ChildGuard, Group, ProcessError, POLL};
 
 /// How long the server has to create its sockets.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -64,7 +64,7 @@ pub enum ServerError {
     BadDescription(String),
     /// The control socket failed.
     #[error("The device server's control socket failed")]
-    Control(#[from] crate::control::ControlError),
+    Control(#[from] crate::vm::control::ControlError),
 }
 
 /// A `gpu:socket=PATH,id=ID,extra...` device spec for `pcisim serve`/`describe`. Each `extra`
@@ -283,13 +283,13 @@ impl Server {
     }
 
     /// A new connection to the control socket.
-    pub fn control(&self) -> Result<crate::control::ControlClient, ServerError> {
+    pub fn control(&self) -> Result<crate::vm::control::ControlClient, ServerError> {
         let path = self.control.as_deref().ok_or_else(|| {
-            crate::control::ControlError::Refused(
+            crate::vm::control::ControlError::Refused(
                 "the device server was started without --control".into(),
             )
         })?;
-        Ok(crate::control::ControlClient::connect(path)?)
+        Ok(crate::vm::control::ControlClient::connect(path)?)
     }
 
     /// The server's pid.
@@ -326,9 +326,83 @@ impl Server {
     }
 }
 
+/// What the lab measures of the server process (leak checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Open file descriptors.
+    pub fds: usize,
+    /// Threads.
+    pub threads: usize,
+    /// Resident set size, KiB.
+    pub rss_kib: u64,
+}
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} fds, {} threads, RSS {} KiB",
+            self.fds, self.threads, self.rss_kib
+        )
+    }
+}
+
+/// A `/proc/<pid>/status` field's first number (`VmRSS:  1234 kB` → 1234).
+pub fn status_field(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// The open fds, threads and RSS of process `pid` (from `/proc`), or what could not be read.
+pub fn usage(pid: u32) -> Result<Usage, String> {
+    let err = |what: &str, e: std::io::Error| format!("reading /proc/{pid}/{what}: {e}");
+    let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map_err(|e| err("fd", e))?
+        .count();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| err("status", e))?;
+    let field =
+        |k: &str| status_field(&status, k).ok_or_else(|| format!("/proc/{pid}/status has no {k}"));
+    Ok(Usage {
+        fds,
+        threads: usize::try_from(field("Threads")?).unwrap_or(usize::MAX),
+        rss_kib: field("VmRSS")?,
+    })
+}
+
+/// The pid of the `pcisim serve` whose control socket is `control`.
+pub fn server_pid(control: &Path) -> Option<u32> {
+    let want = control.as_os_str().as_encoded_bytes();
+    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let serving = args.iter().any(|a| *a == b"serve");
+        let ours = args
+            .windows(2)
+            .any(|w| w[0] == b"--control" && w[1] == want);
+        (serving && ours).then_some(pid)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_status_field() {
+        let s = "Name:\tpcisim\nThreads:\t7\nVmRSS:\t   12345 kB\n";
+        assert_eq!(status_field(s, "VmRSS"), Some(12345));
+        assert_eq!(status_field(s, "Threads"), Some(7));
+        assert_eq!(status_field(s, "VmSwap"), None);
+    }
+
+    #[test]
+    fn test_server_pid_of_this_process_is_none() {
+        assert_eq!(server_pid(Path::new("/nonexistent/control.sock")), None);
+    }
 
     #[test]
     fn test_device_spec_appends_options() {

@@ -23,13 +23,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::agent::{Agent, RunInput, RunOutput};
 use crate::error::LabError;
-use crate::profile::{DeviceKind, DeviceSlot, ProfileId, VmProfile};
-use crate::qemu::{HotplugMode, QemuConfig, Share, VmOptions, DEFAULT_APPEND};
-use crate::qmp::{PciDeviceInfo, Qmp, QmpError};
-use crate::suite::{AGENT_PORT, BOOT_TIMEOUT, CONNECT_TIMEOUT, POWEROFF_TIMEOUT};
-use crate::{guest, initramfs, kmod, provision, server};
+use crate::guestops::{self, sysfs, Timed, TimedError};
+use crate::vm::agent::{Agent, RunInput, RunOutput};
+use crate::vm::boot::{self, Prepared, BOOT_TIMEOUT, CONNECT_TIMEOUT, POWEROFF_TIMEOUT};
+use crate::vm::profile::{DeviceKind, DeviceSlot, ProfileId, VmProfile};
+use crate::vm::qemu::{HotplugMode, Share, VmOptions};
+use crate::vm::qmp::{PciDeviceInfo, Qmp, QmpError};
+use crate::vm::server;
 
 /// The serial port (in the guest) of the shell `console` attaches to.
 pub const CONSOLE_PORT: &str = "ttyS2";
@@ -82,7 +83,7 @@ pub fn manual_profile() -> VmProfile {
         free_ports: 1,
         viommu: true,
         // `lab up --memory` decides the manual VM's RAM.
-        memory_mib: crate::profile::DEFAULT_MEMORY_MIB,
+        memory_mib: crate::vm::profile::DEFAULT_MEMORY_MIB,
     }
 }
 
@@ -332,10 +333,16 @@ fn agent(state: &LabState) -> Result<Agent> {
     Ok(a)
 }
 
-/// Runs a busybox `sh -c` script in the guest.
+/// Runs a busybox `sh -c` script in the guest ([`guestops::sh_output`]; the caller judges it).
 fn guest_sh(a: &mut Agent, script: &str, timeout: Duration) -> Result<RunOutput> {
-    let argv = ["/bin/busybox", "sh", "-c", script].map(str::to_string);
-    a.run(&argv, timeout).map_err(lab)
+    guestops::sh_output(&mut Timed { agent: a, timeout }, script).map_err(timed)
+}
+
+fn timed(e: TimedError) -> ManualError {
+    match e {
+        TimedError::Agent(e) => lab(e),
+        TimedError::Shell(e) => msg(e.to_string()),
+    }
 }
 
 fn ms(d: Duration) -> String {
@@ -516,52 +523,19 @@ impl Started {
 
 fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
     let t0 = Instant::now();
-    crate::note!("provisioning (the first run downloads QEMU and a guest kernel)...");
-    let (env, kernel) = crate::kernel::prepare(
+    let Prepared {
+        env,
+        kernel: _,
+        initrd,
+    } = boot::prepare(
         &opts.kernel,
         std::slice::from_ref(&opts.profile),
-        false,
-        &provision::scripts_dir(),
-        &dir.join("provision.log"),
-    )
-    .map_err(lab)?;
-    crate::note!(
-        "guest kernel {}: {} (cache entry {}); {}",
-        kernel.kver,
-        kernel.what,
-        kernel.entry,
-        kernel.check.summary()
-    );
-    crate::note!("building the guest programs...");
-    let guest_bin = guest::build(&dir.join("guest-build.log")).map_err(lab)?;
-    crate::note!("building the guest kernel modules...");
-    let extra_modules = if !kernel.can_build_modules {
-        crate::note!("(no kernel build tree for {}: none built)", kernel.what);
-        Vec::new()
-    } else {
-        match kmod::build(&env, &dir.join("kmod-build.log")).map_err(lab)? {
-            Some(b) => b.modules.into_iter().map(|m| m.path).collect(),
-            None => {
-                crate::note!("(no .c file in {}: none)", kmod::kmod_src_dir().display());
-                Vec::new()
-            }
-        }
-    };
-    let initrd = initramfs::build(
-        &initramfs::InitramfsSpec {
-            busybox: env.busybox.clone(),
-            guest_bin,
-            modules_dir: env.modules.clone(),
-            kver: env.kver.clone(),
-            modules: initramfs::VFIO_MODULES
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            extra_modules,
-            agent_port: AGENT_PORT.into(),
-            userland_root: Some(env.kbuild_root.clone()),
+        &[],
+        dir,
+        &mut |l| {
+            crate::note!("{l}");
+            Ok(())
         },
-        &dir.join("initramfs.cpio"),
     )
     .map_err(lab)?;
 
@@ -659,28 +633,15 @@ fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
         guest: XFER_GUEST.into(),
         cached: true,
     });
-    let config = QemuConfig {
-        qemu: env.qemu.clone(),
-        accel: env.accel.as_str().into(),
-        cpu: env.cpu.clone(),
-        memory_mib: profile.memory_mib,
-        smp: 2,
-        kernel: env.kernel.clone(),
-        initrd: initrd.path.clone(),
-        append: if profile.viommu {
-            DEFAULT_APPEND.to_string()
-        } else {
-            DEFAULT_APPEND.replace(" intel_iommu=on", "")
-        },
-        console_log: dir.join("console.log"),
-        agent_socket: state.agent.clone(),
-        qmp_socket: state.qmp.clone(),
-        viommu: profile.viommu,
-        hotplug: profile.hotplug,
-        root_ports: layout.root_ports.clone(),
-        devices: layout.devices.clone(),
+    let config = boot::qemu_config(
+        &env,
+        profile,
+        &layout,
+        &initrd.path,
+        dir,
+        &state.agent,
         extra,
-    };
+    );
     // QEMU listens on the agent's socket (every command connects anew) and on a third serial
     // port's, the console shell's.
     let mut args: Vec<String> = config
@@ -698,14 +659,14 @@ fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
         "-chardev".to_string(),
         format!(
             "socket,id=shell,path={},server=on,wait=off",
-            crate::qemu::qemu_opt_escape(&state.console.to_string_lossy())
+            crate::vm::qemu::qemu_opt_escape(&state.console.to_string_lossy())
         ),
         "-serial".into(),
         "chardev:shell".into(),
     ]);
     let line: Vec<String> = std::iter::once(env.qemu.to_string_lossy().into_owned())
         .chain(args.iter().cloned())
-        .map(|w| crate::qemu::shell_quote(&w))
+        .map(|w| crate::vm::qemu::shell_quote(&w))
         .collect();
     let _ = fs::write(dir.join("qemu-cmdline.sh"), format!("{}\n", line.join(" ")));
     let mut cmd = Command::new(&env.qemu);
@@ -1015,12 +976,11 @@ pub fn plug(dir: &Path, id: &str, slot: Option<&str>, out: &mut dyn Write) -> Re
         })?;
     let bdf = info.bdf();
     let mut a = agent(state)?;
-    let steps = PROBE_TIMEOUT.as_millis() / 10;
-    let script = format!(
-        "d=/sys/bus/pci/devices/{bdf}; n=0; while [ ! -e $d ]; do n=$((n+1)); \
-         if [ $n -ge {steps} ]; then exit 1; fi; usleep 10000; done; exit 0"
-    );
-    let o = guest_sh(&mut a, &script, PROBE_TIMEOUT + Duration::from_secs(5))?;
+    let o = guest_sh(
+        &mut a,
+        &sysfs::wait_script(&bdf, true, PROBE_TIMEOUT),
+        PROBE_TIMEOUT + Duration::from_secs(5),
+    )?;
     let took = t.elapsed();
     if o.exit != Some(0) {
         return Err(msg(format!(
@@ -1030,12 +990,14 @@ pub fn plug(dir: &Path, id: &str, slot: Option<&str>, out: &mut dyn Write) -> Re
             dir.join("console.log").display()
         )));
     }
-    let d = guest_sh(
-        &mut a,
-        &format!("l=$(readlink /sys/bus/pci/devices/{bdf}/driver) && basename $l; true"),
-        Duration::from_secs(10),
-    )?;
-    let driver = d.stdout.trim().to_string();
+    let driver = sysfs::driver(
+        &mut Timed {
+            agent: &mut a,
+            timeout: Duration::from_secs(10),
+        },
+        &bdf,
+    )
+    .map_err(timed)?;
     writeln!(
         out,
         "{id} plugged on {port} at {bdf}: the guest saw it {} after device_add (driver: {})",
@@ -1129,10 +1091,7 @@ pub fn unplug(dir: &Path, id: &str, force: bool, out: &mut dyn Write) -> Result<
     let mut a = agent(state)?;
     let o = guest_sh(
         &mut a,
-        &format!(
-            "d=/sys/bus/pci/devices/{bdf}; n=0; while [ -e $d ]; do n=$((n+1)); \
-             if [ $n -ge 1000 ]; then exit 1; fi; usleep 10000; done; exit 0"
-        ),
+        &sysfs::wait_script(&bdf, false, Duration::from_secs(10)),
         Duration::from_secs(15),
     )?;
     if o.exit != Some(0) {

@@ -1,4 +1,4 @@
-//! The reset scenarios, run on the host side ([`crate::host`]): R0 (the two-function VM
+//! The reset scenarios, run on the host side ([`crate::harness::host`]): R0 (the two-function VM
 //! enumerates), R1 (FLR through sysfs, unbound and under a guest vfio driver), R2 (FLR with DMA
 //! in flight, the kernel's way) and R2b (the same by a buggy driver: an expected violation), R3
 //! (PM soft reset, and No_Soft_Reset = 1), R4 (secondary bus reset under ACPI hotplug), R5 (slot
@@ -18,10 +18,12 @@ use pcisim_journal::{
 };
 use serde_json::Value;
 
-use crate::agent::RunOutput;
-use crate::host::{count_records, is_reset_begin, HostCtx, HostError, HostProgram};
-use crate::profile::{DeviceKind, ProfileId};
-use crate::qmp::PciDeviceInfo;
+use crate::harness::host::{
+    count_records, is_reset_begin, reset_kinds, HostCtx, HostError, HostProgram,
+};
+use crate::vm::agent::RunOutput;
+use crate::vm::profile::{DeviceKind, ProfileId};
+use crate::vm::qmp::PciDeviceInfo;
 
 /// `R0 two-function-enumeration`: in the `gpu-npu` VM, QEMU places `gpu0` (GPU) and `npu1`
 /// (NPU) as functions 0 and 1 of one slot behind one root port, function 0 carries the
@@ -339,16 +341,6 @@ pub const R8: HostProgram = HostProgram {
     run: r8_slow_failed_reset,
 };
 
-/// The BDF the guest gave QEMU device `id` (from `query-pci`).
-pub(crate) fn bdf_of(ctx: &mut HostCtx<'_>, id: &str) -> Result<String, HostError> {
-    ctx.qmp()
-        .query_pci()?
-        .iter()
-        .find(|p| p.qdev_id == id)
-        .map(PciDeviceInfo::bdf)
-        .ok_or_else(|| HostError::Step(format!("{id} is not in query-pci")))
-}
-
 /// The latest journal sequence number of `dev` (a window starts after it).
 fn mark(ctx: &mut HostCtx<'_>, dev: &str) -> Result<u64, HostError> {
     Ok(ctx.control().last_seq(dev)?)
@@ -357,33 +349,6 @@ fn mark(ctx: &mut HostCtx<'_>, dev: &str) -> Result<u64, HostError> {
 /// The records `dev` journaled after `mark` (an incomplete window is an error).
 fn since(ctx: &mut HostCtx<'_>, dev: &str, mark: u64) -> Result<Vec<Record>, HostError> {
     Ok(ctx.window(dev, mark)?.records)
-}
-
-/// The reset kinds journaled in `records` (one per `reset_begin`), and whether every reset
-/// ended with a `reset_end` of its kind before the next began.
-pub fn reset_kinds(records: &[Record]) -> (Vec<ResetKind>, bool) {
-    let mut kinds = Vec::new();
-    let mut open: Option<ResetKind> = None;
-    let mut paired = true;
-    for r in records {
-        match r.event {
-            Event::ResetBegin { kind } => {
-                if open.is_some() {
-                    paired = false;
-                }
-                kinds.push(kind);
-                open = Some(kind);
-            }
-            Event::ResetEnd { kind } => {
-                if open != Some(kind) {
-                    paired = false;
-                }
-                open = None;
-            }
-            _ => {}
-        }
-    }
-    (kinds, paired && open.is_none())
 }
 
 /// A delivered interrupt of `vector`.
@@ -478,7 +443,7 @@ fn guest_step(ctx: &mut HostCtx<'_>, name: &str, argv: &[String]) -> Result<RunO
 
 fn r1_flr(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let dev = "gpu0";
-    let bdf = bdf_of(ctx, dev)?;
+    let bdf = ctx.bdf_of(dev)?;
 
     let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv("reset", dev, &["--bdf", &bdf, "--method", "flr"])?;
@@ -558,7 +523,7 @@ fn ring_refused(e: &Event) -> bool {
 
 fn r2_flr_with_dma(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let dev = "gpu0";
-    let bdf = bdf_of(ctx, dev)?;
+    let bdf = ctx.bdf_of(dev)?;
     let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv("reset-dma", dev, &["--bdf", &bdf, "--mode", "correct"])?;
     guest_step(
@@ -609,8 +574,7 @@ fn r2_flr_with_dma(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 
 fn r2b_flr_dma_buggy_driver(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let dev = "gpu0";
-    let bdf = bdf_of(ctx, dev)?;
-    ctx.expect_violation(dev, ViolationKind::DmaDuringReset);
+    let bdf = ctx.bdf_of(dev)?;
     let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv("reset-dma", dev, &["--bdf", &bdf, "--mode", "buggy"])?;
     guest_step(
@@ -671,8 +635,8 @@ const GUEST_MARK_AFTER: u8 = 3;
 
 fn r3_pm_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let (dev, nsr) = ("gpu0", "gpu1");
-    let bdf = bdf_of(ctx, dev)?;
-    let nsr_bdf = bdf_of(ctx, nsr)?;
+    let bdf = ctx.bdf_of(dev)?;
+    let nsr_bdf = ctx.bdf_of(nsr)?;
 
     let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv("reset", dev, &["--bdf", &bdf, "--method", "pm"])?;
@@ -747,7 +711,7 @@ fn r3_pm_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 
 fn r4_bus_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let dev = "gpu0";
-    let bdf = bdf_of(ctx, dev)?;
+    let bdf = ctx.bdf_of(dev)?;
     let m = mark(ctx, dev)?;
     // Under ACPI hotplug QEMU's root port advertises Data Link Layer Link Active Reporting but
     // never sets Link Active; the port is a 16 GT/s one, so after the SBR the kernel waits for
@@ -833,7 +797,7 @@ fn r5_slot_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 
 fn r6_vfio_device_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let dev = "gpu0";
-    let bdf = bdf_of(ctx, dev)?;
+    let bdf = ctx.bdf_of(dev)?;
     let methods = ctx.sh(&format!("cat /sys/bus/pci/devices/{bdf}/reset_method"))?;
     let first = methods.split_whitespace().next().unwrap_or("").to_string();
     ctx.diag(&format!("{dev} reset_method: {}", methods.trim()));
@@ -878,7 +842,7 @@ fn r6_vfio_device_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 
 fn r7_hot_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let (d0, d1) = ("gpu0", "npu1");
-    let (f0, f1) = (bdf_of(ctx, d0)?, bdf_of(ctx, d1)?);
+    let (f0, f1) = (ctx.bdf_of(d0)?, ctx.bdf_of(d1)?);
     let (m0, m1) = (mark(ctx, d0)?, mark(ctx, d1)?);
     let peer = &ctx.device(d1)?.description;
     let (peer_vendor, peer_device) = (
@@ -931,7 +895,7 @@ fn r7_hot_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 
 fn r8_slow_failed_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let dev = "gpu0";
-    let bdf = bdf_of(ctx, dev)?;
+    let bdf = ctx.bdf_of(dev)?;
 
     // Slow: config space reads all-ones for 1.5 s after the FLR.
     ctx.inject(dev, "slow-reset=1500")?;

@@ -5,18 +5,18 @@
 //! the server), `pcie-root-port`s with the vfio-user devices behind them (one per port, or several
 //! functions of one multifunction slot), optionally native PCIe hotplug instead of ACPI's, the
 //! console on ttyS0 (into a file), the agent link on ttyS1 (a unix socket the lab listens on) and
-//! QMP on a unix socket. The layout comes from a [`crate::profile::VmProfile`].
+//! QMP on a unix socket. The layout comes from a [`crate::vm::profile::VmProfile`].
 //!
 //! `-no-reboot` is always set, so a guest that panics or reboots stops QEMU at once (the lab
 //! sees it); a scenario that resets the machine (`system_reset`) switches QEMU to rebooting
-//! with QMP `set-action` for the duration (see [`crate::qmp::Qmp::set_reboot_action`]).
+//! with QMP `set-action` for the duration (see [`crate::vm::qmp::Qmp::set_reboot_action`]).
 
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::process::{ChildGuard, Group, ProcessError};
+use crate::vm::process::{ChildGuard, Group, ProcessError};
 
 /// The kernel command line of lab guests.
 ///

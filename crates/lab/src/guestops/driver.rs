@@ -1,0 +1,29 @@
+//! Our guest kernel drivers (guest-tests/kmod), loaded by the scenarios that need them.
+
+use super::{sh, GuestShell, ShellError};
+use crate::vm::kmod::{guest_module_path_sh, NPU_MODULE};
+
+/// (Re)loads the guest NPU driver with `bug` (`none` for the correct one; docs/sva.md) and
+/// waits until it drives the NPU at `bdf`; returns its character device's name
+/// (`pcisim-npuN`). Guest `sva` programs left over from an earlier step are killed first (they
+/// would hold the module).
+pub fn load_npu<G: GuestShell + ?Sized>(
+    g: &mut G,
+    bdf: &str,
+    bug: &str,
+) -> Result<String, G::Error> {
+    let ko = guest_module_path_sh(NPU_MODULE);
+    let script = format!(
+        "pkill -9 -f 'pcisim-guest sva' 2>/dev/null; sleep 0.1; \
+         rmmod {NPU_MODULE} 2>/dev/null; insmod {ko} bug={bug} || exit 1; \
+         i=0; while [ ! -e /sys/bus/pci/drivers/{NPU_MODULE}/{bdf} ] && [ $i -lt 100 ]; do \
+         sleep 0.05; i=$((i+1)); done; \
+         cat /sys/bus/pci/devices/{bdf}/pcisim_chardev || {{ dmesg | tail -n 20 >&2; exit 1; }}"
+    );
+    let chardev = sh(g, &script)?.trim().to_string();
+    if chardev.starts_with("pcisim-npu") {
+        Ok(chardev)
+    } else {
+        Err(ShellError::Unexpected(format!("chardev: {chardev:?}")).into())
+    }
+}

@@ -1,0 +1,324 @@
+//! What a scenario is and how a guest program's result becomes a verdict.
+//!
+//! A scenario is one guest program invocation (`pcisim-guest <sub> ...`) whose stdout is KTAP and
+//! whose exit code is kselftest-style (0 pass, 1 fail, 4 skip). Names begin with the scenario id
+//! and a space, so `--filter` (a substring of the name) selects by id (`E1`), by family (`E`) or by
+//! topic (`msix`). A host-side scenario ([`Program::Host`]) is a Rust function that drives the VM
+//! from the host between guest commands and names the VM profile it needs
+//! ([`Scenario::profile`]).
+
+use std::time::Duration;
+
+use pcisim_journal::ViolationKind;
+
+use crate::harness::dmesg::KernelReport;
+use crate::harness::ktap::{self, Directive, KtapError, KtapSummary};
+use crate::vm::agent::RunOutput;
+use crate::vm::server::DescribedDevice;
+
+/// Where the guest binary lives in the initramfs.
+pub const GUEST_BIN_PATH: &str = "/bin/pcisim-guest";
+
+/// Which guest program a scenario runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    /// `pcisim-guest e1 --vendor V --device D --expect JSON`
+    E1,
+    /// `pcisim-guest e2 --vendor V --device D`
+    E2,
+    /// `pcisim-guest e3 --vendor V --device D`
+    E3,
+    /// `pcisim-guest e4 --vendor V --device D`
+    E4,
+    /// `pcisim-guest e5 --vendor V --device D`
+    E5,
+    /// A host-side scenario ([`crate::harness::host`]): a Rust function drives QMP, the control socket
+    /// and guest commands, in a VM of its own profile.
+    Host(crate::harness::host::HostProgram),
+}
+
+/// One entry of the catalogue ([`crate::scenarios::catalogue`]): what runs, where, for how
+/// long, and which failures it provokes on purpose (its XFAIL declarations).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scenario {
+    /// The id (`E1`).
+    pub id: &'static str,
+    /// The KTAP test name (`E1 enumeration`).
+    pub name: &'static str,
+    /// How long the guest program may run (TCG: a trapped MMIO access costs ~90 µs).
+    pub timeout: Duration,
+    /// What runs.
+    pub program: Program,
+    /// The guest kernel reports the scenario provokes on purpose (an expected failure, like
+    /// [`Scenario::violations`]): each must appear in its kernel log slice and no other may, and
+    /// its result line says `# XFAIL` ([`crate::harness::dmesg::judge`]). Each declaration says
+    /// why in a comment.
+    pub kernel_reports: &'static [KernelReport],
+    /// The journal violations the scenario provokes on purpose, as (device, kind): a
+    /// deliberately buggy guest program proving the oracle catches the bug. The suite passes the
+    /// scenario only if every declared violation was journaled and no other one, and marks its
+    /// result line `# XFAIL` (an expected failure, never silent).
+    pub violations: &'static [(&'static str, ViolationKind)],
+    /// The scenario's correct twin, for an expected failure: the same program on the same
+    /// profile without the bug, expecting nothing (a unit test holds the catalogue to it).
+    pub twin: Twin,
+}
+
+/// An expected failure's correct twin ([`Scenario::twin`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Twin {
+    /// Not an expected failure: nothing to pair.
+    None,
+    /// The id of the scenario that runs the same program on the same profile, correctly.
+    Of(&'static str),
+    /// An expected failure that cannot have a correct twin; the text says why (the kernel
+    /// oracle's self-tests provoke the report with a test module that is only the bug).
+    Unpaired(&'static str),
+}
+
+impl Scenario {
+    /// The XFAIL declarations' defaults: a scenario that expects no violation and no kernel
+    /// report. Catalogue entries end with `..Scenario::NO_XFAIL` (its id, name, timeout and
+    /// program are placeholders every entry overrides).
+    pub const NO_XFAIL: Scenario = Scenario {
+        id: "",
+        name: "",
+        timeout: Duration::ZERO,
+        program: Program::E1,
+        kernel_reports: &[],
+        violations: &[],
+        twin: Twin::None,
+    };
+
+    /// Whether the scenario provokes a failure on purpose (a violation or a kernel report).
+    pub fn is_xfail(&self) -> bool {
+        !self.kernel_reports.is_empty() || !self.violations.is_empty()
+    }
+}
+
+impl Scenario {
+    /// The VM profile the scenario needs (the default one for guest programs).
+    pub fn profile(&self) -> crate::vm::profile::ProfileId {
+        match self.program {
+            Program::Host(h) => h.profile,
+            _ => crate::vm::profile::ProfileId::default(),
+        }
+    }
+
+    /// The guest command line for this scenario against `device`.
+    pub fn argv(&self, device: &DescribedDevice) -> Vec<String> {
+        let d = &device.description;
+        let mut argv = vec![
+            GUEST_BIN_PATH.to_string(),
+            match self.program {
+                Program::E1 => "e1",
+                Program::E2 => "e2",
+                Program::E3 => "e3",
+                Program::E4 => "e4",
+                Program::E5 => "e5",
+                // Not run: a host scenario's function decides what runs in the guest.
+                Program::Host(h) => h.name,
+            }
+            .to_string(),
+            "--vendor".into(),
+            format!("{:#06x}", d.vendor_id),
+            "--device".into(),
+            format!("{:#06x}", d.device_id),
+        ];
+        if self.program == Program::E1 {
+            argv.push("--expect".into());
+            argv.push(d.raw.to_string());
+        }
+        argv
+    }
+}
+
+/// The verdict on one scenario.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every assertion held.
+    Pass,
+    /// Something failed; the reason is one line.
+    Fail(String),
+    /// The scenario could not run here; the reason says why.
+    Skip(String),
+}
+
+/// Describes up to three failed subtests: `2 of 7 subtests failed: class (got 0), bars`.
+fn failures_text(s: &KtapSummary) -> String {
+    let names: Vec<String> = s
+        .failures()
+        .take(3)
+        .map(|r| match &r.directive {
+            Some(Directive::Reason(why)) if !why.is_empty() => format!("{} ({why})", r.name),
+            _ => r.name.clone(),
+        })
+        .collect();
+    let more = if s.failed() > 3 { ", ..." } else { "" };
+    format!(
+        "{} of {} subtests failed: {}{more}",
+        s.failed(),
+        s.results.len(),
+        names.join(", ")
+    )
+}
+
+fn skip_reason(s: &KtapSummary) -> String {
+    s.skip_all
+        .clone()
+        .or_else(|| {
+            s.results.iter().find_map(|r| match &r.directive {
+                Some(Directive::Skip(why)) if !why.is_empty() => Some(why.clone()),
+                _ => None,
+            })
+        })
+        .unwrap_or_else(|| "skipped by the guest program".into())
+}
+
+/// Judges a guest program's result: its exit status and whether its stdout is KTAP that agrees.
+/// Returns the verdict and the parsed KTAP (or why it is not KTAP).
+pub fn evaluate(out: &RunOutput) -> (Verdict, Result<KtapSummary, KtapError>) {
+    let parsed = ktap::parse(&out.stdout);
+    let not_ktap = |e: &KtapError| format!("guest output is not valid KTAP: {e}");
+    let verdict = if out.timed_out {
+        Verdict::Fail(format!(
+            "timed out in the guest after {:.1} s",
+            out.elapsed_ms as f64 / 1000.0
+        ))
+    } else if let Some(signal) = out.signal {
+        Verdict::Fail(format!("killed by signal {signal}"))
+    } else {
+        match (out.exit, &parsed) {
+            (Some(0), Ok(s)) if s.failed() == 0 => Verdict::Pass,
+            (Some(0), Ok(s)) => Verdict::Fail(format!("exit 0 but {}", failures_text(s))),
+            (Some(1), Ok(s)) if s.failed() > 0 => Verdict::Fail(failures_text(s)),
+            (Some(1), Ok(_)) => Verdict::Fail("exit 1 (no failed subtest reported)".into()),
+            (Some(4), Ok(s)) => Verdict::Skip(skip_reason(s)),
+            (Some(code), Ok(_)) => Verdict::Fail(format!("exit {code}")),
+            (Some(0) | Some(4), Err(e)) => Verdict::Fail(not_ktap(e)),
+            (Some(code), Err(e)) => Verdict::Fail(format!("exit {code}; {}", not_ktap(e))),
+            (None, _) => Verdict::Fail("no exit status from the agent".into()),
+        }
+    };
+    (verdict, parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::server::DeviceDescription;
+
+    #[test]
+    fn test_argv_uses_described_ids_and_expect_json() {
+        let dev = DescribedDevice {
+            id: "gpu0".into(),
+            kind: "gpu".into(),
+            description: DeviceDescription {
+                vendor_id: 0x1234,
+                device_id: 0x0b10,
+                class_code: 0x030200,
+                raw: serde_json::json!({"vendor_id": 4660}),
+            },
+        };
+        let all: Vec<Scenario> = [
+            Program::E1,
+            Program::E2,
+            Program::E3,
+            Program::E4,
+            Program::E5,
+        ]
+        .into_iter()
+        .map(|program| Scenario {
+            id: "X",
+            name: "X",
+            program,
+            ..Scenario::NO_XFAIL
+        })
+        .collect();
+        assert_eq!(
+            all[0].argv(&dev),
+            [
+                "/bin/pcisim-guest",
+                "e1",
+                "--vendor",
+                "0x1234",
+                "--device",
+                "0x0b10",
+                "--expect",
+                "{\"vendor_id\":4660}"
+            ]
+        );
+        assert_eq!(
+            all[2].argv(&dev),
+            [
+                "/bin/pcisim-guest",
+                "e3",
+                "--vendor",
+                "0x1234",
+                "--device",
+                "0x0b10"
+            ]
+        );
+        assert_eq!(all[3].argv(&dev)[1], "e4");
+        assert_eq!(all[4].argv(&dev)[1], "e5");
+    }
+
+    fn run(exit: Option<i32>, stdout: &str) -> RunOutput {
+        RunOutput {
+            exit,
+            stdout: stdout.into(),
+            ..RunOutput::default()
+        }
+    }
+
+    const PASS: &str = "KTAP version 1\n1..2\nok 1 a\nok 2 b\n";
+    const FAIL: &str = "KTAP version 1\n1..2\nnot ok 1 class # got 0x000000\nok 2 b\n";
+    const SKIP: &str = "KTAP version 1\n1..0 # SKIP no device 1234:0b10\n";
+
+    #[test]
+    fn test_evaluate_exit_codes() {
+        assert_eq!(evaluate(&run(Some(0), PASS)).0, Verdict::Pass);
+        assert_eq!(
+            evaluate(&run(Some(1), FAIL)).0,
+            Verdict::Fail("1 of 2 subtests failed: class (got 0x000000)".into())
+        );
+        assert_eq!(
+            evaluate(&run(Some(4), SKIP)).0,
+            Verdict::Skip("no device 1234:0b10".into())
+        );
+        assert!(
+            matches!(evaluate(&run(Some(0), FAIL)).0, Verdict::Fail(r) if r.starts_with("exit 0 but"))
+        );
+        assert!(matches!(evaluate(&run(Some(1), PASS)).0, Verdict::Fail(_)));
+        assert_eq!(
+            evaluate(&run(Some(2), PASS)).0,
+            Verdict::Fail("exit 2".into())
+        );
+    }
+
+    #[test]
+    fn test_evaluate_invalid_ktap_fails_even_with_exit_0() {
+        let (v, parsed) = evaluate(&run(Some(0), "all good\n"));
+        assert!(matches!(v, Verdict::Fail(r) if r.contains("not valid KTAP")));
+        assert!(parsed.is_err());
+        assert!(matches!(evaluate(&run(Some(4), "")).0, Verdict::Fail(_)));
+        assert!(matches!(evaluate(&run(None, PASS)).0, Verdict::Fail(_)));
+    }
+
+    #[test]
+    fn test_evaluate_timeout_and_signal() {
+        let mut out = run(None, "KTAP version 1\n1..3\nok 1 a\n");
+        out.timed_out = true;
+        out.elapsed_ms = 120_000;
+        assert_eq!(
+            evaluate(&out).0,
+            Verdict::Fail("timed out in the guest after 120.0 s".into())
+        );
+        let mut out = run(None, "");
+        out.signal = Some(11);
+        assert_eq!(
+            evaluate(&out).0,
+            Verdict::Fail("killed by signal 11".into())
+        );
+    }
+}
