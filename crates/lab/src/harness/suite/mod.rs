@@ -767,7 +767,7 @@ mod tests {
             id,
             name,
             timeout: Duration::from_secs(1),
-            program: Program::E1,
+            program: Program::Guest(pcisim_guest_wire::Program::E1),
             ..Scenario::NO_XFAIL
         }
     }

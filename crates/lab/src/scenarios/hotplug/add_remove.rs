@@ -35,13 +35,13 @@ pub(super) fn h1_hot_add(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         info.parent.is_some(),
         "no parent bridge in query-pci",
     );
-    let argv = ctx.guest_argv("e1", &id, &["--bdf", &bdf])?;
+    let argv = ctx.guest_argv(GuestProgram::E1, &id, &["--bdf", &bdf])?;
     ctx.guest_test(&format!("{id} at {bdf} passes E1"), &argv)?;
     let msi = msi_applies(ctx, &id)?;
     if msi {
         check_msi_cap(ctx, &id, &bdf)?;
     }
-    let argv = ctx.guest_argv("e2", &id, &["--bdf", &bdf])?;
+    let argv = ctx.guest_argv(GuestProgram::E2, &id, &["--bdf", &bdf])?;
     ctx.guest_test(&format!("BAR access: {id} at {bdf} passes E2"), &argv)?;
     if msi {
         check_msi_delivery(ctx, &id, &bdf)?;
@@ -151,7 +151,7 @@ pub(super) fn check_msi_delivery(
     let name = "MSI delivery in the guest through vfio-pci";
     let mark = ctx.control().last_seq(id)?;
     let argv = ctx.guest_argv(
-        "e3",
+        GuestProgram::E3,
         id,
         &["--bdf", bdf, "--irq", "msi", "--vectors", H1_MSI_VECTORS],
     )?;
@@ -344,7 +344,7 @@ pub(super) fn h3_add_remove_cycles(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
         let bdf = info.bdf();
         let kib = H3_DMA_KIB.to_string();
         let argv = ctx.guest_argv(
-            "vfio-user",
+            GuestProgram::VfioUser,
             &id,
             &["--bdf", &bdf, "--dma-kib", &kib, "--req", "off"],
         )?;

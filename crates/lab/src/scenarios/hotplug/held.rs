@@ -28,7 +28,7 @@ pub(super) fn start_holder(
     tag: &str,
 ) -> Result<u32, HostError> {
     let argv = ctx.guest_argv(
-        "vfio-user",
+        GuestProgram::VfioUser,
         id,
         &[
             "--bdf",

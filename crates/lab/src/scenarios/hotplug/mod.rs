@@ -27,6 +27,7 @@ use crate::vm::kmod::NPU_MODULE;
 use crate::vm::profile::ProfileId;
 use crate::vm::qmp::{PciDeviceInfo, QmpError};
 use crate::vm::server::{server_pid, usage};
+use pcisim_guest_wire::{GuestProgram as Invocation, Program as GuestProgram};
 
 mod add_remove;
 mod held;

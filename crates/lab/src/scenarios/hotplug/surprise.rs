@@ -15,20 +15,12 @@ pub(super) fn bar_io(
         list.push(format!("{o:#x}"));
     }
     list.extend(offs.iter().map(|o| format!("{o:#x}")));
-    let mut argv: Vec<String> = [
-        crate::harness::scenario::GUEST_BIN_PATH,
-        "bar-io",
-        "--bdf",
-        bdf,
-    ]
-    .map(str::to_string)
-    .to_vec();
-    argv.push("--off".into());
-    argv.push(list.join(","));
+    let mut bar_io =
+        Invocation::new(GuestProgram::BarIo).args(&["--bdf", bdf, "--off", &list.join(",")]);
     if let Some((_, v)) = write {
-        argv.push("--write".into());
-        argv.push(format!("{v:#x}"));
+        bar_io = bar_io.args(&["--write".to_string(), format!("{v:#x}")]);
     }
+    let argv = bar_io.to_argv();
     let out = ctx.guest(&argv)?;
     if out.exit != Some(0) {
         return Err(HostError::Step(format!(
@@ -153,7 +145,7 @@ pub(super) fn h5_dma_across_link_down(
     };
     let down_wait = H5_DOWN_WAIT_S.to_string();
     let argv = ctx.guest_argv(
-        "dma-stream",
+        GuestProgram::DmaStream,
         id,
         &[
             "--bdf",

@@ -7,7 +7,11 @@ pub(super) fn r1_flr(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let bdf = ctx.bdf_of(dev)?;
 
     let m = mark(ctx, dev)?;
-    let argv = ctx.guest_argv("reset", dev, &["--bdf", &bdf, "--method", "flr"])?;
+    let argv = ctx.guest_argv(
+        GuestProgram::Reset,
+        dev,
+        &["--bdf", &bdf, "--method", "flr"],
+    )?;
     guest_step(
         ctx,
         &format!("{dev} unbound: reset_method=flr, reset: registers back to defaults"),
@@ -18,7 +22,7 @@ pub(super) fn r1_flr(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 
     let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
-        "reset-vfio",
+        GuestProgram::ResetVfio,
         dev,
         &["--bdf", &bdf, "--op", "sysfs-flr", "--ring", "on"],
     )?;
@@ -86,7 +90,11 @@ pub(super) fn r2_flr_with_dma(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let dev = "gpu0";
     let bdf = ctx.bdf_of(dev)?;
     let m = mark(ctx, dev)?;
-    let argv = ctx.guest_argv("reset-dma", dev, &["--bdf", &bdf, "--mode", "correct"])?;
+    let argv = ctx.guest_argv(
+        GuestProgram::ResetDma,
+        dev,
+        &["--bdf", &bdf, "--mode", "correct"],
+    )?;
     guest_step(
         ctx,
         &format!("{dev}: FILL running, Transactions Pending seen, VFIO_DEVICE_RESET"),
@@ -137,7 +145,11 @@ pub(super) fn r2b_flr_dma_buggy_driver(ctx: &mut HostCtx<'_>) -> Result<(), Host
     let dev = "gpu0";
     let bdf = ctx.bdf_of(dev)?;
     let m = mark(ctx, dev)?;
-    let argv = ctx.guest_argv("reset-dma", dev, &["--bdf", &bdf, "--mode", "buggy"])?;
+    let argv = ctx.guest_argv(
+        GuestProgram::ResetDma,
+        dev,
+        &["--bdf", &bdf, "--mode", "buggy"],
+    )?;
     guest_step(
         ctx,
         &format!("{dev}: FILL running, the program writes Initiate FLR itself (driver bug)"),

@@ -13,7 +13,7 @@ pub(super) fn r3_pm_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let nsr_bdf = ctx.bdf_of(nsr)?;
 
     let m = mark(ctx, dev)?;
-    let argv = ctx.guest_argv("reset", dev, &["--bdf", &bdf, "--method", "pm"])?;
+    let argv = ctx.guest_argv(GuestProgram::Reset, dev, &["--bdf", &bdf, "--method", "pm"])?;
     guest_step(
         ctx,
         &format!("{dev}: reset_method=pm, reset: registers back to defaults"),
@@ -26,7 +26,7 @@ pub(super) fn r3_pm_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 
     let m = mark(ctx, nsr)?;
     let argv = ctx.guest_argv(
-        "reset",
+        GuestProgram::Reset,
         nsr,
         &[
             "--bdf", &nsr_bdf, "--method", "pm", "--absent", "pm", "--errno", "22", "--expect",
@@ -39,7 +39,7 @@ pub(super) fn r3_pm_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         &argv,
     )?;
     let argv = ctx.guest_argv(
-        "reset",
+        GuestProgram::Reset,
         nsr,
         &[
             "--bdf", &nsr_bdf, "--method", "pm-cycle", "--expect", "kept",
@@ -64,7 +64,7 @@ pub(super) fn r3_pm_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 
     let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
-        "reset",
+        GuestProgram::Reset,
         dev,
         &["--bdf", &bdf, "--method", "pm-cycle", "--expect", "cleared"],
     )?;
@@ -92,7 +92,7 @@ pub(super) fn r4_bus_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     // Link Active (PCIe Base 6.0 §6.6.1), gives up after 100 ms + 1 s and returns ENOTTY. The
     // reset has happened by then and the kernel restores config space anyway.
     let argv = ctx.guest_argv(
-        "reset",
+        GuestProgram::Reset,
         dev,
         &[
             "--bdf",
@@ -147,7 +147,7 @@ pub(super) fn r5_slot_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     );
     let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
-        "reset",
+        GuestProgram::Reset,
         dev,
         &["--bdf", &bdf, "--method", "bus", "--offered", "flr,bus"],
     )?;
@@ -177,7 +177,7 @@ pub(super) fn r6_vfio_device_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
     ctx.diag(&format!("{dev} reset_method: {}", methods.trim()));
     let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
-        "reset-vfio",
+        GuestProgram::ResetVfio,
         dev,
         &["--bdf", &bdf, "--op", "ioctl", "--ring", "on"],
     )?;
@@ -224,7 +224,7 @@ pub(super) fn r7_hot_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         format!("{:#06x}", peer.device_id),
     );
     let argv = ctx.guest_argv(
-        "reset-hot",
+        GuestProgram::ResetHot,
         d0,
         &[
             "--bdf",
@@ -275,7 +275,7 @@ pub(super) fn r8_slow_failed_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
     ctx.inject(dev, "slow-reset=1500")?;
     let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
-        "reset",
+        GuestProgram::Reset,
         dev,
         &[
             "--bdf",
@@ -300,7 +300,7 @@ pub(super) fn r8_slow_failed_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
     ctx.inject(dev, "slow-reset=never")?;
     let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
-        "reset",
+        GuestProgram::Reset,
         dev,
         &[
             "--bdf",
@@ -334,7 +334,7 @@ pub(super) fn r8_slow_failed_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
     ctx.inject(dev, "slow-reset=0")?;
     let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
-        "reset",
+        GuestProgram::Reset,
         dev,
         &[
             "--bdf", &bdf, "--method", "sbr", "--dirty", "off", "--expect", "cleared",
@@ -352,7 +352,7 @@ pub(super) fn r8_slow_failed_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
         &w,
         &[ResetKind::DeviceReset],
     );
-    let argv = ctx.guest_argv("e1", dev, &["--bdf", &bdf])?;
+    let argv = ctx.guest_argv(GuestProgram::E1, dev, &["--bdf", &bdf])?;
     ctx.guest_test(&format!("{dev} enumerates as before (E1)"), &argv)?;
     Ok(())
 }

@@ -24,6 +24,7 @@ use crate::harness::host::{
 use crate::vm::agent::RunOutput;
 use crate::vm::profile::{DeviceKind, ProfileId};
 use crate::vm::qmp::PciDeviceInfo;
+use pcisim_guest_wire::Program as GuestProgram;
 
 mod flr;
 mod methods;
