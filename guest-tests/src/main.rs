@@ -33,6 +33,8 @@ mod vdev;
 mod vfio;
 mod vfiouser;
 
+use pcisim_guest_wire::Program;
+
 const USAGE: &str = "\
 usage: pcisim-guest <subcommand> [options]
 
@@ -81,6 +83,31 @@ usage: pcisim-guest <subcommand> [options]
       GPU write into the last page, and unmaps it
 ";
 
+/// Runs `program` (the names are [`pcisim_guest_wire::Program`]'s, shared with the lab; the
+/// match is exhaustive, so a program the lab can name is always dispatched).
+fn run(program: Program, rest: &[String]) -> i32 {
+    match program {
+        Program::Agent => agent::run(rest),
+        Program::E1 => e1::run(rest),
+        Program::E2 => e2::run(rest),
+        Program::E3 => e3::run(rest),
+        Program::E4 => e4::run(rest),
+        Program::E5 => e5::run(rest),
+        Program::Reset => reset::run(rest),
+        Program::ResetVfio => resetvfio::run(rest),
+        Program::ResetDma => resetdma::run(rest),
+        Program::ResetHot => resethot::run(rest),
+        Program::NpuPeer => npu::run(rest),
+        Program::VfioUser => vfiouser::run(rest),
+        Program::BarIo => bario::run(rest),
+        Program::DmaStream => dmastream::run(rest),
+        Program::MmTeardown => mmtear::run(rest),
+        Program::MmTeardownWorker => mmtear::worker(rest),
+        Program::DmaMapPages => dmamap::run(rest),
+        Program::Sva => sva::run(rest),
+    }
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
     let Some(sub) = argv.get(1) else {
@@ -89,32 +116,96 @@ fn main() {
     };
     let rest = &argv[2..];
     let code = match sub.as_str() {
-        "agent" => agent::run(rest),
-        "e1" => e1::run(rest),
-        "e2" => e2::run(rest),
-        "e3" => e3::run(rest),
-        "e4" => e4::run(rest),
-        "e5" => e5::run(rest),
-        "reset" => reset::run(rest),
-        "reset-vfio" => resetvfio::run(rest),
-        "reset-dma" => resetdma::run(rest),
-        "reset-hot" => resethot::run(rest),
-        "npu-peer" => npu::run(rest),
-        "vfio-user" => vfiouser::run(rest),
-        "bar-io" => bario::run(rest),
-        "dma-stream" => dmastream::run(rest),
-        "mm-teardown" => mmtear::run(rest),
-        "mm-teardown-worker" => mmtear::worker(rest),
-        "dma-map-pages" => dmamap::run(rest),
-        "sva" => sva::run(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             0
         }
-        other => {
-            eprintln!("pcisim-guest: unknown subcommand {other:?}\n{USAGE}");
-            2
-        }
+        name => match Program::from_name(name) {
+            Some(program) => run(program, rest),
+            None => {
+                eprintln!("pcisim-guest: unknown subcommand {name:?}\n{USAGE}");
+                2
+            }
+        },
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every program the lab can name is in the usage text.
+    #[test]
+    fn usage_lists_every_program() {
+        for p in Program::ALL {
+            if *p == Program::MmTeardownWorker {
+                continue; // internal: mm-teardown starts it
+            }
+            assert!(
+                USAGE.contains(&format!("\n  {} ", p.name())),
+                "{} missing from USAGE",
+                p.name()
+            );
+        }
+    }
+
+    /// E1's expectation and the decoded view are the shared description type's shape: what the
+    /// lab checks before boot (`pcisim_guest_wire::DeviceDescription`) is what E1 parses.
+    #[test]
+    fn e1_parses_the_shared_description_and_views_serialize_as_it() {
+        let d = pcisim_guest_wire::DeviceDescription {
+            vendor_id: 0x1234,
+            device_id: 0x0b10,
+            class_code: 0x030200,
+            revision: 1,
+            subsystem_vendor_id: 0x1234,
+            subsystem_id: 1,
+            bars: vec![pcisim_guest_wire::Bar {
+                index: 0,
+                size: 0x1000,
+                mem64: false,
+                prefetchable: false,
+            }],
+            capabilities: vec![pcisim_guest_wire::Cap {
+                id: 0x10,
+                offset: 0x40,
+            }],
+            ext_capabilities: vec![pcisim_guest_wire::ExtCap {
+                id: 1,
+                offset: 0x100,
+                version: 2,
+            }],
+        };
+        let json = serde_json::to_string(&d).unwrap();
+        let e = e1::parse_expect(&json).unwrap();
+        assert_eq!(
+            (e.vendor_id, e.device_id, e.class_code, e.revision),
+            (0x1234, 0x0b10, 0x030200, 1)
+        );
+        assert_eq!(
+            (e.bars.len(), e.capabilities.len(), e.ext_capabilities.len()),
+            (1, 1, 1)
+        );
+        let view = pci::DeviceView {
+            vendor_id: e.vendor_id,
+            device_id: e.device_id,
+            class_code: e.class_code,
+            revision: e.revision,
+            subsystem_vendor_id: e.subsystem_vendor_id,
+            subsystem_id: e.subsystem_id,
+            bars: e.bars.clone(),
+            capabilities: e.capabilities.clone(),
+            ext_capabilities: e.ext_capabilities.clone(),
+        };
+        let back: pcisim_guest_wire::DeviceDescription =
+            serde_json::from_value(serde_json::to_value(&view).unwrap()).unwrap();
+        assert_eq!(back, d);
+        let v = serde_json::to_value(&view).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = pcisim_guest_wire::DeviceDescription::FIELDS.to_vec();
+        keys.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(keys, want);
+    }
 }

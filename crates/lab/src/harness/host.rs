@@ -22,7 +22,7 @@
 //!     let records = ctx.journal("gpu0")?;                // what gpu0 journaled since the start
 //!     let reset = find_record(&records, |e| is_reset_begin(e, ResetKind::DeviceReset));
 //!     ctx.check("reset_begin kind=device journaled", reset.is_some(), "none");
-//!     let argv = ctx.guest_argv("e1", "gpu0", &[])?;     // pcisim-guest e1 --vendor ... --expect
+//!     let argv = ctx.guest_argv(GuestProgram::E1, "gpu0", &[])?;     // pcisim-guest e1 --vendor ... --expect
 //!     ctx.guest_test("e1 after the reboot", &argv)?;    // nested KTAP, verdict as a subtest
 //!     Ok(())
 //! }
@@ -46,11 +46,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
+use pcisim_guest_wire::Program as GuestProgram;
 use pcisim_journal::{Event, Record, ResetKind, ViolationKind};
 
 use crate::guestops::{self, GuestShell, ShellError};
 use crate::harness::ktap::{KtapWriter, Status, TestResult};
-use crate::harness::scenario::{self, Scenario, Verdict, GUEST_BIN_PATH};
+use crate::harness::scenario::{self, Scenario, Verdict};
 use crate::vm::agent::{Agent, AgentError, RunOutput};
 use crate::vm::control::{ControlClient, ControlError, JournalWatch, Window};
 use crate::vm::process::{describe_status, ChildGuard, POLL};
@@ -429,25 +430,13 @@ impl<'a> HostCtx<'a> {
     /// `device` (`--expect` with its description for `e1`).
     pub fn guest_argv(
         &self,
-        program: &str,
+        program: GuestProgram,
         device: &str,
         extra: &[&str],
     ) -> Result<Vec<String>, HostError> {
-        let d = &self.device(device)?.description;
-        let mut argv = vec![
-            GUEST_BIN_PATH.to_string(),
-            program.to_string(),
-            "--vendor".into(),
-            format!("{:#06x}", d.vendor_id),
-            "--device".into(),
-            format!("{:#06x}", d.device_id),
-        ];
-        if program == "e1" {
-            argv.push("--expect".into());
-            argv.push(d.raw.to_string());
-        }
-        argv.extend(extra.iter().map(|s| s.to_string()));
-        Ok(argv)
+        Ok(scenario::invocation(program, self.device(device)?)
+            .args(extra)
+            .to_argv())
     }
 
     /// Runs a KTAP guest program as the subtest `name`: its KTAP is nested under it and its

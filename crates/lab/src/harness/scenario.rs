@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use pcisim_guest_wire::{DeviceIds, GuestProgram as Invocation, Program as GuestProgram};
 use pcisim_journal::ViolationKind;
 
 use crate::harness::dmesg::KernelReport;
@@ -16,25 +17,32 @@ use crate::harness::ktap::{self, Directive, KtapError, KtapSummary};
 use crate::vm::agent::RunOutput;
 use crate::vm::server::DescribedDevice;
 
-/// Where the guest binary lives in the initramfs.
-pub const GUEST_BIN_PATH: &str = "/bin/pcisim-guest";
+pub use pcisim_guest_wire::GUEST_BIN_PATH;
 
-/// Which guest program a scenario runs.
+/// What a scenario runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Program {
-    /// `pcisim-guest e1 --vendor V --device D --expect JSON`
-    E1,
-    /// `pcisim-guest e2 --vendor V --device D`
-    E2,
-    /// `pcisim-guest e3 --vendor V --device D`
-    E3,
-    /// `pcisim-guest e4 --vendor V --device D`
-    E4,
-    /// `pcisim-guest e5 --vendor V --device D`
-    E5,
-    /// A host-side scenario ([`crate::harness::host`]): a Rust function drives QMP, the control socket
-    /// and guest commands, in a VM of its own profile.
+    /// A guest program against the VM's first device: `pcisim-guest <program> --vendor V
+    /// --device D` (and `--expect JSON`, its description, for E1); its KTAP is the scenario's.
+    Guest(GuestProgram),
+    /// A host-side scenario ([`crate::harness::host`]): a Rust function drives QMP, the control
+    /// socket and guest commands, in a VM of its own profile.
     Host(crate::harness::host::HostProgram),
+}
+
+/// The invocation of guest `program` against `device`: its ids as `--vendor`/`--device`, and
+/// for E1 its description as `--expect`.
+pub fn invocation(program: GuestProgram, device: &DescribedDevice) -> Invocation {
+    let d = &device.description;
+    let inv = Invocation::new(program).device(DeviceIds {
+        vendor: d.vendor_id,
+        device: d.device_id,
+    });
+    if program == GuestProgram::E1 {
+        inv.expect(d.raw.clone())
+    } else {
+        inv
+    }
 }
 
 /// One entry of the catalogue ([`crate::scenarios::catalogue`]): what runs, where, for how
@@ -84,7 +92,7 @@ impl Scenario {
         id: "",
         name: "",
         timeout: Duration::ZERO,
-        program: Program::E1,
+        program: Program::Guest(GuestProgram::E1),
         kernel_reports: &[],
         violations: &[],
         twin: Twin::None,
@@ -105,31 +113,13 @@ impl Scenario {
         }
     }
 
-    /// The guest command line for this scenario against `device`.
+    /// The guest command line for this scenario against `device` (a host scenario's function
+    /// decides what runs in the guest: its argv is the bare program name, never run).
     pub fn argv(&self, device: &DescribedDevice) -> Vec<String> {
-        let d = &device.description;
-        let mut argv = vec![
-            GUEST_BIN_PATH.to_string(),
-            match self.program {
-                Program::E1 => "e1",
-                Program::E2 => "e2",
-                Program::E3 => "e3",
-                Program::E4 => "e4",
-                Program::E5 => "e5",
-                // Not run: a host scenario's function decides what runs in the guest.
-                Program::Host(h) => h.name,
-            }
-            .to_string(),
-            "--vendor".into(),
-            format!("{:#06x}", d.vendor_id),
-            "--device".into(),
-            format!("{:#06x}", d.device_id),
-        ];
-        if self.program == Program::E1 {
-            argv.push("--expect".into());
-            argv.push(d.raw.to_string());
+        match self.program {
+            Program::Guest(p) => invocation(p, device).to_argv(),
+            Program::Host(h) => vec![GUEST_BIN_PATH.to_string(), h.name.to_string()],
         }
-        argv
     }
 }
 
@@ -221,17 +211,17 @@ mod tests {
             },
         };
         let all: Vec<Scenario> = [
-            Program::E1,
-            Program::E2,
-            Program::E3,
-            Program::E4,
-            Program::E5,
+            GuestProgram::E1,
+            GuestProgram::E2,
+            GuestProgram::E3,
+            GuestProgram::E4,
+            GuestProgram::E5,
         ]
         .into_iter()
-        .map(|program| Scenario {
+        .map(|p| Scenario {
             id: "X",
             name: "X",
-            program,
+            program: Program::Guest(p),
             ..Scenario::NO_XFAIL
         })
         .collect();

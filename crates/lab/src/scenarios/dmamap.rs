@@ -26,6 +26,7 @@ use crate::harness::host::{HostCtx, HostError, HostProgram};
 use crate::vm::profile::ProfileId;
 use crate::vm::qmp::PciDeviceInfo;
 use crate::vm::server::{server_pid, usage, Usage};
+use pcisim_guest_wire::Program as GuestProgram;
 
 /// `M9 dma-map-1g-pages`.
 pub const M9: HostProgram = HostProgram {
@@ -115,7 +116,7 @@ fn m9(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         .map(PciDeviceInfo::bdf)
         .ok_or_else(|| HostError::Step(format!("{dev} is not in query-pci")))?;
     let argv = ctx.guest_argv(
-        "dma-map-pages",
+        GuestProgram::DmaMapPages,
         dev,
         &["--bdf", &bdf, "--mib", &MIB.to_string()],
     )?;

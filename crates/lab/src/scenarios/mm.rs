@@ -27,6 +27,7 @@ use crate::harness::host::reset_kinds;
 use crate::harness::host::{HostCtx, HostError, HostProgram};
 use crate::vm::profile::ProfileId;
 use crate::vm::qmp::PciDeviceInfo;
+use pcisim_guest_wire::Program as GuestProgram;
 
 /// The base of the guest program's IOVA layout (`--iova`).
 pub const IOVA: u64 = 0x5000_0000;
@@ -160,7 +161,7 @@ fn run_case(ctx: &mut HostCtx<'_>, case: Case) -> Result<(), HostError> {
         .ok_or_else(|| HostError::Step(format!("{dev} is not in query-pci")))?;
     let mark = ctx.control().last_seq(dev)?;
     let argv = ctx.guest_argv(
-        "mm-teardown",
+        GuestProgram::MmTeardown,
         dev,
         &[
             "--bdf",

@@ -16,6 +16,7 @@ use crate::harness::host::{count_records, HostCtx, HostError, HostProgram};
 use crate::harness::timeline;
 use crate::vm::kmod::NPU_MODULE;
 use crate::vm::profile::ProfileId;
+use pcisim_guest_wire::{GuestProgram as Invocation, Program as GuestProgram};
 
 /// The NPU of the `npu-sva` profile.
 const NPU: &str = "npu0";
@@ -187,12 +188,12 @@ fn lifetime_case(
     lenient: bool,
 ) -> Result<Option<(u64, Vec<Record>)>, HostError> {
     let mark = ctx.control().last_seq(NPU)?;
-    let mut argv = ctx.guest_argv("sva", NPU, &["--bdf", bdf, "--case", case])?;
-    // `sva` takes no --vendor/--device: keep the program name and the extra arguments.
-    argv.drain(2..6);
+    // `sva` finds the NPU by its BDF (no --vendor/--device).
+    let mut sva = Invocation::new(GuestProgram::Sva).args(&["--bdf", bdf, "--case", case]);
     if lenient {
-        argv.extend(["--lenient".to_string(), "on".to_string()]);
+        sva = sva.args(&["--lenient", "on"]);
     }
+    let argv = sva.to_argv();
     let (_, out) = ctx.guest_test_output(what, &argv)?;
     let Some(pasid) = pasid_of(&out.stdout) else {
         ctx.fail(

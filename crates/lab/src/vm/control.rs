@@ -92,23 +92,15 @@ pub fn unclean_marker(record: &Record) -> Option<String> {
 }
 
 /// Reads the `records` of a response as typed records. An entry that is not a record this lab
-/// knows (a newer server's event type), or one that flags itself `"degraded"`/`"unclean"`, is a
-/// degradation marker: a window containing it cannot pass as clean.
+/// knows (a newer server's event type) is a degradation marker: a window containing it cannot
+/// pass as clean.
 fn read_records(raw: Vec<Value>) -> (Vec<Record>, Vec<String>) {
     let mut records = Vec::with_capacity(raw.len());
     let mut degraded = Vec::new();
     for v in raw {
         let seq = v.get("seq").and_then(Value::as_u64).unwrap_or(0);
-        let flagged = ["degraded", "unclean"]
-            .iter()
-            .any(|k| v.get(*k) == Some(&Value::Bool(true)));
         match serde_json::from_value::<Record>(v.clone()) {
-            Ok(r) => {
-                if flagged {
-                    degraded.push(format!("{} (#{seq})", summarize(&r.event)));
-                }
-                records.push(r);
-            }
+            Ok(r) => records.push(r),
             Err(e) => {
                 log::warn!("journal record #{seq} not understood: {e}: {v}");
                 degraded.push(format!(
@@ -218,29 +210,13 @@ pub struct JournalSlice {
     pub next_after: u64,
     /// Whether `limit` cut the slice short.
     pub more: bool,
-    /// What the response itself said about degradation (a `degraded`/`unclean` field: `true`,
-    /// a string or a list of strings), one entry each, and the entries of `records` that were
-    /// not records this lab reads or that flagged themselves degraded; empty when none.
+    /// The entries of `records` that were not records this lab reads (a newer server's event
+    /// type), one line each; empty when none. (The server's `journal` response carries no
+    /// degradation flag of its own: a degraded checker journals a `checker_degraded` violation,
+    /// [`unclean_marker`].)
     pub degraded: Vec<String>,
 }
 
-/// The degradation a `journal` response reports in a `degraded` or `unclean` field.
-fn response_degraded(v: &Value) -> Vec<String> {
-    let mut out = Vec::new();
-    for key in ["degraded", "unclean"] {
-        match v.get(key) {
-            Some(Value::Bool(true)) => out.push(format!("the server says the window is {key}")),
-            Some(Value::String(s)) if !s.is_empty() => out.push(s.clone()),
-            Some(Value::Array(items)) => out.extend(items.iter().map(|i| match i {
-                Value::String(s) => s.clone(),
-                other => pcisim_journal::text::summarize_json(other),
-            })),
-            Some(Value::Object(_)) => out.push(format!("{key}: {}", v[key])),
-            _ => {}
-        }
-    }
-    out
-}
 
 /// A connection to a control socket.
 pub struct ControlClient {
@@ -406,9 +382,7 @@ impl ControlClient {
             .and_then(Value::as_array)
             .cloned()
             .ok_or_else(|| self.bad("journal without \"records\""))?;
-        let (records, unread) = read_records(raw);
-        let mut degraded = response_degraded(&v);
-        degraded.extend(unread);
+        let (records, degraded) = read_records(raw);
         Ok(JournalSlice {
             records,
             lost: n("lost"),
@@ -1005,10 +979,8 @@ mod tests {
     fn test_window_with_a_degradation_marker_is_incomplete() {
         let marker = json!({"seq": 6, "t_ns": 6, "type": "checker_degraded",
             "what": "mapped set overflow"});
-        // Not a record this lab reads, and a record that flags itself: markers both.
+        // Not a record this lab reads: a marker.
         assert_eq!(read_records(vec![marker.clone()]).1.len(), 1);
-        let flagged = json!({"seq": 1, "t_ns": 1, "type": "note", "text": "x", "degraded": true});
-        assert_eq!(read_records(vec![flagged]).1, ["note: x (#1)"]);
         assert_eq!(unclean_marker(&parse(rec(1, "dma"))), None);
         let (records, degraded) = read_records(vec![rec(5, "dma"), marker]);
         let slice = JournalSlice {
@@ -1054,21 +1026,16 @@ mod tests {
             .starts_with("journal window incomplete: gpu0 after #2: 4 records lost"));
         // From the oldest record kept on, the window is complete again.
         assert_eq!(c.window("gpu0", 6).unwrap().records.len(), 4);
-        // A response that says the window is degraded.
-        extra.lock().unwrap().insert(
-            "degraded".into(),
-            json!(["gate drain timed out after 10 s"]),
-        );
-        let e = c.window("gpu0", 6).unwrap_err();
-        assert!(e.to_string().contains("gate drain timed out"), "{e}");
     }
 
     #[test]
     fn test_journal_watch_degradation_makes_the_window_unclean() {
-        // A record that flags itself (any type) and a marker type of its own.
+        // The checker's own marker (a checker_degraded violation) and a record this lab cannot
+        // read (a newer server's type).
         let records = std::sync::Arc::new(std::sync::Mutex::new(vec![
             rec(1, "client_connected"),
-            json!({"seq": 2, "t_ns": 2, "type": "note", "text": "x", "degraded": true}),
+            json!({"seq": 2, "t_ns": 2, "type": "violation", "kind": "checker_degraded",
+                "detail": "x"}),
             rec(3, "checker_degraded"),
         ]));
         let mut watch = JournalWatch::new(fake_server(records)).unwrap();
@@ -1082,8 +1049,8 @@ mod tests {
         assert_eq!(
             w.diagnostics(),
             [
-                "DEGRADED gpu0: note: x (#2)",
-                "DEGRADED gpu0: checker_degraded (#3) [not a record this lab reads]"
+                "DEGRADED gpu0: checker_degraded (#3) [not a record this lab reads]",
+                "DEGRADED gpu0: VIOLATION checker_degraded: x (#2)"
             ]
         );
     }

@@ -106,18 +106,9 @@ pub struct DescribedDevice {
 }
 
 /// The fields of a description that E1 compares (`pcisim-guest e1 --expect`): every one must be
-/// there, since E1 treats a missing one as an error rather than skip its check.
-pub const E1_FIELDS: &[&str] = &[
-    "vendor_id",
-    "device_id",
-    "class_code",
-    "revision",
-    "subsystem_vendor_id",
-    "subsystem_id",
-    "bars",
-    "capabilities",
-    "ext_capabilities",
-];
+/// there, since E1 treats a missing one as an error rather than skip its check. They are those of
+/// the one type both sides parse, [`pcisim_guest_wire::DeviceDescription`].
+pub const E1_FIELDS: &[&str] = pcisim_guest_wire::DeviceDescription::FIELDS;
 
 /// Parses `pcisim describe`'s JSON array. Every description must carry the [`E1_FIELDS`].
 pub fn parse_description(text: &str) -> Result<Vec<DescribedDevice>, ServerError> {
@@ -150,6 +141,9 @@ pub fn parse_description(text: &str) -> Result<Vec<DescribedDevice>, ServerError
                 E1_FIELDS.join(", ")
             )));
         }
+        // The guest parses the same type: what it cannot parse fails here, before any boot.
+        serde_json::from_value::<pcisim_guest_wire::DeviceDescription>(d.clone())
+            .map_err(|e| bad(&format!("description E1 cannot compare ({e}): {d}")))?;
         let narrow = |k: &str| -> Result<u16, ServerError> {
             u16::try_from(n(k)?).map_err(|_| bad(&format!("{k} out of range")))
         };

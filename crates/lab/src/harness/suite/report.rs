@@ -1,0 +1,153 @@
+//! The suite's KTAP stream and progress lines, and what it shows of a VM that did not come up.
+
+use super::*;
+
+/// What a scenario contributes inside its KTAP block.
+pub(super) enum Nested {
+    /// Nothing (it did not run).
+    None,
+    /// Valid guest KTAP, nested verbatim.
+    Ktap(String),
+    /// Output that is not KTAP: shown as diagnostics so the stream stays valid.
+    Text(String),
+}
+
+pub(super) struct Report<'a> {
+    pub(super) ktap: KtapWriter<'a>,
+    pub(super) progress: &'a mut dyn Write,
+    pub(super) next: usize,
+    pub(super) passed: usize,
+    pub(super) failed: usize,
+    pub(super) skipped: usize,
+    pub(super) skipped_subtests: usize,
+}
+
+impl Report<'_> {
+    pub(super) fn line(&mut self, text: &str) -> Result<(), LabError> {
+        writeln!(self.progress, "lab: {text}")
+            .and_then(|_| self.progress.flush())
+            .map_err(LabError::Output)
+    }
+
+    pub(super) fn scenario(
+        &mut self,
+        s: &Scenario,
+        verdict: &Verdict,
+        nested: &Nested,
+        diagnostics: &[String],
+        elapsed: Duration,
+    ) -> Result<(), LabError> {
+        self.scenario_noted(s, verdict, nested, diagnostics, elapsed, None)
+    }
+
+    /// [`Report::scenario`] with a note on a passing result line (`ok N name # note`).
+    pub(super) fn scenario_noted(
+        &mut self,
+        s: &Scenario,
+        verdict: &Verdict,
+        nested: &Nested,
+        diagnostics: &[String],
+        elapsed: Duration,
+        note: Option<String>,
+    ) -> Result<(), LabError> {
+        let number = self.next;
+        self.next += 1;
+        {
+            let mut inner = self.ktap.nested();
+            match nested {
+                Nested::None => {}
+                Nested::Ktap(text) => inner.document(text).map_err(LabError::Output)?,
+                Nested::Text(text) => inner.diagnostic(text).map_err(LabError::Output)?,
+            }
+            for d in diagnostics {
+                inner.diagnostic(d).map_err(LabError::Output)?;
+            }
+        }
+        let (status, reason, word) = match verdict {
+            Verdict::Pass => (Status::Pass, note, "ok"),
+            Verdict::Fail(r) => (Status::Fail, Some(r.clone()), "FAIL"),
+            Verdict::Skip(r) => (Status::Skip, Some(r.clone()), "SKIP"),
+        };
+        match status {
+            Status::Pass => {
+                self.passed += 1;
+                if let Nested::Ktap(text) = nested {
+                    self.skipped_subtests += count_skipped(text);
+                }
+            }
+            Status::Fail => self.failed += 1,
+            Status::Skip => self.skipped += 1,
+        }
+        self.ktap
+            .result(&TestResult {
+                number,
+                name: s.name.to_string(),
+                status,
+                reason: reason.clone(),
+            })
+            .map_err(LabError::Output)?;
+        let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
+        self.line(&format!(
+            "{}: {word} ({:.1} s){why}",
+            s.name,
+            elapsed.as_secs_f64()
+        ))
+    }
+}
+
+/// Skipped results at any depth of a KTAP document (`ok N name # SKIP ...`, `1..0 # SKIP`).
+pub(super) fn count_skipped(ktap: &str) -> usize {
+    ktap.lines()
+        .map(str::trim_start)
+        .filter(|l| {
+            let directive = l.split_once(" # ").map(|(_, d)| d.trim_start());
+            let skip = directive
+                .is_some_and(|d| d.get(..4).is_some_and(|w| w.eq_ignore_ascii_case("skip")));
+            skip && (l.starts_with("ok ") || l.starts_with("1..0"))
+        })
+        .count()
+}
+
+/// Shows the last `n` lines of a log on the progress stream (not after an interrupt: the user
+/// asked to stop, not for logs).
+pub(super) fn show_tail(
+    report: &mut Report<'_>,
+    title: &str,
+    path: &Path,
+    n: usize,
+) -> Result<(), LabError> {
+    boot::show_tail(&mut |l| report.line(l), title, path, n)
+}
+
+/// Console lines worth showing first when the guest did not come up.
+pub(super) fn is_key_console_line(line: &str) -> bool {
+    const KEYS: &[&str] = &[
+        "pcisim-init",
+        "pcisim-guest",
+        "Kernel panic",
+        "not syncing",
+        "Attempted to kill init",
+        "insmod",
+        "BUG:",
+        "Oops",
+        "vfio",
+        "DMAR",
+    ];
+    KEYS.iter().any(|k| line.contains(k))
+}
+
+/// The interesting console lines (init's own, panics, vfio/IOMMU) and then the last lines.
+pub(super) fn show_console(report: &mut Report<'_>, console: &Path) -> Result<(), LabError> {
+    let all = tail_lines(console, usize::MAX);
+    let key: Vec<&String> = all.iter().filter(|l| is_key_console_line(l)).collect();
+    if !key.is_empty() {
+        report.line(&format!(
+            "guest console ({}), key lines:",
+            console.display()
+        ))?;
+        for l in &key[key.len().saturating_sub(CONSOLE_KEY_LINES)..] {
+            report.line(&format!("  | {l}"))?;
+        }
+    }
+    show_tail(report, "guest console", console, CONSOLE_TAIL)
+}
