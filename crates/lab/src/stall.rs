@@ -101,6 +101,30 @@ impl fmt::Display for Stall {
     }
 }
 
+/// Sample each `(pid, role)` at once (one [`SAMPLE`] for all) and write the text to `file`:
+/// what the lab reports when a VM did not come up in time. A process that is gone (or whose
+/// `/proc` cannot be read) is said so in the text, not skipped.
+pub fn describe_to(file: &Path, procs: &[(u32, &str)]) -> String {
+    let before: Vec<io::Result<ProcessState>> = procs
+        .iter()
+        .map(|(pid, role)| snapshot(*pid, role))
+        .collect();
+    thread::sleep(SAMPLE);
+    let mut text = String::new();
+    for ((pid, role), b) in procs.iter().zip(before) {
+        match b.and_then(|before| Ok((before, snapshot(*pid, role)?))) {
+            Ok((before, after)) => text.push_str(&Stall { before, after }.to_string()),
+            Err(e) => text.push_str(&format!(
+                "{role} (pid {pid}): cannot read its threads: {e}\n"
+            )),
+        }
+    }
+    if let Err(e) = fs::write(file, &text) {
+        log::warn!("cannot write {}: {e}", file.display());
+    }
+    text
+}
+
 /// Snapshot `pid` twice, [`SAMPLE`] apart. `role` names it in the text.
 pub fn sample(pid: u32, role: &str) -> io::Result<Stall> {
     let before = snapshot(pid, role)?;
@@ -199,6 +223,7 @@ fn x86_64_syscall(nr: i64) -> Option<&'static str> {
         270 => "pselect6",
         271 => "ppoll",
         281 => "epoll_pwait",
+        426 => "io_uring_enter",
         441 => "epoll_pwait2",
         _ => return None,
     })

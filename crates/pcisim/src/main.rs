@@ -701,7 +701,7 @@ fn serve(specs: &[spec::DeviceSpec], control_path: Option<&Path>, access: &Acces
             access.socket_mode
         );
         bound.0.push(server.socket_file().clone());
-        servers.push(server);
+        servers.push((s.id.clone(), server));
     }
     let control = match control_path {
         Some(path) => {
@@ -727,10 +727,12 @@ fn serve(specs: &[spec::DeviceSpec], control_path: Option<&Path>, access: &Acces
             c.subscriber().context("control socket event loop")?,
         ));
     }
-    for server in servers {
+    for (id, server) in servers {
         let server = Arc::new(server);
         std::thread::Builder::new()
-            .name(format!("serve-{}", server.path().display()))
+            // The device's id names its thread (`ps -L`, the lab's stall report; Linux keeps
+            // 15 bytes of it).
+            .name(format!("{id}-vfio-user"))
             .spawn(move || {
                 if let Err(e) = server.run() {
                     log::error!("{}: device loop ended: {e}", server.path().display());

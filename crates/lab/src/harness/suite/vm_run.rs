@@ -98,6 +98,18 @@ pub(super) fn run_vm(
             if e.interrupt_signal().is_none() {
                 show_console(report, &config.console_log)?;
                 show_tail(report, "QEMU output", &dir.join("qemu.log"), 10)?;
+                // Whether the guest spins or QEMU waits (on our server?): the threads say.
+                if qemu.try_wait().ok().flatten().is_none() {
+                    let file = dir.join("stall.txt");
+                    let text = crate::stall::describe_to(
+                        &file,
+                        &[(qemu.pid(), "QEMU"), (server.pid(), "device server")],
+                    );
+                    report.line(&format!("threads at the timeout ({}):", file.display()))?;
+                    for l in text.lines() {
+                        report.line(&format!("  {l}"))?;
+                    }
+                }
             }
             return Err(e);
         }
