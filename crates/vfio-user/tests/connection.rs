@@ -6,120 +6,27 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use pcisim_vfio_user::proto::{self, Command, Header, HEADER_SIZE};
 use pcisim_vfio_user::server::{LogLimiter, MIN_DATA_XFER_SIZE};
-use pcisim_vfio_user::{
-    ClientLink, Device, DeviceError, IrqInfo, RegionFlags, RegionInfo, Server, ServerOptions,
+use pcisim_vfio_user::ServerOptions;
+
+mod support;
+
+use support::{
+    call, capture_logs, frame, negotiate, read_payload, recv, serve_tiny, warnings_of, Served,
 };
 
-/// Region 0 is 64 KiB of zeros, region 7 a 256-byte config space; counts attaches.
-struct Tiny {
-    attaches: Arc<AtomicU32>,
-}
+/// How long a test client waits for a reply.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-impl Device for Tiny {
-    fn device_flags(&self) -> u32 {
-        proto::DEVICE_FLAGS_PCI
-    }
-    fn region_info(&self, index: u32) -> Option<RegionInfo> {
-        (index < 9).then(|| RegionInfo {
-            size: match index {
-                0 => 65536,
-                7 => 256,
-                _ => 0,
-            },
-            flags: RegionFlags {
-                read: true,
-                write: true,
-                mmap: false,
-            },
-            mmap: None,
-        })
-    }
-    fn irq_info(&self, index: u32) -> Option<IrqInfo> {
-        (index < 5).then(IrqInfo::default)
-    }
-    fn region_read(&mut self, _: u32, _: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        buf.fill(0);
-        Ok(())
-    }
-    fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> Result<(), DeviceError> {
-        Ok(())
-    }
-    fn attach(&mut self, _: ClientLink) {
-        self.attaches.fetch_add(1, Ordering::SeqCst);
-    }
-    fn detach(&mut self) {}
-    fn reset(&mut self) -> Result<(), DeviceError> {
-        Ok(())
-    }
-}
-
-// ---- captured log ----------------------------------------------------------------------------
-
-static LOGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl log::Log for Capture {
-    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= log::Level::Warn
-    }
-    fn log(&self, r: &log::Record<'_>) {
-        if self.enabled(r.metadata()) {
-            LOGS.lock()
-                .unwrap()
-                .push(format!("{} {}", r.level(), r.args()));
-        }
-    }
-    fn flush(&self) {}
-}
-
-static CAPTURE: Capture = Capture;
-
-fn capture_logs() {
-    if log::set_logger(&CAPTURE).is_ok() {
-        log::set_max_level(log::LevelFilter::Warn);
-    }
-}
-
-fn warnings_of(name: &str) -> Vec<String> {
-    LOGS.lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.starts_with(&format!("WARN {name}:")))
-        .cloned()
-        .collect()
-}
-
-// ---- helpers -----------------------------------------------------------------------------------
-
-struct Served {
-    path: PathBuf,
-    attaches: Arc<AtomicU32>,
-    _dir: vmm_sys_util::tempdir::TempDir,
-}
-
+/// A server (64 KiB region 0) whose warnings are captured.
 fn serve(opts: ServerOptions) -> Served {
     capture_logs();
-    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/pcisim-conn").unwrap();
-    let path = dir.as_path().join("dev.sock");
-    let attaches = Arc::new(AtomicU32::new(0));
-    let dev = Tiny {
-        attaches: attaches.clone(),
-    };
-    let server = Server::bind(&path, Arc::new(Mutex::new(dev)), opts).unwrap();
-    std::thread::spawn(move || server.run());
-    Served {
-        path,
-        attaches,
-        _dir: dir,
-    }
+    serve_tiny("pcisim-conn", None, 65536, opts)
 }
 
 fn opts(name: &str, handshake_ms: u64, frame_ms: u64) -> ServerOptions {
@@ -131,59 +38,8 @@ fn opts(name: &str, handshake_ms: u64, frame_ms: u64) -> ServerOptions {
     }
 }
 
-fn frame(id: u16, cmd: u16, payload: &[u8]) -> Vec<u8> {
-    let h = Header {
-        id,
-        command: cmd,
-        size: (HEADER_SIZE + payload.len()) as u32,
-        flags: 0,
-        error: 0,
-    };
-    let mut v = h.encode().to_vec();
-    v.extend_from_slice(payload);
-    v
-}
-
-fn version_payload(caps: &str) -> Vec<u8> {
-    let mut p = proto::Writer::new();
-    p.u16(0).u16(0).bytes(caps.as_bytes()).bytes(&[0]);
-    p.finish()
-}
-
-fn read_payload(region: u32, offset: u64, count: u32) -> Vec<u8> {
-    let mut p = proto::Writer::new();
-    p.u64(offset).u32(region).u32(count);
-    p.finish()
-}
-
-fn connect(path: &PathBuf) -> UnixStream {
-    let s = UnixStream::connect(path).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s
-}
-
-fn recv(s: &mut UnixStream) -> (Header, Vec<u8>) {
-    let mut hb = [0u8; HEADER_SIZE];
-    s.read_exact(&mut hb).unwrap();
-    let h = Header::parse(&hb);
-    let mut body = vec![0u8; h.size as usize - HEADER_SIZE];
-    s.read_exact(&mut body).unwrap();
-    (h, body)
-}
-
-/// Sends one command and returns the reply's errno (0: success).
-fn call(s: &mut UnixStream, cmd: Command, payload: &[u8]) -> u32 {
-    s.write_all(&frame(1, cmd as u16, payload)).unwrap();
-    let (h, _) = recv(s);
-    if h.flags & proto::FLAG_ERROR != 0 {
-        h.error
-    } else {
-        0
-    }
-}
-
-fn negotiate(s: &mut UnixStream, caps: &str) -> u32 {
-    call(s, Command::Version, &version_payload(caps))
+fn connect(path: &Path) -> UnixStream {
+    support::connect(path, READ_TIMEOUT)
 }
 
 /// Whether the server closed `s` (EOF) within `within`.

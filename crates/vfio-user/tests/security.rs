@@ -4,112 +4,26 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::Duration;
 
-use pcisim_vfio_user::proto::{self, Command, Header, HEADER_SIZE};
+use pcisim_vfio_user::proto::{self, Command, HEADER_SIZE};
 use pcisim_vfio_user::server::{admit_peer, peer_credentials, DEFAULT_SOCKET_MODE};
-use pcisim_vfio_user::{
-    ClientLink, Device, DeviceError, IrqInfo, RegionFlags, RegionInfo, Server, ServerOptions,
-};
+use pcisim_vfio_user::ServerOptions;
 
 const NOBODY: u32 = 65534;
 
-/// A device with nothing but a 256-byte config space.
-struct Tiny;
+mod support;
 
-impl Device for Tiny {
-    fn device_flags(&self) -> u32 {
-        proto::DEVICE_FLAGS_PCI
-    }
-    fn region_info(&self, index: u32) -> Option<RegionInfo> {
-        (index < 9).then(|| RegionInfo {
-            size: if index == 7 { 256 } else { 0 },
-            flags: RegionFlags {
-                read: true,
-                write: true,
-                mmap: false,
-            },
-            mmap: None,
-        })
-    }
-    fn irq_info(&self, index: u32) -> Option<IrqInfo> {
-        (index < 5).then(IrqInfo::default)
-    }
-    fn region_read(&mut self, _: u32, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = (offset as usize + i) as u8;
-        }
-        Ok(())
-    }
-    fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> Result<(), DeviceError> {
-        Ok(())
-    }
-    fn attach(&mut self, _: ClientLink) {}
-    fn detach(&mut self) {}
-    fn reset(&mut self) -> Result<(), DeviceError> {
-        Ok(())
-    }
-}
+use support::{capture_logs, frame, recv, serve_tiny, version_payload, warnings_of, Served};
 
-// ---- captured log ----------------------------------------------------------------------------
-
-static LOGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl log::Log for Capture {
-    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= log::Level::Warn
-    }
-    fn log(&self, r: &log::Record<'_>) {
-        if self.enabled(r.metadata()) {
-            LOGS.lock()
-                .unwrap()
-                .push(format!("{} {}", r.level(), r.args()));
-        }
-    }
-    fn flush(&self) {}
-}
-
-static CAPTURE: Capture = Capture;
-
-fn capture_logs() {
-    // Several tests call this; only the first installs the logger.
-    if log::set_logger(&CAPTURE).is_ok() {
-        log::set_max_level(log::LevelFilter::Warn);
-    }
-}
-
-fn warnings_of(name: &str) -> Vec<String> {
-    LOGS.lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.starts_with(&format!("WARN {name}:")))
-        .cloned()
-        .collect()
-}
-
-// ---- helpers -----------------------------------------------------------------------------------
-
-struct Served {
-    path: PathBuf,
-    _dir: vmm_sys_util::tempdir::TempDir,
-}
-
-/// A server for `Tiny` in a fresh directory that any user may traverse.
+/// A server for a config-space-only device in a fresh directory that any user may traverse.
 fn serve(opts: ServerOptions) -> Served {
-    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/pcisim-sec").unwrap();
-    std::fs::set_permissions(dir.as_path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = dir.as_path().join("dev.sock");
-    let server = Server::bind(&path, Arc::new(Mutex::new(Tiny)), opts).unwrap();
-    std::thread::spawn(move || server.run());
-    Served { path, _dir: dir }
+    serve_tiny("pcisim-sec", Some(0o755), 0, opts)
 }
 
 fn mode_of(path: &Path) -> u32 {
@@ -117,32 +31,15 @@ fn mode_of(path: &Path) -> u32 {
 }
 
 fn version_frame() -> Vec<u8> {
-    let mut p = proto::Writer::new();
-    p.u16(0).u16(0).bytes(b"{}").bytes(&[0]);
-    let body = p.finish();
-    let h = Header {
-        id: 1,
-        command: Command::Version as u16,
-        size: (HEADER_SIZE + body.len()) as u32,
-        flags: 0,
-        error: 0,
-    };
-    let mut v = h.encode().to_vec();
-    v.extend_from_slice(&body);
-    v
+    frame(1, Command::Version as u16, &version_payload("{}"))
 }
 
 /// A client of our own uid negotiates and reads config space.
 fn assert_served_here(path: &Path) {
-    let mut s = UnixStream::connect(path).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut s = support::connect(path, Duration::from_secs(5));
     s.write_all(&version_frame()).unwrap();
-    let mut hb = [0u8; HEADER_SIZE];
-    s.read_exact(&mut hb).unwrap();
-    let h = Header::parse(&hb);
+    let (h, _) = recv(&mut s);
     assert_eq!(h.flags & proto::FLAG_ERROR, 0);
-    let mut rest = vec![0u8; h.size as usize - HEADER_SIZE];
-    s.read_exact(&mut rest).unwrap();
 }
 
 fn is_root() -> bool {
