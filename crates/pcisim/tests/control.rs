@@ -9,15 +9,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pcisim_lab::vm::control::ControlClient;
 use serde_json::Value;
 
-const PCISIM: &str = env!("CARGO_BIN_EXE_pcisim");
 /// vfio-user region index of config space.
 const CONFIG: u32 = 7;
 /// vfio-user IRQ index of MSI-X.
@@ -25,128 +23,22 @@ const MSIX: u32 = 2;
 const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
 const IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
 
-/// A `pcisim serve` child with a control socket, in its own directory; killed and cleaned up on
-/// drop.
-struct Serve {
-    dir: PathBuf,
-    child: Child,
-    control: PathBuf,
+mod support;
+
+use support::{json_lines, unlinked_file, Serve, PCISIM};
+
+/// `pcisim serve` with GPUs of the given ids and a control socket.
+fn serve(ids: &[&str]) -> Serve {
+    serve_with(ids, &[])
 }
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-impl Serve {
-    /// Serves GPUs with the given ids.
-    fn start(ids: &[&str]) -> Serve {
-        Serve::start_with(ids, &[])
-    }
-
-    /// Serves GPUs with the given ids, with more `pcisim serve` arguments.
-    fn start_with(ids: &[&str], extra: &[&str]) -> Serve {
-        let dir = std::env::temp_dir().join(format!(
-            "pcisim-ctl-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let control = dir.join("control.sock");
-        let mut cmd = Command::new(PCISIM);
-        cmd.arg("serve");
-        for id in ids {
-            cmd.arg("--device").arg(format!(
-                "gpu:socket={},id={id},vram=1M",
-                dir.join(format!("{id}.sock")).display()
-            ));
-        }
-        cmd.arg("--control").arg(&control);
-        cmd.args(extra);
-        let log = std::fs::File::create(dir.join("serve.log")).unwrap();
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        let child = cmd.spawn().expect("start pcisim serve");
-        let mut s = Serve {
-            dir,
-            child,
-            control,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !s.control.exists() {
-            if let Some(status) = s.child.try_wait().unwrap() {
-                panic!("pcisim serve exited ({status}): {}", s.log());
-            }
-            assert!(Instant::now() < deadline, "no control socket: {}", s.log());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        s
-    }
-
-    fn socket(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.sock"))
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
-    }
-
-    /// `pcisim ctl --control SOCK ARGS...`
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(PCISIM)
-            .arg("ctl")
-            .arg("--control")
-            .arg(&self.control)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("run pcisim ctl")
-    }
-
-    /// `pcisim ctl --json ARGS...`, which must succeed; its stdout.
-    fn ctl_ok(&self, args: &[&str]) -> String {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        let out = self.ctl(&all);
-        assert!(
-            out.status.success(),
-            "pcisim ctl {all:?} failed ({}): {}\nserver log:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// `pcisim ctl ARGS...`, which must fail with exit 1; its stderr.
-    fn ctl_err(&self, args: &[&str]) -> String {
-        let out = self.ctl(args);
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "pcisim ctl {args:?} must fail; stdout: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8(out.stderr).unwrap()
-    }
-
-    /// The journal of `device` as JSON records (`ctl --json journal`).
-    fn journal(&self, device: &str) -> Vec<Value> {
-        json_lines(&self.ctl_ok(&["journal", "--device", device]))
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn json_lines(text: &str) -> Vec<Value> {
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
+/// `pcisim serve` with GPUs of the given ids, a control socket and more arguments.
+fn serve_with(ids: &[&str], extra: &[&str]) -> Serve {
+    ids.iter()
+        .fold(Serve::new("ctl"), |b, id| b.gpu(id))
+        .control()
+        .args(extra)
+        .start()
 }
 
 fn json(text: &str) -> Value {
@@ -155,21 +47,6 @@ fn json(text: &str) -> Value {
 
 fn of_type<'a>(records: &'a [Value], ty: &str) -> Vec<&'a Value> {
     records.iter().filter(|r| r["type"] == ty).collect()
-}
-
-/// Guest "memory" for DMA_MAP: a file the server maps through the fd it receives.
-fn guest_memory(dir: &Path, len: u64) -> std::fs::File {
-    let path = dir.join(format!("mem-{}", NEXT.fetch_add(1, Ordering::SeqCst)));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    f.set_len(len).unwrap();
-    std::fs::remove_file(&path).unwrap();
-    f
 }
 
 /// A client with memory space and bus mastering enabled (BAR accesses read all-ones otherwise).
@@ -187,7 +64,7 @@ fn config_read32(c: &mut vfio_user::Client, offset: u64) -> u32 {
 
 #[test]
 fn test_list_shows_device_and_whether_a_client_is_attached() {
-    let s = Serve::start(&["gpu0"]);
+    let s = serve(&["gpu0"]);
     let v = json(&s.ctl_ok(&["list"]));
     assert_eq!(v["ok"], true);
     let d = &v["devices"][0];
@@ -211,14 +88,14 @@ fn test_list_shows_device_and_whether_a_client_is_attached() {
     assert!(text.contains("1234:0b10 class 030200"), "{text}");
 
     // The socket is private to its owner.
-    let mode = std::fs::metadata(&s.control).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(s.control()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }
 
 #[test]
 fn test_journal_records_client_activity_and_dma_map() {
-    let s = Serve::start(&["gpu0"]);
-    let mem = guest_memory(&s.dir, 0x20000);
+    let s = serve(&["gpu0"]);
+    let mem = unlinked_file(s.dir(), 0x20000);
     let mut c = client(&s.socket("gpu0"));
     // Region accesses: a scratch register and config space.
     c.region_write(0, 0x40, &0xdead_beefu32.to_le_bytes())
@@ -286,7 +163,7 @@ fn test_journal_records_client_activity_and_dma_map() {
 
 #[test]
 fn test_stats_count_interrupts_and_violations_are_empty() {
-    let s = Serve::start(&["gpu0"]);
+    let s = serve(&["gpu0"]);
     // Memory space and bus mastering on, an eventfd on MSI-X vector 3, ring its doorbell.
     let mut c = client(&s.socket("gpu0"));
     let efd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -335,7 +212,7 @@ fn test_stats_count_interrupts_and_violations_are_empty() {
 
 #[test]
 fn test_inject_link_down_makes_config_read_all_ones() {
-    let s = Serve::start(&["gpu0"]);
+    let s = serve(&["gpu0"]);
     let mut c = vfio_user::Client::new(&s.socket("gpu0")).unwrap();
     assert_eq!(config_read32(&mut c, 0), 0x0b10_1234);
 
@@ -366,7 +243,7 @@ fn test_inject_link_down_makes_config_read_all_ones() {
 
 #[test]
 fn test_ctl_errors_are_clear_and_exit_1() {
-    let s = Serve::start(&["gpu0"]);
+    let s = serve(&["gpu0"]);
     let e = s.ctl_err(&["status", "--device", "gpu9"]);
     assert!(e.contains("unknown device \"gpu9\" (devices: gpu0)"), "{e}");
     let e = s.ctl_err(&["journal", "--device", "gpu9"]);
@@ -380,7 +257,7 @@ fn test_ctl_errors_are_clear_and_exit_1() {
     assert!(e.contains("is not a number"), "{e}");
 
     // No server: the path is named and the cause given.
-    let missing = s.dir.join("nothing.sock");
+    let missing = s.dir().join("nothing.sock");
     let out = Command::new(PCISIM)
         .args(["ctl", "--control"])
         .arg(&missing)
@@ -392,7 +269,7 @@ fn test_ctl_errors_are_clear_and_exit_1() {
     assert!(e.contains("Cannot connect to the control socket"), "{e}");
     assert!(e.contains("nothing.sock"), "{e}");
     // A socket nobody listens on: refused.
-    let dead = s.dir.join("dead.sock");
+    let dead = s.dir().join("dead.sock");
     drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
     let out = Command::new(PCISIM)
         .args(["ctl", "--control"])
@@ -417,7 +294,7 @@ fn test_ctl_errors_are_clear_and_exit_1() {
 #[test]
 fn test_fault_arguments_are_validated_not_ignored() {
     // These used to be accepted (ok:true) with the argument silently ignored or misread.
-    let s = Serve::start(&["gpu0"]);
+    let s = serve(&["gpu0"]);
     for (fault, says) in [
         ("aer-uncorrectable=bogus", "is not fatal or nonfatal"),
         ("stuck-tp=bogus", "is not on or off"),
@@ -447,17 +324,17 @@ fn test_fault_arguments_are_validated_not_ignored() {
 
 #[test]
 fn test_many_idle_control_clients_do_not_lock_out_ctl() {
-    let s = Serve::start(&["gpu0"]);
+    let s = serve(&["gpu0"]);
     // More idle connections than there are places (64), none sending anything.
     let idle: Vec<UnixStream> = (0..70)
-        .map(|_| UnixStream::connect(&s.control).unwrap())
+        .map(|_| UnixStream::connect(s.control()).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(1200)); // all idle past the eviction threshold
     let start = Instant::now();
     let v = json(&s.ctl_ok(&["list"]));
     assert_eq!(v["devices"][0]["id"], "gpu0");
     // The lab's client, too.
-    let mut c = ControlClient::connect(&s.control).unwrap();
+    let mut c = ControlClient::connect(s.control()).unwrap();
     assert_eq!(c.list().unwrap()[0].id, "gpu0");
     let took = start.elapsed();
     assert!(took < Duration::from_secs(5), "ctl answered after {took:?}");
@@ -477,10 +354,10 @@ fn test_many_idle_control_clients_do_not_lock_out_ctl() {
 
 #[test]
 fn test_idle_control_client_times_out_and_an_active_one_stays() {
-    let s = Serve::start_with(&["gpu0"], &["--control-idle-timeout", "400"]);
-    let mut idle = UnixStream::connect(&s.control).unwrap();
+    let s = serve_with(&["gpu0"], &["--control-idle-timeout", "400"]);
+    let mut idle = UnixStream::connect(s.control()).unwrap();
     idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut active = ControlClient::connect(&s.control).unwrap();
+    let mut active = ControlClient::connect(s.control()).unwrap();
     let start = Instant::now();
     // The active client sends a request every 100 ms for a second: never idle for 400 ms.
     while start.elapsed() < Duration::from_secs(1) {
@@ -505,8 +382,8 @@ fn raw_request(r: &mut BufReader<UnixStream>, w: &mut UnixStream, line: &str) ->
 
 #[test]
 fn test_bad_requests_get_errors_and_the_connection_keeps_serving() {
-    let s = Serve::start(&["gpu0"]);
-    let stream = UnixStream::connect(&s.control).unwrap();
+    let s = serve(&["gpu0"]);
+    let stream = UnixStream::connect(s.control()).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -557,8 +434,8 @@ fn test_bad_requests_get_errors_and_the_connection_keeps_serving() {
 
 #[test]
 fn test_many_control_clients_at_once_while_the_device_serves() {
-    let s = Serve::start(&["gpu0"]);
-    let control = s.control.clone();
+    let s = serve(&["gpu0"]);
+    let control = s.control().to_path_buf();
     let readers: Vec<_> = (0..16)
         .map(|_| {
             let control = control.clone();
@@ -590,11 +467,11 @@ fn test_many_control_clients_at_once_while_the_device_serves() {
 
 #[test]
 fn test_journal_follow_prints_new_records_as_they_happen() {
-    let s = Serve::start(&["gpu0"]);
+    let s = serve(&["gpu0"]);
     let mut follow = Command::new(PCISIM)
         .arg("ctl")
         .arg("--control")
-        .arg(&s.control)
+        .arg(s.control())
         .args(["journal", "--follow", "--json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -612,7 +489,7 @@ fn test_journal_follow_prints_new_records_as_they_happen() {
     });
     // Activity after `--follow` started.
     std::thread::sleep(Duration::from_millis(300));
-    let mem = guest_memory(&s.dir, 0x10000);
+    let mem = unlinked_file(s.dir(), 0x10000);
     let mut c = vfio_user::Client::new(&s.socket("gpu0")).unwrap();
     c.dma_map(0, 0x20_0000, 0x10000, mem.as_raw_fd()).unwrap();
 
@@ -642,7 +519,7 @@ fn test_journal_follow_prints_new_records_as_they_happen() {
 
 #[test]
 fn test_two_devices_are_listed_and_addressed_by_id() {
-    let s = Serve::start(&["gpu0", "gpu1"]);
+    let s = serve(&["gpu0", "gpu1"]);
     let v = json(&s.ctl_ok(&["list"]));
     let ids: Vec<&str> = v["devices"]
         .as_array()
@@ -669,16 +546,16 @@ fn test_two_devices_are_listed_and_addressed_by_id() {
 
 #[test]
 fn test_serve_refuses_a_live_control_socket() {
-    let s = Serve::start(&["gpu0"]);
+    let s = serve(&["gpu0"]);
     let out = Command::new(PCISIM)
         .arg("serve")
         .arg("--device")
         .arg(format!(
             "gpu:socket={},id=other",
-            s.dir.join("other.sock").display()
+            s.dir().join("other.sock").display()
         ))
         .arg("--control")
-        .arg(&s.control)
+        .arg(s.control())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -686,7 +563,7 @@ fn test_serve_refuses_a_live_control_socket() {
     assert!(e.contains("control socket"), "{e}");
     assert!(e.contains("in use"), "{e}");
     assert!(
-        !s.dir.join("other.sock").exists(),
+        !s.dir().join("other.sock").exists(),
         "the refused server leaves no device socket behind"
     );
     // The first server is unharmed.
@@ -699,7 +576,7 @@ fn test_serve_refuses_a_live_control_socket() {
 #[test]
 fn test_journal_json_reads_as_typed_records_and_timeline_draws_them() {
     use pcisim_journal::{Event, Record, ResetKind};
-    let s = Serve::start(&["gpu0"]);
+    let s = serve(&["gpu0"]);
     let mut c = client(&s.socket("gpu0"));
     // A device reset: reset_begin/reset_end with kind "device".
     c.reset().unwrap();
@@ -717,7 +594,7 @@ fn test_journal_json_reads_as_typed_records_and_timeline_draws_them() {
     );
     assert!(records.iter().any(|r| r.event == Event::ClientConnected));
 
-    let svg = s.dir.join("gpu0.svg");
+    let svg = s.dir().join("gpu0.svg");
     let out = s.ctl(&[
         "journal",
         "--device",

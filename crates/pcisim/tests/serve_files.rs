@@ -5,110 +5,35 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
-use pcisim_vfio_user::proto::{self, Header, HEADER_SIZE};
+use pcisim_vfio_user::proto::{self, Header};
 
-const PCISIM: &str = env!("CARGO_BIN_EXE_pcisim");
+mod support;
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
+use support::{
+    frame, is_socket, negotiated, read_reply, send_frame, version_payload, Serve, TestDir, PCISIM,
+};
 
 /// A fresh directory, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new() -> Dir {
-        let d = std::env::temp_dir().join(format!(
-            "pcisim-files-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
+fn new_dir() -> TestDir {
+    TestDir::new("files")
 }
 
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A `pcisim serve` child; killed on drop.
-struct Serve {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Serve {
-    /// Starts `pcisim serve ARGS` and waits until every path in `wait_for` exists.
-    fn start(dir: &Dir, tag: &str, args: &[String], wait_for: &[&Path]) -> Serve {
-        let log = dir.join(&format!("{tag}.log"));
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(PCISIM)
-            .arg("serve")
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        let mut s = Serve { child, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !wait_for.iter().all(|p| is_socket(p)) {
-            if let Some(st) = s.child.try_wait().unwrap() {
-                panic!("pcisim serve exited ({st}): {}", s.log());
-            }
-            assert!(Instant::now() < deadline, "sockets not up: {}", s.log());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        s
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then the exit status.
-    fn terminate(mut self) -> (ExitStatus, String) {
-        // SAFETY: (test) signalling our own child process.
-        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return (st, self.log());
-            }
-            assert!(Instant::now() < deadline, "no exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn is_socket(p: &Path) -> bool {
-    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+/// Starts `pcisim serve ARGS` in `dir` (log `TAG.log`) and waits until every path in
+/// `wait_for` is a socket.
+fn start(dir: &TestDir, tag: &str, args: &[String], wait_for: &[&Path]) -> Serve {
+    wait_for
+        .iter()
+        .fold(
+            Serve::in_dir(dir.path(), tag).args(args).rust_log("info"),
+            |b, p| b.wait_for(p),
+        )
+        .start()
 }
 
 fn gpu(sock: &Path, id: &str) -> Vec<String> {
@@ -124,53 +49,30 @@ fn answers(sock: &Path) -> bool {
         return false;
     };
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    send(&mut s, 1, &version(), &[]);
-    recv(&mut s).is_some()
+    send_frame(
+        &mut s,
+        &frame(1, proto::Command::Version, &version_payload()),
+        &[],
+    );
+    read_reply(&mut s).is_ok()
 }
 
-fn version() -> Vec<u8> {
-    let mut p = proto::Writer::new();
-    p.u16(0).u16(0).bytes(b"{}").bytes(&[0]);
-    p.finish()
-}
-
-fn send(s: &mut UnixStream, cmd: u16, payload: &[u8], fds: &[i32]) {
-    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-    let h = Header {
-        id: 1,
-        command: cmd,
-        size: (HEADER_SIZE + payload.len()) as u32,
-        flags: 0,
-        error: 0,
-    };
-    let mut v = h.encode().to_vec();
-    v.extend_from_slice(payload);
-    if fds.is_empty() {
-        s.write_all(&v).unwrap();
-    } else {
-        s.send_with_fds(&[&v[..]], fds).unwrap();
-    }
-}
-
-fn recv(s: &mut UnixStream) -> Option<Header> {
-    let mut hb = [0u8; HEADER_SIZE];
-    s.read_exact(&mut hb).ok()?;
-    let h = Header::parse(&hb);
-    let mut body = vec![0u8; h.size as usize - HEADER_SIZE];
-    s.read_exact(&mut body).ok()?;
-    Some(h)
+/// SET_IRQS with `payload` and `fds`; the reply's header (None: the connection ended).
+fn set_irqs(s: &mut UnixStream, payload: &[u8], fds: &[i32]) -> Option<Header> {
+    send_frame(s, &frame(1, proto::Command::DeviceSetIrqs, payload), fds);
+    read_reply(s).ok().map(|(h, _)| h)
 }
 
 // ---- which files shutdown removes -------------------------------------------------------------
 
 #[test]
 fn test_shutdown_leaves_a_regular_file_put_at_the_socket_path() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let (a, b, control) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("ctl.sock"));
     let mut args = gpu(&a, "a");
     args.extend(gpu(&b, "b"));
     args.extend(["--control".into(), control.display().to_string()]);
-    let s = Serve::start(&dir, "serve", &args, &[&a, &b, &control]);
+    let s = start(&dir, "serve", &args, &[&a, &b, &control]);
     // Someone replaces a.sock with a regular file while the server runs.
     std::fs::remove_file(&a).unwrap();
     std::fs::write(&a, b"precious").unwrap();
@@ -191,12 +93,12 @@ fn test_shutdown_leaves_a_regular_file_put_at_the_socket_path() {
 
 #[test]
 fn test_shutdown_leaves_the_live_socket_of_a_second_server_that_took_the_path() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let a = dir.join("a.sock");
-    let first = Serve::start(&dir, "first", &gpu(&a, "a"), &[&a]);
+    let first = start(&dir, "first", &gpu(&a, "a"), &[&a]);
     // The path is freed (an operator's rm) and a second server binds it.
     std::fs::remove_file(&a).unwrap();
-    let second = Serve::start(&dir, "second", &gpu(&a, "a"), &[&a]);
+    let second = start(&dir, "second", &gpu(&a, "a"), &[&a]);
     assert!(answers(&a));
     let (st, log) = first.terminate();
     assert!(st.success(), "{st}: {log}");
@@ -213,7 +115,7 @@ fn test_shutdown_leaves_the_live_socket_of_a_second_server_that_took_the_path() 
 
 #[test]
 fn test_a_start_that_fails_at_the_second_device_removes_the_sockets_it_bound() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let a = dir.join("a.sock");
     // The second device's directory does not exist.
     let mut args = gpu(&a, "a");
@@ -274,15 +176,13 @@ fn set_nofile(pid: i32, soft: u64, hard: Option<u64>) -> libc::rlimit {
 
 #[test]
 fn test_fds_lost_to_a_full_fd_table_are_reported_as_emfile_and_closed() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let a = dir.join("a.sock");
-    let s = Serve::start(&dir, "serve", &gpu(&a, "a"), &[&a]);
-    let mut c = UnixStream::connect(&a).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    send(&mut c, 1, &version(), &[]);
-    assert_eq!(recv(&mut c).unwrap().flags & proto::FLAG_ERROR, 0);
+    let s = start(&dir, "serve", &gpu(&a, "a"), &[&a]);
+    let mut c = negotiated(&a, Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(100)); // let the server settle
-    let before = fds_of(s.pid());
+    let pid = s.pid() as i32;
+    let before = fds_of(pid);
     // A soft limit that leaves exactly two free fd numbers.
     let mut limit = 0u64;
     let mut free = 0;
@@ -292,7 +192,7 @@ fn test_fds_lost_to_a_full_fd_table_are_reported_as_emfile_and_closed() {
         }
         limit += 1;
     }
-    let old = set_nofile(s.pid(), limit, None);
+    let old = set_nofile(pid, limit, None);
     // SET_IRQS binding 6 MSI-X vectors, with 6 eventfds: only 2 can be installed.
     let efds: Vec<vmm_sys_util::eventfd::EventFd> = (0..6)
         .map(|_| vmm_sys_util::eventfd::EventFd::new(0).unwrap())
@@ -304,18 +204,16 @@ fn test_fds_lost_to_a_full_fd_table_are_reported_as_emfile_and_closed() {
         .u32(2)
         .u32(0)
         .u32(6);
-    let set_irqs = p.finish();
-    send(&mut c, 8, &set_irqs, &raw);
-    let h = recv(&mut c).expect("a reply");
+    let payload = p.finish();
+    let h = set_irqs(&mut c, &payload, &raw).expect("a reply");
     assert_ne!(h.flags & proto::FLAG_ERROR, 0);
     assert_eq!(h.error, libc::EMFILE as u32, "EMFILE, not EINVAL");
     // The two that arrived were closed again.
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(fds_of(s.pid()), before, "fds left open in the server");
-    set_nofile(s.pid(), old.rlim_cur, Some(old.rlim_max));
+    assert_eq!(fds_of(pid), before, "fds left open in the server");
+    set_nofile(pid, old.rlim_cur, Some(old.rlim_max));
     // The same request now succeeds: the server kept serving.
-    send(&mut c, 8, &set_irqs, &raw);
-    let h = recv(&mut c).expect("a reply");
+    let h = set_irqs(&mut c, &payload, &raw).expect("a reply");
     assert_eq!(h.flags & proto::FLAG_ERROR, 0, "errno {}", h.error);
     let log = s.log();
     assert!(log.contains("fd table full"), "{log}");

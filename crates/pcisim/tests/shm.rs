@@ -14,162 +14,50 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::fs::File;
-use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pcisim_devices::gpu::regs as gr;
 use pcisim_devices::gpu::ring::{self, encode, op};
 use pcisim_devices::npu::regs as nr;
-use pcisim_vfio_user::proto::{self, Header, HEADER_SIZE};
+use pcisim_vfio_user::proto;
 use serde_json::Value;
 
-const PCISIM: &str = env!("CARGO_BIN_EXE_pcisim");
 const CONFIG: u32 = 7;
 const BAR0: u32 = 0;
 const VRAM: u32 = 2;
 const RW: u32 = 3;
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
+mod support;
 
-/// A `pcisim serve` child with a control socket; killed and cleaned up on drop.
-struct Serve {
-    dir: PathBuf,
-    child: Child,
-    control: PathBuf,
-}
+use support::{
+    fd_count, frame, negotiated, payload, read_reply, send_frame, status_field, unlinked_file,
+    Serve,
+};
 
-impl Serve {
-    /// Serve `devices` (`(kind, id)`), with RLIMIT_NOFILE set to `nofile` in the child if
-    /// given.
-    fn start(devices: &[(&str, &str)], nofile: Option<u64>) -> Serve {
-        let dir = std::env::temp_dir().join(format!(
-            "pcisim-shm-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let control = dir.join("control.sock");
-        let mut cmd = Command::new(PCISIM);
-        cmd.arg("serve");
-        for (kind, id) in devices {
-            let extra = if *kind == "gpu" { ",vram=1M" } else { "" };
-            cmd.arg("--device").arg(format!(
-                "{kind}:socket={},id={id}{extra}",
-                dir.join(format!("{id}.sock")).display()
-            ));
-        }
-        cmd.arg("--control").arg(&control);
-        let log = File::create(dir.join("serve.log")).unwrap();
-        cmd.env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        if let Some(n) = nofile {
-            // SAFETY: between fork and exec the closure only calls setrlimit (async-signal-safe)
-            // on a stack value.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let lim = libc::rlimit {
-                        rlim_cur: n,
-                        rlim_max: n,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let child = cmd.spawn().expect("start pcisim serve");
-        let mut s = Serve {
-            dir,
-            child,
-            control,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !s.control.exists() {
-            if let Some(status) = s.child.try_wait().unwrap() {
-                panic!("pcisim serve exited ({status}): {}", s.log());
-            }
-            assert!(Instant::now() < deadline, "no control socket: {}", s.log());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        s
+/// `pcisim serve` with `devices` (`(kind, id)`; GPUs with 1 MiB of VRAM) and a control socket,
+/// with RLIMIT_NOFILE set to `nofile` in the child if given.
+fn serve(devices: &[(&str, &str)], nofile: Option<u64>) -> Serve {
+    let b = devices
+        .iter()
+        .fold(Serve::new("shm"), |b, (kind, id)| {
+            b.device(kind, id, if *kind == "gpu" { ",vram=1M" } else { "" })
+        })
+        .control()
+        .rust_log("warn");
+    match nofile {
+        Some(n) => b.nofile(n),
+        None => b,
     }
-
-    fn socket(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.sock"))
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn assert_alive(&mut self) {
-        assert!(
-            self.child.try_wait().unwrap().is_none(),
-            "the server died:\n{}",
-            self.log()
-        );
-    }
-
-    /// The journal of `device` (`ctl --json journal`).
-    fn journal(&self, device: &str) -> Vec<Value> {
-        let out = Command::new(PCISIM)
-            .args(["ctl", "--control"])
-            .arg(&self.control)
-            .args(["--json", "journal", "--device", device])
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    .start()
 }
 
 /// Open fds and RSS (kB) of `pid`.
 fn usage(pid: u32) -> (usize, u64) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    (fds, rss)
-}
-
-fn payload(f: impl FnOnce(&mut proto::Writer)) -> Vec<u8> {
-    let mut w = proto::Writer::new();
-    f(&mut w);
-    w.finish()
+    (fd_count(pid), status_field(pid, "VmRSS:"))
 }
 
 /// A raw vfio-user client that can pass an fd with a message.
@@ -179,60 +67,19 @@ struct Raw {
 
 impl Raw {
     fn connect(path: &Path) -> Raw {
-        let s = UnixStream::connect(path).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut r = Raw { s };
-        let v = payload(|w| {
-            w.u16(0).u16(0).bytes(b"{}").bytes(&[0]);
-        });
-        r.call(proto::Command::Version, &v, None).unwrap();
-        r
+        Raw {
+            s: negotiated(path, Duration::from_secs(30)),
+        }
     }
 
     /// Send one frame, with `fd` in SCM_RIGHTS if given.
     fn send(&mut self, cmd: proto::Command, body: &[u8], fd: Option<RawFd>) {
-        let h = Header {
-            id: 0,
-            command: cmd as u16,
-            size: (HEADER_SIZE + body.len()) as u32,
-            flags: 0,
-            error: 0,
-        };
-        let mut bytes = h.encode().to_vec();
-        bytes.extend_from_slice(body);
-        let Some(fd) = fd else {
-            self.s.write_all(&bytes).unwrap();
-            return;
-        };
-        let mut cmsg = [0u64; 4];
-        let mut iov = libc::iovec {
-            iov_base: bytes.as_mut_ptr().cast(),
-            iov_len: bytes.len(),
-        };
-        // SAFETY: a msghdr over our own buffers; the control message (one fd) fits in 32 bytes.
-        let n = unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = cmsg.as_mut_ptr().cast();
-            msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(4) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
-            libc::sendmsg(self.s.as_raw_fd(), &msg, 0)
-        };
-        assert_eq!(n, bytes.len() as isize, "sendmsg");
+        send_frame(&mut self.s, &frame(0, cmd, body), fd.as_slice());
     }
 
     /// One reply: its body, or the errno of an error reply.
     fn recv(&mut self) -> Result<Vec<u8>, u32> {
-        let mut hb = [0u8; HEADER_SIZE];
-        self.s.read_exact(&mut hb).unwrap();
-        let h = Header::parse(&hb);
-        let mut body = vec![0u8; h.size as usize - HEADER_SIZE];
-        self.s.read_exact(&mut body).unwrap();
+        let (h, body) = read_reply(&mut self.s).unwrap();
         if h.flags & proto::FLAG_ERROR != 0 {
             return Err(h.error);
         }
@@ -336,21 +183,6 @@ fn memfd(len: u64, sealed: bool) -> File {
     f
 }
 
-/// A plain file (not sealable, like a QEMU file or hugetlbfs backend), already unlinked.
-fn plain_file(dir: &Path, len: u64) -> File {
-    let path = dir.join(format!("mem-{}", NEXT.fetch_add(1, Ordering::SeqCst)));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    f.set_len(len).unwrap();
-    std::fs::remove_file(&path).unwrap();
-    f
-}
-
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[3] ^ seed)
@@ -404,7 +236,7 @@ fn gpu_submit(c: &mut Raw, ring: &File, slot: u32, cmd: [u8; 32]) -> u32 {
 
 #[test]
 fn test_vram_fd_cannot_be_resized_by_a_client_and_vram_keeps_serving() {
-    let mut s = Serve::start(&[("gpu", "gpu0")], None);
+    let mut s = serve(&[("gpu", "gpu0")], None);
     let mut c = vfio_user::Client::new(&s.socket("gpu0")).unwrap();
     c.region_write(CONFIG, 4, &6u16.to_le_bytes()).unwrap();
     c.region_write(VRAM, 0x8000, b"vram").unwrap();
@@ -443,14 +275,14 @@ fn test_vram_fd_cannot_be_resized_by_a_client_and_vram_keeps_serving() {
 
 #[test]
 fn test_dma_file_truncated_mid_ring_copy_faults_the_ring_not_the_server() {
-    let mut s = Serve::start(&[("gpu", "gpu0"), ("npu", "npu0")], None);
+    let mut s = serve(&[("gpu", "gpu0"), ("npu", "npu0")], None);
     let mut c = Raw::connect(&s.socket("gpu0"));
     let ring = gpu_ring(&mut c);
     const SRC: u64 = 0x2000_0000;
     const DST: u64 = 0x4000_0000;
     const LEN: u64 = 8 << 20;
     // The source: a plain file (cannot be sealed); the destination: sealed memory.
-    let src = plain_file(&s.dir, LEN);
+    let src = unlinked_file(s.dir(), LEN);
     let dst = memfd(LEN, true);
     src.write_at(&pattern(7, LEN as usize), 0).unwrap();
     c.dma_map(SRC, LEN, &src, 0, RW);
@@ -525,9 +357,9 @@ fn test_dma_file_truncated_mid_ring_copy_faults_the_ring_not_the_server() {
 fn test_ring_memory_truncated_before_a_doorbell_fails_the_fetch_not_the_server() {
     // The REGION_WRITE of RING_TAIL makes the device fetch its command from the client's
     // memory: here a plain file the client truncated after mapping it.
-    let mut s = Serve::start(&[("gpu", "gpu0"), ("gpu", "gpu1")], None);
+    let mut s = serve(&[("gpu", "gpu0"), ("gpu", "gpu1")], None);
     let mut c = Raw::connect(&s.socket("gpu0"));
-    let ring = plain_file(&s.dir, 4096);
+    let ring = unlinked_file(s.dir(), 4096);
     c.dma_map(RING, 4096, &ring, 0, RW);
     c.enable();
     c.wr32(BAR0, gr::RING_BASE_LO, RING as u32);
@@ -611,10 +443,10 @@ mod npu_mem {
 fn test_dma_file_truncated_under_npu_page_walk_is_a_dma_error_not_a_crash() {
     use npu_mem::*;
     use pcisim_devices::npu::queue::{Completion, Descriptor};
-    let mut s = Serve::start(&[("npu", "npu0"), ("gpu", "gpu0")], None);
+    let mut s = serve(&[("npu", "npu0"), ("gpu", "gpu0")], None);
     let mut c = Raw::connect(&s.socket("npu0"));
     let queues = memfd(QUEUES, true);
-    let tables = plain_file(&s.dir, TABLES_LEN);
+    let tables = unlinked_file(s.dir(), TABLES_LEN);
     // 4-level tables: PML4 → PDPT → PD → PT, user + writable; PAGES pages at VA → DATA.
     const FLAGS: u64 = 0x7;
     let idx = |va: u64, level: u32| (va >> (12 + 9 * (level - 1))) & 0x1ff;
@@ -728,7 +560,7 @@ fn test_262144_page_maps_each_with_an_fd_under_ulimit_1024() {
     const PAGES: u64 = 262_144;
     const BASE: u64 = 0x1_0000_0000;
     const WINDOW: u64 = 256;
-    let mut s = Serve::start(&[("gpu", "gpu0")], Some(1024));
+    let mut s = serve(&[("gpu", "gpu0")], Some(1024));
     let mut c = Raw::connect(&s.socket("gpu0"));
     let ring = gpu_ring(&mut c);
     let (fds0, rss0) = usage(s.pid());
@@ -823,7 +655,7 @@ fn test_262144_page_maps_each_with_an_fd_under_ulimit_1024() {
 fn test_version_max_dma_maps_is_the_servers_limit_lowered_to_the_clients() {
     // QEMU 11.1 offers 65535 and refuses a device whose reply is larger ("max_dma_maps too
     // large"); a client that accepts more learns the server's true limit.
-    let s = Serve::start(&[("gpu", "gpu0")], None);
+    let s = serve(&[("gpu", "gpu0")], None);
     for (caps, want) in [
         (
             r#"{"capabilities":{"max_dma_maps":65535,"pgsizes":4096}}"#,

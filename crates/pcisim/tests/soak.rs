@@ -13,14 +13,12 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pcisim_vfio_user::proto::{self, Header, HEADER_SIZE};
+use pcisim_vfio_user::proto::{self, HEADER_SIZE};
 use vmm_sys_util::eventfd::EventFd;
 
-const PCISIM: &str = env!("CARGO_BIN_EXE_pcisim");
 /// Killed clients (the figure).
 const CYCLES: usize = 1000;
 /// Killed clients before the baseline is taken: thread stacks, allocator arenas, the device
@@ -45,57 +43,16 @@ const IOVA: u64 = 0x1000_0000;
 const MEM_SIZE: u64 = 1 << 20;
 const MSIX: u32 = 2;
 
-/// A `pcisim serve` child serving one GPU; killed and cleaned up on drop.
-struct Serve {
-    dir: PathBuf,
-    child: Child,
-    socket: PathBuf,
-}
+mod support;
 
-impl Serve {
-    fn start() -> Serve {
-        let dir = std::env::temp_dir().join(format!("pcisim-soak-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("gpu0.sock");
-        let log = std::fs::File::create(dir.join("serve.log")).unwrap();
-        let child = Command::new(PCISIM)
-            .arg("serve")
-            .arg("--device")
-            .arg(format!("gpu:socket={},id=gpu0,vram=1M", socket.display()))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start pcisim serve");
-        let mut s = Serve { dir, child, socket };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !s.socket.exists() {
-            if let Some(status) = s.child.try_wait().unwrap() {
-                panic!("pcisim serve exited ({status}): {}", s.log());
-            }
-            assert!(Instant::now() < deadline, "no socket: {}", s.log());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        s
-    }
+use support::{
+    fd_count, frame, negotiated, payload, read_reply, status_field, unlinked_file, version_payload,
+    Serve,
+};
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// The soak's `pcisim serve`: one GPU.
+fn serve() -> Serve {
+    Serve::new("soak").gpu("gpu0").rust_log("warn").start()
 }
 
 /// What the soak watches in the server process.
@@ -108,47 +65,16 @@ struct Usage {
 }
 
 fn usage(pid: u32) -> Usage {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .unwrap()
         .lines()
         .count();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-    };
     Usage {
-        fds,
+        fds: fd_count(pid),
         maps,
-        threads: field("Threads:") as usize,
-        rss_kb: field("VmRSS:"),
+        threads: status_field(pid, "Threads:") as usize,
+        rss_kb: status_field(pid, "VmRSS:"),
     }
-}
-
-fn frame(id: u16, cmd: proto::Command, payload: &[u8]) -> Vec<u8> {
-    let h = Header {
-        id,
-        command: cmd as u16,
-        size: (HEADER_SIZE + payload.len()) as u32,
-        flags: 0,
-        error: 0,
-    };
-    let mut v = h.encode().to_vec();
-    v.extend_from_slice(payload);
-    v
-}
-
-fn payload(f: impl FnOnce(&mut proto::Writer)) -> Vec<u8> {
-    let mut w = proto::Writer::new();
-    f(&mut w);
-    w.finish()
 }
 
 /// A normal client: negotiates, and reads and writes config space.
@@ -158,24 +84,15 @@ struct Normal {
 
 impl Normal {
     fn connect(path: &Path) -> Normal {
-        let s = UnixStream::connect(path).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut n = Normal { s };
-        let v = payload(|w| {
-            w.u16(0).u16(0).bytes(b"{}").bytes(&[0]);
-        });
-        n.call(frame(1, proto::Command::Version, &v));
-        n
+        Normal {
+            s: negotiated(path, Duration::from_secs(10)),
+        }
     }
 
     fn call(&mut self, f: Vec<u8>) -> Vec<u8> {
         self.s.write_all(&f).unwrap();
-        let mut hb = [0u8; HEADER_SIZE];
-        self.s.read_exact(&mut hb).unwrap();
-        let h = Header::parse(&hb);
+        let (h, body) = read_reply(&mut self.s).unwrap();
         assert_eq!(h.flags & proto::FLAG_ERROR, 0, "error reply {}", h.error);
-        let mut body = vec![0u8; h.size as usize - HEADER_SIZE];
-        self.s.read_exact(&mut body).unwrap();
         body
     }
 
@@ -272,23 +189,12 @@ impl Script {
         let addr_len =
             (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
         // Client memory: a file the server maps (MAP_SHARED) through the fd it receives.
-        let path = dir.join("client-mem");
-        let mem = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        mem.set_len(MEM_SIZE).unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let mem = unlinked_file(dir, MEM_SIZE);
         let efds = [
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         ];
-        let v = payload(|w| {
-            w.u16(0).u16(0).bytes(b"{}").bytes(&[0]);
-        });
+        let v = version_payload();
         let map = payload(|w| {
             w.u32(32).u32(3).u64(0).u64(IOVA).u64(MEM_SIZE);
         });
@@ -445,7 +351,7 @@ fn kill_and_reap(pid: libc::pid_t) {
 /// Usage measured while a normal client is attached and has been served (so the server has
 /// finished cleaning up after every earlier client: it serves one client at a time).
 fn settled_usage(s: &Serve) -> (Usage, Normal) {
-    let mut n = Normal::connect(&s.socket);
+    let mut n = Normal::connect(&s.socket("gpu0"));
     assert_eq!(
         n.config_read32(0),
         0x0b10_1234,
@@ -456,8 +362,8 @@ fn settled_usage(s: &Serve) -> (Usage, Normal) {
 
 #[test]
 fn test_server_survives_1000_clients_killed_mid_message_without_leaking() {
-    let s = Serve::start();
-    let script = Script::new(&s.socket, &s.dir);
+    let s = serve();
+    let script = Script::new(&s.socket("gpu0"), s.dir());
     let cycles = std::env::var("PCISIM_SOAK_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -467,7 +373,7 @@ fn test_server_survives_1000_clients_killed_mid_message_without_leaking() {
         kill_and_reap(killed_client(&script, i));
     }
     {
-        let mut n = Normal::connect(&s.socket);
+        let mut n = Normal::connect(&s.socket("gpu0"));
         for k in 0..JOURNAL_FILL {
             n.config_write16(4, if k % 2 == 0 { 0x0002 } else { 0x0000 });
         }
