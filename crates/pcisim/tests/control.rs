@@ -35,7 +35,7 @@ fn serve(ids: &[&str]) -> Serve {
 /// `pcisim serve` with GPUs of the given ids, a control socket and more arguments.
 fn serve_with(ids: &[&str], extra: &[&str]) -> Serve {
     ids.iter()
-        .fold(Serve::new("ctl"), |b, id| b.gpu(id))
+        .fold(Serve::builder("ctl"), |b, id| b.gpu(id))
         .control()
         .args(extra)
         .start()

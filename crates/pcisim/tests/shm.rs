@@ -43,7 +43,7 @@ use support::{
 fn serve(devices: &[(&str, &str)], nofile: Option<u64>) -> Serve {
     let b = devices
         .iter()
-        .fold(Serve::new("shm"), |b, (kind, id)| {
+        .fold(Serve::builder("shm"), |b, (kind, id)| {
             b.device(kind, id, if *kind == "gpu" { ",vram=1M" } else { "" })
         })
         .control()

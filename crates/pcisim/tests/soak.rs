@@ -52,7 +52,7 @@ use support::{
 
 /// The soak's `pcisim serve`: one GPU.
 fn serve() -> Serve {
-    Serve::new("soak").gpu("gpu0").rust_log("warn").start()
+    Serve::builder("soak").gpu("gpu0").rust_log("warn").start()
 }
 
 /// What the soak watches in the server process.

@@ -64,7 +64,7 @@ pub fn is_socket(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
 }
 
-/// How to start a `pcisim serve` child ([`Serve::new`], [`Serve::in_dir`]).
+/// How to start a `pcisim serve` child ([`Serve::builder`], [`Serve::in_dir`]).
 pub struct ServeBuilder {
     dir: PathBuf,
     own: Option<TestDir>,
@@ -185,7 +185,7 @@ pub struct Serve {
 
 impl Serve {
     /// A server in a fresh directory of its own ([`TestDir`] `tag`), logging to `serve.log`.
-    pub fn new(tag: &str) -> ServeBuilder {
+    pub fn builder(tag: &str) -> ServeBuilder {
         let own = TestDir::new(tag);
         let dir = own.path().to_path_buf();
         ServeBuilder {
