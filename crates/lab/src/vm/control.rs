@@ -217,7 +217,6 @@ pub struct JournalSlice {
     pub degraded: Vec<String>,
 }
 
-
 /// A connection to a control socket.
 pub struct ControlClient {
     path: PathBuf,
