@@ -345,13 +345,17 @@ fn lab_suite_kernel_warning_fails_an_undeclared_scenario() {
     let opts = pcisim_lab::SuiteOptions::new(env!("CARGO_BIN_EXE_pcisim"));
     let mut ktap = Vec::new();
     let mut progress = Vec::new();
-    let result = pcisim_lab::harness::suite::run_scenarios(&opts, vec![k1], &mut ktap, &mut progress);
+    let result =
+        pcisim_lab::harness::suite::run_scenarios(&opts, vec![k1], &mut ktap, &mut progress);
     let ktap = String::from_utf8_lossy(&ktap);
     let progress = String::from_utf8_lossy(&progress);
     println!("--- KTAP:\n{ktap}\n--- progress:\n{progress}");
     let outcome = result.expect("the run itself works");
     assert_eq!((outcome.passed, outcome.failed), (0, 1));
-    assert_eq!(outcome.exit_code(false), pcisim_lab::harness::suite::EXIT_FAILED);
+    assert_eq!(
+        outcome.exit_code(false),
+        pcisim_lab::harness::suite::EXIT_FAILED
+    );
     let line = result_line(&ktap, "K1 kernel-warn-caught").expect("K1's result line");
     assert_eq!(
         line,
