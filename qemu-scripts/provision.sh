@@ -559,7 +559,7 @@ provision_busybox() {
 # Step 6: the guest kernel module toolchain, inside the trixie root: the guest kernel's exact
 # linux-headers-<kver> (+ its -common headers and linux-kbuild tools, same version), the gcc it
 # depends on (the one that built the kernel), make, and perl (kbuild's W=1 runs kernel-doc). The
-# lab compiles guest-tests/kmod/ chrooted into the root with them (crates/lab/src/kmod.rs).
+# lab compiles guest-tests/kmod/ chrooted into the root with them (crates/lab/src/vm/kmod.rs).
 #
 # The compiler and tools are ordinary apt installs (apt-get chrooted into the root). The three
 # kernel packages are unpacked with dpkg-deb -x instead: linux-headers-<kver> depends on the
@@ -722,7 +722,7 @@ provision_kbuild() {
 kbuild_ready || provision_kbuild
 
 # Step 6b: guest userland for kernel work, copied into the initramfs from the root with its
-# shared libraries (crates/lab/src/initramfs.rs): bash is in the root already; pciutils brings
+# shared libraries (crates/lab/src/vm/initramfs/): bash is in the root already; pciutils brings
 # lspci, setpci and pci.ids.
 USERLAND_PKGS=(pciutils pci.ids)
 provision_userland() {

@@ -153,59 +153,9 @@ pub fn parse_request(line: &str) -> (Value, Result<Request, String>) {
     (id, req)
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding (binary data inside the JSON lines).
-pub fn base64_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Decodes standard padded base64 (`None` if `text` is not that).
-pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let t = text.as_bytes();
-    if t.len() & 3 != 0 {
-        return None;
-    }
-    let mut lut = [255u8; 256];
-    for (i, &c) in B64.iter().enumerate() {
-        lut[c as usize] = i as u8;
-    }
-    let mut out = Vec::with_capacity(t.len() / 4 * 3);
-    for q in t.chunks(4) {
-        let pad = q.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 {
-            return None;
-        }
-        let mut n = 0u32;
-        for &c in &q[..4 - pad] {
-            let v = lut[c as usize];
-            if v == 255 {
-                return None;
-            }
-            n = (n << 6) | u32::from(v);
-        }
-        n <<= 6 * pad as u32;
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..3 - pad]);
-    }
-    Some(out)
-}
+/// The wire's base64 and replies, shared with the lab ([`pcisim_guest_wire::agent`]).
+pub use pcisim_guest_wire::agent::{base64_decode, base64_encode};
+use pcisim_guest_wire::agent::{reply, KmsgReply, Ready, RunOutput};
 
 /// Children spawned by `run` and not yet waited for. As PID 1 the agent also
 /// reaps orphans, and must leave these to their own `wait`: the set is locked
@@ -470,12 +420,14 @@ pub fn ready_message() -> Value {
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
         .map(|secs| (secs * 1000.0) as u64);
-    json!({
-        "ready": true,
-        "kernel": kernel,
-        "uptime_ms": uptime_ms,
-        "agent_version": env!("CARGO_PKG_VERSION"),
+    let mut v = serde_json::to_value(Ready {
+        kernel,
+        uptime_ms: uptime_ms.unwrap_or(0),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
     })
+    .unwrap_or_else(|_| json!({}));
+    v["ready"] = json!(true);
+    v
 }
 
 fn error_reply(id: &Value, e: &str) -> Value {
@@ -498,21 +450,19 @@ pub fn handle(id: &Value, req: &Request) -> Value {
                 (None, None) => None,
             };
             match run_program_with(argv, input, Duration::from_millis(*timeout_ms)) {
-                Ok(r) => {
-                    let mut v = json!({
-                        "id": id,
-                        "exit": r.exit,
-                        "signal": r.signal,
-                        "timed_out": r.timed_out,
-                        "stdout": r.stdout,
-                        "stderr": r.stderr,
-                        "elapsed_ms": r.elapsed_ms,
-                    });
-                    if *stdout_b64 {
-                        v["stdout_b64"] = json!(base64_encode(&r.stdout_raw));
-                    }
-                    v
-                }
+                Ok(r) => reply(
+                    id,
+                    &RunOutput {
+                        exit: r.exit,
+                        signal: r.signal,
+                        timed_out: r.timed_out,
+                        stdout_b64: stdout_b64.then(|| base64_encode(&r.stdout_raw)),
+                        stdout: r.stdout,
+                        stderr: r.stderr,
+                        elapsed_ms: r.elapsed_ms,
+                    },
+                    false,
+                ),
                 Err(e) => error_reply(id, &e),
             }
         }
@@ -529,10 +479,7 @@ pub fn handle(id: &Value, req: &Request) -> Value {
             boot_id,
             records,
         } => match read_kmsg(*after, boot_id.as_deref(), *records) {
-            Ok(mut v) => {
-                v["id"] = id.clone();
-                v
-            }
+            Ok(k) => reply(id, &k, true),
             Err(e) => json!({"id": id, "ok": false, "error": e}),
         },
         Request::Ping => json!({"id": id, "ok": true}),
@@ -549,7 +496,11 @@ pub fn kmsg_seq(record: &str) -> Option<u64> {
 /// `after` is absent or the boot id differs from `boot_id`) unless `records` is false, the
 /// next sequence number, the boot id and the taint. A record the ring overwrote before it was
 /// read is skipped by the kernel (EPIPE); the host sees the gap in the sequence numbers.
-fn read_kmsg(after: Option<u64>, boot_id: Option<&str>, records: bool) -> Result<Value, String> {
+fn read_kmsg(
+    after: Option<u64>,
+    boot_id: Option<&str>,
+    records: bool,
+) -> Result<KmsgReply, String> {
     use std::os::unix::fs::OpenOptionsExt;
     let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string());
     let boot = read("/proc/sys/kernel/random/boot_id").map_err(|e| format!("boot_id: {e}"))?;
@@ -588,14 +539,13 @@ fn read_kmsg(after: Option<u64>, boot_id: Option<&str>, records: bool) -> Result
             Err(e) => return Err(format!("read /dev/kmsg: {e}")),
         }
     }
-    Ok(json!({
-        "ok": true,
-        "records": out,
-        "next_seq": next_seq,
-        "boot_id": boot,
-        "tainted": tainted,
-        "rebooted": rebooted,
-    }))
+    Ok(KmsgReply {
+        records: out,
+        next_seq,
+        boot_id: boot,
+        tainted,
+        rebooted,
+    })
 }
 
 /// Writes `data` in a single write(2) where possible (sysfs attributes need it).
@@ -1010,7 +960,7 @@ mod tests {
         // Needs a readable /dev/kmsg (root, or dmesg_restrict=0 on some kernels); otherwise the
         // error must name it.
         let all = match read_kmsg(None, None, true) {
-            Ok(v) => v,
+            Ok(v) => serde_json::to_value(v).unwrap(),
             Err(e) => {
                 assert!(e.contains("/dev/kmsg"), "{e}");
                 return;
@@ -1023,7 +973,8 @@ mod tests {
         assert_eq!(all["rebooted"], json!(false));
         let boot = all["boot_id"].as_str().unwrap().to_string();
         // From the last record on: only it and what came after.
-        let tail = read_kmsg(Some(last - 1), Some(&boot), true).unwrap();
+        let tail =
+            serde_json::to_value(read_kmsg(Some(last - 1), Some(&boot), true).unwrap()).unwrap();
         let seqs: Vec<u64> = tail["records"]
             .as_array()
             .unwrap()
@@ -1033,7 +984,9 @@ mod tests {
         assert_eq!(seqs.first(), Some(&last));
         assert!(seqs.windows(2).all(|w| w[0] < w[1]));
         // Another boot id: everything again, flagged.
-        let other = read_kmsg(Some(last), Some("another-boot"), false).unwrap();
+        let other =
+            serde_json::to_value(read_kmsg(Some(last), Some("another-boot"), false).unwrap())
+                .unwrap();
         assert_eq!(other["rebooted"], json!(true));
         assert!(other["records"].as_array().unwrap().is_empty());
         assert!(other["next_seq"].as_u64().unwrap() > last);

@@ -4,24 +4,12 @@
 use crate::args::Args;
 use crate::ktap::{Ktap, Outcome};
 use crate::pci::{self, Bar, Cap, DeviceView, ExtCap};
-use serde::Deserialize;
 use std::collections::BTreeSet;
 
-/// The expectation. Every field is required: a missing one is an error (the
-/// setup fails), never a silently skipped check. Unknown fields are ignored (the
-/// describe output may grow).
-#[derive(Debug, Deserialize)]
-pub struct Expect {
-    pub vendor_id: u16,
-    pub device_id: u16,
-    pub class_code: u32,
-    pub revision: u8,
-    pub subsystem_vendor_id: u16,
-    pub subsystem_id: u16,
-    pub bars: Vec<Bar>,
-    pub capabilities: Vec<Cap>,
-    pub ext_capabilities: Vec<ExtCap>,
-}
+/// The expectation: the shared description type ([`pcisim_guest_wire::DeviceDescription`]).
+/// Every field is required: a missing one is an error (the setup fails), never a silently
+/// skipped check. Unknown fields are ignored (the describe output may grow).
+pub type Expect = pcisim_guest_wire::DeviceDescription;
 
 pub fn parse_expect(json: &str) -> Result<Expect, String> {
     serde_json::from_str(json).map_err(|e| format!("bad --expect JSON: {e}"))

@@ -2,7 +2,6 @@
 //! lists and the `resource` file. The decoding functions are pure (they take
 //! bytes or text) so that they can be unit-tested on synthetic input.
 
-use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -24,43 +23,11 @@ const PCI_STD_HEADER_END: usize = 0x40;
 const PCI_CFG_SPACE_SIZE: usize = 0x100;
 const PCI_EXT_CAP_START: usize = 0x100;
 
-/// One BAR as the guest kernel sized it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Bar {
-    pub index: u32,
-    pub size: u64,
-    pub mem64: bool,
-    pub prefetchable: bool,
-}
-
-/// A standard capability: its ID and where it sits in config space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Cap {
-    pub id: u8,
-    pub offset: u16,
-}
-
-/// An extended capability.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExtCap {
-    pub id: u16,
-    pub offset: u16,
-    pub version: u8,
-}
-
+/// A BAR, a capability, an extended capability and everything E1 compares: the types the lab
+/// checks `pcisim describe`'s output against ([`pcisim_guest_wire`]), decoded here.
+pub use pcisim_guest_wire::{Bar, Cap, ExtCap};
 /// Everything E1 compares: the shape `pcisim describe` prints for one device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DeviceView {
-    pub vendor_id: u16,
-    pub device_id: u16,
-    pub class_code: u32,
-    pub revision: u8,
-    pub subsystem_vendor_id: u16,
-    pub subsystem_id: u16,
-    pub bars: Vec<Bar>,
-    pub capabilities: Vec<Cap>,
-    pub ext_capabilities: Vec<ExtCap>,
-}
+pub type DeviceView = pcisim_guest_wire::DeviceDescription;
 
 /// The result of walking a capability list: what was found before any error.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,12 @@
 //! - [`DeviceDescription`]: what E1 compares, the shape `pcisim describe` prints for a device
 //!   and the guest decodes from config space.
 //!
+//! - [`agent`]: the guest agent's JSON-lines replies and base64, read by the lab and written
+//!   by the agent.
+//!
 //! Both workspaces use it: the root one as `pcisim-guest-wire`, `guest-tests/` by path.
+
+pub mod agent;
 
 use std::fmt;
 

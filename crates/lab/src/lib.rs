@@ -15,21 +15,18 @@
 //! std::process::exit(pcisim_lab::harness::suite::exit_code(&result, opts.allow_skip));
 //! ```
 //!
-//! The building blocks are public for other lab commands and tests:
-//! [`provision`] (run `qemu-scripts/provision.sh`, parse its `PCISIM_*` lines), [`kernel`] (the
-//! guest kernel: a Debian series or the user's image/tree, its cache entry, the check of its
-//! config against the VM profiles before boot), [`guest`] (build the
-//! static guest binary), [`kmod`] (build the guest kernel modules of `guest-tests/kmod/` against
-//! the guest kernel's headers), [`initramfs`] (newc cpio writer, `modules.dep` resolution, `/init`),
-//! [`server`] (`pcisim serve`/`describe`), [`control`] (the server's control socket: journal,
-//! violations, fault injection), [`profile`] (VM profiles: devices, placement, hotplug mode),
-//! [`qemu`] (command line and child), [`qmp`] (the QMP client: commands, events, hotplug),
-//! [`agent`] (the JSON-lines client), [`ktap`] (writer and parser), [`scenario`] (catalogue,
-//! verdicts), [`dmesg`] (the guest kernel's log as a second oracle: report kinds, allowlist,
-//! verdict; [`oracle`] holds its self-tests, the K scenarios), [`host`] (host-side scenarios: QMP, fault injection and journal assertions around
-//! guest commands), [`reset`] (the reset scenarios written on it), [`process`] (children
-//! that die with the lab, SIGINT/SIGTERM handling) and [`manual`] (`pcisim lab up`/`plug`/
-//! `unplug`/`exec`/`console`/`status`/`down`: a VM left running for manual experiments).
+//! The building blocks are public for other lab commands and tests, in layers (each uses only
+//! the ones below it; docs/architecture.md has the tree and how to add a scenario):
+//! [`scenarios`] (the catalogue as data, and the scenarios' bodies) → [`harness`] (what a
+//! scenario is, [`harness::host::HostCtx`], KTAP, the guest kernel's log as a second oracle, the
+//! suite runner and its judges) → [`guestops`] (the one checked guest shell, sysfs waits, vfio
+//! binding, driver loading) → [`vm`] (provisioning, guest and module builds, the initramfs, the
+//! device server and its control socket, QEMU, QMP, the agent, processes and signals, VM
+//! profiles, and [`vm::boot`], the one boot sequence). [`manual`] is `pcisim lab up`/`plug`/
+//! `unplug`/`exec`/`console`/`status`/`down` (a VM left running for manual experiments),
+//! [`kernel`] the guest kernel choice and its config check, [`kselftest`] the kernel's vfio
+//! selftests as scenarios. Guest program names and invocations are typed
+//! ([`pcisim_guest_wire`]).
 //!
 //! # Environment
 //!
@@ -48,8 +45,8 @@
 //! `provision.log`, `guest-build.log`, `kmod-build.log`, `initramfs.cpio`, per scenario `<ID>.stdout`/`<ID>.stderr`
 //! and `<ID>.journal.jsonl` (what the devices journaled during the scenario, one JSON record a
 //! line; a host scenario's guest steps add `<ID>.<n>.stdout`/`.stderr`; the SVA kill cases add
-//! `<ID>.timeline.svg`, see [`timeline`]), `<ID>.dmesg` (the guest kernel's log during the
-//! scenario, see [`dmesg`]), and one directory per
+//! `<ID>.timeline.svg`, see [`harness::timeline`]), `<ID>.dmesg` (the guest kernel's log during the
+//! scenario, see [`harness::dmesg`]), and one directory per
 //! VM, named after its profile (`gpu/`, `gpu-npu/`): `console.log` (the guest's ttyS0),
 //! `qemu.log` (QEMU's stderr), `qemu-cmdline.sh`, `qmp.log` (the QMP transcript), `server.log`,
 //! `describe.log`, `agent.log` (the agent link, `>` sent, `<` received), `boot.dmesg` (the

@@ -27,7 +27,7 @@ use crate::error::LabError;
 use crate::guestops::{self, sysfs, Timed, TimedError};
 use crate::vm::agent::{Agent, RunInput, RunOutput};
 use crate::vm::boot::{self, Prepared, BOOT_TIMEOUT, CONNECT_TIMEOUT, POWEROFF_TIMEOUT};
-use crate::vm::profile::{DeviceKind, DeviceSlot, ProfileId, VmProfile};
+use crate::vm::profile::{ProfileId, VmProfile};
 use crate::vm::qemu::{HotplugMode, Share, VmOptions};
 use crate::vm::qmp::{PciDeviceInfo, Qmp, QmpError};
 use crate::vm::server;
@@ -80,39 +80,18 @@ type Result<T> = std::result::Result<T, ManualError>;
 /// `device_del`ed) served but unplugged, for `rp2`, and one more free hot-add port (`rp3`); ACPI
 /// hotplug, vIOMMU.
 pub fn manual_profile() -> VmProfile {
+    // The `gpu-hotplug` machine with one more free port; `lab up --memory` decides its RAM.
     VmProfile {
         name: "manual".into(),
-        devices: vec![
-            DeviceSlot::own_port("gpu0", DeviceKind::Gpu),
-            DeviceSlot {
-                plugged: false,
-                opts: vec!["irq=msi".into()],
-                ..DeviceSlot::own_port("gpu1", DeviceKind::Gpu)
-            },
-        ],
-        hotplug: HotplugMode::Acpi,
         free_ports: 1,
-        viommu: true,
-        // `lab up --memory` decides the manual VM's RAM.
-        memory_mib: crate::vm::profile::DEFAULT_MEMORY_MIB,
+        ..ProfileId::GpuHotplug.profile()
     }
 }
 
 /// The profiles `up --profile` knows: `manual` (the default) and the suite's.
 pub fn profile_by_name(name: &str) -> Result<VmProfile> {
     let mut all = vec![manual_profile()];
-    all.extend(
-        [
-            ProfileId::Gpu,
-            ProfileId::GpuNpu,
-            ProfileId::GpuHotplug,
-            ProfileId::GpuNsr,
-            ProfileId::GpuNpuHotplug,
-            ProfileId::NpuSva,
-            ProfileId::GpuPciehp,
-        ]
-        .map(ProfileId::profile),
-    );
+    all.extend(ProfileId::SUITE.iter().map(|p| p.profile()));
     let names: Vec<String> = all.iter().map(|p| p.name.clone()).collect();
     all.into_iter().find(|p| p.name == name).ok_or_else(|| {
         msg(format!(

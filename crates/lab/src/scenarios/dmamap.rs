@@ -24,7 +24,6 @@ use serde_json::Value;
 
 use crate::harness::host::{HostCtx, HostError, HostProgram};
 use crate::vm::profile::ProfileId;
-use crate::vm::qmp::PciDeviceInfo;
 use crate::vm::server::{server_pid, usage, Usage};
 use pcisim_guest_wire::Program as GuestProgram;
 
@@ -108,13 +107,7 @@ fn m9(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         .map(|u| (u.fds, u.rss_kib))
         .map_err(HostError::Step)?;
     let stats0 = ctx.control().stats(Some(dev))?;
-    let bdf = ctx
-        .qmp()
-        .query_pci()?
-        .iter()
-        .find(|p| p.qdev_id == dev)
-        .map(PciDeviceInfo::bdf)
-        .ok_or_else(|| HostError::Step(format!("{dev} is not in query-pci")))?;
+    let bdf = ctx.bdf_of(dev)?;
     let argv = ctx.guest_argv(
         GuestProgram::DmaMapPages,
         dev,

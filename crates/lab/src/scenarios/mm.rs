@@ -26,7 +26,6 @@ use pcisim_journal::{Dir, Event, Record, Refusal, RingErrorCode};
 use crate::harness::host::reset_kinds;
 use crate::harness::host::{HostCtx, HostError, HostProgram};
 use crate::vm::profile::ProfileId;
-use crate::vm::qmp::PciDeviceInfo;
 use pcisim_guest_wire::Program as GuestProgram;
 
 /// The base of the guest program's IOVA layout (`--iova`).
@@ -152,13 +151,7 @@ fn m5(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 
 fn run_case(ctx: &mut HostCtx<'_>, case: Case) -> Result<(), HostError> {
     let dev = "gpu0";
-    let bdf = ctx
-        .qmp()
-        .query_pci()?
-        .iter()
-        .find(|p| p.qdev_id == dev)
-        .map(PciDeviceInfo::bdf)
-        .ok_or_else(|| HostError::Step(format!("{dev} is not in query-pci")))?;
+    let bdf = ctx.bdf_of(dev)?;
     let mark = ctx.control().last_seq(dev)?;
     let argv = ctx.guest_argv(
         GuestProgram::MmTeardown,

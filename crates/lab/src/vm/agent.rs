@@ -24,8 +24,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use serde::Deserialize;
 use serde_json::{json, Value};
+
+/// The agent's wire types, shared with the guest agent ([`pcisim_guest_wire::agent`]).
+pub use pcisim_guest_wire::agent::{base64_decode, base64_encode, KmsgReply, Ready, RunOutput};
 
 use crate::vm::process::{self, POLL};
 
@@ -88,51 +90,6 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> AgentError {
     move |source| AgentError::Io { what, source }
 }
 
-/// The agent's greeting.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-pub struct Ready {
-    /// The guest kernel release.
-    #[serde(default)]
-    pub kernel: String,
-    /// Guest uptime when the agent started.
-    #[serde(default)]
-    pub uptime_ms: u64,
-}
-
-/// The result of a `run` request.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-pub struct RunOutput {
-    /// The exit code, if the program exited.
-    pub exit: Option<i32>,
-    /// The signal, if the program was killed by one.
-    pub signal: Option<i32>,
-    /// Whether the agent killed it for exceeding `timeout_ms`.
-    #[serde(default)]
-    pub timed_out: bool,
-    /// Its stdout.
-    #[serde(default)]
-    pub stdout: String,
-    /// Its stderr.
-    #[serde(default)]
-    pub stderr: String,
-    /// How long it ran, in the guest.
-    #[serde(default)]
-    pub elapsed_ms: u64,
-    /// Its stdout, exact (base64), when asked for with [`Agent::run_binary`].
-    #[serde(default)]
-    pub stdout_b64: Option<String>,
-}
-
-impl RunOutput {
-    /// Its stdout as bytes: exact if the agent sent them in base64, else the text.
-    pub fn stdout_bytes(&self) -> Vec<u8> {
-        match self.stdout_b64.as_deref().and_then(base64_decode) {
-            Some(b) => b,
-            None => self.stdout.clone().into_bytes(),
-        }
-    }
-}
-
 /// The standard input of [`Agent::run_exact`].
 #[derive(Debug, Clone, Copy)]
 pub enum RunInput<'a> {
@@ -140,71 +97,6 @@ pub enum RunInput<'a> {
     Bytes(&'a [u8]),
     /// This file in the guest.
     GuestFile(&'a str),
-}
-
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding (binary data inside the agent's JSON lines).
-pub fn base64_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Decodes [`base64_encode`]'s output (`None` if it is not base64).
-pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let t = text.as_bytes();
-    if t.len() & 3 != 0 {
-        return None;
-    }
-    let val = |c: u8| -> Option<u32> { B64.iter().position(|&x| x == c).map(|p| p as u32) };
-    let mut out = Vec::with_capacity(t.len() / 4 * 3);
-    for q in t.chunks(4) {
-        let pad = q.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 {
-            return None;
-        }
-        let mut n = 0u32;
-        for &c in &q[..4 - pad] {
-            n = (n << 6) | val(c)?;
-        }
-        n <<= 6 * pad as u32;
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..3 - pad]);
-    }
-    Some(out)
-}
-
-/// The reply to a `kmsg` request: the guest kernel log after a position.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-pub struct KmsgReply {
-    /// Raw `/dev/kmsg` records (`PRIO,SEQ,TS_USEC,FLAGS;TEXT`), in order (none when only the
-    /// position was asked for).
-    #[serde(default)]
-    pub records: Vec<String>,
-    /// The sequence number the next record will have.
-    pub next_seq: u64,
-    /// The guest's boot id (`/proc/sys/kernel/random/boot_id`).
-    pub boot_id: String,
-    /// `/proc/sys/kernel/tainted`.
-    pub tainted: u64,
-    /// The boot id differed from the one given: the records are the new boot's, from its start.
-    #[serde(default)]
-    pub rebooted: bool,
 }
 
 /// A position in the guest kernel log: where the next slice starts.
@@ -218,13 +110,13 @@ pub struct KmsgMark {
     pub tainted: u64,
 }
 
-impl KmsgReply {
-    /// Where the next slice starts.
-    pub fn mark(&self) -> KmsgMark {
+impl KmsgMark {
+    /// Where the slice after `reply` starts.
+    pub fn of(reply: &KmsgReply) -> KmsgMark {
         KmsgMark {
-            next_seq: self.next_seq,
-            boot_id: self.boot_id.clone(),
-            tainted: self.tainted,
+            next_seq: reply.next_seq,
+            boot_id: reply.boot_id.clone(),
+            tainted: reply.tainted,
         }
     }
 }
@@ -629,6 +521,7 @@ mod tests {
         assert_eq!(
             ready,
             Ready {
+                agent_version: String::new(),
                 kernel: "6.12.1".into(),
                 uptime_ms: 42
             }
@@ -676,7 +569,7 @@ mod tests {
         assert_eq!(r.records, ["4,5,100,-;x"]);
         assert!(!r.rebooted);
         assert_eq!(
-            r.mark(),
+            KmsgMark::of(&r),
             KmsgMark {
                 next_seq: 6,
                 boot_id: "b".into(),

@@ -8,7 +8,8 @@
 //! violations, fault injection), [`profile`] (VM profiles: devices, placement, hotplug mode),
 //! [`qemu`] (command line and child), [`qmp`] (the QMP client), [`agent`] (the guest agent's
 //! JSON-lines client), [`process`] (children that die with the lab, signals) and [`boot`] (the
-//! one boot sequence: server, QEMU, agent greeting; used by the suite and by `lab up`).
+//! one boot sequence's shared steps: provisioning, builds and initramfs, the QEMU machine of a
+//! profile; used by the suite and by `lab up`).
 
 pub mod agent;
 pub mod boot;

@@ -202,6 +202,17 @@ pub enum ProfileId {
 }
 
 impl ProfileId {
+    /// The suite's profiles (not [`ProfileId::GpuLarge`], the vfio selftests' machine).
+    pub const SUITE: [ProfileId; 7] = [
+        ProfileId::Gpu,
+        ProfileId::GpuNpu,
+        ProfileId::GpuHotplug,
+        ProfileId::GpuNsr,
+        ProfileId::GpuNpuHotplug,
+        ProfileId::NpuSva,
+        ProfileId::GpuPciehp,
+    ];
+
     /// The profile.
     pub fn profile(self) -> VmProfile {
         match self {

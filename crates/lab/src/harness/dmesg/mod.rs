@@ -335,7 +335,7 @@ pub fn read(agent: &mut Agent, mark: &mut Option<KmsgMark>) -> Result<Slice, Age
     }
     let from = from.filter(|_| !reply.rebooted);
     let after = from.as_ref().and_then(|m| m.next_seq.checked_sub(1));
-    *mark = Some(reply.mark());
+    *mark = Some(KmsgMark::of(&reply));
     Ok(Slice {
         lost: count_lost(after, records.iter().map(|r| r.seq)),
         records,
@@ -347,7 +347,7 @@ pub fn read(agent: &mut Agent, mark: &mut Option<KmsgMark>) -> Result<Slice, Age
 
 /// The current end of the guest kernel log (where the next slice starts).
 pub fn mark(agent: &mut Agent) -> Result<KmsgMark, AgentError> {
-    Ok(agent.kmsg(None, false)?.mark())
+    Ok(KmsgMark::of(&agent.kmsg(None, false)?))
 }
 
 fn kinds_text(kinds: impl IntoIterator<Item = KernelReport>) -> String {
