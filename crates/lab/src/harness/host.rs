@@ -12,6 +12,7 @@
 //! violation fails it.
 //!
 //! ```no_run
+//! use pcisim_guest_wire::Program as GuestProgram;
 //! use pcisim_journal::ResetKind;
 //! use pcisim_lab::harness::host::{find_record, is_reset_begin, HostCtx, HostError, HostProgram};
 //! use pcisim_lab::vm::profile::ProfileId;
@@ -22,7 +23,7 @@
 //!     let records = ctx.journal("gpu0")?;                // what gpu0 journaled since the start
 //!     let reset = find_record(&records, |e| is_reset_begin(e, ResetKind::DeviceReset));
 //!     ctx.check("reset_begin kind=device journaled", reset.is_some(), "none");
-//!     let argv = ctx.guest_argv(GuestProgram::E1, "gpu0", &[])?;     // pcisim-guest e1 --vendor ... --expect
+//!     let argv = ctx.guest_argv(GuestProgram::E1, "gpu0", &[])?; // e1 --vendor ... --expect
 //!     ctx.guest_test("e1 after the reboot", &argv)?;    // nested KTAP, verdict as a subtest
 //!     Ok(())
 //! }
@@ -34,9 +35,9 @@
 //! };
 //! ```
 //!
-//! and in the catalogue (`scenario.rs`): `Scenario { id: "R9", name: "R9 system-reset", timeout:
-//! Duration::from_secs(120), program: Program::Host(crate::scenarios::reset::R9) }`. `timeout` is the
-//! default for each guest command the function runs. A scenario that needs another machine adds
+//! and in the catalogue (`scenarios/mod.rs`): `Scenario { id: "R9", name: "R9 system-reset",
+//! timeout: Duration::from_secs(120), program: Program::Host(reset::R9), ..Scenario::NO_XFAIL }`.
+//! `timeout` is the default for each guest command the function runs. A scenario that needs another machine adds
 //! a [`ProfileId`] (and its [`VmProfile`] in `profile.rs`); the suite boots one VM per profile.
 
 use std::fs;
