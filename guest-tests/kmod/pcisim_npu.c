@@ -21,6 +21,16 @@
  *   no_mm_release     - nothing on mm release: the PASID is unbound at file release only
  *   ack_without_drain - mm release sends UNBIND (finish queued work) and returns without waiting
  *   leak_peer_ref     - the reference taken on the GPU peer's pci_dev is kept after its removal
+ *   reset_in_probe    - probe resets the device with pci_reset_function(), which takes the device
+ *                       lock the driver core already holds around probe: the probing task
+ *                       deadlocks on itself (seed 002; docs/reset.md, R10b)
+ *
+ * Probe resets the function before using it (R10): pci_reset_function_locked(), the variant for
+ * callers that already hold the device lock (drivers/pci/pci.c in 6.12: pci_reset_function()
+ * takes pci_dev_lock() of the upstream bridge and of the device itself, i.e. device_lock();
+ * __driver_attach() holds that lock around ->probe(); pci_reset_function_locked() only saves
+ * config space, runs __pci_reset_function_locked() - the first reset method that works, FLR
+ * here - and restores it).
  *
  * Kernel sources read: include/linux/mmu_notifier.h and mm/mmu_notifier.c (release,
  * arch_invalidate_secondary_tlbs, register/unregister semantics), arch/x86/mm/tlb.c (where the
@@ -70,6 +80,7 @@ enum npu_bug {
 	NPU_BUG_NO_MM_RELEASE,
 	NPU_BUG_ACK_WITHOUT_DRAIN,
 	NPU_BUG_LEAK_PEER_REF,
+	NPU_BUG_RESET_IN_PROBE,
 };
 
 static const char *const bug_names[] = {
@@ -78,11 +89,12 @@ static const char *const bug_names[] = {
 	[NPU_BUG_NO_MM_RELEASE] = "no_mm_release",
 	[NPU_BUG_ACK_WITHOUT_DRAIN] = "ack_without_drain",
 	[NPU_BUG_LEAK_PEER_REF] = "leak_peer_ref",
+	[NPU_BUG_RESET_IN_PROBE] = "reset_in_probe",
 };
 
 static char *bug = "none";
 module_param(bug, charp, 0444);
-MODULE_PARM_DESC(bug, "deliberate bug for testing the lab: none, skip_invalidate, no_mm_release, ack_without_drain, leak_peer_ref");
+MODULE_PARM_DESC(bug, "deliberate bug for testing the lab: none, skip_invalidate, no_mm_release, ack_without_drain, leak_peer_ref, reset_in_probe");
 static enum npu_bug the_bug;
 
 struct npu;
@@ -1035,6 +1047,31 @@ static bool npu_dma_is_physical(struct pci_dev *pdev)
 	return !dom || dom->type == IOMMU_DOMAIN_IDENTITY;
 }
 
+/*
+ * Resets the function from probe, before bus mastering and the engine are on: whatever an
+ * earlier owner (firmware, a previous driver, vfio) left running is gone. The driver core holds
+ * the device lock around probe, so only the _locked variant is correct here; the buggy variant
+ * calls pci_reset_function(), whose device_lock() never returns.
+ */
+static int npu_probe_reset(struct pci_dev *pdev)
+{
+	int ret;
+
+	if (the_bug == NPU_BUG_RESET_IN_PROBE) {
+		dev_info(&pdev->dev, "probe: pci_reset_function() under the device lock (bug %s)\n",
+			 bug_names[the_bug]);
+		ret = pci_reset_function(pdev);
+	} else {
+		dev_info(&pdev->dev, "probe: pci_reset_function_locked()\n");
+		ret = pci_reset_function_locked(pdev);
+	}
+	if (ret)
+		dev_err(&pdev->dev, "probe: reset failed: %d\n", ret);
+	else
+		dev_info(&pdev->dev, "probe: function reset done\n");
+	return ret;
+}
+
 static int npu_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 {
 	struct npu *npu;
@@ -1062,6 +1099,9 @@ static int npu_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	if (ret)
 		goto err;
 	npu->regs = pcim_iomap_table(pdev)[0];
+	ret = npu_probe_reset(pdev);
+	if (ret)
+		goto err;
 	magic = rd(npu, NPU_REG_ID);
 	if (magic != NPU_ID_MAGIC) {
 		dev_err(&pdev->dev, "ID register %#x is not the NPU's %#x\n", magic, NPU_ID_MAGIC);
