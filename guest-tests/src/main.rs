@@ -28,6 +28,7 @@ mod resetvfio;
 mod ringdrv;
 mod sva;
 mod sys;
+mod userptr;
 mod vdev;
 #[allow(dead_code)] // the uapi subset is kept complete for the next scenarios
 mod vfio;
@@ -70,6 +71,10 @@ usage: pcisim-guest <subcommand> [options]
       until the device goes away (all-ones), waits for it to come back, checks the ring
   sva --bdf BDF --case basic|exit|kill|fork|scm|mmap|m7 [--lenient on]
       M6/M7: process memory worked on by the NPU through the guest NPU driver (pcisim_npu.ko)
+  userptr --bdf BDF --mode tracked|pinned [--unmap munmap|dontneed] [--mib N] [--repeat N]
+          [--lenient on]
+      M8: the GPU ring fills process memory through the guest GPU driver (pcisim_gpu.ko)
+      while the process unmaps it: mmu-notifier fence wait (tracked) or pinned pages
   vfio-user --vendor V --device D [--bdf BDF] [--dma-kib N] [--req off|release|ignore]
             [--ready-file PATH] [--wait-s N]
       H3/H4: a guest vfio user that maps a DMA buffer; optionally holds the device and
@@ -105,6 +110,7 @@ fn run(program: Program, rest: &[String]) -> i32 {
         Program::MmTeardownWorker => mmtear::worker(rest),
         Program::DmaMapPages => dmamap::run(rest),
         Program::Sva => sva::run(rest),
+        Program::Userptr => userptr::run(rest),
     }
 }
 

@@ -61,6 +61,8 @@ pub enum Program {
     DmaMapPages,
     /// `sva`: process memory worked on by the NPU through the guest NPU driver.
     Sva,
+    /// `userptr`: process memory filled by the GPU's ring through the guest GPU driver.
+    Userptr,
 }
 
 impl Program {
@@ -84,6 +86,7 @@ impl Program {
         Program::MmTeardownWorker,
         Program::DmaMapPages,
         Program::Sva,
+        Program::Userptr,
     ];
 
     /// The subcommand's name (`reset-dma`).
@@ -107,6 +110,7 @@ impl Program {
             Program::MmTeardownWorker => "mm-teardown-worker",
             Program::DmaMapPages => "dma-map-pages",
             Program::Sva => "sva",
+            Program::Userptr => "userptr",
         }
     }
 

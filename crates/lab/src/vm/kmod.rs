@@ -48,6 +48,9 @@ pub const EXTRA_DIR: &str = "extra";
 /// The module name of the guest NPU driver (`guest-tests/kmod/pcisim_npu.c`).
 pub const NPU_MODULE: &str = "pcisim_npu";
 
+/// The guest GPU driver's module name (userptr, docs/userptr.md).
+pub const GPU_MODULE: &str = "pcisim_gpu";
+
 /// How many cached builds are kept in the root (the most recently used ones).
 pub const CACHE_KEEP: usize = 8;
 
