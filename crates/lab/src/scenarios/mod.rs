@@ -20,8 +20,10 @@ pub mod dmamap;
 pub mod hotplug;
 pub mod mm;
 pub mod oracle;
+pub mod probe_reset;
 pub mod reset;
 pub mod sva;
+pub mod userptr;
 
 /// Every scenario, in suite order.
 pub fn catalogue() -> Vec<Scenario> {
@@ -151,6 +153,28 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R9 system-reset",
             timeout: Duration::from_secs(120),
             program: Program::Host(reset::R9),
+            ..Scenario::NO_XFAIL
+        },
+        Scenario {
+            id: "R10",
+            name: "R10 probe-reset",
+            timeout: Duration::from_secs(120),
+            program: Program::Host(probe_reset::R10),
+            ..Scenario::NO_XFAIL
+        },
+        Scenario {
+            // Waits up to 40 s for khungtaskd; nothing can run in its VM afterwards (R10, its
+            // twin, runs there first).
+            id: "R10b",
+            name: "R10b probe-reset-deadlock",
+            timeout: Duration::from_secs(180),
+            program: Program::Host(probe_reset::R10B),
+            // pci_reset_function() from probe sleeps forever in device_lock() (the driver core
+            // holds the device lock around probe): khungtaskd reports insmod blocked for more
+            // than 10 s. The deadlock this scenario provokes on purpose (seed 002). Lockdep does
+            // not report it: dev->mutex is lockdep_set_novalidate_class() (drivers/base/core.c).
+            kernel_reports: &[KernelReport::HungTask],
+            twin: Twin::Of("R10"),
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -297,6 +321,45 @@ pub fn catalogue() -> Vec<Scenario> {
             ..Scenario::NO_XFAIL
         },
         Scenario {
+            id: "M8",
+            name: "M8 userptr-notifier",
+            timeout: Duration::from_secs(180),
+            program: Program::Host(userptr::M8),
+            ..Scenario::NO_XFAIL
+        },
+        Scenario {
+            id: "M8b",
+            name: "M8b userptr-no-fence-wait",
+            timeout: Duration::from_secs(180),
+            program: Program::Host(userptr::M8B),
+            // The driver's invalidation unmaps the userptr without waiting for the ring's fence:
+            // the ring's next write hits the unmapped IOVA.
+            violations: &[("gpu0", ViolationKind::DmaAfterUnmap)],
+            twin: Twin::Of("M8"),
+            ..Scenario::NO_XFAIL
+        },
+        Scenario {
+            id: "M8d",
+            name: "M8d userptr-pinned",
+            timeout: Duration::from_secs(180),
+            program: Program::Host(userptr::M8D),
+            ..Scenario::NO_XFAIL
+        },
+        Scenario {
+            // Needs a lockdep kernel; elsewhere a SKIP with the reason (docs/userptr.md).
+            id: "M8c",
+            name: "M8c userptr-alloc-in-signalling",
+            timeout: Duration::from_secs(180),
+            program: Program::Host(userptr::M8C),
+            // A GFP_KERNEL allocation inside dma_fence_begin/end_signalling: lockdep's
+            // `possible circular locking dependency` (dma_fence_map -> fs_reclaim, against the
+            // fs_reclaim -> mmu notifier -> fence wait chain dma-resv.c primes at boot). The
+            // bug this scenario provokes on purpose (seed 004). Not required when it skips.
+            kernel_reports: &[KernelReport::Lockdep],
+            twin: Twin::Of("M8"),
+            ..Scenario::NO_XFAIL
+        },
+        Scenario {
             id: "K1",
             name: "K1 kernel-warn-caught",
             timeout: Duration::from_secs(120),
@@ -375,6 +438,8 @@ mod tests {
                 "R7 hot-reset",
                 "R8 slow-failed-reset",
                 "R9 system-reset",
+                "R10 probe-reset",
+                "R10b probe-reset-deadlock",
                 "H1 hot-add",
                 "H2 hot-remove",
                 "H3 add-remove-cycles",
@@ -394,6 +459,10 @@ mod tests {
                 "M6c sva-ack-without-drain",
                 "M7 sva-invalidation",
                 "M7b sva-skip-invalidate",
+                "M8 userptr-notifier",
+                "M8b userptr-no-fence-wait",
+                "M8d userptr-pinned",
+                "M8c userptr-alloc-in-signalling",
                 "K1 kernel-warn-caught",
                 "K2 kernel-hung-task-caught"
             ]
@@ -411,6 +480,14 @@ mod tests {
             .concat()
         );
         assert_eq!(names(&select(Some("R9"))), ["R9 system-reset"]);
+        assert_eq!(
+            names(&select(Some("R10"))),
+            ["R10 probe-reset", "R10b probe-reset-deadlock"]
+        );
+        assert_eq!(
+            select(Some("R10b"))[0].profile(),
+            crate::vm::profile::ProfileId::NpuProbeHang
+        );
         assert_eq!(
             select(Some("R0"))[0].profile(),
             crate::vm::profile::ProfileId::GpuNpu
@@ -442,6 +519,8 @@ mod tests {
             declared,
             [
                 ("R8", &[KernelReport::HungTask][..]),
+                ("R10b", &[KernelReport::HungTask]),
+                ("M8c", &[KernelReport::Lockdep]),
                 ("K1", &[KernelReport::Warning]),
                 ("K2", &[KernelReport::HungTask])
             ]
@@ -520,7 +599,15 @@ mod tests {
         }
         assert_eq!(
             paired,
-            [("R2b", "R2"), ("M6b", "M6"), ("M6c", "M6"), ("M7b", "M7")]
+            [
+                ("R2b", "R2"),
+                ("R10b", "R10"),
+                ("M6b", "M6"),
+                ("M6c", "M6"),
+                ("M7b", "M7"),
+                ("M8b", "M8"),
+                ("M8c", "M8")
+            ]
         );
         // The violations each buggy variant is held to.
         let declared: Vec<(&str, &[(&str, ViolationKind)])> = all
@@ -534,7 +621,8 @@ mod tests {
                 ("R2b", &[("gpu0", ViolationKind::DmaDuringReset)][..]),
                 ("M6b", &[("npu0", ViolationKind::StaleTranslation)]),
                 ("M6c", &[("npu0", ViolationKind::StaleTranslation)]),
-                ("M7b", &[("npu0", ViolationKind::StaleTranslation)])
+                ("M7b", &[("npu0", ViolationKind::StaleTranslation)]),
+                ("M8b", &[("gpu0", ViolationKind::DmaAfterUnmap)])
             ]
         );
     }

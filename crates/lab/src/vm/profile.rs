@@ -13,6 +13,8 @@
 //! | `gpu-pciehp` | as `gpu-hotplug`, with native PCIe hotplug (pciehp) | native pciehp | 0 | yes |
 //! | `npu-sva` | `npu0` (`chunk_delay_us=500,journal=32768`) alone behind `rp1`, bound to the guest NPU driver | ACPI | 0 | no |
 //! | `gpu-nsr` | `gpu0` behind `rp1`, `gpu1` (`no_soft_reset=on`) behind `rp2` | native pciehp | 0 | yes |
+//! | `npu-probe-hang` | `npu0` alone behind `rp1`, for R10 then R10b, whose deadlocked probe leaves the VM unable to power off | ACPI | 0 | no |
+//! | `gpu-userptr` | `gpu0` alone behind `rp1`, driven by the guest GPU driver (`pcisim_gpu.ko`) | ACPI | 0 | yes |
 //! | `gpu-2g` | as `gpu`, with 2 GiB of guest RAM (every other profile has 1 GiB) | ACPI | 0 | yes |
 //!
 //! Root ports are `rp1`, `rp2`, ... with `chassis` = `slot` = their number, created in the order
@@ -196,6 +198,13 @@ pub enum ProfileId {
     /// by physical address, which needs untranslated DMA (docs/sva.md). The guest NPU driver
     /// (`pcisim_npu.ko`) drives it. M6 and M7 run here.
     NpuSva,
+    /// `npu-probe-hang`: `npu0` alone behind `rp1`, no vIOMMU, for R10 and then R10b: R10b's
+    /// buggy probe deadlocks on the device lock for good, so nothing can run after it, and the
+    /// power-off hangs in `device_shutdown()` (the suite kills QEMU after its power-off timeout).
+    NpuProbeHang,
+    /// `gpu-userptr`: the `gpu` profile's machine for the guest GPU driver (`pcisim_gpu.ko`,
+    /// userptr through the vIOMMU): M8, M8b, M8d and M8c run here, apart from the vfio scenarios.
+    GpuUserptr,
     /// `gpu-2g`: the `gpu` profile with 2 GiB of guest RAM, for a guest vfio user that maps
     /// 1 GiB of its own memory. M9 runs here.
     GpuLarge,
@@ -291,6 +300,18 @@ impl ProfileId {
                 free_ports: 0,
                 viommu: false,
                 memory_mib: DEFAULT_MEMORY_MIB,
+            },
+            ProfileId::NpuProbeHang => VmProfile {
+                name: "npu-probe-hang".into(),
+                devices: vec![DeviceSlot::own_port("npu0", DeviceKind::Npu)],
+                hotplug: HotplugMode::Acpi,
+                free_ports: 0,
+                viommu: false,
+                memory_mib: DEFAULT_MEMORY_MIB,
+            },
+            ProfileId::GpuUserptr => VmProfile {
+                name: "gpu-userptr".into(),
+                ..ProfileId::Gpu.profile()
             },
             ProfileId::GpuLarge => VmProfile {
                 name: "gpu-2g".into(),
