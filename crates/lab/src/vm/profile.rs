@@ -212,7 +212,7 @@ pub enum ProfileId {
 
 impl ProfileId {
     /// The suite's profiles (not [`ProfileId::GpuLarge`], the vfio selftests' machine).
-    pub const SUITE: [ProfileId; 7] = [
+    pub const SUITE: [ProfileId; 9] = [
         ProfileId::Gpu,
         ProfileId::GpuNpu,
         ProfileId::GpuHotplug,
@@ -220,6 +220,8 @@ impl ProfileId {
         ProfileId::GpuNpuHotplug,
         ProfileId::NpuSva,
         ProfileId::GpuPciehp,
+        ProfileId::NpuProbeHang,
+        ProfileId::GpuUserptr,
     ];
 
     /// The profile.
