@@ -377,6 +377,61 @@ impl Bus {
         true
     }
 
+    /// A write of `data` to client memory at `iova` (on behalf of `pasid`, if given) as one
+    /// access — if all of it can be written right now. Returns `true` when it was performed:
+    /// then it is journaled as one `dma` write record of the whole range with `count` = the
+    /// 4 KiB pages it touches, which is what the page-sized writes of the same bytes, issued
+    /// back to back, are aggregated into (the checker sees the range once instead of page by
+    /// page: the same addresses, state and PASID, so the same verdict).
+    ///
+    /// Returns `false` when nothing was done and nothing journaled: the gate refuses (link,
+    /// reset, D3hot, Bus Master), an injected DMA error is armed, no client is attached, `data`
+    /// is empty, or the range is not inside one mapping that is fd-backed and writable (a hole,
+    /// a protection or a mapping boundary anywhere in it). The caller then writes page by page
+    /// ([`Bus::dma_write_pasid`]), which refuses, faults and journals at the exact page. One
+    /// exception, a client that truncates its file during the write: some bytes may have moved
+    /// before the SIGBUS guard noticed; still nothing is journaled, and the page-by-page retry
+    /// faults on the broken mapping.
+    ///
+    /// Like every access it counts in flight from before the gate check until the write is
+    /// done, and holds the client's DMA map (read lock) while writing, so an unmap waits.
+    pub fn try_dma_write_run(&self, pasid: Option<u32>, iova: u64, data: &[u8]) -> bool {
+        if data.is_empty() {
+            return false;
+        }
+        let _tx = self.transaction();
+        if self.gate(false).is_err() || self.inner.dma_errors.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        let client = self.client();
+        let Some(link) = client.as_ref() else {
+            return false;
+        };
+        let len = data.len() as u64;
+        // Journaled while the mappings are held: an unmap cannot be journaled in between.
+        let r = link.dma.write_then(iova, data, |r| {
+            if r.is_ok() {
+                self.journal().record(Event::Dma {
+                    dir: Dir::Write,
+                    pasid,
+                    iova,
+                    len,
+                    count: pages_touched(iova, len),
+                    bytes: len,
+                });
+            }
+        });
+        if let Err(e) = r {
+            log::trace!(
+                "{}: write run {iova:#x} +{len:#x} not possible as one access ({e}); \
+                 the pages go one by one",
+                self.inner.name
+            );
+            return false;
+        }
+        true
+    }
+
     /// Read client memory for the device's own *checking*, not as device DMA: not gated, not
     /// journaled, not counted in flight. The NPU's checking mode uses it to re-walk page tables
     /// on a translation-cache hit and compare; real hardware would not do this read, so it must
@@ -826,6 +881,97 @@ mod tests {
         let mut b = [0u8; 64];
         dma.read(DST, &mut b).unwrap();
         assert_eq!(b, [7u8; 64]);
+    }
+
+    #[test]
+    fn test_try_dma_write_run_writes_once_journals_one_record_per_page_count() {
+        let (bus, dma) = bus();
+        let data: Vec<u8> = (0..0x3000u32).map(|i| (i % 253) as u8).collect();
+        assert!(bus.try_dma_write_run(Some(5), DST + 0x800, &data));
+        let mut back = vec![0u8; data.len()];
+        dma.read(DST + 0x800, &mut back).unwrap();
+        assert_eq!(back, data);
+        // 0x800..0x3800 touches pages 0..3: what four page-sized writes fold into.
+        assert_eq!(
+            dma_records(&bus),
+            vec![(Dir::Write, DST + 0x800, 0x3000, 4)]
+        );
+        let recs = bus.journal().since(0).0;
+        assert!(recs.iter().any(|r| matches!(
+            r.event,
+            Event::Dma {
+                pasid: Some(5),
+                bytes: 0x3000,
+                ..
+            }
+        )));
+        let st = bus.journal().stats();
+        assert_eq!(
+            (st.dma_accesses, st.dma_bytes, st.violations),
+            (4, 0x3000, 0)
+        );
+        assert_eq!(bus.inflight(), 0);
+    }
+
+    #[test]
+    fn test_try_dma_write_run_anything_not_doable_in_full_does_nothing_journals_nothing() {
+        let (bus, dma) = bus();
+        // A read-only mapping right after DST: a run into it is a protection, one across the
+        // boundary crosses mappings (both are mapped and backed).
+        let ro = DST + SIZE;
+        dma.map(ro, SIZE, PROT_READ, Some((memfd(SIZE), 0)))
+            .unwrap();
+        let data = [9u8; 0x2000];
+        let before = bus.journal().last_seq();
+        let untouched = |bus: &Bus, at: u64| {
+            let mut b = vec![0u8; 0x1000];
+            dma.read(at, &mut b).unwrap();
+            b.iter().all(|&x| x == 0) && bus.journal().last_seq() == before
+        };
+        // Across the mapping boundary, into the read-only mapping, off the end of a mapping
+        // into a hole, and empty.
+        assert!(!bus.try_dma_write_run(None, ro - 0x1000, &data));
+        assert!(untouched(&bus, ro - 0x1000));
+        assert!(!bus.try_dma_write_run(None, ro, &data));
+        assert!(!bus.try_dma_write_run(None, SRC + SIZE - 0x1000, &data));
+        assert!(untouched(&bus, SRC + SIZE - 0x1000));
+        assert!(!bus.try_dma_write_run(None, DST, &[]));
+        // Every state the gate refuses.
+        bus.set_command(0);
+        assert!(!bus.try_dma_write_run(None, DST, &data) && untouched(&bus, DST));
+        bus.set_command(BUS_MASTER);
+        bus.set_power(D3HOT);
+        assert!(!bus.try_dma_write_run(None, DST, &data) && untouched(&bus, DST));
+        bus.set_power(0);
+        bus.set_link(false);
+        assert!(!bus.try_dma_write_run(None, DST, &data) && untouched(&bus, DST));
+        bus.set_link(true);
+        bus.set_resetting(true);
+        assert!(!bus.try_dma_write_run(None, DST, &data) && untouched(&bus, DST));
+        bus.set_resetting(false);
+        // An armed injected error is left for the page-by-page path to consume.
+        bus.inject_dma_errors(1);
+        assert!(!bus.try_dma_write_run(None, DST, &data) && untouched(&bus, DST));
+        assert_eq!(
+            bus.dma_write(DST, &[1u8; 4]),
+            Err(DmaFault::Refused(Refusal::InjectedError))
+        );
+        dma.write(DST, &[0u8; 4]).unwrap();
+        let before = bus.journal().last_seq();
+        bus.set_client(None);
+        assert!(!bus.try_dma_write_run(None, DST, &data));
+        assert_eq!(bus.journal().last_seq(), before);
+        assert_eq!(bus.inflight(), 0);
+        // All allowed again: the same run is written (the instrument above can see one).
+        bus.set_client(Some(ClientLink {
+            irqs: Interrupts::new(&[1, 0, 1, 1, 1]),
+            dma: dma.clone(),
+        }));
+        assert!(bus.try_dma_write_run(None, DST, &data));
+        let mut b = [0u8; 0x2000];
+        dma.read(DST, &mut b).unwrap();
+        assert_eq!(b, data);
+        assert_eq!(bus.journal().last_seq(), before + 1);
     }
 
     #[test]

@@ -181,11 +181,17 @@ impl Atc {
         None
     }
 
-    /// Look `va` up without touching counters or recency.
+    /// Look `va` up without touching counters or recency (one probe per page size tried,
+    /// smallest first, as [`Atc::lookup`]).
     pub fn peek(&self, pasid: u32, va: u64) -> Option<Entry> {
-        self.find(pasid, va)
-            .and_then(|k| self.map.get(&k))
-            .map(|s| s.entry)
+        [PAGE_4K, PAGE_2M, PAGE_1G].into_iter().find_map(|size| {
+            let key = Key {
+                pasid,
+                va: va & !(size - 1),
+                size,
+            };
+            self.map.get(&key).map(|s| s.entry)
+        })
     }
 
     /// Mark the entry covering `va` as reported stale.

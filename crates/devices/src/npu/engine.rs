@@ -44,6 +44,15 @@ pub trait NpuHost: Send + Sync {
     fn dma_read(&self, pasid: Option<u32>, addr: u64, buf: &mut [u8]) -> Result<(), MemError>;
     /// A device write of guest physical memory, on behalf of `pasid` if given.
     fn dma_write(&self, pasid: Option<u32>, addr: u64, data: &[u8]) -> Result<(), MemError>;
+    /// Write `data` (several pages at contiguous physical addresses) on behalf of `pasid` as
+    /// one access, journaled as the page-sized writes of the same bytes would have been — if
+    /// all of it can be written now. `false`: nothing was done and nothing journaled (the
+    /// engine then writes page by page, which refuses or faults at the exact page). A host
+    /// that cannot do this says `false` always (the default).
+    fn try_dma_write_run(&self, pasid: u32, addr: u64, data: &[u8]) -> bool {
+        let _ = (pasid, addr, data);
+        false
+    }
     /// A read for the checker's re-walk of `pasid`'s tables: ideally not a device access (not
     /// gated, not journaled as DMA).
     fn inspect(&self, pasid: u32, addr: u64, buf: &mut [u8]) -> Result<(), MemError>;
@@ -183,6 +192,8 @@ pub struct State {
     contexts: BTreeMap<u32, Context>,
     atc: Atc,
     irqs: Vec<u16>,
+    /// Coalesced write runs performed since the engine started.
+    runs: u64,
 }
 
 impl std::fmt::Debug for State {
@@ -211,6 +222,11 @@ impl std::fmt::Debug for Shared {
 
 /// How often the idle engine re-checks conditions nobody notifies it about (link state).
 const IDLE_POLL: Duration = Duration::from_millis(20);
+
+/// Most bytes of a coalesced write run: 16 pages, the GPU engine's chunk. Bounds how long the
+/// engine holds its lock (register accesses and commands wait for the end of a run, as they
+/// wait for the end of a page otherwise) and the pattern buffer a FILL builds.
+pub const RUN_MAX: u64 = 16 * PAGE_4K;
 
 /// Internal outcome of a chunk step: the bus refused (Bus Master, power, link, reset); retry
 /// the chunk once bus mastering is allowed. Never reaches a completion record.
@@ -275,6 +291,7 @@ impl Shared {
                 contexts: BTreeMap::new(),
                 atc,
                 irqs: Vec::new(),
+                runs: 0,
             }),
             cv: Condvar::new(),
             waiting: AtomicU32::new(0),
@@ -413,18 +430,26 @@ impl Shared {
         };
         let mut buf_a = vec![0u8; bounce];
         let mut buf_b = vec![0u8; bounce];
+        let delay = g.cfg.chunk_delay;
+        // Coalesced write runs (see `State::write_run`): not in checking mode (it re-walks each
+        // hit, page by page) nor on a slowed engine (it paces and yields per page).
+        let runs = d.op == regs::DESC_FILL && !g.cfg.checking && delay.is_zero();
+        // `done` below which no run is tried again: a run that could not be written as one
+        // access goes page by page, so that the refusal or fault lands on its exact page.
+        let mut pages_until = 0u64;
         // FILL: byte i of dst is byte i mod 8 of the pattern, so a chunk starting `done` bytes
-        // in is this page-and-a-bit of repeated pattern from offset `done % 8` (built 8 bytes
-        // at a time, not byte by byte).
+        // in is this chunk of repeated pattern from offset `done % 8` (built 8 bytes at a
+        // time, not byte by byte): a page, or a run of up to RUN_MAX bytes, and 8 more.
         let fill: Vec<u8> = if d.op == regs::DESC_FILL {
-            d.src.to_le_bytes().repeat((PAGE_4K as usize + 8) / 8)
+            let chunk = if runs { RUN_MAX } else { PAGE_4K };
+            let most = d.len.min(chunk).div_ceil(8) as usize + 1;
+            d.src.to_le_bytes().repeat(most)
         } else {
             Vec::new()
         };
         // Transactions Pending while the item runs (not while it waits for the bus).
         let mut busy = Some(host.in_flight());
         let mut retry = false;
-        let delay = g.cfg.chunk_delay;
         while done < d.len {
             // Step aside for register accesses, then re-validate the item.
             drop(g);
@@ -470,10 +495,25 @@ impl Shared {
             let page_left = |va: u64| PAGE_4K - (va & (PAGE_4K - 1));
             let r = match d.op {
                 regs::DESC_FILL => {
-                    let n = rem.min(page_left(dst));
                     let at = (done % 8) as usize;
-                    g.write_va(host, d, dst, &fill[at..at + n as usize])
-                        .map(|()| n)
+                    let run = if runs && done >= pages_until {
+                        let most = rem.min(RUN_MAX) as usize;
+                        let r = g.write_run(host, d, dst, &fill[at..at + most]);
+                        if let Err(tried) = r {
+                            pages_until = done + tried;
+                        }
+                        r.ok()
+                    } else {
+                        None
+                    };
+                    match run {
+                        Some(n) => Ok(n),
+                        None => {
+                            let n = rem.min(page_left(dst));
+                            g.write_va(host, d, dst, &fill[at..at + n as usize])
+                                .map(|()| n)
+                        }
+                    }
                 }
                 regs::DESC_MEMCPY => {
                     let n = rem.min(page_left(dst)).min(page_left(src));
@@ -660,6 +700,68 @@ impl State {
         let pa = self.translate_reporting(host, d, va, false)?;
         host.dma_read(Some(d.pasid), pa, buf)
             .map_err(|e| self.data_error(d, "read", va, pa, e))
+    }
+
+    /// Write the longest prefix of `data` at `va` that is a *run*: at least two pages of
+    /// `d.pasid` that all hit the ATC with write permission, back to back, at contiguous
+    /// physical addresses — as one bus access ([`NpuHost::try_dma_write_run`]: one gate check,
+    /// one DMA-map lookup, one journal record and one checker pass instead of one per page).
+    /// Each page then counts as the ATC hit it is (same counters and recency as page by page).
+    ///
+    /// `Ok(n)`: `n` bytes written. `Err(tried)`: nothing was written, journaled or counted;
+    /// `tried` bytes from `va` are to go page by page (0 when there was no run: the first
+    /// page misses, lacks permission or the next page is not contiguous — the page-by-page
+    /// path then walks, faults or writes just the one page; else the run's length: the bus
+    /// could not do it in full, and page by page finds the exact page that refuses or faults).
+    fn write_run(
+        &mut self,
+        host: &dyn NpuHost,
+        d: &Descriptor,
+        va: u64,
+        data: &[u8],
+    ) -> Result<u64, u64> {
+        let Some(ctx) = self.contexts.get(&d.pasid).filter(|c| !c.aborting()) else {
+            return Err(0);
+        };
+        let access = Access {
+            write: true,
+            user: !ctx.privileged,
+        };
+        let want = data.len() as u64;
+        let hit = |atc: &Atc, at: u64| {
+            atc.peek(d.pasid, at)
+                .filter(|e| e.t.permits(access))
+                .map(|e| e.pa_of(at))
+        };
+        let Some(pa) = hit(&self.atc, va) else {
+            return Err(0);
+        };
+        let mut n = want.min(PAGE_4K - (va & (PAGE_4K - 1)));
+        let mut pages = 1u64;
+        while n < want {
+            let (Some(at), Some(expect)) = (va.checked_add(n), pa.checked_add(n)) else {
+                break;
+            };
+            if hit(&self.atc, at) != Some(expect) {
+                break;
+            }
+            n = want.min(n + PAGE_4K);
+            pages += 1;
+        }
+        if pages < 2 {
+            return Err(0);
+        }
+        if !host.try_dma_write_run(d.pasid, pa, &data[..n as usize]) {
+            return Err(n);
+        }
+        // Count the hits (and their recency) exactly as page-by-page translation would.
+        let mut at = va;
+        for _ in 0..pages {
+            let _ = self.atc.lookup(d.pasid, at);
+            at = (at | (PAGE_4K - 1)).wrapping_add(1);
+        }
+        self.runs += 1;
+        Ok(n)
     }
 
     fn write_va(
@@ -1199,6 +1301,12 @@ impl State {
     /// The ATC counters.
     pub fn atc_stats(&self) -> super::atc::AtcStats {
         self.atc.stats()
+    }
+
+    /// Coalesced write runs performed since the engine started (test and bench view: says
+    /// whether work went to the bus in runs or page by page).
+    pub fn coalesced_runs(&self) -> u64 {
+        self.runs
     }
 
     /// Bound PASIDs (test and status view).

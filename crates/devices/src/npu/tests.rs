@@ -1706,3 +1706,283 @@ fn test_bus_memcpy_through_client_dma_space_journaled_with_pasid() {
     assert!(ep.journal().violations().is_empty());
     assert_eq!(ep.journal().stats().dma_refused, 0);
 }
+
+// ---- coalesced write runs over the real Bus --------------------------------------------------
+
+/// Pages each FILL of the run tests covers, and the client memory behind them.
+const RUN_PAGES: u64 = 64;
+const RUN_MEM: u64 = 32 << 20;
+/// Where [`RunLayout::far`] sends its page: outside the FILL's physical range.
+const FAR: u64 = DATA + 0x80_0000;
+
+/// How the client maps its memory and the PASID maps the FILL's pages.
+#[derive(Clone, Copy, Default)]
+struct RunLayout {
+    /// The client's DMA mappings end (and the next begins) at these pages of `DATA`.
+    splits: &'static [u64],
+    /// This page of the FILL translates to `FAR` instead of `DATA` + page (the physical
+    /// addresses are not contiguous around it).
+    far: Option<u64>,
+}
+
+/// An NPU over the real [`pcisim_pci::Bus`] and a client `DmaSpace` with `PA5` bound to 4 KiB
+/// user pages `VA`.. → `DATA`.. (see [`RunLayout`]).
+struct RunRig {
+    ep: Endpoint<Npu>,
+    file: std::fs::File,
+    dma: pcisim_vfio_user::DmaSpace,
+    slot: u32,
+    tag: u64,
+}
+
+impl RunRig {
+    fn new(checking: bool, chunk_delay: Duration, layout: RunLayout) -> RunRig {
+        use std::os::unix::fs::FileExt;
+
+        use pcisim_vfio_user::dma::{PROT_READ, PROT_WRITE};
+        use pcisim_vfio_user::{ClientLink, DmaSpace, Interrupts};
+
+        let file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+        file.set_len(RUN_MEM).unwrap();
+        let img = SparseMem::new(RUN_MEM);
+        let mut t = Tables::new(&img, ROOT_A);
+        for p in 0..RUN_PAGES {
+            let pa = match layout.far {
+                Some(f) if f == p => FAR,
+                _ => DATA + p * PAGE_4K,
+            };
+            t.map(VA + p * PAGE_4K, pa, PAGE_4K, UF);
+        }
+        for page in (0..RUN_MEM).step_by(4096) {
+            if img.has(page) {
+                file.write_at(&img.peek(page, 4096), page).unwrap();
+            }
+        }
+        let dma = DmaSpace::new();
+        let mut bounds = vec![0];
+        bounds.extend(layout.splits.iter().map(|p| DATA + p * PAGE_4K));
+        bounds.push(RUN_MEM);
+        for w in bounds.windows(2) {
+            let fd = file.try_clone().unwrap().into();
+            dma.map(w[0], w[1] - w[0], PROT_READ | PROT_WRITE, Some((fd, w[0])))
+                .unwrap();
+        }
+        let mut ep = endpoint(&NpuConfig {
+            checking,
+            chunk_delay,
+            ..NpuConfig::default()
+        })
+        .unwrap();
+        ep.attach(ClientLink {
+            irqs: Interrupts::new(&[1, 0, u32::from(super::MSIX_VECTORS), 1, 1]),
+            dma: dma.clone(),
+        });
+        for m in dma.mappings() {
+            ep.dma_mapped(&m);
+        }
+        ep.region_write(region::CONFIG, 0x04, &0x0006u16.to_le_bytes())
+            .unwrap();
+        wr64(&mut ep, SQ_BASE_LO, SQ);
+        wr(&mut ep, SQ_SIZE, 8);
+        wr64(&mut ep, CQ_BASE_LO, CQ);
+        wr(&mut ep, CQ_SIZE, 8);
+        wr(&mut ep, CONTROL, CONTROL_ENABLE);
+        assert_eq!(cmd(&mut ep, OP_BIND, PA5, 0, ROOT_A, 0), (CMD_OK, 0));
+        RunRig {
+            ep,
+            file,
+            dma,
+            slot: 0,
+            tag: 0,
+        }
+    }
+
+    /// FILL the pages with `pattern` and wait for it: (status, result).
+    fn fill(&mut self, pattern: u64) -> (u32, u64) {
+        use std::os::unix::fs::FileExt;
+        self.tag += 1;
+        let d = Descriptor {
+            op: DESC_FILL,
+            pasid: PA5,
+            src: pattern,
+            dst: VA,
+            len: RUN_PAGES * PAGE_4K,
+            tag: self.tag,
+            ..Descriptor::default()
+        };
+        let slot = self.slot;
+        self.file
+            .write_at(&d.encode(), SQ + u64::from(slot) * 64)
+            .unwrap();
+        self.slot = (slot + 1) % 8;
+        wr(&mut self.ep, SQ_TAIL, self.slot);
+        let want = self.slot;
+        wait_until("completion", || rd(&mut self.ep, CQ_TAIL) == want);
+        wr(&mut self.ep, CQ_HEAD, want);
+        let mut raw = [0u8; 32];
+        self.file
+            .read_at(&mut raw, CQ + u64::from(slot) * 32)
+            .unwrap();
+        let c = Completion::decode(&raw).unwrap();
+        assert_eq!(c.tag, self.tag);
+        (c.status, c.result)
+    }
+
+    /// Whether the 4 KiB page at `pa` holds FILL `pattern` throughout.
+    fn holds(&self, pa: u64, pattern: u64) -> bool {
+        use std::os::unix::fs::FileExt;
+        let mut b = vec![0u8; 4096];
+        self.file.read_at(&mut b, pa).unwrap();
+        b == pattern.to_le_bytes().repeat(512)
+    }
+
+    /// DMA_UNMAP of the client mapping at `page` of `DATA` (applied, then journaled, as the
+    /// server does).
+    fn unmap(&mut self, page: u64) {
+        let removed = self.dma.unmap(DATA + page * PAGE_4K, PAGE_4K).unwrap();
+        assert_eq!(removed.len(), 1);
+        self.ep.dma_unmapped(&removed);
+    }
+
+    fn runs(&self) -> u64 {
+        self.ep.function().shared().lock().coalesced_runs()
+    }
+
+    fn events(&self) -> Vec<Event> {
+        self.ep
+            .journal()
+            .since(0)
+            .0
+            .into_iter()
+            .map(|r| r.event)
+            .collect()
+    }
+}
+
+/// The engines compared: coalescing (checking off, full speed) against page by page (the
+/// same, slowed by 1 µs per chunk: a paced engine never coalesces).
+fn run_rigs(layout: RunLayout) -> (RunRig, RunRig) {
+    (
+        RunRig::new(false, Duration::ZERO, layout),
+        RunRig::new(false, Duration::from_micros(1), layout),
+    )
+}
+
+#[test]
+fn test_fill_runs_stop_at_mapping_boundaries_fault_at_the_unmapped_page_as_page_by_page() {
+    // Mappings end at pages 24, 40 and 41 (page 40 is a mapping of its own).
+    let layout = RunLayout {
+        splits: &[24, 40, 41],
+        far: None,
+    };
+    let (mut fast, mut slow) = run_rigs(layout);
+    for r in [&mut fast, &mut slow] {
+        // Cold: every page walks. Warm: every page hits the ATC.
+        assert_eq!(r.fill(0x1111), (ST_OK, RUN_PAGES * PAGE_4K));
+        assert_eq!(r.fill(0x2222), (ST_OK, RUN_PAGES * PAGE_4K));
+        assert!((0..RUN_PAGES).all(|p| r.holds(DATA + p * PAGE_4K, 0x2222)));
+    }
+    // Runs of 16 pages: [0,16) and [48,64) are inside one mapping each; [16,32) and [32,48)
+    // cross a boundary and went page by page. The paced engine never coalesced.
+    assert_eq!((fast.runs(), slow.runs()), (2, 0));
+    for r in [&mut fast, &mut slow] {
+        r.unmap(40);
+        // Stops with a DMA error exactly at page 40, pages before it written, after not.
+        assert_eq!(r.fill(0x3333), (ST_DMA_ERROR, 40 * PAGE_4K));
+        assert!((0..40).all(|p| r.holds(DATA + p * PAGE_4K, 0x3333)));
+        assert!((41..RUN_PAGES).all(|p| r.holds(DATA + p * PAGE_4K, 0x2222)));
+    }
+    // [0,16) went as a run once more; the run over the hole did nothing.
+    assert_eq!((fast.runs(), slow.runs()), (3, 0));
+    let events = fast.events();
+    assert_eq!(events, slow.events(), "the journals differ");
+    // The fault and its violation name page 40; the writes before it are one record saying
+    // what was written (pages 0..40 of the third FILL: the run and the 24 pages after it).
+    assert!(events.contains(&Event::DmaFault {
+        dir: Dir::Write,
+        pasid: Some(PA5),
+        iova: DATA + 40 * PAGE_4K,
+        len: PAGE_4K,
+    }));
+    assert!(events.contains(&Event::Dma {
+        dir: Dir::Write,
+        pasid: Some(PA5),
+        iova: DATA,
+        len: 40 * PAGE_4K,
+        count: 40,
+        bytes: 40 * PAGE_4K,
+    }));
+    let violations = fast.ep.journal().violations();
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert!(matches!(
+        &violations[0].event,
+        Event::Violation { kind: ViolationKind::DmaAfterUnmap, detail }
+            if detail.contains(&format!("{:#x}", DATA + 40 * PAGE_4K))
+    ));
+}
+
+#[test]
+fn test_fill_runs_stop_at_a_physical_discontinuity_journal_as_page_by_page() {
+    // Page 20 of the FILL lives at FAR: the pages around it are not contiguous with it.
+    let layout = RunLayout {
+        splits: &[],
+        far: Some(20),
+    };
+    let (mut fast, mut slow) = run_rigs(layout);
+    for r in [&mut fast, &mut slow] {
+        assert_eq!(r.fill(0x4444), (ST_OK, RUN_PAGES * PAGE_4K));
+        assert_eq!(r.fill(0x5555), (ST_OK, RUN_PAGES * PAGE_4K));
+        assert!(r.holds(FAR, 0x5555));
+        // DATA + page 20 is nobody's page: untouched.
+        assert!(r.holds(DATA + 20 * PAGE_4K, 0));
+        assert!((0..RUN_PAGES)
+            .filter(|&p| p != 20)
+            .all(|p| r.holds(DATA + p * PAGE_4K, 0x5555)));
+    }
+    // Warm FILL: [0,16), [16,20), page 20 alone, [21,37), [37,53), [53,64).
+    assert_eq!((fast.runs(), slow.runs()), (5, 0));
+    let events = fast.events();
+    assert_eq!(events, slow.events(), "the journals differ");
+    let far = |e: &Event| {
+        matches!(
+            e,
+            Event::Dma {
+                dir: Dir::Write,
+                pasid: Some(PA5),
+                iova: FAR,
+                len: PAGE_4K,
+                count: 1,
+                ..
+            }
+        )
+    };
+    assert_eq!(count(&events, far), 2);
+    assert!(events.contains(&Event::Dma {
+        dir: Dir::Write,
+        pasid: Some(PA5),
+        iova: DATA + 21 * PAGE_4K,
+        len: 43 * PAGE_4K,
+        count: 43,
+        bytes: 43 * PAGE_4K,
+    }));
+    assert!(fast.ep.journal().violations().is_empty());
+    // The ATC saw every page as the hit it is, runs or not.
+    let hits = |r: &RunRig| r.ep.function().shared().lock().atc_stats();
+    let (a, b) = (hits(&fast), hits(&slow));
+    assert_eq!((a.hits, a.misses), (RUN_PAGES, RUN_PAGES));
+    assert_eq!((a.hits, a.misses), (b.hits, b.misses));
+}
+
+#[test]
+fn test_fill_in_checking_mode_never_coalesces() {
+    let mut r = RunRig::new(true, Duration::ZERO, RunLayout::default());
+    assert_eq!(r.fill(0x6666), (ST_OK, RUN_PAGES * PAGE_4K));
+    assert_eq!(r.fill(0x7777), (ST_OK, RUN_PAGES * PAGE_4K));
+    assert!((0..RUN_PAGES).all(|p| r.holds(DATA + p * PAGE_4K, 0x7777)));
+    assert_eq!(r.runs(), 0);
+    // The same rig without checking does (the instrument sees runs when there are some).
+    let mut r = RunRig::new(false, Duration::ZERO, RunLayout::default());
+    r.fill(0x6666);
+    r.fill(0x7777);
+    assert_eq!(r.runs(), 4);
+}
