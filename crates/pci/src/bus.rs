@@ -377,16 +377,18 @@ impl Bus {
         true
     }
 
-    /// A write of `data` to client memory at `iova` (on behalf of `pasid`, if given) as one
-    /// access — if all of it can be written right now. Returns `true` when it was performed:
+    /// A write of `len` bytes to client memory at `iova` (on behalf of `pasid`, if given) as
+    /// one access, byte `i` being `pattern[i % pattern.len()]` (a pattern as long as `len` is a
+    /// plain write; the NPU's FILL passes one page of its pattern, which stays in cache) — if
+    /// all of it can be written right now. Returns `true` when it was performed:
     /// then it is journaled as one `dma` write record of the whole range with `count` = the
     /// 4 KiB pages it touches, which is what the page-sized writes of the same bytes, issued
     /// back to back, are aggregated into (the checker sees the range once instead of page by
     /// page: the same addresses, state and PASID, so the same verdict).
     ///
     /// Returns `false` when nothing was done and nothing journaled: the gate refuses (link,
-    /// reset, D3hot, Bus Master), an injected DMA error is armed, no client is attached, `data`
-    /// is empty, or the range is not inside one mapping that is fd-backed and writable (a hole,
+    /// reset, D3hot, Bus Master), an injected DMA error is armed, no client is attached, `len`
+    /// or `pattern` is empty, or the range is not inside one mapping that is fd-backed and writable (a hole,
     /// a protection or a mapping boundary anywhere in it). The caller then writes page by page
     /// ([`Bus::dma_write_pasid`]), which refuses, faults and journals at the exact page. One
     /// exception, a client that truncates its file during the write: some bytes may have moved
@@ -395,8 +397,14 @@ impl Bus {
     ///
     /// Like every access it counts in flight from before the gate check until the write is
     /// done, and holds the client's DMA map (read lock) while writing, so an unmap waits.
-    pub fn try_dma_write_run(&self, pasid: Option<u32>, iova: u64, data: &[u8]) -> bool {
-        if data.is_empty() {
+    pub fn try_dma_write_run(
+        &self,
+        pasid: Option<u32>,
+        iova: u64,
+        len: usize,
+        pattern: &[u8],
+    ) -> bool {
+        if len == 0 || pattern.is_empty() {
             return false;
         }
         let _tx = self.transaction();
@@ -407,9 +415,9 @@ impl Bus {
         let Some(link) = client.as_ref() else {
             return false;
         };
-        let len = data.len() as u64;
         // Journaled while the mappings are held: an unmap cannot be journaled in between.
-        let r = link.dma.write_then(iova, data, |r| {
+        let r = link.dma.write_repeat_then(iova, len, pattern, |r| {
+            let len = len as u64;
             if r.is_ok() {
                 self.journal().record(Event::Dma {
                     dir: Dir::Write,
@@ -423,7 +431,7 @@ impl Bus {
         });
         if let Err(e) = r {
             log::trace!(
-                "{}: write run {iova:#x} +{len:#x} not possible as one access ({e}); \
+                "{}: write run {iova:#x}+{len:#x} not possible as one access ({e}); \
                  the pages go one by one",
                 self.inner.name
             );
@@ -886,8 +894,10 @@ mod tests {
     #[test]
     fn test_try_dma_write_run_writes_once_journals_one_record_per_page_count() {
         let (bus, dma) = bus();
-        let data: Vec<u8> = (0..0x3000u32).map(|i| (i % 253) as u8).collect();
-        assert!(bus.try_dma_write_run(Some(5), DST + 0x800, &data));
+        // One page of pattern, repeated over three pages from the middle of one.
+        let page: Vec<u8> = (0..0x1000u32).map(|i| (i % 251) as u8).collect();
+        let data = page.repeat(3);
+        assert!(bus.try_dma_write_run(Some(5), DST + 0x800, data.len(), &page));
         let mut back = vec![0u8; data.len()];
         dma.read(DST + 0x800, &mut back).unwrap();
         assert_eq!(back, data);
@@ -930,28 +940,31 @@ mod tests {
         };
         // Across the mapping boundary, into the read-only mapping, off the end of a mapping
         // into a hole, and empty.
-        assert!(!bus.try_dma_write_run(None, ro - 0x1000, &data));
+        assert!(!bus.try_dma_write_run(None, ro - 0x1000, data.len(), &data));
         assert!(untouched(&bus, ro - 0x1000));
-        assert!(!bus.try_dma_write_run(None, ro, &data));
-        assert!(!bus.try_dma_write_run(None, SRC + SIZE - 0x1000, &data));
+        assert!(!bus.try_dma_write_run(None, ro, data.len(), &data));
+        assert!(!bus.try_dma_write_run(None, SRC + SIZE - 0x1000, data.len(), &data));
         assert!(untouched(&bus, SRC + SIZE - 0x1000));
-        assert!(!bus.try_dma_write_run(None, DST, &[]));
+        assert!(
+            !bus.try_dma_write_run(None, DST, 0, &data)
+                && !bus.try_dma_write_run(None, DST, 16, &[])
+        );
         // Every state the gate refuses.
         bus.set_command(0);
-        assert!(!bus.try_dma_write_run(None, DST, &data) && untouched(&bus, DST));
+        assert!(!bus.try_dma_write_run(None, DST, data.len(), &data) && untouched(&bus, DST));
         bus.set_command(BUS_MASTER);
         bus.set_power(D3HOT);
-        assert!(!bus.try_dma_write_run(None, DST, &data) && untouched(&bus, DST));
+        assert!(!bus.try_dma_write_run(None, DST, data.len(), &data) && untouched(&bus, DST));
         bus.set_power(0);
         bus.set_link(false);
-        assert!(!bus.try_dma_write_run(None, DST, &data) && untouched(&bus, DST));
+        assert!(!bus.try_dma_write_run(None, DST, data.len(), &data) && untouched(&bus, DST));
         bus.set_link(true);
         bus.set_resetting(true);
-        assert!(!bus.try_dma_write_run(None, DST, &data) && untouched(&bus, DST));
+        assert!(!bus.try_dma_write_run(None, DST, data.len(), &data) && untouched(&bus, DST));
         bus.set_resetting(false);
         // An armed injected error is left for the page-by-page path to consume.
         bus.inject_dma_errors(1);
-        assert!(!bus.try_dma_write_run(None, DST, &data) && untouched(&bus, DST));
+        assert!(!bus.try_dma_write_run(None, DST, data.len(), &data) && untouched(&bus, DST));
         assert_eq!(
             bus.dma_write(DST, &[1u8; 4]),
             Err(DmaFault::Refused(Refusal::InjectedError))
@@ -959,7 +972,7 @@ mod tests {
         dma.write(DST, &[0u8; 4]).unwrap();
         let before = bus.journal().last_seq();
         bus.set_client(None);
-        assert!(!bus.try_dma_write_run(None, DST, &data));
+        assert!(!bus.try_dma_write_run(None, DST, data.len(), &data));
         assert_eq!(bus.journal().last_seq(), before);
         assert_eq!(bus.inflight(), 0);
         // All allowed again: the same run is written (the instrument above can see one).
@@ -967,7 +980,7 @@ mod tests {
             irqs: Interrupts::new(&[1, 0, 1, 1, 1]),
             dma: dma.clone(),
         }));
-        assert!(bus.try_dma_write_run(None, DST, &data));
+        assert!(bus.try_dma_write_run(None, DST, data.len(), &data));
         let mut b = [0u8; 0x2000];
         dma.read(DST, &mut b).unwrap();
         assert_eq!(b, data);

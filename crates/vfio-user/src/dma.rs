@@ -428,6 +428,25 @@ impl DmaSpace {
         r
     }
 
+    /// Device write of `len` bytes at `iova` whose byte `i` is `pattern[i % pattern.len()]`
+    /// (a fill), with the same rules as [`DmaSpace::write`]: the whole range inside one
+    /// fd-backed writable mapping, checked before any byte moves. Then `then(&result)` while
+    /// the mappings are still held (see [`DmaSpace::read_then`]). A short pattern repeated
+    /// stays in the CPU's L1 cache however long the range: copying the same bytes from a
+    /// buffer as long as the range (64 KiB) costs about twice the stores alone.
+    pub fn write_repeat_then(
+        &self,
+        iova: u64,
+        len: usize,
+        pattern: &[u8],
+        then: impl FnOnce(&Result<(), DmaError>),
+    ) -> Result<(), DmaError> {
+        let maps = self.read_lock();
+        let r = write_repeat_in(&maps, iova, len, pattern);
+        then(&r);
+        r
+    }
+
     /// Device copy of `len` bytes from client memory at `src` to client memory at `dst`,
     /// straight from one mapping into the other (no intermediate buffer: a DMA engine's
     /// memory-to-memory copy costs one memcpy, not two).
@@ -630,6 +649,34 @@ fn write_in(maps: &Maps, iova: u64, data: &[u8]) -> Result<(), DmaError> {
     let (b, s) = slice_of(m, off, n, PROT_WRITE, "write", iova, n)?;
     s.copy_from(data);
     match b.broken("write", iova, n) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// A repeated-pattern write under the caller's hold of the mappings (see
+/// [`DmaSpace::write_repeat_then`]).
+fn write_repeat_in(maps: &Maps, iova: u64, len: usize, pattern: &[u8]) -> Result<(), DmaError> {
+    if pattern.is_empty() && len > 0 {
+        return Err(DmaError::BadRange {
+            iova,
+            size: len as u64,
+        });
+    }
+    let (_, m, off) = find(maps, iova, len, "write")?;
+    let (b, s) = slice_of(m, off, len, PROT_WRITE, "write", iova, len)?;
+    let mut done = 0;
+    while done < len {
+        let k = pattern.len().min(len - done);
+        let part = s.subslice(done, k).map_err(|_| DmaError::Unmapped {
+            dir: "write",
+            iova,
+            len,
+        })?;
+        part.copy_from(&pattern[..k]);
+        done += k;
+    }
+    match b.broken("write", iova, len) {
         Some(e) => Err(e),
         None => Ok(()),
     }
@@ -1038,6 +1085,47 @@ mod tests {
         assert_eq!(edge, [0]);
         d.read(0x40200 + data.len() as u64, &mut edge).unwrap();
         assert_eq!(edge, [0]);
+    }
+
+    #[test]
+    fn test_write_repeat_fills_with_the_pattern_or_writes_nothing() {
+        let d = DmaSpace::new();
+        let rw = PROT_READ | PROT_WRITE;
+        d.map(0x10000, 0x3000, rw, Some((memfd(0x3000), 0)))
+            .unwrap();
+        d.map(0x13000, 0x1000, rw, Some((memfd(0x1000), 0)))
+            .unwrap();
+        d.map(0x20000, 0x1000, PROT_READ, Some((memfd(0x1000), 0)))
+            .unwrap();
+        let pattern: Vec<u8> = (0..24u8).collect();
+        let mut seen = None;
+        d.write_repeat_then(0x10010, 0x2100, &pattern, |r| seen = Some(r.is_ok()))
+            .unwrap();
+        assert_eq!(seen, Some(true));
+        let mut b = vec![0u8; 0x2120];
+        d.read(0x10000, &mut b).unwrap();
+        assert!(b[..0x10].iter().all(|&x| x == 0));
+        assert!(b[0x10..0x2110]
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| x == pattern[i % 24]));
+        assert!(b[0x2110..].iter().all(|&x| x == 0));
+        // Across the mapping boundary, read-only, empty pattern: nothing written.
+        let e = d
+            .write_repeat_then(0x12000, 0x2000, &[7; 8], |_| ())
+            .unwrap_err();
+        assert!(matches!(e, DmaError::Unmapped { dir: "write", .. }));
+        let e = d
+            .write_repeat_then(0x20000, 0x10, &[7; 8], |_| ())
+            .unwrap_err();
+        assert!(matches!(e, DmaError::Protection { dir: "write", .. }));
+        assert!(d.write_repeat_then(0x10000, 8, &[], |_| ()).is_err());
+        let mut b = vec![0u8; 0xef0];
+        d.read(0x12110, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        let mut b = vec![0u8; 0x1000];
+        d.read(0x13000, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
     }
 
     #[test]

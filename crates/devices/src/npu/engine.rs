@@ -44,13 +44,14 @@ pub trait NpuHost: Send + Sync {
     fn dma_read(&self, pasid: Option<u32>, addr: u64, buf: &mut [u8]) -> Result<(), MemError>;
     /// A device write of guest physical memory, on behalf of `pasid` if given.
     fn dma_write(&self, pasid: Option<u32>, addr: u64, data: &[u8]) -> Result<(), MemError>;
-    /// Write `data` (several pages at contiguous physical addresses) on behalf of `pasid` as
-    /// one access, journaled as the page-sized writes of the same bytes would have been — if
-    /// all of it can be written now. `false`: nothing was done and nothing journaled (the
-    /// engine then writes page by page, which refuses or faults at the exact page). A host
-    /// that cannot do this says `false` always (the default).
-    fn try_dma_write_run(&self, pasid: u32, addr: u64, data: &[u8]) -> bool {
-        let _ = (pasid, addr, data);
+    /// Write `len` bytes (several pages at contiguous physical addresses), byte `i` being
+    /// `pattern[i % pattern.len()]`, on behalf of `pasid` as one access, journaled as the
+    /// page-sized writes of the same bytes would have been — if all of it can be written now.
+    /// `false`: nothing was done and nothing journaled (the engine then writes page by page,
+    /// which refuses or faults at the exact page). A host that cannot do this says `false`
+    /// always (the default).
+    fn try_dma_write_run(&self, pasid: u32, addr: u64, len: usize, pattern: &[u8]) -> bool {
+        let _ = (pasid, addr, len, pattern);
         false
     }
     /// A read for the checker's re-walk of `pasid`'s tables: ideally not a device access (not
@@ -225,7 +226,7 @@ const IDLE_POLL: Duration = Duration::from_millis(20);
 
 /// Most bytes of a coalesced write run: 16 pages, the GPU engine's chunk. Bounds how long the
 /// engine holds its lock (register accesses and commands wait for the end of a run, as they
-/// wait for the end of a page otherwise) and the pattern buffer a FILL builds.
+/// wait for the end of a page otherwise).
 pub const RUN_MAX: u64 = 16 * PAGE_4K;
 
 /// Internal outcome of a chunk step: the bus refused (Bus Master, power, link, reset); retry
@@ -438,12 +439,11 @@ impl Shared {
         // access goes page by page, so that the refusal or fault lands on its exact page.
         let mut pages_until = 0u64;
         // FILL: byte i of dst is byte i mod 8 of the pattern, so a chunk starting `done` bytes
-        // in is this chunk of repeated pattern from offset `done % 8` (built 8 bytes at a
-        // time, not byte by byte): a page, or a run of up to RUN_MAX bytes, and 8 more.
+        // in is this page-and-a-bit of repeated pattern from offset `done % 8` (built 8 bytes
+        // at a time, not byte by byte). A run repeats one page of it (4096 is a multiple of
+        // 8): the source stays in L1, where a run-long one would not.
         let fill: Vec<u8> = if d.op == regs::DESC_FILL {
-            let chunk = if runs { RUN_MAX } else { PAGE_4K };
-            let most = d.len.min(chunk).div_ceil(8) as usize + 1;
-            d.src.to_le_bytes().repeat(most)
+            d.src.to_le_bytes().repeat((PAGE_4K as usize + 8) / 8)
         } else {
             Vec::new()
         };
@@ -497,8 +497,8 @@ impl Shared {
                 regs::DESC_FILL => {
                     let at = (done % 8) as usize;
                     let run = if runs && done >= pages_until {
-                        let most = rem.min(RUN_MAX) as usize;
-                        let r = g.write_run(host, d, dst, &fill[at..at + most]);
+                        let page = &fill[at..at + PAGE_4K as usize];
+                        let r = g.write_run(host, d, dst, rem.min(RUN_MAX), page);
                         if let Err(tried) = r {
                             pages_until = done + tried;
                         }
@@ -702,7 +702,8 @@ impl State {
             .map_err(|e| self.data_error(d, "read", va, pa, e))
     }
 
-    /// Write the longest prefix of `data` at `va` that is a *run*: at least two pages of
+    /// Write the longest prefix of `want` bytes at `va` (byte `i` being
+    /// `pattern[i % pattern.len()]`) that is a *run*: at least two pages of
     /// `d.pasid` that all hit the ATC with write permission, back to back, at contiguous
     /// physical addresses — as one bus access ([`NpuHost::try_dma_write_run`]: one gate check,
     /// one DMA-map lookup, one journal record and one checker pass instead of one per page).
@@ -718,7 +719,8 @@ impl State {
         host: &dyn NpuHost,
         d: &Descriptor,
         va: u64,
-        data: &[u8],
+        want: u64,
+        pattern: &[u8],
     ) -> Result<u64, u64> {
         let Some(ctx) = self.contexts.get(&d.pasid).filter(|c| !c.aborting()) else {
             return Err(0);
@@ -727,7 +729,6 @@ impl State {
             write: true,
             user: !ctx.privileged,
         };
-        let want = data.len() as u64;
         let hit = |atc: &Atc, at: u64| {
             atc.peek(d.pasid, at)
                 .filter(|e| e.t.permits(access))
@@ -751,7 +752,7 @@ impl State {
         if pages < 2 {
             return Err(0);
         }
-        if !host.try_dma_write_run(d.pasid, pa, &data[..n as usize]) {
+        if !host.try_dma_write_run(d.pasid, pa, n as usize, pattern) {
             return Err(n);
         }
         // Count the hits (and their recency) exactly as page-by-page translation would.

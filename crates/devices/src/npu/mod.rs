@@ -283,8 +283,8 @@ impl NpuHost for BusHost {
         .map_err(mem_err)
     }
 
-    fn try_dma_write_run(&self, pasid: u32, addr: u64, data: &[u8]) -> bool {
-        self.0.try_dma_write_run(Some(pasid), addr, data)
+    fn try_dma_write_run(&self, pasid: u32, addr: u64, len: usize, pattern: &[u8]) -> bool {
+        self.0.try_dma_write_run(Some(pasid), addr, len, pattern)
     }
 
     fn inspect(&self, pasid: u32, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
