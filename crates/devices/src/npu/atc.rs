@@ -181,6 +181,60 @@ impl Atc {
         None
     }
 
+    /// Look `va` up as [`Atc::lookup`] does for a hit — recency updated — but only if `take`
+    /// accepts the entry, and without counting: the caller counts the hits it keeps with
+    /// [`Atc::count_hits`] or puts recency back with [`Atc::untouch`]. A miss or a refused
+    /// entry touches nothing. On a touch, `saved` gets the entry's previous recency.
+    pub fn touch_if(
+        &mut self,
+        pasid: u32,
+        va: u64,
+        saved: &mut Vec<u64>,
+        take: impl FnOnce(&Entry) -> bool,
+    ) -> Option<Entry> {
+        for size in [PAGE_4K, PAGE_2M, PAGE_1G] {
+            let key = Key {
+                pasid,
+                va: va & !(size - 1),
+                size,
+            };
+            if let Some(slot) = self.map.get_mut(&key) {
+                if !take(&slot.entry) {
+                    return None;
+                }
+                saved.push(slot.last_use);
+                self.tick += 1;
+                slot.last_use = self.tick;
+                return Some(slot.entry);
+            }
+        }
+        None
+    }
+
+    /// Count `n` hits (of entries [`Atc::touch_if`] touched and the caller used).
+    pub fn count_hits(&mut self, n: u64) {
+        self.stats.hits += n;
+    }
+
+    /// Undo the [`Atc::touch_if`] calls that filled `saved`, at the 4 KiB pages from `va` on
+    /// (the first at `va`, each next one at the next page boundary): recency and the clock
+    /// return to what they were, as if the lookups never happened.
+    pub fn untouch(&mut self, pasid: u32, va: u64, saved: &[u64]) {
+        let mut pages = Vec::with_capacity(saved.len());
+        let mut at = va;
+        for _ in saved {
+            pages.push(at);
+            at = (at | (PAGE_4K - 1)).wrapping_add(1);
+        }
+        // Newest first: an entry covering several pages gets its oldest recency back last.
+        for (&at, &old) in pages.iter().zip(saved).rev() {
+            if let Some(slot) = self.find(pasid, at).and_then(|k| self.map.get_mut(&k)) {
+                slot.last_use = old;
+            }
+        }
+        self.tick -= saved.len() as u64;
+    }
+
     /// Look `va` up without touching counters or recency (one probe per page size tried,
     /// smallest first, as [`Atc::lookup`]).
     pub fn peek(&self, pasid: u32, va: u64) -> Option<Entry> {
@@ -427,6 +481,43 @@ mod tests {
         assert!(atc.peek(1, 0).is_some());
         assert!(atc.peek(1, 1 << 12).is_none());
         assert_eq!(atc.stats().evictions, 1);
+    }
+
+    #[test]
+    fn test_atc_touch_then_untouch_leaves_recency_and_counters_as_they_were() {
+        let mut atc = Atc::new(4);
+        // A 2 MiB entry covering pages 0 and 1, and 4 KiB pages at 2 MiB and above.
+        atc.insert(1, 0, tr(0, PAGE_2M));
+        for i in 0..3u64 {
+            atc.insert(1, PAGE_2M + (i << 12), tr(i << 12, PAGE_4K));
+        }
+        let before = atc.stats();
+        let mut saved = Vec::new();
+        // Pages 0 and 1 (the 2 MiB entry twice); a refused entry is not touched.
+        assert!(atc.touch_if(1, 0, &mut saved, |_| true).is_some());
+        assert!(atc.touch_if(1, 1 << 12, &mut saved, |_| true).is_some());
+        assert!(atc
+            .touch_if(1, PAGE_2M + (1 << 12), &mut saved, |_| false)
+            .is_none());
+        assert!(atc.touch_if(1, 7 << 30, &mut saved, |_| true).is_none());
+        assert_eq!(saved.len(), 2);
+        atc.untouch(1, 0, &saved);
+        assert_eq!(atc.stats(), before);
+        // The 2 MiB entry is the oldest again: the next insert evicts it.
+        atc.insert(1, 9 << 30, tr(0, PAGE_4K));
+        assert!(atc.peek(1, 0).is_none());
+        assert!(atc.peek(1, PAGE_2M).is_some());
+        // Touched and kept: counted as hits once counted, and recency moves.
+        let mut atc2 = Atc::new(2);
+        atc2.insert(1, 0, tr(0, PAGE_4K));
+        atc2.insert(1, 1 << 12, tr(1 << 12, PAGE_4K));
+        saved.clear();
+        assert!(atc2.touch_if(1, 0, &mut saved, |_| true).is_some());
+        atc2.count_hits(1);
+        assert_eq!(atc2.stats().hits, 1);
+        atc2.insert(1, 5 << 12, tr(0, PAGE_4K));
+        assert!(atc2.peek(1, 0).is_some());
+        assert!(atc2.peek(1, 1 << 12).is_none());
     }
 
     #[test]

@@ -195,6 +195,8 @@ pub struct State {
     irqs: Vec<u16>,
     /// Coalesced write runs performed since the engine started.
     runs: u64,
+    /// The recency a run's ATC lookups replaced (reused from run to run).
+    run_scratch: Vec<u64>,
 }
 
 impl std::fmt::Debug for State {
@@ -293,6 +295,7 @@ impl Shared {
                 atc,
                 irqs: Vec::new(),
                 runs: 0,
+                run_scratch: Vec::new(),
             }),
             cv: Condvar::new(),
             waiting: AtomicU32::new(0),
@@ -729,37 +732,37 @@ impl State {
             write: true,
             user: !ctx.privileged,
         };
-        let hit = |atc: &Atc, at: u64| {
-            atc.peek(d.pasid, at)
-                .filter(|e| e.t.permits(access))
-                .map(|e| e.pa_of(at))
-        };
-        let Some(pa) = hit(&self.atc, va) else {
+        // Each page is looked up once, as page-by-page translation would (recency updated):
+        // counted as a hit when the run is written, put back when it is not.
+        let mut saved = std::mem::take(&mut self.run_scratch);
+        saved.clear();
+        let permitted = |e: &super::atc::Entry| e.t.permits(access);
+        let Some(first) = self.atc.touch_if(d.pasid, va, &mut saved, permitted) else {
+            self.run_scratch = saved;
             return Err(0);
         };
+        let pa = first.pa_of(va);
         let mut n = want.min(PAGE_4K - (va & (PAGE_4K - 1)));
-        let mut pages = 1u64;
         while n < want {
             let (Some(at), Some(expect)) = (va.checked_add(n), pa.checked_add(n)) else {
                 break;
             };
-            if hit(&self.atc, at) != Some(expect) {
+            let next = |e: &super::atc::Entry| permitted(e) && e.pa_of(at) == expect;
+            if self.atc.touch_if(d.pasid, at, &mut saved, next).is_none() {
                 break;
             }
             n = want.min(n + PAGE_4K);
-            pages += 1;
         }
-        if pages < 2 {
-            return Err(0);
+        let pages = saved.len() as u64;
+        let written = pages >= 2 && host.try_dma_write_run(d.pasid, pa, n as usize, pattern);
+        if written {
+            self.atc.count_hits(pages);
+        } else {
+            self.atc.untouch(d.pasid, va, &saved);
         }
-        if !host.try_dma_write_run(d.pasid, pa, n as usize, pattern) {
-            return Err(n);
-        }
-        // Count the hits (and their recency) exactly as page-by-page translation would.
-        let mut at = va;
-        for _ in 0..pages {
-            let _ = self.atc.lookup(d.pasid, at);
-            at = (at | (PAGE_4K - 1)).wrapping_add(1);
+        self.run_scratch = saved;
+        if !written {
+            return Err(if pages >= 2 { n } else { 0 });
         }
         self.runs += 1;
         Ok(n)
