@@ -928,8 +928,12 @@ mod npu_layout {
     pub const MAX_PAGES: u64 = (MEM - DATA) / 4096;
     /// Pages each FILL covers (fits the default ATC twice over).
     pub const PAGES: u64 = 256;
-    /// Translations per timed sample (descriptors queued back to back).
-    pub const PER_SAMPLE: u64 = 4096;
+    /// Translations per timed sample (descriptors queued back to back): 63 FILLs of `PAGES`,
+    /// as many as the queue holds. A sample also pays one doorbell wake-up of the engine and
+    /// the completion poll's 20 µs sleeps (plus timer slack); with 16 FILLs (4096 pages,
+    /// ~0.4 ms once the FILL ran at half memset speed) those were a tenth or more of it, which
+    /// the memset floor does not pay.
+    pub const PER_SAMPLE: u64 = 63 * PAGES;
 }
 
 /// One NPU with a bound PASID over a memfd image with real 4-level tables mapping `pages`
