@@ -941,6 +941,10 @@ mod npu_layout {
 struct NpuRig {
     ep: pcisim_pci::Endpoint<pcisim_devices::npu::Npu>,
     atc_entries: u32,
+    /// Checking mode on.
+    checking: bool,
+    /// Write runs before the timed samples.
+    runs0: u64,
     mem: std::fs::File,
     map: Mapping,
     tail: u32,
@@ -993,6 +997,8 @@ impl NpuRig {
         let mut rig = NpuRig {
             ep,
             atc_entries,
+            checking,
+            runs0: 0,
             mem,
             map,
             tail: 0,
@@ -1103,6 +1109,7 @@ fn npu_translate(runs: usize) -> Result<Vec<NamedFigure>> {
     for (checking, entries) in configs {
         let mut rig = NpuRig::new(PAGES, checking, entries)?;
         rig.fill(1, PAGES)?; // warm-up: pages and tables faulted in, ATC filled
+        rig.runs0 = rig.ep.function().shared().lock().coalesced_runs();
         let counters = rig.atc()?;
         rigs.push((rig, counters, Vec::with_capacity(runs)));
     }
@@ -1131,6 +1138,18 @@ fn npu_translate(runs: usize) -> Result<Vec<NamedFigure>> {
         };
         if (hits, misses) != want {
             bail!("NPU figure not measuring what it says: {hits} hits, {misses} misses of {n}");
+        }
+        // Hits without checking mode go to the bus in write runs of 16 pages (the FILLs are
+        // page-aligned); checking mode and misses go page by page.
+        let runs = rig.ep.function().shared().lock().coalesced_runs() - rig.runs0;
+        let pages_per_run = pcisim_devices::npu::engine::RUN_MAX / 4096;
+        let want_runs = if !rig.checking && want.0 == n {
+            n / pages_per_run
+        } else {
+            0
+        };
+        if runs != want_runs {
+            bail!("NPU figure not measuring what it says: {runs} write runs, not {want_runs}");
         }
         if rig.ep.journal().stats().violations != 0 {
             bail!("the NPU figure produced journal violations");

@@ -3,7 +3,8 @@
 //!
 //! Concurrency: one [`Shared`] holds all state under a mutex. Register accesses (server thread)
 //! and the engine thread take it; the engine performs every memory access *while holding it*
-//! and releases it between chunks of at most one page. Hence a command (INVALIDATE, UNBIND), a
+//! and releases it between chunks of at most one page (a FILL's write run: at most
+//! [`RUN_MAX`], see `State::write_run`). Hence a command (INVALIDATE, UNBIND), a
 //! disable or a reset that has taken the lock knows that no access is in flight, and the engine
 //! re-checks its item (epoch, enable, PASID context) each time it takes the lock back. Interrupts
 //! are raised after the lock is released.
