@@ -9,6 +9,7 @@
 //! [`timeline`] (a journal picture of one step).
 
 pub mod dmesg;
+pub mod file;
 pub mod host;
 pub mod ktap;
 pub mod scenario;
