@@ -100,7 +100,10 @@ fn test_bad_names_are_refused_with_their_line() {
         "{e}"
     );
     let e = err(&GOOD.replace("stdout = \"Linux\"", "stdot = \"Linux\""));
-    assert!(e.contains("line 20") && e.contains("stdot"), "{e}");
+    assert!(
+        e.contains("line 19") && e.contains("unknown field `stdot`"),
+        "{e}"
+    );
     let e = err(&GOOD.replace("count = 1", "count = 1\n  min = 2"));
     assert!(e.contains("count excludes min and max"), "{e}");
 }
