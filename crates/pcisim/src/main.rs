@@ -149,6 +149,35 @@ enum LabCmd {
         /// Succeed even if scenarios were skipped (by default a skip makes the run exit 4).
         #[arg(long)]
         allow_skip: bool,
+        /// Also run the scenario files (`*.toml`, docs/scenarios.md) in this directory or file,
+        /// after the catalogue (repeatable).
+        #[arg(long = "scenarios", value_name = "FILE|DIR")]
+        scenario_files: Vec<PathBuf>,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+    /// Run scenario files (`*.toml`; a directory's, sorted by name): the TOML format of
+    /// docs/scenarios.md, judged as the catalogue (KTAP, journal, guest kernel log). Every file
+    /// is checked before anything boots; one VM per profile. KTAP on stdout, progress on
+    /// stderr, exit codes as `lab suite`.
+    Run {
+        /// Scenario files or directories of them.
+        #[arg(required = true, value_name = "FILE|DIR")]
+        paths: Vec<PathBuf>,
+        /// Run only scenarios whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+        #[command(flatten)]
+        kernel: KernelArgs,
+        /// Extra `key=value` options appended to every GPU's device spec in every VM.
+        #[arg(long = "device-opt")]
+        device_opts: Vec<String>,
+        /// Keep the run directory even on success.
+        #[arg(long)]
+        keep: bool,
+        /// Succeed even if scenarios were skipped.
+        #[arg(long)]
+        allow_skip: bool,
         #[command(flatten)]
         vm: VmArgs,
     },
@@ -393,8 +422,14 @@ fn run(cli: Cli) -> Result<i32> {
                 device_opts,
                 keep,
                 allow_skip,
+                scenario_files,
                 vm,
             } => {
+                let files = if scenario_files.is_empty() {
+                    None
+                } else {
+                    Some(load_scenario_files(&scenario_files)?)
+                };
                 let opts = pcisim_lab::SuiteOptions {
                     filter,
                     kernel: kernel.source()?,
@@ -408,7 +443,19 @@ fn run(cli: Cli) -> Result<i32> {
                 };
                 let mut out = std::io::stdout();
                 let mut progress = std::io::stderr();
-                let result = pcisim_lab::run_suite(&opts, &mut out, &mut progress);
+                let result = match files {
+                    None => pcisim_lab::run_suite(&opts, &mut out, &mut progress),
+                    Some(files) => {
+                        let mut all = pcisim_lab::catalogue();
+                        all.extend(files);
+                        pcisim_lab::harness::suite::run_scenarios(
+                            &opts,
+                            all,
+                            &mut out,
+                            &mut progress,
+                        )
+                    }
+                };
                 // 0 all passed, 1 failed, 2 infrastructure, 4 not everything ran, 128 + signal
                 // interrupted (after the lab cleaned up), 141 the report's reader went away.
                 let code = pcisim_lab::harness::suite::exit_code(&result, allow_skip);
@@ -418,6 +465,45 @@ fn run(cli: Cli) -> Result<i32> {
                         pcisim_lab::harness::suite::EXIT_INFRA => note!("pcisim: error: {text}"),
                         _ => note!("pcisim: {text}"),
                     }
+                }
+                Ok(code)
+            }
+            LabCmd::Run {
+                paths,
+                filter,
+                kernel,
+                device_opts,
+                keep,
+                allow_skip,
+                vm,
+            } => {
+                let scenarios = match pcisim_lab::harness::file::load_paths(&paths) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        note!("pcisim: error: {e}");
+                        return Ok(pcisim_lab::harness::suite::EXIT_INFRA);
+                    }
+                };
+                let opts = pcisim_lab::SuiteOptions {
+                    filter,
+                    kernel: kernel.source()?,
+                    device_opts,
+                    keep,
+                    allow_skip,
+                    vm: vm.options()?,
+                    ..pcisim_lab::SuiteOptions::new(
+                        std::env::current_exe().context("locating the pcisim binary")?,
+                    )
+                };
+                let result = pcisim_lab::harness::suite::run_scenarios(
+                    &opts,
+                    scenarios,
+                    &mut std::io::stdout(),
+                    &mut std::io::stderr(),
+                );
+                let code = pcisim_lab::harness::suite::exit_code(&result, allow_skip);
+                if let Err(e) = &result {
+                    note!("pcisim: error: {}", pcisim_lab::error::error_chain(e));
                 }
                 Ok(code)
             }
@@ -447,6 +533,12 @@ fn run(cli: Cli) -> Result<i32> {
             Err(e) => Err(e),
         },
     }
+}
+
+/// The scenario files in `paths` as scenarios (docs/scenarios.md); a refused file is an error
+/// naming it and the line.
+fn load_scenario_files(paths: &[PathBuf]) -> Result<Vec<pcisim_lab::harness::scenario::Scenario>> {
+    Ok(pcisim_lab::harness::file::load_paths(paths)?)
 }
 
 /// `pcisim lab kselftest vfio`: exit codes as `lab suite` (a selftest build failure is 2).
@@ -488,7 +580,10 @@ fn lab_manual(cmd: LabCmd) -> Result<i32> {
     // anybody still reads what they say: a reader that went away only silences them.
     let mut out = PipeSafe::stdout();
     match cmd {
-        LabCmd::Suite { .. } | LabCmd::KvmProbe { .. } | LabCmd::Kselftest { .. } => {
+        LabCmd::Suite { .. }
+        | LabCmd::Run { .. }
+        | LabCmd::KvmProbe { .. }
+        | LabCmd::Kselftest { .. } => {
             anyhow::bail!("not a manual command")
         }
         LabCmd::Up {

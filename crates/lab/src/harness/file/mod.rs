@@ -96,6 +96,8 @@ struct RawStep {
     inject: Option<String>,
     reset: Option<String>,
     wait: Option<String>,
+    #[serde(rename = "await")]
+    await_record: Option<String>,
     // Their arguments.
     device: Option<String>,
     #[serde(default)]
@@ -103,6 +105,8 @@ struct RawStep {
     exit: Option<i32>,
     stdout: Option<String>,
     timeout: Option<u64>,
+    #[serde(default, rename = "where")]
+    fields: BTreeMap<String, toml::Value>,
     #[serde(default)]
     count: Vec<RawCount>,
 }
@@ -214,6 +218,15 @@ pub enum Action {
     Wait {
         /// The condition.
         script: String,
+        /// How long to wait.
+        timeout: Duration,
+    },
+    /// Waits for the device to journal a record (of a type, with field values) since the
+    /// scenario started, for at most `timeout` (what the host sees after the guest is done:
+    /// the server noticing a client go).
+    Await {
+        /// The record (its `min` is 1).
+        record: Count,
         /// How long to wait.
         timeout: Duration,
     },
@@ -382,24 +395,25 @@ fn step(raw: RawStep, index: usize) -> Result<Step, String> {
         ("inject", raw.inject.is_some()),
         ("reset", raw.reset.is_some()),
         ("wait", raw.wait.is_some()),
+        ("await", raw.await_record.is_some()),
     ]
     .into_iter()
     .filter_map(|(k, set)| set.then_some(k))
     .collect();
-    let action_key = match actions.as_slice() {
-        [one] => *one,
-        [] => {
-            return Err(
-                "a step needs one action: guest, sh, plug, unplug, inject, reset or wait".into(),
-            )
-        }
-        many => {
-            return Err(format!(
-                "a step has one action, this one has {}",
-                many.join(" and ")
-            ))
-        }
-    };
+    let action_key =
+        match actions.as_slice() {
+            [one] => *one,
+            [] => return Err(
+                "a step needs one action: guest, sh, plug, unplug, inject, reset, wait or await"
+                    .into(),
+            ),
+            many => {
+                return Err(format!(
+                    "a step has one action, this one has {}",
+                    many.join(" and ")
+                ))
+            }
+        };
     let unused = |key: &str, set: bool| -> Result<(), String> {
         if set {
             Err(format!("`{key}` does not apply to a `{action_key}` step"))
@@ -407,12 +421,16 @@ fn step(raw: RawStep, index: usize) -> Result<Step, String> {
             Ok(())
         }
     };
-    let needs_device = matches!(action_key, "guest" | "inject");
+    let needs_device = matches!(action_key, "guest" | "inject" | "await");
     unused("device", raw.device.is_some() && !needs_device)?;
     unused("args", !raw.args.is_empty() && action_key != "guest")?;
     unused("exit", raw.exit.is_some() && action_key != "sh")?;
     unused("stdout", raw.stdout.is_some() && action_key != "sh")?;
-    unused("timeout", raw.timeout.is_some() && action_key != "wait")?;
+    unused(
+        "timeout",
+        raw.timeout.is_some() && !matches!(action_key, "wait" | "await"),
+    )?;
+    unused("where", !raw.fields.is_empty() && action_key != "await")?;
     let device = || {
         raw.device
             .clone()
@@ -461,6 +479,18 @@ fn step(raw: RawStep, index: usize) -> Result<Step, String> {
             script: w.clone(),
             timeout: Duration::from_secs(raw.timeout.unwrap_or(30)),
         }
+    } else if let Some(r) = &raw.await_record {
+        Action::Await {
+            record: count(RawCount {
+                device: device()?,
+                record: r.clone(),
+                fields: raw.fields.clone(),
+                count: None,
+                min: Some(1),
+                max: None,
+            })?,
+            timeout: Duration::from_secs(raw.timeout.unwrap_or(30)),
+        }
     } else {
         return Err("a step needs one action".into());
     };
@@ -476,6 +506,7 @@ fn step(raw: RawStep, index: usize) -> Result<Step, String> {
         }
         Action::SystemReset => format!("step {}: system_reset", index + 1),
         Action::Wait { script, .. } => format!("step {}: wait for {script}", index + 1),
+        Action::Await { record, .. } => format!("step {}: await {}", index + 1, record.describe()),
     });
     let counts = raw.count.into_iter().map(count).collect::<Result<_, _>>()?;
     Ok(Step {

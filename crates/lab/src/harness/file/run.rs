@@ -178,6 +178,17 @@ fn do_step(ctx: &mut HostCtx<'_>, name: &str, action: &Action) -> Result<bool, H
             ));
             Ok(true)
         }
+        Action::Await { record, timeout } => {
+            let c = record.clone();
+            let found = ctx.wait_journal(&c.device, *timeout, |r| {
+                count_matching(&c, std::slice::from_ref(r)).0 == 1
+            })?;
+            Ok(ctx.check(
+                name,
+                found.is_some(),
+                format!("none within {} s", timeout.as_secs()),
+            ))
+        }
         Action::Wait { script, timeout } => {
             let script = expand(ctx, script)?;
             let deadline = Instant::now() + *timeout;
