@@ -428,7 +428,13 @@ fn run(cli: Cli) -> Result<i32> {
                 let files = if scenario_files.is_empty() {
                     None
                 } else {
-                    Some(load_scenario_files(&scenario_files)?)
+                    match pcisim_lab::harness::file::load_paths(&scenario_files) {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            note!("pcisim: error: {e}");
+                            return Ok(pcisim_lab::harness::suite::EXIT_INFRA);
+                        }
+                    }
                 };
                 let opts = pcisim_lab::SuiteOptions {
                     filter,
@@ -533,12 +539,6 @@ fn run(cli: Cli) -> Result<i32> {
             Err(e) => Err(e),
         },
     }
-}
-
-/// The scenario files in `paths` as scenarios (docs/scenarios.md); a refused file is an error
-/// naming it and the line.
-fn load_scenario_files(paths: &[PathBuf]) -> Result<Vec<pcisim_lab::harness::scenario::Scenario>> {
-    Ok(pcisim_lab::harness::file::load_paths(paths)?)
 }
 
 /// `pcisim lab kselftest vfio`: exit codes as `lab suite` (a selftest build failure is 2).
