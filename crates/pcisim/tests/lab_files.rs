@@ -8,6 +8,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Mutex;
+
+/// One VM at a time: two TCG guests on a two-core machine slow each other down past timeouts.
+static VM: Mutex<()> = Mutex::new(());
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -47,6 +51,7 @@ fn result_line<'a>(ktap: &'a str, name: &str) -> Option<&'a str> {
 /// journaled, a count that did not hold. Exit 1 (a scenario failed).
 #[test]
 fn lab_run_scenario_files_pass_and_wrong_expectations_fail() {
+    let _one_vm = VM.lock().unwrap_or_else(|e| e.into_inner());
     let out = pcisim(
         &["lab", "run"],
         &[
@@ -122,4 +127,19 @@ fn lab_run_refuses_a_malformed_file_naming_the_line() {
         assert_eq!(out.status.code(), Some(2), "refused: the run cannot start");
         assert!(!stderr.contains("guest booted"), "refused before boot");
     }
+}
+
+/// `lab suite --scenarios DIR` adds the files to the catalogue: `--filter F-E2` selects the file
+/// alone (no catalogue name contains it), which runs and passes in the `gpu` VM.
+#[test]
+fn lab_suite_includes_a_directory_of_scenario_files() {
+    let _one_vm = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let out = pcisim(
+        &["lab", "suite", "--filter", "F-E2", "--scenarios"],
+        &[root().join("scenarios")],
+    );
+    let ktap = String::from_utf8_lossy(&out.stdout);
+    assert!(ktap.starts_with("KTAP version 1\n1..1\n"), "one scenario");
+    assert!(ktap.contains("\nok 1 F-E2 bar-mmio\n"), "F-E2 passes");
+    assert_eq!(out.status.code(), Some(0));
 }

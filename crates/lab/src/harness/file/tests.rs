@@ -144,3 +144,11 @@ fn test_count_matching_filters_by_type_and_fields() {
         (0, Some("knd".into()))
     );
 }
+
+#[test]
+fn test_every_profile_is_reachable_by_its_name() {
+    for id in ProfileId::SUITE.iter().chain([&ProfileId::GpuLarge]) {
+        assert_eq!(profile_by_name(&id.profile().name), Ok(*id));
+    }
+    assert!(profile_by_name("gpu-nrs").unwrap_err().contains("gpu-nsr"));
+}
