@@ -178,6 +178,20 @@ pub struct Step {
     pub line: usize,
 }
 
+impl Step {
+    /// The devices the step names (its action's and its counts').
+    pub fn devices(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> = match &self.action {
+            Action::Guest { device, .. } | Action::Inject { device, .. } => vec![device],
+            Action::Plug(d) | Action::Unplug(d) => vec![d],
+            Action::Await { record, .. } => vec![&record.device],
+            Action::Sh { .. } | Action::SystemReset | Action::Wait { .. } => vec![],
+        };
+        ids.extend(self.counts.iter().map(|c| c.device.as_str()));
+        ids
+    }
+}
+
 /// What a step does. `{bdf:ID}` in a string argument becomes device `ID`'s guest BDF.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
@@ -543,6 +557,33 @@ pub fn parse(path: &Path, text: &str) -> Result<ScenarioFile, FileError> {
         st.line = line_of(text, at);
         steps.push(st);
     }
+    let devices: Vec<String> = profile
+        .profile()
+        .devices
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    let known = |id: &str| -> Result<(), String> {
+        if devices.iter().any(|d| d == id) {
+            Ok(())
+        } else {
+            Err(format!(
+                "no device {id:?} in profile {:?}: its devices are {}",
+                raw.profile.get_ref(),
+                devices.join(", ")
+            ))
+        }
+    };
+    for st in &steps {
+        let at_step = |m: String| FileError::Invalid {
+            path: path.to_path_buf(),
+            line: st.line,
+            message: m,
+        };
+        for id in st.devices() {
+            known(id).map_err(at_step)?;
+        }
+    }
     let (violations, kernel, counts) = match raw.expect {
         None => (Vec::new(), Vec::new(), Vec::new()),
         Some(e) => {
@@ -560,11 +601,18 @@ pub fn parse(path: &Path, text: &str) -> Result<ScenarioFile, FileError> {
                 .map(count)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|m| invalid(at, m))?;
-            let violations = e
+            let violations: Vec<(String, ViolationKind)> = e
                 .violations
                 .into_iter()
                 .map(|v| (v.device, v.kind))
                 .collect();
+            for id in violations
+                .iter()
+                .map(|(d, _)| d)
+                .chain(counts.iter().map(|c: &Count| &c.device))
+            {
+                known(id).map_err(|m| invalid(at, m))?;
+            }
             (violations, kernel, counts)
         }
     };

@@ -1,5 +1,6 @@
 use super::*;
 use pcisim_journal::{Event, Record, ResetKind};
+use std::fs;
 
 const GOOD: &str = r#"
 id = "T1"
@@ -151,4 +152,29 @@ fn test_every_profile_is_reachable_by_its_name() {
         assert_eq!(profile_by_name(&id.profile().name), Ok(*id));
     }
     assert!(profile_by_name("gpu-nrs").unwrap_err().contains("gpu-nsr"));
+}
+
+#[test]
+fn test_a_device_the_profile_does_not_have_is_refused() {
+    let e = err(&GOOD.replace("device = \"gpu0\"\nargs", "device = \"gpu9\"\nargs"));
+    assert!(
+        e.starts_with(
+            "t.toml:6: no device \"gpu9\" in profile \"gpu-nsr\": its devices are gpu0, gpu1"
+        ),
+        "{e}"
+    );
+    let e = err(&GOOD.replace("{ device = \"gpu0\", kind", "{ device = \"gpu7\", kind"));
+    assert!(e.starts_with("t.toml:21: no device \"gpu7\""), "{e}");
+}
+
+/// The repository's scenario files load (the lab_files test runs them in a VM).
+#[test]
+fn test_the_repository_scenario_files_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios");
+    let files = expand(&[dir]).unwrap();
+    let ids: Vec<String> = files
+        .iter()
+        .map(|f| parse(f, &fs::read_to_string(f).unwrap()).unwrap().id)
+        .collect();
+    assert_eq!(ids, ["F-E2", "F-H1", "F-H2", "F-R1", "F-R4"]);
 }
