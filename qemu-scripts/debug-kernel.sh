@@ -15,8 +15,8 @@
 #   * the build itself runs under a lock of its own (a second caller waits for the first, then
 #     uses its result) with `nice -n 19 make -j<jobs>` (default 2): it must not starve the VMs
 #     of whoever else shares the machine,
-#   * the hash covers the fragment(s), this script and the series; a cached build is found
-#     without the network. A build that failed or was interrupted is resumed by the next call
+#   * the hash covers the fragment(s), the series, the variant and RECIPE (below); a cached
+#     build is found without the network. A build that failed or was interrupted is resumed by the next call
 #     (make is incremental); its log is <dir>/build.log.
 #
 # Needs root (chroot, apt-get in the root) and provision.sh's trixie root.
@@ -76,10 +76,13 @@ for f in "${FRAGMENTS[@]}"; do [[ -f $f ]] || die "missing config fragment $f"; 
 [[ $JOBS =~ ^[1-9][0-9]*$ ]] || die "--jobs needs a positive number"
 
 PKG=linux-source-$SERIES
-# What the build depends on: the fragments, this script (its configure and build steps), the
-# series and variant. Not the package version: finding it needs the network, and a cached build
-# must not (the version is recorded in the stamp and printed).
-inputs_hash=$(cat "${FRAGMENTS[@]}" "$0" | { cat; printf '%s %s\n' "$SERIES" "$VARIANT"; } \
+# The version of the configure and build steps below: bump it when a change to them changes
+# what gets built (other edits to this script must not cost a 20-minute rebuild).
+RECIPE=1
+# What the build depends on: the fragments, the series, the variant and RECIPE. Not the package
+# version: finding it needs the network, and a cached build must not (the version is recorded
+# in the stamp and printed).
+inputs_hash=$(cat "${FRAGMENTS[@]}" | { cat; printf '%s %s recipe %s\n' "$SERIES" "$VARIANT" "$RECIPE"; } \
     | sha256sum | cut -c1-12)
 NAME=$SERIES-$VARIANT-$inputs_hash
 BASE_IN_ROOT=/usr/src/pcisim-kernel
@@ -211,10 +214,11 @@ total_objs=
 [[ -s $ROOT$BASE_IN_ROOT/objs-$SERIES-$VARIANT ]] && total_objs=$(cat "$ROOT$BASE_IN_ROOT/objs-$SERIES-$VARIANT")
 log "building bzImage and modules: nice -n 19 make -j$JOBS (log $BUILDLOG)"
 tb=$SECONDS
-# Not through rchroot (a function would run in a subshell): chroot, env and nice exec each
-# other, so $! is make itself, which passes a SIGTERM on to its jobs.
+# Not through rchroot (a function would run in a subshell): chroot, env, setpriv and nice exec
+# each other, so $! is make itself, which passes a SIGTERM on to its jobs; and make gets a
+# SIGTERM when this script dies, however it dies (setpriv --pdeathsig).
 chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 HOME=/tmp \
-    nice -n 19 make -C "$DIR_IN_ROOT/tree" -j"$JOBS" bzImage modules >>"$BUILDLOG" 2>&1 &
+    setpriv --pdeathsig TERM nice -n 19 make -C "$DIR_IN_ROOT/tree" -j"$JOBS" bzImage modules >>"$BUILDLOG" 2>&1 &
 make_pid=$!
 # If we are stopped, stop make too.
 trap 'kill "$make_pid" 2>/dev/null || true; wait "$make_pid" 2>/dev/null || true' EXIT

@@ -104,7 +104,9 @@ enum Cmd {
 /// The guest kernel flags of `lab suite` and `lab up` (docs/lab.md, "Your kernel").
 #[derive(Debug, clap::Args)]
 struct KernelArgs {
-    /// Debian guest kernel series: 6.12 (trixie, the default) or 7.3 (trixie-backports).
+    /// Debian guest kernel series: 6.12 (trixie, the default) or 7.3 (trixie-backports); or
+    /// SERIES-debug (e.g. 6.12-debug): Debian's linux-source-SERIES built with lockdep and the
+    /// kernel's other checkers (qemu-scripts/debug-kernel.sh; built once, ~20 min, on first use).
     #[arg(long, value_name = "SERIES", conflicts_with_all = ["kernel_image", "kernel_tree"])]
     kernel: Option<String>,
     /// Your kernel image (bzImage/vmlinuz); its modules with --modules.

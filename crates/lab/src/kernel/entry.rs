@@ -95,6 +95,7 @@ pub(crate) fn make_entry(
     entry: &Path,
     i: &Inspected,
     tree: Option<&Path>,
+    chroot: Option<(&Path, &Path)>,
     reqs: &[Requirement],
     log: &Path,
 ) -> Result<(), KernelError> {
@@ -110,7 +111,7 @@ pub(crate) fn make_entry(
         fs::remove_dir_all(&scratch).map_err(io_err("Cannot remove", &scratch))?;
     }
     fs::create_dir_all(&scratch).map_err(io_err("Cannot create", &scratch))?;
-    let result = fill_entry(&scratch, i, tree, reqs, log);
+    let result = fill_entry(&scratch, i, tree, chroot, reqs, log);
     if let Err(e) = result {
         let _ = fs::remove_dir_all(&scratch);
         return Err(e);
@@ -134,6 +135,7 @@ fn fill_entry(
     scratch: &Path,
     i: &Inspected,
     tree: Option<&Path>,
+    chroot: Option<(&Path, &Path)>,
     reqs: &[Requirement],
     log: &Path,
 ) -> Result<(), KernelError> {
@@ -157,6 +159,11 @@ fn fill_entry(
     let stage = scratch.join("stage");
     let kdir = stage.join("lib/modules").join(&i.kver);
     match (tree, &i.moddir) {
+        (Some(_), _) if tree_has_modules(i) && chroot.is_some() => {
+            if let Some((root, tree_in_root)) = chroot {
+                modules_install_chrooted(root, tree_in_root, &stage, &i.kver, log)?;
+            }
+        }
         (Some(tree), _) if tree_has_modules(i) => {
             run_logged(
                 "make modules_install",
@@ -237,6 +244,60 @@ fn fill_entry(
     let kver = scratch.join("kver");
     fs::write(&kver, format!("{}\n", i.kver)).map_err(io_err("Cannot write", &kver))?;
     Ok(())
+}
+
+/// `make modules_install` of a tree inside `root` (at `tree_in_root` there), chrooted: the
+/// tree's Makefile must see the compiler it was configured with (the host's would make kbuild
+/// re-run its config step and rewrite the tree's `.config`). Installs into a scratch directory
+/// in the root's `/tmp`, then moves `lib/modules/<kver>` to `stage` (same file system: the
+/// cache). The `build`/`source` links name paths inside the root: dropped.
+fn modules_install_chrooted(
+    root: &Path,
+    tree_in_root: &Path,
+    stage: &Path,
+    kver: &str,
+    log: &Path,
+) -> Result<(), KernelError> {
+    let tmp_in_root = format!("/tmp/pcisim-modinst.{}", std::process::id());
+    let tmp = root.join(tmp_in_root.trim_start_matches('/'));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io_err("Cannot remove", &tmp))?;
+    }
+    let result = run_logged(
+        "make modules_install (chrooted into the trixie root)",
+        Command::new("chroot")
+            .arg(root)
+            .args([
+                "/usr/bin/env",
+                "-i",
+                "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                "LC_ALL=C",
+            ])
+            .arg("make")
+            .arg("-C")
+            .arg(tree_in_root)
+            .arg(format!("INSTALL_MOD_PATH={tmp_in_root}"))
+            .arg("INSTALL_MOD_STRIP=1")
+            .arg("modules_install"),
+        log,
+    )
+    .and_then(|()| {
+        let from = tmp.join("lib/modules").join(kver);
+        let to = stage.join("lib/modules").join(kver);
+        fs::create_dir_all(stage.join("lib/modules")).map_err(io_err("Cannot create", stage))?;
+        fs::rename(&from, &to).map_err(io_err("Cannot move", &from))?;
+        for l in ["build", "source"] {
+            let p = to.join(l);
+            if p.symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink())
+            {
+                let _ = fs::remove_file(&p);
+            }
+        }
+        Ok(())
+    });
+    let _ = fs::remove_dir_all(&tmp);
+    result
 }
 
 fn tree_has_modules(i: &Inspected) -> bool {

@@ -54,7 +54,7 @@ pub const DEFAULT_SERIES: &str = "6.12";
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     /// `--kernel` names no series we provision.
-    #[error("Unsupported --kernel {0:?} (supported: {supported}; or --kernel-image PATH [--modules DIR], --kernel-tree DIR)", supported = supported_series())]
+    #[error("Unsupported --kernel {0:?} (supported: {supported}; each also as SERIES-debug, our debug build of it; or --kernel-image PATH [--modules DIR], --kernel-tree DIR)", supported = supported_series())]
     UnsupportedSeries(String),
     /// Contradictory flags.
     #[error("{0}")]
@@ -79,6 +79,18 @@ pub enum KernelError {
     /// Provisioning (QEMU, busybox, the Debian kernel) failed.
     #[error(transparent)]
     Provision(#[from] ProvisionError),
+    /// The debug kernel could not be built (`qemu-scripts/debug-kernel.sh` failed).
+    #[error("Building the {name} kernel failed ({status}): {reason}; the whole log: {log}")]
+    DebugBuild {
+        /// The kernel asked for (`6.12-debug`).
+        name: String,
+        /// How the script ended.
+        status: String,
+        /// Its last error line (or what went wrong running it).
+        reason: String,
+        /// Its log.
+        log: PathBuf,
+    },
     /// A helper command (make modules_install, depmod, cp) failed.
     #[error("{what} failed ({status}); see {log}")]
     Command {
@@ -122,6 +134,15 @@ pub enum KernelSource {
     },
     /// A user's built Linux tree.
     Tree(PathBuf),
+    /// Our debug build of a Debian series (`--kernel 6.12-debug`): Debian's `linux-source-<series>`
+    /// built by `qemu-scripts/debug-kernel.sh` with a debug config fragment ([`debug`]), then
+    /// used as a [`KernelSource::Tree`].
+    Debug {
+        /// The Debian series (`6.12`).
+        series: String,
+        /// The build variant ([`debug::VARIANTS`]: `debug`).
+        variant: String,
+    },
 }
 
 impl Default for KernelSource {
@@ -154,10 +175,21 @@ impl KernelSource {
         }
         Ok(match (series, image, tree) {
             (Some(s), _, _) => {
-                if !DEBIAN_SERIES.iter().any(|(name, _)| *name == s) {
-                    return Err(KernelError::UnsupportedSeries(s));
+                let known = |series: &str| DEBIAN_SERIES.iter().any(|(name, _)| *name == series);
+                if known(&s) {
+                    return Ok(KernelSource::Series(s));
                 }
-                KernelSource::Series(s)
+                match s.split_once('-') {
+                    Some((series, variant))
+                        if known(series) && debug::VARIANTS.contains(&variant) =>
+                    {
+                        KernelSource::Debug {
+                            series: series.to_string(),
+                            variant: variant.to_string(),
+                        }
+                    }
+                    _ => return Err(KernelError::UnsupportedSeries(s)),
+                }
             }
             (_, Some(image), _) => KernelSource::Image { image, modules },
             (_, _, Some(tree)) => KernelSource::Tree(tree),
@@ -168,7 +200,7 @@ impl KernelSource {
     /// The Debian series `provision.sh` is run with.
     pub fn provision_series(&self) -> &str {
         match self {
-            KernelSource::Series(s) => s,
+            KernelSource::Series(s) | KernelSource::Debug { series: s, .. } => s,
             _ => DEFAULT_SERIES,
         }
     }
@@ -188,6 +220,9 @@ impl KernelSource {
                 None => format!("image {} (no modules)", image.display()),
             },
             KernelSource::Tree(t) => format!("tree {}", t.display()),
+            KernelSource::Debug { series, variant } => {
+                format!("{series}-{variant} (Debian linux-source-{series}, our {variant} build)")
+            }
         }
     }
 }
@@ -212,6 +247,24 @@ mod tests {
                 .contains("6.12 (Debian trixie), 7.3 (Debian trixie-backports)"),
             "{e}"
         );
+        // Our debug build of a series, named SERIES-VARIANT; only known series and variants.
+        let d = KernelSource::from_flags(Some("6.12-debug".into()), None, None, None).unwrap();
+        assert_eq!(
+            d,
+            KernelSource::Debug {
+                series: "6.12".into(),
+                variant: "debug".into()
+            }
+        );
+        assert_eq!(d.provision_series(), "6.12");
+        assert!(d
+            .describe()
+            .starts_with("6.12-debug (Debian linux-source-6.12"));
+        for bad in ["6.1-debug", "6.12-fast", "6.12-", "-debug"] {
+            let e = KernelSource::from_flags(Some(bad.into()), None, None, None).unwrap_err();
+            assert!(matches!(e, KernelError::UnsupportedSeries(_)), "{bad}: {e}");
+            assert!(e.to_string().contains("SERIES-debug"), "{e}");
+        }
         assert!(KernelSource::from_flags(None, None, Some("m".into()), None).is_err());
         assert!(KernelSource::from_flags(None, Some("i".into()), None, Some("t".into())).is_err());
         assert_eq!(

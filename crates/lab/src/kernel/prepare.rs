@@ -128,10 +128,21 @@ fn inspect_tree(tree: &Path) -> Result<Inspected, KernelError> {
     })
 }
 
+/// `tree` as seen chrooted into `root` (`/usr/src/...`), if it lies inside `root` (both
+/// canonicalised); `None` for a tree elsewhere.
+pub fn path_in_root(root: &Path, tree: &Path) -> Option<PathBuf> {
+    let root = fs::canonicalize(root).ok()?;
+    let tree = fs::canonicalize(tree).ok()?;
+    let rel = tree.strip_prefix(&root).ok()?;
+    Some(Path::new("/").join(rel))
+}
+
 /// Selects, checks and (for a user's kernel) caches the guest kernel of a run, and provisions
 /// the rest. The configuration is checked against `profiles` before anything is booted (for a
-/// user's kernel even before provisioning). Returns the provisioning environment pointing at
-/// the chosen kernel (`kernel`, `kver`, `modules`, `kconfig`; `kdir_host` for a tree).
+/// user's kernel even before provisioning; the debug kernel is built after provisioning, into
+/// the root provisioning made, and checked then). Returns the provisioning environment pointing
+/// at the chosen kernel (`kernel`, `kver`, `modules`, `kconfig`; for a tree `kdir_host`, or
+/// `kheaders` when the tree lies inside the trixie root and is built against chrooted).
 pub fn prepare(
     source: &KernelSource,
     profiles: &[VmProfile],
@@ -148,10 +159,10 @@ pub fn prepare(
     }
     let names: Vec<&str> = profiles.iter().map(|p| p.name.as_str()).collect();
     let names = names.join(", ");
-    let what = source.describe();
+    let mut what = source.describe();
     // A user's kernel is inspected first: a bad one fails in a second, before provisioning.
     let inspected = match source {
-        KernelSource::Series(_) => None,
+        KernelSource::Series(_) | KernelSource::Debug { .. } => None,
         KernelSource::Image { image, modules } => Some(inspect_image(image, modules.as_deref())?),
         KernelSource::Tree(tree) => Some(inspect_tree(tree)?),
     };
@@ -162,6 +173,21 @@ pub fn prepare(
         }
     }
     let mut env = provision::provision(scripts, source.provision_series(), log)?;
+    // The debug kernel: built (or found in the cache) now that the root exists, then a tree.
+    let (inspected, tree) = match source {
+        KernelSource::Debug { series, variant } => {
+            let b = super::debug::build(scripts, series, variant, log)?;
+            what = format!("{what}: {}; tree {}", b.source, b.tree.display());
+            let i = inspect_tree(&b.tree)?;
+            let report = check(&reqs, &i.evidence, share);
+            if let Some(e) = report.error(&format!("{what}, {}", i.kver), &names) {
+                return Err(e);
+            }
+            (Some(i), Some(b.tree))
+        }
+        KernelSource::Tree(t) => (inspected, Some(t.clone())),
+        _ => (inspected, None),
+    };
     let Some(i) = inspected else {
         let mut ev = Evidence::default();
         let text = fs::read_to_string(&env.kconfig).map_err(io_err("Cannot read", &env.kconfig))?;
@@ -189,27 +215,31 @@ pub fn prepare(
     };
     let report = check(&reqs, &i.evidence, share);
     let guest = env.cache.join("guest");
-    let entry_name = match source {
-        KernelSource::Tree(tree) => tree_entry_name(tree),
-        _ => image_entry_name(&i.image, &i.kver, i.moddir.as_deref()),
+    let entry_name = match &tree {
+        Some(tree) => tree_entry_name(tree),
+        None => image_entry_name(&i.image, &i.kver, i.moddir.as_deref()),
     };
+    // A tree inside the trixie root (the debug kernel, or a user's tree built there) was built
+    // with the root's compiler: its modules are installed and ours built chrooted into the root.
+    let in_root = tree
+        .as_deref()
+        .and_then(|t| path_in_root(&env.kbuild_root, t));
     let entry = guest.join(&entry_name);
     if entry.join("kver").is_file() {
         debug!("guest kernel {}: cached entry {}", i.kver, entry.display());
     } else {
-        let tree = match source {
-            KernelSource::Tree(t) => Some(t.as_path()),
-            _ => None,
-        };
-        make_entry(&guest, &entry, &i, tree, &reqs, log)?;
+        let chroot = in_root.as_deref().map(|t| (env.kbuild_root.as_path(), t));
+        make_entry(&guest, &entry, &i, tree.as_deref(), chroot, &reqs, log)?;
     }
     env.kernel = entry.join("vmlinuz");
     env.modules = entry.join("modules");
     env.kver = i.kver.clone();
     env.kconfig = entry.join("config");
     let can_build_modules = i.kdir.is_some();
-    if let Some(kdir) = &i.kdir {
-        env.kdir_host = Some(kdir.clone());
+    match (&i.kdir, in_root) {
+        (Some(_), Some(t)) => env.kheaders = t,
+        (Some(kdir), None) => env.kdir_host = Some(kdir.clone()),
+        (None, _) => {}
     }
     Ok((
         env,
@@ -228,6 +258,26 @@ mod tests {
     use super::*;
     use crate::kernel::testutil::{fake_bzimage, full_config, gzip, scratch};
     use crate::vm::profile::ProfileId;
+
+    #[test]
+    fn test_path_in_root() {
+        let d = scratch("inroot");
+        let root = d.join("root");
+        fs::create_dir_all(root.join("usr/src/t")).unwrap();
+        fs::create_dir_all(d.join("elsewhere")).unwrap();
+        assert_eq!(
+            path_in_root(&root, &root.join("usr/src/t")),
+            Some(PathBuf::from("/usr/src/t"))
+        );
+        // Through a path with `..` in it too (both sides canonicalised).
+        assert_eq!(
+            path_in_root(&root, &d.join("elsewhere/../root/usr/src/t")),
+            Some(PathBuf::from("/usr/src/t"))
+        );
+        assert_eq!(path_in_root(&root, &d.join("elsewhere")), None);
+        assert_eq!(path_in_root(&root, &d.join("missing")), None);
+        fs::remove_dir_all(&d).unwrap();
+    }
 
     /// A user kernel that lacks VFIO fails in `prepare` before provisioning (the scripts
     /// directory given does not even exist) and names CONFIG_VFIO; a tree without bzImage is
