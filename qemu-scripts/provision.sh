@@ -80,7 +80,7 @@ while (($#)); do
 done
 
 # Which Debian suite each supported guest kernel series comes from. Adding a series is one line
-# here; the rest is generic. (The lab's own list, crates/lab/src/kernel.rs, must say the same.)
+# here; the rest is generic. (The lab's own list, crates/lab/src/kernel/mod.rs, must say the same.)
 kernel_suite() {
     case $1 in
         6.12) echo "$SUITE" ;;
