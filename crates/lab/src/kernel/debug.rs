@@ -26,7 +26,7 @@ use std::time::Duration;
 use log::{debug, warn};
 
 use super::KernelError;
-use crate::process::{describe_status, ChildGuard, Group, ProcessError};
+use crate::vm::process::{describe_status, ChildGuard, Group, ProcessError};
 
 /// The variants `--kernel SERIES-VARIANT` accepts: `debug` (`debug-kernel.config`).
 pub const VARIANTS: &[&str] = &["debug"];
