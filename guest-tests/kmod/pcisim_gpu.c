@@ -659,6 +659,13 @@ static int gpu_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	ret = dma_set_mask_and_coherent(dev, DMA_BIT_MASK(64));
 	if (ret)
 		return ret;
+	/*
+	 * One FILL/COPY command moves up to GPU_RING_MAX_LEN bytes, so a DMA segment may be that
+	 * long; without this the DMA layer assumes 64 KiB (dma_get_max_seg_size) and a 2 MiB
+	 * huge-page segment of a userptr breaks that promise (CONFIG_DMA_API_DEBUG reports
+	 * "mapping sg segment longer than device claims to support" on the debug kernel).
+	 */
+	dma_set_max_seg_size(dev, GPU_RING_MAX_LEN); /* void since 6.12; PCI devices have dma_parms */
 	gpu->ring = dmam_alloc_coherent(dev, RING_ENTRIES * sizeof(*gpu->ring), &gpu->ring_dma,
 					GFP_KERNEL);
 	gpu->fence_cpu = dmam_alloc_coherent(dev, PAGE_SIZE, &gpu->fence_dma, GFP_KERNEL);
