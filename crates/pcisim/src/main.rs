@@ -153,6 +153,19 @@ enum LabCmd {
         /// after the catalogue (repeatable).
         #[arg(long = "scenarios", value_name = "FILE|DIR")]
         scenario_files: Vec<PathBuf>,
+        /// Print the selected scenarios (id, name, VM profile, expected failure kinds), one a
+        /// line, tab-separated, and exit 0 (4 if none) without provisioning or booting anything.
+        #[arg(long)]
+        list: bool,
+        /// Run only the K-th of N parts of the selection (e.g. `2/4`): deterministic, balanced by
+        /// the scenarios' measured cost, and the N parts together are the selection, each
+        /// scenario once (docs/ci.md).
+        #[arg(long, value_name = "K/N")]
+        shard: Option<pcisim_lab::harness::suite::Shard>,
+        /// Also write the verdicts as JUnit XML to FILE (one testsuite, one testcase per
+        /// scenario; docs/ci.md).
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
         #[command(flatten)]
         vm: VmArgs,
     },
@@ -423,6 +436,9 @@ fn run(cli: Cli) -> Result<i32> {
                 keep,
                 allow_skip,
                 scenario_files,
+                list,
+                shard,
+                junit,
                 vm,
             } => {
                 let files = if scenario_files.is_empty() {
@@ -436,12 +452,35 @@ fn run(cli: Cli) -> Result<i32> {
                         }
                     }
                 };
+                if list {
+                    let opts = pcisim_lab::SuiteOptions {
+                        filter,
+                        shard,
+                        ..pcisim_lab::SuiteOptions::new("pcisim")
+                    };
+                    let mut all = pcisim_lab::catalogue();
+                    all.extend(files.into_iter().flatten());
+                    let selected = pcisim_lab::harness::suite::selection(&opts, all);
+                    let mut text = String::new();
+                    for l in pcisim_lab::harness::suite::list_lines(&selected) {
+                        text.push_str(&l);
+                        text.push('\n');
+                    }
+                    print_out(&text)?;
+                    return Ok(if selected.is_empty() {
+                        pcisim_lab::harness::suite::EXIT_NOT_ALL_RAN
+                    } else {
+                        0
+                    });
+                }
                 let opts = pcisim_lab::SuiteOptions {
                     filter,
                     kernel: kernel.source()?,
                     device_opts,
                     keep,
                     allow_skip,
+                    shard,
+                    junit,
                     vm: vm.options()?,
                     ..pcisim_lab::SuiteOptions::new(
                         std::env::current_exe().context("locating the pcisim binary")?,

@@ -334,7 +334,8 @@ fn lab_suite_all_scenarios_pass() {
 /// as expected failures (a declared report that did not appear would fail them).
 #[test]
 fn lab_suite_kernel_oracle_catches_a_warning_and_a_hung_task() {
-    let out = lab_suite(&["--filter", "K"]);
+    let junit = junit_path("oracle");
+    let out = lab_suite(&["--filter", "K", "--junit", junit.to_str().unwrap()]);
     let ktap = String::from_utf8_lossy(&out.stdout);
     assert!(ktap.starts_with("KTAP version 1\n1..2\n"), "KTAP header");
     assert_eq!(
@@ -361,6 +362,125 @@ fn lab_suite_kernel_oracle_catches_a_warning_and_a_hung_task() {
         "the guest's hung task timeout"
     );
     assert!(out.status.success(), "{}", out.status);
+    // In JUnit an expected failure is a passed testcase with an `xfail` property.
+    let xml = std::fs::read_to_string(&junit).expect("the JUnit file");
+    let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("{e}\n{xml}"));
+    let cases: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("testcase"))
+        .collect();
+    assert_eq!(cases.len(), 2);
+    for c in &cases {
+        assert!(
+            !c.children()
+                .any(|n| n.has_tag_name("failure") || n.has_tag_name("skipped")),
+            "{xml}"
+        );
+        let xfail = c
+            .descendants()
+            .find(|n| n.has_tag_name("property") && n.attribute("name") == Some("xfail"))
+            .unwrap_or_else(|| panic!("an xfail property: {xml}"));
+        assert!(xfail
+            .attribute("value")
+            .unwrap()
+            .starts_with("XFAIL kernel "));
+        assert!(c.attribute("time").unwrap().parse::<f64>().unwrap() > 0.0);
+    }
+    std::fs::remove_file(&junit).unwrap();
+}
+
+/// A JUnit file path for one test (unique per process).
+fn junit_path(what: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("pcisim-junit-{what}-{}.xml", std::process::id()))
+}
+
+/// `pcisim lab suite --list ...`: no VM, no run directory.
+fn lab_list(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_pcisim"))
+        .args(["lab", "suite", "--list"])
+        .args(args)
+        .output()
+        .expect("run pcisim lab suite --list");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("run directory"),
+        "--list must not start a run"
+    );
+    out
+}
+
+fn listed_ids(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('\t').next().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// `--list` prints the selection (id, name, profile, expected kinds) without booting; a filter
+/// that selects nothing exits 4.
+#[test]
+fn lab_suite_list_prints_the_selection() {
+    let out = lab_list(&[]);
+    assert!(out.status.success(), "{}", out.status);
+    let catalogue = pcisim_lab::catalogue();
+    let ids = listed_ids(&out);
+    assert_eq!(
+        ids,
+        catalogue
+            .iter()
+            .map(|s| s.id.to_string())
+            .collect::<Vec<_>>()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("E1\tE1 enumeration\tgpu\t-\n"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l == "R2b\tR2b flr-dma-buggy-driver\tgpu-nsr\tgpu0:dma_during_reset"),
+        "{text}"
+    );
+    let out = lab_list(&["--filter", "H"]);
+    assert!(listed_ids(&out).iter().all(|id| id.starts_with('H')));
+    let none = lab_list(&["--filter", "no such scenario"]);
+    assert_eq!(none.status.code(), Some(4));
+    assert!(none.stdout.is_empty());
+    // A malformed shard is refused by the argument parser (exit 2, clap's usage error).
+    let bad = lab_list(&["--shard", "5/4"]);
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+/// `--shard K/N`: for several N, the N shards' lists are disjoint and together are the whole
+/// list (each scenario once); the same shard is the same list every time.
+#[test]
+fn lab_suite_shards_cover_the_list_exactly_once() {
+    let all = listed_ids(&lab_list(&[]));
+    for n in [1usize, 2, 3, 4, 7] {
+        let mut union = Vec::new();
+        for k in 1..=n {
+            let shard = format!("{k}/{n}");
+            let out = lab_list(&["--shard", &shard]);
+            assert!(out.status.success(), "shard {shard}: {}", out.status);
+            let ids = listed_ids(&out);
+            assert!(!ids.is_empty(), "shard {shard} is empty");
+            assert_eq!(
+                ids,
+                listed_ids(&lab_list(&["--shard", &shard])),
+                "deterministic"
+            );
+            union.extend(ids);
+        }
+        let mut sorted = union.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), union.len(), "n={n}: a scenario in two shards");
+        union.sort_by_key(|id| all.iter().position(|x| x == id));
+        assert_eq!(union, all, "n={n}");
+    }
+    // With a filter the shards split the filtered list.
+    let h = listed_ids(&lab_list(&["--filter", "H"]));
+    let mut union: Vec<String> = (1..=2)
+        .flat_map(|k| listed_ids(&lab_list(&["--filter", "H", "--shard", &format!("{k}/2")])))
+        .collect();
+    union.sort_by_key(|id| h.iter().position(|x| x == id));
+    assert_eq!(union, h);
 }
 
 /// The guest kernel oracle without a declaration: K1's module WARNs, and K1 without its
@@ -417,7 +537,15 @@ fn lab_suite_kernel_warning_fails_an_undeclared_scenario() {
 
 #[test]
 fn lab_suite_detects_corrupt_class_code() {
-    let out = lab_suite(&["--filter", "E1", "--device-opt", "x-corrupt-class=1"]);
+    let junit = junit_path("corrupt");
+    let out = lab_suite(&[
+        "--filter",
+        "E1",
+        "--device-opt",
+        "x-corrupt-class=1",
+        "--junit",
+        junit.to_str().unwrap(),
+    ]);
     let ktap = String::from_utf8_lossy(&out.stdout);
     assert!(ktap.starts_with("KTAP version 1\n1..1\n"), "KTAP header");
     let line = result_line(&ktap, "E1 enumeration").expect("a result line for E1");
@@ -431,10 +559,41 @@ fn lab_suite_detects_corrupt_class_code() {
             .any(|l| l.starts_with("  not ok ") && l.contains("class")),
         "the guest's class subtest must fail"
     );
-    assert!(
-        !out.status.success(),
-        "a failing scenario must make the suite fail"
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failing scenario must make the suite fail (exit 1)"
     );
+    // The JUnit report says the same: one failed testcase whose message is the KTAP reason and
+    // whose body holds the diagnostics.
+    let xml = std::fs::read_to_string(&junit).expect("the JUnit file");
+    let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("{e}\n{xml}"));
+    let suite = doc
+        .descendants()
+        .find(|n| n.has_tag_name("testsuite"))
+        .expect("a testsuite");
+    assert_eq!(
+        (suite.attribute("tests"), suite.attribute("failures")),
+        (Some("1"), Some("1"))
+    );
+    let case = suite
+        .children()
+        .find(|n| n.has_tag_name("testcase"))
+        .expect("a testcase");
+    assert_eq!(case.attribute("name"), Some("E1 enumeration"));
+    assert_eq!(case.attribute("classname"), Some("pcisim.lab.gpu"));
+    let failure = case
+        .children()
+        .find(|n| n.has_tag_name("failure"))
+        .expect("a failure element");
+    let reason = line.split_once(" # ").map(|(_, r)| r).expect("a reason");
+    assert_eq!(failure.attribute("message"), Some(reason));
+    let exit = suite
+        .descendants()
+        .find(|n| n.has_tag_name("property") && n.attribute("name") == Some("exit_code"))
+        .expect("the exit code property");
+    assert_eq!(exit.attribute("value"), Some("1"));
+    std::fs::remove_file(&junit).unwrap();
     // A failed run keeps its run directory for inspection; this failure was the expected one.
     let progress = String::from_utf8_lossy(&out.stderr);
     if let Some(dir) = progress
