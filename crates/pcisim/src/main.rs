@@ -166,6 +166,10 @@ enum LabCmd {
         /// scenario; docs/ci.md).
         #[arg(long, value_name = "FILE")]
         junit: Option<PathBuf>,
+        /// How many VMs run at the same time (default: one per core, as many as the available
+        /// memory holds, 1 with --gdb). The KTAP order and numbers do not depend on it.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        jobs: Option<u16>,
         #[command(flatten)]
         vm: VmArgs,
     },
@@ -439,6 +443,7 @@ fn run(cli: Cli) -> Result<i32> {
                 list,
                 shard,
                 junit,
+                jobs,
                 vm,
             } => {
                 let files = if scenario_files.is_empty() {
@@ -481,6 +486,7 @@ fn run(cli: Cli) -> Result<i32> {
                     allow_skip,
                     shard,
                     junit,
+                    jobs: jobs.map(usize::from),
                     vm: vm.options()?,
                     ..pcisim_lab::SuiteOptions::new(
                         std::env::current_exe().context("locating the pcisim binary")?,

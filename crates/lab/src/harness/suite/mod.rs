@@ -57,6 +57,7 @@ use crate::vm::qmp::Qmp;
 use crate::vm::server::{self, Server, ServerError};
 use pcisim_journal::ViolationKind;
 
+pub mod jobs;
 mod judge;
 mod report;
 mod rundir;
@@ -102,6 +103,9 @@ pub struct SuiteOptions {
     pub shard: Option<Shard>,
     /// `--junit FILE`: also write the verdicts as JUnit XML ([`crate::harness::junit`]).
     pub junit: Option<PathBuf>,
+    /// `--jobs N`: how many VMs run at the same time (`None`: [`jobs::default_jobs`], from the
+    /// cores and the available memory).
+    pub jobs: Option<usize>,
 }
 
 impl SuiteOptions {
@@ -119,6 +123,7 @@ impl SuiteOptions {
             extra_initramfs: Vec::new(),
             shard: None,
             junit: None,
+            jobs: None,
         }
     }
 }
@@ -361,7 +366,15 @@ fn run_in(
         &mut |l| report.line(l),
     )?;
 
-    // 5. One VM per profile, in the order the scenarios need them.
+    // 5. One VM per profile, in the order the scenarios need them (several at a time: the KTAP
+    // still comes in this order).
+    let jobs = opts
+        .jobs
+        .unwrap_or_else(|| jobs::default_jobs(opts, plan))
+        .clamp(1, plan.len().max(1));
+    if jobs > 1 {
+        return jobs::run_concurrently(opts, &env, &initrd.path, plan, run, jobs, report);
+    }
     let mut ok = true;
     for (i, (id, group)) in plan.iter().enumerate() {
         let profile = id.profile();
