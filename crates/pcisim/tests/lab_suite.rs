@@ -31,6 +31,19 @@ fn lab_suite(args: &[&str]) -> Output {
     out
 }
 
+/// Progress lines without the VM prefix `--jobs` adds after `lab: ` (`lab: [gpu] E1 ...`).
+fn unprefixed(progress: &str) -> String {
+    progress
+        .lines()
+        .map(
+            |l| match l.strip_prefix("lab: [").and_then(|r| r.split_once("] ")) {
+                Some((profile, rest)) if !profile.contains(' ') => format!("lab: {rest}\n"),
+                _ => format!("{l}\n"),
+            },
+        )
+        .collect()
+}
+
 /// The top-level result line of `name` (e.g. `E1 enumeration`) in a KTAP stream.
 fn result_line<'a>(ktap: &'a str, name: &str) -> Option<&'a str> {
     ktap.lines().find(|l| {
@@ -129,7 +142,9 @@ fn lab_suite_all_scenarios_pass() {
     );
     // The device's journal was read through the control socket: one summary line per device,
     // and no violation anywhere (a violation would have failed a scenario or the run).
-    let progress = String::from_utf8_lossy(&out.stderr);
+    // With `--jobs` above 1 (the default on a multi-core machine) a VM's lines say which VM
+    // (`lab: [gpu-npu] ...`): compare them without that prefix.
+    let progress = unprefixed(&String::from_utf8_lossy(&out.stderr));
     let summary = progress
         .lines()
         .find(|l| l.starts_with("lab: journal gpu0: "))
@@ -652,4 +667,56 @@ fn journal_window_flooded_past_the_ring_is_incomplete() {
     let exit = server.stop().unwrap();
     assert!(exit.ok(), "{}", exit.status);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--jobs 2` with two VM profiles (E1 on `gpu`, R0 on `gpu-npu`): both VMs run at once (gpu-npu,
+/// the costlier, starts first), yet the KTAP stream is in plan order with the same numbers as
+/// one VM after another, and each VM's progress lines name it.
+#[test]
+fn lab_suite_jobs_run_vms_at_once_with_deterministic_ktap() {
+    let out = lab_suite(&["--filter", "enumeration", "--jobs", "2"]);
+    let ktap = String::from_utf8_lossy(&out.stdout);
+    let top: Vec<&str> = ktap.lines().filter(|l| !l.starts_with(' ')).collect();
+    assert_eq!(
+        top,
+        [
+            "KTAP version 1",
+            "1..2",
+            "ok 1 E1 enumeration",
+            "ok 2 R0 two-function-enumeration"
+        ]
+    );
+    // Each nested block sits right above its own result line.
+    let lines: Vec<&str> = ktap.lines().collect();
+    let r0 = lines
+        .iter()
+        .position(|l| l.starts_with("ok 2 "))
+        .expect("R0's line");
+    let e1 = lines
+        .iter()
+        .position(|l| l.starts_with("ok 1 "))
+        .expect("E1's line");
+    assert!(lines[e1 + 1..r0].iter().all(|l| l.starts_with("  ")));
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        progress
+            .lines()
+            .any(|l| l == "lab: 2 VMs, 2 at a time, longest first: gpu-npu gpu"),
+        "the schedule"
+    );
+    for (vm, line) in [
+        ("gpu", "E1 enumeration: ok"),
+        ("gpu-npu", "R0 two-function-enumeration: ok"),
+    ] {
+        assert!(
+            progress
+                .lines()
+                .any(|l| l.starts_with(&format!("lab: [{vm}] {line} ("))),
+            "{vm}: {line}"
+        );
+        assert!(progress
+            .lines()
+            .any(|l| l == format!("lab: [{vm}] device server exited cleanly (exit 0)")));
+    }
+    assert_eq!(out.status.code(), Some(0));
 }

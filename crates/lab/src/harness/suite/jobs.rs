@@ -172,7 +172,13 @@ pub(super) fn run_concurrently(
                         None
                     } else {
                         let names: Vec<&str> = group.iter().map(|s| s.id).collect();
-                        let _ = r.line(&format!("VM for {}", names.join(" ")));
+                        let _ = r.line(&format!(
+                            "VM {}/{}: profile {} for {}",
+                            i + 1,
+                            plan.len(),
+                            profile.name,
+                            names.join(" ")
+                        ));
                         Some(run_vm(opts, env, initrd, &profile, group, run, &mut r))
                     };
                     let reason = match &result {
