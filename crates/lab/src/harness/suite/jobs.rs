@@ -123,6 +123,23 @@ pub(super) fn run_concurrently(
     jobs: usize,
     report: &mut Report<'_>,
 ) -> Result<bool, LabError> {
+    schedule(plan, jobs, report, &|_, profile, group, r| {
+        run_vm(opts, env, initrd, profile, group, run, r)
+    })
+}
+
+/// One VM of the plan, run by [`schedule`] on a worker thread: (its index in the plan, its
+/// profile, its scenarios, its report) → as [`run_vm`].
+type RunOne<'s> =
+    dyn Fn(usize, &VmProfile, &[Scenario], &mut Report<'_>) -> Result<bool, LabError> + Sync + 's;
+
+/// [`run_concurrently`] with the VM itself as a parameter (the tests run fake VMs).
+fn schedule(
+    plan: &[(ProfileId, Vec<Scenario>)],
+    jobs: usize,
+    report: &mut Report<'_>,
+    run_one: &RunOne<'_>,
+) -> Result<bool, LabError> {
     // Where each VM's KTAP numbers start.
     let mut first = Vec::with_capacity(plan.len());
     let mut next = report.next;
@@ -179,7 +196,7 @@ pub(super) fn run_concurrently(
                             profile.name,
                             names.join(" ")
                         ));
-                        Some(run_vm(opts, env, initrd, &profile, group, run, &mut r))
+                        Some(run_one(i, &profile, group, &mut r))
                     };
                     let reason = match &result {
                         Some(Ok(_)) => None,
@@ -289,6 +306,101 @@ mod tests {
         let mut gdb = opts.clone();
         gdb.vm.gdb = Some(1234);
         assert_eq!(default_jobs(&gdb, &plan), 1);
+    }
+
+    /// Fake VMs of three profiles that finish in the reverse of plan order: the KTAP is still
+    /// in plan order, numbered continuously, and every VM ran on its own thread at once.
+    #[test]
+    fn test_ktap_in_plan_order_whatever_finishes_first() {
+        use crate::vm::profile::ProfileId;
+        let all = crate::scenarios::catalogue();
+        let pick = |ids: &[&str]| -> Vec<Scenario> {
+            ids.iter()
+                .map(|id| all.iter().find(|s| s.id == *id).unwrap().clone())
+                .collect()
+        };
+        let plan = vec![
+            (ProfileId::Gpu, pick(&["E1", "E2"])),
+            (ProfileId::GpuNpu, pick(&["R0"])),
+            (ProfileId::GpuNsr, pick(&["R1", "R3"])),
+        ];
+        let running = std::sync::atomic::AtomicUsize::new(0);
+        let most = std::sync::atomic::AtomicUsize::new(0);
+        let fake = |i: usize, _: &VmProfile, group: &[Scenario], r: &mut Report<'_>| {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            // Plan order 0, 1, 2 finishes 2, 1, 0.
+            std::thread::sleep(Duration::from_millis(300 * (3 - i as u64)));
+            for s in group {
+                r.scenario(s, &Verdict::Pass, &Nested::None, &[], Duration::ZERO)?;
+            }
+            running.fetch_sub(1, Ordering::SeqCst);
+            Ok(true)
+        };
+        let mut ktap = Vec::new();
+        let mut progress = Vec::new();
+        let clean = {
+            let mut r = Report::new(&mut ktap, &mut progress);
+            let clean = schedule(&plan, 3, &mut r, &fake).unwrap();
+            assert_eq!((r.passed, r.next), (5, 6));
+            let names: Vec<&str> = r.cases.iter().map(|c| c.name.as_str()).collect();
+            assert_eq!(names[0], "E1 enumeration");
+            assert_eq!(names[4], "R3 pm-reset");
+            clean
+        };
+        assert!(clean);
+        assert_eq!(most.load(Ordering::SeqCst), 3, "three VMs at once");
+        let ktap = String::from_utf8(ktap).unwrap();
+        assert_eq!(
+            ktap,
+            "ok 1 E1 enumeration\nok 2 E2 bar-mmio\nok 3 R0 two-function-enumeration\n\
+             ok 4 R1 flr\nok 5 R3 pm-reset\n"
+        );
+        let progress = String::from_utf8(progress).unwrap();
+        // Progress came as it happened: the last VM of the plan finished first.
+        let first_done = progress
+            .lines()
+            .find(|l| l.contains(": ok ("))
+            .unwrap_or_default();
+        assert!(
+            first_done.starts_with("lab: [gpu-nsr] R1 flr: ok"),
+            "{progress}"
+        );
+    }
+
+    /// A VM that cannot start: the VMs not yet started are not started, their scenarios (and
+    /// the failed VM's) are `not ok`, the error is the run's, and the KTAP is still complete.
+    #[test]
+    fn test_a_failed_vm_stops_the_rest_and_every_scenario_has_a_line() {
+        use crate::vm::profile::ProfileId;
+        let all = crate::scenarios::catalogue();
+        let one = |id: &str| vec![all.iter().find(|s| s.id == id).unwrap().clone()];
+        let plan = vec![
+            (ProfileId::Gpu, one("E1")),
+            (ProfileId::GpuNpu, one("R0")),
+            (ProfileId::GpuNsr, one("R8")),
+        ];
+        // One job: R8's VM (the costliest) starts first and fails; the others never start.
+        let started = Mutex::new(Vec::new());
+        let fake = |i: usize, _: &VmProfile, _: &[Scenario], _: &mut Report<'_>| {
+            started.lock().unwrap().push(i);
+            Err(LabError::NoScenario("boot failed (fake)".into()))
+        };
+        let mut ktap = Vec::new();
+        let mut progress = Vec::new();
+        let result = {
+            let mut r = Report::new(&mut ktap, &mut progress);
+            let result = schedule(&plan, 1, &mut r, &fake);
+            assert_eq!((r.failed, r.next), (3, 4));
+            result
+        };
+        assert!(matches!(result, Err(LabError::NoScenario(_))));
+        assert_eq!(*started.lock().unwrap(), [2]);
+        let ktap = String::from_utf8(ktap).unwrap();
+        let lines: Vec<&str> = ktap.lines().collect();
+        assert_eq!(lines.len(), 3, "{ktap}");
+        assert!(lines[0].starts_with("not ok 1 E1 enumeration # not run: an earlier VM"));
+        assert!(lines[2].starts_with("not ok 3 R8 slow-failed-reset # not run: "));
     }
 
     #[test]

@@ -50,7 +50,7 @@ impl fmt::Display for Shard {
 }
 
 /// Measured wall time of scenarios, in seconds (release build, TCG, this 2-core machine;
-/// docs/perf.md "Guest suite wall time per scenario"). Only the relative sizes matter: they
+/// docs/perf.md "Guest suite wall time per scenario", and a 2026-12-06 run for M9, K1, K2). Only the relative sizes matter: they
 /// balance shards and order VMs. A scenario not listed costs [`DEFAULT_COST`].
 pub const MEASURED: &[(&str, f64)] = &[
     ("E1", 0.3),
@@ -87,6 +87,10 @@ pub const MEASURED: &[(&str, f64)] = &[
     ("M6c", 1.1),
     ("M7", 1.2),
     ("M7b", 1.5),
+    // Not in docs/perf.md's table: from a `--jobs 2` run of 2026-12-06 (load average 8-9).
+    ("M9", 25.6),
+    ("K1", 0.2),
+    ("K2", 31.4),
 ];
 
 /// The cost of a scenario without a measurement.
