@@ -253,6 +253,7 @@ fn schedule(
                 Msg::Done(i, d) => done[i] = Some(d),
             }
             while let Some(d) = done.get_mut(emitted).and_then(Option::take) {
+                let d = *d;
                 report.ktap.raw(&d.ktap).map_err(LabError::Output)?;
                 report.next += plan[emitted].1.len();
                 report.passed += d.passed;
@@ -264,11 +265,8 @@ fn schedule(
                 match d.result {
                     Some(Ok(clean)) => ok &= clean,
                     None => {}
-                    Some(Err(e)) => {
-                        if first_err.is_none() {
-                            first_err = Some(e);
-                        }
-                    }
+                    Some(Err(e)) if first_err.is_none() => first_err = Some(e),
+                    Some(Err(_)) => {}
                 }
                 emitted += 1;
             }

@@ -183,7 +183,7 @@ pub fn partition(list: &[Scenario], n: usize) -> Vec<Vec<usize>> {
     let (mut at, mut load) = assign(&units, n);
     // Split while a shard is empty or too heavy, and something can still be split.
     loop {
-        let empty = load.iter().any(|l| *l == 0.0);
+        let empty = load.contains(&0.0);
         let heaviest = load.iter().copied().fold(0.0, f64::max);
         if !empty && heaviest <= even * TOLERANCE {
             break;
