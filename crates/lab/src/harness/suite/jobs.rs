@@ -189,13 +189,14 @@ fn schedule(
                         None
                     } else {
                         let names: Vec<&str> = group.iter().map(|s| s.id).collect();
-                        let _ = r.line(&format!(
-                            "VM {}/{}: profile {} for {}",
+                        // The line names the VM itself: not prefixed, as one VM at a time.
+                        let _ = tx.send(Msg::Line(format!(
+                            "lab: VM {}/{}: profile {} for {}",
                             i + 1,
                             plan.len(),
                             profile.name,
                             names.join(" ")
-                        ));
+                        )));
                         Some(run_one(i, &profile, group, &mut r))
                     };
                     let reason = match &result {
