@@ -11,7 +11,8 @@
 use std::process::{Command, Output};
 use std::sync::Mutex;
 
-/// One VM at a time: two TCG guests on a two-core machine slow each other down past timeouts.
+/// One lab run at a time: a run already uses the machine's cores (`--jobs`, one VM per core by
+/// default), and more TCG guests than cores slow each other down past timeouts.
 static VM: Mutex<()> = Mutex::new(());
 
 fn lab_suite(args: &[&str]) -> Output {
