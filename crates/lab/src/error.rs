@@ -52,6 +52,15 @@ pub enum LabError {
     /// Writing the KTAP report or progress failed.
     #[error("Cannot write the report")]
     Output(#[source] io::Error),
+    /// `--junit`'s file could not be written.
+    #[error("Cannot write the JUnit report {path}")]
+    Junit {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
     /// A child process could not be managed.
     #[error(transparent)]
     Process(#[from] ProcessError),

@@ -155,6 +155,23 @@ enum LabCmd {
         /// after the catalogue (repeatable).
         #[arg(long = "scenarios", value_name = "FILE|DIR")]
         scenario_files: Vec<PathBuf>,
+        /// Print the selected scenarios (id, name, VM profile, expected failure kinds), one a
+        /// line, tab-separated, and exit 0 (4 if none) without provisioning or booting anything.
+        #[arg(long)]
+        list: bool,
+        /// Run only the K-th of N parts of the selection (e.g. `2/4`): deterministic, balanced by
+        /// the scenarios' measured cost, and the N parts together are the selection, each
+        /// scenario once (docs/ci.md).
+        #[arg(long, value_name = "K/N")]
+        shard: Option<pcisim_lab::harness::suite::Shard>,
+        /// Also write the verdicts as JUnit XML to FILE (one testsuite, one testcase per
+        /// scenario; docs/ci.md).
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+        /// How many VMs run at the same time (default: one per core, as many as the available
+        /// memory holds, 1 with --gdb). The KTAP order and numbers do not depend on it.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        jobs: Option<u16>,
         #[command(flatten)]
         vm: VmArgs,
     },
@@ -425,6 +442,10 @@ fn run(cli: Cli) -> Result<i32> {
                 keep,
                 allow_skip,
                 scenario_files,
+                list,
+                shard,
+                junit,
+                jobs,
                 vm,
             } => {
                 let files = if scenario_files.is_empty() {
@@ -438,12 +459,36 @@ fn run(cli: Cli) -> Result<i32> {
                         }
                     }
                 };
+                if list {
+                    let opts = pcisim_lab::SuiteOptions {
+                        filter,
+                        shard,
+                        ..pcisim_lab::SuiteOptions::new("pcisim")
+                    };
+                    let mut all = pcisim_lab::catalogue();
+                    all.extend(files.into_iter().flatten());
+                    let selected = pcisim_lab::harness::suite::selection(&opts, all);
+                    let mut text = String::new();
+                    for l in pcisim_lab::harness::suite::list_lines(&selected) {
+                        text.push_str(&l);
+                        text.push('\n');
+                    }
+                    print_out(&text)?;
+                    return Ok(if selected.is_empty() {
+                        pcisim_lab::harness::suite::EXIT_NOT_ALL_RAN
+                    } else {
+                        0
+                    });
+                }
                 let opts = pcisim_lab::SuiteOptions {
                     filter,
                     kernel: kernel.source()?,
                     device_opts,
                     keep,
                     allow_skip,
+                    shard,
+                    junit,
+                    jobs: jobs.map(usize::from),
                     vm: vm.options()?,
                     ..pcisim_lab::SuiteOptions::new(
                         std::env::current_exe().context("locating the pcisim binary")?,

@@ -11,7 +11,8 @@
 use std::process::{Command, Output};
 use std::sync::Mutex;
 
-/// One VM at a time: two TCG guests on a two-core machine slow each other down past timeouts.
+/// One lab run at a time: a run already uses the machine's cores (`--jobs`, one VM per core by
+/// default), and more TCG guests than cores slow each other down past timeouts.
 static VM: Mutex<()> = Mutex::new(());
 
 fn lab_suite(args: &[&str]) -> Output {
@@ -29,6 +30,19 @@ fn lab_suite(args: &[&str]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Progress lines without the VM prefix `--jobs` adds after `lab: ` (`lab: [gpu] E1 ...`).
+fn unprefixed(progress: &str) -> String {
+    progress
+        .lines()
+        .map(
+            |l| match l.strip_prefix("lab: [").and_then(|r| r.split_once("] ")) {
+                Some((profile, rest)) if !profile.contains(' ') => format!("lab: {rest}\n"),
+                _ => format!("{l}\n"),
+            },
+        )
+        .collect()
 }
 
 /// The top-level result line of `name` (e.g. `E1 enumeration`) in a KTAP stream.
@@ -129,7 +143,9 @@ fn lab_suite_all_scenarios_pass() {
     );
     // The device's journal was read through the control socket: one summary line per device,
     // and no violation anywhere (a violation would have failed a scenario or the run).
-    let progress = String::from_utf8_lossy(&out.stderr);
+    // With `--jobs` above 1 (the default on a multi-core machine) a VM's lines say which VM
+    // (`lab: [gpu-npu] ...`): compare them without that prefix.
+    let progress = unprefixed(&String::from_utf8_lossy(&out.stderr));
     let summary = progress
         .lines()
         .find(|l| l.starts_with("lab: journal gpu0: "))
@@ -334,7 +350,8 @@ fn lab_suite_all_scenarios_pass() {
 /// as expected failures (a declared report that did not appear would fail them).
 #[test]
 fn lab_suite_kernel_oracle_catches_a_warning_and_a_hung_task() {
-    let out = lab_suite(&["--filter", "K"]);
+    let junit = junit_path("oracle");
+    let out = lab_suite(&["--filter", "K", "--junit", junit.to_str().unwrap()]);
     let ktap = String::from_utf8_lossy(&out.stdout);
     assert!(ktap.starts_with("KTAP version 1\n1..2\n"), "KTAP header");
     assert_eq!(
@@ -361,6 +378,125 @@ fn lab_suite_kernel_oracle_catches_a_warning_and_a_hung_task() {
         "the guest's hung task timeout"
     );
     assert!(out.status.success(), "{}", out.status);
+    // In JUnit an expected failure is a passed testcase with an `xfail` property.
+    let xml = std::fs::read_to_string(&junit).expect("the JUnit file");
+    let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("{e}\n{xml}"));
+    let cases: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("testcase"))
+        .collect();
+    assert_eq!(cases.len(), 2);
+    for c in &cases {
+        assert!(
+            !c.children()
+                .any(|n| n.has_tag_name("failure") || n.has_tag_name("skipped")),
+            "{xml}"
+        );
+        let xfail = c
+            .descendants()
+            .find(|n| n.has_tag_name("property") && n.attribute("name") == Some("xfail"))
+            .unwrap_or_else(|| panic!("an xfail property: {xml}"));
+        assert!(xfail
+            .attribute("value")
+            .unwrap()
+            .starts_with("XFAIL kernel "));
+        assert!(c.attribute("time").unwrap().parse::<f64>().unwrap() > 0.0);
+    }
+    std::fs::remove_file(&junit).unwrap();
+}
+
+/// A JUnit file path for one test (unique per process).
+fn junit_path(what: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("pcisim-junit-{what}-{}.xml", std::process::id()))
+}
+
+/// `pcisim lab suite --list ...`: no VM, no run directory.
+fn lab_list(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_pcisim"))
+        .args(["lab", "suite", "--list"])
+        .args(args)
+        .output()
+        .expect("run pcisim lab suite --list");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("run directory"),
+        "--list must not start a run"
+    );
+    out
+}
+
+fn listed_ids(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('\t').next().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// `--list` prints the selection (id, name, profile, expected kinds) without booting; a filter
+/// that selects nothing exits 4.
+#[test]
+fn lab_suite_list_prints_the_selection() {
+    let out = lab_list(&[]);
+    assert!(out.status.success(), "{}", out.status);
+    let catalogue = pcisim_lab::catalogue();
+    let ids = listed_ids(&out);
+    assert_eq!(
+        ids,
+        catalogue
+            .iter()
+            .map(|s| s.id.to_string())
+            .collect::<Vec<_>>()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("E1\tE1 enumeration\tgpu\t-\n"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l == "R2b\tR2b flr-dma-buggy-driver\tgpu-nsr\tgpu0:dma_during_reset"),
+        "{text}"
+    );
+    let out = lab_list(&["--filter", "H"]);
+    assert!(listed_ids(&out).iter().all(|id| id.starts_with('H')));
+    let none = lab_list(&["--filter", "no such scenario"]);
+    assert_eq!(none.status.code(), Some(4));
+    assert!(none.stdout.is_empty());
+    // A malformed shard is refused by the argument parser (exit 2, clap's usage error).
+    let bad = lab_list(&["--shard", "5/4"]);
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+/// `--shard K/N`: for several N, the N shards' lists are disjoint and together are the whole
+/// list (each scenario once); the same shard is the same list every time.
+#[test]
+fn lab_suite_shards_cover_the_list_exactly_once() {
+    let all = listed_ids(&lab_list(&[]));
+    for n in [1usize, 2, 3, 4, 7] {
+        let mut union = Vec::new();
+        for k in 1..=n {
+            let shard = format!("{k}/{n}");
+            let out = lab_list(&["--shard", &shard]);
+            assert!(out.status.success(), "shard {shard}: {}", out.status);
+            let ids = listed_ids(&out);
+            assert!(!ids.is_empty(), "shard {shard} is empty");
+            assert_eq!(
+                ids,
+                listed_ids(&lab_list(&["--shard", &shard])),
+                "deterministic"
+            );
+            union.extend(ids);
+        }
+        let mut sorted = union.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), union.len(), "n={n}: a scenario in two shards");
+        union.sort_by_key(|id| all.iter().position(|x| x == id));
+        assert_eq!(union, all, "n={n}");
+    }
+    // With a filter the shards split the filtered list.
+    let h = listed_ids(&lab_list(&["--filter", "H"]));
+    let mut union: Vec<String> = (1..=2)
+        .flat_map(|k| listed_ids(&lab_list(&["--filter", "H", "--shard", &format!("{k}/2")])))
+        .collect();
+    union.sort_by_key(|id| h.iter().position(|x| x == id));
+    assert_eq!(union, h);
 }
 
 /// The guest kernel oracle without a declaration: K1's module WARNs, and K1 without its
@@ -417,7 +553,15 @@ fn lab_suite_kernel_warning_fails_an_undeclared_scenario() {
 
 #[test]
 fn lab_suite_detects_corrupt_class_code() {
-    let out = lab_suite(&["--filter", "E1", "--device-opt", "x-corrupt-class=1"]);
+    let junit = junit_path("corrupt");
+    let out = lab_suite(&[
+        "--filter",
+        "E1",
+        "--device-opt",
+        "x-corrupt-class=1",
+        "--junit",
+        junit.to_str().unwrap(),
+    ]);
     let ktap = String::from_utf8_lossy(&out.stdout);
     assert!(ktap.starts_with("KTAP version 1\n1..1\n"), "KTAP header");
     let line = result_line(&ktap, "E1 enumeration").expect("a result line for E1");
@@ -431,10 +575,41 @@ fn lab_suite_detects_corrupt_class_code() {
             .any(|l| l.starts_with("  not ok ") && l.contains("class")),
         "the guest's class subtest must fail"
     );
-    assert!(
-        !out.status.success(),
-        "a failing scenario must make the suite fail"
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failing scenario must make the suite fail (exit 1)"
     );
+    // The JUnit report says the same: one failed testcase whose message is the KTAP reason and
+    // whose body holds the diagnostics.
+    let xml = std::fs::read_to_string(&junit).expect("the JUnit file");
+    let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("{e}\n{xml}"));
+    let suite = doc
+        .descendants()
+        .find(|n| n.has_tag_name("testsuite"))
+        .expect("a testsuite");
+    assert_eq!(
+        (suite.attribute("tests"), suite.attribute("failures")),
+        (Some("1"), Some("1"))
+    );
+    let case = suite
+        .children()
+        .find(|n| n.has_tag_name("testcase"))
+        .expect("a testcase");
+    assert_eq!(case.attribute("name"), Some("E1 enumeration"));
+    assert_eq!(case.attribute("classname"), Some("pcisim.lab.gpu"));
+    let failure = case
+        .children()
+        .find(|n| n.has_tag_name("failure"))
+        .expect("a failure element");
+    let reason = line.split_once(" # ").map(|(_, r)| r).expect("a reason");
+    assert_eq!(failure.attribute("message"), Some(reason));
+    let exit = suite
+        .descendants()
+        .find(|n| n.has_tag_name("property") && n.attribute("name") == Some("exit_code"))
+        .expect("the exit code property");
+    assert_eq!(exit.attribute("value"), Some("1"));
+    std::fs::remove_file(&junit).unwrap();
     // A failed run keeps its run directory for inspection; this failure was the expected one.
     let progress = String::from_utf8_lossy(&out.stderr);
     if let Some(dir) = progress
@@ -493,4 +668,56 @@ fn journal_window_flooded_past_the_ring_is_incomplete() {
     let exit = server.stop().unwrap();
     assert!(exit.ok(), "{}", exit.status);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--jobs 2` with two VM profiles (E1 on `gpu`, R0 on `gpu-npu`): both VMs run at once (gpu-npu,
+/// the costlier, starts first), yet the KTAP stream is in plan order with the same numbers as
+/// one VM after another, and each VM's progress lines name it.
+#[test]
+fn lab_suite_jobs_run_vms_at_once_with_deterministic_ktap() {
+    let out = lab_suite(&["--filter", "enumeration", "--jobs", "2"]);
+    let ktap = String::from_utf8_lossy(&out.stdout);
+    let top: Vec<&str> = ktap.lines().filter(|l| !l.starts_with(' ')).collect();
+    assert_eq!(
+        top,
+        [
+            "KTAP version 1",
+            "1..2",
+            "ok 1 E1 enumeration",
+            "ok 2 R0 two-function-enumeration"
+        ]
+    );
+    // Each nested block sits right above its own result line.
+    let lines: Vec<&str> = ktap.lines().collect();
+    let r0 = lines
+        .iter()
+        .position(|l| l.starts_with("ok 2 "))
+        .expect("R0's line");
+    let e1 = lines
+        .iter()
+        .position(|l| l.starts_with("ok 1 "))
+        .expect("E1's line");
+    assert!(lines[e1 + 1..r0].iter().all(|l| l.starts_with("  ")));
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        progress
+            .lines()
+            .any(|l| l == "lab: 2 VMs, 2 at a time, longest first: gpu-npu gpu"),
+        "the schedule"
+    );
+    for (vm, line) in [
+        ("gpu", "E1 enumeration: ok"),
+        ("gpu-npu", "R0 two-function-enumeration: ok"),
+    ] {
+        assert!(
+            progress
+                .lines()
+                .any(|l| l.starts_with(&format!("lab: [{vm}] {line} ("))),
+            "{vm}: {line}"
+        );
+        assert!(progress
+            .lines()
+            .any(|l| l == format!("lab: [{vm}] device server exited cleanly (exit 0)")));
+    }
+    assert_eq!(out.status.code(), Some(0));
 }

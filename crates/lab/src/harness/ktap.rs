@@ -98,6 +98,13 @@ impl<'a> KtapWriter<'a> {
         self.out.flush()
     }
 
+    /// Writes already-formatted KTAP (another writer's output, e.g. a VM's buffered results)
+    /// verbatim.
+    pub fn raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.out.write_all(bytes)?;
+        self.out.flush()
+    }
+
     /// `KTAP version 1` and the plan `1..count`.
     pub fn header(&mut self, count: usize) -> io::Result<()> {
         self.line(VERSION_LINE)?;

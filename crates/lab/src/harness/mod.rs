@@ -6,11 +6,13 @@
 //! QMP, journal windows), [`ktap`] (writer and parser), [`dmesg`] (the guest kernel's log as a
 //! second oracle: report kinds, allowlist, verdict), [`suite`] (boots one VM per profile and
 //! runs scenarios in it, judging each by its KTAP, its journal and its kernel log) and
-//! [`timeline`] (a journal picture of one step).
+//! [`timeline`] (a journal picture of one step); [`junit`] writes the suite's verdicts as JUnit
+//! XML for CI engines.
 
 pub mod dmesg;
 pub mod file;
 pub mod host;
+pub mod junit;
 pub mod ktap;
 pub mod scenario;
 pub mod suite;

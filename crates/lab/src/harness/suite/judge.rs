@@ -21,10 +21,10 @@ pub(super) fn check_outside(
         Ok(w) => {
             note_lost(&w, what, report)?;
             let head = format!("{what}: {}", w.reason());
-            report.ktap.diagnostic(&head).map_err(LabError::Output)?;
+            report.outside_failure(&head)?;
             report.line(&head)?;
             for d in w.diagnostics() {
-                report.ktap.diagnostic(&d).map_err(LabError::Output)?;
+                report.outside_failure(&d)?;
                 report.line(&format!("  {d}"))?;
             }
             Ok(false)
@@ -32,7 +32,7 @@ pub(super) fn check_outside(
         Err(e) => {
             let head = format!("{what}: device journal unreadable: {}", error_chain(&e));
             warn!("{head}");
-            report.ktap.diagnostic(&head).map_err(LabError::Output)?;
+            report.outside_failure(&head)?;
             report.line(&head)?;
             Ok(false)
         }
@@ -79,7 +79,7 @@ pub(super) fn check_boot_kernel(
     if let Verdict::Fail(why) = verdict {
         clean = false;
         let head = format!("boot: {why}");
-        report.ktap.diagnostic(&head).map_err(LabError::Output)?;
+        report.outside_failure(&head)?;
         report.line(&head)?;
     }
     for d in diagnostics {

@@ -57,13 +57,16 @@ use crate::vm::qmp::Qmp;
 use crate::vm::server::{self, Server, ServerError};
 use pcisim_journal::ViolationKind;
 
+pub mod jobs;
 mod judge;
 mod report;
 mod rundir;
+pub mod select;
 mod vm_run;
 use self::judge::*;
 use self::report::*;
 pub use self::rundir::*;
+pub use self::select::{list_lines, selection, Shard};
 use self::vm_run::*;
 
 pub use crate::vm::boot::{AGENT_PORT, BOOT_TIMEOUT, CONNECT_TIMEOUT, POWEROFF_TIMEOUT};
@@ -95,6 +98,14 @@ pub struct SuiteOptions {
     /// newc archives appended to the initramfs (the kernel unpacks concatenated archives):
     /// files a command adds to the guest (`lab kselftest`: the selftest binaries).
     pub extra_initramfs: Vec<PathBuf>,
+    /// `--shard K/N`: run only the K-th of N cost-balanced parts of the selection
+    /// ([`select::partition`]).
+    pub shard: Option<Shard>,
+    /// `--junit FILE`: also write the verdicts as JUnit XML ([`crate::harness::junit`]).
+    pub junit: Option<PathBuf>,
+    /// `--jobs N`: how many VMs run at the same time (`None`: [`jobs::default_jobs`], from the
+    /// cores and the available memory).
+    pub jobs: Option<usize>,
 }
 
 impl SuiteOptions {
@@ -110,6 +121,9 @@ impl SuiteOptions {
             allow_skip: false,
             vm: Default::default(),
             extra_initramfs: Vec::new(),
+            shard: None,
+            junit: None,
+            jobs: None,
         }
     }
 }
@@ -187,29 +201,31 @@ pub fn run_scenarios(
 ) -> Result<SuiteOutcome, LabError> {
     let started = Instant::now();
     let signals = InterruptGuard::install().map_err(LabError::Signals)?;
-    let selected: Vec<Scenario> = scenarios
-        .into_iter()
-        .filter(|s| opts.filter.as_deref().is_none_or(|f| s.name.contains(f)))
-        .collect();
+    let selected = selection(opts, scenarios);
     if selected.is_empty() {
-        return Err(LabError::NoScenario(
-            opts.filter.clone().unwrap_or_default(),
-        ));
+        let what = match (&opts.filter, opts.shard) {
+            (f, Some(k)) => format!("{} (shard {k})", f.clone().unwrap_or_default()),
+            (f, None) => f.clone().unwrap_or_default(),
+        };
+        if let Some(path) = &opts.junit {
+            write_junit(
+                opts,
+                path,
+                Vec::new(),
+                Vec::new(),
+                started,
+                EXIT_NOT_ALL_RAN,
+                progress,
+            )?;
+        }
+        return Err(LabError::NoScenario(what));
     }
     // One VM per distinct profile, in order of first need; the KTAP numbers follow the order
     // the scenarios run in.
     let plan = plan_vms(&selected);
     let scenarios: Vec<Scenario> = plan.iter().flat_map(|(_, g)| g.iter().cloned()).collect();
     let mut run = RunDir::create()?;
-    let mut report = Report {
-        ktap: KtapWriter::new(ktap_out),
-        progress,
-        next: 1,
-        passed: 0,
-        failed: 0,
-        skipped: 0,
-        skipped_subtests: 0,
-    };
+    let mut report = Report::new(ktap_out, progress);
     report
         .ktap
         .header(scenarios.len())
@@ -271,6 +287,10 @@ pub fn run_scenarios(
             })?;
         }
     }
+    if let Some(path) = &opts.junit {
+        let (cases, outside) = (report.cases.clone(), report.outside.clone());
+        write_junit(opts, path, cases, outside, started, code, report.progress)?;
+    }
     if code == EXIT_PASS && !opts.keep {
         run.set_remove(true);
     } else {
@@ -278,6 +298,43 @@ pub fn run_scenarios(
     }
     drop(signals);
     result
+}
+
+/// Writes `--junit`'s file from what `report` recorded; says where on `progress`. A file that
+/// cannot be written is an infrastructure error (CI would otherwise lose the report silently).
+fn write_junit(
+    opts: &SuiteOptions,
+    path: &Path,
+    cases: Vec<crate::harness::junit::Case>,
+    outside: Vec<String>,
+    started: Instant,
+    code: i32,
+    progress: &mut dyn Write,
+) -> Result<(), LabError> {
+    let mut properties = vec![
+        ("kernel".to_string(), opts.kernel.describe()),
+        ("exit_code".to_string(), code.to_string()),
+    ];
+    if let Some(f) = &opts.filter {
+        properties.push(("filter".into(), f.clone()));
+    }
+    if let Some(k) = opts.shard {
+        properties.push(("shard".into(), k.to_string()));
+    }
+    let run = crate::harness::junit::Run {
+        cases,
+        time: started.elapsed(),
+        properties,
+        outside,
+    };
+    run.write("pcisim lab suite", path)
+        .map_err(|source| LabError::Junit {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    writeln!(progress, "lab: JUnit report {}", path.display())
+        .and_then(|_| progress.flush())
+        .map_err(LabError::Output)
 }
 
 /// Groups `scenarios` by the profile they need: one group per distinct profile, in the order
@@ -309,7 +366,15 @@ fn run_in(
         &mut |l| report.line(l),
     )?;
 
-    // 5. One VM per profile, in the order the scenarios need them.
+    // 5. One VM per profile, in the order the scenarios need them (several at a time: the KTAP
+    // still comes in this order).
+    let jobs = opts
+        .jobs
+        .unwrap_or_else(|| jobs::default_jobs(opts, plan))
+        .clamp(1, plan.len().max(1));
+    if jobs > 1 {
+        return jobs::run_concurrently(opts, &env, &initrd.path, plan, run, jobs, report);
+    }
     let mut ok = true;
     for (i, (id, group)) in plan.iter().enumerate() {
         let profile = id.profile();
@@ -738,15 +803,7 @@ mod tests {
         let mut ktap = Vec::new();
         let mut progress = Vec::new();
         {
-            let mut r = Report {
-                ktap: KtapWriter::new(&mut ktap),
-                progress: &mut progress,
-                next: 1,
-                passed: 0,
-                failed: 0,
-                skipped: 0,
-                skipped_subtests: 0,
-            };
+            let mut r = Report::new(&mut ktap, &mut progress);
             let clean = check_outside(&mut watch, "teardown", dir.path(), &mut r).unwrap();
             assert!(
                 !clean,
@@ -777,15 +834,7 @@ mod tests {
         let mut ktap = Vec::new();
         let mut progress = Vec::new();
         {
-            let mut r = Report {
-                ktap: KtapWriter::new(&mut ktap),
-                progress: &mut progress,
-                next: 1,
-                passed: 0,
-                failed: 0,
-                skipped: 0,
-                skipped_subtests: 0,
-            };
+            let mut r = Report::new(&mut ktap, &mut progress);
             r.ktap.header(2).unwrap();
             let all = [sample("E1", "E1 enumeration"), sample("E2", "E2 bar-mmio")];
             r.scenario(

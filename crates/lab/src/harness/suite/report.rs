@@ -20,9 +20,35 @@ pub(super) struct Report<'a> {
     pub(super) failed: usize,
     pub(super) skipped: usize,
     pub(super) skipped_subtests: usize,
+    /// Every result written, for `--junit`.
+    pub(super) cases: Vec<crate::harness::junit::Case>,
+    /// Failures outside any scenario (boot/teardown windows, server exits), for `--junit`.
+    pub(super) outside: Vec<String>,
 }
 
-impl Report<'_> {
+impl<'a> Report<'a> {
+    /// A report that writes KTAP to `ktap` and progress lines to `progress`, numbering from 1.
+    pub(super) fn new(ktap: &'a mut dyn Write, progress: &'a mut dyn Write) -> Self {
+        Report {
+            ktap: KtapWriter::new(ktap),
+            progress,
+            next: 1,
+            passed: 0,
+            failed: 0,
+            skipped: 0,
+            skipped_subtests: 0,
+            cases: Vec::new(),
+            outside: Vec::new(),
+        }
+    }
+
+    /// A top-level KTAP diagnostic about something outside any scenario that fails the run
+    /// (kept for `--junit`'s `outside scenarios` case).
+    pub(super) fn outside_failure(&mut self, text: &str) -> Result<(), LabError> {
+        self.outside.push(text.to_string());
+        self.ktap.diagnostic(text).map_err(LabError::Output)
+    }
+
     pub(super) fn line(&mut self, text: &str) -> Result<(), LabError> {
         writeln!(self.progress, "lab: {text}")
             .and_then(|_| self.progress.flush())
@@ -86,6 +112,20 @@ impl Report<'_> {
                 reason: reason.clone(),
             })
             .map_err(LabError::Output)?;
+        self.cases.push(crate::harness::junit::Case {
+            name: s.name.to_string(),
+            classname: format!("pcisim.lab.{}", s.profile().profile().name),
+            time: elapsed,
+            outcome: match (verdict, &reason) {
+                (Verdict::Pass, Some(note)) if note.contains("XFAIL") => {
+                    crate::harness::junit::Outcome::Xfail(note.clone())
+                }
+                (Verdict::Pass, _) => crate::harness::junit::Outcome::Pass,
+                (Verdict::Fail(r), _) => crate::harness::junit::Outcome::Fail(r.clone()),
+                (Verdict::Skip(r), _) => crate::harness::junit::Outcome::Skip(r.clone()),
+            },
+            diagnostics: diagnostics.to_vec(),
+        });
         let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
         self.line(&format!(
             "{}: {word} ({:.1} s){why}",

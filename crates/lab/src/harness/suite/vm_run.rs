@@ -197,7 +197,7 @@ pub(super) fn run_vm(
                 "teardown: device journal unreadable: the device server exited ({status}) \
                  before the teardown window was read"
             );
-            report.ktap.diagnostic(&what).map_err(LabError::Output)?;
+            report.outside_failure(&what)?;
             report.line(&what)?;
         }
     }
@@ -211,7 +211,7 @@ pub(super) fn run_vm(
         if !exit.panics.is_empty() {
             what.push_str(&format!("; panic: {}", exit.panics.join(" | ")));
         }
-        report.ktap.diagnostic(&what).map_err(LabError::Output)?;
+        report.outside_failure(&what)?;
         report.line(&what)?;
         show_tail(report, "server log", &server_log, 20)?;
     }
