@@ -70,6 +70,30 @@ pub struct Scenario {
     /// The scenario's correct twin, for an expected failure: the same program on the same
     /// profile without the bug, expecting nothing (a unit test holds the catalogue to it).
     pub twin: Twin,
+    /// A kernel feature the scenario needs to be meaningful at all (M8c provokes a lockdep
+    /// report: without lockdep there is nothing to catch). Where the guest kernel lacks it, the
+    /// scenario's program reports SKIP with the reason, and the suite counts that skip as *not
+    /// applicable to this kernel* (shown in the total line and in JUnit, not an incomplete run):
+    /// a Debian kernel's run can still exit 0. Any other skip still counts as one.
+    pub requires: Option<KernelFeature>,
+}
+
+/// A kernel feature a scenario needs ([`Scenario::requires`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFeature {
+    /// Lockdep (`CONFIG_PROVE_LOCKING`, `/proc/lockdep_chains`): the debug kernel has it
+    /// (`--kernel 6.12-debug`), Debian's kernels do not.
+    Lockdep,
+}
+
+impl std::fmt::Display for KernelFeature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelFeature::Lockdep => {
+                f.write_str("lockdep (CONFIG_PROVE_LOCKING; --kernel 6.12-debug has it)")
+            }
+        }
+    }
 }
 
 /// An expected failure's correct twin ([`Scenario::twin`]).
@@ -96,6 +120,7 @@ impl Scenario {
         kernel_reports: &[],
         violations: &[],
         twin: Twin::None,
+        requires: None,
     };
 
     /// Whether the scenario provokes a failure on purpose (a violation or a kernel report).

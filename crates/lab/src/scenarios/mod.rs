@@ -13,7 +13,7 @@ use crate::error::LabError;
 use crate::harness::dmesg::KernelReport;
 use pcisim_guest_wire::Program as Guest;
 
-use crate::harness::scenario::{Program, Scenario, Twin};
+use crate::harness::scenario::{KernelFeature, Program, Scenario, Twin};
 use crate::harness::suite::{SuiteOptions, SuiteOutcome};
 
 pub mod dmamap;
@@ -357,6 +357,7 @@ pub fn catalogue() -> Vec<Scenario> {
             // bug this scenario provokes on purpose (seed 004). Not required when it skips.
             kernel_reports: &[KernelReport::Lockdep],
             twin: Twin::Of("M8"),
+            requires: Some(KernelFeature::Lockdep),
             ..Scenario::NO_XFAIL
         },
         Scenario {

@@ -211,6 +211,17 @@ pub enum ProfileId {
 }
 
 impl ProfileId {
+    /// Why the guest of this profile cannot power off after its scenarios, if it cannot: the
+    /// suite then ends QEMU at once instead of waiting out the power-off timeout (60 s).
+    pub fn cannot_power_off(self) -> Option<&'static str> {
+        match self {
+            ProfileId::NpuProbeHang => Some(
+                "R10b leaves its probing task deadlocked holding the NPU's device lock, which the \
+                 guest's power-off (device_shutdown()) would wait for forever",
+            ),
+            _ => None,
+        }
+    }
     /// The suite's profiles (not [`ProfileId::GpuLarge`], the vfio selftests' machine).
     pub const SUITE: [ProfileId; 9] = [
         ProfileId::Gpu,

@@ -731,6 +731,7 @@ fn scenario_of(file: &'static ScenarioFile) -> Scenario {
         } else {
             Twin::Unpaired("a scenario file declares its expected failures itself")
         },
+        requires: None,
     }
 }
 

@@ -76,6 +76,7 @@ struct VmDone {
     passed: usize,
     failed: usize,
     skipped: usize,
+    not_applicable: usize,
     skipped_subtests: usize,
     cases: Vec<crate::harness::junit::Case>,
     outside: Vec<String>,
@@ -227,6 +228,7 @@ fn schedule(
                         passed: r.passed,
                         failed: r.failed,
                         skipped: r.skipped,
+                        not_applicable: r.not_applicable,
                         skipped_subtests: r.skipped_subtests,
                         cases: std::mem::take(&mut r.cases),
                         outside: std::mem::take(&mut r.outside),
@@ -260,6 +262,7 @@ fn schedule(
                 report.passed += d.passed;
                 report.failed += d.failed;
                 report.skipped += d.skipped;
+                report.not_applicable += d.not_applicable;
                 report.skipped_subtests += d.skipped_subtests;
                 report.cases.extend(d.cases);
                 report.outside.extend(d.outside);

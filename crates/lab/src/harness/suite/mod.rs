@@ -151,6 +151,9 @@ pub struct SuiteOutcome {
     pub failed: usize,
     /// Scenarios that were skipped.
     pub skipped: usize,
+    /// Scenarios that skipped because this kernel lacks the feature they declare they need
+    /// ([`Scenario::requires`]; M8c without lockdep): shown, not counted as an incomplete run.
+    pub not_applicable: usize,
     /// Subtests reported skipped inside scenarios that passed (not-applicable steps a
     /// scenario chose, e.g. `--dirty off`): counted and shown, the scenario's verdict stands.
     pub skipped_subtests: usize,
@@ -260,15 +263,20 @@ pub fn run_scenarios(
         passed: report.passed,
         failed: report.failed,
         skipped: report.skipped,
+        not_applicable: report.not_applicable,
         skipped_subtests: report.skipped_subtests,
         outside_clean,
     });
     report.line(&format!(
-        "total {:.1} s: {} passed, {} failed, {} skipped{}",
+        "total {:.1} s: {} passed, {} failed, {} skipped{}{}",
         started.elapsed().as_secs_f64(),
         report.passed,
         report.failed,
         report.skipped,
+        match report.not_applicable {
+            0 => String::new(),
+            n => format!(" ({n} not applicable to this kernel: it lacks a feature they need)"),
+        },
         match report.skipped_subtests {
             0 => String::new(),
             n => format!(" ({n} subtest(s) skipped inside passing scenarios)"),
@@ -728,6 +736,13 @@ mod tests {
         };
         assert_eq!(one_skipped.exit_code(false), EXIT_NOT_ALL_RAN);
         assert_eq!(one_skipped.exit_code(true), EXIT_PASS);
+        // A scenario not applicable to this kernel (its declared feature is missing) is shown,
+        // not an incomplete run.
+        let not_applicable = SuiteOutcome {
+            not_applicable: 1,
+            ..all_passed
+        };
+        assert_eq!(not_applicable.exit_code(false), EXIT_PASS);
         // Everything skipped: nothing ran, even with --allow-skip.
         let all_skipped = SuiteOutcome {
             passed: 0,

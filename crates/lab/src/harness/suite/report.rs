@@ -19,6 +19,9 @@ pub(super) struct Report<'a> {
     pub(super) passed: usize,
     pub(super) failed: usize,
     pub(super) skipped: usize,
+    /// Skips of scenarios whose required kernel feature this kernel lacks
+    /// ([`crate::harness::scenario::Scenario::requires`]): not applicable, not incomplete.
+    pub(super) not_applicable: usize,
     pub(super) skipped_subtests: usize,
     /// Every result written, for `--junit`.
     pub(super) cases: Vec<crate::harness::junit::Case>,
@@ -36,6 +39,7 @@ impl<'a> Report<'a> {
             passed: 0,
             failed: 0,
             skipped: 0,
+            not_applicable: 0,
             skipped_subtests: 0,
             cases: Vec::new(),
             outside: Vec::new(),
@@ -102,6 +106,7 @@ impl<'a> Report<'a> {
                 }
             }
             Status::Fail => self.failed += 1,
+            Status::Skip if s.requires.is_some() => self.not_applicable += 1,
             Status::Skip => self.skipped += 1,
         }
         self.ktap

@@ -152,26 +152,34 @@ pub(super) fn run_vm(
     } = vm;
     let mut ok = true;
     let t = Instant::now();
-    if broken.is_none() {
+    let no_poweroff = scenarios
+        .first()
+        .and_then(|s| s.profile().cannot_power_off());
+    if broken.is_none() && no_poweroff.is_none() {
         if let Err(e) = agent.poweroff(Duration::from_secs(30)) {
             warn!("poweroff: {e}");
             report.line(&format!("poweroff request failed: {e}"))?;
         }
     }
-    match qemu.wait_timeout(POWEROFF_TIMEOUT)? {
-        Some(status) if status.success() => {
-            report.line(&format!("guest powered off in {:.1} s", secs(t)))?
-        }
-        Some(status) => report.line(&format!(
-            "QEMU exited with {} (see {})",
-            describe_status(status),
-            dir.join("qemu.log").display()
-        ))?,
-        None => {
-            report.line(&format!(
-                "QEMU still running {POWEROFF_TIMEOUT:?} after poweroff: killing it"
-            ))?;
-            qemu.terminate(Duration::from_secs(5))?;
+    if let Some(why) = no_poweroff {
+        report.line(&format!("not powering the guest off ({why}): ending QEMU"))?;
+        qemu.terminate(Duration::from_secs(5))?;
+    } else {
+        match qemu.wait_timeout(POWEROFF_TIMEOUT)? {
+            Some(status) if status.success() => {
+                report.line(&format!("guest powered off in {:.1} s", secs(t)))?
+            }
+            Some(status) => report.line(&format!(
+                "QEMU exited with {} (see {})",
+                describe_status(status),
+                dir.join("qemu.log").display()
+            ))?,
+            None => {
+                report.line(&format!(
+                    "QEMU still running {POWEROFF_TIMEOUT:?} after poweroff: killing it"
+                ))?;
+                qemu.terminate(Duration::from_secs(5))?;
+            }
         }
     }
     drop(qmp);
