@@ -779,10 +779,24 @@ mod tests {
 
     #[test]
     fn zombies_of_other_parents_are_not_listed() {
-        // We have no zombie children here unless a test leaked one.
-        let mine = zombie_children(std::process::id());
-        let tracked = TRACKED.lock().unwrap();
-        assert!(mine.iter().all(|p| !tracked.contains(p)));
+        // A child of ours that exits stays a zombie until it is waited for.
+        let child = Command::new("/bin/true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !zombie_children(std::process::id()).contains(&pid) {
+            assert!(
+                Instant::now() < deadline,
+                "child {pid} never listed as a zombie"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Nobody is the parent of a pid that does not exist; other tests' children (which run
+        // concurrently, so may be zombies for a moment) are ours, never another parent's.
+        assert!(zombie_children(u32::MAX).is_empty());
+        assert!(!zombie_children(1).contains(&pid));
+        assert!(sys::reap(pid));
+        drop(child);
+        assert!(!zombie_children(std::process::id()).contains(&pid));
     }
 
     #[test]
