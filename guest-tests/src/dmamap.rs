@@ -87,6 +87,17 @@ impl Drop for Buffer {
     }
 }
 
+/// The subtests, in the order they are reported (`*`: the buffer's size or IOVA).
+const SUBTESTS: &[&str] = &[
+    "shmem transparent huge pages off",
+    "bind vfio-pci and open the device",
+    "command ring set up",
+    "map * MiB in 4 KiB pages",
+    "the GPU's WRITE_FENCE lands in the last page (IOVA *)",
+    "unmap * MiB",
+    "release the device",
+];
+
 pub fn run(argv: &[String]) -> i32 {
     let parsed = (|| -> Result<_, String> {
         let args = Args::parse(argv, &["vendor", "device", "bdf", "mib"])?;
@@ -109,7 +120,7 @@ pub fn run(argv: &[String]) -> i32 {
     };
     let len = mib << 20;
     let pages = len / 4096;
-    let mut k = Ktap::new(7);
+    let mut k = Ktap::declared(SUBTESTS);
 
     // 1. Small pages for shmem.
     let before = std::fs::read_to_string(SHMEM_THP).unwrap_or_default();

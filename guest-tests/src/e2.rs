@@ -311,6 +311,16 @@ fn setup(func: &Function) -> Result<(Gpu, String), String> {
     ))
 }
 
+/// E2's subtests, in the order they are reported.
+const SUBTESTS: &[&str] = &[
+    "id",
+    "scratch",
+    "vram-guest-to-device",
+    "vram-device-to-guest",
+    "vram-window-range",
+    "vram-bad-command",
+];
+
 pub fn run(argv: &[String]) -> i32 {
     let prepared = (|| -> Result<_, String> {
         let args = Args::parse(argv, &["vendor", "device", "bdf"])?;
@@ -325,7 +335,7 @@ pub fn run(argv: &[String]) -> i32 {
         Err(e) => return setup_failure(&e),
     };
 
-    let mut k = Ktap::new(6);
+    let mut k = Ktap::declared(SUBTESTS);
     k.diag(&format!(
         "E2 BAR MMIO on {} (BAR0 {:#x} bytes, BAR2 {:#x} bytes, enable was {was_enabled})",
         func.bdf,

@@ -100,6 +100,36 @@ pub struct Ktap {
     skipped: usize,
     out: Vec<u8>,
     to_stdout: bool,
+    /// The declared subtests (see [`Ktap::declared`]); empty for a plan counted by hand.
+    subtests: &'static [&'static str],
+    /// Results reported under a name their declaration does not allow, as diagnostics.
+    undeclared: Vec<String>,
+}
+
+/// Whether `name` is one a declared subtest allows: the declaration is one or more patterns
+/// separated by `|` (where an option picks the name: `"state-cleared|state-kept"`), each
+/// literal except that `*` stands for any text (a name with a value in it: `"reset-*"`).
+pub fn declared_name_matches(declaration: &str, name: &str) -> bool {
+    declaration.split('|').any(|pattern| glob(pattern, name))
+}
+
+fn glob(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for m in middle {
+        match rest.find(m) {
+            Some(i) => rest = &rest[i + m.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 impl Ktap {
@@ -108,12 +138,16 @@ impl Ktap {
         Self::with_sink(planned, true)
     }
 
-    /// Starts a run whose plan is its declared subtests (one name each, in the order they are
+    /// Starts a run whose plan is its declared subtests (one entry each, in the order they are
     /// reported: `const SUBTESTS: &[&str] = &["vfio-bind", "vfio-open", ...]`), so the plan is
-    /// counted by the compiler, not by hand.
-    #[allow(dead_code)] // the programs move to it one at a time
-    pub fn declared(subtests: &[&str]) -> Self {
-        Self::new(subtests.len())
+    /// counted by the compiler, not by hand. An entry may allow several names
+    /// ([`declared_name_matches`]). Every result is checked against its entry: one reported
+    /// under another name fails the run (a diagnostic says which), so the declaration cannot
+    /// drift from what the program does.
+    pub fn declared(subtests: &'static [&'static str]) -> Self {
+        let mut k = Self::new(subtests.len());
+        k.subtests = subtests;
+        k
     }
 
     fn with_sink(planned: usize, to_stdout: bool) -> Self {
@@ -125,6 +159,8 @@ impl Ktap {
             skipped: 0,
             out: Vec::new(),
             to_stdout,
+            subtests: &[],
+            undeclared: Vec::new(),
         };
         k.emit("KTAP version 1");
         k.emit(&format!("1..{planned}"));
@@ -159,6 +195,20 @@ impl Ktap {
             Outcome::Fail(_) => self.failed += 1,
             Outcome::Skip(_) => self.skipped += 1,
         }
+        if !self.subtests.is_empty() {
+            match self.subtests.get(self.next - 1) {
+                Some(d) if declared_name_matches(d, name) => {}
+                Some(d) => self.undeclared.push(format!(
+                    "subtest {} reported as {name:?}, declared as {d:?}",
+                    self.next
+                )),
+                None => self.undeclared.push(format!(
+                    "subtest {} {name:?} is beyond the {} declared",
+                    self.next,
+                    self.subtests.len()
+                )),
+            }
+        }
         let line = format_result(self.next, name, &outcome);
         self.next += 1;
         self.emit(&line);
@@ -177,6 +227,10 @@ impl Ktap {
         let missing = self.planned.saturating_sub(self.next - 1);
         if missing > 0 {
             self.diag(&format!("{missing} planned test(s) were not reported"));
+        }
+        for u in std::mem::take(&mut self.undeclared) {
+            self.diag(&format!("not as declared: {u}"));
+            self.failed += 1;
         }
         self.diag(&format!(
             "totals: pass:{} fail:{} skip:{}",
@@ -237,11 +291,62 @@ mod tests {
         }
         assert!(k.captured().starts_with("KTAP version 1\n1..3\n"));
         assert_eq!(k.finish(), EXIT_PASS);
+        // A result under a name its entry does not allow: the run fails, and says why.
+        let mut k = Ktap::with_sink(SUBTESTS.len(), false);
+        k.subtests = SUBTESTS;
+        k.result("bind", Outcome::Pass);
+        k.result("reset", Outcome::Pass);
+        k.result("open", Outcome::Pass);
+        assert_eq!(k.undeclared.len(), 2, "{:?}", k.undeclared);
+        assert!(k.undeclared[0].contains("subtest 2 reported as \"reset\", declared as \"open\""));
+        assert_eq!(k.finish(), EXIT_FAIL);
+        // One more result than declared.
+        const ONE: &[&str] = &["a"];
+        let mut k = Ktap::with_sink(ONE.len(), false);
+        k.subtests = ONE;
+        k.result("a", Outcome::Pass);
+        k.result("b", Outcome::Pass);
+        assert!(k.undeclared[0].contains("beyond the 1 declared"));
+        assert_eq!(k.finish(), EXIT_FAIL);
         // One declared subtest not reported: a failure.
         let mut k = Ktap::with_sink(SUBTESTS.len(), false);
         k.result(SUBTESTS[0], Outcome::Pass);
         k.result(SUBTESTS[1], Outcome::Pass);
         assert_eq!(k.finish(), EXIT_FAIL);
+    }
+
+    #[test]
+    fn declared_names_allow_alternatives_and_wildcards() {
+        // (declaration, name, allowed)
+        let cases = [
+            ("dirty", "dirty", true),
+            ("dirty", "dirty2", false),
+            ("dirty", "dirt", false),
+            ("state-cleared|state-kept", "state-kept", true),
+            ("state-cleared|state-kept", "state-gone", false),
+            ("reset-*", "reset-flr", true),
+            ("reset-*", "irq-flr", false),
+            (
+                "map * MiB in 4 KiB pages",
+                "map 64 MiB in 4 KiB pages",
+                true,
+            ),
+            (
+                "map * MiB in 4 KiB pages",
+                "map 64 MiB in 2 MiB pages",
+                false,
+            ),
+            ("a*b*c", "a-b-c", true),
+            ("a*bc*c", "abc", false),
+            ("x (IOVA *)", "x (IOVA 0x1000)", true),
+        ];
+        for (declaration, name, allowed) in cases {
+            assert_eq!(
+                declared_name_matches(declaration, name),
+                allowed,
+                "{declaration:?} {name:?}"
+            );
+        }
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub fn irq_writes(vector: u32) -> Vec<(u64, u32)> {
     ]
 }
 
+/// The NPU program's subtests, in the order they are reported.
+const SUBTESTS: &[&str] = &["id", "peer-status"];
+
 /// `npu-peer --vendor V --device D [--bdf BDF] --present yes|no`: the NPU's ID, and its
 /// PEER_STATUS reports a configured peer, present or not as expected.
 pub fn run(argv: &[String]) -> i32 {
@@ -110,7 +113,7 @@ pub fn run(argv: &[String]) -> i32 {
         Ok(p) => p,
         Err(e) => return setup_failure(&e),
     };
-    let mut k = Ktap::new(2);
+    let mut k = Ktap::declared(SUBTESTS);
     k.diag(&format!("NPU {} BAR0 registers", func.bdf));
     let r = regs.read32(ID).and_then(|id| {
         if id == ID_MAGIC {

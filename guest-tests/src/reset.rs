@@ -436,6 +436,17 @@ fn errno_name(e: i32) -> &'static str {
     }
 }
 
+/// The subtests, in the order they are reported: the reset is named after its method
+/// (`reset-flr`, `reset-pm-cycle`, ...), the state check after `--expect` (dead, kept, cleared).
+const SUBTESTS: &[&str] = &[
+    "reset-methods",
+    "dirty",
+    "reset-*",
+    "kernel-log",
+    "state-not-ready|state-kept|state-cleared",
+    "config-restored",
+];
+
 pub fn run(argv: &[String]) -> i32 {
     let prepared = (|| -> Result<_, String> {
         let args = Args::parse(
@@ -466,8 +477,7 @@ pub fn run(argv: &[String]) -> i32 {
         Method::PmCycle => "pm-cycle".into(),
         Method::Sbr => "sbr".into(),
     };
-    // reset-methods dirty reset kernel-log state config
-    let mut k = Ktap::new(6);
+    let mut k = Ktap::declared(SUBTESTS);
     k.diag(&format!(
         "reset of {} by {method_name} (no driver bound)",
         func.bdf

@@ -198,6 +198,20 @@ fn check_after(v: &Vfio, run: &Run, len: usize, k: &mut Ktap) -> Result<(), Stri
     }
 }
 
+/// The subtests, in the order they are reported: the reset is named after the mode
+/// (`vfio-device-reset` when correct, `raw-flr` otherwise; `reset` when it could not be done).
+const SUBTESTS: &[&str] = &[
+    "vfio-bind",
+    "vfio-open",
+    "enable",
+    "submit",
+    "tp-seen",
+    "vfio-device-reset|raw-flr|reset",
+    "state-after",
+    "irq-after",
+    "vfio-release",
+];
+
 pub fn run(argv: &[String]) -> i32 {
     let prepared = (|| -> Result<_, String> {
         let args = Args::parse(argv, &["vendor", "device", "bdf", "mode", "len"])?;
@@ -231,8 +245,7 @@ pub fn run(argv: &[String]) -> i32 {
         Mode::Correct => "VFIO_DEVICE_RESET (the kernel's FLR path)",
         Mode::Buggy => "a raw FLR without quiescing (driver bug)",
     };
-    // vfio-bind vfio-open enable submit tp-seen reset state-after irq-after release
-    let mut k = Ktap::new(9);
+    let mut k = Ktap::declared(SUBTESTS);
     k.diag(&format!(
         "FLR of {} with {FILLS} {len:#x}-byte FILLs queued, by {mode_name}",
         func.bdf

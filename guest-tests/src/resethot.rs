@@ -187,6 +187,18 @@ fn group_of(b: &Binding) -> Result<String, String> {
     b.group.clone().ok_or_else(|| "no iommu group".to_string())
 }
 
+/// The subtests, in the order they are reported.
+const SUBTESTS: &[&str] = &[
+    "own-function-0",
+    "hot-reset-info",
+    "refused-one-owned",
+    "own-function-1",
+    "hot-reset-both-owned",
+    "both-reset",
+    "irq-after",
+    "release",
+];
+
 pub fn run(argv: &[String]) -> i32 {
     let prepared = (|| -> Result<_, String> {
         let args = Args::parse(
@@ -226,7 +238,7 @@ pub fn run(argv: &[String]) -> i32 {
         Ok(p) => p,
         Err(e) => return setup_failure(&e),
     };
-    let mut k = Ktap::new(8);
+    let mut k = Ktap::declared(SUBTESTS);
     k.diag(&format!(
         "VFIO_DEVICE_PCI_HOT_RESET on the slot of {} and {}",
         f0.bdf, f1.bdf

@@ -180,6 +180,24 @@ fn ring_after(v: &Vfio, fds: &mut BTreeMap<u32, File>, k: &mut Ktap) -> Result<(
     Ok(())
 }
 
+/// The subtests, in the order they are reported: the reset is named after its operation
+/// (`reset-<op>`); `irq-after-3` rings [`MARK_AFTER`].
+const SUBTESTS: &[&str] = &[
+    "vfio-bind",
+    "vfio-open",
+    "enable",
+    "irq-before",
+    "dirty",
+    "reset-*",
+    "state-cleared",
+    "config-restored",
+    "irq-after-3",
+    "irq-after-0",
+    "irq-after-1",
+    "ring-after",
+    "vfio-release",
+];
+
 pub fn run(argv: &[String]) -> i32 {
     let prepared = (|| -> Result<_, String> {
         let args = Args::parse(argv, &["vendor", "device", "bdf", "op", "ring"])?;
@@ -206,7 +224,7 @@ pub fn run(argv: &[String]) -> i32 {
         Op::SysfsFlr => "sysfs-flr",
         Op::Ioctl => "vfio-device-reset",
     };
-    let mut k = Ktap::new(13);
+    let mut k = Ktap::declared(SUBTESTS);
     k.diag(&format!(
         "{op_name} of {} while a guest vfio driver owns it with MSI-X live",
         func.bdf
@@ -347,4 +365,23 @@ pub fn run(argv: &[String]) -> i32 {
     drop(fds);
     k.check("vfio-release", r);
     k.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ktap::declared_name_matches;
+
+    #[test]
+    fn declared_names_follow_the_constants() {
+        // The declaration spells the vector out; the program formats it from MARK_AFTER.
+        assert!(declared_name_matches(
+            SUBTESTS[8],
+            &format!("irq-after-{MARK_AFTER}")
+        ));
+        assert!(declared_name_matches(
+            SUBTESTS[5],
+            "reset-vfio-device-reset"
+        ));
+    }
 }

@@ -24,6 +24,22 @@ use std::time::{Duration, Instant};
 const VFIO_PCI_REQ_IRQ_INDEX: u32 = 4;
 const DMA_IOVA: u64 = 0x4000_0000;
 
+/// The subtests with `--req off`, in the order they are reported (`*`: the buffer's size and
+/// IOVA; a step that fails is reported under its short name and ends the run).
+const RELEASE: &[&str] = &[
+    "bind vfio-pci|open the vfio device|open the vfio device, BAR0 ID reads back",
+    "map a DMA buffer|map a * KiB DMA buffer at IOVA *",
+    "unmap, close and unbind",
+];
+
+/// The subtests with `--req release` or `ignore`: the device is held, not released, and the
+/// last one says whether the device request came.
+const HOLD: &[&str] = &[
+    RELEASE[0],
+    RELEASE[1],
+    "watch the device request eventfd|a device request arrived|the device request arrived after * ms; released the device",
+];
+
 pub fn run(argv: &[String]) -> i32 {
     let parsed = (|| -> Result<_, String> {
         let args = Args::parse(
@@ -67,7 +83,7 @@ pub fn run(argv: &[String]) -> i32 {
         Ok(p) => p,
         Err(e) => return setup_failure(&e),
     };
-    let mut k = Ktap::new(if req == "off" { 3 } else { 4 });
+    let mut k = Ktap::declared(if req == "off" { RELEASE } else { HOLD });
     let mut b = Binding::default();
     if let Err(e) = bind(&func, &mut b, &mut k) {
         k.result("bind vfio-pci", Outcome::Fail(e));
@@ -180,4 +196,28 @@ pub fn run(argv: &[String]) -> i32 {
         );
     }
     k.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ktap::declared_name_matches;
+
+    #[test]
+    fn the_pass_path_names_are_declared() {
+        let map = format!("map a 16 KiB DMA buffer at IOVA {DMA_IOVA:#x}");
+        let released = "the device request arrived after 812 ms; released the device";
+        for (plan, last) in [
+            (RELEASE, "unmap, close and unbind"),
+            (HOLD, released),
+            (HOLD, "a device request arrived"),
+        ] {
+            let names = ["open the vfio device, BAR0 ID reads back", &map, last];
+            assert_eq!(plan.len(), names.len());
+            for (d, n) in plan.iter().zip(names) {
+                assert!(declared_name_matches(d, n), "{d:?} {n:?}");
+            }
+        }
+        assert!(!declared_name_matches(HOLD[2], "unmap, close and unbind"));
+    }
 }

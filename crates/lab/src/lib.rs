@@ -62,7 +62,6 @@ pub mod kselftest;
 pub mod manual;
 pub mod output;
 pub mod scenarios;
-pub mod stall;
 pub mod vm;
 
 pub use error::LabError;

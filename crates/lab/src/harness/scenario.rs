@@ -318,6 +318,20 @@ mod tests {
         assert!(parsed.is_err());
         assert!(matches!(evaluate(&run(Some(4), "")).0, Verdict::Fail(_)));
         assert!(matches!(evaluate(&run(None, PASS)).0, Verdict::Fail(_)));
+        // A guest program whose plan (its declared subtests) does not match what it reported
+        // fails even if every result passed and it exited 0.
+        let (v, parsed) = evaluate(&run(Some(0), "KTAP version 1\n1..3\nok 1 a\nok 2 b\n"));
+        assert!(
+            matches!(&v, Verdict::Fail(r) if r.contains("Plan 1..3 but 2 results")),
+            "{v:?}"
+        );
+        assert!(matches!(
+            parsed,
+            Err(KtapError::PlanMismatch {
+                plan: 3,
+                results: 2
+            })
+        ));
     }
 
     #[test]

@@ -24,15 +24,21 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// The agent's wire types, shared with the guest agent ([`pcisim_guest_wire::agent`]).
 pub use pcisim_guest_wire::agent::{base64_decode, base64_encode, KmsgReply, Ready, RunOutput};
+use pcisim_guest_wire::agent::{KmsgRequest, Request, RunRequest};
 
 use crate::vm::process::{self, POLL};
 
 /// Slack added to a `run` request's guest-side timeout before the host gives up waiting.
 pub const RUN_SLACK: Duration = Duration::from_secs(30);
+
+/// `d` in whole milliseconds, as the wire's `timeout_ms` (saturating).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 
 /// Errors on the agent link.
 #[derive(Debug, thiserror::Error)]
@@ -297,19 +303,12 @@ impl Agent {
         }
     }
 
-    /// Sends `request` (an object without id) and returns the reply with the same id.
-    fn request(&mut self, mut request: Value, timeout: Duration) -> Result<Value, AgentError> {
+    /// Sends `request` with the next id and returns the reply with the same id.
+    fn request(&mut self, request: &Request, timeout: Duration) -> Result<Value, AgentError> {
         let id = self.next_id;
         self.next_id += 1;
-        let op = request
-            .get("op")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_string();
-        if let Some(obj) = request.as_object_mut() {
-            obj.insert("id".into(), json!(id));
-        }
-        let mut line = request.to_string().into_bytes();
+        let op = request.op().to_string();
+        let mut line = request.to_value(id).to_string().into_bytes();
         self.record("> ", &line);
         line.push(b'\n');
         debug!("agent: request {id} {op}");
@@ -358,8 +357,8 @@ impl Agent {
     /// Runs `argv` in the guest; the agent kills it after `timeout`. The host waits
     /// `timeout + RUN_SLACK` for the reply.
     pub fn run(&mut self, argv: &[String], timeout: Duration) -> Result<RunOutput, AgentError> {
-        let req = json!({"op": "run", "argv": argv, "timeout_ms": timeout.as_millis() as u64});
-        let reply = self.request(req, timeout + RUN_SLACK)?;
+        let req = Request::Run(RunRequest::new(argv.to_vec(), millis(timeout)));
+        let reply = self.request(&req, timeout + RUN_SLACK)?;
         serde_json::from_value(reply.clone()).map_err(|_| AgentError::Malformed {
             op: "run".into(),
             reply: reply.to_string(),
@@ -385,13 +384,15 @@ impl Agent {
         stdin: RunInput<'_>,
         timeout: Duration,
     ) -> Result<RunOutput, AgentError> {
-        let mut req = json!({"op": "run", "argv": argv, "timeout_ms": timeout.as_millis() as u64,
-            "stdout_b64": true});
+        let mut req = RunRequest {
+            stdout_b64: true,
+            ..RunRequest::new(argv.to_vec(), millis(timeout))
+        };
         match stdin {
-            RunInput::Bytes(b) => req["stdin_b64"] = json!(base64_encode(b)),
-            RunInput::GuestFile(f) => req["stdin_file"] = json!(f),
+            RunInput::Bytes(b) => req.stdin = Some(b.to_vec()),
+            RunInput::GuestFile(f) => req.stdin_file = Some(f.to_string()),
         }
-        let reply = self.request(req, timeout + RUN_SLACK)?;
+        let reply = self.request(&Request::Run(req), timeout + RUN_SLACK)?;
         serde_json::from_value(reply.clone()).map_err(|_| AgentError::Malformed {
             op: "run".into(),
             reply: reply.to_string(),
@@ -400,8 +401,11 @@ impl Agent {
 
     /// Writes `data` to `path` in the guest.
     pub fn write_file(&mut self, path: &str, data: &str) -> Result<(), AgentError> {
-        let req = json!({"op": "write_file", "path": path, "data": data});
-        let reply = self.request(req, Duration::from_secs(30))?;
+        let req = Request::WriteFile {
+            path: path.to_string(),
+            data: data.to_string(),
+        };
+        let reply = self.request(&req, Duration::from_secs(30))?;
         Self::expect_ok("write_file", reply)
     }
 
@@ -412,13 +416,12 @@ impl Agent {
         from: Option<&KmsgMark>,
         records: bool,
     ) -> Result<KmsgReply, AgentError> {
-        let req = json!({
-            "op": "kmsg",
-            "after": from.and_then(|m| m.next_seq.checked_sub(1)),
-            "boot_id": from.map(|m| m.boot_id.clone()),
-            "records": records,
+        let req = Request::Kmsg(KmsgRequest {
+            after: from.and_then(|m| m.next_seq.checked_sub(1)),
+            boot_id: from.map(|m| m.boot_id.clone()),
+            records,
         });
-        let reply = self.request(req, Duration::from_secs(60))?;
+        let reply = self.request(&req, Duration::from_secs(60))?;
         if reply.get("ok").and_then(Value::as_bool) != Some(true) {
             return Err(AgentError::Malformed {
                 op: "kmsg".into(),
@@ -433,7 +436,7 @@ impl Agent {
 
     /// Asks the guest to power off; returns once the agent acknowledged.
     pub fn poweroff(&mut self, timeout: Duration) -> Result<(), AgentError> {
-        let reply = self.request(json!({"op": "poweroff"}), timeout)?;
+        let reply = self.request(&Request::Poweroff, timeout)?;
         Self::expect_ok("poweroff", reply)
     }
 }
@@ -454,6 +457,7 @@ mod tests {
     }
 
     use super::*;
+    use serde_json::json;
     use std::io::{BufRead, BufReader};
 
     fn temp_socket(name: &str) -> PathBuf {
@@ -489,7 +493,7 @@ mod tests {
                         "next_seq": 6, "boot_id": "b", "tainted": 4096,
                         "rebooted": req["boot_id"] != json!("b") && !req["boot_id"].is_null()}),
                     // The guest reboots instead of answering.
-                    "reboot" => json!({"ready": true, "kernel": "6.12.1", "uptime_ms": 7}),
+                    "ping" => json!({"ready": true, "kernel": "6.12.1", "uptime_ms": 7}),
                     _ => json!({"id": id, "error": "unknown op"}),
                 };
                 seen.push(req);
@@ -534,7 +538,7 @@ mod tests {
         let err = agent.write_file("/x", "y").unwrap_err();
         assert!(matches!(err, AgentError::Remote { ref message, .. } if message == "read-only"));
         let err = agent
-            .request(json!({"op": "reboot"}), Duration::from_secs(5))
+            .request(&Request::Ping, Duration::from_secs(5))
             .unwrap_err();
         assert!(matches!(err, AgentError::Rebooted(_)), "{err}");
         agent.poweroff(Duration::from_secs(5)).unwrap();

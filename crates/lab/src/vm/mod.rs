@@ -7,8 +7,9 @@
 //! [`server`] (`pcisim serve`/`describe`), [`control`] (the server's control socket: journal,
 //! violations, fault injection), [`profile`] (VM profiles: devices, placement, hotplug mode),
 //! [`qemu`] (command line and child), [`qmp`] (the QMP client), [`agent`] (the guest agent's
-//! JSON-lines client), [`process`] (children that die with the lab, signals) and [`boot`] (the
-//! one boot sequence's shared steps: provisioning, builds and initramfs, the QEMU machine of a
+//! JSON-lines client), [`process`] (children that die with the lab, signals), [`stall`] (what a
+//! stalled VM's QEMU and server threads were doing, for a timeout's error) and [`boot`] (the one
+//! boot sequence's shared steps: provisioning, builds and initramfs, the QEMU machine of a
 //! profile; used by the suite and by `lab up`).
 
 pub mod agent;
@@ -24,3 +25,4 @@ pub mod provision;
 pub mod qemu;
 pub mod qmp;
 pub mod server;
+pub mod stall;

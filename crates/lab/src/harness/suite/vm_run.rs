@@ -101,7 +101,7 @@ pub(super) fn run_vm(
                 // Whether the guest spins or QEMU waits (on our server?): the threads say.
                 if qemu.try_wait().ok().flatten().is_none() {
                     let file = dir.join("stall.txt");
-                    let text = crate::stall::describe_to(
+                    let text = crate::vm::stall::describe_to(
                         &file,
                         &[(qemu.pid(), "QEMU"), (server.pid(), "device server")],
                     );
