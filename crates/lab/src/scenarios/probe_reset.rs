@@ -12,7 +12,7 @@
 //!   journals that no reset ever began. A positive control first proves the journal shows an
 //!   FLR when one happens. The deadlock cannot be undone (the task waits on a lock it holds),
 //!   and the guest's power-off takes the same lock in `device_shutdown()`: R10b has a VM of its
-//!   own (`npu-probe-hang`), which the suite ends by killing QEMU after the power-off timeout.
+//!   own (`npu-probe-hang`), which the suite ends by terminating QEMU at once (`ProfileId::cannot_power_off`).
 //!
 //! docs/reset.md ("Reset from probe") has the kernel code paths and the measured figures.
 
@@ -260,7 +260,7 @@ fn r10b_probe_reset_deadlock(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     );
     ctx.diag(
         "the VM cannot power off (device_shutdown() takes the same device lock): \
-         the suite ends it after its power-off timeout",
+         the suite ends QEMU without asking for one",
     );
     Ok(())
 }
