@@ -138,7 +138,27 @@ fn doorbell_and_tp(v: &Vfio, run: &Run, pcie: u64, k: &mut Ktap) -> Result<Insta
         u8::from(tp)
     ));
     if tp {
-        Ok(t0)
+        // Transactions Pending says the engine took the job; on a loaded host its thread may
+        // not have moved a byte yet. The scenario is an FLR with DMA *in flight*: wait until the
+        // fill's first bytes are in guest memory (they replace the sentinel), then reset.
+        let deadline = t0 + Duration::from_secs(10);
+        loop {
+            if run.dst.read(0, 4)? == FILL_PATTERN.to_le_bytes() {
+                k.diag(&format!(
+                    "the fill's first bytes landed {} us after the doorbell",
+                    t0.elapsed().as_micros()
+                ));
+                return Ok(t0);
+            }
+            if Instant::now() >= deadline {
+                let st = ringdrv::state(v)?;
+                return Err(format!(
+                    "Transactions Pending set, but no byte of the fill landed in 10 s: {st}"
+                ));
+            }
+            // Sleep, not spin: the engine is a host thread that needs the CPU this vCPU holds.
+            std::thread::sleep(Duration::from_micros(100));
+        }
     } else {
         let st = ringdrv::state(v)?;
         Err(format!(
