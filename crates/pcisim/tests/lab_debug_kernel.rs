@@ -13,41 +13,13 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::Mutex;
 
-/// One VM at a time: two TCG guests on a two-core machine slow each other down past timeouts.
-static VM: Mutex<()> = Mutex::new(());
+mod lab_support;
+use lab_support::{lab_suite, result_line_of as result_line};
 
 /// Lockdep's banner at boot (kernel/locking/lockdep.c, `lockdep_init`).
 const LOCKDEP_BANNER: &str =
     "Lock dependency validator: Copyright (c) 2006 Red Hat, Inc., Ingo Molnar";
-
-fn lab_suite(args: &[&str]) -> Output {
-    let _one_vm = VM.lock().unwrap_or_else(|e| e.into_inner());
-    let out = Command::new(env!("CARGO_BIN_EXE_pcisim"))
-        .args(["lab", "suite"])
-        .args(args)
-        .output()
-        .expect("run pcisim lab suite");
-    println!(
-        "--- pcisim lab suite {args:?}: {}\n--- stdout (KTAP):\n{}\n--- stderr (progress):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// The top-level result line of `id` in a KTAP stream.
-fn result_line<'a>(ktap: &'a str, id: &str) -> Option<&'a str> {
-    ktap.lines().find(|l| {
-        (l.starts_with("ok ") || l.starts_with("not ok "))
-            && l.split(" # ")
-                .next()
-                .is_some_and(|head| head.contains(&format!(" {id} ")))
-    })
-}
 
 /// The run directory a `--keep` run names (`lab: kept run directory DIR`).
 fn kept_run_dir(progress: &str) -> PathBuf {

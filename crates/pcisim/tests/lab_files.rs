@@ -8,10 +8,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Mutex;
 
-/// One VM at a time: two TCG guests on a two-core machine slow each other down past timeouts.
-static VM: Mutex<()> = Mutex::new(());
+mod lab_support;
+use lab_support::{one_vm, result_line};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -38,20 +37,12 @@ fn pcisim(args: &[&str], paths: &[PathBuf]) -> Output {
     out
 }
 
-/// The top-level result line ending in `name` (`ok 3 F-H1 hot-add`).
-fn result_line<'a>(ktap: &'a str, name: &str) -> Option<&'a str> {
-    ktap.lines().find(|l| {
-        (l.starts_with("ok ") || l.starts_with("not ok "))
-            && l.split(" # ").next().is_some_and(|h| h.ends_with(name))
-    })
-}
-
 /// The five files pass (each with its steps and counts as subtests), and in the same run the
 /// two files with a wrong expectation fail with the reason: a declared violation that was not
 /// journaled, a count that did not hold. Exit 1 (a scenario failed).
 #[test]
 fn lab_run_scenario_files_pass_and_wrong_expectations_fail() {
-    let _one_vm = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one_vm = one_vm();
     let out = pcisim(
         &["lab", "run"],
         &[
@@ -133,7 +124,7 @@ fn lab_run_refuses_a_malformed_file_naming_the_line() {
 /// alone (no catalogue name contains it), which runs and passes in the `gpu` VM.
 #[test]
 fn lab_suite_includes_a_directory_of_scenario_files() {
-    let _one_vm = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one_vm = one_vm();
     let out = pcisim(
         &["lab", "suite", "--filter", "F-E2", "--scenarios"],
         &[root().join("scenarios")],

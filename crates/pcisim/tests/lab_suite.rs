@@ -9,28 +9,9 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::process::{Command, Output};
-use std::sync::Mutex;
 
-/// One lab run at a time: a run already uses the machine's cores (`--jobs`, one VM per core by
-/// default), and more TCG guests than cores slow each other down past timeouts.
-static VM: Mutex<()> = Mutex::new(());
-
-fn lab_suite(args: &[&str]) -> Output {
-    let _one_vm = VM.lock().unwrap_or_else(|e| e.into_inner());
-    let out = Command::new(env!("CARGO_BIN_EXE_pcisim"))
-        .args(["lab", "suite"])
-        .args(args)
-        .output()
-        .expect("run pcisim lab suite");
-    // Shown when the test fails (cargo test captures it otherwise).
-    println!(
-        "--- pcisim lab suite {args:?}: {}\n--- stdout (KTAP):\n{}\n--- stderr (progress):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+mod lab_support;
+use lab_support::{lab_suite, one_vm, result_line};
 
 /// Progress lines without the VM prefix `--jobs` adds after `lab: ` (`lab: [gpu] E1 ...`).
 fn unprefixed(progress: &str) -> String {
@@ -43,16 +24,6 @@ fn unprefixed(progress: &str) -> String {
             },
         )
         .collect()
-}
-
-/// The top-level result line of `name` (e.g. `E1 enumeration`) in a KTAP stream.
-fn result_line<'a>(ktap: &'a str, name: &str) -> Option<&'a str> {
-    ktap.lines().find(|l| {
-        (l.starts_with("ok ") || l.starts_with("not ok "))
-            && l.split(" # ")
-                .next()
-                .is_some_and(|head| head.ends_with(name))
-    })
 }
 
 /// The scenarios that run a deliberately buggy driver and must end `# XFAIL` (R2b: raw FLR with
@@ -510,7 +481,7 @@ fn lab_suite_shards_cover_the_list_exactly_once() {
 /// `kernel_reports` is `not ok`, naming the WARNING line and the saved kernel log.
 #[test]
 fn lab_suite_kernel_warning_fails_an_undeclared_scenario() {
-    let _one_vm = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one_vm = one_vm();
     let mut k1 = pcisim_lab::select(Some("K1"))
         .pop()
         .expect("K1 in the catalogue");
