@@ -10,58 +10,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pcisim_vfio_user::proto::{self, Command, Header, Writer, HEADER_SIZE};
-use pcisim_vfio_user::{
-    ClientLink, Device, DeviceError, IrqInfo, RegionFlags, RegionInfo, Server, ServerOptions,
-};
+use pcisim_vfio_user::proto::{Command, Header, Writer, HEADER_SIZE};
+use pcisim_vfio_user::{Server, ServerOptions};
+
+mod support;
+use support::Tiny;
 
 /// Size of region 0.
 const REGION: u64 = 4 << 20;
-
-/// A device with one 4 MiB region whose reset takes `reset_delay`.
-struct Slow {
-    reset_delay: Duration,
-}
-
-impl Device for Slow {
-    fn device_flags(&self) -> u32 {
-        proto::DEVICE_FLAGS_PCI
-    }
-    fn region_info(&self, index: u32) -> Option<RegionInfo> {
-        (index < 9).then(|| RegionInfo {
-            size: match index {
-                0 => REGION,
-                7 => 256,
-                _ => 0,
-            },
-            flags: RegionFlags {
-                read: true,
-                write: true,
-                mmap: false,
-            },
-            mmap: None,
-        })
-    }
-    fn irq_info(&self, index: u32) -> Option<IrqInfo> {
-        (index < 5).then(IrqInfo::default)
-    }
-    fn region_read(&mut self, _: u32, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = (offset as usize + i) as u8;
-        }
-        Ok(())
-    }
-    fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> Result<(), DeviceError> {
-        Ok(())
-    }
-    fn attach(&mut self, _: ClientLink) {}
-    fn detach(&mut self) {}
-    fn reset(&mut self) -> Result<(), DeviceError> {
-        // A reset waiting for in-flight DMA to drain (the endpoint's limit is 10 s).
-        std::thread::sleep(self.reset_delay);
-        Ok(())
-    }
-}
 
 struct Served {
     path: PathBuf,
@@ -76,7 +32,12 @@ fn serve(name: &str, reset_delay: Duration, frame_timeout: Duration) -> Served {
         frame_timeout: Some(frame_timeout),
         ..Default::default()
     };
-    let server = Server::bind(&path, Arc::new(Mutex::new(Slow { reset_delay })), opts).unwrap();
+    let dev = Tiny {
+        region0: REGION,
+        attaches: Arc::default(),
+        reset_delay,
+    };
+    let server = Server::bind(&path, Arc::new(Mutex::new(dev)), opts).unwrap();
     std::thread::spawn(move || server.run());
     Served { path, _dir: dir }
 }

@@ -1,6 +1,7 @@
-//! Test support shared by the server's socket-level tests (`connection.rs`, `security.rs`): a
-//! tiny device served by [`Server`] on a thread in a fresh directory, a capture of the server's
-//! warnings, and raw vfio-user frames (header, VERSION, REGION_READ) sent over a `UnixStream`.
+//! Test support shared by the server's socket-level tests (`connection.rs`, `security.rs`,
+//! `evloop.rs`): a tiny device served by [`Server`] on a thread in a fresh directory, a capture
+//! of the server's warnings, and raw vfio-user frames (header, VERSION, REGION_READ) sent over a
+//! `UnixStream`.
 //!
 //! Each test file includes it with `mod support;`; not every file uses every item.
 
@@ -20,10 +21,12 @@ use pcisim_vfio_user::{
 };
 
 /// A device with region 0 of `region0` bytes and region 7 a 256-byte config space; a read
-/// returns the low byte of each offset; it counts attaches.
+/// returns the low byte of each offset; it counts attaches; its reset takes `reset_delay`
+/// (a reset waiting for in-flight DMA to drain).
 pub struct Tiny {
-    region0: u64,
-    attaches: Arc<AtomicU32>,
+    pub region0: u64,
+    pub attaches: Arc<AtomicU32>,
+    pub reset_delay: Duration,
 }
 
 impl Device for Tiny {
@@ -62,6 +65,7 @@ impl Device for Tiny {
     }
     fn detach(&mut self) {}
     fn reset(&mut self) -> Result<(), DeviceError> {
+        std::thread::sleep(self.reset_delay);
         Ok(())
     }
 }
@@ -134,6 +138,7 @@ pub fn serve_tiny(
     let dev = Tiny {
         region0,
         attaches: attaches.clone(),
+        reset_delay: Duration::ZERO,
     };
     let server = Server::bind(&path, Arc::new(Mutex::new(dev)), opts).unwrap();
     std::thread::spawn(move || server.run());
