@@ -105,15 +105,10 @@ impl fmt::Display for Stall {
 /// what the lab reports when a VM did not come up in time. A process that is gone (or whose
 /// `/proc` cannot be read) is said so in the text, not skipped.
 pub fn describe_to(file: &Path, procs: &[(u32, &str)]) -> String {
-    let before: Vec<io::Result<ProcessState>> = procs
-        .iter()
-        .map(|(pid, role)| snapshot(*pid, role))
-        .collect();
-    thread::sleep(SAMPLE);
     let mut text = String::new();
-    for ((pid, role), b) in procs.iter().zip(before) {
-        match b.and_then(|before| Ok((before, snapshot(*pid, role)?))) {
-            Ok((before, after)) => text.push_str(&Stall { before, after }.to_string()),
+    for ((pid, role), s) in procs.iter().zip(sample(procs)) {
+        match s {
+            Ok(stall) => text.push_str(&stall.to_string()),
             Err(e) => text.push_str(&format!(
                 "{role} (pid {pid}): cannot read its threads: {e}\n"
             )),
@@ -125,12 +120,24 @@ pub fn describe_to(file: &Path, procs: &[(u32, &str)]) -> String {
     text
 }
 
-/// Snapshot `pid` twice, [`SAMPLE`] apart. `role` names it in the text.
-pub fn sample(pid: u32, role: &str) -> io::Result<Stall> {
-    let before = snapshot(pid, role)?;
+/// Snapshot each `(pid, role)` twice, one [`SAMPLE`] apart for all of them. `role` names it in
+/// the text.
+pub fn sample(procs: &[(u32, &str)]) -> Vec<io::Result<Stall>> {
+    let before: Vec<io::Result<ProcessState>> = procs
+        .iter()
+        .map(|(pid, role)| snapshot(*pid, role))
+        .collect();
     thread::sleep(SAMPLE);
-    let after = snapshot(pid, role)?;
-    Ok(Stall { before, after })
+    procs
+        .iter()
+        .zip(before)
+        .map(|((pid, role), before)| {
+            Ok(Stall {
+                before: before?,
+                after: snapshot(*pid, role)?,
+            })
+        })
+        .collect()
 }
 
 /// The threads of `pid` now.
@@ -276,7 +283,10 @@ mod tests {
             })
             .unwrap();
         thread::sleep(Duration::from_millis(50));
-        let s = sample(std::process::id(), "test").unwrap();
+        let s = sample(&[(std::process::id(), "test")])
+            .pop()
+            .unwrap()
+            .unwrap();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         tx.send(()).unwrap();
         blocked.join().unwrap().unwrap();
