@@ -25,6 +25,14 @@
 //!   may use its cached entry in between) or the PASID's binding ends (`PasidUnbindBegin`,
 //!   `PasidReleased`, a new `PasidBind`): then it is a `stale_translation` violation, a missed
 //!   invalidation. A use after the unbind was acknowledged is a violation at once.
+//! - **Lifetime of the binding vs the mm** (docs/sva.md, the lifetime rules): a PASID is
+//!   *draining* from `PasidUnbindBegin` to its `PasidUnbindAck`. The mailbox takes no
+//!   INVALIDATE while an UNBIND drains, so the driver must keep the address space unchanged
+//!   until the acknowledgement: a stale use, or an `AddressSpaceEmpty`, of a draining PASID is
+//!   [`ViolationKind::DrainNotAwaited`] at once. An `AddressSpaceEmpty` of a PASID that is
+//!   bound and not draining is [`ViolationKind::BindingOutlivedMm`] (once per binding): the
+//!   mm was torn down under the binding; the stale uses held for that PASID, and those that
+//!   follow until its binding ends, are this one bug's and get no verdict of their own.
 //!
 //! Interrupts: an MSI-X outcome `delivered` (also `delivered-after-hold`, a vector held
 //! pending and sent later) or `pending` while Bus Master is off (including
@@ -56,7 +64,7 @@
 //!   record).
 //! - Everything else is a fixed handful of scalars.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::event::{Dir, Event, InterruptOutcome, ResetKind, ViolationKind};
 
@@ -244,6 +252,10 @@ pub struct Checker {
     /// Stale translation uses not yet judged: (pasid, va, detail). Each becomes a violation
     /// unless an invalidation covering it arrives before the PASID's unbind or release.
     stale_pending: Vec<(u32, u64, String)>,
+    /// PASIDs whose unbind began and was not acknowledged yet (draining).
+    draining: BTreeSet<u32>,
+    /// PASIDs whose binding outlived their mm (reported) → stale uses attributed to it since.
+    mm_gone: BTreeMap<u32, u64>,
 }
 
 impl Default for Checker {
@@ -261,6 +273,8 @@ impl Default for Checker {
             unmapped_forgotten: 0,
             pasids: BTreeMap::new(),
             stale_pending: Vec::new(),
+            draining: BTreeSet::new(),
+            mm_gone: BTreeMap::new(),
         }
     }
 }
@@ -411,8 +425,12 @@ impl Checker {
             Event::PasidBind { pasid, .. } => {
                 out.extend(self.judge_stale(*pasid));
                 self.pasids.remove(pasid);
+                self.end_binding(*pasid);
             }
-            Event::PasidUnbindBegin { pasid } => out.extend(self.judge_stale(*pasid)),
+            Event::PasidUnbindBegin { pasid } => {
+                out.extend(self.judge_stale(*pasid));
+                out.extend(self.track_draining(*pasid));
+            }
             Event::Invalidate { pasid, va, len } => {
                 let end = if *len == u64::MAX {
                     u128::MAX
@@ -425,12 +443,15 @@ impl Checker {
                 });
             }
             Event::PasidUnbindAck { pasid } => {
+                self.draining.remove(pasid);
                 out.extend(self.mark_pasid(*pasid, |g| g.unbind_acked = true))
             }
             Event::PasidReleased { pasid } => {
                 out.extend(self.judge_stale(*pasid));
+                self.end_binding(*pasid);
                 out.extend(self.mark_pasid(*pasid, |g| g.released = true))
             }
+            Event::AddressSpaceEmpty { pasid } => out.extend(self.address_space_empty(*pasid)),
             Event::PageWalk { pasid, va, pa } => {
                 if let Some(g) = self.pasids.get(pasid) {
                     let why = match (g.released, g.unbind_acked) {
@@ -462,6 +483,23 @@ impl Checker {
                     // Used after the unbind was acknowledged: nothing can make that right.
                     detail.push_str(" (the PASID's unbind was acknowledged)");
                     out.push((ViolationKind::StaleTranslation, detail));
+                } else if let Some(n) = self.mm_gone.get_mut(pasid) {
+                    // The binding outlived its mm (already a violation): this use is that
+                    // bug's consequence, not a missed invalidation of its own.
+                    *n += 1;
+                } else if self.draining.contains(pasid) {
+                    // No INVALIDATE can reach the device while the UNBIND drains: the driver
+                    // let the address space change before the drain's acknowledgement.
+                    out.push((
+                        ViolationKind::DrainNotAwaited,
+                        format!(
+                            "pasid {pasid} va {va:#x}: cached translation {cached_pa:#x} used \
+                             while its unbind was draining, and the page tables then said \
+                             {now}: the address space changed before the drain was \
+                             acknowledged (the mailbox takes no INVALIDATE during a drain; \
+                             mm release must wait for the acknowledgement)"
+                        ),
+                    ));
                 } else {
                     // Legal if the driver's invalidation is merely on its way: the CPU changes
                     // the page tables first and invalidates secondary TLBs before the pages are
@@ -720,6 +758,71 @@ impl Checker {
             }
         });
         out
+    }
+
+    /// The binding of `pasid` ended (released) or restarted (bound again): its drain and
+    /// mm-gone state go.
+    fn end_binding(&mut self, pasid: u32) {
+        self.draining.remove(&pasid);
+        self.mm_gone.remove(&pasid);
+    }
+
+    /// `pasid` starts draining; a `checker_degraded` finding when the set is full (the device
+    /// bounds its contexts far lower; a journal that unbinds without acknowledging could not).
+    fn track_draining(&mut self, pasid: u32) -> Option<(ViolationKind, String)> {
+        if self.draining.len() >= MAX_TRACKED_PASIDS && !self.draining.contains(&pasid) {
+            return Some((
+                ViolationKind::CheckerDegraded,
+                format!(
+                    "more than {MAX_TRACKED_PASIDS} PASIDs draining at once: pasid {pasid}'s \
+                     drain is not tracked (a stale use during it is judged at the unbind's end)"
+                ),
+            ));
+        }
+        self.draining.insert(pasid);
+        None
+    }
+
+    /// The device found `pasid`'s page tables empty (its address space torn down).
+    fn address_space_empty(&mut self, pasid: u32) -> Option<(ViolationKind, String)> {
+        if self.pasids.contains_key(&pasid) || self.mm_gone.contains_key(&pasid) {
+            // Unbound (any walk is `walk_after_release`'s), or already judged.
+            return None;
+        }
+        if self.draining.contains(&pasid) {
+            return Some((
+                ViolationKind::DrainNotAwaited,
+                format!(
+                    "pasid {pasid}: its page tables map no user address any more (the address \
+                     space was torn down) while its unbind was still draining: the driver let \
+                     the mm go before the drain was acknowledged (mm release must wait for it)"
+                ),
+            ));
+        }
+        if self.mm_gone.len() >= MAX_TRACKED_PASIDS {
+            // Bounded like the other PASID sets; forgetting one only loses the attribution of
+            // its later stale uses (they are then judged as missed invalidations).
+            self.mm_gone.pop_first();
+        }
+        let mut held = 0u64;
+        self.stale_pending.retain(|(p, _, _)| {
+            let mine = *p == pasid;
+            held += u64::from(mine);
+            !mine
+        });
+        self.mm_gone.insert(pasid, held);
+        let mut detail = format!(
+            "pasid {pasid}: its page tables map no user address any more (the address space was \
+             torn down) while the PASID is still bound and no unbind began: the binding \
+             outlived its mm (the driver must unbind, and drain, from the mmu notifier's \
+             release, before exit_mmap tears the tables down)"
+        );
+        if held > 0 {
+            detail.push_str(&format!(
+                "; {held} stale translation use(s) held for it are this bug's"
+            ));
+        }
+        Some((ViolationKind::BindingOutlivedMm, detail))
     }
 
     /// Mark `pasid`; a `checker_degraded` finding when older marks had to be forgotten.

@@ -1005,3 +1005,171 @@ fn test_ranges_carve_middle_splits_range() {
     assert!(r.contains(0, 0x1000));
     assert!(!r.contains(0x800, 0x1800));
 }
+
+// --- BindingOutlivedMm, DrainNotAwaited (docs/sva.md: which lifetime rule broke) ---
+
+/// bind 3 → unbind_begin → drained → ack → released: the correct driver's whole unbind.
+fn unbind_all(pasid: u32) -> [Event; 4] {
+    [
+        Event::PasidUnbindBegin { pasid },
+        Event::PasidDrained { pasid, aborted: 2 },
+        Event::PasidUnbindAck { pasid },
+        Event::PasidReleased { pasid },
+    ]
+}
+
+#[test]
+fn test_address_space_empty_while_bound_is_binding_outlived_mm() {
+    // M6b: exit_mmap zaps the PTEs (stale uses, held), then frees the tables (the device finds
+    // the root empty) with the PASID still bound; the unbind comes only at file release.
+    let mut events = with(
+        enabled(),
+        [
+            Event::PasidBind { pasid: 3, root: 0 },
+            stale(3, 0x7f00_0000),
+            stale(3, 0x7f00_1000),
+            Event::AddressSpaceEmpty { pasid: 3 },
+            stale(3, 0x7f00_2000),
+            Event::AddressSpaceEmpty { pasid: 3 },
+        ],
+    );
+    events.extend(unbind_all(3));
+    let d = only(ViolationKind::BindingOutlivedMm, events);
+    assert!(d.contains("pasid 3"), "{d}");
+    assert!(d.contains("2 stale translation use(s)"), "{d}");
+}
+
+#[test]
+fn test_binding_outlived_mm_is_per_binding() {
+    // A new binding of the same PASID starts clean: its stale uses are judged again, and a
+    // second teardown under it is a second violation.
+    let mut events = with(
+        enabled(),
+        [
+            Event::PasidBind { pasid: 3, root: 0 },
+            Event::AddressSpaceEmpty { pasid: 3 },
+        ],
+    );
+    events.extend(unbind_all(3));
+    events.extend([
+        Event::PasidBind {
+            pasid: 3,
+            root: 0x5000,
+        },
+        stale(3, 0x7f00_0000),
+        Event::PasidUnbindBegin { pasid: 3 },
+        Event::PasidBind {
+            pasid: 3,
+            root: 0x6000,
+        },
+        Event::AddressSpaceEmpty { pasid: 3 },
+    ]);
+    let kinds: Vec<ViolationKind> = run(events).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(
+        kinds,
+        [
+            ViolationKind::BindingOutlivedMm,
+            ViolationKind::StaleTranslation,
+            ViolationKind::BindingOutlivedMm
+        ]
+    );
+}
+
+#[test]
+fn test_address_space_empty_after_unbind_ack_no_violation() {
+    // M6: the driver unbound on mm release; the tables are torn down after the ack. (The
+    // device reports only bound or draining PASIDs; the checker stays quiet if told anyway.)
+    let mut events = with(enabled(), [Event::PasidBind { pasid: 3, root: 0 }]);
+    events.extend(unbind_all(3));
+    events.push(Event::AddressSpaceEmpty { pasid: 3 });
+    none(events);
+}
+
+#[test]
+fn test_stale_use_while_draining_is_drain_not_awaited() {
+    // M6c: UNBIND (finish) issued on mm release, the driver returned without waiting, the
+    // queued work runs on while exit_mmap zaps the PTEs: a violation at once, not at the end.
+    let d = only(
+        ViolationKind::DrainNotAwaited,
+        with(
+            enabled(),
+            [
+                Event::PasidBind { pasid: 3, root: 0 },
+                Event::PasidUnbindBegin { pasid: 3 },
+                stale(3, 0x7f00_0000),
+            ],
+        ),
+    );
+    assert!(d.contains("pasid 3 va 0x7f000000"), "{d}");
+    assert!(d.contains("draining"), "{d}");
+    // The tables found empty during the drain: the same rule.
+    let kinds: Vec<ViolationKind> = run(with(
+        enabled(),
+        [
+            Event::PasidBind { pasid: 3, root: 0 },
+            Event::PasidUnbindBegin { pasid: 3 },
+            Event::AddressSpaceEmpty { pasid: 3 },
+            stale(3, 0x7f00_0000),
+            Event::PasidDrained {
+                pasid: 3,
+                aborted: 0,
+            },
+            Event::PasidUnbindAck { pasid: 3 },
+            Event::PasidReleased { pasid: 3 },
+        ],
+    ))
+    .into_iter()
+    .map(|(k, _)| k)
+    .collect();
+    assert_eq!(
+        kinds,
+        [ViolationKind::DrainNotAwaited, ViolationKind::DrainNotAwaited]
+    );
+}
+
+#[test]
+fn test_draining_ends_at_ack_and_is_per_pasid() {
+    // Another PASID's drain does not make a held use urgent; after an acknowledged unbind
+    // and a new binding, a stale use is held again (and an invalidation clears it).
+    let mut events = with(
+        enabled(),
+        [
+            Event::PasidBind { pasid: 3, root: 0 },
+            Event::PasidBind { pasid: 4, root: 0 },
+            Event::PasidUnbindBegin { pasid: 4 },
+            stale(3, 0x7f00_0000),
+            Event::Invalidate {
+                pasid: 3,
+                va: 0,
+                len: u64::MAX,
+            },
+        ],
+    );
+    events.extend(unbind_all(3));
+    events.extend([
+        Event::PasidBind { pasid: 3, root: 0 },
+        stale(3, 0x7f00_0000),
+        Event::Invalidate {
+            pasid: 3,
+            va: 0x7f00_0000,
+            len: 0x1000,
+        },
+    ]);
+    events.extend(unbind_all(3));
+    none(events);
+}
+
+#[test]
+fn test_stale_use_before_the_unbind_stays_a_missed_invalidation() {
+    // M7b: the address space lives, the driver never invalidates; the use came before the
+    // unbind began, so the verdict is the missed invalidation, not the drain.
+    let mut events = with(
+        enabled(),
+        [
+            Event::PasidBind { pasid: 3, root: 0 },
+            stale(3, 0x7f00_0000),
+        ],
+    );
+    events.extend(unbind_all(3));
+    only(ViolationKind::StaleTranslation, events);
+}

@@ -252,10 +252,20 @@ pub enum ViolationKind {
     /// An access through a PASID after its unbind was acknowledged.
     PasidAfterUnbind,
     /// A cached translation was used although the page tables no longer back it and no
-    /// invalidation covered it (a missed mmu-notifier invalidation).
+    /// invalidation covered it before the binding ended, the address space being alive and
+    /// the PASID not draining (a missed mmu-notifier invalidation); or any stale use after the
+    /// unbind was acknowledged.
     StaleTranslation,
     /// A page-table walk for a PASID whose binding was released.
     WalkAfterRelease,
+    /// A PASID was still bound (no unbind begun) when its address space was torn down: the
+    /// driver did not end the binding on mm release (the mmu notifier's `release`), so the
+    /// device kept translating through tables that no longer belong to a live mm.
+    BindingOutlivedMm,
+    /// A PASID's address space changed while its unbind was still draining (a cached
+    /// translation went stale, or its tables were torn down): the mailbox takes no INVALIDATE
+    /// during a drain, so the driver let the mm go before the drain was acknowledged.
+    DrainNotAwaited,
     /// Not a device fault: the oracle lost sight of part of what follows (the checker's mapped
     /// set overflowed, PASID marks were forgotten, a drain of in-flight accesses timed out so
     /// the journal's order may be wrong). Recorded like a violation so that no window it
@@ -265,7 +275,7 @@ pub enum ViolationKind {
 
 impl ViolationKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ViolationKind; 11] = [
+    pub const ALL: [ViolationKind; 13] = [
         ViolationKind::DmaOutsideMap,
         ViolationKind::DmaAfterUnmap,
         ViolationKind::DmaWithoutBusMaster,
@@ -276,6 +286,8 @@ impl ViolationKind {
         ViolationKind::PasidAfterUnbind,
         ViolationKind::StaleTranslation,
         ViolationKind::WalkAfterRelease,
+        ViolationKind::BindingOutlivedMm,
+        ViolationKind::DrainNotAwaited,
         ViolationKind::CheckerDegraded,
     ];
 
@@ -292,6 +304,8 @@ impl ViolationKind {
             ViolationKind::PasidAfterUnbind => "pasid_after_unbind",
             ViolationKind::StaleTranslation => "stale_translation",
             ViolationKind::WalkAfterRelease => "walk_after_release",
+            ViolationKind::BindingOutlivedMm => "binding_outlived_mm",
+            ViolationKind::DrainNotAwaited => "drain_not_awaited",
             ViolationKind::CheckerDegraded => "checker_degraded",
         }
     }
@@ -532,6 +546,15 @@ pub enum Event {
         /// What the page tables say now (None: not present).
         walked_pa: Option<u64>,
     },
+    /// The device found, in checking mode, that a PASID's page tables map no user address any
+    /// more (every entry of the lower half of its top-level table clear) while the PASID was
+    /// still bound or draining: its address space was torn down (`exit_mmap` frees every table
+    /// below the root) under the binding. Recorded once per binding, when a walk or re-walk
+    /// fails at the top level and at UNBIND; the checker judges it.
+    AddressSpaceEmpty {
+        /// PASID.
+        pasid: u32,
+    },
     /// A translation fault was reported to the driver (PRI-like queue).
     TranslationFault {
         /// PASID.
@@ -696,6 +719,24 @@ mod tests {
                     detail: "x".into(),
                 },
                 r#"{"seq":7,"t_ns":42,"type":"violation","kind":"checker_degraded","detail":"x"}"#,
+            ),
+            (
+                Event::AddressSpaceEmpty { pasid: 3 },
+                r#"{"seq":7,"t_ns":42,"type":"address_space_empty","pasid":3}"#,
+            ),
+            (
+                Event::Violation {
+                    kind: ViolationKind::BindingOutlivedMm,
+                    detail: "x".into(),
+                },
+                r#"{"seq":7,"t_ns":42,"type":"violation","kind":"binding_outlived_mm","detail":"x"}"#,
+            ),
+            (
+                Event::Violation {
+                    kind: ViolationKind::DrainNotAwaited,
+                    detail: "x".into(),
+                },
+                r#"{"seq":7,"t_ns":42,"type":"violation","kind":"drain_not_awaited","detail":"x"}"#,
             ),
             (
                 Event::Note { text: "hi".into() },
