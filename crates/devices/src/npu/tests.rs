@@ -42,6 +42,8 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Gate {
     armed: bool,
     blocked: bool,
+    /// Accesses let through while armed ([`TestHost::step_gate`]).
+    passes: u32,
 }
 
 /// Guest memory, journal and interrupts for an NPU under test.
@@ -104,6 +106,10 @@ impl TestHost {
         }
         let mut g = self.gate.lock().unwrap();
         while g.armed {
+            if g.passes > 0 {
+                g.passes -= 1;
+                return;
+            }
             g.blocked = true;
             self.gate_cv.notify_all();
             g = self.gate_cv.wait(g).unwrap();
@@ -127,6 +133,14 @@ impl TestHost {
                 .unwrap()
                 .0;
         }
+    }
+
+    /// Let the blocked access through and hold the next one (the gate stays armed).
+    fn step_gate(&self) {
+        let mut g = self.gate.lock().unwrap();
+        g.blocked = false;
+        g.passes = 1;
+        self.gate_cv.notify_all();
     }
 
     fn open_gate(&self) {
@@ -1985,4 +1999,230 @@ fn test_fill_in_checking_mode_never_coalesces() {
     r.fill(0x6666);
     r.fill(0x7777);
     assert_eq!(r.runs(), 4);
+}
+
+// ---- which lifetime rule broke (docs/sva.md): the address space torn down ------------------
+
+/// The PML4 entry of `va` in `root`: what `exit_mmap`'s `free_pgtables` clears.
+fn pml4_entry(root: u64, va: u64) -> u64 {
+    root + 8 * ((va >> 39) & 0x1ff)
+}
+
+fn violation_kinds(r: &Rig) -> Vec<ViolationKind> {
+    r.host
+        .journal
+        .violations()
+        .into_iter()
+        .filter_map(|v| match v.event {
+            Event::Violation { kind, .. } => Some(kind),
+            _ => None,
+        })
+        .collect()
+}
+
+/// PASID 5 bound to ROOT_A with two data pages at VA (the only user mapping), cached by a
+/// copy.
+fn bound_and_cached() -> Rig {
+    let mut r = Rig::new();
+    r.map(ROOT_A, VA, DATA, 2, UF);
+    r.start();
+    r.bind(PA5, ROOT_A);
+    assert_eq!(r.run(&memcpy(PA5, VA, VA + 0x1000, 64, 1)).status, ST_OK);
+    r
+}
+
+#[test]
+fn test_address_space_torn_down_while_bound_is_binding_outlived_mm() {
+    // M6b: the driver ignores mm release; exit_mmap zaps the PTEs and frees the tables.
+    let mut r = bound_and_cached();
+    r.set_leaf(ROOT_A, VA, 0);
+    r.host.mem.poke(pml4_entry(ROOT_A, VA), &0u64.to_le_bytes());
+    // The device goes on with the cached translations (hardware would) and says what it saw.
+    assert_eq!(r.run(&memcpy(PA5, VA, VA + 0x1000, 64, 2)).status, ST_OK);
+    // A miss walks into the empty root: a fault, and no second report for the binding.
+    let c = r.run(&memcpy(PA5, VA + 0x8000, VA + 0x1000, 64, 3));
+    assert_eq!(c.status, ST_TRANSLATION_FAULT);
+    assert_eq!(r.cmd(OP_UNBIND, PA5, UNBIND_FLAG_ABORT, 0, 0), (CMD_OK, 0));
+    let ev = r.host.events();
+    assert_eq!(
+        count(&ev, |e| matches!(e, Event::AddressSpaceEmpty { pasid: 5 })),
+        1
+    );
+    let empty = position(&ev, |e| matches!(e, Event::AddressSpaceEmpty { pasid: 5 }));
+    let first_stale = position(&ev, |e| matches!(e, Event::StaleTranslationUsed { .. }));
+    assert!(empty < first_stale, "the cause before its consequence");
+    assert_eq!(r.rd(STALE_USES), 2);
+    // One verdict, naming the rule: the stale uses are this bug's, not missed invalidations.
+    assert_eq!(violation_kinds(&r), [ViolationKind::BindingOutlivedMm]);
+}
+
+#[test]
+fn test_address_space_torn_down_found_at_unbind() {
+    // Nothing ran after the teardown: the late UNBIND (file release) finds the empty root.
+    let mut r = bound_and_cached();
+    r.host.mem.poke(pml4_entry(ROOT_A, VA), &0u64.to_le_bytes());
+    assert_eq!(r.cmd(OP_UNBIND, PA5, UNBIND_FLAG_ABORT, 0, 0), (CMD_OK, 0));
+    let ev = r.host.events();
+    let empty = position(&ev, |e| matches!(e, Event::AddressSpaceEmpty { pasid: 5 }));
+    let begin = position(&ev, |e| matches!(e, Event::PasidUnbindBegin { pasid: 5 }));
+    assert!(empty < begin);
+    assert_eq!(violation_kinds(&r), [ViolationKind::BindingOutlivedMm]);
+}
+
+#[test]
+fn test_unbind_before_teardown_or_live_mapping_no_address_space_empty() {
+    // M6: the driver unbinds on mm release, then the tables go.
+    let mut r = bound_and_cached();
+    assert_eq!(r.cmd(OP_UNBIND, PA5, UNBIND_FLAG_ABORT, 0, 0), (CMD_OK, 0));
+    r.host.mem.poke(pml4_entry(ROOT_A, VA), &0u64.to_le_bytes());
+    assert!(violation_kinds(&r).is_empty());
+    // A live process keeps a mapping somewhere in the user half: one region gone (munmap of
+    // a whole 512 GiB slot) without an invalidation is a missed invalidation, nothing more.
+    let mut r = bound_and_cached();
+    r.map(ROOT_A, 0x40_0000, DATA + 0x4_0000, 1, UF);
+    r.host.mem.poke(pml4_entry(ROOT_A, VA), &0u64.to_le_bytes());
+    assert_eq!(r.run(&memcpy(PA5, VA, VA + 0x1000, 64, 2)).status, ST_OK);
+    assert_eq!(r.cmd(OP_UNBIND, PA5, UNBIND_FLAG_ABORT, 0, 0), (CMD_OK, 0));
+    let ev = r.host.events();
+    assert_eq!(
+        count(&ev, |e| matches!(e, Event::AddressSpaceEmpty { .. })),
+        0
+    );
+    assert_eq!(
+        violation_kinds(&r),
+        [
+            ViolationKind::StaleTranslation,
+            ViolationKind::StaleTranslation
+        ]
+    );
+}
+
+#[test]
+fn test_address_space_empty_not_for_privileged_or_without_checking() {
+    // A supervisor binding may have nothing in the user half; checking mode off looks at
+    // nothing.
+    let mut r = Rig::new();
+    r.start();
+    assert_eq!(r.cmd(OP_BIND, PA5, BIND_FLAG_PRIV, ROOT_A, 0), (CMD_OK, 0));
+    assert_eq!(r.cmd(OP_UNBIND, PA5, 0, 0, 0), (CMD_OK, 0));
+    let mut q = Rig::with(NpuConfig {
+        checking: false,
+        ..NpuConfig::default()
+    });
+    q.start();
+    q.bind(PA5, ROOT_A);
+    assert_eq!(q.cmd(OP_UNBIND, PA5, 0, 0, 0), (CMD_OK, 0));
+    for rig in [&r, &q] {
+        assert_eq!(
+            count(&rig.host.events(), |e| matches!(
+                e,
+                Event::AddressSpaceEmpty { .. }
+            )),
+            0
+        );
+        assert!(violation_kinds(rig).is_empty());
+    }
+    // The instrument works: the same empty root, bound as a user PASID with checking on.
+    let mut u = Rig::new();
+    u.start();
+    u.bind(PA5, ROOT_A);
+    assert_eq!(u.cmd(OP_UNBIND, PA5, 0, 0, 0), (CMD_OK, 0));
+    assert_eq!(violation_kinds(&u), [ViolationKind::BindingOutlivedMm]);
+}
+
+/// M6c on the device: a copy of PASID 5 whose translations are cached runs while UNBIND with
+/// `flags` begins after its first page. Without `teardown`, the PTE of the copy's second
+/// source page is zapped while the first page is held (before the UNBIND: the stale use
+/// comes after it, in the second page). With `teardown` (finish mode only: an aborted item
+/// never reaches its second page), the PML4 entry is cleared, as `exit_mmap` leaves it, once
+/// the UNBIND began and the second page's source read is held.
+fn drain_while_tables_change(flags: u32, teardown: bool) -> (Rig, Completion) {
+    let mut r = Rig::new();
+    r.map(ROOT_A, VA, DATA, 4, UF);
+    r.map(ROOT_A, VA + 0x10_0000, DATA + 0x10_0000, 4, UF);
+    r.start();
+    r.bind(PA5, ROOT_A);
+    let copy = |tag| memcpy(PA5, VA, VA + 0x10_0000, 4 * 4096, tag);
+    assert_eq!(r.run(&copy(1)).status, ST_OK);
+    let changed = if teardown {
+        pml4_entry(ROOT_A, VA)
+    } else {
+        r.tables(ROOT_A).entry_addr(VA + 0x1000, 1)
+    };
+    r.host.arm_gate();
+    r.wr(CMD_PASID, PA5);
+    r.wr(CMD_FLAGS, flags);
+    r.submit(&copy(2));
+    r.host.wait_blocked();
+    let host = r.host.clone();
+    let shared = r.ep.function().shared().clone();
+    let helper = std::thread::spawn(move || {
+        // The UNBIND below waits for the engine's lock (held: the engine is at the gate).
+        wait_until("the UNBIND waiting for the engine", || {
+            shared.lock_waiters() > 0
+        });
+        // The first page's source read goes through; its destination write is held.
+        host.step_gate();
+        host.wait_blocked();
+        if teardown {
+            // The first page completes, the waiting UNBIND runs (the engine yields to it
+            // between pages), and the second page's source read is held.
+            host.step_gate();
+            host.wait_blocked();
+        }
+        host.mem.poke(changed, &0u64.to_le_bytes());
+        host.open_gate();
+    });
+    r.wr(CMD_OP, OP_UNBIND);
+    helper.join().unwrap();
+    wait_until("unbind", || rd(&mut r.ep, CMD_STATUS) & CMD_BUSY == 0);
+    let c = r.completions(1)[0];
+    (r, c)
+}
+
+#[test]
+fn test_tables_change_during_finish_drain_is_drain_not_awaited() {
+    // The driver issued UNBIND (finish) and did not wait: the mm goes while the work runs.
+    let (r, c) = drain_while_tables_change(0, false);
+    assert_eq!(c.status, ST_OK, "finish mode completes the item");
+    let ev = r.host.events();
+    let begin = position(&ev, |e| matches!(e, Event::PasidUnbindBegin { pasid: 5 }));
+    let stale = position(
+        &ev,
+        |e| matches!(e, Event::StaleTranslationUsed { pasid: 5, va, .. } if *va == VA + 0x1000),
+    );
+    assert!(begin < stale, "the stale use came during the drain");
+    assert_eq!(violation_kinds(&r), [ViolationKind::DrainNotAwaited]);
+    // The whole address space torn down during the drain: the same rule, said for the root
+    // and for each stale use.
+    let (r, _) = drain_while_tables_change(0, true);
+    let kinds = violation_kinds(&r);
+    assert!(
+        !kinds.is_empty() && kinds.iter().all(|k| *k == ViolationKind::DrainNotAwaited),
+        "{kinds:?}"
+    );
+    assert_eq!(
+        count(&r.host.events(), |e| matches!(
+            e,
+            Event::AddressSpaceEmpty { pasid: 5 }
+        )),
+        1
+    );
+}
+
+#[test]
+fn test_tables_change_after_abort_unbind_no_violation() {
+    // The correct driver: UNBIND with ABORT; the item stops at its next page boundary and
+    // nothing of the PASID is translated again, whatever happens to the tables.
+    let (r, c) = drain_while_tables_change(UNBIND_FLAG_ABORT, false);
+    assert_eq!((c.status, c.result), (ST_ABORTED, 4096));
+    let ev = r.host.events();
+    assert_eq!(
+        count(&ev, |e| matches!(
+            e,
+            Event::StaleTranslationUsed { .. } | Event::AddressSpaceEmpty { .. }
+        )),
+        0
+    );
+    assert!(violation_kinds(&r).is_empty());
 }

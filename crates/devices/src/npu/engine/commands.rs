@@ -59,6 +59,7 @@ impl State {
                 root,
                 privileged: flags & regs::BIND_FLAG_PRIV != 0,
                 state: CtxState::Bound,
+                empty_reported: false,
             },
         );
         self.record(Event::PasidBind { pasid, root });
@@ -72,6 +73,17 @@ impl State {
             0
         };
         let target = self.fetched + outstanding;
+        if self
+            .contexts
+            .get(&pasid)
+            .is_some_and(|c| c.state == CtxState::Bound)
+        {
+            // A binding that outlived its mm is still bound when the driver finally unbinds
+            // it: say so before the unbind (checking mode).
+            if let Some(host) = self.host.clone() {
+                self.check_address_space(host.as_ref(), pasid);
+            }
+        }
         match self.contexts.get_mut(&pasid) {
             Some(c) if c.state == CtxState::Bound => {
                 c.state = CtxState::Draining {

@@ -146,6 +146,8 @@ struct Context {
     root: u64,
     privileged: bool,
     state: CtxState,
+    /// Checking mode found this binding's address space torn down (journaled once).
+    empty_reported: bool,
 }
 
 impl Context {
@@ -320,6 +322,13 @@ impl Shared {
             std::thread::yield_now();
         }
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Register accesses waiting for the lock (tests order a command against the engine's
+    /// next chunk with it: the engine yields to a waiter between chunks).
+    #[cfg(test)]
+    pub fn lock_waiters(&self) -> u32 {
+        self.waiting.load(Ordering::Acquire)
     }
 
     /// Wake the engine (after a register change it may care about).

@@ -297,8 +297,55 @@ impl State {
                 self.atc.insert(pasid, va, t);
                 Ok(t.pa)
             }
-            Err(f) => Err(XlateError::Fault(f)),
+            Err(f) => {
+                if top_level_missing(&f) {
+                    self.check_address_space(host, pasid);
+                }
+                Err(XlateError::Fault(f))
+            }
         }
+    }
+
+    /// Checking mode: journal `AddressSpaceEmpty` (once per binding) if the lower half of
+    /// `pasid`'s top-level table, read through the checker's view, maps nothing. A live
+    /// process always maps something there (its code, its stack); after `exit_mmap` every
+    /// table below the root is freed and those entries cleared. So a bound user PASID whose
+    /// root maps no user address is a binding that outlived its mm (or, while draining, one
+    /// whose driver did not wait for the drain): the journal's checker judges which. Not
+    /// for privileged bindings (a kernel address space may map nothing below 2^47).
+    pub(super) fn check_address_space(&mut self, host: &dyn NpuHost, pasid: u32) {
+        if !self.cfg.checking {
+            return;
+        }
+        let Some(c) = self.contexts.get(&pasid).copied() else {
+            return;
+        };
+        if c.privileged || c.empty_reported {
+            return;
+        }
+        // 256 entries: the user half (VAs below 2^47).
+        let mut half = [0u8; 256 * 8];
+        if host
+            .inspect(pasid, c.root & walk::ADDR_MASK, &mut half)
+            .is_err()
+        {
+            return;
+        }
+        if half
+            .chunks_exact(8)
+            .any(|e| e.try_into().map_or(0, u64::from_le_bytes) & walk::PTE_P != 0)
+        {
+            return;
+        }
+        if let Some(c) = self.contexts.get_mut(&pasid) {
+            c.empty_reported = true;
+        }
+        warn!(
+            "{}: pasid {pasid}: its page tables (root {:#x}) map no user address any more: \
+             the address space was torn down under the binding",
+            self.cfg.name, c.root
+        );
+        self.record(Event::AddressSpaceEmpty { pasid });
     }
 
     pub(super) fn check_hit(
@@ -319,7 +366,14 @@ impl State {
                 reason: walk::FaultReason::TableUnreadable,
                 ..
             }) => return,
-            Err(_) => None,
+            Err(f) => {
+                // The whole address space may be gone: say that first, the use is its
+                // consequence.
+                if top_level_missing(&f) {
+                    self.check_address_space(host, pasid);
+                }
+                None
+            }
         };
         self.regs.stale = self.regs.stale.wrapping_add(1);
         self.atc.mark_stale_reported(pasid, va);
@@ -450,4 +504,10 @@ impl State {
             Err(e) => self.halt(regs::ERROR_CQ_WRITE, &format!("writing CQ slot: {e}")),
         }
     }
+}
+
+/// A walk that found no entry at the top level (PML4): the first sign of a torn-down address
+/// space.
+fn top_level_missing(f: &WalkFault) -> bool {
+    f.level == 4 && f.reason == walk::FaultReason::NotPresent
 }
