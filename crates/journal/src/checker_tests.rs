@@ -1123,7 +1123,10 @@ fn test_stale_use_while_draining_is_drain_not_awaited() {
     .collect();
     assert_eq!(
         kinds,
-        [ViolationKind::DrainNotAwaited, ViolationKind::DrainNotAwaited]
+        [
+            ViolationKind::DrainNotAwaited,
+            ViolationKind::DrainNotAwaited
+        ]
     );
 }
 

@@ -287,9 +287,9 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M6b sva-no-mm-release",
             timeout: Duration::from_secs(120),
             program: Program::Host(sva::M6B),
-            // The driver ignores mm release: the device uses translations of pages exit_mmap
-            // tore down.
-            violations: &[("npu0", ViolationKind::StaleTranslation)],
+            // The driver ignores mm release: the device finds the PASID's tables torn down
+            // by exit_mmap while it is still bound.
+            violations: &[("npu0", ViolationKind::BindingOutlivedMm)],
             twin: Twin::Of("M6"),
             ..Scenario::NO_XFAIL
         },
@@ -298,8 +298,9 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M6c sva-ack-without-drain",
             timeout: Duration::from_secs(120),
             program: Program::Host(sva::M6C),
-            // The driver acknowledges the unbind without waiting for the drain.
-            violations: &[("npu0", ViolationKind::StaleTranslation)],
+            // The driver returns from mm release without waiting for the drain: the address
+            // space changes under the draining PASID.
+            violations: &[("npu0", ViolationKind::DrainNotAwaited)],
             twin: Twin::Of("M6"),
             ..Scenario::NO_XFAIL
         },
@@ -315,7 +316,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M7b sva-skip-invalidate",
             timeout: Duration::from_secs(120),
             program: Program::Host(sva::M7B),
-            // The driver's invalidation callback does nothing.
+            // The driver's invalidation callback does nothing: a missed invalidation.
             violations: &[("npu0", ViolationKind::StaleTranslation)],
             twin: Twin::Of("M7"),
             ..Scenario::NO_XFAIL
@@ -620,8 +621,8 @@ mod tests {
             declared,
             [
                 ("R2b", &[("gpu0", ViolationKind::DmaDuringReset)][..]),
-                ("M6b", &[("npu0", ViolationKind::StaleTranslation)]),
-                ("M6c", &[("npu0", ViolationKind::StaleTranslation)]),
+                ("M6b", &[("npu0", ViolationKind::BindingOutlivedMm)]),
+                ("M6c", &[("npu0", ViolationKind::DrainNotAwaited)]),
                 ("M7b", &[("npu0", ViolationKind::StaleTranslation)]),
                 ("M8b", &[("gpu0", ViolationKind::DmaAfterUnmap)])
             ]

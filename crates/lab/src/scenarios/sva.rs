@@ -4,8 +4,9 @@
 //! and drained (work was in flight: items aborted) before the device lets go of it, and the
 //! checker's invariants (`stale_translation`, `walk_after_release`, `pasid_after_unbind`) hold.
 //! The deliberately buggy driver variants (module parameter `bug=`) run the same steps and must
-//! make the checker report `stale_translation` (expected failures, `# XFAIL`). docs/sva.md has
-//! the lifetime rules and the scenario table.
+//! make the checker report the violation that names the rule they break (expected failures,
+//! `# XFAIL`): `binding_outlived_mm` (M6b), `drain_not_awaited` (M6c), `stale_translation`
+//! (M7b, the missed invalidation). docs/sva.md has the lifetime rules and the scenario table.
 
 use std::time::{Duration, Instant};
 
@@ -39,8 +40,8 @@ pub const M6: HostProgram = HostProgram {
 /// `M6b sva-no-mm-release`: the driver variant that ignores mm release (unbinds only when the
 /// file goes), in the fork case: the binder exits while its child holds the fd, so the device
 /// keeps working on the address space exit_mmap tore down until the child closes it; its
-/// checking mode catches the cached translations of pages that are gone (`stale_translation`,
-/// expected).
+/// checking mode finds the PASID's tables emptied while it is still bound
+/// (`binding_outlived_mm`, expected).
 pub const M6B: HostProgram = HostProgram {
     name: "m6b-sva-no-mm-release",
     profile: ProfileId::NpuSva,
@@ -49,7 +50,7 @@ pub const M6B: HostProgram = HostProgram {
 
 /// `M6c sva-ack-without-drain`: the variant that issues UNBIND on mm release and returns
 /// without waiting for the drain: the queued work runs on while the process (killed) loses its
-/// pages (`stale_translation`, expected).
+/// pages, under a PASID whose unbind is still draining (`drain_not_awaited`, expected).
 pub const M6C: HostProgram = HostProgram {
     name: "m6c-sva-ack-without-drain",
     profile: ProfileId::NpuSva,
@@ -67,7 +68,8 @@ pub const M7: HostProgram = HostProgram {
 };
 
 /// `M7b sva-skip-invalidate`: the variant whose invalidation callback does nothing: the device
-/// uses translations of discarded and unmapped pages (`stale_translation`, expected).
+/// uses translations of discarded and unmapped pages of a live process, and no invalidation
+/// covers them before the binding ends (`stale_translation`: a missed invalidation, expected).
 pub const M7B: HostProgram = HostProgram {
     name: "m7b-sva-skip-invalidate",
     profile: ProfileId::NpuSva,
@@ -290,13 +292,22 @@ fn m6_sva_lifetimes(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     Ok(())
 }
 
-/// A buggy variant: loads it, runs `case` leniently, and checks the intended violation came
-/// for the case's PASID. The suite holds the scenario to exactly that violation kind.
+/// Whether a checker detail is about `pasid` ("pasid 3 va 0x...", "pasid 3: ...": violations
+/// have no PASID field of their own).
+fn names_pasid(detail: &str, pasid: u64) -> bool {
+    detail.contains(&format!("pasid {pasid} ")) || detail.contains(&format!("pasid {pasid}:"))
+}
+
+/// A buggy variant: loads it, runs `case` leniently, and checks the violation `kind` that
+/// names its bug came for the case's PASID. The suite holds the scenario to exactly that
+/// violation kind (the catalogue's `violations`).
 fn buggy_variant(
     ctx: &mut HostCtx<'_>,
     bug: &str,
     case: &str,
     what: &str,
+    kind: ViolationKind,
+    rule: &str,
 ) -> Result<(), HostError> {
     let bdf = ctx.bdf_of(NPU)?;
     load_driver(ctx, &bdf, bug)?;
@@ -304,24 +315,20 @@ fn buggy_variant(
     // Back to the correct driver for whatever runs next.
     let reload = load_driver(ctx, &bdf, "none");
     if let Some((pasid, records)) = r {
-        let stale = records
+        let caught = records
             .iter()
             .filter(|r| {
-                // The checker's detail names the PASID ("pasid 3 va 0x...": no field of its
-                // own; the record is about the translation, not a binding).
-                matches!(&r.event, Event::Violation {
-                    kind: ViolationKind::StaleTranslation,
-                    detail,
-                } if detail.contains(&format!("pasid {pasid} ")))
+                matches!(&r.event, Event::Violation { kind: k, detail }
+                    if *k == kind && names_pasid(detail, pasid))
             })
             .count();
         ctx.diag(&format!(
-            "bug={bug}: {stale} stale_translation violation(s) for pasid {pasid}"
+            "bug={bug}: {caught} {kind} violation(s) for pasid {pasid}"
         ));
         ctx.check(
-            &format!("bug={bug}: the checker caught the device using translations of pages the process no longer has (stale_translation for pasid {pasid})"),
-            stale > 0,
-            "no stale_translation violation: the oracle missed the bug",
+            &format!("bug={bug}: the checker names the broken rule, {rule} ({kind} for pasid {pasid})"),
+            caught > 0,
+            format!("no {kind} violation: the oracle missed the bug or named another"),
         );
     }
     reload
@@ -333,6 +340,8 @@ fn m6b_no_mm_release(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         "no_mm_release",
         "fork",
         "fork, the binder exits with work queued, the driver ignoring mm release",
+        ViolationKind::BindingOutlivedMm,
+        "the mm's death ends the binding",
     )
 }
 
@@ -342,6 +351,8 @@ fn m6c_ack_without_drain(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         "ack_without_drain",
         "kill",
         "SIGKILL with work queued, the driver not waiting for the drain",
+        ViolationKind::DrainNotAwaited,
+        "mm release waits for the drain's acknowledgement",
     )
 }
 
@@ -395,6 +406,8 @@ fn m7b_skip_invalidate(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         "skip_invalidate",
         "m7",
         "the M7 steps with the driver skipping invalidations",
+        ViolationKind::StaleTranslation,
+        "the mmu notifier invalidates the device's translations",
     )
 }
 
@@ -465,6 +478,14 @@ mod tests {
             rec("pasid_unbind_begin", 1),
         ];
         assert!(!Lifecycle::of(&recs, 1).in_order());
+    }
+
+    #[test]
+    fn test_names_pasid() {
+        assert!(names_pasid("pasid 3 va 0x1000: cached", 3));
+        assert!(names_pasid("pasid 3: its page tables map no user address", 3));
+        assert!(!names_pasid("pasid 31: its page tables", 3));
+        assert!(!names_pasid("pasid 13 va 0x1000", 3));
     }
 
     #[test]
