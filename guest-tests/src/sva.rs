@@ -953,8 +953,10 @@ fn case_lifetime(c: &mut Checks<'_>, t: &Target, how: &str) -> Result<(), String
     let after = t.contexts()?;
     stamp_at(now_ns(), &format!("{after} context(s) left on the device"));
     c.check(
-        "every context is gone once no process holds the file (no leak through fork, SCM_RIGHTS or mmap)",
-        expect(after == before, || format!("{before} context(s) before, {after} after")),
+        NO_LEAK,
+        expect(after == before, || {
+            format!("{before} context(s) before, {after} after")
+        }),
     );
     let logs = kmsg.drain();
     let unbound: Vec<&String> = logs
@@ -965,10 +967,18 @@ fn case_lifetime(c: &mut Checks<'_>, t: &Target, how: &str) -> Result<(), String
         c.k.diag(&format!("kernel: {l}"));
     }
     c.strict(
-        "the driver unbound (and drained) the PASID on mm release, before the address space was torn down",
-        expect(unbound.iter().any(|l| l.contains("unbound on mm release")), || {
-            format!("kernel log: {:?}", logs.iter().filter(|l| l.contains(&format!("pasid {pasid}"))).collect::<Vec<_>>())
-        }),
+        UNBOUND_ON_RELEASE,
+        expect(
+            unbound.iter().any(|l| l.contains("unbound on mm release")),
+            || {
+                format!(
+                    "kernel log: {:?}",
+                    logs.iter()
+                        .filter(|l| l.contains(&format!("pasid {pasid}")))
+                        .collect::<Vec<_>>()
+                )
+            },
+        ),
     );
     Ok(())
 }
@@ -1119,6 +1129,60 @@ fn case_m7(c: &mut Checks<'_>, t: &Target) -> Result<(), String> {
     Ok(())
 }
 
+// The subtests of each case, in the order they are reported (`Ktap::declared`: the plan is
+// their count, and a result under another name fails the run).
+
+/// `--case basic`.
+const BASIC: &[&str] = &[
+    "open binds the opener's mm: a PASID, bound, the device reaches physical memory",
+    "FILL of 12 KiB at an unaligned VA of an mmap'd buffer",
+    "MEMCPY of 20000 bytes from the heap (malloc) to an mmap'd buffer",
+    "COMPARE: equal ranges OK, one flipped byte reported at its offset",
+    "MEMCPY into untouched memory: translation faults serviced by the driver, data correct",
+    "the status page (mmap of the device file) shows the binding and its counters",
+    "a writable mapping of the status page is refused",
+];
+
+/// How the worker of a lifetime case ended.
+const WORKER_ENDED: &str =
+    "the worker was killed by SIGKILL with work in flight|the worker exited with work in flight";
+/// No context left once nobody holds the file.
+const NO_LEAK: &str =
+    "every context is gone once no process holds the file (no leak through fork, SCM_RIGHTS or mmap)";
+/// The kernel log says the PASID was unbound on mm release.
+const UNBOUND_ON_RELEASE: &str = "the driver unbound (and drained) the PASID on mm release, before the address space was torn down";
+/// The fd's holder (fork: the child, scm: the receiver) after the opener's exit.
+const HOLDER_UNBOUND: &str =
+    "after the opener's exit the * holds an unbound file: INFO not bound, SUBMIT EPERM";
+
+/// `--case exit` and `--case kill`.
+const EXIT_KILL: &[&str] = &[WORKER_ENDED, NO_LEAK, UNBOUND_ON_RELEASE];
+/// `--case mmap`.
+const MMAP: &[&str] = &[
+    WORKER_ENDED,
+    "with the fd closed, the status page mapping still shows the bound context",
+    NO_LEAK,
+    UNBOUND_ON_RELEASE,
+];
+/// `--case fork`.
+const FORK: &[&str] = &[
+    WORKER_ENDED,
+    "a forked child cannot submit on the parent's binding (EPERM)",
+    HOLDER_UNBOUND,
+    NO_LEAK,
+    UNBOUND_ON_RELEASE,
+];
+/// `--case scm`.
+const SCM: &[&str] = &[WORKER_ENDED, HOLDER_UNBOUND, NO_LEAK, UNBOUND_ON_RELEASE];
+/// `--case m7`.
+const M7: &[&str] = &[
+    "a copy caches the buffer's translations (data copied)",
+    "after MADV_DONTNEED the device faults on the discarded pages and copies zeros (no stale page read)",
+    "after munmap a copy from the range fails with a translation fault (EFAULT), nothing read",
+    "after mprotect(PROT_READ) a device write faults (write to read-only) and the memory is unchanged",
+    "copies racing MADV_DONTNEED of their source all complete (faults serviced, no error)",
+];
+
 pub fn run(argv: &[String]) -> i32 {
     let args = match Args::parse(argv, &["bdf", "case", "lenient"]) {
         Ok(a) => a,
@@ -1132,19 +1196,19 @@ pub fn run(argv: &[String]) -> i32 {
         return 2;
     };
     let lenient = args.get("lenient") == Some("on");
-    let planned = match case {
-        "basic" => 7,
-        "exit" | "kill" => 3,
-        "mmap" => 4,
-        "fork" => 5,
-        "scm" => 4,
-        "m7" => 5,
+    let subtests = match case {
+        "basic" => BASIC,
+        "exit" | "kill" => EXIT_KILL,
+        "mmap" => MMAP,
+        "fork" => FORK,
+        "scm" => SCM,
+        "m7" => M7,
         other => {
             eprintln!("sva: unknown --case {other}");
             return 2;
         }
     };
-    let mut k = Ktap::new(planned);
+    let mut k = Ktap::declared(subtests);
     let target = match Target::find(bdf) {
         Ok(t) => t,
         Err(e) => {
@@ -1162,4 +1226,34 @@ pub fn run(argv: &[String]) -> i32 {
         k.diag(&format!("setup failed: {e}"));
     }
     k.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ktap::declared_name_matches;
+
+    /// The names a lifetime case builds at run time are the ones its declaration allows.
+    #[test]
+    fn test_declared_patterns_allow_the_built_names() {
+        for name in [
+            "the worker was killed by SIGKILL with work in flight",
+            "the worker exited with work in flight",
+        ] {
+            assert!(declared_name_matches(WORKER_ENDED, name), "{name}");
+        }
+        assert!(!declared_name_matches(WORKER_ENDED, "the worker hung"));
+        for who in ["child", "receiver"] {
+            let name = format!(
+                "after the opener's exit the {who} holds an unbound file: INFO not bound, SUBMIT EPERM"
+            );
+            assert!(declared_name_matches(HOLDER_UNBOUND, &name), "{name}");
+        }
+        // One plan per case, as many entries as each case reports.
+        let plans: Vec<usize> = [BASIC, EXIT_KILL, MMAP, FORK, SCM, M7]
+            .iter()
+            .map(|s| s.len())
+            .collect();
+        assert_eq!(plans, [7, 3, 4, 5, 4, 5]);
+    }
 }
