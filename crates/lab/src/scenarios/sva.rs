@@ -326,7 +326,9 @@ fn buggy_variant(
             "bug={bug}: {caught} {kind} violation(s) for pasid {pasid}"
         ));
         ctx.check(
-            &format!("bug={bug}: the checker names the broken rule, {rule} ({kind} for pasid {pasid})"),
+            &format!(
+                "bug={bug}: the checker names the broken rule, {rule} ({kind} for pasid {pasid})"
+            ),
             caught > 0,
             format!("no {kind} violation: the oracle missed the bug or named another"),
         );
@@ -483,7 +485,10 @@ mod tests {
     #[test]
     fn test_names_pasid() {
         assert!(names_pasid("pasid 3 va 0x1000: cached", 3));
-        assert!(names_pasid("pasid 3: its page tables map no user address", 3));
+        assert!(names_pasid(
+            "pasid 3: its page tables map no user address",
+            3
+        ));
         assert!(!names_pasid("pasid 31: its page tables", 3));
         assert!(!names_pasid("pasid 13 va 0x1000", 3));
     }
