@@ -22,6 +22,13 @@
  * that is held while waiting for a fence (drivers/dma-buf/dma-fence.c, "fence signalling
  * critical section"; dma-resv.c primes lockdep with fs_reclaim -> mmu notifier -> fence wait).
  *
+ * PCIe error recovery (docs/reset.md, R12): pci_error_handlers. error_detected marks the GPU as
+ * recovering (new FILLs fail with -EIO) and asks for a reset; the AER core then resets the slot
+ * (for a fatal error) and calls slot_reset, which restores config space (pci_restore_state: the
+ * bus or slot reset the core performs does not), fails the fences of the work the reset
+ * discarded with -EIO and programs the ring again; resume lets work in again. Each callback logs
+ * one line and is recorded, in order, in the pcisim_recovery sysfs attribute.
+ *
  * Buggy variants (module parameter `bug`, for testing the lab's oracle; never for real use):
  *   no_fence_wait        - the invalidate callback unmaps without waiting for the fence: the
  *                          ring goes on writing through an IOVA that is gone (dma_after_unmap)
@@ -32,7 +39,8 @@
  * notifiers, the invalidate contract, blockable ranges), drivers/dma-buf/dma-fence.c and
  * dma-resv.c (signalling annotations, the lockdep priming), mm/gup.c (pin_user_pages,
  * FOLL_LONGTERM), drivers/gpu/drm/nouveau/nouveau_svm.c and amdgpu_hmm.c (how real drivers
- * use interval notifiers).
+ * use interval notifiers), drivers/pci/pcie/err.c and Documentation/PCI/pci-error-recovery.rst
+ * (the recovery sequence and what each callback may assume).
  */
 #include <linux/dma-fence.h>
 #include <linux/dma-mapping.h>
@@ -59,6 +67,7 @@
 #define FENCE_VECTOR   0
 #define ERROR_VECTOR   1
 #define MAX_USERPTR    (64ull << 20)
+#define MAX_RECOVERY_STEPS 16
 
 enum gpu_bug {
 	GPU_BUG_NONE,
@@ -96,6 +105,11 @@ struct gpu {
 	int id;
 	char name[32];
 	struct miscdevice misc;
+	/* PCIe error recovery: set from error_detected to resume; FILL fails while set */
+	bool recovering;            /* under ring_lock */
+	spinlock_t recovery_lock;   /* recovery_steps, nr_recovery_steps */
+	u8 recovery_steps[MAX_RECOVERY_STEPS];
+	unsigned int nr_recovery_steps;
 	/* statistics (struct pcisim_gpu_stats) */
 	atomic64_t invalidations, invalidate_waits, last_wait_ns, max_wait_ns, refused_nonblock;
 	atomic64_t pinned_pages, fences_emitted, fences_signaled;
@@ -136,6 +150,24 @@ static u32 rd(struct gpu *gpu, u32 off)
 static void wr(struct gpu *gpu, u32 off, u32 val)
 {
 	writel(val, gpu->regs + off);
+}
+
+static void gpu_ring_stop(struct gpu *gpu)
+{
+	wr(gpu, GPU_REG_RING_CTRL, GPU_RING_CTRL_RESET);
+}
+
+/* Programs an empty ring and starts it (probe; slot_reset, after the reset cleared it). */
+static void gpu_ring_start(struct gpu *gpu)
+{
+	gpu_ring_stop(gpu);
+	wr(gpu, GPU_REG_RING_BASE_LO, lower_32_bits(gpu->ring_dma));
+	wr(gpu, GPU_REG_RING_BASE_HI, upper_32_bits(gpu->ring_dma));
+	wr(gpu, GPU_REG_RING_SIZE, RING_ENTRIES);
+	wr(gpu, GPU_REG_FENCE_VECTOR, FENCE_VECTOR);
+	wr(gpu, GPU_REG_ERROR_VECTOR, ERROR_VECTOR);
+	wr(gpu, GPU_REG_RING_CTRL, GPU_RING_CTRL_ENABLE);
+	gpu->tail = 0;
 }
 
 /* ---- fences ---------------------------------------------------------------------------- */
@@ -455,6 +487,10 @@ static long gpu_ioctl_fill(struct gpu_file *gf, struct pcisim_gpu_fill __user *u
 		goto out_up;
 	}
 	mutex_lock(&gpu->ring_lock);
+	if (gpu->recovering) {
+		ret = -EIO; /* between error_detected and resume: the ring is not ours */
+		goto out_ring;
+	}
 	need = a.repeat * up->sgt.nents + 1;
 	if ((u64)a.repeat * up->sgt.nents + 1 > RING_ENTRIES - 1 || gpu_ring_space(gpu) < need) {
 		ret = -EBUSY;
@@ -617,17 +653,190 @@ static ssize_t pcisim_pinned_pages_show(struct device *dev, struct device_attrib
 }
 static DEVICE_ATTR_RO(pcisim_pinned_pages);
 
+/* ---- PCIe error recovery ------------------------------------------------------------- */
+
+enum gpu_recovery_step {
+	GPU_STEP_ERROR_DETECTED,
+	GPU_STEP_MMIO_ENABLED,
+	GPU_STEP_SLOT_RESET,
+	GPU_STEP_RESUME,
+	GPU_NR_STEPS,
+};
+
+static const char *const step_names[GPU_NR_STEPS] = {
+	[GPU_STEP_ERROR_DETECTED] = "error_detected",
+	[GPU_STEP_MMIO_ENABLED] = "mmio_enabled",
+	[GPU_STEP_SLOT_RESET] = "slot_reset",
+	[GPU_STEP_RESUME] = "resume",
+};
+
+/* Records a recovery callback (the first MAX_RECOVERY_STEPS since load; the rest counted). */
+static void gpu_note_step(struct gpu *gpu, enum gpu_recovery_step step)
+{
+	spin_lock(&gpu->recovery_lock);
+	if (gpu->nr_recovery_steps < MAX_RECOVERY_STEPS)
+		gpu->recovery_steps[gpu->nr_recovery_steps] = step;
+	gpu->nr_recovery_steps++;
+	spin_unlock(&gpu->recovery_lock);
+}
+
+/*
+ * `pcisim_recovery`: the error recovery callbacks since load, in order, then one count per
+ * callback, e.g. "steps error_detected slot_reset resume\nerror_detected 1\n...".
+ */
+static ssize_t pcisim_recovery_show(struct device *dev, struct device_attribute *attr,
+				    char *buf)
+{
+	struct gpu *gpu = pci_get_drvdata(to_pci_dev(dev));
+	unsigned int counts[GPU_NR_STEPS] = { 0 };
+	u8 steps[MAX_RECOVERY_STEPS];
+	unsigned int i, n, shown;
+	int len;
+
+	spin_lock(&gpu->recovery_lock);
+	n = gpu->nr_recovery_steps;
+	shown = min_t(unsigned int, n, MAX_RECOVERY_STEPS);
+	memcpy(steps, gpu->recovery_steps, shown);
+	spin_unlock(&gpu->recovery_lock);
+	len = sysfs_emit(buf, "steps");
+	for (i = 0; i < shown; i++) {
+		len += sysfs_emit_at(buf, len, " %s", step_names[steps[i]]);
+		counts[steps[i]]++;
+	}
+	len += sysfs_emit_at(buf, len, "%s\n", n > shown ? " ..." : "");
+	for (i = 0; i < GPU_NR_STEPS; i++)
+		len += sysfs_emit_at(buf, len, "%s %u\n", step_names[i], counts[i]);
+	len += sysfs_emit_at(buf, len, "total %u\n", n);
+	return len;
+}
+static DEVICE_ATTR_RO(pcisim_recovery);
+
+static const char *channel_name(pci_channel_state_t state)
+{
+	switch (state) {
+	case pci_channel_io_normal:
+		return "normal";
+	case pci_channel_io_frozen:
+		return "frozen";
+	case pci_channel_io_perm_failure:
+		return "perm_failure";
+	}
+	return "unknown";
+}
+
+/* Signals every pending fence with -EIO: the work it stood for will never complete. */
+static void gpu_fail_pending(struct gpu *gpu)
+{
+	struct gpu_fence *f, *next;
+	unsigned long flags;
+	unsigned int n = 0;
+	bool cookie;
+
+	cookie = dma_fence_begin_signalling();
+	spin_lock_irqsave(&gpu->fence_lock, flags);
+	list_for_each_entry_safe(f, next, &gpu->pending, node) {
+		dma_fence_set_error(&f->base, -EIO);
+		list_del(&f->node);
+		dma_fence_signal_locked(&f->base);
+		atomic64_inc(&gpu->fences_signaled);
+		dma_fence_put(&f->base);
+		n++;
+	}
+	spin_unlock_irqrestore(&gpu->fence_lock, flags);
+	dma_fence_end_signalling(cookie);
+	if (n)
+		dev_info(&gpu->pdev->dev, "recovery: %u pending fence(s) failed with -EIO\n", n);
+}
+
+/*
+ * An uncorrectable error below our port. Frozen: the core will reset the slot, and MMIO may not
+ * reach the device meanwhile, so touch nothing; normal: stop the ring ourselves. Either way no
+ * new work until resume, and ask for a reset.
+ */
+static pci_ers_result_t gpu_error_detected(struct pci_dev *pdev, pci_channel_state_t state)
+{
+	struct gpu *gpu = pci_get_drvdata(pdev);
+
+	gpu_note_step(gpu, GPU_STEP_ERROR_DETECTED);
+	dev_info(&pdev->dev, "error_detected: channel %s\n", channel_name(state));
+	if (state == pci_channel_io_perm_failure)
+		return PCI_ERS_RESULT_DISCONNECT;
+	mutex_lock(&gpu->ring_lock);
+	gpu->recovering = true;
+	if (state == pci_channel_io_normal)
+		gpu_ring_stop(gpu);
+	mutex_unlock(&gpu->ring_lock);
+	return PCI_ERS_RESULT_NEED_RESET;
+}
+
+/* Only called when every driver voted CAN_RECOVER; we never do, but say so if it happens. */
+static pci_ers_result_t gpu_mmio_enabled(struct pci_dev *pdev)
+{
+	struct gpu *gpu = pci_get_drvdata(pdev);
+
+	gpu_note_step(gpu, GPU_STEP_MMIO_ENABLED);
+	dev_info(&pdev->dev, "mmio_enabled\n");
+	return PCI_ERS_RESULT_NEED_RESET;
+}
+
+/*
+ * After the slot reset (fatal errors; for non-fatal ones 6.12's core calls this without
+ * resetting anything): config space back from the copy probe saved (the core's bus/slot reset
+ * does not restore it: pci_bus_error_reset()), the device answering as our GPU again, the
+ * ring stopped and empty, the fences of the lost work failed, the ring programmed again.
+ */
+static pci_ers_result_t gpu_slot_reset(struct pci_dev *pdev)
+{
+	struct gpu *gpu = pci_get_drvdata(pdev);
+	u32 id;
+
+	gpu_note_step(gpu, GPU_STEP_SLOT_RESET);
+	pci_restore_state(pdev);
+	pci_save_state(pdev); /* pci_restore_state() used up the saved copy */
+	id = rd(gpu, GPU_REG_ID);
+	if (id != GPU_ID_MAGIC) {
+		dev_err(&pdev->dev, "slot_reset: ID register %#x is not the GPU's %#x\n", id,
+			GPU_ID_MAGIC);
+		return PCI_ERS_RESULT_DISCONNECT;
+	}
+	/* No FILL can queue work meanwhile (recovering); the fences are failed outside ring_lock,
+	 * which must never be held inside a fence signalling section. */
+	mutex_lock(&gpu->ring_lock);
+	gpu_ring_stop(gpu);
+	mutex_unlock(&gpu->ring_lock);
+	gpu_fail_pending(gpu);
+	mutex_lock(&gpu->ring_lock);
+	gpu_ring_start(gpu);
+	mutex_unlock(&gpu->ring_lock);
+	dev_info(&pdev->dev, "slot_reset: config space restored, ring restarted\n");
+	return PCI_ERS_RESULT_RECOVERED;
+}
+
+static void gpu_resume(struct pci_dev *pdev)
+{
+	struct gpu *gpu = pci_get_drvdata(pdev);
+
+	gpu_note_step(gpu, GPU_STEP_RESUME);
+	mutex_lock(&gpu->ring_lock);
+	gpu->recovering = false;
+	mutex_unlock(&gpu->ring_lock);
+	dev_info(&pdev->dev, "resume: accepting work again\n");
+}
+
+static const struct pci_error_handlers gpu_err_handler = {
+	.error_detected = gpu_error_detected,
+	.mmio_enabled = gpu_mmio_enabled,
+	.slot_reset = gpu_slot_reset,
+	.resume = gpu_resume,
+};
+
 static struct attribute *gpu_attrs[] = {
 	&dev_attr_pcisim_chardev.attr,
 	&dev_attr_pcisim_pinned_pages.attr,
+	&dev_attr_pcisim_recovery.attr,
 	NULL,
 };
 ATTRIBUTE_GROUPS(gpu);
-
-static void gpu_ring_stop(struct gpu *gpu)
-{
-	wr(gpu, GPU_REG_RING_CTRL, GPU_RING_CTRL_RESET);
-}
 
 static int gpu_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 {
@@ -641,6 +850,7 @@ static int gpu_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	gpu->pdev = pdev;
 	mutex_init(&gpu->ring_lock);
 	spin_lock_init(&gpu->fence_lock);
+	spin_lock_init(&gpu->recovery_lock);
 	INIT_LIST_HEAD(&gpu->pending);
 	gpu->fence_context = dma_fence_context_alloc(1);
 
@@ -687,14 +897,7 @@ static int gpu_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		}
 	}
 
-	gpu_ring_stop(gpu);
-	wr(gpu, GPU_REG_RING_BASE_LO, lower_32_bits(gpu->ring_dma));
-	wr(gpu, GPU_REG_RING_BASE_HI, upper_32_bits(gpu->ring_dma));
-	wr(gpu, GPU_REG_RING_SIZE, RING_ENTRIES);
-	wr(gpu, GPU_REG_FENCE_VECTOR, FENCE_VECTOR);
-	wr(gpu, GPU_REG_ERROR_VECTOR, ERROR_VECTOR);
-	wr(gpu, GPU_REG_RING_CTRL, GPU_RING_CTRL_ENABLE);
-	gpu->tail = 0;
+	gpu_ring_start(gpu);
 
 	gpu->id = ida_alloc(&gpu_ids, GFP_KERNEL);
 	if (gpu->id < 0) {
@@ -710,6 +913,7 @@ static int gpu_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	ret = misc_register(&gpu->misc);
 	if (ret)
 		goto err_id;
+	pci_save_state(pdev); /* what slot_reset restores after an error recovery's reset */
 	dev_info(dev, "%s: ring of %u entries at iova %#llx, bug %s\n", gpu->name, RING_ENTRIES,
 		 (u64)gpu->ring_dma, bug_names[the_bug]);
 	return 0;
@@ -751,6 +955,7 @@ static struct pci_driver gpu_driver = {
 	.id_table = gpu_ids_table,
 	.probe = gpu_probe,
 	.remove = gpu_remove,
+	.err_handler = &gpu_err_handler,
 	.dev_groups = gpu_groups,
 };
 

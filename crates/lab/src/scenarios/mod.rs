@@ -362,6 +362,16 @@ pub fn catalogue() -> Vec<Scenario> {
             ..Scenario::NO_XFAIL
         },
         Scenario {
+            // Last in `gpu-userptr`, after the M8 family: AER recovery through the GPU driver's
+            // pci_error_handlers (docs/reset.md). The AER lines it provokes are no kernel report
+            // the oracle judges (they are not splats); the scenario checks them itself.
+            id: "R12",
+            name: "R12 aer-recovery",
+            timeout: Duration::from_secs(180),
+            program: Program::Host(reset::R12),
+            ..Scenario::NO_XFAIL
+        },
+        Scenario {
             id: "K1",
             name: "K1 kernel-warn-caught",
             timeout: Duration::from_secs(120),
@@ -465,6 +475,7 @@ mod tests {
                 "M8b userptr-no-fence-wait",
                 "M8d userptr-pinned",
                 "M8c userptr-alloc-in-signalling",
+                "R12 aer-recovery",
                 "K1 kernel-warn-caught",
                 "K2 kernel-hung-task-caught"
             ]

@@ -14,7 +14,7 @@
 //! | `npu-sva` | `npu0` (`chunk_delay_us=500,journal=32768`) alone behind `rp1`, bound to the guest NPU driver | ACPI | 0 | no |
 //! | `gpu-nsr` | `gpu0` behind `rp1`, `gpu1` (`no_soft_reset=on`) behind `rp2` | native pciehp | 0 | yes |
 //! | `npu-probe-hang` | `npu0` alone behind `rp1`, for R10 then R10b, whose deadlocked probe leaves the VM unable to power off | ACPI | 0 | no |
-//! | `gpu-userptr` | `gpu0` alone behind `rp1`, driven by the guest GPU driver (`pcisim_gpu.ko`) | ACPI | 0 | yes |
+//! | `gpu-userptr` | `gpu0` alone behind `rp1`, driven by the guest GPU driver (`pcisim_gpu.ko`) | native pciehp | 0 | yes |
 //! | `gpu-2g` | as `gpu`, with 2 GiB of guest RAM (every other profile has 1 GiB) | ACPI | 0 | yes |
 //!
 //! Root ports are `rp1`, `rp2`, ... with `chassis` = `slot` = their number, created in the order
@@ -202,8 +202,9 @@ pub enum ProfileId {
     /// buggy probe deadlocks on the device lock for good, so nothing can run after it, and the
     /// power-off hangs in `device_shutdown()` (the suite kills QEMU after its power-off timeout).
     NpuProbeHang,
-    /// `gpu-userptr`: the `gpu` profile's machine for the guest GPU driver (`pcisim_gpu.ko`,
-    /// userptr through the vIOMMU): M8, M8b, M8d and M8c run here, apart from the vfio scenarios.
+    /// `gpu-userptr`: the `gpu` profile's machine, under native PCIe hotplug, for the guest GPU
+    /// driver (`pcisim_gpu.ko`, userptr through the vIOMMU): M8, M8b, M8d, M8c and R12 (AER
+    /// recovery, which needs pciehp's slot reset) run here, apart from the vfio scenarios.
     GpuUserptr,
     /// `gpu-2g`: the `gpu` profile with 2 GiB of guest RAM, for a guest vfio user that maps
     /// 1 GiB of its own memory. M9 runs here.
@@ -324,6 +325,9 @@ impl ProfileId {
             },
             ProfileId::GpuUserptr => VmProfile {
                 name: "gpu-userptr".into(),
+                // R12's AER recovery resets the slot: under ACPI hotplug that is a plain SBR,
+                // which 6.12 fails with ENOTTY (no Link Active, docs/reset.md).
+                hotplug: HotplugMode::NativePciehp,
                 ..ProfileId::Gpu.profile()
             },
             ProfileId::GpuLarge => VmProfile {

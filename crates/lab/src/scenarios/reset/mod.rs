@@ -26,9 +26,11 @@ use crate::vm::profile::{DeviceKind, ProfileId};
 use crate::vm::qmp::PciDeviceInfo;
 use pcisim_guest_wire::Program as GuestProgram;
 
+mod aer;
 mod flr;
 mod methods;
 mod system;
+pub use self::aer::R12;
 use self::flr::*;
 use self::methods::*;
 use self::system::*;

@@ -1,0 +1,298 @@
+//! R12: PCIe AER error recovery through the guest's AER driver and the guest GPU driver's
+//! `pci_error_handlers` (`guest-tests/kmod/pcisim_gpu.c`).
+//!
+//! QEMU can send an AER error message only from a device with its own AER model: the GPU's
+//! root port. `pcie_aer_inject_error rp1 DLP` (HMP, through QMP `human-monitor-command`) makes
+//! the port log a Data Link Protocol Error, which its Uncorrectable Error Severity register
+//! calls fatal, and raise its AER interrupt; the guest's AER core names the port as the source
+//! and runs recovery over everything below it: our driver's `error_detected` (frozen),
+//! pciehp's slot reset (QEMU resets the devices below: a DEVICE_RESET to our server), the
+//! driver's `slot_reset` (restores config space, restarts the ring) and `resume`.
+//! docs/reset.md says why our own device cannot be the named source (QEMU keeps the message of
+//! a vfio-user-pci device to itself) and why the VM needs native pciehp.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::*;
+use crate::guestops;
+use crate::vm::kmod::GPU_MODULE;
+use pcisim_guest_wire::GuestProgram as Invocation;
+
+/// The GPU of the `gpu-userptr` profile.
+const GPU: &str = "gpu0";
+
+/// A fatal error by the root port's default severity (PCIe Base 6.0 §7.8.4.4: DLP is fatal).
+const INJECTED_ERROR: &str = "DLP";
+
+/// How long the guest's recovery may take before the scenario gives up waiting (measured:
+/// ~0.15 s; pciehp's slot reset alone waits 100 ms after the SBR, 1 s more for Link Active).
+const RECOVERY_WAIT: Duration = Duration::from_secs(30);
+
+/// The kernel log line written just before the injection; the scenario reads the log from it.
+const LOG_MARK: &str = "pcisim-lab: R12 injecting an AER error";
+
+/// `R12 aer-recovery`: an uncorrectable (fatal) error injected at the GPU's root port; the
+/// guest's AER core recovers with the GPU driver's error handlers and one slot reset.
+pub const R12: HostProgram = HostProgram {
+    name: "r12-aer-recovery",
+    profile: ProfileId::GpuUserptr,
+    run: r12_aer_recovery,
+};
+
+/// A kernel log line's timestamp in seconds (`[   19.380477] ...`).
+fn stamp(line: &str) -> Option<f64> {
+    let rest = line.trim_start().strip_prefix('[')?;
+    rest.split(']').next()?.trim().parse().ok()
+}
+
+/// The lines of `log` containing `needle`, with their timestamps.
+fn find_lines<'a>(log: &'a str, needle: &str) -> Vec<(Option<f64>, &'a str)> {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .map(|l| (stamp(l), l))
+        .collect()
+}
+
+/// The steps of the recovery, in the order the kernel must log them: (what, log substring).
+fn expected_steps(rp: &str, bdf: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "the port's AER error message",
+            format!("{rp}: AER: Uncorrectable (Fatal) error message received from {rp}"),
+        ),
+        (
+            "the driver's error_detected (frozen)",
+            format!("{bdf}: error_detected: channel frozen"),
+        ),
+        (
+            "the slot reset",
+            format!("{rp}: AER: Root Port link has been reset (0)"),
+        ),
+        (
+            "the driver's slot_reset",
+            format!("{bdf}: slot_reset: config space restored, ring restarted"),
+        ),
+        (
+            "the driver's resume",
+            format!("{bdf}: resume: accepting work again"),
+        ),
+        (
+            "the AER core's verdict",
+            format!("{rp}: AER: device recovery successful"),
+        ),
+    ]
+}
+
+/// Checks that each step is logged exactly once and in order; returns their timestamps.
+fn check_log_order(
+    ctx: &mut HostCtx<'_>,
+    log: &str,
+    steps: &[(&'static str, String)],
+) -> Vec<Option<f64>> {
+    let mut stamps = Vec::new();
+    let mut problems = Vec::new();
+    for (what, needle) in steps {
+        let found = find_lines(log, needle);
+        if found.len() != 1 {
+            problems.push(format!("{what}: {} lines with {needle:?}", found.len()));
+        }
+        stamps.push(found.first().and_then(|(t, _)| *t));
+    }
+    let ordered = stamps
+        .windows(2)
+        .all(|w| matches!((w[0], w[1]), (Some(a), Some(b)) if a <= b));
+    if !ordered {
+        problems.push(format!("timestamps out of order: {stamps:?}"));
+    }
+    let names: Vec<&str> = steps.iter().map(|(w, _)| *w).collect();
+    ctx.check(
+        &format!(
+            "the guest kernel logged, once each and in this order: {}",
+            names.join(" -> ")
+        ),
+        problems.is_empty(),
+        problems.join("; "),
+    );
+    stamps
+}
+
+fn r12_aer_recovery(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
+    let bdf = ctx.bdf_of(GPU)?;
+    let port_id = ctx
+        .layout()
+        .device(GPU)
+        .map(|d| d.bus.clone())
+        .ok_or_else(|| HostError::NoDevice(GPU.into()))?;
+    let rp = ctx.bdf_of(&port_id)?;
+
+    // The instrument: the guest's AER service drives the port natively, and pciehp its slot
+    // (without it the recovery's reset is a plain SBR, which fails under QEMU: docs/reset.md).
+    let services = ctx.sh(&format!(
+        "dmesg | grep -E '{rp}: (AER: enabled|pciehp: Slot)'; true"
+    ))?;
+    ctx.check(
+        &format!("the guest's AER driver and pciehp drive root port {rp} ({port_id})"),
+        services.contains("AER: enabled") && services.contains("pciehp: Slot"),
+        services.trim().replace('\n', "; "),
+    );
+
+    let loaded = guestops::driver::load_gpu(ctx, &bdf, "none");
+    ctx.checked(&format!("{GPU_MODULE}.ko bound to {bdf}"), loaded)?;
+    let attr = format!("/sys/bus/pci/devices/{bdf}/pcisim_recovery");
+    let before = ctx.sh(&format!("cat {attr}"))?;
+    ctx.check(
+        "no recovery callback before the injection",
+        before.lines().any(|l| l.trim() == "total 0"),
+        before.trim().replace('\n', "; "),
+    );
+
+    let injected_at = mark(ctx, GPU)?;
+    ctx.sh(&format!("echo '{LOG_MARK}' > /dev/kmsg"))?;
+    let command = format!("pcie_aer_inject_error {port_id} {INJECTED_ERROR}");
+    let reply = ctx.qmp().execute(
+        "human-monitor-command",
+        Some(json!({ "command-line": command })),
+    )?;
+    let reply = reply.as_str().unwrap_or_default().trim().to_string();
+    ctx.check(
+        &format!("QEMU injected {INJECTED_ERROR} at {port_id} (`{command}`)"),
+        reply.starts_with(&format!("OK id: {port_id}")),
+        &reply,
+    );
+
+    // Wait for the AER core's verdict, either way.
+    let script = format!("dmesg | sed -n '/{LOG_MARK}/,$p'");
+    let deadline = Instant::now() + RECOVERY_WAIT;
+    let log = loop {
+        let log = ctx.sh(&script)?;
+        if log.contains("AER: device recovery") || Instant::now() >= deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for l in log.lines().skip(1) {
+        ctx.diag(&format!("guest: {}", l.trim()));
+    }
+    let steps = expected_steps(&rp, &bdf);
+    let stamps = check_log_order(ctx, &log, &steps);
+
+    let recovery = ctx.sh(&format!("cat {attr}"))?;
+    ctx.check(
+        "the driver's callbacks: error_detected, slot_reset, resume, once each",
+        recovery.lines().next().map(str::trim) == Some("steps error_detected slot_reset resume")
+            && recovery.lines().any(|l| l.trim() == "total 3"),
+        recovery.trim().replace('\n', "; "),
+    );
+
+    // The device's side: exactly one conventional reset, then the driver's config restore.
+    let w = since(ctx, GPU, injected_at)?;
+    check_kinds(
+        ctx,
+        &format!("{GPU} AER recovery"),
+        &w,
+        &[ResetKind::DeviceReset],
+    );
+    let end = w
+        .iter()
+        .position(|r| matches!(r.event, Event::ResetEnd { .. }));
+    let restore = end.and_then(|e| {
+        w[e..].iter().find_map(|r| match r.event {
+            Event::Command { new, .. } => Some((r, new)),
+            _ => None,
+        })
+    });
+    ctx.check(
+        "after the reset, the first Command write enables memory and Bus Master again \
+         (slot_reset's pci_restore_state)",
+        matches!(restore, Some((_, new)) if new & 0x6 == 0x6),
+        format!("{:?}", restore.map(|(r, new)| (r.seq, new))),
+    );
+    if let (Some(begin), Some((r, _))) = (
+        w.iter()
+            .find(|r| matches!(r.event, Event::ResetBegin { .. })),
+        restore,
+    ) {
+        ctx.diag(&format!(
+            "{GPU}: reset_begin to the restored Command: {:.1} ms (device time)",
+            r.t_ns.saturating_sub(begin.t_ns) as f64 / 1e6
+        ));
+    }
+    if let [Some(msg), Some(detected), _, Some(slot_reset), Some(resume), _] = stamps[..] {
+        let figures = format!(
+            "guest kernel: AER message to resume {:.1} ms, error_detected to slot_reset {:.1} ms",
+            (resume - msg) * 1e3,
+            (slot_reset - detected) * 1e3
+        );
+        ctx.diag(&figures);
+        ctx.progress(&figures);
+    }
+
+    // The device works again: a ring FILL into pinned user memory, fenced by interrupt.
+    let recovered_at = mark(ctx, GPU)?;
+    let argv = Invocation::new(GuestProgram::Userptr)
+        .args(&["--bdf", &bdf, "--mode", "pinned", "--unmap", "munmap"])
+        .to_argv();
+    ctx.guest_test(
+        "after recovery: the ring fills a pinned userptr and its fence signals",
+        &argv,
+    )?;
+    let w = since(ctx, GPU, recovered_at)?;
+    let writes = count_records(&w, |e| {
+        matches!(
+            e,
+            Event::Dma {
+                dir: Dir::Write,
+                ..
+            }
+        )
+    });
+    let fence_irqs = count_records(&w, |e| delivered(e, 0));
+    check_kinds(ctx, &format!("{GPU} after recovery"), &w, &[]);
+    ctx.check(
+        "the journal shows the ring's DMA writes and its fence interrupt (vector 0)",
+        writes > 0 && fence_irqs > 0,
+        format!("{writes} write records, {fence_irqs} vector 0 interrupts"),
+    );
+
+    let out = ctx.sh(&format!("rmmod {GPU_MODULE} && echo unloaded"));
+    ctx.check(
+        &format!("{GPU_MODULE} unloads"),
+        matches!(&out, Ok(s) if s.contains("unloaded")),
+        match &out {
+            Ok(s) => s.trim().to_string(),
+            Err(e) => e.to_string(),
+        },
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_stamp_and_find_lines() {
+        let log = "[   19.380477] pcieport 0000:00:01.0: AER: x\n\
+                   [   19.534885] pcisim_gpu 0000:01:00.0: resume: accepting work again\n\
+                   no stamp AER: x";
+        assert_eq!(stamp("[   19.380477] a"), Some(19.380477));
+        assert_eq!(stamp("no stamp"), None);
+        let found = find_lines(log, "AER: x");
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].0, Some(19.380477));
+        assert_eq!(found[1].0, None);
+    }
+
+    #[test]
+    fn test_expected_steps_name_port_and_device() {
+        let steps = expected_steps("0000:00:01.0", "0000:01:00.0");
+        assert_eq!(steps.len(), 6);
+        assert!(steps[0]
+            .1
+            .starts_with("0000:00:01.0: AER: Uncorrectable (Fatal)"));
+        assert!(steps[1].1.starts_with("0000:01:00.0: error_detected"));
+        assert!(steps[5].1.ends_with("device recovery successful"));
+    }
+}
