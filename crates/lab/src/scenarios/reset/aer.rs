@@ -179,7 +179,7 @@ fn r12_aer_recovery(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let stamps = check_log_order(ctx, &log, &steps);
 
     let recovery = ctx.sh(&format!("cat {attr}"))?;
-    ctx.check(
+    let recovered = ctx.check(
         "the driver's callbacks: error_detected, slot_reset, resume, once each",
         recovery.lines().next().map(str::trim) == Some("steps error_detected slot_reset resume")
             && recovery.lines().any(|l| l.trim() == "total 3"),
@@ -229,7 +229,16 @@ fn r12_aer_recovery(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         ctx.progress(&figures);
     }
 
-    // The device works again: a ring FILL into pinned user memory, fenced by interrupt.
+    // The device works again: a ring FILL into pinned user memory, fenced by interrupt. Not
+    // after a failed recovery: the driver never restored config space (no Bus Master, MSI-X
+    // off), so the fence would never signal and the guest program would hang.
+    if !recovered {
+        ctx.fail(
+            "after recovery: the ring fills a pinned userptr and its fence signals",
+            "not run: the driver did not recover",
+        );
+        return Ok(());
+    }
     let recovered_at = mark(ctx, GPU)?;
     let argv = Invocation::new(GuestProgram::Userptr)
         .args(&["--bdf", &bdf, "--mode", "pinned", "--unmap", "munmap"])

@@ -3,7 +3,8 @@
 //! in flight, the kernel's way) and R2b (the same by a buggy driver: an expected violation), R3
 //! (PM soft reset, and No_Soft_Reset = 1), R4 (secondary bus reset under ACPI hotplug), R5 (slot
 //! reset under native pciehp), R6 (`VFIO_DEVICE_RESET`), R7 (`VFIO_DEVICE_PCI_HOT_RESET` on the
-//! two-function slot), R8 (slow and failed reset, recovery) and R9 (`system_reset`).
+//! two-function slot), R8 (slow and failed reset, recovery), R9 (`system_reset`) and R12 (AER
+//! error recovery through the guest GPU driver's `pci_error_handlers`, in [`aer`]).
 //!
 //! Each reset scenario runs guest programs (`pcisim-guest reset` / `reset-vfio`) that do the
 //! reset and check the device from the guest's side, and asserts from the device's journal
