@@ -30,8 +30,10 @@ const INJECTED_ERROR: &str = "DLP";
 /// ~0.15 s; pciehp's slot reset alone waits 100 ms after the SBR, 1 s more for Link Active).
 const RECOVERY_WAIT: Duration = Duration::from_secs(30);
 
-/// The kernel log line written just before the injection; the scenario reads the log from it.
-const LOG_MARK: &str = "pcisim-lab: R12 injecting an AER error";
+/// The kernel log lines written just before each injection; the scenario reads the log from
+/// them.
+const LOG_MARK: &str = "pcisim-lab: R12 injecting an AER error, device idle";
+const LOG_MARK_INFLIGHT: &str = "pcisim-lab: R12 injecting an AER error, fill in flight";
 
 /// `R12 aer-recovery`: an uncorrectable (fatal) error injected at the GPU's root port; the
 /// guest's AER core recovers with the GPU driver's error handlers and one slot reset.
@@ -118,52 +120,37 @@ fn check_log_order(
     stamps
 }
 
-fn r12_aer_recovery(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
-    let bdf = ctx.bdf_of(GPU)?;
-    let port_id = ctx
-        .layout()
-        .device(GPU)
-        .map(|d| d.bus.clone())
-        .ok_or_else(|| HostError::NoDevice(GPU.into()))?;
-    let rp = ctx.bdf_of(&port_id)?;
+/// Where the scenario injects and what it watches.
+struct Target {
+    /// The GPU's BDF.
+    bdf: String,
+    /// The root port's QEMU id (`rp1`) and BDF.
+    port_id: String,
+    rp: String,
+    /// The driver's `pcisim_recovery` attribute.
+    attr: String,
+}
 
-    // The instrument: the guest's AER service drives the port natively, and pciehp its slot
-    // (without it the recovery's reset is a plain SBR, which fails under QEMU: docs/reset.md).
-    let services = ctx.sh(&format!(
-        "dmesg | grep -E '{rp}: (AER: enabled|pciehp: Slot)'; true"
-    ))?;
-    ctx.check(
-        &format!("the guest's AER driver and pciehp drive root port {rp} ({port_id})"),
-        services.contains("AER: enabled") && services.contains("pciehp: Slot"),
-        services.trim().replace('\n', "; "),
-    );
-
-    let loaded = guestops::driver::load_gpu(ctx, &bdf, "none");
-    ctx.checked(&format!("{GPU_MODULE}.ko bound to {bdf}"), loaded)?;
-    let attr = format!("/sys/bus/pci/devices/{bdf}/pcisim_recovery");
-    let before = ctx.sh(&format!("cat {attr}"))?;
-    ctx.check(
-        "no recovery callback before the injection",
-        before.lines().any(|l| l.trim() == "total 0"),
-        before.trim().replace('\n', "; "),
-    );
-
-    let injected_at = mark(ctx, GPU)?;
-    ctx.sh(&format!("echo '{LOG_MARK}' > /dev/kmsg"))?;
-    let command = format!("pcie_aer_inject_error {port_id} {INJECTED_ERROR}");
+/// Injects the fatal error at the root port and waits for the AER core's verdict; returns the
+/// guest kernel log from the mark `log_mark` on.
+fn inject_and_wait(ctx: &mut HostCtx<'_>, t: &Target, log_mark: &str) -> Result<String, HostError> {
+    ctx.sh(&format!("echo '{log_mark}' > /dev/kmsg"))?;
+    let command = format!("pcie_aer_inject_error {} {INJECTED_ERROR}", t.port_id);
     let reply = ctx.qmp().execute(
         "human-monitor-command",
         Some(json!({ "command-line": command })),
     )?;
     let reply = reply.as_str().unwrap_or_default().trim().to_string();
     ctx.check(
-        &format!("QEMU injected {INJECTED_ERROR} at {port_id} (`{command}`)"),
-        reply.starts_with(&format!("OK id: {port_id}")),
+        &format!(
+            "QEMU injected {INJECTED_ERROR} at {} (`{command}`)",
+            t.port_id
+        ),
+        reply.starts_with(&format!("OK id: {}", t.port_id)),
         &reply,
     );
-
     // Wait for the AER core's verdict, either way.
-    let script = format!("dmesg | sed -n '/{LOG_MARK}/,$p'");
+    let script = format!("dmesg | sed -n '/{log_mark}/,$p'");
     let deadline = Instant::now() + RECOVERY_WAIT;
     let log = loop {
         let log = ctx.sh(&script)?;
@@ -175,31 +162,48 @@ fn r12_aer_recovery(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     for l in log.lines().skip(1) {
         ctx.diag(&format!("guest: {}", l.trim()));
     }
-    let steps = expected_steps(&rp, &bdf);
-    let stamps = check_log_order(ctx, &log, &steps);
+    Ok(log)
+}
 
-    let recovery = ctx.sh(&format!("cat {attr}"))?;
+/// The checks every recovery must pass: the kernel log's steps in order, the driver's
+/// callbacks (`rounds` recoveries since load), one `device` reset in the journal window `w`
+/// followed by the driver's config restore. Returns whether the driver recovered.
+fn check_recovery(
+    ctx: &mut HostCtx<'_>,
+    t: &Target,
+    log: &str,
+    w: &[Record],
+    rounds: usize,
+) -> Result<bool, HostError> {
+    let steps = expected_steps(&t.rp, &t.bdf);
+    let stamps = check_log_order(ctx, log, &steps);
+    let want = vec!["error_detected slot_reset resume"; rounds].join(" ");
+    let recovery = ctx.sh(&format!("cat {}", t.attr))?;
     let recovered = ctx.check(
-        "the driver's callbacks: error_detected, slot_reset, resume, once each",
-        recovery.lines().next().map(str::trim) == Some("steps error_detected slot_reset resume")
-            && recovery.lines().any(|l| l.trim() == "total 3"),
+        &format!("the driver's callbacks since load: {want}"),
+        recovery.lines().next().map(str::trim) == Some(&format!("steps {want}"))
+            && recovery
+                .lines()
+                .any(|l| l.trim() == format!("total {}", 3 * rounds)),
         recovery.trim().replace('\n', "; "),
     );
 
     // The device's side: exactly one conventional reset, then the driver's config restore.
-    let w = since(ctx, GPU, injected_at)?;
     check_kinds(
         ctx,
         &format!("{GPU} AER recovery"),
-        &w,
+        w,
         &[ResetKind::DeviceReset],
     );
+    let begin = w
+        .iter()
+        .position(|r| matches!(r.event, Event::ResetBegin { .. }));
     let end = w
         .iter()
         .position(|r| matches!(r.event, Event::ResetEnd { .. }));
     let restore = end.and_then(|e| {
-        w[e..].iter().find_map(|r| match r.event {
-            Event::Command { new, .. } => Some((r, new)),
+        w[e..].iter().enumerate().find_map(|(i, r)| match r.event {
+            Event::Command { new, .. } => Some((e + i, new)),
             _ => None,
         })
     });
@@ -207,16 +211,18 @@ fn r12_aer_recovery(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         "after the reset, the first Command write enables memory and Bus Master again \
          (slot_reset's pci_restore_state)",
         matches!(restore, Some((_, new)) if new & 0x6 == 0x6),
-        format!("{:?}", restore.map(|(r, new)| (r.seq, new))),
+        format!("{:?}", restore.map(|(i, new)| (w[i].seq, new))),
     );
-    if let (Some(begin), Some((r, _))) = (
-        w.iter()
-            .find(|r| matches!(r.event, Event::ResetBegin { .. })),
-        restore,
-    ) {
+    if let (Some(b), Some((r, _))) = (begin, restore) {
+        let dma_inside = count_records(&w[b..r], |e| matches!(e, Event::Dma { .. }));
+        ctx.check(
+            "no DMA from the reset until the driver restored Command",
+            dma_inside == 0,
+            format!("{dma_inside} DMA records"),
+        );
         ctx.diag(&format!(
             "{GPU}: reset_begin to the restored Command: {:.1} ms (device time)",
-            r.t_ns.saturating_sub(begin.t_ns) as f64 / 1e6
+            w[r].t_ns.saturating_sub(w[b].t_ns) as f64 / 1e6
         ));
     }
     if let [Some(msg), Some(detected), _, Some(slot_reset), Some(resume), _] = stamps[..] {
@@ -228,26 +234,143 @@ fn r12_aer_recovery(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         ctx.diag(&figures);
         ctx.progress(&figures);
     }
+    Ok(recovered)
+}
 
-    // The device works again: a ring FILL into pinned user memory, fenced by interrupt. Not
-    // after a failed recovery: the driver never restored config space (no Bus Master, MSI-X
-    // off), so the fence would never signal and the guest program would hang.
-    if !recovered {
+/// The guest program's output file for the fill that runs across the second recovery.
+const INFLIGHT_OUT: &str = "/tmp/r12-inflight.out";
+
+fn r12_aer_recovery(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
+    let bdf = ctx.bdf_of(GPU)?;
+    let port_id = ctx
+        .layout()
+        .device(GPU)
+        .map(|d| d.bus.clone())
+        .ok_or_else(|| HostError::NoDevice(GPU.into()))?;
+    let rp = ctx.bdf_of(&port_id)?;
+    let t = Target {
+        attr: format!("/sys/bus/pci/devices/{bdf}/pcisim_recovery"),
+        bdf,
+        port_id,
+        rp,
+    };
+
+    // The instrument: the guest's AER service drives the port natively, and pciehp its slot
+    // (without it the recovery's reset is a plain SBR, which fails under QEMU: docs/reset.md).
+    let services = ctx.sh(&format!(
+        "dmesg | grep -E '{}: (AER: enabled|pciehp: Slot)'; true",
+        t.rp
+    ))?;
+    ctx.check(
+        &format!(
+            "the guest's AER driver and pciehp drive root port {} ({})",
+            t.rp, t.port_id
+        ),
+        services.contains("AER: enabled") && services.contains("pciehp: Slot"),
+        services.trim().replace('\n', "; "),
+    );
+
+    let loaded = guestops::driver::load_gpu(ctx, &t.bdf, "none");
+    ctx.checked(&format!("{GPU_MODULE}.ko bound to {}", t.bdf), loaded)?;
+    let before = ctx.sh(&format!("cat {}", t.attr))?;
+    ctx.check(
+        "no recovery callback before the injection",
+        before.lines().any(|l| l.trim() == "total 0"),
+        before.trim().replace('\n', "; "),
+    );
+
+    // 1. The device idle.
+    let at = mark(ctx, GPU)?;
+    let log = inject_and_wait(ctx, &t, LOG_MARK)?;
+    let w = since(ctx, GPU, at)?;
+    if !check_recovery(ctx, &t, &log, &w, 1)? {
+        // The driver never restored config space (no Bus Master, MSI-X off): work on the
+        // device would never complete and the guest program would hang.
         ctx.fail(
-            "after recovery: the ring fills a pinned userptr and its fence signals",
+            "with work in flight, and after recovery",
             "not run: the driver did not recover",
         );
         return Ok(());
     }
-    let recovered_at = mark(ctx, GPU)?;
+
+    // 2. Work in flight: a long fill into pinned memory when the error comes. The reset cuts
+    // it off; the driver fails its fence with -EIO (`--lenient on`: the program reports the
+    // fence's error instead of judging it; its output is read here).
+    let at = mark(ctx, GPU)?;
     let argv = Invocation::new(GuestProgram::Userptr)
-        .args(&["--bdf", &bdf, "--mode", "pinned", "--unmap", "munmap"])
+        .args(&[
+            "--bdf",
+            &t.bdf,
+            "--mode",
+            "pinned",
+            "--unmap",
+            "munmap",
+            "--repeat",
+            "1024",
+            "--lenient",
+            "on",
+        ])
+        .to_argv();
+    ctx.sh(&format!(
+        "rm -f {INFLIGHT_OUT}; ({} > {INFLIGHT_OUT} 2>&1; echo \"exit $?\" >> {INFLIGHT_OUT}) \
+         </dev/null >/dev/null 2>&1 &",
+        argv.join(" ")
+    ))?;
+    let writing = ctx.wait_journal(GPU, RECOVERY_WAIT, |r| {
+        r.seq > at
+            && matches!(
+                r.event,
+                Event::Dma {
+                    dir: Dir::Write,
+                    ..
+                }
+            )
+    })?;
+    ctx.check(
+        "the ring writes into the pinned userptr before the injection",
+        writing.is_some(),
+        "no DMA write journaled",
+    );
+    let log = inject_and_wait(ctx, &t, LOG_MARK_INFLIGHT)?;
+    let deadline = Instant::now() + RECOVERY_WAIT;
+    let out = loop {
+        let out = ctx.sh(&format!("cat {INFLIGHT_OUT} 2>/dev/null; true"))?;
+        if out.lines().any(|l| l.starts_with("exit ")) || Instant::now() >= deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let w = since(ctx, GPU, at)?;
+    check_recovery(ctx, &t, &log, &w, 2)?;
+    let fence = out
+        .lines()
+        .find(|l| l.contains("fence after"))
+        .unwrap_or("(no fence line)")
+        .trim()
+        .to_string();
+    ctx.check(
+        "the fill cut off by the reset: its fence signalled with -EIO (error -5), the program ended",
+        fence.ends_with("signaled 1 error -5") && out.contains("exit "),
+        format!("{fence}; {}", out.lines().last().unwrap_or("")),
+    );
+    let failed = find_lines(&log, &format!("{}: recovery: ", t.bdf));
+    let stopped = find_lines(&log, &format!("{}: ring stopped", t.bdf));
+    ctx.diag(&format!(
+        "{} pending-fence line(s) from slot_reset, {} ring-stopped line(s) from the interrupt",
+        failed.len(),
+        stopped.len()
+    ));
+
+    // 3. The device works again: a ring FILL into pinned user memory, fenced by interrupt.
+    let at = mark(ctx, GPU)?;
+    let argv = Invocation::new(GuestProgram::Userptr)
+        .args(&["--bdf", &t.bdf, "--mode", "pinned", "--unmap", "munmap"])
         .to_argv();
     ctx.guest_test(
         "after recovery: the ring fills a pinned userptr and its fence signals",
         &argv,
     )?;
-    let w = since(ctx, GPU, recovered_at)?;
+    let w = since(ctx, GPU, at)?;
     let writes = count_records(&w, |e| {
         matches!(
             e,
