@@ -657,7 +657,6 @@ static DEVICE_ATTR_RO(pcisim_pinned_pages);
 
 enum gpu_recovery_step {
 	GPU_STEP_ERROR_DETECTED,
-	GPU_STEP_MMIO_ENABLED,
 	GPU_STEP_SLOT_RESET,
 	GPU_STEP_RESUME,
 	GPU_NR_STEPS,
@@ -665,7 +664,6 @@ enum gpu_recovery_step {
 
 static const char *const step_names[GPU_NR_STEPS] = {
 	[GPU_STEP_ERROR_DETECTED] = "error_detected",
-	[GPU_STEP_MMIO_ENABLED] = "mmio_enabled",
 	[GPU_STEP_SLOT_RESET] = "slot_reset",
 	[GPU_STEP_RESUME] = "resume",
 };
@@ -769,16 +767,6 @@ static pci_ers_result_t gpu_error_detected(struct pci_dev *pdev, pci_channel_sta
 	return PCI_ERS_RESULT_NEED_RESET;
 }
 
-/* Only called when every driver voted CAN_RECOVER; we never do, but say so if it happens. */
-static pci_ers_result_t gpu_mmio_enabled(struct pci_dev *pdev)
-{
-	struct gpu *gpu = pci_get_drvdata(pdev);
-
-	gpu_note_step(gpu, GPU_STEP_MMIO_ENABLED);
-	dev_info(&pdev->dev, "mmio_enabled\n");
-	return PCI_ERS_RESULT_NEED_RESET;
-}
-
 /*
  * After the slot reset (fatal errors; for non-fatal ones 6.12's core calls this without
  * resetting anything): config space back from the copy probe saved (the core's bus/slot reset
@@ -825,7 +813,6 @@ static void gpu_resume(struct pci_dev *pdev)
 
 static const struct pci_error_handlers gpu_err_handler = {
 	.error_detected = gpu_error_detected,
-	.mmio_enabled = gpu_mmio_enabled,
 	.slot_reset = gpu_slot_reset,
 	.resume = gpu_resume,
 };

@@ -1,8 +1,8 @@
 //! R12: PCIe AER error recovery through the guest's AER driver and the guest GPU driver's
 //! `pci_error_handlers` (`guest-tests/kmod/pcisim_gpu.c`).
 //!
-//! QEMU can send an AER error message only from a device with its own AER model: the GPU's
-//! root port. `pcie_aer_inject_error rp1 DLP` (HMP, through QMP `human-monitor-command`) makes
+//! QEMU's AER injection works at a device with QEMU's own AER model: the GPU's root port (at
+//! our vfio-user-pci device QEMU drops the message). `pcie_aer_inject_error rp1 DLP` (HMP, through QMP `human-monitor-command`) makes
 //! the port log a Data Link Protocol Error, which its Uncorrectable Error Severity register
 //! calls fatal, and raise its AER interrupt; the guest's AER core names the port as the source
 //! and runs recovery over everything below it: our driver's `error_detected` (frozen),
