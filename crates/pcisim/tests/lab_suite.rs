@@ -151,7 +151,7 @@ fn lab_suite_all_scenarios_pass() {
         "R2b's buggy driver is caught by the journal: {r2b}"
     );
     // R10 then R10b in a VM of their own (R10b leaves it deadlocked; the suite kills QEMU);
-    // M8, M8b, M8d, M8c in the `gpu-userptr` VM.
+    // M8, M8b, M8d, M8c and R12 in the `gpu-userptr` VM.
     assert!(
         progress
             .lines()
@@ -161,7 +161,7 @@ fn lab_suite_all_scenarios_pass() {
     assert!(progress
         .lines()
         .any(|l| l.starts_with("lab: VM ")
-            && l.ends_with(": profile gpu-userptr for M8 M8b M8d M8c")));
+            && l.ends_with(": profile gpu-userptr for M8 M8b M8d M8c R12")));
     // R10b: the probe that resets under its own device lock is caught by khungtaskd; M8b: the
     // userptr unmapped under the running ring is caught by the journal.
     for (name, note) in [
