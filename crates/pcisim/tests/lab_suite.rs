@@ -158,10 +158,8 @@ fn lab_suite_all_scenarios_pass() {
             .any(|l| l.starts_with("lab: VM ")
                 && l.ends_with(": profile npu-probe-hang for R10 R10b"))
     );
-    assert!(progress
-        .lines()
-        .any(|l| l.starts_with("lab: VM ")
-            && l.ends_with(": profile gpu-userptr for M8 M8b M8d M8c R12")));
+    assert!(progress.lines().any(|l| l.starts_with("lab: VM ")
+        && l.ends_with(": profile gpu-userptr for M8 M8b M8d M8c R12")));
     // R10b: the probe that resets under its own device lock is caught by khungtaskd; M8b: the
     // userptr unmapped under the running ring is caught by the journal.
     for (name, note) in [
