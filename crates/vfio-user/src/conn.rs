@@ -175,13 +175,20 @@ impl Connection {
                     if !h.no_reply() {
                         s.send(&proto::error_frame(&h, libc::E2BIG), &[])
                             .map_err(ConnectionEnd::Io)?;
+                        s.opts
+                            .reply_latency
+                            .record(h.command, self.reader.last_read());
                     }
                     continue;
                 }
                 Err(ReadError::Io(e)) => return Err(ConnectionEnd::Io(e)),
                 Err(ReadError::Desync(h, why)) => {
                     // Reply so the client learns why, then close: we cannot find the next frame.
-                    let _ = s.send(&proto::error_frame(&h, libc::EINVAL), &[]);
+                    if s.send(&proto::error_frame(&h, libc::EINVAL), &[]).is_ok() {
+                        s.opts
+                            .reply_latency
+                            .record(h.command, self.reader.last_read());
+                    }
                     return Err(ConnectionEnd::ProtocolError(why));
                 }
             };
@@ -280,8 +287,11 @@ impl Session {
         sys::send_with_fds(&self.stream, frame, &borrowed)
     }
 
+    /// Serve one frame: dispatch it, send its reply (unless it is posted) and record the
+    /// reply's latency ([`crate::latency`]).
     fn handle(&mut self, frame: Frame<'_>) -> io::Result<()> {
         let header = frame.header;
+        let received = frame.received;
         log::debug!(
             "{}: <- id={} cmd={} size={} flags={:#x} fds={}",
             self.opts.name,
@@ -340,6 +350,9 @@ impl Session {
         if out.capacity() <= KEEP_REPLY_BUF {
             self.out = out;
         }
+        if sent.is_ok() && !header.no_reply() {
+            self.opts.reply_latency.record(header.command, received);
+        }
         sent
     }
 
@@ -357,6 +370,7 @@ impl Session {
             payload,
             mut fds,
             fds_truncated,
+            received: _,
         } = frame;
         // Whatever fds did arrive are dropped (closed) with `fds` on every error path.
         match fds_truncated {

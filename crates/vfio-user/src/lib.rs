@@ -4,6 +4,7 @@
 pub mod device;
 pub mod dma;
 pub mod irq;
+pub mod latency;
 pub mod proto;
 
 pub use device::{
@@ -12,6 +13,7 @@ pub use device::{
 };
 pub use dma::{DmaError, DmaSpace};
 pub use irq::{Interrupts, IrqError, Signal};
+pub use latency::{LatencySnapshot, ReplyLatency};
 mod conn;
 mod evloop;
 mod reader;

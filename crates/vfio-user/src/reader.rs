@@ -49,6 +49,9 @@ pub(crate) struct Frame<'a> {
     pub fds: Vec<OwnedFd>,
     /// Fds of this frame were dropped, and why (`None`: every fd sent arrived).
     pub fds_truncated: Option<FdLoss>,
+    /// When the frame was complete: the read that brought its last byte returned (for the
+    /// reply latency, [`crate::latency`]).
+    pub received: Instant,
 }
 
 /// Why fds sent with a frame did not all arrive.
@@ -121,6 +124,9 @@ pub(crate) struct FrameReader {
     readable: bool,
     /// The next read may wait for data ([`FrameReader::wait_once`]).
     wait_once: bool,
+    /// When the last read that brought bytes returned: every complete frame in the buffer was
+    /// completed by that read (the reader reads only when the frame at `head` is incomplete).
+    last_read: Instant,
 }
 
 impl FrameReader {
@@ -140,6 +146,7 @@ impl FrameReader {
             partial_since: None,
             readable: false,
             wait_once: false,
+            last_read: Instant::now(),
         }
     }
 
@@ -162,6 +169,12 @@ impl FrameReader {
     /// Nothing is buffered: no complete frame, no part of one, nothing being discarded.
     pub(crate) fn is_empty(&self) -> bool {
         self.head == self.tail && self.discard_to <= self.consumed()
+    }
+
+    /// When the last read that brought bytes returned (a header answered before its frame is
+    /// whole, [`Event::Oversize`], arrived then).
+    pub(crate) fn last_read(&self) -> Instant {
+        self.last_read
     }
 
     /// Since when an incomplete frame (or the rest of a frame being discarded) has been waiting
@@ -249,6 +262,7 @@ impl FrameReader {
             payload,
             fds,
             fds_truncated,
+            received: self.last_read,
         }))
     }
 
@@ -303,6 +317,8 @@ impl FrameReader {
         if r.bytes == 0 {
             return Ok(Fill::Eof);
         }
+        // The one clock read per request of the reply latency (crate::latency).
+        self.last_read = Instant::now();
         if r.bytes < offered {
             // The socket had no more than this: do not ask again until epoll says so.
             self.readable = false;

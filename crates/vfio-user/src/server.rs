@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::device::Device;
+use crate::latency::ReplyLatency;
 use crate::proto::HEADER_SIZE;
 use crate::sys;
 
@@ -79,6 +80,11 @@ pub struct ServerOptions {
     /// frame); then the connection is closed. An idle client *between* frames has no deadline.
     /// `None`: no deadline.
     pub frame_timeout: Option<Duration>,
+    /// Where the device's reply latencies are aggregated ([`crate::latency`]). Shared: every
+    /// clone of these options (every connection, and whoever reads the figures, such as
+    /// `pcisim serve`'s control socket through [`Server::reply_latency`]) sees the same
+    /// aggregates; give each device options of its own (the default makes a fresh one).
+    pub reply_latency: Arc<ReplyLatency>,
 }
 
 impl Default for ServerOptions {
@@ -91,6 +97,7 @@ impl Default for ServerOptions {
             allowed_uids: Vec::new(),
             handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
             frame_timeout: Some(DEFAULT_FRAME_TIMEOUT),
+            reply_latency: Arc::default(),
         }
     }
 }
@@ -392,6 +399,11 @@ impl Server {
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The device's reply latencies (count, maximum, histogram), live while it serves.
+    pub fn reply_latency(&self) -> Arc<ReplyLatency> {
+        Arc::clone(&self.opts.reply_latency)
     }
 
     /// The socket file as bound (for removing it at shutdown only if it is still ours).
