@@ -11,9 +11,14 @@
 //! | `{"op":"list"}` | `devices`: `[{id, kind, socket, client, summary, vendor_id, device_id, class_code}]` |
 //! | `{"op":"journal","device":D,"after":SEQ,"limit":N}` | `device`, `records` (seq > after, at most N, default [`DEFAULT_LIMIT`]), `lost`, `last_seq`, `next_after`, `more` |
 //! | `{"op":"violations","device":D,"after":SEQ}` | `device`, `violations` (records), `total` (ever found), `last_seq` |
-//! | `{"op":"stats"}`, `{"op":"stats","device":D}` | `stats`: `{D: {records, dropped, dma_accesses, dma_bytes, dma_refused, dma_faults, interrupts, resets, violations, last_seq}}` |
+//! | `{"op":"stats"}`, `{"op":"stats","device":D}` | `stats`: `{D: {records, dropped, dma_accesses, dma_bytes, dma_refused, dma_faults, interrupts, resets, violations, last_seq, reply_latency}}` |
 //! | `{"op":"status","device":D}` | `device`, `status` (the device's own snapshot) |
 //! | `{"op":"inject","device":D,"fault":F}` | `device`, `fault` (F as given) |
+//!
+//! `reply_latency` is the device's vfio-user reply latency since the server started
+//! ([`pcisim_vfio_user::latency`]): `{replies, total_ns, max_ns, max_command, max_at_unix_ms,
+//! histogram: [{from_ns, count}]}`, or `null` for a device not served by this process's
+//! vfio-user server (docs/protocol.md, "Reply latency").
 //!
 //! `device` may be omitted when the server has exactly one device. The client of this protocol
 //! is `pcisim ctl` (and the lab), both through [`pcisim_lab::vm::control::ControlClient`].
@@ -42,6 +47,7 @@ use anyhow::{Context, Result};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use pcisim_journal::Journal;
 use pcisim_pci::{Controllable, Description, Fault};
+use pcisim_vfio_user::ReplyLatency;
 use serde_json::{json, Map, Value};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -79,6 +85,10 @@ pub struct ControlDevice {
     pub control: Arc<Mutex<dyn Controllable>>,
     /// Its journal, taken once so that journal requests never need the device lock.
     pub journal: Journal,
+    /// Its vfio-user reply latencies, as its server aggregates them
+    /// ([`pcisim_vfio_user::Server::reply_latency`]; `None` until set): `stats` reports them,
+    /// without the device lock.
+    pub reply_latency: Option<Arc<ReplyLatency>>,
 }
 
 impl ControlDevice {
@@ -101,6 +111,7 @@ impl ControlDevice {
             description,
             control,
             journal,
+            reply_latency: None,
         }
     }
 
@@ -333,6 +344,11 @@ impl Handler {
         for d in selected {
             let mut s = obj(serde_json::to_value(d.journal.stats()).map_err(|e| e.to_string())?);
             s.insert("last_seq".into(), json!(d.journal.last_seq()));
+            let latency = match &d.reply_latency {
+                Some(l) => serde_json::to_value(l.snapshot()).map_err(|e| e.to_string())?,
+                None => Value::Null,
+            };
+            s.insert("reply_latency".into(), latency);
             stats.insert(d.id.clone(), Value::Object(s));
         }
         Ok(obj(json!({ "stats": stats })))
@@ -898,11 +914,38 @@ mod tests {
         assert_eq!(v["stats"]["gpu1"]["last_seq"], 1);
         let v = ask(&h, r#"{"op":"stats","device":"gpu1"}"#);
         assert!(v["stats"].get("gpu0").is_none());
+        // Devices without a vfio-user server here report no latency (null, not zeros).
+        assert_eq!(v["stats"]["gpu1"]["reply_latency"], Value::Null);
         let v = ask(&h, r#"{"op":"violations","device":"gpu1","after":0}"#);
         assert_eq!(v["violations"][0]["kind"], "dma_after_unmap");
         assert_eq!(v["total"], 1);
         let v = ask(&h, r#"{"op":"violations","device":"gpu1","after":1}"#);
         assert_eq!(v["violations"].as_array().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn test_stats_report_reply_latency() {
+        let (h, _) = handler(&["gpu0"]);
+        let Handler { mut devices } = h;
+        let latency = Arc::new(ReplyLatency::default());
+        for d in &mut devices {
+            d.reply_latency = Some(Arc::clone(&latency));
+        }
+        let h = Handler::new(devices);
+        let v = ask(&h, r#"{"op":"stats"}"#);
+        assert_eq!(v["stats"]["gpu0"]["reply_latency"]["replies"], 0, "{v}");
+        assert_eq!(
+            v["stats"]["gpu0"]["reply_latency"]["max_command"],
+            Value::Null
+        );
+        latency.record_ns(13, Duration::from_millis(300));
+        latency.record_ns(9, Duration::from_micros(20));
+        let v = ask(&h, r#"{"op":"stats","device":"gpu0"}"#);
+        let l = &v["stats"]["gpu0"]["reply_latency"];
+        assert_eq!(l["replies"], 2, "{v}");
+        assert_eq!(l["max_ns"], 300_000_000u64);
+        assert_eq!(l["max_command"], "DEVICE_RESET");
+        assert_eq!(l["histogram"].as_array().map(Vec::len), Some(2));
     }
 
     #[test]

@@ -62,7 +62,8 @@ pub enum CtlCmd {
         #[arg(long, default_value_t = 0, value_name = "SEQ")]
         after: u64,
     },
-    /// Journal counters: records, DMA, interrupts, resets, violations.
+    /// Journal counters (records, DMA, interrupts, resets, violations) and the vfio-user reply
+    /// latency (replies, slowest with its command, mean).
     Stats {
         /// Only this device.
         #[arg(long, value_name = "ID")]
@@ -214,7 +215,7 @@ fn run_inner(control: &Path, json_out: bool, cmd: CtlCmd, out: &mut Out) -> Resu
             }
             if let Some(stats) = v.get("stats").and_then(Value::as_object) {
                 for (id, s) in stats {
-                    out.line(&format!("{id}: {}", stats_line(s)))?;
+                    out.line(&format!("{id}: {}{}", stats_line(s), reply_text(s)))?;
                 }
             }
             Ok(())
@@ -245,6 +246,25 @@ fn run_inner(control: &Path, json_out: bool, cmd: CtlCmd, out: &mut Out) -> Resu
             out.line(&format!("{id}: injected {fault}"))
         }
     }
+}
+
+/// `; 1234 vfio-user replies, slowest 301.2 ms (DEVICE_RESET), mean 0.042 ms` from a device's
+/// `stats` object (its `reply_latency`), or nothing when the server does not report it.
+fn reply_text(stats: &Value) -> String {
+    let l = &stats["reply_latency"];
+    let Some(replies) = l["replies"].as_u64() else {
+        return String::new();
+    };
+    if replies == 0 {
+        return "; no vfio-user replies yet".to_string();
+    }
+    let ms = |ns: u64| ns as f64 / 1e6;
+    format!(
+        "; {replies} vfio-user replies, slowest {:.1} ms ({}), mean {:.3} ms",
+        ms(l["max_ns"].as_u64().unwrap_or(0)),
+        l["max_command"].as_str().unwrap_or("?"),
+        ms(l["total_ns"].as_u64().unwrap_or(0) / replies)
+    )
 }
 
 /// The device named, checked against the server's list, or every device.

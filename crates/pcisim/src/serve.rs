@@ -127,6 +127,10 @@ pub(crate) fn serve(
         };
         let server = pcisim_vfio_user::Server::bind(&s.socket, built.device, opts)
             .with_context(|| format!("device {}", s.id))?;
+        // The control socket's `stats` reports the device's reply latency (issue 15).
+        if let Some(c) = controls.last_mut() {
+            c.reply_latency = Some(server.reply_latency());
+        }
         log::info!(
             "{}: {} serving on {} (mode {:04o})",
             s.id,

@@ -133,4 +133,32 @@ fn lab_suite_includes_a_directory_of_scenario_files() {
     assert!(ktap.starts_with("KTAP version 1\n1..1\n"), "one scenario");
     assert!(ktap.contains("\nok 1 F-E2 bar-mmio\n"), "F-E2 passes");
     assert_eq!(out.status.code(), Some(0));
+    // The VM's slowest vfio-user reply, read at its teardown (docs/protocol.md, "Reply
+    // latency"): `lab: worst vfio-user reply: X ms (COMMAND on gpu0), N replies`.
+    let progress = String::from_utf8_lossy(&out.stderr);
+    let line = progress
+        .lines()
+        .find_map(|l| l.strip_prefix("lab: worst vfio-user reply: "))
+        .expect("the VM's reply latency line");
+    let (ms, rest) = line.split_once(" ms (").expect(line);
+    let ms: f64 = ms.parse().expect(line);
+    assert!(ms > 0.0 && ms < 5000.0, "{line}");
+    let (what, replies) = rest.split_once("), ").expect(line);
+    assert!(what.ends_with(" on gpu0"), "{line}");
+    let replies: u64 = replies
+        .strip_suffix(" replies")
+        .expect(line)
+        .parse()
+        .expect(line);
+    assert!(
+        replies > 100,
+        "a boot and a scenario are hundreds of requests: {line}"
+    );
+    assert!(
+        progress
+            .lines()
+            .any(|l| l.starts_with("lab: worst vfio-user reply of the run: ")
+                && l.ends_with(&format!("{replies} replies in 1 VM"))),
+        "the run's line"
+    );
 }

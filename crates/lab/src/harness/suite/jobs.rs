@@ -80,6 +80,7 @@ struct VmDone {
     skipped_subtests: usize,
     cases: Vec<crate::harness::junit::Case>,
     outside: Vec<String>,
+    replies: super::latency::Tally,
     /// `None`: not started (an earlier VM could not be).
     result: Option<Result<bool, LabError>>,
 }
@@ -232,6 +233,7 @@ fn schedule(
                         skipped_subtests: r.skipped_subtests,
                         cases: std::mem::take(&mut r.cases),
                         outside: std::mem::take(&mut r.outside),
+                        replies: std::mem::take(&mut r.replies),
                         result,
                     }
                 };
@@ -266,6 +268,7 @@ fn schedule(
                 report.skipped_subtests += d.skipped_subtests;
                 report.cases.extend(d.cases);
                 report.outside.extend(d.outside);
+                report.replies.merge(d.replies);
                 match d.result {
                     Some(Ok(clean)) => ok &= clean,
                     None => {}

@@ -59,6 +59,7 @@ use pcisim_journal::ViolationKind;
 
 pub mod jobs;
 mod judge;
+mod latency;
 mod report;
 mod rundir;
 pub mod select;
@@ -267,6 +268,9 @@ pub fn run_scenarios(
         skipped_subtests: report.skipped_subtests,
         outside_clean,
     });
+    if let Some(l) = latency::run_line(&report.replies) {
+        report.line(&l)?;
+    }
     report.line(&format!(
         "total {:.1} s: {} passed, {} failed, {} skipped{}{}",
         started.elapsed().as_secs_f64(),

@@ -27,6 +27,8 @@ pub(super) struct Report<'a> {
     pub(super) cases: Vec<crate::harness::junit::Case>,
     /// Failures outside any scenario (boot/teardown windows, server exits), for `--junit`.
     pub(super) outside: Vec<String>,
+    /// The vfio-user reply latencies read at the VMs' teardowns ([`super::latency`]).
+    pub(super) replies: super::latency::Tally,
 }
 
 impl<'a> Report<'a> {
@@ -43,6 +45,7 @@ impl<'a> Report<'a> {
             skipped_subtests: 0,
             cases: Vec::new(),
             outside: Vec::new(),
+            replies: Default::default(),
         }
     }
 

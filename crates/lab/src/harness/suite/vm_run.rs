@@ -197,6 +197,7 @@ pub(super) fn run_vm(
                     report.line(&format!("journal summary unavailable: {}", error_chain(&e)))?
                 }
             }
+            outside_clean &= latency::report_vm(&mut watch, &profile.name, report)?;
         }
         Some(status) => {
             // Nobody can vouch for what the devices did since the last scenario.
