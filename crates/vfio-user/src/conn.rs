@@ -351,7 +351,16 @@ impl Session {
             self.out = out;
         }
         if sent.is_ok() && !header.no_reply() {
-            self.opts.reply_latency.record(header.command, received);
+            let took = self.opts.reply_latency.record(header.command, received);
+            if took >= crate::latency::SLOW_REPLY {
+                log::warn!(
+                    "{}: slow reply: {} (id {}) answered {} ms after its frame was complete",
+                    self.opts.name,
+                    crate::latency::command_name(header.command),
+                    header.id,
+                    took.as_millis()
+                );
+            }
         }
         sent
     }

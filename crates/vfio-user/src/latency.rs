@@ -26,6 +26,10 @@ use serde::Serialize;
 
 use crate::proto::Command;
 
+/// A reply slower than this is logged (`warn!`, with its command and id) by the connection:
+/// the aggregates say how slow, the server's log says when, next to what else happened.
+pub const SLOW_REPLY: Duration = Duration::from_millis(100);
+
 /// Histogram buckets: bucket 0 holds latencies under 1 µs (1024 ns), bucket `k` (1 ≤ k < last)
 /// those in `[2^(k-1), 2^k)` × 1024 ns, and the last one everything from `2^(BUCKETS-2)` ×
 /// 1024 ns (~8.6 s) up: QEMU's 5 s limit falls inside the one before it.
@@ -77,9 +81,11 @@ pub fn bucket_floor_ns(k: usize) -> u64 {
 
 impl ReplyLatency {
     /// A reply to a request of `command` whose frame was complete at `received` has just been
-    /// sent. Reads the clock once.
-    pub fn record(&self, command: u16, received: Instant) {
-        self.record_ns(command, received.elapsed());
+    /// sent. Reads the clock once; returns the latency.
+    pub fn record(&self, command: u16, received: Instant) -> Duration {
+        let latency = received.elapsed();
+        self.record_ns(command, latency);
+        latency
     }
 
     /// [`ReplyLatency::record`] with the latency measured by the caller.

@@ -16,7 +16,9 @@ use pcisim_vfio_user::proto::{self, Command, Header, HEADER_SIZE};
 use pcisim_vfio_user::{ReplyLatency, Server, ServerOptions};
 
 mod support;
-use support::{call, connect, frame, negotiate, read_payload, recv, Tiny};
+use support::{
+    call, capture_logs, connect, frame, negotiate, read_payload, recv, warnings_of, Tiny,
+};
 
 /// What a reset of the test device takes.
 const RESET: Duration = Duration::from_millis(300);
@@ -112,6 +114,7 @@ fn at_least(s: &LatencySnapshot, ns: u64) -> u64 {
 
 #[test]
 fn test_every_reply_counted_once_and_a_slow_reset_is_the_maximum() {
+    capture_logs();
     let mut s = serve("lat-reset");
     // VERSION: one reply so far.
     assert_eq!(settled(&s.latency, 1).replies, 1);
@@ -155,6 +158,16 @@ fn test_every_reply_counted_once_and_a_slow_reset_is_the_maximum() {
     assert!(
         at_least(&after, RESET.as_nanos() as u64 / 2) >= 1,
         "{after:?}"
+    );
+    // The server's log says which reply was slow (SLOW_REPLY, 100 ms).
+    let slow: Vec<String> = warnings_of("lat-reset")
+        .into_iter()
+        .filter(|l| l.contains("slow reply"))
+        .collect();
+    assert!(
+        slow.iter()
+            .any(|l| l.contains("slow reply: DEVICE_RESET (id 1) answered ")),
+        "{slow:?}"
     );
 }
 
