@@ -12,8 +12,8 @@
 //! read them (the thread was busy or not scheduled) — that part is invisible from the server.
 //!
 //! Cost on the hot path: one clock read per `recvmsg` that returns bytes (in
-//! [`crate::reader`]), one per reply after its `sendmsg`, two relaxed atomic adds (count and
-//! one histogram bucket) and a relaxed load of the maximum; the command and time of a new
+//! [`crate::reader`]), one per reply after its `sendmsg`, three relaxed atomic adds (count,
+//! sum and one histogram bucket) and a relaxed load of the maximum; the command and time of a new
 //! maximum are written under a mutex only when the maximum grows. No allocation. The
 //! aggregates are shared ([`Arc<ReplyLatency>`], [`crate::ServerOptions::reply_latency`]) so
 //! that another thread (`pcisim serve`'s control socket) reads them while the device serves.
