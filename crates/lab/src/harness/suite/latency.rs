@@ -152,6 +152,71 @@ pub(super) fn run_line(tally: &Tally) -> Option<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::io::{BufRead, BufReader};
+
+    /// A control server that lists gpu0 and answers one `stats` with `gpu0`'s slowest reply
+    /// `max_ns` (10 replies).
+    fn server_with_worst(max_ns: u64) -> JournalWatch {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(b.try_clone().unwrap());
+            let mut w = b;
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            w.write_all(b"{\"ok\":true,\"devices\":[{\"id\":\"gpu0\"}]}\n")
+                .unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            assert!(line.contains("\"stats\""), "{line}");
+            let reply = json!({"ok": true, "stats": {"gpu0": {"records": 1, "reply_latency":
+                {"replies": 10, "max_ns": max_ns, "max_command": "DEVICE_RESET"}}}});
+            w.write_all(format!("{reply}\n").as_bytes()).unwrap();
+        });
+        JournalWatch::new(crate::vm::control::ControlClient::from_stream(a)).unwrap()
+    }
+
+    /// What `report_vm` said and whether it judged the VM clean.
+    fn judged(max_ns: u64) -> (bool, String, String, Tally) {
+        let mut watch = server_with_worst(max_ns);
+        let (mut ktap, mut progress) = (Vec::new(), Vec::new());
+        let (clean, tally) = {
+            let mut r = Report::new(&mut ktap, &mut progress);
+            let clean = report_vm(&mut watch, "gpu-nsr", &mut r).unwrap();
+            (clean, std::mem::take(&mut r.replies))
+        };
+        (
+            clean,
+            String::from_utf8(progress).unwrap(),
+            String::from_utf8(ktap).unwrap(),
+            tally,
+        )
+    }
+
+    #[test]
+    fn test_a_reply_over_qemus_timeout_fails_the_run() {
+        let (clean, progress, ktap, tally) = judged(300_000_000);
+        assert!(clean, "{progress}");
+        assert_eq!(
+            progress,
+            "lab: worst vfio-user reply: 300.0 ms (DEVICE_RESET on gpu0), 10 replies\n"
+        );
+        assert!(ktap.is_empty(), "{ktap}");
+        assert_eq!((tally.vms, tally.replies), (1, 10));
+
+        let (clean, progress, ktap, _) = judged(5_200_000_000);
+        assert!(!clean, "{progress}");
+        assert!(
+            ktap.contains(
+                "gpu-nsr: a vfio-user reply took 5200.0 ms (DEVICE_RESET on gpu0): \
+                 longer than QEMU's x-msg-timeout (5 s)"
+            ),
+            "{ktap}"
+        );
+        assert!(
+            progress.contains("longer than QEMU's x-msg-timeout"),
+            "{progress}"
+        );
+    }
 
     fn stats(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap_or_default()
