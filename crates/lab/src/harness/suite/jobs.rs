@@ -23,9 +23,12 @@ use super::*;
 /// Memory a VM costs besides its guest RAM (QEMU, the device server, page tables), in MiB.
 const VM_OVERHEAD_MIB: u64 = 512;
 
-/// The default `--jobs`: one VM per core, as many as the available memory holds (each VM's guest
-/// RAM from its profile or `--memory`, plus [`VM_OVERHEAD_MIB`]), at most one per VM of the
-/// plan, at least 1; 1 with `--gdb` (one gdbstub port).
+/// The default `--jobs`: one VM more than there are cores, as many as the available memory
+/// holds (each VM's guest RAM from its profile or `--memory`, plus [`VM_OVERHEAD_MIB`]), at most
+/// one per VM of the plan, at least 1; 1 with `--gdb` (one gdbstub port). One more than the
+/// cores because much of the suite waits rather than computes (R8's 65 s of the guest polling a
+/// never-ready device, pciehp's 5 s button windows, H3's hot-plug round trips): on 2 cores three
+/// VMs took the suite from ~181 s to ~140 s with no flake (docs/lab.md, "What a run does").
 pub fn default_jobs(opts: &SuiteOptions, plan: &[(ProfileId, Vec<Scenario>)]) -> usize {
     if opts.vm.gdb.is_some() {
         return 1;
@@ -38,7 +41,7 @@ pub fn default_jobs(opts: &SuiteOptions, plan: &[(ProfileId, Vec<Scenario>)]) ->
         .unwrap_or(1024)
         + VM_OVERHEAD_MIB;
     let by_memory = mem_available_mib().map_or(1, |m| (m / per_vm.max(1)) as usize);
-    cores.min(by_memory).min(plan.len()).max(1)
+    (cores + 1).min(by_memory).min(plan.len()).max(1)
 }
 
 /// `MemAvailable` from /proc/meminfo, in MiB.
@@ -306,6 +309,14 @@ mod tests {
         let opts = SuiteOptions::new("pcisim");
         let n = default_jobs(&opts, &plan);
         assert!(n >= 1 && n <= plan.len());
+        // One VM more than the cores, unless memory or the plan is the bound.
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        assert!(n <= cores + 1, "{n} jobs on {cores} cores");
+        let biggest = plan.iter().map(|(id, _)| id.profile().memory_mib).max();
+        let room = mem_available_mib().unwrap_or(0) / (biggest.unwrap_or(1) + VM_OVERHEAD_MIB);
+        if room as usize > cores && plan.len() > cores {
+            assert_eq!(n, cores + 1, "memory holds {room} VMs");
+        }
         let one = plan_vms(&crate::scenarios::select(Some("E1")));
         assert_eq!(default_jobs(&opts, &one), 1, "one VM, one job");
         let mut gdb = opts.clone();
