@@ -8,16 +8,7 @@
 
 use core::fmt::{self, Write};
 
-/// One `#define`: a constant of this crate with its doc comment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Define {
-    /// The Rust name (the C name adds the section's prefix).
-    pub name: &'static str,
-    /// The value.
-    pub value: u64,
-    /// The doc comment, one line per doc line.
-    pub doc: &'static str,
-}
+pub use crate::table::{Define, Field, Struct};
 
 /// A group of defines sharing a C prefix.
 #[derive(Debug, Clone, Copy)]
@@ -28,53 +19,6 @@ pub struct Section {
     pub prefix: &'static str,
     /// The constants.
     pub defines: &'static [Define],
-}
-
-/// One field of a fixed-layout entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Field {
-    /// Field name in C.
-    pub name: &'static str,
-    /// Byte offset in the entry.
-    pub offset: usize,
-    /// Size of one element in bytes (1, 2, 4 or 8).
-    pub size: usize,
-    /// Number of elements (1: a scalar, else an array).
-    pub count: usize,
-    /// What it holds.
-    pub doc: &'static str,
-}
-
-impl Field {
-    /// A field.
-    pub const fn new(
-        name: &'static str,
-        offset: usize,
-        size: usize,
-        count: usize,
-        doc: &'static str,
-    ) -> Field {
-        Field {
-            name,
-            offset,
-            size,
-            count,
-            doc,
-        }
-    }
-}
-
-/// A fixed-layout little-endian entry (a ring or queue entry).
-#[derive(Debug, Clone, Copy)]
-pub struct Struct {
-    /// The C struct name.
-    pub name: &'static str,
-    /// Total size in bytes.
-    pub size: usize,
-    /// What it is.
-    pub doc: &'static str,
-    /// The fields in offset order, covering every byte.
-    pub fields: &'static [Field],
 }
 
 /// The sections of the header, in order.

@@ -253,17 +253,17 @@ pub fn encode(opcode: u8, flags: u8, a: u64, b: u64, c: u64) -> [u8; CMD_SIZE as
 }
 
 /// The command layout, field by field (for the C header).
-pub const LAYOUT: crate::c::Struct = crate::c::Struct {
+pub const LAYOUT: crate::table::Struct = crate::table::Struct {
     name: "gpu_ring_cmd",
     size: CMD_SIZE as usize,
     doc: "One GPU command ring entry.",
     fields: &[
-        crate::c::Field::new("opcode", 0, 1, 1, "opcode (GPU_OP_*)"),
-        crate::c::Field::new("flags", 1, 1, 1, "flags (GPU_FLAG_*)"),
-        crate::c::Field::new("reserved", 2, 1, 6, "must be 0"),
-        crate::c::Field::new("a", 8, 8, 1, "operand a"),
-        crate::c::Field::new("b", 16, 8, 1, "operand b"),
-        crate::c::Field::new("c", 24, 8, 1, "operand c"),
+        crate::table::Field::new("opcode", 0, 1, 1, "opcode (GPU_OP_*)"),
+        crate::table::Field::new("flags", 1, 1, 1, "flags (GPU_FLAG_*)"),
+        crate::table::Field::new("reserved", 2, 1, 6, "must be 0"),
+        crate::table::Field::new("a", 8, 8, 1, "operand a"),
+        crate::table::Field::new("b", 16, 8, 1, "operand b"),
+        crate::table::Field::new("c", 24, 8, 1, "operand c"),
     ],
 };
 

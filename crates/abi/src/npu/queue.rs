@@ -2,8 +2,8 @@
 //! records out. Pure encode/decode; every byte pattern decodes to something.
 
 use super::regs;
-use crate::c::{Field, Struct};
 use crate::le;
+use crate::table::{Field, Struct};
 
 /// A submission-queue entry as fetched (64 bytes, little-endian).
 ///
