@@ -41,11 +41,8 @@ mod model;
 pub use model::{find_anchor, parse_guest_events, Anchor};
 
 use draw::panel;
-use layout::{
-    esc, ms, tick_step, wrap, Scale, CAPTION_CHARS, GUEST_COLOR, LABEL_PX, STALE_COLOR,
-    VIOLATION_COLOR, WIDTH,
-};
-use model::Model;
+use layout::{esc, ms, tick_step, wrap, Scale, CAPTION_CHARS, LABEL_PX, WIDTH};
+use model::{Model, GUEST_COLOR, STALE_COLOR, VIOLATION_COLOR};
 use std::fmt::Write as _;
 
 use crate::event::Record;

@@ -6,9 +6,9 @@ use std::fmt::Write as _;
 
 use super::layout::{
     esc, group_labels, human, ms, place_labels, tick_step, Scale, BIN_PX, CHAR_W, LEFT,
-    MEMORY_HEAD, PLOT_W, ROW_H, STALE_COLOR, STRIP_H, TICK_H, WIDTH,
+    MEMORY_HEAD, PLOT_W, ROW_H, STRIP_H, TICK_H, WIDTH,
 };
-use super::model::{Mark, Model, STRIPS};
+use super::model::{Mark, Model, STALE_COLOR, STRIPS};
 
 /// A lane of marks.
 #[derive(Clone, Copy)]

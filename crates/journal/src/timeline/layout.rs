@@ -1,4 +1,4 @@
-//! Geometry and text fitting of the timeline picture: its dimensions and colours, the time
+//! Geometry and text fitting of the timeline picture: its dimensions, the time
 //! [`Scale`], tick steps and their labels, label placement in rows and grouping of close
 //! labels, and the small text helpers (human numbers, shortening, wrapping, SVG escaping).
 
@@ -34,21 +34,6 @@ pub(super) const CAPTION_CHARS: usize = 200;
 pub(super) const MEMORY_HEAD: f64 = 20.0;
 /// Longest label (characters) before it is shortened.
 pub(super) const MAX_LABEL: usize = 60;
-
-pub(super) const GUEST_COLOR: &str = "#37474f";
-pub(super) const VIOLATION_COLOR: &str = "#d32f2f";
-pub(super) const STALE_COLOR: &str = "#ef9a9a";
-
-/// `64K`, `2M`, `all` for an invalidation length.
-pub(super) fn short_len(len: u64) -> String {
-    match len {
-        u64::MAX => "all".into(),
-        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{}G", n >> 30),
-        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}M", n >> 20),
-        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}K", n >> 10),
-        n => n.to_string(),
-    }
-}
 
 pub(super) fn human(n: f64) -> String {
     if n >= 1048576.0 {

@@ -1,10 +1,28 @@
 //! The timeline's model: what to draw, on the device's clock. Journal [`Record`]s and guest
 //! events become [`Mark`]s and density strips ([`Model`]); the guest clock is aligned to the
 //! device's by an [`Anchor`] (the guest's `pasid N bound` at the journal's `pasid_bind`).
-//! Pure data, no SVG: the picture is drawn from it by `draw` and `render_svg`.
+//! Pure data, no SVG: the picture is drawn from it by `draw` and `render_svg` (a mark's colour
+//! and label text are the model's; where they go is `layout`'s, which reads [`Mark`]s).
 
-use super::layout::{short_len, GUEST_COLOR, STALE_COLOR, VIOLATION_COLOR};
 use crate::event::{Event, Record};
+
+/// Colour of a guest process event.
+pub(super) const GUEST_COLOR: &str = "#37474f";
+/// Colour of a violation.
+pub(super) const VIOLATION_COLOR: &str = "#d32f2f";
+/// Colour of a stale translation used (held).
+pub(super) const STALE_COLOR: &str = "#ef9a9a";
+
+/// `64K`, `2M`, `all` for an invalidation length.
+pub(super) fn short_len(len: u64) -> String {
+    match len {
+        u64::MAX => "all".into(),
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{}G", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}M", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}K", n >> 10),
+        n => n.to_string(),
+    }
+}
 
 /// A point event drawn as a tick with a label.
 #[derive(Debug, Clone)]
