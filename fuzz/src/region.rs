@@ -38,7 +38,9 @@ const MAX_OPS: usize = 64;
 
 /// Register map of a function's BAR0, for the checks.
 struct RegMap {
-    /// Every offset a read decodes.
+    /// Every offset a read decodes: the abi crate's register table (`regs::REGISTERS`), so a
+    /// register added there is known here without a second list. Which of them a write acts
+    /// on, holds as written or the engine updates is the device's behaviour, listed below.
     defined: Vec<u64>,
     /// Offsets a write acts on.
     writable: Vec<u64>,
@@ -48,30 +50,25 @@ struct RegMap {
     volatile: Vec<u64>,
 }
 
+/// The offsets of a register table, in order; `SCRATCH` (the first of `scratch` registers) stands
+/// for all of them.
+fn table_offsets(table: &[pcisim_abi::c::Define], scratch: Option<(u64, u64)>) -> Vec<u64> {
+    let mut out = Vec::new();
+    for d in table {
+        match scratch {
+            Some((first, count)) if d.value == first => {
+                out.extend((0..count).map(|k| first + 4 * k))
+            }
+            _ => out.push(d.value),
+        }
+    }
+    out
+}
+
 fn gpu_map() -> RegMap {
     use gregs::*;
     let scratch: Vec<u64> = (0..SCRATCH_COUNT).map(|k| SCRATCH + 4 * k).collect();
-    let mut defined = vec![
-        ID,
-        VERSION,
-        VRAM_SIZE_LO,
-        VRAM_SIZE_HI,
-        MSIX_VECTORS,
-        IRQ_DOORBELL,
-        IRQ_COUNT,
-        IRQ_LAST_ERROR,
-        VRAM_OFFSET_LO,
-        VRAM_OFFSET_HI,
-        VRAM_LENGTH_LO,
-        VRAM_LENGTH_HI,
-        VRAM_SEED,
-        VRAM_CMD,
-        VRAM_STATUS,
-        VRAM_RESULT_LO,
-        VRAM_RESULT_HI,
-    ];
-    defined.extend(&scratch);
-    defined.extend((RING_BASE_LO..=RING_ERRORS).step_by(4));
+    let defined = table_offsets(REGISTERS, Some((SCRATCH, SCRATCH_COUNT)));
     let mut writable = vec![
         IRQ_DOORBELL,
         VRAM_OFFSET_LO,
@@ -143,32 +140,7 @@ fn npu_map() -> RegMap {
         FQ_HEAD,
         FQ_IRQ,
     ];
-    let mut defined = vec![
-        ID,
-        VERSION,
-        FEATURES,
-        MSIX_VECTORS,
-        MAX_CONTEXTS,
-        ATC_ENTRIES,
-        PEER_STATUS,
-        PEER_ID,
-        STATUS,
-        ERROR,
-        COMPLETED,
-        FAULTS,
-        STALE_USES,
-        ATC_HITS,
-        ATC_MISSES,
-        ATC_INVALIDATIONS,
-        CMD_STATUS,
-        CMD_RESULT,
-        CMD_SEQ,
-        SQ_HEAD,
-        CQ_TAIL,
-        FQ_TAIL,
-        FQ_LOST,
-    ];
-    defined.extend(&writable);
+    let defined = table_offsets(REGISTERS, None);
     let plain = vec![
         CMD_PASID,
         CMD_FLAGS,
@@ -528,5 +500,42 @@ mod tests {
     #[test]
     fn test_region_seeds() {
         crate::run_seeds("region", super::run);
+    }
+
+    /// The behaviour lists name only registers of the abi's table (a write-only or plain
+    /// register missing from the table would be "no register" to the read check), every
+    /// offset once, and the GPU's SCRATCH stands for its 16 registers.
+    #[test]
+    fn test_register_maps_are_the_abi_tables() {
+        use super::{gpu_map, gregs, npu_map, nregs};
+        for (name, map, table_len) in [
+            (
+                "gpu",
+                gpu_map(),
+                gregs::REGISTERS.len() - 1 + gregs::SCRATCH_COUNT as usize,
+            ),
+            ("npu", npu_map(), nregs::REGISTERS.len()),
+        ] {
+            let mut seen = map.defined.clone();
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen.len(), map.defined.len(), "{name}: an offset twice");
+            assert_eq!(map.defined.len(), table_len, "{name}: defined offsets");
+            for o in map.writable.iter().chain(&map.plain).chain(&map.volatile) {
+                assert!(
+                    map.defined.contains(o),
+                    "{name}: {o:#x} is not in the abi table"
+                );
+            }
+        }
+        let gpu = gpu_map();
+        let scratch = gregs::SCRATCH..gregs::SCRATCH + 4 * gregs::SCRATCH_COUNT;
+        let in_scratch = gpu.defined.iter().filter(|o| scratch.contains(o)).count();
+        assert_eq!(
+            in_scratch as u64,
+            gregs::SCRATCH_COUNT,
+            "gpu: scratch registers"
+        );
+        assert!(gpu.defined.contains(&gregs::RING_ERRORS));
     }
 }
