@@ -60,6 +60,37 @@ fn abi(defs: &[Define]) -> BTreeMap<String, u64> {
     defs.iter().map(|d| (d.name.to_string(), d.value)).collect()
 }
 
+/// What differs between the docs' table and the abi's, register by register (empty: none).
+fn differences(docs: &BTreeMap<String, u64>, abi: &BTreeMap<String, u64>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, off) in abi {
+        match docs.get(name) {
+            None => out.push(format!(
+                "{name} ({off:#x}) is in the abi but not in the docs' table"
+            )),
+            Some(d) if d != off => out.push(format!("{name}: docs {d:#x}, abi {off:#x}")),
+            Some(_) => {}
+        }
+    }
+    for (name, off) in docs {
+        if !abi.contains_key(name) {
+            out.push(format!(
+                "{name} ({off:#x}) is in the docs' table but not in the abi"
+            ));
+        }
+    }
+    out
+}
+
+fn check(doc_name: &str, docs: &BTreeMap<String, u64>, defs: &[Define]) {
+    let diff = differences(docs, &abi(defs));
+    assert!(
+        diff.is_empty(),
+        "docs/{doc_name} and the abi crate disagree:\n  {}",
+        diff.join("\n  ")
+    );
+}
+
 #[test]
 fn test_gpu_register_table_matches_the_abi() {
     let docs = table(
@@ -67,7 +98,11 @@ fn test_gpu_register_table_matches_the_abi() {
         "### BAR0 registers",
         "### Details the table leaves open",
     );
-    assert_eq!(docs, abi(pcisim_abi::gpu::regs::REGISTERS));
+    check(
+        "programming-model.md",
+        &docs,
+        pcisim_abi::gpu::regs::REGISTERS,
+    );
 }
 
 #[test]
@@ -77,7 +112,25 @@ fn test_npu_register_tables_match_the_abi() {
         "## BAR0",
         "### Descriptors (SQ entries, 64 bytes)",
     );
-    assert_eq!(docs, abi(pcisim_abi::npu::regs::REGISTERS));
+    check("npu.md", &docs, pcisim_abi::npu::regs::REGISTERS);
+}
+
+#[test]
+fn test_differences_name_each_register() {
+    let m = |v: &[(&str, u64)]| -> BTreeMap<String, u64> {
+        v.iter().map(|(n, o)| (n.to_string(), *o)).collect()
+    };
+    let docs = m(&[("A", 0), ("B", 4), ("D", 12)]);
+    let abi = m(&[("A", 0), ("B", 8), ("C", 12)]);
+    assert_eq!(
+        differences(&docs, &abi),
+        [
+            "B: docs 0x4, abi 0x8",
+            "C (0xc) is in the abi but not in the docs' table",
+            "D (0xc) is in the docs' table but not in the abi",
+        ]
+    );
+    assert!(differences(&docs, &docs).is_empty());
 }
 
 #[test]
