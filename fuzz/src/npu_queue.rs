@@ -25,7 +25,10 @@
 //!   failure an OK item may have is its completion-record write);
 //! - the journal records no violation except the device's own reports of what the input's
 //!   driver did wrong: an access attempt the map refused, a stale translation used (a missing
-//!   invalidation).
+//!   invalidation), a bound PASID whose page tables map no user address (`address_space_empty`,
+//!   then `binding_outlived_mm`), a draining PASID used or found empty (`drain_not_awaited`).
+//!   Inputs found by fuzzing that failed a rule here are replayed by `test_npu_queue_regressions`
+//!   from `fuzz/regressions/npu_queue/`.
 //!
 //! Input: see [`Layout`].
 
@@ -563,5 +566,33 @@ mod tests {
     #[test]
     fn test_npu_queue_seeds() {
         crate::run_seeds("npu_queue", super::run);
+    }
+
+    /// Inputs libFuzzer found that broke a rule of this harness, kept as they were found.
+    /// `binding-outlived-mm`: the input's page tables leave a bound PASID's lower half empty;
+    /// since the NPU's checking mode reports that (`address_space_empty` →
+    /// `binding_outlived_mm`), the harness took the device's report for a device bug.
+    #[test]
+    fn test_npu_queue_regressions() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("regressions/npu_queue");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.expect("a directory entry").path())
+            .collect();
+        files.sort();
+        assert!(
+            !files.is_empty(),
+            "no regression inputs in {}",
+            dir.display()
+        );
+        for f in files {
+            let bytes = std::fs::read(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            eprintln!(
+                "npu_queue: regression {} ({} bytes)",
+                f.display(),
+                bytes.len()
+            );
+            super::run(&bytes);
+        }
     }
 }
