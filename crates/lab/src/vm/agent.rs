@@ -191,6 +191,38 @@ impl AgentListener {
     }
 }
 
+/// Connects to an agent socket QEMU listens on (`lab up`'s VMs), retrying up to `timeout` while
+/// QEMU has not created it yet; `watch` as in [`AgentListener::accept`].
+pub fn connect(
+    path: &Path,
+    timeout: Duration,
+    watch: &mut dyn FnMut() -> Option<String>,
+) -> Result<Agent, AgentError> {
+    let what = format!("QEMU to open the agent socket {}", path.display());
+    let deadline = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(stream) => return Ok(Agent::new(stream)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) => {}
+            Err(e) => return Err(io_error(format!("connect {}", path.display()))(e)),
+        }
+        if let Some(s) = process::interrupted() {
+            return Err(AgentError::Interrupted(s));
+        }
+        if let Some(reason) = watch() {
+            return Err(AgentError::Aborted { what, reason });
+        }
+        if Instant::now() >= deadline {
+            return Err(AgentError::Timeout(timeout, what));
+        }
+        thread::sleep(POLL);
+    }
+}
+
 /// A connected agent.
 pub struct Agent {
     lines: JsonLines,
@@ -562,6 +594,36 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(err, AgentError::Timeout(..)));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn test_connect_waits_for_the_socket_and_stops_on_watch() {
+        let path = temp_socket("connect");
+        let p = path.clone();
+        let t = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(200));
+            let l = UnixListener::bind(&p).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"{\"ready\":true,\"kernel\":\"k\"}\n").unwrap();
+        });
+        let mut agent = connect(&path, Duration::from_secs(10), &mut || None).unwrap();
+        let ready = agent
+            .wait_ready(Duration::from_secs(10), &mut || None)
+            .unwrap();
+        assert_eq!(ready.kernel, "k");
+        t.join().unwrap();
+        let gone = path.with_file_name("gone.sock");
+        let err = connect(&gone, Duration::from_secs(10), &mut || {
+            Some("QEMU exited".into())
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(err, AgentError::Aborted { ref reason, .. } if reason == "QEMU exited"));
+        let err = connect(&gone, Duration::from_millis(50), &mut || None)
+            .err()
+            .unwrap();
+        assert!(matches!(err, AgentError::Timeout(..)), "{err}");
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
