@@ -31,9 +31,16 @@ use crate::vm::process::{ChildGuard, Group, ProcessError};
 /// emulated timer can miss that window, and with intel-iommu's interrupt remapping the kernel
 /// then panics ("timer doesn't work through Interrupt-remapped IO-APIC") — seen on this 2-core
 /// machine at load ~10. The parameter skips the check; the timer works, it is merely slow.
+///
+/// `cryptomgr.notests`: boot time. Debian's kernels self-test every crypto algorithm they
+/// register (`CONFIG_CRYPTO_MANAGER_DISABLE_TESTS` unset); under TCG that is the largest single
+/// item of the kernel's own boot (`initcall_debug`: `crypto_kdf108_init` 0.7 s, which
+/// instantiates and so tests hmac(sha256), `crypto_algapi_init` 0.26 s), about 0.4 s of QEMU's
+/// CPU time per boot (docs/perf.md). The lab tests PCI functions, not the kernel's crypto;
+/// `--append cryptomgr.notests=0` brings the tests back.
 pub const DEFAULT_APPEND: &str = "console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pci=no_e820 \
      no_timer_check log_buf_len=4M sysctl.kernel.hung_task_timeout_secs=10 \
-     sysctl.kernel.hung_task_warnings=-1";
+     sysctl.kernel.hung_task_warnings=-1 cryptomgr.notests";
 
 /// The guests' `kernel.hung_task_timeout_secs` (in [`DEFAULT_APPEND`]): a task in state D this
 /// long is reported (`INFO: task ... blocked for more than 10 seconds.`), which the kernel log
@@ -677,7 +684,7 @@ mod tests {
         assert!(line.starts_with("/c/bin/qemu-system-x86_64 -machine q35,memory-backend=mem "));
         assert!(line.contains(
             " -append 'console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pci=no_e820 no_timer_check log_buf_len=4M \
-             sysctl.kernel.hung_task_timeout_secs=10 sysctl.kernel.hung_task_warnings=-1' "
+             sysctl.kernel.hung_task_timeout_secs=10 sysctl.kernel.hung_task_warnings=-1 cryptomgr.notests' "
         ));
         assert!(line.contains(r#"'{"bus":"rp1","driver":"vfio-user-pci","#));
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
