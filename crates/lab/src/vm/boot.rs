@@ -23,11 +23,11 @@ use crate::vm::agent::{self, Agent, AgentError, AgentListener, Ready};
 use crate::vm::initramfs::{self, Initramfs};
 use crate::vm::process::{self, describe_status, ChildGuard, Group};
 use crate::vm::profile::{VmLayout, VmProfile};
-use crate::vm::provision::{self, ProvisionEnv};
+use crate::vm::provision::{self, Accel, ProvisionEnv};
 use crate::vm::qemu::{QemuConfig, VmOptions, DEFAULT_APPEND};
 use crate::vm::qmp::Qmp;
 use crate::vm::server::Server;
-use crate::vm::{guest_build, kmod, stall};
+use crate::vm::{guest_build, kmod, pvh, stall};
 
 /// How long the guest has from QEMU's start to the agent's greeting.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -96,6 +96,26 @@ pub fn prepare(
         env.accel.as_str(),
         env.cpu
     ))?;
+    // Under TCG the bzImage's decompressor is emulated: boot the PVH vmlinux where there is one.
+    let mut env = env;
+    if env.accel == Accel::Tcg {
+        let t = Instant::now();
+        match pvh::pvh_kernel(&env.kernel, &env.cache) {
+            Some(vmlinux) => {
+                progress(&format!(
+                    "booting the guest kernel through its PVH entry ({}, {:.1} s): no \
+                     decompressor under TCG",
+                    vmlinux.display(),
+                    secs(t)
+                ))?;
+                env.kernel = vmlinux;
+            }
+            None => progress(&format!(
+                "booting {} as given (no PVH entry, or it cannot be extracted)",
+                env.kernel.display()
+            ))?,
+        }
+    }
 
     // 2. Guest programs.
     progress(&format!(
@@ -183,11 +203,17 @@ pub fn prepare(
         .iter()
         .map(|m| initramfs::module_name(m))
         .collect();
+    let share_names: Vec<String> = initrd
+        .share_modules
+        .iter()
+        .map(|m| initramfs::module_name(m))
+        .collect();
     progress(&format!(
-        "initramfs built in {:.1} s: {:.1} MiB, modules {}{}",
+        "initramfs built in {:.1} s: {:.1} MiB, modules {} (for a share: {}){}",
         secs(t),
         initrd.size as f64 / (1024.0 * 1024.0),
         names.join(" "),
+        share_names.join(" "),
         if initrd.extra_modules.is_empty() {
             String::new()
         } else {
