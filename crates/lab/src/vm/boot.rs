@@ -342,6 +342,8 @@ pub struct Vm {
     pub ready: Ready,
     /// From QEMU's start to the agent's greeting.
     pub boot_time: Duration,
+    /// The CPU time QEMU had used by the agent's greeting ([`process::cpu_time`]).
+    pub qemu_cpu: Option<Duration>,
     /// The QEMU machine.
     pub config: QemuConfig,
 }
@@ -432,13 +434,14 @@ impl Vm {
         let booted =
             greet(listener.as_ref(), &config, &mut qemu, dir).and_then(|(agent, ready)| {
                 let boot_time = boot.elapsed();
+                let qemu_cpu = process::cpu_time(qemu.pid());
                 let transcript = File::create(dir.join("qmp.log"))
                     .map_err(|e| warn!("no QMP transcript: {e}"))
                     .ok();
                 let qmp = Qmp::connect(&config.qmp_socket, CONNECT_TIMEOUT, transcript)?;
-                Ok((agent, ready, boot_time, qmp))
+                Ok((agent, ready, boot_time, qemu_cpu, qmp))
             });
-        let (agent, ready, boot_time, qmp) = match booted {
+        let (agent, ready, boot_time, qemu_cpu, qmp) = match booted {
             Ok(x) => x,
             Err(e) => {
                 if e.interrupt_signal().is_none() {
@@ -467,6 +470,7 @@ impl Vm {
             qmp,
             ready,
             boot_time,
+            qemu_cpu,
             config,
         })
     }

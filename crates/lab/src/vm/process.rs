@@ -355,6 +355,21 @@ impl Drop for ChildGuard {
     }
 }
 
+/// The CPU time (user + system) process `pid` has used so far, from `/proc/<pid>/stat`; `None`
+/// if it cannot be read. Under TCG it is QEMU's emulation work, which unlike wall time does not
+/// grow when other processes take the host's cores (boot reports, docs/perf.md).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may contain spaces) closed by the last ')'.
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of proc(5), so 11 and 12 after the state (field 3).
+    let ticks: u64 = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0)?;
+    Some(Duration::from_millis(ticks.saturating_mul(1000) / hz))
+}
+
 /// Describes an exit status for humans: "exit 0", "signal 9 (SIGKILL)".
 pub fn describe_status(status: ExitStatus) -> String {
     if let Some(code) = status.code() {
@@ -446,6 +461,20 @@ pub fn run_captured(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_cpu_time_grows_with_work_and_is_none_for_no_process() {
+        let me = std::process::id();
+        let before = cpu_time(me).unwrap();
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let after = cpu_time(me).unwrap();
+        assert!(after > before, "{before:?} -> {after:?}");
+        assert!(cpu_time(u32::MAX).is_none());
+    }
 
     #[test]
     fn test_child_guard_drop_kills_child() {

@@ -62,8 +62,12 @@ pub(super) fn run_vm(
         &mut |_| Ok(()),
     )?;
     report.line(&format!(
-        "guest booted in {:.1} s (QEMU start to agent ready), guest uname -r {}",
+        "guest booted in {:.1} s (QEMU start to agent ready{}), guest uname -r {}",
         booted.boot_time.as_secs_f64(),
+        booted
+            .qemu_cpu
+            .map(|c| format!("; QEMU CPU time {:.1} s", c.as_secs_f64()))
+            .unwrap_or_default(),
         booted.ready.kernel
     ))?;
     let boot::Vm {
