@@ -160,55 +160,43 @@ impl AgentListener {
         timeout: Duration,
         watch: &mut dyn FnMut() -> Option<String>,
     ) -> Result<Agent, AgentError> {
-        let what = "QEMU to connect the agent serial port";
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.listener.accept() {
+        poll_until(
+            "QEMU to connect the agent serial port".into(),
+            timeout,
+            watch,
+            || match self.listener.accept() {
                 Ok((stream, _)) => {
                     stream
                         .set_nonblocking(false)
                         .map_err(io_error("set_nonblocking"))?;
-                    return Ok(Agent::new(stream));
+                    Ok(Some(Agent::new(stream)))
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error("accept")(e)),
-            }
-            if let Some(s) = process::interrupted() {
-                return Err(AgentError::Interrupted(s));
-            }
-            if let Some(reason) = watch() {
-                return Err(AgentError::Aborted {
-                    what: what.into(),
-                    reason,
-                });
-            }
-            if Instant::now() >= deadline {
-                return Err(AgentError::Timeout(timeout, what.into()));
-            }
-            thread::sleep(POLL);
-        }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(io_error("accept")(e)),
+            },
+        )
     }
 }
 
-/// Connects to an agent socket QEMU listens on (`lab up`'s VMs), retrying up to `timeout` while
-/// QEMU has not created it yet; `watch` as in [`AgentListener::accept`].
-pub fn connect(
-    path: &Path,
+/// Calls `attempt` every [`POLL`] until it gives a value or an error, the lab is interrupted,
+/// `watch` gives a reason to stop, or `timeout` passes (errors naming `what`).
+fn poll_until<T>(
+    what: String,
     timeout: Duration,
     watch: &mut dyn FnMut() -> Option<String>,
-) -> Result<Agent, AgentError> {
-    let what = format!("QEMU to open the agent socket {}", path.display());
+    mut attempt: impl FnMut() -> Result<Option<T>, AgentError>,
+) -> Result<T, AgentError> {
     let deadline = Instant::now() + timeout;
     loop {
-        match UnixStream::connect(path) {
-            Ok(stream) => return Ok(Agent::new(stream)),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-                ) => {}
-            Err(e) => return Err(io_error(format!("connect {}", path.display()))(e)),
+        if let Some(v) = attempt()? {
+            return Ok(v);
         }
         if let Some(s) = process::interrupted() {
             return Err(AgentError::Interrupted(s));
@@ -221,6 +209,28 @@ pub fn connect(
         }
         thread::sleep(POLL);
     }
+}
+
+/// Connects to an agent socket QEMU listens on (`lab up`'s VMs), retrying up to `timeout` while
+/// QEMU has not created it yet; `watch` as in [`AgentListener::accept`].
+pub fn connect(
+    path: &Path,
+    timeout: Duration,
+    watch: &mut dyn FnMut() -> Option<String>,
+) -> Result<Agent, AgentError> {
+    let what = format!("QEMU to open the agent socket {}", path.display());
+    poll_until(what, timeout, watch, || match UnixStream::connect(path) {
+        Ok(stream) => Ok(Some(Agent::new(stream))),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(io_error(format!("connect {}", path.display()))(e)),
+    })
 }
 
 /// A connected agent.
