@@ -35,7 +35,7 @@ use crate::vm::process::{ChildGuard, Group, ProcessError};
 /// `cryptomgr.notests`: boot time. Debian's kernels self-test every crypto algorithm they
 /// register (`CONFIG_CRYPTO_MANAGER_DISABLE_TESTS` unset); under TCG that is the largest single
 /// item of the kernel's own boot (`initcall_debug`: `crypto_kdf108_init` 0.7 s, which
-/// instantiates and so tests hmac(sha256), `crypto_algapi_init` 0.26 s), about 0.4 s of QEMU's
+/// instantiates and so tests hmac(sha256), `crypto_algapi_init` 0.26 s), about 0.8 s of QEMU's
 /// CPU time per boot (docs/perf.md). The lab tests PCI functions, not the kernel's crypto;
 /// `--append cryptomgr.notests=0` brings the tests back.
 pub const DEFAULT_APPEND: &str = "console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pci=no_e820 \
