@@ -11,12 +11,9 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -26,11 +23,10 @@ use serde_json::Value;
 use crate::error::LabError;
 use crate::guestops::{self, sysfs, Timed, TimedError};
 use crate::vm::agent::{Agent, RunInput, RunOutput};
-use crate::vm::boot::{self, Prepared, BOOT_TIMEOUT, CONNECT_TIMEOUT, POWEROFF_TIMEOUT};
+use crate::vm::boot::{self, Lifetime, Prepared, Spawned, Vm, VmSpec, POWEROFF_TIMEOUT};
 use crate::vm::profile::{ProfileId, VmProfile};
 use crate::vm::qemu::{HotplugMode, Share, VmOptions};
 use crate::vm::qmp::{PciDeviceInfo, Qmp, QmpError};
-use crate::vm::server;
 
 mod console;
 mod exec;

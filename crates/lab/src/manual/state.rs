@@ -241,41 +241,6 @@ pub(super) fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// Spawns `cmd` detached: its own session (it survives the command and the terminal), no
-/// parent-death signal, stdin from /dev/null, stdout+stderr into `log`.
-pub(super) fn spawn_detached(name: &str, cmd: &mut Command, log: &Path) -> Result<u32> {
-    let file =
-        File::create(log).map_err(|e| msg(format!("cannot create {}: {e}", log.display())))?;
-    let file2 = file
-        .try_clone()
-        .map_err(|e| msg(format!("{}: {e}", log.display())))?;
-    cmd.stdin(Stdio::null()).stdout(file).stderr(file2);
-    // SAFETY: setsid is async-signal-safe and only affects the child.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().map_err(|e| {
-        msg(format!(
-            "cannot start {name} ({:?}): {e}",
-            cmd.get_program()
-        ))
-    })?;
-    // The child is not waited for: when this command exits it is re-parented (and reaped) by
-    // init or the nearest subreaper.
-    let pid = child.id();
-    drop(child);
-    Ok(pid)
-}
-
-pub(super) fn is_socket(p: &Path) -> bool {
-    fs::metadata(p).is_ok_and(|m| m.file_type().is_socket())
-}
-
 /// Sends `sig` to `pid` if it is still ours (see [`alive`]).
 pub(super) fn signal(pid: u32, dir: &Path, sig: libc::c_int) {
     if alive(pid, dir) {

@@ -1,5 +1,5 @@
-//! `pcisim lab up`: provisions, builds and boots a VM (the sequence of [`crate::vm::boot`]) with
-//! its server and QEMU detached, and waits for the guest.
+//! `pcisim lab up`: provisions, builds and boots a VM ([`crate::vm::boot::Vm::boot`] with
+//! [`Lifetime::Detached`]: its server and QEMU outlive the command) and waits for the guest.
 
 use super::*;
 
@@ -128,23 +128,12 @@ pub(super) fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
     let profile = &opts.profile;
     let layout = profile.layout(dir).map_err(lab)?;
     let specs = profile.specs(&layout, &opts.device_opts);
-    let control = dir.join("control.sock");
-    let mut cmd = Command::new(&opts.pcisim_exe);
-    cmd.arg("serve");
-    for s in &specs {
-        cmd.args(["--device", s]);
-    }
-    cmd.arg("--control").arg(&control);
-    if std::env::var_os("RUST_LOG").is_none() {
-        cmd.env("RUST_LOG", "info");
-    }
-    let server_pid = spawn_detached("the device server", &mut cmd, &dir.join("server.log"))?;
     let mut state = LabState {
         profile: profile.name.clone(),
         dir: dir.to_path_buf(),
-        server_pid,
+        server_pid: 0,
         qemu_pid: 0,
-        control: control.clone(),
+        control: dir.join("control.sock"),
         qmp: dir.join("qmp.sock"),
         agent: dir.join("agent.sock"),
         console: dir.join("console.sock"),
@@ -185,30 +174,6 @@ pub(super) fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
             .collect(),
         xfer: Some(dir.join("xfer")),
     };
-    save_state(&state)?;
-    let deadline = Instant::now() + server::START_TIMEOUT;
-    for s in layout
-        .devices
-        .iter()
-        .map(|d| d.socket.as_path())
-        .chain([control.as_path()])
-    {
-        while !is_socket(s) {
-            if !alive(server_pid, dir) {
-                return Err(msg(format!(
-                    "the device server exited (see {})",
-                    dir.join("server.log").display()
-                )));
-            }
-            if Instant::now() >= deadline {
-                return Err(msg(format!(
-                    "the device server did not create {}",
-                    s.display()
-                )));
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
 
     // The private transfer share of `lab cp`, after the user's.
     let xfer = dir.join("xfer");
@@ -219,93 +184,58 @@ pub(super) fn start(opts: &UpOptions, dir: &Path) -> Result<Started> {
         guest: XFER_GUEST.into(),
         cached: true,
     });
-    let config = boot::qemu_config(
-        &env,
-        profile,
-        &layout,
-        &initrd.path,
-        dir,
-        &state.agent,
-        extra,
-    );
-    // QEMU listens on the agent's socket (every command connects anew) and on a third serial
-    // port's, the console shell's.
-    let mut args: Vec<String> = config
-        .args()
-        .map_err(lab)?
-        .into_iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    for a in &mut args {
-        if a.starts_with("socket,id=agent,") {
-            a.push_str(",server=on,wait=off");
-        }
-    }
-    args.extend([
-        "-chardev".to_string(),
-        format!(
-            "socket,id=shell,path={},server=on,wait=off",
-            crate::vm::qemu::qemu_opt_escape(&state.console.to_string_lossy())
-        ),
-        "-serial".into(),
-        "chardev:shell".into(),
-    ]);
-    let line: Vec<String> = std::iter::once(env.qemu.to_string_lossy().into_owned())
-        .chain(args.iter().cloned())
-        .map(|w| crate::vm::qemu::shell_quote(&w))
-        .collect();
-    let _ = fs::write(dir.join("qemu-cmdline.sh"), format!("{}\n", line.join(" ")));
-    let mut cmd = Command::new(&env.qemu);
-    cmd.args(&args);
-    let boot = Instant::now();
-    state.qemu_pid = spawn_detached("QEMU", &mut cmd, &dir.join("qemu.log"))?;
-    save_state(&state)?;
 
-    // The agent's greeting.
-    let stream = loop {
-        match UnixStream::connect(&state.agent) {
-            Ok(s) => break s,
-            Err(e) => {
-                if !alive(state.qemu_pid, dir) {
-                    return Err(msg(format!(
-                        "QEMU exited (see {})",
-                        dir.join("qemu.log").display()
-                    )));
-                }
-                if boot.elapsed() > CONNECT_TIMEOUT {
-                    return Err(msg(format!(
-                        "cannot connect to {}: {e}",
-                        state.agent.display()
-                    )));
-                }
-                thread::sleep(Duration::from_millis(20));
+    // The one boot sequence, detached: each child is recorded in state.json as soon as it runs,
+    // so that a VM whose `up` was killed can still be brought down.
+    let vm = Vm::boot::<ManualError>(
+        &VmSpec {
+            pcisim_exe: &opts.pcisim_exe,
+            env: &env,
+            initrd: &initrd.path,
+            profile,
+            layout: &layout,
+            specs: &specs,
+            dir,
+            extra,
+            lifetime: Lifetime::Detached {
+                console: state.console.clone(),
+            },
+        },
+        &mut |l| {
+            crate::note!("{l}");
+            Ok(())
+        },
+        &mut |child| {
+            match child {
+                Spawned::Server(pid) => state.server_pid = pid,
+                Spawned::Qemu(pid) => state.qemu_pid = pid,
             }
-        }
-    };
-    let mut a = Agent::new(stream);
-    if let Ok(f) = File::create(dir.join("agent.log")) {
-        a.set_transcript(f);
-    }
-    let (qpid, qdir) = (state.qemu_pid, dir.to_path_buf());
-    let mut watch = move || (!alive(qpid, &qdir)).then(|| "QEMU exited".to_string());
-    let ready = a.wait_ready(BOOT_TIMEOUT, &mut watch).map_err(|e| {
-        msg(format!(
-            "the guest did not boot: {e} (console log: {})",
-            dir.join("console.log").display()
-        ))
-    })?;
-    let booted = boot.elapsed();
+            save_state(&state)
+        },
+    )?;
+    let Vm {
+        server,
+        qemu,
+        mut agent,
+        mut qmp,
+        ready,
+        boot_time: booted,
+        ..
+    } = vm;
     let shell = console_shell_script();
-    let r = guest_sh(&mut a, &shell, Duration::from_secs(10))?;
+    let r = guest_sh(&mut agent, &shell, Duration::from_secs(10))?;
     if r.exit != Some(0) {
         crate::note!(
             "warning: the console shell did not start: {}",
             r.stderr.trim()
         );
     }
-    drop(a);
-    let mut q = qmp(&state)?;
-    let pci = q.query_pci().map_err(lab)?;
+    drop(agent);
+    let pci = qmp.query_pci().map_err(lab)?;
+    drop(qmp);
+    // From here on the VM outlives this command.
+    server.release();
+    qemu.release();
 
     let headline = format!(
         "lab VM up in {:.1} s (guest kernel {}, booted in {:.1} s to the agent, initramfs {:.1} MiB, \

@@ -17,7 +17,7 @@
 //! lab is interrupted ([`crate::vm::process::interrupted`]).
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -30,6 +30,7 @@ use serde_json::Value;
 pub use pcisim_guest_wire::agent::{base64_decode, base64_encode, KmsgReply, Ready, RunOutput};
 use pcisim_guest_wire::agent::{KmsgRequest, Request, RunRequest};
 
+use crate::vm::lines::{JsonLines, LineError};
 use crate::vm::process::{self, POLL};
 
 /// Slack added to a `run` request's guest-side timeout before the host gives up waiting.
@@ -159,71 +160,98 @@ impl AgentListener {
         timeout: Duration,
         watch: &mut dyn FnMut() -> Option<String>,
     ) -> Result<Agent, AgentError> {
-        let what = "QEMU to connect the agent serial port";
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.listener.accept() {
+        poll_until(
+            "QEMU to connect the agent serial port".into(),
+            timeout,
+            watch,
+            || match self.listener.accept() {
                 Ok((stream, _)) => {
                     stream
                         .set_nonblocking(false)
                         .map_err(io_error("set_nonblocking"))?;
-                    return Ok(Agent::new(stream));
+                    Ok(Some(Agent::new(stream)))
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error("accept")(e)),
-            }
-            if let Some(s) = process::interrupted() {
-                return Err(AgentError::Interrupted(s));
-            }
-            if let Some(reason) = watch() {
-                return Err(AgentError::Aborted {
-                    what: what.into(),
-                    reason,
-                });
-            }
-            if Instant::now() >= deadline {
-                return Err(AgentError::Timeout(timeout, what.into()));
-            }
-            thread::sleep(POLL);
-        }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(io_error("accept")(e)),
+            },
+        )
     }
+}
+
+/// Calls `attempt` every [`POLL`] until it gives a value or an error, the lab is interrupted,
+/// `watch` gives a reason to stop, or `timeout` passes (errors naming `what`).
+fn poll_until<T>(
+    what: String,
+    timeout: Duration,
+    watch: &mut dyn FnMut() -> Option<String>,
+    mut attempt: impl FnMut() -> Result<Option<T>, AgentError>,
+) -> Result<T, AgentError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = attempt()? {
+            return Ok(v);
+        }
+        if let Some(s) = process::interrupted() {
+            return Err(AgentError::Interrupted(s));
+        }
+        if let Some(reason) = watch() {
+            return Err(AgentError::Aborted { what, reason });
+        }
+        if Instant::now() >= deadline {
+            return Err(AgentError::Timeout(timeout, what));
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// Connects to an agent socket QEMU listens on (`lab up`'s VMs), retrying up to `timeout` while
+/// QEMU has not created it yet; `watch` as in [`AgentListener::accept`].
+pub fn connect(
+    path: &Path,
+    timeout: Duration,
+    watch: &mut dyn FnMut() -> Option<String>,
+) -> Result<Agent, AgentError> {
+    let what = format!("QEMU to open the agent socket {}", path.display());
+    poll_until(what, timeout, watch, || match UnixStream::connect(path) {
+        Ok(stream) => Ok(Some(Agent::new(stream))),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(io_error(format!("connect {}", path.display()))(e)),
+    })
 }
 
 /// A connected agent.
 pub struct Agent {
-    stream: UnixStream,
-    buf: Vec<u8>,
+    lines: JsonLines,
     next_id: u64,
-    transcript: Option<File>,
 }
 
 impl Agent {
     /// Wraps a connected stream.
     pub fn new(stream: UnixStream) -> Self {
         Agent {
-            stream,
-            buf: Vec::new(),
+            // A `run` reply carries a program's whole output: no line limit.
+            lines: JsonLines::new(stream, "agent", usize::MAX),
             next_id: 1,
-            transcript: None,
         }
     }
 
     /// Records every line sent (`> `) and received (`< `) in `file`.
     pub fn set_transcript(&mut self, file: File) {
-        self.transcript = Some(file);
-    }
-
-    fn record(&mut self, prefix: &str, line: &[u8]) {
-        if let Some(f) = self.transcript.as_mut() {
-            let ok = f
-                .write_all(prefix.as_bytes())
-                .and_then(|_| f.write_all(line))
-                .and_then(|_| f.write_all(b"\n"));
-            if ok.is_err() {
-                self.transcript = None;
-            }
-        }
+        self.lines.set_transcript(file);
     }
 
     /// Reads the next JSON message (skipping lines that are not JSON objects).
@@ -234,54 +262,23 @@ impl Agent {
         what: &str,
         watch: &mut dyn FnMut() -> Option<String>,
     ) -> Result<Value, AgentError> {
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=nl).collect();
-                let line = &line[..line.len() - 1];
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                self.record("< ", line);
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                match serde_json::from_slice::<Value>(line) {
-                    Ok(v) if v.is_object() => return Ok(v),
-                    _ => warn!(
-                        "agent: ignoring non-JSON line {:?}",
-                        String::from_utf8_lossy(line)
-                    ),
-                }
-            }
-            if let Some(s) = process::interrupted() {
-                return Err(AgentError::Interrupted(s));
-            }
-            if let Some(reason) = watch() {
-                return Err(AgentError::Aborted {
-                    what: what.into(),
-                    reason,
-                });
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(AgentError::Timeout(timeout, what.into()));
-            }
-            let slice = (deadline - now).min(Duration::from_millis(100));
-            self.stream
-                .set_read_timeout(Some(slice.max(Duration::from_millis(1))))
-                .map_err(io_error("set_read_timeout"))?;
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return Err(AgentError::Closed(what.into())),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => return Err(io_error(format!("read ({what})"))(e)),
-            }
-        }
+        self.lines.next(deadline, watch).map_err(|e| match e {
+            LineError::Timeout => AgentError::Timeout(timeout, what.into()),
+            LineError::Closed => AgentError::Closed(what.into()),
+            LineError::Interrupted(s) => AgentError::Interrupted(s),
+            LineError::Aborted(reason) => AgentError::Aborted {
+                what: what.into(),
+                reason,
+            },
+            e @ LineError::TooLong { .. } => AgentError::Malformed {
+                op: what.into(),
+                reply: e.to_string(),
+            },
+            LineError::Io { what: call, source } => AgentError::Io {
+                what: format!("{call} ({what})"),
+                source,
+            },
+        })
     }
 
     /// Waits for the agent's `{"ready":true,...}` line. `watch` as in [`AgentListener::accept`].
@@ -308,15 +305,10 @@ impl Agent {
         let id = self.next_id;
         self.next_id += 1;
         let op = request.op().to_string();
-        let mut line = request.to_value(id).to_string().into_bytes();
-        self.record("> ", &line);
-        line.push(b'\n');
+        let line = request.to_value(id).to_string();
         debug!("agent: request {id} {op}");
-        self.stream
-            .set_write_timeout(Some(Duration::from_secs(10)))
-            .map_err(io_error("set_write_timeout"))?;
-        self.stream
-            .write_all(&line)
+        self.lines
+            .send(line.as_bytes(), Duration::from_secs(10))
             .map_err(io_error(format!("write ({op})")))?;
         let deadline = Instant::now() + timeout;
         let what = format!("the reply to {op} (id {id})");
@@ -458,7 +450,7 @@ mod tests {
 
     use super::*;
     use serde_json::json;
-    use std::io::{BufRead, BufReader};
+    use std::io::{BufRead, BufReader, Write};
 
     fn temp_socket(name: &str) -> PathBuf {
         let dir =
@@ -612,6 +604,36 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(err, AgentError::Timeout(..)));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn test_connect_waits_for_the_socket_and_stops_on_watch() {
+        let path = temp_socket("connect");
+        let p = path.clone();
+        let t = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(200));
+            let l = UnixListener::bind(&p).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"{\"ready\":true,\"kernel\":\"k\"}\n").unwrap();
+        });
+        let mut agent = connect(&path, Duration::from_secs(10), &mut || None).unwrap();
+        let ready = agent
+            .wait_ready(Duration::from_secs(10), &mut || None)
+            .unwrap();
+        assert_eq!(ready.kernel, "k");
+        t.join().unwrap();
+        let gone = path.with_file_name("gone.sock");
+        let err = connect(&gone, Duration::from_secs(10), &mut || {
+            Some("QEMU exited".into())
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(err, AgentError::Aborted { ref reason, .. } if reason == "QEMU exited"));
+        let err = connect(&gone, Duration::from_millis(50), &mut || None)
+            .err()
+            .unwrap();
+        assert!(matches!(err, AgentError::Timeout(..)), "{err}");
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 

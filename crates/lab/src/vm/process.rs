@@ -152,6 +152,16 @@ pub enum Group {
     Inherit,
     /// Leads a new process group: only the lab stops it, and stopping it stops its descendants.
     Own,
+    /// Leads a new session and has no parent-death signal: once [`ChildGuard::release`]d it
+    /// outlives the lab (`pcisim lab up`); until then it is stopped like [`Group::Own`].
+    Session,
+}
+
+impl Group {
+    /// Whether the child leads its own process group (signals go to the whole group).
+    fn leads(self) -> bool {
+        matches!(self, Group::Own | Group::Session)
+    }
 }
 
 /// A child process that is killed and reaped when the guard is dropped.
@@ -160,17 +170,28 @@ pub struct ChildGuard {
     child: Child,
     group: Group,
     status: Option<ExitStatus>,
+    /// Released: the drop leaves it running.
+    released: bool,
 }
 
 impl ChildGuard {
-    /// Spawns `cmd` with `PR_SET_PDEATHSIG(SIGKILL)` and, for [`Group::Own`], a new process group.
+    /// Spawns `cmd` with `PR_SET_PDEATHSIG(SIGKILL)` and, for [`Group::Own`], a new process
+    /// group; for [`Group::Session`] a new session and no parent-death signal.
     pub fn spawn(name: &str, cmd: &mut Command, group: Group) -> Result<Self, ProcessError> {
         let parent = std::process::id();
         let own_group = group == Group::Own;
+        let session = group == Group::Session;
         // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (setpgid, prctl, getppid); it allocates nothing.
+        // async-signal-safe system calls (setsid, setpgid, prctl, getppid); it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
+                if session {
+                    // SAFETY: setsid only changes this (child) process's session and group.
+                    if libc::setsid() < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    return Ok(());
+                }
                 if own_group {
                     // SAFETY: setpgid(0, 0) only changes this (child) process's group.
                     if libc::setpgid(0, 0) != 0 {
@@ -207,7 +228,16 @@ impl ChildGuard {
             child,
             group,
             status: None,
+            released: false,
         })
+    }
+
+    /// Lets the child run on when the guard is dropped and returns its pid (for a
+    /// [`Group::Session`] child, which then outlives the lab; it is reaped by init once the lab
+    /// exits).
+    pub fn release(mut self) -> u32 {
+        self.released = true;
+        self.child.id()
     }
 
     /// The child's name as given to [`ChildGuard::spawn`].
@@ -252,13 +282,14 @@ impl ChildGuard {
         }
     }
 
-    /// Sends `signal` to the child (to its whole group for [`Group::Own`]) unless it was reaped.
+    /// Sends `signal` to the child (to its whole group for [`Group::Own`] and
+    /// [`Group::Session`]) unless it was reaped.
     pub fn signal(&self, signal: libc::c_int) {
         if self.status.is_some() {
             return;
         }
         let pid = self.child.id() as libc::pid_t;
-        let target = if self.group == Group::Own { -pid } else { pid };
+        let target = if self.group.leads() { -pid } else { pid };
         // SAFETY: kill has no memory effects; the child is not reaped yet, so `pid` (and the group
         // it leads) still names our child and not a recycled process.
         let rc = unsafe { libc::kill(target, signal) };
@@ -306,12 +337,15 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
+        if self.released {
+            return;
+        }
         if let Ok(None) = self.try_wait() {
             debug!("killing {} (pid {}) on drop", self.name, self.child.id());
             if let Err(e) = self.kill() {
                 warn!("{e}");
             }
-        } else if self.group == Group::Own {
+        } else if self.group.leads() {
             // The leader is gone; make sure nothing it started lingers in its group.
             let pid = self.child.id() as libc::pid_t;
             // SAFETY: kill has no memory effects. The group id cannot be reused while any member
@@ -319,6 +353,21 @@ impl Drop for ChildGuard {
             unsafe { libc::kill(-pid, libc::SIGKILL) };
         }
     }
+}
+
+/// The CPU time (user + system) process `pid` has used so far, from `/proc/<pid>/stat`; `None`
+/// if it cannot be read. Under TCG it is QEMU's emulation work, which unlike wall time does not
+/// grow when other processes take the host's cores (boot reports, docs/perf.md).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may contain spaces) closed by the last ')'.
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of proc(5), so 11 and 12 after the state (field 3).
+    let ticks: u64 = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0)?;
+    Some(Duration::from_millis(ticks.saturating_mul(1000) / hz))
 }
 
 /// Describes an exit status for humans: "exit 0", "signal 9 (SIGKILL)".
@@ -412,6 +461,20 @@ pub fn run_captured(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_cpu_time_grows_with_work_and_is_none_for_no_process() {
+        let me = std::process::id();
+        let before = cpu_time(me).unwrap();
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let after = cpu_time(me).unwrap();
+        assert!(after > before, "{before:?} -> {after:?}");
+        assert!(cpu_time(u32::MAX).is_none());
+    }
 
     #[test]
     fn test_child_guard_drop_kills_child() {

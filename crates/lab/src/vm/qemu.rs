@@ -31,9 +31,16 @@ use crate::vm::process::{ChildGuard, Group, ProcessError};
 /// emulated timer can miss that window, and with intel-iommu's interrupt remapping the kernel
 /// then panics ("timer doesn't work through Interrupt-remapped IO-APIC") — seen on this 2-core
 /// machine at load ~10. The parameter skips the check; the timer works, it is merely slow.
+///
+/// `cryptomgr.notests`: boot time. Debian's kernels self-test every crypto algorithm they
+/// register (`CONFIG_CRYPTO_MANAGER_DISABLE_TESTS` unset); under TCG that is the largest single
+/// item of the kernel's own boot (`initcall_debug`: `crypto_kdf108_init` 0.7 s, which
+/// instantiates and so tests hmac(sha256), `crypto_algapi_init` 0.26 s), about 0.8 s of QEMU's
+/// CPU time per boot (docs/perf.md). The lab tests PCI functions, not the kernel's crypto;
+/// `--append cryptomgr.notests=0` brings the tests back.
 pub const DEFAULT_APPEND: &str = "console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pci=no_e820 \
      no_timer_check log_buf_len=4M sysctl.kernel.hung_task_timeout_secs=10 \
-     sysctl.kernel.hung_task_warnings=-1";
+     sysctl.kernel.hung_task_warnings=-1 cryptomgr.notests";
 
 /// The guests' `kernel.hung_task_timeout_secs` (in [`DEFAULT_APPEND`]): a task in state D this
 /// long is reported (`INFO: task ... blocked for more than 10 seconds.`), which the kernel log
@@ -166,8 +173,15 @@ pub struct QemuConfig {
     pub append: String,
     /// Where ttyS0 (the console) is written.
     pub console_log: PathBuf,
-    /// The unix socket ttyS1 (the agent) connects to.
+    /// The unix socket of ttyS1 (the agent): the lab listens and QEMU connects, unless
+    /// `agent_listens`.
     pub agent_socket: PathBuf,
+    /// QEMU listens on `agent_socket` (`server=on,wait=off`) and every client connects anew
+    /// (`lab up`'s later commands), instead of connecting to the lab's listener once.
+    pub agent_listens: bool,
+    /// A third serial port (ttyS2) on a unix socket QEMU listens on: the console shell of
+    /// `pcisim lab console`.
+    pub console_socket: Option<PathBuf>,
     /// The QMP socket QEMU listens on.
     pub qmp_socket: PathBuf,
     /// Whether the machine has an `intel-iommu` (caching mode, before the devices).
@@ -345,8 +359,13 @@ impl QemuConfig {
             &append,
             "-chardev",
             &format!(
-                "socket,id=agent,path={}",
-                qemu_opt_escape(utf8(&self.agent_socket)?)
+                "socket,id=agent,path={}{}",
+                qemu_opt_escape(utf8(&self.agent_socket)?),
+                if self.agent_listens {
+                    ",server=on,wait=off"
+                } else {
+                    ""
+                }
             ),
             "-serial",
             &format!("file:{}", utf8(&self.console_log)?),
@@ -358,6 +377,17 @@ impl QemuConfig {
                 qemu_opt_escape(utf8(&self.qmp_socket)?)
             ),
         ]);
+        if let Some(console) = &self.console_socket {
+            push(&[
+                "-chardev",
+                &format!(
+                    "socket,id=shell,path={},server=on,wait=off",
+                    qemu_opt_escape(utf8(console)?)
+                ),
+                "-serial",
+                "chardev:shell",
+            ]);
+        }
         if self.hotplug == HotplugMode::NativePciehp {
             push(&[
                 "-global",
@@ -415,6 +445,12 @@ impl QemuConfig {
     /// Starts QEMU with stdout and stderr into `log`, in its own process group, killed with the
     /// lab.
     pub fn spawn(&self, log: &Path) -> Result<ChildGuard, QemuError> {
+        self.spawn_in(log, Group::Own)
+    }
+
+    /// [`QemuConfig::spawn`] with the child placed in `group` ([`Group::Session`]: a VM that
+    /// outlives the lab once released).
+    pub fn spawn_in(&self, log: &Path, group: Group) -> Result<ChildGuard, QemuError> {
         let mut cmd = self.command()?;
         let err = |source| QemuError::Log {
             path: log.to_path_buf(),
@@ -424,7 +460,7 @@ impl QemuConfig {
         let file2 = file.try_clone().map_err(err)?;
         cmd.stdin(Stdio::null()).stdout(file).stderr(file2);
         log::debug!("starting QEMU: {cmd:?}");
-        Ok(ChildGuard::spawn("QEMU", &mut cmd, Group::Own)?)
+        Ok(ChildGuard::spawn("QEMU", &mut cmd, group)?)
     }
 }
 
@@ -444,6 +480,8 @@ mod tests {
             append: DEFAULT_APPEND.into(),
             console_log: "/run/lab/console.log".into(),
             agent_socket: "/run/lab/agent.sock".into(),
+            agent_listens: false,
+            console_socket: None,
             qmp_socket: "/run/lab/qmp.sock".into(),
             viommu: true,
             hotplug: HotplugMode::Acpi,
@@ -533,6 +571,37 @@ mod tests {
     }
 
     #[test]
+    fn test_command_line_listening_agent_and_console_shell_port() {
+        let mut c = config();
+        c.agent_listens = true;
+        c.console_socket = Some("/run/lab/console.sock".into());
+        let a = args(&c);
+        let values = |flag: &str| -> Vec<&str> {
+            a.iter()
+                .enumerate()
+                .filter(|(_, x)| *x == flag)
+                .map(|(i, _)| a[i + 1].as_str())
+                .collect()
+        };
+        // ttyS0 the console log, ttyS1 the agent, ttyS2 the shell.
+        assert_eq!(
+            values("-serial"),
+            [
+                "file:/run/lab/console.log",
+                "chardev:agent",
+                "chardev:shell"
+            ]
+        );
+        assert_eq!(
+            values("-chardev"),
+            [
+                "socket,id=agent,path=/run/lab/agent.sock,server=on,wait=off",
+                "socket,id=shell,path=/run/lab/console.sock,server=on,wait=off"
+            ]
+        );
+    }
+
+    #[test]
     fn test_command_line_iommu_before_root_port_before_device() {
         let mut c = config();
         c.root_ports.push(port(2));
@@ -615,7 +684,7 @@ mod tests {
         assert!(line.starts_with("/c/bin/qemu-system-x86_64 -machine q35,memory-backend=mem "));
         assert!(line.contains(
             " -append 'console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pci=no_e820 no_timer_check log_buf_len=4M \
-             sysctl.kernel.hung_task_timeout_secs=10 sysctl.kernel.hung_task_warnings=-1' "
+             sysctl.kernel.hung_task_timeout_secs=10 sysctl.kernel.hung_task_warnings=-1 cryptomgr.notests' "
         ));
         assert!(line.contains(r#"'{"bus":"rp1","driver":"vfio-user-pci","#));
         assert_eq!(shell_quote("it's"), r"'it'\''s'");

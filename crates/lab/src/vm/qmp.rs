@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use serde_json::{json, Map, Value};
 
+use crate::vm::lines::{JsonLines, LineError};
 use crate::vm::process::{self, POLL};
 
 /// How long a command may take by default (QEMU answers from its main loop; `device_add` of a
@@ -244,16 +245,39 @@ fn walk_pci(
     Ok(())
 }
 
+/// [`QmpError`] for a line reader's error while waiting (up to `timeout`) for `what`.
+fn line_error(e: LineError, what: &str, timeout: Duration) -> QmpError {
+    match e {
+        LineError::Timeout => QmpError::Timeout {
+            what: what.to_string(),
+            timeout,
+        },
+        LineError::Closed => QmpError::Closed(what.to_string()),
+        LineError::Interrupted(s) => QmpError::Interrupted(s),
+        // QMP waits have no watch.
+        LineError::Aborted(reason) => QmpError::Malformed {
+            what: what.to_string(),
+            text: reason,
+        },
+        LineError::TooLong { limit, start } => QmpError::Malformed {
+            what: format!("a line longer than {limit} bytes"),
+            text: truncate(&start, 200),
+        },
+        LineError::Io { what: call, source } => QmpError::Io {
+            what: format!("{call} ({what})"),
+            source,
+        },
+    }
+}
+
 /// A connected, negotiated QMP session.
 pub struct Qmp {
-    stream: UnixStream,
-    buf: Vec<u8>,
+    lines: JsonLines,
     events: VecDeque<QmpEvent>,
     received: u64,
     dropped: u64,
     next_id: u64,
     greeting: Value,
-    transcript: Option<File>,
     timeout: Duration,
 }
 
@@ -309,15 +333,17 @@ impl Qmp {
         timeout: Duration,
         transcript: Option<File>,
     ) -> Result<Qmp, QmpError> {
+        let mut lines = JsonLines::new(stream, "qmp", MAX_LINE);
+        if let Some(f) = transcript {
+            lines.set_transcript(f);
+        }
         let mut qmp = Qmp {
-            stream,
-            buf: Vec::new(),
+            lines,
             events: VecDeque::new(),
             received: 0,
             dropped: 0,
             next_id: 1,
             greeting: Value::Null,
-            transcript,
             timeout: DEFAULT_TIMEOUT,
         };
         let deadline = Instant::now() + timeout;
@@ -332,7 +358,7 @@ impl Qmp {
 
     /// Records every line sent (`> `) and received (`< `) in `file`.
     pub fn set_transcript(&mut self, file: File) {
-        self.transcript = Some(file);
+        self.lines.set_transcript(file);
     }
 
     /// Changes how long [`Qmp::execute`] waits.
@@ -350,18 +376,6 @@ impl Qmp {
         let q = self.greeting.pointer("/version/qemu")?;
         let n = |k: &str| q.get(k).and_then(Value::as_u64);
         Some(format!("{}.{}.{}", n("major")?, n("minor")?, n("micro")?))
-    }
-
-    fn record(&mut self, prefix: &str, line: &[u8]) {
-        if let Some(f) = self.transcript.as_mut() {
-            let ok = f
-                .write_all(prefix.as_bytes())
-                .and_then(|_| f.write_all(line))
-                .and_then(|_| f.write_all(b"\n"));
-            if ok.is_err() {
-                self.transcript = None;
-            }
-        }
     }
 
     fn push_event(&mut self, msg: &Value) {
@@ -393,57 +407,16 @@ impl Qmp {
         self.received += 1;
     }
 
-    /// Reads one complete line into a message, or `None` if none is buffered.
+    /// The next message already buffered, without reading.
     fn buffered_message(&mut self) -> Result<Option<Value>, QmpError> {
-        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=nl).collect();
-            let line = &line[..line.len() - 1];
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            self.record("< ", line);
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            match serde_json::from_slice::<Value>(line) {
-                Ok(v) if v.is_object() => return Ok(Some(v)),
-                _ => warn!(
-                    "qmp: ignoring a line that is not a JSON object: {}",
-                    truncate(&String::from_utf8_lossy(line), 200)
-                ),
-            }
-        }
-        if self.buf.len() > MAX_LINE {
-            return Err(QmpError::Malformed {
-                what: format!("a line longer than {MAX_LINE} bytes"),
-                text: truncate(&String::from_utf8_lossy(&self.buf[..200]), 200),
-            });
-        }
-        Ok(None)
+        self.lines
+            .buffered()
+            .map_err(|e| line_error(e, "a buffered message", DEFAULT_TIMEOUT))
     }
 
     /// Reads more bytes, waiting at most `wait` (returns whether any arrived).
     fn fill(&mut self, wait: Duration, what: &str) -> Result<bool, QmpError> {
-        let mut chunk = vec![0u8; 64 * 1024];
-        self.stream
-            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
-            .map_err(io_error("set_read_timeout"))?;
-        match self.stream.read(&mut chunk) {
-            Ok(0) => Err(QmpError::Closed(what.to_string())),
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                Ok(true)
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(io_error(format!("read ({what})"))(e)),
-        }
+        self.lines.fill(wait).map_err(|e| line_error(e, what, wait))
     }
 
     /// The next message (event or reply), waiting until `deadline`.
@@ -453,22 +426,9 @@ impl Qmp {
         timeout: Duration,
         what: &str,
     ) -> Result<Value, QmpError> {
-        loop {
-            if let Some(v) = self.buffered_message()? {
-                return Ok(v);
-            }
-            if let Some(s) = process::interrupted() {
-                return Err(QmpError::Interrupted(s));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(QmpError::Timeout {
-                    what: what.to_string(),
-                    timeout,
-                });
-            }
-            self.fill((deadline - now).min(Duration::from_millis(100)), what)?;
-        }
+        self.lines
+            .next(deadline, &mut || None)
+            .map_err(|e| line_error(e, what, timeout))
     }
 
     /// Runs `command` with `arguments` (an object, or `None`) and returns its `return` value,
@@ -490,15 +450,10 @@ impl Qmp {
         if let Some(args) = arguments {
             msg["arguments"] = args;
         }
-        let mut line = msg.to_string().into_bytes();
-        self.record("> ", &line);
-        line.push(b'\n');
+        let line = msg.to_string();
         debug!("qmp: execute {command} (id {id})");
-        self.stream
-            .set_write_timeout(Some(Duration::from_secs(10)))
-            .map_err(io_error("set_write_timeout"))?;
-        self.stream
-            .write_all(&line)
+        self.lines
+            .send(line.as_bytes(), Duration::from_secs(10))
             .map_err(io_error(format!("write ({command})")))?;
         let deadline = Instant::now() + timeout;
         let what = format!("the reply to {command} (id {id})");
@@ -665,7 +620,7 @@ impl Qmp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader};
+    use std::io::{BufRead, BufReader, Write};
 
     const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 3, "minor": 1, "major": 11}, "package": "Debian 1:11.1.3+ds-1~bpo13+1"}, "capabilities": ["oob"]}}"#;
 

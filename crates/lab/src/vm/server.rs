@@ -212,13 +212,26 @@ pub struct Server {
 impl Server {
     /// Starts `pcisim serve --device SPEC... [--control PATH]` with stdout+stderr into `log`
     /// (RUST_LOG=info unless set) and waits until every socket in `sockets` (and the control
-    /// socket) exists.
+    /// socket) exists. It dies with the lab ([`Group::Own`]).
     pub fn start(
         pcisim: &Path,
         specs: &[String],
         sockets: &[PathBuf],
         control: Option<&Path>,
         log: &Path,
+    ) -> Result<Server, ServerError> {
+        Self::start_in(pcisim, specs, sockets, control, log, Group::Own)
+    }
+
+    /// [`Server::start`] with the child placed in `group` ([`Group::Session`]: a server that
+    /// outlives the lab once [`Server::release`]d).
+    pub fn start_in(
+        pcisim: &Path,
+        specs: &[String],
+        sockets: &[PathBuf],
+        control: Option<&Path>,
+        log: &Path,
+        group: Group,
     ) -> Result<Server, ServerError> {
         let mut cmd = Command::new(pcisim);
         cmd.arg("serve");
@@ -239,7 +252,7 @@ impl Server {
         let file2 = file.try_clone().map_err(err)?;
         cmd.stdin(Stdio::null()).stdout(file).stderr(file2);
         debug!("starting the device server: {cmd:?}");
-        let guard = ChildGuard::spawn("device server", &mut cmd, Group::Own)?;
+        let guard = ChildGuard::spawn("device server", &mut cmd, group)?;
         let mut server = Server {
             guard,
             log: log.to_path_buf(),
@@ -289,6 +302,12 @@ impl Server {
     /// The server's pid.
     pub fn pid(&self) -> u32 {
         self.guard.pid()
+    }
+
+    /// Lets the server run on after this handle is dropped; returns its pid
+    /// ([`ChildGuard::release`]).
+    pub fn release(self) -> u32 {
+        self.guard.release()
     }
 
     /// `None` while running, else how it ended.

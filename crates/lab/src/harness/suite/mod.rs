@@ -35,7 +35,7 @@
 //! The run directory is removed after a fully successful run (unless `keep`), and kept, with its
 //! path printed, otherwise.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -47,14 +47,13 @@ use crate::harness::dmesg;
 use crate::harness::host::{HostCtx, HostError, Vm};
 use crate::harness::ktap::{KtapWriter, Status, TestResult};
 use crate::harness::scenario::{self, Program, Scenario, Verdict};
-use crate::vm::agent::{Agent, AgentError, AgentListener, KmsgMark, RunOutput};
+use crate::vm::agent::{Agent, AgentError, KmsgMark, RunOutput};
 use crate::vm::boot::{self, secs, tail_lines, Prepared};
 use crate::vm::control::{JournalWatch, WindowReport};
-use crate::vm::process::{describe_status, ChildGuard, InterruptGuard};
+use crate::vm::process::{describe_status, InterruptGuard};
 use crate::vm::profile::{ProfileId, VmProfile};
 use crate::vm::provision;
-use crate::vm::qmp::Qmp;
-use crate::vm::server::{self, Server, ServerError};
+use crate::vm::server::{self, ServerError};
 use pcisim_journal::ViolationKind;
 
 pub mod jobs;
@@ -73,10 +72,6 @@ use self::vm_run::*;
 pub use crate::vm::boot::{AGENT_PORT, BOOT_TIMEOUT, CONNECT_TIMEOUT, POWEROFF_TIMEOUT};
 /// The initramfs appender, where the vfio selftests' tests reach it.
 pub use crate::vm::initramfs::append_archives;
-/// Lines of the console log shown when the guest does not come up: the last ones, and before them
-/// at most this many "key" lines (init, panic, vfio, IOMMU).
-const CONSOLE_TAIL: usize = 15;
-const CONSOLE_KEY_LINES: usize = 20;
 
 /// What `pcisim lab suite` asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]

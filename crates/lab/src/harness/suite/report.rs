@@ -166,36 +166,3 @@ pub(super) fn show_tail(
 ) -> Result<(), LabError> {
     boot::show_tail(&mut |l| report.line(l), title, path, n)
 }
-
-/// Console lines worth showing first when the guest did not come up.
-pub(super) fn is_key_console_line(line: &str) -> bool {
-    const KEYS: &[&str] = &[
-        "pcisim-init",
-        "pcisim-guest",
-        "Kernel panic",
-        "not syncing",
-        "Attempted to kill init",
-        "insmod",
-        "BUG:",
-        "Oops",
-        "vfio",
-        "DMAR",
-    ];
-    KEYS.iter().any(|k| line.contains(k))
-}
-
-/// The interesting console lines (init's own, panics, vfio/IOMMU) and then the last lines.
-pub(super) fn show_console(report: &mut Report<'_>, console: &Path) -> Result<(), LabError> {
-    let all = tail_lines(console, usize::MAX);
-    let key: Vec<&String> = all.iter().filter(|l| is_key_console_line(l)).collect();
-    if !key.is_empty() {
-        report.line(&format!(
-            "guest console ({}), key lines:",
-            console.display()
-        ))?;
-        for l in &key[key.len().saturating_sub(CONSOLE_KEY_LINES)..] {
-            report.line(&format!("  | {l}"))?;
-        }
-    }
-    show_tail(report, "guest console", console, CONSOLE_TAIL)
-}

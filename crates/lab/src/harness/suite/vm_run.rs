@@ -23,23 +23,7 @@ pub(super) fn run_vm(
     let layout = profile.layout(&dir)?;
     let specs = profile.specs(&layout, &opts.device_opts);
 
-    // The device server, with its control socket (journals, violations).
-    let sockets: Vec<PathBuf> = layout.devices.iter().map(|d| d.socket.clone()).collect();
-    let server_log = dir.join("server.log");
-    let t = Instant::now();
-    let server = match Server::start(
-        &opts.pcisim_exe,
-        &specs,
-        &sockets,
-        Some(&dir.join("control.sock")),
-        &server_log,
-    ) {
-        Ok(s) => s,
-        Err(e) => {
-            show_tail(report, "server log", &server_log, 20)?;
-            return Err(e.into());
-        }
-    };
+    // The devices as the server describes them (`pcisim describe`, no server needed).
     let described = server::describe(&opts.pcisim_exe, &specs, &dir.join("describe.log"))?;
     let mut devices = Vec::new();
     for d in &profile.devices {
@@ -59,65 +43,42 @@ pub(super) fn run_vm(
             )
         })
         .collect();
-    report.line(&format!(
-        "device server up in {:.1} s (pid {}): {} [{}]",
-        secs(t),
-        server.pid(),
-        what.join(", "),
-        specs.join(" ")
-    ))?;
-    let watch = JournalWatch::new(server.control()?).map_err(ServerError::from)?;
+    report.line(&format!("devices: {}", what.join(", ")))?;
 
-    // The VM.
-    let listener = AgentListener::bind(&dir.join("agent.sock"))?;
-    let config = boot::qemu_config(
-        env,
-        profile,
-        &layout,
-        initrd,
-        &dir,
-        listener.path(),
-        opts.vm.clone(),
-    );
-    match config.shell_line() {
-        Ok(line) => save(dir.join("qemu-cmdline.sh"), &format!("{line}\n")),
-        Err(e) => warn!("{e}"),
-    }
-    let boot = Instant::now();
-    let mut qemu = config.spawn(&dir.join("qemu.log"))?;
-    let booted = boot_guest(&listener, &mut qemu, &dir).and_then(|(agent, uname)| {
-        let transcript = File::create(dir.join("qmp.log"))
-            .map_err(|e| warn!("no QMP transcript: {e}"))
-            .ok();
-        let qmp = Qmp::connect(&config.qmp_socket, CONNECT_TIMEOUT, transcript)?;
-        Ok((agent, qmp, uname))
-    });
-    let (agent, qmp, uname) = match booted {
-        Ok(x) => x,
-        Err(e) => {
-            if e.interrupt_signal().is_none() {
-                show_console(report, &config.console_log)?;
-                show_tail(report, "QEMU output", &dir.join("qemu.log"), 10)?;
-                // Whether the guest spins or QEMU waits (on our server?): the threads say.
-                if qemu.try_wait().ok().flatten().is_none() {
-                    let file = dir.join("stall.txt");
-                    let text = crate::vm::stall::describe_to(
-                        &file,
-                        &[(qemu.pid(), "QEMU"), (server.pid(), "device server")],
-                    );
-                    report.line(&format!("threads at the timeout ({}):", file.display()))?;
-                    for l in text.lines() {
-                        report.line(&format!("  {l}"))?;
-                    }
-                }
-            }
-            return Err(e);
-        }
-    };
+    // The server, QEMU and the guest: the one boot sequence, attached to this run.
+    let booted = boot::Vm::boot::<LabError>(
+        &boot::VmSpec {
+            pcisim_exe: &opts.pcisim_exe,
+            env,
+            initrd,
+            profile,
+            layout: &layout,
+            specs: &specs,
+            dir: &dir,
+            extra: opts.vm.clone(),
+            lifetime: boot::Lifetime::Attached,
+        },
+        &mut |l| report.line(l),
+        &mut |_| Ok(()),
+    )?;
     report.line(&format!(
-        "guest booted in {:.1} s (QEMU start to agent ready), guest uname -r {uname}",
-        secs(boot)
+        "guest booted in {:.1} s (QEMU start to agent ready{}), guest uname -r {}",
+        booted.boot_time.as_secs_f64(),
+        booted
+            .qemu_cpu
+            .map(|c| format!("; QEMU CPU time {:.1} s", c.as_secs_f64()))
+            .unwrap_or_default(),
+        booted.ready.kernel
     ))?;
+    let boot::Vm {
+        server,
+        qemu,
+        agent,
+        qmp,
+        ..
+    } = booted;
+    let server_log = dir.join("server.log");
+    let watch = JournalWatch::new(server.control()?).map_err(ServerError::from)?;
     let mut vm = Vm {
         profile: profile.clone(),
         layout,
@@ -225,38 +186,4 @@ pub(super) fn run_vm(
         show_tail(report, "server log", &server_log, 20)?;
     }
     Ok(ok)
-}
-
-/// Waits for QEMU to connect the agent port and for the agent's greeting.
-pub(super) fn boot_guest(
-    listener: &AgentListener,
-    qemu: &mut ChildGuard,
-    dir: &Path,
-) -> Result<(Agent, String), LabError> {
-    let console = dir.join("console.log");
-    let mut watch = || {
-        qemu.try_wait()
-            .ok()
-            .flatten()
-            .map(|s| format!("QEMU exited ({})", describe_status(s)))
-    };
-    let boot_err = |source: AgentError| LabError::Boot {
-        source,
-        console: console.clone(),
-    };
-    let mut agent = listener
-        .accept(CONNECT_TIMEOUT, &mut watch)
-        .map_err(boot_err)?;
-    match File::create(dir.join("agent.log")) {
-        Ok(f) => agent.set_transcript(f),
-        Err(e) => warn!("no agent transcript: {e}"),
-    }
-    let ready = agent
-        .wait_ready(BOOT_TIMEOUT, &mut watch)
-        .map_err(boot_err)?;
-    debug!(
-        "agent ready: kernel {}, guest uptime {} ms",
-        ready.kernel, ready.uptime_ms
-    );
-    Ok((agent, ready.kernel))
 }

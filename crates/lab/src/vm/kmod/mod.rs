@@ -22,16 +22,27 @@
 //!
 //! In the guest the modules live at `/lib/modules/<kver>/extra/<name>.ko` ([`guest_module_path`]);
 //! `/init` does not load them: scenarios `insmod` them with their own parameters.
+//!
+//! The parts: [`sources`] (what is built and its cache key), [`check`] (a built module's
+//! `.modinfo`, vermagic and warnings), `cache` (the cache's directory and pruning); this file
+//! runs the build.
 
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use log::{debug, info, warn};
 
 use crate::vm::process::{self, describe_status, ProcessError};
+
+mod cache;
+pub mod check;
+pub mod sources;
+use self::cache::*;
+pub use self::check::*;
+pub use self::sources::*;
 use crate::vm::provision::{repo_root, ProvisionEnv};
 
 /// How long one module build may take (a cold build of a large driver on two busy cores).
@@ -160,268 +171,6 @@ pub fn guest_module_path_sh(name: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Sources and the cache key
-// ---------------------------------------------------------------------------------------------
-
-/// The module sources: what is copied into the build directory and hashed into the cache key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sources {
-    /// The source directory.
-    pub dir: PathBuf,
-    /// Relative path (with `/`) and contents of each source file, sorted by path.
-    pub files: Vec<(String, Vec<u8>)>,
-    /// The module names `Kbuild` lists in `obj-m`, in order.
-    pub modules: Vec<String>,
-}
-
-/// Whether a file name is a module source (not a build product of an in-place `make`).
-fn is_source_name(name: &str) -> bool {
-    if name.starts_with('.') || name.ends_with(".mod.c") {
-        return false;
-    }
-    matches!(name, "Kbuild" | "Makefile")
-        || [".c", ".h", ".S"].iter().any(|ext| name.ends_with(ext))
-}
-
-fn collect_sources(
-    root: &Path,
-    rel: &str,
-    out: &mut Vec<(String, Vec<u8>)>,
-) -> Result<(), KmodError> {
-    let dir = root.join(rel);
-    let entries = fs::read_dir(&dir).map_err(io_err("Cannot list", &dir))?;
-    for entry in entries {
-        let entry = entry.map_err(io_err("Cannot list", &dir))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
-        let rel_name = if rel.is_empty() {
-            name.clone()
-        } else {
-            format!("{rel}/{name}")
-        };
-        let ty = entry.file_type().map_err(io_err("Cannot stat", &path))?;
-        if ty.is_dir() {
-            if !name.starts_with('.') {
-                collect_sources(root, &rel_name, out)?;
-            }
-        } else if is_source_name(&name) && fs::metadata(&path).is_ok_and(|m| m.is_file()) {
-            let data = fs::read(&path).map_err(io_err("Cannot read", &path))?;
-            out.push((rel_name, data));
-        }
-    }
-    Ok(())
-}
-
-/// The module names of `obj-m` assignments in a `Kbuild` file (`obj-m += a.o b.o`, `obj-m := c.o`,
-/// continuation lines; comments ignored).
-pub fn kbuild_modules(kbuild: &str) -> Vec<String> {
-    let joined = kbuild.replace("\\\n", " ");
-    let mut names = Vec::new();
-    for line in joined.lines() {
-        let line = line.split('#').next().unwrap_or("");
-        let Some(rest) = line.trim_start().strip_prefix("obj-m") else {
-            continue;
-        };
-        let rest = rest.trim_start();
-        let Some(objs) = ["+=", ":=", "?=", "="]
-            .iter()
-            .find_map(|op| rest.strip_prefix(op))
-        else {
-            continue;
-        };
-        for obj in objs.split_whitespace() {
-            if let Some(name) = obj.strip_suffix(".o") {
-                if !names.iter().any(|n| n == name) {
-                    names.push(name.to_string());
-                }
-            }
-        }
-    }
-    names
-}
-
-/// Reads the module sources of `dir`. `Ok(None)` when it has no `.c` file at all (nothing to
-/// build: the lab then skips the module build); an error when it has C files but no usable
-/// `Kbuild`.
-pub fn read_sources(dir: &Path) -> Result<Option<Sources>, KmodError> {
-    if !dir.is_dir() {
-        return Ok(None);
-    }
-    let mut files = Vec::new();
-    collect_sources(dir, "", &mut files)?;
-    files.sort();
-    if !files.iter().any(|(p, _)| p.ends_with(".c")) {
-        return Ok(None);
-    }
-    let kbuild = files
-        .iter()
-        .find(|(p, _)| p == "Kbuild")
-        .ok_or_else(|| KmodError::NoKbuild(dir.to_path_buf()))?;
-    let modules = kbuild_modules(&String::from_utf8_lossy(&kbuild.1));
-    if modules.is_empty() {
-        return Err(KmodError::NoModules(dir.join("Kbuild")));
-    }
-    Ok(Some(Sources {
-        dir: dir.to_path_buf(),
-        files,
-        modules,
-    }))
-}
-
-/// FNV-1a, 64 bits: stable across Rust releases (unlike `DefaultHasher`).
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn bytes(&mut self, data: &[u8]) {
-        for &b in data {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-
-    /// Length-prefixed, so that field boundaries are part of the hash.
-    fn field(&mut self, data: &[u8]) {
-        self.bytes(&(data.len() as u64).to_le_bytes());
-        self.bytes(data);
-    }
-}
-
-/// The cache key of a build: 16 hex digits over the sources (paths and contents), the guest
-/// kernel release and the headers' `Module.symvers` (which changes with every kernel build, even
-/// one that keeps the release string).
-pub fn cache_key(sources: &Sources, kver: &str, symvers: &[u8]) -> String {
-    let mut h = Fnv::new();
-    h.field(KEY_SALT.as_bytes());
-    h.field(kver.as_bytes());
-    h.field(symvers);
-    h.field(&(sources.files.len() as u64).to_le_bytes());
-    for (path, data) in &sources.files {
-        h.field(path.as_bytes());
-        h.field(data);
-    }
-    format!("{:016x}", h.0)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Checking the result: vermagic and warnings
-// ---------------------------------------------------------------------------------------------
-
-/// The `key=value` entries of an x86-64 ELF relocatable's `.modinfo` section (what `modinfo`
-/// prints), in order.
-pub fn modinfo(elf: &[u8]) -> Result<Vec<(String, String)>, String> {
-    if elf.len() < 64 || &elf[..4] != b"\x7fELF" {
-        return Err("not an ELF file".into());
-    }
-    if elf[4] != 2 || elf[5] != 1 {
-        return Err("not a 64-bit little-endian ELF".into());
-    }
-    let u16_at = |o: usize| -> Result<u16, String> {
-        elf.get(o..o + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-            .ok_or_else(|| format!("truncated at {o:#x}"))
-    };
-    let u32_at = |o: usize| -> Result<u32, String> {
-        elf.get(o..o + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .ok_or_else(|| format!("truncated at {o:#x}"))
-    };
-    let u64_at = |o: usize| -> Result<usize, String> {
-        let b = elf
-            .get(o..o + 8)
-            .ok_or_else(|| format!("truncated at {o:#x}"))?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        usize::try_from(u64::from_le_bytes(a)).map_err(|_| "offset too large".to_string())
-    };
-    if u16_at(0x10)? != 1 {
-        return Err(format!("ELF type {} is not ET_REL", u16_at(0x10)?));
-    }
-    if u16_at(0x12)? != 62 {
-        return Err(format!("machine {} is not x86-64", u16_at(0x12)?));
-    }
-    let shoff = u64_at(0x28)?;
-    let shentsize = usize::from(u16_at(0x3a)?);
-    let shnum = usize::from(u16_at(0x3c)?);
-    let shstrndx = usize::from(u16_at(0x3e)?);
-    if shentsize < 64 || shstrndx >= shnum {
-        return Err("bad section header table".into());
-    }
-    // (offset, size) of section i.
-    let section = |i: usize| -> Result<(usize, usize), String> {
-        let h = shoff
-            .checked_add(i.checked_mul(shentsize).ok_or("overflow")?)
-            .ok_or("overflow")?;
-        let (off, size) = (u64_at(h + 24)?, u64_at(h + 32)?);
-        let end = off.checked_add(size).ok_or("overflow")?;
-        if end > elf.len() {
-            return Err(format!("section {i} past the end of the file"));
-        }
-        Ok((off, size))
-    };
-    let (stroff, strsize) = section(shstrndx)?;
-    let strtab = &elf[stroff..stroff + strsize];
-    let name_of = |i: usize| -> Result<&[u8], String> {
-        let h = shoff + i * shentsize;
-        let n = u32_at(h)? as usize;
-        let rest = strtab.get(n..).ok_or("section name past .shstrtab")?;
-        Ok(&rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())])
-    };
-    for i in 0..shnum {
-        if name_of(i)? == b".modinfo" {
-            let (off, size) = section(i)?;
-            return Ok(elf[off..off + size]
-                .split(|&b| b == 0)
-                .filter(|e| !e.is_empty())
-                .filter_map(|e| {
-                    let e = String::from_utf8_lossy(e);
-                    e.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                })
-                .collect());
-        }
-    }
-    Err("no .modinfo section".into())
-}
-
-/// The `vermagic=` value of a module file's `.modinfo` (e.g. `6.12.107+deb13-amd64 SMP
-/// preempt mod_unload modversions `).
-pub fn vermagic(elf: &[u8]) -> Result<String, String> {
-    modinfo(elf)?
-        .into_iter()
-        .find(|(k, _)| k == "vermagic")
-        .map(|(_, v)| v)
-        .ok_or_else(|| "no vermagic= in .modinfo".into())
-}
-
-/// Whether `vermagic` is for kernel release `kver`: its first word is exactly `kver` (the kernel
-/// refuses a module whose vermagic differs, "disagrees about version of symbol module_layout"
-/// aside).
-pub fn vermagic_matches(vermagic: &str, kver: &str) -> bool {
-    !kver.is_empty() && vermagic.split(' ').next() == Some(kver)
-}
-
-/// The build log lines that warn about our sources: any line with `warning:` (any case: gcc's
-/// `warning:`, kernel-doc's `warning:`, modpost's `WARNING:`) naming a file in `build_dir` (the
-/// build directory as the compiler sees it) or one of `sources` by relative path.
-pub fn our_warnings(log: &str, build_dir: &str, sources: &[String]) -> Vec<String> {
-    let dir = format!("{}/", build_dir.trim_end_matches('/'));
-    log.lines()
-        .filter(|l| l.to_ascii_lowercase().contains("warning:"))
-        .filter(|l| {
-            l.contains(&dir)
-                || sources
-                    .iter()
-                    .any(|s| l.starts_with(&format!("{s}:")) || l.contains(&format!(" {s}:")))
-        })
-        .map(str::to_string)
-        .collect()
-}
-
-// ---------------------------------------------------------------------------------------------
 // The build
 // ---------------------------------------------------------------------------------------------
 
@@ -535,28 +284,6 @@ pub fn build_from(
         key,
         cached,
     }))
-}
-
-/// Reads a `.ko` and checks it is an x86-64 module for `kver`.
-pub fn check_module(name: &str, path: &Path, kver: &str) -> Result<BuiltModule, KmodError> {
-    let data = fs::read(path).map_err(io_err("Cannot read", path))?;
-    let vermagic = vermagic(&data).map_err(|reason| KmodError::BadModule {
-        path: path.to_path_buf(),
-        reason,
-    })?;
-    if !vermagic_matches(&vermagic, kver) {
-        return Err(KmodError::Vermagic {
-            path: path.to_path_buf(),
-            vermagic,
-            kver: kver.to_string(),
-        });
-    }
-    Ok(BuiltModule {
-        name: name.to_string(),
-        path: path.to_path_buf(),
-        vermagic,
-        size: data.len() as u64,
-    })
 }
 
 /// Compiles `sources` in `cache/build.<key>.<pid>` and, once checked, renames that directory to
@@ -751,91 +478,10 @@ fn append_log(log: &Path, text: &str) -> Result<(), KmodError> {
         .map_err(io_err("Cannot write", log))
 }
 
-/// Creates the cache directory, world-writable with the sticky bit like `/tmp` (so builds by
-/// different users can share it).
-fn ensure_cache_dir(cache: &Path) -> Result<(), KmodError> {
-    use std::os::unix::fs::PermissionsExt;
-    if cache.is_dir() {
-        return Ok(());
-    }
-    fs::create_dir_all(cache).map_err(io_err("Cannot create", cache))?;
-    if let Err(e) = fs::set_permissions(cache, fs::Permissions::from_mode(0o1777)) {
-        debug!("cannot chmod {}: {e}", cache.display());
-    }
-    Ok(())
-}
-
-/// Marks a cache entry as used now (pruning keeps the most recently used).
-fn touch(dir: &Path) {
-    let marker = dir.join(".used");
-    if let Err(e) = fs::write(&marker, b"") {
-        debug!("cannot touch {}: {e}", marker.display());
-    }
-}
-
-fn last_used(dir: &Path) -> SystemTime {
-    let time = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
-    time(&dir.join(".used"))
-        .or_else(|| time(dir))
-        .unwrap_or(UNIX_EPOCH)
-}
-
-/// Removes every file under `dir` that is not in `keep` (empty subdirectories stay).
-fn remove_except(dir: &Path, keep: &[PathBuf]) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        match entry.file_type() {
-            Ok(t) if t.is_dir() => remove_except(&path, keep),
-            Ok(_) if !keep.contains(&path) => {
-                if let Err(e) = fs::remove_file(&path) {
-                    debug!("cannot remove {}: {e}", path.display());
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Keeps the [`CACHE_KEEP`] most recently used builds (never `current`) and drops scratch
-/// directories of builds that died more than an hour ago.
-fn prune_cache(cache: &Path, current: &str) {
-    let Ok(entries) = fs::read_dir(cache) else {
-        return;
-    };
-    let mut builds = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
-        if name.starts_with("build.") {
-            let stale = SystemTime::now()
-                .duration_since(last_used(&path))
-                .is_ok_and(|age| age > Duration::from_secs(3600));
-            if stale {
-                let _ = fs::remove_dir_all(&path);
-            }
-        } else if name.len() == 16 && name.bytes().all(|b| b.is_ascii_hexdigit()) && name != current
-        {
-            builds.push((last_used(&path), path));
-        }
-    }
-    builds.sort_by_key(|b| std::cmp::Reverse(b.0));
-    for (_, path) in builds.into_iter().skip(CACHE_KEEP.saturating_sub(1)) {
-        debug!(
-            "guest kernel modules: pruning cached build {}",
-            path.display()
-        );
-        if let Err(e) = fs::remove_dir_all(&path) {
-            debug!("cannot remove {}: {e}", path.display());
-        }
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     /// A minimal ELF64 relocatable for x86-64 with `.shstrtab` and a `.modinfo` section.
     pub(crate) fn module_elf(modinfo: &[u8]) -> Vec<u8> {
