@@ -11,6 +11,7 @@ use crate::pci;
 use crate::sys;
 use crate::vdev::{self, bind, enable_command, open_vfio, release, Binding, Vfio};
 use crate::vfio;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
@@ -367,6 +368,25 @@ fn check_proc_interrupts(
     }
 }
 
+/// E3's subtests, in order: `vfio-bind vfio-open command-enable {msix,msi}-enable`, one
+/// `{msix,msi}-vector-N` per vector, `proc-interrupts {msix,msi}-quiet vfio-release`.
+fn subtests(mode: IrqMode, vectors: &[u32]) -> Vec<Cow<'static, str>> {
+    let p = mode.prefix();
+    let mut names: Vec<Cow<'static, str>> = vec![
+        "vfio-bind".into(),
+        "vfio-open".into(),
+        "command-enable".into(),
+        format!("{p}-enable").into(),
+    ];
+    names.extend(vectors.iter().map(|v| Cow::Owned(format!("{p}-vector-{v}"))));
+    names.extend([
+        "proc-interrupts".into(),
+        format!("{p}-quiet").into(),
+        "vfio-release".into(),
+    ]);
+    names
+}
+
 pub fn run(argv: &[String]) -> i32 {
     let prepared = (|| -> Result<_, String> {
         let args = Args::parse(argv, &["vendor", "device", "vectors", "bdf", "irq"])?;
@@ -383,9 +403,7 @@ pub fn run(argv: &[String]) -> i32 {
     };
     let p = mode.prefix();
 
-    // vfio-bind vfio-open command-enable {msix,msi}-enable, one per vector,
-    // proc-interrupts {msix,msi}-quiet vfio-release.
-    let mut k = Ktap::new(4 + vectors.len() + 3);
+    let mut k = Ktap::declared_names(subtests(mode, &vectors));
     k.diag(&format!(
         "E3 {} through guest vfio-pci on {}, vectors {:?}",
         match mode {
@@ -525,6 +543,31 @@ pub fn run(argv: &[String]) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn declared_subtests_follow_mode_and_vectors() {
+        let names: Vec<String> = subtests(IrqMode::Msi, &[0, 1, 5])
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "vfio-bind",
+                "vfio-open",
+                "command-enable",
+                "msi-enable",
+                "msi-vector-0",
+                "msi-vector-1",
+                "msi-vector-5",
+                "proc-interrupts",
+                "msi-quiet",
+                "vfio-release"
+            ]
+        );
+        assert_eq!(subtests(IrqMode::Msix, &[2]).len(), 8);
+        assert_eq!(subtests(IrqMode::Msix, &[2])[4], "msix-vector-2");
+    }
 
     const PROC: &str = "\
             CPU0       CPU1

@@ -213,6 +213,25 @@ impl Drop for Mapping {
     }
 }
 
+/// The subtests of `--mode tracked`, in order (`*` is the size, or the unmap call; the third
+/// is `waited for` under `--lenient on`, a skip).
+const TRACKED: &[&str] = &[
+    "USERPTR * MiB tracked",
+    "* returned only after the ring's fence|* waited for the ring's fence",
+    "the userptr is invalidated: a new FILL gets EAGAIN",
+    "the ring's fence signalled without error",
+    "RELEASE: no page left pinned",
+];
+
+/// The subtests of `--mode pinned`, in order.
+const PINNED: &[&str] = &[
+    "USERPTR * MiB pinned",
+    "* returned while the ring still writes (pinning does not stop it)",
+    "all * pages stay pinned after *",
+    "the ring's fence signalled without error",
+    "RELEASE: no page left pinned",
+];
+
 /// `userptr --bdf BDF --mode tracked|pinned [--unmap munmap|dontneed] [--mib N] [--repeat N]
 /// [--lenient on]`
 pub fn run(argv: &[String]) -> i32 {
@@ -223,7 +242,9 @@ pub fn run(argv: &[String]) -> i32 {
             return 2;
         }
     };
-    let mut k = Ktap::new(5);
+    // The mode picks the declaration; a bad one is refused by `case` (its setup).
+    let pinned = args.get("mode") == Some("pinned");
+    let mut k = Ktap::declared(if pinned { PINNED } else { TRACKED });
     let code = match case(&args, &mut k) {
         Ok(()) => None,
         Err(e) => {
@@ -410,6 +431,37 @@ fn case(args: &Args, k: &mut Ktap) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The names `case` reports (as its format strings make them) are the declared ones, in
+    /// order, for each mode and unmap call; the other mode's names are refused.
+    #[test]
+    fn reported_names_are_declared() {
+        use crate::ktap::declared_name_matches as ok;
+        for what in ["munmap", "MADV_DONTNEED"] {
+            let tracked = [
+                "USERPTR 4 MiB tracked".to_string(),
+                format!("{what} returned only after the ring's fence"),
+                "the userptr is invalidated: a new FILL gets EAGAIN".to_string(),
+                "the ring's fence signalled without error".to_string(),
+                "RELEASE: no page left pinned".to_string(),
+            ];
+            let pinned = [
+                "USERPTR 4 MiB pinned".to_string(),
+                format!("{what} returned while the ring still writes (pinning does not stop it)"),
+                format!("all 1024 pages stay pinned after {what}"),
+                "the ring's fence signalled without error".to_string(),
+                "RELEASE: no page left pinned".to_string(),
+            ];
+            for (d, n) in TRACKED.iter().zip(&tracked) {
+                assert!(ok(d, n), "{d:?} {n:?}");
+            }
+            for (d, n) in PINNED.iter().zip(&pinned) {
+                assert!(ok(d, n), "{d:?} {n:?}");
+            }
+            assert!(ok(TRACKED[1], &format!("{what} waited for the ring's fence")));
+            assert!(!ok(TRACKED[0], &pinned[0]) && !ok(PINNED[2], &tracked[2]));
+        }
+    }
 
     #[test]
     fn test_ioctl_numbers_match_the_header() {
