@@ -15,6 +15,7 @@ use pcisim_journal::ViolationKind;
 use crate::harness::dmesg::KernelReport;
 use crate::harness::ktap::{self, Directive, KtapError, KtapSummary};
 use crate::vm::agent::RunOutput;
+use crate::vm::profile::ProfileId;
 use crate::vm::server::DescribedDevice;
 
 pub use pcisim_guest_wire::GUEST_BIN_PATH;
@@ -57,6 +58,11 @@ pub struct Scenario {
     pub timeout: Duration,
     /// What runs.
     pub program: Program,
+    /// The VM profile the scenario runs in, declared by its catalogue entry (a guest program
+    /// runs against the profile's first device; a host program's body names the profile's
+    /// devices). A unit test holds it to the host program's own profile
+    /// (`scenarios::tests::test_declared_profile_is_the_programs`).
+    pub profile: ProfileId,
     /// The guest kernel reports the scenario provokes on purpose (an expected failure, like
     /// [`Scenario::violations`]): each must appear in its kernel log slice and no other may, and
     /// its result line says `# XFAIL` ([`crate::harness::dmesg::judge`]). Each declaration says
@@ -117,6 +123,7 @@ impl Scenario {
         name: "",
         timeout: Duration::ZERO,
         program: Program::Guest(GuestProgram::E1),
+        profile: ProfileId::Gpu,
         kernel_reports: &[],
         violations: &[],
         twin: Twin::None,
@@ -130,12 +137,9 @@ impl Scenario {
 }
 
 impl Scenario {
-    /// The VM profile the scenario needs (the default one for guest programs).
-    pub fn profile(&self) -> crate::vm::profile::ProfileId {
-        match self.program {
-            Program::Host(h) => h.profile,
-            _ => crate::vm::profile::ProfileId::default(),
-        }
+    /// The VM profile the scenario needs ([`Scenario::profile`], the declared field).
+    pub fn profile(&self) -> ProfileId {
+        self.profile
     }
 
     /// The guest command line for this scenario against `device` (a host scenario's function

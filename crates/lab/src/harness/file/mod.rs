@@ -724,6 +724,7 @@ fn scenario_of(file: &'static ScenarioFile) -> Scenario {
             profile: file.profile,
             run: run::run_file,
         }),
+        profile: file.profile,
         kernel_reports: Box::leak(file.kernel.clone().into_boxed_slice()),
         violations: Box::leak(violations.into_boxed_slice()),
         twin: if file.violations.is_empty() && file.kernel.is_empty() {
