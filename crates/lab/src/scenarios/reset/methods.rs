@@ -12,15 +12,15 @@ pub(super) fn r3_pm_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let bdf = ctx.bdf_of(dev)?;
     let nsr_bdf = ctx.bdf_of(nsr)?;
 
-    let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(GuestProgram::Reset, dev, &["--bdf", &bdf, "--method", "pm"])?;
-    guest_step(
+    let w = reset_step(
         ctx,
+        dev,
         &format!("{dev}: reset_method=pm, reset: registers back to defaults"),
         &argv,
+        &format!("{dev} pm"),
+        &[ResetKind::PmSoftReset],
     )?;
-    let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} pm"), &w, &[ResetKind::PmSoftReset]);
     let to_d3 = count_records(&w, is_power);
     ctx.diag(&format!("{dev}: {to_d3} power state changes journaled"));
 
@@ -62,31 +62,25 @@ pub(super) fn r3_pm_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         ),
     );
 
-    let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
         GuestProgram::Reset,
         dev,
         &["--bdf", &bdf, "--method", "pm-cycle", "--expect", "cleared"],
     )?;
-    guest_step(
+    reset_step(
         ctx,
+        dev,
         &format!("{dev} (No_Soft_Reset=0): the same D3hot -> D0 resets it"),
         &argv,
-    )?;
-    let w = since(ctx, dev, m)?;
-    check_kinds(
-        ctx,
         &format!("{dev} D3hot -> D0"),
-        &w,
         &[ResetKind::PmSoftReset],
-    );
+    )?;
     Ok(())
 }
 
 pub(super) fn r4_bus_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let dev = "gpu0";
     let bdf = ctx.bdf_of(dev)?;
-    let m = mark(ctx, dev)?;
     // Under ACPI hotplug QEMU's root port advertises Data Link Layer Link Active Reporting but
     // never sets Link Active; the port is a 16 GT/s one, so after the SBR the kernel waits for
     // Link Active (PCIe Base 6.0 §6.6.1), gives up after 100 ms + 1 s and returns ENOTTY. The
@@ -107,15 +101,9 @@ pub(super) fn r4_bus_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
             "Data Link Layer Link Active not set",
         ],
     )?;
-    guest_step(
-        ctx,
-        &format!(
+    reset_step(ctx, dev, &format!(
             "{dev}: reset_method=bus: registers back to defaults; the kernel then times out on Link Active (ENOTTY)"
-        ),
-        &argv,
-    )?;
-    let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} bus"), &w, &[ResetKind::DeviceReset]);
+        ), &argv, &format!("{dev} bus"), &[ResetKind::DeviceReset])?;
     Ok(())
 }
 
@@ -145,19 +133,19 @@ pub(super) fn r5_slot_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
             && slots.lines().any(|l| l.trim() == format!("slot {slot} 1")),
         slots.trim().replace('\n', "; "),
     );
-    let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
         GuestProgram::Reset,
         dev,
         &["--bdf", &bdf, "--method", "bus", "--offered", "flr,bus"],
     )?;
-    guest_step(
+    reset_step(
         ctx,
+        dev,
         &format!("{dev}: reset_method=bus is pciehp's slot reset: registers back to defaults"),
         &argv,
+        &format!("{dev} slot"),
+        &[ResetKind::DeviceReset],
     )?;
-    let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} slot"), &w, &[ResetKind::DeviceReset]);
     let after = ctx.sh(&format!(
         "cat /sys/bus/pci/slots/*/address /sys/bus/pci/slots/*/adapter; ls /sys/bus/pci/devices/{bdf}"
     ))?;
@@ -175,18 +163,17 @@ pub(super) fn r6_vfio_device_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
     let methods = ctx.sh(&format!("cat /sys/bus/pci/devices/{bdf}/reset_method"))?;
     let first = methods.split_whitespace().next().unwrap_or("").to_string();
     ctx.diag(&format!("{dev} reset_method: {}", methods.trim()));
-    let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
         GuestProgram::ResetVfio,
         dev,
         &["--bdf", &bdf, "--op", "ioctl", "--ring", "on"],
     )?;
-    guest_step(
+    let w = journaled_step(
         ctx,
+        dev,
         &format!("{dev}: VFIO_DEVICE_RESET from a guest vfio driver, usable afterwards"),
         &argv,
     )?;
-    let w = since(ctx, dev, m)?;
     // pci_try_reset_function uses the first method that works: the first one offered.
     let want = if first == "bus" {
         Some(ResetKind::DeviceReset)
@@ -273,7 +260,6 @@ pub(super) fn r8_slow_failed_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
 
     // Slow: config space reads all-ones for 1.5 s after the FLR.
     ctx.inject(dev, "slow-reset=1500")?;
-    let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
         GuestProgram::Reset,
         dev,
@@ -288,17 +274,17 @@ pub(super) fn r8_slow_failed_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
             "after FLR",
         ],
     )?;
-    guest_step(
+    reset_step(
         ctx,
+        dev,
         &format!("{dev} slow-reset=1500: the guest's FLR waits >= 1.5 s and succeeds"),
         &argv,
+        &format!("{dev} slow FLR"),
+        &[ResetKind::Flr],
     )?;
-    let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} slow FLR"), &w, &[ResetKind::Flr]);
 
     // Never: the kernel polls ~65 s, gives up, and the function stays not ready.
     ctx.inject(dev, "slow-reset=never")?;
-    let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
         GuestProgram::Reset,
         dev,
@@ -316,13 +302,14 @@ pub(super) fn r8_slow_failed_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
         ],
     )?;
     ctx.progress("slow-reset=never: the guest's FLR waits ~65 s before giving up");
-    guest_step(
+    reset_step(
         ctx,
+        dev,
         &format!("{dev} slow-reset=never: the kernel gives up (ENOTTY, logged)"),
         &argv,
+        &format!("{dev} failed FLR"),
+        &[ResetKind::Flr],
     )?;
-    let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} failed FLR"), &w, &[ResetKind::Flr]);
     let status = ctx.control().status(dev)?;
     ctx.check(
         &format!("{dev} reports itself not ready"),

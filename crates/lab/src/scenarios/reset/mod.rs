@@ -236,6 +236,50 @@ fn describe_kinds(kinds: &[ResetKind]) -> String {
     }
 }
 
+/// Runs guest step `argv` as the subtest `name` ([`guest_step`]) and returns the records `dev`
+/// journaled meanwhile: the resets that step caused and nothing from before it.
+fn journaled_step(
+    ctx: &mut HostCtx<'_>,
+    dev: &str,
+    name: &str,
+    argv: &[String],
+) -> Result<Vec<Record>, HostError> {
+    let m = mark(ctx, dev)?;
+    guest_step(ctx, name, argv)?;
+    since(ctx, dev, m)
+}
+
+/// A reset step: [`journaled_step`], then the check (named after `what`) that `dev` journaled
+/// exactly the resets `want`. Returns the step's records.
+fn reset_step(
+    ctx: &mut HostCtx<'_>,
+    dev: &str,
+    name: &str,
+    argv: &[String],
+    what: &str,
+    want: &[ResetKind],
+) -> Result<Vec<Record>, HostError> {
+    let w = journaled_step(ctx, dev, name, argv)?;
+    check_kinds(ctx, what, &w, want);
+    Ok(w)
+}
+
+/// A step whose guest program rings the marker interrupts just before and just after its reset
+/// (`reset-vfio`, `reset-dma`): [`journaled_step`], and the records between the markers, or
+/// `None` with a failed check `what` when not both markers are in the journal. Returns the
+/// step's records and the marked window.
+fn marked_step(
+    ctx: &mut HostCtx<'_>,
+    dev: &str,
+    name: &str,
+    argv: &[String],
+    what: &str,
+) -> Result<(Vec<Record>, Option<Vec<Record>>), HostError> {
+    let w = journaled_step(ctx, dev, name, argv)?;
+    let marked = marked_window(ctx, what, &w).map(<[Record]>::to_vec);
+    Ok((w, marked))
+}
+
 /// Runs a guest program as a subtest (its KTAP nested) and reports the latency it measured.
 /// Returns its output.
 fn guest_step(ctx: &mut HostCtx<'_>, name: &str, argv: &[String]) -> Result<RunOutput, HostError> {
