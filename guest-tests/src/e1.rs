@@ -1,9 +1,9 @@
 //! E1: IDs, class, BARs and capabilities as the guest sees them, compared with
 //! what the device advertises (`pcisim describe` output given as `--expect`).
 
-use crate::args::Args;
 use crate::ktap::{Ktap, Outcome};
 use crate::pci::{self, Bar, Cap, DeviceView, ExtCap};
+use pcisim_guest_wire::{DeviceIds, E1Options};
 use std::borrow::Cow;
 use std::collections::BTreeSet;
 
@@ -86,7 +86,11 @@ pub fn subtests(view: &DeviceView, exp: &Expect) -> Vec<Cow<'static, str>> {
 
 /// The BAR numbers either side has, in order.
 fn bar_indices(view: &DeviceView, exp: &Expect) -> BTreeSet<u32> {
-    exp.bars.iter().chain(view.bars.iter()).map(|b| b.index).collect()
+    exp.bars
+        .iter()
+        .chain(view.bars.iter())
+        .map(|b| b.index)
+        .collect()
 }
 
 /// Compares a decoded view with the expectation; `cap_err`/`ext_err` are walk
@@ -181,12 +185,9 @@ pub fn setup_failure(reason: &str) -> i32 {
     k.finish()
 }
 
-pub fn run(argv: &[String]) -> i32 {
+pub fn run(ids: DeviceIds, o: E1Options) -> i32 {
     let prepared = (|| -> Result<_, String> {
-        let args = Args::parse(argv, &["vendor", "device", "expect", "expect-file", "bdf"])?;
-        let vendor = args.id16("vendor")?;
-        let device = args.id16("device")?;
-        let expect_text = match (args.get("expect"), args.get("expect-file")) {
+        let expect_text = match (&o.expect, &o.expect_file) {
             (Some(j), None) => j.to_string(),
             (None, Some(p)) => {
                 std::fs::read_to_string(p).map_err(|e| format!("read --expect-file {p}: {e}"))?
@@ -194,7 +195,7 @@ pub fn run(argv: &[String]) -> i32 {
             _ => return Err("give exactly one of --expect JSON or --expect-file PATH".into()),
         };
         let expect = parse_expect(&expect_text)?;
-        let (func, note) = pci::select_function(vendor, device, args.get("bdf"))?;
+        let (func, note) = pci::select_function(ids.vendor, ids.device, o.bdf.as_deref())?;
         let cfg_path = func.attr("config");
         let cfg =
             std::fs::read(&cfg_path).map_err(|e| format!("read {}: {e}", cfg_path.display()))?;

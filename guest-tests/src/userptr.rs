@@ -17,8 +17,8 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
-use crate::args::Args;
 use crate::ktap::{Ktap, Outcome};
+use pcisim_guest_wire::{OnOff, UnmapCall, UserptrMode, UserptrOptions};
 
 /// `struct pcisim_gpu_userptr`.
 #[repr(C)]
@@ -234,18 +234,10 @@ const PINNED: &[&str] = &[
 
 /// `userptr --bdf BDF --mode tracked|pinned [--unmap munmap|dontneed] [--mib N] [--repeat N]
 /// [--lenient on]`
-pub fn run(argv: &[String]) -> i32 {
-    let args = match Args::parse(argv, &["bdf", "mode", "unmap", "mib", "repeat", "lenient"]) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("userptr: {e}");
-            return 2;
-        }
-    };
-    // The mode picks the declaration; a bad one is refused by `case` (its setup).
-    let pinned = args.get("mode") == Some("pinned");
+pub fn run(o: UserptrOptions) -> i32 {
+    let pinned = o.mode == UserptrMode::Pinned;
     let mut k = Ktap::declared(if pinned { PINNED } else { TRACKED });
-    let code = match case(&args, &mut k) {
+    let code = match case(&o, &mut k) {
         Ok(()) => None,
         Err(e) => {
             k.diag(&format!("stopped: {e}"));
@@ -256,30 +248,13 @@ pub fn run(argv: &[String]) -> i32 {
     code.unwrap_or(c)
 }
 
-fn num(args: &Args, name: &str, default: u64) -> Result<u64, String> {
-    match args.get(name) {
-        Some(v) => v
-            .parse()
-            .map_err(|_| format!("--{name} {v:?} is not a number")),
-        None => Ok(default),
-    }
-}
-
-fn case(args: &Args, k: &mut Ktap) -> Result<(), String> {
-    let bdf = args.required("bdf")?;
-    let pinned = match args.required("mode")? {
-        "tracked" => false,
-        "pinned" => true,
-        m => return Err(format!("--mode {m:?}: tracked or pinned")),
-    };
-    let dontneed = match args.get("unmap").unwrap_or("munmap") {
-        "munmap" => false,
-        "dontneed" => true,
-        u => return Err(format!("--unmap {u:?}: munmap or dontneed")),
-    };
-    let lenient = args.get("lenient") == Some("on");
-    let len = (num(args, "mib", 4)? as usize) << 20;
-    let repeat = u32::try_from(num(args, "repeat", 256)?).map_err(|e| e.to_string())?;
+fn case(o: &UserptrOptions, k: &mut Ktap) -> Result<(), String> {
+    let bdf = o.bdf.as_str();
+    let pinned = o.mode == UserptrMode::Pinned;
+    let dontneed = o.unmap == Some(UnmapCall::Dontneed);
+    let lenient = o.lenient.is_some_and(OnOff::is_on);
+    let len = (o.mib.unwrap_or(4) as usize) << 20;
+    let repeat = o.repeat.unwrap_or(256);
     let pages = (len / 4096) as u64;
 
     let gpu = Gpu::open(bdf)?;
@@ -458,7 +433,10 @@ mod tests {
             for (d, n) in PINNED.iter().zip(&pinned) {
                 assert!(ok(d, n), "{d:?} {n:?}");
             }
-            assert!(ok(TRACKED[1], &format!("{what} waited for the ring's fence")));
+            assert!(ok(
+                TRACKED[1],
+                &format!("{what} waited for the ring's fence")
+            ));
             assert!(!ok(TRACKED[0], &pinned[0]) && !ok(PINNED[2], &tracked[2]));
         }
     }

@@ -239,7 +239,10 @@ impl fmt::Display for WireError {
                 why,
             } => write!(f, "{program}: --{option}: {why}"),
             WireError::Unexpected { program, word } => {
-                write!(f, "{program}: unexpected argument {word:?} (options are --name value)")
+                write!(
+                    f,
+                    "{program}: unexpected argument {word:?} (options are --name value)"
+                )
             }
         }
     }
@@ -270,7 +273,10 @@ impl GuestProgram {
     /// The command line: `/bin/pcisim-guest <program> [--vendor 0x1234 --device 0x0b10]
     /// --option value...` (ids as `{:#06x}`, options in their struct's field order).
     pub fn to_argv(&self) -> Vec<String> {
-        let mut argv = vec![GUEST_BIN_PATH.to_string(), self.program().name().to_string()];
+        let mut argv = vec![
+            GUEST_BIN_PATH.to_string(),
+            self.program().name().to_string(),
+        ];
         if let Some(d) = self.device {
             argv.extend([
                 "--vendor".to_string(),

@@ -408,6 +408,7 @@ macro_rules! options_struct {
 
 options_struct! {
     /// `agent`'s options.
+    #[derive(Default)]
     AgentOptions {
         /// The serial port (default `/dev/ttyS1`).
         port: opt String = "port",
@@ -416,6 +417,7 @@ options_struct! {
 
 options_struct! {
     /// The options of a program that only picks its function (`e2`, `e4`, `e5`).
+    #[derive(Default)]
     SelectOptions {
         /// The function's BDF, when several have the ids.
         bdf: opt String = "bdf",
@@ -424,6 +426,7 @@ options_struct! {
 
 options_struct! {
     /// `e1`'s options: the expectation (one of the two) and the function.
+    #[derive(Default)]
     E1Options {
         /// The device's description as `pcisim describe` printed it (the lab fills it in).
         expect: opt serde_json::Value = "expect",
@@ -436,6 +439,7 @@ options_struct! {
 
 options_struct! {
     /// `e3`'s options.
+    #[derive(Default)]
     E3Options {
         /// The vectors to ring (default 0,1,5; none twice).
         vectors: opt Vec<u32> = "vectors",
@@ -520,6 +524,7 @@ options_struct! {
 
 options_struct! {
     /// `vfio-user`'s options.
+    #[derive(Default)]
     VfioUserOptions {
         /// The function's BDF.
         bdf: opt String = "bdf",
@@ -550,6 +555,7 @@ options_struct! {
 
 options_struct! {
     /// `dma-stream`'s options.
+    #[derive(Default)]
     DmaStreamOptions {
         /// The function's BDF.
         bdf: opt String = "bdf",
@@ -600,6 +606,7 @@ options_struct! {
 
 options_struct! {
     /// `dma-map-pages`'s options.
+    #[derive(Default)]
     DmaMapOptions {
         /// The function's BDF.
         bdf: opt String = "bdf",
@@ -713,6 +720,47 @@ impl Options {
     }
 }
 
+impl ResetOptions {
+    /// `--method method` and nothing else (every other option at its default).
+    pub fn new(method: ResetMethod) -> ResetOptions {
+        ResetOptions {
+            bdf: None,
+            method,
+            dirty: None,
+            expect: None,
+            offered: None,
+            absent: None,
+            min_ms: None,
+            errno: None,
+            kmsg: None,
+        }
+    }
+}
+
+impl UserptrOptions {
+    /// `--bdf bdf --mode mode` and nothing else.
+    pub fn new(bdf: &str, mode: UserptrMode) -> UserptrOptions {
+        UserptrOptions {
+            bdf: bdf.to_string(),
+            mode,
+            unmap: None,
+            mib: None,
+            repeat: None,
+            lenient: None,
+        }
+    }
+}
+
+impl E1Options {
+    /// The function at `bdf`, the expectation left to the lab.
+    pub fn at(bdf: &str) -> E1Options {
+        E1Options {
+            bdf: Some(bdf.to_string()),
+            ..E1Options::default()
+        }
+    }
+}
+
 impl SelectOptions {
     /// The function at `bdf`.
     pub fn at(bdf: &str) -> SelectOptions {
@@ -765,7 +813,9 @@ mod tests {
     /// each with only the required ones.
     fn samples() -> Vec<Options> {
         vec![
-            Options::Agent(AgentOptions { port: s("/dev/ttyS1") }),
+            Options::Agent(AgentOptions {
+                port: s("/dev/ttyS1"),
+            }),
             Options::Agent(AgentOptions { port: None }),
             Options::E1(E1Options {
                 expect: Some(serde_json::json!({"vendor_id": 4660, "bars": [{"index": 0}]})),
@@ -975,7 +1025,10 @@ mod tests {
             Ok(g)
         );
         assert_eq!(
-            Options::parse(Program::MmTeardownWorker, &["--role", "opener", "--case", "exit", "--iova", "0x40000000"]),
+            Options::parse(
+                Program::MmTeardownWorker,
+                &["--role", "opener", "--case", "exit", "--iova", "0x40000000"]
+            ),
             Ok(Options::MmTeardownWorker(MmWorkerOptions {
                 role: MmRole::Opener,
                 case: MmCase::Exit,
@@ -1003,10 +1056,7 @@ mod tests {
             "e3: unknown option --irqs (it takes: --vectors --irq --bdf)"
         );
         let e = Options::parse(Program::E3, &["--irq", "msx"]).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "e3: --irq: \"msx\" is not one of msix, msi"
-        );
+        assert_eq!(e.to_string(), "e3: --irq: \"msx\" is not one of msix, msi");
         assert_eq!(
             Options::parse(Program::Reset, &["--bdf", "x"]),
             Err(WireError::MissingOption {
@@ -1025,7 +1075,10 @@ mod tests {
             "dma-map-pages: --mib: \"lots\" is not a number"
         );
         assert_eq!(
-            bad(Program::ResetHot, &["--bdf", "a", "--peer", "b", "--peer-vendor", "0x12345"]),
+            bad(
+                Program::ResetHot,
+                &["--bdf", "a", "--peer", "b", "--peer-vendor", "0x12345"]
+            ),
             "reset-hot: --peer-vendor: \"0x12345\" is out of range"
         );
         assert_eq!(

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use pcisim_guest_wire::{DeviceIds, GuestProgram as Invocation, Program as GuestProgram};
+use pcisim_guest_wire::{DeviceIds, GuestProgram as Invocation, Options, Program as GuestProgram};
 use pcisim_journal::ViolationKind;
 
 use crate::harness::dmesg::KernelReport;
@@ -31,16 +31,23 @@ pub enum Program {
     Host(crate::harness::host::HostProgram),
 }
 
-/// The invocation of guest `program` against `device`: its ids as `--vendor`/`--device`, and
-/// for E1 its description as `--expect`.
-pub fn invocation(program: GuestProgram, device: &DescribedDevice) -> Invocation {
+/// The invocation of a guest program with `options` against `device`: its ids as
+/// `--vendor`/`--device` for the programs that take them, and for E1 (unless the options
+/// already say) its description as `--expect`.
+pub fn invocation(mut options: Options, device: &DescribedDevice) -> Invocation {
     let d = &device.description;
-    let inv = Invocation::new(program).device(DeviceIds {
-        vendor: d.vendor_id,
-        device: d.device_id,
-    });
-    if program == GuestProgram::E1 {
-        inv.expect(d.raw.clone())
+    if let Options::E1(o) = &mut options {
+        if o.expect.is_none() && o.expect_file.is_none() {
+            o.expect = Some(d.raw.clone());
+        }
+    }
+    let takes_device = options.program().takes_device();
+    let inv = Invocation::new(options);
+    if takes_device {
+        inv.device(DeviceIds {
+            vendor: d.vendor_id,
+            device: d.device_id,
+        })
     } else {
         inv
     }
@@ -146,7 +153,15 @@ impl Scenario {
     /// decides what runs in the guest: its argv is the bare program name, never run).
     pub fn argv(&self, device: &DescribedDevice) -> Vec<String> {
         match self.program {
-            Program::Guest(p) => invocation(p, device).to_argv(),
+            // A catalogue guest program runs with no options (a unit test holds every entry to
+            // a program that can); one that cannot gets its bare name and refuses it itself.
+            Program::Guest(p) => match Options::bare(p) {
+                Ok(o) => invocation(o, device).to_argv(),
+                Err(e) => {
+                    log::error!("{}: {e}", self.id);
+                    vec![GUEST_BIN_PATH.to_string(), p.name().to_string()]
+                }
+            },
             Program::Host(h) => vec![GUEST_BIN_PATH.to_string(), h.name.to_string()],
         }
     }

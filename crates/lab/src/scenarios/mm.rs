@@ -26,7 +26,7 @@ use pcisim_journal::{Dir, Event, Record, Refusal, RingErrorCode};
 use crate::harness::host::reset_kinds;
 use crate::harness::host::{HostCtx, HostError, HostProgram};
 use crate::vm::profile::ProfileId;
-use pcisim_guest_wire::Program as GuestProgram;
+use pcisim_guest_wire::{MmCase, MmTeardownOptions};
 
 /// The base of the guest program's IOVA layout (`--iova`).
 pub const IOVA: u64 = 0x5000_0000;
@@ -68,13 +68,13 @@ pub enum Case {
 
 impl Case {
     /// The guest program's `--case`.
-    pub fn arg(self) -> &'static str {
+    pub fn arg(self) -> MmCase {
         match self {
-            Case::Exit => "exit",
-            Case::Kill => "kill",
-            Case::Fork => "fork",
-            Case::Pass => "pass",
-            Case::BarMmap => "bar-mmap",
+            Case::Exit => MmCase::Exit,
+            Case::Kill => MmCase::Kill,
+            Case::Fork => MmCase::Fork,
+            Case::Pass => MmCase::Pass,
+            Case::BarMmap => MmCase::BarMmap,
         }
     }
 
@@ -154,18 +154,13 @@ fn run_case(ctx: &mut HostCtx<'_>, case: Case) -> Result<(), HostError> {
     let bdf = ctx.bdf_of(dev)?;
     let mark = ctx.control().last_seq(dev)?;
     let argv = ctx.guest_argv(
-        GuestProgram::MmTeardown,
         dev,
-        &[
-            "--bdf",
-            &bdf,
-            "--case",
-            case.arg(),
-            "--iova",
-            &format!("{IOVA:#x}"),
-            "--buf-kib",
-            &(BUF_LEN >> 10).to_string(),
-        ],
+        MmTeardownOptions {
+            case: case.arg(),
+            bdf: Some(bdf.clone()),
+            iova: Some(IOVA),
+            buf_kib: Some(BUF_LEN >> 10),
+        },
     )?;
     ctx.guest_test(&format!("guest: {}", case.what()), &argv)?;
     // An incomplete window (records dropped before they were read) ends the scenario with

@@ -602,6 +602,25 @@ mod tests {
         assert!(all.iter().any(|s| s.profile == ProfileId::NpuSva));
     }
 
+    /// A guest-program entry runs its program with no options: each one's program can (its
+    /// typed options have no required one), so its command line is never a refused one.
+    #[test]
+    fn test_guest_entries_run_with_bare_options() {
+        let mut guest = 0;
+        for s in catalogue() {
+            if let Program::Guest(p) = s.program {
+                guest += 1;
+                assert!(
+                    pcisim_guest_wire::Options::bare(p).is_ok(),
+                    "{}: {p} cannot run without options",
+                    s.id
+                );
+            }
+        }
+        assert_eq!(guest, 5);
+        assert!(pcisim_guest_wire::Options::bare(Guest::Reset).is_err());
+    }
+
     #[test]
     fn test_plan_one_vm_per_profile_in_order_of_first_need() {
         let all = catalogue();

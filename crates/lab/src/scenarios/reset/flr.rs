@@ -6,11 +6,7 @@ pub(super) fn r1_flr(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let dev = "gpu0";
     let bdf = ctx.bdf_of(dev)?;
 
-    let argv = ctx.guest_argv(
-        GuestProgram::Reset,
-        dev,
-        &["--bdf", &bdf, "--method", "flr"],
-    )?;
+    let argv = ctx.guest_argv(dev, reset_at(&bdf, ResetMethod::Flr))?;
     reset_step(
         ctx,
         dev,
@@ -21,9 +17,12 @@ pub(super) fn r1_flr(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     )?;
 
     let argv = ctx.guest_argv(
-        GuestProgram::ResetVfio,
         dev,
-        &["--bdf", &bdf, "--op", "sysfs-flr", "--ring", "on"],
+        ResetVfioOptions {
+            bdf: Some(bdf.clone()),
+            op: VfioResetOp::SysfsFlr,
+            ring: Some(OnOff::On),
+        },
     )?;
     let (w, marked) = marked_step(
         ctx,
@@ -90,16 +89,19 @@ pub(super) fn ring_refused(e: &Event) -> bool {
 /// failed check says so).
 fn flr_with_dma_step(
     ctx: &mut HostCtx<'_>,
-    mode: &str,
+    mode: ResetDmaMode,
     name: &str,
     kinds_what: &str,
 ) -> Result<Option<Vec<Record>>, HostError> {
     let dev = "gpu0";
     let bdf = ctx.bdf_of(dev)?;
     let argv = ctx.guest_argv(
-        GuestProgram::ResetDma,
         dev,
-        &["--bdf", &bdf, "--mode", mode],
+        ResetDmaOptions {
+            bdf: Some(bdf),
+            mode,
+            len: None,
+        },
     )?;
     let what = format!("{dev}: the reset between the marker interrupts");
     let (_, marked) = marked_step(ctx, dev, name, &argv, &what)?;
@@ -113,7 +115,7 @@ pub(super) fn r2_flr_with_dma(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let dev = "gpu0";
     let Some(b) = flr_with_dma_step(
         ctx,
-        "correct",
+        ResetDmaMode::Correct,
         &format!("{dev}: FILL running, Transactions Pending seen, VFIO_DEVICE_RESET"),
         &format!("{dev} FLR with DMA in flight"),
     )?
@@ -155,7 +157,7 @@ pub(super) fn r2b_flr_dma_buggy_driver(ctx: &mut HostCtx<'_>) -> Result<(), Host
     let dev = "gpu0";
     let Some(b) = flr_with_dma_step(
         ctx,
-        "buggy",
+        ResetDmaMode::Buggy,
         &format!("{dev}: FILL running, the program writes Initiate FLR itself (driver bug)"),
         &format!("{dev} raw FLR"),
     )?

@@ -25,7 +25,10 @@ use crate::harness::host::{
 use crate::vm::agent::RunOutput;
 use crate::vm::profile::{DeviceKind, ProfileId};
 use crate::vm::qmp::PciDeviceInfo;
-use pcisim_guest_wire::Program as GuestProgram;
+use pcisim_guest_wire::{
+    E1Options, NpuPeerOptions, OnOff, ResetDmaMode, ResetDmaOptions, ResetExpect, ResetHotOptions,
+    ResetMethod, ResetOptions, ResetVfioOptions, VfioResetOp, YesNo,
+};
 
 mod aer;
 mod flr;
@@ -233,6 +236,14 @@ fn describe_kinds(kinds: &[ResetKind]) -> String {
     } else {
         let list: Vec<String> = kinds.iter().map(|k| format!("kind={k}")).collect();
         format!("reset_begin/reset_end {}", list.join(", "))
+    }
+}
+
+/// `reset --bdf bdf --method method`, every other option at its default.
+fn reset_at(bdf: &str, method: ResetMethod) -> ResetOptions {
+    ResetOptions {
+        bdf: Some(bdf.to_string()),
+        ..ResetOptions::new(method)
     }
 }
 
