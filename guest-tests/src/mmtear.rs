@@ -45,9 +45,7 @@ use crate::vdev::{self, Binding, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_ME
 use crate::vfio::{
     self, ioctl_ptr, ioctl_val, open_rw, DeviceInfo, DmaMap, DmaUnmap, GroupStatus, RegionInfo,
 };
-use pcisim_guest_wire::{
-    DeviceIds, MmCase, MmRole, MmTeardownOptions, MmWorkerOptions, Program, Word,
-};
+use pcisim_guest_wire::{DeviceIds, MmRole, MmTeardownOptions, MmWorkerOptions, Program, Word};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -89,96 +87,55 @@ const HOLD: Duration = Duration::from_millis(400);
 /// How long any one step may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The five cases.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Case {
-    Exit,
-    Kill,
-    Fork,
-    Pass,
-    BarMmap,
-}
+/// The five cases: the `--case` value (guest-wire's, shared with the lab).
+use pcisim_guest_wire::MmCase as Case;
 
-impl Case {
-    /// The case `--case` names.
-    fn of(c: MmCase) -> Case {
-        match c {
-            MmCase::Exit => Case::Exit,
-            MmCase::Kill => Case::Kill,
-            MmCase::Fork => Case::Fork,
-            MmCase::Pass => Case::Pass,
-            MmCase::BarMmap => Case::BarMmap,
-        }
-    }
-
-    /// Its `--case` value.
-    fn wire(self) -> MmCase {
-        match self {
-            Case::Exit => MmCase::Exit,
-            Case::Kill => MmCase::Kill,
-            Case::Fork => MmCase::Fork,
-            Case::Pass => MmCase::Pass,
-            Case::BarMmap => MmCase::BarMmap,
-        }
-    }
-
-    fn arg(self) -> &'static str {
-        match self {
-            Case::Exit => "exit",
-            Case::Kill => "kill",
-            Case::Fork => "fork",
-            Case::Pass => "pass",
-            Case::BarMmap => "bar-mmap",
-        }
-    }
-
-    /// The KTAP tests the supervisor reports, in order.
-    fn tests(self) -> &'static [&'static str] {
-        match self {
-            Case::Exit => &[
-                "vfio-bind",
-                "opener-streams",
-                "exit-with-dma-running",
-                "released-before-waitpid",
-                "vfio-release",
-            ],
-            Case::Kill => &[
-                "vfio-bind",
-                "opener-streams",
-                "sigkill-with-dma-running",
-                "released-before-waitpid",
-                "vfio-release",
-            ],
-            Case::Fork => &[
-                "vfio-bind",
-                "opener-streams",
-                "child-takes-over",
-                "parent-exits-device-kept",
-                "dma-continues-for-child",
-                "child-exits",
-                "released-before-waitpid",
-                "vfio-release",
-            ],
-            Case::Pass => &[
-                "vfio-bind",
-                "opener-streams",
-                "fds-passed",
-                "opener-exits-device-kept",
-                "dma-continues-for-receiver",
-                "receiver-exits",
-                "released-before-waitpid",
-                "vfio-release",
-            ],
-            Case::BarMmap => &[
-                "vfio-bind",
-                "opener-streams",
-                "bar-mmap-outlives-fds",
-                "dma-continues-through-mapping",
-                "exit-with-mapping",
-                "released-before-waitpid",
-                "vfio-release",
-            ],
-        }
+/// The KTAP tests the supervisor reports for `case`, in order.
+fn tests(case: Case) -> &'static [&'static str] {
+    match case {
+        Case::Exit => &[
+            "vfio-bind",
+            "opener-streams",
+            "exit-with-dma-running",
+            "released-before-waitpid",
+            "vfio-release",
+        ],
+        Case::Kill => &[
+            "vfio-bind",
+            "opener-streams",
+            "sigkill-with-dma-running",
+            "released-before-waitpid",
+            "vfio-release",
+        ],
+        Case::Fork => &[
+            "vfio-bind",
+            "opener-streams",
+            "child-takes-over",
+            "parent-exits-device-kept",
+            "dma-continues-for-child",
+            "child-exits",
+            "released-before-waitpid",
+            "vfio-release",
+        ],
+        Case::Pass => &[
+            "vfio-bind",
+            "opener-streams",
+            "fds-passed",
+            "opener-exits-device-kept",
+            "dma-continues-for-receiver",
+            "receiver-exits",
+            "released-before-waitpid",
+            "vfio-release",
+        ],
+        Case::BarMmap => &[
+            "vfio-bind",
+            "opener-streams",
+            "bar-mmap-outlives-fds",
+            "dma-continues-through-mapping",
+            "exit-with-mapping",
+            "released-before-waitpid",
+            "vfio-release",
+        ],
     }
 }
 
@@ -866,7 +823,7 @@ pub fn worker(o: MmWorkerOptions) -> i32 {
         Ok((
             o.role.word().to_string(),
             WorkerCfg {
-                case: Case::of(o.case),
+                case: o.case,
                 bdf: o.bdf.unwrap_or_default(),
                 group: o.group.unwrap_or_default(),
                 layout,
@@ -1415,7 +1372,7 @@ impl Super<'_> {
         let mut c = Command::new(exe);
         let worker = MmWorkerOptions {
             role: MmRole::from_word(role)?,
-            case: self.case.wire(),
+            case: self.case,
             bdf: Some(self.func.bdf.clone()),
             group: Some(self.group.clone()),
             iova: self.layout.base,
@@ -1494,7 +1451,7 @@ fn group_busy(group: &str) -> Result<bool, String> {
 /// `pcisim-guest mm-teardown --vendor V --device D --case C [--bdf BDF] [--iova A] [--buf-kib N]`
 pub fn run(ids: DeviceIds, o: MmTeardownOptions) -> i32 {
     let prepared = (|| -> Result<_, String> {
-        let case = Case::of(o.case);
+        let case = o.case;
         let layout = Layout {
             base: o.iova.unwrap_or(DEFAULT_IOVA),
             buf_len: buf_len(o.buf_kib)?,
@@ -1509,7 +1466,7 @@ pub fn run(ids: DeviceIds, o: MmTeardownOptions) -> i32 {
         Ok(p) => p,
         Err(e) => return setup_failure(&e),
     };
-    let names = case.tests();
+    let names = tests(case);
     let mut steps = Steps {
         k: Ktap::new(names.len()),
         names,
@@ -1518,7 +1475,7 @@ pub fn run(ids: DeviceIds, o: MmTeardownOptions) -> i32 {
     };
     steps.k.diag(&format!(
         "mm teardown ({}) on {}: ring 0x{:x}, buffer 0x{:x}+0x{:x}, markers at 0x{:x}",
-        case.arg(),
+        case.word(),
         func.bdf,
         layout.ring(),
         layout.buf(),
@@ -1841,9 +1798,7 @@ mod tests {
             Case::Pass,
             Case::BarMmap,
         ] {
-            assert_eq!(Case::of(c.wire()), c);
-            assert_eq!(c.wire().word(), c.arg());
-            let t = c.tests();
+            let t = tests(c);
             assert_eq!(t.first(), Some(&"vfio-bind"));
             assert_eq!(t.last(), Some(&"vfio-release"));
             assert!(t.contains(&"released-before-waitpid"));
