@@ -175,6 +175,41 @@ mod tests {
         }
     }
 
+    /// Each program's usage lists exactly the options its typed struct takes (and the ids
+    /// where it takes them): the text cannot drift from guest-wire's options.
+    #[test]
+    fn usage_lists_each_programs_options() {
+        for p in Program::ALL {
+            if *p == Program::MmTeardownWorker {
+                continue;
+            }
+            // Its section: its line (two spaces, then the name) and the indented lines after it.
+            let mut lines = USAGE
+                .lines()
+                .skip_while(|l| !l.starts_with(&format!("  {} ", p.name())));
+            let first = lines
+                .next()
+                .unwrap_or_else(|| panic!("{p} missing from USAGE"));
+            let usage_of: String = std::iter::once(first)
+                .chain(lines.take_while(|l| l.starts_with("   ")))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let mut flags: Vec<&str> = usage_of
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                .filter_map(|w| w.strip_prefix("--"))
+                .filter(|f| !f.is_empty())
+                .collect();
+            flags.sort_unstable();
+            flags.dedup();
+            let mut want: Vec<&str> = Options::flags(*p).to_vec();
+            if p.takes_device() {
+                want.extend(["vendor", "device"]);
+            }
+            want.sort_unstable();
+            assert_eq!(flags, want, "{p}: {usage_of}");
+        }
+    }
+
     /// E1's expectation and the decoded view are the shared description type's shape: what the
     /// lab checks before boot (`pcisim_guest_wire::DeviceDescription`) is what E1 parses.
     #[test]
