@@ -411,6 +411,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R12 aer-recovery",
             timeout: Duration::from_secs(180),
             program: Program::Host(reset::R12),
+            profile: ProfileId::GpuUserptr,
             ..Scenario::NO_XFAIL
         },
         Scenario {
