@@ -507,15 +507,8 @@ fn dispatch(w: &Writer, line: &[u8]) {
 }
 
 /// `agent [--port PATH]`
-pub fn run(argv: &[String]) -> i32 {
-    let args = match crate::args::Args::parse(argv, &["port"]) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("pcisim-guest agent: {e}");
-            return 2;
-        }
-    };
-    let port = args.get("port").unwrap_or(DEFAULT_PORT);
+pub fn run(o: pcisim_guest_wire::AgentOptions) -> i32 {
+    let port = o.port.as_deref().unwrap_or(DEFAULT_PORT);
     let is_init = std::process::id() == 1;
     if is_init {
         if let Err(e) = std::thread::Builder::new()

@@ -14,7 +14,6 @@
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
-use crate::args::Args;
 use crate::e1::setup_failure;
 use crate::gpu::{self, encode_cmd};
 use crate::ktap::{Ktap, Outcome};
@@ -23,6 +22,7 @@ use crate::ringdrv::RingDrv;
 use crate::vdev::{
     bind, enable_command, open_vfio, poll_reg, read_u64_reg, release, Binding, DmaBuffer,
 };
+use pcisim_guest_wire::{DeviceIds, DmaMapOptions};
 
 const SHMEM_THP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
 const RING_IOVA: u64 = 0x1000_0000;
@@ -98,20 +98,14 @@ const SUBTESTS: &[&str] = &[
     "release the device",
 ];
 
-pub fn run(argv: &[String]) -> i32 {
+pub fn run(ids: DeviceIds, o: DmaMapOptions) -> i32 {
     let parsed = (|| -> Result<_, String> {
-        let args = Args::parse(argv, &["vendor", "device", "bdf", "mib"])?;
-        let vendor = args.id16("vendor")?;
-        let device = args.id16("device")?;
-        let mib: usize = args
-            .get("mib")
-            .unwrap_or("1024")
-            .parse()
-            .map_err(|e| format!("--mib: {e}"))?;
+        let mib =
+            usize::try_from(o.mib.unwrap_or(1024)).map_err(|_| "--mib: too large".to_string())?;
         if mib == 0 {
             return Err("--mib must be at least 1".into());
         }
-        let (func, _) = pci::select_function(vendor, device, args.get("bdf"))?;
+        let (func, _) = pci::select_function(ids.vendor, ids.device, o.bdf.as_deref())?;
         Ok((func, mib))
     })();
     let (func, mib) = match parsed {

@@ -19,7 +19,6 @@
 //! unmapped and released. The program never releases the device while the link is down: the
 //! kernel's reset on release would poll all-ones config space for a minute.
 
-use crate::args::Args;
 use crate::e1::setup_failure;
 use crate::e3::{self, IrqMode};
 use crate::e4::{gated, note_fail};
@@ -32,6 +31,7 @@ use crate::vdev::{
     self, bind, enable_command, open_vfio, read_reg, release, write_reg, Binding, DmaBuffer, Vfio,
     PCI_COMMAND,
 };
+use pcisim_guest_wire::{DeviceIds, DmaStreamOptions};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::time::{Duration, Instant};
@@ -102,37 +102,16 @@ struct Opts {
     down_wait: Duration,
 }
 
-fn parse(argv: &[String]) -> Result<Opts, String> {
-    let args = Args::parse(
-        argv,
-        &[
-            "vendor",
-            "device",
-            "bdf",
-            "irq",
-            "ready-file",
-            "down-file",
-            "stream-s",
-            "down-wait-s",
-        ],
-    )?;
-    let vendor = args.id16("vendor")?;
-    let device = args.id16("device")?;
-    let (func, note) = pci::select_function(vendor, device, args.get("bdf"))?;
-    let secs = |name: &str, default: u64| -> Result<Duration, String> {
-        Ok(Duration::from_secs(match args.get(name) {
-            Some(s) => pci::parse_number(s)?,
-            None => default,
-        }))
-    };
+fn parse(ids: DeviceIds, o: DmaStreamOptions) -> Result<Opts, String> {
+    let (func, note) = pci::select_function(ids.vendor, ids.device, o.bdf.as_deref())?;
     Ok(Opts {
         func,
         note,
-        mode: IrqMode::parse(args.get("irq").unwrap_or("msi"))?,
-        ready_file: args.get("ready-file").map(str::to_string),
-        down_file: args.get("down-file").map(str::to_string),
-        stream_for: secs("stream-s", 60)?,
-        down_wait: secs("down-wait-s", 30)?,
+        mode: IrqMode::of(o.irq.unwrap_or(pcisim_guest_wire::IrqMode::Msi)),
+        ready_file: o.ready_file,
+        down_file: o.down_file,
+        stream_for: Duration::from_secs(o.stream_s.unwrap_or(60)),
+        down_wait: Duration::from_secs(o.down_wait_s.unwrap_or(30)),
     })
 }
 
@@ -425,8 +404,8 @@ fn check_recovers(v: &Vfio, b: &mut Bufs, irqs: &mut Irqs, k: &mut Ktap) -> Resu
     Ok(())
 }
 
-pub fn run(argv: &[String]) -> i32 {
-    let opts = match parse(argv) {
+pub fn run(ids: DeviceIds, o: DmaStreamOptions) -> i32 {
+    let opts = match parse(ids, o) {
         Ok(o) => o,
         Err(e) => return setup_failure(&e),
     };

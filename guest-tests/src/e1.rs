@@ -1,9 +1,10 @@
 //! E1: IDs, class, BARs and capabilities as the guest sees them, compared with
 //! what the device advertises (`pcisim describe` output given as `--expect`).
 
-use crate::args::Args;
 use crate::ktap::{Ktap, Outcome};
 use crate::pci::{self, Bar, Cap, DeviceView, ExtCap};
+use pcisim_guest_wire::{DeviceIds, E1Options};
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 /// The expectation: the shared description type ([`pcisim_guest_wire::DeviceDescription`]).
@@ -70,6 +71,28 @@ fn fmt_ext_caps(c: &[ExtCap]) -> String {
     format!("[{}]", v.join(" "))
 }
 
+/// E1's subtests, in order: `ids`, `class`, one `barN` for every BAR either side has (or one
+/// `bars` where neither has any), `capabilities`, `ext_capabilities`.
+pub fn subtests(view: &DeviceView, exp: &Expect) -> Vec<Cow<'static, str>> {
+    let indices = bar_indices(view, exp);
+    let mut names: Vec<Cow<'static, str>> = vec!["ids".into(), "class".into()];
+    if indices.is_empty() {
+        names.push("bars".into());
+    }
+    names.extend(indices.iter().map(|i| Cow::Owned(format!("bar{i}"))));
+    names.extend(["capabilities".into(), "ext_capabilities".into()]);
+    names
+}
+
+/// The BAR numbers either side has, in order.
+fn bar_indices(view: &DeviceView, exp: &Expect) -> BTreeSet<u32> {
+    exp.bars
+        .iter()
+        .chain(view.bars.iter())
+        .map(|b| b.index)
+        .collect()
+}
+
 /// Compares a decoded view with the expectation; `cap_err`/`ext_err` are walk
 /// errors, which fail the corresponding list.
 pub fn compare(
@@ -109,11 +132,7 @@ pub fn compare(
     );
 
     let bars = &exp.bars;
-    let indices: BTreeSet<u32> = bars
-        .iter()
-        .chain(view.bars.iter())
-        .map(|b| b.index)
-        .collect();
+    let indices = bar_indices(view, exp);
     if indices.is_empty() {
         // Neither side has a BAR: still one asserted result.
         push("bars".into(), Outcome::Pass);
@@ -159,18 +178,16 @@ pub fn compare(
     out
 }
 
+/// A program that could not set up reports one failed `setup` subtest (its whole plan).
 pub fn setup_failure(reason: &str) -> i32 {
-    let mut k = Ktap::new(1);
+    let mut k = Ktap::declared(&["setup"]);
     k.result("setup", Outcome::Fail(reason.to_string()));
     k.finish()
 }
 
-pub fn run(argv: &[String]) -> i32 {
+pub fn run(ids: DeviceIds, o: E1Options) -> i32 {
     let prepared = (|| -> Result<_, String> {
-        let args = Args::parse(argv, &["vendor", "device", "expect", "expect-file", "bdf"])?;
-        let vendor = args.id16("vendor")?;
-        let device = args.id16("device")?;
-        let expect_text = match (args.get("expect"), args.get("expect-file")) {
+        let expect_text = match (&o.expect, &o.expect_file) {
             (Some(j), None) => j.to_string(),
             (None, Some(p)) => {
                 std::fs::read_to_string(p).map_err(|e| format!("read --expect-file {p}: {e}"))?
@@ -178,7 +195,7 @@ pub fn run(argv: &[String]) -> i32 {
             _ => return Err("give exactly one of --expect JSON or --expect-file PATH".into()),
         };
         let expect = parse_expect(&expect_text)?;
-        let (func, note) = pci::select_function(vendor, device, args.get("bdf"))?;
+        let (func, note) = pci::select_function(ids.vendor, ids.device, o.bdf.as_deref())?;
         let cfg_path = func.attr("config");
         let cfg =
             std::fs::read(&cfg_path).map_err(|e| format!("read {}: {e}", cfg_path.display()))?;
@@ -192,7 +209,7 @@ pub fn run(argv: &[String]) -> i32 {
     };
 
     let checks = compare(&view, cap_err.as_deref(), ext_err.as_deref(), &expect);
-    let mut k = Ktap::new(checks.len());
+    let mut k = Ktap::declared_names(subtests(&view, &expect));
     k.diag(&format!("E1 enumeration of {}", func.bdf));
     if let Some(n) = note {
         k.diag(&n);
@@ -401,5 +418,33 @@ mod tests {
             ["ids", "class", "bars", "capabilities", "ext_capabilities"]
         );
         assert!(c.iter().all(|c| c.outcome == Outcome::Pass), "{c:?}");
+    }
+
+    /// The declared subtests are what `compare` reports, in order, for BARs on both sides, on
+    /// one side only (a missing or an extra BAR) and on neither.
+    #[test]
+    fn declared_subtests_are_the_compared_names() {
+        let e = parse_expect(EXPECT).unwrap();
+        let mut no_bars = parse_expect(EXPECT).unwrap();
+        no_bars.bars.clear();
+        let mut bare = view();
+        bare.bars.clear();
+        let mut extra = view();
+        extra.bars.push(Bar {
+            index: 4,
+            size: 4096,
+            mem64: false,
+            prefetchable: false,
+        });
+        for (v, x) in [
+            (view(), &e),
+            (bare.clone(), &e),
+            (view(), &no_bars),
+            (bare, &no_bars),
+            (extra, &e),
+        ] {
+            let declared: Vec<String> = subtests(&v, x).iter().map(|c| c.to_string()).collect();
+            assert_eq!(declared, names(&compare(&v, None, None, x)));
+        }
     }
 }

@@ -1,12 +1,12 @@
 //! E2: BAR MMIO from the guest with no kernel driver bound: registers through
 //! the sysfs `resource0` mapping, VRAM through `resource2`.
 
-use crate::args::Args;
 use crate::e1::setup_failure;
 use crate::gpu::{self, SplitMix64};
 use crate::ktap::Ktap;
 use crate::mmio::Mapping;
 use crate::pci::{self, Function};
+use pcisim_guest_wire::{DeviceIds, SelectOptions};
 
 /// A window of VRAM: `(offset, length)`.
 pub type Window = (u64, u64);
@@ -321,12 +321,9 @@ const SUBTESTS: &[&str] = &[
     "vram-bad-command",
 ];
 
-pub fn run(argv: &[String]) -> i32 {
+pub fn run(ids: DeviceIds, o: SelectOptions) -> i32 {
     let prepared = (|| -> Result<_, String> {
-        let args = Args::parse(argv, &["vendor", "device", "bdf"])?;
-        let vendor = args.id16("vendor")?;
-        let device = args.id16("device")?;
-        let (func, note) = pci::select_function(vendor, device, args.get("bdf"))?;
+        let (func, note) = pci::select_function(ids.vendor, ids.device, o.bdf.as_deref())?;
         let (gpu, was_enabled) = setup(&func)?;
         Ok((func, note, gpu, was_enabled))
     })();

@@ -3,7 +3,6 @@
 //! MSI (`VFIO_PCI_MSI_IRQ_INDEX`), for a function that has an MSI capability instead of MSI-X
 //! (the GPU with `irq=msi`, which hot-plug scenarios use).
 
-use crate::args::{self, Args};
 use crate::e1::setup_failure;
 use crate::gpu;
 use crate::ktap::{Ktap, Outcome};
@@ -11,6 +10,8 @@ use crate::pci;
 use crate::sys;
 use crate::vdev::{self, bind, enable_command, open_vfio, release, Binding, Vfio};
 use crate::vfio;
+use pcisim_guest_wire::{DeviceIds, E3Options};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
@@ -33,11 +34,11 @@ pub enum IrqMode {
 }
 
 impl IrqMode {
-    pub fn parse(s: &str) -> Result<IrqMode, String> {
-        match s {
-            "msix" => Ok(IrqMode::Msix),
-            "msi" => Ok(IrqMode::Msi),
-            _ => Err(format!("--irq {s:?}: msix or msi")),
+    /// The mode an `--irq` option names.
+    pub fn of(w: pcisim_guest_wire::IrqMode) -> IrqMode {
+        match w {
+            pcisim_guest_wire::IrqMode::Msix => IrqMode::Msix,
+            pcisim_guest_wire::IrqMode::Msi => IrqMode::Msi,
         }
     }
 
@@ -367,14 +368,46 @@ fn check_proc_interrupts(
     }
 }
 
-pub fn run(argv: &[String]) -> i32 {
+/// E3's subtests, in order: `vfio-bind vfio-open command-enable {msix,msi}-enable`, one
+/// `{msix,msi}-vector-N` per vector, `proc-interrupts {msix,msi}-quiet vfio-release`.
+fn subtests(mode: IrqMode, vectors: &[u32]) -> Vec<Cow<'static, str>> {
+    let p = mode.prefix();
+    let mut names: Vec<Cow<'static, str>> = vec![
+        "vfio-bind".into(),
+        "vfio-open".into(),
+        "command-enable".into(),
+        format!("{p}-enable").into(),
+    ];
+    names.extend(
+        vectors
+            .iter()
+            .map(|v| Cow::Owned(format!("{p}-vector-{v}"))),
+    );
+    names.extend([
+        "proc-interrupts".into(),
+        format!("{p}-quiet").into(),
+        "vfio-release".into(),
+    ]);
+    names
+}
+
+/// The vectors to ring: `--vectors` (default 0, 1, 5), not empty, none twice.
+fn vectors(given: Option<Vec<u32>>) -> Result<Vec<u32>, String> {
+    let v = given.unwrap_or_else(|| vec![0, 1, 5]);
+    if v.is_empty() {
+        return Err("empty vector list".into());
+    }
+    if let Some(d) = v.iter().enumerate().find(|(i, x)| v[..*i].contains(x)) {
+        return Err(format!("vector {} listed twice", d.1));
+    }
+    Ok(v)
+}
+
+pub fn run(ids: DeviceIds, o: E3Options) -> i32 {
     let prepared = (|| -> Result<_, String> {
-        let args = Args::parse(argv, &["vendor", "device", "vectors", "bdf", "irq"])?;
-        let vendor = args.id16("vendor")?;
-        let device = args.id16("device")?;
-        let vectors = args::parse_vectors(args.get("vectors").unwrap_or("0,1,5"))?;
-        let mode = IrqMode::parse(args.get("irq").unwrap_or("msix"))?;
-        let (func, note) = pci::select_function(vendor, device, args.get("bdf"))?;
+        let vectors = vectors(o.vectors)?;
+        let mode = IrqMode::of(o.irq.unwrap_or(pcisim_guest_wire::IrqMode::Msix));
+        let (func, note) = pci::select_function(ids.vendor, ids.device, o.bdf.as_deref())?;
         Ok((func, note, vectors, mode))
     })();
     let (func, note, vectors, mode) = match prepared {
@@ -383,9 +416,7 @@ pub fn run(argv: &[String]) -> i32 {
     };
     let p = mode.prefix();
 
-    // vfio-bind vfio-open command-enable {msix,msi}-enable, one per vector,
-    // proc-interrupts {msix,msi}-quiet vfio-release.
-    let mut k = Ktap::new(4 + vectors.len() + 3);
+    let mut k = Ktap::declared_names(subtests(mode, &vectors));
     k.diag(&format!(
         "E3 {} through guest vfio-pci on {}, vectors {:?}",
         match mode {
@@ -526,6 +557,39 @@ pub fn run(argv: &[String]) -> i32 {
 mod tests {
     use super::*;
 
+    #[test]
+    fn vector_lists() {
+        assert_eq!(vectors(None).unwrap(), vec![0, 1, 5]);
+        assert_eq!(vectors(Some(vec![3])).unwrap(), vec![3]);
+        assert!(vectors(Some(vec![])).is_err());
+        assert!(vectors(Some(vec![1, 2, 1])).is_err());
+    }
+
+    #[test]
+    fn declared_subtests_follow_mode_and_vectors() {
+        let names: Vec<String> = subtests(IrqMode::Msi, &[0, 1, 5])
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "vfio-bind",
+                "vfio-open",
+                "command-enable",
+                "msi-enable",
+                "msi-vector-0",
+                "msi-vector-1",
+                "msi-vector-5",
+                "proc-interrupts",
+                "msi-quiet",
+                "vfio-release"
+            ]
+        );
+        assert_eq!(subtests(IrqMode::Msix, &[2]).len(), 8);
+        assert_eq!(subtests(IrqMode::Msix, &[2])[4], "msix-vector-2");
+    }
+
     const PROC: &str = "\
             CPU0       CPU1
    0:         36          0   IO-APIC   2-edge      timer
@@ -582,9 +646,8 @@ mod tests {
         // Enable, 64-bit, per-vector masking, MMC 16, MME 1 vector / 16 vectors.
         assert_eq!(msi_mme(0x0189), 0);
         assert_eq!(msi_mme(0x01c9), 4);
-        assert_eq!(IrqMode::parse("msi"), Ok(IrqMode::Msi));
-        assert_eq!(IrqMode::parse("msix"), Ok(IrqMode::Msix));
-        assert!(IrqMode::parse("intx").is_err());
+        assert_eq!(IrqMode::of(pcisim_guest_wire::IrqMode::Msi), IrqMode::Msi);
+        assert_eq!(IrqMode::of(pcisim_guest_wire::IrqMode::Msix), IrqMode::Msix);
         assert_eq!(IrqMode::Msi.index(), 1);
         assert_eq!(IrqMode::Msix.index(), vfio::VFIO_PCI_MSIX_IRQ_INDEX);
     }

@@ -2,7 +2,6 @@
 //! command stopping the ring — driven from a guest vfio userspace driver with buffers
 //! mapped through the (v)IOMMU.
 
-use crate::args::Args;
 use crate::e1::setup_failure;
 use crate::gpu::{self, encode_cmd, fill32, SplitMix64};
 use crate::ktap::{Ktap, Outcome};
@@ -12,6 +11,7 @@ use crate::vdev::{
     self, bind, enable_command, open_vfio, read_reg, read_u64_reg, release, wait_eventfd,
     write_reg, Binding, DmaBuffer, Vfio,
 };
+use pcisim_guest_wire::{DeviceIds, SelectOptions};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::time::{Duration, Instant};
@@ -451,13 +451,8 @@ pub fn gated(
     }
 }
 
-pub fn run(argv: &[String]) -> i32 {
-    let prepared = (|| -> Result<_, String> {
-        let args = Args::parse(argv, &["vendor", "device", "bdf"])?;
-        let vendor = args.id16("vendor")?;
-        let device = args.id16("device")?;
-        pci::select_function(vendor, device, args.get("bdf"))
-    })();
+pub fn run(ids: DeviceIds, o: SelectOptions) -> i32 {
+    let prepared = pci::select_function(ids.vendor, ids.device, o.bdf.as_deref());
     let (func, note) = match prepared {
         Ok(p) => p,
         Err(e) => return setup_failure(&e),

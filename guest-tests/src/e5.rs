@@ -4,7 +4,6 @@
 //! Bus Master set again the held-back error interrupt arrives, and after a ring reset the
 //! same FILL works.
 
-use crate::args::Args;
 use crate::e1::setup_failure;
 use crate::e4::{gated, note_fail, open_ring_device, Opened};
 use crate::gpu::{self, encode_cmd, fill32};
@@ -15,6 +14,7 @@ use crate::sys;
 use crate::vdev::{
     poll_reg, release, set_command, wait_eventfd, write_reg, DmaBuffer, Vfio, PCI_COMMAND_MASTER,
 };
+use pcisim_guest_wire::{DeviceIds, SelectOptions};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::time::{Duration, Instant};
@@ -220,13 +220,8 @@ fn works(
     }
 }
 
-pub fn run(argv: &[String]) -> i32 {
-    let prepared = (|| -> Result<_, String> {
-        let args = Args::parse(argv, &["vendor", "device", "bdf"])?;
-        let vendor = args.id16("vendor")?;
-        let device = args.id16("device")?;
-        pci::select_function(vendor, device, args.get("bdf"))
-    })();
+pub fn run(ids: DeviceIds, o: SelectOptions) -> i32 {
+    let prepared = pci::select_function(ids.vendor, ids.device, o.bdf.as_deref());
     match prepared {
         Ok((func, note)) => run_on(&func, note),
         Err(e) => setup_failure(&e),

@@ -8,6 +8,7 @@
 //! ok 3 bar0 # SKIP not in the expectation
 //! ```
 
+use std::borrow::Cow;
 use std::io::Write;
 
 /// kselftest exit code: every test passed.
@@ -101,7 +102,7 @@ pub struct Ktap {
     out: Vec<u8>,
     to_stdout: bool,
     /// The declared subtests (see [`Ktap::declared`]); empty for a plan counted by hand.
-    subtests: &'static [&'static str],
+    subtests: Vec<Cow<'static, str>>,
     /// Results reported under a name their declaration does not allow, as diagnostics.
     undeclared: Vec<String>,
 }
@@ -132,6 +133,11 @@ fn glob(pattern: &str, name: &str) -> bool {
     rest.len() >= last.len() && rest.ends_with(last)
 }
 
+/// `subtests` as the owned-or-borrowed list [`Ktap::declared_names`] takes.
+fn borrowed(subtests: &'static [&'static str]) -> Vec<Cow<'static, str>> {
+    subtests.iter().map(|s| Cow::Borrowed(*s)).collect()
+}
+
 impl Ktap {
     /// Starts a run of `planned` tests and prints the header.
     pub fn new(planned: usize) -> Self {
@@ -145,6 +151,13 @@ impl Ktap {
     /// under another name fails the run (a diagnostic says which), so the declaration cannot
     /// drift from what the program does.
     pub fn declared(subtests: &'static [&'static str]) -> Self {
+        Self::declared_names(borrowed(subtests))
+    }
+
+    /// [`Ktap::declared`] for a program whose subtests follow from its options (E3's one
+    /// subtest per vector, E1's one per BAR): the program lists them before it runs them, the
+    /// plan is their count and every result is checked against its entry in order.
+    pub fn declared_names(subtests: Vec<Cow<'static, str>>) -> Self {
         let mut k = Self::new(subtests.len());
         k.subtests = subtests;
         k
@@ -159,7 +172,7 @@ impl Ktap {
             skipped: 0,
             out: Vec::new(),
             to_stdout,
-            subtests: &[],
+            subtests: Vec::new(),
             undeclared: Vec::new(),
         };
         k.emit("KTAP version 1");
@@ -293,7 +306,7 @@ mod tests {
         assert_eq!(k.finish(), EXIT_PASS);
         // A result under a name its entry does not allow: the run fails, and says why.
         let mut k = Ktap::with_sink(SUBTESTS.len(), false);
-        k.subtests = SUBTESTS;
+        k.subtests = borrowed(SUBTESTS);
         k.result("bind", Outcome::Pass);
         k.result("reset", Outcome::Pass);
         k.result("open", Outcome::Pass);
@@ -303,7 +316,7 @@ mod tests {
         // One more result than declared.
         const ONE: &[&str] = &["a"];
         let mut k = Ktap::with_sink(ONE.len(), false);
-        k.subtests = ONE;
+        k.subtests = borrowed(ONE);
         k.result("a", Outcome::Pass);
         k.result("b", Outcome::Pass);
         assert!(k.undeclared[0].contains("beyond the 1 declared"));

@@ -5,7 +5,6 @@
 //! 1 fail, 4 skip). See README.md.
 
 mod agent;
-mod args;
 mod bario;
 mod dmamap;
 mod dmastream;
@@ -34,7 +33,7 @@ mod vdev;
 mod vfio;
 mod vfiouser;
 
-use pcisim_guest_wire::Program;
+use pcisim_guest_wire::{DeviceIds, GuestProgram, Options, Program};
 
 const USAGE: &str = "\
 usage: pcisim-guest <subcommand> [options]
@@ -88,29 +87,43 @@ usage: pcisim-guest <subcommand> [options]
       GPU write into the last page, and unmaps it
 ";
 
-/// Runs `program` (the names are [`pcisim_guest_wire::Program`]'s, shared with the lab; the
-/// match is exhaustive, so a program the lab can name is always dispatched).
-fn run(program: Program, rest: &[String]) -> i32 {
-    match program {
-        Program::Agent => agent::run(rest),
-        Program::E1 => e1::run(rest),
-        Program::E2 => e2::run(rest),
-        Program::E3 => e3::run(rest),
-        Program::E4 => e4::run(rest),
-        Program::E5 => e5::run(rest),
-        Program::Reset => reset::run(rest),
-        Program::ResetVfio => resetvfio::run(rest),
-        Program::ResetDma => resetdma::run(rest),
-        Program::ResetHot => resethot::run(rest),
-        Program::NpuPeer => npu::run(rest),
-        Program::VfioUser => vfiouser::run(rest),
-        Program::BarIo => bario::run(rest),
-        Program::DmaStream => dmastream::run(rest),
-        Program::MmTeardown => mmtear::run(rest),
-        Program::MmTeardownWorker => mmtear::worker(rest),
-        Program::DmaMapPages => dmamap::run(rest),
-        Program::Sva => sva::run(rest),
-        Program::Userptr => userptr::run(rest),
+/// Runs the invocation with its typed options ([`pcisim_guest_wire::Options`], shared with the
+/// lab, which builds them; the match is exhaustive, so a program the lab can name is always
+/// dispatched, and each program receives its own options struct).
+fn run(inv: GuestProgram) -> i32 {
+    let ids = inv.device;
+    match inv.options {
+        Options::Agent(o) => agent::run(o),
+        Options::E1(o) => with_ids(ids, |i| e1::run(i, o)),
+        Options::E2(o) => with_ids(ids, |i| e2::run(i, o)),
+        Options::E3(o) => with_ids(ids, |i| e3::run(i, o)),
+        Options::E4(o) => with_ids(ids, |i| e4::run(i, o)),
+        Options::E5(o) => with_ids(ids, |i| e5::run(i, o)),
+        Options::Reset(o) => with_ids(ids, |i| reset::run(i, o)),
+        Options::ResetVfio(o) => with_ids(ids, |i| resetvfio::run(i, o)),
+        Options::ResetDma(o) => with_ids(ids, |i| resetdma::run(i, o)),
+        Options::ResetHot(o) => with_ids(ids, |i| resethot::run(i, o)),
+        Options::NpuPeer(o) => with_ids(ids, |i| npu::run(i, o)),
+        Options::VfioUser(o) => with_ids(ids, |i| vfiouser::run(i, o)),
+        Options::BarIo(o) => bario::run(o),
+        Options::DmaStream(o) => with_ids(ids, |i| dmastream::run(i, o)),
+        Options::MmTeardown(o) => with_ids(ids, |i| mmtear::run(i, o)),
+        Options::MmTeardownWorker(o) => mmtear::worker(o),
+        Options::DmaMapPages(o) => with_ids(ids, |i| dmamap::run(i, o)),
+        Options::Sva(o) => sva::run(o),
+        Options::Userptr(o) => userptr::run(o),
+    }
+}
+
+/// Runs `f` with the ids (`GuestProgram::parse` requires them for the programs that take
+/// them, so a missing pair here is a usage error, never reached from a parsed command line).
+fn with_ids(ids: Option<DeviceIds>, f: impl FnOnce(DeviceIds) -> i32) -> i32 {
+    match ids {
+        Some(i) => f(i),
+        None => {
+            eprintln!("pcisim-guest: this program needs --vendor V --device D");
+            2
+        }
     }
 }
 
@@ -127,7 +140,13 @@ fn main() {
             0
         }
         name => match Program::from_name(name) {
-            Some(program) => run(program, rest),
+            Some(program) => match GuestProgram::parse_program(program, rest) {
+                Ok(inv) => run(inv),
+                Err(e) => {
+                    eprintln!("pcisim-guest: {e}");
+                    2
+                }
+            },
             None => {
                 eprintln!("pcisim-guest: unknown subcommand {name:?}\n{USAGE}");
                 2
@@ -153,6 +172,41 @@ mod tests {
                 "{} missing from USAGE",
                 p.name()
             );
+        }
+    }
+
+    /// Each program's usage lists exactly the options its typed struct takes (and the ids
+    /// where it takes them): the text cannot drift from guest-wire's options.
+    #[test]
+    fn usage_lists_each_programs_options() {
+        for p in Program::ALL {
+            if *p == Program::MmTeardownWorker {
+                continue;
+            }
+            // Its section: its line (two spaces, then the name) and the indented lines after it.
+            let mut lines = USAGE
+                .lines()
+                .skip_while(|l| !l.starts_with(&format!("  {} ", p.name())));
+            let first = lines
+                .next()
+                .unwrap_or_else(|| panic!("{p} missing from USAGE"));
+            let usage_of: String = std::iter::once(first)
+                .chain(lines.take_while(|l| l.starts_with("   ")))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let mut flags: Vec<&str> = usage_of
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                .filter_map(|w| w.strip_prefix("--"))
+                .filter(|f| !f.is_empty())
+                .collect();
+            flags.sort_unstable();
+            flags.dedup();
+            let mut want: Vec<&str> = Options::flags(*p).to_vec();
+            if p.takes_device() {
+                want.extend(["vendor", "device"]);
+            }
+            want.sort_unstable();
+            assert_eq!(flags, want, "{p}: {usage_of}");
         }
     }
 

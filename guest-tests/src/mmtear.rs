@@ -36,7 +36,6 @@
 //! Layout from `--iova BASE`: ring page at BASE, the buffer at BASE + 2 MiB (`--buf-kib`,
 //! default 16384: 16 MiB, transparent huge pages), marker `n` at BASE + 128 MiB + n pages.
 
-use crate::args::Args;
 use crate::e1::setup_failure;
 use crate::gpu;
 use crate::ktap::{Ktap, Outcome};
@@ -46,6 +45,7 @@ use crate::vdev::{self, Binding, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_ME
 use crate::vfio::{
     self, ioctl_ptr, ioctl_val, open_rw, DeviceInfo, DmaMap, DmaUnmap, GroupStatus, RegionInfo,
 };
+use pcisim_guest_wire::{DeviceIds, MmRole, MmTeardownOptions, MmWorkerOptions, Program, Word};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -87,85 +87,55 @@ const HOLD: Duration = Duration::from_millis(400);
 /// How long any one step may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The five cases.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Case {
-    Exit,
-    Kill,
-    Fork,
-    Pass,
-    BarMmap,
-}
+/// The five cases: the `--case` value (guest-wire's, shared with the lab).
+use pcisim_guest_wire::MmCase as Case;
 
-impl Case {
-    fn parse(s: &str) -> Result<Case, String> {
-        Ok(match s {
-            "exit" => Case::Exit,
-            "kill" => Case::Kill,
-            "fork" => Case::Fork,
-            "pass" => Case::Pass,
-            "bar-mmap" => Case::BarMmap,
-            _ => return Err(format!("--case {s:?}: exit, kill, fork, pass or bar-mmap")),
-        })
-    }
-
-    fn arg(self) -> &'static str {
-        match self {
-            Case::Exit => "exit",
-            Case::Kill => "kill",
-            Case::Fork => "fork",
-            Case::Pass => "pass",
-            Case::BarMmap => "bar-mmap",
-        }
-    }
-
-    /// The KTAP tests the supervisor reports, in order.
-    fn tests(self) -> &'static [&'static str] {
-        match self {
-            Case::Exit => &[
-                "vfio-bind",
-                "opener-streams",
-                "exit-with-dma-running",
-                "released-before-waitpid",
-                "vfio-release",
-            ],
-            Case::Kill => &[
-                "vfio-bind",
-                "opener-streams",
-                "sigkill-with-dma-running",
-                "released-before-waitpid",
-                "vfio-release",
-            ],
-            Case::Fork => &[
-                "vfio-bind",
-                "opener-streams",
-                "child-takes-over",
-                "parent-exits-device-kept",
-                "dma-continues-for-child",
-                "child-exits",
-                "released-before-waitpid",
-                "vfio-release",
-            ],
-            Case::Pass => &[
-                "vfio-bind",
-                "opener-streams",
-                "fds-passed",
-                "opener-exits-device-kept",
-                "dma-continues-for-receiver",
-                "receiver-exits",
-                "released-before-waitpid",
-                "vfio-release",
-            ],
-            Case::BarMmap => &[
-                "vfio-bind",
-                "opener-streams",
-                "bar-mmap-outlives-fds",
-                "dma-continues-through-mapping",
-                "exit-with-mapping",
-                "released-before-waitpid",
-                "vfio-release",
-            ],
-        }
+/// The KTAP tests the supervisor reports for `case`, in order.
+fn tests(case: Case) -> &'static [&'static str] {
+    match case {
+        Case::Exit => &[
+            "vfio-bind",
+            "opener-streams",
+            "exit-with-dma-running",
+            "released-before-waitpid",
+            "vfio-release",
+        ],
+        Case::Kill => &[
+            "vfio-bind",
+            "opener-streams",
+            "sigkill-with-dma-running",
+            "released-before-waitpid",
+            "vfio-release",
+        ],
+        Case::Fork => &[
+            "vfio-bind",
+            "opener-streams",
+            "child-takes-over",
+            "parent-exits-device-kept",
+            "dma-continues-for-child",
+            "child-exits",
+            "released-before-waitpid",
+            "vfio-release",
+        ],
+        Case::Pass => &[
+            "vfio-bind",
+            "opener-streams",
+            "fds-passed",
+            "opener-exits-device-kept",
+            "dma-continues-for-receiver",
+            "receiver-exits",
+            "released-before-waitpid",
+            "vfio-release",
+        ],
+        Case::BarMmap => &[
+            "vfio-bind",
+            "opener-streams",
+            "bar-mmap-outlives-fds",
+            "dma-continues-through-mapping",
+            "exit-with-mapping",
+            "released-before-waitpid",
+            "vfio-release",
+        ],
     }
 }
 
@@ -844,20 +814,18 @@ struct WorkerCfg {
 }
 
 /// `pcisim-guest mm-teardown-worker --role opener|receiver ...` (started by the supervisor).
-pub fn worker(argv: &[String]) -> i32 {
+pub fn worker(o: MmWorkerOptions) -> i32 {
     let parsed = (|| -> Result<(String, WorkerCfg), String> {
-        let args = Args::parse(argv, &["role", "case", "bdf", "group", "iova", "buf-kib"])?;
-        let role = args.required("role")?.to_string();
         let layout = Layout {
-            base: pci::parse_number(args.required("iova")?)?,
-            buf_len: buf_len(args.get("buf-kib"))?,
+            base: o.iova,
+            buf_len: buf_len(o.buf_kib)?,
         };
         Ok((
-            role,
+            o.role.word().to_string(),
             WorkerCfg {
-                case: Case::parse(args.required("case")?)?,
-                bdf: args.get("bdf").unwrap_or("").to_string(),
-                group: args.get("group").unwrap_or("").to_string(),
+                case: o.case,
+                bdf: o.bdf.unwrap_or_default(),
+                group: o.group.unwrap_or_default(),
                 layout,
             },
         ))
@@ -883,9 +851,9 @@ pub fn worker(argv: &[String]) -> i32 {
     }
 }
 
-fn buf_len(kib: Option<&str>) -> Result<usize, String> {
-    let kib: usize = match kib {
-        Some(s) => s.parse().map_err(|e| format!("--buf-kib {s:?}: {e}"))?,
+fn buf_len(kib: Option<u64>) -> Result<usize, String> {
+    let kib = match kib {
+        Some(k) => usize::try_from(k).map_err(|_| format!("--buf-kib {k}: too large"))?,
         None => DEFAULT_BUF_KIB,
     };
     if kib < 4 || kib % 4 != 0 || kib > 64 * 1024 {
@@ -1402,21 +1370,16 @@ impl Super<'_> {
     fn worker_cmd(&self, role: &str) -> Result<Command, String> {
         let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
         let mut c = Command::new(exe);
-        c.args([
-            "mm-teardown-worker",
-            "--role",
-            role,
-            "--case",
-            self.case.arg(),
-            "--bdf",
-            &self.func.bdf,
-            "--group",
-            &self.group,
-            "--iova",
-            &format!("{:#x}", self.layout.base),
-            "--buf-kib",
-            &(self.layout.buf_len / 1024).to_string(),
-        ]);
+        let worker = MmWorkerOptions {
+            role: MmRole::from_word(role)?,
+            case: self.case,
+            bdf: Some(self.func.bdf.clone()),
+            group: Some(self.group.clone()),
+            iova: self.layout.base,
+            buf_kib: Some(self.layout.buf_len as u64 / 1024),
+        };
+        c.arg(Program::MmTeardownWorker.name())
+            .args(worker.to_args());
         c.stdout(Stdio::piped()).stderr(Stdio::inherit());
         Ok(c)
     }
@@ -1486,33 +1449,24 @@ fn group_busy(group: &str) -> Result<bool, String> {
 }
 
 /// `pcisim-guest mm-teardown --vendor V --device D --case C [--bdf BDF] [--iova A] [--buf-kib N]`
-pub fn run(argv: &[String]) -> i32 {
+pub fn run(ids: DeviceIds, o: MmTeardownOptions) -> i32 {
     let prepared = (|| -> Result<_, String> {
-        let args = Args::parse(
-            argv,
-            &["vendor", "device", "bdf", "case", "iova", "buf-kib"],
-        )?;
-        let vendor = args.id16("vendor")?;
-        let device = args.id16("device")?;
-        let case = Case::parse(args.required("case")?)?;
+        let case = o.case;
         let layout = Layout {
-            base: match args.get("iova") {
-                Some(s) => pci::parse_number(s)?,
-                None => DEFAULT_IOVA,
-            },
-            buf_len: buf_len(args.get("buf-kib"))?,
+            base: o.iova.unwrap_or(DEFAULT_IOVA),
+            buf_len: buf_len(o.buf_kib)?,
         };
         if layout.base % (2 << 20) != 0 {
             return Err(format!("--iova 0x{:x}: not 2 MiB aligned", layout.base));
         }
-        let (func, note) = pci::select_function(vendor, device, args.get("bdf"))?;
+        let (func, note) = pci::select_function(ids.vendor, ids.device, o.bdf.as_deref())?;
         Ok((case, layout, func, note))
     })();
     let (case, layout, func, note) = match prepared {
         Ok(p) => p,
         Err(e) => return setup_failure(&e),
     };
-    let names = case.tests();
+    let names = tests(case);
     let mut steps = Steps {
         k: Ktap::new(names.len()),
         names,
@@ -1521,7 +1475,7 @@ pub fn run(argv: &[String]) -> i32 {
     };
     steps.k.diag(&format!(
         "mm teardown ({}) on {}: ring 0x{:x}, buffer 0x{:x}+0x{:x}, markers at 0x{:x}",
-        case.arg(),
+        case.word(),
         func.bdf,
         layout.ring(),
         layout.buf(),
@@ -1835,10 +1789,8 @@ mod tests {
         assert_ne!(0x4D4C_0001 & PATTERN_MASK, PATTERN_BASE);
         assert_ne!((PATTERN_BASE | 0x80) & PATTERN_MASK, PATTERN_BASE);
         assert_eq!(buf_len(None).unwrap(), 16 << 20);
-        assert!(buf_len(Some("3")).is_err());
-        assert!(buf_len(Some("x")).is_err());
-        assert_eq!(Case::parse("bar-mmap").unwrap(), Case::BarMmap);
-        assert!(Case::parse("nope").is_err());
+        assert!(buf_len(Some(3)).is_err());
+        assert_eq!(buf_len(Some(8)).unwrap(), 8192);
         for c in [
             Case::Exit,
             Case::Kill,
@@ -1846,8 +1798,7 @@ mod tests {
             Case::Pass,
             Case::BarMmap,
         ] {
-            assert_eq!(Case::parse(c.arg()).unwrap(), c);
-            let t = c.tests();
+            let t = tests(c);
             assert_eq!(t.first(), Some(&"vfio-bind"));
             assert_eq!(t.last(), Some(&"vfio-release"));
             assert!(t.contains(&"released-before-waitpid"));

@@ -1,11 +1,11 @@
 //! The NPU function's register interface (docs/npu.md; defined in pcisim-abi), and
 //! `npu-peer`: PEER_STATUS read through BAR0 (R0).
 
-use crate::args::Args;
 use crate::e1::setup_failure;
 use crate::ktap::Ktap;
 use crate::mmio::Mapping;
 use crate::pci;
+use pcisim_guest_wire::{DeviceIds, NpuPeerOptions, YesNo};
 
 // The register interface itself is pcisim-abi's (the one copy the device, the lab and the C
 // driver share).
@@ -80,17 +80,10 @@ const SUBTESTS: &[&str] = &["id", "peer-status"];
 
 /// `npu-peer --vendor V --device D [--bdf BDF] --present yes|no`: the NPU's ID, and its
 /// PEER_STATUS reports a configured peer, present or not as expected.
-pub fn run(argv: &[String]) -> i32 {
+pub fn run(ids: DeviceIds, o: NpuPeerOptions) -> i32 {
     let prepared = (|| -> Result<_, String> {
-        let args = Args::parse(argv, &["vendor", "device", "bdf", "present"])?;
-        let vendor = args.id16("vendor")?;
-        let device = args.id16("device")?;
-        let present = match args.required("present")? {
-            "yes" => true,
-            "no" => false,
-            o => return Err(format!("--present {o:?}: yes or no")),
-        };
-        let (func, _) = pci::select_function(vendor, device, args.get("bdf"))?;
+        let present = o.present == YesNo::Yes;
+        let (func, _) = pci::select_function(ids.vendor, ids.device, o.bdf.as_deref())?;
         if let Some(d) = func.driver() {
             return Err(format!(
                 "{} is bound to {d}; the test needs it unbound",

@@ -18,12 +18,12 @@
 //! - `sbr`: the recovery of a function that never became ready: remove it from the kernel,
 //!   assert Secondary Bus Reset on its parent bridge by hand, rescan.
 
-use crate::args::Args;
 use crate::e1::setup_failure;
 use crate::gpu;
 use crate::ktap::{Ktap, Outcome};
 use crate::mmio::Mapping;
 use crate::pci::{self, walk_capabilities, Function};
+use pcisim_guest_wire::{DeviceIds, OnOff, ResetExpect, ResetOptions};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -210,61 +210,43 @@ struct Opts {
     kmsg: Vec<String>,
 }
 
-fn list(s: Option<&str>) -> Vec<String> {
-    s.map(|s| {
-        s.split(',')
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-            .map(str::to_string)
-            .collect()
-    })
-    .unwrap_or_default()
-}
-
-fn parse_opts(args: &Args) -> Result<Opts, String> {
-    let method = match args.required("method")? {
-        "pm-cycle" => Method::PmCycle,
-        "sbr" => Method::Sbr,
-        m if !m.is_empty() && m.chars().all(|c| c.is_ascii_lowercase() || c == '_') => {
-            Method::Kernel(m.to_string())
-        }
-        m => return Err(format!("bad --method {m:?}")),
+/// The program's view of its options: the method kinds it tells apart, the defaults applied,
+/// and the method itself among those `reset_method` must offer when no error is expected.
+fn parse_opts(o: &ResetOptions) -> Opts {
+    use pcisim_guest_wire::ResetMethod as W;
+    let method = match o.method {
+        W::PmCycle => Method::PmCycle,
+        W::Sbr => Method::Sbr,
+        m => Method::Kernel(m.word().to_string()),
     };
-    let expect = match args.get("expect").unwrap_or("cleared") {
-        "cleared" => Expect::Cleared,
-        "kept" => Expect::Kept,
-        "dead" => Expect::Dead,
-        e => return Err(format!("bad --expect {e:?} (cleared, kept, dead)")),
+    let expect = match o.expect.unwrap_or(ResetExpect::Cleared) {
+        ResetExpect::Cleared => Expect::Cleared,
+        ResetExpect::Kept => Expect::Kept,
+        ResetExpect::Dead => Expect::Dead,
     };
-    let dirty = match args.get("dirty").unwrap_or("on") {
-        "on" => true,
-        "off" => false,
-        d => return Err(format!("bad --dirty {d:?} (on, off)")),
+    let words = |l: &Option<Vec<W>>| -> Vec<String> {
+        l.iter().flatten().map(|m| m.word().to_string()).collect()
     };
-    let num = |name: &str| -> Result<Option<u64>, String> {
-        args.get(name).map(pci::parse_number).transpose()
-    };
-    let mut offered = list(args.get("offered"));
+    let mut offered = words(&o.offered);
     if let Method::Kernel(m) = &method {
-        if args.get("errno").is_none() && !offered.contains(m) {
+        if o.errno.is_none() && !offered.contains(m) {
             offered.push(m.clone());
         }
     }
-    Ok(Opts {
+    Opts {
         method,
-        dirty,
+        dirty: o.dirty.unwrap_or(OnOff::On).is_on(),
         expect,
         offered,
-        absent: list(args.get("absent")),
-        min_ms: num("min-ms")?,
-        errno: num("errno")?
-            .map(|e| i32::try_from(e).map_err(|_| format!("bad --errno {e}")))
-            .transpose()?,
-        kmsg: args
-            .get("kmsg")
+        absent: words(&o.absent),
+        min_ms: o.min_ms,
+        errno: o.errno,
+        kmsg: o
+            .kmsg
+            .as_deref()
             .map(|s| s.split('|').map(str::to_string).collect())
             .unwrap_or_default(),
-    })
+    }
 }
 
 /// BAR0 through sysfs `resource0` (memory decoding turned on with `enable`).
@@ -447,19 +429,10 @@ const SUBTESTS: &[&str] = &[
     "config-restored",
 ];
 
-pub fn run(argv: &[String]) -> i32 {
+pub fn run(ids: DeviceIds, options: ResetOptions) -> i32 {
     let prepared = (|| -> Result<_, String> {
-        let args = Args::parse(
-            argv,
-            &[
-                "vendor", "device", "bdf", "method", "dirty", "expect", "offered", "absent",
-                "min-ms", "errno", "kmsg",
-            ],
-        )?;
-        let vendor = args.id16("vendor")?;
-        let device = args.id16("device")?;
-        let opts = parse_opts(&args)?;
-        let (func, note) = pci::select_function(vendor, device, args.get("bdf"))?;
+        let opts = parse_opts(&options);
+        let (func, note) = pci::select_function(ids.vendor, ids.device, options.bdf.as_deref())?;
         if let Some(d) = func.driver() {
             return Err(format!(
                 "{} is bound to {d}; the test needs it unbound",

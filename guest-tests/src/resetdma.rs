@@ -18,7 +18,6 @@
 //! Vector 2 is rung just before the doorbell and vector 3 after the reset, so the device's
 //! journal brackets the FLR between their `interrupt` records.
 
-use crate::args::Args;
 use crate::e1::setup_failure;
 use crate::gpu::{self, encode_cmd};
 use crate::ktap::{Ktap, Outcome};
@@ -29,6 +28,7 @@ use crate::vdev::{
     self, bind, enable_command, open_vfio, release, Binding, DmaBuffer, Vfio, PCI_COMMAND,
     PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY,
 };
+use pcisim_guest_wire::{DeviceIds, ResetDmaMode, ResetDmaOptions};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -232,20 +232,14 @@ const SUBTESTS: &[&str] = &[
     "vfio-release",
 ];
 
-pub fn run(argv: &[String]) -> i32 {
+pub fn run(ids: DeviceIds, o: ResetDmaOptions) -> i32 {
     let prepared = (|| -> Result<_, String> {
-        let args = Args::parse(argv, &["vendor", "device", "bdf", "mode", "len"])?;
-        let vendor = args.id16("vendor")?;
-        let device = args.id16("device")?;
-        let mode = match args.required("mode")? {
-            "correct" => Mode::Correct,
-            "buggy" => Mode::Buggy,
-            m => return Err(format!("bad --mode {m:?} (correct, buggy)")),
+        let mode = match o.mode {
+            ResetDmaMode::Correct => Mode::Correct,
+            ResetDmaMode::Buggy => Mode::Buggy,
         };
-        let len = match args.get("len") {
-            Some(l) => {
-                usize::try_from(pci::parse_number(l)?).map_err(|_| format!("bad --len {l}"))?
-            }
+        let len = match o.len {
+            Some(l) => usize::try_from(l).map_err(|_| format!("bad --len {l}"))?,
             None => DEFAULT_LEN,
         };
         if len == 0 || len % 4096 != 0 {
@@ -253,7 +247,7 @@ pub fn run(argv: &[String]) -> i32 {
                 "--len {len:#x} must be a non-zero multiple of 4 KiB"
             ));
         }
-        let (func, note) = pci::select_function(vendor, device, args.get("bdf"))?;
+        let (func, note) = pci::select_function(ids.vendor, ids.device, o.bdf.as_deref())?;
         let pcie = pcie_cap(&func.attr("config"))?;
         Ok((func, note, mode, len, pcie))
     })();

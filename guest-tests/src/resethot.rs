@@ -15,7 +15,6 @@
 //! vector through its IRQ_DOORBELL; an NPU through its command mailbox: CMD_IRQ routed to the
 //! vector and an INVALIDATE, whose completion raises it.
 
-use crate::args::Args;
 use crate::e1::setup_failure;
 use crate::gpu;
 use crate::ktap::{Ktap, Outcome};
@@ -27,6 +26,7 @@ use crate::vdev::{
     bind, open_vfio, release, Binding, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY,
 };
 use crate::vfio::{self, Container, Device, Group, RegionInfo};
+use pcisim_guest_wire::{DeviceIds, ResetHotOptions};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
@@ -199,31 +199,12 @@ const SUBTESTS: &[&str] = &[
     "release",
 ];
 
-pub fn run(argv: &[String]) -> i32 {
+pub fn run(ids: DeviceIds, o: ResetHotOptions) -> i32 {
     let prepared = (|| -> Result<_, String> {
-        let args = Args::parse(
-            argv,
-            &[
-                "vendor",
-                "device",
-                "bdf",
-                "peer",
-                "peer-vendor",
-                "peer-device",
-            ],
-        )?;
-        let vendor = args.id16("vendor")?;
-        let device = args.id16("device")?;
-        let peer_vendor = match args.get("peer-vendor") {
-            Some(_) => args.id16("peer-vendor")?,
-            None => vendor,
-        };
-        let peer_device = match args.get("peer-device") {
-            Some(_) => args.id16("peer-device")?,
-            None => device,
-        };
-        let (f0, _) = pci::select_function(vendor, device, Some(args.required("bdf")?))?;
-        let (f1, _) = pci::select_function(peer_vendor, peer_device, Some(args.required("peer")?))?;
+        let peer_vendor = o.peer_vendor.unwrap_or(ids.vendor);
+        let peer_device = o.peer_device.unwrap_or(ids.device);
+        let (f0, _) = pci::select_function(ids.vendor, ids.device, Some(&o.bdf))?;
+        let (f1, _) = pci::select_function(peer_vendor, peer_device, Some(&o.peer))?;
         for f in [&f0, &f1] {
             if let Some(d) = f.driver() {
                 return Err(format!(

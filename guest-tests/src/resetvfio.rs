@@ -16,7 +16,6 @@
 //! reset and vector 3 first after it, so the device's journal brackets the reset between
 //! their `interrupt` records (the host checks the kind of the one reset between them).
 
-use crate::args::Args;
 use crate::e1::setup_failure;
 use crate::gpu::{self, encode_cmd};
 use crate::ktap::{Ktap, Outcome};
@@ -29,6 +28,7 @@ use crate::vdev::{
     DmaBuffer, Vfio, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY,
 };
 use crate::vfio;
+use pcisim_guest_wire::{DeviceIds, OnOff, ResetVfioOptions, VfioResetOp};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -198,22 +198,14 @@ const SUBTESTS: &[&str] = &[
     "vfio-release",
 ];
 
-pub fn run(argv: &[String]) -> i32 {
+pub fn run(ids: DeviceIds, o: ResetVfioOptions) -> i32 {
     let prepared = (|| -> Result<_, String> {
-        let args = Args::parse(argv, &["vendor", "device", "bdf", "op", "ring"])?;
-        let vendor = args.id16("vendor")?;
-        let device = args.id16("device")?;
-        let op = match args.required("op")? {
-            "sysfs-flr" => Op::SysfsFlr,
-            "ioctl" => Op::Ioctl,
-            o => return Err(format!("bad --op {o:?} (sysfs-flr, ioctl)")),
+        let op = match o.op {
+            VfioResetOp::SysfsFlr => Op::SysfsFlr,
+            VfioResetOp::Ioctl => Op::Ioctl,
         };
-        let ring = match args.get("ring").unwrap_or("off") {
-            "on" => true,
-            "off" => false,
-            r => return Err(format!("bad --ring {r:?} (on, off)")),
-        };
-        let (func, note) = pci::select_function(vendor, device, args.get("bdf"))?;
+        let ring = o.ring.unwrap_or(OnOff::Off).is_on();
+        let (func, note) = pci::select_function(ids.vendor, ids.device, o.bdf.as_deref())?;
         Ok((func, note, op, ring))
     })();
     let (func, note, op, with_ring) = match prepared {

@@ -14,8 +14,8 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use crate::args::Args;
 use crate::ktap::{Ktap, Outcome};
+use pcisim_guest_wire::{OnOff, SvaOptions};
 
 // ---------------------------------------------------------------------------------------------
 // The driver's uapi (pcisim_npu_uapi.h)
@@ -1183,19 +1183,9 @@ const M7: &[&str] = &[
     "copies racing MADV_DONTNEED of their source all complete (faults serviced, no error)",
 ];
 
-pub fn run(argv: &[String]) -> i32 {
-    let args = match Args::parse(argv, &["bdf", "case", "lenient"]) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("sva: {e}");
-            return 2;
-        }
-    };
-    let (Some(bdf), Some(case)) = (args.get("bdf"), args.get("case")) else {
-        eprintln!("sva: --bdf and --case are required");
-        return 2;
-    };
-    let lenient = args.get("lenient") == Some("on");
+pub fn run(o: SvaOptions) -> i32 {
+    let (bdf, case) = (o.bdf.as_str(), o.case.as_str());
+    let lenient = o.lenient.is_some_and(OnOff::is_on);
     let subtests = match case {
         "basic" => BASIC,
         "exit" | "kill" => EXIT_KILL,

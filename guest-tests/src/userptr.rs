@@ -17,8 +17,8 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
-use crate::args::Args;
 use crate::ktap::{Ktap, Outcome};
+use pcisim_guest_wire::{OnOff, UnmapCall, UserptrMode, UserptrOptions};
 
 /// `struct pcisim_gpu_userptr`.
 #[repr(C)]
@@ -213,18 +213,31 @@ impl Drop for Mapping {
     }
 }
 
+/// The subtests of `--mode tracked`, in order (`*` is the size, or the unmap call; the third
+/// is `waited for` under `--lenient on`, a skip).
+const TRACKED: &[&str] = &[
+    "USERPTR * MiB tracked",
+    "* returned only after the ring's fence|* waited for the ring's fence",
+    "the userptr is invalidated: a new FILL gets EAGAIN",
+    "the ring's fence signalled without error",
+    "RELEASE: no page left pinned",
+];
+
+/// The subtests of `--mode pinned`, in order.
+const PINNED: &[&str] = &[
+    "USERPTR * MiB pinned",
+    "* returned while the ring still writes (pinning does not stop it)",
+    "all * pages stay pinned after *",
+    "the ring's fence signalled without error",
+    "RELEASE: no page left pinned",
+];
+
 /// `userptr --bdf BDF --mode tracked|pinned [--unmap munmap|dontneed] [--mib N] [--repeat N]
 /// [--lenient on]`
-pub fn run(argv: &[String]) -> i32 {
-    let args = match Args::parse(argv, &["bdf", "mode", "unmap", "mib", "repeat", "lenient"]) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("userptr: {e}");
-            return 2;
-        }
-    };
-    let mut k = Ktap::new(5);
-    let code = match case(&args, &mut k) {
+pub fn run(o: UserptrOptions) -> i32 {
+    let pinned = o.mode == UserptrMode::Pinned;
+    let mut k = Ktap::declared(if pinned { PINNED } else { TRACKED });
+    let code = match case(&o, &mut k) {
         Ok(()) => None,
         Err(e) => {
             k.diag(&format!("stopped: {e}"));
@@ -235,30 +248,13 @@ pub fn run(argv: &[String]) -> i32 {
     code.unwrap_or(c)
 }
 
-fn num(args: &Args, name: &str, default: u64) -> Result<u64, String> {
-    match args.get(name) {
-        Some(v) => v
-            .parse()
-            .map_err(|_| format!("--{name} {v:?} is not a number")),
-        None => Ok(default),
-    }
-}
-
-fn case(args: &Args, k: &mut Ktap) -> Result<(), String> {
-    let bdf = args.required("bdf")?;
-    let pinned = match args.required("mode")? {
-        "tracked" => false,
-        "pinned" => true,
-        m => return Err(format!("--mode {m:?}: tracked or pinned")),
-    };
-    let dontneed = match args.get("unmap").unwrap_or("munmap") {
-        "munmap" => false,
-        "dontneed" => true,
-        u => return Err(format!("--unmap {u:?}: munmap or dontneed")),
-    };
-    let lenient = args.get("lenient") == Some("on");
-    let len = (num(args, "mib", 4)? as usize) << 20;
-    let repeat = u32::try_from(num(args, "repeat", 256)?).map_err(|e| e.to_string())?;
+fn case(o: &UserptrOptions, k: &mut Ktap) -> Result<(), String> {
+    let bdf = o.bdf.as_str();
+    let pinned = o.mode == UserptrMode::Pinned;
+    let dontneed = o.unmap == Some(UnmapCall::Dontneed);
+    let lenient = o.lenient.is_some_and(OnOff::is_on);
+    let len = (o.mib.unwrap_or(4) as usize) << 20;
+    let repeat = o.repeat.unwrap_or(256);
     let pages = (len / 4096) as u64;
 
     let gpu = Gpu::open(bdf)?;
@@ -410,6 +406,40 @@ fn case(args: &Args, k: &mut Ktap) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The names `case` reports (as its format strings make them) are the declared ones, in
+    /// order, for each mode and unmap call; the other mode's names are refused.
+    #[test]
+    fn reported_names_are_declared() {
+        use crate::ktap::declared_name_matches as ok;
+        for what in ["munmap", "MADV_DONTNEED"] {
+            let tracked = [
+                "USERPTR 4 MiB tracked".to_string(),
+                format!("{what} returned only after the ring's fence"),
+                "the userptr is invalidated: a new FILL gets EAGAIN".to_string(),
+                "the ring's fence signalled without error".to_string(),
+                "RELEASE: no page left pinned".to_string(),
+            ];
+            let pinned = [
+                "USERPTR 4 MiB pinned".to_string(),
+                format!("{what} returned while the ring still writes (pinning does not stop it)"),
+                format!("all 1024 pages stay pinned after {what}"),
+                "the ring's fence signalled without error".to_string(),
+                "RELEASE: no page left pinned".to_string(),
+            ];
+            for (d, n) in TRACKED.iter().zip(&tracked) {
+                assert!(ok(d, n), "{d:?} {n:?}");
+            }
+            for (d, n) in PINNED.iter().zip(&pinned) {
+                assert!(ok(d, n), "{d:?} {n:?}");
+            }
+            assert!(ok(
+                TRACKED[1],
+                &format!("{what} waited for the ring's fence")
+            ));
+            assert!(!ok(TRACKED[0], &pinned[0]) && !ok(PINNED[2], &tracked[2]));
+        }
+    }
 
     #[test]
     fn test_ioctl_numbers_match_the_header() {

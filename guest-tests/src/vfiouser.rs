@@ -11,12 +11,12 @@
 //! - `ignore`: the same, but it ignores every request and holds the device until killed (H4's
 //!   uncooperative variant).
 
-use crate::args::Args;
 use crate::e1::setup_failure;
 use crate::ktap::{Ktap, Outcome};
 use crate::pci;
 use crate::sys;
 use crate::vdev::{bind, enable_command, open_vfio, release, Binding, DmaBuffer};
+use pcisim_guest_wire::{DeviceIds, ReqMode, VfioUserOptions};
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
@@ -40,44 +40,14 @@ const HOLD: &[&str] = &[
     "watch the device request eventfd|a device request arrived|the device request arrived after * ms; released the device",
 ];
 
-pub fn run(argv: &[String]) -> i32 {
+pub fn run(ids: DeviceIds, o: VfioUserOptions) -> i32 {
     let parsed = (|| -> Result<_, String> {
-        let args = Args::parse(
-            argv,
-            &[
-                "vendor",
-                "device",
-                "bdf",
-                "dma-kib",
-                "req",
-                "ready-file",
-                "wait-s",
-            ],
-        )?;
-        let vendor = args.id16("vendor")?;
-        let device = args.id16("device")?;
-        let kib: usize = args
-            .get("dma-kib")
-            .unwrap_or("16")
-            .parse()
-            .map_err(|e| format!("--dma-kib: {e}"))?;
-        let req = args.get("req").unwrap_or("off").to_string();
-        if !["off", "release", "ignore"].contains(&req.as_str()) {
-            return Err(format!("--req {req:?}: off, release or ignore"));
-        }
-        let wait: u64 = args
-            .get("wait-s")
-            .unwrap_or("120")
-            .parse()
-            .map_err(|e| format!("--wait-s: {e}"))?;
-        let (func, _) = pci::select_function(vendor, device, args.get("bdf"))?;
-        Ok((
-            func,
-            kib,
-            req,
-            args.get("ready-file").map(str::to_string),
-            wait,
-        ))
+        let kib = usize::try_from(o.dma_kib.unwrap_or(16))
+            .map_err(|_| "--dma-kib: too large".to_string())?;
+        let req = o.req.unwrap_or(ReqMode::Off).word().to_string();
+        let wait = o.wait_s.unwrap_or(120);
+        let (func, _) = pci::select_function(ids.vendor, ids.device, o.bdf.as_deref())?;
+        Ok((func, kib, req, o.ready_file, wait))
     })();
     let (func, kib, req, ready, wait) = match parsed {
         Ok(p) => p,

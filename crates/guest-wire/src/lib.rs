@@ -14,6 +14,9 @@
 //! Both workspaces use it: the root one as `pcisim-guest-wire`, `guest-tests/` by path.
 
 pub mod agent;
+pub mod options;
+
+pub use options::*;
 
 use std::fmt;
 
@@ -135,18 +138,30 @@ pub struct DeviceIds {
     pub device: u16,
 }
 
-/// One guest program invocation.
-#[derive(Debug, Clone, PartialEq)]
+impl Program {
+    /// Whether the program looks its function up by ids (`--vendor V --device D`, required);
+    /// the others take a BDF or no device at all (and refuse the ids).
+    pub fn takes_device(self) -> bool {
+        !matches!(
+            self,
+            Program::Agent
+                | Program::BarIo
+                | Program::MmTeardownWorker
+                | Program::Sva
+                | Program::Userptr
+        )
+    }
+}
+
+/// One guest program invocation: the program with its typed options, and the device ids for
+/// the programs that take them.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestProgram {
-    /// What runs.
-    pub program: Program,
-    /// The device it looks for (`--vendor V --device D`), for the programs that take one.
+    /// The device it looks for (`--vendor V --device D`): present exactly for the programs
+    /// that take one ([`Program::takes_device`]).
     pub device: Option<DeviceIds>,
-    /// E1's expectation (`--expect JSON`): the device's description as `pcisim describe`
-    /// printed it (fields beyond [`DeviceDescription`]'s are passed on and ignored).
-    pub expect: Option<serde_json::Value>,
-    /// The program's other arguments, in order (`--bdf`, `0000:01:00.0`, ...).
-    pub args: Vec<String>,
+    /// The program and its options.
+    pub options: Options,
 }
 
 /// Why an argv is not a guest program invocation.
@@ -156,8 +171,41 @@ pub enum WireError {
     NotGuest(String),
     /// No program of that name.
     UnknownProgram(String),
-    /// A `--vendor`/`--device`/`--expect` value is missing or malformed.
+    /// A `--vendor`/`--device` value is missing or malformed, or the ids are missing where the
+    /// program needs them (or given where it takes none).
     BadValue(String),
+    /// An option the program does not take.
+    UnknownOption {
+        /// The program.
+        program: &'static str,
+        /// The option given (without `--`).
+        option: String,
+        /// The options it takes.
+        accepted: &'static [&'static str],
+    },
+    /// An option the program needs is missing.
+    MissingOption {
+        /// The program.
+        program: &'static str,
+        /// The option (without `--`).
+        option: &'static str,
+    },
+    /// An option's value is not one it takes (or is missing, or the option is given twice).
+    BadOption {
+        /// The program.
+        program: &'static str,
+        /// The option (without `--`).
+        option: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A word that is no `--option`.
+    Unexpected {
+        /// The program.
+        program: &'static str,
+        /// The word.
+        word: String,
+    },
 }
 
 impl fmt::Display for WireError {
@@ -166,6 +214,36 @@ impl fmt::Display for WireError {
             WireError::NotGuest(w) => write!(f, "not a {GUEST_BIN_PATH} command line: {w}"),
             WireError::UnknownProgram(p) => write!(f, "no guest program {p:?}"),
             WireError::BadValue(w) => write!(f, "bad value: {w}"),
+            WireError::UnknownOption {
+                program,
+                option,
+                accepted,
+            } => {
+                let list: Vec<String> = accepted.iter().map(|a| format!("--{a}")).collect();
+                write!(
+                    f,
+                    "{program}: unknown option --{option} (it takes: {})",
+                    if list.is_empty() {
+                        "none".to_string()
+                    } else {
+                        list.join(" ")
+                    }
+                )
+            }
+            WireError::MissingOption { program, option } => {
+                write!(f, "{program}: missing required option --{option}")
+            }
+            WireError::BadOption {
+                program,
+                option,
+                why,
+            } => write!(f, "{program}: --{option}: {why}"),
+            WireError::Unexpected { program, word } => {
+                write!(
+                    f,
+                    "{program}: unexpected argument {word:?} (options are --name value)"
+                )
+            }
         }
     }
 }
@@ -173,14 +251,17 @@ impl fmt::Display for WireError {
 impl std::error::Error for WireError {}
 
 impl GuestProgram {
-    /// `program` with no device and no arguments.
-    pub fn new(program: Program) -> GuestProgram {
+    /// `options`' program, with no device ids yet.
+    pub fn new(options: impl Into<Options>) -> GuestProgram {
         GuestProgram {
-            program,
             device: None,
-            expect: None,
-            args: Vec::new(),
+            options: options.into(),
         }
+    }
+
+    /// The program.
+    pub fn program(&self) -> Program {
+        self.options.program()
     }
 
     /// With `--vendor V --device D`.
@@ -189,23 +270,13 @@ impl GuestProgram {
         self
     }
 
-    /// With `--expect JSON`.
-    pub fn expect(mut self, description: serde_json::Value) -> GuestProgram {
-        self.expect = Some(description);
-        self
-    }
-
-    /// With `args` appended.
-    pub fn args<S: AsRef<str>>(mut self, args: &[S]) -> GuestProgram {
-        self.args
-            .extend(args.iter().map(|a| a.as_ref().to_string()));
-        self
-    }
-
     /// The command line: `/bin/pcisim-guest <program> [--vendor 0x1234 --device 0x0b10]
-    /// [--expect JSON] args...` (ids as `{:#06x}`).
+    /// --option value...` (ids as `{:#06x}`, options in their struct's field order).
     pub fn to_argv(&self) -> Vec<String> {
-        let mut argv = vec![GUEST_BIN_PATH.to_string(), self.program.name().to_string()];
+        let mut argv = vec![
+            GUEST_BIN_PATH.to_string(),
+            self.program().name().to_string(),
+        ];
         if let Some(d) = self.device {
             argv.extend([
                 "--vendor".to_string(),
@@ -214,18 +285,17 @@ impl GuestProgram {
                 format!("{:#06x}", d.device),
             ]);
         }
-        if let Some(e) = &self.expect {
-            argv.extend(["--expect".to_string(), e.to_string()]);
-        }
-        argv.extend(self.args.iter().cloned());
+        argv.extend(self.options.to_args());
         argv
     }
 
-    /// The invocation `argv` is ([`GuestProgram::to_argv`]'s inverse): `--vendor`/`--device`
-    /// are taken only as the leading pair, `--expect` only right after them (or the program).
+    /// The invocation `argv` is ([`GuestProgram::to_argv`]'s inverse): options in any order,
+    /// `--name value` or `--name=value`; the ids are required where the program takes them
+    /// and refused where it does not; an option the program does not take, a missing required
+    /// one or a value of the wrong kind is an error that says which.
     pub fn parse<S: AsRef<str>>(argv: &[S]) -> Result<GuestProgram, WireError> {
         let words: Vec<&str> = argv.iter().map(AsRef::as_ref).collect();
-        let (bin, name, mut rest) = match words.as_slice() {
+        let (bin, name, rest) = match words.as_slice() {
             [bin, name, rest @ ..] => (*bin, *name, rest),
             _ => return Err(WireError::NotGuest(words.join(" "))),
         };
@@ -234,23 +304,61 @@ impl GuestProgram {
         }
         let program =
             Program::from_name(name).ok_or_else(|| WireError::UnknownProgram(name.to_string()))?;
-        let mut out = GuestProgram::new(program);
-        if let ["--vendor", v, "--device", d, tail @ ..] = rest {
-            out.device = Some(DeviceIds {
-                vendor: parse_id(v)?,
-                device: parse_id(d)?,
-            });
-            rest = tail;
+        Self::parse_program(program, rest)
+    }
+
+    /// [`GuestProgram::parse`] of the words after the program's name.
+    pub fn parse_program<S: AsRef<str>>(
+        program: Program,
+        args: &[S],
+    ) -> Result<GuestProgram, WireError> {
+        let (mut vendor, mut device) = (None, None);
+        let mut others: Vec<&str> = Vec::new();
+        let mut it = args.iter().map(AsRef::as_ref);
+        while let Some(w) = it.next() {
+            let (flag, inline) = match w.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f, Some(v)),
+                _ => (w, None),
+            };
+            let slot = match flag {
+                "--vendor" => &mut vendor,
+                "--device" => &mut device,
+                _ => {
+                    others.push(w);
+                    if inline.is_none() && w.starts_with("--") {
+                        others.extend(it.next());
+                    }
+                    continue;
+                }
+            };
+            let v = match inline {
+                Some(v) => v,
+                None => it
+                    .next()
+                    .ok_or_else(|| WireError::BadValue(format!("{flag} needs a value")))?,
+            };
+            if slot.replace(parse_id(v)?).is_some() {
+                return Err(WireError::BadValue(format!("{flag} given twice")));
+            }
         }
-        if let ["--expect", e, tail @ ..] = rest {
-            out.expect = Some(
-                serde_json::from_str(e)
-                    .map_err(|err| WireError::BadValue(format!("--expect: {err}")))?,
-            );
-            rest = tail;
-        }
-        out.args = rest.iter().map(|s| s.to_string()).collect();
-        Ok(out)
+        let device = match (vendor, device, program.takes_device()) {
+            (Some(vendor), Some(device), true) => Some(DeviceIds { vendor, device }),
+            (None, None, false) => None,
+            (_, _, true) => {
+                return Err(WireError::BadValue(format!(
+                    "{program} needs --vendor V --device D"
+                )))
+            }
+            (_, _, false) => {
+                return Err(WireError::BadValue(format!(
+                    "{program} takes no --vendor/--device (it names its function by --bdf)"
+                )))
+            }
+        };
+        Ok(GuestProgram {
+            device,
+            options: Options::parse(program, &others)?,
+        })
     }
 }
 
@@ -362,47 +470,6 @@ mod tests {
     }
 
     #[test]
-    fn test_argv_round_trip() {
-        let ids = DeviceIds {
-            vendor: 0x1234,
-            device: 0x0b10,
-        };
-        let cases = [
-            GuestProgram::new(Program::Sva).args(&["--bdf", "0000:01:00.0", "--case", "fork"]),
-            GuestProgram::new(Program::E3)
-                .device(ids)
-                .args(&["--irq", "msi"]),
-            GuestProgram::new(Program::E1)
-                .device(ids)
-                .expect(serde_json::json!({"vendor_id": 4660, "bars": []})),
-            GuestProgram::new(Program::BarIo).args(&["--bdf", "x", "--off", "0,4"]),
-            GuestProgram::new(Program::E2).device(ids),
-        ];
-        for g in cases {
-            assert_eq!(GuestProgram::parse(&g.to_argv()), Ok(g.clone()), "{g:?}");
-        }
-        assert_eq!(
-            GuestProgram::new(Program::E1)
-                .device(ids)
-                .expect(serde_json::json!({"vendor_id": 4660}))
-                .args(&["--bdf", "b"])
-                .to_argv(),
-            [
-                "/bin/pcisim-guest",
-                "e1",
-                "--vendor",
-                "0x1234",
-                "--device",
-                "0x0b10",
-                "--expect",
-                "{\"vendor_id\":4660}",
-                "--bdf",
-                "b"
-            ]
-        );
-    }
-
-    #[test]
     fn test_parse_rejects_what_is_not_an_invocation() {
         assert!(matches!(
             GuestProgram::parse(&["/bin/busybox", "sh"]),
@@ -418,10 +485,6 @@ mod tests {
         );
         assert!(matches!(
             GuestProgram::parse(&["/bin/pcisim-guest", "e2", "--vendor", "x", "--device", "1"]),
-            Err(WireError::BadValue(_))
-        ));
-        assert!(matches!(
-            GuestProgram::parse(&["/bin/pcisim-guest", "e1", "--expect", "{"]),
             Err(WireError::BadValue(_))
         ));
     }

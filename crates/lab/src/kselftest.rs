@@ -271,6 +271,7 @@ macro_rules! k {
                 profile: ProfileId::GpuLarge,
                 run: $f,
             }),
+            profile: ProfileId::GpuLarge,
             ..Scenario::NO_XFAIL
         }
     };

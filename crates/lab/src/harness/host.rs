@@ -12,7 +12,7 @@
 //! violation fails it.
 //!
 //! ```no_run
-//! use pcisim_guest_wire::Program as GuestProgram;
+//! use pcisim_guest_wire::{E1Options, Options};
 //! use pcisim_journal::ResetKind;
 //! use pcisim_lab::harness::host::{find_record, is_reset_begin, HostCtx, HostError, HostProgram};
 //! use pcisim_lab::vm::profile::ProfileId;
@@ -23,7 +23,7 @@
 //!     let records = ctx.journal("gpu0")?;                // what gpu0 journaled since the start
 //!     let reset = find_record(&records, |e| is_reset_begin(e, ResetKind::DeviceReset));
 //!     ctx.check("reset_begin kind=device journaled", reset.is_some(), "none");
-//!     let argv = ctx.guest_argv(GuestProgram::E1, "gpu0", &[])?; // e1 --vendor ... --expect
+//!     let argv = ctx.guest_argv("gpu0", Options::E1(E1Options::default()))?; // e1 --vendor ... --expect
 //!     ctx.guest_test("e1 after the reboot", &argv)?;    // nested KTAP, verdict as a subtest
 //!     Ok(())
 //! }
@@ -36,7 +36,8 @@
 //! ```
 //!
 //! and in the catalogue (`scenarios/mod.rs`): `Scenario { id: "R9", name: "R9 system-reset",
-//! timeout: Duration::from_secs(120), program: Program::Host(reset::R9), ..Scenario::NO_XFAIL }`.
+//! timeout: Duration::from_secs(120), program: Program::Host(reset::R9), profile: ProfileId::Gpu,
+//! ..Scenario::NO_XFAIL }`.
 //! `timeout` is the default for each guest command the function runs. A scenario that needs another machine adds
 //! a [`ProfileId`] (and its [`VmProfile`] in `profile.rs`); the suite boots one VM per profile.
 
@@ -47,7 +48,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use pcisim_guest_wire::Program as GuestProgram;
 use pcisim_journal::{Event, Record, ResetKind, ViolationKind};
 
 use crate::guestops::{self, GuestShell, ShellError};
@@ -427,17 +427,15 @@ impl<'a> HostCtx<'a> {
             .ok_or_else(|| HostError::Step(format!("{id} is not in query-pci")))
     }
 
-    /// `pcisim-guest <program> --vendor V --device D [--expect JSON] extra...` for the device
-    /// `device` (`--expect` with its description for `e1`).
+    /// `pcisim-guest <program> [--vendor V --device D] options...` for the device `device`
+    /// ([`scenario::invocation`]: its ids where the program takes them, `--expect` with its
+    /// description for `e1`).
     pub fn guest_argv(
         &self,
-        program: GuestProgram,
         device: &str,
-        extra: &[&str],
+        options: impl Into<pcisim_guest_wire::Options>,
     ) -> Result<Vec<String>, HostError> {
-        Ok(scenario::invocation(program, self.device(device)?)
-            .args(extra)
-            .to_argv())
+        Ok(scenario::invocation(options.into(), self.device(device)?).to_argv())
     }
 
     /// Runs a KTAP guest program as the subtest `name`: its KTAP is nested under it and its

@@ -9,12 +9,13 @@
 
 use std::time::Duration;
 
-use pcisim_guest_wire::{DeviceIds, GuestProgram as Invocation, Program as GuestProgram};
+use pcisim_guest_wire::{DeviceIds, GuestProgram as Invocation, Options, Program as GuestProgram};
 use pcisim_journal::ViolationKind;
 
 use crate::harness::dmesg::KernelReport;
 use crate::harness::ktap::{self, Directive, KtapError, KtapSummary};
 use crate::vm::agent::RunOutput;
+use crate::vm::profile::ProfileId;
 use crate::vm::server::DescribedDevice;
 
 pub use pcisim_guest_wire::GUEST_BIN_PATH;
@@ -30,16 +31,23 @@ pub enum Program {
     Host(crate::harness::host::HostProgram),
 }
 
-/// The invocation of guest `program` against `device`: its ids as `--vendor`/`--device`, and
-/// for E1 its description as `--expect`.
-pub fn invocation(program: GuestProgram, device: &DescribedDevice) -> Invocation {
+/// The invocation of a guest program with `options` against `device`: its ids as
+/// `--vendor`/`--device` for the programs that take them, and for E1 (unless the options
+/// already say) its description as `--expect`.
+pub fn invocation(mut options: Options, device: &DescribedDevice) -> Invocation {
     let d = &device.description;
-    let inv = Invocation::new(program).device(DeviceIds {
-        vendor: d.vendor_id,
-        device: d.device_id,
-    });
-    if program == GuestProgram::E1 {
-        inv.expect(d.raw.clone())
+    if let Options::E1(o) = &mut options {
+        if o.expect.is_none() && o.expect_file.is_none() {
+            o.expect = Some(d.raw.clone());
+        }
+    }
+    let takes_device = options.program().takes_device();
+    let inv = Invocation::new(options);
+    if takes_device {
+        inv.device(DeviceIds {
+            vendor: d.vendor_id,
+            device: d.device_id,
+        })
     } else {
         inv
     }
@@ -57,6 +65,11 @@ pub struct Scenario {
     pub timeout: Duration,
     /// What runs.
     pub program: Program,
+    /// The VM profile the scenario runs in, declared by its catalogue entry (a guest program
+    /// runs against the profile's first device; a host program's body names the profile's
+    /// devices). A unit test holds it to the host program's own profile
+    /// (`scenarios::tests::test_declared_profile_is_the_programs`).
+    pub profile: ProfileId,
     /// The guest kernel reports the scenario provokes on purpose (an expected failure, like
     /// [`Scenario::violations`]): each must appear in its kernel log slice and no other may, and
     /// its result line says `# XFAIL` ([`crate::harness::dmesg::judge`]). Each declaration says
@@ -117,6 +130,7 @@ impl Scenario {
         name: "",
         timeout: Duration::ZERO,
         program: Program::Guest(GuestProgram::E1),
+        profile: ProfileId::Gpu,
         kernel_reports: &[],
         violations: &[],
         twin: Twin::None,
@@ -130,19 +144,24 @@ impl Scenario {
 }
 
 impl Scenario {
-    /// The VM profile the scenario needs (the default one for guest programs).
-    pub fn profile(&self) -> crate::vm::profile::ProfileId {
-        match self.program {
-            Program::Host(h) => h.profile,
-            _ => crate::vm::profile::ProfileId::default(),
-        }
+    /// The VM profile the scenario needs ([`Scenario::profile`], the declared field).
+    pub fn profile(&self) -> ProfileId {
+        self.profile
     }
 
     /// The guest command line for this scenario against `device` (a host scenario's function
     /// decides what runs in the guest: its argv is the bare program name, never run).
     pub fn argv(&self, device: &DescribedDevice) -> Vec<String> {
         match self.program {
-            Program::Guest(p) => invocation(p, device).to_argv(),
+            // A catalogue guest program runs with no options (a unit test holds every entry to
+            // a program that can); one that cannot gets its bare name and refuses it itself.
+            Program::Guest(p) => match Options::bare(p) {
+                Ok(o) => invocation(o, device).to_argv(),
+                Err(e) => {
+                    log::error!("{}: {e}", self.id);
+                    vec![GUEST_BIN_PATH.to_string(), p.name().to_string()]
+                }
+            },
             Program::Host(h) => vec![GUEST_BIN_PATH.to_string(), h.name.to_string()],
         }
     }

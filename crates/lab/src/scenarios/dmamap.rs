@@ -25,7 +25,7 @@ use serde_json::Value;
 use crate::harness::host::{HostCtx, HostError, HostProgram};
 use crate::vm::profile::ProfileId;
 use crate::vm::server::{server_pid, usage, Usage};
-use pcisim_guest_wire::Program as GuestProgram;
+use pcisim_guest_wire::DmaMapOptions;
 
 /// `M9 dma-map-1g-pages`.
 pub const M9: HostProgram = HostProgram {
@@ -109,9 +109,11 @@ fn m9(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let stats0 = ctx.control().stats(Some(dev))?;
     let bdf = ctx.bdf_of(dev)?;
     let argv = ctx.guest_argv(
-        GuestProgram::DmaMapPages,
         dev,
-        &["--bdf", &bdf, "--mib", &MIB.to_string()],
+        DmaMapOptions {
+            bdf: Some(bdf.clone()),
+            mib: Some(MIB),
+        },
     )?;
     // Sample the server while the guest maps, writes and unmaps.
     let stop = Arc::new(AtomicBool::new(false));

@@ -26,7 +26,7 @@ use pcisim_journal::{Dir, Event, Record, Refusal, RingErrorCode};
 use crate::harness::host::reset_kinds;
 use crate::harness::host::{HostCtx, HostError, HostProgram};
 use crate::vm::profile::ProfileId;
-use pcisim_guest_wire::Program as GuestProgram;
+use pcisim_guest_wire::MmTeardownOptions;
 
 /// The base of the guest program's IOVA layout (`--iova`).
 pub const IOVA: u64 = 0x5000_0000;
@@ -51,46 +51,24 @@ const PAGE: u64 = 0x1000;
 const COMMAND_MEMORY: u16 = 1 << 1;
 const COMMAND_MASTER: u16 = 1 << 2;
 
-/// How the process goes away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Case {
-    /// M1: `exit(0)` with the ring full.
-    Exit,
-    /// M2: SIGKILL with the ring full.
-    Kill,
-    /// M3: fork; the child inherits the fds; the parent exits, later the child.
-    Fork,
-    /// M4: the fds sent over `SCM_RIGHTS`; the opener exits, later the receiver.
-    Pass,
-    /// M5: BAR0 mmapped through the device fd, every vfio fd closed, exit later.
-    BarMmap,
+/// How the process goes away: the guest program's `--case` (M1 exit, M2 SIGKILL, M3 fork: the
+/// child inherits the fds, M4 the fds passed over `SCM_RIGHTS`, M5 BAR0 mmapped and every vfio
+/// fd closed).
+pub use pcisim_guest_wire::MmCase as Case;
+
+/// Whether a second process holds the device after the first exit (a [`MARK_HOLDER`]).
+fn has_holder(case: Case) -> bool {
+    matches!(case, Case::Fork | Case::Pass)
 }
 
-impl Case {
-    /// The guest program's `--case`.
-    pub fn arg(self) -> &'static str {
-        match self {
-            Case::Exit => "exit",
-            Case::Kill => "kill",
-            Case::Fork => "fork",
-            Case::Pass => "pass",
-            Case::BarMmap => "bar-mmap",
-        }
-    }
-
-    /// Whether a second process holds the device after the first exit (a [`MARK_HOLDER`]).
-    fn has_holder(self) -> bool {
-        matches!(self, Case::Fork | Case::Pass)
-    }
-
-    fn what(self) -> &'static str {
-        match self {
-            Case::Exit => "a vfio user streaming DMA into its buffer exits normally",
-            Case::Kill => "a vfio user streaming DMA into its buffer is SIGKILLed",
-            Case::Fork => "fork: the child inherits the fds and streams on, the parent exits, then the child",
-            Case::Pass => "the fds passed over SCM_RIGHTS: the receiver streams on, the opener exits, then the receiver",
-            Case::BarMmap => "BAR0 mmapped through the device fd, every vfio fd closed: streaming through the mapping, then exit",
-        }
+/// The guest step's name.
+fn what(case: Case) -> &'static str {
+    match case {
+        Case::Exit => "a vfio user streaming DMA into its buffer exits normally",
+        Case::Kill => "a vfio user streaming DMA into its buffer is SIGKILLed",
+        Case::Fork => "fork: the child inherits the fds and streams on, the parent exits, then the child",
+        Case::Pass => "the fds passed over SCM_RIGHTS: the receiver streams on, the opener exits, then the receiver",
+        Case::BarMmap => "BAR0 mmapped through the device fd, every vfio fd closed: streaming through the mapping, then exit",
     }
 }
 
@@ -154,20 +132,15 @@ fn run_case(ctx: &mut HostCtx<'_>, case: Case) -> Result<(), HostError> {
     let bdf = ctx.bdf_of(dev)?;
     let mark = ctx.control().last_seq(dev)?;
     let argv = ctx.guest_argv(
-        GuestProgram::MmTeardown,
         dev,
-        &[
-            "--bdf",
-            &bdf,
-            "--case",
-            case.arg(),
-            "--iova",
-            &format!("{IOVA:#x}"),
-            "--buf-kib",
-            &(BUF_LEN >> 10).to_string(),
-        ],
+        MmTeardownOptions {
+            case,
+            bdf: Some(bdf.clone()),
+            iova: Some(IOVA),
+            buf_kib: Some(BUF_LEN >> 10),
+        },
     )?;
-    ctx.guest_test(&format!("guest: {}", case.what()), &argv)?;
+    ctx.guest_test(&format!("guest: {}", what(case)), &argv)?;
     // An incomplete window (records dropped before they were read) ends the scenario with
     // "journal window incomplete".
     let window = ctx.window(dev, mark)?;
@@ -377,7 +350,7 @@ pub fn analyze(records: &[Record], case: Case) -> Analysis {
             .map(|i| i + from)
     };
     let first = find(MARK_FIRST_EXIT, 0);
-    let holder = if case.has_holder() {
+    let holder = if has_holder(case) {
         first.and_then(|f| find(MARK_HOLDER, f + 1))
     } else {
         first
@@ -390,7 +363,7 @@ pub fn analyze(records: &[Record], case: Case) -> Analysis {
             format!(
                 "first-exit marker: {}, {}waitpid marker: {}",
                 if first.is_some() { "yes" } else { "missing" },
-                if case.has_holder() {
+                if has_holder(case) {
                     format!(
                         "holder marker: {}, ",
                         if holder.is_some() { "yes" } else { "missing" }

@@ -15,6 +15,7 @@ use pcisim_guest_wire::Program as Guest;
 
 use crate::harness::scenario::{KernelFeature, Program, Scenario, Twin};
 use crate::harness::suite::{SuiteOptions, SuiteOutcome};
+use crate::vm::profile::ProfileId;
 
 pub mod dmamap;
 pub mod hotplug;
@@ -33,6 +34,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "E1 enumeration",
             timeout: Duration::from_secs(120),
             program: Program::Guest(Guest::E1),
+            profile: ProfileId::Gpu,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -40,6 +42,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "E2 bar-mmio",
             timeout: Duration::from_secs(120),
             program: Program::Guest(Guest::E2),
+            profile: ProfileId::Gpu,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -47,6 +50,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "E3 msix-delivery",
             timeout: Duration::from_secs(120),
             program: Program::Guest(Guest::E3),
+            profile: ProfileId::Gpu,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -54,6 +58,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "E4 gpu-ring",
             timeout: Duration::from_secs(180),
             program: Program::Guest(Guest::E4),
+            profile: ProfileId::Gpu,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -61,6 +66,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "E5 bus-master-off",
             timeout: Duration::from_secs(120),
             program: Program::Guest(Guest::E5),
+            profile: ProfileId::Gpu,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -68,6 +74,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R0 two-function-enumeration",
             timeout: Duration::from_secs(120),
             program: Program::Host(reset::R0),
+            profile: ProfileId::GpuNpu,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -75,6 +82,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R1 flr",
             timeout: Duration::from_secs(120),
             program: Program::Host(reset::R1),
+            profile: ProfileId::GpuNsr,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -82,6 +90,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R2 flr-with-dma",
             timeout: Duration::from_secs(120),
             program: Program::Host(reset::R2),
+            profile: ProfileId::GpuNsr,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -89,6 +98,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R2b flr-dma-buggy-driver",
             timeout: Duration::from_secs(120),
             program: Program::Host(reset::R2B),
+            profile: ProfileId::GpuNsr,
             // The guest program writes Initiate FLR itself with the fill running: the writes in
             // flight land inside the reset and the checker must flag them.
             violations: &[("gpu0", ViolationKind::DmaDuringReset)],
@@ -100,6 +110,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R3 pm-reset",
             timeout: Duration::from_secs(120),
             program: Program::Host(reset::R3),
+            profile: ProfileId::GpuNsr,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -107,6 +118,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R4 bus-reset",
             timeout: Duration::from_secs(120),
             program: Program::Host(reset::R4),
+            profile: ProfileId::Gpu,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -114,6 +126,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R5 slot-reset",
             timeout: Duration::from_secs(120),
             program: Program::Host(reset::R5),
+            profile: ProfileId::GpuNsr,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -121,6 +134,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R6 vfio-device-reset",
             timeout: Duration::from_secs(120),
             program: Program::Host(reset::R6),
+            profile: ProfileId::GpuNsr,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -128,6 +142,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R7 hot-reset",
             timeout: Duration::from_secs(120),
             program: Program::Host(reset::R7),
+            profile: ProfileId::GpuNpu,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -136,6 +151,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R8 slow-failed-reset",
             timeout: Duration::from_secs(180),
             program: Program::Host(reset::R8),
+            profile: ProfileId::GpuNsr,
             // The guest's FLR waits for a device that never becomes ready: pci_dev_wait sleeps
             // in msleep (state D) up to 32.8 s at a time before it gives up after ~65 s, so
             // khungtaskd reports the writer of the sysfs `reset` (`blocked for more than 10
@@ -153,6 +169,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R9 system-reset",
             timeout: Duration::from_secs(120),
             program: Program::Host(reset::R9),
+            profile: ProfileId::Gpu,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -160,6 +177,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R10 probe-reset",
             timeout: Duration::from_secs(120),
             program: Program::Host(probe_reset::R10),
+            profile: ProfileId::NpuProbeHang,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -169,6 +187,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R10b probe-reset-deadlock",
             timeout: Duration::from_secs(180),
             program: Program::Host(probe_reset::R10B),
+            profile: ProfileId::NpuProbeHang,
             // pci_reset_function() from probe sleeps forever in device_lock() (the driver core
             // holds the device lock around probe): khungtaskd reports insmod blocked for more
             // than 10 s. The deadlock this scenario provokes on purpose (seed 002). Lockdep does
@@ -182,6 +201,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "H1 hot-add",
             timeout: Duration::from_secs(120),
             program: Program::Host(hotplug::H1),
+            profile: ProfileId::GpuHotplug,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -189,6 +209,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "H2 hot-remove",
             timeout: Duration::from_secs(120),
             program: Program::Host(hotplug::H2),
+            profile: ProfileId::GpuHotplug,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -196,6 +217,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "H3 add-remove-cycles",
             timeout: Duration::from_secs(120),
             program: Program::Host(hotplug::H3),
+            profile: ProfileId::GpuHotplug,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -203,6 +225,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "H4 remove-while-held",
             timeout: Duration::from_secs(120),
             program: Program::Host(hotplug::H4),
+            profile: ProfileId::GpuHotplug,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -210,6 +233,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "H5 surprise-removal",
             timeout: Duration::from_secs(120),
             program: Program::Host(hotplug::H5),
+            profile: ProfileId::GpuHotplug,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -217,6 +241,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "H6 gpu-npu-peer",
             timeout: Duration::from_secs(120),
             program: Program::Host(hotplug::H6),
+            profile: ProfileId::GpuNpuHotplug,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -224,6 +249,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "H6b gpu-peer-ref-leak",
             timeout: Duration::from_secs(120),
             program: Program::Host(hotplug::H6B),
+            profile: ProfileId::GpuNpuHotplug,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -231,6 +257,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "H7 pciehp-add-remove",
             timeout: Duration::from_secs(120),
             program: Program::Host(hotplug::H7),
+            profile: ProfileId::GpuPciehp,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -238,6 +265,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M1 mm-vfio-exit",
             timeout: Duration::from_secs(120),
             program: Program::Host(mm::M1),
+            profile: ProfileId::Gpu,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -245,6 +273,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M2 mm-vfio-sigkill",
             timeout: Duration::from_secs(120),
             program: Program::Host(mm::M2),
+            profile: ProfileId::Gpu,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -252,6 +281,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M3 mm-vfio-fork",
             timeout: Duration::from_secs(120),
             program: Program::Host(mm::M3),
+            profile: ProfileId::Gpu,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -259,6 +289,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M4 mm-vfio-scm-rights",
             timeout: Duration::from_secs(120),
             program: Program::Host(mm::M4),
+            profile: ProfileId::Gpu,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -266,6 +297,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M5 mm-vfio-bar-mmap",
             timeout: Duration::from_secs(120),
             program: Program::Host(mm::M5),
+            profile: ProfileId::Gpu,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -273,6 +305,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M9 dma-map-1g-pages",
             timeout: Duration::from_secs(1800),
             program: Program::Host(dmamap::M9),
+            profile: ProfileId::GpuLarge,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -280,6 +313,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M6 sva-lifetimes",
             timeout: Duration::from_secs(120),
             program: Program::Host(sva::M6),
+            profile: ProfileId::NpuSva,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -287,6 +321,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M6b sva-no-mm-release",
             timeout: Duration::from_secs(120),
             program: Program::Host(sva::M6B),
+            profile: ProfileId::NpuSva,
             // The driver ignores mm release: the device finds the PASID's tables torn down
             // by exit_mmap while it is still bound.
             violations: &[("npu0", ViolationKind::BindingOutlivedMm)],
@@ -298,6 +333,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M6c sva-ack-without-drain",
             timeout: Duration::from_secs(120),
             program: Program::Host(sva::M6C),
+            profile: ProfileId::NpuSva,
             // The driver returns from mm release without waiting for the drain: the address
             // space changes under the draining PASID.
             violations: &[("npu0", ViolationKind::DrainNotAwaited)],
@@ -309,6 +345,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M7 sva-invalidation",
             timeout: Duration::from_secs(120),
             program: Program::Host(sva::M7),
+            profile: ProfileId::NpuSva,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -316,6 +353,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M7b sva-skip-invalidate",
             timeout: Duration::from_secs(120),
             program: Program::Host(sva::M7B),
+            profile: ProfileId::NpuSva,
             // The driver's invalidation callback does nothing: a missed invalidation.
             violations: &[("npu0", ViolationKind::StaleTranslation)],
             twin: Twin::Of("M7"),
@@ -326,6 +364,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M8 userptr-notifier",
             timeout: Duration::from_secs(180),
             program: Program::Host(userptr::M8),
+            profile: ProfileId::GpuUserptr,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -333,6 +372,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M8b userptr-no-fence-wait",
             timeout: Duration::from_secs(180),
             program: Program::Host(userptr::M8B),
+            profile: ProfileId::GpuUserptr,
             // The driver's invalidation unmaps the userptr without waiting for the ring's fence:
             // the ring's next write hits the unmapped IOVA.
             violations: &[("gpu0", ViolationKind::DmaAfterUnmap)],
@@ -344,6 +384,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M8d userptr-pinned",
             timeout: Duration::from_secs(180),
             program: Program::Host(userptr::M8D),
+            profile: ProfileId::GpuUserptr,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -352,6 +393,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "M8c userptr-alloc-in-signalling",
             timeout: Duration::from_secs(180),
             program: Program::Host(userptr::M8C),
+            profile: ProfileId::GpuUserptr,
             // A GFP_KERNEL allocation inside dma_fence_begin/end_signalling: lockdep's
             // `possible circular locking dependency` (dma_fence_map -> fs_reclaim, against the
             // fs_reclaim -> mmu notifier -> fence wait chain dma-resv.c primes at boot). The
@@ -369,6 +411,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "R12 aer-recovery",
             timeout: Duration::from_secs(180),
             program: Program::Host(reset::R12),
+            profile: ProfileId::GpuUserptr,
             ..Scenario::NO_XFAIL
         },
         Scenario {
@@ -376,6 +419,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "K1 kernel-warn-caught",
             timeout: Duration::from_secs(120),
             program: Program::Host(oracle::K1),
+            profile: ProfileId::Gpu,
             // pcisim_oops WARNs on request: the kernel oracle must catch it.
             kernel_reports: &[KernelReport::Warning],
             twin: Twin::Unpaired("an oracle self-test: its test module is only the bug"),
@@ -387,6 +431,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "K2 kernel-hung-task-caught",
             timeout: Duration::from_secs(120),
             program: Program::Host(oracle::K2),
+            profile: ProfileId::Gpu,
             // pcisim_oops sleeps uninterruptibly on request: khungtaskd must report it.
             kernel_reports: &[KernelReport::HungTask],
             twin: Twin::Unpaired("an oracle self-test: its test module is only the bug"),
@@ -538,6 +583,43 @@ mod tests {
                 ("K2", &[KernelReport::HungTask])
             ]
         );
+    }
+
+    /// Each entry's declared profile is the one the derivation it replaced gave: its host
+    /// program's own profile, or the default (`gpu`) VM for a guest program, which runs against
+    /// the VM's first device. The kselftest entries agree too.
+    #[test]
+    fn test_declared_profile_is_the_programs() {
+        let mut all = catalogue();
+        all.extend(crate::kselftest::scenarios());
+        for s in &all {
+            let derived = match s.program {
+                Program::Host(h) => h.profile,
+                Program::Guest(_) => ProfileId::default(),
+            };
+            assert_eq!(s.profile, derived, "{}", s.id);
+            assert_eq!(s.profile(), s.profile, "{}", s.id);
+        }
+        assert!(all.iter().any(|s| s.profile == ProfileId::NpuSva));
+    }
+
+    /// A guest-program entry runs its program with no options: each one's program can (its
+    /// typed options have no required one), so its command line is never a refused one.
+    #[test]
+    fn test_guest_entries_run_with_bare_options() {
+        let mut guest = 0;
+        for s in catalogue() {
+            if let Program::Guest(p) = s.program {
+                guest += 1;
+                assert!(
+                    pcisim_guest_wire::Options::bare(p).is_ok(),
+                    "{}: {p} cannot run without options",
+                    s.id
+                );
+            }
+        }
+        assert_eq!(guest, 5);
+        assert!(pcisim_guest_wire::Options::bare(Guest::Reset).is_err());
     }
 
     #[test]

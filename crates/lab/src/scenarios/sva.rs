@@ -17,7 +17,7 @@ use crate::harness::host::{count_records, HostCtx, HostError, HostProgram};
 use crate::harness::timeline;
 use crate::vm::kmod::NPU_MODULE;
 use crate::vm::profile::ProfileId;
-use pcisim_guest_wire::{GuestProgram as Invocation, Program as GuestProgram};
+use pcisim_guest_wire::{GuestProgram as Invocation, OnOff, SvaOptions};
 
 /// The NPU of the `npu-sva` profile.
 const NPU: &str = "npu0";
@@ -191,11 +191,12 @@ fn lifetime_case(
 ) -> Result<Option<(u64, Vec<Record>)>, HostError> {
     let mark = ctx.control().last_seq(NPU)?;
     // `sva` finds the NPU by its BDF (no --vendor/--device).
-    let mut sva = Invocation::new(GuestProgram::Sva).args(&["--bdf", bdf, "--case", case]);
-    if lenient {
-        sva = sva.args(&["--lenient", "on"]);
-    }
-    let argv = sva.to_argv();
+    let argv = Invocation::new(SvaOptions {
+        bdf: bdf.to_string(),
+        case: case.to_string(),
+        lenient: lenient.then_some(OnOff::On),
+    })
+    .to_argv();
     let (_, out) = ctx.guest_test_output(what, &argv)?;
     let Some(pasid) = pasid_of(&out.stdout) else {
         ctx.fail(

@@ -23,7 +23,9 @@ use crate::guestops;
 use crate::harness::host::{HostCtx, HostError, HostProgram};
 use crate::vm::kmod::GPU_MODULE;
 use crate::vm::profile::ProfileId;
-use pcisim_guest_wire::{GuestProgram as Invocation, Program as GuestProgram};
+use pcisim_guest_wire::{
+    GuestProgram as Invocation, OnOff, UnmapCall, UserptrMode, UserptrOptions,
+};
 
 /// The GPU of the `gpu-userptr` profile.
 const GPU: &str = "gpu0";
@@ -104,8 +106,10 @@ fn m8c_alloc_in_signalling(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     run_userptr(
         ctx,
         "tracked userptr (bug=alloc_in_signalling), munmap while the ring fills it",
-        &bdf,
-        &["--mode", "tracked", "--unmap", "munmap"],
+        UserptrOptions {
+            unmap: Some(UnmapCall::Munmap),
+            ..UserptrOptions::new(&bdf, UserptrMode::Tracked)
+        },
     )?;
     let splat = ctx.sh(
         "dmesg | grep -A40 'possible circular locking dependency detected' | \
@@ -219,15 +223,11 @@ type IovaRange = (u64, u64);
 fn run_userptr(
     ctx: &mut HostCtx<'_>,
     name: &str,
-    bdf: &str,
-    extra: &[&str],
+    options: UserptrOptions,
 ) -> Result<(Vec<Record>, Option<IovaRange>), HostError> {
     let mark = ctx.control().last_seq(GPU)?;
     // `userptr` finds the GPU by its BDF (no --vendor/--device).
-    let argv = Invocation::new(GuestProgram::Userptr)
-        .args(&["--bdf", bdf])
-        .args(extra)
-        .to_argv();
+    let argv = Invocation::new(options).to_argv();
     let (_, out) = ctx.guest_test_output(name, &argv)?;
     let records = ctx.window(GPU, mark)?.records;
     let iova = figure(&out.stdout, "iova").and_then(parse_u64);
@@ -259,12 +259,14 @@ fn run_userptr(
 fn m8_userptr_notifier(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let bdf = ctx.bdf_of(GPU)?;
     load_driver(ctx, &bdf, "none")?;
-    for unmap in ["munmap", "dontneed"] {
+    for unmap in [UnmapCall::Munmap, UnmapCall::Dontneed] {
         let (records, range) = run_userptr(
             ctx,
             &format!("tracked userptr, {unmap} while the ring fills it"),
-            &bdf,
-            &["--mode", "tracked", "--unmap", unmap],
+            UserptrOptions {
+                unmap: Some(unmap),
+                ..UserptrOptions::new(&bdf, UserptrMode::Tracked)
+            },
         )?;
         let Some((iova, len)) = range else { continue };
         let s = range_story(&records, iova, len);
@@ -294,8 +296,11 @@ fn m8b_no_fence_wait(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let (records, range) = run_userptr(
         ctx,
         "tracked userptr (bug=no_fence_wait), munmap while the ring fills it",
-        &bdf,
-        &["--mode", "tracked", "--unmap", "munmap", "--lenient", "on"],
+        UserptrOptions {
+            unmap: Some(UnmapCall::Munmap),
+            lenient: Some(OnOff::On),
+            ..UserptrOptions::new(&bdf, UserptrMode::Tracked)
+        },
     )?;
     if let Some((iova, len)) = range {
         let s = range_story(&records, iova, len);
@@ -321,8 +326,10 @@ fn m8d_pinned(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let (records, range) = run_userptr(
         ctx,
         "pinned userptr, munmap while the ring fills it",
-        &bdf,
-        &["--mode", "pinned", "--unmap", "munmap"],
+        UserptrOptions {
+            unmap: Some(UnmapCall::Munmap),
+            ..UserptrOptions::new(&bdf, UserptrMode::Pinned)
+        },
     )?;
     if let Some((iova, len)) = range {
         let s = range_story(&records, iova, len);

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use pcisim_guest_wire::Program as GuestProgram;
+use pcisim_guest_wire::{Options, Program as GuestProgram};
 use pcisim_journal::{Event, ViolationKind};
 use serde::Deserialize;
 
@@ -202,7 +202,8 @@ pub enum Action {
         program: GuestProgram,
         /// The device whose ids (and, for e1, description) it gets.
         device: String,
-        /// Extra arguments.
+        /// The program's options as words (`--bdf`, `{bdf:gpu0}`, ...): checked against its
+        /// typed options at load ([`Options::parse`]), expanded and parsed again at the run.
         args: Vec<String>,
     },
     /// `sh -c SCRIPT` in the guest: its exit status must be `exit`, its stdout must contain
@@ -458,6 +459,10 @@ fn step(raw: RawStep, index: usize) -> Result<Step, String> {
                 names.join(", ")
             )
         })?;
+        // The options are the program's typed ones ([`Options::parse`]): a misspelt option or
+        // a value the program does not take is refused here, at load, naming the step's line.
+        // `{bdf:ID}` stands in a value until the run; the run parses the expanded words again.
+        Options::parse(program, &raw.args).map_err(|e| e.to_string())?;
         Action::Guest {
             program,
             device: device()?,
@@ -724,6 +729,7 @@ fn scenario_of(file: &'static ScenarioFile) -> Scenario {
             profile: file.profile,
             run: run::run_file,
         }),
+        profile: file.profile,
         kernel_reports: Box::leak(file.kernel.clone().into_boxed_slice()),
         violations: Box::leak(violations.into_boxed_slice()),
         twin: if file.violations.is_empty() && file.kernel.is_empty() {

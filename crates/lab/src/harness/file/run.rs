@@ -89,11 +89,9 @@ fn do_step(ctx: &mut HostCtx<'_>, name: &str, action: &Action) -> Result<bool, H
                 .iter()
                 .map(|a| expand(ctx, a))
                 .collect::<Result<Vec<_>, _>>()?;
-            let argv = ctx.guest_argv(
-                *program,
-                device,
-                &args.iter().map(String::as_str).collect::<Vec<_>>(),
-            )?;
+            let options = pcisim_guest_wire::Options::parse(*program, &args)
+                .map_err(|e| HostError::Step(format!("{name}: {e}")))?;
+            let argv = ctx.guest_argv(device, options)?;
             let verdict = ctx.guest_test(name, &argv)?;
             // A skipped guest program is not a failed step (the suite's verdict judges it).
             Ok(!matches!(verdict, Verdict::Fail(_)))

@@ -90,6 +90,23 @@ fn test_bad_names_are_refused_with_their_line() {
         e.starts_with("t.toml:6: unknown guest program \"rest\""),
         "{e}"
     );
+    // The guest program's options are its typed ones: a misspelt option, a value it does not
+    // take and a missing required one are refused at load, naming the step's line.
+    let e = err(&GOOD.replace("\"--method\", \"flr\"", "\"--methd\", \"flr\""));
+    assert!(
+        e.starts_with("t.toml:6: reset: unknown option --methd (it takes: --bdf --method"),
+        "{e}"
+    );
+    let e = err(&GOOD.replace("\"--method\", \"flr\"", "\"--method\", \"flx\""));
+    assert!(
+        e.starts_with("t.toml:6: reset: --method: \"flx\" is not one of flr,"),
+        "{e}"
+    );
+    let e = err(&GOOD.replace(", \"--method\", \"flr\"", ""));
+    assert!(
+        e.starts_with("t.toml:6: reset: missing required option --method"),
+        "{e}"
+    );
     let e = err(&GOOD.replace("gpu-nsr", "gpu-nrs"));
     assert!(
         e.starts_with("t.toml:4: unknown profile \"gpu-nrs\""),

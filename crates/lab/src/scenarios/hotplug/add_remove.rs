@@ -35,13 +35,13 @@ pub(super) fn h1_hot_add(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         info.parent.is_some(),
         "no parent bridge in query-pci",
     );
-    let argv = ctx.guest_argv(GuestProgram::E1, &id, &["--bdf", &bdf])?;
+    let argv = ctx.guest_argv(&id, E1Options::at(&bdf))?;
     ctx.guest_test(&format!("{id} at {bdf} passes E1"), &argv)?;
     let msi = msi_applies(ctx, &id)?;
     if msi {
         check_msi_cap(ctx, &id, &bdf)?;
     }
-    let argv = ctx.guest_argv(GuestProgram::E2, &id, &["--bdf", &bdf])?;
+    let argv = ctx.guest_argv(&id, Options::E2(SelectOptions::at(&bdf)))?;
     ctx.guest_test(&format!("BAR access: {id} at {bdf} passes E2"), &argv)?;
     if msi {
         check_msi_delivery(ctx, &id, &bdf)?;
@@ -139,7 +139,7 @@ pub(super) fn check_msi_cap(ctx: &mut HostCtx<'_>, id: &str, bdf: &str) -> Resul
 
 /// The doorbells H1's E3 rings over MSI (when the guest enables fewer vectors than the
 /// capability offers, e.g. one without interrupt remapping, 1 and 5 fold onto them: docs/pci.md).
-pub(super) const H1_MSI_VECTORS: &str = "0,1,5";
+pub(super) const H1_MSI_VECTORS: &[u32] = &[0, 1, 5];
 
 /// MSI delivery in the guest: E3 with `--irq msi` through a guest vfio user, and the device's
 /// journal of the step: one `interrupt` record `delivered` per doorbell, nothing held back.
@@ -151,13 +151,16 @@ pub(super) fn check_msi_delivery(
     let name = "MSI delivery in the guest through vfio-pci";
     let mark = ctx.control().last_seq(id)?;
     let argv = ctx.guest_argv(
-        GuestProgram::E3,
         id,
-        &["--bdf", bdf, "--irq", "msi", "--vectors", H1_MSI_VECTORS],
+        E3Options {
+            vectors: Some(H1_MSI_VECTORS.to_vec()),
+            irq: Some(IrqMode::Msi),
+            bdf: Some(bdf.to_string()),
+        },
     )?;
     ctx.guest_test(&format!("{name}: {id} at {bdf} passes E3 --irq msi"), &argv)?;
     let w = ctx.window(id, mark)?.records;
-    let doorbells = H1_MSI_VECTORS.split(',').count();
+    let doorbells = H1_MSI_VECTORS.len();
     let delivered = count_records(&w, |e| {
         matches!(
             e,
@@ -342,11 +345,14 @@ pub(super) fn h3_add_remove_cycles(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
             Err(e) => return Err(e),
         };
         let bdf = info.bdf();
-        let kib = H3_DMA_KIB.to_string();
         let argv = ctx.guest_argv(
-            GuestProgram::VfioUser,
             &id,
-            &["--bdf", &bdf, "--dma-kib", &kib, "--req", "off"],
+            VfioUserOptions {
+                bdf: Some(bdf.clone()),
+                dma_kib: Some(H3_DMA_KIB as u64),
+                req: Some(ReqMode::Off),
+                ..VfioUserOptions::default()
+            },
         )?;
         let t = Instant::now();
         let out = ctx.guest(&argv)?;

@@ -24,22 +24,18 @@ pub(super) fn start_holder(
     ctx: &mut HostCtx<'_>,
     id: &str,
     bdf: &str,
-    mode: &str,
+    mode: ReqMode,
     tag: &str,
 ) -> Result<u32, HostError> {
     let argv = ctx.guest_argv(
-        GuestProgram::VfioUser,
         id,
-        &[
-            "--bdf",
-            bdf,
-            "--req",
-            mode,
-            "--ready-file",
-            &format!("/tmp/{tag}.ready"),
-            "--wait-s",
-            "300",
-        ],
+        VfioUserOptions {
+            bdf: Some(bdf.to_string()),
+            req: Some(mode),
+            ready_file: Some(format!("/tmp/{tag}.ready")),
+            wait_s: Some(300),
+            ..VfioUserOptions::default()
+        },
     )?;
     let out = sh_output(
         ctx,
@@ -98,7 +94,7 @@ pub(super) fn h4_remove_while_held(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
     let id = hotplug_device(ctx)?;
     // Cooperative: the holder releases on REQ.
     let bdf = ensure_plugged_unbound(ctx, &id)?;
-    let pid = start_holder(ctx, &id, &bdf, "release", "h4a")?;
+    let pid = start_holder(ctx, &id, &bdf, ReqMode::Release, "h4a")?;
     ctx.pass(&format!(
         "a guest vfio user (pid {pid}) holds {id} at {bdf} with a DMA buffer mapped and watches REQ"
     ));
@@ -134,7 +130,7 @@ pub(super) fn h4_remove_while_held(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
 
     // Uncooperative: the holder ignores REQ until it is killed.
     let bdf = ensure_plugged_unbound(ctx, &id)?;
-    let pid = start_holder(ctx, &id, &bdf, "ignore", "h4b")?;
+    let pid = start_holder(ctx, &id, &bdf, ReqMode::Ignore, "h4b")?;
     sh_output(ctx, "dmesg -c > /dev/null; true")?;
     ctx.pass(&format!(
         "an uncooperative guest vfio user (pid {pid}) holds {id} at {bdf} and ignores REQ"

@@ -27,7 +27,10 @@ use crate::vm::kmod::NPU_MODULE;
 use crate::vm::profile::ProfileId;
 use crate::vm::qmp::{PciDeviceInfo, QmpError};
 use crate::vm::server::{server_pid, usage};
-use pcisim_guest_wire::{GuestProgram as Invocation, Program as GuestProgram};
+use pcisim_guest_wire::{
+    BarIoOptions, DmaStreamOptions, E1Options, E3Options, GuestProgram as Invocation, IrqMode,
+    Options, ReqMode, SelectOptions, VfioUserOptions,
+};
 
 mod add_remove;
 mod held;

@@ -35,7 +35,7 @@ pub(super) fn h7_pciehp_add_remove(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
             n > 0,
             "no pciehp service: the slots are not under native hotplug",
         );
-        let argv = ctx.guest_argv(GuestProgram::E1, &id, &["--bdf", &bdf])?;
+        let argv = ctx.guest_argv(&id, E1Options::at(&bdf))?;
         ctx.guest_test(&format!("cycle {cycle}: {id} at {bdf} passes E1"), &argv)?;
         let took = unplug(ctx, &id)?;
         ctx.progress(&format!(

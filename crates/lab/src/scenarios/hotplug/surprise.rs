@@ -10,17 +10,18 @@ pub(super) fn bar_io(
     offs: &[u64],
     write: Option<(u64, u32)>,
 ) -> Result<Vec<u32>, HostError> {
-    let mut list: Vec<String> = Vec::new();
+    let mut off: Vec<u64> = Vec::new();
     if let Some((o, _)) = write {
-        list.push(format!("{o:#x}"));
+        off.push(o);
     }
-    list.extend(offs.iter().map(|o| format!("{o:#x}")));
-    let mut bar_io =
-        Invocation::new(GuestProgram::BarIo).args(&["--bdf", bdf, "--off", &list.join(",")]);
-    if let Some((_, v)) = write {
-        bar_io = bar_io.args(&["--write".to_string(), format!("{v:#x}")]);
-    }
-    let argv = bar_io.to_argv();
+    off.extend_from_slice(offs);
+    let argv = Invocation::new(BarIoOptions {
+        bdf: bdf.to_string(),
+        bar: None,
+        off,
+        write: write.map(|(_, v)| v),
+    })
+    .to_argv();
     let out = ctx.guest(&argv)?;
     if out.exit != Some(0) {
         return Err(HostError::Step(format!(
@@ -139,26 +140,20 @@ pub(super) fn h5_dma_across_link_down(
 ) -> Result<(), HostError> {
     let raw = ctx.device(id)?.description.raw.clone();
     let irq = if described_cap(&raw, 0x05).is_some() {
-        "msi"
+        IrqMode::Msi
     } else {
-        "msix"
+        IrqMode::Msix
     };
-    let down_wait = H5_DOWN_WAIT_S.to_string();
     let argv = ctx.guest_argv(
-        GuestProgram::DmaStream,
         id,
-        &[
-            "--bdf",
-            bdf,
-            "--irq",
-            irq,
-            "--ready-file",
-            &format!("{H5_STREAM}.ready"),
-            "--down-file",
-            &format!("{H5_STREAM}.down"),
-            "--down-wait-s",
-            &down_wait,
-        ],
+        DmaStreamOptions {
+            bdf: Some(bdf.to_string()),
+            irq: Some(irq),
+            ready_file: Some(format!("{H5_STREAM}.ready")),
+            down_file: Some(format!("{H5_STREAM}.down")),
+            down_wait_s: Some(H5_DOWN_WAIT_S),
+            ..DmaStreamOptions::default()
+        },
     )?;
     let cmd = argv
         .iter()

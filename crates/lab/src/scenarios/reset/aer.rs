@@ -18,7 +18,7 @@ use serde_json::json;
 use super::*;
 use crate::guestops;
 use crate::vm::kmod::GPU_MODULE;
-use pcisim_guest_wire::GuestProgram as Invocation;
+use pcisim_guest_wire::{GuestProgram as Invocation, UnmapCall, UserptrMode, UserptrOptions};
 
 /// The GPU of the `gpu-userptr` profile.
 const GPU: &str = "gpu0";
@@ -297,20 +297,13 @@ fn r12_aer_recovery(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     // it off; the driver fails its fence with -EIO (`--lenient on`: the program reports the
     // fence's error instead of judging it; its output is read here).
     let at = mark(ctx, GPU)?;
-    let argv = Invocation::new(GuestProgram::Userptr)
-        .args(&[
-            "--bdf",
-            &t.bdf,
-            "--mode",
-            "pinned",
-            "--unmap",
-            "munmap",
-            "--repeat",
-            "1024",
-            "--lenient",
-            "on",
-        ])
-        .to_argv();
+    let argv = Invocation::new(UserptrOptions {
+        unmap: Some(UnmapCall::Munmap),
+        repeat: Some(1024),
+        lenient: Some(OnOff::On),
+        ..UserptrOptions::new(&t.bdf, UserptrMode::Pinned)
+    })
+    .to_argv();
     ctx.sh(&format!(
         "rm -f {INFLIGHT_OUT}; ({} > {INFLIGHT_OUT} 2>&1; echo \"exit $?\" >> {INFLIGHT_OUT}) \
          </dev/null >/dev/null 2>&1 &",
@@ -363,9 +356,11 @@ fn r12_aer_recovery(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 
     // 3. The device works again: a ring FILL into pinned user memory, fenced by interrupt.
     let at = mark(ctx, GPU)?;
-    let argv = Invocation::new(GuestProgram::Userptr)
-        .args(&["--bdf", &t.bdf, "--mode", "pinned", "--unmap", "munmap"])
-        .to_argv();
+    let argv = Invocation::new(UserptrOptions {
+        unmap: Some(UnmapCall::Munmap),
+        ..UserptrOptions::new(&t.bdf, UserptrMode::Pinned)
+    })
+    .to_argv();
     ctx.guest_test(
         "after recovery: the ring fills a pinned userptr and its fence signals",
         &argv,

@@ -6,44 +6,41 @@ pub(super) fn r1_flr(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let dev = "gpu0";
     let bdf = ctx.bdf_of(dev)?;
 
-    let m = mark(ctx, dev)?;
-    let argv = ctx.guest_argv(
-        GuestProgram::Reset,
-        dev,
-        &["--bdf", &bdf, "--method", "flr"],
-    )?;
-    guest_step(
+    let argv = ctx.guest_argv(dev, reset_at(&bdf, ResetMethod::Flr))?;
+    reset_step(
         ctx,
+        dev,
         &format!("{dev} unbound: reset_method=flr, reset: registers back to defaults"),
         &argv,
+        &format!("{dev} unbound"),
+        &[ResetKind::Flr],
     )?;
-    let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} unbound"), &w, &[ResetKind::Flr]);
 
-    let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
-        GuestProgram::ResetVfio,
         dev,
-        &["--bdf", &bdf, "--op", "sysfs-flr", "--ring", "on"],
+        ResetVfioOptions {
+            bdf: Some(bdf.clone()),
+            op: VfioResetOp::SysfsFlr,
+            ring: Some(OnOff::On),
+        },
     )?;
-    guest_step(
+    let (w, marked) = marked_step(
         ctx,
+        dev,
         &format!("{dev} under a guest vfio driver: sysfs FLR, interrupts and DMA after it"),
         &argv,
+        &format!("{dev} between the marker interrupts: journaled reset_begin/reset_end kind=flr"),
     )?;
-    let w = since(ctx, dev, m)?;
     let (all, _) = reset_kinds(&w);
     ctx.diag(&format!(
         "{dev}: the vfio session journaled resets {:?} (vfio-pci resets on open and close; runtime PM resumes from D3hot)",
         all.iter().map(|k| k.name()).collect::<Vec<_>>()
     ));
-    let what =
-        format!("{dev} between the marker interrupts: journaled reset_begin/reset_end kind=flr");
-    if let Some(b) = marked_window(ctx, &what, &w) {
+    if let Some(b) = marked {
         check_kinds(
             ctx,
             &format!("{dev} between the marker interrupts"),
-            b,
+            &b,
             &[ResetKind::Flr],
         );
     }
@@ -86,31 +83,46 @@ pub(super) fn ring_refused(e: &Event) -> bool {
     )
 }
 
-pub(super) fn r2_flr_with_dma(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
+/// R2's and R2b's step: `reset-dma --mode MODE` on `gpu0` (the ring's FILL running, then an
+/// FLR between the marker interrupts), and the check that the one reset between the markers
+/// is an FLR (`kinds_what`). Returns the marked window (`None`: the markers are missing, a
+/// failed check says so).
+fn flr_with_dma_step(
+    ctx: &mut HostCtx<'_>,
+    mode: ResetDmaMode,
+    name: &str,
+    kinds_what: &str,
+) -> Result<Option<Vec<Record>>, HostError> {
     let dev = "gpu0";
     let bdf = ctx.bdf_of(dev)?;
-    let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
-        GuestProgram::ResetDma,
         dev,
-        &["--bdf", &bdf, "--mode", "correct"],
+        ResetDmaOptions {
+            bdf: Some(bdf),
+            mode,
+            len: None,
+        },
     )?;
-    guest_step(
-        ctx,
-        &format!("{dev}: FILL running, Transactions Pending seen, VFIO_DEVICE_RESET"),
-        &argv,
-    )?;
-    let w = since(ctx, dev, m)?;
     let what = format!("{dev}: the reset between the marker interrupts");
-    let Some(b) = marked_window(ctx, &what, &w) else {
+    let (_, marked) = marked_step(ctx, dev, name, &argv, &what)?;
+    if let Some(b) = &marked {
+        check_kinds(ctx, kinds_what, b, &[ResetKind::Flr]);
+    }
+    Ok(marked)
+}
+
+pub(super) fn r2_flr_with_dma(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
+    let dev = "gpu0";
+    let Some(b) = flr_with_dma_step(
+        ctx,
+        ResetDmaMode::Correct,
+        &format!("{dev}: FILL running, Transactions Pending seen, VFIO_DEVICE_RESET"),
+        &format!("{dev} FLR with DMA in flight"),
+    )?
+    else {
         return Ok(());
     };
-    check_kinds(
-        ctx,
-        &format!("{dev} FLR with DMA in flight"),
-        b,
-        &[ResetKind::Flr],
-    );
+    let b = b.as_slice();
     let begin = first(b, |e| matches!(e, Event::ResetBegin { .. })).unwrap_or(b.len());
     let (before, inside) = b.split_at(begin);
     let written = dma_write_bytes(before);
@@ -143,24 +155,16 @@ pub(super) fn r2_flr_with_dma(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
 
 pub(super) fn r2b_flr_dma_buggy_driver(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let dev = "gpu0";
-    let bdf = ctx.bdf_of(dev)?;
-    let m = mark(ctx, dev)?;
-    let argv = ctx.guest_argv(
-        GuestProgram::ResetDma,
-        dev,
-        &["--bdf", &bdf, "--mode", "buggy"],
-    )?;
-    guest_step(
+    let Some(b) = flr_with_dma_step(
         ctx,
+        ResetDmaMode::Buggy,
         &format!("{dev}: FILL running, the program writes Initiate FLR itself (driver bug)"),
-        &argv,
-    )?;
-    let w = since(ctx, dev, m)?;
-    let what = format!("{dev}: the reset between the marker interrupts");
-    let Some(b) = marked_window(ctx, &what, &w) else {
+        &format!("{dev} raw FLR"),
+    )?
+    else {
         return Ok(());
     };
-    check_kinds(ctx, &format!("{dev} raw FLR"), b, &[ResetKind::Flr]);
+    let b = b.as_slice();
     let begin = first(b, |e| matches!(e, Event::ResetBegin { .. })).unwrap_or(b.len());
     let end = first(b, |e| matches!(e, Event::ResetEnd { .. })).unwrap_or(b.len());
     let (before, inside) = (&b[..begin], &b[begin..end.max(begin)]);

@@ -12,26 +12,27 @@ pub(super) fn r3_pm_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let bdf = ctx.bdf_of(dev)?;
     let nsr_bdf = ctx.bdf_of(nsr)?;
 
-    let m = mark(ctx, dev)?;
-    let argv = ctx.guest_argv(GuestProgram::Reset, dev, &["--bdf", &bdf, "--method", "pm"])?;
-    guest_step(
+    let argv = ctx.guest_argv(dev, reset_at(&bdf, ResetMethod::Pm))?;
+    let w = reset_step(
         ctx,
+        dev,
         &format!("{dev}: reset_method=pm, reset: registers back to defaults"),
         &argv,
+        &format!("{dev} pm"),
+        &[ResetKind::PmSoftReset],
     )?;
-    let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} pm"), &w, &[ResetKind::PmSoftReset]);
     let to_d3 = count_records(&w, is_power);
     ctx.diag(&format!("{dev}: {to_d3} power state changes journaled"));
 
     let m = mark(ctx, nsr)?;
     let argv = ctx.guest_argv(
-        GuestProgram::Reset,
         nsr,
-        &[
-            "--bdf", &nsr_bdf, "--method", "pm", "--absent", "pm", "--errno", "22", "--expect",
-            "kept",
-        ],
+        ResetOptions {
+            absent: Some(vec![ResetMethod::Pm]),
+            errno: Some(22),
+            expect: Some(ResetExpect::Kept),
+            ..reset_at(&nsr_bdf, ResetMethod::Pm)
+        },
     )?;
     guest_step(
         ctx,
@@ -39,11 +40,11 @@ pub(super) fn r3_pm_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         &argv,
     )?;
     let argv = ctx.guest_argv(
-        GuestProgram::Reset,
         nsr,
-        &[
-            "--bdf", &nsr_bdf, "--method", "pm-cycle", "--expect", "kept",
-        ],
+        ResetOptions {
+            expect: Some(ResetExpect::Kept),
+            ..reset_at(&nsr_bdf, ResetMethod::PmCycle)
+        },
     )?;
     guest_step(
         ctx,
@@ -62,60 +63,43 @@ pub(super) fn r3_pm_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         ),
     );
 
-    let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
-        GuestProgram::Reset,
         dev,
-        &["--bdf", &bdf, "--method", "pm-cycle", "--expect", "cleared"],
+        ResetOptions {
+            expect: Some(ResetExpect::Cleared),
+            ..reset_at(&bdf, ResetMethod::PmCycle)
+        },
     )?;
-    guest_step(
+    reset_step(
         ctx,
+        dev,
         &format!("{dev} (No_Soft_Reset=0): the same D3hot -> D0 resets it"),
         &argv,
-    )?;
-    let w = since(ctx, dev, m)?;
-    check_kinds(
-        ctx,
         &format!("{dev} D3hot -> D0"),
-        &w,
         &[ResetKind::PmSoftReset],
-    );
+    )?;
     Ok(())
 }
 
 pub(super) fn r4_bus_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let dev = "gpu0";
     let bdf = ctx.bdf_of(dev)?;
-    let m = mark(ctx, dev)?;
     // Under ACPI hotplug QEMU's root port advertises Data Link Layer Link Active Reporting but
     // never sets Link Active; the port is a 16 GT/s one, so after the SBR the kernel waits for
     // Link Active (PCIe Base 6.0 §6.6.1), gives up after 100 ms + 1 s and returns ENOTTY. The
     // reset has happened by then and the kernel restores config space anyway.
     let argv = ctx.guest_argv(
-        GuestProgram::Reset,
         dev,
-        &[
-            "--bdf",
-            &bdf,
-            "--method",
-            "bus",
-            "--offered",
-            "flr,pm,bus",
-            "--errno",
-            "25",
-            "--kmsg",
-            "Data Link Layer Link Active not set",
-        ],
+        ResetOptions {
+            offered: Some(vec![ResetMethod::Flr, ResetMethod::Pm, ResetMethod::Bus]),
+            errno: Some(25),
+            kmsg: Some("Data Link Layer Link Active not set".into()),
+            ..reset_at(&bdf, ResetMethod::Bus)
+        },
     )?;
-    guest_step(
-        ctx,
-        &format!(
+    reset_step(ctx, dev, &format!(
             "{dev}: reset_method=bus: registers back to defaults; the kernel then times out on Link Active (ENOTTY)"
-        ),
-        &argv,
-    )?;
-    let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} bus"), &w, &[ResetKind::DeviceReset]);
+        ), &argv, &format!("{dev} bus"), &[ResetKind::DeviceReset])?;
     Ok(())
 }
 
@@ -145,19 +129,21 @@ pub(super) fn r5_slot_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
             && slots.lines().any(|l| l.trim() == format!("slot {slot} 1")),
         slots.trim().replace('\n', "; "),
     );
-    let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
-        GuestProgram::Reset,
         dev,
-        &["--bdf", &bdf, "--method", "bus", "--offered", "flr,bus"],
+        ResetOptions {
+            offered: Some(vec![ResetMethod::Flr, ResetMethod::Bus]),
+            ..reset_at(&bdf, ResetMethod::Bus)
+        },
     )?;
-    guest_step(
+    reset_step(
         ctx,
+        dev,
         &format!("{dev}: reset_method=bus is pciehp's slot reset: registers back to defaults"),
         &argv,
+        &format!("{dev} slot"),
+        &[ResetKind::DeviceReset],
     )?;
-    let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} slot"), &w, &[ResetKind::DeviceReset]);
     let after = ctx.sh(&format!(
         "cat /sys/bus/pci/slots/*/address /sys/bus/pci/slots/*/adapter; ls /sys/bus/pci/devices/{bdf}"
     ))?;
@@ -175,18 +161,20 @@ pub(super) fn r6_vfio_device_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
     let methods = ctx.sh(&format!("cat /sys/bus/pci/devices/{bdf}/reset_method"))?;
     let first = methods.split_whitespace().next().unwrap_or("").to_string();
     ctx.diag(&format!("{dev} reset_method: {}", methods.trim()));
-    let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
-        GuestProgram::ResetVfio,
         dev,
-        &["--bdf", &bdf, "--op", "ioctl", "--ring", "on"],
+        ResetVfioOptions {
+            bdf: Some(bdf.clone()),
+            op: VfioResetOp::Ioctl,
+            ring: Some(OnOff::On),
+        },
     )?;
-    guest_step(
+    let w = journaled_step(
         ctx,
+        dev,
         &format!("{dev}: VFIO_DEVICE_RESET from a guest vfio driver, usable afterwards"),
         &argv,
     )?;
-    let w = since(ctx, dev, m)?;
     // pci_try_reset_function uses the first method that works: the first one offered.
     let want = if first == "bus" {
         Some(ResetKind::DeviceReset)
@@ -219,23 +207,15 @@ pub(super) fn r7_hot_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
     let (f0, f1) = (ctx.bdf_of(d0)?, ctx.bdf_of(d1)?);
     let (m0, m1) = (mark(ctx, d0)?, mark(ctx, d1)?);
     let peer = &ctx.device(d1)?.description;
-    let (peer_vendor, peer_device) = (
-        format!("{:#06x}", peer.vendor_id),
-        format!("{:#06x}", peer.device_id),
-    );
+    let (peer_vendor, peer_device) = (peer.vendor_id, peer.device_id);
     let argv = ctx.guest_argv(
-        GuestProgram::ResetHot,
         d0,
-        &[
-            "--bdf",
-            &f0,
-            "--peer",
-            &f1,
-            "--peer-vendor",
-            &peer_vendor,
-            "--peer-device",
-            &peer_device,
-        ],
+        ResetHotOptions {
+            bdf: f0.clone(),
+            peer: f1.clone(),
+            peer_vendor: Some(peer_vendor),
+            peer_device: Some(peer_device),
+        },
     )?;
     guest_step(
         ctx,
@@ -273,56 +253,43 @@ pub(super) fn r8_slow_failed_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
 
     // Slow: config space reads all-ones for 1.5 s after the FLR.
     ctx.inject(dev, "slow-reset=1500")?;
-    let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
-        GuestProgram::Reset,
         dev,
-        &[
-            "--bdf",
-            &bdf,
-            "--method",
-            "flr",
-            "--min-ms",
-            "1500",
-            "--kmsg",
-            "after FLR",
-        ],
+        ResetOptions {
+            min_ms: Some(1500),
+            kmsg: Some("after FLR".into()),
+            ..reset_at(&bdf, ResetMethod::Flr)
+        },
     )?;
-    guest_step(
+    reset_step(
         ctx,
+        dev,
         &format!("{dev} slow-reset=1500: the guest's FLR waits >= 1.5 s and succeeds"),
         &argv,
+        &format!("{dev} slow FLR"),
+        &[ResetKind::Flr],
     )?;
-    let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} slow FLR"), &w, &[ResetKind::Flr]);
 
     // Never: the kernel polls ~65 s, gives up, and the function stays not ready.
     ctx.inject(dev, "slow-reset=never")?;
-    let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
-        GuestProgram::Reset,
         dev,
-        &[
-            "--bdf",
-            &bdf,
-            "--method",
-            "flr",
-            "--errno",
-            "25",
-            "--expect",
-            "dead",
-            "--kmsg",
-            "giving up",
-        ],
+        ResetOptions {
+            errno: Some(25),
+            expect: Some(ResetExpect::Dead),
+            kmsg: Some("giving up".into()),
+            ..reset_at(&bdf, ResetMethod::Flr)
+        },
     )?;
     ctx.progress("slow-reset=never: the guest's FLR waits ~65 s before giving up");
-    guest_step(
+    reset_step(
         ctx,
+        dev,
         &format!("{dev} slow-reset=never: the kernel gives up (ENOTTY, logged)"),
         &argv,
+        &format!("{dev} failed FLR"),
+        &[ResetKind::Flr],
     )?;
-    let w = since(ctx, dev, m)?;
-    check_kinds(ctx, &format!("{dev} failed FLR"), &w, &[ResetKind::Flr]);
     let status = ctx.control().status(dev)?;
     ctx.check(
         &format!("{dev} reports itself not ready"),
@@ -334,11 +301,12 @@ pub(super) fn r8_slow_failed_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
     ctx.inject(dev, "slow-reset=0")?;
     let m = mark(ctx, dev)?;
     let argv = ctx.guest_argv(
-        GuestProgram::Reset,
         dev,
-        &[
-            "--bdf", &bdf, "--method", "sbr", "--dirty", "off", "--expect", "cleared",
-        ],
+        ResetOptions {
+            dirty: Some(OnOff::Off),
+            expect: Some(ResetExpect::Cleared),
+            ..reset_at(&bdf, ResetMethod::Sbr)
+        },
     )?;
     guest_step(
         ctx,
@@ -352,7 +320,7 @@ pub(super) fn r8_slow_failed_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostErro
         &w,
         &[ResetKind::DeviceReset],
     );
-    let argv = ctx.guest_argv(GuestProgram::E1, dev, &["--bdf", &bdf])?;
+    let argv = ctx.guest_argv(dev, E1Options::at(&bdf))?;
     ctx.guest_test(&format!("{dev} enumerates as before (E1)"), &argv)?;
     Ok(())
 }

@@ -25,7 +25,10 @@ use crate::harness::host::{
 use crate::vm::agent::RunOutput;
 use crate::vm::profile::{DeviceKind, ProfileId};
 use crate::vm::qmp::PciDeviceInfo;
-use pcisim_guest_wire::Program as GuestProgram;
+use pcisim_guest_wire::{
+    E1Options, NpuPeerOptions, OnOff, ResetDmaMode, ResetDmaOptions, ResetExpect, ResetHotOptions,
+    ResetMethod, ResetOptions, ResetVfioOptions, VfioResetOp, YesNo,
+};
 
 mod aer;
 mod flr;
@@ -234,6 +237,58 @@ fn describe_kinds(kinds: &[ResetKind]) -> String {
         let list: Vec<String> = kinds.iter().map(|k| format!("kind={k}")).collect();
         format!("reset_begin/reset_end {}", list.join(", "))
     }
+}
+
+/// `reset --bdf bdf --method method`, every other option at its default.
+fn reset_at(bdf: &str, method: ResetMethod) -> ResetOptions {
+    ResetOptions {
+        bdf: Some(bdf.to_string()),
+        ..ResetOptions::new(method)
+    }
+}
+
+/// Runs guest step `argv` as the subtest `name` ([`guest_step`]) and returns the records `dev`
+/// journaled meanwhile: the resets that step caused and nothing from before it.
+fn journaled_step(
+    ctx: &mut HostCtx<'_>,
+    dev: &str,
+    name: &str,
+    argv: &[String],
+) -> Result<Vec<Record>, HostError> {
+    let m = mark(ctx, dev)?;
+    guest_step(ctx, name, argv)?;
+    since(ctx, dev, m)
+}
+
+/// A reset step: [`journaled_step`], then the check (named after `what`) that `dev` journaled
+/// exactly the resets `want`. Returns the step's records.
+fn reset_step(
+    ctx: &mut HostCtx<'_>,
+    dev: &str,
+    name: &str,
+    argv: &[String],
+    what: &str,
+    want: &[ResetKind],
+) -> Result<Vec<Record>, HostError> {
+    let w = journaled_step(ctx, dev, name, argv)?;
+    check_kinds(ctx, what, &w, want);
+    Ok(w)
+}
+
+/// A step whose guest program rings the marker interrupts just before and just after its reset
+/// (`reset-vfio`, `reset-dma`): [`journaled_step`], and the records between the markers, or
+/// `None` with a failed check `what` when not both markers are in the journal. Returns the
+/// step's records and the marked window.
+fn marked_step(
+    ctx: &mut HostCtx<'_>,
+    dev: &str,
+    name: &str,
+    argv: &[String],
+    what: &str,
+) -> Result<(Vec<Record>, Option<Vec<Record>>), HostError> {
+    let w = journaled_step(ctx, dev, name, argv)?;
+    let marked = marked_window(ctx, what, &w).map(<[Record]>::to_vec);
+    Ok((w, marked))
 }
 
 /// Runs a guest program as a subtest (its KTAP nested) and reports the latency it measured.

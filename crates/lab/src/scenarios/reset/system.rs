@@ -54,7 +54,7 @@ pub(super) fn r9_system_reset(ctx: &mut HostCtx<'_>) -> Result<(), HostError> {
         begins == ends,
         format!("{begins} reset_begin but {ends} reset_end"),
     );
-    let argv = ctx.guest_argv(GuestProgram::E1, &dev, &[])?;
+    let argv = ctx.guest_argv(&dev, E1Options::default())?;
     ctx.guest_test(
         &format!("{dev} enumerates again after the reboot (E1)"),
         &argv,
@@ -140,7 +140,7 @@ pub(super) fn r0_two_function_enumeration(ctx: &mut HostCtx<'_>) -> Result<(), H
     );
     for (id, p) in placed.clone() {
         let bdf = p.bdf();
-        let argv = ctx.guest_argv(GuestProgram::E1, &id, &["--bdf", &bdf])?;
+        let argv = ctx.guest_argv(&id, E1Options::at(&bdf))?;
         ctx.guest_test(&format!("{id} at {bdf} passes E1"), &argv)?;
     }
     // An NPU with a GPU peer reports it configured and present (the server tracks the GPU).
@@ -158,9 +158,11 @@ pub(super) fn r0_two_function_enumeration(ctx: &mut HostCtx<'_>) -> Result<(), H
         if let Some((_, p)) = placed.iter().find(|(d, _)| *d == id) {
             let bdf = p.bdf();
             let argv = ctx.guest_argv(
-                GuestProgram::NpuPeer,
                 &id,
-                &["--bdf", &bdf, "--present", "yes"],
+                NpuPeerOptions {
+                    bdf: Some(bdf.clone()),
+                    present: YesNo::Yes,
+                },
             )?;
             ctx.guest_test(
                 &format!("{id} PEER_STATUS: peer {peer} configured and present"),
