@@ -2,7 +2,7 @@
 //! a memcpy between the same two memfds done by a thread waited on the same way
 //! ([`MemcpyThread`]).
 
-use super::memory::{dma_fd, memfd, Mapping};
+use super::memory::{attach_client, dma_fd, memfd, Mapping};
 use super::POLL;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
@@ -79,7 +79,7 @@ pub(super) fn dma_copy(len: usize, runs: usize) -> Result<(Vec<f64>, Vec<f64>)> 
     use pcisim_devices::gpu::regs as r;
     use pcisim_devices::gpu::ring::{encode, op};
     use pcisim_vfio_user::dma::{PROT_READ, PROT_WRITE};
-    use pcisim_vfio_user::{ClientLink, Device, DmaSpace, Interrupts};
+    use pcisim_vfio_user::{Device, DmaSpace};
 
     const RING: u64 = 0x1000_0000;
     const FENCE: u64 = RING + 0x800;
@@ -95,16 +95,7 @@ pub(super) fn dma_copy(len: usize, runs: usize) -> Result<(Vec<f64>, Vec<f64>)> 
     dma.map(RING, 4096, PROT_READ | PROT_WRITE, Some(dma_fd(&ring)?))?;
     dma.map(SRC, len as u64, PROT_READ, Some(dma_fd(&src)?))?;
     dma.map(DST, len as u64, PROT_READ | PROT_WRITE, Some(dma_fd(&dst)?))?;
-    ep.attach(ClientLink {
-        irqs: Interrupts::new(&[1, 0, 16, 1, 1]),
-        dma: dma.clone(),
-    });
-    // Tell the device about the mappings as the server does (its journal checks every DMA
-    // against them).
-    for m in dma.mappings() {
-        ep.dma_mapped(&m);
-    }
-    ep.region_write(7, 4, &0x0006u16.to_le_bytes())?;
+    attach_client(&mut ep, &dma)?;
     let mut wr = |off: u64, v: u32| ep.region_write(0, off, &v.to_le_bytes());
     wr(r::RING_BASE_LO, RING as u32)?;
     wr(r::RING_BASE_HI, (RING >> 32) as u32)?;

@@ -1,10 +1,11 @@
 //! Client memory for the DMA figures: sealed memfds as QEMU's memory backend makes them, this
 //! process's own shared mappings of them (the floors touch exactly the pages the device does)
-//! and the fd a DMA_MAP sends.
+//! the fd a DMA_MAP sends, and attaching a client's DMA map to an in-process endpoint.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use anyhow::{Context, Result};
+use pcisim_vfio_user::{ClientLink, Device, DmaSpace, Interrupts};
 
 /// A memfd of `len` bytes sealed against shrinking, as QEMU's memory backend makes them.
 pub(super) fn memfd(len: u64) -> Result<std::fs::File> {
@@ -86,4 +87,19 @@ impl Drop for Mapping {
 
 pub(super) fn dma_fd(f: &std::fs::File) -> Result<(OwnedFd, u64)> {
     Ok((OwnedFd::from(f.try_clone()?), 0))
+}
+
+/// Attach `dma` to `ep` as a client does (interrupt eventfds included), tell the device about
+/// every mapping as the server does (its journal checks every DMA against them), and turn on
+/// Memory Space and Bus Master in Command, as a driver would before using the device.
+pub(super) fn attach_client(ep: &mut impl Device, dma: &DmaSpace) -> Result<()> {
+    ep.attach(ClientLink {
+        irqs: Interrupts::new(&[1, 0, 16, 1, 1]),
+        dma: dma.clone(),
+    });
+    for m in dma.mappings() {
+        ep.dma_mapped(&m);
+    }
+    ep.region_write(7, 4, &0x0006u16.to_le_bytes())?;
+    Ok(())
 }

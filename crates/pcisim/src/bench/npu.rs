@@ -2,7 +2,7 @@
 //! page tables (walks, ATC hits), with and without the checker, against the same fill done
 //! directly.
 
-use super::memory::{dma_fd, memfd, Mapping};
+use super::memory::{attach_client, dma_fd, memfd, Mapping};
 use super::report::NamedFigure;
 use super::POLL;
 use std::os::unix::fs::FileExt;
@@ -55,7 +55,7 @@ impl NpuRig {
         use npu_layout::*;
         use pcisim_devices::npu::regs as r;
         use pcisim_vfio_user::dma::{PROT_READ, PROT_WRITE};
-        use pcisim_vfio_user::{ClientLink, Device, DmaSpace, Interrupts};
+        use pcisim_vfio_user::DmaSpace;
 
         if pages == 0 || pages > MAX_PAGES {
             bail!("the NPU figure maps 1..={MAX_PAGES} pages");
@@ -84,14 +84,7 @@ impl NpuRig {
         })?;
         let dma = DmaSpace::new();
         dma.map(0, MEM, PROT_READ | PROT_WRITE, Some(dma_fd(&mem)?))?;
-        ep.attach(ClientLink {
-            irqs: Interrupts::new(&[1, 0, 16, 1, 1]),
-            dma: dma.clone(),
-        });
-        for m in dma.mappings() {
-            ep.dma_mapped(&m);
-        }
-        ep.region_write(7, 4, &0x0006u16.to_le_bytes())?;
+        attach_client(&mut ep, &dma)?;
         let map = Mapping::new(&mem, MEM as usize)?;
         let mut rig = NpuRig {
             ep,
