@@ -2,7 +2,6 @@
 //! [`Client`] of a real server, a GPU server started on a thread of this process, and the raw
 //! AF_UNIX echo that is the floor of a round trip.
 
-use super::placement::spawn_on;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -10,6 +9,8 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use pcisim_vfio_user::proto::{self, Command, Header, HEADER_SIZE};
+
+use super::placement::spawn_on;
 
 pub(super) fn frame(command: Command, flags: u32, id: u16, body: &[u8]) -> Vec<u8> {
     let h = Header {

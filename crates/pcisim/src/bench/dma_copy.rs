@@ -2,12 +2,13 @@
 //! a memcpy between the same two memfds done by a thread waited on the same way
 //! ([`MemcpyThread`]).
 
-use super::memory::{attach_client, dma_fd, memfd, Mapping};
-use super::POLL;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
+
+use super::memory::{attach_client, dma_fd, memfd, Mapping};
+use super::POLL;
 
 /// The DMA figure's floor: a thread with its own mappings of the two memfds that memcpys
 /// one into the other when asked, while the bench waits as it waits for the GPU (polling a

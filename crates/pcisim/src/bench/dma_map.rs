@@ -1,9 +1,6 @@
 //! The DMA map figures: DMA_MAP/DMA_UNMAP rates page by page (as a vIOMMU maps), windowed
 //! requests with SCM_RIGHTS fds, against the same traffic through a raw AF_UNIX echo.
 
-use super::client::{frame, start_server, Client};
-use super::memory::memfd;
-use super::report::MapRates;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -12,6 +9,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use pcisim_vfio_user::proto::{self, Command, Header, HEADER_SIZE};
+
+use super::client::{frame, start_server, Client};
+use super::memory::memfd;
+use super::report::MapRates;
 
 /// Requests sent before their replies are read.
 pub(super) const MAP_WINDOW: u64 = 256;

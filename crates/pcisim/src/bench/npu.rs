@@ -2,13 +2,14 @@
 //! page tables (walks, ATC hits), with and without the checker, against the same fill done
 //! directly.
 
-use super::memory::{attach_client, dma_fd, memfd, Mapping};
-use super::report::NamedFigure;
-use super::POLL;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
+
+use super::memory::{attach_client, dma_fd, memfd, Mapping};
+use super::report::NamedFigure;
+use super::POLL;
 
 /// Client memory layout of the NPU figure (IOVA = offset in one memfd).
 pub(super) mod npu_layout {

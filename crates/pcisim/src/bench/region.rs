@@ -2,18 +2,19 @@
 //! against the AF_UNIX echo floor, in every placement, and coalesced writes
 //! (REGION_WRITE_MULTI, or posted writes flushed by a read).
 
-use super::client::{
-    echo_pair, multi_request, read_request, round_trip, start_server, write_request, Client,
-};
-use super::placement::{allowed_cpus, placements, set_affinity, Placement};
-use super::report::{line, say};
-use super::Scale;
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use pcisim_vfio_user::proto::{self, Header, HEADER_SIZE};
+
+use super::client::{
+    echo_pair, multi_request, read_request, round_trip, start_server, write_request, Client,
+};
+use super::placement::{allowed_cpus, placements, set_affinity, Placement};
+use super::report::{line, say};
+use super::Scale;
 
 /// Round trips of `req` through a real server serving the GPU (replies of `reply_len`) and
 /// through a raw AF_UNIX echo of the same sizes, in alternating blocks (so both see the same
