@@ -993,7 +993,7 @@ fn test_address_space_empty_while_bound_is_binding_outlived_mm() {
     let mut events = with(
         enabled(),
         [
-            Event::PasidBind { pasid: 3, root: 0 },
+            bind(3),
             stale(3, 0x7f00_0000),
             stale(3, 0x7f00_1000),
             Event::AddressSpaceEmpty { pasid: 3 },
@@ -1011,13 +1011,7 @@ fn test_address_space_empty_while_bound_is_binding_outlived_mm() {
 fn test_binding_outlived_mm_is_per_binding() {
     // A new binding of the same PASID starts clean: its stale uses are judged again, and a
     // second teardown under it is a second violation.
-    let mut events = with(
-        enabled(),
-        [
-            Event::PasidBind { pasid: 3, root: 0 },
-            Event::AddressSpaceEmpty { pasid: 3 },
-        ],
-    );
+    let mut events = with(enabled(), [bind(3), Event::AddressSpaceEmpty { pasid: 3 }]);
     events.extend(unbind_all(3));
     events.extend([
         Event::PasidBind {
@@ -1047,7 +1041,7 @@ fn test_binding_outlived_mm_is_per_binding() {
 fn test_address_space_empty_after_unbind_ack_no_violation() {
     // M6: the driver unbound on mm release; the tables are torn down after the ack. (The
     // device reports only bound or draining PASIDs; the checker stays quiet if told anyway.)
-    let mut events = with(enabled(), [Event::PasidBind { pasid: 3, root: 0 }]);
+    let mut events = with(enabled(), [bind(3)]);
     events.extend(unbind_all(3));
     events.push(Event::AddressSpaceEmpty { pasid: 3 });
     none(events);
@@ -1062,7 +1056,7 @@ fn test_stale_use_while_draining_is_drain_not_awaited() {
         with(
             enabled(),
             [
-                Event::PasidBind { pasid: 3, root: 0 },
+                bind(3),
                 Event::PasidUnbindBegin { pasid: 3 },
                 stale(3, 0x7f00_0000),
             ],
@@ -1074,7 +1068,7 @@ fn test_stale_use_while_draining_is_drain_not_awaited() {
     let kinds: Vec<ViolationKind> = run(with(
         enabled(),
         [
-            Event::PasidBind { pasid: 3, root: 0 },
+            bind(3),
             Event::PasidUnbindBegin { pasid: 3 },
             Event::AddressSpaceEmpty { pasid: 3 },
             stale(3, 0x7f00_0000),
@@ -1105,8 +1099,8 @@ fn test_draining_ends_at_ack_and_is_per_pasid() {
     let mut events = with(
         enabled(),
         [
-            Event::PasidBind { pasid: 3, root: 0 },
-            Event::PasidBind { pasid: 4, root: 0 },
+            bind(3),
+            bind(4),
             Event::PasidUnbindBegin { pasid: 4 },
             stale(3, 0x7f00_0000),
             Event::Invalidate {
@@ -1118,7 +1112,7 @@ fn test_draining_ends_at_ack_and_is_per_pasid() {
     );
     events.extend(unbind_all(3));
     events.extend([
-        Event::PasidBind { pasid: 3, root: 0 },
+        bind(3),
         stale(3, 0x7f00_0000),
         Event::Invalidate {
             pasid: 3,
@@ -1134,13 +1128,7 @@ fn test_draining_ends_at_ack_and_is_per_pasid() {
 fn test_stale_use_before_the_unbind_stays_a_missed_invalidation() {
     // M7b: the address space lives, the driver never invalidates; the use came before the
     // unbind began, so the verdict is the missed invalidation, not the drain.
-    let mut events = with(
-        enabled(),
-        [
-            Event::PasidBind { pasid: 3, root: 0 },
-            stale(3, 0x7f00_0000),
-        ],
-    );
+    let mut events = with(enabled(), [bind(3), stale(3, 0x7f00_0000)]);
     events.extend(unbind_all(3));
     only(ViolationKind::StaleTranslation, events);
 }
