@@ -55,6 +55,19 @@ fn irq(outcome: &str) -> Event {
     }
 }
 
+fn reset_begin(kind: ResetKind) -> Event {
+    Event::ResetBegin { kind }
+}
+
+fn reset_end(kind: ResetKind) -> Event {
+    Event::ResetEnd { kind }
+}
+
+/// PASID `pasid` bound to a page table at 0.
+fn bind(pasid: u32) -> Event {
+    Event::PasidBind { pasid, root: 0 }
+}
+
 /// A connected client, 0x1000..0x2000 mapped, memory and bus master enabled.
 fn enabled() -> Vec<Event> {
     vec![Event::ClientConnected, map(0x1000, 0x1000), command(BME)]
@@ -65,13 +78,19 @@ fn with(mut base: Vec<Event>, more: impl IntoIterator<Item = Event>) -> Vec<Even
     base
 }
 
-/// Violations found (kind and detail) when recording `events` in a fresh journal.
-fn run(events: Vec<Event>) -> Vec<(ViolationKind, String)> {
-    let j = Journal::new("t", 4096);
+/// A fresh journal of `capacity` records (its checker included) after recording `events`.
+fn recorded(capacity: usize, events: Vec<Event>) -> Journal {
+    let j = Journal::new("t", capacity);
     for e in events {
         j.record(e);
     }
-    j.violations()
+    j
+}
+
+/// Violations found (kind and detail) when recording `events` in a fresh journal.
+fn run(events: Vec<Event>) -> Vec<(ViolationKind, String)> {
+    recorded(4096, events)
+        .violations()
         .into_iter()
         .filter_map(|r| match r.event {
             Event::Violation { kind, detail } => Some((kind, detail)),
@@ -304,9 +323,7 @@ fn test_dma_refused_never_a_violation() {
             len: 4,
             reason: Refusal::LinkDown,
         },
-        Event::ResetBegin {
-            kind: ResetKind::Flr,
-        },
+        reset_begin(ResetKind::Flr),
         Event::DmaRefused {
             dir: Dir::Read,
             iova: 0,
@@ -373,12 +390,7 @@ fn test_dma_during_reset_is_during_reset() {
         ViolationKind::DmaDuringReset,
         with(
             enabled(),
-            [
-                Event::ResetBegin {
-                    kind: ResetKind::Flr,
-                },
-                write(0x1000, 0x40),
-            ],
+            [reset_begin(ResetKind::Flr), write(0x1000, 0x40)],
         ),
     );
     assert!(d.contains("flr"), "{d}");
@@ -391,12 +403,8 @@ fn test_dma_after_reset_before_reenable_is_during_reset() {
         with(
             enabled(),
             [
-                Event::ResetBegin {
-                    kind: ResetKind::Flr,
-                },
-                Event::ResetEnd {
-                    kind: ResetKind::Flr,
-                },
+                reset_begin(ResetKind::Flr),
+                reset_end(ResetKind::Flr),
                 write(0x1000, 0x40),
             ],
         ),
@@ -411,12 +419,8 @@ fn test_dma_command_without_bus_master_after_reset_is_during_reset() {
         with(
             enabled(),
             [
-                Event::ResetBegin {
-                    kind: ResetKind::DeviceReset,
-                },
-                Event::ResetEnd {
-                    kind: ResetKind::DeviceReset,
-                },
+                reset_begin(ResetKind::DeviceReset),
+                reset_end(ResetKind::DeviceReset),
                 command(0x0002),
                 write(0x1000, 0x40),
             ],
@@ -429,12 +433,8 @@ fn test_dma_after_reset_and_reenable_no_violation() {
     none(with(
         enabled(),
         [
-            Event::ResetBegin {
-                kind: ResetKind::Flr,
-            },
-            Event::ResetEnd {
-                kind: ResetKind::Flr,
-            },
+            reset_begin(ResetKind::Flr),
+            reset_end(ResetKind::Flr),
             command(BME),
             write(0x1000, 0x40),
         ],
@@ -448,13 +448,9 @@ fn test_dma_bus_master_set_during_reset_still_during_reset() {
         with(
             enabled(),
             [
-                Event::ResetBegin {
-                    kind: ResetKind::Flr,
-                },
+                reset_begin(ResetKind::Flr),
                 command(BME),
-                Event::ResetEnd {
-                    kind: ResetKind::Flr,
-                },
+                reset_end(ResetKind::Flr),
                 write(0x1000, 0x40),
             ],
         ),
@@ -495,12 +491,7 @@ fn test_interrupt_during_reset_is_while_disabled() {
         ViolationKind::InterruptWhileDisabled,
         with(
             enabled(),
-            [
-                Event::ResetBegin {
-                    kind: ResetKind::PmSoftReset,
-                },
-                irq("delivered"),
-            ],
+            [reset_begin(ResetKind::PmSoftReset), irq("delivered")],
         ),
     );
 }
@@ -578,12 +569,8 @@ fn test_link_down_then_lost_connection_reset_new_client_no_violation() {
         [
             Event::Link { up: false },
             Event::ClientDisconnected,
-            Event::ResetBegin {
-                kind: ResetKind::LostConnection,
-            },
-            Event::ResetEnd {
-                kind: ResetKind::LostConnection,
-            },
+            reset_begin(ResetKind::LostConnection),
+            reset_end(ResetKind::LostConnection),
             Event::ClientConnected,
             map(0x1000, 0x1000),
             command(BME),
@@ -643,7 +630,7 @@ fn test_pasid_dma_during_unbind_or_after_rebind_no_violation() {
     none(with(
         enabled(),
         [
-            Event::PasidBind { pasid: 5, root: 0 },
+            bind(5),
             Event::PasidUnbindBegin { pasid: 5 },
             dma(Dir::Write, Some(5), 0x1000, 8),
             Event::PasidDrained {
@@ -653,7 +640,7 @@ fn test_pasid_dma_during_unbind_or_after_rebind_no_violation() {
             Event::PasidUnbindAck { pasid: 5 },
             dma(Dir::Write, Some(6), 0x1000, 8),
             write(0x1000, 8),
-            Event::PasidBind { pasid: 5, root: 0 },
+            bind(5),
             dma(Dir::Write, Some(5), 0x1000, 8),
         ],
     ));
@@ -684,7 +671,7 @@ fn test_stale_translation_used_is_stale_translation() {
         with(
             enabled(),
             [
-                Event::PasidBind { pasid: 3, root: 0 },
+                bind(3),
                 Event::StaleTranslationUsed {
                     pasid: 3,
                     va: 0x7f00_0000,
@@ -723,20 +710,14 @@ fn stale(pasid: u32, va: u64) -> Event {
 #[test]
 fn test_stale_translation_judged_only_when_the_binding_ends() {
     // Held: no violation while the invalidation may still be on its way.
-    none(with(
-        enabled(),
-        [
-            Event::PasidBind { pasid: 3, root: 0 },
-            stale(3, 0x7f00_0000),
-        ],
-    ));
+    none(with(enabled(), [bind(3), stale(3, 0x7f00_0000)]));
     // Released without an invalidation: a violation.
     only(
         ViolationKind::StaleTranslation,
         with(
             enabled(),
             [
-                Event::PasidBind { pasid: 3, root: 0 },
+                bind(3),
                 stale(3, 0x7f00_0000),
                 Event::PasidReleased { pasid: 3 },
             ],
@@ -749,7 +730,7 @@ fn test_stale_translation_then_covering_invalidation_is_legal() {
     none(with(
         enabled(),
         [
-            Event::PasidBind { pasid: 3, root: 0 },
+            bind(3),
             stale(3, 0x7f00_3000),
             Event::Invalidate {
                 pasid: 3,
@@ -776,7 +757,7 @@ fn test_stale_translation_after_unbind_ack_is_immediate() {
         with(
             enabled(),
             [
-                Event::PasidBind { pasid: 3, root: 0 },
+                bind(3),
                 Event::PasidUnbindBegin { pasid: 3 },
                 Event::PasidUnbindAck { pasid: 3 },
                 stale(3, 0x7f00_0000),
@@ -790,7 +771,7 @@ fn test_stale_translation_walk_invalidate_walk_no_violation() {
     none(with(
         enabled(),
         [
-            Event::PasidBind { pasid: 3, root: 0 },
+            bind(3),
             Event::PageWalk {
                 pasid: 3,
                 va: 0x7f00_0000,
@@ -829,12 +810,7 @@ fn walk(pasid: u32) -> Event {
 fn test_walk_after_release_is_walk_after_release() {
     let d = only(
         ViolationKind::WalkAfterRelease,
-        vec![
-            Event::PasidBind { pasid: 9, root: 0 },
-            walk(9),
-            Event::PasidReleased { pasid: 9 },
-            walk(9),
-        ],
+        vec![bind(9), walk(9), Event::PasidReleased { pasid: 9 }, walk(9)],
     );
     assert!(d.contains("pasid 9 va 0x4000"), "{d}");
     assert!(d.contains("released"), "{d}");
@@ -844,22 +820,18 @@ fn test_walk_after_release_is_walk_after_release() {
 fn test_walk_after_unbind_ack_is_walk_after_release() {
     only(
         ViolationKind::WalkAfterRelease,
-        vec![
-            Event::PasidBind { pasid: 9, root: 0 },
-            Event::PasidUnbindAck { pasid: 9 },
-            walk(9),
-        ],
+        vec![bind(9), Event::PasidUnbindAck { pasid: 9 }, walk(9)],
     );
 }
 
 #[test]
 fn test_walk_bound_or_rebound_no_violation() {
     none(vec![
-        Event::PasidBind { pasid: 9, root: 0 },
+        bind(9),
         walk(9),
         Event::PasidReleased { pasid: 9 },
         walk(10),
-        Event::PasidBind { pasid: 9, root: 0 },
+        bind(9),
         walk(9),
     ]);
 }
@@ -868,11 +840,7 @@ fn test_walk_bound_or_rebound_no_violation() {
 
 #[test]
 fn test_violation_record_follows_its_event() {
-    let j = Journal::new("t", 64);
-    for e in with(enabled(), [write(0x9000, 4)]) {
-        j.record(e);
-    }
-    let (recs, _) = j.since(0);
+    let (recs, _) = recorded(64, with(enabled(), [write(0x9000, 4)])).since(0);
     let n = recs.len();
     assert!(n >= 2);
     assert!(matches!(recs[n - 2].event, Event::Dma { iova: 0x9000, .. }));
@@ -1025,7 +993,7 @@ fn test_address_space_empty_while_bound_is_binding_outlived_mm() {
     let mut events = with(
         enabled(),
         [
-            Event::PasidBind { pasid: 3, root: 0 },
+            bind(3),
             stale(3, 0x7f00_0000),
             stale(3, 0x7f00_1000),
             Event::AddressSpaceEmpty { pasid: 3 },
@@ -1043,13 +1011,7 @@ fn test_address_space_empty_while_bound_is_binding_outlived_mm() {
 fn test_binding_outlived_mm_is_per_binding() {
     // A new binding of the same PASID starts clean: its stale uses are judged again, and a
     // second teardown under it is a second violation.
-    let mut events = with(
-        enabled(),
-        [
-            Event::PasidBind { pasid: 3, root: 0 },
-            Event::AddressSpaceEmpty { pasid: 3 },
-        ],
-    );
+    let mut events = with(enabled(), [bind(3), Event::AddressSpaceEmpty { pasid: 3 }]);
     events.extend(unbind_all(3));
     events.extend([
         Event::PasidBind {
@@ -1079,7 +1041,7 @@ fn test_binding_outlived_mm_is_per_binding() {
 fn test_address_space_empty_after_unbind_ack_no_violation() {
     // M6: the driver unbound on mm release; the tables are torn down after the ack. (The
     // device reports only bound or draining PASIDs; the checker stays quiet if told anyway.)
-    let mut events = with(enabled(), [Event::PasidBind { pasid: 3, root: 0 }]);
+    let mut events = with(enabled(), [bind(3)]);
     events.extend(unbind_all(3));
     events.push(Event::AddressSpaceEmpty { pasid: 3 });
     none(events);
@@ -1094,7 +1056,7 @@ fn test_stale_use_while_draining_is_drain_not_awaited() {
         with(
             enabled(),
             [
-                Event::PasidBind { pasid: 3, root: 0 },
+                bind(3),
                 Event::PasidUnbindBegin { pasid: 3 },
                 stale(3, 0x7f00_0000),
             ],
@@ -1106,7 +1068,7 @@ fn test_stale_use_while_draining_is_drain_not_awaited() {
     let kinds: Vec<ViolationKind> = run(with(
         enabled(),
         [
-            Event::PasidBind { pasid: 3, root: 0 },
+            bind(3),
             Event::PasidUnbindBegin { pasid: 3 },
             Event::AddressSpaceEmpty { pasid: 3 },
             stale(3, 0x7f00_0000),
@@ -1137,8 +1099,8 @@ fn test_draining_ends_at_ack_and_is_per_pasid() {
     let mut events = with(
         enabled(),
         [
-            Event::PasidBind { pasid: 3, root: 0 },
-            Event::PasidBind { pasid: 4, root: 0 },
+            bind(3),
+            bind(4),
             Event::PasidUnbindBegin { pasid: 4 },
             stale(3, 0x7f00_0000),
             Event::Invalidate {
@@ -1150,7 +1112,7 @@ fn test_draining_ends_at_ack_and_is_per_pasid() {
     );
     events.extend(unbind_all(3));
     events.extend([
-        Event::PasidBind { pasid: 3, root: 0 },
+        bind(3),
         stale(3, 0x7f00_0000),
         Event::Invalidate {
             pasid: 3,
@@ -1166,13 +1128,7 @@ fn test_draining_ends_at_ack_and_is_per_pasid() {
 fn test_stale_use_before_the_unbind_stays_a_missed_invalidation() {
     // M7b: the address space lives, the driver never invalidates; the use came before the
     // unbind began, so the verdict is the missed invalidation, not the drain.
-    let mut events = with(
-        enabled(),
-        [
-            Event::PasidBind { pasid: 3, root: 0 },
-            stale(3, 0x7f00_0000),
-        ],
-    );
+    let mut events = with(enabled(), [bind(3), stale(3, 0x7f00_0000)]);
     events.extend(unbind_all(3));
     only(ViolationKind::StaleTranslation, events);
 }

@@ -25,6 +25,7 @@ impl<F: PciFunction> Endpoint<F> {
             .is_some_and(|m| m.config().per_vector_mask)
     }
 
+    #[inline]
     pub(super) fn power_bits(&self) -> u8 {
         self.offsets
             .pm
@@ -33,6 +34,7 @@ impl<F: PciFunction> Endpoint<F> {
 
     /// Config space answers all-ones: the link is down or the function is not ready after a
     /// reset (the guest's `pci_dev_wait` polls Command until it is not all-ones).
+    #[inline]
     pub(super) fn config_dead(&mut self) -> bool {
         if self.faults.link_down || self.faults.never_ready {
             return true;
@@ -59,6 +61,7 @@ impl<F: PciFunction> Endpoint<F> {
 
     /// BAR accesses reach the function only in D0 with Memory Space enabled and the link up;
     /// otherwise reads return all-ones and writes are dropped (a master abort on real hardware).
+    #[inline]
     pub(super) fn bar_dead(&self) -> Option<&'static str> {
         if self.faults.link_down {
             Some("link down")
@@ -241,6 +244,7 @@ impl<F: PciFunction> Endpoint<F> {
     }
 }
 
+#[inline]
 pub(super) fn cfg_err(e: ConfigError, offset: u64, len: usize) -> DeviceError {
     match e {
         ConfigError::EmptyAccess { .. } => DeviceError::BadAccess {

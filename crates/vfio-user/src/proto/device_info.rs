@@ -58,18 +58,7 @@ pub(super) fn decode_get_region_info(
     r: &mut Reader<'_>,
     len: usize,
 ) -> Result<Request, ProtoError> {
-    if len < 32 {
-        return Err(short(cmd, len, "at least 32 bytes"));
-    }
-    let (Some(argsz), Some(_flags), Some(index)) = (r.u32(), r.u32(), r.u32()) else {
-        return Err(short(cmd, len, "at least 32 bytes"));
-    };
-    if argsz < 32 {
-        return Err(ProtoError::BadField {
-            command: cmd,
-            field: "argsz",
-        });
-    }
+    let (argsz, index) = argsz_and_index(cmd, r, len, 32, "at least 32 bytes")?;
     Ok(Request::GetRegionInfo { argsz, index })
 }
 
@@ -80,17 +69,32 @@ pub(super) fn decode_get_irq_info(
     r: &mut Reader<'_>,
     len: usize,
 ) -> Result<Request, ProtoError> {
-    if len < 16 {
-        return Err(short(cmd, len, "at least 16 bytes"));
+    let (argsz, index) = argsz_and_index(cmd, r, len, 16, "at least 16 bytes")?;
+    Ok(Request::GetIrqInfo { argsz, index })
+}
+
+/// The `argsz`, `flags` (ignored) and `index` words that start DEVICE_GET_REGION_INFO and
+/// DEVICE_GET_IRQ_INFO: the payload and `argsz` must both be at least `min` bytes (the
+/// structure's size; `expected` says so in the error), a longer payload's tail is ignored.
+#[inline]
+fn argsz_and_index(
+    cmd: Command,
+    r: &mut Reader<'_>,
+    len: usize,
+    min: u32,
+    expected: &'static str,
+) -> Result<(u32, u32), ProtoError> {
+    if len < min as usize {
+        return Err(short(cmd, len, expected));
     }
     let (Some(argsz), Some(_flags), Some(index)) = (r.u32(), r.u32(), r.u32()) else {
-        return Err(short(cmd, len, "at least 16 bytes"));
+        return Err(short(cmd, len, expected));
     };
-    if argsz < 16 {
+    if argsz < min {
         return Err(ProtoError::BadField {
             command: cmd,
             field: "argsz",
         });
     }
-    Ok(Request::GetIrqInfo { argsz, index })
+    Ok((argsz, index))
 }
