@@ -242,6 +242,23 @@ static void npu_drop_work(struct npu_ctx *ctx, struct npu_work *w)
 	kfree(w);
 }
 
+/*
+ * Waits for the work (servicing faults), copies its outcome to user space and frees it, unless
+ * the wait was interrupted (then the work stays for a later WAIT on its ticket).
+ */
+static long npu_finish_out(struct npu_ctx *ctx, struct npu_work *w, struct pcisim_npu_work *u,
+			   struct pcisim_npu_work __user *uarg)
+{
+	int ret = npu_finish(ctx, w);
+
+	npu_work_out(w, u);
+	if (ret != -EINTR)
+		npu_drop_work(ctx, w);
+	if (copy_to_user(uarg, u, sizeof(*u)))
+		return -EFAULT;
+	return ret;
+}
+
 static long npu_ioctl_submit(struct npu_ctx *ctx, struct pcisim_npu_work __user *uarg)
 {
 	struct npu *npu = ctx->npu;
@@ -284,13 +301,7 @@ static long npu_ioctl_submit(struct npu_ctx *ctx, struct pcisim_npu_work __user 
 		u.status = PCISIM_NPU_ST_PENDING;
 		return copy_to_user(uarg, &u, sizeof(u)) ? -EFAULT : 0;
 	}
-	ret = npu_finish(ctx, w);
-	npu_work_out(w, &u);
-	if (ret != -EINTR)
-		npu_drop_work(ctx, w);
-	if (copy_to_user(uarg, &u, sizeof(u)))
-		return -EFAULT;
-	return ret;
+	return npu_finish_out(ctx, w, &u, uarg);
 }
 
 static long npu_ioctl_wait(struct npu_ctx *ctx, struct pcisim_npu_work __user *uarg)
@@ -298,7 +309,6 @@ static long npu_ioctl_wait(struct npu_ctx *ctx, struct pcisim_npu_work __user *u
 	struct pcisim_npu_work u;
 	struct npu_work *w;
 	unsigned long flags;
-	int ret;
 
 	if (copy_from_user(&u, uarg, sizeof(u)))
 		return -EFAULT;
@@ -309,13 +319,7 @@ static long npu_ioctl_wait(struct npu_ctx *ctx, struct pcisim_npu_work __user *u
 	spin_unlock_irqrestore(&ctx->npu->q_lock, flags);
 	if (!w)
 		return -ENOENT;
-	ret = npu_finish(ctx, w);
-	npu_work_out(w, &u);
-	if (ret != -EINTR)
-		npu_drop_work(ctx, w);
-	if (copy_to_user(uarg, &u, sizeof(u)))
-		return -EFAULT;
-	return ret;
+	return npu_finish_out(ctx, w, &u, uarg);
 }
 
 long npu_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
