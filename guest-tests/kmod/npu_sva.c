@@ -65,8 +65,16 @@ static int npu_cmd(struct npu *npu, u32 op, u32 pasid, u32 flags, u64 addr, u64 
 	wr(npu, NPU_REG_CMD_LEN_LO, lower_32_bits(len));
 	wr(npu, NPU_REG_CMD_LEN_HI, upper_32_bits(len));
 	wr(npu, NPU_REG_CMD_OP, op);
-	if (!wait)
+	if (!wait) {
+		/*
+		 * Flush the posted MMIO write: a read from the device cannot pass the writes before
+		 * it (PCIe ordering), so the device has the command when this returns. QEMU's
+		 * vfio-user client posts region writes too: without the read, an UNBIND issued from
+		 * mm release could reach the device after exit_mmap() freed the tables.
+		 */
+		rd(npu, NPU_REG_CMD_STATUS);
 		return 0;
+	}
 	ret = npu_cmd_wait_idle(npu, &st);
 	if (ret)
 		return ret;

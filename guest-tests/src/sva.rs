@@ -1,5 +1,5 @@
 //! `sva`: M6/M7 — a process's own memory worked on by the NPU through the guest NPU driver
-//! (guest-tests/kmod/pcisim_npu.c, `/dev/pcisim-npuN`), and what happens to the binding when the
+//! (guest-tests/kmod/npu_*.c, `/dev/pcisim-npuN`), and what happens to the binding when the
 //! process exits, is killed, forks, passes its fd on or keeps the fd mmapped (M6), and when it
 //! unmaps, protects or discards memory the device has cached translations for (M7).
 //!

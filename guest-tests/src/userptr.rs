@@ -1,5 +1,5 @@
 //! `userptr`: M8/M8b/M8d — the GPU's command ring fills a process's own memory through the guest
-//! GPU driver (guest-tests/kmod/pcisim_gpu.c, `/dev/pcisim-gpuN`), and the process takes the
+//! GPU driver (guest-tests/kmod/gpu_*.c, `/dev/pcisim-gpuN`), and the process takes the
 //! memory away (munmap or MADV_DONTNEED) while the ring still writes.
 //!
 //! - `--mode tracked`: the driver watches the range with an mmu interval notifier; the unmap

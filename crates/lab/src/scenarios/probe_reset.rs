@@ -1,5 +1,5 @@
 //! R10 and R10b: a driver that resets its device from probe (seed 002). The guest NPU driver
-//! (`guest-tests/kmod/pcisim_npu.c`) resets the function in `probe` before it turns bus
+//! (`guest-tests/kmod/npu_*.c`) resets the function in `probe` before it turns bus
 //! mastering and its engine on:
 //!
 //! - **R10** (correct): `pci_reset_function_locked()`, the variant for a caller that already

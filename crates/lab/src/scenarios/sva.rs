@@ -1,5 +1,5 @@
 //! M6 and M7: PASID bindings of process address spaces through the guest NPU driver
-//! (`guest-tests/kmod/pcisim_npu.c`), checked from both sides — the guest program `sva` checks
+//! (`guest-tests/kmod/npu_*.c`), checked from both sides — the guest program `sva` checks
 //! what the process sees, these host steps check the NPU's journal: the PASID is bound, unbound
 //! and drained (work was in flight: items aborted) before the device lets go of it, and the
 //! checker's invariants (`stale_translation`, `walk_after_release`, `pasid_after_unbind`) hold.

@@ -1,5 +1,5 @@
 //! M8, M8b and M8d: GPU userptr work through the guest GPU driver
-//! (`guest-tests/kmod/pcisim_gpu.c`), seed 004. The guest program `userptr` has the ring fill a
+//! (`guest-tests/kmod/gpu_*.c`), seed 004. The guest program `userptr` has the ring fill a
 //! process's memory (DMA-mapped through the vIOMMU: the GPU has no PASID) and takes the memory
 //! away (munmap, MADV_DONTNEED) while the ring still writes; these host steps check the GPU's
 //! journal around it:

@@ -1,5 +1,5 @@
 //! R12: PCIe AER error recovery through the guest's AER driver and the guest GPU driver's
-//! `pci_error_handlers` (`guest-tests/kmod/pcisim_gpu.c`).
+//! `pci_error_handlers` (`guest-tests/kmod/gpu_*.c`).
 //!
 //! QEMU's AER injection works at a device with QEMU's own AER model: the GPU's root port (at
 //! our vfio-user-pci device QEMU drops the message). `pcie_aer_inject_error rp1 DLP` (HMP, through QMP `human-monitor-command`) makes

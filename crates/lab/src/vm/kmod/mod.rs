@@ -56,7 +56,7 @@ pub const KMOD_SRC_ENV: &str = "PCISIM_KMOD_SRC";
 /// conventional place for out-of-tree modules).
 pub const EXTRA_DIR: &str = "extra";
 
-/// The module name of the guest NPU driver (`guest-tests/kmod/pcisim_npu.c`).
+/// The module name of the guest NPU driver (`guest-tests/kmod/npu_*.c`).
 pub const NPU_MODULE: &str = "pcisim_npu";
 
 /// The guest GPU driver's module name (userptr, docs/userptr.md).
