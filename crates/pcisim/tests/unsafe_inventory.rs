@@ -371,11 +371,10 @@ fn block_calls(block: &str, unsafe_fns: &[String]) -> String {
         } else {
             UNSAFE_CALLS.contains(&last) || unsafe_fns.iter().any(|f| f == last)
         };
-        let plain = path
-            .split("::")
-            .any(|seg| seg.starts_with(char::is_uppercase))
-            && !last.starts_with("CMSG_")
-            && !listed;
+        // A path through a type (`libc::Ioctl::from`) is a plain constructor or conversion.
+        let mut segs: Vec<&str> = path.split("::").collect();
+        segs.pop();
+        let plain = segs.iter().any(|seg| seg.starts_with(char::is_uppercase)) && !listed;
         let safe = matches!(
             last,
             "size_of"
@@ -672,6 +671,28 @@ fn stated_total(head: &str) -> Option<usize> {
     head[i..].split(' ').next()?.parse().ok()
 }
 
+/// The intro's per-directory counts: every "N in `dir`" of the "Inventory (" paragraph.
+fn stated_parts(head: &str) -> Vec<(usize, String)> {
+    let Some(i) = head.find("Inventory (") else {
+        return Vec::new();
+    };
+    let para = squash(head[i..].split("\n\n").next().unwrap_or(""));
+    let mut parts = Vec::new();
+    let mut rest = para.as_str();
+    while let Some(j) = rest.find(" in `") {
+        let n = rest[..j]
+            .rsplit(|ch: char| !ch.is_ascii_digit())
+            .next()
+            .and_then(|d| d.parse().ok());
+        let dir = rest[j + 5..].split('`').next().unwrap_or("");
+        if let Some(n) = n {
+            parts.push((n, dir.to_string()));
+        }
+        rest = &rest[j + 5..];
+    }
+    parts
+}
+
 /// Every difference between the doc and the code, one line each.
 fn differences(doc: &Doc, code: &BTreeMap<String, Vec<Site>>) -> Vec<String> {
     let mut diff = Vec::new();
@@ -681,6 +702,24 @@ fn differences(doc: &Doc, code: &BTreeMap<String, Vec<Site>>) -> Vec<String> {
         n => diff.push(format!(
             "intro: states {n:?} sites (\"Inventory (N sites\"), the code has {total}"
         )),
+    }
+    let parts = stated_parts(&doc.head);
+    for (n, dir) in &parts {
+        let have: usize = code
+            .iter()
+            .filter(|(p, _)| p.starts_with(&format!("{dir}/")))
+            .map(|(_, s)| s.len())
+            .sum();
+        if have != *n {
+            diff.push(format!("intro: states {n} in `{dir}`, the code has {have}"));
+        }
+    }
+    let parts_sum: usize = parts.iter().map(|(n, _)| n).sum();
+    if parts_sum != total {
+        diff.push(format!(
+            "intro: the \"N in `dir`\" counts add up to {parts_sum}, not the {total} sites \
+             (a directory with sites is not named)"
+        ));
     }
     let doc_map: BTreeMap<&str, &DocSection> =
         doc.sections.iter().map(|(p, s)| (p.as_str(), s)).collect();
