@@ -387,13 +387,12 @@ fn block_calls(block: &str, unsafe_fns: &[String]) -> String {
         );
         let name = if plain || safe {
             None
-        } else if path.starts_with("libc::") && (called || last.starts_with("CMSG_")) {
-            Some(path.strip_prefix("std::").unwrap_or(path).to_string())
-        } else if (path.starts_with("mem::")
-            || path.starts_with("ptr::")
-            || path.starts_with("std::mem::")
-            || path.starts_with("std::ptr::"))
-            && called
+        } else if (path.starts_with("libc::") && (called || last.starts_with("CMSG_")))
+            || ((path.starts_with("mem::")
+                || path.starts_with("ptr::")
+                || path.starts_with("std::mem::")
+                || path.starts_with("std::ptr::"))
+                && called)
         {
             Some(path.strip_prefix("std::").unwrap_or(path).to_string())
         } else if called
