@@ -238,7 +238,8 @@ fn lab_suite_all_scenarios_pass() {
     );
     assert!(
         !ktap.lines().any(|l| l.contains("# KERNEL ")
-            || l.contains("guest kernel log")
+            || l.contains("guest kernel log incomplete")
+            || l.contains("guest kernel log unreadable")
             || l.contains("# boot: ")),
         "no unexpected guest kernel report, no unreadable or incomplete kernel log"
     );
