@@ -189,6 +189,29 @@ pub(crate) unsafe fn ioctl_ptr<T>(
     }
 }
 
+/// `VFIO_DEVICE_GET_REGION_INFO` of region `index` on a VFIO device fd: [`Device::region_info`],
+/// and for programs that hold the device fd as a plain file (mm-teardown passes it between
+/// processes).
+pub(crate) fn region_info(device: &impl AsRawFd, index: u32) -> Result<RegionInfo, String> {
+    let mut r = RegionInfo {
+        argsz: std::mem::size_of::<RegionInfo>() as u32,
+        index,
+        ..Default::default()
+    };
+    // SAFETY: VFIO_DEVICE_GET_REGION_INFO accesses at most argsz bytes of a
+    // vfio_region_info (the capability chain is only written if argsz is
+    // larger than the struct, which it is not).
+    unsafe {
+        ioctl_ptr(
+            device,
+            VFIO_DEVICE_GET_REGION_INFO,
+            &mut r,
+            "VFIO_DEVICE_GET_REGION_INFO",
+        )
+    }?;
+    Ok(r)
+}
+
 pub(crate) fn open_rw(path: &str) -> Result<File, String> {
     std::fs::OpenOptions::new()
         .read(true)
@@ -461,23 +484,7 @@ impl Device {
     }
 
     pub fn region_info(&self, index: u32) -> Result<RegionInfo, String> {
-        let mut r = RegionInfo {
-            argsz: std::mem::size_of::<RegionInfo>() as u32,
-            index,
-            ..Default::default()
-        };
-        // SAFETY: VFIO_DEVICE_GET_REGION_INFO accesses at most argsz bytes of a
-        // vfio_region_info (the capability chain is only written if argsz is
-        // larger than the struct, which it is not).
-        unsafe {
-            ioctl_ptr(
-                &self.0,
-                VFIO_DEVICE_GET_REGION_INFO,
-                &mut r,
-                "VFIO_DEVICE_GET_REGION_INFO",
-            )
-        }?;
-        Ok(r)
+        region_info(&self.0, index)
     }
 
     pub fn irq_info(&self, index: u32) -> Result<IrqInfo, String> {

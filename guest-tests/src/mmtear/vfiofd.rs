@@ -97,25 +97,6 @@ pub(super) fn get_device(group: BorrowedFd<'_>, bdf: &str) -> Result<File, Strin
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
-pub(super) fn region_info(device: &File, index: u32) -> Result<RegionInfo, String> {
-    let mut r = RegionInfo {
-        argsz: std::mem::size_of::<RegionInfo>() as u32,
-        index,
-        ..Default::default()
-    };
-    // SAFETY: VFIO_DEVICE_GET_REGION_INFO accesses at most argsz bytes of a vfio_region_info
-    // (no capability chain: argsz is the struct's size).
-    unsafe {
-        ioctl_ptr(
-            &device.as_fd(),
-            vfio::VFIO_DEVICE_GET_REGION_INFO,
-            &mut r,
-            "VFIO_DEVICE_GET_REGION_INFO",
-        )
-    }?;
-    Ok(r)
-}
-
 /// `VFIO_IOMMU_MAP_DMA` of `pages` at `iova`, read/write.
 pub(super) fn map_dma(container: BorrowedFd<'_>, pages: &Pages, iova: u64) -> Result<(), String> {
     let mut m = DmaMap {
@@ -203,8 +184,8 @@ impl Handles {
                 info.flags, info.num_regions
             ));
         }
-        let bar0 = region_info(&device, vfio::VFIO_PCI_BAR0_REGION_INDEX)?;
-        let config = region_info(&device, vfio::VFIO_PCI_CONFIG_REGION_INDEX)?;
+        let bar0 = vfio::region_info(&device, vfio::VFIO_PCI_BAR0_REGION_INDEX)?;
+        let config = vfio::region_info(&device, vfio::VFIO_PCI_CONFIG_REGION_INDEX)?;
         let rw = vfio::VFIO_REGION_INFO_FLAG_READ | vfio::VFIO_REGION_INFO_FLAG_WRITE;
         if bar0.flags & rw != rw || bar0.size < PAGE as u64 || config.flags & rw != rw {
             return Err(format!(
