@@ -10,6 +10,26 @@ fn last_err(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
 
+/// A fresh anonymous private read/write mapping of `len` bytes (not populated); the caller owns
+/// it and unmaps it with `munmap`.
+pub fn mmap_anon(len: usize) -> Result<*mut u8, String> {
+    // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(last_err(&format!("mmap {len} bytes")));
+    }
+    Ok(p.cast())
+}
+
 /// A non-blocking, close-on-exec eventfd.
 pub fn eventfd() -> Result<File, String> {
     // SAFETY: eventfd takes no pointers; the return value is checked.

@@ -18,6 +18,7 @@ use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use crate::ktap::{Ktap, Outcome};
+use crate::sys;
 use pcisim_guest_wire::{OnOff, UnmapCall, UserptrMode, UserptrOptions};
 
 /// `struct pcisim_gpu_userptr`.
@@ -156,22 +157,8 @@ struct Mapping {
 
 impl Mapping {
     fn new(len: usize) -> Result<Mapping, String> {
-        // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(format!("mmap {len} bytes: {}", strerror(errno())));
-        }
         let m = Mapping {
-            ptr: ptr.cast(),
+            ptr: sys::mmap_anon(len)?,
             len,
             mapped: true,
         };

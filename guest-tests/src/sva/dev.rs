@@ -1,6 +1,7 @@
 //! The NPU driver's uapi (pcisim_npu_uapi.h) and its handles: the character device, a
 //! region of our own memory, the status page mapping; the guest clock for `# t` lines.
 
+use crate::sys;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -136,22 +137,8 @@ pub struct Region {
 
 impl Region {
     pub fn new(len: usize) -> Result<Region, String> {
-        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(format!("mmap {len} bytes: {}", strerror(errno())));
-        }
         Ok(Region {
-            ptr: p.cast(),
+            ptr: sys::mmap_anon(len)?,
             len,
             mapped: true,
         })
