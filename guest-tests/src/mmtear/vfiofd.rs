@@ -1,6 +1,7 @@
 //! The vfio fd boundary: container, group and device fds of the legacy vfio API, DMA
 //! mapping of our own pages, and the marker pages the host correlates with.
 
+use crate::sys;
 use crate::vdev::{PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 use crate::vfio::{
     self, ioctl_ptr, ioctl_val, open_rw, DeviceInfo, DmaMap, DmaUnmap, GroupStatus, RegionInfo,
@@ -274,21 +275,7 @@ impl Pages {
             return Err(format!("{len:#x} is not a multiple of 2 MiB"));
         }
         let span = len + HUGE;
-        // SAFETY: a new private anonymous mapping (addr NULL) cannot alias existing memory;
-        // the result is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                span,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(os_err(&format!("mmap {span} anonymous bytes")));
-        }
+        let p = sys::mmap_anon(span)?.cast::<libc::c_void>();
         let start = p as usize;
         let aligned = start.next_multiple_of(HUGE);
         let (head, tail) = (aligned - start, start + span - (aligned + len));
