@@ -189,6 +189,29 @@ pub(crate) unsafe fn ioctl_ptr<T>(
     }
 }
 
+/// `VFIO_IOMMU_UNMAP_DMA` of `iova..iova+size` on a container fd; returns the number of bytes
+/// unmapped: [`Container::unmap_dma`], and for programs that hold the container fd as a plain
+/// fd (mm-teardown passes it between processes).
+pub(crate) fn unmap_dma(container: &impl AsRawFd, iova: u64, size: u64) -> Result<u64, String> {
+    let mut u = DmaUnmap {
+        argsz: std::mem::size_of::<DmaUnmap>() as u32,
+        flags: 0,
+        iova,
+        size,
+    };
+    // SAFETY: VFIO_IOMMU_UNMAP_DMA reads and writes a vfio_iommu_type1_dma_unmap of
+    // argsz bytes (no bitmap: flags 0).
+    unsafe {
+        ioctl_ptr(
+            container,
+            VFIO_IOMMU_UNMAP_DMA,
+            &mut u,
+            "VFIO_IOMMU_UNMAP_DMA",
+        )
+    }?;
+    Ok(u.size)
+}
+
 /// `VFIO_DEVICE_GET_REGION_INFO` of region `index` on a VFIO device fd: [`Device::region_info`],
 /// and for programs that hold the device fd as a plain file (mm-teardown passes it between
 /// processes).
@@ -265,23 +288,7 @@ impl Container {
 
     /// `VFIO_IOMMU_UNMAP_DMA`; returns the number of bytes unmapped.
     pub fn unmap_dma(&self, iova: u64, size: u64) -> Result<u64, String> {
-        let mut u = DmaUnmap {
-            argsz: std::mem::size_of::<DmaUnmap>() as u32,
-            flags: 0,
-            iova,
-            size,
-        };
-        // SAFETY: VFIO_IOMMU_UNMAP_DMA reads and writes a vfio_iommu_type1_dma_unmap of
-        // argsz bytes (no bitmap: flags 0).
-        unsafe {
-            ioctl_ptr(
-                &self.0,
-                VFIO_IOMMU_UNMAP_DMA,
-                &mut u,
-                "VFIO_IOMMU_UNMAP_DMA",
-            )
-        }?;
-        Ok(u.size)
+        unmap_dma(&self.0, iova, size)
     }
 
     pub fn set_iommu(&self, kind: u32) -> Result<(), String> {

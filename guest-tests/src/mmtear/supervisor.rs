@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::vfiofd::{attach_group, map_dma, open_container, os_err, unmap_dma, Pages};
+use super::vfiofd::{attach_group, map_dma, open_container, os_err, Pages};
 use super::Case;
 use super::{Layout, MARK_WAITED, PAGE, STEP_TIMEOUT};
 
@@ -335,7 +335,7 @@ pub(super) fn waited_marker(group: &str, layout: &Layout) -> Result<String, Stri
     let p = Pages::new(PAGE)?;
     let iova = layout.mark(MARK_WAITED);
     map_dma(c.as_fd(), &p, iova)?;
-    let n = unmap_dma(c.as_fd(), iova, PAGE as u64)?;
+    let n = vfio::unmap_dma(&c, iova, PAGE as u64)?;
     p.free();
     ioctl_val(
         &g.as_fd(),

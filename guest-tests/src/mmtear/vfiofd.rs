@@ -4,7 +4,7 @@
 use crate::sys;
 use crate::vdev::{PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 use crate::vfio::{
-    self, ioctl_ptr, ioctl_val, open_rw, DeviceInfo, DmaMap, DmaUnmap, GroupStatus, RegionInfo,
+    self, ioctl_ptr, ioctl_val, open_rw, DeviceInfo, DmaMap, GroupStatus, RegionInfo,
 };
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -118,26 +118,6 @@ pub(super) fn map_dma(container: BorrowedFd<'_>, pages: &Pages, iova: u64) -> Re
         )
     }?;
     Ok(())
-}
-
-/// `VFIO_IOMMU_UNMAP_DMA`; returns the bytes unmapped.
-pub(super) fn unmap_dma(container: BorrowedFd<'_>, iova: u64, size: u64) -> Result<u64, String> {
-    let mut u = DmaUnmap {
-        argsz: std::mem::size_of::<DmaUnmap>() as u32,
-        flags: 0,
-        iova,
-        size,
-    };
-    // SAFETY: the kernel reads and writes a vfio_iommu_type1_dma_unmap of argsz bytes.
-    unsafe {
-        ioctl_ptr(
-            &container,
-            vfio::VFIO_IOMMU_UNMAP_DMA,
-            &mut u,
-            "VFIO_IOMMU_UNMAP_DMA",
-        )
-    }?;
-    Ok(u.size)
 }
 
 /// The open vfio objects of a worker, as raw fds it may pass on or close.
