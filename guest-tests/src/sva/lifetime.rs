@@ -94,15 +94,7 @@ pub(super) fn case_lifetime(c: &mut Checks<'_>, t: &Target, how: &str) -> Result
                     let npu_fd = npu.fd();
                     fork_run(move || {
                         let npu = Npu::borrowed(npu_fd);
-                        let mut w = Work {
-                            op: OP_FILL,
-                            flags: WAIT,
-                            src: 1,
-                            dst: 0x1000,
-                            len: 8,
-                            ..Work::default()
-                        };
-                        let e = npu.submit(&mut w).err().unwrap_or(0);
+                        let e = probe_submit(&npu);
                         say(&mut wr3, &format!("child-submit {e}"));
                         let _ = read_line(&mut go, Duration::from_secs(60));
                         report_foreign(&npu, &mut wr3, "child");
@@ -301,6 +293,13 @@ pub(super) fn report_foreign(npu: &Npu, out: &mut File, who: &str) {
         .info()
         .map(|i| u32::from(i.flags & INFO_BOUND != 0))
         .unwrap_or(9);
+    let e = probe_submit(npu);
+    say(out, &format!("{who} bound={bound} submit={e}"));
+}
+
+/// Submits a small FILL (8 bytes at VA 0x1000, waited for) and returns its errno, 0 if it was
+/// accepted: how a process tells whether it may use the binding behind `npu`.
+fn probe_submit(npu: &Npu) -> i32 {
     let mut w = Work {
         op: OP_FILL,
         flags: WAIT,
@@ -309,6 +308,5 @@ pub(super) fn report_foreign(npu: &Npu, out: &mut File, who: &str) {
         len: 8,
         ..Work::default()
     };
-    let e = npu.submit(&mut w).err().unwrap_or(0);
-    say(out, &format!("{who} bound={bound} submit={e}"));
+    npu.submit(&mut w).err().unwrap_or(0)
 }
