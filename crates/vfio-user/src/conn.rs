@@ -15,14 +15,14 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::device::{irq_index, ClientLink, Device};
+use crate::device::{irq_index, lock, ClientLink, Device};
 use crate::dma::DmaSpace;
 use crate::irq::Interrupts;
 use crate::proto::{self, Limits, Request, Writer, HEADER_SIZE};
 use crate::reader::{Event, FdLoss, Frame, FrameReader, ReadError};
-use crate::server::{
-    lock, suppressed_note, ConnectionEnd, LogLimiter, ServerOptions, KEEP_REPLY_BUF,
-    MIN_DATA_XFER_SIZE, PAGE_SIZE,
+use crate::server::options::{
+    suppressed_note, ConnectionEnd, LogLimiter, ServerOptions, KEEP_REPLY_BUF, MIN_DATA_XFER_SIZE,
+    PAGE_SIZE,
 };
 use crate::sys;
 
