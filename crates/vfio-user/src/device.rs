@@ -7,7 +7,7 @@
 //! client attaches).
 
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::dma::DmaSpace;
 use crate::irq::Interrupts;
@@ -193,4 +193,11 @@ pub trait Device: Send {
     fn irqs_changed(&mut self, index: u32) {
         let _ = index;
     }
+}
+
+/// Lock a shared device, ignoring poison.
+pub(crate) fn lock<'a>(d: &'a Mutex<dyn Device + 'static>) -> MutexGuard<'a, dyn Device + 'static> {
+    // Device state stays usable after a panic elsewhere; there is no invariant a half-finished
+    // region access could break that a reset would not repair.
+    d.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -43,7 +43,8 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::conn::Connection;
 use crate::device::Device;
-use crate::server::{admit_peer, ConnectionEnd, ServerOptions};
+use crate::server::options::{ConnectionEnd, ServerOptions};
+use crate::server::peer::admit_peer;
 
 /// Tag of the listening socket.
 const LISTENER: u32 = 0;

@@ -13,6 +13,7 @@
 //! callers keep using `proto::Name`.
 
 mod codec;
+mod decode;
 mod device_info;
 mod dma_map;
 mod error;
@@ -23,13 +24,14 @@ mod request;
 mod set_irqs;
 
 pub use codec::{Reader, Writer};
+pub use decode::decode;
 pub use device_info::*;
 pub use dma_map::*;
 pub use error::ProtoError;
 pub use header::*;
 pub use negotiate::*;
 pub use region_access::*;
-pub use request::{decode, Limits, MultiWrite, Request};
+pub use request::{Limits, MultiWrite, Request};
 pub use set_irqs::*;
 
 #[cfg(test)]

@@ -51,8 +51,9 @@ use log::{debug, warn};
 use pcisim_journal::{Event, Record, ResetKind, ViolationKind};
 
 use crate::guestops::{self, GuestShell, ShellError};
+use crate::harness::invocation::invocation;
 use crate::harness::ktap::{KtapWriter, Status, TestResult};
-use crate::harness::scenario::{self, Scenario, Verdict};
+use crate::harness::verdict::{evaluate, Verdict};
 use crate::vm::agent::{Agent, AgentError, RunOutput};
 use crate::vm::control::{ControlClient, ControlError, JournalWatch, Window};
 use crate::vm::process::{describe_status, ChildGuard, POLL};
@@ -209,10 +210,23 @@ struct Sub {
     diags: Vec<String>,
 }
 
+/// What a host scenario's context knows of its catalogue entry. Built from the entry
+/// ([`crate::harness::scenario::Scenario`], which converts itself): the entry names this module's
+/// [`HostProgram`], so holding the entry here would make the two modules import each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScenarioRef {
+    /// The id (`R9`).
+    pub id: &'static str,
+    /// The KTAP test name (`R9 system-reset`).
+    pub name: &'static str,
+    /// The default time each guest command may take.
+    pub timeout: Duration,
+}
+
 /// What a host scenario works with. See the module documentation.
 pub struct HostCtx<'a> {
     vm: &'a mut Vm,
-    scenario: &'a Scenario,
+    scenario: ScenarioRef,
     run_dir: &'a Path,
     progress: &'a mut dyn Write,
     subs: Vec<Sub>,
@@ -230,7 +244,7 @@ impl<'a> HostCtx<'a> {
     /// `progress`.
     pub fn new(
         vm: &'a mut Vm,
-        scenario: &'a Scenario,
+        scenario: impl Into<ScenarioRef>,
         run_dir: &'a Path,
         progress: &'a mut dyn Write,
     ) -> HostCtx<'a> {
@@ -245,7 +259,7 @@ impl<'a> HostCtx<'a> {
             .collect();
         HostCtx {
             vm,
-            scenario,
+            scenario: scenario.into(),
             run_dir,
             progress,
             subs: Vec::new(),
@@ -260,8 +274,8 @@ impl<'a> HostCtx<'a> {
     // -- the VM -----------------------------------------------------------------------------
 
     /// The scenario being run.
-    pub fn scenario(&self) -> &Scenario {
-        self.scenario
+    pub fn scenario(&self) -> &ScenarioRef {
+        &self.scenario
     }
 
     /// The VM's profile.
@@ -372,7 +386,7 @@ impl<'a> HostCtx<'a> {
     }
 
     /// Declares at run time that `device` must journal a violation of `kind` during this
-    /// scenario, in addition to the catalogue's [`Scenario::violations`] (which is where a
+    /// scenario, in addition to the catalogue's [`crate::harness::scenario::Scenario::violations`] (which is where a
     /// catalogue scenario declares them, next to its twin; this is for scenario lists built
     /// elsewhere, such as the vfio selftests').
     pub fn expect_violation(&mut self, device: &str, kind: ViolationKind) {
@@ -428,14 +442,14 @@ impl<'a> HostCtx<'a> {
     }
 
     /// `pcisim-guest <program> [--vendor V --device D] options...` for the device `device`
-    /// ([`scenario::invocation`]: its ids where the program takes them, `--expect` with its
+    /// ([`invocation`]: its ids where the program takes them, `--expect` with its
     /// description for `e1`).
     pub fn guest_argv(
         &self,
         device: &str,
         options: impl Into<pcisim_guest_wire::Options>,
     ) -> Result<Vec<String>, HostError> {
-        Ok(scenario::invocation(options.into(), self.device(device)?).to_argv())
+        Ok(invocation(options.into(), self.device(device)?).to_argv())
     }
 
     /// Runs a KTAP guest program as the subtest `name`: its KTAP is nested under it and its
@@ -458,7 +472,7 @@ impl<'a> HostCtx<'a> {
         let base = format!("{}.{}", self.scenario.id, self.steps);
         save(&self.run_dir.join(format!("{base}.stdout")), &out.stdout);
         save(&self.run_dir.join(format!("{base}.stderr")), &out.stderr);
-        let (verdict, parsed) = scenario::evaluate(&out);
+        let (verdict, parsed) = evaluate(&out);
         let nested = parsed.is_ok().then(|| out.stdout.clone());
         if parsed.is_err() && !out.stdout.trim().is_empty() {
             self.diags.extend(out.stdout.lines().map(str::to_string));
@@ -716,6 +730,7 @@ pub fn reset_kinds(records: &[Record]) -> (Vec<ResetKind>, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::harness::scenario;
 
     #[test]
     fn test_find_and_count_records() {

@@ -1,7 +1,8 @@
 //! The test harness: what a scenario is and how one is run and judged, with no scenario of its
 //! own.
 //!
-//! [`scenario`] (the [`scenario::Scenario`] record, verdicts from KTAP and exit status),
+//! [`scenario`] (the [`scenario::Scenario`] record), [`verdict`] (verdicts from KTAP and exit
+//! status; a leaf every judge uses),
 //! [`host`] (the context a host-side scenario drives the VM through: subtests, guest commands,
 //! QMP, journal windows), [`ktap`] (writer and parser), [`dmesg`] (the guest kernel's log as a
 //! second oracle: report kinds, allowlist, verdict), [`suite`] (boots one VM per profile and
@@ -12,8 +13,10 @@
 pub mod dmesg;
 pub mod file;
 pub mod host;
+mod invocation;
 pub mod junit;
 pub mod ktap;
 pub mod scenario;
 pub mod suite;
 pub mod timeline;
+pub mod verdict;

@@ -9,15 +9,15 @@
 
 use std::time::Duration;
 
-use pcisim_guest_wire::{DeviceIds, GuestProgram as Invocation, Options, Program as GuestProgram};
+use pcisim_guest_wire::{Options, Program as GuestProgram};
 use pcisim_journal::ViolationKind;
 
 use crate::harness::dmesg::KernelReport;
-use crate::harness::ktap::{self, Directive, KtapError, KtapSummary};
-use crate::vm::agent::RunOutput;
 use crate::vm::profile::ProfileId;
 use crate::vm::server::DescribedDevice;
 
+pub use crate::harness::invocation::invocation;
+pub use crate::harness::verdict::{evaluate, Verdict};
 pub use pcisim_guest_wire::GUEST_BIN_PATH;
 
 /// What a scenario runs.
@@ -29,28 +29,6 @@ pub enum Program {
     /// A host-side scenario ([`crate::harness::host`]): a Rust function drives QMP, the control
     /// socket and guest commands, in a VM of its own profile.
     Host(crate::harness::host::HostProgram),
-}
-
-/// The invocation of a guest program with `options` against `device`: its ids as
-/// `--vendor`/`--device` for the programs that take them, and for E1 (unless the options
-/// already say) its description as `--expect`.
-pub fn invocation(mut options: Options, device: &DescribedDevice) -> Invocation {
-    let d = &device.description;
-    if let Options::E1(o) = &mut options {
-        if o.expect.is_none() && o.expect_file.is_none() {
-            o.expect = Some(d.raw.clone());
-        }
-    }
-    let takes_device = options.program().takes_device();
-    let inv = Invocation::new(options);
-    if takes_device {
-        inv.device(DeviceIds {
-            vendor: d.vendor_id,
-            device: d.device_id,
-        })
-    } else {
-        inv
-    }
 }
 
 /// One entry of the catalogue ([`crate::scenarios::catalogue`]): what runs, where, for how
@@ -143,6 +121,17 @@ impl Scenario {
     }
 }
 
+/// A host scenario's context holds this much of its entry ([`crate::harness::host::HostCtx`]).
+impl From<&Scenario> for crate::harness::host::ScenarioRef {
+    fn from(s: &Scenario) -> Self {
+        crate::harness::host::ScenarioRef {
+            id: s.id,
+            name: s.name,
+            timeout: s.timeout,
+        }
+    }
+}
+
 impl Scenario {
     /// The VM profile the scenario needs ([`Scenario::profile`], the declared field).
     pub fn profile(&self) -> ProfileId {
@@ -167,79 +156,11 @@ impl Scenario {
     }
 }
 
-/// The verdict on one scenario.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Every assertion held.
-    Pass,
-    /// Something failed; the reason is one line.
-    Fail(String),
-    /// The scenario could not run here; the reason says why.
-    Skip(String),
-}
-
-/// Describes up to three failed subtests: `2 of 7 subtests failed: class (got 0), bars`.
-fn failures_text(s: &KtapSummary) -> String {
-    let names: Vec<String> = s
-        .failures()
-        .take(3)
-        .map(|r| match &r.directive {
-            Some(Directive::Reason(why)) if !why.is_empty() => format!("{} ({why})", r.name),
-            _ => r.name.clone(),
-        })
-        .collect();
-    let more = if s.failed() > 3 { ", ..." } else { "" };
-    format!(
-        "{} of {} subtests failed: {}{more}",
-        s.failed(),
-        s.results.len(),
-        names.join(", ")
-    )
-}
-
-fn skip_reason(s: &KtapSummary) -> String {
-    s.skip_all
-        .clone()
-        .or_else(|| {
-            s.results.iter().find_map(|r| match &r.directive {
-                Some(Directive::Skip(why)) if !why.is_empty() => Some(why.clone()),
-                _ => None,
-            })
-        })
-        .unwrap_or_else(|| "skipped by the guest program".into())
-}
-
-/// Judges a guest program's result: its exit status and whether its stdout is KTAP that agrees.
-/// Returns the verdict and the parsed KTAP (or why it is not KTAP).
-pub fn evaluate(out: &RunOutput) -> (Verdict, Result<KtapSummary, KtapError>) {
-    let parsed = ktap::parse(&out.stdout);
-    let not_ktap = |e: &KtapError| format!("guest output is not valid KTAP: {e}");
-    let verdict = if out.timed_out {
-        Verdict::Fail(format!(
-            "timed out in the guest after {:.1} s",
-            out.elapsed_ms as f64 / 1000.0
-        ))
-    } else if let Some(signal) = out.signal {
-        Verdict::Fail(format!("killed by signal {signal}"))
-    } else {
-        match (out.exit, &parsed) {
-            (Some(0), Ok(s)) if s.failed() == 0 => Verdict::Pass,
-            (Some(0), Ok(s)) => Verdict::Fail(format!("exit 0 but {}", failures_text(s))),
-            (Some(1), Ok(s)) if s.failed() > 0 => Verdict::Fail(failures_text(s)),
-            (Some(1), Ok(_)) => Verdict::Fail("exit 1 (no failed subtest reported)".into()),
-            (Some(4), Ok(s)) => Verdict::Skip(skip_reason(s)),
-            (Some(code), Ok(_)) => Verdict::Fail(format!("exit {code}")),
-            (Some(0) | Some(4), Err(e)) => Verdict::Fail(not_ktap(e)),
-            (Some(code), Err(e)) => Verdict::Fail(format!("exit {code}; {}", not_ktap(e))),
-            (None, _) => Verdict::Fail("no exit status from the agent".into()),
-        }
-    };
-    (verdict, parsed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::harness::ktap::KtapError;
+    use crate::vm::agent::RunOutput;
     use crate::vm::server::DeviceDescription;
 
     #[test]

@@ -2,15 +2,27 @@
 //! and making one (the image, its config, its module tree installed and depmod'ed).
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::UNIX_EPOCH;
 
 use log::{debug, warn};
 
-use super::config::Requirement;
-use super::prepare::Inspected;
+use super::config::{Evidence, Requirement};
 use super::{io_err, KernelError};
+
+/// A user kernel, inspected (config checked) but not yet cached: what [`super::prepare`] found
+/// in an image or a tree, and what [`make_entry`] caches.
+pub(crate) struct Inspected {
+    pub(crate) kver: String,
+    pub(crate) image_path: PathBuf,
+    pub(crate) image: Vec<u8>,
+    pub(crate) moddir: Option<PathBuf>,
+    pub(crate) evidence: Evidence,
+    /// A kernel build tree to build our modules against (a tree itself, or the `build` link
+    /// of an image's module directory when it names one).
+    pub(crate) kdir: Option<PathBuf>,
+}
 
 /// FNV-1a, 64 bits (stable across Rust releases), length-prefixed fields.
 struct Fnv(u64);

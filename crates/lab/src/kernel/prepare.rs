@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use log::debug;
 
 use super::config::{check, requirements, CheckReport, Evidence, KConfig, Need};
-use super::entry::{image_entry_name, make_entry, tree_entry_name, tree_release};
+use super::entry::{image_entry_name, make_entry, tree_entry_name, tree_release, Inspected};
 use super::image::{
     config_near_modules, ikconfig, image_release, read_module_lists, resolve_modules_dir,
 };
@@ -29,18 +29,6 @@ pub struct PreparedKernel {
     /// Whether our guest modules can be built for it (a Debian series, a tree, an image whose
     /// module directory's `build` link names a build tree on this host).
     pub can_build_modules: bool,
-}
-
-/// A user kernel, inspected (config checked) but not yet cached.
-pub(crate) struct Inspected {
-    pub(crate) kver: String,
-    pub(crate) image_path: PathBuf,
-    pub(crate) image: Vec<u8>,
-    pub(crate) moddir: Option<PathBuf>,
-    pub(crate) evidence: Evidence,
-    /// A kernel build tree to build our modules against (a tree itself, or the `build` link
-    /// of an image's module directory when it names one).
-    pub(crate) kdir: Option<PathBuf>,
 }
 
 /// The build tree a module directory's `build` link names, if it is one on this host (has a

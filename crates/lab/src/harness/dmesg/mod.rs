@@ -31,7 +31,7 @@ use std::path::Path;
 
 use log::warn;
 
-use crate::harness::scenario::Verdict;
+use crate::harness::verdict::Verdict;
 use crate::vm::agent::{Agent, AgentError, KmsgMark};
 
 mod known;
