@@ -341,8 +341,11 @@ mod tests {
     use crate::proto::{self, Command, Header, Writer, HEADER_SIZE};
     use std::io::{Read, Write};
 
-    /// A device whose reset takes 2 s (a reset waiting for in-flight DMA to drain).
-    struct SlowReset;
+    /// A device whose reset takes 2 s (a reset waiting for in-flight DMA to drain); it says
+    /// when a reset begins and when it ends, so a test need not guess.
+    struct SlowReset {
+        events: std::sync::mpsc::Sender<Instant>,
+    }
 
     impl Device for SlowReset {
         fn device_flags(&self) -> u32 {
@@ -372,7 +375,9 @@ mod tests {
         fn attach(&mut self, _: ClientLink) {}
         fn detach(&mut self) {}
         fn reset(&mut self) -> Result<(), DeviceError> {
+            let _ = self.events.send(Instant::now());
             std::thread::sleep(Duration::from_secs(2));
+            let _ = self.events.send(Instant::now());
             Ok(())
         }
     }
@@ -416,6 +421,7 @@ mod tests {
         let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/pcisim-shared").unwrap();
         let mut paths = Vec::new();
         let mut em = EventManager::<DeviceEndpoint>::new().unwrap();
+        let (events, reset_events) = std::sync::mpsc::channel();
         for name in ["a", "b"] {
             let path = dir.as_path().join(format!("{name}.sock"));
             let listener = crate::server::bind_socket(&path).unwrap();
@@ -425,7 +431,9 @@ mod tests {
             };
             let ep = DeviceEndpoint::new(
                 Some(listener),
-                Arc::new(Mutex::new(SlowReset)),
+                Arc::new(Mutex::new(SlowReset {
+                    events: events.clone(),
+                })),
                 Arc::new(opts),
                 path.clone(),
             )
@@ -441,21 +449,29 @@ mod tests {
         let mut b = UnixStream::connect(&paths[1]).unwrap();
         assert_eq!(call(&mut a, Command::Version, &version()), 0);
         assert_eq!(call(&mut b, Command::Version, &version()), 0);
-        // The instrument: B answers at once while A is idle.
+        // The instrument: B answers while A is idle, and nothing resets.
         let t = Instant::now();
         assert_eq!(call(&mut b, Command::RegionRead, &read_cfg()), 0);
         let idle_rtt = t.elapsed();
-        assert!(idle_rtt < Duration::from_millis(500), "{idle_rtt:?}");
+        assert!(reset_events.try_recv().is_err());
         let reset = std::thread::spawn(move || call(&mut a, Command::DeviceReset, &[]));
-        std::thread::sleep(Duration::from_millis(100));
+        // Once A's reset has begun on the loop's thread, B's request waits for all of it: the
+        // loop is busy in A's handler. Judged by order, not by a duration: B's reply arrives
+        // after A's reset handler returned.
+        let began = reset_events.recv().unwrap();
         let t = Instant::now();
         assert_eq!(call(&mut b, Command::RegionRead, &read_cfg()), 0);
-        let stalled = t.elapsed();
+        let b_answered = Instant::now();
+        let stalled = b_answered - t;
         assert_eq!(reset.join().unwrap(), 0);
+        let ended = reset_events.recv().unwrap();
+        assert!(began <= t, "B asked after A's reset began");
         assert!(
-            stalled >= Duration::from_millis(1500),
-            "B answered in {stalled:?} during A's reset on a shared loop"
+            b_answered >= ended,
+            "B answered {:?} before A's reset ended, on a shared loop",
+            ended - b_answered
         );
+        assert!(reset_events.try_recv().is_err(), "B's read reset nothing");
         eprintln!("shared loop: B idle {idle_rtt:?}, during A's 2 s reset {stalled:?}");
     }
 }
