@@ -6,7 +6,7 @@
 
 use crate::e1::setup_failure;
 use crate::e4::{gated, note_fail, open_ring_device, Opened};
-use crate::gpu::{self, encode_cmd, fill32};
+use crate::gpu::{self, fill32};
 use crate::ktap::{Ktap, Outcome};
 use crate::pci::{self, Function};
 use crate::ringdrv::{self, RingDrv};
@@ -42,20 +42,14 @@ struct Maps {
 
 fn submit_fill(v: &Vfio, m: &mut Maps) -> Result<(), String> {
     let ring = m.ring.as_mut().ok_or("no ring")?;
-    ring.push(encode_cmd(
-        gpu::op::FILL,
-        0,
+    ring.push_fill_and_fence(
+        1,
         BUF_IOVA,
-        u64::from(PATTERN),
+        PATTERN,
         BUF_LEN as u64,
-    ))?;
-    ring.push(encode_cmd(
-        gpu::op::WRITE_FENCE,
-        gpu::flag::FENCE_IRQ,
         FENCE_IOVA,
         FENCE_VALUE,
-        0,
-    ))?;
+    )?;
     ring.doorbell(v)
 }
 

@@ -19,7 +19,6 @@
 //! journal brackets the FLR between their `interrupt` records.
 
 use crate::e1::setup_failure;
-use crate::gpu::{self, encode_cmd};
 use crate::ktap::{Ktap, Outcome};
 use crate::pci::{self, walk_capabilities};
 use crate::resetvfio::{ring_vector, MARK_AFTER, MARK_BEFORE, VECTORS};
@@ -106,22 +105,14 @@ fn submit(v: &Vfio, len: usize, k: &mut Ktap) -> Result<Run, String> {
         t0.elapsed().as_millis()
     ));
     let mut ring = RingDrv::setup(v, ringbuf, 16, 0, 1, k)?;
-    for _ in 0..FILLS {
-        ring.push(encode_cmd(
-            gpu::op::FILL,
-            0,
-            DST_IOVA,
-            u64::from(FILL_PATTERN),
-            len as u64,
-        ))?;
-    }
-    ring.push(encode_cmd(
-        gpu::op::WRITE_FENCE,
-        gpu::flag::FENCE_IRQ,
+    ring.push_fill_and_fence(
+        FILLS,
+        DST_IOVA,
+        FILL_PATTERN,
+        len as u64,
         FENCE_IOVA,
         FENCE_VALUE,
-        0,
-    ))?;
+    )?;
     Ok(Run { ring, fence, dst })
 }
 

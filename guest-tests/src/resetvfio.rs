@@ -17,7 +17,7 @@
 //! their `interrupt` records (the host checks the kind of the one reset between them).
 
 use crate::e1::setup_failure;
-use crate::gpu::{self, encode_cmd};
+use crate::gpu;
 use crate::ktap::{Ktap, Outcome};
 use crate::pci::{self, Function};
 use crate::reset::{check_dirty_state, dirty_set, kmsg_last_seq, kmsg_since};
@@ -137,20 +137,14 @@ fn ring_after(v: &Vfio, fds: &mut BTreeMap<u32, File>, k: &mut Ktap) -> Result<(
     let data = DmaBuffer::map(&v.container, DATA_IOVA, DATA_LEN)?;
     data.fill(0, DATA_LEN, 0xEE)?;
     let mut ring = RingDrv::setup(v, ringbuf, 16, 0, 1, k)?;
-    ring.push(encode_cmd(
-        gpu::op::FILL,
-        0,
+    ring.push_fill_and_fence(
+        1,
         DATA_IOVA,
-        u64::from(FILL_PATTERN),
+        FILL_PATTERN,
         DATA_LEN as u64,
-    ))?;
-    ring.push(encode_cmd(
-        gpu::op::WRITE_FENCE,
-        gpu::flag::FENCE_IRQ,
         FENCE_IOVA,
         FENCE_VALUE,
-        0,
-    ))?;
+    )?;
     for f in fds.values_mut() {
         sys::eventfd_take(f)?;
     }

@@ -2,7 +2,7 @@
 //! the ring lives in a DMA buffer, commands are written at the driver's tail, and writing
 //! RING_TAIL rings the doorbell. Used by E4 and E5.
 
-use crate::gpu;
+use crate::gpu::{self, encode_cmd};
 use crate::ktap::Ktap;
 use crate::vdev::{read_reg, read_u64_reg, write_reg, DmaBuffer, Vfio};
 
@@ -127,6 +127,32 @@ impl RingDrv {
             .write((u64::from(slot) * gpu::CMD_SIZE) as usize, &cmd)?;
         self.tail = (self.tail + 1) % self.entries;
         Ok(slot)
+    }
+
+    /// Pushes `fills` FILL commands (each writes `pattern` over `len` bytes at `dst`), then a
+    /// WRITE_FENCE of `fence_value` at `fence_iova` with FENCE_IRQ, so the fence and its
+    /// interrupt say every fill before it is done. No doorbell: the caller rings it when it is
+    /// ready to watch the job (E5, R2 and the vfio reset scenarios).
+    pub fn push_fill_and_fence(
+        &mut self,
+        fills: usize,
+        dst: u64,
+        pattern: u32,
+        len: u64,
+        fence_iova: u64,
+        fence_value: u64,
+    ) -> Result<(), String> {
+        for _ in 0..fills {
+            self.push(encode_cmd(gpu::op::FILL, 0, dst, u64::from(pattern), len))?;
+        }
+        self.push(encode_cmd(
+            gpu::op::WRITE_FENCE,
+            gpu::flag::FENCE_IRQ,
+            fence_iova,
+            fence_value,
+            0,
+        ))?;
+        Ok(())
     }
 
     /// Rings the doorbell: RING_TAIL = the driver's tail.
