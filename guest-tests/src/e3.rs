@@ -8,7 +8,7 @@ use crate::gpu;
 use crate::ktap::{Ktap, Outcome};
 use crate::pci;
 use crate::sys;
-use crate::vdev::{self, bind, enable_command, open_vfio, release, Binding, Vfio};
+use crate::vdev::{self, bind_and_open, enable_command, release, Binding, Vfio};
 use crate::vfio;
 use pcisim_guest_wire::{DeviceIds, E3Options};
 use std::borrow::Cow;
@@ -432,22 +432,7 @@ pub fn run(ids: DeviceIds, o: E3Options) -> i32 {
     let mut binding = Binding::default();
     let skip = |why: &str| Outcome::Skip(format!("{why} failed"));
 
-    let bound = bind(&func, &mut binding, &mut k);
-    let bound_ok = k.check("vfio-bind", bound);
-
-    let mut vfio = None;
-    if bound_ok {
-        let group = binding.group.clone().unwrap_or_default();
-        match open_vfio(&func.bdf, &group, &mut k) {
-            Ok(v) => {
-                vfio = Some(v);
-                k.result("vfio-open", Outcome::Pass);
-            }
-            Err(e) => k.result("vfio-open", Outcome::Fail(e)),
-        }
-    } else {
-        k.result("vfio-open", skip("vfio-bind"));
-    }
+    let vfio = bind_and_open(&func, &mut binding, &mut k, |_| Ok(()));
 
     let mut cmd_ok = false;
     match &vfio {

@@ -24,7 +24,7 @@ use crate::pci::{self, walk_capabilities};
 use crate::resetvfio::{ring_vector, MARK_AFTER, MARK_BEFORE, VECTORS};
 use crate::ringdrv::{self, RingDrv};
 use crate::vdev::{
-    self, bind, enable_command, open_vfio, release, Binding, DmaBuffer, Vfio, PCI_COMMAND,
+    self, bind_and_open, enable_command, release, Binding, DmaBuffer, Vfio, PCI_COMMAND,
     PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY,
 };
 use pcisim_guest_wire::{DeviceIds, ResetDmaMode, ResetDmaOptions};
@@ -276,21 +276,7 @@ pub fn run(ids: DeviceIds, o: ResetDmaOptions) -> i32 {
     }
     let mut binding = Binding::default();
     let skip = |why: &str| Outcome::Skip(format!("{why} failed"));
-    let r = bind(&func, &mut binding, &mut k);
-    let bound = k.check("vfio-bind", r);
-    let mut vfio = None;
-    if bound {
-        let group = binding.group.clone().unwrap_or_default();
-        match open_vfio(&func.bdf, &group, &mut k) {
-            Ok(v) => {
-                vfio = Some(v);
-                k.result("vfio-open", Outcome::Pass);
-            }
-            Err(e) => k.result("vfio-open", Outcome::Fail(e)),
-        }
-    } else {
-        k.result("vfio-open", skip("vfio-bind"));
-    }
+    let vfio = bind_and_open(&func, &mut binding, &mut k, |_| Ok(()));
     let mut fds: Option<BTreeMap<u32, File>> = None;
     match &vfio {
         Some(v) => {

@@ -24,7 +24,7 @@ use crate::reset::{check_dirty_state, dirty_set, kmsg_last_seq, kmsg_since};
 use crate::ringdrv::{self, RingDrv};
 use crate::sys;
 use crate::vdev::{
-    self, bind, enable_command, open_vfio, read_reg, release, wait_eventfd, write_reg, Binding,
+    self, bind_and_open, enable_command, read_reg, release, wait_eventfd, write_reg, Binding,
     DmaBuffer, Vfio, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY,
 };
 use crate::vfio;
@@ -225,31 +225,16 @@ pub fn run(ids: DeviceIds, o: ResetVfioOptions) -> i32 {
     let mut binding = Binding::default();
     let skip = |why: &str| Outcome::Skip(format!("{why} failed"));
 
-    let r = bind(&func, &mut binding, &mut k);
-    let bound = k.check("vfio-bind", r);
-    let mut vfio = None;
-    if bound {
-        let group = binding.group.clone().unwrap_or_default();
-        let r = open_vfio(&func.bdf, &group, &mut k).and_then(|v| {
-            let info = v.device.info()?;
-            if op == Op::Ioctl && info.flags & vfio::VFIO_DEVICE_FLAGS_RESET == 0 {
-                return Err(format!(
-                    "device flags 0x{:x} lack VFIO_DEVICE_FLAGS_RESET: the kernel found no reset method",
-                    info.flags
-                ));
-            }
-            Ok(v)
-        });
-        match r {
-            Ok(v) => {
-                vfio = Some(v);
-                k.result("vfio-open", Outcome::Pass);
-            }
-            Err(e) => k.result("vfio-open", Outcome::Fail(e)),
+    let vfio = bind_and_open(&func, &mut binding, &mut k, |v| {
+        let info = v.device.info()?;
+        if op == Op::Ioctl && info.flags & vfio::VFIO_DEVICE_FLAGS_RESET == 0 {
+            return Err(format!(
+                "device flags 0x{:x} lack VFIO_DEVICE_FLAGS_RESET: the kernel found no reset method",
+                info.flags
+            ));
         }
-    } else {
-        k.result("vfio-open", skip("vfio-bind"));
-    }
+        Ok(())
+    });
 
     let mut fds = None;
     match &vfio {

@@ -4,7 +4,7 @@
 //! eventfds, DMA buffers mapped through the IOMMU, and the release that undoes it all.
 
 use crate::gpu;
-use crate::ktap::Ktap;
+use crate::ktap::{Ktap, Outcome};
 use crate::pci::{write_sysfs, Function};
 use crate::sys;
 use crate::vfio::{self, Container, Device, Group, RegionInfo};
@@ -250,6 +250,36 @@ pub fn open_vfio(bdf: &str, group: &str, k: &mut Ktap) -> Result<Vfio, String> {
         bar0,
         config,
     })
+}
+
+/// Binds `func` to vfio-pci and opens it, reporting `vfio-bind` and then `vfio-open`
+/// (skipped when the bind failed). `check` judges the opened device before `vfio-open`
+/// passes (a scenario that needs more than [`open_vfio`] checks, such as a reset flag);
+/// its error fails `vfio-open` and closes the device. `b` records what the bind changed
+/// whatever happens, for [`release`]. Used by E3, the FLR-with-DMA and the vfio reset
+/// scenarios.
+pub fn bind_and_open(
+    func: &Function,
+    b: &mut Binding,
+    k: &mut Ktap,
+    check: impl FnOnce(&Vfio) -> Result<(), String>,
+) -> Option<Vfio> {
+    let r = bind(func, b, k);
+    if !k.check("vfio-bind", r) {
+        k.result("vfio-open", Outcome::Skip("vfio-bind failed".to_string()));
+        return None;
+    }
+    let group = b.group.clone().unwrap_or_default();
+    match open_vfio(&func.bdf, &group, k).and_then(|v| check(&v).map(|()| v)) {
+        Ok(v) => {
+            k.result("vfio-open", Outcome::Pass);
+            Some(v)
+        }
+        Err(e) => {
+            k.result("vfio-open", Outcome::Fail(e));
+            None
+        }
+    }
 }
 
 /// Command |= Memory Space | Bus Master through the config region; BAR0 ID readable.
