@@ -19,9 +19,7 @@ use crate::gpu::{self, encode_cmd};
 use crate::ktap::{Ktap, Outcome};
 use crate::pci;
 use crate::ringdrv::RingDrv;
-use crate::vdev::{
-    bind, enable_command, open_vfio, poll_reg, read_u64_reg, release, Binding, DmaBuffer,
-};
+use crate::vdev::{bind, open_enabled, poll_reg, read_u64_reg, release, Binding, DmaBuffer};
 use pcisim_guest_wire::{DeviceIds, DmaMapOptions};
 
 const SHMEM_THP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
@@ -152,15 +150,10 @@ pub fn run(ids: DeviceIds, o: DmaMapOptions) -> i32 {
         restore(&mut k);
         return k.finish();
     }
-    let group = b.group.clone().unwrap_or_default();
-    let v = match open_vfio(&func.bdf, &group, &mut k).and_then(|v| {
-        enable_command(&v, &mut k)?;
-        Ok(v)
-    }) {
+    let v = match open_enabled(&func, &b, &mut k) {
         Ok(v) => v,
         Err(e) => {
             k.result("bind vfio-pci and open the device", Outcome::Fail(e));
-            let _ = release(&func, &b, None, false);
             restore(&mut k);
             return k.finish();
         }

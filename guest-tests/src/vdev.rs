@@ -282,6 +282,22 @@ pub fn bind_and_open(
     }
 }
 
+/// Opens the device bound by [`bind`] and sets Memory Space and Bus Master
+/// ([`enable_command`]). On error the binding is undone ([`release`]; its own error is
+/// dropped: the open error is the one to report) and the open error returned. Used by the
+/// programs that report the open as one step (dmamap, vfiouser).
+pub fn open_enabled(func: &Function, b: &Binding, k: &mut Ktap) -> Result<Vfio, String> {
+    let group = b.group.clone().unwrap_or_default();
+    let r = open_vfio(&func.bdf, &group, k).and_then(|v| {
+        enable_command(&v, k)?;
+        Ok(v)
+    });
+    if r.is_err() {
+        let _ = release(func, b, None, false);
+    }
+    r
+}
+
 /// Command |= Memory Space | Bus Master through the config region; BAR0 ID readable.
 pub fn enable_command(v: &Vfio, k: &mut Ktap) -> Result<(), String> {
     let before = v.device.read_u16(&v.config, PCI_COMMAND)?;

@@ -15,7 +15,7 @@ use crate::e1::setup_failure;
 use crate::ktap::{Ktap, Outcome};
 use crate::pci;
 use crate::sys;
-use crate::vdev::{bind, enable_command, open_vfio, release, Binding, DmaBuffer};
+use crate::vdev::{bind, open_enabled, release, Binding, DmaBuffer};
 use pcisim_guest_wire::{DeviceIds, ReqMode, VfioUserOptions};
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
@@ -60,15 +60,10 @@ pub fn run(ids: DeviceIds, o: VfioUserOptions) -> i32 {
         let _ = release(&func, &b, None, false);
         return k.finish();
     }
-    let group = b.group.clone().unwrap_or_default();
-    let v = match open_vfio(&func.bdf, &group, &mut k).and_then(|v| {
-        enable_command(&v, &mut k)?;
-        Ok(v)
-    }) {
+    let v = match open_enabled(&func, &b, &mut k) {
         Ok(v) => v,
         Err(e) => {
             k.result("open the vfio device", Outcome::Fail(e));
-            let _ = release(&func, &b, None, false);
             return k.finish();
         }
     };
