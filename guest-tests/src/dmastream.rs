@@ -28,8 +28,8 @@ use crate::pci::{self, Function};
 use crate::ringdrv::{self, RingDrv, RingState};
 use crate::sys;
 use crate::vdev::{
-    self, bind, enable_command, open_vfio, read_reg, release, write_reg, Binding, DmaBuffer, Vfio,
-    PCI_COMMAND,
+    self, bind, enable_command, open_vfio, read_reg, release_and_report, write_reg, Binding,
+    DmaBuffer, Vfio, PCI_COMMAND,
 };
 use pcisim_guest_wire::{DeviceIds, DmaStreamOptions};
 use std::collections::BTreeMap;
@@ -637,18 +637,8 @@ pub fn run(ids: DeviceIds, o: DmaStreamOptions) -> i32 {
             errs.push(format!("disable {irq}: {e}"));
         }
     }
-    if let Err(e) = release(&opts.func, &binding, vfio, false) {
-        errs.push(e);
-    }
+    release_and_report(&opts.func, &binding, vfio, false, errs, &mut k);
     drop(irqs);
-    k.check(
-        "vfio-release",
-        if errs.is_empty() {
-            Ok(())
-        } else {
-            Err(errs.join("; "))
-        },
-    );
     k.finish()
 }
 

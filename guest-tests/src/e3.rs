@@ -8,7 +8,7 @@ use crate::gpu;
 use crate::ktap::{Ktap, Outcome};
 use crate::pci;
 use crate::sys;
-use crate::vdev::{self, bind_and_open, enable_command, release, Binding, Vfio};
+use crate::vdev::{self, bind_and_open, enable_command, release_and_report, Binding, Vfio};
 use crate::vfio;
 use pcisim_guest_wire::{DeviceIds, E3Options};
 use std::borrow::Cow;
@@ -523,18 +523,8 @@ pub fn run(ids: DeviceIds, o: E3Options) -> i32 {
             errs.push(e);
         }
     }
-    if let Err(e) = release(&func, &binding, vfio, msix_on) {
-        errs.push(e);
-    }
+    release_and_report(&func, &binding, vfio, msix_on, errs, &mut k);
     drop(irqs);
-    k.check(
-        "vfio-release",
-        if errs.is_empty() {
-            Ok(())
-        } else {
-            Err(errs.join("; "))
-        },
-    );
     k.finish()
 }
 

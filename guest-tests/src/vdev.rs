@@ -321,6 +321,30 @@ pub fn enable_command(v: &Vfio, k: &mut Ktap) -> Result<(), String> {
     Ok(())
 }
 
+/// [`release`], then the `vfio-release` result: failed with every error of `earlier` (the
+/// teardown the caller did first) and then release's own, joined by "; ". Used by E3 and
+/// dmastream.
+pub fn release_and_report(
+    func: &Function,
+    b: &Binding,
+    vfio: Option<Vfio>,
+    irqs_on: bool,
+    mut earlier: Vec<String>,
+    k: &mut Ktap,
+) {
+    if let Err(e) = release(func, b, vfio, irqs_on) {
+        earlier.push(e);
+    }
+    k.check(
+        "vfio-release",
+        if earlier.is_empty() {
+            Ok(())
+        } else {
+            Err(earlier.join("; "))
+        },
+    );
+}
+
 /// Disables interrupts (if `irqs_on`), closes device, group and container, unbinds from
 /// vfio-pci, clears driver_override and re-probes the original driver.
 pub fn release(
