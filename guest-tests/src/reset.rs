@@ -23,6 +23,7 @@ use crate::gpu;
 use crate::ktap::{Ktap, Outcome};
 use crate::mmio::Mapping;
 use crate::pci::{self, walk_capabilities, Function};
+use crate::sys;
 use pcisim_guest_wire::{DeviceIds, OnOff, ResetExpect, ResetOptions};
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -139,30 +140,10 @@ pub fn parse_kmsg(rec: &str) -> Option<KmsgRecord> {
 
 /// Every kernel log record still in the buffer, oldest first.
 pub fn kmsg_records() -> Vec<KmsgRecord> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let Ok(mut f) = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open("/dev/kmsg")
-    else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 8192];
-    for _ in 0..100_000 {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if let Some(r) = parse_kmsg(&String::from_utf8_lossy(&buf[..n])) {
-                    out.push(r);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => continue,
-            Err(_) => break,
-        }
-    }
-    out
+    sys::kmsg_read_all()
+        .iter()
+        .filter_map(|rec| parse_kmsg(rec))
+        .collect()
 }
 
 /// The sequence number of the newest kernel log record (0 if none).

@@ -283,6 +283,34 @@ pub fn recv_fds(
     Ok(out)
 }
 
+/// Every record still in the kernel log buffer, oldest first, each as read from a
+/// non-blocking `/dev/kmsg` (`prio,seq,ts,flags;text\n[continuation]`, lossily decoded): one
+/// record per read, until EAGAIN (the end of the buffer) or a bound of 100 000 records; a
+/// record overwritten while reading (EPIPE) is skipped. Empty if `/dev/kmsg` cannot be
+/// opened: the callers use the log for checks and diagnostics that say what they found.
+pub fn kmsg_read_all() -> Vec<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    for _ in 0..100_000 {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => continue,
+            Err(_) => break,
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,33 +21,14 @@ pub const PCI_COMMAND_MASTER: u16 = 1 << 2;
 
 /// The last few kernel log records mentioning any of `needles` (diagnostics).
 pub fn kernel_log_tail(needles: &[&str], max: usize) -> Vec<String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let Ok(mut f) = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open("/dev/kmsg")
-    else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 8192];
-    // One record per read; stop at EAGAIN (end of the buffer) or after a bound.
-    for _ in 0..100_000 {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                let rec = String::from_utf8_lossy(&buf[..n]);
-                let msg = rec.split_once(';').map(|(_, m)| m).unwrap_or(&rec);
-                let msg = msg.lines().next().unwrap_or("").to_string();
-                if needles.iter().any(|n| msg.contains(n)) {
-                    out.push(msg);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => continue, // overwritten
-            Err(_) => break,
-        }
-    }
+    let mut out: Vec<String> = sys::kmsg_read_all()
+        .iter()
+        .map(|rec| {
+            let msg = rec.split_once(';').map(|(_, m)| m).unwrap_or(rec);
+            msg.lines().next().unwrap_or("").to_string()
+        })
+        .filter(|msg| needles.iter().any(|n| msg.contains(n)))
+        .collect();
     let skip = out.len().saturating_sub(max);
     out.split_off(skip)
 }
