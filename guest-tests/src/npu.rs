@@ -28,35 +28,18 @@ pub fn dirty_set() -> Vec<(u64, u32)> {
 /// values written). Reads through `rd`.
 pub fn check_dirty_state(
     expect_cleared: bool,
-    mut rd: impl FnMut(u64) -> Result<u32, String>,
+    rd: impl FnMut(u64) -> Result<u32, String>,
 ) -> Result<(), String> {
-    let id = rd(ID)?;
-    if id != ID_MAGIC {
-        return Err(format!("ID reads 0x{id:08x}, expected 0x{ID_MAGIC:08x}"));
-    }
-    let mut wrong = Vec::new();
-    for (off, written) in dirty_set() {
-        let want = if expect_cleared { 0 } else { written };
-        let got = rd(off)?;
-        if got != want {
-            wrong.push(format!("0x{off:03x}=0x{got:x} (want 0x{want:x})"));
-        }
-    }
-    if wrong.is_empty() {
-        Ok(())
+    let want: Vec<(u64, u32)> = dirty_set()
+        .into_iter()
+        .map(|(off, written)| (off, if expect_cleared { 0 } else { written }))
+        .collect();
+    let what = if expect_cleared {
+        "not back to 0"
     } else {
-        Err(format!(
-            "{} of {} registers {}: {}",
-            wrong.len(),
-            dirty_set().len(),
-            if expect_cleared {
-                "not back to 0"
-            } else {
-                "lost their values"
-            },
-            wrong.join(" ")
-        ))
-    }
+        "lost their values"
+    };
+    crate::reset::check_registers((ID, ID_MAGIC), &want, what, rd)
 }
 
 /// The register writes that make the NPU raise `vector` on demand: CMD_IRQ routed to it, then

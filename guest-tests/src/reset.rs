@@ -56,18 +56,37 @@ pub fn dirty_set() -> Vec<(u64, u32, u32)> {
 /// defaults; else the values written). Reads through `rd`.
 pub fn check_dirty_state(
     expect_cleared: bool,
+    rd: impl FnMut(u64) -> Result<u32, String>,
+) -> Result<(), String> {
+    let want: Vec<(u64, u32)> = dirty_set()
+        .into_iter()
+        .map(|(off, written, default)| (off, if expect_cleared { default } else { written }))
+        .collect();
+    let what = if expect_cleared {
+        "not back to their defaults"
+    } else {
+        "lost their values"
+    };
+    check_registers((gpu::ID, gpu::ID_MAGIC), &want, what, rd)
+}
+
+/// Reads the ID register `id.0` through `rd` (it must read `id.1`: the function still
+/// answers as itself), then every register of `want` (offset, value); fails listing each one
+/// that differs as `0xOFF=0xGOT (want 0xWANT)` after "N of M registers `what`". The after-reset
+/// register check of the GPU (here) and the NPU (`npu::check_dirty_state`).
+pub fn check_registers(
+    id: (u64, u32),
+    want: &[(u64, u32)],
+    what: &str,
     mut rd: impl FnMut(u64) -> Result<u32, String>,
 ) -> Result<(), String> {
-    let id = rd(gpu::ID)?;
-    if id != gpu::ID_MAGIC {
-        return Err(format!(
-            "ID reads 0x{id:08x}, expected 0x{:08x}",
-            gpu::ID_MAGIC
-        ));
+    let (id_off, magic) = id;
+    let got = rd(id_off)?;
+    if got != magic {
+        return Err(format!("ID reads 0x{got:08x}, expected 0x{magic:08x}"));
     }
     let mut wrong = Vec::new();
-    for (off, written, default) in dirty_set() {
-        let want = if expect_cleared { default } else { written };
+    for &(off, want) in want {
         let got = rd(off)?;
         if got != want {
             wrong.push(format!("0x{off:03x}=0x{got:x} (want 0x{want:x})"));
@@ -77,14 +96,9 @@ pub fn check_dirty_state(
         Ok(())
     } else {
         Err(format!(
-            "{} of {} registers {}: {}",
+            "{} of {} registers {what}: {}",
             wrong.len(),
-            dirty_set().len(),
-            if expect_cleared {
-                "not back to their defaults"
-            } else {
-                "lost their values"
-            },
+            want.len(),
             wrong.join(" ")
         ))
     }
@@ -666,6 +680,30 @@ pub fn run(ids: DeviceIds, options: ResetOptions) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn register_check_lists_the_wrong_ones() {
+        let regs = |off: u64| -> Result<u32, String> {
+            Ok(match off {
+                0 => 0xC0DE,
+                0x10 => 1,
+                _ => 7,
+            })
+        };
+        let want = [(0x10, 1), (0x20, 2), (0x30, 7)];
+        assert_eq!(
+            check_registers((0, 0xC0DE), &want[..1], "kept", regs),
+            Ok(())
+        );
+        assert_eq!(
+            check_registers((0, 0xC0DE), &want, "not back to 0", regs),
+            Err("1 of 3 registers not back to 0: 0x020=0x7 (want 0x2)".to_string())
+        );
+        assert_eq!(
+            check_registers((0, 0xBEEF), &want, "x", regs),
+            Err("ID reads 0x0000c0de, expected 0x0000beef".to_string())
+        );
+    }
 
     #[test]
     fn parses_kmsg_records() {
