@@ -54,3 +54,15 @@ pub fn load_gpu<G: GuestShell + ?Sized>(
         Err(ShellError::Unexpected(format!("chardev: {chardev:?}")).into())
     }
 }
+
+/// Unloads the guest GPU driver (`rmmod`); an error with what the guest said if it did not
+/// unload (a device or file still holding it). The scenarios that loaded it with [`load_gpu`]
+/// end with this as their "unloads" check (userptr, R12's AER recovery).
+pub fn unload_gpu<G: GuestShell + ?Sized>(g: &mut G) -> Result<(), G::Error> {
+    let out = sh(g, &format!("rmmod {GPU_MODULE} && echo unloaded"))?;
+    if out.contains("unloaded") {
+        Ok(())
+    } else {
+        Err(ShellError::Unexpected(out.trim().to_string()).into())
+    }
+}
