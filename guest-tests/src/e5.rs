@@ -7,7 +7,7 @@
 use crate::e1::setup_failure;
 use crate::e4::{gated, note_fail, open_ring_device, Opened};
 use crate::gpu::{self, fill32};
-use crate::ktap::{Ktap, Outcome};
+use crate::ktap::{all_ok, Ktap, Outcome};
 use crate::pci::{self, Function};
 use crate::ringdrv::{self, RingDrv};
 use crate::sys;
@@ -339,14 +339,7 @@ fn run_on(func: &Function, note: Option<String>) -> i32 {
                     errs.push(e);
                 }
             }
-            k.check(
-                "dma-unmap",
-                if errs.is_empty() {
-                    Ok(())
-                } else {
-                    Err(errs.join("; "))
-                },
-            );
+            k.check("dma-unmap", all_ok(errs));
         }
         _ => k.result("dma-unmap", Outcome::Skip("nothing mapped".into())),
     }

@@ -70,6 +70,16 @@ pub fn format_result(number: usize, name: &str, outcome: &Outcome) -> String {
     }
 }
 
+/// Ok if `errs` is empty, else one error with all of them joined by "; " (a step that
+/// carries on past each failure and reports them together).
+pub fn all_ok(errs: Vec<String>) -> Result<(), String> {
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("; "))
+    }
+}
+
 /// Formats a diagnostic: every line of `text` prefixed with `# `.
 pub fn format_diag(text: &str) -> String {
     text.lines()
@@ -261,6 +271,15 @@ impl Ktap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_ok_joins_every_error() {
+        assert_eq!(all_ok(vec![]), Ok(()));
+        assert_eq!(
+            all_ok(vec!["a".into(), "b".into()]),
+            Err("a; b".to_string())
+        );
+    }
 
     #[test]
     fn formats_lines() {

@@ -17,7 +17,7 @@
 
 use crate::e1::setup_failure;
 use crate::gpu;
-use crate::ktap::{Ktap, Outcome};
+use crate::ktap::{all_ok, Ktap, Outcome};
 use crate::npu;
 use crate::pci;
 use crate::reset::{check_dirty_state, dirty_set};
@@ -403,13 +403,6 @@ pub fn run(ids: DeviceIds, o: ResetHotOptions) -> i32 {
             }
         }
     }
-    k.check(
-        "release",
-        if errs.is_empty() {
-            Ok(())
-        } else {
-            Err(errs.join("; "))
-        },
-    );
+    k.check("release", all_ok(errs));
     k.finish()
 }

@@ -4,7 +4,7 @@
 //! eventfds, DMA buffers mapped through the IOMMU, and the release that undoes it all.
 
 use crate::gpu;
-use crate::ktap::{Ktap, Outcome};
+use crate::ktap::{all_ok, Ktap, Outcome};
 use crate::pci::{write_sysfs, Function};
 use crate::sys;
 use crate::vfio::{self, Container, Device, Group, RegionInfo};
@@ -316,14 +316,7 @@ pub fn release_and_report(
     if let Err(e) = release(func, b, vfio, irqs_on) {
         earlier.push(e);
     }
-    k.check(
-        "vfio-release",
-        if earlier.is_empty() {
-            Ok(())
-        } else {
-            Err(earlier.join("; "))
-        },
-    );
+    k.check("vfio-release", all_ok(earlier));
 }
 
 /// Disables interrupts (if `irqs_on`), closes device, group and container, unbinds from
@@ -381,11 +374,7 @@ pub fn release(
     } else if let Some(d) = func.driver() {
         errs.push(format!("device still bound to {d} after release"));
     }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(errs.join("; "))
-    }
+    all_ok(errs)
 }
 
 /// Sets and clears Command bits through the config region; returns the value read back.
