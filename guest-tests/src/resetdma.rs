@@ -21,14 +21,13 @@
 use crate::e1::setup_failure;
 use crate::ktap::{Ktap, Outcome};
 use crate::pci::{self, walk_capabilities};
-use crate::resetvfio::{ring_vector, MARK_AFTER, MARK_BEFORE, VECTORS};
+use crate::resetvfio::{enable_vectors, ring_vector, MARK_AFTER, MARK_BEFORE};
 use crate::ringdrv::{self, RingDrv};
 use crate::vdev::{
-    self, bind_and_open, enable_command, release, Binding, DmaBuffer, Vfio, PCI_COMMAND,
-    PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY,
+    self, bind_and_open, release, Binding, DmaBuffer, Vfio, PCI_COMMAND, PCI_COMMAND_MASTER,
+    PCI_COMMAND_MEMORY,
 };
 use pcisim_guest_wire::{DeviceIds, ResetDmaMode, ResetDmaOptions};
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
@@ -277,21 +276,7 @@ pub fn run(ids: DeviceIds, o: ResetDmaOptions) -> i32 {
     let mut binding = Binding::default();
     let skip = |why: &str| Outcome::Skip(format!("{why} failed"));
     let vfio = bind_and_open(&func, &mut binding, &mut k, |_| Ok(()));
-    let mut fds: Option<BTreeMap<u32, File>> = None;
-    match &vfio {
-        Some(v) => {
-            let r = enable_command(v, &mut k)
-                .and_then(|()| vdev::msix_eventfds(v, &VECTORS, VECTORS.len() as u32, &mut k));
-            match r {
-                Ok(f) => {
-                    fds = Some(f);
-                    k.result("enable", Outcome::Pass);
-                }
-                Err(e) => k.result("enable", Outcome::Fail(e)),
-            }
-        }
-        None => k.result("enable", skip("vfio-open")),
-    }
+    let mut fds = enable_vectors(vfio.as_ref(), &mut k);
 
     let mut run_state = None;
     if let Some((v, fds)) = vfio.as_ref().zip(fds.as_mut()) {

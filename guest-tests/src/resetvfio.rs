@@ -55,6 +55,28 @@ enum Op {
     Ioctl,
 }
 
+/// Sets Memory Space and Bus Master and binds an eventfd to each of [`VECTORS`], reporting
+/// `enable` (skipped when `vfio-open` failed, `vfio` None); the eventfds by vector. Shared
+/// with the FLR-with-DMA scenario (resetdma).
+pub fn enable_vectors(vfio: Option<&Vfio>, k: &mut Ktap) -> Option<BTreeMap<u32, File>> {
+    let Some(v) = vfio else {
+        k.result("enable", Outcome::Skip("vfio-open failed".to_string()));
+        return None;
+    };
+    let r = enable_command(v, k)
+        .and_then(|()| vdev::msix_eventfds(v, &VECTORS, VECTORS.len() as u32, k));
+    match r {
+        Ok(f) => {
+            k.result("enable", Outcome::Pass);
+            Some(f)
+        }
+        Err(e) => {
+            k.result("enable", Outcome::Fail(e));
+            None
+        }
+    }
+}
+
 /// Rings `vector` through the IRQ doorbell and checks that exactly its eventfd fires once.
 pub fn ring_vector(
     v: &Vfio,
@@ -236,21 +258,7 @@ pub fn run(ids: DeviceIds, o: ResetVfioOptions) -> i32 {
         Ok(())
     });
 
-    let mut fds = None;
-    match &vfio {
-        Some(v) => {
-            let r = enable_command(v, &mut k)
-                .and_then(|()| vdev::msix_eventfds(v, &VECTORS, VECTORS.len() as u32, &mut k));
-            match r {
-                Ok(f) => {
-                    fds = Some(f);
-                    k.result("enable", Outcome::Pass);
-                }
-                Err(e) => k.result("enable", Outcome::Fail(e)),
-            }
-        }
-        None => k.result("enable", skip("vfio-open")),
-    }
+    let mut fds = enable_vectors(vfio.as_ref(), &mut k);
 
     // Everything below needs the open device and its eventfds.
     let ready = vfio.as_ref().zip(fds.as_mut());
