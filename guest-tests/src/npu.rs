@@ -30,15 +30,15 @@ pub fn check_dirty_state(
     expect_cleared: bool,
     rd: impl FnMut(u64) -> Result<u32, String>,
 ) -> Result<(), String> {
-    let want: Vec<(u64, u32)> = dirty_set()
-        .into_iter()
-        .map(|(off, written)| (off, if expect_cleared { 0 } else { written }))
-        .collect();
     let what = if expect_cleared {
         "not back to 0"
     } else {
         "lost their values"
     };
+    let want: Vec<(u64, u32)> = dirty_set()
+        .into_iter()
+        .map(|(off, written)| (off, if expect_cleared { 0 } else { written }))
+        .collect();
     crate::reset::check_registers((ID, ID_MAGIC), &want, what, rd)
 }
 
