@@ -244,6 +244,20 @@ impl Ktap {
         ok
     }
 
+    /// Like [`Ktap::check`], keeping the value: `Some` of it if `r` passed.
+    pub fn check_value<T>(&mut self, name: &str, r: Result<T, String>) -> Option<T> {
+        match r {
+            Ok(v) => {
+                self.result(name, Outcome::Pass);
+                Some(v)
+            }
+            Err(e) => {
+                self.result(name, Outcome::Fail(e));
+                None
+            }
+        }
+    }
+
     /// Prints a totals line and returns the kselftest exit code. Tests that were
     /// planned but never reported count as failures.
     pub fn finish(mut self) -> i32 {
@@ -379,6 +393,17 @@ mod tests {
                 "{declaration:?} {name:?}"
             );
         }
+    }
+
+    #[test]
+    fn check_value_reports_and_keeps_the_value() {
+        let mut k = Ktap::with_sink(2, false);
+        assert_eq!(k.check_value("a", Ok(7)), Some(7));
+        assert_eq!(k.check_value::<u8>("b", Err("bad".into())), None);
+        assert_eq!(
+            k.captured(),
+            "KTAP version 1\n1..2\nok 1 a\nnot ok 2 b # bad\n"
+        );
     }
 
     #[test]

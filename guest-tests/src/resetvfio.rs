@@ -65,16 +65,7 @@ pub fn enable_vectors(vfio: Option<&Vfio>, k: &mut Ktap) -> Option<BTreeMap<u32,
     };
     let r = enable_command(v, k)
         .and_then(|()| vdev::msix_eventfds(v, &VECTORS, VECTORS.len() as u32, k));
-    match r {
-        Ok(f) => {
-            k.result("enable", Outcome::Pass);
-            Some(f)
-        }
-        Err(e) => {
-            k.result("enable", Outcome::Fail(e));
-            None
-        }
-    }
+    k.check_value("enable", r)
 }
 
 /// Rings `vector` through the IRQ doorbell and checks that exactly its eventfd fires once.

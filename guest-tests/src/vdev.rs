@@ -251,16 +251,8 @@ pub fn bind_and_open(
         return None;
     }
     let group = b.group.clone().unwrap_or_default();
-    match open_vfio(&func.bdf, &group, k).and_then(|v| check(&v).map(|()| v)) {
-        Ok(v) => {
-            k.result("vfio-open", Outcome::Pass);
-            Some(v)
-        }
-        Err(e) => {
-            k.result("vfio-open", Outcome::Fail(e));
-            None
-        }
-    }
+    let r = open_vfio(&func.bdf, &group, k).and_then(|v| check(&v).map(|()| v));
+    k.check_value("vfio-open", r)
 }
 
 /// Opens the device bound by [`bind`] and sets Memory Space and Bus Master
