@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::Duration;
 
-fn last_err(what: &str) -> String {
+pub(crate) fn last_err(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
 

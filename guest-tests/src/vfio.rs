@@ -146,10 +146,6 @@ pub fn irq_set_buf(flags: u32, index: u32, start: u32, count: u32, fds: &[i32]) 
     v
 }
 
-fn errno_str(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
-}
-
 /// `ioctl(fd, req, value)` for requests whose argument is an integer.
 pub(crate) fn ioctl_val(
     fd: &impl AsRawFd,
@@ -161,7 +157,7 @@ pub(crate) fn ioctl_val(
     // through it); the fd is borrowed for the call; the result is checked.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::Ioctl::from(req), arg) };
     if r < 0 {
-        Err(errno_str(what))
+        Err(crate::sys::last_err(what))
     } else {
         Ok(r)
     }
@@ -183,7 +179,7 @@ pub(crate) unsafe fn ioctl_ptr<T>(
     // kernel accesses within bounds; the fd is borrowed for the call.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::Ioctl::from(req), arg) };
     if r < 0 {
-        Err(errno_str(what))
+        Err(crate::sys::last_err(what))
     } else {
         Ok(r)
     }

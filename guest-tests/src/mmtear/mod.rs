@@ -44,9 +44,9 @@ mod worker;
 
 use self::scenario::drive;
 use self::supervisor::{Procs, Reports, Steps, Super};
-use self::vfiofd::os_err;
 use self::worker::buf_len;
 pub use self::worker::worker;
+use crate::sys::last_err as os_err;
 
 use crate::e1::setup_failure;
 use crate::ktap::Ktap;

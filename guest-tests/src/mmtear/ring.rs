@@ -10,8 +10,9 @@ use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
-use super::vfiofd::{os_err, Pages};
+use super::vfiofd::{Handles, Pages};
 use super::{Layout, PAGE, PATTERN_BASE, PATTERN_MASK, RING_ENTRIES, STREAM_BATCH, STREAM_PACE};
+use crate::sys::last_err as os_err;
 
 /// 32-bit BAR0 register access, through the device fd or through a mapping of BAR0.
 pub(super) trait Regs {
@@ -22,6 +23,16 @@ pub(super) trait Regs {
 pub(super) struct FdRegs<'a> {
     pub(super) device: &'a File,
     pub(super) bar0: RegionInfo,
+}
+
+impl Handles {
+    /// The device's registers through its fd (BAR0 region reads and writes).
+    pub(super) fn regs(&self) -> FdRegs<'_> {
+        FdRegs {
+            device: &self.device,
+            bar0: self.bar0,
+        }
+    }
 }
 
 impl Regs for FdRegs<'_> {

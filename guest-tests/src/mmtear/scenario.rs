@@ -9,10 +9,10 @@ use std::time::Instant;
 
 use super::ring::write_fd;
 use super::supervisor::{group_busy, waited_marker, Ended, Steps, Super};
-use super::vfiofd::os_err;
 use super::worker::seqpacket_pair;
 use super::Case;
 use super::{HOLD, STEP_TIMEOUT};
+use crate::sys::last_err as os_err;
 
 /// Runs the case; a failed step returns `Err(())` (already reported).
 pub(super) fn drive(sup: &mut Super<'_>, steps: &mut Steps) -> Result<(), ()> {

@@ -12,9 +12,10 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::vfiofd::{attach_group, map_dma, open_container, os_err, Pages};
+use super::vfiofd::{attach_group, map_dma, open_container, Pages};
 use super::Case;
 use super::{Layout, MARK_WAITED, PAGE, STEP_TIMEOUT};
+use crate::sys::last_err as os_err;
 
 /// A worker's report line: `<role> <event> key=value ...`.
 #[derive(Debug, Clone, PartialEq, Eq)]

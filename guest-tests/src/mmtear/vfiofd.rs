@@ -2,6 +2,7 @@
 //! mapping of our own pages, and the marker pages the host correlates with.
 
 use crate::sys;
+use crate::sys::last_err as os_err;
 use crate::vdev::{PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 use crate::vfio::{
     self, ioctl_ptr, ioctl_val, open_rw, DeviceInfo, DmaMap, GroupStatus, RegionInfo,
@@ -11,12 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 
-use super::ring::FdRegs;
 use super::{Layout, PAGE};
-
-pub(super) fn os_err(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
-}
 
 /// A new container with the type1v2 IOMMU available.
 pub(super) fn open_container() -> Result<OwnedFd, String> {
@@ -181,13 +177,6 @@ impl Handles {
             bar0,
             config,
         })
-    }
-
-    pub(super) fn regs(&self) -> FdRegs<'_> {
-        FdRegs {
-            device: &self.device,
-            bar0: self.bar0,
-        }
     }
 
     /// Command |= Memory Space | Bus Master through the config region.

@@ -10,12 +10,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use super::ring::{read_fd, ring_setup, verify_streaming, write_fd, BarMap, Regs, Stream};
-use super::vfiofd::{map_dma, mark, os_err, Handles, Pages};
+use super::vfiofd::{map_dma, mark, Handles, Pages};
 use super::Case;
 use super::{
     Layout, DEFAULT_BUF_KIB, HOLD, MARK_FIRST_EXIT, MARK_HOLDER, PAGE, STEP_TIMEOUT, STREAM_BATCH,
     STREAM_FIRST,
 };
+use crate::sys::last_err as os_err;
 
 /// One line to the supervisor.
 pub(super) fn report(role: &str, text: &str) {
