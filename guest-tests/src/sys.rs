@@ -13,13 +13,23 @@ pub(crate) fn last_err(what: &str) -> String {
 /// A fresh anonymous private read/write mapping of `len` bytes (not populated); the caller owns
 /// it and unmaps it with `munmap`.
 pub fn mmap_anon(len: usize) -> Result<*mut u8, String> {
+    mmap_anon_flags(len, 0)
+}
+
+/// [`mmap_anon`], populated at once (`MAP_POPULATE`): memory a device will DMA into.
+pub fn mmap_anon_populated(len: usize) -> Result<std::ptr::NonNull<u8>, String> {
+    let p = mmap_anon_flags(len, libc::MAP_POPULATE)?;
+    std::ptr::NonNull::new(p).ok_or_else(|| "mmap returned NULL".to_string())
+}
+
+fn mmap_anon_flags(len: usize, flags: libc::c_int) -> Result<*mut u8, String> {
     // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
             -1,
             0,
         )

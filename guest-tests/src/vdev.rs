@@ -441,25 +441,7 @@ impl DmaBuffer {
                 "DMA buffer length {len:#x} not a multiple of 4 KiB"
             ));
         }
-        // SAFETY: a new private anonymous mapping (addr NULL) cannot alias existing
-        // memory; the result is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(format!(
-                "mmap {len} anonymous bytes: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or("mmap returned NULL")?;
+        let ptr = crate::sys::mmap_anon_populated(len)?;
         let mut b = DmaBuffer {
             ptr,
             len,

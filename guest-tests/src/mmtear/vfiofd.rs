@@ -2,7 +2,6 @@
 //! mapping of our own pages, and the marker pages the host correlates with.
 
 use crate::sys;
-use crate::sys::last_err as os_err;
 use crate::vdev::{PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 use crate::vfio::{
     self, ioctl_ptr, ioctl_val, open_rw, DeviceInfo, DmaMap, GroupStatus, RegionInfo,
@@ -216,22 +215,7 @@ pub(super) struct Pages {
 
 impl Pages {
     pub(super) fn new(len: usize) -> Result<Pages, String> {
-        // SAFETY: a new private anonymous mapping (addr NULL) cannot alias existing memory;
-        // the result is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(os_err(&format!("mmap {len} anonymous bytes")));
-        }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or("mmap returned NULL")?;
+        let ptr = sys::mmap_anon_populated(len)?;
         Ok(Pages { ptr, len })
     }
 
