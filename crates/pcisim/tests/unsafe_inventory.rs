@@ -17,7 +17,7 @@
 //! the tables (the prose under each heading is kept):
 //!
 //! ```sh
-//! UNSAFE_INVENTORY_WRITE=1 cargo test -p pcisim --test unsafe_inventory -- --ignored
+//! UNSAFE_INVENTORY_WRITE=1 cargo test -p pcisim --test unsafe_inventory
 //! ```
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -870,6 +870,13 @@ fn every_unsafe_site_has_a_safety_comment() {
 fn security_md_lists_exactly_the_unsafe_sites_of_the_code() {
     let root = root();
     let code = inventory(&root);
+    // The generator: with UNSAFE_INVENTORY_WRITE set, rewrite the tables from the code first
+    // (the prose under each heading is kept), then check as always.
+    if std::env::var_os("UNSAFE_INVENTORY_WRITE").is_some() {
+        let text = std::fs::read_to_string(root.join(DOC)).unwrap();
+        std::fs::write(root.join(DOC), regenerated(&parse_doc(&text), &code)).unwrap();
+        eprintln!("wrote {DOC}");
+    }
     // The instrument works: the scan finds the sites this test knows exist.
     assert!(code.values().map(Vec::len).sum::<usize>() > 100, "{code:?}");
     assert!(
@@ -883,8 +890,8 @@ fn security_md_lists_exactly_the_unsafe_sites_of_the_code() {
     assert!(
         diff.is_empty(),
         "{DOC} \"Where `unsafe` is\" does not match the code ({} differences):\n{}\n\n\
-         Regenerate: UNSAFE_INVENTORY_WRITE=1 cargo test -p pcisim --test unsafe_inventory -- \
-         --ignored (then write the prose of any new file's section)",
+         Regenerate: UNSAFE_INVENTORY_WRITE=1 cargo test -p pcisim --test unsafe_inventory \
+         (then write the prose of any new file's section and the counts of the intro)",
         diff.len(),
         diff.join("\n")
     );
@@ -919,24 +926,4 @@ fn the_scan_sees_code_only() {
         sites[2].guards, None,
         "a SAFETY comment two statements up is not its own"
     );
-}
-
-/// Rewrites the inventory in docs/security.md from the code (with UNSAFE_INVENTORY_WRITE=1;
-/// otherwise prints it).
-#[test]
-#[ignore = "generator: UNSAFE_INVENTORY_WRITE=1 cargo test -p pcisim --test unsafe_inventory -- --ignored"]
-fn regenerate_unsafe_inventory() {
-    let root = root();
-    let code = inventory(&root);
-    let text = std::fs::read_to_string(root.join(DOC)).unwrap();
-    let new = regenerated(&parse_doc(&text), &code);
-    if std::env::var_os("UNSAFE_INVENTORY_WRITE").is_some() {
-        std::fs::write(root.join(DOC), &new).unwrap();
-        eprintln!("wrote {DOC}");
-    } else {
-        let doc = parse_doc(&new);
-        for (p, s) in &doc.sections {
-            eprintln!("### `{p}` ({:?})\n{}", s.count, table(&code[p]));
-        }
-    }
 }
