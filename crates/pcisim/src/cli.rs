@@ -157,8 +157,8 @@ pub(crate) enum LabCmd {
         /// scenario; docs/ci.md).
         #[arg(long, value_name = "FILE")]
         junit: Option<PathBuf>,
-        /// How many VMs run at the same time (default: one per core, as many as the available
-        /// memory holds, 1 with --gdb). The KTAP order and numbers do not depend on it.
+        /// How many VMs run at the same time (default: one more than the cores, as many as the
+        /// available memory holds, 1 with --gdb). The KTAP order and numbers do not depend on it.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
         jobs: Option<u16>,
         #[command(flatten)]
