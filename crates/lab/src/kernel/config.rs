@@ -424,7 +424,7 @@ impl CheckReport {
 mod tests {
     use super::*;
     use crate::kernel::module_names;
-    use crate::kernel::testutil::{full_config, ALL_PROFILES};
+    use crate::kernel::testutil::full_config;
     use crate::vm::profile::ProfileId;
 
     /// The per-profile table: which requirement groups each suite profile needs.
@@ -473,7 +473,7 @@ mod tests {
             }
         }
         let all = requirements(
-            ALL_PROFILES
+            ProfileId::SUITE
                 .iter()
                 .map(|id| id.profile())
                 .collect::<Vec<_>>()

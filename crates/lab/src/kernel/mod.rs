@@ -286,16 +286,6 @@ pub(crate) mod testutil {
     use super::image::decompress;
     use crate::vm::profile::ProfileId;
 
-    pub(crate) const ALL_PROFILES: [ProfileId; 7] = [
-        ProfileId::Gpu,
-        ProfileId::GpuNpu,
-        ProfileId::GpuHotplug,
-        ProfileId::GpuNsr,
-        ProfileId::GpuNpuHotplug,
-        ProfileId::NpuSva,
-        ProfileId::GpuPciehp,
-    ];
-
     pub(crate) fn scratch(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("pcisim-kernel-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
@@ -325,10 +315,10 @@ pub(crate) mod testutil {
         out
     }
 
-    /// A config with every option every profile needs.
+    /// A config with every option every suite profile needs.
     pub(crate) fn full_config() -> String {
         requirements(
-            ALL_PROFILES
+            ProfileId::SUITE
                 .iter()
                 .map(|id| id.profile())
                 .collect::<Vec<_>>()

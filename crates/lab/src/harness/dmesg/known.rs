@@ -67,24 +67,7 @@ pub fn known(report: &Found) -> Option<&'static KnownFinding> {
 mod tests {
     use super::*;
     use crate::harness::dmesg::scan;
-
-    /// H7's report on the 6.12-debug kernel, as `RUN/H7.dmesg` saved it (trimmed after the
-    /// dependency chain's first entry).
-    const PCIEHP: &str = "\
-<6>[    8.240524] pcieport 0000:00:02.0:   bridge window [mem 0xff10000000-0xff4fffffff 64bit pref]
-<4>[    8.330548] 
-<4>[    8.332730] ======================================================
-<4>[    8.333373] WARNING: possible circular locking dependency detected
-<4>[    8.333741] 6.12.117-pcisim-debug #1 Tainted: G          I       
-<4>[    8.333923] ------------------------------------------------------
-<4>[    8.334046] irq/26-pciehp/40 is trying to acquire lock:
-<4>[    8.334181] ff276a4f82951700 (&ctrl->reset_lock){.+.+}-{3:3}, at: pciehp_configure_device+0xb9/0x160
-<4>[    8.335183] 
-<4>[    8.335183] but task is already holding lock:
-<4>[    8.335398] ffffffff82b83388 (pci_rescan_remove_lock){+.+.}-{3:3}, at: pciehp_configure_device+0x23/0x160
-<4>[    8.335658] 
-<4>[    8.335658] which lock already depends on the new lock.
-";
+    use crate::harness::dmesg::tests::PCIEHP_LOCKDEP as PCIEHP;
 
     #[test]
     fn test_h7_pciehp_splat_is_the_known_finding() {

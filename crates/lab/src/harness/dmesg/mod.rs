@@ -1129,8 +1129,9 @@ mod tests {
         assert!(matches!(v, Verdict::Fail(_)));
     }
 
-    /// H7's lockdep splat on the 6.12-debug kernel (its first lines).
-    const PCIEHP_LOCKDEP: &str = "\
+    /// H7's lockdep splat on the 6.12-debug kernel (its first lines and the end of its trace),
+    /// as `RUN/H7.dmesg` saved it. Also known.rs's fixture.
+    pub(super) const PCIEHP_LOCKDEP: &str = "\
 [    8.332730] ======================================================
 [    8.333373] WARNING: possible circular locking dependency detected
 [    8.333741] 6.12.117-pcisim-debug #1 Tainted: G          I       
